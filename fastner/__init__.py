@@ -1,0 +1,41 @@
+"""fastner: fused LSTM/GRU/RNN and linear-chain CRF kernels for PyTorch, and a NER tagger."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+__version__ = "0.1.0"
+
+from fastner import _extension
+
+# Ops whose kernels decide what "fused" means for a device in backend().
+_PROBE_OPS = ("crf_forward",)
+
+
+def backend() -> Dict[str, str]:
+    """Which implementation serves each device: 'fused', 'reference' or 'unavailable'.
+
+    >>> fastner.backend()
+    {'cpu': 'fused', 'cuda': 'unavailable', 'version': '0.1.0', 'torch': '2.13.0+cpu'}
+    """
+
+    def serving(device_type: str) -> str:
+        if _extension.forced_reference():
+            return "reference"
+        fused = all(_extension.has_kernel(op, device_type) for op in _PROBE_OPS)
+        return "fused" if fused else "reference"
+
+    info = {
+        "cpu": serving("cpu"),
+        "cuda": serving("cuda") if torch.cuda.is_available() else "unavailable",
+        "version": __version__,
+        "torch": torch.__version__,
+    }
+    error = _extension.load_error()
+    if error is not None:
+        info["extension_error"] = error
+    return info
+
+
+_extension.extension_loaded()

@@ -1,0 +1,89 @@
+"""Loading fastner._C and deciding which implementation serves each device.
+
+The fused kernels live in the compiled extension fastner._C; importing it registers
+torch.ops.fastner.*. When it is missing or broken, fastner keeps working on the pure-PyTorch
+reference path (fastner/reference.py) and warns once, naming the cause.
+FASTNER_BACKEND=reference forces the reference path, so both can always be compared.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+ENV_VAR = "FASTNER_BACKEND"
+
+_loaded: Optional[bool] = None
+_load_error: Optional[str] = None
+
+
+def _check_build_matches_torch() -> None:
+    # An extension compiled against another torch fails in obscure ways (undefined symbols,
+    # wrong ABI); say plainly what was built against what.
+    from fastner import _build_info
+
+    running = torch.__version__.split("+")[0]
+    if _build_info.TORCH_VERSION != running:
+        raise ImportError(
+            f"fastner._C was built for torch {_build_info.TORCH_VERSION} but torch {running} is "
+            "installed; rebuild fastner (pip install --no-build-isolation .) against this torch"
+        )
+    if _build_info.CUDA_VERSION is not None and torch.version.cuda is not None:
+        if _build_info.CUDA_VERSION.split(".")[0] != torch.version.cuda.split(".")[0]:
+            raise ImportError(
+                f"fastner._C was built with CUDA {_build_info.CUDA_VERSION} but torch uses CUDA "
+                f"{torch.version.cuda}; rebuild fastner against this torch"
+            )
+
+
+def forced_reference() -> bool:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value not in ("", "auto", "fused", "reference"):
+        raise ValueError(f"{ENV_VAR} must be 'reference', 'fused' or 'auto', got {value!r}")
+    return value == "reference"
+
+
+def extension_loaded() -> bool:
+    """Import fastner._C once; True when the fused kernels are registered."""
+    global _loaded, _load_error
+    if _loaded is None:
+        try:
+            _check_build_matches_torch()
+            from fastner import _C  # noqa: F401  (registers torch.ops.fastner.*)
+
+            _loaded = True
+        except (ImportError, OSError) as err:
+            _loaded = False
+            _load_error = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"fastner: the compiled extension could not be loaded ({_load_error}); "
+                "running on the pure-PyTorch reference path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _loaded
+
+
+def load_error() -> Optional[str]:
+    extension_loaded()
+    return _load_error
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether torch.ops.fastner.<op> has a kernel for this device type ('cpu', 'cuda')."""
+    if not extension_loaded():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastner::{op}", key)
+    except RuntimeError:  # op not registered at all
+        return False
+
+
+def use_fused(op: str, device: torch.device) -> bool:
+    """Whether a call of `op` on `device` goes to the fused kernel (else to the reference)."""
+    return not forced_reference() and has_kernel(op, device.type)
