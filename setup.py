@@ -15,8 +15,9 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+BASE_VERSION = "0.1.0"
+# Release default: Ampere (A100, A10/RTX 30xx) and Hopper, plus PTX for newer GPUs to JIT.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 
 
 def _flag(name):
@@ -29,6 +30,13 @@ def want_cuda():
     if _flag("FORCE_CUDA"):
         return True
     return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
+def local_version(with_cuda):
+    """`0.1.0+pt213cpu` / `0.1.0+pt213cu130`: a wheel names the torch and CUDA it was built for."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    accel = "cu" + torch.version.cuda.replace(".", "") if with_cuda else "cpu"
+    return f"{BASE_VERSION}+pt{major}{minor}{accel}"
 
 
 def write_build_info(with_cuda):
@@ -45,8 +53,7 @@ def write_build_info(with_cuda):
     os.replace(tmp, path)
 
 
-def extensions():
-    with_cuda = want_cuda()
+def extensions(with_cuda):
     write_build_info(with_cuda)
     debug = _flag("FASTNER_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3", "-march=x86-64-v3", "-fopenmp"]
@@ -75,11 +82,12 @@ def extensions():
     ]
 
 
+WITH_CUDA = want_cuda()
 setup(
     name="fastner",
-    version=VERSION,
+    version=local_version(WITH_CUDA),
     packages=find_packages(include=["fastner", "fastner.*"]),
-    ext_modules=extensions(),
+    ext_modules=extensions(WITH_CUDA),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

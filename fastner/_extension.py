@@ -19,22 +19,33 @@ _loaded: Optional[bool] = None
 _load_error: Optional[str] = None
 
 
+class TorchMismatchError(ImportError):
+    """The compiled extension was built for another torch (or CUDA) than the one installed."""
+
+
 def _check_build_matches_torch() -> None:
     # An extension compiled against another torch fails in obscure ways (undefined symbols,
-    # wrong ABI); say plainly what was built against what.
-    from fastner import _build_info
+    # wrong ABI) or, worse, silently falls back to slow code on a server; say plainly what was
+    # built against what, and refuse to start.
+    try:
+        from fastner import _build_info
+    except ImportError:  # a source tree that was never built: nothing to compare
+        return
 
     running = torch.__version__.split("+")[0]
     if _build_info.TORCH_VERSION != running:
-        raise ImportError(
+        raise TorchMismatchError(
             f"fastner._C was built for torch {_build_info.TORCH_VERSION} but torch {running} is "
-            "installed; rebuild fastner (pip install --no-build-isolation .) against this torch"
+            "installed; install the fastner wheel built for this torch, or rebuild it "
+            f"(pip install --no-build-isolation .), or set {ENV_VAR}=reference to run without "
+            "the compiled kernels"
         )
     if _build_info.CUDA_VERSION is not None and torch.version.cuda is not None:
         if _build_info.CUDA_VERSION.split(".")[0] != torch.version.cuda.split(".")[0]:
-            raise ImportError(
+            raise TorchMismatchError(
                 f"fastner._C was built with CUDA {_build_info.CUDA_VERSION} but torch uses CUDA "
-                f"{torch.version.cuda}; rebuild fastner against this torch"
+                f"{torch.version.cuda}; install the matching wheel or rebuild fastner, or set "
+                f"{ENV_VAR}=reference"
             )
 
 
@@ -49,8 +60,12 @@ def extension_loaded() -> bool:
     """Import fastner._C once; True when the fused kernels are registered."""
     global _loaded, _load_error
     if _loaded is None:
+        if forced_reference():
+            # Not loading at all keeps FASTNER_BACKEND=reference usable with a mismatched build.
+            _loaded = False
+            return _loaded
+        _check_build_matches_torch()  # raises: a mismatch is a deployment error, not a fallback
         try:
-            _check_build_matches_torch()
             from fastner import _C  # noqa: F401  (registers torch.ops.fastner.*)
 
             _loaded = True

@@ -60,3 +60,27 @@ def test_broken_extension_falls_back_and_warns_once():
     assert result["info"]["cpu"] == "reference"
     assert "fastner._C" in result["info"]["extension_error"]
     assert len(result["msgs"]) == 1 and "reference path" in result["msgs"][0]
+
+
+_FAKE_BUILD_FOR_OTHER_TORCH = (
+    "import sys, types\n"
+    "info = types.ModuleType('fastner._build_info')\n"
+    "info.TORCH_VERSION, info.CUDA_VERSION = '1.0.0', None\n"
+    "sys.modules['fastner._build_info'] = info\n"
+    "import fastner\n"
+    "print(fastner.backend()['cpu'])\n"
+)
+
+
+def test_extension_built_for_another_torch_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-c", _FAKE_BUILD_FOR_OTHER_TORCH], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "TorchMismatchError" in out.stderr and "built for torch 1.0.0" in out.stderr
+
+
+def test_reference_backend_still_imports_with_a_mismatched_build():
+    env = dict(__import__("os").environ, FASTNER_BACKEND="reference")
+    out = subprocess.run(
+        [sys.executable, "-c", _FAKE_BUILD_FOR_OTHER_TORCH], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "reference"
