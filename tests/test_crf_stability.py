@@ -48,31 +48,35 @@ def gold_score(emissions, tags, lengths, transitions, start, end):
     return torch.stack(out)
 
 
-def check_against_float64(emissions, tags, lengths, transitions, start, end, rtol):
+def check_against_float64(emissions, tags, lengths, transitions, start, end, rtol, backends=BACKENDS):
     mask = testing.mask_from_lengths(lengths, emissions.shape[1])
     crf64 = crf_with(transitions.double(), start.double(), end.double())
     with testing.backend("reference"):
         llh64, grads64, _, best64, log_z64 = run(crf64, emissions.double(), tags, mask)
     assert torch.isfinite(llh64).all()
     crf32 = crf_with(transitions, start, end)
-    for name in BACKENDS:
+    for name in backends:
         with testing.backend(name):
             llh, grads, vtags, vscores, log_z = run(crf32, emissions, tags, mask)
         assert torch.isfinite(llh).all() and torch.isfinite(log_z).all() and torch.isfinite(vscores).all(), name
         for g in grads:
             assert not torch.isnan(g).any(), f"{name}: NaN in a gradient"
         scale = float(log_z64.abs().max()) + 1.0
-        torch.testing.assert_close(log_z.double(), log_z64, rtol=rtol, atol=rtol * scale, msg=name)
-        torch.testing.assert_close(llh.double(), llh64, rtol=rtol, atol=rtol * scale, msg=name)
-        torch.testing.assert_close(vscores.double(), best64, rtol=rtol, atol=rtol * scale, msg=name)
+        torch.testing.assert_close(log_z.double(), log_z64, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: log Z: {m}")
+        torch.testing.assert_close(llh.double(), llh64, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: llh: {m}")
+        torch.testing.assert_close(vscores.double(), best64, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: viterbi score: {m}")
         # the decoded path really scores what viterbi says (recomputed in float64); near-ties
         # over thousands of steps may pick another path of (nearly) the same score
         recomputed = gold_score(emissions.double(), vtags.clamp(min=0), lengths, transitions.double(), start.double(), end.double())
-        torch.testing.assert_close(recomputed, best64, rtol=rtol, atol=rtol * scale, msg=name)
-        for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(recomputed, best64, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: decoded path's score: {m}")
+        for what, g, g64 in zip(("emissions", "transitions", "start", "end"), grads, grads64):
             finite = torch.isfinite(g64)
-            assert torch.equal(torch.isfinite(g), finite), name
-            torch.testing.assert_close(g[finite].double(), g64[finite], rtol=1e-3, atol=1e-3 * max(1.0, float(lengths.sum()) ** 0.5), msg=name)
+            assert torch.equal(torch.isfinite(g), finite), f"{name}: {what}.grad"
+            # emission gradients are differences of probabilities; the parameters' sum over tokens
+            atol = 5e-3 if what == "emissions" else 5e-3 * float(lengths.sum()) ** 0.5
+            torch.testing.assert_close(
+                g[finite].double(), g64[finite], rtol=1e-3, atol=atol, msg=lambda m: f"{name}: {what}.grad: {m}"
+            )
 
 
 def random_params(num_tags, scale=0.5):
@@ -80,19 +84,21 @@ def random_params(num_tags, scale=0.5):
 
 
 def test_long_sequences():
-    batch, steps, num_tags = 3, 2000, 9
+    # float32 over a thousand steps against the float64 reference (whose autograd backward is
+    # slow at this length: the reference path itself runs in the slow test below)
+    batch, steps, num_tags = 3, 1000, 9
     emissions = torch.randn(batch, steps, num_tags)
     tags = torch.randint(0, num_tags, (batch, steps))
-    lengths = torch.tensor([steps, 1500, 1])
-    check_against_float64(emissions, tags, lengths, *random_params(num_tags), rtol=1e-4)
+    lengths = torch.tensor([steps, 700, 1])
+    check_against_float64(emissions, tags, lengths, *random_params(num_tags), rtol=1e-4, backends=("fused",))
 
 
 @pytest.mark.slow
 def test_very_long_sequences():
-    batch, steps, num_tags = 4, 20000, 17
+    batch, steps, num_tags = 4, 5000, 17
     emissions = torch.randn(batch, steps, num_tags)
     tags = torch.randint(0, num_tags, (batch, steps))
-    lengths = torch.tensor([steps, 12345, 2, steps - 1])
+    lengths = torch.tensor([steps, 3456, 2, steps - 1])
     check_against_float64(emissions, tags, lengths, *random_params(num_tags), rtol=1e-4)
 
 
