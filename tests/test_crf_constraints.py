@@ -286,3 +286,52 @@ def test_allowed_transitions_rejects_unknown_scheme_and_labels():
         fastner.nn.allowed_transitions("XYZ", ["O", "B-PER"])
     with pytest.raises(ValueError):
         fastner.nn.allowed_transitions("BIO", ["O", "Q-PER"])
+
+
+def test_allowed_transitions_pairs_by_hand():
+    # (from, to) index pairs; with K labels, K is the start and K + 1 the end
+    bio = fastner.nn.allowed_transitions("BIO", ["O", "B-PER", "I-PER"])
+    S, E = 3, 4
+    assert set(bio) == {
+        (S, 0), (S, 1),
+        (0, 0), (0, 1), (0, E),
+        (1, 0), (1, 1), (1, 2), (1, E),
+        (2, 0), (2, 1), (2, 2), (2, E),
+    }
+    assert set(fastner.nn.allowed_transitions("IOB2", ["O", "B-PER", "I-PER"])) == set(bio)
+    assert set(fastner.nn.allowed_transitions("bio", {0: "O", 1: "B-PER", 2: "I-PER"})) == set(bio)
+    iob1 = fastner.nn.allowed_transitions("IOB1", ["O", "I-PER", "B-PER"])
+    assert set(iob1) == {
+        (S, 0), (S, 1),
+        (0, 0), (0, 1), (0, E),
+        (1, 0), (1, 1), (1, 2), (1, E),
+        (2, 0), (2, 1), (2, 2), (2, E),
+    }
+    S, E = 5, 6
+    expected_bioes = {
+        (S, 0), (S, 1), (S, 4),
+        (0, 0), (0, 1), (0, 4), (0, E),
+        (1, 2), (1, 3),
+        (2, 2), (2, 3),
+        (3, 0), (3, 1), (3, 4), (3, E),
+        (4, 0), (4, 1), (4, 4), (4, E),
+    }
+    assert set(fastner.nn.allowed_transitions("BIOES", ["O", "B-X", "I-X", "E-X", "S-X"])) == expected_bioes
+    assert set(fastner.nn.allowed_transitions("BIOUL", ["O", "B-X", "I-X", "L-X", "U-X"])) == expected_bioes
+
+
+def test_constraints_as_a_bool_tensor_match_pairs():
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    pairs = fastner.nn.allowed_transitions("BIO", labels)
+    table = torch.zeros(len(labels) + 2, len(labels) + 2, dtype=torch.bool)
+    for i, j in pairs:
+        table[i, j] = True
+    from_pairs = constrained_crf("BIO", labels)
+    from_table = fastner.nn.CRF(len(labels), batch_first=True, constraints=table).double()
+    from_table.load_state_dict(from_pairs.state_dict())
+    emissions = torch.randn(4, 6, len(labels), dtype=torch.float64) * 3
+    tags = torch.zeros(4, 6, dtype=torch.int64)  # all O: legal
+    for name in BACKENDS:
+        with testing.backend(name):
+            assert from_table.decode(emissions) == from_pairs.decode(emissions), name
+            torch.testing.assert_close(from_table(emissions, tags, reduction="none"), from_pairs(emissions, tags, reduction="none"))
