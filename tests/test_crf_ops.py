@@ -151,24 +151,24 @@ def test_decoding_ops_match_reference(case, dtype):
 def _opcheck_cases(name):
     torch.manual_seed(1234)
     cases = []
-    for dtype in (torch.float32, torch.float64):
-        for batch, steps, num_tags in ((3, 5, 4), (1, 1, 2)):
-            emissions, tags, lengths, transitions, start, end = draw(batch, steps, num_tags, dtype, min_len=0)
-            if name == "crf_forward":
-                for t in (emissions, transitions, start, end):
-                    t.requires_grad_(True)
-                cases.append((emissions, tags, lengths, transitions, start, end))
-                cases.append((emissions, None, lengths, transitions, start, end))
-            elif name == "crf_backward":
-                log_z, gold, alphas = torch.ops.fastner.crf_forward(emissions, tags, lengths, transitions, start, end)
-                g1, g2 = torch.randn(batch, dtype=dtype), torch.randn(batch, dtype=dtype)
-                cases.append((g1, g2, emissions, tags, lengths, transitions, start, end, log_z, alphas))
-                log_z, _, alphas = torch.ops.fastner.crf_forward(emissions, None, lengths, transitions, start, end)
-                cases.append((g1, torch.zeros_like(g2), emissions, None, lengths, transitions, start, end, log_z, alphas))
-            elif name == "crf_kbest":
-                cases.append((emissions, lengths, transitions, start, end, 3))
-            else:
-                cases.append((emissions, lengths, transitions, start, end))
+    # a padded batch in float32 (with a length-0 row), a single step in float64
+    for dtype, (batch, steps, num_tags) in ((torch.float32, (3, 5, 4)), (torch.float64, (2, 1, 2))):
+        emissions, tags, lengths, transitions, start, end = draw(batch, steps, num_tags, dtype, min_len=0)
+        if name == "crf_forward":
+            for t in (emissions, transitions, start, end):
+                t.requires_grad_(True)
+            cases.append((emissions, tags, lengths, transitions, start, end))
+            cases.append((emissions, None, lengths, transitions, start, end))
+        elif name == "crf_backward":
+            log_z, gold, alphas = torch.ops.fastner.crf_forward(emissions, tags, lengths, transitions, start, end)
+            g1, g2 = torch.randn(batch, dtype=dtype), torch.randn(batch, dtype=dtype)
+            cases.append((g1, g2, emissions, tags, lengths, transitions, start, end, log_z, alphas))
+            log_z, _, alphas = torch.ops.fastner.crf_forward(emissions, None, lengths, transitions, start, end)
+            cases.append((g1, torch.zeros_like(g2), emissions, None, lengths, transitions, start, end, log_z, alphas))
+        elif name == "crf_kbest":
+            cases.append((emissions, lengths, transitions, start, end, 3))
+        else:
+            cases.append((emissions, lengths, transitions, start, end))
     return cases
 
 
