@@ -149,6 +149,21 @@ def test_tags_past_each_length_are_ignored():
             )
 
 
+def test_tags_past_each_length_may_hold_any_padding_value():
+    # -100 (the usual ignore index) or -1 past a sequence's end: only tags inside the mask count
+    ours, _ = make_pair(4, False, torch.float64)
+    emissions, tags, mask, lengths = make_inputs(5, 7, 4, False, torch.float64)
+    for pad in (-1, -100, 4):
+        padded = torch.where(mask, tags, torch.full_like(tags, pad))
+        for name in ("fused", "reference"):
+            with testing.backend(name):
+                torch.testing.assert_close(
+                    ours(emissions, padded, mask=mask, reduction="none"),
+                    ours(emissions, tags, mask=mask, reduction="none"),
+                    msg=f"{name}, pad {pad}",
+                )
+
+
 # ---------------------------------------------------------------------------------------------
 # decoding: decode, viterbi, k-best, log_partition, marginals
 # ---------------------------------------------------------------------------------------------

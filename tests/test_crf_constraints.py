@@ -145,6 +145,11 @@ def test_constrained_nll_is_finite_and_illegal_gold_has_no_mass(scheme):
             llh.sum().backward()
             for g in (em.grad, crf.transitions.grad, crf.start_transitions.grad, crf.end_transitions.grad):
                 assert torch.isfinite(g).all(), name
+            # forbidden transitions carry no probability and no gold path: their gradient is 0
+            forbidden = torch.tensor([[not legal(scheme, a, b) for b in labels] for a in labels])
+            assert torch.equal(crf.transitions.grad[forbidden], torch.zeros(int(forbidden.sum()))), name
+            bad_start = torch.tensor([not legal(scheme, None, a) for a in labels])
+            assert torch.equal(crf.start_transitions.grad[bad_start], torch.zeros(int(bad_start.sum()))), name
             bad = crf(emissions, bad_tags, mask=mask, reduction="none")
             # an illegal gold path has probability 0 (log-likelihood -inf, or hugely negative
             # if the constraints are a large finite penalty)
