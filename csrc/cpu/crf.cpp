@@ -168,7 +168,7 @@ scalar_t exact_logsumexp(const scalar_t* a, const scalar_t* b, int64_t n) {
 // ---- forward algorithm ----------------------------------------------------------------------
 
 // One sequence. em: [L, K] emissions; alphas: [T, K] output (log forward variables, zeros past
-// L); work: 4 * KP scratch. Returns log Z (0 when L == 0).
+// L); work: 5 * KP scratch. Returns log Z (0 when L == 0).
 //
 // The recursion runs on alphas relative to a running offset kept in double: the log forward
 // variables grow linearly with t (thousands after a few thousand steps), and adding each step's
@@ -176,37 +176,49 @@ scalar_t exact_logsumexp(const scalar_t* a, const scalar_t* b, int64_t n) {
 template <typename scalar_t>
 scalar_t forward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, int64_t L,
                           int64_t T, scalar_t* alphas, scalar_t* work) {
+  using V = typename Simd<scalar_t>::V;
+  constexpr int64_t N = Simd<scalar_t>::N;
   const int64_t K = tr.K, KP = tr.KP;
   std::fill(alphas + L * K, alphas + T * K, scalar_t(0));
   if (L == 0) return 0;
-  scalar_t* alpha = work;          // [KP], relative to offset, -inf padded
-  scalar_t* next = work + KP;      // [KP]
-  scalar_t* p = work + 2 * KP;     // [KP]
-  scalar_t* q = work + 3 * KP;     // [KP]
+  const scalar_t ninf = neg_inf<scalar_t>();
+  scalar_t* alpha = work;      // [KP] relative to offset, -inf padded
+  scalar_t* next = work + KP;  // [KP]
+  scalar_t* p = work + 2 * KP;
+  scalar_t* q = work + 3 * KP;
+  scalar_t* e = work + 4 * KP;  // this step's emissions, -inf padded (so padded lanes stay -inf)
   const scalar_t tiny = crf_tiny<scalar_t>();
+  const scalar_t* E = tr.exp_row.data();
   double offset = 0;
-  std::fill(alpha + K, alpha + KP, neg_inf<scalar_t>());
-  std::fill(next + K, next + KP, neg_inf<scalar_t>());
+  std::fill(alpha + K, alpha + KP, ninf);
+  std::fill(e + K, e + KP, ninf);
   for (int64_t j = 0; j < K; ++j) alpha[j] = tr.start[j] + em[j];
   std::copy(alpha, alpha + K, alphas);
   for (int64_t t = 1; t < L; ++t) {
-    const scalar_t* e = em + t * K;
-    const scalar_t m = max_of(alpha, KP);
-    if (m == neg_inf<scalar_t>()) {  // every path is forbidden already
-      std::fill(next, next + K, neg_inf<scalar_t>());
+    std::copy(em + t * K, em + (t + 1) * K, e);
+    V mv = splat<V>(ninf);
+    for (int64_t c = 0; c < KP; c += N) mv = vmax(mv, load<V>(alpha + c));
+    const scalar_t m = hmax(mv);
+    if (m == ninf) {  // every path is forbidden already
+      std::fill(next, next + K, ninf);
     } else {
-#pragma omp simd
-      for (int64_t i = 0; i < KP; ++i) p[i] = fast_exp(alpha[i] - m);
-      std::fill(q, q + KP, scalar_t(0));
-      for (int64_t i = 0; i < K; ++i) {
-        const scalar_t pi = p[i];
-        if (pi == scalar_t(0)) continue;
-        const scalar_t* row = tr.exp_row.data() + i * KP;
-#pragma omp simd
-        for (int64_t j = 0; j < KP; ++j) q[j] += pi * row[j];
+      for (int64_t c = 0; c < KP; c += N) store(p + c, exp_v(load<V>(alpha + c) - m));
+      // q_j = sum_i p_i E_ij, a column block at a time, two accumulators to halve the chain.
+      for (int64_t c = 0; c < KP; c += N) {
+        V acc0{}, acc1{};
+        int64_t i = 0;
+        for (; i + 1 < K; i += 2) {
+          acc0 += p[i] * load<V>(E + i * KP + c);
+          acc1 += p[i + 1] * load<V>(E + (i + 1) * KP + c);
+        }
+        if (i < K) acc0 += p[i] * load<V>(E + i * KP + c);
+        store(q + c, acc0 + acc1);
       }
-#pragma omp simd
-      for (int64_t j = 0; j < K; ++j) next[j] = fast_log(q[j] >= tiny ? q[j] : scalar_t(1)) + e[j];
+      const V one = splat<V>(scalar_t(1));
+      for (int64_t c = 0; c < KP; c += N) {
+        const V qv = load<V>(q + c);
+        store(next + c, log_v(qv >= tiny ? qv : one) + load<V>(e + c));
+      }
       const scalar_t shift = m + tr.tmax;
       for (int64_t j = 0; j < K; ++j) {
         if (!(q[j] >= tiny)) {
@@ -216,9 +228,12 @@ scalar_t forward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, i
       offset += static_cast<double>(shift);
     }
     std::swap(alpha, next);
+    // offset + alpha, rounded once: offset split into a high part and its remainder.
+    const scalar_t high = static_cast<scalar_t>(offset);
+    const scalar_t low = static_cast<scalar_t>(offset - static_cast<double>(high));
     scalar_t* out = alphas + t * K;
 #pragma omp simd
-    for (int64_t j = 0; j < K; ++j) out[j] = static_cast<scalar_t>(offset + alpha[j]);
+    for (int64_t j = 0; j < K; ++j) out[j] = high + (alpha[j] + low);
   }
   return static_cast<scalar_t>(offset + exact_logsumexp(alpha, tr.end, K));
 }
@@ -264,7 +279,7 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
     scalar_t* gold_out = gold.data_ptr<scalar_t>();
     scalar_t* alphas_out = alphas.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
-      std::vector<scalar_t> work(4 * tr.KP);
+      std::vector<scalar_t> work(5 * tr.KP);
       for (int64_t b = begin; b < stop; ++b) {
         const scalar_t* e = em + b * T * K;
         log_z_out[b] = forward_sequence(tr, e, len[b], T, alphas_out + b * T * K, work.data());
@@ -295,32 +310,37 @@ struct Accumulators {
 //   marginal_{t-1}[i] = p_i q_i / Z,  pairwise marginal (i -> j at t) = p_i E_ij r_j / Z.
 // Rows with q_i < crf_tiny take the exact log-space path; so does a whole step whose Z is tiny.
 // marginals: [T, K] output, g_log_z * marginals (zeros past L); the caller adds the gold term.
-// acc: nullptr for marginals only. work: 6 * KP scratch.
+// acc: nullptr for marginals only. work: 8 * KP scratch.
 template <typename scalar_t>
 void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, const scalar_t* alphas,
                        int64_t L, int64_t T, scalar_t log_z, scalar_t g_log_z, scalar_t* marginals,
                        Accumulators<scalar_t>* acc, scalar_t* work) {
+  using V = typename Simd<scalar_t>::V;
+  constexpr int64_t N = Simd<scalar_t>::N;
   const int64_t K = tr.K, KP = tr.KP;
   std::fill(marginals, marginals + T * K, scalar_t(0));
   if (L == 0 || g_log_z == scalar_t(0) || !std::isfinite(log_z)) return;
   const scalar_t ninf = neg_inf<scalar_t>();
-  scalar_t* beta = work;           // [KP] relative log backward variables, -inf padded
+  scalar_t* beta = work;  // [KP] relative log backward variables, -inf padded
   scalar_t* beta_prev = work + KP;
   scalar_t* w = work + 2 * KP;
   scalar_t* r = work + 3 * KP;
   scalar_t* q = work + 4 * KP;
   scalar_t* p = work + 5 * KP;
+  scalar_t* a = work + 6 * KP;    // alpha_{t-1}, -inf padded
+  scalar_t* mu = work + 7 * KP;   // g_log_z * marginal_{t-1}
   const scalar_t tiny = crf_tiny<scalar_t>();
   const scalar_t safe = crf_safe<scalar_t>();
+  const scalar_t* Ecol = tr.exp_col.data();
   std::fill(beta + K, beta + KP, ninf);
   std::fill(beta_prev + K, beta_prev + KP, ninf);
   std::fill(w + K, w + KP, ninf);
-  std::fill(p + K, p + KP, scalar_t(0));
+  std::fill(a + K, a + KP, ninf);
   std::copy(tr.end, tr.end + K, beta);
   {  // the last step: marginal = softmax(alpha_{L-1} + end)
-    const scalar_t* a = alphas + (L - 1) * K;
+    const scalar_t* al = alphas + (L - 1) * K;
     scalar_t* out = marginals + (L - 1) * K;
-    for (int64_t j = 0; j < K; ++j) w[j] = a[j] + beta[j];
+    for (int64_t j = 0; j < K; ++j) w[j] = al[j] + beta[j];
     const scalar_t m = max_of(w, KP);
     scalar_t sum = 0;
     for (int64_t j = 0; j < K; ++j) {
@@ -334,37 +354,47 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
   }
   for (int64_t t = L - 1; t >= 1; --t) {
     const scalar_t* e = em + t * K;
-    const scalar_t* a = alphas + (t - 1) * K;
+    std::copy(alphas + (t - 1) * K, alphas + t * K, a);
     scalar_t* out = marginals + (t - 1) * K;
-#pragma omp simd
     for (int64_t j = 0; j < K; ++j) w[j] = e[j] + beta[j];
-    const scalar_t mw = max_of(w, KP);
-    const scalar_t ma = max_of(a, K);
+    V mwv = splat<V>(ninf), mav = splat<V>(ninf);
+    for (int64_t c = 0; c < KP; c += N) {
+      mwv = vmax(mwv, load<V>(w + c));
+      mav = vmax(mav, load<V>(a + c));
+    }
+    const scalar_t mw = hmax(mwv), ma = hmax(mav);
     if (mw == ninf || ma == ninf) {  // cannot happen with a finite log Z; stay NaN-free anyway
       std::fill(beta_prev, beta_prev + K, ninf);
       std::swap(beta, beta_prev);
       continue;
     }
-#pragma omp simd
-    for (int64_t j = 0; j < KP; ++j) r[j] = fast_exp(w[j] - mw);
-    std::fill(q, q + KP, scalar_t(0));
-    for (int64_t j = 0; j < K; ++j) {
-      const scalar_t rj = r[j];
-      if (rj == scalar_t(0)) continue;
-      const scalar_t* col = tr.exp_col.data() + j * KP;
-#pragma omp simd
-      for (int64_t i = 0; i < KP; ++i) q[i] += rj * col[i];
+    for (int64_t c = 0; c < KP; c += N) {
+      store(r + c, exp_v(load<V>(w + c) - mw));
+      store(p + c, exp_v(load<V>(a + c) - ma));
     }
-    scalar_t z = 0;
+    // q_i = sum_j E_ij r_j, a row block at a time (columns of E are rows of exp_col).
+    for (int64_t c = 0; c < KP; c += N) {
+      V acc0{}, acc1{};
+      int64_t j = 0;
+      for (; j + 1 < K; j += 2) {
+        acc0 += r[j] * load<V>(Ecol + j * KP + c);
+        acc1 += r[j + 1] * load<V>(Ecol + (j + 1) * KP + c);
+      }
+      if (j < K) acc0 += r[j] * load<V>(Ecol + j * KP + c);
+      store(q + c, acc0 + acc1);
+    }
+    const V one = splat<V>(scalar_t(1));
+    V zv{};
+    for (int64_t c = 0; c < KP; c += N) {
+      const V qv = load<V>(q + c);
+      const auto ok = qv >= tiny;
+      store(beta_prev + c, log_v(ok ? qv : one));
+      zv += ok ? load<V>(p + c) * qv : V{};
+    }
+    const scalar_t z = hsum(zv);
     bool all_ok = true;
-#pragma omp simd reduction(+ : z) reduction(&& : all_ok)
-    for (int64_t i = 0; i < K; ++i) {
-      const bool ok = q[i] >= tiny;
-      all_ok = all_ok && ok;
-      p[i] = fast_exp(a[i] - ma);
-      beta_prev[i] = fast_log(ok ? q[i] : scalar_t(1));
-      z += ok ? p[i] * q[i] : scalar_t(0);
-    }
+    for (int64_t i = 0; i < K; ++i) all_ok = all_ok && q[i] >= tiny;
+    std::fill(beta_prev + K, beta_prev + KP, ninf);
     const scalar_t shift = mw + tr.tmax;  // log-space offset of q relative to exp(T) e^w
     if (!all_ok) {
       for (int64_t i = 0; i < K; ++i) {
@@ -373,18 +403,18 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
     }
     if (all_ok && z >= safe) {  // the fast path: everything in the scaled form
       const scalar_t scale = g_log_z / z;
-#pragma omp simd
-      for (int64_t i = 0; i < K; ++i) {
-        p[i] *= scale;  // now g_log_z * p_i / Z
-        out[i] = p[i] * q[i];
+      for (int64_t c = 0; c < KP; c += N) {
+        const V sv = load<V>(p + c) * scale;  // g_log_z * p_i / Z
+        store(p + c, sv);
+        store(mu + c, sv * load<V>(q + c));
       }
+      std::copy(mu, mu + K, out);
       if (acc) {
+        scalar_t* G = acc->scaled.data();
         for (int64_t i = 0; i < K; ++i) {
           const scalar_t si = p[i];
-          if (si == scalar_t(0)) continue;
-          scalar_t* dst = acc->scaled.data() + i * KP;
-#pragma omp simd
-          for (int64_t j = 0; j < KP; ++j) dst[j] += si * r[j];
+          scalar_t* dst = G + i * KP;
+          for (int64_t c = 0; c < KP; c += N) store(dst + c, load<V>(dst + c) + si * load<V>(r + c));
         }
       }
     } else {
@@ -461,7 +491,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
     const int64_t num_chunks = B == 0 ? 0 : (B + chunk - 1) / chunk;
     std::vector<Accumulators<scalar_t>> accs(num_chunks, Accumulators<scalar_t>(K, KP));
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      std::vector<scalar_t> work(6 * KP);
+      std::vector<scalar_t> work(8 * KP);
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         Accumulators<scalar_t>& acc = accs[c];
         for (int64_t b = c * chunk; b < std::min(B, (c + 1) * chunk); ++b) {
@@ -526,7 +556,7 @@ Tensor crf_marginals_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
     const int64_t* len = lengths.data_ptr<int64_t>();
     scalar_t* out = marginals.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
-      std::vector<scalar_t> work(6 * tr.KP);
+      std::vector<scalar_t> work(8 * tr.KP);
       std::vector<scalar_t> alphas(T * K);
       for (int64_t b = begin; b < stop; ++b) {
         const scalar_t* e = em + b * T * K;
@@ -547,37 +577,43 @@ template <typename scalar_t, typename index_t>
 scalar_t viterbi_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, int64_t L,
                           int64_t T, int64_t* tags, index_t* backpointers, scalar_t* work,
                           int32_t* argmax) {
+  using V = typename Simd<scalar_t>::V;
+  using I = typename Simd<scalar_t>::I;
+  using lane_t = std::remove_reference_t<decltype(I{}[0])>;
+  constexpr int64_t N = Simd<scalar_t>::N;
   const int64_t K = tr.K, KP = tr.KP;
   std::fill(tags + L, tags + T, int64_t(-1));
   if (L == 0) return 0;
-  scalar_t* score = work;
-  scalar_t* best = work + KP;
+  const scalar_t ninf = neg_inf<scalar_t>();
+  scalar_t* score = work;       // [KP]
+  scalar_t* next = work + KP;   // [KP]
+  const scalar_t* Tr = tr.log_row.data();
   for (int64_t j = 0; j < K; ++j) score[j] = tr.start[j] + em[j];
+  std::fill(score + K, score + KP, ninf);
+  std::fill(next + K, next + KP, ninf);
   for (int64_t t = 1; t < L; ++t) {
-    std::fill(best, best + KP, neg_inf<scalar_t>());
-    std::fill(argmax, argmax + KP, 0);
-    for (int64_t i = 0; i < K; ++i) {
-      const scalar_t si = score[i];
-      if (si == neg_inf<scalar_t>()) continue;
-      const scalar_t* row = tr.log_row.data() + i * KP;
-      const int32_t index = static_cast<int32_t>(i);
-#pragma omp simd
-      for (int64_t j = 0; j < KP; ++j) {
-        const scalar_t candidate = si + row[j];
-        const bool better = candidate > best[j];  // strict: the first best predecessor wins
-        best[j] = better ? candidate : best[j];
-        argmax[j] = better ? index : argmax[j];
-      }
-    }
     const scalar_t* e = em + t * K;
     index_t* bp = backpointers + t * K;
+    for (int64_t c = 0; c < KP; c += N) {
+      V best = splat<V>(ninf);
+      I arg{};
+      for (int64_t i = 0; i < K; ++i) {
+        const V candidate = score[i] + load<V>(Tr + i * KP + c);
+        const auto better = candidate > best;  // strict: the first best predecessor wins
+        best = better ? candidate : best;
+        arg = better ? I{} + static_cast<lane_t>(i) : arg;
+      }
+      store(next + c, best);
+      for (int64_t n = 0; n < N && c + n < K; ++n) argmax[c + n] = static_cast<int32_t>(arg[n]);
+    }
     for (int64_t j = 0; j < K; ++j) {
-      score[j] = best[j] + e[j];
+      next[j] += e[j];
       bp[j] = static_cast<index_t>(argmax[j]);
     }
+    std::swap(score, next);
   }
   int64_t last = 0;
-  scalar_t best_score = neg_inf<scalar_t>();
+  scalar_t best_score = ninf;
   for (int64_t j = 0; j < K; ++j) {
     const scalar_t value = score[j] + tr.end[j];
     if (value > best_score) {

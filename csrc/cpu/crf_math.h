@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace fastner {
 namespace crf {
@@ -107,6 +108,134 @@ constexpr float crf_safe<float>() {
 template <>
 constexpr double crf_safe<double>() {
   return 1e-200;
+}
+
+}  // namespace crf
+}  // namespace fastner
+
+// ---- vectors ----------------------------------------------------------------------------------
+// GCC vector extensions: one 256-bit register of scalar_t (8 floats or 4 doubles), with an
+// integer vector of the same lane count for masks. The kernels pad K to a multiple of 8 so that
+// every row is a whole number of vectors for both types.
+namespace fastner {
+namespace crf {
+
+template <typename scalar_t>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  static constexpr int N = 8;
+};
+
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+  static constexpr int N = 4;
+};
+
+template <typename V, typename scalar_t>
+inline V load(const scalar_t* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V, typename scalar_t>
+inline void store(scalar_t* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <typename V, typename scalar_t>
+inline V splat(scalar_t x) {
+  return V{} + x;
+}
+
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+template <typename V>
+inline auto hmax(V v) -> std::remove_reference_t<decltype(v[0])> {
+  auto m = v[0];
+  for (unsigned n = 1; n < sizeof v / sizeof v[0]; ++n) m = v[n] > m ? v[n] : m;
+  return m;
+}
+
+template <typename V>
+inline auto hsum(V v) -> std::remove_reference_t<decltype(v[0])> {
+  auto s = v[0];
+  for (unsigned n = 1; n < sizeof v / sizeof v[0]; ++n) s += v[n];
+  return s;
+}
+
+// fast_exp / fast_log on a whole vector (same contracts as the scalar versions above).
+inline Simd<float>::V exp_v(Simd<float>::V x) {
+  using V = Simd<float>::V;
+  using I = Simd<float>::I;
+  const V lo = splat<V>(-87.0f), hi = splat<V>(88.5f);
+  V c = x < lo ? lo : x;
+  c = c > hi ? hi : c;
+  const V shifter = splat<V>(12582912.0f);
+  const V n = (c * 1.44269504088896341f + shifter) - shifter;
+  V r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const V r2 = r * r;
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V y = p * reinterpret_cast<const V&>(bits);
+  y = x < lo ? V{} : y;
+  y = x > 88.7f ? splat<V>(std::numeric_limits<float>::infinity()) : y;
+  return y;
+}
+
+inline Simd<float>::V log_v(Simd<float>::V x) {
+  using V = Simd<float>::V;
+  using I = Simd<float>::I;
+  const I bits = reinterpret_cast<const I&>(x);
+  I exponent = ((bits >> 23) & 0xff) - 126;
+  const I mbits = (bits & 0x007fffff) | 0x3f000000;
+  V m = reinterpret_cast<const V&>(mbits);
+  const auto small = m < 0.707106781186547524f;
+  exponent = small ? exponent - 1 : exponent;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const V e = __builtin_convertvector(exponent, V);
+  const V z = m * m;
+  V y = splat<V>(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (m + y) + e * 0.693359375f;
+}
+
+inline Simd<double>::V exp_v(Simd<double>::V x) {
+  Simd<double>::V y;
+  for (int n = 0; n < 4; ++n) y[n] = std::exp(x[n]);
+  return y;
+}
+
+inline Simd<double>::V log_v(Simd<double>::V x) {
+  Simd<double>::V y;
+  for (int n = 0; n < 4; ++n) y[n] = std::log(x[n]);
+  return y;
 }
 
 }  // namespace crf
