@@ -95,10 +95,10 @@ def test_long_sequences():
 
 @pytest.mark.slow
 def test_very_long_sequences():
-    batch, steps, num_tags = 4, 5000, 17
+    batch, steps, num_tags = 3, 3000, 17
     emissions = torch.randn(batch, steps, num_tags)
     tags = torch.randint(0, num_tags, (batch, steps))
-    lengths = torch.tensor([steps, 3456, 2, steps - 1])
+    lengths = torch.tensor([steps, 2345, 2])
     check_against_float64(emissions, tags, lengths, *random_params(num_tags), rtol=1e-4)
 
 
