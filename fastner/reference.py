@@ -48,6 +48,21 @@ def _logsumexp(x: Tensor, dim: int) -> Tensor:
     return torch.where(dead, torch.full_like(out, float("-inf")), out)
 
 
+def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
+    """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else [T, B]).
+
+    Raises ValueError when a valid step follows an invalid one (skipped under torch.compile,
+    where the check would be a data-dependent branch).
+    """
+    valid = (mask if batch_first else mask.t()) != 0
+    lengths = valid.sum(dim=1)
+    if not torch.compiler.is_compiling():
+        if not torch.equal(valid, _valid_steps(lengths, valid.shape[1])):
+            raise ValueError("mask must be right-padded (no gap): each sequence's valid steps "
+                             "come first, e.g. [1, 1, 1, 0, 0]")
+    return lengths
+
+
 def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
     """Forward algorithm: (log_z [B], alphas [B, T, K]).

@@ -785,6 +785,35 @@ std::tuple<Tensor, Tensor> crf_kbest_cpu(const Tensor& emissions_in, const Tenso
   return {tags, scores};
 }
 
+// ---- mask -> lengths ----------------------------------------------------------------------
+
+Tensor crf_lengths_cpu(const Tensor& mask, bool batch_first) {
+  TORCH_CHECK_VALUE(mask.dim() == 2, "crf_lengths: mask must be 2-D, got ", mask.dim(),
+                    " dimensions");
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte,
+                    "crf_lengths: mask must be bool or uint8, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.device().is_cpu(), "crf_lengths: mask must be on the CPU, got ",
+                    mask.device());
+  const int64_t B = mask.size(batch_first ? 0 : 1), T = mask.size(batch_first ? 1 : 0);
+  const int64_t stride_b = mask.stride(batch_first ? 0 : 1);
+  const int64_t stride_t = mask.stride(batch_first ? 1 : 0);
+  // bool and uint8 are both one byte, 0 or nonzero.
+  const uint8_t* m = static_cast<const uint8_t*>(mask.data_ptr());
+  Tensor lengths = at::empty({B}, mask.options().dtype(at::kLong));
+  int64_t* out = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* row = m + b * stride_b;
+    int64_t length = 0;
+    while (length < T && row[length * stride_t] != 0) ++length;
+    for (int64_t t = length + 1; t < T; ++t) {
+      TORCH_CHECK_VALUE(row[t * stride_t] == 0, "mask must be right-padded (no gap): sequence ", b,
+                        " has a valid step at ", t, " after an invalid one at ", length);
+    }
+    out[b] = length;
+  }
+  return lengths;
+}
+
 }  // namespace
 }  // namespace crf
 }  // namespace fastner
@@ -795,4 +824,5 @@ TORCH_LIBRARY_IMPL(fastner, CPU, m) {
   m.impl("crf_viterbi", &fastner::crf::crf_viterbi_cpu);
   m.impl("crf_kbest", &fastner::crf::crf_kbest_cpu);
   m.impl("crf_marginals", &fastner::crf::crf_marginals_cpu);
+  m.impl("crf_lengths", &fastner::crf::crf_lengths_cpu);
 }

@@ -193,7 +193,7 @@ inline Simd<float>::V exp_v(Simd<float>::V x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  V y = p * reinterpret_cast<const V&>(bits);
+  V y = p * (V)bits;
   y = x < lo ? V{} : y;
   y = x > 88.7f ? splat<V>(std::numeric_limits<float>::infinity()) : y;
   return y;
@@ -202,10 +202,10 @@ inline Simd<float>::V exp_v(Simd<float>::V x) {
 inline Simd<float>::V log_v(Simd<float>::V x) {
   using V = Simd<float>::V;
   using I = Simd<float>::I;
-  const I bits = reinterpret_cast<const I&>(x);
+  const I bits = (I)x;
   I exponent = ((bits >> 23) & 0xff) - 126;
   const I mbits = (bits & 0x007fffff) | 0x3f000000;
-  V m = reinterpret_cast<const V&>(mbits);
+  V m = (V)mbits;
   const auto small = m < 0.707106781186547524f;
   exponent = small ? exponent - 1 : exponent;
   m = small ? m + m - 1.0f : m - 1.0f;

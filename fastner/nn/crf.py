@@ -19,6 +19,7 @@ __all__ = ["CRF", "allowed_transitions"]
 _REDUCTIONS = ("none", "sum", "mean", "token_mean")
 _EMISSION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MASK_DTYPES = (torch.bool, torch.uint8)
+_TAG_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class CRF(nn.Module):
@@ -79,13 +80,13 @@ class CRF(nn.Module):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"invalid reduction: {reduction!r} (expected one of {_REDUCTIONS})")
         emissions_bf, lengths = self._prepare(emissions, mask)
-        tags_bf = self._check_tags(tags, emissions, lengths)
-        log_z, gold, _ = ops.crf_forward(emissions_bf, tags_bf, lengths, *self._scores(emissions_bf))
+        tags_bf = self._check_tags(tags, emissions)
+        log_z, gold, _ = ops.crf_forward(emissions_bf, tags_bf, lengths, *self._scores(emissions))
         llh = gold - log_z
-        if reduction == "none":
-            return llh
         if reduction == "sum":
             return llh.sum()
+        if reduction == "none":
+            return llh
         if reduction == "mean":
             return llh.mean()
         return llh.sum() / lengths.sum().clamp(min=1).to(llh.dtype)
@@ -93,7 +94,8 @@ class CRF(nn.Module):
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
         """The best tag sequence of each sequence, as lists (torchcrf's decode)."""
         emissions_bf, lengths = self._prepare(emissions, mask)
-        tags, _ = ops.crf_viterbi(emissions_bf, lengths, *self._scores(emissions_bf))
+        with torch.no_grad():
+            tags, _ = ops.crf_viterbi(emissions_bf, lengths, *self._scores(emissions))
         return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
 
     def viterbi(self, emissions: Tensor, mask: Optional[Tensor] = None,
@@ -105,20 +107,20 @@ class CRF(nn.Module):
         k given: the k best paths, best first: tags [B, k, T] and scores [B, k]; where fewer
         than k paths have a finite score the extra rows hold tags -1 and score -inf.
         """
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be a positive int or None, got {k!r}")
         emissions_bf, lengths = self._prepare(emissions, mask)
-        scores_in = self._scores(emissions_bf)
         with torch.no_grad():
+            scores_in = self._scores(emissions)
             if k is None:
                 tags, scores = ops.crf_viterbi(emissions_bf, lengths, *scores_in)
                 return (tags if self.batch_first else tags.t().contiguous()), scores
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"k must be a positive int or None, got {k!r}")
             return ops.crf_kbest(emissions_bf, lengths, *scores_in, k)
 
     def log_partition(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """log Z per sequence: [B] (0 for a sequence of length 0); differentiable."""
         emissions_bf, lengths = self._prepare(emissions, mask)
-        log_z, _, _ = ops.crf_forward(emissions_bf, None, lengths, *self._scores(emissions_bf))
+        log_z, _, _ = ops.crf_forward(emissions_bf, None, lengths, *self._scores(emissions))
         return log_z
 
     def marginals(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -126,17 +128,20 @@ class CRF(nn.Module):
         (float32, or float64 for float64 emissions; no gradient)."""
         emissions_bf, lengths = self._prepare(emissions, mask)
         with torch.no_grad():
-            result = ops.crf_marginals(emissions_bf, lengths, *self._scores(emissions_bf))
+            result = ops.crf_marginals(emissions_bf, lengths, *self._scores(emissions))
         return result if self.batch_first else result.transpose(0, 1)
 
     # ---- helpers ---------------------------------------------------------------------------
+    # Kept lean on purpose: at the sizes NER uses, a CRF call costs tens of microseconds, about
+    # as much as a handful of Python-level torch ops. Data checks (mask gaps, tag range) happen
+    # inside the ops; here only metadata is checked.
 
     def _scores(self, emissions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(transitions, start, end) in the accumulate dtype, constraints applied as -inf."""
         dtype = torch.float64 if emissions.dtype == torch.float64 else torch.float32
-        transitions = self.transitions.to(dtype)
-        start = self.start_transitions.to(dtype)
-        end = self.end_transitions.to(dtype)
+        transitions, start, end = self.transitions, self.start_transitions, self.end_transitions
+        if transitions.dtype != dtype:
+            transitions, start, end = transitions.to(dtype), start.to(dtype), end.to(dtype)
         if self.has_constraints:
             transitions = transitions + self.transition_constraints.to(dtype)
             start = start + self.start_constraints.to(dtype)
@@ -144,21 +149,20 @@ class CRF(nn.Module):
         return transitions, start, end
 
     def _prepare(self, emissions: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Validate; return emissions [B, T, K] contiguous and lengths int64 [B]."""
+        """Validate; return emissions as a [B, T, K] view and lengths int64 [B]."""
         if not isinstance(emissions, Tensor):
             raise ValueError(f"emissions must be a Tensor, got {type(emissions).__name__}")
         if emissions.dim() != 3:
             raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
-        if emissions.size(2) != self.num_tags:
+        if emissions.shape[2] != self.num_tags:
             raise ValueError(f"expected last dimension of emissions is {self.num_tags}, "
-                             f"got {emissions.size(2)}")
+                             f"got {emissions.shape[2]}")
         if emissions.dtype not in _EMISSION_DTYPES:
             raise ValueError(f"emissions must be float32, float64, float16 or bfloat16, "
                              f"got {emissions.dtype}")
         emissions_bf = emissions if self.batch_first else emissions.transpose(0, 1)
-        emissions_bf = emissions_bf.contiguous()
-        B, T = emissions_bf.shape[:2]
         if mask is None:
+            B, T = emissions_bf.shape[:2]
             return emissions_bf, torch.full((B,), T, dtype=torch.long, device=emissions.device)
         if not isinstance(mask, Tensor):
             raise ValueError(f"mask must be a Tensor, got {type(mask).__name__}")
@@ -170,34 +174,23 @@ class CRF(nn.Module):
         if mask.device != emissions.device:
             raise ValueError(f"mask must be on the emissions' device {emissions.device}, "
                              f"got {mask.device}")
-        mask_bf = (mask if self.batch_first else mask.t()).bool()
-        lengths = mask_bf.sum(dim=1)
-        padded = torch.arange(T, device=mask.device) < lengths.unsqueeze(1)
-        if not torch.equal(mask_bf, padded):
-            raise ValueError("mask must be right-padded: each sequence's valid steps come first "
-                             "with no gap (e.g. [1, 1, 1, 0, 0])")
-        return emissions_bf, lengths
+        return emissions_bf, ops.crf_lengths(mask, self.batch_first)
 
-    def _check_tags(self, tags: Tensor, emissions: Tensor, lengths: Tensor) -> Tensor:
-        """Validate tags (in the emissions' layout); return them int64 [B, T] contiguous."""
+    def _check_tags(self, tags: Tensor, emissions: Tensor) -> Tensor:
+        """Validate tags' metadata (the ops check their range); return them int64 as a [B, T]
+        view."""
         if not isinstance(tags, Tensor):
             raise ValueError(f"tags must be a Tensor, got {type(tags).__name__}")
         if tags.shape != emissions.shape[:2]:
             raise ValueError("the first two dimensions of emissions and tags must match, "
                              f"got {tuple(emissions.shape[:2])} and {tuple(tags.shape)}")
-        if tags.dtype.is_floating_point or tags.dtype.is_complex or tags.dtype == torch.bool:
+        if tags.dtype not in _TAG_DTYPES:
             raise ValueError(f"tags must be an integer tensor, got {tags.dtype}")
         if tags.device != emissions.device:
             raise ValueError(f"tags must be on the emissions' device {emissions.device}, "
                              f"got {tags.device}")
-        tags_bf = (tags if self.batch_first else tags.t()).long().contiguous()
-        T = tags_bf.size(1)
-        valid = torch.arange(T, device=tags.device) < lengths.unsqueeze(1)
-        out_of_range = ((tags_bf < 0) | (tags_bf >= self.num_tags)) & valid
-        if bool(out_of_range.any()):
-            bad = tags_bf[out_of_range][0].item()
-            raise ValueError(f"tags must lie in [0, {self.num_tags}) inside the mask, got {bad}")
-        return tags_bf
+        tags_bf = tags if self.batch_first else tags.t()
+        return tags_bf if tags_bf.dtype == torch.long else tags_bf.long()
 
 
 def _constraint_masks(num_tags: int, constraints) -> Tuple[Tensor, Tensor, Tensor]:
