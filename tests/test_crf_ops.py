@@ -12,7 +12,7 @@ from fastner._extension import use_fused
 from tests import testing
 
 CPU = torch.device("cpu")
-CRF_OPS = ("crf_forward", "crf_backward", "crf_viterbi", "crf_kbest", "crf_marginals")
+CRF_OPS = ("crf_forward", "crf_backward", "crf_viterbi", "crf_kbest", "crf_marginals", "crf_lengths")
 
 requires_crf_ops = pytest.mark.skipif(
     not all(testing.op_registered(op) for op in CRF_OPS), reason="fastner CRF ops not registered (extension not built)"
@@ -143,6 +143,31 @@ def test_decoding_ops_match_reference(case, dtype):
     torch.testing.assert_close(marginals, expected_marginals, **tol)
 
 
+@requires_crf_ops
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8], ids=["bool", "uint8"])
+def test_lengths_op_matches_reference(batch_first, dtype):
+    from fastner import reference
+
+    for case in range(3):
+        testing.reseed(30 + case)
+        batch, steps = testing.randint(1, 40), testing.randint(1, 50)
+        lengths = testing.random_lengths(batch, steps, min_len=0)
+        mask = testing.mask_from_lengths(lengths, steps, batch_first, dtype=dtype)
+        got = torch.ops.fastner.crf_lengths(mask, batch_first)
+        assert got.dtype == torch.int64 and torch.equal(got, lengths)
+        assert torch.equal(reference.crf_lengths(mask, batch_first), lengths)
+        gap = testing.to_batch_first(mask, batch_first).clone()
+        if steps >= 3:
+            gap[0, :] = 1
+            gap[0, 1] = 0  # a valid step after an invalid one
+            gap = testing.to_layout(gap, batch_first)
+            with pytest.raises(ValueError, match="mask"):
+                torch.ops.fastner.crf_lengths(gap, batch_first)
+            with pytest.raises(ValueError, match="mask"):
+                reference.crf_lengths(gap, batch_first)
+
+
 # ---------------------------------------------------------------------------------------------
 # opcheck and gradcheck
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +176,9 @@ def test_decoding_ops_match_reference(case, dtype):
 def _opcheck_cases(name):
     torch.manual_seed(1234)
     cases = []
+    if name == "crf_lengths":
+        mask = testing.mask_from_lengths(torch.tensor([3, 0, 5, 1]), 5)  # [B, T]
+        return [(mask, True), (mask.t().contiguous(), False), (mask.to(torch.uint8), True)]
     # a padded batch in float32 (with a length-0 row), a single step in float64
     for dtype, (batch, steps, num_tags) in ((torch.float32, (3, 5, 4)), (torch.float64, (2, 1, 2))):
         emissions, tags, lengths, transitions, start, end = draw(batch, steps, num_tags, dtype, min_len=0)
