@@ -109,9 +109,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds; each cell is their median")
     parser.add_argument("--min-sample-ms", type=float, default=5.0, help="target duration of one sample")
     parser.add_argument("--no-reference", action="store_true", help="skip fastner's reference path (slow)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
-    print(f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, fastner backend {fastner.backend()['cpu']}")
+    print(f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, fastner backend {fastner.backend()['cpu']}, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"command: python benchmarks/crf_ratios.py {' '.join(sys.argv[1:])}".rstrip())
     print()
     cols = ["task", "B", "T", "K", "pytorch-crf (ms)", "fastner (ms)", "speed-up"]

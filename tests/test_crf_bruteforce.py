@@ -82,8 +82,8 @@ class Enumerated:
         return out
 
 
-def random_crf(num_tags, dtype=torch.float64, batch_first=True, constraints=None):
-    crf = fastner.nn.CRF(num_tags, batch_first=batch_first, constraints=constraints) if constraints is not None else fastner.nn.CRF(num_tags, batch_first=batch_first)
+def random_crf(num_tags, dtype=torch.float64, batch_first=True):
+    crf = fastner.nn.CRF(num_tags, batch_first=batch_first)
     with torch.no_grad():
         for p in crf.parameters():
             p.normal_(0.0, 1.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import pytest
 import torch
@@ -160,8 +160,3 @@ def fused_on(op: str, device: torch.device) -> bool:
     from fastner._extension import use_fused
 
     return use_fused(op, device)
-
-
-def grads(*tensors: Tensor) -> Tuple[Optional[Tensor], ...]:
-    """The .grad of each tensor, cloned (None stays None)."""
-    return tuple(None if t.grad is None else t.grad.detach().clone() for t in tensors)
