@@ -10,6 +10,7 @@ import fastner.nn
 import fastner.ops  # noqa: F401  (registers the fake kernels and autograd formulas)
 from fastner._extension import use_fused
 from tests import testing
+from tests.test_crf import assert_best_paths
 
 CPU = torch.device("cpu")
 CRF_OPS = ("crf_forward", "crf_backward", "crf_viterbi", "crf_kbest", "crf_marginals", "crf_lengths")
@@ -132,13 +133,15 @@ def test_decoding_ops_match_reference(case, dtype):
         expected_marginals = crf.marginals(emissions, mask=mask)
     tol = testing.tolerances(dtype)
     tags, scores = op("crf_viterbi")(emissions, lengths, transitions, start, end)
-    assert torch.equal(tags, expected_tags)
+    assert_best_paths(tags, expected_tags, emissions, crf, dtype, "crf_viterbi")
     torch.testing.assert_close(scores, expected_scores, **tol)
     ktags, kscores = op("crf_kbest")(emissions, lengths, transitions, start, end, k)
     assert ktags.shape == (batch, k, steps) and kscores.shape == (batch, k)
     torch.testing.assert_close(kscores, expected_kscores, **tol)
-    # paths may differ only where scores tie; random inputs have no ties
-    assert torch.equal(ktags, expected_ktags)
+    for r in range(k):  # rank r holds the r-th best path (or one tied with it)
+        finite = torch.isfinite(expected_kscores[:, r])
+        assert torch.equal(torch.isfinite(kscores[:, r]), finite)
+        assert_best_paths(ktags[finite, r], expected_ktags[finite, r], emissions[finite], crf, dtype, f"crf_kbest rank {r}")
     marginals = op("crf_marginals")(emissions, lengths, transitions, start, end)
     torch.testing.assert_close(marginals, expected_marginals, **tol)
 
