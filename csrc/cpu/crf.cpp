@@ -167,34 +167,52 @@ scalar_t exact_logsumexp(const scalar_t* a, const scalar_t* b, int64_t n) {
 
 // ---- forward algorithm ----------------------------------------------------------------------
 
-// One sequence. em: [L, K] emissions; alphas: [T, K] output (log forward variables, zeros past
-// L); work: 5 * KP scratch. Returns log Z (0 when L == 0).
+// One sequence's forward recursion, a step at a time so that several sequences can be
+// interleaved (see run_interleaved). em: [L, K] emissions; alphas: [T, K] output (log forward
+// variables, zeros past L); work: 5 * KP scratch.
 //
 // The recursion runs on alphas relative to a running offset kept in double: the log forward
 // variables grow linearly with t (thousands after a few thousand steps), and adding each step's
 // increment to a float of that size would accumulate one rounding per step.
 template <typename scalar_t>
-scalar_t forward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, int64_t L,
-                          int64_t T, scalar_t* alphas, scalar_t* work) {
+struct ForwardRun {
   using V = typename Simd<scalar_t>::V;
-  constexpr int64_t N = Simd<scalar_t>::N;
-  const int64_t K = tr.K, KP = tr.KP;
-  std::fill(alphas + L * K, alphas + T * K, scalar_t(0));
-  if (L == 0) return 0;
-  const scalar_t ninf = neg_inf<scalar_t>();
-  scalar_t* alpha = work;      // [KP] relative to offset, -inf padded
-  scalar_t* next = work + KP;  // [KP]
-  scalar_t* p = work + 2 * KP;
-  scalar_t* q = work + 3 * KP;
-  scalar_t* e = work + 4 * KP;  // this step's emissions, -inf padded (so padded lanes stay -inf)
-  const scalar_t tiny = crf_tiny<scalar_t>();
-  const scalar_t* E = tr.exp_row.data();
+  static constexpr int64_t N = Simd<scalar_t>::N;
+  const Transitions<scalar_t>* tr = nullptr;
+  const scalar_t* em = nullptr;
+  scalar_t* alphas = nullptr;
+  int64_t L = 0;
+  scalar_t *alpha, *next, *p, *q, *e;  // [KP] each; alpha is relative to offset, -inf padded
   double offset = 0;
-  std::fill(alpha + K, alpha + KP, ninf);
-  std::fill(e + K, e + KP, ninf);
-  for (int64_t j = 0; j < K; ++j) alpha[j] = tr.start[j] + em[j];
-  std::copy(alpha, alpha + K, alphas);
-  for (int64_t t = 1; t < L; ++t) {
+
+  void begin(const Transitions<scalar_t>& transitions, const scalar_t* emissions, int64_t length,
+             int64_t T, scalar_t* alphas_out, scalar_t* work) {
+    tr = &transitions;
+    em = emissions;
+    L = length;
+    alphas = alphas_out;
+    offset = 0;
+    const int64_t K = tr->K, KP = tr->KP;
+    alpha = work;
+    next = work + KP;
+    p = work + 2 * KP;
+    q = work + 3 * KP;
+    e = work + 4 * KP;  // this step's emissions, -inf padded so padded lanes stay -inf
+    std::fill(alphas + L * K, alphas + T * K, scalar_t(0));
+    if (L == 0) return;
+    std::fill(alpha + K, alpha + KP, neg_inf<scalar_t>());
+    std::fill(e + K, e + KP, neg_inf<scalar_t>());
+    for (int64_t j = 0; j < K; ++j) alpha[j] = tr->start[j] + em[j];
+    std::copy(alpha, alpha + K, alphas);
+  }
+
+  int64_t steps() const { return L > 0 ? L - 1 : 0; }
+
+  void step(int64_t s) {
+    const int64_t t = s + 1, K = tr->K, KP = tr->KP;
+    const scalar_t ninf = neg_inf<scalar_t>();
+    const scalar_t tiny = crf_tiny<scalar_t>();
+    const scalar_t* E = tr->exp_row.data();
     std::copy(em + t * K, em + (t + 1) * K, e);
     V mv = splat<V>(ninf);
     for (int64_t c = 0; c < KP; c += N) mv = vmax(mv, load<V>(alpha + c));
@@ -219,10 +237,10 @@ scalar_t forward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, i
         const V qv = load<V>(q + c);
         store(next + c, log_v(qv >= tiny ? qv : one) + load<V>(e + c));
       }
-      const scalar_t shift = m + tr.tmax;
+      const scalar_t shift = m + tr->tmax;
       for (int64_t j = 0; j < K; ++j) {
         if (!(q[j] >= tiny)) {
-          next[j] = exact_logsumexp(alpha, tr.log_col.data() + j * KP, K) - shift + e[j];
+          next[j] = exact_logsumexp(alpha, tr->log_col.data() + j * KP, K) - shift + e[j];
         }
       }
       offset += static_cast<double>(shift);
@@ -235,7 +253,46 @@ scalar_t forward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, i
 #pragma omp simd
     for (int64_t j = 0; j < K; ++j) out[j] = high + (alpha[j] + low);
   }
-  return static_cast<scalar_t>(offset + exact_logsumexp(alpha, tr.end, K));
+
+  // log Z (0 when L == 0).
+  scalar_t finish() const {
+    if (L == 0) return 0;
+    return static_cast<scalar_t>(offset + exact_logsumexp(alpha, tr->end, tr->K));
+  }
+};
+
+// Sequences a thread steps in lock-step: their recursions are independent, so the CPU overlaps
+// one's dependency chain (max -> exp -> multiply-add -> log) with the others'.
+constexpr int64_t kInterleave = 4;
+
+template <typename Run>
+void run_interleaved(Run* runs, int64_t count) {
+  int64_t most = 0;
+  for (int64_t g = 0; g < count; ++g) most = std::max(most, runs[g].steps());
+  for (int64_t s = 0; s < most; ++s) {
+    for (int64_t g = 0; g < count; ++g) {
+      if (s < runs[g].steps()) runs[g].step(s);
+    }
+  }
+}
+
+// The sequences [begin, stop) in decreasing length, so that interleaved groups hold sequences
+// of similar lengths.
+std::vector<int64_t> by_length(const int64_t* len, int64_t begin, int64_t stop) {
+  std::vector<int64_t> order(stop - begin);
+  for (int64_t b = begin; b < stop; ++b) order[b - begin] = b;
+  std::stable_sort(order.begin(), order.end(),
+                   [len](int64_t x, int64_t y) { return len[x] > len[y]; });
+  return order;
+}
+
+template <typename scalar_t>
+scalar_t forward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, int64_t L,
+                          int64_t T, scalar_t* alphas, scalar_t* work) {
+  ForwardRun<scalar_t> run;
+  run.begin(tr, em, L, T, alphas, work);
+  run_interleaved(&run, 1);
+  return run.finish();
 }
 
 template <typename scalar_t>
@@ -279,11 +336,22 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
     scalar_t* gold_out = gold.data_ptr<scalar_t>();
     scalar_t* alphas_out = alphas.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
-      std::vector<scalar_t> work(5 * tr.KP);
-      for (int64_t b = begin; b < stop; ++b) {
-        const scalar_t* e = em + b * T * K;
-        log_z_out[b] = forward_sequence(tr, e, len[b], T, alphas_out + b * T * K, work.data());
-        gold_out[b] = y ? gold_score(tr, e, y + b * T, len[b]) : scalar_t(0);
+      std::vector<scalar_t> work(kInterleave * 5 * tr.KP);
+      ForwardRun<scalar_t> runs[kInterleave];
+      const std::vector<int64_t> order = by_length(len, begin, stop);
+      for (size_t first = 0; first < order.size(); first += kInterleave) {
+        const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
+        for (int64_t g = 0; g < count; ++g) {
+          const int64_t b = order[first + g];
+          runs[g].begin(tr, em + b * T * K, len[b], T, alphas_out + b * T * K,
+                        work.data() + g * 5 * tr.KP);
+        }
+        run_interleaved(runs, count);
+        for (int64_t g = 0; g < count; ++g) {
+          const int64_t b = order[first + g];
+          log_z_out[b] = runs[g].finish();
+          gold_out[b] = y ? gold_score(tr, em + b * T * K, y + b * T, len[b]) : scalar_t(0);
+        }
       }
     });
   });
@@ -310,34 +378,50 @@ struct Accumulators {
 //   marginal_{t-1}[i] = p_i q_i / Z,  pairwise marginal (i -> j at t) = p_i E_ij r_j / Z.
 // Rows with q_i < crf_tiny take the exact log-space path; so does a whole step whose Z is tiny.
 // marginals: [T, K] output, g_log_z * marginals (zeros past L); the caller adds the gold term.
-// acc: nullptr for marginals only. work: 8 * KP scratch.
+// acc: nullptr for marginals only. work: 8 * KP scratch. Stepped like ForwardRun.
 template <typename scalar_t>
-void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, const scalar_t* alphas,
-                       int64_t L, int64_t T, scalar_t log_z, scalar_t g_log_z, scalar_t* marginals,
-                       Accumulators<scalar_t>* acc, scalar_t* work) {
+struct BackwardRun {
   using V = typename Simd<scalar_t>::V;
-  constexpr int64_t N = Simd<scalar_t>::N;
-  const int64_t K = tr.K, KP = tr.KP;
-  std::fill(marginals, marginals + T * K, scalar_t(0));
-  if (L == 0 || g_log_z == scalar_t(0) || !std::isfinite(log_z)) return;
-  const scalar_t ninf = neg_inf<scalar_t>();
-  scalar_t* beta = work;  // [KP] relative log backward variables, -inf padded
-  scalar_t* beta_prev = work + KP;
-  scalar_t* w = work + 2 * KP;
-  scalar_t* r = work + 3 * KP;
-  scalar_t* q = work + 4 * KP;
-  scalar_t* p = work + 5 * KP;
-  scalar_t* a = work + 6 * KP;    // alpha_{t-1}, -inf padded
-  scalar_t* mu = work + 7 * KP;   // g_log_z * marginal_{t-1}
-  const scalar_t tiny = crf_tiny<scalar_t>();
-  const scalar_t safe = crf_safe<scalar_t>();
-  const scalar_t* Ecol = tr.exp_col.data();
-  std::fill(beta + K, beta + KP, ninf);
-  std::fill(beta_prev + K, beta_prev + KP, ninf);
-  std::fill(w + K, w + KP, ninf);
-  std::fill(a + K, a + KP, ninf);
-  std::copy(tr.end, tr.end + K, beta);
-  {  // the last step: marginal = softmax(alpha_{L-1} + end)
+  static constexpr int64_t N = Simd<scalar_t>::N;
+  const Transitions<scalar_t>* tr = nullptr;
+  const scalar_t* em = nullptr;
+  const scalar_t* alphas = nullptr;
+  scalar_t* marginals = nullptr;
+  Accumulators<scalar_t>* acc = nullptr;
+  int64_t L = 0;
+  bool active = false;
+  scalar_t g_log_z = 0;
+  scalar_t *beta, *beta_prev, *w, *r, *q, *p, *a, *mu;  // [KP] each
+
+  void begin(const Transitions<scalar_t>& transitions, const scalar_t* emissions,
+             const scalar_t* alphas_in, int64_t length, int64_t T, scalar_t log_z, scalar_t g,
+             scalar_t* marginals_out, Accumulators<scalar_t>* accumulators, scalar_t* work) {
+    tr = &transitions;
+    em = emissions;
+    alphas = alphas_in;
+    L = length;
+    g_log_z = g;
+    marginals = marginals_out;
+    acc = accumulators;
+    const int64_t K = tr->K, KP = tr->KP;
+    std::fill(marginals, marginals + T * K, scalar_t(0));
+    active = L > 0 && g_log_z != scalar_t(0) && std::isfinite(log_z);
+    if (!active) return;
+    const scalar_t ninf = neg_inf<scalar_t>();
+    beta = work;  // relative log backward variables, -inf padded
+    beta_prev = work + KP;
+    w = work + 2 * KP;
+    r = work + 3 * KP;
+    q = work + 4 * KP;
+    p = work + 5 * KP;
+    a = work + 6 * KP;   // alpha_{t-1}, -inf padded
+    mu = work + 7 * KP;  // g_log_z * marginal_{t-1}
+    std::fill(beta + K, beta + KP, ninf);
+    std::fill(beta_prev + K, beta_prev + KP, ninf);
+    std::fill(w + K, w + KP, ninf);
+    std::fill(a + K, a + KP, ninf);
+    std::copy(tr->end, tr->end + K, beta);
+    // the last step: marginal = softmax(alpha_{L-1} + end)
     const scalar_t* al = alphas + (L - 1) * K;
     scalar_t* out = marginals + (L - 1) * K;
     for (int64_t j = 0; j < K; ++j) w[j] = al[j] + beta[j];
@@ -352,7 +436,15 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
       for (int64_t j = 0; j < K; ++j) acc->end[j] += out[j];
     }
   }
-  for (int64_t t = L - 1; t >= 1; --t) {
+
+  int64_t steps() const { return active ? L - 1 : 0; }
+
+  void step(int64_t s) {
+    const int64_t t = L - 1 - s, K = tr->K, KP = tr->KP;
+    const scalar_t ninf = neg_inf<scalar_t>();
+    const scalar_t tiny = crf_tiny<scalar_t>();
+    const scalar_t safe = crf_safe<scalar_t>();
+    const scalar_t* Ecol = tr->exp_col.data();
     const scalar_t* e = em + t * K;
     std::copy(alphas + (t - 1) * K, alphas + t * K, a);
     scalar_t* out = marginals + (t - 1) * K;
@@ -366,7 +458,7 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
     if (mw == ninf || ma == ninf) {  // cannot happen with a finite log Z; stay NaN-free anyway
       std::fill(beta_prev, beta_prev + K, ninf);
       std::swap(beta, beta_prev);
-      continue;
+      return;
     }
     for (int64_t c = 0; c < KP; c += N) {
       store(r + c, exp_v(load<V>(w + c) - mw));
@@ -395,10 +487,10 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
     bool all_ok = true;
     for (int64_t i = 0; i < K; ++i) all_ok = all_ok && q[i] >= tiny;
     std::fill(beta_prev + K, beta_prev + KP, ninf);
-    const scalar_t shift = mw + tr.tmax;  // log-space offset of q relative to exp(T) e^w
+    const scalar_t shift = mw + tr->tmax;  // log-space offset of q relative to exp(T) e^w
     if (!all_ok) {
       for (int64_t i = 0; i < K; ++i) {
-        if (!(q[i] >= tiny)) beta_prev[i] = exact_logsumexp(tr.log_row.data() + i * KP, w, K) - shift;
+        if (!(q[i] >= tiny)) beta_prev[i] = exact_logsumexp(tr->log_row.data() + i * KP, w, K) - shift;
       }
     }
     if (all_ok && z >= safe) {  // the fast path: everything in the scaled form
@@ -430,7 +522,7 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
         const scalar_t log_mu = a[i] - ma + beta_prev[i] - log_z_step;
         out[i] = log_mu == ninf ? scalar_t(0) : g_log_z * std::exp(log_mu);
         if (!acc || a[i] == ninf) continue;
-        const scalar_t* row = tr.log_row.data() + i * KP;
+        const scalar_t* row = tr->log_row.data() + i * KP;
         scalar_t* dst = acc->exact.data() + i * KP;
         const scalar_t base = a[i] - ma - shift - log_z_step;
         for (int64_t j = 0; j < K; ++j) {
@@ -441,9 +533,22 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
     }
     std::swap(beta, beta_prev);
   }
-  if (acc) {
-    for (int64_t j = 0; j < K; ++j) acc->start[j] += marginals[j];
+
+  void finish() {
+    if (active && acc) {
+      for (int64_t j = 0; j < tr->K; ++j) acc->start[j] += marginals[j];
+    }
   }
+};
+
+template <typename scalar_t>
+void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, const scalar_t* alphas,
+                       int64_t L, int64_t T, scalar_t log_z, scalar_t g_log_z, scalar_t* marginals,
+                       Accumulators<scalar_t>* acc, scalar_t* work) {
+  BackwardRun<scalar_t> run;
+  run.begin(tr, em, alphas, L, T, log_z, g_log_z, marginals, acc, work);
+  run_interleaved(&run, 1);
+  run.finish();
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
@@ -491,14 +596,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
     const int64_t num_chunks = B == 0 ? 0 : (B + chunk - 1) / chunk;
     std::vector<Accumulators<scalar_t>> accs(num_chunks, Accumulators<scalar_t>(K, KP));
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      std::vector<scalar_t> work(8 * KP);
+      std::vector<scalar_t> work(kInterleave * 8 * KP);
+      BackwardRun<scalar_t> runs[kInterleave];
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         Accumulators<scalar_t>& acc = accs[c];
+        const std::vector<int64_t> order = by_length(len, c * chunk, std::min(B, (c + 1) * chunk));
+        for (size_t first = 0; first < order.size(); first += kInterleave) {
+          const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
+          for (int64_t n = 0; n < count; ++n) {
+            const int64_t b = order[first + n];
+            runs[n].begin(tr, em + b * T * K, al + b * T * K, len[b], T, lz[b], gz[b],
+                          ge + b * T * K, &acc, work.data() + n * 8 * KP);
+          }
+          run_interleaved(runs, count);
+          for (int64_t n = 0; n < count; ++n) runs[n].finish();
+        }
         for (int64_t b = c * chunk; b < std::min(B, (c + 1) * chunk); ++b) {
           const int64_t L = len[b];
           scalar_t* g = ge + b * T * K;
-          backward_sequence(tr, em + b * T * K, al + b * T * K, L, T, lz[b], gz[b], g, &acc,
-                            work.data());
           if (y && L > 0 && gg[b] != scalar_t(0)) {
             const int64_t* yb = y + b * T;
             const scalar_t w = gg[b];
@@ -571,31 +686,50 @@ Tensor crf_marginals_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
 
 // ---- Viterbi ----------------------------------------------------------------------------------
 
-// One sequence: tags [T] (-1 past L), returns the best score (0 when L == 0). backpointers:
-// [L, K] scratch; work: 4 * KP scratch (scores, next scores, best, argmax).
+// One sequence's Viterbi recursion, stepped like ForwardRun. tags: [T] output (-1 past L);
+// backpointers: [L, K] scratch; work: 3 * KP scratch; finish() returns the best score (0 when
+// L == 0) and writes the tags.
 template <typename scalar_t, typename index_t>
-scalar_t viterbi_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, int64_t L,
-                          int64_t T, int64_t* tags, index_t* backpointers, scalar_t* work,
-                          int32_t* argmax) {
+struct ViterbiRun {
   using V = typename Simd<scalar_t>::V;
   using I = typename Simd<scalar_t>::I;
   using lane_t = std::remove_reference_t<decltype(I{}[0])>;
-  constexpr int64_t N = Simd<scalar_t>::N;
-  const int64_t K = tr.K, KP = tr.KP;
-  std::fill(tags + L, tags + T, int64_t(-1));
-  if (L == 0) return 0;
-  const scalar_t ninf = neg_inf<scalar_t>();
-  scalar_t* score = work;       // [KP]
-  scalar_t* next = work + KP;   // [KP]
-  const scalar_t* Tr = tr.log_row.data();
-  for (int64_t j = 0; j < K; ++j) score[j] = tr.start[j] + em[j];
-  std::fill(score + K, score + KP, ninf);
-  std::fill(next + K, next + KP, ninf);
-  for (int64_t t = 1; t < L; ++t) {
+  static constexpr int64_t N = Simd<scalar_t>::N;
+  const Transitions<scalar_t>* tr = nullptr;
+  const scalar_t* em = nullptr;
+  int64_t L = 0;
+  int64_t* tags = nullptr;
+  index_t* backpointers = nullptr;
+  scalar_t *score, *next;  // [KP]
+  int32_t* argmax;         // [KP]
+
+  void begin(const Transitions<scalar_t>& transitions, const scalar_t* emissions, int64_t length,
+             int64_t T, int64_t* tags_out, index_t* bp, scalar_t* work, int32_t* arg) {
+    tr = &transitions;
+    em = emissions;
+    L = length;
+    tags = tags_out;
+    backpointers = bp;
+    argmax = arg;
+    const int64_t K = tr->K, KP = tr->KP;
+    std::fill(tags + L, tags + T, int64_t(-1));
+    if (L == 0) return;
+    score = work;
+    next = work + KP;
+    for (int64_t j = 0; j < K; ++j) score[j] = tr->start[j] + em[j];
+    std::fill(score + K, score + KP, neg_inf<scalar_t>());
+    std::fill(next + K, next + KP, neg_inf<scalar_t>());
+  }
+
+  int64_t steps() const { return L > 0 ? L - 1 : 0; }
+
+  void step(int64_t s) {
+    const int64_t t = s + 1, K = tr->K, KP = tr->KP;
+    const scalar_t* Tr = tr->log_row.data();
     const scalar_t* e = em + t * K;
     index_t* bp = backpointers + t * K;
     for (int64_t c = 0; c < KP; c += N) {
-      V best = splat<V>(ninf);
+      V best = splat<V>(neg_inf<scalar_t>());
       I arg{};
       for (int64_t i = 0; i < K; ++i) {
         const V candidate = score[i] + load<V>(Tr + i * KP + c);
@@ -612,21 +746,49 @@ scalar_t viterbi_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, i
     }
     std::swap(score, next);
   }
-  int64_t last = 0;
-  scalar_t best_score = ninf;
-  for (int64_t j = 0; j < K; ++j) {
-    const scalar_t value = score[j] + tr.end[j];
-    if (value > best_score) {
-      best_score = value;
-      last = j;
+
+  scalar_t finish() {
+    if (L == 0) return 0;
+    const int64_t K = tr->K;
+    int64_t last = 0;
+    scalar_t best_score = neg_inf<scalar_t>();
+    for (int64_t j = 0; j < K; ++j) {
+      const scalar_t value = score[j] + tr->end[j];
+      if (value > best_score) {
+        best_score = value;
+        last = j;
+      }
     }
+    tags[L - 1] = last;
+    for (int64_t t = L - 1; t >= 1; --t) {
+      last = backpointers[t * K + last];
+      tags[t - 1] = last;
+    }
+    return best_score;
   }
-  tags[L - 1] = last;
-  for (int64_t t = L - 1; t >= 1; --t) {
-    last = backpointers[t * K + last];
-    tags[t - 1] = last;
+};
+
+template <typename scalar_t, typename index_t>
+void viterbi_range(const Transitions<scalar_t>& tr, const scalar_t* em, const int64_t* len,
+                   int64_t T, int64_t begin, int64_t stop, int64_t* tags_out,
+                   scalar_t* scores_out) {
+  const int64_t K = tr.K, KP = tr.KP;
+  std::vector<scalar_t> work(kInterleave * 2 * KP);
+  std::vector<int32_t> argmax(kInterleave * KP);
+  std::vector<index_t> backpointers(kInterleave * T * K);
+  ViterbiRun<scalar_t, index_t> runs[kInterleave];
+  const std::vector<int64_t> order = by_length(len, begin, stop);
+  for (size_t first = 0; first < order.size(); first += kInterleave) {
+    const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
+    for (int64_t g = 0; g < count; ++g) {
+      const int64_t b = order[first + g];
+      runs[g].begin(tr, em + b * T * K, len[b], T, tags_out + b * T,
+                    backpointers.data() + g * T * K, work.data() + g * 2 * KP,
+                    argmax.data() + g * KP);
+    }
+    run_interleaved(runs, count);
+    for (int64_t g = 0; g < count; ++g) scores_out[order[first + g]] = runs[g].finish();
   }
-  return best_score;
 }
 
 std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
@@ -646,20 +808,10 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
-      std::vector<scalar_t> work(2 * tr.KP);
-      std::vector<int32_t> argmax(tr.KP);
       if (K <= 256) {
-        std::vector<uint8_t> backpointers(T * K);
-        for (int64_t b = begin; b < stop; ++b) {
-          scores_out[b] = viterbi_sequence(tr, em + b * T * K, len[b], T, tags_out + b * T,
-                                           backpointers.data(), work.data(), argmax.data());
-        }
+        viterbi_range<scalar_t, uint8_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
       } else {
-        std::vector<int32_t> backpointers(T * K);
-        for (int64_t b = begin; b < stop; ++b) {
-          scores_out[b] = viterbi_sequence(tr, em + b * T * K, len[b], T, tags_out + b * T,
-                                           backpointers.data(), work.data(), argmax.data());
-        }
+        viterbi_range<scalar_t, int32_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
       }
     });
   });
