@@ -213,7 +213,8 @@ struct ForwardRun {
     const scalar_t ninf = neg_inf<scalar_t>();
     const scalar_t tiny = crf_tiny<scalar_t>();
     const scalar_t* E = tr->exp_row.data();
-    std::copy(em + t * K, em + (t + 1) * K, e);
+    const scalar_t* src = em + t * K;
+    for (int64_t j = 0; j < K; ++j) e[j] = src[j];
     V mv = splat<V>(ninf);
     for (int64_t c = 0; c < KP; c += N) mv = vmax(mv, load<V>(alpha + c));
     const scalar_t m = hmax(mv);
@@ -392,10 +393,12 @@ struct BackwardRun {
   bool active = false;
   scalar_t g_log_z = 0;
   scalar_t *beta, *beta_prev, *w, *r, *q, *p, *a, *mu;  // [KP] each
+  scalar_t *S = nullptr, *R = nullptr;  // [L - 1, KP] each: per step g * p_i / Z and r_j
 
   void begin(const Transitions<scalar_t>& transitions, const scalar_t* emissions,
              const scalar_t* alphas_in, int64_t length, int64_t T, scalar_t log_z, scalar_t g,
-             scalar_t* marginals_out, Accumulators<scalar_t>* accumulators, scalar_t* work) {
+             scalar_t* marginals_out, Accumulators<scalar_t>* accumulators, scalar_t* work,
+             scalar_t* pairwise = nullptr) {
     tr = &transitions;
     em = emissions;
     alphas = alphas_in;
@@ -416,6 +419,10 @@ struct BackwardRun {
     p = work + 5 * KP;
     a = work + 6 * KP;   // alpha_{t-1}, -inf padded
     mu = work + 7 * KP;  // g_log_z * marginal_{t-1}
+    if (acc) {
+      S = pairwise;
+      R = pairwise + std::max<int64_t>(L - 1, 0) * KP;
+    }
     std::fill(beta + K, beta + KP, ninf);
     std::fill(beta_prev + K, beta_prev + KP, ninf);
     std::fill(w + K, w + KP, ninf);
@@ -446,7 +453,8 @@ struct BackwardRun {
     const scalar_t safe = crf_safe<scalar_t>();
     const scalar_t* Ecol = tr->exp_col.data();
     const scalar_t* e = em + t * K;
-    std::copy(alphas + (t - 1) * K, alphas + t * K, a);
+    const scalar_t* al = alphas + (t - 1) * K;
+    for (int64_t j = 0; j < K; ++j) a[j] = al[j];
     scalar_t* out = marginals + (t - 1) * K;
     for (int64_t j = 0; j < K; ++j) w[j] = e[j] + beta[j];
     V mwv = splat<V>(ninf), mav = splat<V>(ninf);
@@ -456,6 +464,7 @@ struct BackwardRun {
     }
     const scalar_t mw = hmax(mwv), ma = hmax(mav);
     if (mw == ninf || ma == ninf) {  // cannot happen with a finite log Z; stay NaN-free anyway
+      if (acc) std::fill(S + s * KP, S + (s + 1) * KP, scalar_t(0));
       std::fill(beta_prev, beta_prev + K, ninf);
       std::swap(beta, beta_prev);
       return;
@@ -500,16 +509,17 @@ struct BackwardRun {
         store(p + c, sv);
         store(mu + c, sv * load<V>(q + c));
       }
-      std::copy(mu, mu + K, out);
-      if (acc) {
-        scalar_t* G = acc->scaled.data();
-        for (int64_t i = 0; i < K; ++i) {
-          const scalar_t si = p[i];
-          scalar_t* dst = G + i * KP;
-          for (int64_t c = 0; c < KP; c += N) store(dst + c, load<V>(dst + c) + si * load<V>(r + c));
+      for (int64_t i = 0; i < K; ++i) out[i] = mu[i];
+      if (acc) {  // the pairwise terms s_i r_j, summed over steps in finish()
+        scalar_t* srow = S + s * KP;
+        scalar_t* rrow = R + s * KP;
+        for (int64_t c = 0; c < KP; c += N) {
+          store(srow + c, load<V>(p + c));
+          store(rrow + c, load<V>(r + c));
         }
       }
     } else {
+      if (acc) std::fill(S + s * KP, S + (s + 1) * KP, scalar_t(0));
       // Exact log-space step: log marginal_i = (alpha_i - ma) + beta_prev_i - log Z.
       scalar_t log_z_step;
       if (z >= safe) {
@@ -534,9 +544,26 @@ struct BackwardRun {
     std::swap(beta, beta_prev);
   }
 
+  // Adds the start marginals and sum_s S[s]^T R[s] (the scaled pairwise marginals) to acc:
+  // blocks of 8 rows x one vector of columns stay in registers over all steps.
   void finish() {
-    if (active && acc) {
-      for (int64_t j = 0; j < tr->K; ++j) acc->start[j] += marginals[j];
+    if (!active || !acc) return;
+    const int64_t K = tr->K, KP = tr->KP, n = steps();
+    for (int64_t j = 0; j < K; ++j) acc->start[j] += marginals[j];
+    scalar_t* G = acc->scaled.data();
+    for (int64_t i0 = 0; i0 < K; i0 += 8) {
+      for (int64_t c = 0; c < KP; c += N) {
+        V sum[8] = {};
+        for (int64_t s = 0; s < n; ++s) {
+          const V rv = load<V>(R + s * KP + c);
+          const scalar_t* srow = S + s * KP + i0;
+          for (int ii = 0; ii < 8; ++ii) sum[ii] += srow[ii] * rv;
+        }
+        for (int64_t ii = 0; ii < 8 && i0 + ii < K; ++ii) {
+          scalar_t* dst = G + (i0 + ii) * KP + c;
+          store(dst, load<V>(dst) + sum[ii]);
+        }
+      }
     }
   }
 };
@@ -545,6 +572,7 @@ template <typename scalar_t>
 void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, const scalar_t* alphas,
                        int64_t L, int64_t T, scalar_t log_z, scalar_t g_log_z, scalar_t* marginals,
                        Accumulators<scalar_t>* acc, scalar_t* work) {
+  TORCH_INTERNAL_ASSERT(acc == nullptr, "backward_sequence: marginals only");
   BackwardRun<scalar_t> run;
   run.begin(tr, em, alphas, L, T, log_z, g_log_z, marginals, acc, work);
   run_interleaved(&run, 1);
@@ -597,6 +625,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
     std::vector<Accumulators<scalar_t>> accs(num_chunks, Accumulators<scalar_t>(K, KP));
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<scalar_t> work(kInterleave * 8 * KP);
+      std::vector<scalar_t> pairwise(kInterleave * 2 * T * KP);
       BackwardRun<scalar_t> runs[kInterleave];
       for (int64_t c = chunk_begin; c < chunk_end; ++c) {
         Accumulators<scalar_t>& acc = accs[c];
@@ -606,7 +635,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
           for (int64_t n = 0; n < count; ++n) {
             const int64_t b = order[first + n];
             runs[n].begin(tr, em + b * T * K, al + b * T * K, len[b], T, lz[b], gz[b],
-                          ge + b * T * K, &acc, work.data() + n * 8 * KP);
+                          ge + b * T * K, &acc, work.data() + n * 8 * KP,
+                          pairwise.data() + n * 2 * T * KP);
           }
           run_interleaved(runs, count);
           for (int64_t n = 0; n < count; ++n) runs[n].finish();
