@@ -45,6 +45,10 @@ class _CRFForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, emissions, transitions, start_transitions, end_transitions, tags, lengths):
+        # Contiguous once here, so that neither kernel copies them again.
+        emissions = emissions.contiguous()
+        tags = None if tags is None else tags.contiguous()
+        ctx.set_materialize_grads(False)
         with _below_autograd():
             log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
                 emissions, tags, lengths, transitions, start_transitions, end_transitions)
@@ -56,6 +60,10 @@ class _CRFForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_z, grad_gold_score, _grad_alphas):
         emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
+        if grad_log_z is None:
+            grad_log_z = torch.zeros_like(log_z)
+        if grad_gold_score is None:
+            grad_gold_score = torch.zeros_like(log_z)
         grads = torch.ops.fastner.crf_backward.default(
             grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start, end,
             log_z, alphas)

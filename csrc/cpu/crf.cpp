@@ -83,8 +83,8 @@ void check_tags(const char* op, const Tensor& tags, const Tensor& lengths, int64
   TORCH_CHECK_VALUE(tags.scalar_type() == at::kLong, op, ": tags must be int64, got ",
                     tags.scalar_type());
   TORCH_CHECK_VALUE(tags.device().is_cpu(), op, ": tags must be on the CPU, got ", tags.device());
-  const Tensor contiguous = tags.contiguous();
-  const int64_t* y = contiguous.data_ptr<int64_t>();
+  TORCH_INTERNAL_ASSERT(tags.is_contiguous());
+  const int64_t* y = tags.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < len[b]; ++t) {
@@ -321,8 +321,10 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   Tensor tags;
   if (tags_in.has_value()) {
-    check_tags("crf_forward", *tags_in, lengths, B, T, K);
+    TORCH_CHECK_VALUE(tags_in->scalar_type() == at::kLong, "crf_forward: tags must be int64, got ",
+                      tags_in->scalar_type());
     tags = tags_in->contiguous();
+    check_tags("crf_forward", tags, lengths, B, T, K);
   }
   Tensor log_z = at::empty({B}, emissions.options());
   Tensor gold = at::empty({B}, emissions.options());
@@ -596,11 +598,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
                     emissions.sizes(), ", got ", alphas_in.sizes());
   Tensor tags;
   if (tags_in.has_value()) {
-    check_tags("crf_backward", *tags_in, lengths, B, T, K);
+    TORCH_CHECK_VALUE(tags_in->scalar_type() == at::kLong, "crf_backward: tags must be int64, got ",
+                      tags_in->scalar_type());
     tags = tags_in->contiguous();
+    check_tags("crf_backward", tags, lengths, B, T, K);
   }
-  const Tensor grad_log_z = grad_log_z_in.to(acc_type).contiguous();
-  const Tensor grad_gold = grad_gold_in.to(acc_type).contiguous();
+  // Read with their strides: autograd often hands in expanded (stride 0) gradients.
+  const Tensor grad_log_z = grad_log_z_in.to(acc_type);
+  const Tensor grad_gold = grad_gold_in.to(acc_type);
+  const int64_t gz_stride = grad_log_z.stride(0), gg_stride = grad_gold.stride(0);
   const Tensor log_z = log_z_in.to(acc_type).contiguous();
   const Tensor alphas = alphas_in.to(acc_type).contiguous();
   Tensor grad_emissions = at::empty({B, T, K}, emissions.options());
@@ -634,7 +640,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
           const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
           for (int64_t n = 0; n < count; ++n) {
             const int64_t b = order[first + n];
-            runs[n].begin(tr, em + b * T * K, al + b * T * K, len[b], T, lz[b], gz[b],
+            runs[n].begin(tr, em + b * T * K, al + b * T * K, len[b], T, lz[b], gz[b * gz_stride],
                           ge + b * T * K, &acc, work.data() + n * 8 * KP,
                           pairwise.data() + n * 2 * T * KP);
           }
@@ -644,9 +650,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
         for (int64_t b = c * chunk; b < std::min(B, (c + 1) * chunk); ++b) {
           const int64_t L = len[b];
           scalar_t* g = ge + b * T * K;
-          if (y && L > 0 && gg[b] != scalar_t(0)) {
+          if (y && L > 0 && gg[b * gg_stride] != scalar_t(0)) {
             const int64_t* yb = y + b * T;
-            const scalar_t w = gg[b];
+            const scalar_t w = gg[b * gg_stride];
             for (int64_t t = 0; t < L; ++t) g[t * K + yb[t]] += w;
             for (int64_t t = 1; t < L; ++t) acc.exact[yb[t - 1] * KP + yb[t]] += w;
             acc.start[yb[0]] += w;
