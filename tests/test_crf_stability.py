@@ -86,10 +86,10 @@ def random_params(num_tags, scale=0.5):
 def test_long_sequences():
     # float32 over a thousand steps against the float64 reference (whose autograd backward is
     # slow at this length: the reference path itself runs in the slow test below)
-    batch, steps, num_tags = 3, 1000, 9
+    batch, steps, num_tags = 2, 1000, 6
     emissions = torch.randn(batch, steps, num_tags)
     tags = torch.randint(0, num_tags, (batch, steps))
-    lengths = torch.tensor([steps, 700, 1])
+    lengths = torch.tensor([steps, 700])
     check_against_float64(emissions, tags, lengths, *random_params(num_tags), rtol=1e-4, backends=("fused",))
 
 
