@@ -49,6 +49,11 @@ TORCH_LIBRARY(fastner, m) {
   // Posterior marginals p(y_t = j | x): [B, T, K], zeros past each length.
   m.def("crf_marginals(Tensor emissions, Tensor lengths, Tensor transitions, "
         "Tensor start_transitions, Tensor end_transitions) -> Tensor");
+  // Lengths int64 [B] of a right-padded mask (bool or uint8, nonzero = valid step), [B, T] when
+  // batch_first else [T, B]; a mask with a gap (a valid step after an invalid one) raises
+  // ValueError. fastner.nn.CRF's mask check in one call; devices without a kernel use the
+  // reference (fastner.reference.crf_lengths).
+  m.def("crf_lengths(Tensor mask, bool batch_first) -> Tensor");
 
   // ---- recurrent layers (LSTM / GRU / RNN) ------------------------------------
   // (schemas: see the RNN block)

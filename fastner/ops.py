@@ -18,6 +18,204 @@ from fastner._extension import extension_loaded, use_fused
 # =============================================================================================
 # Linear-chain CRF
 # =============================================================================================
+# Batch-first throughout (emissions: [B, T, K], lengths: int64 [B]); fastner.nn.CRF does the
+# layout, mask and constraint handling. transitions / start / end are in the accumulate dtype
+# (reference.crf_accumulate_dtype of the emissions' dtype). The fused kernels accept strided
+# (e.g. transposed) emissions and tags and make them contiguous themselves.
+
+# has_kernel per (op, device type): kernels do not come and go after the extension is loaded,
+# and asking the dispatcher costs microseconds on every call of a microsecond-scale op.
+_crf_kernels = {}
+
+from fastner._extension import forced_reference, has_kernel  # noqa: E402  (CRF section only)
+
+
+def _crf_fused(op: str, device: torch.device) -> bool:
+    key = (op, device.type)
+    has = _crf_kernels.get(key)
+    if has is None:
+        has = _crf_kernels[key] = has_kernel(op, device.type)
+    return has and not forced_reference()
+
+
+class _CRFForward(torch.autograd.Function):
+    """Eager autograd for fused crf_forward: the same formula as the register_autograd one below,
+    without the per-call cost of torch.library's Python autograd wrapper (measured: about half of
+    a whole small-batch NLL step). torch.compile traces the registered op instead."""
+
+    @staticmethod
+    def forward(ctx, emissions, transitions, start_transitions, end_transitions, tags, lengths):
+        # Contiguous once here, so that neither kernel copies them again.
+        emissions = emissions.contiguous()
+        tags = None if tags is None else tags.contiguous()
+        ctx.set_materialize_grads(False)
+        with _below_autograd():
+            log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
+                emissions, tags, lengths, transitions, start_transitions, end_transitions)
+        ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
+                              end_transitions, log_z, alphas)
+        ctx.mark_non_differentiable(alphas)
+        return log_z, gold, alphas
+
+    @staticmethod
+    def backward(ctx, grad_log_z, grad_gold_score, _grad_alphas):
+        emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
+        if grad_log_z is None:
+            grad_log_z = torch.zeros_like(log_z)
+        if grad_gold_score is None:
+            grad_gold_score = torch.zeros_like(log_z)
+        grads = torch.ops.fastner.crf_backward.default(
+            grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start, end,
+            log_z, alphas)
+        return grads[0], grads[1], grads[2], grads[3], None, None
+
+
+def _dense_off_cpu(emissions: Tensor, tags: Optional[Tensor] = None):
+    # The CPU kernels read strided (transposed) inputs; other devices' kernels get the
+    # contiguous tensors csrc/fastner.cpp's conventions promise.
+    if emissions.device.type == "cpu":
+        return emissions, tags
+    return emissions.contiguous(), None if tags is None else tags.contiguous()
+
+
+def _below_autograd():
+    guard = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+    return guard() if guard is not None else torch.no_grad()
+
+
+def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, transitions: Tensor,
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward algorithm: (log_z [B], gold_score [B], alphas [B, T, K]); differentiable in
+    emissions and the three transition tensors (through log_z and gold_score)."""
+    if _crf_fused("crf_forward", emissions.device):
+        emissions, tags = _dense_off_cpu(emissions, tags)
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and (emissions.requires_grad or transitions.requires_grad
+                     or start_transitions.requires_grad or end_transitions.requires_grad)):
+            return _CRFForward.apply(emissions, transitions, start_transitions, end_transitions,
+                                     tags, lengths)
+        return torch.ops.fastner.crf_forward.default(emissions, tags, lengths, transitions,
+                                                     start_transitions, end_transitions)
+    if tags is not None and not torch.compiler.is_compiling():
+        _check_tag_range(tags, lengths, emissions.shape[2])
+    return reference.crf_forward(emissions, tags, lengths, transitions, start_transitions,
+                                 end_transitions)
+
+
+def _check_tag_range(tags: Tensor, lengths: Tensor, num_tags: int) -> None:
+    # What the fused kernels check in C++: tags inside each length must lie in [0, K).
+    valid = torch.arange(tags.shape[1], device=tags.device) < lengths.unsqueeze(1)
+    bad = ((tags < 0) | (tags >= num_tags)) & valid
+    if bool(bad.any()):
+        raise ValueError(f"tags must lie in [0, {num_tags}) inside the mask, got "
+                         f"{int(tags[bad][0])}")
+
+
+def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Best path: tags int64 [B, T] (-1 past each length) and its score [B]."""
+    if _crf_fused("crf_viterbi", emissions.device):
+        emissions, _ = _dense_off_cpu(emissions)
+        return torch.ops.fastner.crf_viterbi.default(emissions, lengths, transitions,
+                                                     start_transitions, end_transitions)
+    return reference.crf_viterbi(emissions, lengths, transitions, start_transitions,
+                                 end_transitions)
+
+
+def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_transitions: Tensor,
+              end_transitions: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The k best paths, best first: tags int64 [B, k, T] and scores [B, k]."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if _crf_fused("crf_kbest", emissions.device):
+        emissions, _ = _dense_off_cpu(emissions)
+        return torch.ops.fastner.crf_kbest.default(emissions, lengths, transitions,
+                                                   start_transitions, end_transitions, k)
+    return reference.crf_kbest(emissions, lengths, transitions, start_transitions,
+                               end_transitions, k)
+
+
+def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                  start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
+    """Posterior marginals p(y_t = j | x): [B, T, K], zeros past each length."""
+    if _crf_fused("crf_marginals", emissions.device):
+        emissions, _ = _dense_off_cpu(emissions)
+        return torch.ops.fastner.crf_marginals.default(emissions, lengths, transitions,
+                                                       start_transitions, end_transitions)
+    return reference.crf_marginals(emissions, lengths, transitions, start_transitions,
+                                   end_transitions)
+
+
+def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
+    """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else
+    [T, B]); ValueError when the mask has a gap."""
+    if _crf_fused("crf_lengths", mask.device):
+        return torch.ops.fastner.crf_lengths.default(mask, batch_first)
+    return reference.crf_lengths(mask, batch_first)
+
+
+def _crf_accumulate(emissions: Tensor) -> torch.dtype:
+    return reference.crf_accumulate_dtype(emissions.dtype)
+
+
+def _register_crf() -> None:
+    """Fake kernels and the autograd formula of the CRF ops (needs the schemas from fastner._C)."""
+
+    @torch.library.register_fake("fastner::crf_forward")
+    def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
+        B, T, K = emissions.shape
+        dtype = _crf_accumulate(emissions)
+        return (emissions.new_empty(B, dtype=dtype), emissions.new_empty(B, dtype=dtype),
+                emissions.new_empty(B, T, K, dtype=dtype))
+
+    @torch.library.register_fake("fastner::crf_backward")
+    def _(grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start_transitions,
+          end_transitions, log_z, alphas):
+        return (emissions.new_empty(emissions.shape), torch.empty_like(transitions),
+                torch.empty_like(start_transitions), torch.empty_like(end_transitions))
+
+    @torch.library.register_fake("fastner::crf_viterbi")
+    def _(emissions, lengths, transitions, start_transitions, end_transitions):
+        B, T, _ = emissions.shape
+        return (emissions.new_empty(B, T, dtype=torch.long),
+                emissions.new_empty(B, dtype=_crf_accumulate(emissions)))
+
+    @torch.library.register_fake("fastner::crf_kbest")
+    def _(emissions, lengths, transitions, start_transitions, end_transitions, k):
+        B, T, _ = emissions.shape
+        return (emissions.new_empty(B, k, T, dtype=torch.long),
+                emissions.new_empty(B, k, dtype=_crf_accumulate(emissions)))
+
+    @torch.library.register_fake("fastner::crf_marginals")
+    def _(emissions, lengths, transitions, start_transitions, end_transitions):
+        return emissions.new_empty(emissions.shape, dtype=_crf_accumulate(emissions))
+
+    @torch.library.register_fake("fastner::crf_lengths")
+    def _(mask, batch_first):
+        return mask.new_empty(mask.shape[0 if batch_first else 1], dtype=torch.long)
+
+    def setup_context(ctx, inputs, output):
+        emissions, tags, lengths, transitions, start_transitions, end_transitions = inputs
+        log_z, _, alphas = output
+        ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
+                              end_transitions, log_z, alphas)
+
+    def backward(ctx, grad_log_z, grad_gold_score, _grad_alphas):
+        # alphas are saved activations, not a differentiable result: their gradient is ignored.
+        saved = ctx.saved_tensors
+        log_z = saved[6]
+        if grad_log_z is None:
+            grad_log_z = torch.zeros_like(log_z)
+        if grad_gold_score is None:
+            grad_gold_score = torch.zeros_like(log_z)
+        grads = torch.ops.fastner.crf_backward(grad_log_z, grad_gold_score, *saved)
+        return grads[0], None, None, grads[1], grads[2], grads[3]
+
+    torch.library.register_autograd("fastner::crf_forward", backward, setup_context=setup_context)
+
+
+if extension_loaded():
+    _register_crf()
 
 
 # =============================================================================================
