@@ -14,6 +14,233 @@ from torch import Tensor
 # =============================================================================================
 # Linear-chain CRF
 # =============================================================================================
+# All functions take batch-first tensors and lengths, like the torch.ops.fastner.crf_* kernels:
+#   emissions: [B, T, K] (float16/bfloat16 are computed in float32), lengths: int64 [B],
+#   transitions: [K, K] (i -> j), start_transitions / end_transitions: [K]; -inf forbids.
+# They loop over time only; every step is vectorised over the batch and the tags.
+
+
+def crf_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype CRF scores are computed in for emissions of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _crf_inputs(emissions: Tensor, transitions: Tensor, start_transitions: Tensor,
+                end_transitions: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = crf_accumulate_dtype(emissions.dtype)
+    return (emissions.to(dtype), transitions.to(dtype), start_transitions.to(dtype),
+            end_transitions.to(dtype))
+
+
+def _valid_steps(lengths: Tensor, T: int) -> Tensor:
+    """mask: bool [B, T], True at the positions inside each sequence."""
+    return torch.arange(T, device=lengths.device) < lengths.unsqueeze(1)
+
+
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    # torch.logsumexp, with a gradient of 0 (not NaN) where every entry is -inf: constrained
+    # CRFs forbid whole paths, and those must not poison the gradients of the allowed ones.
+    m = x.amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    s = (x - m).exp().sum(dim=dim)
+    dead = s == 0
+    out = torch.where(dead, torch.ones_like(s), s).log() + m.squeeze(dim)
+    return torch.where(dead, torch.full_like(out, float("-inf")), out)
+
+
+def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+               start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Forward algorithm: (log_z [B], alphas [B, T, K]).
+
+    alphas[b, t, j] is the log-sum of the scores of all tag prefixes y_0..y_t with y_t = j (start
+    transition and emissions included); entries past a sequence's length are 0, and so is log_z
+    of a sequence of length 0.
+    """
+    emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
+                                                     end_transitions)
+    B, T, K = emissions.shape
+    valid = _valid_steps(lengths, T)
+    if T == 0:
+        return emissions.new_zeros(B), emissions.new_zeros(B, 0, K)
+    alpha = start + emissions[:, 0]  # [B, K]
+    history = [alpha]
+    for t in range(1, T):
+        step = _logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t]
+        alpha = torch.where(valid[:, t].unsqueeze(1), step, alpha)
+        history.append(alpha)
+    log_z = _logsumexp(alpha + end, dim=1)
+    log_z = torch.where(lengths > 0, log_z, torch.zeros_like(log_z))
+    alphas = torch.stack(history, dim=1)
+    alphas = torch.where(valid.unsqueeze(2), alphas, torch.zeros_like(alphas))
+    return log_z, alphas
+
+
+def crf_log_partition(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                      start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
+    """log Z: [B], the log-sum of the scores of every tag sequence (0 for length 0)."""
+    return crf_alphas(emissions, lengths, transitions, start_transitions, end_transitions)[0]
+
+
+def crf_gold_score(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tensor,
+                   start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
+    """The score of the tag sequence `tags` (int64 [B, T], ignored past each length): [B]."""
+    emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
+                                                     end_transitions)
+    B, T, K = emissions.shape
+    if T == 0:
+        return emissions.new_zeros(B)
+    valid = _valid_steps(lengths, T)
+    safe_tags = torch.where(valid, tags, torch.zeros_like(tags))
+    zero = emissions.new_zeros(())
+    emitted = emissions.gather(2, safe_tags.unsqueeze(2)).squeeze(2)  # [B, T]
+    score = torch.where(valid, emitted, zero).sum(dim=1)
+    if T > 1:
+        pairs = transitions[safe_tags[:, :-1], safe_tags[:, 1:]]  # [B, T-1]
+        score = score + torch.where(valid[:, 1:], pairs, zero).sum(dim=1)
+    last = safe_tags.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    score = score + torch.where(lengths > 0, start[safe_tags[:, 0]] + end[last], zero)
+    return score
+
+
+def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, transitions: Tensor,
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference of torch.ops.fastner.crf_forward: (log_z [B], gold_score [B], alphas [B, T, K])."""
+    log_z, alphas = crf_alphas(emissions, lengths, transitions, start_transitions, end_transitions)
+    if tags is None:
+        gold = torch.zeros_like(log_z)
+    else:
+        gold = crf_gold_score(emissions, tags, lengths, transitions, start_transitions,
+                              end_transitions)
+    return log_z, gold, alphas
+
+
+def crf_backward(grad_log_z: Tensor, grad_gold_score: Tensor, emissions: Tensor,
+                 tags: Optional[Tensor], lengths: Tensor, transitions: Tensor,
+                 start_transitions: Tensor, end_transitions: Tensor
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference of torch.ops.fastner.crf_backward, by autograd through the reference forward."""
+    inputs = [x.detach().requires_grad_() for x in
+              (emissions, transitions, start_transitions, end_transitions)]
+    with torch.enable_grad():
+        log_z, gold, _ = crf_forward(inputs[0], tags, lengths, *inputs[1:])
+        total = (grad_log_z * log_z).sum() + (grad_gold_score * gold).sum()
+        grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+def crf_nll(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tensor,
+            start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
+    """Negative log-likelihood of `tags` per sequence: log Z - gold score, [B]."""
+    log_z, gold, _ = crf_forward(emissions, tags, lengths, transitions, start_transitions,
+                                 end_transitions)
+    return log_z - gold
+
+
+def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Best path per sequence: tags int64 [B, T] (-1 past each length), scores [B]."""
+    emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
+                                                     end_transitions)
+    B, T, K = emissions.shape
+    tags = torch.full((B, T), -1, dtype=torch.long, device=emissions.device)
+    if T == 0:
+        return tags, emissions.new_zeros(B)
+    valid = _valid_steps(lengths, T)
+    score = start + emissions[:, 0]  # [B, K]
+    backpointers = []  # backpointers[t - 1][b, j]: best tag at t-1 before tag j at t
+    for t in range(1, T):
+        step, best_prev = (score.unsqueeze(2) + transitions).max(dim=1)
+        score = torch.where(valid[:, t].unsqueeze(1), step + emissions[:, t], score)
+        backpointers.append(best_prev)
+    best_score, current = (score + end).max(dim=1)
+    last = lengths - 1
+    for t in range(T - 1, -1, -1):
+        if t < T - 1:
+            previous = backpointers[t].gather(1, current.unsqueeze(1)).squeeze(1)
+            current = torch.where(t < last, previous, current)
+        tags[:, t] = torch.where(t <= last, current, tags[:, t])
+    best_score = torch.where(lengths > 0, best_score, torch.zeros_like(best_score))
+    return tags, best_score
+
+
+def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_transitions: Tensor,
+              end_transitions: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The k best paths, best first: tags int64 [B, k, T] and scores [B, k].
+
+    Rows beyond the number of paths with a finite score hold tags -1 and score -inf. A sequence
+    of length 0 has one path (the empty one, score 0).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
+                                                     end_transitions)
+    B, T, K = emissions.shape
+    device = emissions.device
+    neg_inf = float("-inf")
+    tags = torch.full((B, k, T), -1, dtype=torch.long, device=device)
+    if T == 0:
+        scores = emissions.new_full((B, k), neg_inf)
+        scores[:, 0] = 0
+        return tags, scores
+    valid = _valid_steps(lengths, T)
+    # score[b, j, r]: the r-th best score of a prefix ending in tag j.
+    score = emissions.new_full((B, K, k), neg_inf)
+    score[:, :, 0] = start + emissions[:, 0]
+    prev_tag, prev_rank = [], []  # per step t >= 1: [B, k, K]
+    for t in range(1, T):
+        # candidates[b, i * k + r, j]: r-th best prefix ending in i, then i -> j.
+        candidates = (score.unsqueeze(3) + transitions.view(1, K, 1, K)).reshape(B, K * k, K)
+        best, index = candidates.topk(k, dim=1)  # [B, k, K], sorted descending
+        step = best.transpose(1, 2) + emissions[:, t].unsqueeze(2)  # [B, K, k]
+        score = torch.where(valid[:, t].view(B, 1, 1), step, score)
+        prev_tag.append(index // k)
+        prev_rank.append(index % k)
+    final = (score + end.view(1, K, 1)).reshape(B, K * k)
+    scores, index = final.topk(k, dim=1)  # [B, k]
+    tag, rank = index // k, index % k
+    last = (lengths - 1).unsqueeze(1)
+    for t in range(T - 1, -1, -1):
+        if t < T - 1:
+            at = (tag * k + rank).unsqueeze(2)  # index into the flattened [K, k] of step t + 1
+            earlier_tag = prev_tag[t].transpose(1, 2).reshape(B, K * k, 1).gather(1, at).squeeze(2)
+            earlier_rank = prev_rank[t].transpose(1, 2).reshape(B, K * k, 1).gather(1, at).squeeze(2)
+            follow = t < last
+            tag = torch.where(follow, earlier_tag, tag)
+            rank = torch.where(follow, earlier_rank, rank)
+        tags[:, :, t] = torch.where(t <= last, tag, tags[:, :, t])
+    tags = torch.where(torch.isfinite(scores).unsqueeze(2), tags, torch.full_like(tags, -1))
+    empty = lengths == 0
+    if bool(empty.any()):
+        first_row = torch.arange(k, device=device) == 0
+        empty_scores = torch.where(first_row, 0.0, neg_inf).to(scores.dtype)
+        scores = torch.where(empty.unsqueeze(1), empty_scores, scores)
+        tags = torch.where(empty.view(B, 1, 1), torch.full_like(tags, -1), tags)
+    return tags, scores
+
+
+def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                  start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
+    """Posterior marginals p(y_t = j | x): [B, T, K] (zeros past each length), by forward-backward."""
+    log_z, alphas = crf_alphas(emissions, lengths, transitions, start_transitions, end_transitions)
+    emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
+                                                     end_transitions)
+    B, T, K = emissions.shape
+    if T == 0:
+        return emissions.new_zeros(B, 0, K)
+    valid = _valid_steps(lengths, T)
+    last = lengths - 1
+    # beta[b, j] at step t: log-sum of the scores of every suffix after y_t = j (end included).
+    beta = end.expand(B, K)
+    betas = [beta] * T
+    for t in range(T - 2, -1, -1):
+        step = _logsumexp(transitions + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2)
+        beta = torch.where((t < last).unsqueeze(1), step, end.expand(B, K))
+        betas[t] = beta
+    betas = torch.stack(betas, dim=1)
+    log_marginals = alphas + betas - log_z.view(B, 1, 1)
+    marginals = torch.where(torch.isfinite(log_marginals), log_marginals.exp(),
+                            torch.zeros_like(log_marginals))
+    return torch.where(valid.unsqueeze(2), marginals, torch.zeros_like(marginals))
 
 
 # =============================================================================================

@@ -1,2 +1,224 @@
-"""fastner.nn.CRF: a linear-chain CRF, drop-in for torchcrf.CRF."""
-__all__ = []
+"""fastner.nn.CRF: a linear-chain CRF, drop-in for torchcrf.CRF (pytorch-crf 0.7.2).
+
+Same constructor, parameters, initialisation, state_dict keys and numbers as torchcrf.CRF;
+the scores are computed by the fused kernels (torch.ops.fastner.crf_*) where they serve the
+device, else by fastner.reference.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastner import ops
+from fastner.nn.constraints import allowed_transitions
+
+__all__ = ["CRF", "allowed_transitions"]
+
+_REDUCTIONS = ("none", "sum", "mean", "token_mean")
+_EMISSION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+class CRF(nn.Module):
+    """Linear-chain conditional random field.
+
+    Args:
+        num_tags: number of tags K.
+        batch_first: whether emissions are [B, T, K] (else [T, B, K], like torchcrf).
+        constraints: optional allowed transitions, applied in training and decoding alike:
+            (from, to) index pairs as returned by fastner.nn.allowed_transitions (index K is the
+            start of a sequence, K + 1 its end), or a bool tensor [K + 2, K + 2] of allowed
+            transitions in the same indexing. Forbidden transitions score -inf.
+
+    Parameters (as in torchcrf): transitions [K, K] (transitions[i, j] scores i -> j),
+    start_transitions [K], end_transitions [K], initialised uniform(-0.1, 0.1).
+
+    Masks are right-padded, bool or uint8, in the emissions' layout ([B, T] when batch_first,
+    else [T, B]); sequences of length 0 are allowed (log-likelihood 0, decoded as []).
+    """
+
+    def __init__(self, num_tags: int, batch_first: bool = False,
+                 constraints: Optional[Union[Iterable[Tuple[int, int]], Tensor]] = None) -> None:
+        if num_tags <= 0:
+            raise ValueError(f"invalid number of tags: {num_tags}")
+        super().__init__()
+        self.num_tags = num_tags
+        self.batch_first = batch_first
+        self.start_transitions = nn.Parameter(torch.empty(num_tags))
+        self.end_transitions = nn.Parameter(torch.empty(num_tags))
+        self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
+        self.has_constraints = constraints is not None
+        # Not persistent: a torchcrf state_dict (which has no such entries) must load as is.
+        transition_mask, start_mask, end_mask = _constraint_masks(num_tags, constraints)
+        self.register_buffer("transition_constraints", transition_mask, persistent=False)
+        self.register_buffer("start_constraints", start_mask, persistent=False)
+        self.register_buffer("end_constraints", end_mask, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the transition parameters from uniform(-0.1, 0.1), like torchcrf."""
+        nn.init.uniform_(self.start_transitions, -0.1, 0.1)
+        nn.init.uniform_(self.end_transitions, -0.1, 0.1)
+        nn.init.uniform_(self.transitions, -0.1, 0.1)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(num_tags={self.num_tags})"
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def forward(self, emissions: Tensor, tags: Tensor, mask: Optional[Tensor] = None,
+                reduction: str = "sum") -> Tensor:
+        """Log-likelihood of `tags` given `emissions`.
+
+        emissions: [T, B, K] (or [B, T, K] when batch_first); tags: integer, same layout
+        without K; mask: bool/uint8, same layout. Returns [B] for reduction='none', else a
+        scalar: 'sum' over sequences, 'mean' over sequences, 'token_mean' over unmasked tokens.
+        """
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"invalid reduction: {reduction!r} (expected one of {_REDUCTIONS})")
+        emissions_bf, lengths = self._prepare(emissions, mask)
+        tags_bf = self._check_tags(tags, emissions, lengths)
+        log_z, gold, _ = ops.crf_forward(emissions_bf, tags_bf, lengths, *self._scores(emissions_bf))
+        llh = gold - log_z
+        if reduction == "none":
+            return llh
+        if reduction == "sum":
+            return llh.sum()
+        if reduction == "mean":
+            return llh.mean()
+        return llh.sum() / lengths.sum().clamp(min=1).to(llh.dtype)
+
+    def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
+        """The best tag sequence of each sequence, as lists (torchcrf's decode)."""
+        emissions_bf, lengths = self._prepare(emissions, mask)
+        tags, _ = ops.crf_viterbi(emissions_bf, lengths, *self._scores(emissions_bf))
+        return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
+
+    def viterbi(self, emissions: Tensor, mask: Optional[Tensor] = None,
+                k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """Best paths as tensors, without a host round trip per token.
+
+        k=None: (tags, scores); tags int64 in the emissions' layout ([B, T] when batch_first,
+        else [T, B]), -1 past each sequence's length; scores [B].
+        k given: the k best paths, best first: tags [B, k, T] and scores [B, k]; where fewer
+        than k paths have a finite score the extra rows hold tags -1 and score -inf.
+        """
+        emissions_bf, lengths = self._prepare(emissions, mask)
+        scores_in = self._scores(emissions_bf)
+        with torch.no_grad():
+            if k is None:
+                tags, scores = ops.crf_viterbi(emissions_bf, lengths, *scores_in)
+                return (tags if self.batch_first else tags.t().contiguous()), scores
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"k must be a positive int or None, got {k!r}")
+            return ops.crf_kbest(emissions_bf, lengths, *scores_in, k)
+
+    def log_partition(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """log Z per sequence: [B] (0 for a sequence of length 0); differentiable."""
+        emissions_bf, lengths = self._prepare(emissions, mask)
+        log_z, _, _ = ops.crf_forward(emissions_bf, None, lengths, *self._scores(emissions_bf))
+        return log_z
+
+    def marginals(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Posterior marginals p(y_t = j | x) in the emissions' layout, zeros past each length
+        (float32, or float64 for float64 emissions; no gradient)."""
+        emissions_bf, lengths = self._prepare(emissions, mask)
+        with torch.no_grad():
+            result = ops.crf_marginals(emissions_bf, lengths, *self._scores(emissions_bf))
+        return result if self.batch_first else result.transpose(0, 1)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _scores(self, emissions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(transitions, start, end) in the accumulate dtype, constraints applied as -inf."""
+        dtype = torch.float64 if emissions.dtype == torch.float64 else torch.float32
+        transitions = self.transitions.to(dtype)
+        start = self.start_transitions.to(dtype)
+        end = self.end_transitions.to(dtype)
+        if self.has_constraints:
+            transitions = transitions + self.transition_constraints.to(dtype)
+            start = start + self.start_constraints.to(dtype)
+            end = end + self.end_constraints.to(dtype)
+        return transitions, start, end
+
+    def _prepare(self, emissions: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Validate; return emissions [B, T, K] contiguous and lengths int64 [B]."""
+        if not isinstance(emissions, Tensor):
+            raise ValueError(f"emissions must be a Tensor, got {type(emissions).__name__}")
+        if emissions.dim() != 3:
+            raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
+        if emissions.size(2) != self.num_tags:
+            raise ValueError(f"expected last dimension of emissions is {self.num_tags}, "
+                             f"got {emissions.size(2)}")
+        if emissions.dtype not in _EMISSION_DTYPES:
+            raise ValueError(f"emissions must be float32, float64, float16 or bfloat16, "
+                             f"got {emissions.dtype}")
+        emissions_bf = emissions if self.batch_first else emissions.transpose(0, 1)
+        emissions_bf = emissions_bf.contiguous()
+        B, T = emissions_bf.shape[:2]
+        if mask is None:
+            return emissions_bf, torch.full((B,), T, dtype=torch.long, device=emissions.device)
+        if not isinstance(mask, Tensor):
+            raise ValueError(f"mask must be a Tensor, got {type(mask).__name__}")
+        if mask.shape != emissions.shape[:2]:
+            raise ValueError("the first two dimensions of emissions and mask must match, "
+                             f"got {tuple(emissions.shape[:2])} and {tuple(mask.shape)}")
+        if mask.dtype not in _MASK_DTYPES:
+            raise ValueError(f"mask must be bool or uint8, got {mask.dtype}")
+        if mask.device != emissions.device:
+            raise ValueError(f"mask must be on the emissions' device {emissions.device}, "
+                             f"got {mask.device}")
+        mask_bf = (mask if self.batch_first else mask.t()).bool()
+        lengths = mask_bf.sum(dim=1)
+        padded = torch.arange(T, device=mask.device) < lengths.unsqueeze(1)
+        if not torch.equal(mask_bf, padded):
+            raise ValueError("mask must be right-padded: each sequence's valid steps come first "
+                             "with no gap (e.g. [1, 1, 1, 0, 0])")
+        return emissions_bf, lengths
+
+    def _check_tags(self, tags: Tensor, emissions: Tensor, lengths: Tensor) -> Tensor:
+        """Validate tags (in the emissions' layout); return them int64 [B, T] contiguous."""
+        if not isinstance(tags, Tensor):
+            raise ValueError(f"tags must be a Tensor, got {type(tags).__name__}")
+        if tags.shape != emissions.shape[:2]:
+            raise ValueError("the first two dimensions of emissions and tags must match, "
+                             f"got {tuple(emissions.shape[:2])} and {tuple(tags.shape)}")
+        if tags.dtype.is_floating_point or tags.dtype.is_complex or tags.dtype == torch.bool:
+            raise ValueError(f"tags must be an integer tensor, got {tags.dtype}")
+        if tags.device != emissions.device:
+            raise ValueError(f"tags must be on the emissions' device {emissions.device}, "
+                             f"got {tags.device}")
+        tags_bf = (tags if self.batch_first else tags.t()).long().contiguous()
+        T = tags_bf.size(1)
+        valid = torch.arange(T, device=tags.device) < lengths.unsqueeze(1)
+        out_of_range = ((tags_bf < 0) | (tags_bf >= self.num_tags)) & valid
+        if bool(out_of_range.any()):
+            bad = tags_bf[out_of_range][0].item()
+            raise ValueError(f"tags must lie in [0, {self.num_tags}) inside the mask, got {bad}")
+        return tags_bf
+
+
+def _constraint_masks(num_tags: int, constraints) -> Tuple[Tensor, Tensor, Tensor]:
+    """Additive masks (0 allowed, -inf forbidden): transitions [K, K], start [K], end [K]."""
+    size = num_tags + 2
+    if constraints is None:
+        allowed = torch.ones(size, size, dtype=torch.bool)
+    elif isinstance(constraints, Tensor):
+        if constraints.shape != (size, size) or constraints.dtype != torch.bool:
+            raise ValueError(f"constraints as a tensor must be bool [{size}, {size}] "
+                             f"(num_tags + 2 for start and end), got {constraints.dtype} "
+                             f"{tuple(constraints.shape)}")
+        allowed = constraints.cpu()
+    else:
+        allowed = torch.zeros(size, size, dtype=torch.bool)
+        for pair in constraints:
+            i, j = pair
+            if not (0 <= i < size and 0 <= j < size):
+                raise ValueError(f"constraint {pair!r} out of range: indices must lie in "
+                                 f"[0, {size}) (num_tags is start, num_tags + 1 is end)")
+            allowed[i, j] = True
+    additive = torch.zeros(size, size).masked_fill(~allowed, float("-inf"))
+    return (additive[:num_tags, :num_tags].clone(), additive[num_tags, :num_tags].clone(),
+            additive[:num_tags, num_tags + 1].clone())
