@@ -146,8 +146,8 @@ class Tagger:
 
     # ---- tagging ---------------------------------------------------------------------------
 
-    def _model_tags(self, sentences: Sequence[List[str]], batch_size: int):
-        """Per sentence: model-scheme tags and the marginal of each chosen tag."""
+    def _model_tags(self, sentences: Sequence[List[str]], batch_size: int, with_confidence: bool = True):
+        """Per sentence: model-scheme tags and the marginal of each chosen tag (or None)."""
         self.model.eval()
         order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
         encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,
@@ -156,17 +156,20 @@ class Tagger:
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]
             batch = make_batch(encoded, index, self.words.pad_id, self.chars.pad_id).to(self.device)
-            tags, marginals = self.model.predict(batch, with_marginals=True)
-            chosen = marginals.gather(-1, tags.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-            tags, chosen = tags.cpu().tolist(), chosen.cpu().tolist()
+            tags, marginals = self.model.predict(batch, with_marginals=with_confidence)
+            chosen = None
+            if with_confidence:
+                chosen = marginals.gather(-1, tags.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu().tolist()  # [B, T]
+            tags = tags.cpu().tolist()
             for row, sentence_index in enumerate(index):
                 n = len(sentences[sentence_index])
-                results[sentence_index] = ([self.tags.itos[t] for t in tags[row][:n]], chosen[row][:n])
+                results[sentence_index] = ([self.tags.itos[t] for t in tags[row][:n]],
+                                           chosen[row][:n] if chosen is not None else None)
         return results
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         """Tags only, in the output scheme (the scheme of the training file)."""
-        return [convert_tags(tags, self.output_scheme) for tags, _ in self._model_tags(sentences, batch_size)]
+        return [convert_tags(tags, self.output_scheme) for tags, _ in self._model_tags(sentences, batch_size, with_confidence=False)]
 
     def predict(self, batch: Sequence[Union[str, Sequence[str]]], batch_size: int = 64) -> List[dict]:
         """Tag sentences given as token lists or whitespace-tokenised strings.
