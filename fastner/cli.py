@@ -135,8 +135,8 @@ def cmd_tag(args) -> int:
 
 DEMO_SENTENCES = [
     "Shares of Kestrel Pharma jumped 4.2 percent in Frankfurt on Tuesday after Ingrid Lindqvist raised the outlook .",
-    "Altamira Holdings agreed to buy Zenith Logistics for $ 3.2 billion , chief executive Omar Haddad said .",
-    "The European Central Bank will decide on 12 June 2025 whether to lend 40 billion euros to Portugal .",
+    "Altamira Holdings agreed to buy Crescent Logistics for $ 3.2 billion , chief executive Omar Haddad said .",
+    "The European Central Bank will decide on 12 June 2025 whether to lend 40 billion euros to Norway .",
 ]
 
 

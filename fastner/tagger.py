@@ -61,6 +61,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """The device to run on; None picks CUDA when available. A CUDA device without CUDA is an error."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch has no CUDA device available")
+    return resolved
+
+
 class Tagger:
     """A trained model with its vocabularies.
 
@@ -76,7 +89,7 @@ class Tagger:
         self.words, self.chars, self.tags = words, chars, tags
         self.output_scheme = canonical_scheme(output_scheme)
         self.digits_to_zero = digits_to_zero
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.model.to(self.device).eval()
 
     # ---- persistence -----------------------------------------------------------------------

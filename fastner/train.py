@@ -27,7 +27,7 @@ from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import Pretrained, embedding_matrix, load_pretrained
 from fastner.metrics import conlleval
 from fastner.models.tagger import ModelConfig, SequenceTagger
-from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json
+from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json, resolve_device
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "training.json"
@@ -140,7 +140,7 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
     if not train_data:
         raise ValueError("the training data holds no sentences")
     output_scheme = detect_scheme(s.tags for s in train_data)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_FILE)
 
