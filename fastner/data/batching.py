@@ -66,19 +66,20 @@ def make_batch(encoded: Sequence[Encoded], index: Sequence[int], word_pad: int =
     if (lengths == 0).any():
         raise ValueError("empty sentences cannot be batched")
     batch_size, time_len = len(items), int(lengths.max())
-    char_len = max(len(cs) for item in items for cs in item.chars)
-    word_ids = torch.full((batch_size, time_len), word_pad, dtype=torch.long)
-    char_ids = torch.full((batch_size, time_len, max(char_len, 1)), char_pad, dtype=torch.long)
+    char_len = max(1, max(len(cs) for item in items for cs in item.chars))
+    # padded Python lists first, one tensor each: far cheaper than a small tensor per token
+    empty_word = [char_pad] * char_len
+    word_rows, char_rows, tag_rows = [], [], []
     has_tags = all(item.tags is not None for item in items)
-    tag_ids = torch.zeros((batch_size, time_len), dtype=torch.long) if has_tags else None
-    for row, item in enumerate(items):
-        n = len(item.words)
-        word_ids[row, :n] = torch.tensor(item.words)
-        for position, cs in enumerate(item.chars):
-            if cs:
-                char_ids[row, position, : len(cs)] = torch.tensor(cs)
-        if tag_ids is not None:
-            tag_ids[row, :n] = torch.tensor(item.tags)
+    for item in items:
+        pad = time_len - len(item.words)
+        word_rows.append(item.words + [word_pad] * pad)
+        char_rows.append([cs + [char_pad] * (char_len - len(cs)) for cs in item.chars] + [empty_word] * pad)
+        if has_tags:
+            tag_rows.append(item.tags + [0] * pad)
+    word_ids = torch.tensor(word_rows, dtype=torch.long)  # [B, T]
+    char_ids = torch.tensor(char_rows, dtype=torch.long)  # [B, T, C]
+    tag_ids = torch.tensor(tag_rows, dtype=torch.long) if has_tags else None  # [B, T]
     mask = torch.arange(time_len)[None, :] < lengths[:, None]
     return Batch(word_ids, char_ids, lengths, mask, tag_ids, list(index))
 
