@@ -188,3 +188,16 @@ def test_glove_vocabulary_keeps_dev_words_with_vectors(corpus):
     extra = [w for w in held_out_words - in_train if w in glove]
     assert extra and all(w in words for w in extra)
     assert tags.itos[0] == "O" and "S-PER" in tags.itos and "E-MONEY" in tags.itos
+
+
+def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+    from fastner.tagger import atomic_write_bytes
+
+    target = tmp_path / "file.bin"
+    atomic_write_bytes(str(target), b"one")
+    atomic_write_bytes(str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["file.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
