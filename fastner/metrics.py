@@ -9,7 +9,7 @@ do not split a chunk (the script knows no rule for them), while `B-X B-X` and `E
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 

@@ -25,7 +25,6 @@ from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, split_tag
 from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import Pretrained, embedding_matrix, load_pretrained
-from fastner.metrics import conlleval
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json, resolve_device
 
@@ -220,6 +219,7 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
             )
         train_seconds = time.perf_counter() - started
         dev = evaluate_tagger(tagger, dev_data, config.eval_batch_size)
+        epoch_seconds = time.perf_counter() - started
         improved = dev["f1"] > best_f1
         if improved:
             best_f1, best_epoch, bad_epochs = dev["f1"], epoch, 0
@@ -231,6 +231,8 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
             "dev_f1": dev["f1"], "dev_precision": dev["precision"], "dev_recall": dev["recall"],
             "dev_accuracy": dev["accuracy"], "train_seconds": train_seconds,
             "tokens_per_s": total_tokens / max(train_seconds, 1e-9),
+            # wall time since the run began, dev evaluation included (summed over resumed parts)
+            "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0.0) + epoch_seconds,
         }
         history.append(record)
         progress.done(

@@ -2,11 +2,10 @@
 import random
 
 import pytest
-import torch
 
 from fastner.data import (
     DataFormatError, Sentence, Vocab, bucket_batches, convert_tags, detect_scheme, encode_sentences,
-    make_batch, normalize_digits, read_conll, spans_to_tags, tags_to_spans, write_conll,
+    make_batch, normalize_digits, read_conll, tags_to_spans, write_conll,
 )
 from fastner.data.schemes import strict_spans
 
