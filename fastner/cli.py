@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm")
     p.add_argument("--out", help="keep the trained tagger in this directory")
-    p.add_argument("--threads", type=int, default=None)
+    # one thread: the demo's model is small (threads gain little) and its numbers then do not
+    # depend on the machine's core count
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("info", help="backend, versions, threads")
