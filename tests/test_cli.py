@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -24,9 +25,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def conll_model(tmp_path_factory):
-    from tests.conftest import SHARED_DATA
-
-    data = SHARED_DATA / "conll2003"
+    data = pathlib.Path(ROOT).parent / "shared" / "data" / "conll2003"  # as conftest's conll_dir
     if not (data / "eng.train").exists():
         pytest.skip(f"CoNLL-2003 data not found at {data}")
     out = tmp_path_factory.mktemp("cli") / "model"
