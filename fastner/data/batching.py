@@ -1,0 +1,104 @@
+"""Sentences -> id lists -> padded tensors, and length-bucketed batch order."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from fastner.data.conll import Sentence
+from fastner.data.vocab import Vocab, normalize_digits
+
+# Longer words are cut for the char CNN: a max-pool over 3-grams gains little past this, and one
+# pathological token (a URL) would otherwise widen the whole batch's char tensor.
+MAX_WORD_CHARS = 40
+
+
+@dataclass
+class Encoded:
+    words: List[int]
+    chars: List[List[int]]
+    tags: Optional[List[int]]
+
+
+@dataclass
+class Batch:
+    words: torch.Tensor  # [B, T] int64, padding = word pad id
+    chars: torch.Tensor  # [B, T, C] int64, padding = char pad id
+    lengths: torch.Tensor  # [B] int64
+    mask: torch.Tensor  # [B, T] bool, True on real tokens
+    tags: Optional[torch.Tensor]  # [B, T] int64 (0 on padding) or None
+    index: List[int]  # positions of these sentences in the encoded list
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.words), move(self.chars), move(self.lengths), move(self.mask), move(self.tags), self.index)
+
+
+def encode_sentences(
+    sentences: Sequence[Sentence],
+    words: Vocab,
+    chars: Vocab,
+    tags: Optional[Vocab] = None,
+    digits_to_zero: bool = False,
+) -> List[Encoded]:
+    """Id lists per sentence. Tags are looked up exactly; an unseen tag is an error naming it."""
+    encoded = []
+    for number, sentence in enumerate(sentences):
+        word_ids = [words.lookup(normalize_digits(t) if digits_to_zero else t) for t in sentence.tokens]
+        char_ids = [[chars.lookup(c) for c in token[:MAX_WORD_CHARS]] for token in sentence.tokens]
+        tag_ids = None
+        if tags is not None and sentence.tags:
+            try:
+                tag_ids = [tags[t] for t in sentence.tags]
+            except KeyError as err:
+                raise ValueError(
+                    f"sentence {number}: tag {err.args[0]!r} is not one of the model's tags {tags.itos}"
+                ) from None
+        encoded.append(Encoded(word_ids, char_ids, tag_ids))
+    return encoded
+
+
+def make_batch(encoded: Sequence[Encoded], index: Sequence[int], word_pad: int = 0, char_pad: int = 0) -> Batch:
+    items = [encoded[i] for i in index]
+    lengths = torch.tensor([len(item.words) for item in items], dtype=torch.long)
+    if (lengths == 0).any():
+        raise ValueError("empty sentences cannot be batched")
+    batch_size, time_len = len(items), int(lengths.max())
+    char_len = max(1, max(len(cs) for item in items for cs in item.chars))
+    # padded Python lists first, one tensor each: far cheaper than a small tensor per token
+    empty_word = [char_pad] * char_len
+    word_rows, char_rows, tag_rows = [], [], []
+    has_tags = all(item.tags is not None for item in items)
+    for item in items:
+        pad = time_len - len(item.words)
+        word_rows.append(item.words + [word_pad] * pad)
+        char_rows.append([cs + [char_pad] * (char_len - len(cs)) for cs in item.chars] + [empty_word] * pad)
+        if has_tags:
+            tag_rows.append(item.tags + [0] * pad)
+    word_ids = torch.tensor(word_rows, dtype=torch.long)  # [B, T]
+    char_ids = torch.tensor(char_rows, dtype=torch.long)  # [B, T, C]
+    tag_ids = torch.tensor(tag_rows, dtype=torch.long) if has_tags else None  # [B, T]
+    mask = torch.arange(time_len)[None, :] < lengths[:, None]
+    return Batch(word_ids, char_ids, lengths, mask, tag_ids, list(index))
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, shuffle: bool, rng: Optional[random.Random] = None) -> List[List[int]]:
+    """Batches of sentences of similar length (little padding), in random order when shuffling.
+
+    Sorting by (length, random key) keeps batches varied between epochs while each stays
+    nearly uniform in length; the batch order is then shuffled.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle:
+        rng = rng or random.Random()
+        keys = [rng.random() for _ in lengths]
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], keys[i]))
+    else:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches

@@ -1,0 +1,107 @@
+"""Reading and writing CoNLL column files.
+
+One token a line, columns separated by whitespace, a blank line between sentences. Lines whose
+first column is `-DOCSTART-` separate documents; they are not sentences and end the current one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence
+
+DOCSTART = "-DOCSTART-"
+
+
+class DataFormatError(ValueError):
+    """A malformed data file; the message names the file and the line."""
+
+
+@dataclass
+class Sentence:
+    tokens: List[str]
+    tags: List[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def read_conll(
+    path: "str | os.PathLike",
+    word_column: int = 0,
+    tag_column: Optional[int] = -1,
+    max_sentences: Optional[int] = None,
+) -> List[Sentence]:
+    """Read a CoNLL column file into sentences.
+
+    word_column / tag_column index the whitespace-separated columns (negative counts from the
+    end); tag_column=None reads tokens only. Every token line must have as many columns as the
+    first one, so that a shifted column is caught instead of read as a wrong tag.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    sentences: List[Sentence] = []
+    tokens: List[str] = []
+    tags: List[str] = []
+    n_columns: Optional[int] = None
+
+    def flush() -> None:
+        if tokens:
+            sentences.append(Sentence(list(tokens), list(tags) if tag_column is not None else []))
+            tokens.clear()
+            tags.clear()
+
+    with open(path, encoding="utf-8") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            columns = raw.split()
+            if not columns:
+                flush()
+            elif columns[0] == DOCSTART:
+                flush()
+            else:
+                if n_columns is None:
+                    n_columns = len(columns)
+                    for name, index in (("word_column", word_column), ("tag_column", tag_column)):
+                        if index is not None and not -n_columns <= index < n_columns:
+                            raise DataFormatError(
+                                f"{path}:{line_no}: {name}={index} but the line has {n_columns} columns"
+                            )
+                    if tag_column is not None and n_columns < 2:
+                        raise DataFormatError(
+                            f"{path}:{line_no}: expected a token and a tag column, got 1 column: {raw.rstrip()!r}"
+                        )
+                elif len(columns) != n_columns:
+                    raise DataFormatError(
+                        f"{path}:{line_no}: expected {n_columns} columns like the first token line, "
+                        f"got {len(columns)}: {raw.rstrip()!r}"
+                    )
+                tokens.append(columns[word_column])
+                if tag_column is not None:
+                    tags.append(columns[tag_column])
+            if max_sentences is not None and len(sentences) >= max_sentences:
+                break
+    flush()
+    if max_sentences is not None:
+        sentences = sentences[:max_sentences]
+    return sentences
+
+
+def write_conll(path_or_handle, sentences: Iterable[Sentence], extra: Optional[Sequence[Sequence[str]]] = None) -> None:
+    """Write `token tag` lines (plus one extra column per sentence entry when given)."""
+
+    def emit(handle) -> None:
+        for index, sentence in enumerate(sentences):
+            for position, token in enumerate(sentence.tokens):
+                fields = [token]
+                if sentence.tags:
+                    fields.append(sentence.tags[position])
+                if extra is not None:
+                    fields.append(extra[index][position])
+                handle.write(" ".join(fields) + "\n")
+            handle.write("\n")
+
+    if hasattr(path_or_handle, "write"):
+        emit(path_or_handle)
+    else:
+        with open(path_or_handle, "w", encoding="utf-8") as handle:
+            emit(handle)

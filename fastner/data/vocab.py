@@ -1,0 +1,84 @@
+"""Vocabularies (word, char, tag) that map strings to ids and save/load as JSON."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Dict, Iterable, List, Optional, Sequence
+
+PAD = "<pad>"
+UNK = "<unk>"
+_DIGIT = re.compile(r"\d")
+
+
+def normalize_digits(word: str) -> str:
+    """Every digit becomes 0, so that numbers share entries ('1996' and '2024' -> '0000')."""
+    return _DIGIT.sub("0", word)
+
+
+class Vocab:
+    """A string <-> id table. Specials (padding, unknown) come first, in the order given."""
+
+    def __init__(self, items: Iterable[str] = (), specials: Sequence[str] = (PAD, UNK)):
+        self.specials: List[str] = list(specials)
+        self.itos: List[str] = []
+        self.stoi: Dict[str, int] = {}
+        for item in list(self.specials) + list(items):
+            self.add(item)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_count: int = 1, specials: Sequence[str] = (PAD, UNK)) -> "Vocab":
+        # most frequent first, ties by string: the same data always gives the same ids
+        items = [item for item, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if count >= min_count]
+        return cls(items, specials)
+
+    def add(self, item: str) -> int:
+        index = self.stoi.get(item)
+        if index is None:
+            index = len(self.itos)
+            self.itos.append(item)
+            self.stoi[item] = index
+        return index
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self.stoi
+
+    def __getitem__(self, item: str) -> int:
+        return self.stoi[item]
+
+    @property
+    def pad_id(self) -> int:
+        return self.stoi[PAD]
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        return self.stoi.get(UNK)
+
+    def lookup(self, item: str) -> int:
+        """The id of `item`, else of its lowercase form, else the unknown id."""
+        index = self.stoi.get(item)
+        if index is None:
+            index = self.stoi.get(item.lower())
+        if index is None:
+            index = self.unk_id
+            if index is None:
+                raise KeyError(f"{item!r} is not in a vocabulary without an unknown entry")
+        return index
+
+    def to_json(self) -> dict:
+        return {"specials": self.specials, "itos": self.itos}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Vocab":
+        if not isinstance(data, dict) or "itos" not in data or "specials" not in data:
+            raise ValueError("vocabulary JSON must be an object with 'specials' and 'itos'")
+        specials = list(data["specials"])
+        itos = list(data["itos"])
+        if itos[: len(specials)] != specials:
+            raise ValueError("vocabulary JSON: 'itos' must start with the specials")
+        vocab = cls(itos[len(specials):], specials)
+        if len(vocab) != len(itos):
+            raise ValueError("vocabulary JSON: 'itos' holds duplicate entries")
+        return vocab

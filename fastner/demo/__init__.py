@@ -1,0 +1,4 @@
+"""`fastner demo`: a generated financial-news corpus and a small tagger trained on it."""
+from fastner.demo.corpus import ENTITY_TYPES, generate_corpus, generate_sentence
+
+__all__ = ["ENTITY_TYPES", "generate_corpus", "generate_sentence"]

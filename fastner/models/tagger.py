@@ -1,0 +1,139 @@
+"""BiLSTM-CNN-CRF (Ma & Hovy 2016) with a choice of recurrent encoder and of output head.
+
+word embedding (+ char CNN features) -> dropout -> bidirectional LSTM/GRU/RNN -> dropout ->
+linear -> CRF (transitions constrained by the tag scheme) or a per-token softmax.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from fastner import nn as fnn
+from fastner.models.char_cnn import CharCNN
+
+ENCODERS = {"lstm": fnn.LSTM, "gru": fnn.GRU, "rnn": fnn.RNN}
+HEADS = ("crf", "softmax")
+
+
+@dataclass
+class ModelConfig:
+    num_words: int
+    num_chars: int
+    tags: List[str]  # tag of each output index, in `scheme`
+    scheme: str = "BIOES"
+    word_dim: int = 100
+    char_dim: int = 30
+    char_filters: int = 30
+    char_window: int = 3
+    use_chars: bool = True
+    encoder: str = "lstm"
+    hidden: int = 200  # per direction
+    layers: int = 1
+    dropout: float = 0.5
+    head: str = "crf"
+    word_pad: int = 0
+    char_pad: int = 0
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {list(HEADS)}, got {self.head!r}")
+        for name in ("num_words", "num_chars", "word_dim", "hidden", "layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.tags:
+            raise ValueError("tags must not be empty")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}")
+        return cls(**data)
+
+
+class SequenceTagger(nn.Module):
+    def __init__(self, config: ModelConfig, word_weights: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.config = config
+        self.word_embedding = nn.Embedding(config.num_words, config.word_dim, padding_idx=config.word_pad)
+        if word_weights is not None:
+            if tuple(word_weights.shape) != (config.num_words, config.word_dim):
+                raise ValueError(
+                    f"word_weights must be [{config.num_words}, {config.word_dim}], got {tuple(word_weights.shape)}"
+                )
+            with torch.no_grad():
+                self.word_embedding.weight.copy_(word_weights)
+        self.char_cnn = (
+            CharCNN(config.num_chars, config.char_dim, config.char_filters, config.char_window, config.dropout, config.char_pad)
+            if config.use_chars
+            else None
+        )
+        input_dim = config.word_dim + (config.char_filters if config.use_chars else 0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.encoder = ENCODERS[config.encoder](
+            input_dim,
+            config.hidden,
+            num_layers=config.layers,
+            bidirectional=True,
+            batch_first=True,
+            dropout=config.dropout if config.layers > 1 else 0.0,
+        )
+        if config.encoder == "lstm":
+            # forget-gate bias 1 (Jozefowicz et al. 2015; Ma & Hovy): gates are ordered i, f, g, o
+            with torch.no_grad():
+                for name, param in self.encoder.named_parameters():
+                    if name.startswith("bias_ih"):
+                        param[config.hidden : 2 * config.hidden].fill_(1.0)
+                    elif name.startswith("bias_hh"):
+                        param[config.hidden : 2 * config.hidden].zero_()
+        num_tags = len(config.tags)
+        self.output = nn.Linear(2 * config.hidden, num_tags)
+        if config.head == "crf":
+            constraints = fnn.allowed_transitions(config.scheme, config.tags)
+            self.crf = fnn.CRF(num_tags, batch_first=True, constraints=constraints)
+        else:
+            self.crf = None
+
+    def emissions(self, words: torch.Tensor, chars: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """words: [B, T], chars: [B, T, C], lengths: [B], mask: [B, T] bool -> emissions [B, T, K]."""
+        x = self.word_embedding(words)  # [B, T, word_dim]
+        if self.char_cnn is not None:
+            x = torch.cat([x, self.char_cnn(chars, mask)], dim=-1)
+        x = self.dropout(x)
+        x, _ = self.encoder(x, lengths=lengths)  # [B, T, 2H], zeros past each length
+        return self.output(self.dropout(x))
+
+    def loss(self, batch) -> torch.Tensor:
+        """Negative log-likelihood summed over the batch's sentences (token cross-entropy summed
+        over tokens for the softmax head)."""
+        if batch.tags is None:
+            raise ValueError("the batch has no gold tags to compute a loss against")
+        scores = self.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
+        if self.crf is not None:
+            return -self.crf(scores, batch.tags, batch.mask, reduction="sum")
+        return nn.functional.cross_entropy(scores[batch.mask], batch.tags[batch.mask], reduction="sum")
+
+    @torch.no_grad()
+    def predict(self, batch, with_marginals: bool = False):
+        """Best tags [B, T] (-1 past each length) and, when asked, marginals [B, T, K]
+        (CRF posteriors, or softmax probabilities for the softmax head; zeros on padding)."""
+        scores = self.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
+        if self.crf is not None:
+            tags, _ = self.crf.viterbi(scores, batch.mask)
+            marginals = self.crf.marginals(scores, batch.mask) if with_marginals else None
+        else:
+            tags = scores.argmax(dim=-1).masked_fill(~batch.mask, -1)
+            marginals = scores.float().softmax(dim=-1) * batch.mask[..., None] if with_marginals else None
+        return tags, marginals
+

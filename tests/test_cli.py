@@ -1,0 +1,126 @@
+"""`fastner` end to end: train -> save -> load -> tag -> evaluate, demo, info, and user errors."""
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastner.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: thread wake-ups cost more than they save, and badly so on a shared machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def conll_model(tmp_path_factory):
+    data = pathlib.Path(ROOT).parent / "shared" / "data" / "conll2003"  # as conftest's conll_dir
+    if not (data / "eng.train").exists():
+        pytest.skip(f"CoNLL-2003 data not found at {data}")
+    out = tmp_path_factory.mktemp("cli") / "model"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", "--train", str(data / "eng.train"), "--dev", str(data / "eng.testa"),
+                     "--out", str(out), "--max-sentences", "200", "--epochs", "2", "--hidden", "16",
+                     "--optimizer", "adam", "--lr", "0.01", "--seed", "1", "--word-dim", "20"])
+    finally:
+        torch.set_num_threads(previous)
+    assert code == 0
+    return out, data
+
+
+def test_train_writes_a_loadable_tagger(conll_model, capsys):
+    out, _ = conll_model
+    assert {"config.json", "vocab.json", "weights.pt", "checkpoint.pt", "training.json"} <= set(os.listdir(out))
+    history = json.loads((out / "training.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_evaluate_prints_a_conlleval_report(conll_model, capsys, tmp_path):
+    out, data = conll_model
+    sample = tmp_path / "dev.txt"
+    with open(data / "eng.testa", encoding="utf-8") as source:
+        sample.write_text("".join(source.readlines()[:400]), encoding="utf-8")
+    predictions = tmp_path / "pred.txt"
+    assert main(["evaluate", str(out), str(sample), "--output", str(predictions)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("processed ") and "phrases; found:" in lines[0]
+    assert lines[1].startswith("accuracy:") and "FB1:" in lines[1]
+    assert any(line.strip().startswith("PER: precision:") for line in lines[2:])
+    first = predictions.read_text().splitlines()[0].split()
+    assert len(first) == 3  # token gold predicted
+
+
+def test_tag_conll_and_json_formats(conll_model, capsys, tmp_path, monkeypatch):
+    out, _ = conll_model
+    text = tmp_path / "in.txt"
+    text.write_text("Peter Blackburn visited Germany .\nEU rejects German call\n", encoding="utf-8")
+    assert main(["tag", str(out), str(text)]) == 0
+    blocks = capsys.readouterr().out.split("\n\n")
+    first = [line.split() for line in blocks[0].splitlines()]
+    assert [t for t, _ in first] == ["Peter", "Blackburn", "visited", "Germany", "."]
+    assert all(tag == "O" or tag[:2] in ("I-", "B-") for _, tag in first)  # the training file's IOB1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Peter Blackburn visited Germany .\n"))
+    assert main(["tag", str(out), "--format", "json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["tokens"][0] == "Peter" and len(record["tags"]) == 5
+    assert all({"start", "end", "type", "text", "confidence"} <= set(span) for span in record["spans"])
+
+
+def test_user_errors_exit_nonzero_with_one_line(conll_model, capsys, tmp_path):
+    out, data = conll_model
+    assert main(["evaluate", str(tmp_path / "nowhere"), str(data / "eng.testa")]) == 2
+    assert capsys.readouterr().err.strip() == f"fastner: error: no tagger directory at '{tmp_path / 'nowhere'}'"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("EU NNP I-NP I-ORG\nrejects VBZ O\n", encoding="utf-8")
+    assert main(["evaluate", str(out), str(bad)]) == 2
+    assert f"{bad}:2: expected 4 columns" in capsys.readouterr().err
+    assert main(["tag", str(out), str(tmp_path / "missing.txt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--train", str(bad), "--dev", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", "--train", str(data / "eng.train"), "--dev", str(data / "eng.testa"),
+                 "--out", str(tmp_path / "o"), "--max-sentences", "5", "--embeddings", str(tmp_path / "none.vec")]) == 2
+    assert "embeddings file not found" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_without_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-m", "fastner", "tag", str(tmp_path / "nope")],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "fastner: error:" in result.stderr
+
+
+def test_info_reports_backend_versions_threads(capsys):
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"backend", "torch", "threads", "fastner"} <= set(data) and "cpu" in data["backend"]
+
+
+def test_demo_small_run(capsys):
+    assert main(["demo", "--sentences", "200", "--epochs", "2", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out" in out and "FB1:" in out and "European Central Bank" in out
+
+
+@pytest.mark.slow
+def test_demo_default_is_deterministic_and_learns():
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    runs = [subprocess.run([sys.executable, "-m", "fastner", "demo"], capture_output=True, text=True,
+                           cwd=ROOT, env=env, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout
+    overall = [line for line in runs[0].stdout.splitlines() if line.startswith("accuracy:")][0]
+    assert float(overall.split("FB1:")[1]) > 80.0

