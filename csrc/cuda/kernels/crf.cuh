@@ -64,6 +64,13 @@ constexpr int kWarpsPerBlock = 4;     // warp path: sequences (groups) per block
 constexpr size_t kDefaultSmemBytes = 48 * 1024;  // dynamic shared memory without opt-in
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Most threads a block of a kernel may have: the register budget is sized for it (a block of
+// 1024 threads must fit in 64 registers per thread, or the launch fails).
+template <bool kWarp>
+__host__ __device__ constexpr int max_threads() {
+  return kWarp ? kWarpSize * kWarpsPerBlock : kMaxTags;
+}
+
 template <typename E>
 struct Accumulate {
   using type = float;
@@ -311,7 +318,7 @@ __host__ __device__ __forceinline__ size_t forward_group_bytes(int K, int gsize)
 }
 
 template <typename E, bool kWarp>
-__global__ void forward_kernel(const E* __restrict__ emissions,        // [B, T, K]
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(const E* __restrict__ emissions,        // [B, T, K]
                                const int64_t* __restrict__ tags,       // [B, T] or nullptr
                                const int64_t* __restrict__ lengths,    // [B]
                                const acc_t<E>* __restrict__ transitions,  // [K, K]
@@ -467,7 +474,7 @@ inline int64_t backward_partial_count(int64_t B, int K, const DeviceLimits& dev)
 }
 
 template <typename E, bool kWarp>
-__global__ void backward_kernel(const acc_t<E>* __restrict__ grad_log_z,  // [B]
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) backward_kernel(const acc_t<E>* __restrict__ grad_log_z,  // [B]
                                 const acc_t<E>* __restrict__ grad_gold,   // [B]
                                 const E* __restrict__ emissions,          // [B, T, K]
                                 const int64_t* __restrict__ tags,         // [B, T] or nullptr
@@ -595,7 +602,7 @@ __global__ void backward_kernel(const acc_t<E>* __restrict__ grad_log_z,  // [B]
 constexpr int kReduceRows = 8;
 
 template <typename A>
-__global__ void reduce_partials_kernel(const A* __restrict__ partials,  // [P, K*K + 2K]
+__global__ void __launch_bounds__(kWarpSize * kReduceRows) reduce_partials_kernel(const A* __restrict__ partials,  // [P, K*K + 2K]
                                        int64_t P, int K,
                                        A* __restrict__ grad_transitions,  // [K, K]
                                        A* __restrict__ grad_start,        // [K]
@@ -690,7 +697,7 @@ inline size_t viterbi_scratch_bytes(int64_t B, int64_t T, int K) {
 }
 
 template <typename E, bool kWarp, typename BP>
-__global__ void viterbi_kernel(const E* __restrict__ emissions,          // [B, T, K]
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(const E* __restrict__ emissions,          // [B, T, K]
                                const int64_t* __restrict__ lengths,      // [B]
                                const acc_t<E>* __restrict__ transitions, // [K, K]
                                const acc_t<E>* __restrict__ start,       // [K]
@@ -817,7 +824,7 @@ __host__ __device__ __forceinline__ size_t marginals_group_bytes(int K) {
 }
 
 template <typename E, bool kWarp>
-__global__ void marginals_kernel(const E* __restrict__ emissions,          // [B, T, K]
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(const E* __restrict__ emissions,          // [B, T, K]
                                  const int64_t* __restrict__ lengths,      // [B]
                                  const acc_t<E>* __restrict__ transitions, // [K, K]
                                  const acc_t<E>* __restrict__ start,       // [K]
@@ -950,7 +957,7 @@ __device__ __forceinline__ bool after(A v, int c, A last_v, int last_c) {
 }
 
 template <typename E, bool kWarp>
-__global__ void kbest_kernel(const E* __restrict__ emissions,          // [B, T, K]
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(const E* __restrict__ emissions,          // [B, T, K]
                              const int64_t* __restrict__ lengths,      // [B]
                              const acc_t<E>* __restrict__ transitions, // [K, K]
                              const acc_t<E>* __restrict__ start,       // [K]
