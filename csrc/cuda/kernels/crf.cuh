@@ -121,6 +121,20 @@ struct Num<double> {
   __device__ static __forceinline__ double log(double x) { return ::log(x); }
 };
 
+// The block's dynamic shared memory, and the kernel launch. Both are macros/functions so that
+// tests/cuda_emulation can run these kernels on the CPU (threads and barriers emulated) on a
+// machine without a GPU; FASTNER_CRF_EMULATION is never defined in a real build.
+#ifndef FASTNER_CRF_EMULATION
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char fastner_crf_dynamic_smem[];
+  return fastner_crf_dynamic_smem;
+}
+#define FASTNER_CRF_STRIP(...) __VA_ARGS__
+// FASTNER_CRF_LAUNCH((kernel<T, U>), grid, block, smem, stream)(args...)
+#define FASTNER_CRF_LAUNCH(kernel, grid, block, smem, stream) \
+  FASTNER_CRF_STRIP kernel<<<grid, block, smem, stream>>>
+#endif
+
 __host__ __device__ __forceinline__ size_t round_up16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -329,7 +343,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(const 
                                acc_t<E>* __restrict__ alphas,          // [B, T, K]
                                int64_t B, int64_t T, int K, bool stage_trans) {
   using A = acc_t<E>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
   const size_t trans_bytes = stage_trans ? staged_trans_bytes<A>(K) : 0;
   const Trans<A> tr =
@@ -414,10 +428,10 @@ cudaError_t launch_forward(const E* emissions /* [B, T, K] */, const int64_t* ta
   const size_t smem = group_bytes + (stage ? staged_trans_bytes<A>(K) : 0);
   const dim3 grid(static_cast<unsigned>(blocks_for(B, gpb)));
   if (use_warp_path(K)) {
-    forward_kernel<E, true><<<grid, threads, smem, stream>>>(emissions, tags, lengths, transitions, start, end,
+    FASTNER_CRF_LAUNCH((forward_kernel<E, true>), grid, threads, smem, stream)(emissions, tags, lengths, transitions, start, end,
                                                              log_z, gold_score, alphas, B, T, K, stage);
   } else {
-    forward_kernel<E, false><<<grid, threads, smem, stream>>>(emissions, tags, lengths, transitions, start, end,
+    FASTNER_CRF_LAUNCH((forward_kernel<E, false>), grid, threads, smem, stream)(emissions, tags, lengths, transitions, start, end,
                                                               log_z, gold_score, alphas, B, T, K, stage);
   }
   return cudaGetLastError();
@@ -487,7 +501,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) backward_kernel(const
                                 acc_t<E>* __restrict__ partials,          // [P, K*K + 2K]
                                 int64_t B, int64_t T, int K, bool stage_trans) {
   using A = acc_t<E>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
   const size_t trans_bytes = stage_trans ? staged_trans_bytes<A>(K) : 0;
   const Trans<A> tr =
@@ -650,11 +664,11 @@ cudaError_t launch_backward(const acc_t<E>* grad_log_z /* [B] */, const acc_t<E>
     const size_t smem = group_bytes + (stage ? staged_trans_bytes<A>(K) : 0);
     const dim3 grid(static_cast<unsigned>(P / gpb));
     if (use_warp_path(K)) {
-      backward_kernel<E, true><<<grid, threads, smem, stream>>>(grad_log_z, grad_gold, emissions, tags, lengths,
+      FASTNER_CRF_LAUNCH((backward_kernel<E, true>), grid, threads, smem, stream)(grad_log_z, grad_gold, emissions, tags, lengths,
                                                                 transitions, end, log_z, alphas, grad_emissions,
                                                                 partials, B, T, K, stage);
     } else {
-      backward_kernel<E, false><<<grid, threads, smem, stream>>>(grad_log_z, grad_gold, emissions, tags, lengths,
+      FASTNER_CRF_LAUNCH((backward_kernel<E, false>), grid, threads, smem, stream)(grad_log_z, grad_gold, emissions, tags, lengths,
                                                                  transitions, end, log_z, alphas, grad_emissions,
                                                                  partials, B, T, K, stage);
     }
@@ -663,7 +677,7 @@ cudaError_t launch_backward(const acc_t<E>* grad_log_z /* [B] */, const acc_t<E>
   }
   const dim3 block(kWarpSize, kReduceRows);
   const dim3 grid(static_cast<unsigned>(ceil_div(partial_width(K), kWarpSize)));
-  reduce_partials_kernel<A><<<grid, block, 0, stream>>>(partials, P, K, grad_transitions, grad_start, grad_end);
+  FASTNER_CRF_LAUNCH((reduce_partials_kernel<A>), grid, block, 0, stream)(partials, P, K, grad_transitions, grad_start, grad_end);
   return cudaGetLastError();
 }
 
@@ -707,7 +721,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(const 
                                BP* __restrict__ bp_global,               // [B, T, K] or nullptr
                                int64_t B, int64_t T, int K, bool stage_trans, bool bp_in_smem) {
   using A = acc_t<E>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
   const size_t trans_bytes = stage_trans ? staged_trans_bytes<A>(K) : 0;
   const Trans<A> tr =
@@ -796,16 +810,16 @@ cudaError_t launch_viterbi(const E* emissions /* [B, T, K] */, const int64_t* le
   if (K <= 256) {
     auto* bp = static_cast<uint8_t*>(bp_scratch);
     if (use_warp_path(K)) {
-      viterbi_kernel<E, true, uint8_t><<<grid, threads, smem, stream>>>(emissions, lengths, transitions, start, end,
+      FASTNER_CRF_LAUNCH((viterbi_kernel<E, true, uint8_t>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end,
                                                                         tags, scores, bp, B, T, K, stage, bp_in_smem);
     } else {
-      viterbi_kernel<E, false, uint8_t><<<grid, threads, smem, stream>>>(emissions, lengths, transitions, start,
+      FASTNER_CRF_LAUNCH((viterbi_kernel<E, false, uint8_t>), grid, threads, smem, stream)(emissions, lengths, transitions, start,
                                                                          end, tags, scores, bp, B, T, K, stage,
                                                                          bp_in_smem);
     }
   } else {
     auto* bp = static_cast<uint16_t*>(bp_scratch);
-    viterbi_kernel<E, false, uint16_t><<<grid, threads, smem, stream>>>(emissions, lengths, transitions, start, end,
+    FASTNER_CRF_LAUNCH((viterbi_kernel<E, false, uint16_t>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end,
                                                                         tags, scores, bp, B, T, K, stage, bp_in_smem);
   }
   return cudaGetLastError();
@@ -832,7 +846,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(cons
                                  acc_t<E>* __restrict__ out,               // [B, T, K]
                                  int64_t B, int64_t T, int K, bool stage_trans) {
   using A = acc_t<E>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
   const size_t trans_bytes = stage_trans ? staged_trans_bytes<A>(K) : 0;
   const Trans<A> tr =
@@ -902,10 +916,10 @@ cudaError_t launch_marginals(const E* emissions /* [B, T, K] */, const int64_t* 
   const size_t smem = group_bytes + (stage ? staged_trans_bytes<A>(K) : 0);
   const dim3 grid(static_cast<unsigned>(blocks_for(B, gpb)));
   if (use_warp_path(K)) {
-    marginals_kernel<E, true><<<grid, threads, smem, stream>>>(emissions, lengths, transitions, start, end, out, B,
+    FASTNER_CRF_LAUNCH((marginals_kernel<E, true>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, out, B,
                                                                T, K, stage);
   } else {
-    marginals_kernel<E, false><<<grid, threads, smem, stream>>>(emissions, lengths, transitions, start, end, out,
+    FASTNER_CRF_LAUNCH((marginals_kernel<E, false>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, out,
                                                                 B, T, K, stage);
   }
   return cudaGetLastError();
@@ -967,7 +981,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(const E*
                              int32_t* __restrict__ bp_global,          // [B, T, K, k]
                              int64_t B, int64_t T, int K, int k, bool stage_trans) {
   using A = acc_t<E>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
   const size_t trans_bytes = stage_trans ? staged_trans_bytes<A>(K) : 0;
   const Trans<A> tr =
@@ -1066,7 +1080,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(const E*
       // Backtrace, one output row per thread.
       for (int q = j; q < k; q += g.size) {
         int64_t* row = out + static_cast<int64_t>(q) * T;  // [T]
-        if (!isfinite(fin_score[q])) {
+        if (!(fin_score[q] > -Num<A>::inf() && fin_score[q] < Num<A>::inf())) {  // -inf, +inf or NaN
           for (int64_t t = 0; t < len; ++t) row[t] = -1;
         } else {
           int c = fin_index[q];
@@ -1105,19 +1119,19 @@ cudaError_t launch_kbest(const E* emissions /* [B, T, K] */, const int64_t* leng
   const dim3 grid(static_cast<unsigned>(blocks_for(B, gpb)));
   if (use_warp_path(K)) {
     if (smem > kDefaultSmemBytes) {
-      const cudaError_t err = cudaFuncSetAttribute(kbest_kernel<E, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(&kbest_kernel<E, true>), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(smem));
       if (err != cudaSuccess) return err;
     }
-    kbest_kernel<E, true><<<grid, threads, smem, stream>>>(emissions, lengths, transitions, start, end, tags, scores,
+    FASTNER_CRF_LAUNCH((kbest_kernel<E, true>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, tags, scores,
                                                            bp_scratch, B, T, K, k, stage);
   } else {
     if (smem > kDefaultSmemBytes) {
-      const cudaError_t err = cudaFuncSetAttribute(kbest_kernel<E, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(&kbest_kernel<E, false>), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(smem));
       if (err != cudaSuccess) return err;
     }
-    kbest_kernel<E, false><<<grid, threads, smem, stream>>>(emissions, lengths, transitions, start, end, tags,
+    FASTNER_CRF_LAUNCH((kbest_kernel<E, false>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, tags,
                                                             scores, bp_scratch, B, T, K, k, stage);
   }
   return cudaGetLastError();
