@@ -1,6 +1,6 @@
 // A CPU emulation of the little of CUDA that csrc/cuda/kernels/*.cuh use, for testing kernels on
 // a machine without a GPU: every thread of a block is a std::thread, __syncthreads() and
-// __syncwarp() are std::barrier waits (block-wide and per 32 consecutive threads), dynamic and
+// __syncwarp() are barrier waits (block-wide and per 32 consecutive threads), dynamic and
 // static shared memory are process-wide buffers (blocks run one after another), and the CUDA
 // runtime calls the kernels' launchers make succeed without a device.
 //
@@ -18,22 +18,63 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <barrier>
+#include <condition_variable>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 namespace emu {
 
+// A barrier that sleeps (std::barrier spins first, which starves a loaded machine running
+// hundreds of emulated threads on a few cores).
+class Barrier {
+ public:
+  explicit Barrier(unsigned count) : expected_(count), remaining_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long generation = generation_;
+    if (--remaining_ == 0) {
+      release();
+    } else {
+      // A barrier that some threads of the group never reach is a kernel bug: fail loudly.
+      if (!cv_.wait_for(lock, std::chrono::seconds(120), [&] { return generation_ != generation; })) {
+        std::fprintf(stderr, "emulate_cuda: barrier timed out (threads diverged around a barrier?)\n");
+        std::abort();
+      }
+    }
+  }
+  // Leave for good: later phases wait for one thread fewer.
+  void arrive_and_drop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    --expected_;
+    if (--remaining_ == 0) release();
+  }
+
+ private:
+  void release() {
+    ++generation_;
+    remaining_ = expected_;
+    cv_.notify_all();
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  unsigned expected_, remaining_;
+  unsigned long generation_ = 0;
+};
+
 inline thread_local uint3 thread_idx;
 inline thread_local uint3 block_idx;
 inline dim3 block_dim;
 inline dim3 grid_dim;
-inline std::unique_ptr<std::barrier<>> block_barrier;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline std::unique_ptr<Barrier> block_barrier;
+inline std::vector<std::unique_ptr<Barrier>> warp_barriers;
 inline std::vector<unsigned char> shared_memory;
 
 inline unsigned linear_thread() { return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z); }
@@ -48,11 +89,11 @@ void run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args... 
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         // Garbage (all bits set: NaN for floats) so that reads before writes show up.
         shared_memory.assign(smem + 16, 0xff);
-        block_barrier = std::make_unique<std::barrier<>>(threads);
+        block_barrier = std::make_unique<Barrier>(threads);
         warp_barriers.clear();
         for (unsigned w = 0; w * 32 < threads; ++w) {
           const unsigned in_warp = threads - w * 32 < 32 ? threads - w * 32 : 32;
-          warp_barriers.push_back(std::make_unique<std::barrier<>>(in_warp));
+          warp_barriers.push_back(std::make_unique<Barrier>(in_warp));
         }
         std::vector<std::thread> pool;
         pool.reserve(threads);

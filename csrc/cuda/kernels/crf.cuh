@@ -332,16 +332,17 @@ __host__ __device__ __forceinline__ size_t forward_group_bytes(int K, int gsize)
 }
 
 template <typename E, bool kWarp>
-__global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(const E* __restrict__ emissions,        // [B, T, K]
-                               const int64_t* __restrict__ tags,       // [B, T] or nullptr
-                               const int64_t* __restrict__ lengths,    // [B]
-                               const acc_t<E>* __restrict__ transitions,  // [K, K]
-                               const acc_t<E>* __restrict__ start,     // [K]
-                               const acc_t<E>* __restrict__ end,       // [K]
-                               acc_t<E>* __restrict__ log_z,           // [B]
-                               acc_t<E>* __restrict__ gold_score,      // [B]
-                               acc_t<E>* __restrict__ alphas,          // [B, T, K]
-                               int64_t B, int64_t T, int K, bool stage_trans) {
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
+    const E* __restrict__ emissions,  // [B, T, K]
+    const int64_t* __restrict__ tags,  // [B, T] or nullptr
+    const int64_t* __restrict__ lengths,  // [B]
+    const acc_t<E>* __restrict__ transitions,  // [K, K]
+    const acc_t<E>* __restrict__ start,  // [K]
+    const acc_t<E>* __restrict__ end,  // [K]
+    acc_t<E>* __restrict__ log_z,  // [B]
+    acc_t<E>* __restrict__ gold_score,  // [B]
+    acc_t<E>* __restrict__ alphas,  // [B, T, K]
+    int64_t B, int64_t T, int K, bool stage_trans) {
   using A = acc_t<E>;
   unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
@@ -428,11 +429,11 @@ cudaError_t launch_forward(const E* emissions /* [B, T, K] */, const int64_t* ta
   const size_t smem = group_bytes + (stage ? staged_trans_bytes<A>(K) : 0);
   const dim3 grid(static_cast<unsigned>(blocks_for(B, gpb)));
   if (use_warp_path(K)) {
-    FASTNER_CRF_LAUNCH((forward_kernel<E, true>), grid, threads, smem, stream)(emissions, tags, lengths, transitions, start, end,
-                                                             log_z, gold_score, alphas, B, T, K, stage);
+    FASTNER_CRF_LAUNCH((forward_kernel<E, true>), grid, threads, smem, stream)(
+        emissions, tags, lengths, transitions, start, end, log_z, gold_score, alphas, B, T, K, stage);
   } else {
-    FASTNER_CRF_LAUNCH((forward_kernel<E, false>), grid, threads, smem, stream)(emissions, tags, lengths, transitions, start, end,
-                                                              log_z, gold_score, alphas, B, T, K, stage);
+    FASTNER_CRF_LAUNCH((forward_kernel<E, false>), grid, threads, smem, stream)(
+        emissions, tags, lengths, transitions, start, end, log_z, gold_score, alphas, B, T, K, stage);
   }
   return cudaGetLastError();
 }
@@ -488,18 +489,19 @@ inline int64_t backward_partial_count(int64_t B, int K, const DeviceLimits& dev)
 }
 
 template <typename E, bool kWarp>
-__global__ void __launch_bounds__(max_threads<kWarp>(), 1) backward_kernel(const acc_t<E>* __restrict__ grad_log_z,  // [B]
-                                const acc_t<E>* __restrict__ grad_gold,   // [B]
-                                const E* __restrict__ emissions,          // [B, T, K]
-                                const int64_t* __restrict__ tags,         // [B, T] or nullptr
-                                const int64_t* __restrict__ lengths,      // [B]
-                                const acc_t<E>* __restrict__ transitions, // [K, K]
-                                const acc_t<E>* __restrict__ end,         // [K]
-                                const acc_t<E>* __restrict__ log_z,       // [B]
-                                const acc_t<E>* __restrict__ alphas,      // [B, T, K]
-                                E* __restrict__ grad_emissions,           // [B, T, K]
-                                acc_t<E>* __restrict__ partials,          // [P, K*K + 2K]
-                                int64_t B, int64_t T, int K, bool stage_trans) {
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) backward_kernel(
+    const acc_t<E>* __restrict__ grad_log_z,  // [B]
+    const acc_t<E>* __restrict__ grad_gold,  // [B]
+    const E* __restrict__ emissions,  // [B, T, K]
+    const int64_t* __restrict__ tags,  // [B, T] or nullptr
+    const int64_t* __restrict__ lengths,  // [B]
+    const acc_t<E>* __restrict__ transitions,  // [K, K]
+    const acc_t<E>* __restrict__ end,  // [K]
+    const acc_t<E>* __restrict__ log_z,  // [B]
+    const acc_t<E>* __restrict__ alphas,  // [B, T, K]
+    E* __restrict__ grad_emissions,  // [B, T, K]
+    acc_t<E>* __restrict__ partials,  // [P, K*K + 2K]
+    int64_t B, int64_t T, int K, bool stage_trans) {
   using A = acc_t<E>;
   unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
@@ -616,11 +618,12 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) backward_kernel(const
 constexpr int kReduceRows = 8;
 
 template <typename A>
-__global__ void __launch_bounds__(kWarpSize * kReduceRows) reduce_partials_kernel(const A* __restrict__ partials,  // [P, K*K + 2K]
-                                       int64_t P, int K,
-                                       A* __restrict__ grad_transitions,  // [K, K]
-                                       A* __restrict__ grad_start,        // [K]
-                                       A* __restrict__ grad_end) {        // [K]
+__global__ void __launch_bounds__(kWarpSize * kReduceRows) reduce_partials_kernel(
+    const A* __restrict__ partials,  // [P, K*K + 2K]
+    int64_t P, int K,
+    A* __restrict__ grad_transitions,  // [K, K]
+    A* __restrict__ grad_start,  // [K]
+    A* __restrict__ grad_end) {  // [K]
   __shared__ A sums[kReduceRows][kWarpSize];
   const int64_t width = partial_width(K);
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
@@ -664,20 +667,21 @@ cudaError_t launch_backward(const acc_t<E>* grad_log_z /* [B] */, const acc_t<E>
     const size_t smem = group_bytes + (stage ? staged_trans_bytes<A>(K) : 0);
     const dim3 grid(static_cast<unsigned>(P / gpb));
     if (use_warp_path(K)) {
-      FASTNER_CRF_LAUNCH((backward_kernel<E, true>), grid, threads, smem, stream)(grad_log_z, grad_gold, emissions, tags, lengths,
-                                                                transitions, end, log_z, alphas, grad_emissions,
-                                                                partials, B, T, K, stage);
+      FASTNER_CRF_LAUNCH((backward_kernel<E, true>), grid, threads, smem, stream)(
+          grad_log_z, grad_gold, emissions, tags, lengths, transitions, end, log_z, alphas, grad_emissions,
+          partials, B, T, K, stage);
     } else {
-      FASTNER_CRF_LAUNCH((backward_kernel<E, false>), grid, threads, smem, stream)(grad_log_z, grad_gold, emissions, tags, lengths,
-                                                                 transitions, end, log_z, alphas, grad_emissions,
-                                                                 partials, B, T, K, stage);
+      FASTNER_CRF_LAUNCH((backward_kernel<E, false>), grid, threads, smem, stream)(
+          grad_log_z, grad_gold, emissions, tags, lengths, transitions, end, log_z, alphas, grad_emissions,
+          partials, B, T, K, stage);
     }
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const dim3 block(kWarpSize, kReduceRows);
   const dim3 grid(static_cast<unsigned>(ceil_div(partial_width(K), kWarpSize)));
-  FASTNER_CRF_LAUNCH((reduce_partials_kernel<A>), grid, block, 0, stream)(partials, P, K, grad_transitions, grad_start, grad_end);
+  FASTNER_CRF_LAUNCH((reduce_partials_kernel<A>), grid, block, 0, stream)(
+      partials, P, K, grad_transitions, grad_start, grad_end);
   return cudaGetLastError();
 }
 
@@ -711,15 +715,16 @@ inline size_t viterbi_scratch_bytes(int64_t B, int64_t T, int K) {
 }
 
 template <typename E, bool kWarp, typename BP>
-__global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(const E* __restrict__ emissions,          // [B, T, K]
-                               const int64_t* __restrict__ lengths,      // [B]
-                               const acc_t<E>* __restrict__ transitions, // [K, K]
-                               const acc_t<E>* __restrict__ start,       // [K]
-                               const acc_t<E>* __restrict__ end,         // [K]
-                               int64_t* __restrict__ tags_out,           // [B, T]
-                               acc_t<E>* __restrict__ scores,            // [B]
-                               BP* __restrict__ bp_global,               // [B, T, K] or nullptr
-                               int64_t B, int64_t T, int K, bool stage_trans, bool bp_in_smem) {
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(
+    const E* __restrict__ emissions,  // [B, T, K]
+    const int64_t* __restrict__ lengths,  // [B]
+    const acc_t<E>* __restrict__ transitions,  // [K, K]
+    const acc_t<E>* __restrict__ start,  // [K]
+    const acc_t<E>* __restrict__ end,  // [K]
+    int64_t* __restrict__ tags_out,  // [B, T]
+    acc_t<E>* __restrict__ scores,  // [B]
+    BP* __restrict__ bp_global,  // [B, T, K] or nullptr
+    int64_t B, int64_t T, int K, bool stage_trans, bool bp_in_smem) {
   using A = acc_t<E>;
   unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
@@ -810,17 +815,16 @@ cudaError_t launch_viterbi(const E* emissions /* [B, T, K] */, const int64_t* le
   if (K <= 256) {
     auto* bp = static_cast<uint8_t*>(bp_scratch);
     if (use_warp_path(K)) {
-      FASTNER_CRF_LAUNCH((viterbi_kernel<E, true, uint8_t>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end,
-                                                                        tags, scores, bp, B, T, K, stage, bp_in_smem);
+      FASTNER_CRF_LAUNCH((viterbi_kernel<E, true, uint8_t>), grid, threads, smem, stream)(
+          emissions, lengths, transitions, start, end, tags, scores, bp, B, T, K, stage, bp_in_smem);
     } else {
-      FASTNER_CRF_LAUNCH((viterbi_kernel<E, false, uint8_t>), grid, threads, smem, stream)(emissions, lengths, transitions, start,
-                                                                         end, tags, scores, bp, B, T, K, stage,
-                                                                         bp_in_smem);
+      FASTNER_CRF_LAUNCH((viterbi_kernel<E, false, uint8_t>), grid, threads, smem, stream)(
+          emissions, lengths, transitions, start, end, tags, scores, bp, B, T, K, stage, bp_in_smem);
     }
   } else {
     auto* bp = static_cast<uint16_t*>(bp_scratch);
-    FASTNER_CRF_LAUNCH((viterbi_kernel<E, false, uint16_t>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end,
-                                                                        tags, scores, bp, B, T, K, stage, bp_in_smem);
+    FASTNER_CRF_LAUNCH((viterbi_kernel<E, false, uint16_t>), grid, threads, smem, stream)(
+        emissions, lengths, transitions, start, end, tags, scores, bp, B, T, K, stage, bp_in_smem);
   }
   return cudaGetLastError();
 }
@@ -838,13 +842,14 @@ __host__ __device__ __forceinline__ size_t marginals_group_bytes(int K) {
 }
 
 template <typename E, bool kWarp>
-__global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(const E* __restrict__ emissions,          // [B, T, K]
-                                 const int64_t* __restrict__ lengths,      // [B]
-                                 const acc_t<E>* __restrict__ transitions, // [K, K]
-                                 const acc_t<E>* __restrict__ start,       // [K]
-                                 const acc_t<E>* __restrict__ end,         // [K]
-                                 acc_t<E>* __restrict__ out,               // [B, T, K]
-                                 int64_t B, int64_t T, int K, bool stage_trans) {
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(
+    const E* __restrict__ emissions,  // [B, T, K]
+    const int64_t* __restrict__ lengths,  // [B]
+    const acc_t<E>* __restrict__ transitions,  // [K, K]
+    const acc_t<E>* __restrict__ start,  // [K]
+    const acc_t<E>* __restrict__ end,  // [K]
+    acc_t<E>* __restrict__ out,  // [B, T, K]
+    int64_t B, int64_t T, int K, bool stage_trans) {
   using A = acc_t<E>;
   unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
@@ -916,11 +921,11 @@ cudaError_t launch_marginals(const E* emissions /* [B, T, K] */, const int64_t* 
   const size_t smem = group_bytes + (stage ? staged_trans_bytes<A>(K) : 0);
   const dim3 grid(static_cast<unsigned>(blocks_for(B, gpb)));
   if (use_warp_path(K)) {
-    FASTNER_CRF_LAUNCH((marginals_kernel<E, true>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, out, B,
-                                                               T, K, stage);
+    FASTNER_CRF_LAUNCH((marginals_kernel<E, true>), grid, threads, smem, stream)(
+        emissions, lengths, transitions, start, end, out, B, T, K, stage);
   } else {
-    FASTNER_CRF_LAUNCH((marginals_kernel<E, false>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, out,
-                                                                B, T, K, stage);
+    FASTNER_CRF_LAUNCH((marginals_kernel<E, false>), grid, threads, smem, stream)(
+        emissions, lengths, transitions, start, end, out, B, T, K, stage);
   }
   return cudaGetLastError();
 }
@@ -940,7 +945,8 @@ cudaError_t launch_marginals(const E* emissions /* [B, T, K] */, const int64_t* 
 
 template <typename A>
 __host__ __device__ __forceinline__ size_t kbest_group_bytes(int K, int k) {
-  return round_up16((2 * static_cast<size_t>(K) * k + k) * sizeof(A)) + round_up16(static_cast<size_t>(k) * sizeof(int32_t));
+  return round_up16((2 * static_cast<size_t>(K) * k + k) * sizeof(A)) +
+         round_up16(static_cast<size_t>(k) * sizeof(int32_t));
 }
 
 inline size_t kbest_scratch_bytes(int64_t B, int64_t T, int K, int64_t k) {
@@ -971,15 +977,16 @@ __device__ __forceinline__ bool after(A v, int c, A last_v, int last_c) {
 }
 
 template <typename E, bool kWarp>
-__global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(const E* __restrict__ emissions,          // [B, T, K]
-                             const int64_t* __restrict__ lengths,      // [B]
-                             const acc_t<E>* __restrict__ transitions, // [K, K]
-                             const acc_t<E>* __restrict__ start,       // [K]
-                             const acc_t<E>* __restrict__ end,         // [K]
-                             int64_t* __restrict__ tags_out,           // [B, k, T]
-                             acc_t<E>* __restrict__ scores,            // [B, k]
-                             int32_t* __restrict__ bp_global,          // [B, T, K, k]
-                             int64_t B, int64_t T, int K, int k, bool stage_trans) {
+__global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(
+    const E* __restrict__ emissions,  // [B, T, K]
+    const int64_t* __restrict__ lengths,  // [B]
+    const acc_t<E>* __restrict__ transitions,  // [K, K]
+    const acc_t<E>* __restrict__ start,  // [K]
+    const acc_t<E>* __restrict__ end,  // [K]
+    int64_t* __restrict__ tags_out,  // [B, k, T]
+    acc_t<E>* __restrict__ scores,  // [B, k]
+    int32_t* __restrict__ bp_global,  // [B, T, K, k]
+    int64_t B, int64_t T, int K, int k, bool stage_trans) {
   using A = acc_t<E>;
   unsigned char* const smem = dynamic_smem();
   const Group<kWarp> g = this_group<kWarp>();
@@ -1119,20 +1126,22 @@ cudaError_t launch_kbest(const E* emissions /* [B, T, K] */, const int64_t* leng
   const dim3 grid(static_cast<unsigned>(blocks_for(B, gpb)));
   if (use_warp_path(K)) {
     if (smem > kDefaultSmemBytes) {
-      const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(&kbest_kernel<E, true>), cudaFuncAttributeMaxDynamicSharedMemorySize,
+      const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(&kbest_kernel<E, true>),
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(smem));
       if (err != cudaSuccess) return err;
     }
-    FASTNER_CRF_LAUNCH((kbest_kernel<E, true>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, tags, scores,
-                                                           bp_scratch, B, T, K, k, stage);
+    FASTNER_CRF_LAUNCH((kbest_kernel<E, true>), grid, threads, smem, stream)(
+        emissions, lengths, transitions, start, end, tags, scores, bp_scratch, B, T, K, k, stage);
   } else {
     if (smem > kDefaultSmemBytes) {
-      const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(&kbest_kernel<E, false>), cudaFuncAttributeMaxDynamicSharedMemorySize,
+      const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(&kbest_kernel<E, false>),
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(smem));
       if (err != cudaSuccess) return err;
     }
-    FASTNER_CRF_LAUNCH((kbest_kernel<E, false>), grid, threads, smem, stream)(emissions, lengths, transitions, start, end, tags,
-                                                            scores, bp_scratch, B, T, K, k, stage);
+    FASTNER_CRF_LAUNCH((kbest_kernel<E, false>), grid, threads, smem, stream)(
+        emissions, lengths, transitions, start, end, tags, scores, bp_scratch, B, T, K, k, stage);
   }
   return cudaGetLastError();
 }
