@@ -291,3 +291,62 @@ def test_bad_values_poison_with_nan(emu):
     tags_k, scores_k = kbest(emu, emissions, lengths, tr, start, end, 2)
     assert torch.isnan(scores_k[2:]).all() and (tags_k[2:] == -1).all()
     assert torch.isnan(marginals(emu, emissions, lengths, tr, start, end)[2:]).all()
+
+
+def kbest_in_cpu_order(emissions, length, tr, start, end, k):
+    """One sequence's k best paths by the CPU kernel's algorithm (csrc/cpu/crf.cpp, TopK):
+    per tag a list of the k best prefixes, filled by offering candidates in (i, r) order with a
+    stable insertion, -inf never admitted. Exact on integer-valued scores, where ties abound."""
+    K = len(start)
+    neg = float("-inf")
+
+    def top_k(candidates):
+        slots = [(neg, -1, -1)] * k
+        for value, a, b in candidates:
+            if not value > slots[-1][0]:
+                continue
+            at = k - 1
+            while at > 0 and value > slots[at - 1][0]:
+                at -= 1
+            slots = slots[:at] + [(value, a, b)] + slots[at:k - 1]
+        return slots
+
+    tags, scores = [[-1] * len(emissions) for _ in range(k)], [neg] * k
+    if length == 0:
+        scores[0] = 0.0
+        return tags, scores
+    cur = [[start[j] + emissions[0][j]] + [neg] * (k - 1) for j in range(K)]
+    back = [None]
+    for t in range(1, length):
+        lists = [top_k((cur[i][r] + tr[i][j], i, r) for i in range(K) if tr[i][j] != neg for r in range(k))
+                 for j in range(K)]
+        cur = [[value + emissions[t][j] for value, _, _ in lists[j]] for j in range(K)]
+        back.append([[(a, b) for _, a, b in lists[j]] for j in range(K)])
+    final = top_k((cur[j][r] + end[j], j, r) for j in range(K) for r in range(k))
+    for n, (value, tag, rank) in enumerate(final):
+        if value == neg:
+            break
+        scores[n] = value
+        for t in range(length - 1, 0, -1):
+            tags[n][t] = tag
+            tag, rank = back[t][tag][rank]
+        tags[n][0] = tag
+    return tags, scores
+
+
+@pytest.mark.parametrize("K", [3, 34])
+def test_kbest_ties_follow_the_cpu_order(emu, K):
+    # Small integer scores: many paths tie exactly, and the order among them is the contract.
+    torch.manual_seed(7 + K)
+    B, T, k = 6, 5, 6
+    emissions = torch.randint(-1, 2, (B, T, K)).float()
+    tr = torch.randint(-1, 2, (K, K)).float().masked_fill(torch.rand(K, K) < 0.2, INF)
+    start = torch.randint(-1, 2, (K,)).float()
+    end = torch.zeros(K)
+    lengths = torch.tensor([T, 0, 1, 2, 3, T])
+    tags, scores = kbest(emu, emissions, lengths, tr, start, end, k)
+    for b in range(B):
+        expected_tags, expected_scores = kbest_in_cpu_order(emissions[b].tolist(), int(lengths[b]), tr.tolist(),
+                                                            start.tolist(), end.tolist(), k)
+        assert scores[b].tolist() == expected_scores, b
+        assert tags[b].tolist() == expected_tags, b
