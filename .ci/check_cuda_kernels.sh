@@ -25,3 +25,25 @@ for header in "${headers[@]}"; do
     echo "ok: $header (sm_$arch)"
   done
 done
+
+# The torch bindings (csrc/cuda/*.cu): compiled (sm_90 only; the device code is checked above)
+# against the installed torch's headers. A CPU-only torch lacks one generated CUDA header,
+# c10/cuda/impl/cuda_cmake_macros.h; C10_CUDA_NO_CMAKE_CONFIGURE_FILE (torch's own switch for
+# builds without it) skips it. The bindings must therefore include only c10/cuda headers from
+# the CUDA side of torch (not ATen/cuda/CUDAContext.h, which needs cuBLAS/cuSPARSE headers).
+PYTHON="${PYTHON:-python3}"
+bindings=(csrc/cuda/*.cu)
+if [ ${#bindings[@]} -gt 0 ]; then
+  if ! torch_includes=$("$PYTHON" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))' 2>/dev/null); then
+    if [ "${CI:-}" = "true" ]; then echo "torch not importable: cannot check the CUDA bindings" >&2; exit 1; fi
+    echo "torch not importable: CUDA binding check skipped"; exit 0
+  fi
+  for source in "${bindings[@]}"; do
+    name=$(basename "$source" .cu)
+    # shellcheck disable=SC2086  (torch_includes is a list of -I flags)
+    "$NVCC" -std=c++20 -O0 -Icsrc $torch_includes -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DTORCH_EXTENSION_NAME=_C \
+      --expt-relaxed-constexpr -diag-suppress 3306 -gencode "arch=compute_90,code=sm_90" \
+      -c "$source" -o "$work/binding_$name.o"
+    echo "ok: $source (sm_90, against torch's headers)"
+  done
+fi

@@ -1,0 +1,352 @@
+"""The CUDA CRF kernels (csrc/cuda/kernels/crf.cuh) run on the CPU under a thread-and-barrier
+emulation of CUDA (tests/cuda_emulation/), against fastner.reference.
+
+This runs the real device code and the real launchers (launch shapes, shared-memory layouts,
+scratch sizes, warp and block paths, groups looping over several sequences) on machines without
+a GPU. It cannot see warp-level timing, memory-model races, the device's math library or
+resource limits; tests/test_crf_cuda.py on a GPU covers those. Skipped when g++ or the CUDA
+headers (cuda_runtime.h, from nvcc's toolkit) are missing.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from fastner import reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "cuda_emulation"
+SOURCES = [ROOT / "csrc" / "cuda" / "kernels" / "crf.cuh", EMULATION / "emulate_cuda.h", EMULATION / "crf_emulated.cpp"]
+INF = float("-inf")
+
+if not hasattr(reference, "crf_forward"):
+    pytest.skip("fastner.reference has no CRF section yet", allow_module_level=True)
+
+
+def cuda_include_dir():
+    candidates = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(pathlib.Path(os.path.realpath(nvcc)).parents[1]))
+    for base in candidates:
+        if base and (pathlib.Path(base) / "include" / "cuda_runtime.h").exists():
+            return pathlib.Path(base) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The emulated kernels as a ctypes library, built once per source version."""
+    include = cuda_include_dir()
+    compiler = shutil.which("g++")
+    if include is None or compiler is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_runtime.h)")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    lib = pathlib.Path(tempfile.gettempdir()) / f"fastner_crf_emulated_{digest}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-attributes",
+               f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}", str(EMULATION / "crf_emulated.cpp"),
+               "-o", str(tmp)]
+        subprocess.run(cmd, check=True)
+        os.replace(tmp, lib)
+    return ctypes.CDLL(str(lib))
+
+
+# ---------------------------------------------------------------------------------------------
+# calling the emulated launchers
+# ---------------------------------------------------------------------------------------------
+
+SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def p(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def i64(x):
+    return ctypes.c_int64(x)
+
+
+def call(emu, name, dtype, *args):
+    fn = getattr(emu, f"emu_{name}_{SUFFIX[dtype]}")
+    fn.restype = ctypes.c_int
+    status = fn(*args)
+    assert status == 0, f"{name}: launcher returned cudaError {status}"
+
+
+def forward(emu, emissions, tags, lengths, tr, start, end):
+    B, T, K = emissions.shape
+    a = acc(emissions.dtype)
+    log_z, gold, alphas = torch.empty(B, dtype=a), torch.empty(B, dtype=a), torch.empty(B, T, K, dtype=a)
+    call(emu, "forward", emissions.dtype, p(emissions), p(tags), p(lengths), p(tr), p(start), p(end),
+         p(log_z), p(gold), p(alphas), i64(B), i64(T), ctypes.c_int(K))
+    return log_z, gold, alphas
+
+
+def backward(emu, gl, gg, emissions, tags, lengths, tr, start, end, log_z, alphas, sms=1):
+    B, T, K = emissions.shape
+    a = acc(emissions.dtype)
+    grads = (torch.empty(B, T, K, dtype=emissions.dtype), torch.empty(K, K, dtype=a), torch.empty(K, dtype=a),
+             torch.empty(K, dtype=a))
+    call(emu, "backward", emissions.dtype, p(gl), p(gg), p(emissions), p(tags), p(lengths), p(tr), p(end),
+         p(log_z), p(alphas), *map(p, grads), i64(B), i64(T), ctypes.c_int(K), ctypes.c_int(sms))
+    return grads
+
+
+def viterbi(emu, emissions, lengths, tr, start, end):
+    B, T, K = emissions.shape
+    tags, scores = torch.empty(B, T, dtype=torch.int64), torch.empty(B, dtype=acc(emissions.dtype))
+    call(emu, "viterbi", emissions.dtype, p(emissions), p(lengths), p(tr), p(start), p(end), p(tags), p(scores),
+         i64(B), i64(T), ctypes.c_int(K))
+    return tags, scores
+
+
+def kbest(emu, emissions, lengths, tr, start, end, k):
+    B, T, K = emissions.shape
+    tags, scores = torch.empty(B, k, T, dtype=torch.int64), torch.empty(B, k, dtype=acc(emissions.dtype))
+    call(emu, "kbest", emissions.dtype, p(emissions), p(lengths), p(tr), p(start), p(end), p(tags), p(scores),
+         i64(B), i64(T), ctypes.c_int(K), ctypes.c_int(k), i64(227 * 1024))
+    return tags, scores
+
+
+def marginals(emu, emissions, lengths, tr, start, end):
+    B, T, K = emissions.shape
+    out = torch.empty(B, T, K, dtype=acc(emissions.dtype))
+    call(emu, "marginals", emissions.dtype, p(emissions), p(lengths), p(tr), p(start), p(end), p(out), i64(B),
+         i64(T), ctypes.c_int(K))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+def draw(B, T, K, dtype, min_len=0, constrained=False):
+    a = acc(dtype)
+    emissions = torch.randn(B, T, K, dtype=torch.float64).to(dtype)
+    lengths = torch.randint(min_len, T + 1, (B,), dtype=torch.int64)
+    if B >= 1:
+        lengths[0] = T
+    if B >= 2:
+        lengths[1] = min_len
+    tr = torch.randn(K, K, dtype=a) * 0.5
+    start = torch.randn(K, dtype=a) * 0.5
+    end = torch.randn(K, dtype=a) * 0.5
+    if constrained and K >= 2:
+        tr = tr.masked_fill(torch.rand(K, K) < 0.33, INF)
+        start[torch.randint(0, K, ())] = INF
+        end[torch.randint(0, K, ())] = INF
+    tags = torch.randint(0, K, (B, T))
+    return emissions, tags, lengths, tr, start, end
+
+
+def close(actual, expected, dtype, scale=1.0, msg=""):
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=tol["rtol"],
+                               atol=tol["atol"] * max(1.0, scale), msg=(lambda m: f"{msg}\n{m}") if msg else None)
+
+
+# warp path (K <= 32), block path (K > 32), uint16 backpointers (K > 256). The emulation runs
+# every GPU thread as a host thread: the larger shapes take seconds to minutes, so only a few
+# run by default (`pytest -m slow` runs the rest).
+SHAPES = [(1, 1, 1), (3, 5, 2), (9, 7, 17), (6, 4, 32), (5, 5, 33), (3, 4, 64), (2, 3, 100), (2, 3, 300)]
+DEFAULT_CASES = {2, 4}  # K = 17 (warp path), K = 33 (block path)
+CASES = [pytest.param(case, marks=() if case in DEFAULT_CASES else pytest.mark.slow) for case in range(len(SHAPES))]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+def test_every_op_matches_reference(emu, case, dtype, constrained):
+    torch.manual_seed(31 * case + 7 * constrained + (dtype == torch.float64))
+    B, T, K = SHAPES[case]
+    inputs = draw(B, T, K, dtype, constrained=constrained)
+    emissions, tags, lengths, tr, start, end = inputs
+    scale = float(lengths.sum())
+
+    log_z, gold, alphas = forward(emu, *inputs)
+    expected = reference.crf_forward(*inputs)
+    for name, a, e in zip(("log_z", "gold", "alphas"), (log_z, gold, alphas), expected):
+        close(a, e, dtype, msg=name)
+    log_z_only, gold_none, _ = forward(emu, emissions, None, lengths, tr, start, end)
+    assert torch.equal(log_z_only, log_z) and torch.equal(gold_none, torch.zeros(B, dtype=gold.dtype))
+
+    gl, gg = torch.randn(B, dtype=acc(dtype)), torch.randn(B, dtype=acc(dtype))
+    for sms in (1, 64):  # 1: groups loop over several sequences
+        grads = backward(emu, gl, gg, *inputs, log_z, alphas, sms=sms)
+        for name, a, e in zip(("emissions", "transitions", "start", "end"), grads,
+                              reference.crf_backward(gl, gg, *inputs)):
+            assert not torch.isnan(a).any(), name
+            close(a, e, dtype, scale=scale, msg=f"grad {name} (sms={sms})")
+    no_tags = backward(emu, gl, gg, emissions, None, lengths, tr, start, end, log_z, alphas)
+    for name, a, e in zip(("emissions", "transitions", "start", "end"), no_tags,
+                          reference.crf_backward(gl, torch.zeros_like(gg), emissions, None, lengths, tr, start, end)):
+        close(a, e, dtype, scale=scale, msg=f"grad {name} without tags")
+
+    plain = (emissions, lengths, tr, start, end)
+    tags_v, scores_v = viterbi(emu, *plain)
+    tags_r, scores_r = reference.crf_viterbi(*plain)
+    assert torch.equal(tags_v, tags_r)
+    close(scores_v, scores_r, dtype)
+
+    for k in (1, 3, 7):
+        tags_k, scores_k = kbest(emu, *plain, k)
+        tags_kr, scores_kr = reference.crf_kbest(*plain, k)
+        close(scores_k, scores_kr, dtype, msg=f"k={k}")
+        assert torch.equal(tags_k, tags_kr), f"k={k}"
+
+    close(marginals(emu, *plain), reference.crf_marginals(*plain), dtype, msg="marginals")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("K", [5, 40])
+def test_low_precision_emissions(emu, dtype, K):
+    torch.manual_seed(K)
+    inputs = draw(4, 6, K, dtype)
+    emissions, tags, lengths, tr, start, end = inputs
+    log_z, gold, alphas = forward(emu, *inputs)
+    for a, e in zip((log_z, gold, alphas), reference.crf_forward(*inputs)):
+        assert a.dtype == torch.float32
+        close(a, e, torch.float32)
+    gl, gg = torch.randn(4), torch.randn(4)
+    grads = backward(emu, gl, gg, *inputs, log_z, alphas)
+    expected = reference.crf_backward(gl, gg, *inputs)
+    assert grads[0].dtype == dtype
+    torch.testing.assert_close(grads[0].float(), expected[0].float(), rtol=1e-2, atol=1e-2)
+    for a, e in zip(grads[1:], expected[1:]):
+        close(a, e, torch.float32, scale=float(lengths.sum()))
+    plain = (emissions, lengths, tr, start, end)
+    assert torch.equal(viterbi(emu, *plain)[0], reference.crf_viterbi(*plain)[0])
+    close(marginals(emu, *plain), reference.crf_marginals(*plain), torch.float32)
+
+
+@pytest.mark.parametrize("K", [3, 40])
+def test_empty_and_dead_sequences(emu, K):
+    torch.manual_seed(100 + K)
+    for B, T in ((3, 0), (0, 4)):
+        emissions, tags, lengths, tr, start, end = draw(B, T, K, torch.float32)
+        log_z, gold, alphas = forward(emu, emissions, tags, lengths, tr, start, end)
+        assert torch.equal(log_z, torch.zeros(B)) and torch.equal(gold, torch.zeros(B))
+        grads = backward(emu, torch.ones(B), torch.ones(B), emissions, tags, lengths, tr, start, end, log_z, alphas)
+        for g in grads[1:]:
+            assert torch.equal(g, torch.zeros_like(g))
+        tags_k, scores_k = kbest(emu, emissions, lengths, tr, start, end, 2)
+        assert (tags_k == -1).all()
+        if B:
+            assert torch.equal(scores_k, torch.tensor([[0.0, INF]] * B))
+    # every transition forbidden: no path longer than 1
+    emissions, tags, lengths, tr, start, end = draw(5, 6, K, torch.float32, min_len=1)
+    tr = torch.full((K, K), INF)
+    inputs = (emissions, tags, lengths, tr, start, end)
+    log_z, gold, alphas = forward(emu, *inputs)
+    assert torch.equal(torch.isneginf(log_z), lengths > 1)
+    gl, gg = torch.randn(5), torch.randn(5)
+    grads = backward(emu, gl, gg, *inputs, log_z, alphas)
+    for a, e in zip(grads, reference.crf_backward(gl, gg, *inputs)):
+        assert not torch.isnan(a).any()
+        close(a, e, torch.float32, scale=float(lengths.sum()))
+    m = marginals(emu, emissions, lengths, tr, start, end)
+    assert not torch.isnan(m).any()
+    close(m, reference.crf_marginals(emissions, lengths, tr, start, end), torch.float32)
+
+
+@pytest.mark.slow
+def test_long_sequences_take_the_global_backpointers(emu):
+    torch.manual_seed(5)
+    emissions, _, lengths, tr, start, end = draw(4, 600, 17, torch.float32)
+    tags, scores = viterbi(emu, emissions, lengths, tr, start, end)
+    tags_r, scores_r = reference.crf_viterbi(emissions, lengths, tr, start, end)
+    assert torch.equal(tags, tags_r)
+    torch.testing.assert_close(scores, scores_r, rtol=1e-5, atol=1e-3)
+
+
+def test_bad_values_poison_with_nan(emu):
+    torch.manual_seed(6)
+    emissions, tags, lengths, tr, start, end = draw(4, 5, 6, torch.float32, min_len=1)
+    lengths[2] = 9
+    lengths[3] = -1
+    tags[1, 0] = 6
+    log_z, gold, alphas = forward(emu, emissions, tags, lengths, tr, start, end)
+    assert torch.isnan(log_z[2:]).all() and torch.isnan(gold[1:]).all()
+    assert not torch.isnan(log_z[:2]).any() and not torch.isnan(gold[0])
+    grads = backward(emu, torch.ones(4), torch.ones(4), emissions, tags, lengths, tr, start, end, log_z, alphas)
+    assert torch.isnan(grads[0][1:]).all() and not torch.isnan(grads[0][0]).any()
+    assert torch.isnan(grads[1]).all()
+    tags_v, scores_v = viterbi(emu, emissions, lengths, tr, start, end)
+    assert torch.isnan(scores_v[2:]).all() and (tags_v[2:] == -1).all()
+    tags_k, scores_k = kbest(emu, emissions, lengths, tr, start, end, 2)
+    assert torch.isnan(scores_k[2:]).all() and (tags_k[2:] == -1).all()
+    assert torch.isnan(marginals(emu, emissions, lengths, tr, start, end)[2:]).all()
+
+
+def kbest_in_cpu_order(emissions, length, tr, start, end, k):
+    """One sequence's k best paths by the CPU kernel's algorithm (csrc/cpu/crf.cpp, TopK):
+    per tag a list of the k best prefixes, filled by offering candidates in (i, r) order with a
+    stable insertion, -inf never admitted. Exact on integer-valued scores, where ties abound."""
+    K = len(start)
+    neg = float("-inf")
+
+    def top_k(candidates):
+        slots = [(neg, -1, -1)] * k
+        for value, a, b in candidates:
+            if not value > slots[-1][0]:
+                continue
+            at = k - 1
+            while at > 0 and value > slots[at - 1][0]:
+                at -= 1
+            slots = slots[:at] + [(value, a, b)] + slots[at:k - 1]
+        return slots
+
+    tags, scores = [[-1] * len(emissions) for _ in range(k)], [neg] * k
+    if length == 0:
+        scores[0] = 0.0
+        return tags, scores
+    cur = [[start[j] + emissions[0][j]] + [neg] * (k - 1) for j in range(K)]
+    back = [None]
+    for t in range(1, length):
+        lists = [top_k((cur[i][r] + tr[i][j], i, r) for i in range(K) if tr[i][j] != neg for r in range(k))
+                 for j in range(K)]
+        cur = [[value + emissions[t][j] for value, _, _ in lists[j]] for j in range(K)]
+        back.append([[(a, b) for _, a, b in lists[j]] for j in range(K)])
+    final = top_k((cur[j][r] + end[j], j, r) for j in range(K) for r in range(k))
+    for n, (value, tag, rank) in enumerate(final):
+        if value == neg:
+            break
+        scores[n] = value
+        for t in range(length - 1, 0, -1):
+            tags[n][t] = tag
+            tag, rank = back[t][tag][rank]
+        tags[n][0] = tag
+    return tags, scores
+
+
+@pytest.mark.parametrize("K", [3, 34])
+def test_kbest_ties_follow_the_cpu_order(emu, K):
+    # Small integer scores: many paths tie exactly, and the order among them is the contract.
+    torch.manual_seed(7 + K)
+    B, T, k = 6, 5, 6
+    emissions = torch.randint(-1, 2, (B, T, K)).float()
+    tr = torch.randint(-1, 2, (K, K)).float().masked_fill(torch.rand(K, K) < 0.2, INF)
+    start = torch.randint(-1, 2, (K,)).float()
+    end = torch.zeros(K)
+    lengths = torch.tensor([T, 0, 1, 2, 3, T])
+    tags, scores = kbest(emu, emissions, lengths, tr, start, end, k)
+    for b in range(B):
+        expected_tags, expected_scores = kbest_in_cpu_order(emissions[b].tolist(), int(lengths[b]), tr.tolist(),
+                                                            start.tolist(), end.tolist(), k)
+        assert scores[b].tolist() == expected_scores, b
+        assert tags[b].tolist() == expected_tags, b
