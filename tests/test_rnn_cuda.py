@@ -58,13 +58,15 @@ def _torch_layer(mode, input_size, hidden, bidirectional, bias, dtype, device):
 class Case:
     """One random one-layer problem: a torch module and the op's inputs (CPU tensors)."""
 
-    def __init__(self, gen, mode, dtype=torch.float64, max_batch=6, max_time=12, max_hidden=70, min_length=0):
+    def __init__(
+        self, gen, mode, dtype=torch.float64, max_batch=6, max_time=12, max_hidden=70, min_length=0, min_batch=1
+    ):
         ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
         self.mode = mode
         self.bidirectional, self.batch_first, self.bias = (
             bool(torch.rand((), generator=gen) < p) for p in (0.5, 0.5, 0.8)
         )
-        self.time_len, self.batch = ri(1, max_time), ri(1, max_batch)
+        self.time_len, self.batch = ri(1, max_time), ri(min_batch, max_batch)
         self.input_size, self.hidden = ri(1, 40), ri(1, max_hidden)
         self.dtype = dtype
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -195,9 +197,9 @@ def test_matches_cpu_kernel(mode, path):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_lengths_keep_initial_state(mode, path):
-    case = Case(_generator(MODES.index(mode), salt=4), mode, torch.float64, max_batch=5)
-    case.lengths[0] = 0
+    case = Case(_generator(MODES.index(mode), salt=4), mode, torch.float64, max_batch=5, min_batch=2)
     case.lengths[-1] = case.time_len
+    case.lengths[0] = 0
     x, lengths, weights, hx, cx = case.inputs(DEVICE)
     out, h_n, c_n, _ = _forward(case, x, lengths, weights, hx, cx)
     column = out[0] if case.batch_first else out[:, 0]
