@@ -410,7 +410,8 @@ __global__ void previous_h_kernel(PlanView plan, int64_t dir, int64_t H, const E
 // consecutive r, read consecutive words. Per step s (nb = batch_size[s] running slots):
 //   1. copy h_prev [nb, H] (all units, written by every block of this direction at step s-1)
 //      from the double-buffered global state into shared memory;
-//   2. hg[j, r] = W_hh row r . h_prev[j] for j < nb, r < R (float accumulation) into shared;
+//   2. hg[j, r] = W_hh row r . h_prev[j] for j < nb, r < R (float accumulation) into shared,
+//      the sum over k split between several threads when there are few outputs;
 //   3. the cell for (j, own unit): new h into the other parity of the global state, the output,
 //      the workspace, and h_n / c_n at the slot's last step; c stays in the global c state,
 //      which only this block touches for these units;
@@ -442,10 +443,12 @@ struct PersistentArgs {
   E* ws = nullptr;               // [D, B*T, W] or null (inference)
 };
 
-// Shared memory of one block: wt [H, R] E | h_prev [B, H] E | hg [B, R] A (each 16-byte aligned).
+// Shared memory of one block: wt [H, R] E | h_prev [B, H] E | hg [B, R] A | partial sums
+// [kPersistentThreads] A (each 16-byte aligned).
 template <typename E>
 __host__ __device__ inline size_t persistent_smem_bytes(int64_t B, int64_t H, int64_t R) {
-  return round_up16(sizeof(E) * H * R) + round_up16(sizeof(E) * B * H) + round_up16(sizeof(acc_t<E>) * B * R);
+  return round_up16(sizeof(E) * H * R) + round_up16(sizeof(E) * B * H) + round_up16(sizeof(acc_t<E>) * B * R) +
+         round_up16(sizeof(acc_t<E>) * kPersistentThreads);
 }
 
 template <typename E, Cell C>
@@ -464,6 +467,7 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(
   E* wt = reinterpret_cast<E*>(smem);                                                  // [H, R]
   E* hs = reinterpret_cast<E*>(smem + round_up16(sizeof(E) * H * R));                 // [B, H]
   A* hg = reinterpret_cast<A*>(smem + round_up16(sizeof(E) * H * R) + round_up16(sizeof(E) * B * H));  // [B, R]
+  A* part = reinterpret_cast<A*>(reinterpret_cast<unsigned char*>(hg) + round_up16(sizeof(A) * B * R));  // [threads]
 
   const E* w_dir = a.w_hh + dir * GH * H;
   for (int64_t idx = threadIdx.x; idx < H * R; idx += blockDim.x) {
@@ -484,12 +488,38 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(
     E* h_write = h_dir + ((s + 1) & 1) * B * H;
     for (int64_t idx = threadIdx.x; idx < nb * H; idx += blockDim.x) hs[idx] = __ldcg(h_read + idx);
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < nb * R; idx += blockDim.x) {
-      const int64_t r = idx % R, j = idx / R;
-      const E* hj = hs + j * H;
+    // hg[j, r] for the nb * R outputs. With fewer outputs than threads (small batches) each
+    // output's sum over k is split between `split` threads (a power of two dividing blockDim.x):
+    // thread = lane * groups + group computes the k = lane, lane + split, ... part of output
+    // base + group into part[thread]; after a barrier lane 0 adds the split parts. Consecutive
+    // threads take consecutive outputs (consecutive r), so their wt reads are consecutive words.
+    // Every thread runs the same number of passes (the bounds depend on nb only), so all reach
+    // both barriers of every pass.
+    const int64_t outputs = nb * R;
+    int64_t split = 1;
+    while (split < 32 && 2 * split * outputs <= blockDim.x && 2 * split <= H) split *= 2;
+    const int64_t groups = blockDim.x / split;
+    const int64_t group = threadIdx.x % groups, lane = threadIdx.x / groups;
+    for (int64_t base = 0; base < outputs; base += groups) {
+      const int64_t o = base + group;
       A acc = A(0);
-      for (int64_t k = 0; k < H; ++k) acc += to_acc(wt[k * R + r]) * to_acc(hj[k]);
-      hg[idx] = acc;
+      if (o < outputs) {
+        const int64_t r = o % R, j = o / R;
+        const E* hj = hs + j * H;
+        for (int64_t k = lane; k < H; k += split) acc += to_acc(wt[k * R + r]) * to_acc(hj[k]);
+      }
+      if (split == 1) {
+        if (o < outputs) hg[o] = acc;
+        continue;  // (split is block-uniform: no thread waits at the barriers below)
+      }
+      part[threadIdx.x] = acc;
+      __syncthreads();
+      if (lane == 0 && o < outputs) {
+        A sum = A(0);
+        for (int64_t l = 0; l < split; ++l) sum += part[l * groups + group];
+        hg[o] = sum;
+      }
+      __syncthreads();  // part is rewritten by the next pass
     }
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < nb * U; idx += blockDim.x) {
