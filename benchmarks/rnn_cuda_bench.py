@@ -12,7 +12,9 @@ shape (T=40, input 130, hidden 200). Methods:
                  for variable lengths; cuDNN's packed path)
   fastner        torch.ops.fastner.rnn_layer_forward (+ its backward) with lengths on the CPU (no
                  device sync), default path selection
-  fastner_persistent / fastner_stepwise   the same with the forward path forced
+  fastner_persistent / fastner_stepwise   the same with the forward path forced (where the
+                 persistent grid does not fit the GPU the op silently runs step-wise, so a
+                 fastner_persistent time equal to fastner_stepwise's means it did not run)
 Each measurement: warm-up, then `repeats` rounds in which every method runs `iters` times between
 two CUDA events; methods interleave within a round (so drift hits all alike); the median per
 call is reported, with its ratio to cudnn_padded and cudnn_packed of the same row.
