@@ -9,9 +9,10 @@
 //     cooperative launch runs every step of both directions with W_hh in shared memory, or
 //   * the step-wise path: per step and direction one GEMM h[:nb] @ W_hh^T (float output) on the
 //     running prefix and one fused cell kernel, the two directions on two streams.
-// Backward (always step-wise): per step and direction one fused gate-gradient kernel and one
-// GEMM carrying the gradient to h_prev; then dW_hh and dW_ih per direction, the biases and the
-// input gradient (both directions summed inside one GEMM) as single GEMMs over all packed rows.
+// Backward: the persistent backward kernel (small batches; W_hh's columns on chip) or, step-wise,
+// per step and direction one fused gate-gradient kernel and one GEMM carrying the gradient to
+// h_prev; then dW_hh and dW_ih per direction, the biases and the input gradient (both
+// directions summed inside one GEMM) as single GEMMs over all packed rows.
 //
 // Streams. Everything runs on the caller's current stream, except that with two directions the
 // per-direction chains of direction 1 run on a second stream from torch's pool: it waits on an
@@ -340,8 +341,8 @@ class DirectionStreams {
   std::vector<c10::cuda::CUDAStream> streams_;
 };
 
-// FASTNER_RNN_CUDA_PATH=persistent|stepwise forces a forward path (tests, benchmarks); unset or
-// 'auto' applies use_persistent_forward.
+// FASTNER_RNN_CUDA_PATH=persistent|stepwise forces the path of the forward and the backward
+// (tests, benchmarks); unset or 'auto' applies use_persistent_forward / use_persistent_backward.
 enum class PathChoice { Auto, Persistent, Stepwise };
 
 PathChoice forced_path() {
@@ -540,6 +541,32 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
     grad_weights[d * per_dir + 1] = at::empty({GH, H}, opts);
   }
 
+  // The persistent kernel (small batches) runs every step of both directions on the current
+  // stream before the fork; otherwise the step loop below does.
+  const PathChoice choice = forced_path();
+  bool persistent_done = false;
+  if (choice == PathChoice::Persistent || (choice == PathChoice::Auto && k::use_persistent_backward(B, H))) {
+    const Tensor w_hh_cat = D == 1 ? w.w_hh[0] : at::cat({w.w_hh[0], w.w_hh[1]}, 0);  // [D*G*H, H]
+    Tensor gh_state = at::empty({D, 2, B, GH}, opts);
+    k::PersistentBackwardArgs<E> args;
+    args.plan = plan.view;
+    args.D = D;
+    args.H = H;
+    args.w_hh = ptr<const E>(w_hh_cat);
+    args.grad_output = ptr<const E>(grad_output);
+    args.ws = ptr<const E>(workspace);
+    args.h0 = ptr<const E>(h0_slots);
+    args.c0 = ptr<const A>(c0_slots);
+    args.dh = ptr<A>(dh);
+    args.dc = ptr<A>(dc);
+    args.gx = ptr<E>(gx);
+    args.gh_rows = ptr<E>(gh_rows);
+    args.gh_state = ptr<E>(gh_state);
+    FASTNER_CUDA_CHECK(k::launch_persistent_backward<E>(cell, args, input.get_device(), stream, &persistent_done));
+    // w_hh_cat and gh_state are freed on return: their blocks are reused only by later work on
+    // this stream, which the side stream's fork below also follows.
+  }
+
   {
     DirectionStreams streams(D);
     std::vector<k::BackwardStepArgs<E>> args(D);
@@ -559,7 +586,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
       a.gh_rows = gru ? ptr<E>(gh_rows) + d * rows * GH : nullptr;
       a.gh_step = ptr<E>(gh_step) + d * B * GH;
     }
-    for (int64_t s = plan.steps - 1; s >= 0; --s) {
+    for (int64_t s = persistent_done ? -1 : plan.steps - 1; s >= 0; --s) {
       const int64_t nb = plan.batch_size[s];
       for (int64_t d = 0; d < D; ++d) {
         const c10::cuda::CUDAStreamGuard guard(streams.stream(d));

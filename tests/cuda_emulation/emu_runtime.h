@@ -4,11 +4,17 @@
 namespace fastner::cuda::rnn {
 inline bool emu_call_registered = [] {
   emu::call_cooperative = [](const void* f, void** params) {
-#define EMU_TRY(E, C) \
-  if (f == reinterpret_cast<const void*>(&persistent_forward_kernel<E, C>)) { persistent_forward_kernel<E, C>(*static_cast<PersistentArgs<E>*>(params[0])); return; }
-    EMU_TRY(float, Cell::LSTM) EMU_TRY(float, Cell::GRU) EMU_TRY(float, Cell::RNN_TANH) EMU_TRY(float, Cell::RNN_RELU)
-    EMU_TRY(double, Cell::LSTM) EMU_TRY(double, Cell::GRU) EMU_TRY(double, Cell::RNN_TANH) EMU_TRY(double, Cell::RNN_RELU)
-    EMU_TRY(__half, Cell::LSTM) EMU_TRY(__half, Cell::GRU) EMU_TRY(__nv_bfloat16, Cell::LSTM) EMU_TRY(__nv_bfloat16, Cell::GRU)
+#define EMU_TRY(E, C)                                                                                         \
+  if (f == reinterpret_cast<const void*>(&persistent_forward_kernel<E, C>)) {                                \
+    persistent_forward_kernel<E, C>(*static_cast<PersistentArgs<E>*>(params[0]));                            \
+    return;                                                                                                  \
+  }                                                                                                          \
+  if (f == reinterpret_cast<const void*>(&persistent_backward_kernel<E, C>)) {                               \
+    persistent_backward_kernel<E, C>(*static_cast<PersistentBackwardArgs<E>*>(params[0]));                   \
+    return;                                                                                                  \
+  }
+#define EMU_TRY_ALL(E) EMU_TRY(E, Cell::LSTM) EMU_TRY(E, Cell::GRU) EMU_TRY(E, Cell::RNN_TANH) EMU_TRY(E, Cell::RNN_RELU)
+    EMU_TRY_ALL(float) EMU_TRY_ALL(double) EMU_TRY_ALL(__half) EMU_TRY_ALL(__nv_bfloat16)
     throw std::runtime_error("emu: unknown cooperative kernel");
   };
   return true;

@@ -315,12 +315,68 @@ struct BackwardStepArgs {
   E* gh_step = nullptr;            // [nb, G*H] the same for this step's slots: the GEMM operand
 };
 
+// Backward of one (slot, unit k) at one step. w: the workspace row of (slot, t) [W]; w_prev:
+// that of the step before, or null at the slot's first step (then h0 / c0 hold h_prev / c_prev);
+// dh: d loss / d h after the step, output's gradient included; dc: lstm's cell gradient (in:
+// after the step, out: before it). Writes the gradient of the projected input gx[g*H + k] and of
+// W_hh h_prev + b_hh gs[g*H + k] (and gr[g*H + k] when gr is not null). Returns the part of
+// d h_prev that bypasses W_hh (gru: z * dh; else 0).
+template <typename E, Cell C>
+__device__ __forceinline__ acc_t<E> cell_backward(int64_t H, int64_t k, const E* w, const E* w_prev, E h0,
+                                                  acc_t<E> c0, acc_t<E> dh, acc_t<E>* dc, E* gx, E* gs, E* gr) {
+  using A = acc_t<E>;
+  if constexpr (C == Cell::LSTM) {
+    const A i = to_acc(w[k]), f = to_acc(w[H + k]), g = to_acc(w[2 * H + k]), o = to_acc(w[3 * H + k]);
+    const A tc = tanh_(to_acc(w[4 * H + k]));
+    const A c_prev = w_prev != nullptr ? to_acc(w_prev[4 * H + k]) : c0;
+    const A dct = dh * o * (A(1) - tc * tc) + *dc;
+    const E di = from_acc<E>(dct * g * i * (A(1) - i));
+    const E df = from_acc<E>(dct * c_prev * f * (A(1) - f));
+    const E dg = from_acc<E>(dct * i * (A(1) - g * g));
+    const E dov = from_acc<E>(dh * tc * o * (A(1) - o));
+    *dc = dct * f;
+    gx[k] = di;
+    gx[H + k] = df;
+    gx[2 * H + k] = dg;
+    gx[3 * H + k] = dov;
+    gs[k] = di;
+    gs[H + k] = df;
+    gs[2 * H + k] = dg;
+    gs[3 * H + k] = dov;
+    return A(0);
+  } else if constexpr (C == Cell::GRU) {
+    const A r = to_acc(w[k]), z = to_acc(w[H + k]), n = to_acc(w[2 * H + k]), hn = to_acc(w[3 * H + k]);
+    const A h_prev = to_acc(w_prev != nullptr ? w_prev[4 * H + k] : h0);
+    const A dn = dh * (A(1) - z) * (A(1) - n * n);
+    const E dr = from_acc<E>(dn * hn * r * (A(1) - r));
+    const E dz = from_acc<E>(dh * (h_prev - n) * z * (A(1) - z));
+    const E dhn = from_acc<E>(dn * r);
+    gx[k] = dr;
+    gx[H + k] = dz;
+    gx[2 * H + k] = from_acc<E>(dn);
+    gs[k] = dr;
+    gs[H + k] = dz;
+    gs[2 * H + k] = dhn;
+    if (gr != nullptr) {
+      gr[k] = dr;
+      gr[H + k] = dz;
+      gr[2 * H + k] = dhn;
+    }
+    return dh * z;
+  } else {
+    const A h = to_acc(w[k]);
+    const A dpre = C == Cell::RNN_RELU ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h);
+    gx[k] = from_acc<E>(dpre);
+    gs[k] = from_acc<E>(dpre);
+    return A(0);
+  }
+}
+
 template <typename E, Cell C>
 __global__ void backward_step_kernel(BackwardStepArgs<E> a, int64_t s, int64_t nb) {
   using A = acc_t<E>;
   constexpr int G = gates_of(C);
-  constexpr int64_t Wn = workspace_width(C);
-  const int64_t H = a.H, GH = G * H, DGH = a.D * GH, DH = a.D * H, W = Wn * H;
+  const int64_t H = a.H, GH = G * H, DGH = a.D * GH, DH = a.D * H, W = workspace_width(C) * H;
   const int64_t total = nb * H;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -329,54 +385,11 @@ __global__ void backward_step_kernel(BackwardStepArgs<E> a, int64_t s, int64_t n
     const int64_t t = a.plan.time_at(a.dir, j, s);
     const int64_t row = a.plan.packed_row(j, t);
     const int64_t prev = a.plan.previous_row(a.dir, j, t);
-    const E* w = a.ws + row * W;
     const A dh = a.dh[j * H + k] + to_acc(a.grad_output[a.plan.io_row(j, t) * DH + k]);
-    E* gx = a.gx + row * DGH;
-    E* gs = a.gh_step + j * GH;
-    if constexpr (C == Cell::LSTM) {
-      const A i = to_acc(w[k]), f = to_acc(w[H + k]), g = to_acc(w[2 * H + k]), o = to_acc(w[3 * H + k]);
-      const A tc = tanh_(to_acc(w[4 * H + k]));
-      const A c_prev = prev >= 0 ? to_acc(a.ws[prev * W + 4 * H + k]) : a.c0[j * H + k];
-      const A dct = dh * o * (A(1) - tc * tc) + a.dc[j * H + k];
-      const E di = from_acc<E>(dct * g * i * (A(1) - i));
-      const E df = from_acc<E>(dct * c_prev * f * (A(1) - f));
-      const E dg = from_acc<E>(dct * i * (A(1) - g * g));
-      const E dov = from_acc<E>(dh * tc * o * (A(1) - o));
-      a.dc[j * H + k] = dct * f;
-      a.dh[j * H + k] = A(0);
-      gx[k] = di;
-      gx[H + k] = df;
-      gx[2 * H + k] = dg;
-      gx[3 * H + k] = dov;
-      gs[k] = di;
-      gs[H + k] = df;
-      gs[2 * H + k] = dg;
-      gs[3 * H + k] = dov;
-    } else if constexpr (C == Cell::GRU) {
-      const A r = to_acc(w[k]), z = to_acc(w[H + k]), n = to_acc(w[2 * H + k]), hn = to_acc(w[3 * H + k]);
-      const A h_prev = to_acc(prev >= 0 ? a.ws[prev * W + 4 * H + k] : a.h0[j * H + k]);
-      const A dn = dh * (A(1) - z) * (A(1) - n * n);
-      const E dr = from_acc<E>(dn * hn * r * (A(1) - r));
-      const E dz = from_acc<E>(dh * (h_prev - n) * z * (A(1) - z));
-      const E dhn = from_acc<E>(dn * r);
-      a.dh[j * H + k] = dh * z;
-      gx[k] = dr;
-      gx[H + k] = dz;
-      gx[2 * H + k] = from_acc<E>(dn);
-      gs[k] = dr;
-      gs[H + k] = dz;
-      gs[2 * H + k] = dhn;
-      E* gr = a.gh_rows + row * GH;
-      gr[k] = dr;
-      gr[H + k] = dz;
-      gr[2 * H + k] = dhn;
-    } else {
-      const A h = to_acc(w[k]);
-      const A dpre = C == Cell::RNN_RELU ? (h > A(0) ? dh : A(0)) : dh * (A(1) - h * h);
-      a.dh[j * H + k] = A(0);
-      gx[k] = from_acc<E>(dpre);
-      gs[k] = from_acc<E>(dpre);
-    }
+    a.dh[j * H + k] = cell_backward<E, C>(
+        H, k, a.ws + row * W, prev >= 0 ? a.ws + prev * W : nullptr, a.h0[j * H + k],
+        a.c0 != nullptr ? a.c0[j * H + k] : A(0), dh, a.dc != nullptr ? a.dc + j * H + k : nullptr,
+        a.gx + row * DGH, a.gh_step + j * GH, a.gh_rows != nullptr ? a.gh_rows + row * GH : nullptr);
   }
 }
 
@@ -422,9 +435,10 @@ __global__ void previous_h_kernel(PlanView plan, int64_t dir, int64_t H, const E
 // reads. Global state is read with __ldcg (L2, never a possibly stale L1 line). Both directions
 // share the grid and the barrier; they run the same slots at every step.
 constexpr int kPersistentThreads = 256;
-// Selection thresholds; placeholders until measured on an H100 (see use_persistent_forward).
+// Selection thresholds; placeholders until measured on an H100 (see use_persistent_forward / _backward).
 constexpr int64_t kPersistentMaxBatchInference = 64;  // B at most this: persistent inference
 constexpr int64_t kPersistentMaxBatchTraining = 32;   // B at most this: persistent training fwd
+constexpr int64_t kPersistentMaxBatchBackward = 32;   // B at most this: persistent backward
 constexpr int64_t kPersistentMaxHidden = 1024;        // larger H: W_hh slices get too thin
 
 template <typename E>
@@ -547,6 +561,138 @@ __global__ void __launch_bounds__(kPersistentThreads) persistent_forward_kernel(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Persistent backward: every step of both directions in one cooperative launch
+// ---------------------------------------------------------------------------------------------
+//
+// The same grid as the forward: block b serves direction b / blocks_per_dir and the hidden units
+// [u0, u0 + U). It keeps the U columns of W_hh that feed its units, wc[r*U + uu] = W_hh[r, u0 +
+// uu] for all r < G*H, in shared memory. Steps run from the last to the first; per step s
+// (nb = batch_size[s] running slots):
+//   A. for the slots that also ran step s+1 (j < batch_size[s+1]): dh[j, u] += sum over r of
+//      gh_{s+1}[j, r] * W_hh[r, u], where gh_{s+1} (every unit's gate gradients of step s+1, all
+//      blocks of the direction wrote them) is read from the double-buffered global gh_state;
+//   B. the cell backward for (j < nb, own unit): dh (+ the output's gradient) -> the gate
+//      gradients into gx, gh_rows (gru) and gh_state[s & 1], dc updated, dh = the bypass part;
+//   then grid.sync(). After step 0 one more phase A (with batch_size[0] slots) leaves d h0 in dh.
+// dh and dc [D, B, H] (slot order, in A) hold each (slot, unit) only for the block owning the unit;
+// phases A and B of a step are separated by __syncthreads (which orders the block's global
+// writes). Double buffering: step s writes gh_state[s & 1], step s-1 reads it in phase A (after
+// the grid barrier) and writes the other parity; the next write of parity s & 1 is at step s-2,
+// after the barrier that ends step s-1, so no block overwrites gradients another still reads.
+template <typename E>
+struct PersistentBackwardArgs {
+  PlanView plan;
+  int64_t D = 1, H = 0;
+  int units_per_block = 1, blocks_per_dir = 1;
+  const E* w_hh = nullptr;         // [D*G*H, H]: direction d's W_hh at rows [d*G*H, (d+1)*G*H)
+  const E* grad_output = nullptr;  // [B*T, D*H] io rows
+  const E* ws = nullptr;           // [D, B*T, W] the forward's workspace
+  const E* h0 = nullptr;           // [D, B, H] slot order initial h
+  const acc_t<E>* c0 = nullptr;    // [D, B, H] slot order initial c (lstm), else null
+  acc_t<E>* dh = nullptr;          // [D, B, H] slot order: in grad_h_n, out d h0
+  acc_t<E>* dc = nullptr;          // [D, B, H] slot order (lstm): in grad_c_n, out d c0; else null
+  E* gx = nullptr;                 // [rows, D*G*H] gradient of the projected input
+  E* gh_rows = nullptr;            // [D, rows, G*H] gru's W_hh-side gate gradients, else null
+  E* gh_state = nullptr;           // [D, 2, B, G*H] scratch: gate gradients of the last two steps
+};
+
+// Shared memory of one block: wc [G*H, U] E | partial sums [kPersistentThreads] A.
+template <typename E>
+__host__ __device__ inline size_t persistent_backward_smem_bytes(int64_t GH, int64_t U) {
+  return round_up16(sizeof(E) * GH * U) + round_up16(sizeof(acc_t<E>) * kPersistentThreads);
+}
+
+// Phase A of the persistent backward for the slots j < nb: dh[j, u0 + uu] += gh[j, :] . wc[:, uu].
+// gh: [B, G*H] gate gradients of the later step (global, written by other blocks: read via L2).
+template <typename E>
+__device__ __forceinline__ void persistent_backward_carry(int64_t nb, int64_t H, int64_t GH, int64_t U, int64_t u0,
+                                                          const E* wc, const E* gh, acc_t<E>* dh, acc_t<E>* part) {
+  using A = acc_t<E>;
+  const int64_t outputs = nb * U;
+  int64_t split = 1;  // as in the forward's phase 2: threads per output when outputs are few
+  while (split < 32 && 2 * split * outputs <= blockDim.x && 2 * split <= GH) split *= 2;
+  const int64_t groups = blockDim.x / split;
+  const int64_t group = threadIdx.x % groups, lane = threadIdx.x / groups;
+  for (int64_t base = 0; base < outputs; base += groups) {
+    const int64_t o = base + group;
+    const int64_t uu = o % U, j = o / U;
+    A acc = A(0);
+    if (o < outputs) {
+      const E* ghj = gh + j * GH;
+      for (int64_t r = lane; r < GH; r += split) acc += to_acc(__ldcg(ghj + r)) * to_acc(wc[r * U + uu]);
+    }
+    if (split > 1) {
+      part[threadIdx.x] = acc;
+      __syncthreads();
+      if (lane == 0) {
+        for (int64_t l = 1; l < split; ++l) acc += part[l * groups + group];
+      }
+      __syncthreads();  // part is rewritten by the next pass
+    }
+    if (lane == 0 && o < outputs && u0 + uu < H) dh[j * H + u0 + uu] += acc;
+  }
+}
+
+template <typename E, Cell C>
+__global__ void __launch_bounds__(kPersistentThreads) persistent_backward_kernel(PersistentBackwardArgs<E> a) {
+  using A = acc_t<E>;
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+  constexpr int G = gates_of(C);
+  const int64_t H = a.H, B = a.plan.B, T = a.plan.T, GH = G * H, DGH = a.D * GH, DH = a.D * H;
+  const int64_t W = workspace_width(C) * H, rows = a.plan.rows;
+  const int64_t U = a.units_per_block;
+  const int64_t dir = blockIdx.x / a.blocks_per_dir;
+  const int64_t u0 = (blockIdx.x % a.blocks_per_dir) * U;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  E* wc = reinterpret_cast<E*>(smem);                                          // [G*H, U]
+  A* part = reinterpret_cast<A*>(smem + round_up16(sizeof(E) * GH * U));      // [threads]
+
+  const E* w_dir = a.w_hh + dir * GH * H;
+  for (int64_t idx = threadIdx.x; idx < GH * U; idx += blockDim.x) {
+    const int64_t r = idx / U, u = u0 + idx % U;
+    wc[idx] = u < H ? w_dir[r * H + u] : from_acc<E>(A(0));
+  }
+  __syncthreads();
+
+  const E* ws_dir = a.ws + dir * (B * T) * W;
+  const E* h0_dir = a.h0 + dir * B * H;
+  const A* c0_dir = a.c0 != nullptr ? a.c0 + dir * B * H : nullptr;
+  A* dh_dir = a.dh + dir * B * H;
+  A* dc_dir = a.dc != nullptr ? a.dc + dir * B * H : nullptr;
+  E* gh_dir = a.gh_state + dir * 2 * B * GH;
+  E* gr_dir = a.gh_rows != nullptr ? a.gh_rows + dir * rows * GH : nullptr;
+
+  for (int64_t s = a.plan.steps - 1; s >= 0; --s) {
+    const int64_t nb = a.plan.batch_size[s];
+    if (s + 1 < a.plan.steps) {
+      persistent_backward_carry<E>(a.plan.batch_size[s + 1], H, GH, U, u0, wc, gh_dir + ((s + 1) & 1) * B * GH, dh_dir,
+                                   part);
+    }
+    __syncthreads();  // dh of this block's units is final for the step
+    E* gh_write = gh_dir + (s & 1) * B * GH;
+    for (int64_t idx = threadIdx.x; idx < nb * U; idx += blockDim.x) {
+      const int64_t uu = idx % U, j = idx / U;
+      const int64_t k = u0 + uu;
+      if (k >= H) continue;
+      const int64_t t = a.plan.time_at(dir, j, s);
+      const int64_t row = a.plan.packed_row(j, t);
+      const int64_t prev = a.plan.previous_row(dir, j, t);
+      const A dh = dh_dir[j * H + k] + to_acc(a.grad_output[a.plan.io_row(j, t) * DH + dir * H + k]);
+      dh_dir[j * H + k] = cell_backward<E, C>(
+          H, k, ws_dir + row * W, prev >= 0 ? ws_dir + prev * W : nullptr, h0_dir[j * H + k],
+          c0_dir != nullptr ? c0_dir[j * H + k] : A(0), dh, dc_dir != nullptr ? dc_dir + j * H + k : nullptr,
+          a.gx + row * DGH + dir * GH, gh_write + j * GH, gr_dir != nullptr ? gr_dir + row * GH : nullptr);
+    }
+    grid.sync();  // every unit's gate gradients of step s are visible to phase A of step s-1
+  }
+  if (a.plan.steps > 0) {
+    persistent_backward_carry<E>(a.plan.batch_size[0], H, GH, U, u0, wc, gh_dir, dh_dir, part);  // parity 0 & 1 = 0
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side: launchers (all on the given stream; they return the launch's cudaError_t)
 // ---------------------------------------------------------------------------------------------
 
@@ -631,32 +777,37 @@ inline bool use_persistent_forward(int64_t B, int64_t H, bool training) {
   return B <= (training ? kPersistentMaxBatchTraining : kPersistentMaxBatchInference);
 }
 
-template <typename E, Cell C>
-const void* persistent_kernel_ptr() {
-  return reinterpret_cast<const void*>(&persistent_forward_kernel<E, C>);
+// The same rule for the backward (whose step-wise path has the same two launches per step and
+// direction).
+inline bool use_persistent_backward(int64_t B, int64_t H) {
+  return B > 0 && H > 0 && H <= kPersistentMaxHidden && B <= kPersistentMaxBatchBackward;
 }
 
-template <typename E>
+template <typename E, bool Backward>
 const void* persistent_kernel_for(Cell cell) {
+#define FASTNER_RNN_KERNEL(C)                                                                        \
+  (Backward ? reinterpret_cast<const void*>(&persistent_backward_kernel<E, C>)                      \
+            : reinterpret_cast<const void*>(&persistent_forward_kernel<E, C>))
   switch (cell) {
-    case Cell::LSTM: return persistent_kernel_ptr<E, Cell::LSTM>();
-    case Cell::GRU: return persistent_kernel_ptr<E, Cell::GRU>();
-    case Cell::RNN_TANH: return persistent_kernel_ptr<E, Cell::RNN_TANH>();
-    case Cell::RNN_RELU: return persistent_kernel_ptr<E, Cell::RNN_RELU>();
+    case Cell::LSTM: return FASTNER_RNN_KERNEL(Cell::LSTM);
+    case Cell::GRU: return FASTNER_RNN_KERNEL(Cell::GRU);
+    case Cell::RNN_TANH: return FASTNER_RNN_KERNEL(Cell::RNN_TANH);
+    case Cell::RNN_RELU: return FASTNER_RNN_KERNEL(Cell::RNN_RELU);
   }
+#undef FASTNER_RNN_KERNEL
   return nullptr;
 }
 
-// Launches the persistent forward when its grid fits the device; *launched tells whether it
-// did (when false, nothing was launched and the caller runs the step-wise path). Chooses U, the
-// hidden units per block, as the smallest that lets all D * ceil(H / U) blocks be co-resident
-// (a cooperative launch requires it) within the shared memory the device allows per block.
-template <typename E>
-cudaError_t launch_persistent_forward(Cell cell, PersistentArgs<E> args, int device, cudaStream_t stream,
-                                      bool* launched) {
+// Launches a persistent kernel (forward or backward, both with the grid of one block per U hidden
+// units per direction) when its grid fits the device; *launched tells whether it did (when false,
+// nothing was launched and the caller runs the step-wise path). Chooses U as the smallest that
+// lets all D * ceil(H / U) blocks be co-resident (a cooperative launch requires it) within the
+// shared memory the device allows per block.
+template <typename E, bool Backward, typename Args>
+cudaError_t launch_persistent(Cell cell, Args args, int device, cudaStream_t stream, bool* launched) {
   *launched = false;
   if (args.plan.steps == 0) {
-    *launched = true;  // nothing to run: h_n / c_n are preset by the caller
+    *launched = true;  // nothing to run: the caller presets every result for empty sequences
     return cudaSuccess;
   }
   int sms = 0, smem_optin = 0, cooperative = 0;
@@ -664,11 +815,11 @@ cudaError_t launch_persistent_forward(Cell cell, PersistentArgs<E> args, int dev
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
   if (err != cudaSuccess || !cooperative) return err;
-  const void* kernel = persistent_kernel_for<E>(cell);
+  const void* kernel = persistent_kernel_for<E, Backward>(cell);
   const int64_t H = args.H, D = args.D, G = gates_of(cell), B = args.plan.B;
   for (int64_t U = ceil_div(D * H, sms); U <= H; U = U < 2 ? U + 1 : U + U / 2) {
     const int64_t blocks_per_dir = ceil_div(H, U);
-    const size_t smem = persistent_smem_bytes<E>(B, H, G * U);
+    const size_t smem = Backward ? persistent_backward_smem_bytes<E>(G * H, U) : persistent_smem_bytes<E>(B, H, G * U);
     if (smem > static_cast<size_t>(smem_optin)) break;  // a larger U only needs more
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
@@ -685,6 +836,18 @@ cudaError_t launch_persistent_forward(Cell cell, PersistentArgs<E> args, int dev
     return err;
   }
   return cudaSuccess;
+}
+
+template <typename E>
+cudaError_t launch_persistent_forward(Cell cell, const PersistentArgs<E>& args, int device, cudaStream_t stream,
+                                      bool* launched) {
+  return launch_persistent<E, false>(cell, args, device, stream, launched);
+}
+
+template <typename E>
+cudaError_t launch_persistent_backward(Cell cell, const PersistentBackwardArgs<E>& args, int device,
+                                       cudaStream_t stream, bool* launched) {
+  return launch_persistent<E, true>(cell, args, device, stream, launched);
 }
 
 }  // namespace rnn
@@ -708,7 +871,9 @@ namespace rnn {
                                                cudaStream_t);                                               \
   template cudaError_t launch_previous_h<E>(Cell, const PlanView&, int64_t, int64_t, const E*, const E*, E*, \
                                             cudaStream_t);                                                  \
-  template cudaError_t launch_persistent_forward<E>(Cell, PersistentArgs<E>, int, cudaStream_t, bool*);
+  template cudaError_t launch_persistent_forward<E>(Cell, const PersistentArgs<E>&, int, cudaStream_t, bool*); \
+  template cudaError_t launch_persistent_backward<E>(Cell, const PersistentBackwardArgs<E>&, int, cudaStream_t, \
+                                                     bool*);
 // State kept in E itself (h); for float and double that is the acc_t<E> instantiation above.
 #define FASTNER_RNN_INSTANTIATE_LOW_PRECISION(E)                                                             \
   template cudaError_t launch_gather_state<E, E>(const int64_t*, int64_t, int64_t, int64_t, const E*, E*,   \
