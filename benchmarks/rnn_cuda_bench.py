@@ -12,7 +12,7 @@ shape (T=40, input 130, hidden 200). Methods:
                  for variable lengths; cuDNN's packed path)
   fastner        torch.ops.fastner.rnn_layer_forward (+ its backward) with lengths on the CPU (no
                  device sync), default path selection
-  fastner_persistent / fastner_stepwise   the same with the forward path forced (where the
+  fastner_persistent / fastner_stepwise   the same with the path (forward and backward) forced (where the
                  persistent grid does not fit the GPU the op silently runs step-wise, so a
                  fastner_persistent time equal to fastner_stepwise's means it did not run)
 Each measurement: warm-up, then `repeats` rounds in which every method runs `iters` times between

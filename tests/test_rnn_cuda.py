@@ -1,5 +1,5 @@
 """The RNN ops on CUDA (csrc/cuda/rnn.cu): against cuDNN (torch.nn.LSTM / GRU / RNN on the GPU),
-against the CPU kernel, both forward paths (persistent and step-wise, forced through
+against the CPU kernel, both paths (persistent and step-wise kernels, forward and backward, forced through
 FASTNER_RNN_CUDA_PATH), float16 / bfloat16 against a float64 oracle, autocast, gradcheck in
 float64, torch.library.opcheck, streams, and bad input. Skips cleanly without a GPU.
 
