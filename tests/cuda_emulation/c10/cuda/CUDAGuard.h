@@ -1,0 +1,3 @@
+// Stand-in for the CPU emulation (see ../../emu.h).
+#pragma once
+#include <c10/cuda/CUDAStream.h>

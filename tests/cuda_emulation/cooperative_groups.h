@@ -1,0 +1,3 @@
+// cooperative_groups stand-in for the CPU emulation (see emu.h).
+#pragma once
+#include "emu.h"
