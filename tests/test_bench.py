@@ -357,3 +357,11 @@ def test_tagger_batches_are_valid_bioes():
                 else:
                     assert tag[0] in "OBS", row
                 previous = tag
+
+
+def test_markdown_tables_from_the_quick_run(quick_run):
+    from fastner.bench.markdown import render
+
+    text = render(json.loads(quick_run[1].read_text()))
+    assert "| RNN (bidirectional) |" in text and "| lstm inference | 32×40×130→200 |" in text
+    assert "GEMM rate" in text

@@ -101,6 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for device in devices:
         _say()
         _say(f"=== {device}: {device_name(device)}")
+        kernels = next(d["fused_ops"] for d in environment["devices"] if d["device"] == str(device))
+        if kernels:
+            _say("    fused kernels: " + (", ".join(op for op, fused in kernels.items() if fused) or "none")
+                 + "; reference path: " + (", ".join(op for op, fused in kernels.items() if not fused) or "none"))
         for name in groups:
             module = GROUPS[name]
             _say(f"--- {module.TITLE}")

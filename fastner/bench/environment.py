@@ -52,6 +52,19 @@ def git_dirty() -> Optional[bool]:
     return None if status is None else bool(status)
 
 
+def fused_ops(device: torch.device) -> Dict[str, bool]:
+    """For every registered torch.ops.fastner op: whether a fused kernel serves this device."""
+    from fastner import _extension
+
+    try:
+        _extension.extension_loaded()
+        names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                       if n.startswith("fastner::"))
+        return {name: _extension.has_kernel(name, device.type) for name in names}
+    except Exception:  # private dispatcher API: its absence only costs this detail
+        return {}
+
+
 def describe(devices) -> Dict[str, object]:
     import fastner
 
@@ -74,6 +87,7 @@ def describe(devices) -> Dict[str, object]:
         "cpu_model": cpu_model(),
         "fastner_backend": backend,
         "fastner_backend_env": os.environ.get("FASTNER_BACKEND"),
-        "devices": [{"device": str(d), "name": device_name(d)} for d in devices],
+        "devices": [{"device": str(d), "name": device_name(d), "fused_ops": fused_ops(d)}
+                    for d in devices],
         "argv": list(sys.argv),
     }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ class Context:
 
     def __post_init__(self) -> None:
         self.clock = clock_for(self.device)
+        if self.device.type == "cuda":
+            # One call per sample, synchronized: the latency a caller sees. Back-to-back calls
+            # in one sample would hide each call's launch work behind the previous kernels.
+            self.settings = dataclasses.replace(self.settings, min_sample_s=0.0)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

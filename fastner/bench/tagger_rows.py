@@ -3,6 +3,7 @@ clipping, SGD step) and for inference (forward + Viterbi), fastner against the s
 torch.nn layers (packed) and pytorch-crf, weights shared, on CoNLL-like batches."""
 from __future__ import annotations
 
+import copy
 import random
 from typing import Callable, List
 
@@ -42,9 +43,8 @@ def run(ctx: Context, build: Callable = fastner_tagger) -> None:
     except ImportError as err:
         raise GroupSkipped(f"the baseline needs pytorch-crf (torchcrf) ({describe_error(err)})") from None
     torch.manual_seed(23)
-    fast, batch_class = build(ctx.device)
-    base, swapped = torch_baseline(fast)
-    if swapped == 0:
+    model, batch_class = build(ctx.device)
+    if torch_baseline(model)[1] == 0:
         raise GroupSkipped("the tagger has no fastner LSTM/GRU/RNN/CRF module to compare against torch")
     ctx.notes.append("pytorch-crf has no transition constraints: the baseline CRF runs unconstrained")
     plan = ctx.plan
@@ -54,6 +54,9 @@ def run(ctx: Context, build: Callable = fastner_tagger) -> None:
                                  ("inference", plan.tagger_infer_batch)):
             batches = make_batches(batch_class, plan.tagger_batches, batch_size, batching,
                                    seed=31 + batch_size, device=ctx.device)
+            # Fresh copies per row: training rows move the weights, and apart.
+            fast = copy.deepcopy(model)
+            base, _ = torch_baseline(model)
             _row(ctx, fast, base, mode, batching, batch_size, batches)
 
 
@@ -105,7 +108,7 @@ def _inference(model, batches) -> Callable[[], None]:
 
 
 def _check(fast, base, batches) -> str:
-    """Same weights, same code: the emission scores must agree (taken before any training)."""
+    """Same weights, same code: the emission scores must agree."""
     emissions = getattr(fast, "emissions", None)
     if emissions is None:
         return "n/a"
