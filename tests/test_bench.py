@@ -61,7 +61,9 @@ def test_quick_run_environment(quick_run):
     assert data["fastner_version"] == fastner.__version__
     assert data["torch_version"] == torch.__version__
     assert data["threads"] == 1
-    assert data["git_commit"] is None or (isinstance(data["git_commit"], str) and len(data["git_commit"]) == 40)
+    commit = data["git_commit"]
+    assert commit is None or (isinstance(commit, str) and len(commit) == 40)
+    assert data["arguments"][:3] == ["--quick", "--json", str(quick_run[1])]
     assert data["devices"][0]["device"] == "cpu" and data["devices"][0]["name"]
     assert set(data["fastner_backend"]) >= {"cpu", "version", "torch"}
     assert {"warmup", "min_samples", "max_samples", "budget_s", "plan"} <= set(data["settings"])
@@ -93,7 +95,8 @@ def test_quick_run_rows_have_medians_spread_and_ratios(quick_run):
         assert baselines
         for result in row["results"]:
             assert set(STAT_KEYS) <= set(result)
-            assert 0 < result["min_ms"] <= result["q1_ms"] <= result["median_ms"] <= result["q3_ms"] <= result["max_ms"]
+            spread = [result[k] for k in ("min_ms", "q1_ms", "median_ms", "q3_ms", "max_ms")]
+            assert 0 < spread[0] and spread == sorted(spread)
             assert result["samples"] >= data["settings"]["min_samples"]
             if result["role"] == "fastner":
                 assert set(result["speedup"]) == baselines
@@ -115,7 +118,8 @@ def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
     assert len(gemm) == 1 and gemm[0]["gflops_per_s"] > 0
     for row in rnn:
         assert row["flops"] > 0 and row["floor_ms"] > 0
-        assert math.isclose(row["floor_ms"], row["flops"] / (gemm[0]["gflops_per_s"] * 1e9) * 1e3, rel_tol=1e-9)
+        floor_ms = row["flops"] / (gemm[0]["gflops_per_s"] * 1e9) * 1e3
+        assert math.isclose(row["floor_ms"], floor_ms, rel_tol=1e-9)
         assert all(r["x_floor"] > 0 for r in row["results"])
     for axis in ("B", "H", "T"):
         assert len({r["shape"][axis] for r in rnn if axis in r["sweeps"]}) >= 2
@@ -170,7 +174,8 @@ def _calls(*names):
 
 def test_summarize_median_quartiles_extremes():
     stats = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert (stats.median, stats.q1, stats.q3, stats.min, stats.max, stats.samples) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    got = (stats.median, stats.q1, stats.q3, stats.min, stats.max, stats.samples)
+    assert got == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
     even = summarize([4.0, 1.0, 2.0, 3.0])  # linear interpolation, as numpy.quantile
     assert (even.median, even.q1, even.q3) == (2.5, 1.75, 3.25)
     assert summarize([7.0]).median == 7.0
@@ -209,8 +214,8 @@ def test_measure_batches_short_calls_into_samples():
 
 
 def test_compare_gives_speedups_over_each_baseline():
-    ctx = Context(torch.device("cpu"), make_plan(True), Settings(warmup=1, min_samples=3, max_samples=3,
-                                                                 min_sample_s=0.0), emit=lambda row: None)
+    settings = Settings(warmup=1, min_samples=3, max_samples=3, min_sample_s=0.0)
+    ctx = Context(torch.device("cpu"), make_plan(True), settings, emit=lambda row: None)
     ctx.clock = FakeClock({"fast": 0.001, "base": 0.010, "ref": 0.004})
     row = ctx.compare(Row("cpu", "x", "op", {}), _calls("fast", "base", "ref"), baselines=["base", "ref"])
     fast = row.result("fast")
@@ -311,7 +316,8 @@ class StandInTagger(torch.nn.Module):
         scores = self.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
         if self.crf is not None:
             return -self.crf(scores, batch.tags, batch.mask, reduction="sum")
-        return torch.nn.functional.cross_entropy(scores[batch.mask], batch.tags[batch.mask], reduction="sum")
+        mask = batch.mask
+        return torch.nn.functional.cross_entropy(scores[mask], batch.tags[mask], reduction="sum")
 
     @torch.no_grad()
     def predict(self, batch):
@@ -325,8 +331,8 @@ def test_tagger_rows_on_a_stand_in_model():
     pytest.importorskip("torchcrf")
     rows = []
     plan = dataclasses.replace(make_plan(True), tagger_train_batch=4, tagger_infer_batch=8)
-    ctx = Context(torch.device("cpu"), plan, Settings(warmup=1, min_samples=2, max_samples=2, budget_s=0.0),
-                  emit=rows.append)
+    settings = Settings(warmup=1, min_samples=2, max_samples=2, budget_s=0.0)
+    ctx = Context(torch.device("cpu"), plan, settings, emit=rows.append)
     tagger_rows.run(ctx, build=lambda device: (StandInTagger(), StandInBatch))
     assert [row.op for row in rows] == ["tagger_training", "tagger_inference"]
     for row in rows:
@@ -339,7 +345,8 @@ def test_tagger_rows_on_a_stand_in_model():
 
 
 def test_tagger_batches_are_valid_bioes():
-    batches = tagger_rows.make_batches(StandInBatch, 3, 16, "bucketed", seed=1, device=torch.device("cpu"))
+    batches = tagger_rows.make_batches(StandInBatch, 3, 16, "bucketed", seed=1,
+                                       device=torch.device("cpu"))
     assert len(batches) == 3
     all_lengths = torch.cat([b.lengths for b in batches])
     assert torch.equal(all_lengths, all_lengths.sort().values)  # bucketed: sorted by length

@@ -71,7 +71,8 @@ def _say(text: str = "") -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(arguments)
     groups = _groups(args.only, parser)
     devices = _devices(args.device, parser)
     if args.threads is not None:
@@ -87,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(0)
     plan = make_plan(args.quick)
     settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS
-    environment = describe(devices)
+    environment = describe(devices, arguments)
 
     _say(f"fastner {environment['fastner_version']} (backend {environment['fastner_backend']}), "
          f"torch {environment['torch_version']}, {environment['threads']} threads, "
@@ -103,33 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _say(f"=== {device}: {device_name(device)}")
         kernels = next(d["fused_ops"] for d in environment["devices"] if d["device"] == str(device))
         if kernels:
-            _say("    fused kernels: " + (", ".join(op for op, fused in kernels.items() if fused) or "none")
-                 + "; reference path: " + (", ".join(op for op, fused in kernels.items() if not fused) or "none"))
+            _say("    " + _kernel_line(kernels))
         for name in groups:
-            module = GROUPS[name]
-            _say(f"--- {module.TITLE}")
-            record: Dict[str, object] = {"device": str(device), "group": name}
-            ctx = Context(device, plan, settings, emit=lambda row: (rows.append(row), _print(row)))
-            # Rows after the first group on this device still need the rate measured in it.
-            ctx.gemm_flops_per_s = _gemm_rate(rows, str(device))
-            group_started = time.perf_counter()
-            try:
-                module.run(ctx)
-                record["status"] = "ok"
-            except GroupSkipped as skip:
-                record["status"] = "skipped"
-                record["skipped"] = str(skip)
-                _say(f"    skipped: {skip}")
-            except Exception as err:  # report and go on with the other groups
-                record["status"] = "error"
-                record["error"] = describe_error(err)
-                _say(f"    ERROR: {describe_error(err)}")
-                traceback.print_exc()
-            record["notes"] = list(ctx.notes)
-            for note in ctx.notes:
-                _say(f"    note: {note}")
-            record["seconds"] = round(time.perf_counter() - group_started, 3)
-            group_records.append(record)
+            group_records.append(_run_group(name, device, plan, settings, rows))
 
     wall = time.perf_counter() - started
     failed = [r for r in rows if r.error is not None] + \
@@ -147,6 +124,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for path in write_plots(result, args.plot):
             _say(f"wrote {path}")
     return 1 if failed else 0
+
+
+def _run_group(name: str, device: torch.device, plan, settings: Settings,
+               rows: List[Row]) -> Dict[str, object]:
+    """Run one group on one device, appending its rows; returns the group's record."""
+    module = GROUPS[name]
+    _say(f"--- {module.TITLE}")
+    record: Dict[str, object] = {"device": str(device), "group": name}
+
+    def emit(row: Row) -> None:
+        rows.append(row)
+        _print(row)
+
+    ctx = Context(device, plan, settings, emit=emit)
+    ctx.gemm_flops_per_s = _gemm_rate(rows, str(device))  # measured by an earlier group
+    started = time.perf_counter()
+    try:
+        module.run(ctx)
+        record["status"] = "ok"
+    except GroupSkipped as skip:
+        record["status"] = "skipped"
+        record["skipped"] = str(skip)
+        _say(f"    skipped: {skip}")
+    except Exception as err:  # report it and go on with the other groups
+        record["status"] = "error"
+        record["error"] = describe_error(err)
+        _say(f"    ERROR: {describe_error(err)}")
+        traceback.print_exc()
+    record["notes"] = list(ctx.notes)
+    for note in ctx.notes:
+        _say(f"    note: {note}")
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _kernel_line(kernels: Dict[str, bool]) -> str:
+    fused = ", ".join(op for op, has in kernels.items() if has) or "none"
+    reference = ", ".join(op for op, has in kernels.items() if not has) or "none"
+    return f"fused kernels: {fused}; reference path: {reference}"
 
 
 def _print(row: Row) -> None:

@@ -5,7 +5,6 @@ import os
 import pathlib
 import platform
 import subprocess
-import sys
 from typing import Dict, Optional
 
 import torch
@@ -65,7 +64,7 @@ def fused_ops(device: torch.device) -> Dict[str, bool]:
         return {}
 
 
-def describe(devices) -> Dict[str, object]:
+def describe(devices, arguments) -> Dict[str, object]:
     import fastner
 
     try:
@@ -89,5 +88,5 @@ def describe(devices) -> Dict[str, object]:
         "fastner_backend_env": os.environ.get("FASTNER_BACKEND"),
         "devices": [{"device": str(d), "name": device_name(d), "fused_ops": fused_ops(d)}
                     for d in devices],
-        "argv": list(sys.argv),
+        "arguments": list(arguments),
     }

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -124,6 +123,3 @@ def on_reference(fn: Callable[[], object]) -> Callable[[], object]:
 def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()
 
-
-def warn(message: str) -> None:
-    print(f"fastner bench: {message}", file=sys.stderr, flush=True)

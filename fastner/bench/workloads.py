@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -139,7 +139,3 @@ def sentence_batches(count: int, batch: int, seed: int, cap: int = CONLL_MAX) ->
     return [torch.tensor([_draw_length(rng, cap) for _ in range(batch)], dtype=torch.long)
             for _ in range(count)]
 
-
-def describe_lengths(lengths: Sequence[int]) -> Dict[str, float]:
-    values = [int(v) for v in lengths]
-    return {"mean": sum(values) / len(values), "max": max(values), "tokens": sum(values)}
