@@ -213,6 +213,37 @@ def test_measure_batches_short_calls_into_samples():
     assert stats["fast"].median == pytest.approx(1e-5)  # reported per call
 
 
+def test_cuda_event_clock_drains_the_queue_then_times_with_events(monkeypatch):
+    from fastner.bench.timing import CudaEventClock
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = "start" if not any(e.startswith("new") for e in log) else "end"
+            log.append(f"new {self.name}")
+
+        def record(self):
+            log.append(f"record {self.name}")
+
+        def synchronize(self):
+            log.append(f"wait {self.name}")
+
+        def elapsed_time(self, end):
+            return 6.0  # milliseconds, as CUDA reports them
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("synchronize"))
+    seconds = CudaEventClock(torch.device("cuda", 0)).time(lambda: log.append("call"), number=2)
+    assert seconds == pytest.approx(6e-3)
+    assert log == ["synchronize", "new start", "new end", "record start", "call", "call",
+                   "record end", "wait end"]
+    # On CUDA each sample is one synchronized call: the latency a caller sees.
+    ctx = Context(torch.device("cuda", 0), make_plan(True), Settings(min_sample_s=1e-3), emit=print)
+    assert isinstance(ctx.clock, CudaEventClock) and ctx.settings.min_sample_s == 0.0
+
+
 def test_compare_gives_speedups_over_each_baseline():
     settings = Settings(warmup=1, min_samples=3, max_samples=3, min_sample_s=0.0)
     ctx = Context(torch.device("cpu"), make_plan(True), settings, emit=lambda row: None)

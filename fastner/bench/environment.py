@@ -84,6 +84,9 @@ def describe(devices, arguments) -> Dict[str, object]:
         "interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        # What the CUDA baselines run with: torch's defaults, as users get them.
+        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
+                 "matmul": torch.backends.cuda.matmul.allow_tf32},
         "fastner_backend": backend,
         "fastner_backend_env": os.environ.get("FASTNER_BACKEND"),
         "devices": [{"device": str(d), "name": device_name(d), "fused_ops": fused_ops(d)}

@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastner.bench.gemm_rows import rnn_flops
-from fastner.bench.rows import Context, GroupSkipped, Row, describe_error
+from fastner.bench.rows import Context, GroupSkipped, Row, close, describe_error
 from fastner.bench.timing import Settings
 from fastner.bench.workloads import LENGTHS_NOTE, TAGGER_RNN, RnnShape, conll_like_lengths, sweep_shapes
 
@@ -145,7 +145,7 @@ def _check(forwards) -> str:
              ("fastner.packed", "torch.packed"))
     problems = []
     for got, want in pairs:
-        if not torch.allclose(outputs[got], outputs[want], rtol=1e-4, atol=1e-4):
+        if not close(outputs[got], outputs[want]):
             diff = float((outputs[got] - outputs[want]).abs().max())
             problems.append(f"{got} vs {want}: max |diff| {diff:.3g}")
     return "ok" if not problems else "mismatch: " + "; ".join(problems)

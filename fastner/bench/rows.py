@@ -99,6 +99,16 @@ class Context:
         return row
 
 
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether two fp32 results agree as well as two correct implementations can.
+
+    On CUDA, cuDNN's recurrent layers and convolutions may use TF32 (torch's default,
+    torch.backends.cudnn.allow_tf32), about 1e-3 relative; on CPU everything is fp32.
+    """
+    tolerance = 2e-3 if got.device.type == "cuda" else 1e-4
+    return torch.allclose(got, want, rtol=tolerance, atol=tolerance)
+
+
 @contextlib.contextmanager
 def forced_reference() -> Iterator[None]:
     """FASTNER_BACKEND=reference for the duration (fastner reads it at every call)."""

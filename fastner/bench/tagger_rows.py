@@ -9,7 +9,7 @@ from typing import Callable, List
 
 import torch
 
-from fastner.bench.rows import Context, GroupSkipped, Row, describe_error
+from fastner.bench.rows import Context, GroupSkipped, Row, close, describe_error
 from fastner.bench.workloads import LENGTHS_NOTE, mask_from_lengths, sentence_batches
 
 TITLE = ("Whole tagger: fastner vs the same model on nn.LSTM (packed) + pytorch-crf, weights "
@@ -118,7 +118,7 @@ def _check(fast, base, batches) -> str:
         for batch in batches:
             args = (batch.words, batch.chars, batch.lengths, batch.mask)
             got, want = fast.emissions(*args), base.emissions(*args)
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            if not close(got, want):
                 return f"mismatch: emissions differ by up to {float((got - want).abs().max()):.3g}"
     return "ok"
 
