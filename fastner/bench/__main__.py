@@ -1,0 +1,3 @@
+from fastner.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""What users run today, behind fastner's module interfaces, for the whole-model rows.
+
+`torch_baseline(model)` is fastner.nn.convert in reverse: a copy of the model in which every
+fastner LSTM/GRU/RNN becomes the torch.nn layer (lengths= served by packing, as taggers do
+today) and every fastner CRF becomes pytorch-crf's, weights kept. The model's own code then
+runs unchanged on either.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torchcrf import CRF as TorchCRF
+
+
+class _PackingForward:
+    """torch's own forward; lengths= is served by pack_padded_sequence / pad_packed_sequence."""
+
+    _torch_class: type
+
+    def forward(self, input, hx=None, lengths=None):
+        torch_forward = self._torch_class.forward
+        if lengths is None:
+            return torch_forward(self, input, hx)
+        time_len = input.shape[1] if self.batch_first else input.shape[0]
+        packed = pack_padded_sequence(input, lengths.cpu(), batch_first=self.batch_first,
+                                      enforce_sorted=False)
+        output, state = torch_forward(self, packed, hx)
+        output, _ = pad_packed_sequence(output, batch_first=self.batch_first, total_length=time_len)
+        return output, state
+
+
+class PackedLSTM(_PackingForward, nn.LSTM):
+    _torch_class = nn.LSTM
+
+
+class PackedGRU(_PackingForward, nn.GRU):
+    _torch_class = nn.GRU
+
+
+class PackedRNN(_PackingForward, nn.RNN):
+    _torch_class = nn.RNN
+
+
+class PytorchCRF(TorchCRF):
+    """pytorch-crf's CRF with fastner's viterbi() signature, built from its decode()."""
+
+    def viterbi(self, emissions: torch.Tensor, mask: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, None]:
+        paths: List[List[int]] = self.decode(emissions, mask)
+        batch_dim, time_dim = (0, 1) if self.batch_first else (1, 0)
+        tags = torch.full((emissions.shape[batch_dim], emissions.shape[time_dim]), -1,
+                          dtype=torch.long)
+        for index, path in enumerate(paths):
+            tags[index, :len(path)] = torch.tensor(path, dtype=torch.long)
+        if not self.batch_first:
+            tags = tags.t()
+        return tags.to(emissions.device), None
+
+
+def _rnn_baseline(layer: nn.RNNBase) -> nn.RNNBase:
+    kinds = {"LSTM": PackedLSTM, "GRU": PackedGRU, "RNN_TANH": PackedRNN, "RNN_RELU": PackedRNN}
+    cls = kinds[layer.mode]
+    kwargs = dict(num_layers=layer.num_layers, bias=layer.bias, batch_first=layer.batch_first,
+                  dropout=layer.dropout, bidirectional=layer.bidirectional)
+    if cls is PackedRNN:
+        kwargs["nonlinearity"] = "tanh" if layer.mode == "RNN_TANH" else "relu"
+    if getattr(layer, "proj_size", 0):
+        kwargs["proj_size"] = layer.proj_size
+    baseline = cls(layer.input_size, layer.hidden_size, **kwargs)
+    return baseline
+
+
+def _crf_baseline(crf: nn.Module) -> nn.Module:
+    return PytorchCRF(crf.num_tags, batch_first=crf.batch_first)
+
+
+def _replacement(child: nn.Module) -> Optional[nn.Module]:
+    from fastner import nn as fnn
+
+    fast_rnns = tuple(getattr(fnn, name) for name in ("LSTM", "GRU", "RNN") if hasattr(fnn, name))
+    fast_crf = getattr(fnn, "CRF", None)
+    if fast_rnns and isinstance(child, fast_rnns):
+        return _rnn_baseline(child)
+    if fast_crf is not None and isinstance(child, fast_crf):
+        return _crf_baseline(child)
+    return None
+
+
+def _swap_in_place(module: nn.Module) -> int:
+    swapped = 0
+    for name, child in module.named_children():
+        replacement = _replacement(child)
+        if replacement is None:
+            swapped += _swap_in_place(child)
+            continue
+        parameter = next(child.parameters(), None)
+        if parameter is not None:
+            replacement = replacement.to(device=parameter.device, dtype=parameter.dtype)
+        replacement.load_state_dict(child.state_dict())
+        replacement.train(child.training)
+        setattr(module, name, replacement)
+        swapped += 1
+    return swapped
+
+
+def torch_baseline(model: nn.Module) -> Tuple[nn.Module, int]:
+    """A copy of `model` on torch.nn recurrent layers and pytorch-crf, same weights.
+
+    Returns the copy and how many modules were swapped.
+    """
+    baseline = copy.deepcopy(model)
+    swapped = _swap_in_place(baseline)
+    return baseline, swapped

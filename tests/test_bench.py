@@ -1,0 +1,405 @@
+"""fastner bench: the command's JSON structure (not its speed), the timing statistics on a fake
+clock, the baselines it builds, and the whole-tagger row code on a tiny stand-in model."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastner.bench import cli, tagger_rows
+from fastner.bench.gemm_rows import rnn_flops
+from fastner.bench.report import write_json_atomic
+from fastner.bench.rows import BACKEND_ENV, Context, Row, forced_reference, on_reference
+from fastner.bench.timing import Settings, measure_interleaved, summarize
+from fastner.bench.workloads import conll_like_lengths, make_plan, sentence_batches
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = ("gemm", "crf", "rnn", "tagger")
+STAT_KEYS = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "samples", "calls_per_sample")
+
+
+# ---- the command, end to end --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path = out / "result.json"
+    command = [sys.executable, "-m", "fastner.bench", "--quick", "--json", str(json_path),
+               "--threads", "1"]
+    try:
+        import matplotlib  # noqa: F401
+        command += ["--plot", str(out / "plots")]
+    except ImportError:
+        pass
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop(BACKEND_ENV, None)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return done, json_path, out
+
+
+def test_quick_run_succeeds_and_writes_json(quick_run):
+    done, json_path, _ = quick_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "done in" in done.stdout
+    data = json.loads(json_path.read_text())
+    assert data["schema_version"] == 1 and data["tool"] == "fastner.bench"
+    assert data["quick"] is True
+    assert not [p for p in json_path.parent.iterdir() if p.name.startswith(".fastner-bench-")]
+
+
+def test_quick_run_environment(quick_run):
+    data = json.loads(quick_run[1].read_text())
+    import fastner
+
+    assert data["fastner_version"] == fastner.__version__
+    assert data["torch_version"] == torch.__version__
+    assert data["threads"] == 1
+    commit = data["git_commit"]
+    assert commit is None or (isinstance(commit, str) and len(commit) == 40)
+    assert data["arguments"][:3] == ["--quick", "--json", str(quick_run[1])]
+    assert data["devices"][0]["device"] == "cpu" and data["devices"][0]["name"]
+    assert set(data["fastner_backend"]) >= {"cpu", "version", "torch"}
+    assert {"warmup", "min_samples", "max_samples", "budget_s", "plan"} <= set(data["settings"])
+
+
+def test_quick_run_groups_ran_or_say_why_not(quick_run):
+    data = json.loads(quick_run[1].read_text())
+    for device in [d["device"] for d in data["devices"]]:
+        records = {g["group"]: g for g in data["groups"] if g["device"] == device}
+        assert set(records) == set(GROUPS)
+        for record in records.values():
+            assert record["status"] in ("ok", "skipped"), record
+            if record["status"] == "skipped":
+                assert isinstance(record["skipped"], str) and record["skipped"]
+            else:
+                assert any(r["group"] == record["group"] and r["device"] == device for r in data["rows"])
+    # The RNN layers and the GEMM rate exist at every stage of the project.
+    assert records["rnn"]["status"] == "ok" and records["gemm"]["status"] == "ok"
+
+
+def test_quick_run_rows_have_medians_spread_and_ratios(quick_run):
+    data = json.loads(quick_run[1].read_text())
+    assert data["rows"]
+    for row in data["rows"]:
+        assert {"device", "group", "op", "shape", "sweeps", "check", "results"} <= set(row)
+        assert "error" not in row, row
+        assert row["check"] == "ok" or row["check"] == "n/a", row["check"]
+        baselines = {r["impl"] for r in row["results"] if r["role"] == "baseline"}
+        assert baselines
+        for result in row["results"]:
+            assert set(STAT_KEYS) <= set(result)
+            spread = [result[k] for k in ("min_ms", "q1_ms", "median_ms", "q3_ms", "max_ms")]
+            assert 0 < spread[0] and spread == sorted(spread)
+            assert result["samples"] >= data["settings"]["min_samples"]
+            if result["role"] == "fastner":
+                assert set(result["speedup"]) == baselines
+                for impl, ratio in result["speedup"].items():
+                    base = next(r for r in row["results"] if r["impl"] == impl)
+                    assert math.isclose(ratio, base["median_ms"] / result["median_ms"], rel_tol=1e-9)
+
+
+def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
+    data = json.loads(quick_run[1].read_text())
+    rnn = [r for r in data["rows"] if r["group"] == "rnn"]
+    tagger_shape = [r for r in rnn if (r["shape"]["B"], r["shape"]["T"], r["shape"]["H"]) == (32, 40, 200)]
+    assert {(r["cell"], r["mode"]) for r in tagger_shape} == {
+        (c, m) for c in ("lstm", "gru", "rnn") for m in ("inference", "training")}
+    for row in tagger_shape:
+        assert {r["impl"] for r in row["results"]} == {
+            "torch.padded", "torch.packed", "fastner.padded", "fastner.lengths", "fastner.packed"}
+    gemm = [r for r in data["rows"] if r["group"] == "gemm"]
+    assert len(gemm) == 1 and gemm[0]["gflops_per_s"] > 0
+    for row in rnn:
+        assert row["flops"] > 0 and row["floor_ms"] > 0
+        floor_ms = row["flops"] / (gemm[0]["gflops_per_s"] * 1e9) * 1e3
+        assert math.isclose(row["floor_ms"], floor_ms, rel_tol=1e-9)
+        assert all(r["x_floor"] > 0 for r in row["results"])
+    for axis in ("B", "H", "T"):
+        assert len({r["shape"][axis] for r in rnn if axis in r["sweeps"]}) >= 2
+
+
+def test_quick_run_plots(quick_run):
+    done, _, out = quick_run
+    plots = out / "plots"
+    if not plots.exists():
+        pytest.skip("matplotlib is not installed")
+    names = {p.name for p in plots.iterdir()}
+    assert {"rnn_speedup_vs_batch_cpu.png", "rnn_speedup_vs_seqlen_cpu.png",
+            "rnn_speedup_vs_hidden_cpu.png"} <= names
+    assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+# ---- argument errors ----------------------------------------------------------------------
+
+def test_unknown_group_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--only", "crf,bogus"])
+    assert exit_info.value.code == 2
+    assert "--only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+# ---- timing statistics on a fake clock ----------------------------------------------------
+
+class FakeClock:
+    """Each call of `name` 'takes' durations[name] seconds; records what ran, in order."""
+
+    def __init__(self, durations):
+        self.durations = durations
+        self.calls = []
+
+    def time(self, fn, number=1):
+        for _ in range(number):
+            self.calls.append(fn())
+        return self.durations[self.calls[-1]] * number
+
+
+def _calls(*names):
+    return {name: (lambda name=name: name) for name in names}
+
+
+def test_summarize_median_quartiles_extremes():
+    stats = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    got = (stats.median, stats.q1, stats.q3, stats.min, stats.max, stats.samples)
+    assert got == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    even = summarize([4.0, 1.0, 2.0, 3.0])  # linear interpolation, as numpy.quantile
+    assert (even.median, even.q1, even.q3) == (2.5, 1.75, 3.25)
+    assert summarize([7.0]).median == 7.0
+    with pytest.raises(ValueError, match="empty"):
+        summarize([])
+
+
+def test_measure_interleaves_rotates_and_skips_warmup():
+    clock = FakeClock({"a": 0.010, "b": 0.020})
+    order = []
+    settings = Settings(warmup=3, min_samples=4, max_samples=4, budget_s=100.0, min_sample_s=0.0)
+    stats = measure_interleaved(_calls("a", "b"), clock, settings, order_log=order)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]  # rounds start with each in turn
+    assert clock.calls[:6] == ["a", "a", "a", "b", "b", "b"]  # warm-up, not in the samples
+    assert stats["a"].samples == 4 and stats["b"].samples == 4
+    assert stats["a"].median == pytest.approx(0.010) and stats["b"].median == pytest.approx(0.020)
+
+
+def test_measure_stops_on_budget_but_not_before_min_samples():
+    clock = FakeClock({"a": 0.5, "b": 0.5})
+    settings = Settings(warmup=1, min_samples=3, max_samples=1000, budget_s=0.1, min_sample_s=0.0)
+    stats = measure_interleaved(_calls("a", "b"), clock, settings)
+    assert stats["a"].samples == 3  # the budget was spent after one round; min_samples rules
+    clock = FakeClock({"a": 0.001, "b": 0.001})
+    settings = Settings(warmup=1, min_samples=2, max_samples=1000, budget_s=0.010, min_sample_s=0.0)
+    stats = measure_interleaved(_calls("a", "b"), clock, settings)
+    assert stats["a"].samples == 10  # 2 x 0.010 s of budget, 0.002 s a round
+
+
+def test_measure_batches_short_calls_into_samples():
+    clock = FakeClock({"fast": 1e-5, "slow": 1e-2})
+    settings = Settings(warmup=1, min_samples=2, max_samples=2, budget_s=0.0, min_sample_s=1e-3)
+    stats = measure_interleaved(_calls("fast", "slow"), clock, settings)
+    assert stats["fast"].calls_per_sample == 100 and stats["slow"].calls_per_sample == 1
+    assert stats["fast"].median == pytest.approx(1e-5)  # reported per call
+
+
+def test_cuda_event_clock_drains_the_queue_then_times_with_events(monkeypatch):
+    from fastner.bench.timing import CudaEventClock
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = "start" if not any(e.startswith("new") for e in log) else "end"
+            log.append(f"new {self.name}")
+
+        def record(self):
+            log.append(f"record {self.name}")
+
+        def synchronize(self):
+            log.append(f"wait {self.name}")
+
+        def elapsed_time(self, end):
+            return 6.0  # milliseconds, as CUDA reports them
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("synchronize"))
+    seconds = CudaEventClock(torch.device("cuda", 0)).time(lambda: log.append("call"), number=2)
+    assert seconds == pytest.approx(6e-3)
+    assert log == ["synchronize", "new start", "new end", "record start", "call", "call",
+                   "record end", "wait end"]
+    # On CUDA each sample is one synchronized call: the latency a caller sees.
+    ctx = Context(torch.device("cuda", 0), make_plan(True), Settings(min_sample_s=1e-3), emit=print)
+    assert isinstance(ctx.clock, CudaEventClock) and ctx.settings.min_sample_s == 0.0
+
+
+def test_compare_gives_speedups_over_each_baseline():
+    settings = Settings(warmup=1, min_samples=3, max_samples=3, min_sample_s=0.0)
+    ctx = Context(torch.device("cpu"), make_plan(True), settings, emit=lambda row: None)
+    ctx.clock = FakeClock({"fast": 0.001, "base": 0.010, "ref": 0.004})
+    row = ctx.compare(Row("cpu", "x", "op", {}), _calls("fast", "base", "ref"), baselines=["base", "ref"])
+    fast = row.result("fast")
+    assert fast.role == "fastner" and row.result("base").role == "baseline"
+    assert fast.speedup == {"base": pytest.approx(10.0), "ref": pytest.approx(4.0)}
+    assert row.result("base").speedup == {}
+
+
+def test_forced_reference_sets_and_restores_the_variable(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert on_reference(lambda: os.environ.get(BACKEND_ENV))() == "reference"
+    assert BACKEND_ENV not in os.environ
+    monkeypatch.setenv(BACKEND_ENV, "fused")
+    with forced_reference():
+        assert os.environ[BACKEND_ENV] == "reference"
+    assert os.environ[BACKEND_ENV] == "fused"
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+
+def test_json_is_written_atomically(tmp_path):
+    path = tmp_path / "out.json"
+    write_json_atomic(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(ValueError):  # NaN is not JSON: the old file stays whole
+        write_json_atomic(str(path), {"a": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_conll_like_lengths():
+    lengths = conll_like_lengths(256, 40, seed=3)
+    assert lengths.dtype == torch.long and lengths.shape == (256,)
+    assert int(lengths.min()) >= 1 and int(lengths.max()) == 40
+    assert torch.equal(lengths, conll_like_lengths(256, 40, seed=3))
+    many = torch.cat(sentence_batches(200, 32, seed=5))
+    assert 12.0 < float(many.float().mean()) < 17.0 and int(many.max()) <= 110
+
+
+def test_rnn_flops():
+    # LSTM, I=130, H=200, 10 tokens, 2 directions: 2 * 4*200 * (130+200) * 10 * 2
+    assert rnn_flops("lstm", 130, 200, 10, 2, training=False) == 2 * 800 * 330 * 10 * 2
+    assert rnn_flops("gru", 130, 200, 10, 2, training=True) == 3 * 2 * 600 * 330 * 10 * 2
+
+
+def test_torch_baseline_swaps_fastner_layers_keeping_weights():
+    pytest.importorskip("torchcrf")
+    from fastner import nn as fnn
+    from fastner.bench.baselines import PackedGRU, PackedLSTM, torch_baseline
+
+    model = torch.nn.Sequential(fnn.LSTM(6, 5, batch_first=True, bidirectional=True),
+                                fnn.GRU(10, 4, batch_first=True))
+    base, swapped = torch_baseline(model)
+    assert swapped == 2
+    assert type(base[0]) is PackedLSTM and type(base[1]) is PackedGRU
+    assert type(model[0]) is fnn.LSTM  # the original is left alone
+    x = torch.randn(3, 7, 6)
+    lengths = torch.tensor([7, 2, 4])
+    with torch.no_grad():
+        got, _ = base[0](x, lengths=lengths)
+        want, _ = model[0](x, lengths=lengths)
+    torch.testing.assert_close(got, want)
+
+
+# ---- the whole-tagger rows on a stand-in model (tests only; the real one is fastner.models) ----
+
+@dataclasses.dataclass
+class StandInBatch:
+    words: torch.Tensor
+    chars: torch.Tensor
+    lengths: torch.Tensor
+    mask: torch.Tensor
+    tags: torch.Tensor
+    index: list
+
+    def to(self, device):
+        return self
+
+
+class StandInTagger(torch.nn.Module):
+    """Word embedding -> fastner BiLSTM -> linear -> fastner CRF when it exists, else softmax."""
+
+    def __init__(self):
+        super().__init__()
+        from fastner import nn as fnn
+
+        self.embedding = torch.nn.Embedding(tagger_rows.NUM_WORDS, 8)
+        self.encoder = fnn.LSTM(8, 6, batch_first=True, bidirectional=True)
+        self.output = torch.nn.Linear(12, len(tagger_rows.TAGS))
+        crf = getattr(fnn, "CRF", None)
+        self.crf = crf(len(tagger_rows.TAGS), batch_first=True) if crf is not None else None
+
+    def emissions(self, words, chars, lengths, mask):
+        x, _ = self.encoder(self.embedding(words), lengths=lengths)
+        return self.output(x)
+
+    def loss(self, batch):
+        scores = self.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
+        if self.crf is not None:
+            return -self.crf(scores, batch.tags, batch.mask, reduction="sum")
+        mask = batch.mask
+        return torch.nn.functional.cross_entropy(scores[mask], batch.tags[mask], reduction="sum")
+
+    @torch.no_grad()
+    def predict(self, batch):
+        scores = self.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
+        if self.crf is not None:
+            return self.crf.viterbi(scores, batch.mask)
+        return scores.argmax(-1).masked_fill(~batch.mask, -1), None
+
+
+def test_tagger_rows_on_a_stand_in_model():
+    pytest.importorskip("torchcrf")
+    rows = []
+    plan = dataclasses.replace(make_plan(True), tagger_train_batch=4, tagger_infer_batch=8)
+    settings = Settings(warmup=1, min_samples=2, max_samples=2, budget_s=0.0)
+    ctx = Context(torch.device("cpu"), plan, settings, emit=rows.append)
+    tagger_rows.run(ctx, build=lambda device: (StandInTagger(), StandInBatch))
+    assert [row.op for row in rows] == ["tagger_training", "tagger_inference"]
+    for row in rows:
+        assert row.error is None, row.error
+        assert row.check == "ok"
+        assert row.shape["batching"] == "random" and row.shape["sentences"] >= 1
+        fast, base = row.result("fastner"), row.result("torch+pytorch-crf")
+        assert fast.speedup.keys() == {"torch+pytorch-crf"}
+        assert fast.extra["sentences_per_s"] > 0 and base.extra["sentences_per_s"] > 0
+
+
+def test_tagger_batches_are_valid_bioes():
+    batches = tagger_rows.make_batches(StandInBatch, 3, 16, "bucketed", seed=1,
+                                       device=torch.device("cpu"))
+    assert len(batches) == 3
+    all_lengths = torch.cat([b.lengths for b in batches])
+    assert torch.equal(all_lengths, all_lengths.sort().values)  # bucketed: sorted by length
+    tags = tagger_rows.TAGS
+    for batch in batches:
+        assert batch.words.shape == batch.mask.shape == batch.tags.shape
+        assert batch.chars.shape[:2] == batch.mask.shape
+        assert not batch.words[~batch.mask].any() and batch.words[batch.mask].ge(1).all()
+        for row, length in zip(batch.tags.tolist(), batch.lengths.tolist()):
+            previous = "O"
+            for tag in [tags[i] for i in row[:length]] + ["O"]:
+                # BIOES: after B or I comes I or E of the same type; elsewhere no I or E
+                if previous[0] in "BI":
+                    assert tag[0] in "IE" and tag[2:] == previous[2:], row
+                else:
+                    assert tag[0] in "OBS", row
+                previous = tag
+
+
+def test_markdown_tables_from_the_quick_run(quick_run):
+    from fastner.bench.markdown import render
+
+    text = render(json.loads(quick_run[1].read_text()))
+    assert "| RNN (bidirectional) |" in text and "| lstm inference | 32×40×130→200 |" in text
+    assert "GEMM rate" in text
