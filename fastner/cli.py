@@ -229,7 +229,7 @@ def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,demo,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,demo,info,bench}")
 
     p = sub.add_parser("train", help="train a tagger on CoNLL files")
     p.add_argument("--train", required=True, help="training file (CoNLL columns)")
@@ -288,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_demo)
 
+    # Listed for --help only: main() hands `fastner bench ...` to fastner.bench, whose own
+    # parser owns its options (`fastner bench --help`).
+    sub.add_parser("bench", help="time every fused path against torch.nn / pytorch-crf (fastner bench --help)",
+                   add_help=False)
+
     p = sub.add_parser("info", help="backend, versions, threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -295,10 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from fastner.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["demo"] + list(argv or []))
+        args = parser.parse_args(["demo"] + argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

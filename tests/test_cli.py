@@ -124,3 +124,12 @@ def test_demo_default_is_deterministic_and_learns():
     assert runs[0].stdout == runs[1].stdout
     overall = [line for line in runs[0].stdout.splitlines() if line.startswith("accuracy:")][0]
     assert float(overall.split("FB1:")[1]) > 80.0
+
+
+def test_bench_subcommand_reaches_fastner_bench(capsys):
+    from fastner.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
