@@ -385,6 +385,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   Tensor c_slots = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
   const int64_t W = workspace_width(cell) * H;
   Tensor workspace = training ? at::empty({D, B * T_, W}, input.options()) : at::empty({0}, input.options());
+  if (training && plan.rows < B * T_) {
+    // Rows past the packed ones are never read, but the op's output must be deterministic.
+    workspace.narrow(1, plan.rows, B * T_ - plan.rows).zero_();
+  }
 
   // Projected input of every valid (slot, time) for all gates of both directions: [rows, D*G*H].
   const Tensor packed_input = gather_packed<T>(plan, input.view({B * T_, I}));

@@ -52,22 +52,21 @@ class _FusedRNNMixin:
             return False  # torch either handles it or raises its own error
         if self._is_lstm and hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
             return False
-        return all(isinstance(h, Tensor) and h.device == data.device and h.dtype == data.dtype for h in _tensors_in(hx))
-
-    def _check_hidden_rank(self, hx) -> None:
-        # torch's messages for batched input with a hidden state of the wrong rank.
-        if self._is_lstm:
-            if hx[0].dim() != 3 or hx[1].dim() != 3:
-                raise RuntimeError(
-                    "For batched 3-D input, hx and cx should also be 3-D but got "
-                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                )
-        elif hx.dim() != 3:
-            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+        # A hidden state of the wrong rank, dtype or device: torch raises its own error.
+        return all(
+            isinstance(h, Tensor) and h.dim() == 3 and h.device == data.device and h.dtype == data.dtype
+            for h in _tensors_in(hx)
+        )
 
     def _torch_forward(self, input, hx, lengths):
-        if lengths is None:
+        if lengths is None or not isinstance(input, Tensor) or input.dim() != 3:
+            if lengths is not None and isinstance(input, Tensor) and input.dim() == 2:
+                raise ValueError("lengths= needs batched input ([B, T, I] or [T, B, I]), got a 2-D tensor")
             return super().forward(input, hx)
+        # Bad input must raise what torch raises for the padded tensor, not what packing raises:
+        # let torch check the first step.
+        with torch.no_grad():
+            super().forward(input.narrow(1 if self.batch_first else 0, 0, min(1, input.shape[1 if self.batch_first else 0])), hx)
         time_len = input.shape[1] if self.batch_first else input.shape[0]
         packed = pack_padded_sequence(input, lengths.cpu(), batch_first=self.batch_first, enforce_sorted=False)
         output, state = super().forward(packed, hx)
@@ -87,7 +86,6 @@ class _FusedRNNMixin:
     def _forward_padded(self, input: Tensor, hx, lengths: Optional[Tensor]):
         # input: [B, T, I] if batch_first else [T, B, I]
         if hx is not None:
-            self._check_hidden_rank(hx)
             self.check_forward_args(input, hx, None)
         else:
             self.check_input(input, None)
