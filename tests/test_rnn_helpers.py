@@ -186,10 +186,19 @@ def make_inputs(case: RNNCase, gen: torch.Generator, requires_grad: bool = True)
     if case.with_hx:
         state_shape = (case.num_layers * case.num_directions, case.batch, case.hidden_size)
         count = 2 if case.mode == "LSTM" else 1
-        hx = tuple(
-            (0.5 * torch.randn(state_shape, generator=gen, dtype=case.dtype)).requires_grad_(requires_grad)
-            for _ in range(count)
-        )
+        if case.noncontiguous_input:
+            # [B, L*D, H] storage seen as [L*D, B, H]
+            hx = tuple(
+                (0.5 * torch.randn(state_shape[1], state_shape[0], state_shape[2], generator=gen, dtype=case.dtype))
+                .transpose(0, 1)
+                .requires_grad_(requires_grad)
+                for _ in range(count)
+            )
+        else:
+            hx = tuple(
+                (0.5 * torch.randn(state_shape, generator=gen, dtype=case.dtype)).requires_grad_(requires_grad)
+                for _ in range(count)
+            )
     return Inputs(x=x, hx=hx, lengths=torch.tensor(case.lengths, dtype=torch.int64))
 
 

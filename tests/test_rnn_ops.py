@@ -237,3 +237,55 @@ def test_module_gradcheck(mode, form, backend, monkeypatch):
     inputs = (x, h0, c0 if mode == "LSTM" else c0.detach()) + tuple(params)
     # fast_mode checks random projections of the Jacobian: the same bugs, a fraction of the time.
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# fastner.ops.rnn_layer: fused kernel against the reference (lengths 0 included), and dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_rnn_layer_fused_matches_reference(mode, dtype, monkeypatch):
+    from fastner import ops, reference
+
+    gen = case_generator(MODES.index(mode) * 2 + (dtype == torch.float64), salt=241)
+    for _ in range(3):
+        module, x, lengths, hx, cx, bidirectional, batch_first = _draw_layer_case(gen, mode, dtype)
+        lengths[int(torch.randint(0, len(lengths), (1,), generator=gen))] = 0  # empty sequences too
+        with_hx = bool(torch.rand((), generator=gen) < 0.5)
+        hx, cx = (hx, cx) if with_hx else (None, None)
+        leaves = [x] + ([hx] if hx is not None else []) + ([cx] if cx is not None else [])
+        results = {}
+        for backend in ("fused", "reference"):
+            monkeypatch.setenv("FASTNER_BACKEND", "reference" if backend == "reference" else "auto")
+            ls = [t.detach().clone().requires_grad_() for t in leaves]
+            ws = _weights(module, requires_grad=True)
+            lx, lhx, lcx = ls[0], (ls[1] if hx is not None else None), (ls[2] if cx is not None else None)
+            out = ops.rnn_layer(lx, lengths, ws, lhx, lcx, OP_MODE[mode], bidirectional, batch_first)
+            out = [o for o in out if o.numel() > 0]
+            cot = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=dtype) for i, o in enumerate(out)]
+            grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cot)), ls + ws)
+            results[backend] = [o.detach() for o in out] + list(grads)
+        assert len(results["fused"]) == len(results["reference"])
+        for i, (g, e) in enumerate(zip(results["fused"], results["reference"])):
+            torch.testing.assert_close(g, e, **_tol(dtype), msg=lambda m, i=i: f"item {i}: {m}")
+        assert reference.rnn_layer is not None
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_backend_env_var_picks_the_path(backend, monkeypatch):
+    # FASTNER_BACKEND is read at each call: the reference tests really test the reference.
+    from fastner import reference
+
+    calls = []
+    real = reference.rnn_layer
+    monkeypatch.setattr(reference, "rnn_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("FASTNER_BACKEND", backend)
+    module = fastner.nn.GRU(3, 4, num_layers=2)
+    module(torch.randn(5, 2, 3))
+    if backend == "reference" or not has_kernel("rnn_layer_forward", "cpu"):
+        assert len(calls) == 2  # one per layer
+    else:
+        assert calls == []

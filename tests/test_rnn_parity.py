@@ -194,3 +194,38 @@ def test_matches_torch_reference_backend_sweep(index, monkeypatch):
     monkeypatch.setenv("FASTNER_BACKEND", "reference")
     case = draw_case(case_generator(index, salt=101), max_hidden=128, max_time=20)
     compare_with_torch(case, seed_index=index)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_lengths_output_zeros_and_keep_the_initial_state(mode):
+    # torch cannot pack an empty sequence; with lengths= fastner gives it zeros and hx (the op's
+    # documented meaning). The other sequences must be unaffected by their empty neighbours.
+    gen = case_generator(MODES.index(mode), salt=43)
+    case = draw_case(gen, mode=mode, form="lengths", dtype=torch.float64, max_hidden=24, max_time=8, max_batch=5)
+    lengths = list(case.lengths) + [0, 0]
+    case = RNNCase(**{**case.__dict__, "lengths": tuple(lengths), "with_hx": True})
+    reference, fused = make_pair(case)
+    inputs = make_inputs(case, gen)
+    out, state = run_fastner(case, fused, inputs)
+    states = state if isinstance(state, tuple) else (state,)
+    batch_dim = 0 if case.batch_first else 1
+    keep = torch.tensor([i for i, n in enumerate(lengths) if n > 0])
+    empty = torch.tensor([i for i, n in enumerate(lengths) if n == 0])
+    assert bool((out.index_select(batch_dim, empty) == 0).all())
+    for got, initial in zip(states, inputs.hx):
+        assert torch.equal(got[:, empty], initial[:, empty])
+    # the non-empty sequences match torch on the batch without the empty ones
+    sub_case = RNNCase(**{**case.__dict__, "lengths": tuple(n for n in lengths if n > 0)})
+    sub_inputs = type(inputs)(
+        x=inputs.x.index_select(batch_dim, keep),
+        hx=tuple(h[:, keep] for h in inputs.hx),
+        lengths=inputs.lengths[keep],
+    )
+    expected = flat_result(run_torch(sub_case, reference, sub_inputs))
+    got = {"output": out.index_select(batch_dim, keep)}
+    got.update(dict(zip(("h_n", "c_n"), (s[:, keep] for s in states))))
+    for key in expected:
+        assert_close(got[key], expected[key], key, case)
+    # and gradients flow: d(sum h_n)/d(h0) is the identity for an empty sequence
+    grad = torch.autograd.grad(states[0].sum(), inputs.hx[0])[0]
+    assert torch.equal(grad[:, empty], torch.ones_like(grad[:, empty]))
