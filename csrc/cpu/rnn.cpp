@@ -408,12 +408,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     std::vector<T> hg(static_cast<size_t>(B * GH));
     T* h = h_slots.data_ptr<T>() + d * B * H;
     T* c = lstm ? c_slots.data_ptr<T>() + d * B * H : nullptr;
-    const T* whh = w.w_hh[d].const_data_ptr<T>();
+    const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
     const T* xp = projected.const_data_ptr<T>() + d * GH;
     T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
     for (int64_t s = 0; s < plan.steps; ++s) {
       const int64_t nb = plan.batch_size[s];
-      gemm<T>(false, true, nb, GH, H, T(1), h, H, whh, H, T(0), hg.data(), GH);
+      whh_t.multiply(nb, h, H, T(0), hg.data(), GH);
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = time_at(plan, d, j, s);
         const int64_t row = plan.packed_row(j, t);
@@ -487,7 +487,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
 
   for_each_direction(D, [&](int64_t d) {
     const T* ws = workspace.const_data_ptr<T>() + d * B * T_ * W;
-    const T* whh = w.w_hh[d].const_data_ptr<T>();
+    const PackedRight<T> whh(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/false, GH, H, B);  // g @ W_hh
     const T* h_init = h0.const_data_ptr<T>() + d * B * H;
     const T* c_init = lstm ? c0.const_data_ptr<T>() + d * B * H : nullptr;
     T* dh = dh_slots.data_ptr<T>() + d * B * H;
@@ -521,7 +521,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
         }
       }
       // d h_prev = (gates' gradient) @ W_hh (+ gru's direct z * dh, already in dh).
-      gemm<T>(false, false, nb, H, GH, T(1), gh.data(), GH, whh, H, gru ? T(1) : T(0), dh, H);
+      whh.multiply(nb, gh.data(), GH, gru ? T(1) : T(0), dh, H);
     }
     // The previous h of every packed row, aligned with the gate gradients: [rows, H].
     Tensor h_prev_all = at::empty({plan.rows, H}, input.options());

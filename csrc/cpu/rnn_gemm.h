@@ -21,6 +21,13 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (row-major enums: RowMajor 101, NoTrans 111, Trans 112, Packed 151,
+// BMatrix 162): the B operand is packed once per layer call and reused by every step.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
+                      float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace fastner::rnn {
@@ -64,5 +71,66 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     out.mul_(beta).add_(prod, alpha);
   }
 }
+
+// The right operand of many products C[m, n] = A[m, k] @ op(B)[k, n] with varying m (the
+// running prefix of the batch): packed once into MKL's internal layout where MKL provides it,
+// which saves re-packing B (0.6 MB for H = 200) on every step. Measured here, single thread,
+// [32, 200] x [200, 800]: 71 us per product packed vs 96 us with torch.mm / sgemm.
+template <typename T>
+class PackedRight {
+ public:
+  PackedRight(const T* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, int64_t max_m)
+      : b_(b), ldb_(ldb), trans_b_(trans_b), k_(k), n_(n) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr &&
+          max_m > 0 && n > 0 && k > 0) {
+        const size_t bytes = cblas_sgemm_pack_get_size(162, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k));
+        const int64_t floats = static_cast<int64_t>(bytes / sizeof(float)) + 16;
+        // MKL asks for ~9 MB at H = 200 (it touches far less): a fresh allocation per call costs
+        // page faults on every layer call, so each thread keeps one buffer for reuse.
+        thread_local at::Tensor cache;
+        thread_local bool cache_in_use = false;
+        if (!cache_in_use) {
+          if (!cache.defined() || cache.numel() < floats) cache = at::empty({floats}, at::kFloat);
+          packed_ = cache;
+          cache_in_use = true;
+          release_ = &cache_in_use;
+        } else {
+          packed_ = at::empty({floats}, at::kFloat);
+        }
+        cblas_sgemm_pack(101, 162, trans_b ? 112 : 111, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k), 1.0f,
+                         b, static_cast<int>(ldb), packed_.data_ptr<float>());
+      }
+    }
+  }
+
+  ~PackedRight() {
+    if (release_ != nullptr) *release_ = false;
+  }
+  PackedRight(const PackedRight&) = delete;
+  PackedRight& operator=(const PackedRight&) = delete;
+
+  // C[m, n] = A[m, k] @ op(B) + beta * C (row-major, leading dimensions lda, ldc).
+  void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
+    if (m == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_.defined()) {
+        cblas_sgemm_compute(101, 111, 151, static_cast<int>(m), static_cast<int>(n_), static_cast<int>(k_), a,
+                            static_cast<int>(lda), packed_.data_ptr<float>(), static_cast<int>(ldb_), beta, c,
+                            static_cast<int>(ldc));
+        return;
+      }
+    }
+    gemm<T>(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
+  }
+
+ private:
+  const T* b_;
+  int64_t ldb_;
+  bool trans_b_;
+  int64_t k_, n_;
+  at::Tensor packed_;  // MKL's packed B (float32 only); undefined: plain gemm
+  bool* release_ = nullptr;  // the thread's cache flag to clear when done with its buffer
+};
 
 }  // namespace fastner::rnn
