@@ -407,3 +407,20 @@ def test_torch_compile_matches_eager():
     for g, e in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
     print(f"torch.compile first call + backward: {elapsed:.1f} s")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lengths_with_unbatched_input_raises_value_error(mode):
+    _, fused = _pair(mode, I, H)
+    with pytest.raises(ValueError, match="lengths"):
+        fused(torch.randn(T, I), lengths=torch.tensor([T]))
+
+
+def test_convert_keeps_unsupported_configs_working():
+    # proj_size > 0 has no fused path: after convert() it must still give torch's answer.
+    model = torch.nn.Sequential(torch.nn.LSTM(4, 6, proj_size=2, num_layers=2, bidirectional=True)).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    before = model(x)[0]
+    fastner.nn.convert(model)
+    assert isinstance(model[0], torch.nn.LSTM)
+    torch.testing.assert_close(model(x)[0], before, rtol=1e-12, atol=1e-12)

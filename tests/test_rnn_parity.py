@@ -229,3 +229,81 @@ def test_zero_lengths_output_zeros_and_keep_the_initial_state(mode):
     # and gradients flow: d(sum h_n)/d(h0) is the identity for an empty sequence
     grad = torch.autograd.grad(states[0].sum(), inputs.hx[0])[0]
     assert torch.equal(grad[:, empty], torch.ones_like(grad[:, empty]))
+
+
+def test_proj_size_with_lengths_falls_back_with_packing_semantics():
+    gen = case_generator(0, salt=37)
+    import fastner.nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    reference = torch.nn.LSTM(6, 8, bidirectional=True, proj_size=3, batch_first=True, dtype=torch.float64)
+    fused = fastner.nn.LSTM(6, 8, bidirectional=True, proj_size=3, batch_first=True, dtype=torch.float64)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 7, 6, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([3, 7, 1, 5])
+    out, (h, c) = reference(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=7)
+    got_out, (got_h, got_c) = fused(x, lengths=lengths)
+    for g, e in ((got_out, out), (got_h, h), (got_c, c)):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_and_autocast_fall_back_silently(mode, recwarn):
+    # No fused kernel for bfloat16 or under autocast: torch's implementation, same answer as torch.
+    gen = case_generator(MODES.index(mode), salt=47)
+    case = draw_case(gen, mode=mode, form="packed_unsorted", dtype=torch.float32, max_hidden=16, max_time=6)
+    reference, fused = make_pair(case)
+    inputs = make_inputs(case, gen, requires_grad=False)
+    with torch.no_grad():
+        for module in (reference, fused):
+            module.bfloat16()
+        case16 = RNNCase(**{**case.__dict__, "dtype": torch.bfloat16})
+        inputs16 = type(inputs)(
+            x=inputs.x.bfloat16(),
+            hx=None if inputs.hx is None else tuple(h.bfloat16() for h in inputs.hx),
+            lengths=inputs.lengths,
+        )
+        expected, got = flat_result(run_torch(case16, reference, inputs16)), flat_result(run_fastner(case16, fused, inputs16))
+        for key in expected:
+            assert got[key].dtype == torch.bfloat16
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+        for module in (reference, fused):
+            module.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = flat_result(run_torch(case, reference, inputs)), flat_result(run_fastner(case, fused, inputs))
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    assert not [w for w in recwarn.list if "fastner" in str(w.message)], [str(w.message) for w in recwarn.list]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_run_to_run_deterministic(mode):
+    # Same inputs, same thread count: bitwise the same outputs and gradients (as torch's own CPU RNNs).
+    gen = case_generator(MODES.index(mode), salt=53)
+    case = draw_case(gen, mode=mode, dtype=torch.float32, max_time=16, max_batch=12)
+    _, fused = make_pair(case)
+    inputs = make_inputs(case, gen)
+    results = []
+    for _ in range(2):
+        flat = flat_result(run_fastner(case, fused, inputs))
+        leaves = [inputs.x] + list(fused.parameters())
+        grads = torch.autograd.grad(sum(v.sum() for v in flat.values()), leaves)
+        results.append([v.detach() for v in flat.values()] + list(grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_nothing_requires_grad_with_grad_enabled():
+    # Frozen layer on frozen input, grad mode on: the inference path, and no autograd graph.
+    gen = case_generator(0, salt=59)
+    for mode in MODES:
+        case = draw_case(gen, mode=mode, dtype=torch.float64, max_hidden=32, max_time=8)
+        reference, fused = make_pair(case)
+        fused.requires_grad_(False)
+        inputs = make_inputs(case, gen, requires_grad=False)
+        expected, got = flat_result(run_torch(case, reference, inputs)), flat_result(run_fastner(case, fused, inputs))
+        for key in expected:
+            assert not got[key].requires_grad
+            assert_close(got[key], expected[key], key, case)
