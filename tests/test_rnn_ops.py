@@ -289,3 +289,29 @@ def test_backend_env_var_picks_the_path(backend, monkeypatch):
         assert len(calls) == 2  # one per layer
     else:
         assert calls == []
+
+
+@needs_kernels
+def test_torch_compile_traces_rnn_layer_without_graph_breaks():
+    # DESIGN: torch.compile and torch.export must trace through the ops (register_fake). The
+    # modules themselves are skipped by Dynamo (it refuses nn.RNNBase subclasses), so trace the op
+    # entry point: fullgraph=True fails on any graph break, e.g. an untraceable backend check.
+    torch._dynamo.reset()
+    gen = case_generator(0, salt=251)
+    module = _layer("LSTM", 6, 5, True, True, torch.float32)
+    x = torch.randn(4, 7, 6, generator=gen, requires_grad=True)
+    lengths = torch.tensor([7, 3, 1, 5])
+    weights = _weights(module, requires_grad=True)
+
+    def step(x, weights):
+        out, h_n, c_n = fastner.ops.rnn_layer(x, lengths, weights, None, None, "lstm", True, True)
+        return out.square().sum() + h_n.sum() + c_n.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = compiled(x, weights)
+    expected = step(x, weights)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    got_grads = torch.autograd.grad(got, [x] + weights)
+    exp_grads = torch.autograd.grad(expected, [x] + weights)
+    for g, e in zip(got_grads, exp_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
