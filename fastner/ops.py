@@ -32,6 +32,13 @@ from fastner._extension import extension_loaded, use_fused
 _RNN_WORKSPACE_WIDTH = {"lstm": 6, "gru": 5, "rnn_tanh": 1, "rnn_relu": 1}  # in units of H
 
 
+@torch.compiler.assume_constant_result
+def _rnn_fused(device_type: str) -> bool:
+    # The dispatcher query behind use_fused() is opaque to Dynamo; under torch.compile the
+    # backend choice is a constant of the compiled graph.
+    return use_fused("rnn_layer_forward", torch.device(device_type))
+
+
 def rnn_layer(
     input: Tensor,
     lengths: Tensor,
@@ -51,7 +58,7 @@ def rnn_layer(
     Returns output (input's layout, D*H features, zeros past each length), h_n [D, B, H] and
     c_n ([D, B, H] for lstm, else an empty tensor).
     """
-    if use_fused("rnn_layer_forward", input.device):
+    if _rnn_fused(input.device.type):
         weights = list(weights)
         # Inference stores no activations: the workspace is only kept when a gradient can flow.
         training = torch.is_grad_enabled() and (

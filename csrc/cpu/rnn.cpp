@@ -4,13 +4,15 @@
 // Layout. The batch is reordered once by decreasing length (slot j holds original sequence
 // order[j]), so at every step the sequences still running are a prefix of the slots, in both
 // directions: at step s the forward direction is at time s and the reverse direction at time
-// len[j] - 1 - s, and both run exactly the slots with len[j] > s. Per-(sequence, time) data
-// (the projected input, the workspace, gradients of the gates) lives in "packed rows" in
-// PackedSequence order: row offset[t] + j holds slot j at time t, for t < len[j].
+// len[j] - 1 - s, and both run exactly the slots with len[j] > s. Per-(sequence, step) data of
+// a direction (its gathered input, projected input, workspace, gate gradients) lives in "step
+// rows": row offset[s] + j holds slot j at step s (PackedSequence order for the forward
+// direction), so each step reads and writes one contiguous block of rows.
 //
-// Forward, per layer: one GEMM projects every valid input row for all gates (per direction);
-// then per step one GEMM [active, H] x [H, G*H] on the running prefix and one fused pass for
-// the gate nonlinearities and the state update, which writes h straight into the output.
+// Forward, per layer and direction: one GEMM projects every valid input row for all gates;
+// then per step one GEMM [active, H] x [H, G*H] on the running prefix (accumulated straight
+// into the step's block of projected rows where the cell allows it) and one fused pass for the
+// gate nonlinearities and the state update, which writes h straight into the output.
 // Backward: per step one fused pass computing the gate gradients and one GEMM carrying the
 // gradient to the previous h; then dW_ih, dW_hh, the biases and the input gradient as single
 // GEMMs over all packed rows. The two directions run concurrently (one per core, each GEMM
@@ -58,11 +60,11 @@ struct Plan {
   std::vector<int64_t> batch_size;  // [steps] slots running at step s: a prefix
   std::vector<int64_t> offset;      // [steps + 1] first packed row of time t
 
-  int64_t packed_row(int64_t j, int64_t t) const { return offset[t] + j; }
+  int64_t step_row(int64_t j, int64_t s) const { return offset[s] + j; }
   // Row of (slot j, time t) in the [B, T, *] or [T, B, *] input/output viewed as 2-D.
   int64_t io_row(int64_t j, int64_t t) const { return batch_first ? order[j] * T + t : t * B + order[j]; }
-  // The padded input is already in packed order (time-major, every length T): no gather.
-  bool io_is_packed() const { return !batch_first && rows == B * T; }
+  // The forward direction's step rows are the input's own rows (time-major, every length T).
+  bool io_is_step_order() const { return !batch_first && rows == B * T; }
 };
 
 Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
@@ -103,25 +105,18 @@ inline int64_t time_at(const Plan& plan, int64_t dir, int64_t j, int64_t s) {
   return dir == 0 ? s : plan.len[j] - 1 - s;
 }
 
-// Packed row of the step before (slot j, time t) in direction dir; -1 at the first step.
-inline int64_t previous_row(const Plan& plan, int64_t dir, int64_t j, int64_t t) {
-  if (dir == 0) return t > 0 ? plan.packed_row(j, t - 1) : -1;
-  return t + 1 < plan.len[j] ? plan.packed_row(j, t + 1) : -1;
-}
-
-// The valid input rows in packed order: [rows, I] (a view of input when already packed).
+// The input rows direction dir reads, in its step rows: [rows, I] (a view of the input when it
+// is already in that order). Called inside a direction's task: single-threaded.
 template <typename T>
-Tensor gather_packed(const Plan& plan, const Tensor& input2d) {
-  if (plan.io_is_packed()) return input2d;
+Tensor gather_steps(const Plan& plan, const Tensor& input2d, int64_t dir) {
+  if (dir == 0 && plan.io_is_step_order()) return input2d;
   const int64_t I = input2d.size(1);
   Tensor out = at::empty({plan.rows, I}, input2d.options());
   const T* src = input2d.const_data_ptr<T>();
   T* dst = out.data_ptr<T>();
-  at::parallel_for(0, plan.steps, 8, [&](int64_t s0, int64_t s1) {
-    for (int64_t t = s0; t < s1; ++t)
-      for (int64_t j = 0; j < plan.batch_size[t]; ++j)
-        std::copy_n(src + plan.io_row(j, t) * I, I, dst + plan.packed_row(j, t) * I);
-  });
+  for (int64_t s = 0; s < plan.steps; ++s)
+    for (int64_t j = 0; j < plan.batch_size[s]; ++j)
+      std::copy_n(src + plan.io_row(j, time_at(plan, dir, j, s)) * I, I, dst + plan.step_row(j, s) * I);
   return out;
 }
 
@@ -221,15 +216,16 @@ void fold_biases(const LayerWeights& w, Cell cell, int64_t d, std::vector<T>& bi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused cell passes over one slot: xg = projected input row [G*H], hg = h_prev @ W_hh^T row
-// [G*H], h / c = the slot's state [H] (updated in place), out = its output row [H],
-// ws = its workspace row or nullptr.
+// Fused cell passes over one slot: xg = projected input row [G*H] (lstm / rnn: plus
+// h_prev @ W_hh^T already), hg = gru's h_prev @ W_hh^T row [G*H], bx = bias added to xg,
+// h / c = the slot's state [H] (updated in place), out = its output row [H], ws = its
+// workspace row or nullptr.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void lstm_cell(int64_t H, const T* xg, const T* bx, const T* hg, T* h, T* c, T* out, T* ws) {
+void lstm_cell(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws) {
   for_each_pack<T>(H, [&](auto pack, int64_t k) {
     using P = decltype(pack);
-    auto pre = [&](int64_t g) { return P::add(P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)), P::load(hg + g * H + k)); };
+    auto pre = [&](int64_t g) { return P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)); };
     const auto i = P::sigmoid(pre(0)), f = P::sigmoid(pre(1)), g = P::tanh(pre(2)), o = P::sigmoid(pre(3));
     const auto c_new = P::fma(f, P::load(c + k), P::mul(i, g));
     const auto h_new = P::mul(o, P::tanh(c_new));
@@ -270,10 +266,10 @@ void gru_cell(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T*
 }
 
 template <typename T, bool Relu>
-void rnn_cell(int64_t H, const T* xg, const T* bx, const T* hg, T* h, T* out, T* ws) {
+void rnn_cell(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws) {
   for_each_pack<T>(H, [&](auto pack, int64_t k) {
     using P = decltype(pack);
-    const auto pre = P::add(P::add(P::load(xg + k), P::load(bx + k)), P::load(hg + k));
+    const auto pre = P::add(P::load(xg + k), P::load(bx + k));
     const auto h_new = Relu ? P::relu(pre) : P::tanh(pre);
     P::store(h + k, h_new);
     P::store(out + k, h_new);
@@ -285,10 +281,11 @@ void rnn_cell(int64_t H, const T* xg, const T* bx, const T* hg, T* h, T* out, T*
 // Backward cell passes over one slot. dh: gradient of the slot's h after this step [H] (already
 // including the output's gradient); on return dh holds the part of d h_prev that bypasses
 // W_hh (gru: z * dh; else 0). dc: lstm's cell gradient, in: after the step, out: before it.
-// gx = gradient of the projected input row [G*H], gh = gradient of the W_hh h row [G*H].
+// gx = gradient of the projected input row [G*H]; gh = gru's gradient of the W_hh h row
+// [G*H] (for lstm and rnn it equals gx).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void lstm_cell_backward(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx, T* gh) {
+void lstm_cell_backward(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx) {
   for_each_pack<T>(H, [&](auto pack, int64_t k) {
     using P = decltype(pack);
     const auto one = P::set1(T(1));
@@ -307,10 +304,6 @@ void lstm_cell_backward(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T
     P::store(gx + H + k, df);
     P::store(gx + 2 * H + k, dg);
     P::store(gx + 3 * H + k, dov);
-    P::store(gh + k, di);
-    P::store(gh + H + k, df);
-    P::store(gh + 2 * H + k, dg);
-    P::store(gh + 3 * H + k, dov);
   });
 }
 
@@ -335,7 +328,7 @@ void gru_cell_backward(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T*
 }
 
 template <typename T, bool Relu>
-void rnn_cell_backward(int64_t H, const T* ws, T* dh, T* gx, T* gh) {
+void rnn_cell_backward(int64_t H, const T* ws, T* dh, T* gx) {
   for_each_pack<T>(H, [&](auto pack, int64_t k) {
     using P = decltype(pack);
     const auto h = P::load(ws + k);
@@ -343,7 +336,6 @@ void rnn_cell_backward(int64_t H, const T* ws, T* dh, T* gx, T* gh) {
     const auto dpre = Relu ? P::relu_mask(h, dhv) : P::mul(dhv, P::sub(P::set1(T(1)), P::mul(h, h)));
     P::store(dh + k, P::set1(T(0)));
     P::store(gx + k, dpre);
-    P::store(gh + k, dpre);
   });
 }
 
@@ -378,7 +370,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
   const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
-  const bool lstm = cell == Cell::LSTM;
+  const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
 
   Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
   Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
@@ -390,12 +382,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     workspace.narrow(1, plan.rows, B * T_ - plan.rows).zero_();
   }
 
-  // Projected input of every valid (slot, time) for all gates of both directions: [rows, D*G*H].
-  const Tensor packed_input = gather_packed<T>(plan, input.view({B * T_, I}));
-  Tensor projected = at::empty({plan.rows, D * GH}, input.options());
+  // Projected input of every valid step of each direction, all gates: D x [rows, G*H].
+  const Tensor input2d = input.view({B * T_, I});
+  std::vector<Tensor> projected(D);
   auto project = [&](int64_t d) {
-    gemm<T>(false, true, plan.rows, GH, I, T(1), packed_input.const_data_ptr<T>(), I, w.w_ih[d].const_data_ptr<T>(), I,
-            T(0), projected.data_ptr<T>() + d * GH, D * GH);
+    const Tensor x = gather_steps<T>(plan, input2d, d);
+    projected[d] = at::empty({plan.rows, GH}, input.options());
+    gemm<T>(false, true, plan.rows, GH, I, T(1), x.const_data_ptr<T>(), I, w.w_ih[d].const_data_ptr<T>(), I, T(0),
+            projected[d].data_ptr<T>(), GH);
   };
   if (D == 1) project(0);  // threaded by BLAS; with two directions each task projects its own
 
@@ -405,26 +399,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     if (D > 1) project(d);
     std::vector<T> bias_x, bias_hn;
     fold_biases<T>(w, cell, d, bias_x, bias_hn);
-    std::vector<T> hg(static_cast<size_t>(B * GH));
+    // gru keeps W_hn h apart (r multiplies it); lstm and rnn add h @ W_hh^T straight into the
+    // step's projected rows, which the cell pass then reads from cache.
+    std::vector<T> hg(gru ? static_cast<size_t>(B * GH) : 0);
     T* h = h_slots.data_ptr<T>() + d * B * H;
     T* c = lstm ? c_slots.data_ptr<T>() + d * B * H : nullptr;
     const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
-    const T* xp = projected.const_data_ptr<T>() + d * GH;
+    T* xp = projected[d].data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
     for (int64_t s = 0; s < plan.steps; ++s) {
       const int64_t nb = plan.batch_size[s];
-      whh_t.multiply(nb, h, H, T(0), hg.data(), GH);
+      T* block = xp + plan.step_row(0, s) * GH;  // [nb, G*H]
+      if (gru) {
+        whh_t.multiply(nb, h, H, T(0), hg.data(), GH);
+      } else {
+        whh_t.multiply(nb, h, H, T(1), block, GH);
+      }
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = time_at(plan, d, j, s);
-        const int64_t row = plan.packed_row(j, t);
-        const T* xg = xp + row * D * GH;
+        const T* xg = block + j * GH;
         T* o = out + plan.io_row(j, t) * DH + d * H;
-        T* wr = ws != nullptr ? ws + row * W : nullptr;
+        T* wr = ws != nullptr ? ws + plan.step_row(j, s) * W : nullptr;
         switch (cell) {
-          case Cell::LSTM: lstm_cell<T>(H, xg, bias_x.data(), hg.data() + j * GH, h + j * H, c + j * H, o, wr); break;
+          case Cell::LSTM: lstm_cell<T>(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr); break;
           case Cell::GRU: gru_cell<T>(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr); break;
-          case Cell::RNN_TANH: rnn_cell<T, false>(H, xg, bias_x.data(), hg.data() + j * GH, h + j * H, o, wr); break;
-          case Cell::RNN_RELU: rnn_cell<T, true>(H, xg, bias_x.data(), hg.data() + j * GH, h + j * H, o, wr); break;
+          case Cell::RNN_TANH: rnn_cell<T, false>(H, xg, bias_x.data(), h + j * H, o, wr); break;
+          case Cell::RNN_RELU: rnn_cell<T, true>(H, xg, bias_x.data(), h + j * H, o, wr); break;
         }
       }
     }
@@ -479,8 +479,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const Tensor h0 = initial_state<T>(hx, plan, w, input, "hx");
   const Tensor c0 = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
 
-  const Tensor packed_input = gather_packed<T>(plan, input.view({B * T_, I}));
-  std::vector<Tensor> grad_x(D), grad_weights(weights.size());
+  const Tensor input2d = input.view({B * T_, I});
+  std::vector<Tensor> grad_x(D);  // per direction: input gradient in its step rows [rows, I]
+  std::vector<Tensor> grad_weights(weights.size());
   const int64_t per_dir = w.has_bias ? 4 : 2;
   const T* go = grad_output.const_data_ptr<T>();
   const int64_t h_col = (workspace_width(cell) - 1) * H;  // h is the last H of a workspace row
@@ -492,72 +493,77 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
     const T* c_init = lstm ? c0.const_data_ptr<T>() + d * B * H : nullptr;
     T* dh = dh_slots.data_ptr<T>() + d * B * H;
     T* dc = lstm ? dc_slots.data_ptr<T>() + d * B * H : nullptr;
+    // Gradients of the projected input (gx) and of W_hh h (gh; differs only for gru), step rows.
     Tensor gx_all = at::empty({plan.rows, GH}, input.options());
     Tensor gh_all = gru ? at::empty({plan.rows, GH}, input.options()) : gx_all;
     T* gx = gx_all.data_ptr<T>();
-    T* gh_rows = gh_all.data_ptr<T>();
-    std::vector<T> gh(static_cast<size_t>(B * GH));
+    T* gh = gh_all.data_ptr<T>();
     for (int64_t s = plan.steps - 1; s >= 0; --s) {
       const int64_t nb = plan.batch_size[s];
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = time_at(plan, d, j, s);
-        const int64_t row = plan.packed_row(j, t);
-        const int64_t prev = previous_row(plan, d, j, t);
+        const int64_t row = plan.step_row(j, s);
+        const int64_t prev = s > 0 ? plan.step_row(j, s - 1) : -1;
         T* dhj = dh + j * H;
         const T* gout = go + plan.io_row(j, t) * DH + d * H;
         for (int64_t k = 0; k < H; ++k) dhj[k] += gout[k];
         const T* wr = ws + row * W;
-        T* ghj = gh.data() + j * GH;
         switch (cell) {
           case Cell::LSTM:
-            lstm_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH, ghj);
+            lstm_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH);
             break;
           case Cell::GRU:
-            gru_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + h_col : h_init + j * H, dhj, gx + row * GH, ghj);
-            std::copy_n(ghj, GH, gh_rows + row * GH);
+            gru_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + h_col : h_init + j * H, dhj, gx + row * GH, gh + row * GH);
             break;
-          case Cell::RNN_TANH: rnn_cell_backward<T, false>(H, wr, dhj, gx + row * GH, ghj); break;
-          case Cell::RNN_RELU: rnn_cell_backward<T, true>(H, wr, dhj, gx + row * GH, ghj); break;
+          case Cell::RNN_TANH: rnn_cell_backward<T, false>(H, wr, dhj, gx + row * GH); break;
+          case Cell::RNN_RELU: rnn_cell_backward<T, true>(H, wr, dhj, gx + row * GH); break;
         }
       }
-      // d h_prev = (gates' gradient) @ W_hh (+ gru's direct z * dh, already in dh).
-      whh.multiply(nb, gh.data(), GH, gru ? T(1) : T(0), dh, H);
+      // d h_prev = (this step's gate gradients) @ W_hh (+ gru's direct z * dh, already in dh).
+      whh.multiply(nb, gh + plan.step_row(0, s) * GH, GH, gru ? T(1) : T(0), dh, H);
     }
-    // The previous h of every packed row, aligned with the gate gradients: [rows, H].
+    // The previous h of every step row, aligned with the gate gradients: [rows, H]; step s's
+    // block is step s-1's h (a prefix of it), step 0's the initial state.
     Tensor h_prev_all = at::empty({plan.rows, H}, input.options());
     T* hp = h_prev_all.data_ptr<T>();
-    for (int64_t j = 0; j < B; ++j)
-      for (int64_t t = 0; t < plan.len[j]; ++t) {
-        const int64_t prev = previous_row(plan, d, j, t);
-        std::copy_n(prev >= 0 ? ws + prev * W + h_col : h_init + j * H, H, hp + plan.packed_row(j, t) * H);
+    for (int64_t s = 0; s < plan.steps; ++s) {
+      for (int64_t j = 0; j < plan.batch_size[s]; ++j) {
+        const T* src = s > 0 ? ws + plan.step_row(j, s - 1) * W + h_col : h_init + j * H;
+        std::copy_n(src, H, hp + plan.step_row(j, s) * H);
       }
+    }
+    const Tensor x = gather_steps<T>(plan, input2d, d);
     Tensor& dw_ih = grad_weights[d * per_dir + 0] = at::empty({GH, I}, input.options());
     Tensor& dw_hh = grad_weights[d * per_dir + 1] = at::empty({GH, H}, input.options());
-    gemm<T>(true, false, GH, I, plan.rows, T(1), gx, GH, packed_input.const_data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
-    gemm<T>(true, false, GH, H, plan.rows, T(1), gh_rows, GH, hp, H, T(0), dw_hh.data_ptr<T>(), H);
+    gemm<T>(true, false, GH, I, plan.rows, T(1), gx, GH, x.const_data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
+    gemm<T>(true, false, GH, H, plan.rows, T(1), gh, GH, hp, H, T(0), dw_hh.data_ptr<T>(), H);
     if (w.has_bias) {
       grad_weights[d * per_dir + 2] = gx_all.sum(0);
       grad_weights[d * per_dir + 3] = gru ? gh_all.sum(0) : grad_weights[d * per_dir + 2].clone();
     }
-    grad_x[d] = gx_all;
+    grad_x[d] = at::empty({plan.rows, I}, input.options());
+    gemm<T>(false, false, plan.rows, I, GH, T(1), gx, GH, w.w_ih[d].const_data_ptr<T>(), I, T(0),
+            grad_x[d].data_ptr<T>(), I);
   });
 
-  // Input gradient: sum over directions of gates' gradient @ W_ih, in packed rows, then back to
-  // the input's layout with zeros on padding.
-  Tensor grad_packed = plan.io_is_packed() ? at::empty({B * T_, I}, input.options()) : at::empty({plan.rows, I}, input.options());
-  for (int64_t d = 0; d < D; ++d)
-    gemm<T>(false, false, plan.rows, I, GH, T(1), grad_x[d].const_data_ptr<T>(), GH, w.w_ih[d].const_data_ptr<T>(), I,
-            d == 0 ? T(0) : T(1), grad_packed.data_ptr<T>(), I);
-  Tensor grad_input;
-  if (plan.io_is_packed()) {
-    grad_input = grad_packed.view(input.sizes());
-  } else {
-    grad_input = at::empty(input.sizes(), input.options());
-    T* gi = grad_input.data_ptr<T>();
-    const T* gp = grad_packed.const_data_ptr<T>();
-    zero_padding<T>(plan, gi, I);
-    for (int64_t t = 0; t < plan.steps; ++t)
-      for (int64_t j = 0; j < plan.batch_size[t]; ++j) std::copy_n(gp + plan.packed_row(j, t) * I, I, gi + plan.io_row(j, t) * I);
+  // Input gradient: the directions' step rows summed back into the input's layout, zeros on
+  // padding.
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  T* gi = grad_input.data_ptr<T>();
+  zero_padding<T>(plan, gi, I);
+  const T* g0 = grad_x[0].const_data_ptr<T>();
+  const T* g1 = D > 1 ? grad_x[1].const_data_ptr<T>() : nullptr;
+  for (int64_t j = 0; j < B; ++j) {
+    for (int64_t t = 0; t < plan.len[j]; ++t) {
+      T* dst = gi + plan.io_row(j, t) * I;
+      const T* a = g0 + plan.step_row(j, t) * I;
+      if (g1 == nullptr) {
+        std::copy_n(a, I, dst);
+      } else {
+        const T* b = g1 + plan.step_row(j, plan.len[j] - 1 - t) * I;
+        for (int64_t k = 0; k < I; ++k) dst[k] = a[k] + b[k];
+      }
+    }
   }
   Tensor grad_hx = unsort_state<T>(dh_slots, plan);
   Tensor grad_cx = lstm ? unsort_state<T>(dc_slots, plan) : at::empty({0}, input.options());

@@ -5,6 +5,11 @@
 // We call the BLAS Fortran symbol that libtorch_cpu exports (MKL in the official wheels) and
 // fall back to at::mm on tensor views where a torch build exports none.
 //
+// Why MKL and not oneDNN: measured here (single thread, process time, loaded machine), per
+// product: [32, 200] x [200, 800] torch.mm (MKL) 79 us vs oneDNN mkldnn_linear 153 us;
+// [470, 130] x [130, 800] 612 vs 1312 us. The oneDNN path pays reorders and allocation on every
+// call; its rate advantage only shows on large square GEMMs.
+//
 // Threading: called inside an at::parallel_for task (one per direction) MKL sees an active
 // OpenMP region and runs single-threaded, which is what we want with one chain per core;
 // called outside, it threads over the machine's cores.

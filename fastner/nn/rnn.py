@@ -31,6 +31,17 @@ def _tensors_in(hx) -> List[Tensor]:
     return list(hx) if isinstance(hx, (tuple, list)) else [hx]
 
 
+def _packed_rows(batch_sizes: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
+    """For a PackedSequence's batch_sizes [T] (CPU int64): the row t * B + j of the time-major
+    padded batch that each packed row holds ([N]), and each sorted sequence's length ([B])."""
+    steps = batch_sizes.shape[0]
+    time_of_row = torch.repeat_interleave(torch.arange(steps), batch_sizes)
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+    slot_of_row = torch.arange(time_of_row.shape[0]) - torch.repeat_interleave(starts, batch_sizes)
+    lengths = (batch_sizes[None, :] > torch.arange(batch)[:, None]).sum(1)
+    return time_of_row * batch + slot_of_row, lengths
+
+
 class _FusedRNNMixin:
     """forward() for the three classes; the subclass says its cell mode and state form."""
 
@@ -110,11 +121,16 @@ class _FusedRNNMixin:
             self.check_forward_args(data, hx, batch_sizes)
         else:
             self.check_input(data, batch_sizes)
-        # Time-major padded view of the sorted batch: [T, B, I] and the lengths (CPU int64).
-        padded, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, batch_sizes.shape[0])
+        # The packed rows are the time-major padded batch [T, B, I] (sorted) minus its padding:
+        # one index_copy in and one index_select out (torch's pad/pack helpers loop over time
+        # and cost more than the layer's own overhead). The kernel never reads padded rows.
+        steps, batch = batch_sizes.shape[0], int(batch_sizes[0])
+        rows, lengths = _packed_rows(batch_sizes, batch)
+        rows = rows.to(data.device)
+        padded = data.new_empty(steps * batch, data.shape[1]).index_copy(0, rows, data).view(steps, batch, -1)
         output, h_n, c_n = self._run_layers(padded, hx, lengths.to(data.device), False)
-        out_data, out_sizes = torch._VF._pack_padded_sequence(output, lengths, False)
-        output = PackedSequence(out_data, out_sizes, sorted_indices, unsorted_indices)
+        out_data = output.reshape(steps * batch, -1).index_select(0, rows)
+        output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
         return output, self.permute_hidden((h_n, c_n) if self._is_lstm else h_n, unsorted_indices)
 
     def _run_layers(self, x: Tensor, hx, lengths: Tensor, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
