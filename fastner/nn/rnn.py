@@ -123,11 +123,12 @@ class _FusedRNNMixin:
             self.check_input(data, batch_sizes)
         # The packed rows are the time-major padded batch [T, B, I] (sorted) minus its padding:
         # one index_copy in and one index_select out (torch's pad/pack helpers loop over time
-        # and cost more than the layer's own overhead). The kernel never reads padded rows.
+        # and cost more than the layer's own overhead). Padding is zeros: the reference multiplies
+        # it by zero gradients, which garbage could turn into NaN.
         steps, batch = batch_sizes.shape[0], int(batch_sizes[0])
         rows, lengths = _packed_rows(batch_sizes, batch)
         rows = rows.to(data.device)
-        padded = data.new_empty(steps * batch, data.shape[1]).index_copy(0, rows, data).view(steps, batch, -1)
+        padded = data.new_zeros(steps * batch, data.shape[1]).index_copy(0, rows, data).view(steps, batch, -1)
         output, h_n, c_n = self._run_layers(padded, hx, lengths.to(data.device), False)
         out_data = output.reshape(steps * batch, -1).index_select(0, rows)
         output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
