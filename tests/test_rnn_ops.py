@@ -78,8 +78,6 @@ def test_layer_op_matches_torch_forward_and_backward(mode, dtype):
     gen = case_generator(MODES.index(mode) * 2 + (dtype == torch.float64), salt=211)
     for _ in range(3):
         module, x, lengths, hx, cx, bidirectional, batch_first = _draw_layer_case(gen, mode, dtype)
-        for m in (module,):
-            m.requires_grad_(True)
         leaves = [x.requires_grad_(), hx.requires_grad_()] + ([cx.requires_grad_()] if cx is not None else [])
         expected = _torch_layer(module, x, lengths, hx, cx, batch_first)
         weights = _weights(module, requires_grad=True)
@@ -146,7 +144,6 @@ def test_layer_op_gradcheck(mode, bidirectional, batch_first, bias):
     args = (x, hx) + ((cx,) if cx is not None else ()) + tuple(weights)
     assert len(args) == 2 + (mode == "LSTM") + count
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
-    assert torch.autograd.gradgradcheck is not None  # (double backward is not part of the contract)
 
 
 def _opcheck_args(mode, bidirectional, batch_first, with_hx, dtype, gen, requires_grad):
@@ -248,7 +245,7 @@ def test_module_gradcheck(mode, form, backend, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
 def test_rnn_layer_fused_matches_reference(mode, dtype, monkeypatch):
-    from fastner import ops, reference
+    from fastner import ops
 
     gen = case_generator(MODES.index(mode) * 2 + (dtype == torch.float64), salt=241)
     for _ in range(3):
@@ -271,7 +268,6 @@ def test_rnn_layer_fused_matches_reference(mode, dtype, monkeypatch):
         assert len(results["fused"]) == len(results["reference"])
         for i, (g, e) in enumerate(zip(results["fused"], results["reference"])):
             torch.testing.assert_close(g, e, **_tol(dtype), msg=lambda m, i=i: f"item {i}: {m}")
-        assert reference.rnn_layer is not None
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

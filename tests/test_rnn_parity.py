@@ -10,6 +10,9 @@ import itertools
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastner.nn
 
 from test_rnn_helpers import (
     DTYPES,
@@ -171,8 +174,6 @@ def test_weights_changed_after_first_call_are_used():
 def test_proj_size_falls_back_to_torch():
     gen = case_generator(0, salt=31)
     reference = torch.nn.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=3, dtype=torch.float64)
-    import fastner.nn
-
     fused = fastner.nn.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=3, dtype=torch.float64)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(5, 4, 6, generator=gen, dtype=torch.float64)
@@ -233,9 +234,6 @@ def test_zero_lengths_output_zeros_and_keep_the_initial_state(mode):
 
 def test_proj_size_with_lengths_falls_back_with_packing_semantics():
     gen = case_generator(0, salt=37)
-    import fastner.nn
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
     reference = torch.nn.LSTM(6, 8, bidirectional=True, proj_size=3, batch_first=True, dtype=torch.float64)
     fused = fastner.nn.LSTM(6, 8, bidirectional=True, proj_size=3, batch_first=True, dtype=torch.float64)
     fused.load_state_dict(reference.state_dict())
