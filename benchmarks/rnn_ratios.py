@@ -14,8 +14,8 @@ torch.inference_mode in eval(); training is forward + backward to the input and 
 
 The GEMM floor: the multiply-adds of the useful (non-padded) work, 2*(I+H)*G*H per token and
 direction (G = 4 LSTM, 3 GRU, 1 RNN), times 3 for training (forward, input/state gradients,
-weight gradients), divided by the rate torch.mm reaches in this run at the tagger's
-input-projection shape. "x of floor" = measured time / that time.
+weight gradients), divided by the rate torch.mm reaches at the tagger's input-projection shape,
+timed in the same interleaved rounds as the row. "x of floor" = measured time / that time.
 """
 from __future__ import annotations
 
@@ -164,11 +164,27 @@ def interleaved_medians(calls: Dict[str, Callable], repeats: int, min_seconds: f
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def gemm_rate(m: int, k: int, n: int, repeats: int) -> float:
-    """FLOP/s of torch.mm ([m, k] @ [k, n], float32): median of repeats."""
+# The floor's GEMM: torch.mm at the tagger's input projection ([B*T, I] @ [I, 4H], float32).
+GEMM_SHAPE = (TAGGER["batch"] * TAGGER["time_len"], TAGGER["input_size"], 4 * TAGGER["hidden"])
+
+
+def gemm_call() -> Callable[[], object]:
+    m, k, n = GEMM_SHAPE
     a, b = torch.randn(m, k), torch.randn(k, n)
-    seconds = interleaved_medians({"mm": lambda: torch.mm(a, b)}, repeats)["mm"]
+    return lambda: torch.mm(a, b)
+
+
+def gemm_rate(seconds: float) -> float:
+    m, k, n = GEMM_SHAPE
     return 2.0 * m * k * n / seconds
+
+
+def timed_with_gemm(calls: Dict[str, Callable], repeats: int):
+    """Medians of the variants and the GEMM rate measured in the same interleaved rounds, so
+    load drifting during the run moves the floor with the times it is compared to."""
+    calls = dict(calls, gemm=gemm_call())
+    t = interleaved_medians(calls, repeats)
+    return t, gemm_rate(t.pop("gemm"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +218,7 @@ def ratio(slow: float, fast: float) -> str:
     return f"{slow / fast:.2f}x"
 
 
-def tagger_table(repeats: int, rate: float, cells: Sequence[str]) -> List[str]:
+def tagger_table(repeats: int, cells: Sequence[str]) -> List[str]:
     p = TAGGER
     lengths = conll_like_lengths(p["batch"], p["time_len"])
     rows = [
@@ -212,14 +228,14 @@ def tagger_table(repeats: int, rate: float, cells: Sequence[str]) -> List[str]:
         "",
         "| cell | task | torch padded ms | torch packed ms | fastner padded ms | fastner packed ms "
         "| fastner lengths= ms | lengths= vs torch packed | lengths= vs torch padded "
-        "| padded vs torch padded | packed vs torch packed | GEMM floor ms | lengths= x of floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| padded vs torch padded | packed vs torch packed | GEMM GFLOP/s | GEMM floor ms | lengths= x of floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         w = Workload(cell, p["batch"], p["time_len"], p["input_size"], p["hidden"], p["bidirectional"], lengths)
         check_agreement(w)
         for training in (False, True):
-            t = interleaved_medians(variant_calls(w, training), repeats)
+            t, rate = timed_with_gemm(variant_calls(w, training), repeats)
             floor = w.floor_seconds(training, rate)
             rows.append(
                 f"| {cell} | {'training' if training else 'inference'} | {ms(t['torch padded'])} "
@@ -227,22 +243,22 @@ def tagger_table(repeats: int, rate: float, cells: Sequence[str]) -> List[str]:
                 f"| {ms(t['fastner lengths='])} | {ratio(t['torch packed'], t['fastner lengths='])} "
                 f"| {ratio(t['torch padded'], t['fastner lengths='])} "
                 f"| {ratio(t['torch padded'], t['fastner padded'])} "
-                f"| {ratio(t['torch packed'], t['fastner packed'])} | {ms(floor)} "
+                f"| {ratio(t['torch packed'], t['fastner packed'])} | {rate / 1e9:.0f} | {ms(floor)} "
                 f"| {t['fastner lengths='] / floor:.1f} |"
             )
             print(rows[-1], file=sys.stderr, flush=True)  # progress while the run goes on
     return rows
 
 
-def sweep_table(repeats: int, rate: float, cells: Sequence[str], batches: Sequence[int], hiddens: Sequence[int]):
+def sweep_table(repeats: int, cells: Sequence[str], batches: Sequence[int], hiddens: Sequence[int]):
     p = TAGGER
     rows = [
         f"### Sweep: bidirectional, T={p['time_len']}, input {p['input_size']}, CoNLL-like lengths",
         "",
         "| cell | task | B | H | torch padded ms | torch packed ms | fastner padded ms | fastner lengths= ms "
         "| lengths= vs torch packed | lengths= vs torch padded | padded vs torch padded "
-        "| GEMM floor ms | lengths= x of floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GEMM GFLOP/s | GEMM floor ms | lengths= x of floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         for batch in batches:
@@ -252,14 +268,14 @@ def sweep_table(repeats: int, rate: float, cells: Sequence[str], batches: Sequen
                 for training in (False, True):
                     calls = variant_calls(w, training)
                     del calls["fastner packed"]
-                    t = interleaved_medians(calls, repeats)
+                    t, rate = timed_with_gemm(calls, repeats)
                     floor = w.floor_seconds(training, rate)
                     rows.append(
                         f"| {cell} | {'training' if training else 'inference'} | {batch} | {hidden} "
                         f"| {ms(t['torch padded'])} | {ms(t['torch packed'])} | {ms(t['fastner padded'])} "
                         f"| {ms(t['fastner lengths='])} | {ratio(t['torch packed'], t['fastner lengths='])} "
                         f"| {ratio(t['torch padded'], t['fastner lengths='])} "
-                        f"| {ratio(t['torch padded'], t['fastner padded'])} | {ms(floor)} "
+                        f"| {ratio(t['torch padded'], t['fastner padded'])} | {rate / 1e9:.0f} | {ms(floor)} "
                         f"| {t['fastner lengths='] / floor:.1f} |"
                     )
                     print(rows[-1], file=sys.stderr, flush=True)
@@ -284,20 +300,20 @@ def main(argv=None) -> None:
     batches, hiddens = ((1, 32, 128), (200,)) if args.quick else ((1, 8, 32, 128), (100, 200, 512))
     sweep_cells = cells[:1] if args.quick else cells
 
-    lines = ["## fastner RNN layers vs torch.nn (CPU, float32)", "", machine_line()]
-    # The floor's rate: torch.mm at the tagger's input projection (B*T x I @ I x 4H).
-    p = TAGGER
-    rate = gemm_rate(p["batch"] * p["time_len"], p["input_size"], 4 * p["hidden"], max(repeats, 9))
-    lines.append(
-        f"GEMM rate (torch.mm float32 [{p['batch'] * p['time_len']}, {p['input_size']}] @ "
-        f"[{p['input_size']}, {4 * p['hidden']}]): {rate / 1e9:.0f} GFLOP/s; medians of {repeats} interleaved rounds."
-    )
-    lines.append("")
+    m, k, n = GEMM_SHAPE
+    lines = [
+        "## fastner RNN layers vs torch.nn (CPU, float32)",
+        "",
+        machine_line(),
+        "",
+        f"Times: medians of {repeats} interleaved rounds. GEMM GFLOP/s: torch.mm float32 [{m}, {k}] @ [{k}, {n}], "
+        "timed in the same rounds as the row; the floor is the row's useful FLOPs at that rate.",
+        "",
+    ]
     print("\n".join(lines), flush=True)
-    table = tagger_table(repeats, rate, cells)
-    print("\n".join(table) + "\n", flush=True)
+    print("\n".join(tagger_table(repeats, cells)) + "\n", flush=True)
     if not args.no_sweep:
-        print("\n".join(sweep_table(repeats, rate, sweep_cells, batches, hiddens)), flush=True)
+        print("\n".join(sweep_table(repeats, sweep_cells, batches, hiddens)), flush=True)
 
 
 if __name__ == "__main__":
