@@ -365,3 +365,6 @@ def compare_with_torch(case: RNNCase, with_grad: bool = True, seed_index: int = 
     assert set(got_grads) == set(exp_grads)
     for name in exp_grads:
         assert_close(got_grads[name], exp_grads[name], f"grad of {name}", case, noise.get(f"grad:{name}", 0.0))
+    if case.form == "lengths" and "input" in got_grads:
+        # Padding never reaches the result, so its gradient is exactly zero.
+        assert bool((got_grads["input"][padding_mask(case)] == 0).all()), f"nonzero input grad past lengths for {case}"
