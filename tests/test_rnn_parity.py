@@ -305,3 +305,29 @@ def test_nothing_requires_grad_with_grad_enabled():
         for key in expected:
             assert not got[key].requires_grad
             assert_close(got[key], expected[key], key, case)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_and_all_empty_sequences(mode):
+    gen = case_generator(MODES.index(mode), salt=61)
+    for batch_first in (False, True):
+        case = RNNCase(
+            mode=mode, num_layers=2, bidirectional=True, batch_first=batch_first, input_size=3,
+            hidden_size=4, bias=True, dtype=torch.float64, form="padded", with_hx=False,
+            time_len=5, lengths=(5, 5, 5),
+        )
+        reference, fused = make_pair(case)
+        # B = 0: torch returns empty outputs and states; so must fastner (and backward must run)
+        x = torch.randn((0, 5, 3) if batch_first else (5, 0, 3), dtype=torch.float64, requires_grad=True)
+        expected, got = flat_result(reference(x)), flat_result(fused(x))
+        for key in expected:
+            assert got[key].shape == expected[key].shape, key
+        sum(v.sum() for v in got.values()).backward()
+        # every sequence of length 0 through lengths=: zeros out, initial state kept
+        x = torch.randn((3, 5, 3) if batch_first else (5, 3, 3), generator=gen, dtype=torch.float64)
+        h0 = torch.randn(4, 3, 4, generator=gen, dtype=torch.float64)
+        hx = (h0, torch.randn(4, 3, 4, generator=gen, dtype=torch.float64)) if mode == "LSTM" else h0
+        out, state = fused(x, hx, lengths=torch.zeros(3, dtype=torch.long))
+        assert bool((out == 0).all())
+        for s, initial in zip(state if mode == "LSTM" else (state,), hx if mode == "LSTM" else (hx,)):
+            assert torch.equal(s, initial)
