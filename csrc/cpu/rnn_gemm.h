@@ -18,6 +18,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -90,21 +92,20 @@ class PackedRight {
       if (cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr &&
           max_m > 0 && n > 0 && k > 0) {
         const size_t bytes = cblas_sgemm_pack_get_size(162, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k));
-        const int64_t floats = static_cast<int64_t>(bytes / sizeof(float)) + 16;
         // MKL asks for ~9 MB at H = 200 (it touches far less): a fresh allocation per call costs
         // page faults on every layer call, so each thread keeps one buffer for reuse.
-        thread_local at::Tensor cache;
-        thread_local bool cache_in_use = false;
-        if (!cache_in_use) {
-          if (!cache.defined() || cache.numel() < floats) cache = at::empty({floats}, at::kFloat);
-          packed_ = cache;
-          cache_in_use = true;
-          release_ = &cache_in_use;
+        thread_local Buffer cache;
+        if (!cache.in_use) {
+          cache.reserve(bytes);
+          cache.in_use = true;
+          packed_ = static_cast<float*>(cache.data.get());
+          release_ = &cache.in_use;
         } else {
-          packed_ = at::empty({floats}, at::kFloat);
+          own_.reserve(bytes);
+          packed_ = static_cast<float*>(own_.data.get());
         }
         cblas_sgemm_pack(101, 162, trans_b ? 112 : 111, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k), 1.0f,
-                         b, static_cast<int>(ldb), packed_.data_ptr<float>());
+                         b, static_cast<int>(ldb), packed_);
       }
     }
   }
@@ -119,9 +120,9 @@ class PackedRight {
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if (m == 0) return;
     if constexpr (std::is_same_v<T, float>) {
-      if (packed_.defined()) {
+      if (packed_ != nullptr) {
         cblas_sgemm_compute(101, 111, 151, static_cast<int>(m), static_cast<int>(n_), static_cast<int>(k_), a,
-                            static_cast<int>(lda), packed_.data_ptr<float>(), static_cast<int>(ldb_), beta, c,
+                            static_cast<int>(lda), packed_, static_cast<int>(ldb_), beta, c,
                             static_cast<int>(ldc));
         return;
       }
@@ -134,7 +135,21 @@ class PackedRight {
   int64_t ldb_;
   bool trans_b_;
   int64_t k_, n_;
-  at::Tensor packed_;  // MKL's packed B (float32 only); undefined: plain gemm
+  // A 64-byte aligned byte buffer that only grows.
+  struct Buffer {
+    std::unique_ptr<void, decltype(&std::free)> data{nullptr, &std::free};
+    size_t size = 0;
+    bool in_use = false;
+    void reserve(size_t bytes) {
+      if (bytes <= size) return;
+      const size_t rounded = (bytes + 63) / 64 * 64;
+      data.reset(std::aligned_alloc(64, rounded));
+      TORCH_CHECK(data != nullptr, "rnn_layer: out of memory packing W_hh (", rounded, " bytes)");
+      size = rounded;
+    }
+  };
+  float* packed_ = nullptr;  // MKL's packed B (float32 only); nullptr: plain gemm
+  Buffer own_;               // used when the thread's cached buffer is taken
   bool* release_ = nullptr;  // the thread's cache flag to clear when done with its buffer
 };
 
