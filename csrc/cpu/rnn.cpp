@@ -346,6 +346,7 @@ void for_each_direction(int64_t D, Fn&& fn) {
     fn(0);
   } else {
     at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+      const SingleThreadedBlas one_thread;
       for (int64_t d = d0; d < d1; ++d) fn(d);
     });
   }

@@ -33,6 +33,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
 void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
                       float* dest) __attribute__((weak));
+// Per-thread BLAS thread count (0 = back to the global setting); returns the previous one.
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
                          const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
@@ -78,6 +80,21 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     out.mul_(beta).add_(prod, alpha);
   }
 }
+
+// While alive, BLAS calls from this thread run single-threaded (MKL would already do so inside
+// an OpenMP region with nesting off; this makes it independent of the OpenMP settings).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 // The right operand of many products C[m, n] = A[m, k] @ op(B)[k, n] with varying m (the
 // running prefix of the batch): packed once into MKL's internal layout where MKL provides it,
