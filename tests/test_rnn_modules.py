@@ -423,3 +423,22 @@ def test_convert_keeps_unsupported_configs_working():
     fastner.nn.convert(model)
     assert isinstance(model[0], torch.nn.LSTM)
     torch.testing.assert_close(model(x)[0], before, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_fullgraph_traces_the_fused_layer():
+    # By default Dynamo runs nn.RNNBase subclasses eagerly; with allow_rnn it traces them, and
+    # then the whole fastner layer (backend choice, stacking, fused ops) must fit in one graph.
+    torch._dynamo.reset()
+    model = _Tagger()
+    x = torch.randn(4, 7, 6)
+    lengths = torch.tensor([7, 3, 1, 5])
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(model, fullgraph=True)
+        compiled_out = compiled(x, lengths)
+    eager_out = model(x, lengths)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    compiled_grads = torch.autograd.grad(compiled_out.square().sum(), list(model.parameters()))
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
+    for g, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
