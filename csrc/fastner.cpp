@@ -56,5 +56,37 @@ TORCH_LIBRARY(fastner, m) {
   m.def("crf_lengths(Tensor mask, bool batch_first) -> Tensor");
 
   // ---- recurrent layers (LSTM / GRU / RNN) ------------------------------------
-  // (schemas: see the RNN block)
+  // One op call runs one layer, both directions of it when bidirectional. Stacking layers and
+  // the dropout between them is Python's job (fastner/nn/rnn.py), so each op stays small.
+  //
+  // Shared arguments:
+  //   mode: 'lstm' (gates i, f, g, o; G = 4), 'gru' (r, z, n; G = 3; n = tanh(W_in x + b_in +
+  //         r * (W_hn h + b_hn))), 'rnn_tanh' or 'rnn_relu' (G = 1): torch.nn's formulas.
+  //   D = 2 if bidirectional else 1; H = hidden size, read from w_hh.
+  //   input: [B, T, I] if batch_first else [T, B, I]; float32 or float64.
+  //   lengths: int64 [B] on the same device as input, 0 <= lengths[b] <= T (all T for plain
+  //            padded input). Step t of sequence b exists iff t < lengths[b]; the reverse direction
+  //            starts at each sequence's own last step. A length-0 sequence outputs zeros and
+  //            keeps its initial state.
+  //   weights: torch's flat weights of the layer, direction 0 then direction 1:
+  //            w_ih [G*H, I], w_hh [G*H, H], then (only when the layer has biases) b_ih [G*H],
+  //            b_hh [G*H]; so 2*D entries without bias, 4*D with.
+  //   hx: [D, B, H] initial hidden state, None = zeros. cx: [D, B, H] initial cell (lstm only).
+  //
+  // Forward. output: like input with D*H features (direction d in columns [d*H, (d+1)*H)),
+  // zeros past each length. h_n: [D, B, H], each sequence's state after its last step.
+  // c_n: [D, B, H] for 'lstm', else an empty tensor [0]. workspace: when training, what the
+  // backward reads, [D, B*T, W] in a kernel-private layout (W = 6H lstm, 5H gru, H rnn_*);
+  // when not training an empty tensor [0] (inference stores no activations).
+  m.def("rnn_layer_forward(Tensor input, Tensor lengths, Tensor[] weights, Tensor? hx, Tensor? cx, "
+        "str mode, bool bidirectional, bool batch_first, bool training) -> "
+        "(Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
+  // Backward of rnn_layer_forward(training=True): given the gradients of output (like output),
+  // h_n ([D, B, H]) and c_n ([D, B, H] for lstm, else ignored; zeros where unused), returns
+  // grad_input (like input), grad_hx [D, B, H], grad_cx ([D, B, H] for lstm, else [0]) and
+  // grad_weights (same list structure and shapes as weights).
+  m.def("rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+        "Tensor lengths, Tensor[] weights, Tensor? hx, Tensor? cx, Tensor workspace, str mode, "
+        "bool bidirectional, bool batch_first) -> "
+        "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
 }

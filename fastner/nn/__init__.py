@@ -1,3 +1,4 @@
 """Drop-in modules: CRF (for torchcrf.CRF), LSTM/GRU/RNN (for torch.nn), convert()."""
 from fastner.nn.crf import *  # noqa: F401,F403
 from fastner.nn.rnn import *  # noqa: F401,F403
+from fastner.nn.convert import convert  # noqa: F401

@@ -1,34 +1,177 @@
 """fastner.nn.LSTM / GRU / RNN: drop-in subclasses of the torch.nn recurrent layers.
 
-Placeholder until the fused layers land: same classes as torch's, plus the `lengths=` keyword
-(served here by packing), so code written against the final API already runs.
+Same constructor, parameters, state_dict keys and gate order as torch's classes (they are
+subclasses), so weights load both ways. forward(input, hx=None, lengths=None) returns exactly
+what torch returns for a Tensor (either layout) or a PackedSequence (sorted or not); `lengths`
+(int64 [B]) gives padded input the semantics of packing without its cost. Each layer runs
+fastner.ops.rnn_layer (fused kernel, or the reference where the device has none); stacking and
+the dropout between layers happen here. Configurations the kernels do not cover (proj_size > 0,
+unbatched input, float16/bfloat16, autocast, tensors on different devices) go to torch's own
+implementation, silently, which also raises torch's own errors for bad input.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fastner import ops
 
 __all__ = ["LSTM", "GRU", "RNN"]
 
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
-class _LengthsMixin:
-    def forward(self, input, hx=None, lengths=None):
-        if lengths is None:
+
+def _tensors_in(hx) -> List[Tensor]:
+    if hx is None:
+        return []
+    return list(hx) if isinstance(hx, (tuple, list)) else [hx]
+
+
+def _packed_rows(batch_sizes: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
+    """For a PackedSequence's batch_sizes [T] (CPU int64): the row t * B + j of the time-major
+    padded batch that each packed row holds ([N]), and each sorted sequence's length ([B])."""
+    steps = batch_sizes.shape[0]
+    time_of_row = torch.repeat_interleave(torch.arange(steps), batch_sizes)
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+    slot_of_row = torch.arange(time_of_row.shape[0]) - torch.repeat_interleave(starts, batch_sizes)
+    lengths = (batch_sizes[None, :] > torch.arange(batch)[:, None]).sum(1)
+    return time_of_row * batch + slot_of_row, lengths
+
+
+class _FusedRNNMixin:
+    """forward() for the three classes; the subclass says its cell mode and state form."""
+
+    _is_lstm = False
+
+    def _cell_mode(self) -> str:
+        raise NotImplementedError
+
+    def _fusable(self, input, hx) -> bool:
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, Tensor) or getattr(self, "proj_size", 0) > 0:
+            return False
+        if not isinstance(input, PackedSequence) and data.dim() != 3:
+            return False  # unbatched input (or a bad rank: torch raises its own error)
+        if data.dtype not in _FUSED_DTYPES or torch._C._is_any_autocast_enabled():
+            return False
+        weights = self._flat_weights
+        if any(w is None or w.dtype != data.dtype or w.device != data.device for w in weights):
+            return False  # torch either handles it or raises its own error
+        if self._is_lstm and hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            return False
+        # A hidden state of the wrong rank, dtype or device: torch raises its own error.
+        return all(
+            isinstance(h, Tensor) and h.dim() == 3 and h.device == data.device and h.dtype == data.dtype
+            for h in _tensors_in(hx)
+        )
+
+    def _torch_forward(self, input, hx, lengths):
+        if lengths is None or not isinstance(input, Tensor) or input.dim() != 3:
+            if lengths is not None and isinstance(input, Tensor) and input.dim() == 2:
+                raise ValueError("lengths= needs batched input ([B, T, I] or [T, B, I]), got a 2-D tensor")
             return super().forward(input, hx)
+        # Bad input must raise what torch raises for the padded tensor, not what packing raises:
+        # let torch check the first step.
+        with torch.no_grad():
+            super().forward(input.narrow(1 if self.batch_first else 0, 0, min(1, input.shape[1 if self.batch_first else 0])), hx)
         time_len = input.shape[1] if self.batch_first else input.shape[0]
         packed = pack_padded_sequence(input, lengths.cpu(), batch_first=self.batch_first, enforce_sorted=False)
         output, state = super().forward(packed, hx)
         output, _ = pad_packed_sequence(output, batch_first=self.batch_first, total_length=time_len)
         return output, state
 
+    def forward(self, input, hx=None, lengths: Optional[Tensor] = None):
+        if isinstance(input, PackedSequence) and lengths is not None:
+            raise ValueError("lengths= is for padded Tensor input; a PackedSequence carries its own lengths")
+        if not self._fusable(input, hx):
+            return self._torch_forward(input, hx, lengths)
+        self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        return self._forward_padded(input, hx, lengths)
 
-class LSTM(_LengthsMixin, torch.nn.LSTM):
-    pass
+    def _forward_padded(self, input: Tensor, hx, lengths: Optional[Tensor]):
+        # input: [B, T, I] if batch_first else [T, B, I]
+        if hx is not None:
+            self.check_forward_args(input, hx, None)
+        else:
+            self.check_input(input, None)
+        B, T = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long)
+        else:
+            if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
+                shape = list(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+                raise ValueError(f"lengths must be a 1-D integer tensor of shape [B] = [{B}], got {shape}")
+            if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+                raise ValueError(f"lengths must hold integers, got {lengths.dtype}")
+            lengths = lengths.to(dtype=torch.long)
+        lengths = lengths.to(device=input.device)
+        output, h_n, c_n = self._run_layers(input, hx, lengths, self.batch_first)
+        return output, ((h_n, c_n) if self._is_lstm else h_n)
+
+    def _forward_packed(self, input: PackedSequence, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if hx is not None:
+            hx = self.permute_hidden(hx, sorted_indices)  # into the packed (sorted) batch order
+            self.check_forward_args(data, hx, batch_sizes)
+        else:
+            self.check_input(data, batch_sizes)
+        # The packed rows are the time-major padded batch [T, B, I] (sorted) minus its padding:
+        # one index_copy in and one index_select out (torch's pad/pack helpers loop over time
+        # and cost more than the layer's own overhead). Padding is zeros: the reference multiplies
+        # it by zero gradients, which garbage could turn into NaN.
+        steps, batch = batch_sizes.shape[0], int(batch_sizes[0])
+        rows, lengths = _packed_rows(batch_sizes, batch)
+        rows = rows.to(data.device)
+        padded = data.new_zeros(steps * batch, data.shape[1]).index_copy(0, rows, data).view(steps, batch, -1)
+        output, h_n, c_n = self._run_layers(padded, hx, lengths.to(data.device), False)
+        out_data = output.reshape(steps * batch, -1).index_select(0, rows)
+        output = PackedSequence(out_data, batch_sizes, sorted_indices, unsorted_indices)
+        return output, self.permute_hidden((h_n, c_n) if self._is_lstm else h_n, unsorted_indices)
+
+    def _run_layers(self, x: Tensor, hx, lengths: Tensor, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        D = 2 if self.bidirectional else 1
+        per_layer = len(self._flat_weights) // self.num_layers
+        h0, c0 = (hx if self._is_lstm else (hx, None)) if hx is not None else (None, None)
+        mode = self._cell_mode()
+        h_last, c_last = [], []
+        for layer in range(self.num_layers):
+            weights = self._flat_weights[layer * per_layer : (layer + 1) * per_layer]
+            layer_h0 = h0[layer * D : (layer + 1) * D] if h0 is not None else None
+            layer_c0 = c0[layer * D : (layer + 1) * D] if c0 is not None else None
+            x, h_n, c_n = ops.rnn_layer(x, lengths, weights, layer_h0, layer_c0, mode, self.bidirectional, batch_first)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, p=self.dropout, training=True)
+            h_last.append(h_n)
+            c_last.append(c_n)
+        h_n = torch.cat(h_last, 0) if len(h_last) > 1 else h_last[0]
+        c_n = (torch.cat(c_last, 0) if len(c_last) > 1 else c_last[0]) if self._is_lstm else None
+        return x, h_n, c_n
 
 
-class GRU(_LengthsMixin, torch.nn.GRU):
-    pass
+class LSTM(_FusedRNNMixin, torch.nn.LSTM):
+    """torch.nn.LSTM with fused CPU kernels and a `lengths=` keyword."""
+
+    _is_lstm = True
+
+    def _cell_mode(self) -> str:
+        return "lstm"
 
 
-class RNN(_LengthsMixin, torch.nn.RNN):
-    pass
+class GRU(_FusedRNNMixin, torch.nn.GRU):
+    """torch.nn.GRU with fused CPU kernels and a `lengths=` keyword."""
+
+    def _cell_mode(self) -> str:
+        return "gru"
+
+
+class RNN(_FusedRNNMixin, torch.nn.RNN):
+    """torch.nn.RNN (tanh or relu) with fused CPU kernels and a `lengths=` keyword."""
+
+    def _cell_mode(self) -> str:
+        return "rnn_relu" if self.mode == "RNN_RELU" else "rnn_tanh"

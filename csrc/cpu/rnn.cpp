@@ -1,0 +1,592 @@
+// CPU kernels of fastner::rnn_layer_forward / rnn_layer_backward: one LSTM / GRU / RNN layer,
+// both directions, variable lengths without work on padding. Schemas: csrc/fastner.cpp.
+//
+// Layout. The batch is reordered once by decreasing length (slot j holds original sequence
+// order[j]), so at every step the sequences still running are a prefix of the slots, in both
+// directions: at step s the forward direction is at time s and the reverse direction at time
+// len[j] - 1 - s, and both run exactly the slots with len[j] > s. Per-(sequence, step) data of
+// a direction (its gathered input, projected input, workspace, gate gradients) lives in "step
+// rows": row offset[s] + j holds slot j at step s (PackedSequence order for the forward
+// direction), so each step reads and writes one contiguous block of rows.
+//
+// Forward, per layer and direction: one GEMM projects every valid input row for all gates;
+// then per step one GEMM [active, H] x [H, G*H] on the running prefix (accumulated straight
+// into the step's block of projected rows where the cell allows it) and one fused pass for the
+// gate nonlinearities and the state update, which writes h straight into the output.
+// Backward: per step one fused pass computing the gate gradients and one GEMM carrying the
+// gradient to the previous h; then dW_ih, dW_hh, the biases and the input gradient as single
+// GEMMs over all packed rows. The two directions run concurrently (one per core, each GEMM
+// single-threaded): two independent sequential chains use 2 cores better than threading a
+// GEMM of 32 rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cpu/rnn_gemm.h"
+#include "cpu/rnn_math.h"
+
+namespace fastner::rnn {
+namespace {
+
+using at::Tensor;
+
+enum class Cell { LSTM, GRU, RNN_TANH, RNN_RELU };
+
+Cell parse_mode(const std::string& mode) {
+  if (mode == "lstm") return Cell::LSTM;
+  if (mode == "gru") return Cell::GRU;
+  if (mode == "rnn_tanh") return Cell::RNN_TANH;
+  if (mode == "rnn_relu") return Cell::RNN_RELU;
+  TORCH_CHECK_VALUE(false, "rnn_layer: mode must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '", mode, "'");
+}
+
+int64_t gates_of(Cell cell) { return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1; }
+
+// Workspace row width in units of H: lstm [i f g o | c | h], gru [r z n | W_hn h + b_hn | h],
+// rnn [h] (gate values after their nonlinearity).
+int64_t workspace_width(Cell cell) { return cell == Cell::LSTM ? 6 : cell == Cell::GRU ? 5 : 1; }
+
+// The batch reordered by decreasing length, and where each (slot, time) lives.
+struct Plan {
+  int64_t B = 0, T = 0, steps = 0, rows = 0;  // steps = longest length, rows = sum of lengths
+  bool batch_first = true;
+  std::vector<int64_t> order;       // [B] original batch index of slot j
+  std::vector<int64_t> len;         // [B] length of slot j (non-increasing)
+  std::vector<int64_t> batch_size;  // [steps] slots running at step s: a prefix
+  std::vector<int64_t> offset;      // [steps + 1] first packed row of time t
+
+  int64_t step_row(int64_t j, int64_t s) const { return offset[s] + j; }
+  // Row of (slot j, time t) in the [B, T, *] or [T, B, *] input/output viewed as 2-D.
+  int64_t io_row(int64_t j, int64_t t) const { return batch_first ? order[j] * T + t : t * B + order[j]; }
+  // The forward direction's step rows are the input's own rows (time-major, every length T).
+  bool io_is_step_order() const { return !batch_first && rows == B * T; }
+};
+
+Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B, "rnn_layer: lengths must have shape [B] = [", B,
+                    "], got ", lengths.sizes());
+  TORCH_CHECK_VALUE(lengths.scalar_type() == at::kLong, "rnn_layer: lengths must be int64, got ",
+                    lengths.scalar_type());
+  Plan plan;
+  plan.B = B;
+  plan.T = T;
+  plan.batch_first = batch_first;
+  const Tensor lens = lengths.contiguous();
+  const int64_t* l = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= T, "rnn_layer: lengths must lie in [0, T] = [0, ", T, "], got ", l[b],
+                      " at batch index ", b);
+  }
+  plan.order.resize(B);
+  std::iota(plan.order.begin(), plan.order.end(), 0);
+  std::stable_sort(plan.order.begin(), plan.order.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
+  plan.len.resize(B);
+  for (int64_t j = 0; j < B; ++j) plan.len[j] = l[plan.order[j]];
+  plan.steps = B > 0 ? plan.len[0] : 0;
+  plan.batch_size.assign(plan.steps, 0);
+  plan.offset.assign(plan.steps + 1, 0);
+  int64_t running = B;
+  for (int64_t s = 0; s < plan.steps; ++s) {
+    while (running > 0 && plan.len[running - 1] <= s) --running;
+    plan.batch_size[s] = running;
+    plan.offset[s + 1] = plan.offset[s] + running;
+  }
+  plan.rows = plan.offset[plan.steps];
+  return plan;
+}
+
+// Time of slot j at step s of direction dir.
+inline int64_t time_at(const Plan& plan, int64_t dir, int64_t j, int64_t s) {
+  return dir == 0 ? s : plan.len[j] - 1 - s;
+}
+
+// The input rows direction dir reads, in its step rows: [rows, I] (a view of the input when it
+// is already in that order). Called inside a direction's task: single-threaded.
+template <typename T>
+Tensor gather_steps(const Plan& plan, const Tensor& input2d, int64_t dir) {
+  if (dir == 0 && plan.io_is_step_order()) return input2d;
+  const int64_t I = input2d.size(1);
+  Tensor out = at::empty({plan.rows, I}, input2d.options());
+  const T* src = input2d.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t s = 0; s < plan.steps; ++s)
+    for (int64_t j = 0; j < plan.batch_size[s]; ++j)
+      std::copy_n(src + plan.io_row(j, time_at(plan, dir, j, s)) * I, I, dst + plan.step_row(j, s) * I);
+  return out;
+}
+
+// Zeros every output row past its sequence's length.
+template <typename T>
+void zero_padding(const Plan& plan, T* out, int64_t width) {
+  for (int64_t j = 0; j < plan.B; ++j)
+    for (int64_t t = plan.len[j]; t < plan.T; ++t) std::fill_n(out + plan.io_row(j, t) * width, width, T(0));
+}
+
+struct LayerWeights {
+  int64_t D = 1, G = 1, H = 0, I = 0;
+  bool has_bias = false;
+  std::vector<Tensor> w_ih, w_hh, b_ih, b_hh;  // per direction, contiguous
+};
+
+LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cell, const Tensor& input) {
+  LayerWeights w;
+  w.D = bidirectional ? 2 : 1;
+  w.G = gates_of(cell);
+  TORCH_CHECK_VALUE(weights.size() == static_cast<size_t>(2 * w.D) || weights.size() == static_cast<size_t>(4 * w.D),
+                    "rnn_layer: weights must hold 2*D (no bias) or 4*D tensors for D = ", w.D, " directions, got ",
+                    weights.size());
+  w.has_bias = weights.size() == static_cast<size_t>(4 * w.D);
+  const int64_t per_dir = w.has_bias ? 4 : 2;
+  TORCH_CHECK_VALUE(weights[1].dim() == 2, "rnn_layer: w_hh must be 2-D [G*H, H], got ", weights[1].sizes());
+  w.H = weights[1].size(1);
+  w.I = input.size(2);
+  const int64_t GH = w.G * w.H;
+  for (int64_t d = 0; d < w.D; ++d) {
+    auto check = [&](const Tensor& t, at::IntArrayRef shape, const char* name) {
+      TORCH_CHECK_VALUE(t.sizes() == shape, "rnn_layer: ", name, " of direction ", d, " must have shape ", shape,
+                        ", got ", t.sizes());
+      TORCH_CHECK_VALUE(t.scalar_type() == input.scalar_type(), "rnn_layer: ", name, " must have the input's dtype ",
+                        input.scalar_type(), ", got ", t.scalar_type());
+      TORCH_CHECK_VALUE(t.device() == input.device(), "rnn_layer: ", name, " must be on the input's device ",
+                        input.device(), ", got ", t.device());
+      return t.contiguous();
+    };
+    w.w_ih.push_back(check(weights[d * per_dir + 0], {GH, w.I}, "w_ih"));
+    w.w_hh.push_back(check(weights[d * per_dir + 1], {GH, w.H}, "w_hh"));
+    if (w.has_bias) {
+      w.b_ih.push_back(check(weights[d * per_dir + 2], {GH}, "b_ih"));
+      w.b_hh.push_back(check(weights[d * per_dir + 3], {GH}, "b_hh"));
+    }
+  }
+  return w;
+}
+
+// The initial state of every slot, [D, B, H] in slot order (zeros when not given).
+template <typename T>
+Tensor initial_state(const c10::optional<Tensor>& given, const Plan& plan, const LayerWeights& w, const Tensor& input,
+                     const char* name) {
+  Tensor out = at::zeros({w.D, plan.B, w.H}, input.options());
+  if (!given.has_value() || !given->defined()) return out;
+  const Tensor& h = *given;
+  TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef({w.D, plan.B, w.H}), "rnn_layer: ", name, " must have shape [D, B, H] = [",
+                    w.D, ", ", plan.B, ", ", w.H, "], got ", h.sizes());
+  TORCH_CHECK_VALUE(h.scalar_type() == input.scalar_type() && h.device() == input.device(), "rnn_layer: ", name,
+                    " must have the input's dtype and device");
+  const Tensor hc = h.contiguous();
+  const T* src = hc.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t d = 0; d < w.D; ++d)
+    for (int64_t j = 0; j < plan.B; ++j)
+      std::copy_n(src + (d * plan.B + plan.order[j]) * w.H, w.H, dst + (d * plan.B + j) * w.H);
+  return out;
+}
+
+// Slot-order [D, B, H] state back to batch order.
+template <typename T>
+Tensor unsort_state(const Tensor& slots, const Plan& plan) {
+  const int64_t D = slots.size(0), H = slots.size(2);
+  Tensor out = at::empty_like(slots);
+  const T* src = slots.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < plan.B; ++j)
+      std::copy_n(src + (d * plan.B + j) * H, H, dst + (d * plan.B + plan.order[j]) * H);
+  return out;
+}
+
+// Per direction [G*H] bias added to the projected input (b_ih, plus the b_hh entries that add
+// to it unchanged: all of them for lstm/rnn, r and z for gru), and gru's b_hn [H].
+template <typename T>
+void fold_biases(const LayerWeights& w, Cell cell, int64_t d, std::vector<T>& bias_x, std::vector<T>& bias_hn) {
+  const int64_t GH = w.G * w.H;
+  bias_x.assign(GH, T(0));
+  bias_hn.assign(w.H, T(0));
+  if (!w.has_bias) return;
+  const T* bi = w.b_ih[d].const_data_ptr<T>();
+  const T* bh = w.b_hh[d].const_data_ptr<T>();
+  const int64_t folded = cell == Cell::GRU ? 2 * w.H : GH;
+  for (int64_t k = 0; k < GH; ++k) bias_x[k] = bi[k] + (k < folded ? bh[k] : T(0));
+  if (cell == Cell::GRU)
+    for (int64_t k = 0; k < w.H; ++k) bias_hn[k] = bh[2 * w.H + k];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused cell passes over one slot: xg = projected input row [G*H] (lstm / rnn: plus
+// h_prev @ W_hh^T already), hg = gru's h_prev @ W_hh^T row [G*H], bx = bias added to xg,
+// h / c = the slot's state [H] (updated in place), out = its output row [H], ws = its
+// workspace row or nullptr.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void lstm_cell(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws) {
+  for_each_pack<T>(H, [&](auto pack, int64_t k) {
+    using P = decltype(pack);
+    auto pre = [&](int64_t g) { return P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)); };
+    const auto i = P::sigmoid(pre(0)), f = P::sigmoid(pre(1)), g = P::tanh(pre(2)), o = P::sigmoid(pre(3));
+    const auto c_new = P::fma(f, P::load(c + k), P::mul(i, g));
+    const auto h_new = P::mul(o, P::tanh(c_new));
+    P::store(c + k, c_new);
+    P::store(h + k, h_new);
+    P::store(out + k, h_new);
+    if (ws != nullptr) {
+      P::store(ws + k, i);
+      P::store(ws + H + k, f);
+      P::store(ws + 2 * H + k, g);
+      P::store(ws + 3 * H + k, o);
+      P::store(ws + 4 * H + k, c_new);
+      P::store(ws + 5 * H + k, h_new);
+    }
+  });
+}
+
+template <typename T>
+void gru_cell(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T* h, T* out, T* ws) {
+  for_each_pack<T>(H, [&](auto pack, int64_t k) {
+    using P = decltype(pack);
+    auto xpart = [&](int64_t g) { return P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)); };
+    const auto r = P::sigmoid(P::add(xpart(0), P::load(hg + k)));
+    const auto z = P::sigmoid(P::add(xpart(1), P::load(hg + H + k)));
+    const auto hn = P::add(P::load(hg + 2 * H + k), P::load(bhn + k));
+    const auto n = P::tanh(P::fma(r, hn, xpart(2)));
+    const auto h_new = P::fma(z, P::sub(P::load(h + k), n), n);  // (1 - z) n + z h
+    P::store(h + k, h_new);
+    P::store(out + k, h_new);
+    if (ws != nullptr) {
+      P::store(ws + k, r);
+      P::store(ws + H + k, z);
+      P::store(ws + 2 * H + k, n);
+      P::store(ws + 3 * H + k, hn);
+      P::store(ws + 4 * H + k, h_new);
+    }
+  });
+}
+
+template <typename T, bool Relu>
+void rnn_cell(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws) {
+  for_each_pack<T>(H, [&](auto pack, int64_t k) {
+    using P = decltype(pack);
+    const auto pre = P::add(P::load(xg + k), P::load(bx + k));
+    const auto h_new = Relu ? P::relu(pre) : P::tanh(pre);
+    P::store(h + k, h_new);
+    P::store(out + k, h_new);
+    if (ws != nullptr) P::store(ws + k, h_new);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward cell passes over one slot. dh: gradient of the slot's h after this step [H] (already
+// including the output's gradient); on return dh holds the part of d h_prev that bypasses
+// W_hh (gru: z * dh; else 0). dc: lstm's cell gradient, in: after the step, out: before it.
+// gx = gradient of the projected input row [G*H]; gh = gru's gradient of the W_hh h row
+// [G*H] (for lstm and rnn it equals gx).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void lstm_cell_backward(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx) {
+  for_each_pack<T>(H, [&](auto pack, int64_t k) {
+    using P = decltype(pack);
+    const auto one = P::set1(T(1));
+    const auto i = P::load(ws + k), f = P::load(ws + H + k), g = P::load(ws + 2 * H + k), o = P::load(ws + 3 * H + k);
+    const auto c = P::load(ws + 4 * H + k);
+    const auto tc = P::tanh(c);
+    const auto dhv = P::load(dh + k);
+    const auto dct = P::fma(P::mul(dhv, o), P::sub(one, P::mul(tc, tc)), P::load(dc + k));
+    const auto di = P::mul(P::mul(dct, g), P::mul(i, P::sub(one, i)));
+    const auto df = P::mul(P::mul(dct, P::load(c_prev + k)), P::mul(f, P::sub(one, f)));
+    const auto dg = P::mul(P::mul(dct, i), P::sub(one, P::mul(g, g)));
+    const auto dov = P::mul(P::mul(dhv, tc), P::mul(o, P::sub(one, o)));
+    P::store(dc + k, P::mul(dct, f));
+    P::store(dh + k, P::set1(T(0)));
+    P::store(gx + k, di);
+    P::store(gx + H + k, df);
+    P::store(gx + 2 * H + k, dg);
+    P::store(gx + 3 * H + k, dov);
+  });
+}
+
+template <typename T>
+void gru_cell_backward(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T* gh) {
+  for_each_pack<T>(H, [&](auto pack, int64_t k) {
+    using P = decltype(pack);
+    const auto one = P::set1(T(1));
+    const auto r = P::load(ws + k), z = P::load(ws + H + k), n = P::load(ws + 2 * H + k), hn = P::load(ws + 3 * H + k);
+    const auto dhv = P::load(dh + k);
+    const auto dn = P::mul(P::mul(dhv, P::sub(one, z)), P::sub(one, P::mul(n, n)));  // through tanh
+    const auto dz = P::mul(P::mul(dhv, P::sub(P::load(h_prev + k), n)), P::mul(z, P::sub(one, z)));
+    const auto dr = P::mul(P::mul(dn, hn), P::mul(r, P::sub(one, r)));
+    P::store(dh + k, P::mul(dhv, z));
+    P::store(gx + k, dr);
+    P::store(gx + H + k, dz);
+    P::store(gx + 2 * H + k, dn);
+    P::store(gh + k, dr);
+    P::store(gh + H + k, dz);
+    P::store(gh + 2 * H + k, P::mul(dn, r));
+  });
+}
+
+template <typename T, bool Relu>
+void rnn_cell_backward(int64_t H, const T* ws, T* dh, T* gx) {
+  for_each_pack<T>(H, [&](auto pack, int64_t k) {
+    using P = decltype(pack);
+    const auto h = P::load(ws + k);
+    const auto dhv = P::load(dh + k);
+    const auto dpre = Relu ? P::relu_mask(h, dhv) : P::mul(dhv, P::sub(P::set1(T(1)), P::mul(h, h)));
+    P::store(dh + k, P::set1(T(0)));
+    P::store(gx + k, dpre);
+  });
+}
+
+// Runs fn(d) for every direction: concurrently when there are two (one per thread).
+template <typename Fn>
+void for_each_direction(int64_t D, Fn&& fn) {
+  if (D == 1) {
+    fn(0);
+  } else {
+    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+      const SingleThreadedBlas one_thread;
+      for (int64_t d = d0; d < d1; ++d) fn(d);
+    });
+  }
+}
+
+void check_input(const Tensor& input, const char* name) {
+  TORCH_CHECK_VALUE(input.dim() == 3, "rnn_layer: ", name, " must be 3-D ([B, T, I] or [T, B, I]), got ", input.dim(), "-D");
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, "rnn_layer: ", name,
+                    " must be float32 or float64, got ", input.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, const Tensor& lengths, at::TensorList weights,
+                                                        const c10::optional<Tensor>& hx, const c10::optional<Tensor>& cx,
+                                                        Cell cell, bool bidirectional, bool batch_first, bool training) {
+  const Tensor input = input_.contiguous();
+  const int64_t B = batch_first ? input.size(0) : input.size(1);
+  const int64_t T_ = batch_first ? input.size(1) : input.size(0);
+  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
+  const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
+  const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
+  const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
+
+  Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
+  Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
+  Tensor c_slots = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
+  const int64_t W = workspace_width(cell) * H;
+  Tensor workspace = training ? at::empty({D, B * T_, W}, input.options()) : at::empty({0}, input.options());
+  if (training && plan.rows < B * T_) {
+    // Rows past the packed ones are never read, but the op's output must be deterministic.
+    workspace.narrow(1, plan.rows, B * T_ - plan.rows).zero_();
+  }
+
+  // Projected input of every valid step of each direction, all gates: D x [rows, G*H].
+  const Tensor input2d = input.view({B * T_, I});
+  std::vector<Tensor> projected(D);
+  auto project = [&](int64_t d) {
+    const Tensor x = gather_steps<T>(plan, input2d, d);
+    projected[d] = at::empty({plan.rows, GH}, input.options());
+    gemm<T>(false, true, plan.rows, GH, I, T(1), x.const_data_ptr<T>(), I, w.w_ih[d].const_data_ptr<T>(), I, T(0),
+            projected[d].data_ptr<T>(), GH);
+  };
+  if (D == 1) project(0);  // threaded by BLAS; with two directions each task projects its own
+
+  T* out = output.data_ptr<T>();
+  zero_padding<T>(plan, out, DH);
+  for_each_direction(D, [&](int64_t d) {
+    if (D > 1) project(d);
+    std::vector<T> bias_x, bias_hn;
+    fold_biases<T>(w, cell, d, bias_x, bias_hn);
+    // gru keeps W_hn h apart (r multiplies it); lstm and rnn add h @ W_hh^T straight into the
+    // step's projected rows, which the cell pass then reads from cache.
+    std::vector<T> hg(gru ? static_cast<size_t>(B * GH) : 0);
+    T* h = h_slots.data_ptr<T>() + d * B * H;
+    T* c = lstm ? c_slots.data_ptr<T>() + d * B * H : nullptr;
+    const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
+    T* xp = projected[d].data_ptr<T>();
+    T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
+    for (int64_t s = 0; s < plan.steps; ++s) {
+      const int64_t nb = plan.batch_size[s];
+      T* block = xp + plan.step_row(0, s) * GH;  // [nb, G*H]
+      if (gru) {
+        whh_t.multiply(nb, h, H, T(0), hg.data(), GH);
+      } else {
+        whh_t.multiply(nb, h, H, T(1), block, GH);
+      }
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t t = time_at(plan, d, j, s);
+        const T* xg = block + j * GH;
+        T* o = out + plan.io_row(j, t) * DH + d * H;
+        T* wr = ws != nullptr ? ws + plan.step_row(j, s) * W : nullptr;
+        switch (cell) {
+          case Cell::LSTM: lstm_cell<T>(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr); break;
+          case Cell::GRU: gru_cell<T>(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr); break;
+          case Cell::RNN_TANH: rnn_cell<T, false>(H, xg, bias_x.data(), h + j * H, o, wr); break;
+          case Cell::RNN_RELU: rnn_cell<T, true>(H, xg, bias_x.data(), h + j * H, o, wr); break;
+        }
+      }
+    }
+  });
+  Tensor h_n = unsort_state<T>(h_slots, plan);
+  Tensor c_n = lstm ? unsort_state<T>(c_slots, plan) : at::empty({0}, input.options());
+  return {output, h_n, c_n, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_forward(const Tensor& input, const Tensor& lengths,
+                                                             at::TensorList weights, const c10::optional<Tensor>& hx,
+                                                             const c10::optional<Tensor>& cx, c10::string_view mode,
+                                                             bool bidirectional, bool batch_first, bool training) {
+  check_input(input, "input");
+  const Cell cell = parse_mode(std::string(mode));
+  return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_forward", [&] {
+    return forward_impl<scalar_t>(input, lengths, weights, hx, cx, cell, bidirectional, batch_first, training);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
+    const Tensor& grad_output_, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input_,
+    const Tensor& lengths, at::TensorList weights, const c10::optional<Tensor>& hx, const c10::optional<Tensor>& cx,
+    const Tensor& workspace_, Cell cell, bool bidirectional, bool batch_first) {
+  const Tensor input = input_.contiguous();
+  const int64_t B = batch_first ? input.size(0) : input.size(1);
+  const int64_t T_ = batch_first ? input.size(1) : input.size(0);
+  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
+  const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
+  const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
+  const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
+  const int64_t W = workspace_width(cell) * H;
+  TORCH_CHECK_VALUE(workspace_.sizes() == at::IntArrayRef({D, B * T_, W}),
+                    "rnn_layer_backward: workspace must come from rnn_layer_forward(training=True) of the same call");
+  TORCH_CHECK_VALUE(grad_output_.sizes() == (batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}),
+                    "rnn_layer_backward: grad_output must have the output's shape, got ", grad_output_.sizes());
+  const Tensor workspace = workspace_.contiguous();
+  const Tensor grad_output = grad_output_.contiguous().to(input.scalar_type());
+
+  auto state_grad = [&](const Tensor& g, const char* name) {
+    if (!g.defined() || g.numel() == 0) return at::zeros({D, B, H}, input.options());
+    TORCH_CHECK_VALUE(g.sizes() == at::IntArrayRef({D, B, H}), "rnn_layer_backward: ", name, " must have shape [D, B, H], got ",
+                      g.sizes());
+    return initial_state<T>(g.to(input.scalar_type()), plan, w, input, name);  // into slot order
+  };
+  Tensor dh_slots = state_grad(grad_h_n, "grad_h_n");
+  Tensor dc_slots = lstm ? state_grad(grad_c_n, "grad_c_n") : Tensor();
+  const Tensor h0 = initial_state<T>(hx, plan, w, input, "hx");
+  const Tensor c0 = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
+
+  const Tensor input2d = input.view({B * T_, I});
+  std::vector<Tensor> grad_x(D);  // per direction: input gradient in its step rows [rows, I]
+  std::vector<Tensor> grad_weights(weights.size());
+  const int64_t per_dir = w.has_bias ? 4 : 2;
+  const T* go = grad_output.const_data_ptr<T>();
+  const int64_t h_col = (workspace_width(cell) - 1) * H;  // h is the last H of a workspace row
+
+  for_each_direction(D, [&](int64_t d) {
+    const T* ws = workspace.const_data_ptr<T>() + d * B * T_ * W;
+    const PackedRight<T> whh(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/false, GH, H, B);  // g @ W_hh
+    const T* h_init = h0.const_data_ptr<T>() + d * B * H;
+    const T* c_init = lstm ? c0.const_data_ptr<T>() + d * B * H : nullptr;
+    T* dh = dh_slots.data_ptr<T>() + d * B * H;
+    T* dc = lstm ? dc_slots.data_ptr<T>() + d * B * H : nullptr;
+    // Gradients of the projected input (gx) and of W_hh h (gh; differs only for gru), step rows.
+    Tensor gx_all = at::empty({plan.rows, GH}, input.options());
+    Tensor gh_all = gru ? at::empty({plan.rows, GH}, input.options()) : gx_all;
+    T* gx = gx_all.data_ptr<T>();
+    T* gh = gh_all.data_ptr<T>();
+    for (int64_t s = plan.steps - 1; s >= 0; --s) {
+      const int64_t nb = plan.batch_size[s];
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t t = time_at(plan, d, j, s);
+        const int64_t row = plan.step_row(j, s);
+        const int64_t prev = s > 0 ? plan.step_row(j, s - 1) : -1;
+        T* dhj = dh + j * H;
+        const T* gout = go + plan.io_row(j, t) * DH + d * H;
+        for (int64_t k = 0; k < H; ++k) dhj[k] += gout[k];
+        const T* wr = ws + row * W;
+        switch (cell) {
+          case Cell::LSTM:
+            lstm_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH);
+            break;
+          case Cell::GRU:
+            gru_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + h_col : h_init + j * H, dhj, gx + row * GH, gh + row * GH);
+            break;
+          case Cell::RNN_TANH: rnn_cell_backward<T, false>(H, wr, dhj, gx + row * GH); break;
+          case Cell::RNN_RELU: rnn_cell_backward<T, true>(H, wr, dhj, gx + row * GH); break;
+        }
+      }
+      // d h_prev = (this step's gate gradients) @ W_hh (+ gru's direct z * dh, already in dh).
+      whh.multiply(nb, gh + plan.step_row(0, s) * GH, GH, gru ? T(1) : T(0), dh, H);
+    }
+    // The previous h of every step row, aligned with the gate gradients: [rows, H]; step s's
+    // block is step s-1's h (a prefix of it), step 0's the initial state.
+    Tensor h_prev_all = at::empty({plan.rows, H}, input.options());
+    T* hp = h_prev_all.data_ptr<T>();
+    for (int64_t s = 0; s < plan.steps; ++s) {
+      for (int64_t j = 0; j < plan.batch_size[s]; ++j) {
+        const T* src = s > 0 ? ws + plan.step_row(j, s - 1) * W + h_col : h_init + j * H;
+        std::copy_n(src, H, hp + plan.step_row(j, s) * H);
+      }
+    }
+    const Tensor x = gather_steps<T>(plan, input2d, d);
+    Tensor& dw_ih = grad_weights[d * per_dir + 0] = at::empty({GH, I}, input.options());
+    Tensor& dw_hh = grad_weights[d * per_dir + 1] = at::empty({GH, H}, input.options());
+    gemm<T>(true, false, GH, I, plan.rows, T(1), gx, GH, x.const_data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
+    gemm<T>(true, false, GH, H, plan.rows, T(1), gh, GH, hp, H, T(0), dw_hh.data_ptr<T>(), H);
+    if (w.has_bias) {
+      grad_weights[d * per_dir + 2] = gx_all.sum(0);
+      grad_weights[d * per_dir + 3] = gru ? gh_all.sum(0) : grad_weights[d * per_dir + 2].clone();
+    }
+    grad_x[d] = at::empty({plan.rows, I}, input.options());
+    gemm<T>(false, false, plan.rows, I, GH, T(1), gx, GH, w.w_ih[d].const_data_ptr<T>(), I, T(0),
+            grad_x[d].data_ptr<T>(), I);
+  });
+
+  // Input gradient: the directions' step rows summed back into the input's layout, zeros on
+  // padding.
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  T* gi = grad_input.data_ptr<T>();
+  zero_padding<T>(plan, gi, I);
+  const T* g0 = grad_x[0].const_data_ptr<T>();
+  const T* g1 = D > 1 ? grad_x[1].const_data_ptr<T>() : nullptr;
+  for (int64_t j = 0; j < B; ++j) {
+    for (int64_t t = 0; t < plan.len[j]; ++t) {
+      T* dst = gi + plan.io_row(j, t) * I;
+      const T* a = g0 + plan.step_row(j, t) * I;
+      if (g1 == nullptr) {
+        std::copy_n(a, I, dst);
+      } else {
+        const T* b = g1 + plan.step_row(j, plan.len[j] - 1 - t) * I;
+        for (int64_t k = 0; k < I; ++k) dst[k] = a[k] + b[k];
+      }
+    }
+  }
+  Tensor grad_hx = unsort_state<T>(dh_slots, plan);
+  Tensor grad_cx = lstm ? unsort_state<T>(dc_slots, plan) : at::empty({0}, input.options());
+  return {grad_input, grad_hx, grad_cx, grad_weights};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_layer_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths,
+    at::TensorList weights, const c10::optional<Tensor>& hx, const c10::optional<Tensor>& cx, const Tensor& workspace,
+    c10::string_view mode, bool bidirectional, bool batch_first) {
+  check_input(input, "input");
+  const Cell cell = parse_mode(std::string(mode));
+  return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward", [&] {
+    return backward_impl<scalar_t>(grad_output, grad_h_n, grad_c_n, input, lengths, weights, hx, cx, workspace, cell,
+                                   bidirectional, batch_first);
+  });
+}
+
+}  // namespace
+}  // namespace fastner::rnn
+
+TORCH_LIBRARY_IMPL(fastner, CPU, m) {
+  m.impl("rnn_layer_forward", &fastner::rnn::rnn_layer_forward);
+  m.impl("rnn_layer_backward", &fastner::rnn::rnn_layer_backward);
+}

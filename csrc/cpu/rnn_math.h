@@ -1,0 +1,104 @@
+// Elementwise math for the recurrent cells: sigmoid and tanh over a "pack" of values, so the
+// cell code is written once for 8 floats (AVX2) and for one scalar (tails, float64).
+//
+// Why a hand-written exp: the cells evaluate ~(G*H) transcendental functions per sequence and
+// step; scalar std::exp costs ~5-10 ns each, which at the tagger shape would cost more than all
+// the GEMMs. The AVX2 version below (Cephes' polynomial, ~2 ulp) runs 8 at a time.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FASTNER_RNN_AVX2 1
+#endif
+
+namespace fastner::rnn {
+
+// One value of type T: the scalar path (float64 everywhere, float32 tails).
+template <typename T>
+struct ScalarPack {
+  using V = T;
+  static constexpr int64_t width = 1;
+  static V load(const T* p) { return *p; }
+  static void store(T* p, V v) { *p = v; }
+  static V set1(T x) { return x; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V fma(V a, V b, V c) { return a * b + c; }  // a * b + c
+  static V sigmoid(V x) { return T(1) / (T(1) + std::exp(-x)); }
+  static V tanh(V x) { return std::tanh(x); }
+  static V relu(V x) { return x > T(0) ? x : T(0); }
+  static V relu_mask(V h, V g) { return h > T(0) ? g : T(0); }  // g where h > 0, else 0
+};
+
+#ifdef FASTNER_RNN_AVX2
+// Eight floats.
+struct Avx2Pack {
+  using V = __m256;
+  static constexpr int64_t width = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+
+  // exp(x) for x clamped to [-87.3, 88.3] (so 2^n stays a normal float).
+  static V exp(V x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    V p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+  // 1 / x by the 12-bit estimate and one Newton step (~2^-23 relative): a division costs
+  // several times more and the cells take ~5 of them per element.
+  static V reciprocal(V x) {
+    const V y = _mm256_rcp_ps(x);
+    return _mm256_mul_ps(y, _mm256_fnmadd_ps(x, y, _mm256_set1_ps(2.0f)));
+  }
+  static V sigmoid(V x) {
+    const V one = _mm256_set1_ps(1.0f);
+    return reciprocal(_mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  }
+  // tanh(x) = 1 - 2 / (exp(2x) + 1): absolute error ~1e-7, saturates cleanly at +-1.
+  static V tanh(V x) {
+    const V one = _mm256_set1_ps(1.0f);
+    const V e = exp(_mm256_add_ps(x, x));
+    return _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), reciprocal(_mm256_add_ps(e, one)), one);
+  }
+  static V relu(V x) { return _mm256_max_ps(x, _mm256_setzero_ps()); }
+  static V relu_mask(V h, V g) {
+    return _mm256_and_ps(_mm256_cmp_ps(h, _mm256_setzero_ps(), _CMP_GT_OQ), g);
+  }
+};
+#endif
+
+// Calls body(Pack{}, k) over k in [0, n): full packs of the widest kind for this scalar type,
+// then scalar tail elements.
+template <typename T, typename Body>
+inline void for_each_pack(int64_t n, Body&& body) {
+  int64_t k = 0;
+#ifdef FASTNER_RNN_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    for (; k + Avx2Pack::width <= n; k += Avx2Pack::width) body(Avx2Pack{}, k);
+  }
+#endif
+  for (; k < n; ++k) body(ScalarPack<T>{}, k);
+}
+
+}  // namespace fastner::rnn

@@ -1,0 +1,63 @@
+"""fastner.nn.convert: swap torch's recurrent layers (and torchcrf.CRF) for fastner's, in place."""
+from __future__ import annotations
+
+import torch
+
+from fastner.nn.rnn import GRU, LSTM, RNN
+
+__all__ = ["convert"]
+
+# Exact torch classes only: a user's own subclass may override forward, so it is left alone.
+_RNN_SWAPS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN}
+
+
+def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    # The fastner classes add no state of their own: rebinding the class keeps every parameter,
+    # buffer, hook and flat-weight view exactly as it was (and shared parameters stay shared).
+    module.__class__ = cls
+    return module
+
+
+def _crf_swap():
+    """(torchcrf.CRF, fastner.nn.CRF) when both exist, else None."""
+    try:
+        import torchcrf
+    except ImportError:
+        return None
+    try:
+        from fastner.nn.crf import CRF
+    except ImportError:
+        return None
+    return torchcrf.CRF, CRF
+
+
+def _swap_crf(module: torch.nn.Module, fastner_crf: type) -> torch.nn.Module:
+    new = fastner_crf(module.num_tags, batch_first=module.batch_first)
+    new.load_state_dict(module.state_dict())
+    param = next(module.parameters(), None)
+    if param is not None:
+        new = new.to(device=param.device, dtype=param.dtype)
+    new.train(module.training)
+    return new
+
+
+def convert(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every torch.nn.LSTM / GRU / RNN (and torchcrf.CRF) inside `model` by the fastner
+    equivalent, in place and keeping the weights; returns `model` (itself swapped when it is one
+    of those layers)."""
+    crf = _crf_swap()
+
+    def swapped(module: torch.nn.Module) -> torch.nn.Module:
+        cls = _RNN_SWAPS.get(type(module))
+        if cls is not None:
+            return _swap_class(module, cls)
+        if crf is not None and type(module) is crf[0]:
+            return _swap_crf(module, crf[1])
+        return module
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = swapped(child)
+            if new is not child:
+                setattr(parent, name, new)
+    return swapped(model)
