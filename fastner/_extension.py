@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -86,19 +86,39 @@ def load_error() -> Optional[str]:
     return _load_error
 
 
+# (op, device type) -> whether a kernel is registered. Kernels do not come and go once the
+# extension is loaded, and asking the dispatcher costs microseconds on every call of a
+# microsecond-scale op.
+_kernels: Dict[Tuple[str, str], bool] = {}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether torch.ops.fastner.<op> has a kernel for this device type ('cpu', 'cuda')."""
+    key = (op, device_type)
+    known = _kernels.get(key)
+    if known is None:
+        known = _kernels[key] = _dispatcher_has_kernel(op, device_type)
+    return known
+
+
+def _dispatcher_has_kernel(op: str, device_type: str) -> bool:
     if not extension_loaded():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if dispatch_key is None:
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastner::{op}", key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastner::{op}", dispatch_key)
     except RuntimeError:  # op not registered at all
         return False
 
 
-def use_fused(op: str, device: torch.device) -> bool:
-    """Whether a call of `op` on `device` goes to the fused kernel (else to the reference)."""
-    return not forced_reference() and has_kernel(op, device.type)
+@torch.compiler.assume_constant_result
+def use_fused(op: str, device: Union[torch.device, str]) -> bool:
+    """Whether a call of `op` on `device` goes to the fused kernel (else to the reference).
+
+    The dispatcher query is opaque to Dynamo, so under torch.compile the answer is taken once,
+    at trace time, and becomes a constant of the compiled graph.
+    """
+    device_type = device if isinstance(device, str) else device.type
+    return not forced_reference() and has_kernel(op, device_type)

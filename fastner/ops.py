@@ -23,21 +23,6 @@ from fastner._extension import extension_loaded, use_fused
 # (reference.crf_accumulate_dtype of the emissions' dtype). The fused kernels accept strided
 # (e.g. transposed) emissions and tags and make them contiguous themselves.
 
-# has_kernel per (op, device type): kernels do not come and go after the extension is loaded,
-# and asking the dispatcher costs microseconds on every call of a microsecond-scale op.
-_crf_kernels = {}
-
-from fastner._extension import forced_reference, has_kernel  # noqa: E402  (CRF section only)
-
-
-def _crf_fused(op: str, device: torch.device) -> bool:
-    key = (op, device.type)
-    has = _crf_kernels.get(key)
-    if has is None:
-        has = _crf_kernels[key] = has_kernel(op, device.type)
-    return has and not forced_reference()
-
-
 class _CRFForward(torch.autograd.Function):
     """Eager autograd for fused crf_forward: the same formula as the register_autograd one below,
     without the per-call cost of torch.library's Python autograd wrapper (measured: about half of
@@ -87,7 +72,7 @@ def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, tran
                 start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Forward algorithm: (log_z [B], gold_score [B], alphas [B, T, K]); differentiable in
     emissions and the three transition tensors (through log_z and gold_score)."""
-    if _crf_fused("crf_forward", emissions.device):
+    if use_fused("crf_forward", emissions.device):
         emissions, tags = _dense_off_cpu(emissions, tags)
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and (emissions.requires_grad or transitions.requires_grad
@@ -114,7 +99,7 @@ def _check_tag_range(tags: Tensor, lengths: Tensor, num_tags: int) -> None:
 def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                 start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
     """Best path: tags int64 [B, T] (-1 past each length) and its score [B]."""
-    if _crf_fused("crf_viterbi", emissions.device):
+    if use_fused("crf_viterbi", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_viterbi.default(emissions, lengths, transitions,
                                                      start_transitions, end_transitions)
@@ -127,7 +112,7 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
     """The k best paths, best first: tags int64 [B, k, T] and scores [B, k]."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if _crf_fused("crf_kbest", emissions.device):
+    if use_fused("crf_kbest", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_kbest.default(emissions, lengths, transitions,
                                                    start_transitions, end_transitions, k)
@@ -138,7 +123,7 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
 def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                   start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
     """Posterior marginals p(y_t = j | x): [B, T, K], zeros past each length."""
-    if _crf_fused("crf_marginals", emissions.device):
+    if use_fused("crf_marginals", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_marginals.default(emissions, lengths, transitions,
                                                        start_transitions, end_transitions)
@@ -149,7 +134,7 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
     """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else
     [T, B]); ValueError when the mask has a gap."""
-    if _crf_fused("crf_lengths", mask.device):
+    if use_fused("crf_lengths", mask.device):
         return torch.ops.fastner.crf_lengths.default(mask, batch_first)
     return reference.crf_lengths(mask, batch_first)
 
@@ -230,13 +215,6 @@ if extension_loaded():
 _RNN_WORKSPACE_WIDTH = {"lstm": 6, "gru": 5, "rnn_tanh": 1, "rnn_relu": 1}  # in units of H
 
 
-@torch.compiler.assume_constant_result
-def _rnn_fused(device_type: str) -> bool:
-    # The dispatcher query behind use_fused() is opaque to Dynamo; under torch.compile the
-    # backend choice is a constant of the compiled graph.
-    return use_fused("rnn_layer_forward", torch.device(device_type))
-
-
 def rnn_layer(
     input: Tensor,
     lengths: Tensor,
@@ -256,7 +234,7 @@ def rnn_layer(
     Returns output (input's layout, D*H features, zeros past each length), h_n [D, B, H] and
     c_n ([D, B, H] for lstm, else an empty tensor).
     """
-    if _rnn_fused(input.device.type):
+    if use_fused("rnn_layer_forward", input.device):
         weights = list(weights)
         # Inference stores no activations: the workspace is only kept when a gradient can flow.
         training = torch.is_grad_enabled() and (
