@@ -206,7 +206,7 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optimizer.step()
-            loss_value = float(loss)
+            loss_value = loss.item()  # also the sync that keeps the progress line honest
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"epoch {epoch + 1}, batch {number}: the loss is {loss_value}; try a smaller --lr")
             loss_sum += loss_value
