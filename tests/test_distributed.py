@@ -286,7 +286,7 @@ def test_torchrun_cli(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=DEADLINE_S, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 2 and json.loads(lines[0]) == json.loads(lines[1])  # both ranks report rank 0's result
+    assert len(lines) == 1  # rank 0 alone reports
     assert (tmp_path / "out" / "weights.pt").is_file()
     history = json.loads((tmp_path / "out" / "training.json").read_text())["history"]
     assert len(history) == 2
