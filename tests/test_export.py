@@ -19,7 +19,7 @@ from fastner.demo import generate_corpus
 from fastner.tagger import Tagger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_LENGTH = 20
+MAX_LENGTH = 12
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +68,11 @@ def exported(tmp_path_factory):
     return tagger, base / "out"
 
 
+@pytest.fixture(scope="module")
+def runtime(exported):
+    return export.load(str(exported[1]))
+
+
 def assert_same_predictions(expected, got):
     assert [p["tags"] for p in got] == [p["tags"] for p in expected]
     assert [[(s["start"], s["end"], s["type"]) for s in p["spans"]] for p in got] == \
@@ -99,9 +104,8 @@ def test_round_trip_tags_like_the_tagger_without_model_or_training_code(exported
     assert_same_predictions(tagger.predict(batch), predictions)
 
 
-def test_dynamic_batch_and_sequence_length(exported):
+def test_dynamic_batch_and_sequence_length(exported, runtime):
     tagger, out = exported
-    runtime = export.load(str(out))
     batch = sentences(12, seed=3)
     expected = tagger.predict(batch)
     for batch_size in (1, 5, 64):  # batch sizes 1, 5 and 2 (the rest), 12 at once
@@ -120,9 +124,8 @@ def test_dynamic_batch_and_sequence_length(exported):
             runtime.predict([["w"] * (MAX_LENGTH + 1)])
 
 
-def test_fused_ops_appear_in_the_graph_where_the_extension_serves_them(exported):
+def test_fused_ops_appear_in_the_graph_where_the_extension_serves_them(exported, runtime):
     _, out = exported
-    runtime = export.load(str(out))
     ops = set(export.fastner_ops(runtime.program))
     meta = json.loads((out / export.META_FILE).read_text())
     assert sorted(ops) == meta["fastner_ops"]
@@ -173,8 +176,7 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "fastner: error:" in capsys.readouterr().err
 
 
-def test_predict_rejects_a_bare_string(exported):
-    runtime = export.load(str(exported[1]))
+def test_predict_rejects_a_bare_string(runtime):
     with pytest.raises(TypeError, match="list of sentences"):
         runtime.predict("a sentence")
 
