@@ -131,3 +131,12 @@ def test_bucket_batches_cover_everything_and_are_seeded():
     assert batches != bucket_batches(lengths, 10, shuffle=True, rng=random.Random(2))
     with pytest.raises(ValueError, match="batch_size"):
         bucket_batches(lengths, 0, shuffle=False)
+
+
+def test_encoding_with_digit_normalisation_and_unknown_words():
+    words = Vocab(["0000", "paris"])
+    chars = Vocab(list("0123456789"))
+    encoded = encode_sentences([Sentence(["1996", "Paris", "Lyon"])], words, chars, digits_to_zero=True)[0]
+    assert encoded.words == [words["0000"], words["paris"], words.unk_id]
+    assert encoded.chars[0] == [chars["1"], chars["9"], chars["9"], chars["6"]]  # chars keep the digits
+    assert encoded.tags is None
