@@ -22,6 +22,7 @@ How the ranks split the work, and why the result equals a single process's:
 from __future__ import annotations
 
 import datetime
+import io
 import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, TypeVar, Union
@@ -108,6 +109,17 @@ def _mix(*numbers: int) -> int:
         value = (value ^ (int(number) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         value ^= value >> 31
     return value & 0x7FFFFFFFFFFFFFFF
+
+
+class _Discard(io.TextIOBase):
+    """A text stream that drops what it is given (the progress display of ranks other than 0)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def discard_stream() -> io.TextIOBase:
+    return _Discard()
 
 
 def launched_by_torchrun() -> bool:

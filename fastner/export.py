@@ -19,6 +19,7 @@ longer sentences with a clear error.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Union
@@ -161,16 +162,13 @@ def fastner_ops(program: "torch.export.ExportedProgram") -> List[str]:
 
 def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dict:
     """Write `tagger` (a fastner.Tagger) as an exported program directory; return its metadata."""
+    import fastner
     from fastner.data.batching import MAX_WORD_CHARS
     from fastner.tagger import atomic_write_bytes, atomic_write_json
-
-    import fastner
 
     model = tagger.model.eval()
     program, fixed_length = export_program(model, max_length)
     os.makedirs(out_dir, exist_ok=True)
-    import io
-
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     atomic_write_bytes(os.path.join(out_dir, PROGRAM_FILE), buffer.getvalue())

@@ -141,7 +141,7 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
     dist = distributed.setup(config.device)  # torchrun's process group, or a single process
     device = dist.device
     log = (log or (lambda text: print(text, file=sys.stderr, flush=True))) if dist.is_main else (lambda text: None)
-    progress = (progress or Progress()) if dist.is_main else Progress(open(os.devnull, "w"))
+    progress = (progress or Progress()) if dist.is_main else Progress(distributed.discard_stream())
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_FILE)
 

@@ -120,6 +120,12 @@ def _worker(out_dir):
         summary = train(train_data, dev_data, run_dir, _tiny_train_config(), log=lambda text: None)
         with open(os.path.join(out_dir, f"summary_{run}{rank}.json"), "w") as handle:
             json.dump(_strip(summary), handle)
+    # 3. each rank names its own directory: only rank 0's may receive files; with test data
+    # and patience 1, every rank takes rank 0's test result and stops when it does
+    summary = train(train_data, dev_data, os.path.join(out_dir, f"own{rank}"), _tiny_train_config(patience=1, epochs=4),
+                    test_data=dev_data[:4], log=lambda text: None)
+    with open(os.path.join(out_dir, f"summary_c{rank}.json"), "w") as handle:
+        json.dump(dict(_strip(summary), test=summary["test"]), handle)
     torch_dist.barrier()
     torch_dist.destroy_process_group()
 
@@ -213,6 +219,14 @@ def test_training_loop_agrees_across_ranks_and_seeds(worker_results):
     wb = torch.load(run_b / "weights.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not [name for name in os.listdir(run_a) if name.startswith(".tmp-")]
+
+
+def test_only_rank_0_writes_and_all_ranks_stop_together(worker_results):
+    assert sorted(os.listdir(worker_results / "own1")) == []
+    assert "weights.pt" in os.listdir(worker_results / "own0")
+    summaries = [json.loads((worker_results / f"summary_c{r}.json").read_text()) for r in range(WORLD)]
+    assert summaries[0] == summaries[1]
+    assert "f1" in summaries[0]["test"]
 
 
 # ---- units that need no process group ----------------------------------------------------------
