@@ -179,12 +179,14 @@ def setup(device: Union[str, torch.device, None] = "cpu", timeout_s: float = 180
 
 
 def cleanup(context: Optional[DistContext] = None) -> None:
-    """Leave the process group that setup() created (after a barrier, so that no rank leaves
-    while another still writes or talks); a group someone else created is left alone."""
-    if context is not None and not context.owns_group:
+    """Wait for every rank (so that none leaves while another still writes or talks), then
+    leave the process group if setup() created it; a group someone else created stays."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.barrier()
+    if context is not None and not context.enabled:
+        return
+    torch_dist.barrier()
+    if context is None or context.owns_group:
         torch_dist.destroy_process_group()
 
 
