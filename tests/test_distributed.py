@@ -293,17 +293,22 @@ def test_torchrun_cli(tmp_path):
             for s in sentences:
                 handle.write("".join(f"{t} {g}\n" for t, g in zip(s.tokens, s.tags)) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastner",
-               "train", "--train", str(tmp_path / "train.txt"), "--dev", str(tmp_path / "dev.txt"),
-               "--out", str(tmp_path / "out"), "--epochs", "2", "--batch-size", "4", "--hidden", "8",
-               "--word-dim", "8", "--optimizer", "adam", "--lr", "0.01", "--threads", "1"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=DEADLINE_S, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1  # rank 0 alone reports
+
+    def torchrun(out, epochs, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastner",
+                   "train", "--train", str(tmp_path / "train.txt"), "--dev", str(tmp_path / "dev.txt"),
+                   "--out", str(tmp_path / out), "--epochs", str(epochs), "--batch-size", "4", "--hidden", "8",
+                   "--word-dim", "8", "--optimizer", "adam", "--lr", "0.01", "--threads", "1", *extra]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=DEADLINE_S, cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1  # rank 0 alone reports
+        return [r["loss_per_token"] for r in json.loads((tmp_path / out / "training.json").read_text())["history"]]
+
+    assert len(torchrun("out", 2)) == 2
     assert (tmp_path / "out" / "weights.pt").is_file()
-    history = json.loads((tmp_path / "out" / "training.json").read_text())["history"]
-    assert len(history) == 2
+    # a resumed distributed run continues exactly as an uninterrupted one
+    assert torchrun("out", 3, "--resume") == torchrun("straight", 3)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
