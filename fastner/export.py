@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -146,7 +147,10 @@ def export_program(model: nn.Module, max_length: Optional[int] = None,
     shapes = ({0: batch, 1: time} if time is not None else {0: batch},
               {0: batch, 1: time, 2: char_len} if time is not None else {0: batch, 2: char_len},
               {0: batch})
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.nn.RNNBase refreshes its _flat_weights list in forward(); export reports that
+        # assignment, but the list only aliases the registered parameters
+        warnings.filterwarnings("ignore", message=r"The tensor attributes self\.model\.encoder\._flat_weights")
         program = torch.export.export(graph, (words, chars, lengths), dynamic_shapes=shapes)
     return program, fixed_length
 
