@@ -29,12 +29,21 @@ def _user_errors():
 
 
 def _set_threads(threads: Optional[int]) -> None:
-    if threads is not None:
-        import torch
+    """--threads N, else OMP_NUM_THREADS when set, else 1.
 
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    One thread by default: a tagger's ops are small (batches of 10 sentences), so a second
+    thread gains little, and on a machine whose cores are busy every parallel region waits for
+    a descheduled thread: measured 100x slower training with 2 threads on a loaded 2-core host.
+    """
+    import torch
+
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = 1
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def _read(path: str, args, max_sentences: Optional[int] = None):
@@ -236,7 +245,8 @@ def _add_columns(parser: argparse.ArgumentParser) -> None:
 
 def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None) -> None:
     parser.add_argument("--device", default=device_default, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm")
     p.add_argument("--out", help="keep the trained tagger in this directory")
-    # one thread: the demo's model is small (threads gain little) and its numbers then do not
-    # depend on the machine's core count
+    # one thread whatever OMP_NUM_THREADS says: the demo's numbers then do not depend on the
+    # machine's core count
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_demo)
 
