@@ -152,6 +152,10 @@ def worker_results(tmp_path_factory):
                    LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop(distributed.BACKEND_ENV, None)
+        if sys.platform.startswith("linux"):
+            # gloo otherwise binds to the address the hostname resolves to, which some
+            # containers cannot reach; the test's processes all live on this host
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         log = open(out / f"log{rank}.txt", "w+")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(out)],
