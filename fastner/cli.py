@@ -72,12 +72,17 @@ def cmd_train(args) -> int:
                          clip=args.clip, patience=args.patience, seed=args.seed, scheme=args.scheme,
                          embeddings=args.embeddings, word_dim=args.word_dim, digits_to_zero=args.digits_to_zero,
                          device=args.device, model=model)
-    print(f"train: {len(train_data)} sentences from {args.train}; dev: {len(dev_data)} from {args.dev}", file=sys.stderr)
+    from fastner.distributed import is_main_process
+
+    main_process = is_main_process()  # under torchrun only rank 0 reports
+    if main_process:
+        print(f"train: {len(train_data)} sentences from {args.train}; dev: {len(dev_data)} from {args.dev}", file=sys.stderr)
     summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume)
     result = {"out": args.out, "best_epoch": summary["best_epoch"], "best_dev_f1": round(summary["best_dev_f1"], 2)}
     if "test" in summary:
         result["test_f1"] = round(summary["test"]["f1"], 2)
-    print(json.dumps(result))
+    if main_process:
+        print(json.dumps(result))
     return 0
 
 
@@ -183,6 +188,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---- export --------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from fastner.export import export_tagger
+    from fastner.tagger import Tagger
+
+    _set_threads(args.threads)
+    if args.max_length is not None and args.max_length < 2:
+        raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"{args.out} exists and is not a directory")
+    tagger = Tagger.load(args.model, device=args.device)
+    meta = export_tagger(tagger, args.out, max_length=args.max_length)
+    print(json.dumps({"out": args.out, "fixed_length": meta["fixed_length"], "fastner_ops": meta["fastner_ops"]}))
+    return 0
+
+
 # ---- info ----------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
@@ -229,7 +251,7 @@ def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,demo,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,export,demo,info,bench}")
 
     p = sub.add_parser("train", help="train a tagger on CoNLL files")
     p.add_argument("--train", required=True, help="training file (CoNLL columns)")
@@ -276,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     _add_runtime(p)
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("export", help="write a tagger as a torch.export program (fastner.export.load tags with it)")
+    p.add_argument("model", help="tagger directory")
+    p.add_argument("out", help="output directory (program.pt2, export.json)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="sentence length the program is fixed to where the sequence length cannot be dynamic "
+                        "(reference path; default 64)")
+    _add_runtime(p, device_default="cpu")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train and try a small tagger on a generated financial-news corpus")
     p.add_argument("--seed", type=int, default=0)

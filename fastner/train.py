@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastner import distributed
 from fastner.data.batching import bucket_batches, encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, split_tag
@@ -134,12 +135,13 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
           log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None) -> dict:
     """Train a tagger into `out_dir` (the best dev-F1 model, a Tagger directory) and return the
     summary {'best_epoch', 'best_dev', 'history', 'test' (when test_data)}."""
-    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    progress = progress or Progress()
     if not train_data:
         raise ValueError("the training data holds no sentences")
     output_scheme = detect_scheme(s.tags for s in train_data)
-    device = resolve_device(config.device)
+    dist = distributed.setup(config.device)  # torchrun's process group, or a single process
+    device = dist.device
+    log = (log or (lambda text: print(text, file=sys.stderr, flush=True))) if dist.is_main else (lambda text: None)
+    progress = (progress or Progress()) if dist.is_main else Progress(distributed.discard_stream())
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_FILE)
 
@@ -169,6 +171,7 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
                                    word_dim=word_dim, word_pad=words.pad_id, char_pad=chars.pad_id, **config.model)
         model = SequenceTagger(model_config, weights)
     model.to(device)
+    trainer = dist.wrap(model)  # forward(batch tensors) -> loss; DDP when several processes
     tagger = Tagger(model, words, chars, tags, output_scheme, config.digits_to_zero, device)
 
     train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
@@ -195,12 +198,13 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
+        dist.seed_epoch(config.seed, epoch)
         started = time.perf_counter()
         loss_sum, tokens_done = 0.0, 0
-        batches = bucket_batches(lengths, config.batch_size, shuffle=True, rng=rng)
+        batches = dist.shard(bucket_batches(lengths, config.batch_size, shuffle=True, rng=rng))
         for number, index in enumerate(batches, start=1):
             batch = make_batch(encoded, index, words.pad_id, chars.pad_id).to(device)
-            loss = model.loss(batch)
+            loss = distributed.loss_of(trainer, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip > 0:
@@ -218,12 +222,15 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
                 force=number == len(batches),
             )
         train_seconds = time.perf_counter() - started
-        dev = evaluate_tagger(tagger, dev_data, config.eval_batch_size)
+        loss_sum, tokens_done = dist.all_sum([loss_sum, tokens_done])
+        # rank 0 evaluates; every rank takes its result, so all decide alike when to stop
+        dev = dist.broadcast(evaluate_tagger(tagger, dev_data, config.eval_batch_size) if dist.is_main else None)
         epoch_seconds = time.perf_counter() - started
         improved = dev["f1"] > best_f1
         if improved:
             best_f1, best_epoch, bad_epochs = dev["f1"], epoch, 0
-            tagger.save(out_dir)
+            if dist.is_main:
+                tagger.save(out_dir)
         else:
             bad_epochs += 1
         record = {
@@ -240,26 +247,29 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
             f"{record['tokens_per_s']:,.0f} tokens/s, {train_seconds:.1f} s, dev F1 {dev['f1']:.2f}"
             + (" (best)" if improved else f" (best {best_f1:.2f} at epoch {best_epoch + 1})")
         )
-        atomic_torch_save(
-            {
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-            },
-            checkpoint_path,
-        )
-        atomic_write_json({"config": asdict(config), "history": history, "best_epoch": best_epoch + 1,
-                           "best_dev_f1": best_f1}, os.path.join(out_dir, HISTORY_FILE))
+        if dist.is_main:
+            atomic_torch_save(
+                {
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                    "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                },
+                checkpoint_path,
+            )
+            atomic_write_json({"config": asdict(config), "history": history, "best_epoch": best_epoch + 1,
+                               "best_dev_f1": best_f1}, os.path.join(out_dir, HISTORY_FILE))
     if bad_epochs >= config.patience:
         log(f"stopped early: no better dev F1 for {config.patience} epochs")
 
     summary = {"best_epoch": best_epoch + 1, "best_dev_f1": best_f1, "history": history}
     if test_data:
-        best = Tagger.load(out_dir, device=device)
-        summary["test"] = evaluate_tagger(best, test_data, config.eval_batch_size)
+        best = Tagger.load(out_dir, device=device) if dist.is_main else None
+        summary["test"] = dist.broadcast(evaluate_tagger(best, test_data, config.eval_batch_size) if dist.is_main else None)
         log(f"test F1 {summary['test']['f1']:.2f} (best dev epoch {best_epoch + 1})")
-    atomic_write_json({"config": asdict(config), **summary}, os.path.join(out_dir, HISTORY_FILE))
+    if dist.is_main:
+        atomic_write_json({"config": asdict(config), **summary}, os.path.join(out_dir, HISTORY_FILE))
+    dist.cleanup()  # waits for rank 0's writes before any rank returns
     return summary
 
 

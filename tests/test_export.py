@@ -1,0 +1,220 @@
+"""torch.compile and torch.export of the tagger; `fastner export` and fastner.export.load.
+
+One export serves most tests (a module fixture): exporting costs seconds on a small machine.
+Where the compiled extension serves the recurrent layer and the CRF, the exported graph must call
+them as torch.ops.fastner.* nodes with a dynamic sequence length; on the reference path the graph
+is plain aten with a fixed length (see fastner/export.py).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fastner import _extension, cli, export
+from fastner.demo import generate_corpus
+from fastner.tagger import Tagger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LENGTH = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _served(op):
+    return _extension.has_kernel(op, "cpu") and not _extension.forced_reference()
+
+
+def tiny_tagger(encoder="lstm", head="crf", layers=1, seed=0):
+    from fastner.models.tagger import ModelConfig, SequenceTagger
+    from fastner.train import build_vocabularies
+
+    train_data, _ = generate_corpus(30, 1, seed=4)
+    words, chars, tags = build_vocabularies(train_data, [], None, "BIOES", False)
+    torch.manual_seed(seed)
+    config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), word_dim=8, char_dim=6,
+                         char_filters=6, hidden=6, layers=layers, encoder=encoder, head=head, dropout=0.0)
+    model = SequenceTagger(config)
+    with torch.no_grad():  # an untrained CRF's transitions are near 0: make the paths matter
+        for param in model.parameters():
+            param.mul_(3.0)
+    return Tagger(model, words, chars, tags, "IOB2", False, "cpu")
+
+
+def sentences(count=9, seed=1):
+    _, held_out = generate_corpus(1, count, seed=seed)
+    out = [s.tokens[:MAX_LENGTH] for s in held_out]
+    out[0] = ["Zyxw", "unseen", "tokens", "2024"]  # unknown words and chars
+    out[1] = ["one"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(tagger, export directory) via the CLI: `fastner export DIR OUT`."""
+    tagger = tiny_tagger()
+    base = tmp_path_factory.mktemp("export")
+    tagger.save(str(base / "tagger"))
+    assert cli.main(["export", str(base / "tagger"), str(base / "out"), "--max-length", str(MAX_LENGTH)]) == 0
+    return tagger, base / "out"
+
+
+@pytest.fixture(scope="module")
+def runtime(exported):
+    return export.load(str(exported[1]))
+
+
+def assert_same_predictions(expected, got):
+    assert [p["tags"] for p in got] == [p["tags"] for p in expected]
+    assert [[(s["start"], s["end"], s["type"]) for s in p["spans"]] for p in got] == \
+        [[(s["start"], s["end"], s["type"]) for s in p["spans"]] for p in expected]
+    confidence = lambda ps: torch.tensor([s["confidence"] for p in ps for s in p["spans"]])  # noqa: E731
+    torch.testing.assert_close(confidence(got), confidence(expected), rtol=0, atol=1e-5)  # spans round to 6 digits
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+def test_round_trip_tags_like_the_tagger_without_model_or_training_code(exported):
+    tagger, out = exported
+    assert sorted(os.listdir(out)) == [export.META_FILE, export.PROGRAM_FILE]
+    batch = sentences()
+    # a fresh process: only the runtime is imported; batches of 4 of varied lengths
+    script = (
+        "import json, sys\n"
+        "import fastner.export\n"
+        f"tagger = fastner.export.load({str(out)!r})\n"
+        f"print(json.dumps(tagger.predict({batch!r}, batch_size=4)))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('fastner.train', 'fastner.models', 'fastner.tagger')))\n"
+        "print(json.dumps(loaded))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions, loaded = [json.loads(line) for line in result.stdout.strip().splitlines()[-2:]]
+    assert loaded == [], f"the runtime imported {loaded}"
+    assert_same_predictions(tagger.predict(batch), predictions)
+
+
+def test_dynamic_batch_and_sequence_length(exported, runtime):
+    tagger, out = exported
+    batch = sentences(12, seed=3)
+    expected = tagger.predict(batch)
+    for batch_size in (1, 5, 64):  # batch sizes 1, 5 and 2 (the rest), 12 at once
+        assert_same_predictions(expected, runtime.predict(batch, batch_size=batch_size))
+    assert runtime.tag(batch[:3]) == tagger.tag(batch[:3])
+    meta = json.loads((out / export.META_FILE).read_text())
+    if meta["fixed_length"] is None:  # dynamic time: lengths other than the example's run as they are
+        module = runtime.program.module()
+        for B, T in ((1, 1), (3, 37)):
+            words = torch.ones(B, T, dtype=torch.long)
+            tags, confidence = module(words, torch.ones(B, T, 4, dtype=torch.long), torch.full((B,), T))
+            assert tags.shape == confidence.shape == (B, T)
+    else:
+        assert meta["fixed_length"] == MAX_LENGTH
+        with pytest.raises(ValueError, match=f"at most {MAX_LENGTH}"):
+            runtime.predict([["w"] * (MAX_LENGTH + 1)])
+
+
+def test_fused_ops_appear_in_the_graph_where_the_extension_serves_them(exported, runtime):
+    _, out = exported
+    ops = set(export.fastner_ops(runtime.program))
+    meta = json.loads((out / export.META_FILE).read_text())
+    assert sorted(ops) == meta["fastner_ops"]
+    for op in ("rnn_layer_forward", "crf_viterbi", "crf_marginals"):
+        assert (op in ops) == _served(op), (op, sorted(ops))
+    dynamic_time = _served("rnn_layer_forward") and _served("crf_viterbi") and _served("crf_marginals")
+    assert (meta["fixed_length"] is None) == dynamic_time
+    if not ops:
+        targets = {str(n.target) for n in runtime.program.graph.nodes if n.op == "call_function"}
+        assert not any(t.startswith("fastner.") for t in targets)
+
+
+@pytest.mark.parametrize("encoder,head", [("gru", "softmax"), ("rnn", "crf")])
+def test_other_encoders_and_heads_export(encoder, head):
+    tagger = tiny_tagger(encoder, head, layers=2, seed=1)
+    program, fixed_length = export.export_program(tagger.model, max_length=8)
+    graph = export.InferenceGraph(tagger.model).eval()
+    runtime = export.ExportedTagger(program, {
+        "fixed_length": fixed_length, "digits_to_zero": False, "output_scheme": "IOB2",
+        "words": tagger.words.to_json(), "chars": tagger.chars.to_json(), "tags": tagger.tags.to_json()})
+    batch = [s[:8] for s in sentences(5, seed=7)]
+    assert_same_predictions(tagger.predict(batch), runtime.predict(batch, batch_size=2))
+    assert graph.fused == export.fused_paths("cpu")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_padded_rnn_matches_packed_torch_layers(kind):
+    # the reference-path graph runs torch's layers on padded input; packing is the ground truth
+    layer = getattr(torch.nn, kind)(5, 4, num_layers=2, bidirectional=True, batch_first=True)
+    lengths = torch.tensor([6, 1, 3, 6, 2])
+    x = torch.randn(5, 6, 5)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    expected, _ = pad_packed_sequence(layer(packed)[0], batch_first=True, total_length=6)
+    torch.testing.assert_close(export._padded_rnn(layer, x, lengths), expected)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="program.pt2"):
+        export.load(str(tmp_path))
+    (tmp_path / export.PROGRAM_FILE).write_bytes(b"")
+    (tmp_path / export.META_FILE).write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="format 99"):
+        export.load(str(tmp_path))
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == cli.EXIT_USAGE
+    assert "fastner: error:" in capsys.readouterr().err
+
+
+def test_predict_rejects_a_bare_string(runtime):
+    with pytest.raises(TypeError, match="list of sentences"):
+        runtime.predict("a sentence")
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+
+def test_tagger_runs_under_torch_compile_and_matches_eager():
+    from fastner.data.batching import encode_sentences, make_batch
+    from fastner.data.conll import Sentence
+    from fastner.data.schemes import convert_tags
+
+    tagger = tiny_tagger()
+    model = tagger.model
+    train_data, _ = generate_corpus(6, 1, seed=9)
+    data = [Sentence(s.tokens, convert_tags(s.tags, "BIOES")) for s in train_data]
+    batch = make_batch(encode_sentences(data, tagger.words, tagger.chars, tagger.tags), list(range(6)),
+                       tagger.words.pad_id, tagger.chars.pad_id)
+    torch._dynamo.reset()
+    # aot_eager: dynamo + AOT autograd through every op (fake kernels included), without the
+    # C++ compile time of inductor
+    model.train()
+    loss_fn = torch.compile(model.loss, backend="aot_eager")
+    compiled_loss = loss_fn(batch)
+    # graphs were compiled (with breaks: the char CNN's boolean-mask scatter, and on the
+    # reference path the recurrent layer and the CRF's input checks, run eagerly between them)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    eager_loss = model.loss(batch)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for compiled, eager in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled, eager)
+    model.eval()
+    graph = export.InferenceGraph(model).eval()
+    compiled_graph = torch.compile(graph, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled_graph(batch.words, batch.chars, batch.lengths)
+        want = graph(batch.words, batch.chars, batch.lengths)
+        tags, _ = model.predict(batch)
+    assert torch.equal(got[0], want[0]) and torch.equal(want[0], tags)
+    torch.testing.assert_close(got[1], want[1])
