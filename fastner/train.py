@@ -27,7 +27,7 @@ from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, 
 from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import Pretrained, embedding_matrix, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
-from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json, resolve_device
+from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "training.json"
