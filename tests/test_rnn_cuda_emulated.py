@@ -42,6 +42,8 @@ def _emulated_sources(out: pathlib.Path) -> pathlib.Path:
     cuh = cuh.replace("#include <cooperative_groups.h>", '#include "emu.h"')
     (out / "cuda/kernels").mkdir(parents=True, exist_ok=True)
     (out / "cuda/kernels/rnn.cuh").write_text(cuh)
+    for shared in ("accumulate.cuh",):  # headers rnn.cuh includes, unchanged
+        (out / "cuda/kernels" / shared).write_text((ROOT / "csrc/cuda/kernels" / shared).read_text())
     cu = (ROOT / "csrc/cuda/rnn.cu").read_text()
     cu = cu.replace("pinned_memory(true)", "pinned_memory(false)")
     cu = cu[: cu.index("TORCH_LIBRARY_IMPL(fastner, CUDA, m)")]
