@@ -253,27 +253,13 @@ class ExportedTagger:
 
     def predict(self, batch: Sequence[Union[str, Sequence[str]]], batch_size: int = 64) -> List[dict]:
         """Like fastner.Tagger.predict: per sentence {'tokens', 'tags', 'spans'}."""
-        from fastner.data.schemes import convert_tags, tags_to_spans
+        from fastner.predictions import prediction, token_lists
 
-        if isinstance(batch, str):
-            raise TypeError("predict() takes a list of sentences; wrap a single string in a list")
+        sentences = token_lists(batch)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        sentences = []
-        for number, item in enumerate(batch):
-            if isinstance(item, str):
-                sentences.append(item.split())
-            elif isinstance(item, (list, tuple)) and all(isinstance(t, str) for t in item):
-                sentences.append(list(item))
-            else:
-                raise TypeError(f"sentence {number}: expected a string or a list of token strings, got {type(item).__name__}")
-        out = []
-        for tokens, (model_tags, confidence) in zip(sentences, self._run(sentences, batch_size)):
-            spans = [{"start": start, "end": end, "type": kind, "text": " ".join(tokens[start:end]),
-                      "confidence": round(float(min(confidence[start:end])), 6)}
-                     for start, end, kind in tags_to_spans(model_tags)]
-            out.append({"tokens": tokens, "tags": convert_tags(model_tags, self.meta["output_scheme"]), "spans": spans})
-        return out
+        return [prediction(tokens, model_tags, confidence, self.meta["output_scheme"])
+                for tokens, (model_tags, confidence) in zip(sentences, self._run(sentences, batch_size))]
 
 
 def load(path: str) -> ExportedTagger:

@@ -14,9 +14,10 @@ import torch
 
 from fastner.data.batching import encode_sentences, make_batch
 from fastner.data.conll import Sentence
-from fastner.data.schemes import canonical_scheme, convert_tags, tags_to_spans
+from fastner.data.schemes import canonical_scheme, convert_tags
 from fastner.data.vocab import Vocab
 from fastner.models.tagger import ModelConfig, SequenceTagger
+from fastner.predictions import prediction, token_lists
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -203,30 +204,9 @@ class Tagger:
         'type', 'text', 'confidence'}]}; a span's confidence is the smallest posterior marginal
         (CRF) or probability (softmax head) of its tokens' predicted tags.
         """
-        if isinstance(batch, str):
-            raise TypeError("predict() takes a list of sentences; wrap a single string in a list")
-        sentences = []
-        for number, item in enumerate(batch):
-            if isinstance(item, str):
-                sentences.append(item.split())
-            elif isinstance(item, (list, tuple)) and all(isinstance(t, str) for t in item):
-                sentences.append(list(item))
-            else:
-                raise TypeError(f"sentence {number}: expected a string or a list of token strings, got {type(item).__name__}")
-        out = []
-        for tokens, (model_tags, confidence) in zip(sentences, self._model_tags(sentences, batch_size)):
-            spans = [
-                {
-                    "start": start,
-                    "end": end,
-                    "type": kind,
-                    "text": " ".join(tokens[start:end]),
-                    "confidence": round(float(min(confidence[start:end])), 6),
-                }
-                for start, end, kind in tags_to_spans(model_tags)
-            ]
-            out.append({"tokens": tokens, "tags": convert_tags(model_tags, self.output_scheme), "spans": spans})
-        return out
+        sentences = token_lists(batch)
+        return [prediction(tokens, model_tags, confidence, self.output_scheme)
+                for tokens, (model_tags, confidence) in zip(sentences, self._model_tags(sentences, batch_size))]
 
     def evaluate(self, sentences: Sequence[Sentence], batch_size: int = 64) -> dict:
         """conlleval() of the predicted tags (output scheme) against the sentences' gold tags."""
