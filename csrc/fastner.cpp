@@ -29,7 +29,9 @@ TORCH_LIBRARY(fastner, m) {
   // Sequences of length 0 score 0 and decode to no tags.
   //
   // Forward algorithm: log_z [B], the gold path's score [B] (zeros when tags is None), and
-  // alphas [B, T, K], the log forward variables that crf_backward reads.
+  // alphas, what the device's crf_backward reads back: [B, T, K] log forward variables on CUDA;
+  // an empty tensor on CPU, whose backward recomputes the pass (cheaper at NER sizes than
+  // writing and reading back [B, T, K]).
   m.def("crf_forward(Tensor emissions, Tensor? tags, Tensor lengths, Tensor transitions, "
         "Tensor start_transitions, Tensor end_transitions) -> (Tensor log_z, Tensor gold_score, Tensor alphas)");
   // Fused backward of crf_forward by forward-backward: the gradients of
@@ -39,6 +41,13 @@ TORCH_LIBRARY(fastner, m) {
         "Tensor lengths, Tensor transitions, Tensor start_transitions, Tensor end_transitions, "
         "Tensor log_z, Tensor alphas) -> (Tensor grad_emissions, Tensor grad_transitions, "
         "Tensor grad_start_transitions, Tensor grad_end_transitions)");
+  // crf_forward and the crf_backward of sum_b (gold_score_b - log_z_b) in one call (what a
+  // training step needs: one pass, and backward only scales the result). No autograd of its
+  // own; fastner/ops.py wraps it. CPU only (other devices run the two ops).
+  m.def("crf_forward_backward(Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, "
+        "Tensor start_transitions, Tensor end_transitions) -> (Tensor log_z, Tensor gold_score, "
+        "Tensor grad_emissions, Tensor grad_transitions, Tensor grad_start_transitions, "
+        "Tensor grad_end_transitions)");
   // Best path: tags int64 [B, T] (-1 past each length) and its score [B].
   m.def("crf_viterbi(Tensor emissions, Tensor lengths, Tensor transitions, "
         "Tensor start_transitions, Tensor end_transitions) -> (Tensor tags, Tensor scores)");

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 ENV_VAR = "FASTNER_BACKEND"
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
 
 _loaded: Optional[bool] = None
 _load_error: Optional[str] = None
@@ -50,10 +51,23 @@ def _check_build_matches_torch() -> None:
 
 
 def forced_reference() -> bool:
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+    raw = _environ_get()
+    if raw is None:  # the common case, answered without os.environ's Mapping machinery
+        return False
+    value = raw.strip().lower()
     if value not in ("", "auto", "fused", "reference"):
         raise ValueError(f"{ENV_VAR} must be 'reference', 'fused' or 'auto', got {value!r}")
     return value == "reference"
+
+
+def _environ_get() -> Optional[str]:
+    # os.environ.get costs ~1-2 us for a missing key (it raises and catches KeyError), and every
+    # op call asks: read CPython's underlying dict of encoded keys where there is one.
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        raw = data.get(_ENV_KEY)
+        return None if raw is None else os.environ.decodevalue(raw)
+    return os.environ.get(ENV_VAR)
 
 
 def extension_loaded() -> bool:

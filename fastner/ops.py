@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastner import reference
-from fastner._extension import extension_loaded, use_fused
+from fastner._extension import extension_loaded, has_kernel, use_fused
 
 # =============================================================================================
 # Linear-chain CRF
@@ -30,9 +30,6 @@ class _CRFForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, emissions, transitions, start_transitions, end_transitions, tags, lengths):
-        # Contiguous once here, so that neither kernel copies them again.
-        emissions = emissions.contiguous()
-        tags = None if tags is None else tags.contiguous()
         ctx.set_materialize_grads(False)
         with _below_autograd():
             log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
@@ -53,6 +50,84 @@ class _CRFForward(torch.autograd.Function):
             grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start, end,
             log_z, alphas)
         return grads[0], grads[1], grads[2], grads[3], None, None
+
+
+class _CRFLogLikelihood(torch.autograd.Function):
+    """Eager autograd of the reduced log-likelihood sum/mean/... of (gold_score - log_z): one
+    graph node where crf_forward + sub + reduction would make three, each costing a few
+    microseconds forward and backward (a whole B=32 NLL step is ~100 us)."""
+
+    @staticmethod
+    def forward(ctx, emissions, transitions, start_transitions, end_transitions, tags, lengths,
+                reduction):
+        ctx.set_materialize_grads(False)
+        # A reduced likelihood has the same weight for every sequence, so the gradients can be
+        # computed right here in the same pass (crf_forward_backward) and backward only scales
+        # them; 'none' and devices without that kernel run crf_backward in backward.
+        fused = reduction != "none" and has_kernel("crf_forward_backward", emissions.device.type)
+        with _below_autograd():
+            if fused:
+                log_z, gold, *grads = torch.ops.fastner.crf_forward_backward.default(
+                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
+            else:
+                log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
+                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
+            llh = gold - log_z
+            if reduction == "none":
+                out, scale = llh, None
+            elif reduction == "sum":
+                out, scale = llh.sum(), 1.0
+            elif reduction == "mean":
+                out, scale = llh.mean(), 1.0 / max(llh.shape[0], 1)
+            else:  # token_mean; a tensor, so that CUDA needs no host sync
+                tokens = lengths.sum().clamp(min=1).to(llh.dtype)
+                out, scale = llh.sum() / tokens, 1.0 / tokens
+        ctx.scale, ctx.fused = scale, fused
+        if fused:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
+                                  end_transitions, log_z, alphas)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None, None, None, None
+        if ctx.fused:  # d out = scale * sum_b d(gold_b - log Z_b), computed in forward
+            grads = torch._foreach_mul(list(ctx.saved_tensors), grad * ctx.scale)
+            return grads[0], grads[1], grads[2], grads[3], None, None, None
+        emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
+        # Per-sequence weight of d llh_b: grad itself ([B]) or the scalar grad spread over the
+        # batch (the kernels read stride-0 tensors as they are).
+        weight = grad if ctx.scale is None else (grad * ctx.scale).expand(log_z.shape[0])
+        grads = torch.ops.fastner.crf_backward.default(
+            -weight, weight, emissions, tags, lengths, transitions, start, end, log_z, alphas)
+        return grads[0], grads[1], grads[2], grads[3], None, None, None
+
+
+def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tensor,
+                       start_transitions: Tensor, end_transitions: Tensor,
+                       reduction: str) -> Tensor:
+    """log-likelihood of the gold tags, reduced: [B] for 'none', else a scalar ('sum', 'mean'
+    over sequences, 'token_mean' over tokens); differentiable like crf_forward."""
+    if (use_fused("crf_forward", emissions.device)
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (emissions.requires_grad or transitions.requires_grad
+                 or start_transitions.requires_grad or end_transitions.requires_grad)):
+        emissions, tags = _dense_off_cpu(emissions, tags)
+        return _CRFLogLikelihood.apply(emissions, transitions, start_transitions,
+                                       end_transitions, tags, lengths, reduction)
+    log_z, gold, _ = crf_forward(emissions, tags, lengths, transitions, start_transitions,
+                                 end_transitions)
+    llh = gold - log_z
+    if reduction == "sum":
+        return llh.sum()
+    if reduction == "none":
+        return llh
+    if reduction == "mean":
+        return llh.mean()
+    return llh.sum() / lengths.sum().clamp(min=1).to(llh.dtype)
 
 
 def _dense_off_cpu(emissions: Tensor, tags: Optional[Tensor] = None):
@@ -150,13 +225,24 @@ def _register_crf() -> None:
     def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
         B, T, K = emissions.shape
         dtype = _crf_accumulate(emissions)
+        # alphas: what the device's crf_backward reads back: [B, T, K] log forward variables
+        # on CUDA; on CPU nothing (its backward recomputes the pass, see csrc/cpu/crf.cpp).
+        alphas_shape = (0,) if emissions.device.type == "cpu" else (B, T, K)
         return (emissions.new_empty(B, dtype=dtype), emissions.new_empty(B, dtype=dtype),
-                emissions.new_empty(B, T, K, dtype=dtype))
+                emissions.new_empty(alphas_shape, dtype=dtype))
 
     @torch.library.register_fake("fastner::crf_backward")
     def _(grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start_transitions,
           end_transitions, log_z, alphas):
         return (emissions.new_empty(emissions.shape), torch.empty_like(transitions),
+                torch.empty_like(start_transitions), torch.empty_like(end_transitions))
+
+    @torch.library.register_fake("fastner::crf_forward_backward")
+    def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
+        B = emissions.shape[0]
+        dtype = _crf_accumulate(emissions)
+        return (emissions.new_empty(B, dtype=dtype), emissions.new_empty(B, dtype=dtype),
+                torch.empty_like(emissions), torch.empty_like(transitions),
                 torch.empty_like(start_transitions), torch.empty_like(end_transitions))
 
     @torch.library.register_fake("fastner::crf_viterbi")

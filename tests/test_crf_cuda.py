@@ -234,10 +234,14 @@ def test_low_precision_emissions_match_cpu(dtype, K):
     emissions, tags, lengths, transitions, start, end = inputs
     assert transitions.dtype == torch.float32
     cuda_inputs = to_cuda(*inputs)
-    # The same low-precision values, converted to float32 once, on both devices.
-    for a, e in zip(op("crf_forward")(*cuda_inputs), op("crf_forward")(*inputs)):
+    # The same low-precision values, converted to float32 once, on both devices (the CPU op
+    # saves no alphas: its backward recomputes them, so CUDA's are checked against the reference).
+    cuda_out, cpu_out = op("crf_forward")(*cuda_inputs), op("crf_forward")(*inputs)
+    for a, e in zip(cuda_out[:2], cpu_out[:2]):
         assert a.dtype == torch.float32
         assert_close(a, e, torch.float32)
+    assert cuda_out[2].dtype == torch.float32
+    assert_close(cuda_out[2], reference.crf_forward(*inputs)[2], torch.float32)
     log_z, _, alphas = op("crf_forward")(*cuda_inputs)
     g = torch.randn(B), torch.randn(B)
     actual = op("crf_backward")(*to_cuda(*g), *cuda_inputs, log_z, alphas)

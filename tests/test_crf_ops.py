@@ -82,12 +82,8 @@ def test_forward_op_matches_reference(case, dtype):
     log_z, gold, alphas = op("crf_forward")(emissions, tags, lengths, transitions, start, end)
     torch.testing.assert_close(log_z, expected_log_z, **tol)
     torch.testing.assert_close(gold, expected_gold, **tol)
-    assert alphas.shape == (batch, steps, num_tags)
-    # alphas are the log forward variables: log Z = logsumexp(alpha[L-1] + end)
-    full = lengths > 0
-    last = alphas[full, lengths[full] - 1]
-    torch.testing.assert_close(torch.logsumexp(last + end, dim=-1), log_z[full], **tol)
-    torch.testing.assert_close(alphas[full, 0], start + emissions[full, 0], **tol)
+    # The CPU backward recomputes the forward pass, so the CPU forward saves no alphas.
+    assert alphas.shape == (0,)
     log_z_only, gold_none, _ = op("crf_forward")(emissions, None, lengths, transitions, start, end)
     torch.testing.assert_close(log_z_only, log_z, rtol=0, atol=0)
     assert torch.equal(gold_none, torch.zeros_like(gold_none))

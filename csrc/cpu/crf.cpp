@@ -17,12 +17,20 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/crf_lanes.h"
 #include "cpu/crf_math.h"
 
 namespace fastner {
@@ -76,19 +84,19 @@ void check_inputs(const char* op, const Tensor& emissions, const Tensor& lengths
   }
 }
 
-void check_tags(const char* op, const Tensor& tags, const Tensor& lengths, int64_t B, int64_t T,
+// Tags [B, T] int64 in any layout: every tag inside a length must lie in [0, K).
+void check_tags(const char* op, const Tensor& tags, const int64_t* len, int64_t B, int64_t T,
                 int64_t K) {
   TORCH_CHECK_VALUE(tags.dim() == 2 && tags.size(0) == B && tags.size(1) == T, op,
                     ": tags must be [B, T] = [", B, ", ", T, "], got ", tags.sizes());
   TORCH_CHECK_VALUE(tags.scalar_type() == at::kLong, op, ": tags must be int64, got ",
                     tags.scalar_type());
   TORCH_CHECK_VALUE(tags.device().is_cpu(), op, ": tags must be on the CPU, got ", tags.device());
-  TORCH_INTERNAL_ASSERT(tags.is_contiguous());
   const int64_t* y = tags.data_ptr<int64_t>();
-  const int64_t* len = lengths.data_ptr<int64_t>();
+  const int64_t sb = tags.stride(0), st = tags.stride(1);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < len[b]; ++t) {
-      const int64_t tag = y[b * T + t];
+      const int64_t tag = y[b * sb + t * st];
       TORCH_CHECK_VALUE(tag >= 0 && tag < K, op, ": tags[", b, ", ", t, "] = ", tag,
                         " is outside [0, K = ", K, ")");
     }
@@ -296,66 +304,225 @@ scalar_t forward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, i
   return run.finish();
 }
 
+// Gold path scores [B] from emissions and tags in any layout (tags already range-checked).
 template <typename scalar_t>
-scalar_t gold_score(const Transitions<scalar_t>& tr, const scalar_t* em, const int64_t* y,
-                    int64_t L) {
-  if (L == 0) return 0;
-  const int64_t K = tr.K;
-  scalar_t score = tr.start[y[0]] + em[y[0]];
-  for (int64_t t = 1; t < L; ++t) score += tr.log_row[y[t - 1] * tr.KP + y[t]] + em[t * K + y[t]];
-  return score + tr.end[y[L - 1]];
+void gold_scores(const Tensor& emissions, const Tensor& tags, const int64_t* len,
+                 const scalar_t* transitions, const scalar_t* start, const scalar_t* end,
+                 scalar_t* out) {
+  const int64_t B = emissions.size(0), K = emissions.size(2);
+  const scalar_t* em = emissions.data_ptr<scalar_t>();
+  const int64_t eb = emissions.stride(0), et = emissions.stride(1), ek = emissions.stride(2);
+  const int64_t* y = tags.data_ptr<int64_t>();
+  const int64_t yb = tags.stride(0), yt = tags.stride(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = len[b];
+    if (L == 0) {
+      out[b] = 0;
+      continue;
+    }
+    const scalar_t* e = em + b * eb;
+    const int64_t* yy = y + b * yb;
+    int64_t prev = yy[0];
+    scalar_t score = start[prev] + e[prev * ek];
+    for (int64_t t = 1; t < L; ++t) {
+      const int64_t tag = yy[t * yt];
+      score += transitions[prev * K + tag] + e[t * et + tag * ek];
+      prev = tag;
+    }
+    out[b] = score + end[prev];
+  }
 }
 
 Tensor as_accumulate(const Tensor& emissions) {
   return emissions.to(accumulate_type(emissions.scalar_type())).contiguous();
 }
 
+// ---- the float32 lane path (csrc/cpu/crf_lanes.h) ------------------------------------------
+
+// lanes::Model of one call, with the tables it points to.
+struct LaneModel {
+  lanes::Model model;
+  std::vector<float> exp_transitions, exp_start, exp_end;
+  bool usable = true;  // false when a score is NaN or +inf: the exact path handles those
+
+  // Largest finite entry (0 when none is); clears usable on NaN or +inf.
+  float largest_finite(const float* x, int64_t n) {
+    float best = neg_inf<float>();
+    for (int64_t k = 0; k < n; ++k) {
+      if (std::isnan(x[k]) || x[k] == std::numeric_limits<float>::infinity()) usable = false;
+      if (std::isfinite(x[k])) best = std::max(best, x[k]);
+    }
+    return best == neg_inf<float>() ? 0.0f : best;
+  }
+
+  // exp(x - shift), 0 where x is -inf (fast_exp: vectorised, ~1 ulp; this runs on every call).
+  static void exp_shifted(const float* x, int64_t n, float shift, std::vector<float>& out) {
+    out.resize(n);
+    float* o = out.data();
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) o[k] = fast_exp(x[k] - shift);
+  }
+
+  // transitions, start, end: float32, contiguous.
+  LaneModel(const Tensor& transitions, const Tensor& start, const Tensor& end) {
+    const int64_t K = transitions.size(0);
+    model.K = K;
+    model.transitions = transitions.data_ptr<float>();
+    model.start = start.data_ptr<float>();
+    model.end = end.data_ptr<float>();
+    model.tmax = largest_finite(model.transitions, K * K);
+    model.smax = largest_finite(model.start, K);
+    model.emax = largest_finite(model.end, K);
+    exp_shifted(model.transitions, K * K, model.tmax, exp_transitions);
+    exp_shifted(model.start, K, model.smax, exp_start);
+    exp_shifted(model.end, K, model.emax, exp_end);
+    model.exp_transitions = exp_transitions.data();
+    model.exp_start = exp_start.data();
+    model.exp_end = exp_end.data();
+  }
+};
+
+// Whether float32 emissions can be read in place by the lane kernels: unit tag stride, and
+// sequence offsets of a group that fit the 32-bit gather indices.
+bool lane_layout(const Tensor& emissions) {
+  const int64_t width = lanes::kernels().width;
+  return emissions.scalar_type() == at::kFloat && emissions.stride(2) == 1 &&
+         emissions.stride(0) >= 0 && emissions.stride(1) >= 0 &&
+         emissions.stride(0) * width < (int64_t(1) << 31);
+}
+
+lanes::Emissions lane_emissions(const Tensor& emissions, const int64_t* len) {
+  lanes::Emissions em;
+  em.B = emissions.size(0);
+  em.T = emissions.size(1);
+  em.data = emissions.data_ptr<float>();
+  em.stride_b = emissions.stride(0);
+  em.stride_t = emissions.stride(1);
+  em.lengths = len;
+  return em;
+}
+
+int64_t num_groups(int64_t B) {
+  const int64_t width = lanes::kernels().width;
+  return (B + width - 1) / width;
+}
+
+// Scratch of the calling thread, kept between calls: a fresh zeroed ~100 KB vector per call
+// costs more than a whole small-batch forward pass (malloc, memset, page faults).
+float* thread_scratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// Runs fn(group, scratch) over every group of the batch, a group per task.
+template <typename Fn>
+void for_each_group(int64_t B, int64_t K, int64_t T, const Fn& fn) {
+  const lanes::Kernels& k = lanes::kernels();
+  at::parallel_for(0, num_groups(B), 1, [&](int64_t begin, int64_t stop) {
+    float* scratch = thread_scratch(k.scratch_floats(K, T));
+    for (int64_t group = begin; group < stop; ++group) fn(group, scratch);
+  });
+}
+
+bool all_sequences(int64_t B, std::vector<int64_t>& exact) {
+  exact.resize(B);
+  std::iota(exact.begin(), exact.end(), int64_t(0));
+  return false;
+}
+
+std::vector<int64_t> flagged(const std::vector<uint8_t>& trouble) {
+  std::vector<int64_t> out;
+  for (size_t b = 0; b < trouble.size(); ++b) {
+    if (trouble[b]) out.push_back(static_cast<int64_t>(b));
+  }
+  return out;
+}
+
+// ---- crf_forward ----------------------------------------------------------------------------
+
+// log Z of the sequences `order` by the exact per-sequence kernel. em: contiguous [B, T, K].
+template <typename scalar_t>
+void exact_log_z(const Transitions<scalar_t>& tr, const scalar_t* em, const int64_t* len,
+                 int64_t T, const std::vector<int64_t>& order, scalar_t* log_z) {
+  const int64_t K = tr.K;
+  std::vector<scalar_t> work(kInterleave * 5 * tr.KP);
+  std::vector<scalar_t> alphas(kInterleave * T * K);  // written by the runs, not kept
+  ForwardRun<scalar_t> runs[kInterleave];
+  for (size_t first = 0; first < order.size(); first += kInterleave) {
+    const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
+    for (int64_t g = 0; g < count; ++g) {
+      const int64_t b = order[first + g];
+      runs[g].begin(tr, em + b * T * K, len[b], T, alphas.data() + g * T * K,
+                    work.data() + g * 5 * tr.KP);
+    }
+    run_interleaved(runs, count);
+    for (int64_t g = 0; g < count; ++g) log_z[order[first + g]] = runs[g].finish();
+  }
+}
+
+// The lane kernels' log Z where they serve (float32, readable layout, no NaN/+inf score):
+// returns true and lists in `exact` the sequences they could not vouch for. Otherwise returns
+// false and lists every sequence. The double overload always declines.
+bool lane_forward(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
+                  const Tensor& start, const Tensor& end, float* log_z,
+                  std::vector<int64_t>& exact) {
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const LaneModel lane_model(transitions, start, end);
+  if (!lane_model.usable || !lane_layout(emissions)) return all_sequences(B, exact);
+  const lanes::Kernels& k = lanes::kernels();
+  const lanes::Emissions em = lane_emissions(emissions, len);
+  std::vector<uint8_t> trouble(B, 0);
+  for_each_group(B, K, T, [&](int64_t group, float* scratch) {
+    k.forward(lane_model.model, em, group, log_z, trouble.data(), scratch);
+  });
+  exact = flagged(trouble);
+  return true;
+}
+
+bool lane_forward(const Tensor& emissions, const int64_t*, const Tensor&, const Tensor&,
+                  const Tensor&, double*, std::vector<int64_t>& exact) {
+  return all_sequences(emissions.size(0), exact);
+}
+
+// alphas: an empty tensor. The CPU backward recomputes the forward pass it needs (for the lane
+// kernels that is cheaper than writing and reading back [B, T, K] log values), so the forward
+// saves nothing. The fake kernel in fastner/ops.py returns the same on CPU.
 std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
                                                     const std::optional<Tensor>& tags_in,
                                                     const Tensor& lengths_in,
                                                     const Tensor& transitions_in,
                                                     const Tensor& start_in, const Tensor& end_in) {
   check_inputs("crf_forward", emissions_in, lengths_in, transitions_in, start_in, end_in);
-  const Tensor emissions = as_accumulate(emissions_in);
+  const auto acc_type = accumulate_type(emissions_in.scalar_type());
+  const Tensor emissions = emissions_in.to(acc_type);  // keeps the layout
   const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  Tensor tags;
-  if (tags_in.has_value()) {
-    TORCH_CHECK_VALUE(tags_in->scalar_type() == at::kLong, "crf_forward: tags must be int64, got ",
-                      tags_in->scalar_type());
-    tags = tags_in->contiguous();
-    check_tags("crf_forward", tags, lengths, B, T, K);
-  }
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  if (tags_in.has_value()) check_tags("crf_forward", *tags_in, len, B, T, K);
   Tensor log_z = at::empty({B}, emissions.options());
-  Tensor gold = at::empty({B}, emissions.options());
-  Tensor alphas = at::empty({B, T, K}, emissions.options());
-  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_forward", [&] {
-    const Transitions<scalar_t> tr(transitions_in.contiguous(), start_in.contiguous(),
-                                   end_in.contiguous());
-    const scalar_t* em = emissions.data_ptr<scalar_t>();
-    const int64_t* len = lengths.data_ptr<int64_t>();
-    const int64_t* y = tags.defined() ? tags.data_ptr<int64_t>() : nullptr;
+  Tensor gold = at::zeros({B}, emissions.options());
+  Tensor alphas = at::empty({0}, emissions.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward", [&] {
+    const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
+                 end = end_in.contiguous();
+    if (tags_in.has_value()) {
+      gold_scores<scalar_t>(emissions, *tags_in, len, transitions.data_ptr<scalar_t>(),
+                            start.data_ptr<scalar_t>(), end.data_ptr<scalar_t>(),
+                            gold.data_ptr<scalar_t>());
+    }
     scalar_t* log_z_out = log_z.data_ptr<scalar_t>();
-    scalar_t* gold_out = gold.data_ptr<scalar_t>();
-    scalar_t* alphas_out = alphas.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
-      std::vector<scalar_t> work(kInterleave * 5 * tr.KP);
-      ForwardRun<scalar_t> runs[kInterleave];
-      const std::vector<int64_t> order = by_length(len, begin, stop);
-      for (size_t first = 0; first < order.size(); first += kInterleave) {
-        const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
-        for (int64_t g = 0; g < count; ++g) {
-          const int64_t b = order[first + g];
-          runs[g].begin(tr, em + b * T * K, len[b], T, alphas_out + b * T * K,
-                        work.data() + g * 5 * tr.KP);
-        }
-        run_interleaved(runs, count);
-        for (int64_t g = 0; g < count; ++g) {
-          const int64_t b = order[first + g];
-          log_z_out[b] = runs[g].finish();
-          gold_out[b] = y ? gold_score(tr, em + b * T * K, y + b * T, len[b]) : scalar_t(0);
-        }
-      }
+    std::vector<int64_t> exact;  // sequences for the exact kernel (all when the lanes decline)
+    if (lane_forward(emissions, len, transitions, start, end, log_z_out, exact) && exact.empty()) return;
+    const Transitions<scalar_t> tr(transitions, start, end);
+    const Tensor dense = emissions.contiguous();
+    const scalar_t* em = dense.data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(exact.size()), grain(T, K),
+                     [&](int64_t begin, int64_t stop) {
+      std::vector<int64_t> part(exact.begin() + begin, exact.begin() + stop);
+      std::stable_sort(part.begin(), part.end(),
+                       [len](int64_t x, int64_t y) { return len[x] > len[y]; });
+      exact_log_z(tr, em, len, T, part, log_z_out);
     });
   });
   return {log_z, gold, alphas};
@@ -581,113 +748,258 @@ void backward_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, cons
   run.finish();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
-    const Tensor& grad_log_z_in, const Tensor& grad_gold_in, const Tensor& emissions_in,
-    const std::optional<Tensor>& tags_in, const Tensor& lengths_in, const Tensor& transitions_in,
-    const Tensor& start_in, const Tensor& end_in, const Tensor& log_z_in, const Tensor& alphas_in) {
-  check_inputs("crf_backward", emissions_in, lengths_in, transitions_in, start_in, end_in);
-  const Tensor emissions = as_accumulate(emissions_in);
+// The exact per-sequence forward-backward for the sequences `order`: writes g_log_z *
+// marginals into grad + b * T * K ([T, K] rows), adds to acc and, when log_z_out is given,
+// stores log Z there. em: contiguous [B, T, K].
+template <typename scalar_t>
+void exact_backward(const Transitions<scalar_t>& tr, const scalar_t* em, const int64_t* len,
+                    int64_t T, const std::vector<int64_t>& order, const scalar_t* gz,
+                    int64_t gz_stride, scalar_t* grad, Accumulators<scalar_t>& acc,
+                    scalar_t* log_z_out) {
+  const int64_t K = tr.K, KP = tr.KP;
+  std::vector<scalar_t> work(kInterleave * 8 * KP);
+  std::vector<scalar_t> alphas(kInterleave * T * K);
+  std::vector<scalar_t> pairwise(kInterleave * 2 * T * KP);
+  ForwardRun<scalar_t> forward_runs[kInterleave];
+  BackwardRun<scalar_t> runs[kInterleave];
+  for (size_t first = 0; first < order.size(); first += kInterleave) {
+    const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
+    for (int64_t n = 0; n < count; ++n) {
+      const int64_t b = order[first + n];
+      forward_runs[n].begin(tr, em + b * T * K, len[b], T, alphas.data() + n * T * K,
+                            work.data() + n * 8 * KP);
+    }
+    run_interleaved(forward_runs, count);
+    for (int64_t n = 0; n < count; ++n) {
+      const int64_t b = order[first + n];
+      const scalar_t log_z = forward_runs[n].finish();
+      if (log_z_out) log_z_out[b] = log_z;
+      runs[n].begin(tr, em + b * T * K, alphas.data() + n * T * K, len[b], T, log_z,
+                    gz[b * gz_stride], grad + b * T * K, &acc, work.data() + n * 8 * KP,
+                    pairwise.data() + n * 2 * T * KP);
+    }
+    run_interleaved(runs, count);
+    for (int64_t n = 0; n < count; ++n) runs[n].finish();
+  }
+}
+
+// The gold path's terms: grad_gold[b] at each gold (t, tag) of grad, and the gold transition,
+// start and end counts into acc.exact / acc.start / acc.end.
+template <typename scalar_t>
+void add_gold_terms(const Tensor& tags, const int64_t* len, const scalar_t* gg, int64_t gg_stride,
+                    scalar_t* grad, int64_t grad_b, int64_t grad_t, Accumulators<scalar_t>& acc,
+                    int64_t KP) {
+  const int64_t* y = tags.data_ptr<int64_t>();
+  const int64_t yb = tags.stride(0), yt = tags.stride(1);
+  for (int64_t b = 0; b < tags.size(0); ++b) {
+    const int64_t L = len[b];
+    const scalar_t w = gg[b * gg_stride];
+    if (L == 0 || w == scalar_t(0)) continue;
+    const int64_t* yy = y + b * yb;
+    for (int64_t t = 0; t < L; ++t) grad[b * grad_b + t * grad_t + yy[t * yt]] += w;
+    for (int64_t t = 1; t < L; ++t) acc.exact[yy[(t - 1) * yt] * KP + yy[t * yt]] += w;
+    acc.start[yy[0]] += w;
+    acc.end[yy[(L - 1) * yt]] += w;
+  }
+}
+
+// grad_emissions in the emissions' own layout where it has unit tag stride (so a time-first
+// caller gets a time-first gradient), else contiguous [B, T, K].
+Tensor gradient_like(const Tensor& emissions) {
+  Tensor grad = at::empty_like(emissions);
+  return grad.stride(2) == 1 ? grad : at::empty(emissions.sizes(), emissions.options());
+}
+
+// The lane kernels' backward where they serve (as lane_forward): writes the gradient rows and
+// adds the sums of the pairwise, first-step and last-step marginals (in final form) to
+// transitions_sum [K, K], start_sum [K] and end_sum [K]; lists in `exact` the sequences left
+// to the exact kernel (all of them when the lanes decline).
+void lane_backward(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
+                   const Tensor& start, const Tensor& end, const float* gz, int64_t gz_stride,
+                   const lanes::Rows& rows, float* transitions_sum, float* start_sum,
+                   float* end_sum, float* log_z, std::vector<int64_t>& exact) {
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const LaneModel lane_model(transitions, start, end);
+  if (!lane_model.usable || !lane_layout(emissions)) {
+    all_sequences(B, exact);
+    return;
+  }
+  const lanes::Kernels& k = lanes::kernels();
+  const int64_t W = k.width, groups = num_groups(B);
+  // Per group lane partial sums (each group writes its own), added in group order: the result
+  // does not depend on the thread count.
+  std::vector<float> sums(groups * (K * K + 2 * K) * W);
+  float* pairs = sums.data();
+  float* starts = pairs + groups * K * K * W;
+  float* ends = starts + groups * K * W;
+  const lanes::Emissions em = lane_emissions(emissions, len);
+  std::vector<uint8_t> trouble(B, 0);
+  for_each_group(B, K, T, [&](int64_t g, float* scratch) {
+    k.backward(lane_model.model, em, g, gz, gz_stride, rows, pairs + g * K * K * W,
+               starts + g * K * W, ends + g * K * W, trouble.data(), log_z, scratch);
+  });
+  exact = flagged(trouble);
+  auto total = [&](const float* partial, int64_t entries, int64_t e) {
+    float sum = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = partial + (g * entries + e) * W;
+      for (int64_t l = 0; l < W; ++l) sum += v[l];
+    }
+    return sum;
+  };
+  const float* E = lane_model.model.exp_transitions;
+  for (int64_t n = 0; n < K * K; ++n) {
+    // Forbidden transitions (E = 0) get exactly 0.
+    if (E[n] != 0.0f) transitions_sum[n] += E[n] * total(pairs, K * K, n);
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    start_sum[j] += total(starts, K, j);
+    end_sum[j] += total(ends, K, j);
+  }
+}
+
+void lane_backward(const Tensor& emissions, const int64_t*, const Tensor&, const Tensor&,
+                   const Tensor&, const double*, int64_t, const lanes::Rows&, double*, double*,
+                   double*, double*, std::vector<int64_t>& exact) {
+  all_sequences(emissions.size(0), exact);
+}
+
+// Gradients of sum_b (grad_log_z[b] log Z_b + grad_gold[b] gold_b): the lane kernels where they
+// serve, the exact per-sequence kernel for float64 and for the sequences the lanes flag, then
+// the gold path's terms. The forward pass is recomputed here (crf_forward saves nothing); when
+// log_z is given it receives log Z from that pass.
+std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
+    const char* op, const Tensor& grad_log_z_in, const Tensor& grad_gold_in,
+    const Tensor& emissions_in, const std::optional<Tensor>& tags_in, const Tensor& lengths_in,
+    const Tensor& transitions_in, const Tensor& start_in, const Tensor& end_in, Tensor* log_z) {
+  check_inputs(op, emissions_in, lengths_in, transitions_in, start_in, end_in);
+  const auto acc_type = accumulate_type(emissions_in.scalar_type());
+  const Tensor emissions = emissions_in.to(acc_type);  // keeps the layout
   const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  const auto acc_type = emissions.scalar_type();
-  for (const Tensor* t : {&grad_log_z_in, &grad_gold_in, &log_z_in}) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, "crf_backward: grad_log_z, "
-                      "grad_gold_score and log_z must be [B] = [", B, "], got ", t->sizes());
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (const Tensor* t : {&grad_log_z_in, &grad_gold_in}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, op, ": grad_log_z and "
+                      "grad_gold_score must be [B] = [", B, "], got ", t->sizes());
   }
-  TORCH_CHECK_VALUE(alphas_in.sizes() == emissions.sizes(), "crf_backward: alphas must be ",
-                    emissions.sizes(), ", got ", alphas_in.sizes());
-  Tensor tags;
-  if (tags_in.has_value()) {
-    TORCH_CHECK_VALUE(tags_in->scalar_type() == at::kLong, "crf_backward: tags must be int64, got ",
-                      tags_in->scalar_type());
-    tags = tags_in->contiguous();
-    check_tags("crf_backward", tags, lengths, B, T, K);
-  }
+  if (tags_in.has_value()) check_tags(op, *tags_in, len, B, T, K);
+  if (log_z) *log_z = at::empty({B}, emissions.options());
   // Read with their strides: autograd often hands in expanded (stride 0) gradients.
   const Tensor grad_log_z = grad_log_z_in.to(acc_type);
   const Tensor grad_gold = grad_gold_in.to(acc_type);
   const int64_t gz_stride = grad_log_z.stride(0), gg_stride = grad_gold.stride(0);
-  const Tensor log_z = log_z_in.to(acc_type).contiguous();
-  const Tensor alphas = alphas_in.to(acc_type).contiguous();
-  Tensor grad_emissions = at::empty({B, T, K}, emissions.options());
-  Tensor grad_transitions = at::empty({K, K}, emissions.options());
-  Tensor grad_start = at::empty({K}, emissions.options());
-  Tensor grad_end = at::empty({K}, emissions.options());
+  Tensor grad_emissions = gradient_like(emissions);
+  Tensor grad_transitions = at::zeros({K, K}, emissions.options());
+  Tensor grad_start = at::zeros({K}, emissions.options());
+  Tensor grad_end = at::zeros({K}, emissions.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_backward", [&] {
-    const Transitions<scalar_t> tr(transitions_in.contiguous(), start_in.contiguous(),
-                                   end_in.contiguous());
-    const int64_t KP = tr.KP;
-    const scalar_t* em = emissions.data_ptr<scalar_t>();
-    const scalar_t* al = alphas.data_ptr<scalar_t>();
+    const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
+                 end = end_in.contiguous();
     const scalar_t* gz = grad_log_z.data_ptr<scalar_t>();
     const scalar_t* gg = grad_gold.data_ptr<scalar_t>();
-    const scalar_t* lz = log_z.data_ptr<scalar_t>();
-    const int64_t* len = lengths.data_ptr<int64_t>();
-    const int64_t* y = tags.defined() ? tags.data_ptr<int64_t>() : nullptr;
     scalar_t* ge = grad_emissions.data_ptr<scalar_t>();
-    // One accumulator set per chunk of sequences, summed in chunk order afterwards.
-    const int64_t chunk = grain(T, K);
-    const int64_t num_chunks = B == 0 ? 0 : (B + chunk - 1) / chunk;
-    std::vector<Accumulators<scalar_t>> accs(num_chunks, Accumulators<scalar_t>(K, KP));
-    at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      std::vector<scalar_t> work(kInterleave * 8 * KP);
-      std::vector<scalar_t> pairwise(kInterleave * 2 * T * KP);
-      BackwardRun<scalar_t> runs[kInterleave];
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        Accumulators<scalar_t>& acc = accs[c];
-        const std::vector<int64_t> order = by_length(len, c * chunk, std::min(B, (c + 1) * chunk));
-        for (size_t first = 0; first < order.size(); first += kInterleave) {
-          const int64_t count = std::min<int64_t>(kInterleave, order.size() - first);
-          for (int64_t n = 0; n < count; ++n) {
-            const int64_t b = order[first + n];
-            runs[n].begin(tr, em + b * T * K, al + b * T * K, len[b], T, lz[b], gz[b * gz_stride],
-                          ge + b * T * K, &acc, work.data() + n * 8 * KP,
-                          pairwise.data() + n * 2 * T * KP);
-          }
-          run_interleaved(runs, count);
-          for (int64_t n = 0; n < count; ++n) runs[n].finish();
-        }
-        for (int64_t b = c * chunk; b < std::min(B, (c + 1) * chunk); ++b) {
-          const int64_t L = len[b];
-          scalar_t* g = ge + b * T * K;
-          if (y && L > 0 && gg[b * gg_stride] != scalar_t(0)) {
-            const int64_t* yb = y + b * T;
-            const scalar_t w = gg[b * gg_stride];
-            for (int64_t t = 0; t < L; ++t) g[t * K + yb[t]] += w;
-            for (int64_t t = 1; t < L; ++t) acc.exact[yb[t - 1] * KP + yb[t]] += w;
-            acc.start[yb[0]] += w;
-            acc.end[yb[L - 1]] += w;
-          }
-        }
-      }
-    });
+    const int64_t ge_b = grad_emissions.stride(0), ge_t = grad_emissions.stride(1);
     scalar_t* gt = grad_transitions.data_ptr<scalar_t>();
     scalar_t* gs = grad_start.data_ptr<scalar_t>();
     scalar_t* gend = grad_end.data_ptr<scalar_t>();
+    scalar_t* log_z_out = log_z ? log_z->data_ptr<scalar_t>() : nullptr;
+    std::vector<int64_t> exact;
+    lane_backward(emissions, len, transitions, start, end, gz, gz_stride,
+                  lanes::Rows{reinterpret_cast<float*>(ge), ge_b, ge_t},
+                  gt, gs, gend, log_z_out, exact);
+    const int64_t KP = padded(K);
+    // Sums of the exact kernel, one set per chunk of sequences (added in chunk order), and of
+    // the gold terms. Its tables cost ~K^2 exps, so they are built only when it runs.
+    std::vector<Accumulators<scalar_t>> accs;
+    std::optional<Transitions<scalar_t>> exact_tables;
+    if (!exact.empty()) {
+      const Transitions<scalar_t>& tr = exact_tables.emplace(transitions, start, end);
+      const Tensor dense = emissions.contiguous();
+      const scalar_t* em = dense.data_ptr<scalar_t>();
+      // The exact kernel writes contiguous [T, K] rows: straight into grad when it is
+      // contiguous, else into a buffer copied over afterwards.
+      const bool direct = grad_emissions.is_contiguous();
+      Tensor buffer = direct ? grad_emissions : at::empty({B, T, K}, emissions.options());
+      scalar_t* out = buffer.data_ptr<scalar_t>();
+      const int64_t chunk = grain(T, K);
+      const int64_t num_chunks = (static_cast<int64_t>(exact.size()) + chunk - 1) / chunk;
+      accs.assign(num_chunks, Accumulators<scalar_t>(K, KP));
+      at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+          const int64_t stop = std::min<int64_t>(exact.size(), (c + 1) * chunk);
+          std::vector<int64_t> part(exact.begin() + c * chunk, exact.begin() + stop);
+          std::stable_sort(part.begin(), part.end(),
+                           [len](int64_t x, int64_t y) { return len[x] > len[y]; });
+          exact_backward(tr, em, len, T, part, gz, gz_stride, out, accs[c], log_z_out);
+        }
+      });
+      if (!direct) {
+        for (int64_t b : exact) {
+          for (int64_t t = 0; t < T; ++t) {
+            std::copy(out + (b * T + t) * K, out + (b * T + t + 1) * K, ge + b * ge_b + t * ge_t);
+          }
+        }
+      }
+    }
+    accs.emplace_back(K, KP);
+    if (tags_in.has_value()) add_gold_terms(*tags_in, len, gg, gg_stride, ge, ge_b, ge_t, accs.back(), KP);
     for (int64_t i = 0; i < K; ++i) {
       for (int64_t j = 0; j < K; ++j) {
-        scalar_t scaled = 0, exact = 0;
+        scalar_t scaled = 0, exact_sum = 0;
         for (const auto& acc : accs) {
           scaled += acc.scaled[i * KP + j];
-          exact += acc.exact[i * KP + j];
+          exact_sum += acc.exact[i * KP + j];
         }
         // Forbidden transitions (E = 0) get exactly 0 from the scaled part.
-        const scalar_t e = tr.exp_row[i * KP + j];
-        gt[i * K + j] = (e == scalar_t(0) ? scalar_t(0) : scaled * e) + exact;
+        const scalar_t e = exact_tables ? exact_tables->exp_row[i * KP + j] : scalar_t(0);
+        gt[i * K + j] += (e == scalar_t(0) ? scalar_t(0) : scaled * e) + exact_sum;
       }
     }
     for (int64_t j = 0; j < K; ++j) {
-      scalar_t a = 0, b = 0;
       for (const auto& acc : accs) {
-        a += acc.start[j];
-        b += acc.end[j];
+        gs[j] += acc.start[j];
+        gend[j] += acc.end[j];
       }
-      gs[j] = a;
-      gend[j] = b;
     }
   });
   if (emissions_in.scalar_type() != acc_type) grad_emissions = grad_emissions.to(emissions_in.scalar_type());
   return {grad_emissions, grad_transitions, grad_start, grad_end};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
+    const Tensor& grad_log_z, const Tensor& grad_gold, const Tensor& emissions,
+    const std::optional<Tensor>& tags, const Tensor& lengths, const Tensor& transitions,
+    const Tensor& start, const Tensor& end, const Tensor& /*log_z*/, const Tensor& /*alphas*/) {
+  return gradients("crf_backward", grad_log_z, grad_gold, emissions, tags, lengths, transitions,
+                   start, end, nullptr);
+}
+
+// The forward pass and the gradients of sum_b (gold_b - log Z_b) in one call: what a training
+// step needs, without a second pass over the emissions or a second op call in backward.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> crf_forward_backward_cpu(
+    const Tensor& emissions, const Tensor& tags, const Tensor& lengths, const Tensor& transitions,
+    const Tensor& start, const Tensor& end) {
+  const char* op = "crf_forward_backward";
+  check_inputs(op, emissions, lengths, transitions, start, end);
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const Tensor lens = lengths.contiguous();
+  check_tags(op, tags, lens.data_ptr<int64_t>(), B, T, K);
+  const auto acc_type = accumulate_type(emissions.scalar_type());
+  const at::TensorOptions options = emissions.options().dtype(acc_type);
+  // Weights -1 (log Z) and +1 (gold) for every sequence, as stride-0 tensors.
+  const Tensor minus_one = at::full({1}, -1.0, options).expand({B});
+  const Tensor plus_one = at::full({1}, 1.0, options).expand({B});
+  Tensor log_z;
+  auto [grad_emissions, grad_transitions, grad_start, grad_end] =
+      gradients(op, minus_one, plus_one, emissions, tags, lens, transitions, start, end, &log_z);
+  Tensor gold = at::zeros({B}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward_backward", [&] {
+    gold_scores<scalar_t>(emissions.to(acc_type), tags, lens.data_ptr<int64_t>(),
+                          transitions.contiguous().data_ptr<scalar_t>(),
+                          start.contiguous().data_ptr<scalar_t>(),
+                          end.contiguous().data_ptr<scalar_t>(), gold.data_ptr<scalar_t>());
+  });
+  return {log_z, gold, grad_emissions, grad_transitions, grad_start, grad_end};
 }
 
 // ---- marginals ------------------------------------------------------------------------------
@@ -827,22 +1139,50 @@ void viterbi_range(const Transitions<scalar_t>& tr, const scalar_t* em, const in
   }
 }
 
+// Viterbi by the lane kernels where the layout allows (float32 only): max-plus is exact in any
+// range, and NaN/inf scores meet the same comparisons as in the per-sequence kernel.
+bool lane_viterbi(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
+                  const Tensor& start, const Tensor& end, int64_t* tags, float* scores) {
+  if (!lane_layout(emissions)) return false;
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const lanes::Kernels& k = lanes::kernels();
+  lanes::Model model;
+  model.K = K;
+  model.transitions = transitions.data_ptr<float>();
+  model.start = start.data_ptr<float>();
+  model.end = end.data_ptr<float>();
+  const lanes::Emissions em = lane_emissions(emissions, len);
+  for_each_group(B, K, T, [&](int64_t group, float* scratch) {
+    k.viterbi(model, em, group, tags, scores, scratch);
+  });
+  return true;
+}
+
+bool lane_viterbi(const Tensor&, const int64_t*, const Tensor&, const Tensor&, const Tensor&,
+                  int64_t*, double*) {
+  return false;
+}
+
 std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
                                            const Tensor& transitions_in, const Tensor& start_in,
                                            const Tensor& end_in) {
   check_inputs("crf_viterbi", emissions_in, lengths_in, transitions_in, start_in, end_in);
-  const Tensor emissions = as_accumulate(emissions_in);
+  const auto acc_type = accumulate_type(emissions_in.scalar_type());
+  const Tensor emissions = emissions_in.to(acc_type);  // keeps the layout
   const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const int64_t* len = lengths.data_ptr<int64_t>();
   Tensor tags = at::empty({B, T}, lengths.options());
   Tensor scores = at::empty({B}, emissions.options());
-  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_viterbi", [&] {
-    const Transitions<scalar_t> tr(transitions_in.contiguous(), start_in.contiguous(),
-                                   end_in.contiguous());
-    const scalar_t* em = emissions.data_ptr<scalar_t>();
-    const int64_t* len = lengths.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_viterbi", [&] {
+    const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
+                 end = end_in.contiguous();
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
+    if (lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out)) return;
+    const Transitions<scalar_t> tr(transitions, start, end);
+    const Tensor dense = emissions.contiguous();
+    const scalar_t* em = dense.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
       if (K <= 256) {
         viterbi_range<scalar_t, uint8_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
@@ -1009,6 +1349,7 @@ Tensor crf_lengths_cpu(const Tensor& mask, bool batch_first) {
 TORCH_LIBRARY_IMPL(fastner, CPU, m) {
   m.impl("crf_forward", &fastner::crf::crf_forward_cpu);
   m.impl("crf_backward", &fastner::crf::crf_backward_cpu);
+  m.impl("crf_forward_backward", &fastner::crf::crf_forward_backward_cpu);
   m.impl("crf_viterbi", &fastner::crf::crf_viterbi_cpu);
   m.impl("crf_kbest", &fastner::crf::crf_kbest_cpu);
   m.impl("crf_marginals", &fastner::crf::crf_marginals_cpu);

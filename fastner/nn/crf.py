@@ -81,15 +81,8 @@ class CRF(nn.Module):
             raise ValueError(f"invalid reduction: {reduction!r} (expected one of {_REDUCTIONS})")
         emissions_bf, lengths = self._prepare(emissions, mask)
         tags_bf = self._check_tags(tags, emissions)
-        log_z, gold, _ = ops.crf_forward(emissions_bf, tags_bf, lengths, *self._scores(emissions))
-        llh = gold - log_z
-        if reduction == "sum":
-            return llh.sum()
-        if reduction == "none":
-            return llh
-        if reduction == "mean":
-            return llh.mean()
-        return llh.sum() / lengths.sum().clamp(min=1).to(llh.dtype)
+        return ops.crf_log_likelihood(emissions_bf, tags_bf, lengths, *self._scores(emissions),
+                                      reduction)
 
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
         """The best tag sequence of each sequence, as lists (torchcrf's decode)."""

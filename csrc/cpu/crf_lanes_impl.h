@@ -1,0 +1,549 @@
+// The lane kernels of crf_lanes.h, written once for a vector of FASTNER_LANES floats and
+// compiled once per instruction set: crf_lanes_avx2.cpp (8 lanes) and crf_lanes_avx512.cpp
+// (16 lanes, under `#pragma GCC target`). Include it from exactly one .cpp per instruction set,
+// after every standard header that .cpp needs.
+//
+// Everything here has internal linkage (anonymous namespace) and uses no standard-library
+// templates: an inline function compiled for AVX-512 in one object and for AVX2 in another
+// would otherwise be merged by the linker, and the AVX-512 copy could run on a CPU without it.
+//
+// Notation (per lane, i.e. per sequence): x_t[j] = exp(em_t[j] - max_j em_t[j]);
+// E = exp(transitions - tmax). Forward: p_0 = normalise(exp_start * x_0),
+// p_t = normalise((p_{t-1} E) * x_t), where normalise divides by the maximum s_t and
+// log Z = sum of (shifts + log s_t) + emax + log(sum_j p_{L-1}[j] exp_end[j]).
+// Backward: r_{L-1} = exp_end, r_{t-1} = normalise(E (x_t * r_t)); marginal_t = p_t r_t / Z_t
+// with Z_t = sum_j p_t[j] r_t[j]; pairwise marginal (i -> j at t) =
+// p_{t-1}[i] E_ij x_t[j] r_t[j] / Z'_t with Z'_t = sum_i p_{t-1}[i] (E (x_t * r_t))[i].
+// Every normaliser is local to its step, so no log-space subtraction of large numbers happens.
+
+#ifndef FASTNER_LANES
+#error "define FASTNER_LANES (8 or 16) before including crf_lanes_impl.h"
+#endif
+
+namespace fastner {
+namespace crf {
+namespace lanes {
+namespace {
+
+constexpr int W = FASTNER_LANES;
+typedef float V __attribute__((vector_size(4 * W)));
+typedef int32_t I __attribute__((vector_size(4 * W)));
+typedef double D __attribute__((vector_size(8 * W)));
+
+// Below this a step's normaliser no longer bounds the underflow loss: take the exact path.
+constexpr float kSafe = 1e-20f;
+constexpr float kInf = __builtin_inff();
+constexpr int64_t kAlign = 4 * W;  // bytes
+
+inline V splat(float x) { return V{} + x; }
+inline V select(I mask, V a, V b) { return mask ? a : b; }
+inline V vmax(V a, V b) { return a > b ? a : b; }  // maxps: NaN in a is skipped, as in the scalar scan
+
+inline V* aligned(float* scratch) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(scratch);
+  return reinterpret_cast<V*>((p + kAlign - 1) / kAlign * kAlign);
+}
+
+// exp(x) for x <= 0 or NaN (the kernels exponentiate scores minus their maximum): 0 below
+// -87, NaN for NaN; otherwise as crf_math.h's fast_exp.
+inline V vexp_nonpositive(V x) {
+  const V c = x < -87.0f ? splat(-87.0f) : x;
+  const V n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const V r2 = r * r;
+  V p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  return x < -87.0f ? V{} : p * (V)bits;
+}
+
+// log(x) for normal positive x (the callers pass normalisers they checked to be >= kSafe;
+// other lanes get an unspecified value that is selected away).
+inline V vlog(V x) {
+  const I bits = (I)x;
+  I exponent = ((bits >> 23) & 0xff) - 126;
+  V m = (V)((bits & 0x007fffff) | 0x3f000000);
+  const I small = m < 0.707106781186547524f;
+  exponent = small ? exponent - 1 : exponent;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const V e = __builtin_convertvector(exponent, V);
+  const V z = m * m;
+  V y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (m + y) + e * 0.693359375f;
+}
+
+// base[index[l]] in lane l.
+inline V gather(const float* base, I index) {
+#if FASTNER_LANES == 16
+  return (V)_mm512_i32gather_ps((__m512i)index, base, 4);
+#else
+  return (V)_mm256_i32gather_ps(base, (__m256i)index, 4);
+#endif
+}
+
+// Reductions over K vectors with four independent chains (a step's critical path).
+inline V max_of(const V* v, int64_t K) {
+  V m0 = splat(-kInf), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 <= K; j += 4) {
+    m0 = vmax(v[j], m0);
+    m1 = vmax(v[j + 1], m1);
+    m2 = vmax(v[j + 2], m2);
+    m3 = vmax(v[j + 3], m3);
+  }
+  for (; j < K; ++j) m0 = vmax(v[j], m0);
+  return vmax(vmax(m0, m1), vmax(m2, m3));
+}
+
+inline V dot(const V* a, const V* b, int64_t K) {
+  V s0{}, s1{}, s2{}, s3{};
+  int64_t j = 0;
+  for (; j + 4 <= K; j += 4) {
+    s0 += a[j] * b[j];
+    s1 += a[j + 1] * b[j + 1];
+    s2 += a[j + 2] * b[j + 2];
+    s3 += a[j + 3] * b[j + 3];
+  }
+  for (; j < K; ++j) s0 += a[j] * b[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// ---- a group of W sequences ------------------------------------------------------------------
+
+struct Group {
+  int64_t b0 = 0, n = 0;  // sequences b0 .. b0 + n - 1 (n <= W; lanes >= n are idle)
+  int64_t longest = 0;
+  I len{};                // per lane, 0 for idle lanes
+  I offset{};             // per lane, element offset of its sequence from b0's (idle lanes: 0)
+  const float* base = nullptr;
+  int64_t stride_t = 0;
+
+  Group(const Emissions& em, int64_t group) {
+    b0 = group * W;
+    n = em.B - b0 < W ? em.B - b0 : W;
+    base = em.data + b0 * em.stride_b;
+    stride_t = em.stride_t;
+    for (int l = 0; l < W; ++l) {
+      const int64_t L = l < n ? em.lengths[b0 + l] : 0;
+      len[l] = static_cast<int32_t>(L);
+      offset[l] = l < n ? static_cast<int32_t>(l * em.stride_b) : 0;
+      longest = L > longest ? L : longest;
+    }
+  }
+
+  I active(int64_t t) const { return len > static_cast<int32_t>(t); }
+  I last(int64_t t) const { return len == static_cast<int32_t>(t + 1); }
+
+  // Emissions of step t, tag j, one lane per sequence.
+  V emission(int64_t t, int64_t j) const { return gather(base + t * stride_t + j, offset); }
+
+  // x_t (into x[K]) and the shift max_j em_t[j] it is relative to.
+  V scaled_emissions(int64_t t, int64_t K, V* x) const {
+    for (int64_t j = 0; j < K; ++j) x[j] = emission(t, j);
+    const V m = max_of(x, K);
+    for (int64_t j = 0; j < K; ++j) x[j] = vexp_nonpositive(x[j] - m);
+    return m;
+  }
+};
+
+// out[j] = sum_i p[i] * E[i, j] for j < K, a block of columns in registers at a time.
+template <int JB>
+inline void vec_mat_block(const V* p, const float* E, int64_t K, int64_t j0, V* out) {
+  V acc[JB];
+  for (int jj = 0; jj < JB; ++jj) acc[jj] = V{};
+  for (int64_t i = 0; i < K; ++i) {
+    const V pi = p[i];
+    const float* row = E + i * K + j0;
+    for (int jj = 0; jj < JB; ++jj) acc[jj] += pi * row[jj];
+  }
+  for (int jj = 0; jj < JB; ++jj) out[j0 + jj] = acc[jj];
+}
+
+// Column blocks as wide as the registers allow (32 vector registers with AVX-512, 16 with
+// AVX2): every block is one pass over p with independent accumulation chains.
+constexpr int kBlock = W == 16 ? 16 : 8;
+
+inline void vec_mat(const V* p, const float* E, int64_t K, V* out) {
+  int64_t j = 0;
+  for (; j + kBlock <= K; j += kBlock) vec_mat_block<kBlock>(p, E, K, j, out);
+  for (; j + 8 <= K; j += 8) vec_mat_block<8>(p, E, K, j, out);
+  for (; j + 4 <= K; j += 4) vec_mat_block<4>(p, E, K, j, out);
+  for (; j < K; ++j) vec_mat_block<1>(p, E, K, j, out);
+}
+
+// out[i] = sum_j E[i, j] * u[j] for i < K, a block of rows in registers at a time.
+template <int IB>
+inline void mat_vec_block(const float* E, const V* u, int64_t K, int64_t i0, V* out) {
+  V acc[IB];
+  for (int ii = 0; ii < IB; ++ii) acc[ii] = V{};
+  for (int64_t j = 0; j < K; ++j) {
+    const V uj = u[j];
+    for (int ii = 0; ii < IB; ++ii) acc[ii] += E[(i0 + ii) * K + j] * uj;
+  }
+  for (int ii = 0; ii < IB; ++ii) out[i0 + ii] = acc[ii];
+}
+
+inline void mat_vec(const float* E, const V* u, int64_t K, V* out) {
+  int64_t i = 0;
+  for (; i + kBlock <= K; i += kBlock) mat_vec_block<kBlock>(E, u, K, i, out);
+  for (; i + 8 <= K; i += 8) mat_vec_block<8>(E, u, K, i, out);
+  for (; i + 4 <= K; i += 4) mat_vec_block<4>(E, u, K, i, out);
+  for (; i < K; ++i) mat_vec_block<1>(E, u, K, i, out);
+}
+
+// Divides v[0..K) by its maximum s (lanes where keep is 0 keep old instead) and returns s.
+inline V normalise_into(const V* v, int64_t K, I keep, V* out) {
+  const V s = vmax(max_of(v, K), V{});
+  const V inv = 1.0f / s;
+  for (int64_t j = 0; j < K; ++j) out[j] = select(keep, v[j] * inv, out[j]);
+  return s;
+}
+
+inline I unsafe(V s) { return ~(s >= kSafe); }  // also true for NaN
+
+// ---- forward ---------------------------------------------------------------------------------
+
+// The scaled forward pass of a group. p: [K] running state; x, q: [K] scratch; when P and X are
+// given, P[t] and X[t] ([longest, K] each) receive p_t and x_t, zero in lanes past their length.
+// Returns the troubled lanes; log_z gets log Z per lane (meaningless in troubled lanes).
+inline I forward_pass(const Model& m, const Group& g, V* p, V* x, V* q, V* P, V* X, D& log_z) {
+  const int64_t K = m.K;
+  I bad{};
+  D shift{};
+  if (g.longest == 0) {
+    log_z = D{};
+    return bad;
+  }
+  for (int64_t t = 0; t < g.longest; ++t) {
+    const I active = g.active(t);
+    const V em_max = g.scaled_emissions(t, K, x);
+    if (t == 0) {
+      for (int64_t j = 0; j < K; ++j) q[j] = m.exp_start[j] * x[j];
+    } else {
+      vec_mat(p, m.exp_transitions, K, q);
+      for (int64_t j = 0; j < K; ++j) q[j] *= x[j];
+    }
+    const V s = normalise_into(q, K, active, p);
+    bad |= active & unsafe(s);
+    const V step_shift = em_max + (t == 0 ? m.smax : m.tmax);
+    shift += __builtin_convertvector(select(active, step_shift, V{}), D) +
+             __builtin_convertvector(select(active, vlog(s), V{}), D);
+    if (P) {
+      for (int64_t j = 0; j < K; ++j) {
+        P[t * K + j] = select(active, p[j], V{});
+        X[t * K + j] = select(active, x[j], V{});
+      }
+    }
+  }
+  V total{};
+  for (int64_t j = 0; j < K; ++j) total += p[j] * m.exp_end[j];  // once per pass: no need for chains
+  const I nonempty = g.len > 0;
+  bad |= nonempty & unsafe(total);
+  const D end_term = __builtin_convertvector(select(nonempty, vlog(total) + m.emax, V{}), D);
+  log_z = shift + end_term;
+  return bad;
+}
+
+size_t scratch_floats(int64_t K, int64_t T) {
+  // Viterbi: [T, K] states + 2 rows; backward: P and X [T, K] + 6 rows; plus alignment.
+  return static_cast<size_t>((2 * T + 8) * K * W + W);
+}
+
+void forward(const Model& m, const Emissions& em, int64_t group, float* log_z, uint8_t* trouble,
+             float* scratch) {
+  const Group g(em, group);
+  const int64_t K = m.K;
+  V* p = aligned(scratch);
+  V* x = p + K;
+  V* q = x + K;
+  D lz;
+  const I bad = forward_pass(m, g, p, x, q, nullptr, nullptr, lz);
+  for (int l = 0; l < g.n; ++l) {
+    log_z[g.b0 + l] = static_cast<float>(lz[l]);
+    if (bad[l]) trouble[g.b0 + l] = 1;
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+// Writes grad rows of step t from per-lane vectors rows[K] (lanes < n): a transpose read
+// straight from memory (extracting lanes from registers would stall on every element).
+inline void write_rows(const Rows& out, const Group& g, int64_t t, int64_t K, const V* rows) {
+#if FASTNER_LANES == 16
+  // One scatter per tag: half the instructions of the scalar transpose below.
+  if (g.n == W && out.stride_b * W < (int64_t(1) << 31)) {
+    I offsets;
+    for (int l = 0; l < W; ++l) offsets[l] = static_cast<int32_t>(l * out.stride_b);
+    float* base = out.data + g.b0 * out.stride_b + t * out.stride_t;
+    for (int64_t j = 0; j < K; ++j) _mm512_i32scatter_ps(base + j, (__m512i)offsets, (__m512)rows[j], 4);
+    return;
+  }
+#endif
+  const float* f = reinterpret_cast<const float*>(rows);  // vector types alias their elements
+  for (int l = 0; l < g.n; ++l) {
+    float* dst = out.data + (g.b0 + l) * out.stride_b + t * out.stride_t;
+    for (int64_t j = 0; j < K; ++j) dst[j] = f[j * W + l];
+  }
+}
+
+void backward(const Model& m, const Emissions& em, int64_t group, const float* weight,
+              int64_t weight_stride, const Rows& grad, float* pairs, float* start_sums,
+              float* end_sums, uint8_t* trouble, float* log_z, float* scratch) {
+  const Group g(em, group);
+  const int64_t K = m.K, T = em.T, n_steps = g.longest;
+  V* P = aligned(scratch);    // [longest, K] forward states p_t
+  V* X = P + n_steps * K;     // [longest, K] x_t, then (from the backward sweep on) U_t
+  V* r = X + n_steps * K;     // [K] backward state r_t
+  V* u = r + K;               // [K]
+  V* q = u + K;               // [K]
+  V* mu = q + K;              // [K] weighted marginals of a step
+  V* start_acc = mu + K;      // [K]
+  V* end_acc = start_acc + K;  // [K]
+
+  V w{};
+  for (int l = 0; l < g.n; ++l) w[l] = weight[(g.b0 + l) * weight_stride];
+
+  // Rows past the group's longest sequence are zero for every lane.
+  for (int l = 0; l < g.n; ++l) {
+    for (int64_t t = n_steps; t < T; ++t) {
+      float* dst = grad.data + (g.b0 + l) * grad.stride_b + t * grad.stride_t;
+      for (int64_t j = 0; j < K; ++j) dst[j] = 0.0f;
+    }
+  }
+  if (n_steps == 0) {
+    for (int64_t k = 0; k < K * K * W; ++k) pairs[k] = 0.0f;
+    for (int64_t k = 0; k < K * W; ++k) start_sums[k] = end_sums[k] = 0.0f;
+    if (log_z) {
+      for (int l = 0; l < g.n; ++l) log_z[g.b0 + l] = 0.0f;
+    }
+    return;
+  }
+
+  D lz;
+  I bad = forward_pass(m, g, r, u, q, P, X, lz);
+  if (log_z) {
+    for (int l = 0; l < g.n; ++l) log_z[g.b0 + l] = static_cast<float>(lz[l]);
+  }
+
+  for (int64_t j = 0; j < K; ++j) {
+    start_acc[j] = V{};
+    end_acc[j] = V{};
+    r[j] = select(g.last(n_steps - 1), splat(m.exp_end[j]), V{});
+  }
+  for (int64_t t = n_steps - 1; t >= 0; --t) {
+    const I active = g.active(t);
+    const I last = g.last(t);
+    // Marginals of step t.
+    const V z = dot(P + t * K, r, K);
+    bad |= active & unsafe(z);
+    const V scale = select(active, w / z, V{});
+    for (int64_t j = 0; j < K; ++j) {
+      mu[j] = select(active, P[t * K + j] * r[j] * scale, V{});
+      end_acc[j] += select(last, mu[j], V{});
+    }
+    write_rows(grad, g, t, K, mu);
+    if (t == 0) {
+      for (int64_t j = 0; j < K; ++j) start_acc[j] += mu[j];
+      break;
+    }
+    // Step back to t - 1: q = E (x_t * r_t), and U_t = x_t * r_t * w / Z'_t for the pairwise sums.
+    V* U = X + t * K;
+    for (int64_t j = 0; j < K; ++j) u[j] = U[j] * r[j];
+    mat_vec(m.exp_transitions, u, K, q);
+    const V z_pair = dot(P + (t - 1) * K, q, K);
+    bad |= active & unsafe(z_pair);
+    const V pair_scale = select(active, w / z_pair, V{});
+    for (int64_t j = 0; j < K; ++j) U[j] = select(active, u[j] * pair_scale, V{});
+    // r_{t-1}: the normalised q where the lane ran at t, exp_end where t - 1 is its last step.
+    const V inv = 1.0f / max_of(q, K);
+    const I starts = g.last(t - 1);
+    for (int64_t i = 0; i < K; ++i) {
+      r[i] = select(active, q[i] * inv, select(starts, splat(m.exp_end[i]), V{}));
+    }
+  }
+
+  // Troubled lanes add nothing: zero them (they may hold NaN) before summing.
+  const I ok = ~bad;
+  bool any_bad = false;
+  for (int l = 0; l < W; ++l) any_bad = any_bad || bad[l];
+  if (any_bad) {
+    for (int64_t k = 0; k < n_steps * K; ++k) {
+      P[k] = select(ok, P[k], V{});
+      X[k] = select(ok, X[k], V{});
+    }
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    V s = select(ok, start_acc[j], V{});
+    V e = select(ok, end_acc[j], V{});
+    __builtin_memcpy(start_sums + j * W, &s, sizeof s);
+    __builtin_memcpy(end_sums + j * W, &e, sizeof e);
+  }
+  // pairs[i, j] += sum_t P[t - 1][i] * U[t][j]: a product over (t, lane), register-blocked.
+  constexpr int IB = W == 16 ? 4 : 2, JB = 4;
+  for (int64_t i0 = 0; i0 < K; i0 += IB) {
+    const int ni = K - i0 < IB ? static_cast<int>(K - i0) : IB;
+    for (int64_t j0 = 0; j0 < K; j0 += JB) {
+      const int nj = K - j0 < JB ? static_cast<int>(K - j0) : JB;
+      V acc[IB][JB] = {};
+      if (ni == IB && nj == JB) {
+        for (int64_t t = 1; t < n_steps; ++t) {
+          const V* Pt = P + (t - 1) * K + i0;
+          const V* Ut = X + t * K + j0;
+          for (int ii = 0; ii < IB; ++ii)
+            for (int jj = 0; jj < JB; ++jj) acc[ii][jj] += Pt[ii] * Ut[jj];
+        }
+      } else {
+        for (int64_t t = 1; t < n_steps; ++t) {
+          const V* Pt = P + (t - 1) * K + i0;
+          const V* Ut = X + t * K + j0;
+          for (int ii = 0; ii < ni; ++ii)
+            for (int jj = 0; jj < nj; ++jj) acc[ii][jj] += Pt[ii] * Ut[jj];
+        }
+      }
+      for (int ii = 0; ii < ni; ++ii) {
+        for (int jj = 0; jj < nj; ++jj) {
+          __builtin_memcpy(pairs + ((i0 + ii) * K + j0 + jj) * W, &acc[ii][jj], sizeof(V));
+        }
+      }
+    }
+  }
+  for (int l = 0; l < g.n; ++l) {
+    if (bad[l]) trouble[g.b0 + l] = 1;
+  }
+}
+
+// ---- Viterbi ---------------------------------------------------------------------------------
+
+// One max-plus step: out[j] = max_i (v[i] + tr[i, j]) for a block of columns, scanning i upwards
+// with a strict comparison (the same candidates and order as the backtrace below).
+template <int JB>
+inline void max_plus_block(const V* v, const float* tr, int64_t K, int64_t j0, V* out) {
+  V best[JB];
+  for (int jj = 0; jj < JB; ++jj) best[jj] = splat(-kInf);
+  for (int64_t i = 0; i < K; ++i) {
+    const V vi = v[i];
+    const float* row = tr + i * K + j0;
+    for (int jj = 0; jj < JB; ++jj) best[jj] = vmax(vi + row[jj], best[jj]);
+  }
+  for (int jj = 0; jj < JB; ++jj) out[j0 + jj] = best[jj];
+}
+
+// transitions[i, to[l]] in lane l. With AVX-512 and K <= 32 each row of transitions is kept
+// in two registers' worth of memory (built once per group) and a two-source permute picks the
+// entries: cheaper than a gather.
+struct TransitionRows {
+#if FASTNER_LANES == 16
+  bool in_registers = false;
+  V lo[32], hi[32];  // row i: entries 0-15 and 16-31 (zero padded)
+  explicit TransitionRows(const Model& m) : in_registers(m.K <= 32) {
+    if (!in_registers) return;
+    for (int64_t i = 0; i < m.K; ++i) {
+      float padded[32] = {};
+      __builtin_memcpy(padded, m.transitions + i * m.K, m.K * sizeof(float));
+      __builtin_memcpy(&lo[i], padded, sizeof(V));
+      __builtin_memcpy(&hi[i], padded + 16, sizeof(V));
+    }
+  }
+#else
+  explicit TransitionRows(const Model&) {}
+#endif
+};
+
+inline V transition_to(const Model& m, const TransitionRows& rows, int64_t i, I to) {
+#if FASTNER_LANES == 16
+  if (rows.in_registers) {
+    return (V)_mm512_permutex2var_ps((__m512)rows.lo[i], (__m512i)to, (__m512)rows.hi[i]);
+  }
+#endif
+  (void)rows;
+  return gather(m.transitions + i * m.K, to);
+}
+
+void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, float* scores,
+             float* scratch) {
+  const Group g(em, group);
+  const int64_t K = m.K, T = em.T, n_steps = g.longest;
+  V* S = aligned(scratch);  // [longest, K]: S[t] = best score of a path ending in (t, j)
+  V* e = S + n_steps * K;   // [K]
+  for (int64_t t = 0; t < n_steps; ++t) {
+    V* cur = S + t * K;
+    for (int64_t j = 0; j < K; ++j) e[j] = g.emission(t, j);
+    if (t == 0) {
+      for (int64_t j = 0; j < K; ++j) cur[j] = m.start[j] + e[j];
+      continue;
+    }
+    const V* prev = S + (t - 1) * K;
+    int64_t j = 0;
+    for (; j + kBlock <= K; j += kBlock) max_plus_block<kBlock>(prev, m.transitions, K, j, cur);
+    for (; j + 8 <= K; j += 8) max_plus_block<8>(prev, m.transitions, K, j, cur);
+    for (; j + 4 <= K; j += 4) max_plus_block<4>(prev, m.transitions, K, j, cur);
+    for (; j < K; ++j) max_plus_block<1>(prev, m.transitions, K, j, cur);
+    for (int64_t jj = 0; jj < K; ++jj) cur[jj] += e[jj];
+  }
+  // Backtrace, every lane at once from the group's last step down: a lane joins at its own last
+  // step with its best final tag, then follows the best predecessor, recomputed from S with the
+  // same sums and strict comparisons as the forward scan (cheaper than storing a backpointer for
+  // every (step, tag)). Ties go to the lowest tag, as in the per-sequence kernel.
+  int32_t lengths[W];
+  __builtin_memcpy(lengths, &g.len, sizeof lengths);
+  const TransitionRows rows(m);
+  I arg{};  // current tag per lane (0 until the lane joins: always a valid gather index)
+  V score = splat(-kInf);
+  for (int64_t t = n_steps - 1; t >= 0; --t) {
+    const V* cur = S + t * K;
+    const I joins = g.last(t);
+    V top = splat(-kInf);
+    I top_arg{};
+    for (int64_t j = 0; j < K; ++j) {
+      const V value = cur[j] + m.end[j];
+      const I better = value > top;
+      top = select(better, value, top);
+      top_arg = better ? I{} + static_cast<int32_t>(j) : top_arg;
+    }
+    arg = joins ? top_arg : arg;
+    score = select(joins, top, score);
+    int32_t args[W];
+    __builtin_memcpy(args, &arg, sizeof args);
+    for (int l = 0; l < g.n; ++l) {
+      if (t < lengths[l]) tags[(g.b0 + l) * T + t] = args[l];
+    }
+    if (t == 0) break;
+    const V* prev = S + (t - 1) * K;
+    V best = splat(-kInf);
+    I from{};
+    for (int64_t i = 0; i < K; ++i) {
+      const V candidate = prev[i] + transition_to(m, rows, i, arg);
+      const I better = candidate > best;
+      best = select(better, candidate, best);
+      from = better ? I{} + static_cast<int32_t>(i) : from;
+    }
+    arg = g.active(t) ? from : arg;
+  }
+  for (int l = 0; l < g.n; ++l) {
+    const int64_t b = g.b0 + l, L = g.len[l];
+    for (int64_t t = L; t < T; ++t) tags[b * T + t] = -1;
+    scores[b] = L > 0 ? score[l] : 0.0f;
+  }
+}
+
+}  // namespace
+}  // namespace lanes
+}  // namespace crf
+}  // namespace fastner
