@@ -10,11 +10,24 @@
 
 #ifndef FASTNER_NO_PYTHON
 #include <Python.h>
-// Importing fastner._C from Python runs the static TORCH_LIBRARY registrations below;
-// the module itself exposes nothing. (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
+namespace fastner::crf::lanes {
+const char* isa();  // csrc/cpu/crf_lanes_avx2.cpp
+}
+
+// Importing fastner._C from Python runs the static TORCH_LIBRARY registrations below; the
+// module itself only says which vector kernels the CPU ops use (fastner.backend() reports it).
+// (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
+static PyObject* crf_lanes_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastner::crf::lanes::isa());
+}
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"crf_lanes_isa", crf_lanes_isa, METH_NOARGS,
+       "Instruction set of the float32 CPU CRF kernels: 'avx512' or 'avx2'."},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -17,7 +17,8 @@ def backend() -> Dict[str, str]:
     """Which implementation serves each device: 'fused', 'reference' or 'unavailable'.
 
     >>> fastner.backend()
-    {'cpu': 'fused', 'cuda': 'unavailable', 'version': '0.1.0', 'torch': '2.13.0+cpu'}
+    {'cpu': 'fused', 'cuda': 'unavailable', 'version': '0.1.0', 'torch': '2.13.0+cpu',
+     'cpu_simd': 'avx512'}
     """
 
     def serving(device_type: str) -> str:
@@ -35,6 +36,10 @@ def backend() -> Dict[str, str]:
     error = _extension.load_error()
     if error is not None:
         info["extension_error"] = error
+    elif info["cpu"] == "fused":
+        from fastner import _C
+
+        info["cpu_simd"] = _C.crf_lanes_isa()  # 'avx512' or 'avx2' (float32 CRF kernels)
     return info
 
 

@@ -13,7 +13,8 @@ from tests import testing
 from tests.test_crf import assert_best_paths
 
 CPU = torch.device("cpu")
-CRF_OPS = ("crf_forward", "crf_backward", "crf_viterbi", "crf_kbest", "crf_marginals", "crf_lengths")
+CRF_OPS = ("crf_forward", "crf_backward", "crf_forward_backward", "crf_viterbi", "crf_kbest", "crf_marginals",
+           "crf_lengths")
 
 requires_crf_ops = pytest.mark.skipif(
     not all(testing.op_registered(op) for op in CRF_OPS), reason="fastner CRF ops not registered (extension not built)"
@@ -192,6 +193,9 @@ def _opcheck_cases(name):
             cases.append((g1, g2, emissions, tags, lengths, transitions, start, end, log_z, alphas))
             log_z, _, alphas = torch.ops.fastner.crf_forward(emissions, None, lengths, transitions, start, end)
             cases.append((g1, torch.zeros_like(g2), emissions, None, lengths, transitions, start, end, log_z, alphas))
+        elif name == "crf_forward_backward":
+            cases.append((emissions, tags, lengths, transitions, start, end))
+            cases.append((emissions.transpose(0, 1).contiguous().transpose(0, 1), tags, lengths, transitions, start, end))
         elif name == "crf_kbest":
             cases.append((emissions, lengths, transitions, start, end, 3))
         else:

@@ -84,7 +84,8 @@ struct Kernels {
                   float* scores, float* scratch);
 };
 
-// The kernels for this CPU: AVX-512 where it has AVX-512 F/DQ/BW/VL, else AVX2.
+// The kernels for this CPU: AVX-512 where it has AVX-512 F/DQ/BW/VL, else AVX2 (or AVX2 when
+// the environment sets FASTNER_CRF_LANES=avx2).
 const Kernels& kernels();
 
 // Per instruction set (defined in crf_lanes_avx2.cpp / crf_lanes_avx512.cpp).

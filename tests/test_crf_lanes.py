@@ -1,0 +1,187 @@
+"""The float32 CPU CRF path: lane kernels (csrc/cpu/crf_lanes_*.cpp), their exact fallback for
+sequences the scaled recursion cannot vouch for, crf_forward_backward, and both instruction sets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastner
+import fastner.ops  # noqa: F401  (fake kernels)
+from fastner import reference
+from tests import testing
+
+pytestmark = pytest.mark.skipif(
+    not testing.op_registered("crf_forward_backward"), reason="fastner CRF ops not registered"
+)
+
+fb = torch.ops.fastner.crf_forward_backward
+
+
+def draw(batch, steps, num_tags, dtype=torch.float32, time_first=False, scale=1.0, min_len=0):
+    """Op inputs; with time_first the emissions/tags are [B, T] views of time-first storage."""
+    shape = (steps, batch) if time_first else (batch, steps)
+    emissions = torch.randn(*shape, num_tags, dtype=dtype) * scale
+    tags = torch.randint(0, num_tags, shape)
+    if time_first:
+        emissions, tags = emissions.transpose(0, 1), tags.t()
+    lengths = testing.random_lengths(batch, steps, min_len=min_len)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    transitions = torch.randn(num_tags, num_tags, dtype=acc) * 0.5
+    start, end = torch.randn(num_tags, dtype=acc) * 0.5, torch.randn(num_tags, dtype=acc) * 0.5
+    return emissions, tags, lengths, transitions, start, end
+
+
+def expected_forward_backward(emissions, tags, lengths, transitions, start, end):
+    log_z, gold, _ = reference.crf_forward(emissions, tags, lengths, transitions, start, end)
+    ones = torch.ones_like(log_z)
+    grads = reference.crf_backward(-ones, ones, emissions, tags, lengths, transitions, start, end)
+    return (log_z, gold, *grads)
+
+
+def assert_matches(actual, expected, dtype, scale):
+    names = ("log_z", "gold", "grad emissions", "grad transitions", "grad start", "grad end")
+    for name, a, e in zip(names, actual, expected):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        testing.assert_close(a, e, dtype, scale=scale, msg=name)
+
+
+# Batches of 1, a partial group, exactly one AVX-512 group, several groups with a partial one.
+SHAPES = [(1, 7, 5), (5, 13, 17), (16, 40, 17), (37, 29, 9), (70, 11, 30)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("time_first", [False, True], ids=["batch_first", "time_first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_forward_backward_matches_reference(shape, time_first, dtype):
+    testing.reseed(hash((shape, time_first, str(dtype))) % 1000)
+    inputs = draw(*shape, dtype=dtype, time_first=time_first)
+    actual = fb(*inputs)
+    assert_matches(actual, expected_forward_backward(*inputs), dtype, scale=float(inputs[2].sum()) + 1)
+    # The same numbers as the two separate ops.
+    log_z, gold, alphas = torch.ops.fastner.crf_forward(*inputs)
+    ones = torch.ones_like(log_z)
+    separate = torch.ops.fastner.crf_backward(-ones, ones, *inputs, log_z, alphas)
+    for a, e in zip(actual, (log_z, gold, *separate)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_keeps_the_emissions_layout():
+    emissions, tags, lengths, transitions, start, end = draw(8, 6, 4, time_first=True)
+    grad = fb(emissions, tags, lengths, transitions, start, end)[2]
+    assert grad.stride() == emissions.stride()  # a time-first caller gets a time-first gradient
+
+
+def test_half_precision_emissions():
+    emissions, tags, lengths, transitions, start, end = draw(19, 12, 6)
+    half = emissions.half()
+    actual = fb(half, tags, lengths, transitions, start, end)
+    expected = expected_forward_backward(half.float(), tags, lengths, transitions, start, end)
+    assert actual[2].dtype == torch.float16
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.float(), e, rtol=2e-2, atol=2e-2)
+
+
+def troubled_batch():
+    """A batch in which some sequences defeat the scaled recursion (huge emissions that
+    constraints make the forced path disagree with, or no allowed path at all) and the rest
+    are ordinary: the lanes must hand exactly the former to the exact kernel."""
+    testing.reseed(77)
+    B, T, K = 21, 15, 6
+    emissions, tags, lengths, transitions, start, end = draw(B, T, K, min_len=1)
+    allowed = torch.rand(K, K) > 0.4
+    allowed.fill_diagonal_(True)
+    transitions = transitions.masked_fill(~allowed, float("-inf"))
+    for b in (2, 9, 17):  # each step favours a tag by 200 nats, rarely the constrained successor
+        emissions[b] = torch.randn(T, K) * 200
+    emissions[20, :, :] = float("-inf")  # no allowed path at all: log Z = -inf, zero gradient
+    emissions[20, :, 0] = 0.0
+    transitions[0, 0] = float("-inf")
+    lengths[20] = T
+    tags[20] = 0
+    return emissions, tags, lengths, transitions, start, end
+
+
+def test_troubled_sequences_take_the_exact_path():
+    inputs = troubled_batch()
+    emissions, tags, lengths, transitions, start, end = inputs
+    log_z, gold, alphas = torch.ops.fastner.crf_forward(*inputs)
+    expected_log_z, expected_gold, _ = reference.crf_forward(*inputs)
+    assert torch.equal(torch.isinf(log_z), torch.isinf(expected_log_z))
+    finite = torch.isfinite(expected_log_z)
+    torch.testing.assert_close(log_z[finite], expected_log_z[finite], rtol=1e-5, atol=1e-3)
+    # Gradients of sum(log Z) over the sequences with a finite log Z.
+    weight = finite.float()
+    grads = torch.ops.fastner.crf_backward(weight, torch.zeros_like(weight), *inputs, log_z, alphas)
+    expected = reference.crf_backward(weight, torch.zeros_like(weight), *inputs)
+    for name, a, e in zip(("emissions", "transitions", "start", "end"), grads, expected):
+        assert not torch.isnan(a).any(), name
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_viterbi_matches_reference_on_every_group_shape():
+    for case, shape in enumerate(SHAPES):
+        testing.reseed(500 + case)
+        emissions, _, lengths, transitions, start, end = draw(*shape, time_first=case % 2 == 1)
+        tags, scores = torch.ops.fastner.crf_viterbi(emissions, lengths, transitions, start, end)
+        want_tags, want_scores = reference.crf_viterbi(emissions, lengths, transitions, start, end)
+        assert torch.equal(tags, want_tags), shape
+        torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-4)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    inputs = draw(53, 20, 11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fb(*inputs)
+        torch.set_num_threads(2)
+        two = fb(*inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+_AVX2_SCRIPT = r"""
+import json, torch, fastner
+from fastner import reference
+from tests.test_crf_lanes import SHAPES, draw, expected_forward_backward, troubled_batch
+torch.manual_seed(3)
+worst = 0.0
+for shape in SHAPES:
+    inputs = draw(*shape, time_first=shape[0] % 2 == 1)
+    got = torch.ops.fastner.crf_forward_backward(*inputs)
+    want = expected_forward_backward(*inputs)
+    worst = max(worst, max(float((a - e).abs().max()) if a.numel() else 0.0 for a, e in zip(got, want)))
+    tags, _ = torch.ops.fastner.crf_viterbi(inputs[0], *inputs[2:])
+    assert torch.equal(tags, reference.crf_viterbi(inputs[0], *inputs[2:])[0]), shape
+inputs = troubled_batch()
+log_z = torch.ops.fastner.crf_forward(*inputs)[0]
+want = reference.crf_forward(*inputs)[0]
+finite = torch.isfinite(want)
+assert torch.equal(torch.isinf(log_z), torch.isinf(want))
+torch.testing.assert_close(log_z[finite], want[finite], rtol=1e-5, atol=1e-3)
+print(json.dumps({"simd": fastner.backend()["cpu_simd"], "worst": worst}))
+"""
+
+
+def test_avx2_kernels_in_a_subprocess():
+    # This machine may prefer AVX-512; FASTNER_CRF_LANES=avx2 makes the other kernels serve.
+    env = dict(os.environ, FASTNER_CRF_LANES="avx2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["simd"] == "avx2"
+    assert result["worst"] < 1e-3, result
+
+
+def test_backend_reports_the_simd_kernels():
+    assert fastner.backend()["cpu_simd"] in ("avx512", "avx2")
