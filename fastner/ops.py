@@ -54,37 +54,45 @@ class _CRFForward(torch.autograd.Function):
 
 class _CRFLogLikelihood(torch.autograd.Function):
     """Eager autograd of the reduced log-likelihood sum/mean/... of (gold_score - log_z): one
-    graph node where crf_forward + sub + reduction would make three, each costing a few
-    microseconds forward and backward (a whole B=32 NLL step is ~100 us)."""
+    graph node where a transpose + crf_forward + sub + reduction would make four, each costing
+    a few microseconds forward and backward (a whole B=32 NLL step is ~100 us).
+
+    Takes emissions and tags in the caller's layout (time-first when not batch_first) and
+    returns the emissions' gradient in that layout, so no view node sits in front of it."""
 
     @staticmethod
     def forward(ctx, emissions, transitions, start_transitions, end_transitions, tags, lengths,
-                reduction):
+                reduction, batch_first):
+        # (A custom Function's forward runs with grad mode off: the op calls record nothing.)
         ctx.set_materialize_grads(False)
+        if not batch_first:
+            emissions, tags = emissions.transpose(0, 1), tags.transpose(0, 1)
+        emissions, tags = _dense_off_cpu(emissions, tags)
         # A reduced likelihood has the same weight for every sequence, so the gradients can be
         # computed right here in the same pass (crf_forward_backward) and backward only scales
         # them; 'none' and devices without that kernel run crf_backward in backward.
         fused = reduction != "none" and has_kernel("crf_forward_backward", emissions.device.type)
-        with _below_autograd():
-            if fused:
-                log_z, gold, *grads = torch.ops.fastner.crf_forward_backward.default(
-                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
-            else:
-                log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
-                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
-            llh = gold - log_z
-            if reduction == "none":
-                out, scale = llh, None
-            elif reduction == "sum":
-                out, scale = llh.sum(), 1.0
-            elif reduction == "mean":
-                out, scale = llh.mean(), 1.0 / max(llh.shape[0], 1)
-            else:  # token_mean; a tensor, so that CUDA needs no host sync
-                tokens = lengths.sum().clamp(min=1).to(llh.dtype)
-                out, scale = llh.sum() / tokens, 1.0 / tokens
-        ctx.scale, ctx.fused = scale, fused
         if fused:
-            ctx.save_for_backward(*grads)
+            log_z, gold, grad_emissions, *grads = torch.ops.fastner.crf_forward_backward.default(
+                emissions, tags, lengths, transitions, start_transitions, end_transitions)
+            if not batch_first:
+                grad_emissions = grad_emissions.transpose(0, 1)
+        else:
+            log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
+                emissions, tags, lengths, transitions, start_transitions, end_transitions)
+        llh = gold - log_z
+        if reduction == "none":
+            out, scale = llh, None
+        elif reduction == "sum":
+            out, scale = llh.sum(), None
+        elif reduction == "mean":
+            out, scale = llh.mean(), 1.0 / max(llh.shape[0], 1)
+        else:  # token_mean; a tensor, so that CUDA needs no host sync
+            tokens = lengths.sum().clamp(min=1).to(llh.dtype)
+            out, scale = llh.sum() / tokens, 1.0 / tokens
+        ctx.scale, ctx.fused, ctx.batch_first = scale, fused, batch_first
+        if fused:
+            ctx.save_for_backward(grad_emissions, *grads)
         else:
             ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
                                   end_transitions, log_z, alphas)
@@ -93,31 +101,39 @@ class _CRFLogLikelihood(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if ctx.fused:  # d out = scale * sum_b d(gold_b - log Z_b), computed in forward
-            grads = torch._foreach_mul(list(ctx.saved_tensors), grad * ctx.scale)
-            return grads[0], grads[1], grads[2], grads[3], None, None, None
+            factor = grad if ctx.scale is None else grad * ctx.scale
+            grads = torch._foreach_mul(list(ctx.saved_tensors), factor)
+            return grads[0], grads[1], grads[2], grads[3], None, None, None, None
         emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
-        # Per-sequence weight of d llh_b: grad itself ([B]) or the scalar grad spread over the
-        # batch (the kernels read stride-0 tensors as they are).
-        weight = grad if ctx.scale is None else (grad * ctx.scale).expand(log_z.shape[0])
+        # Per-sequence weight of d llh_b: grad itself ([B] for 'none') or the scalar grad
+        # spread over the batch (the kernels read stride-0 tensors as they are).
+        if ctx.scale is None and grad.dim() == 0:  # 'sum'
+            weight = grad.expand(log_z.shape[0])
+        else:
+            weight = grad if grad.dim() else (grad * ctx.scale).expand(log_z.shape[0])
         grads = torch.ops.fastner.crf_backward.default(
             -weight, weight, emissions, tags, lengths, transitions, start, end, log_z, alphas)
-        return grads[0], grads[1], grads[2], grads[3], None, None, None
+        grad_emissions = grads[0] if ctx.batch_first else grads[0].transpose(0, 1)
+        return grad_emissions, grads[1], grads[2], grads[3], None, None, None, None
 
 
 def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tensor,
-                       start_transitions: Tensor, end_transitions: Tensor,
-                       reduction: str) -> Tensor:
+                       start_transitions: Tensor, end_transitions: Tensor, reduction: str,
+                       batch_first: bool = True) -> Tensor:
     """log-likelihood of the gold tags, reduced: [B] for 'none', else a scalar ('sum', 'mean'
-    over sequences, 'token_mean' over tokens); differentiable like crf_forward."""
+    over sequences, 'token_mean' over tokens); differentiable like crf_forward.
+
+    emissions: [B, T, K] ([T, B, K] when not batch_first); tags: the same layout without K."""
     if (use_fused("crf_forward", emissions.device)
             and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and (emissions.requires_grad or transitions.requires_grad
                  or start_transitions.requires_grad or end_transitions.requires_grad)):
-        emissions, tags = _dense_off_cpu(emissions, tags)
         return _CRFLogLikelihood.apply(emissions, transitions, start_transitions,
-                                       end_transitions, tags, lengths, reduction)
+                                       end_transitions, tags, lengths, reduction, batch_first)
+    if not batch_first:
+        emissions, tags = emissions.transpose(0, 1), tags.transpose(0, 1)
     log_z, gold, _ = crf_forward(emissions, tags, lengths, transitions, start_transitions,
                                  end_transitions)
     llh = gold - log_z

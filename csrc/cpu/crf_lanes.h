@@ -67,10 +67,9 @@ struct Kernels {
                   uint8_t* trouble, float* scratch);
 
   // Gradient of sum_b weight[b] * log Z_b: writes weight[b] * marginals into grad for every
-  // (b, t < T) of the group (zeros past each length), and the group's lane partial sums of the
-  // pairwise marginals into pairs [K, K, width] (still to be multiplied by exp_transitions and
-  // summed over lanes), of the first-step marginals into start_sums [K, width] and of the
-  // last-step marginals into end_sums [K, width]. Troubled sequences (flagged as by forward)
+  // (b, t < T) of the group (zeros past each length), and the group's sums of the pairwise
+  // marginals into pairs [K, K] (still to be multiplied by exp_transitions), of the first-step
+  // marginals into start_sums [K] and of the last-step marginals into end_sums [K]. Troubled sequences (flagged as by forward)
   // add nothing to the sums; their grad rows are left for the caller to overwrite. When log_z
   // is given it also receives log Z, as from forward (the pass is computed here anyway).
   void (*backward)(const Model& model, const Emissions& em, int64_t group, const float* weight,

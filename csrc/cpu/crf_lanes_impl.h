@@ -125,6 +125,55 @@ inline V dot(const V* a, const V* b, int64_t K) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// In-register transpose of a W x W block: in[r] holds row r, afterwards out[c] holds column c.
+// A block of W tags of W sequences is W contiguous loads (or stores) plus this, against W
+// gathers (or scatters), which cost ~11 (~16) cycles each on the machines measured.
+#if FASTNER_LANES == 16
+inline void transpose(const V* in, V* out) {
+  __m512 a[16], b[16];
+  for (int r = 0; r < 16; r += 2) {
+    a[r] = _mm512_unpacklo_ps((__m512)in[r], (__m512)in[r + 1]);
+    a[r + 1] = _mm512_unpackhi_ps((__m512)in[r], (__m512)in[r + 1]);
+  }
+  for (int r = 0; r < 16; r += 4) {
+    for (int k = 0; k < 2; ++k) {
+      const __m512d x = _mm512_castps_pd(a[r + k]), y = _mm512_castps_pd(a[r + 2 + k]);
+      b[r + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+      b[r + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
+    }
+  }
+  // b[4R + m]: 128-bit lane q holds rows 4R .. 4R + 3 of column 4q + m. Gather the lanes.
+  for (int r = 0; r < 4; ++r) {
+    const __m512 lo0 = _mm512_shuffle_f32x4(b[r], b[r + 4], 0x88);
+    const __m512 hi0 = _mm512_shuffle_f32x4(b[r], b[r + 4], 0xdd);
+    const __m512 lo1 = _mm512_shuffle_f32x4(b[r + 8], b[r + 12], 0x88);
+    const __m512 hi1 = _mm512_shuffle_f32x4(b[r + 8], b[r + 12], 0xdd);
+    out[r] = (V)_mm512_shuffle_f32x4(lo0, lo1, 0x88);
+    out[r + 8] = (V)_mm512_shuffle_f32x4(lo0, lo1, 0xdd);
+    out[r + 4] = (V)_mm512_shuffle_f32x4(hi0, hi1, 0x88);
+    out[r + 12] = (V)_mm512_shuffle_f32x4(hi0, hi1, 0xdd);
+  }
+}
+#else
+inline void transpose(const V* in, V* out) {
+  __m256 a[8], b[8];
+  for (int r = 0; r < 8; r += 2) {
+    a[r] = _mm256_unpacklo_ps((__m256)in[r], (__m256)in[r + 1]);
+    a[r + 1] = _mm256_unpackhi_ps((__m256)in[r], (__m256)in[r + 1]);
+  }
+  for (int r = 0; r < 8; r += 4) {
+    for (int k = 0; k < 2; ++k) {
+      b[r + 2 * k] = _mm256_shuffle_ps(a[r + k], a[r + 2 + k], 0x44);
+      b[r + 2 * k + 1] = _mm256_shuffle_ps(a[r + k], a[r + 2 + k], 0xee);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    out[r] = (V)_mm256_permute2f128_ps(b[r], b[r + 4], 0x20);
+    out[r + 4] = (V)_mm256_permute2f128_ps(b[r], b[r + 4], 0x31);
+  }
+}
+#endif
+
 // ---- a group of W sequences ------------------------------------------------------------------
 
 struct Group {
@@ -154,9 +203,22 @@ struct Group {
   // Emissions of step t, tag j, one lane per sequence.
   V emission(int64_t t, int64_t j) const { return gather(base + t * stride_t + j, offset); }
 
+  // Emissions of step t for every tag, e[j] one lane per sequence: whole blocks of W tags by
+  // rows and a transpose, the remaining tags by gathers.
+  void emissions(int64_t t, int64_t K, V* e) const {
+    const float* step = base + t * stride_t;
+    int64_t j = 0;
+    for (; j + W <= K; j += W) {
+      V rows[W];
+      for (int l = 0; l < W; ++l) __builtin_memcpy(&rows[l], step + offset[l] + j, sizeof(V));
+      transpose(rows, e + j);
+    }
+    for (; j < K; ++j) e[j] = gather(step + j, offset);
+  }
+
   // x_t (into x[K]) and the shift max_j em_t[j] it is relative to.
   V scaled_emissions(int64_t t, int64_t K, V* x) const {
-    for (int64_t j = 0; j < K; ++j) x[j] = emission(t, j);
+    emissions(t, K, x);
     const V m = max_of(x, K);
     for (int64_t j = 0; j < K; ++j) x[j] = vexp_nonpositive(x[j] - m);
     return m;
@@ -217,6 +279,16 @@ inline V normalise_into(const V* v, int64_t K, I keep, V* out) {
 }
 
 inline I unsafe(V s) { return ~(s >= kSafe); }  // also true for NaN
+
+// Sum of the lanes, in a fixed order (pairwise halving), so results do not depend on threads.
+inline float lane_sum(V v) {
+  float x[W];
+  __builtin_memcpy(x, &v, sizeof x);
+  for (int width = W / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) x[l] += x[l + width];
+  }
+  return x[0];
+}
 
 // ---- forward ---------------------------------------------------------------------------------
 
@@ -285,21 +357,30 @@ void forward(const Model& m, const Emissions& em, int64_t group, float* log_z, u
 
 // Writes grad rows of step t from per-lane vectors rows[K] (lanes < n): a transpose read
 // straight from memory (extracting lanes from registers would stall on every element).
+// Whole blocks of W tags go through a transpose and one store per sequence; the remaining
+// tags through a scatter (AVX-512) or a scalar transpose read straight from memory
+// (extracting lanes from registers would stall on every element).
 inline void write_rows(const Rows& out, const Group& g, int64_t t, int64_t K, const V* rows) {
+  float* base = out.data + g.b0 * out.stride_b + t * out.stride_t;
+  int64_t j = 0;
+  for (; j + W <= K; j += W) {
+    V columns[W];
+    transpose(rows + j, columns);
+    for (int l = 0; l < g.n; ++l) __builtin_memcpy(base + l * out.stride_b + j, &columns[l], sizeof(V));
+  }
+  if (j == K) return;
 #if FASTNER_LANES == 16
-  // One scatter per tag: half the instructions of the scalar transpose below.
   if (g.n == W && out.stride_b * W < (int64_t(1) << 31)) {
     I offsets;
     for (int l = 0; l < W; ++l) offsets[l] = static_cast<int32_t>(l * out.stride_b);
-    float* base = out.data + g.b0 * out.stride_b + t * out.stride_t;
-    for (int64_t j = 0; j < K; ++j) _mm512_i32scatter_ps(base + j, (__m512i)offsets, (__m512)rows[j], 4);
+    for (; j < K; ++j) _mm512_i32scatter_ps(base + j, (__m512i)offsets, (__m512)rows[j], 4);
     return;
   }
 #endif
   const float* f = reinterpret_cast<const float*>(rows);  // vector types alias their elements
   for (int l = 0; l < g.n; ++l) {
-    float* dst = out.data + (g.b0 + l) * out.stride_b + t * out.stride_t;
-    for (int64_t j = 0; j < K; ++j) dst[j] = f[j * W + l];
+    float* dst = base + l * out.stride_b;
+    for (int64_t jj = j; jj < K; ++jj) dst[jj] = f[jj * W + l];
   }
 }
 
@@ -328,8 +409,8 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
     }
   }
   if (n_steps == 0) {
-    for (int64_t k = 0; k < K * K * W; ++k) pairs[k] = 0.0f;
-    for (int64_t k = 0; k < K * W; ++k) start_sums[k] = end_sums[k] = 0.0f;
+    for (int64_t k = 0; k < K * K; ++k) pairs[k] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) start_sums[k] = end_sums[k] = 0.0f;
     if (log_z) {
       for (int l = 0; l < g.n; ++l) log_z[g.b0 + l] = 0.0f;
     }
@@ -392,8 +473,8 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
   for (int64_t j = 0; j < K; ++j) {
     V s = select(ok, start_acc[j], V{});
     V e = select(ok, end_acc[j], V{});
-    __builtin_memcpy(start_sums + j * W, &s, sizeof s);
-    __builtin_memcpy(end_sums + j * W, &e, sizeof e);
+    start_sums[j] = lane_sum(s);
+    end_sums[j] = lane_sum(e);
   }
   // pairs[i, j] += sum_t P[t - 1][i] * U[t][j]: a product over (t, lane), register-blocked.
   constexpr int IB = W == 16 ? 4 : 2, JB = 4;
@@ -419,7 +500,7 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
       }
       for (int ii = 0; ii < ni; ++ii) {
         for (int jj = 0; jj < nj; ++jj) {
-          __builtin_memcpy(pairs + ((i0 + ii) * K + j0 + jj) * W, &acc[ii][jj], sizeof(V));
+          pairs[(i0 + ii) * K + j0 + jj] = lane_sum(acc[ii][jj]);
         }
       }
     }
@@ -484,7 +565,7 @@ void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, 
   V* e = S + n_steps * K;   // [K]
   for (int64_t t = 0; t < n_steps; ++t) {
     V* cur = S + t * K;
-    for (int64_t j = 0; j < K; ++j) e[j] = g.emission(t, j);
+    g.emissions(t, K, e);
     if (t == 0) {
       for (int64_t j = 0; j < K; ++j) cur[j] = m.start[j] + e[j];
       continue;

@@ -79,10 +79,11 @@ class CRF(nn.Module):
         """
         if reduction not in _REDUCTIONS:
             raise ValueError(f"invalid reduction: {reduction!r} (expected one of {_REDUCTIONS})")
-        emissions_bf, lengths = self._prepare(emissions, mask)
-        tags_bf = self._check_tags(tags, emissions)
-        return ops.crf_log_likelihood(emissions_bf, tags_bf, lengths, *self._scores(emissions),
-                                      reduction)
+        lengths = self._lengths(emissions, mask)
+        tags = self._check_tags(tags, emissions)
+        # In the caller's layout: the op reads either, and no transpose node enters the graph.
+        return ops.crf_log_likelihood(emissions, tags, lengths, *self._scores(emissions),
+                                      reduction, self.batch_first)
 
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
         """The best tag sequence of each sequence, as lists (torchcrf's decode)."""
@@ -143,6 +144,11 @@ class CRF(nn.Module):
 
     def _prepare(self, emissions: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Validate; return emissions as a [B, T, K] view and lengths int64 [B]."""
+        lengths = self._lengths(emissions, mask)
+        return (emissions if self.batch_first else emissions.transpose(0, 1)), lengths
+
+    def _lengths(self, emissions: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Validate emissions and mask; return lengths int64 [B]."""
         if not isinstance(emissions, Tensor):
             raise ValueError(f"emissions must be a Tensor, got {type(emissions).__name__}")
         if emissions.dim() != 3:
@@ -153,10 +159,9 @@ class CRF(nn.Module):
         if emissions.dtype not in _EMISSION_DTYPES:
             raise ValueError(f"emissions must be float32, float64, float16 or bfloat16, "
                              f"got {emissions.dtype}")
-        emissions_bf = emissions if self.batch_first else emissions.transpose(0, 1)
         if mask is None:
-            B, T = emissions_bf.shape[:2]
-            return emissions_bf, torch.full((B,), T, dtype=torch.long, device=emissions.device)
+            B, T = emissions.shape[:2] if self.batch_first else emissions.shape[1::-1]
+            return torch.full((B,), T, dtype=torch.long, device=emissions.device)
         if not isinstance(mask, Tensor):
             raise ValueError(f"mask must be a Tensor, got {type(mask).__name__}")
         if mask.shape != emissions.shape[:2]:
@@ -167,11 +172,11 @@ class CRF(nn.Module):
         if mask.device != emissions.device:
             raise ValueError(f"mask must be on the emissions' device {emissions.device}, "
                              f"got {mask.device}")
-        return emissions_bf, ops.crf_lengths(mask, self.batch_first)
+        return ops.crf_lengths(mask, self.batch_first)
 
     def _check_tags(self, tags: Tensor, emissions: Tensor) -> Tensor:
-        """Validate tags' metadata (the ops check their range); return them int64 as a [B, T]
-        view."""
+        """Validate tags' metadata (the ops check their range); return them int64, in the
+        emissions' layout."""
         if not isinstance(tags, Tensor):
             raise ValueError(f"tags must be a Tensor, got {type(tags).__name__}")
         if tags.shape != emissions.shape[:2]:
@@ -182,8 +187,7 @@ class CRF(nn.Module):
         if tags.device != emissions.device:
             raise ValueError(f"tags must be on the emissions' device {emissions.device}, "
                              f"got {tags.device}")
-        tags_bf = tags if self.batch_first else tags.t()
-        return tags_bf if tags_bf.dtype == torch.long else tags_bf.long()
+        return tags if tags.dtype == torch.long else tags.long()
 
 
 def _constraint_masks(num_tags: int, constraints) -> Tuple[Tensor, Tensor, Tensor]:
