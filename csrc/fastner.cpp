@@ -15,10 +15,46 @@ const char* isa();  // csrc/cpu/crf_lanes_avx2.cpp
 }
 
 // Importing fastner._C from Python runs the static TORCH_LIBRARY registrations below; the
-// module itself only says which vector kernels the CPU ops use (fastner.backend() reports it).
+// module itself has two helpers: which vector kernels the CPU ops use (fastner.backend()
+// reports it), and the list building of CRF.decode.
 // (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
 static PyObject* crf_lanes_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastner::crf::lanes::isa());
+}
+
+// tag_lists(tags_address, lengths_address, batch, row_stride) -> List[List[int]]: the first
+// lengths[b] entries of each row of an int64 [B, T] CPU tensor, as Python lists. What
+// CRF.decode returns; Tensor.tolist() plus slicing costs ~3x more (it boxes every padded entry
+// through the generic scalar path). The caller (fastner/nn/crf.py) passes the addresses of
+// live, contiguous int64 CPU tensors; this function trusts them.
+static PyObject* tag_lists(PyObject*, PyObject* args) {
+  unsigned long long tags_address = 0, lengths_address = 0;
+  long long batch = 0, row_stride = 0;
+  if (!PyArg_ParseTuple(args, "KKLL", &tags_address, &lengths_address, &batch, &row_stride)) {
+    return nullptr;
+  }
+  const int64_t* tags = reinterpret_cast<const int64_t*>(tags_address);
+  const int64_t* lengths = reinterpret_cast<const int64_t*>(lengths_address);
+  PyObject* out = PyList_New(batch);
+  if (out == nullptr) return nullptr;
+  for (long long b = 0; b < batch; ++b) {
+    PyObject* row = PyList_New(lengths[b]);
+    if (row == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    for (int64_t t = 0; t < lengths[b]; ++t) {
+      PyObject* tag = PyLong_FromLongLong(tags[b * row_stride + t]);
+      if (tag == nullptr) {
+        Py_DECREF(row);
+        Py_DECREF(out);
+        return nullptr;
+      }
+      PyList_SetItem(row, t, tag);  // steals the reference
+    }
+    PyList_SetItem(out, b, row);
+  }
+  return out;
 }
 
 extern "C" {
@@ -26,6 +62,9 @@ PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"crf_lanes_isa", crf_lanes_isa, METH_NOARGS,
        "Instruction set of the float32 CPU CRF kernels: 'avx512' or 'avx2'."},
+      {"tag_lists", tag_lists, METH_VARARGS,
+       "tag_lists(tags_address, lengths_address, batch, row_stride): rows of int64 tags, each "
+       "cut to its length, as lists (fastner.nn.CRF.decode)."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -7,7 +7,7 @@ trainable, an autograd formula (torch.library.register_autograd) calling their b
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -196,6 +196,17 @@ def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                                                      start_transitions, end_transitions)
     return reference.crf_viterbi(emissions, lengths, transitions, start_transitions,
                                  end_transitions)
+
+
+def tag_lists(tags: Tensor, lengths: Tensor) -> List[List[int]]:
+    """Rows of tags [B, T], each cut to its length, as Python lists (CRF.decode's output)."""
+    if (tags.device.type == "cpu" and lengths.device.type == "cpu" and tags.dtype == torch.long
+            and lengths.dtype == torch.long and tags.is_contiguous() and lengths.is_contiguous()
+            and extension_loaded()):
+        from fastner import _C
+
+        return _C.tag_lists(tags.data_ptr(), lengths.data_ptr(), tags.shape[0], tags.stride(0))
+    return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
 
 
 def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_transitions: Tensor,

@@ -90,7 +90,7 @@ class CRF(nn.Module):
         emissions_bf, lengths = self._prepare(emissions, mask)
         with torch.no_grad():
             tags, _ = ops.crf_viterbi(emissions_bf, lengths, *self._scores(emissions))
-        return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
+        return ops.tag_lists(tags, lengths)
 
     def viterbi(self, emissions: Tensor, mask: Optional[Tensor] = None,
                 k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
