@@ -280,14 +280,18 @@ inline V normalise_into(const V* v, int64_t K, I keep, V* out) {
 
 inline I unsafe(V s) { return ~(s >= kSafe); }  // also true for NaN
 
-// Sum of the lanes, in a fixed order (pairwise halving), so results do not depend on threads.
+// Sum of the lanes in a fixed order (halving the vector), so results do not depend on threads.
 inline float lane_sum(V v) {
-  float x[W];
-  __builtin_memcpy(x, &v, sizeof x);
-  for (int width = W / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) x[l] += x[l + width];
-  }
-  return x[0];
+#if FASTNER_LANES == 16
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256((__m512)v),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)v), 1)));
+#else
+  const __m256 half = (__m256)v;
+#endif
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
 }
 
 // ---- forward ---------------------------------------------------------------------------------
