@@ -216,129 +216,53 @@ void fold_biases(const LayerWeights& w, Cell cell, int64_t d, std::vector<T>& bi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused cell passes over one slot: xg = projected input row [G*H] (lstm / rnn: plus
-// h_prev @ W_hh^T already), hg = gru's h_prev @ W_hh^T row [G*H], bx = bias added to xg,
-// h / c = the slot's state [H] (updated in place), out = its output row [H], ws = its
-// workspace row or nullptr.
+// Fused cell passes: forward ones update one slot's state for one step, backward ones compute
+// its gate gradients (see rnn_cells.inc for the arguments). One set per instruction set.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void lstm_cell(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    auto pre = [&](int64_t g) { return P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)); };
-    const auto i = P::sigmoid(pre(0)), f = P::sigmoid(pre(1)), g = P::tanh(pre(2)), o = P::sigmoid(pre(3));
-    const auto c_new = P::fma(f, P::load(c + k), P::mul(i, g));
-    const auto h_new = P::mul(o, P::tanh(c_new));
-    P::store(c + k, c_new);
-    P::store(h + k, h_new);
-    P::store(out + k, h_new);
-    if (ws != nullptr) {
-      P::store(ws + k, i);
-      P::store(ws + H + k, f);
-      P::store(ws + 2 * H + k, g);
-      P::store(ws + 3 * H + k, o);
-      P::store(ws + 4 * H + k, c_new);
-      P::store(ws + 5 * H + k, h_new);
-    }
-  });
-}
+struct CellKernels {
+  void (*lstm)(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws);
+  void (*gru)(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T* h, T* out, T* ws);
+  void (*rnn_tanh)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws);
+  void (*rnn_relu)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws);
+  void (*lstm_backward)(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx);
+  void (*gru_backward)(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T* gh);
+  void (*rnn_tanh_backward)(int64_t H, const T* ws, T* dh, T* gx);
+  void (*rnn_relu_backward)(int64_t H, const T* ws, T* dh, T* gx);
+};
 
+namespace cells_avx2 {
+#define FASTNER_RNN_CELLS_WIDE16 0
+#include "cpu/rnn_cells.inc"
+#undef FASTNER_RNN_CELLS_WIDE16
+}  // namespace cells_avx2
+
+#ifdef FASTNER_RNN_AVX512
+#pragma GCC push_options
+#pragma GCC diagnostic push
+// GCC 12 reports its own _mm512_undefined_ps() idiom as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f")
+namespace cells_avx512 {
+#define FASTNER_RNN_CELLS_WIDE16 1
+#include "cpu/rnn_cells.inc"
+#undef FASTNER_RNN_CELLS_WIDE16
+}  // namespace cells_avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+// The cell passes for this CPU: 16-float AVX-512 ones where it has AVX-512 (the gate pass is
+// ~15-25% of a layer call at the tagger shape; twice the width halves it), else AVX2 ones.
 template <typename T>
-void gru_cell(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T* h, T* out, T* ws) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    auto xpart = [&](int64_t g) { return P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)); };
-    const auto r = P::sigmoid(P::add(xpart(0), P::load(hg + k)));
-    const auto z = P::sigmoid(P::add(xpart(1), P::load(hg + H + k)));
-    const auto hn = P::add(P::load(hg + 2 * H + k), P::load(bhn + k));
-    const auto n = P::tanh(P::fma(r, hn, xpart(2)));
-    const auto h_new = P::fma(z, P::sub(P::load(h + k), n), n);  // (1 - z) n + z h
-    P::store(h + k, h_new);
-    P::store(out + k, h_new);
-    if (ws != nullptr) {
-      P::store(ws + k, r);
-      P::store(ws + H + k, z);
-      P::store(ws + 2 * H + k, n);
-      P::store(ws + 3 * H + k, hn);
-      P::store(ws + 4 * H + k, h_new);
-    }
-  });
+const CellKernels<T>& cell_kernels() {
+#ifdef FASTNER_RNN_AVX512
+  static const CellKernels<T> chosen = cpu_has_avx512() ? cells_avx512::kernels<T>() : cells_avx2::kernels<T>();
+#else
+  static const CellKernels<T> chosen = cells_avx2::kernels<T>();
+#endif
+  return chosen;
 }
-
-template <typename T, bool Relu>
-void rnn_cell(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto pre = P::add(P::load(xg + k), P::load(bx + k));
-    const auto h_new = Relu ? P::relu(pre) : P::tanh(pre);
-    P::store(h + k, h_new);
-    P::store(out + k, h_new);
-    if (ws != nullptr) P::store(ws + k, h_new);
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward cell passes over one slot. dh: gradient of the slot's h after this step [H] (already
-// including the output's gradient); on return dh holds the part of d h_prev that bypasses
-// W_hh (gru: z * dh; else 0). dc: lstm's cell gradient, in: after the step, out: before it.
-// gx = gradient of the projected input row [G*H]; gh = gru's gradient of the W_hh h row
-// [G*H] (for lstm and rnn it equals gx).
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-void lstm_cell_backward(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto one = P::set1(T(1));
-    const auto i = P::load(ws + k), f = P::load(ws + H + k), g = P::load(ws + 2 * H + k), o = P::load(ws + 3 * H + k);
-    const auto c = P::load(ws + 4 * H + k);
-    const auto tc = P::tanh(c);
-    const auto dhv = P::load(dh + k);
-    const auto dct = P::fma(P::mul(dhv, o), P::sub(one, P::mul(tc, tc)), P::load(dc + k));
-    const auto di = P::mul(P::mul(dct, g), P::mul(i, P::sub(one, i)));
-    const auto df = P::mul(P::mul(dct, P::load(c_prev + k)), P::mul(f, P::sub(one, f)));
-    const auto dg = P::mul(P::mul(dct, i), P::sub(one, P::mul(g, g)));
-    const auto dov = P::mul(P::mul(dhv, tc), P::mul(o, P::sub(one, o)));
-    P::store(dc + k, P::mul(dct, f));
-    P::store(dh + k, P::set1(T(0)));
-    P::store(gx + k, di);
-    P::store(gx + H + k, df);
-    P::store(gx + 2 * H + k, dg);
-    P::store(gx + 3 * H + k, dov);
-  });
-}
-
-template <typename T>
-void gru_cell_backward(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T* gh) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto one = P::set1(T(1));
-    const auto r = P::load(ws + k), z = P::load(ws + H + k), n = P::load(ws + 2 * H + k), hn = P::load(ws + 3 * H + k);
-    const auto dhv = P::load(dh + k);
-    const auto dn = P::mul(P::mul(dhv, P::sub(one, z)), P::sub(one, P::mul(n, n)));  // through tanh
-    const auto dz = P::mul(P::mul(dhv, P::sub(P::load(h_prev + k), n)), P::mul(z, P::sub(one, z)));
-    const auto dr = P::mul(P::mul(dn, hn), P::mul(r, P::sub(one, r)));
-    P::store(dh + k, P::mul(dhv, z));
-    P::store(gx + k, dr);
-    P::store(gx + H + k, dz);
-    P::store(gx + 2 * H + k, dn);
-    P::store(gh + k, dr);
-    P::store(gh + H + k, dz);
-    P::store(gh + 2 * H + k, P::mul(dn, r));
-  });
-}
-
-template <typename T, bool Relu>
-void rnn_cell_backward(int64_t H, const T* ws, T* dh, T* gx) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto h = P::load(ws + k);
-    const auto dhv = P::load(dh + k);
-    const auto dpre = Relu ? P::relu_mask(h, dhv) : P::mul(dhv, P::sub(P::set1(T(1)), P::mul(h, h)));
-    P::store(dh + k, P::set1(T(0)));
-    P::store(gx + k, dpre);
-  });
-}
-
 // Runs fn(d) for every direction: concurrently when there are two (one per thread).
 template <typename Fn>
 void for_each_direction(int64_t D, Fn&& fn) {
@@ -372,6 +296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
+  const CellKernels<T>& kern = cell_kernels<T>();
 
   Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
   Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
@@ -422,10 +347,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
         T* o = out + plan.io_row(j, t) * DH + d * H;
         T* wr = ws != nullptr ? ws + plan.step_row(j, s) * W : nullptr;
         switch (cell) {
-          case Cell::LSTM: lstm_cell<T>(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr); break;
-          case Cell::GRU: gru_cell<T>(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr); break;
-          case Cell::RNN_TANH: rnn_cell<T, false>(H, xg, bias_x.data(), h + j * H, o, wr); break;
-          case Cell::RNN_RELU: rnn_cell<T, true>(H, xg, bias_x.data(), h + j * H, o, wr); break;
+          case Cell::LSTM: kern.lstm(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr); break;
+          case Cell::GRU: kern.gru(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr); break;
+          case Cell::RNN_TANH: kern.rnn_tanh(H, xg, bias_x.data(), h + j * H, o, wr); break;
+          case Cell::RNN_RELU: kern.rnn_relu(H, xg, bias_x.data(), h + j * H, o, wr); break;
         }
       }
     }
@@ -461,6 +386,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
+  const CellKernels<T>& kern = cell_kernels<T>();
   const int64_t W = workspace_width(cell) * H;
   TORCH_CHECK_VALUE(workspace_.sizes() == at::IntArrayRef({D, B * T_, W}),
                     "rnn_layer_backward: workspace must come from rnn_layer_forward(training=True) of the same call");
@@ -511,13 +437,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
         const T* wr = ws + row * W;
         switch (cell) {
           case Cell::LSTM:
-            lstm_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH);
+            kern.lstm_backward(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH);
             break;
           case Cell::GRU:
-            gru_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + h_col : h_init + j * H, dhj, gx + row * GH, gh + row * GH);
+            kern.gru_backward(H, wr, prev >= 0 ? ws + prev * W + h_col : h_init + j * H, dhj, gx + row * GH, gh + row * GH);
             break;
-          case Cell::RNN_TANH: rnn_cell_backward<T, false>(H, wr, dhj, gx + row * GH); break;
-          case Cell::RNN_RELU: rnn_cell_backward<T, true>(H, wr, dhj, gx + row * GH); break;
+          case Cell::RNN_TANH: kern.rnn_tanh_backward(H, wr, dhj, gx + row * GH); break;
+          case Cell::RNN_RELU: kern.rnn_relu_backward(H, wr, dhj, gx + row * GH); break;
         }
       }
       // d h_prev = (this step's gate gradients) @ W_hh (+ gru's direct z * dh, already in dh).
