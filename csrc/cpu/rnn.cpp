@@ -7,7 +7,10 @@
 // len[j] - 1 - s, and both run exactly the slots with len[j] > s. Per-(sequence, step) data of
 // a direction (its gathered input, projected input, workspace, gate gradients) lives in "step
 // rows": row offset[s] + j holds slot j at step s (PackedSequence order for the forward
-// direction), so each step reads and writes one contiguous block of rows.
+// direction), so each step reads and writes one contiguous block of rows. When every sequence
+// has the same length (padded input without lengths=) the reverse direction's step s uses the
+// block of time len - 1 - s instead, so both directions' step rows are time-major rows: the
+// input's own rows when it is time-major, with no gather.
 //
 // Forward, per layer and direction: one GEMM projects every valid input row for all gates;
 // then per step one GEMM [active, H] x [H, G*H] on the running prefix (accumulated straight
@@ -15,7 +18,8 @@
 // gate nonlinearities and the state update, which writes h straight into the output.
 // Backward: per step one fused pass computing the gate gradients and one GEMM carrying the
 // gradient to the previous h; then dW_ih, dW_hh, the biases and the input gradient as single
-// GEMMs over all packed rows. The two directions run concurrently (one per core, each GEMM
+// GEMMs over all packed rows (the weight gradients as one [I + H, G*H] product where the cell
+// allows it, on the inputs and previous states the forward left in the workspace). The two directions run concurrently (one per core, each GEMM
 // single-threaded): two independent sequential chains use 2 cores better than threading a
 // GEMM of 32 rows.
 #include <ATen/ATen.h>
@@ -47,9 +51,13 @@ Cell parse_mode(const std::string& mode) {
 
 int64_t gates_of(Cell cell) { return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1; }
 
-// Workspace row width in units of H: lstm [i f g o | c | h], gru [r z n | W_hn h + b_hn | h],
-// rnn [h] (gate values after their nonlinearity).
-int64_t workspace_width(Cell cell) { return cell == Cell::LSTM ? 6 : cell == Cell::GRU ? 5 : 1; }
+// Workspace row (training only; one per step row and direction): the gate columns, then the
+// step's input x [I] and the previous h [H], side by side so that the weight gradients
+// [dW_ih | dW_hh]^T = [x | h_prev]^T @ (gate gradients) are one GEMM over all rows with no
+// copy. Gate columns in units of H: lstm [i f g o | c], gru [r z n | W_hn h + b_hn], rnn [h]
+// (gate values after their nonlinearity).
+int64_t workspace_gate_width(Cell cell) { return cell == Cell::LSTM ? 5 : cell == Cell::GRU ? 4 : 1; }
+int64_t workspace_width(Cell cell, int64_t H, int64_t I) { return workspace_gate_width(cell) * H + I + H; }
 
 // The batch reordered by decreasing length, and where each (slot, time) lives.
 struct Plan {
@@ -59,12 +67,15 @@ struct Plan {
   std::vector<int64_t> len;         // [B] length of slot j (non-increasing)
   std::vector<int64_t> batch_size;  // [steps] slots running at step s: a prefix
   std::vector<int64_t> offset;      // [steps + 1] first packed row of time t
+  bool uniform = false;             // every length equals steps (order is then the identity)
 
-  int64_t step_row(int64_t j, int64_t s) const { return offset[s] + j; }
+  // First step row of direction d's step s (see Layout above).
+  int64_t block(int64_t d, int64_t s) const { return d == 1 && uniform ? offset[steps - 1 - s] : offset[s]; }
+  int64_t step_row(int64_t d, int64_t j, int64_t s) const { return block(d, s) + j; }
   // Row of (slot j, time t) in the [B, T, *] or [T, B, *] input/output viewed as 2-D.
   int64_t io_row(int64_t j, int64_t t) const { return batch_first ? order[j] * T + t : t * B + order[j]; }
-  // The forward direction's step rows are the input's own rows (time-major, every length T).
-  bool io_is_step_order() const { return !batch_first && rows == B * T; }
+  // Both directions' step rows are the input's own first rows (time-major, uniform lengths).
+  bool io_is_step_order() const { return !batch_first && uniform; }
 };
 
 Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
@@ -97,6 +108,7 @@ Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
     plan.offset[s + 1] = plan.offset[s] + running;
   }
   plan.rows = plan.offset[plan.steps];
+  plan.uniform = plan.rows == B * plan.steps;
   return plan;
 }
 
@@ -105,26 +117,20 @@ inline int64_t time_at(const Plan& plan, int64_t dir, int64_t j, int64_t s) {
   return dir == 0 ? s : plan.len[j] - 1 - s;
 }
 
-// The input rows direction dir reads, in its step rows: [rows, I] (a view of the input when it
-// is already in that order). Called inside a direction's task: single-threaded.
+// Copies the input rows direction dir reads into its step rows: dst [rows, I] with leading
+// dimension ldd. Called inside a direction's task: single-threaded.
 template <typename T>
-Tensor gather_steps(const Plan& plan, const Tensor& input2d, int64_t dir) {
-  if (dir == 0 && plan.io_is_step_order()) return input2d;
-  const int64_t I = input2d.size(1);
-  Tensor out = at::empty({plan.rows, I}, input2d.options());
-  const T* src = input2d.const_data_ptr<T>();
-  T* dst = out.data_ptr<T>();
+void gather_steps(const Plan& plan, const T* input2d, int64_t I, int64_t dir, T* dst, int64_t ldd) {
   for (int64_t s = 0; s < plan.steps; ++s)
     for (int64_t j = 0; j < plan.batch_size[s]; ++j)
-      std::copy_n(src + plan.io_row(j, time_at(plan, dir, j, s)) * I, I, dst + plan.step_row(j, s) * I);
-  return out;
+      std::copy_n(input2d + plan.io_row(j, time_at(plan, dir, j, s)) * I, I, dst + plan.step_row(dir, j, s) * ldd);
 }
 
-// Zeros every output row past its sequence's length.
+// Zeros the width columns from col on of every row past its sequence's length (row stride ld).
 template <typename T>
-void zero_padding(const Plan& plan, T* out, int64_t width) {
+void zero_padding(const Plan& plan, T* out, int64_t ld, int64_t col, int64_t width) {
   for (int64_t j = 0; j < plan.B; ++j)
-    for (int64_t t = plan.len[j]; t < plan.T; ++t) std::fill_n(out + plan.io_row(j, t) * width, width, T(0));
+    for (int64_t t = plan.len[j]; t < plan.T; ++t) std::fill_n(out + plan.io_row(j, t) * ld + col, width, T(0));
 }
 
 struct LayerWeights {
@@ -221,14 +227,14 @@ void fold_biases(const LayerWeights& w, Cell cell, int64_t d, std::vector<T>& bi
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct CellKernels {
-  void (*lstm)(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws);
-  void (*gru)(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T* h, T* out, T* ws);
-  void (*rnn_tanh)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws);
-  void (*rnn_relu)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws);
-  void (*lstm_backward)(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx);
-  void (*gru_backward)(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T* gh);
-  void (*rnn_tanh_backward)(int64_t H, const T* ws, T* dh, T* gx);
-  void (*rnn_relu_backward)(int64_t H, const T* ws, T* dh, T* gx);
+  void (*lstm)(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws, T* h_next);
+  void (*gru)(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T* h, T* out, T* ws, T* h_next);
+  void (*rnn_tanh)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws, T* h_next);
+  void (*rnn_relu)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws, T* h_next);
+  void (*lstm_backward)(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx, T* db_x);
+  void (*gru_backward)(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T* gh, T* db_x, T* db_h);
+  void (*rnn_tanh_backward)(int64_t H, const T* ws, T* dh, T* gx, T* db_x);
+  void (*rnn_relu_backward)(int64_t H, const T* ws, T* dh, T* gx, T* db_x);
 };
 
 namespace cells_avx2 {
@@ -301,27 +307,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
   Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
   Tensor c_slots = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
-  const int64_t W = workspace_width(cell) * H;
+  const int64_t W = workspace_width(cell, H, I), x_col = workspace_gate_width(cell) * H, hp_col = x_col + I;
   Tensor workspace = training ? at::empty({D, B * T_, W}, input.options()) : at::empty({0}, input.options());
   if (training && plan.rows < B * T_) {
     // Rows past the packed ones are never read, but the op's output must be deterministic.
     workspace.narrow(1, plan.rows, B * T_ - plan.rows).zero_();
   }
 
-  // Projected input of every valid step of each direction, all gates: D x [rows, G*H].
-  const Tensor input2d = input.view({B * T_, I});
+  // Projected input of every valid step of each direction, all gates: D x [rows, G*H]. The
+  // GEMM reads the step rows' inputs from the input itself when it is in step order, else from
+  // a gathered copy: the workspace's x columns in training (the backward needs them there),
+  // a scratch buffer in inference.
+  const T* input2d = input.const_data_ptr<T>();
   std::vector<Tensor> projected(D);
   auto project = [&](int64_t d) {
-    const Tensor x = gather_steps<T>(plan, input2d, d);
+    const T* x = input2d;
+    int64_t ldx = I;
+    Tensor scratch;
+    if (training) {
+      T* ws_x = workspace.data_ptr<T>() + d * B * T_ * W + x_col;
+      gather_steps<T>(plan, input2d, I, d, ws_x, W);
+      if (!plan.io_is_step_order()) x = ws_x, ldx = W;
+    } else if (!plan.io_is_step_order()) {
+      scratch = at::empty({plan.rows, I}, input.options());
+      gather_steps<T>(plan, input2d, I, d, scratch.data_ptr<T>(), I);
+      x = scratch.const_data_ptr<T>();
+    }
     projected[d] = at::empty({plan.rows, GH}, input.options());
-    gemm<T>(false, true, plan.rows, GH, I, T(1), x.const_data_ptr<T>(), I, w.w_ih[d].const_data_ptr<T>(), I, T(0),
+    gemm<T>(false, true, plan.rows, GH, I, T(1), x, ldx, w.w_ih[d].const_data_ptr<T>(), I, T(0),
             projected[d].data_ptr<T>(), GH);
   };
   if (D == 1) project(0);  // threaded by BLAS; with two directions each task projects its own
 
   T* out = output.data_ptr<T>();
-  zero_padding<T>(plan, out, DH);
   for_each_direction(D, [&](int64_t d) {
+    zero_padding<T>(plan, out, DH, d * H, H);  // this direction's columns of the padding rows
     if (D > 1) project(d);
     std::vector<T> bias_x, bias_hn;
     fold_biases<T>(w, cell, d, bias_x, bias_hn);
@@ -333,24 +353,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
     T* xp = projected[d].data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
+    if (ws != nullptr) {  // the first step's previous h: the initial state
+      for (int64_t j = 0; j < (plan.steps > 0 ? plan.batch_size[0] : 0); ++j)
+        std::copy_n(h + j * H, H, ws + plan.step_row(d, j, 0) * W + hp_col);
+    }
     for (int64_t s = 0; s < plan.steps; ++s) {
       const int64_t nb = plan.batch_size[s];
-      T* block = xp + plan.step_row(0, s) * GH;  // [nb, G*H]
+      T* block = xp + plan.block(d, s) * GH;  // [nb, G*H]
       if (gru) {
         whh_t.multiply(nb, h, H, T(0), hg.data(), GH);
       } else {
         whh_t.multiply(nb, h, H, T(1), block, GH);
       }
+      const int64_t next = s + 1 < plan.steps ? plan.batch_size[s + 1] : 0;  // slots j < next run on
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = time_at(plan, d, j, s);
         const T* xg = block + j * GH;
         T* o = out + plan.io_row(j, t) * DH + d * H;
-        T* wr = ws != nullptr ? ws + plan.step_row(j, s) * W : nullptr;
+        T* wr = ws != nullptr ? ws + plan.step_row(d, j, s) * W : nullptr;
+        T* h_next = ws != nullptr && j < next ? ws + plan.step_row(d, j, s + 1) * W + hp_col : nullptr;
         switch (cell) {
-          case Cell::LSTM: kern.lstm(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr); break;
-          case Cell::GRU: kern.gru(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr); break;
-          case Cell::RNN_TANH: kern.rnn_tanh(H, xg, bias_x.data(), h + j * H, o, wr); break;
-          case Cell::RNN_RELU: kern.rnn_relu(H, xg, bias_x.data(), h + j * H, o, wr); break;
+          case Cell::LSTM: kern.lstm(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr, h_next); break;
+          case Cell::GRU:
+            kern.gru(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr, h_next);
+            break;
+          case Cell::RNN_TANH: kern.rnn_tanh(H, xg, bias_x.data(), h + j * H, o, wr, h_next); break;
+          case Cell::RNN_RELU: kern.rnn_relu(H, xg, bias_x.data(), h + j * H, o, wr, h_next); break;
         }
       }
     }
@@ -387,7 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
   const CellKernels<T>& kern = cell_kernels<T>();
-  const int64_t W = workspace_width(cell) * H;
+  const int64_t W = workspace_width(cell, H, I), x_col = workspace_gate_width(cell) * H, hp_col = x_col + I;
   TORCH_CHECK_VALUE(workspace_.sizes() == at::IntArrayRef({D, B * T_, W}),
                     "rnn_layer_backward: workspace must come from rnn_layer_forward(training=True) of the same call");
   TORCH_CHECK_VALUE(grad_output_.sizes() == (batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}),
@@ -403,20 +431,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   };
   Tensor dh_slots = state_grad(grad_h_n, "grad_h_n");
   Tensor dc_slots = lstm ? state_grad(grad_c_n, "grad_c_n") : Tensor();
-  const Tensor h0 = initial_state<T>(hx, plan, w, input, "hx");
+  // The initial h is in the workspace (the first step rows' previous h); lstm's initial c is not.
+  (void)hx;
   const Tensor c0 = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
 
-  const Tensor input2d = input.view({B * T_, I});
   std::vector<Tensor> grad_x(D);  // per direction: input gradient in its step rows [rows, I]
   std::vector<Tensor> grad_weights(weights.size());
   const int64_t per_dir = w.has_bias ? 4 : 2;
   const T* go = grad_output.const_data_ptr<T>();
-  const int64_t h_col = (workspace_width(cell) - 1) * H;  // h is the last H of a workspace row
 
   for_each_direction(D, [&](int64_t d) {
     const T* ws = workspace.const_data_ptr<T>() + d * B * T_ * W;
     const PackedRight<T> whh(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/false, GH, H, B);  // g @ W_hh
-    const T* h_init = h0.const_data_ptr<T>() + d * B * H;
     const T* c_init = lstm ? c0.const_data_ptr<T>() + d * B * H : nullptr;
     T* dh = dh_slots.data_ptr<T>() + d * B * H;
     T* dc = lstm ? dc_slots.data_ptr<T>() + d * B * H : nullptr;
@@ -425,48 +451,53 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
     Tensor gh_all = gru ? at::empty({plan.rows, GH}, input.options()) : gx_all;
     T* gx = gx_all.data_ptr<T>();
     T* gh = gh_all.data_ptr<T>();
+    std::vector<T> db_x(GH, T(0)), db_h(GH, T(0));  // bias gradients (db_h: gru's b_hn part only)
     for (int64_t s = plan.steps - 1; s >= 0; --s) {
       const int64_t nb = plan.batch_size[s];
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = time_at(plan, d, j, s);
-        const int64_t row = plan.step_row(j, s);
-        const int64_t prev = s > 0 ? plan.step_row(j, s - 1) : -1;
+        const int64_t row = plan.step_row(d, j, s);
+        const int64_t prev = s > 0 ? plan.step_row(d, j, s - 1) : -1;
         T* dhj = dh + j * H;
         const T* gout = go + plan.io_row(j, t) * DH + d * H;
         for (int64_t k = 0; k < H; ++k) dhj[k] += gout[k];
         const T* wr = ws + row * W;
         switch (cell) {
           case Cell::LSTM:
-            kern.lstm_backward(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH);
+            kern.lstm_backward(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH,
+                               db_x.data());
             break;
           case Cell::GRU:
-            kern.gru_backward(H, wr, prev >= 0 ? ws + prev * W + h_col : h_init + j * H, dhj, gx + row * GH, gh + row * GH);
+            kern.gru_backward(H, wr, wr + hp_col, dhj, gx + row * GH, gh + row * GH, db_x.data(), db_h.data());
             break;
-          case Cell::RNN_TANH: kern.rnn_tanh_backward(H, wr, dhj, gx + row * GH); break;
-          case Cell::RNN_RELU: kern.rnn_relu_backward(H, wr, dhj, gx + row * GH); break;
+          case Cell::RNN_TANH: kern.rnn_tanh_backward(H, wr, dhj, gx + row * GH, db_x.data()); break;
+          case Cell::RNN_RELU: kern.rnn_relu_backward(H, wr, dhj, gx + row * GH, db_x.data()); break;
         }
       }
       // d h_prev = (this step's gate gradients) @ W_hh (+ gru's direct z * dh, already in dh).
-      whh.multiply(nb, gh + plan.step_row(0, s) * GH, GH, gru ? T(1) : T(0), dh, H);
+      whh.multiply(nb, gh + plan.block(d, s) * GH, GH, gru ? T(1) : T(0), dh, H);
     }
-    // The previous h of every step row, aligned with the gate gradients: [rows, H]; step s's
-    // block is step s-1's h (a prefix of it), step 0's the initial state.
-    Tensor h_prev_all = at::empty({plan.rows, H}, input.options());
-    T* hp = h_prev_all.data_ptr<T>();
-    for (int64_t s = 0; s < plan.steps; ++s) {
-      for (int64_t j = 0; j < plan.batch_size[s]; ++j) {
-        const T* src = s > 0 ? ws + plan.step_row(j, s - 1) * W + h_col : h_init + j * H;
-        std::copy_n(src, H, hp + plan.step_row(j, s) * H);
-      }
+    // [dW_ih | dW_hh]^T = [x | h_prev]^T @ [gx | gh] over all step rows, [I + H, G*H], with
+    // [x | h_prev] read in place from the workspace: one GEMM with a long inner dimension
+    // where gx = gh (lstm, rnn); gru's two halves take their own gradient. This transposed
+    // form runs ~20% faster in MKL than gx^T @ x (measured here, single thread, rows = 1280,
+    // 4H = 800) and saves a GEMM call; the transposes back cost far less.
+    Tensor dw_t = at::empty({I + H, GH}, input.options());
+    if (gru) {
+      gemm<T>(true, false, I, GH, plan.rows, T(1), ws + x_col, W, gx, GH, T(0), dw_t.data_ptr<T>(), GH);
+      gemm<T>(true, false, H, GH, plan.rows, T(1), ws + hp_col, W, gh, GH, T(0), dw_t.data_ptr<T>() + I * GH, GH);
+    } else {
+      gemm<T>(true, false, I + H, GH, plan.rows, T(1), ws + x_col, W, gx, GH, T(0), dw_t.data_ptr<T>(), GH);
     }
-    const Tensor x = gather_steps<T>(plan, input2d, d);
-    Tensor& dw_ih = grad_weights[d * per_dir + 0] = at::empty({GH, I}, input.options());
-    Tensor& dw_hh = grad_weights[d * per_dir + 1] = at::empty({GH, H}, input.options());
-    gemm<T>(true, false, GH, I, plan.rows, T(1), gx, GH, x.const_data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
-    gemm<T>(true, false, GH, H, plan.rows, T(1), gh, GH, hp, H, T(0), dw_hh.data_ptr<T>(), H);
+    grad_weights[d * per_dir + 0] = dw_t.narrow(0, 0, I).t().contiguous();   // [G*H, I]
+    grad_weights[d * per_dir + 1] = dw_t.narrow(0, I, H).t().contiguous();   // [G*H, H]
     if (w.has_bias) {
-      grad_weights[d * per_dir + 2] = gx_all.sum(0);
-      grad_weights[d * per_dir + 3] = gru ? gh_all.sum(0) : grad_weights[d * per_dir + 2].clone();
+      Tensor db_ih = at::empty({GH}, input.options());
+      std::copy_n(db_x.data(), GH, db_ih.data_ptr<T>());
+      Tensor db_hh = db_ih.clone();  // lstm, rnn: b_hh adds where b_ih does
+      if (gru) std::copy_n(db_h.data() + 2 * H, H, db_hh.data_ptr<T>() + 2 * H);  // n: r * dn
+      grad_weights[d * per_dir + 2] = db_ih;
+      grad_weights[d * per_dir + 3] = db_hh;
     }
     grad_x[d] = at::empty({plan.rows, I}, input.options());
     gemm<T>(false, false, plan.rows, I, GH, T(1), gx, GH, w.w_ih[d].const_data_ptr<T>(), I, T(0),
@@ -477,17 +508,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   // padding.
   Tensor grad_input = at::empty(input.sizes(), input.options());
   T* gi = grad_input.data_ptr<T>();
-  zero_padding<T>(plan, gi, I);
+  zero_padding<T>(plan, gi, I, 0, I);
   const T* g0 = grad_x[0].const_data_ptr<T>();
   const T* g1 = D > 1 ? grad_x[1].const_data_ptr<T>() : nullptr;
   for (int64_t j = 0; j < B; ++j) {
     for (int64_t t = 0; t < plan.len[j]; ++t) {
       T* dst = gi + plan.io_row(j, t) * I;
-      const T* a = g0 + plan.step_row(j, t) * I;
+      const T* a = g0 + plan.step_row(0, j, t) * I;
       if (g1 == nullptr) {
         std::copy_n(a, I, dst);
       } else {
-        const T* b = g1 + plan.step_row(j, plan.len[j] - 1 - t) * I;
+        const T* b = g1 + plan.step_row(1, j, plan.len[j] - 1 - t) * I;
         for (int64_t k = 0; k < I; ++k) dst[k] = a[k] + b[k];
       }
     }
