@@ -12,8 +12,9 @@
 // block of time len - 1 - s instead, so both directions' step rows are time-major rows: the
 // input's own rows when it is time-major, with no gather.
 //
-// Forward, per layer and direction: one GEMM projects every valid input row for all gates;
-// then per step one GEMM [active, H] x [H, G*H] on the running prefix (accumulated straight
+// Forward, per layer and direction: GEMMs project the valid input rows for all gates, a chunk
+// of ~256 step rows at a time just before those steps run (so the projected rows stay in L2
+// until the gate pass reads them); then per step one GEMM [active, H] x [H, G*H] on the running prefix (accumulated straight
 // into the step's block of projected rows where the cell allows it) and one fused pass for the
 // gate nonlinearities and the state update, which writes h straight into the output.
 // Backward: per step one fused pass computing the gate gradients and one GEMM carrying the
@@ -126,11 +127,31 @@ void gather_steps(const Plan& plan, const T* input2d, int64_t I, int64_t dir, T*
       std::copy_n(input2d + plan.io_row(j, time_at(plan, dir, j, s)) * I, I, dst + plan.step_row(dir, j, s) * ldd);
 }
 
-// Zeros the width columns from col on of every row past its sequence's length (row stride ld).
+// Zeros part `part` of `parts` of the rows past each sequence's length ([*, width] rows):
+// consecutive runs of rows in memory order, about equal in count.
 template <typename T>
-void zero_padding(const Plan& plan, T* out, int64_t ld, int64_t col, int64_t width) {
+void zero_padding_part(const Plan& plan, T* out, int64_t width, int64_t part, int64_t parts) {
+  std::vector<int64_t> rows;  // io rows of the padding, ascending
+  rows.reserve(plan.B * plan.T - plan.rows);
   for (int64_t j = 0; j < plan.B; ++j)
-    for (int64_t t = plan.len[j]; t < plan.T; ++t) std::fill_n(out + plan.io_row(j, t) * ld + col, width, T(0));
+    for (int64_t t = plan.len[j]; t < plan.T; ++t) rows.push_back(plan.io_row(j, t));
+  std::sort(rows.begin(), rows.end());
+  const size_t n = rows.size(), begin = n * part / parts, end = n * (part + 1) / parts;
+  for (size_t r = begin; r < end; ++r) std::fill_n(out + rows[r] * width, width, T(0));
+}
+
+// Step rows projected per GEMM in the forward (see Forward above). A [256, 4H] chunk is 0.8 MB
+// at H = 200, which with the packed W_hh leaves L2 (2 MB here) room; GEMMs of 256 rows run at
+// the rate of the single whole-layer GEMM.
+constexpr int64_t kChunkRows = 256;
+
+// A per-thread scratch buffer of at least n elements, kept across calls (reallocating it per
+// call costs page faults on every layer call). Valid until the thread's next call.
+template <typename T>
+T* thread_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < static_cast<size_t>(n)) buffer.resize(n);
+  return buffer.data();
 }
 
 struct LayerWeights {
@@ -314,35 +335,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     workspace.narrow(1, plan.rows, B * T_ - plan.rows).zero_();
   }
 
-  // Projected input of every valid step of each direction, all gates: D x [rows, G*H]. The
-  // GEMM reads the step rows' inputs from the input itself when it is in step order, else from
-  // a gathered copy: the workspace's x columns in training (the backward needs them there),
-  // a scratch buffer in inference.
+  // The step rows' inputs for the projection GEMMs: the input itself when it is in step order,
+  // else a gathered copy: the workspace's x columns in training (the backward needs them
+  // there), a scratch buffer in inference. D x (pointer, leading dimension).
   const T* input2d = input.const_data_ptr<T>();
-  std::vector<Tensor> projected(D);
-  auto project = [&](int64_t d) {
-    const T* x = input2d;
-    int64_t ldx = I;
-    Tensor scratch;
+  std::vector<const T*> x_rows(D, input2d);
+  std::vector<int64_t> x_ld(D, I);
+  std::vector<Tensor> x_scratch(D);
+  auto gather = [&](int64_t d) {
     if (training) {
       T* ws_x = workspace.data_ptr<T>() + d * B * T_ * W + x_col;
       gather_steps<T>(plan, input2d, I, d, ws_x, W);
-      if (!plan.io_is_step_order()) x = ws_x, ldx = W;
+      if (!plan.io_is_step_order()) x_rows[d] = ws_x, x_ld[d] = W;
     } else if (!plan.io_is_step_order()) {
-      scratch = at::empty({plan.rows, I}, input.options());
-      gather_steps<T>(plan, input2d, I, d, scratch.data_ptr<T>(), I);
-      x = scratch.const_data_ptr<T>();
+      x_scratch[d] = at::empty({plan.rows, I}, input.options());
+      gather_steps<T>(plan, input2d, I, d, x_scratch[d].data_ptr<T>(), I);
+      x_rows[d] = x_scratch[d].const_data_ptr<T>();
     }
-    projected[d] = at::empty({plan.rows, GH}, input.options());
-    gemm<T>(false, true, plan.rows, GH, I, T(1), x, ldx, w.w_ih[d].const_data_ptr<T>(), I, T(0),
-            projected[d].data_ptr<T>(), GH);
   };
-  if (D == 1) project(0);  // threaded by BLAS; with two directions each task projects its own
 
   T* out = output.data_ptr<T>();
   for_each_direction(D, [&](int64_t d) {
-    zero_padding<T>(plan, out, DH, d * H, H);  // this direction's columns of the padding rows
-    if (D > 1) project(d);
+    // Half of the padding rows each (distinct pages: both zeroing the same fresh pages was
+    // slower than one thread zeroing all).
+    zero_padding_part<T>(plan, out, DH, d, D);
+    gather(d);
     std::vector<T> bias_x, bias_hn;
     fold_biases<T>(w, cell, d, bias_x, bias_hn);
     // gru keeps W_hn h apart (r multiplies it); lstm and rnn add h @ W_hh^T straight into the
@@ -351,15 +368,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     T* h = h_slots.data_ptr<T>() + d * B * H;
     T* c = lstm ? c_slots.data_ptr<T>() + d * B * H : nullptr;
     const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
-    T* xp = projected[d].data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
     if (ws != nullptr) {  // the first step's previous h: the initial state
       for (int64_t j = 0; j < (plan.steps > 0 ? plan.batch_size[0] : 0); ++j)
         std::copy_n(h + j * H, H, ws + plan.step_row(d, j, 0) * W + hp_col);
     }
+    // Projected rows of the current chunk of steps [chunk, G*H]: a per-thread buffer, reused
+    // across calls so that it stays mapped and cached.
+    T* xp = thread_buffer<T>(std::min(plan.rows, kChunkRows + B) * GH);
+    int64_t chunk_first = 0, chunk_end = 0;  // the chunk's first step row, its first step past it
     for (int64_t s = 0; s < plan.steps; ++s) {
+      if (s == chunk_end) {
+        // Whole steps, at least kChunkRows rows unless the layer ends first; their rows are
+        // contiguous in either direction's order.
+        int64_t n = 0;
+        while (chunk_end < plan.steps && n < kChunkRows) n += plan.batch_size[chunk_end++];
+        chunk_first = std::min(plan.block(d, s), plan.block(d, chunk_end - 1));
+        gemm<T>(false, true, n, GH, I, T(1), x_rows[d] + chunk_first * x_ld[d], x_ld[d], w.w_ih[d].const_data_ptr<T>(), I,
+                T(0), xp, GH);
+      }
       const int64_t nb = plan.batch_size[s];
-      T* block = xp + plan.block(d, s) * GH;  // [nb, G*H]
+      T* block = xp + (plan.block(d, s) - chunk_first) * GH;  // [nb, G*H]
       if (gru) {
         whh_t.multiply(nb, h, H, T(0), hg.data(), GH);
       } else {
@@ -508,7 +537,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   // padding.
   Tensor grad_input = at::empty(input.sizes(), input.options());
   T* gi = grad_input.data_ptr<T>();
-  zero_padding<T>(plan, gi, I, 0, I);
+  zero_padding_part<T>(plan, gi, I, 0, 1);
   const T* g0 = grad_x[0].const_data_ptr<T>();
   const T* g1 = D > 1 ? grad_x[1].const_data_ptr<T>() : nullptr;
   for (int64_t j = 0; j < B; ++j) {
