@@ -394,8 +394,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
         std::copy_n(h + j * H, H, ws + plan.step_row(d, j, 0) * W + hp_col);
     }
     // Projected rows of the current chunk of steps [chunk, G*H]: a per-thread buffer, reused
-    // across calls so that it stays mapped and cached.
-    T* xp = thread_buffer<T>(std::min(plan.rows, kChunkRows + B) * GH);
+    // across calls so that it stays mapped and cached. W_ih is packed once for all chunks.
+    const int64_t max_chunk = std::min(plan.rows, kChunkRows + B);
+    T* xp = thread_buffer<T>(max_chunk * GH);
+    const PackedRight<T> wih_t(w.w_ih[d].const_data_ptr<T>(), I, /*trans_b=*/true, I, GH, max_chunk);  // x @ W_ih^T
     int64_t chunk_first = 0, chunk_end = 0;  // the chunk's first step row, its first step past it
     for (int64_t s = 0; s < plan.steps; ++s) {
       if (s == chunk_end) {
@@ -404,8 +406,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
         int64_t n = 0;
         while (chunk_end < plan.steps && n < kChunkRows) n += plan.batch_size[chunk_end++];
         chunk_first = std::min(plan.block(d, s), plan.block(d, chunk_end - 1));
-        gemm<T>(false, true, n, GH, I, T(1), x_rows[d] + chunk_first * x_ld[d], x_ld[d], w.w_ih[d].const_data_ptr<T>(), I,
-                T(0), xp, GH);
+        wih_t.multiply(n, x_rows[d] + chunk_first * x_ld[d], x_ld[d], T(0), xp, GH);
       }
       const int64_t nb = plan.batch_size[s];
       T* block = xp + (plan.block(d, s) - chunk_first) * GH;  // [nb, G*H]
