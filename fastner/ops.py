@@ -325,7 +325,17 @@ if extension_loaded():
 # Recurrent layers (LSTM / GRU / RNN)
 # =============================================================================================
 
-_RNN_WORKSPACE_WIDTH = {"lstm": 6, "gru": 5, "rnn_tanh": 1, "rnn_relu": 1}  # in units of H
+# Width of a workspace row, per device's kernels. CPU (csrc/cpu/rnn.cpp, workspace_width): the
+# gate columns (units of H), then the step's input [I] and previous h [H]. CUDA
+# (csrc/cuda/kernels/rnn.cuh, workspace_width): gate columns and h, in units of H.
+_RNN_WORKSPACE_GATES_CPU = {"lstm": 5, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
+_RNN_WORKSPACE_WIDTH_CUDA = {"lstm": 6, "gru": 5, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _rnn_workspace_width(mode: str, device: torch.device, input_size: int, hidden: int) -> int:
+    if device.type == "cpu":
+        return _RNN_WORKSPACE_GATES_CPU.get(mode, 1) * hidden + input_size + hidden
+    return _RNN_WORKSPACE_WIDTH_CUDA.get(mode, 1) * hidden
 
 
 def rnn_layer(
@@ -380,7 +390,8 @@ if extension_loaded() and hasattr(torch.ops.fastner, "rnn_layer_forward"):
         h_n = input.new_empty(D, B, H)
         c_n = input.new_empty(D, B, H) if mode == "lstm" else input.new_empty(0)
         if training:
-            workspace = input.new_empty(D, B * T, _RNN_WORKSPACE_WIDTH.get(mode, 1) * H)
+            width = _rnn_workspace_width(mode, input.device, input.shape[2], H)
+            workspace = input.new_empty(D, B * T, width)
         else:
             workspace = input.new_empty(0)
         return output, h_n, c_n, workspace

@@ -331,3 +331,67 @@ def test_empty_batch_and_all_empty_sequences(mode):
         assert bool((out == 0).all())
         for s, initial in zip(state if mode == "LSTM" else (state,), hx if mode == "LSTM" else (hx,)):
             assert torch.equal(s, initial)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_and_expanded_output_gradients(mode):
+    # The backward reads grad_output with its strides (out.sum() hands an expanded, stride-0
+    # tensor; a permuted one has no unit stride anywhere it is read): same gradients as torch.
+    gen = case_generator(MODES.index(mode), salt=67)
+    for batch_first in (False, True):
+        case = RNNCase(
+            mode=mode, num_layers=1, bidirectional=True, batch_first=batch_first, input_size=7,
+            hidden_size=5, bias=True, dtype=torch.float64, form="padded", with_hx=False,
+            time_len=6, lengths=(6, 6, 6, 6),
+        )
+        reference, fused = make_pair(case)
+        x = torch.randn((4, 6, 7) if batch_first else (6, 4, 7), generator=gen, dtype=torch.float64, requires_grad=True)
+        lengths = torch.tensor([6, 2, 5, 1])
+        permuted = torch.randn(10, 8, 6, dtype=torch.float64, generator=gen)[:, :4].permute(2, 1, 0)  # [6, 4, 10]
+        if batch_first:
+            permuted = torch.randn(10, 6, 8, dtype=torch.float64, generator=gen)[:, :, :4].permute(2, 1, 0)  # [4, 6, 10]
+        for grad_kind in ("expanded", "permuted"):
+            for with_lengths in (False, True):
+                results = []
+                for module in (reference, fused):
+                    if with_lengths and module is reference:
+                        packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+                        out, _ = module(packed)
+                        out, _ = pad_packed_sequence(out, batch_first=batch_first, total_length=6)
+                    else:
+                        out, _ = module(x, lengths=lengths) if with_lengths else module(x)
+                    grad = torch.ones(()).expand(out.shape) if grad_kind == "expanded" else permuted
+                    assert grad.shape == out.shape and not grad.is_contiguous()
+                    results.append(torch.autograd.grad(out, [x] + list(module.parameters()), grad.to(out.dtype)))
+                for got, expected in zip(results[1], results[0]):
+                    torch.testing.assert_close(got, expected)
+
+
+def test_avx2_cell_passes_where_the_cpu_has_avx512():
+    # On an AVX-512 CPU the kernels use the 16-float cell passes; FASTNER_RNN_ISA=avx2 makes
+    # them use the AVX2 ones, which must agree with torch too (every wheel user without
+    # AVX-512 runs them). A subprocess, since the choice is made once per process.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastner.nn\n"
+        "torch.manual_seed(0)\n"
+        "for name in ('LSTM', 'GRU', 'RNN'):\n"
+        "    ref = getattr(torch.nn, name)(37, 45, bidirectional=True)\n"
+        "    fused = getattr(fastner.nn, name)(37, 45, bidirectional=True)\n"
+        "    fused.load_state_dict(ref.state_dict())\n"
+        "    x = torch.randn(9, 5, 37, requires_grad=True)\n"
+        "    a, b = ref(x)[0], fused(x)[0]\n"
+        "    torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-5)\n"
+        "    g = torch.randn_like(a)\n"
+        "    for u, v in zip(torch.autograd.grad(a, [x] + list(ref.parameters()), g),\n"
+        "                    torch.autograd.grad(b, [x] + list(fused.parameters()), g)):\n"
+        "        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4)\n"
+    )
+    env = dict(os.environ, FASTNER_RNN_ISA="avx2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

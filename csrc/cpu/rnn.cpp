@@ -7,15 +7,20 @@
 // len[j] - 1 - s, and both run exactly the slots with len[j] > s. Per-(sequence, step) data of
 // a direction (its gathered input, projected input, workspace, gate gradients) lives in "step
 // rows": row offset[s] + j holds slot j at step s (PackedSequence order for the forward
-// direction), so each step reads and writes one contiguous block of rows.
+// direction), so each step reads and writes one contiguous block of rows. When every sequence
+// has the same length (padded input without lengths=) the reverse direction's step s uses the
+// block of time len - 1 - s instead, so both directions' step rows are time-major rows: the
+// input's own rows when it is time-major, with no gather.
 //
-// Forward, per layer and direction: one GEMM projects every valid input row for all gates;
-// then per step one GEMM [active, H] x [H, G*H] on the running prefix (accumulated straight
+// Forward, per layer and direction: GEMMs project the valid input rows for all gates, a chunk
+// of ~256 step rows at a time just before those steps run (so the projected rows stay in L2
+// until the gate pass reads them); then per step one GEMM [active, H] x [H, G*H] on the running prefix (accumulated straight
 // into the step's block of projected rows where the cell allows it) and one fused pass for the
 // gate nonlinearities and the state update, which writes h straight into the output.
 // Backward: per step one fused pass computing the gate gradients and one GEMM carrying the
 // gradient to the previous h; then dW_ih, dW_hh, the biases and the input gradient as single
-// GEMMs over all packed rows. The two directions run concurrently (one per core, each GEMM
+// GEMMs over all packed rows (the weight gradients as one [I + H, G*H] product where the cell
+// allows it, on the inputs and previous states the forward left in the workspace). The two directions run concurrently (one per core, each GEMM
 // single-threaded): two independent sequential chains use 2 cores better than threading a
 // GEMM of 32 rows.
 #include <ATen/ATen.h>
@@ -47,9 +52,13 @@ Cell parse_mode(const std::string& mode) {
 
 int64_t gates_of(Cell cell) { return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1; }
 
-// Workspace row width in units of H: lstm [i f g o | c | h], gru [r z n | W_hn h + b_hn | h],
-// rnn [h] (gate values after their nonlinearity).
-int64_t workspace_width(Cell cell) { return cell == Cell::LSTM ? 6 : cell == Cell::GRU ? 5 : 1; }
+// Workspace row (training only; one per step row and direction): the gate columns, then the
+// step's input x [I] and the previous h [H], side by side so that the weight gradients
+// [dW_ih | dW_hh]^T = [x | h_prev]^T @ (gate gradients) are one GEMM over all rows with no
+// copy. Gate columns in units of H: lstm [i f g o | c], gru [r z n | W_hn h + b_hn], rnn [h]
+// (gate values after their nonlinearity).
+int64_t workspace_gate_width(Cell cell) { return cell == Cell::LSTM ? 5 : cell == Cell::GRU ? 4 : 1; }
+int64_t workspace_width(Cell cell, int64_t H, int64_t I) { return workspace_gate_width(cell) * H + I + H; }
 
 // The batch reordered by decreasing length, and where each (slot, time) lives.
 struct Plan {
@@ -59,12 +68,19 @@ struct Plan {
   std::vector<int64_t> len;         // [B] length of slot j (non-increasing)
   std::vector<int64_t> batch_size;  // [steps] slots running at step s: a prefix
   std::vector<int64_t> offset;      // [steps + 1] first packed row of time t
+  bool uniform = false;             // every length equals steps (order is then the identity)
 
-  int64_t step_row(int64_t j, int64_t s) const { return offset[s] + j; }
+  // First step row of direction d's step s (see Layout above).
+  int64_t block(int64_t d, int64_t s) const { return d == 1 && uniform ? offset[steps - 1 - s] : offset[s]; }
+  int64_t step_row(int64_t d, int64_t j, int64_t s) const { return block(d, s) + j; }
   // Row of (slot j, time t) in the [B, T, *] or [T, B, *] input/output viewed as 2-D.
   int64_t io_row(int64_t j, int64_t t) const { return batch_first ? order[j] * T + t : t * B + order[j]; }
-  // The forward direction's step rows are the input's own rows (time-major, every length T).
-  bool io_is_step_order() const { return !batch_first && rows == B * T; }
+  // Element offset of that row in a 3-D tensor with strides s0, s1 (its first two dims).
+  int64_t io_offset(int64_t j, int64_t t, int64_t s0, int64_t s1) const {
+    return batch_first ? order[j] * s0 + t * s1 : t * s0 + order[j] * s1;
+  }
+  // Both directions' step rows are the input's own first rows (time-major, uniform lengths).
+  bool io_is_step_order() const { return !batch_first && uniform; }
 };
 
 Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
@@ -97,6 +113,7 @@ Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
     plan.offset[s + 1] = plan.offset[s] + running;
   }
   plan.rows = plan.offset[plan.steps];
+  plan.uniform = plan.rows == B * plan.steps;
   return plan;
 }
 
@@ -105,26 +122,56 @@ inline int64_t time_at(const Plan& plan, int64_t dir, int64_t j, int64_t s) {
   return dir == 0 ? s : plan.len[j] - 1 - s;
 }
 
-// The input rows direction dir reads, in its step rows: [rows, I] (a view of the input when it
-// is already in that order). Called inside a direction's task: single-threaded.
+// Copies the input rows direction dir reads into its step rows: dst [rows, I] with leading
+// dimension ldd. Called inside a direction's task: single-threaded.
 template <typename T>
-Tensor gather_steps(const Plan& plan, const Tensor& input2d, int64_t dir) {
-  if (dir == 0 && plan.io_is_step_order()) return input2d;
-  const int64_t I = input2d.size(1);
-  Tensor out = at::empty({plan.rows, I}, input2d.options());
-  const T* src = input2d.const_data_ptr<T>();
-  T* dst = out.data_ptr<T>();
+void gather_steps(const Plan& plan, const T* input2d, int64_t I, int64_t dir, T* dst, int64_t ldd) {
   for (int64_t s = 0; s < plan.steps; ++s)
     for (int64_t j = 0; j < plan.batch_size[s]; ++j)
-      std::copy_n(src + plan.io_row(j, time_at(plan, dir, j, s)) * I, I, dst + plan.step_row(j, s) * I);
-  return out;
+      std::copy_n(input2d + plan.io_row(j, time_at(plan, dir, j, s)) * I, I, dst + plan.step_row(dir, j, s) * ldd);
 }
 
-// Zeros every output row past its sequence's length.
+// Zeros part `part` of `parts` of the rows past each sequence's length ([*, width] rows):
+// consecutive runs of rows in memory order, about equal in count.
 template <typename T>
-void zero_padding(const Plan& plan, T* out, int64_t width) {
+void zero_padding_part(const Plan& plan, T* out, int64_t width, int64_t part, int64_t parts) {
+  std::vector<int64_t> rows;  // io rows of the padding, ascending
+  rows.reserve(plan.B * plan.T - plan.rows);
   for (int64_t j = 0; j < plan.B; ++j)
-    for (int64_t t = plan.len[j]; t < plan.T; ++t) std::fill_n(out + plan.io_row(j, t) * width, width, T(0));
+    for (int64_t t = plan.len[j]; t < plan.T; ++t) rows.push_back(plan.io_row(j, t));
+  std::sort(rows.begin(), rows.end());
+  const size_t n = rows.size(), begin = n * part / parts, end = n * (part + 1) / parts;
+  for (size_t r = begin; r < end; ++r) std::fill_n(out + rows[r] * width, width, T(0));
+}
+
+// dst[c, r] = src[r, c]: a [rows, cols] matrix (leading dimension lds) into [cols, rows]
+// (leading dimension ldd), in 16 x 16 tiles that stay in L1 (ATen's strided copy took ~5x as
+// long for the weight gradients here).
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = std::min(cols, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+}
+
+// Step rows projected per GEMM in the forward (see Forward above). A [256, 4H] chunk is 0.8 MB
+// at H = 200, which with the packed W_hh leaves L2 (2 MB here) room; GEMMs of 256 rows run at
+// the rate of the single whole-layer GEMM.
+constexpr int64_t kChunkRows = 256;
+
+// A per-thread scratch buffer of at least n elements, kept across calls (reallocating it per
+// call costs page faults on every layer call). Valid until the thread's next call.
+template <typename T>
+T* thread_buffer(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < static_cast<size_t>(n)) buffer.resize(n);
+  return buffer.data();
 }
 
 struct LayerWeights {
@@ -216,129 +263,53 @@ void fold_biases(const LayerWeights& w, Cell cell, int64_t d, std::vector<T>& bi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused cell passes over one slot: xg = projected input row [G*H] (lstm / rnn: plus
-// h_prev @ W_hh^T already), hg = gru's h_prev @ W_hh^T row [G*H], bx = bias added to xg,
-// h / c = the slot's state [H] (updated in place), out = its output row [H], ws = its
-// workspace row or nullptr.
+// Fused cell passes: forward ones update one slot's state for one step, backward ones compute
+// its gate gradients (see rnn_cells.inc for the arguments). One set per instruction set.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-void lstm_cell(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    auto pre = [&](int64_t g) { return P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)); };
-    const auto i = P::sigmoid(pre(0)), f = P::sigmoid(pre(1)), g = P::tanh(pre(2)), o = P::sigmoid(pre(3));
-    const auto c_new = P::fma(f, P::load(c + k), P::mul(i, g));
-    const auto h_new = P::mul(o, P::tanh(c_new));
-    P::store(c + k, c_new);
-    P::store(h + k, h_new);
-    P::store(out + k, h_new);
-    if (ws != nullptr) {
-      P::store(ws + k, i);
-      P::store(ws + H + k, f);
-      P::store(ws + 2 * H + k, g);
-      P::store(ws + 3 * H + k, o);
-      P::store(ws + 4 * H + k, c_new);
-      P::store(ws + 5 * H + k, h_new);
-    }
-  });
-}
+struct CellKernels {
+  void (*lstm)(int64_t H, const T* xg, const T* bx, T* h, T* c, T* out, T* ws, T* h_next);
+  void (*gru)(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T* h, T* out, T* ws, T* h_next);
+  void (*rnn_tanh)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws, T* h_next);
+  void (*rnn_relu)(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws, T* h_next);
+  void (*lstm_backward)(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx, T* db_x);
+  void (*gru_backward)(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T* gh, T* db_x, T* db_h);
+  void (*rnn_tanh_backward)(int64_t H, const T* ws, T* dh, T* gx, T* db_x);
+  void (*rnn_relu_backward)(int64_t H, const T* ws, T* dh, T* gx, T* db_x);
+};
 
+namespace cells_avx2 {
+#define FASTNER_RNN_CELLS_WIDE16 0
+#include "cpu/rnn_cells.inc"
+#undef FASTNER_RNN_CELLS_WIDE16
+}  // namespace cells_avx2
+
+#ifdef FASTNER_RNN_AVX512
+#pragma GCC push_options
+#pragma GCC diagnostic push
+// GCC 12 reports its own _mm512_undefined_ps() idiom as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f")
+namespace cells_avx512 {
+#define FASTNER_RNN_CELLS_WIDE16 1
+#include "cpu/rnn_cells.inc"
+#undef FASTNER_RNN_CELLS_WIDE16
+}  // namespace cells_avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+// The cell passes for this CPU: 16-float AVX-512 ones where it has AVX-512 (the gate pass is
+// ~15-25% of a layer call at the tagger shape; twice the width halves it), else AVX2 ones.
 template <typename T>
-void gru_cell(int64_t H, const T* xg, const T* bx, const T* hg, const T* bhn, T* h, T* out, T* ws) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    auto xpart = [&](int64_t g) { return P::add(P::load(xg + g * H + k), P::load(bx + g * H + k)); };
-    const auto r = P::sigmoid(P::add(xpart(0), P::load(hg + k)));
-    const auto z = P::sigmoid(P::add(xpart(1), P::load(hg + H + k)));
-    const auto hn = P::add(P::load(hg + 2 * H + k), P::load(bhn + k));
-    const auto n = P::tanh(P::fma(r, hn, xpart(2)));
-    const auto h_new = P::fma(z, P::sub(P::load(h + k), n), n);  // (1 - z) n + z h
-    P::store(h + k, h_new);
-    P::store(out + k, h_new);
-    if (ws != nullptr) {
-      P::store(ws + k, r);
-      P::store(ws + H + k, z);
-      P::store(ws + 2 * H + k, n);
-      P::store(ws + 3 * H + k, hn);
-      P::store(ws + 4 * H + k, h_new);
-    }
-  });
+const CellKernels<T>& cell_kernels() {
+#ifdef FASTNER_RNN_AVX512
+  static const CellKernels<T> chosen = cpu_has_avx512() ? cells_avx512::kernels<T>() : cells_avx2::kernels<T>();
+#else
+  static const CellKernels<T> chosen = cells_avx2::kernels<T>();
+#endif
+  return chosen;
 }
-
-template <typename T, bool Relu>
-void rnn_cell(int64_t H, const T* xg, const T* bx, T* h, T* out, T* ws) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto pre = P::add(P::load(xg + k), P::load(bx + k));
-    const auto h_new = Relu ? P::relu(pre) : P::tanh(pre);
-    P::store(h + k, h_new);
-    P::store(out + k, h_new);
-    if (ws != nullptr) P::store(ws + k, h_new);
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward cell passes over one slot. dh: gradient of the slot's h after this step [H] (already
-// including the output's gradient); on return dh holds the part of d h_prev that bypasses
-// W_hh (gru: z * dh; else 0). dc: lstm's cell gradient, in: after the step, out: before it.
-// gx = gradient of the projected input row [G*H]; gh = gru's gradient of the W_hh h row
-// [G*H] (for lstm and rnn it equals gx).
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-void lstm_cell_backward(int64_t H, const T* ws, const T* c_prev, T* dh, T* dc, T* gx) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto one = P::set1(T(1));
-    const auto i = P::load(ws + k), f = P::load(ws + H + k), g = P::load(ws + 2 * H + k), o = P::load(ws + 3 * H + k);
-    const auto c = P::load(ws + 4 * H + k);
-    const auto tc = P::tanh(c);
-    const auto dhv = P::load(dh + k);
-    const auto dct = P::fma(P::mul(dhv, o), P::sub(one, P::mul(tc, tc)), P::load(dc + k));
-    const auto di = P::mul(P::mul(dct, g), P::mul(i, P::sub(one, i)));
-    const auto df = P::mul(P::mul(dct, P::load(c_prev + k)), P::mul(f, P::sub(one, f)));
-    const auto dg = P::mul(P::mul(dct, i), P::sub(one, P::mul(g, g)));
-    const auto dov = P::mul(P::mul(dhv, tc), P::mul(o, P::sub(one, o)));
-    P::store(dc + k, P::mul(dct, f));
-    P::store(dh + k, P::set1(T(0)));
-    P::store(gx + k, di);
-    P::store(gx + H + k, df);
-    P::store(gx + 2 * H + k, dg);
-    P::store(gx + 3 * H + k, dov);
-  });
-}
-
-template <typename T>
-void gru_cell_backward(int64_t H, const T* ws, const T* h_prev, T* dh, T* gx, T* gh) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto one = P::set1(T(1));
-    const auto r = P::load(ws + k), z = P::load(ws + H + k), n = P::load(ws + 2 * H + k), hn = P::load(ws + 3 * H + k);
-    const auto dhv = P::load(dh + k);
-    const auto dn = P::mul(P::mul(dhv, P::sub(one, z)), P::sub(one, P::mul(n, n)));  // through tanh
-    const auto dz = P::mul(P::mul(dhv, P::sub(P::load(h_prev + k), n)), P::mul(z, P::sub(one, z)));
-    const auto dr = P::mul(P::mul(dn, hn), P::mul(r, P::sub(one, r)));
-    P::store(dh + k, P::mul(dhv, z));
-    P::store(gx + k, dr);
-    P::store(gx + H + k, dz);
-    P::store(gx + 2 * H + k, dn);
-    P::store(gh + k, dr);
-    P::store(gh + H + k, dz);
-    P::store(gh + 2 * H + k, P::mul(dn, r));
-  });
-}
-
-template <typename T, bool Relu>
-void rnn_cell_backward(int64_t H, const T* ws, T* dh, T* gx) {
-  for_each_pack<T>(H, [&](auto pack, int64_t k) {
-    using P = decltype(pack);
-    const auto h = P::load(ws + k);
-    const auto dhv = P::load(dh + k);
-    const auto dpre = Relu ? P::relu_mask(h, dhv) : P::mul(dhv, P::sub(P::set1(T(1)), P::mul(h, h)));
-    P::store(dh + k, P::set1(T(0)));
-    P::store(gx + k, dpre);
-  });
-}
-
 // Runs fn(d) for every direction: concurrently when there are two (one per thread).
 template <typename Fn>
 void for_each_direction(int64_t D, Fn&& fn) {
@@ -372,32 +343,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
+  const CellKernels<T>& kern = cell_kernels<T>();
 
   Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
   Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
   Tensor c_slots = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
-  const int64_t W = workspace_width(cell) * H;
+  const int64_t W = workspace_width(cell, H, I), x_col = workspace_gate_width(cell) * H, hp_col = x_col + I;
   Tensor workspace = training ? at::empty({D, B * T_, W}, input.options()) : at::empty({0}, input.options());
   if (training && plan.rows < B * T_) {
     // Rows past the packed ones are never read, but the op's output must be deterministic.
     workspace.narrow(1, plan.rows, B * T_ - plan.rows).zero_();
   }
 
-  // Projected input of every valid step of each direction, all gates: D x [rows, G*H].
-  const Tensor input2d = input.view({B * T_, I});
-  std::vector<Tensor> projected(D);
-  auto project = [&](int64_t d) {
-    const Tensor x = gather_steps<T>(plan, input2d, d);
-    projected[d] = at::empty({plan.rows, GH}, input.options());
-    gemm<T>(false, true, plan.rows, GH, I, T(1), x.const_data_ptr<T>(), I, w.w_ih[d].const_data_ptr<T>(), I, T(0),
-            projected[d].data_ptr<T>(), GH);
+  // The step rows' inputs for the projection GEMMs: the input itself when it is in step order,
+  // else a gathered copy: the workspace's x columns in training (the backward needs them
+  // there), a scratch buffer in inference. D x (pointer, leading dimension).
+  const T* input2d = input.const_data_ptr<T>();
+  std::vector<const T*> x_rows(D, input2d);
+  std::vector<int64_t> x_ld(D, I);
+  std::vector<Tensor> x_scratch(D);
+  auto gather = [&](int64_t d) {
+    if (training) {
+      T* ws_x = workspace.data_ptr<T>() + d * B * T_ * W + x_col;
+      gather_steps<T>(plan, input2d, I, d, ws_x, W);
+      if (!plan.io_is_step_order()) x_rows[d] = ws_x, x_ld[d] = W;
+    } else if (!plan.io_is_step_order()) {
+      x_scratch[d] = at::empty({plan.rows, I}, input.options());
+      gather_steps<T>(plan, input2d, I, d, x_scratch[d].data_ptr<T>(), I);
+      x_rows[d] = x_scratch[d].const_data_ptr<T>();
+    }
   };
-  if (D == 1) project(0);  // threaded by BLAS; with two directions each task projects its own
 
   T* out = output.data_ptr<T>();
-  zero_padding<T>(plan, out, DH);
   for_each_direction(D, [&](int64_t d) {
-    if (D > 1) project(d);
+    // Half of the padding rows each (distinct pages: both zeroing the same fresh pages was
+    // slower than one thread zeroing all).
+    zero_padding_part<T>(plan, out, DH, d, D);
+    gather(d);
     std::vector<T> bias_x, bias_hn;
     fold_biases<T>(w, cell, d, bias_x, bias_hn);
     // gru keeps W_hn h apart (r multiplies it); lstm and rnn add h @ W_hh^T straight into the
@@ -406,26 +388,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     T* h = h_slots.data_ptr<T>() + d * B * H;
     T* c = lstm ? c_slots.data_ptr<T>() + d * B * H : nullptr;
     const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
-    T* xp = projected[d].data_ptr<T>();
     T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
+    if (ws != nullptr) {  // the first step's previous h: the initial state
+      for (int64_t j = 0; j < (plan.steps > 0 ? plan.batch_size[0] : 0); ++j)
+        std::copy_n(h + j * H, H, ws + plan.step_row(d, j, 0) * W + hp_col);
+    }
+    // Projected rows of the current chunk of steps [chunk, G*H]: a per-thread buffer, reused
+    // across calls so that it stays mapped and cached. W_ih is packed once for all chunks.
+    const int64_t max_chunk = std::min(plan.rows, kChunkRows + B);
+    T* xp = thread_buffer<T>(max_chunk * GH);
+    const PackedRight<T> wih_t(w.w_ih[d].const_data_ptr<T>(), I, /*trans_b=*/true, I, GH, max_chunk);  // x @ W_ih^T
+    int64_t chunk_first = 0, chunk_end = 0;  // the chunk's first step row, its first step past it
     for (int64_t s = 0; s < plan.steps; ++s) {
+      if (s == chunk_end) {
+        // Whole steps, at least kChunkRows rows unless the layer ends first; their rows are
+        // contiguous in either direction's order.
+        int64_t n = 0;
+        while (chunk_end < plan.steps && n < kChunkRows) n += plan.batch_size[chunk_end++];
+        chunk_first = std::min(plan.block(d, s), plan.block(d, chunk_end - 1));
+        wih_t.multiply(n, x_rows[d] + chunk_first * x_ld[d], x_ld[d], T(0), xp, GH);
+      }
       const int64_t nb = plan.batch_size[s];
-      T* block = xp + plan.step_row(0, s) * GH;  // [nb, G*H]
+      T* block = xp + (plan.block(d, s) - chunk_first) * GH;  // [nb, G*H]
       if (gru) {
         whh_t.multiply(nb, h, H, T(0), hg.data(), GH);
       } else {
         whh_t.multiply(nb, h, H, T(1), block, GH);
       }
+      const int64_t next = s + 1 < plan.steps ? plan.batch_size[s + 1] : 0;  // slots j < next run on
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = time_at(plan, d, j, s);
         const T* xg = block + j * GH;
         T* o = out + plan.io_row(j, t) * DH + d * H;
-        T* wr = ws != nullptr ? ws + plan.step_row(j, s) * W : nullptr;
+        T* wr = ws != nullptr ? ws + plan.step_row(d, j, s) * W : nullptr;
+        T* h_next = ws != nullptr && j < next ? ws + plan.step_row(d, j, s + 1) * W + hp_col : nullptr;
         switch (cell) {
-          case Cell::LSTM: lstm_cell<T>(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr); break;
-          case Cell::GRU: gru_cell<T>(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr); break;
-          case Cell::RNN_TANH: rnn_cell<T, false>(H, xg, bias_x.data(), h + j * H, o, wr); break;
-          case Cell::RNN_RELU: rnn_cell<T, true>(H, xg, bias_x.data(), h + j * H, o, wr); break;
+          case Cell::LSTM: kern.lstm(H, xg, bias_x.data(), h + j * H, c + j * H, o, wr, h_next); break;
+          case Cell::GRU:
+            kern.gru(H, xg, bias_x.data(), hg.data() + j * GH, bias_hn.data(), h + j * H, o, wr, h_next);
+            break;
+          case Cell::RNN_TANH: kern.rnn_tanh(H, xg, bias_x.data(), h + j * H, o, wr, h_next); break;
+          case Cell::RNN_RELU: kern.rnn_relu(H, xg, bias_x.data(), h + j * H, o, wr, h_next); break;
         }
       }
     }
@@ -461,13 +464,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
-  const int64_t W = workspace_width(cell) * H;
+  const CellKernels<T>& kern = cell_kernels<T>();
+  const int64_t W = workspace_width(cell, H, I), x_col = workspace_gate_width(cell) * H, hp_col = x_col + I;
   TORCH_CHECK_VALUE(workspace_.sizes() == at::IntArrayRef({D, B * T_, W}),
                     "rnn_layer_backward: workspace must come from rnn_layer_forward(training=True) of the same call");
   TORCH_CHECK_VALUE(grad_output_.sizes() == (batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}),
                     "rnn_layer_backward: grad_output must have the output's shape, got ", grad_output_.sizes());
   const Tensor workspace = workspace_.contiguous();
-  const Tensor grad_output = grad_output_.contiguous().to(input.scalar_type());
+  // Read in place with its strides: a loss like out.sum() hands an expanded (stride 0) tensor,
+  // which contiguous() would first write out in full.
+  const Tensor grad_output = grad_output_.to(input.scalar_type());
+  const int64_t go_s0 = grad_output.stride(0), go_s1 = grad_output.stride(1), go_s2 = grad_output.stride(2);
 
   auto state_grad = [&](const Tensor& g, const char* name) {
     if (!g.defined() || g.numel() == 0) return at::zeros({D, B, H}, input.options());
@@ -477,20 +484,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   };
   Tensor dh_slots = state_grad(grad_h_n, "grad_h_n");
   Tensor dc_slots = lstm ? state_grad(grad_c_n, "grad_c_n") : Tensor();
-  const Tensor h0 = initial_state<T>(hx, plan, w, input, "hx");
+  // The initial h is in the workspace (the first step rows' previous h); lstm's initial c is not.
+  (void)hx;
   const Tensor c0 = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
 
-  const Tensor input2d = input.view({B * T_, I});
   std::vector<Tensor> grad_x(D);  // per direction: input gradient in its step rows [rows, I]
   std::vector<Tensor> grad_weights(weights.size());
   const int64_t per_dir = w.has_bias ? 4 : 2;
   const T* go = grad_output.const_data_ptr<T>();
-  const int64_t h_col = (workspace_width(cell) - 1) * H;  // h is the last H of a workspace row
 
   for_each_direction(D, [&](int64_t d) {
     const T* ws = workspace.const_data_ptr<T>() + d * B * T_ * W;
     const PackedRight<T> whh(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/false, GH, H, B);  // g @ W_hh
-    const T* h_init = h0.const_data_ptr<T>() + d * B * H;
     const T* c_init = lstm ? c0.const_data_ptr<T>() + d * B * H : nullptr;
     T* dh = dh_slots.data_ptr<T>() + d * B * H;
     T* dc = lstm ? dc_slots.data_ptr<T>() + d * B * H : nullptr;
@@ -499,48 +504,59 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
     Tensor gh_all = gru ? at::empty({plan.rows, GH}, input.options()) : gx_all;
     T* gx = gx_all.data_ptr<T>();
     T* gh = gh_all.data_ptr<T>();
+    std::vector<T> db_x(GH, T(0)), db_h(GH, T(0));  // bias gradients (db_h: gru's b_hn part only)
     for (int64_t s = plan.steps - 1; s >= 0; --s) {
       const int64_t nb = plan.batch_size[s];
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = time_at(plan, d, j, s);
-        const int64_t row = plan.step_row(j, s);
-        const int64_t prev = s > 0 ? plan.step_row(j, s - 1) : -1;
+        const int64_t row = plan.step_row(d, j, s);
+        const int64_t prev = s > 0 ? plan.step_row(d, j, s - 1) : -1;
         T* dhj = dh + j * H;
-        const T* gout = go + plan.io_row(j, t) * DH + d * H;
-        for (int64_t k = 0; k < H; ++k) dhj[k] += gout[k];
+        const T* gout = go + plan.io_offset(j, t, go_s0, go_s1) + d * H * go_s2;
+        if (go_s2 == 1) {
+          for (int64_t k = 0; k < H; ++k) dhj[k] += gout[k];
+        } else {
+          for (int64_t k = 0; k < H; ++k) dhj[k] += gout[k * go_s2];
+        }
         const T* wr = ws + row * W;
         switch (cell) {
           case Cell::LSTM:
-            lstm_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH);
+            kern.lstm_backward(H, wr, prev >= 0 ? ws + prev * W + 4 * H : c_init + j * H, dhj, dc + j * H, gx + row * GH,
+                               db_x.data());
             break;
           case Cell::GRU:
-            gru_cell_backward<T>(H, wr, prev >= 0 ? ws + prev * W + h_col : h_init + j * H, dhj, gx + row * GH, gh + row * GH);
+            kern.gru_backward(H, wr, wr + hp_col, dhj, gx + row * GH, gh + row * GH, db_x.data(), db_h.data());
             break;
-          case Cell::RNN_TANH: rnn_cell_backward<T, false>(H, wr, dhj, gx + row * GH); break;
-          case Cell::RNN_RELU: rnn_cell_backward<T, true>(H, wr, dhj, gx + row * GH); break;
+          case Cell::RNN_TANH: kern.rnn_tanh_backward(H, wr, dhj, gx + row * GH, db_x.data()); break;
+          case Cell::RNN_RELU: kern.rnn_relu_backward(H, wr, dhj, gx + row * GH, db_x.data()); break;
         }
       }
       // d h_prev = (this step's gate gradients) @ W_hh (+ gru's direct z * dh, already in dh).
-      whh.multiply(nb, gh + plan.step_row(0, s) * GH, GH, gru ? T(1) : T(0), dh, H);
+      whh.multiply(nb, gh + plan.block(d, s) * GH, GH, gru ? T(1) : T(0), dh, H);
     }
-    // The previous h of every step row, aligned with the gate gradients: [rows, H]; step s's
-    // block is step s-1's h (a prefix of it), step 0's the initial state.
-    Tensor h_prev_all = at::empty({plan.rows, H}, input.options());
-    T* hp = h_prev_all.data_ptr<T>();
-    for (int64_t s = 0; s < plan.steps; ++s) {
-      for (int64_t j = 0; j < plan.batch_size[s]; ++j) {
-        const T* src = s > 0 ? ws + plan.step_row(j, s - 1) * W + h_col : h_init + j * H;
-        std::copy_n(src, H, hp + plan.step_row(j, s) * H);
-      }
+    // [dW_ih | dW_hh]^T = [x | h_prev]^T @ [gx | gh] over all step rows, [I + H, G*H], with
+    // [x | h_prev] read in place from the workspace: one GEMM with a long inner dimension
+    // where gx = gh (lstm, rnn); gru's two halves take their own gradient. Measured here
+    // (single thread, interleaved, rows = 1280, I = 130, 4H = 800): this product plus the
+    // transposes back took ~10% less than gx^T @ x and gx^T @ h_prev into [G*H, *] directly.
+    Tensor dw_t = at::empty({I + H, GH}, input.options());
+    if (gru) {
+      gemm<T>(true, false, I, GH, plan.rows, T(1), ws + x_col, W, gx, GH, T(0), dw_t.data_ptr<T>(), GH);
+      gemm<T>(true, false, H, GH, plan.rows, T(1), ws + hp_col, W, gh, GH, T(0), dw_t.data_ptr<T>() + I * GH, GH);
+    } else {
+      gemm<T>(true, false, I + H, GH, plan.rows, T(1), ws + x_col, W, gx, GH, T(0), dw_t.data_ptr<T>(), GH);
     }
-    const Tensor x = gather_steps<T>(plan, input2d, d);
     Tensor& dw_ih = grad_weights[d * per_dir + 0] = at::empty({GH, I}, input.options());
     Tensor& dw_hh = grad_weights[d * per_dir + 1] = at::empty({GH, H}, input.options());
-    gemm<T>(true, false, GH, I, plan.rows, T(1), gx, GH, x.const_data_ptr<T>(), I, T(0), dw_ih.data_ptr<T>(), I);
-    gemm<T>(true, false, GH, H, plan.rows, T(1), gh, GH, hp, H, T(0), dw_hh.data_ptr<T>(), H);
+    transpose<T>(dw_t.const_data_ptr<T>(), I, GH, GH, dw_ih.data_ptr<T>(), I);
+    transpose<T>(dw_t.const_data_ptr<T>() + I * GH, H, GH, GH, dw_hh.data_ptr<T>(), H);
     if (w.has_bias) {
-      grad_weights[d * per_dir + 2] = gx_all.sum(0);
-      grad_weights[d * per_dir + 3] = gru ? gh_all.sum(0) : grad_weights[d * per_dir + 2].clone();
+      Tensor db_ih = at::empty({GH}, input.options());
+      std::copy_n(db_x.data(), GH, db_ih.data_ptr<T>());
+      Tensor db_hh = db_ih.clone();  // lstm, rnn: b_hh adds where b_ih does
+      if (gru) std::copy_n(db_h.data() + 2 * H, H, db_hh.data_ptr<T>() + 2 * H);  // n: r * dn
+      grad_weights[d * per_dir + 2] = db_ih;
+      grad_weights[d * per_dir + 3] = db_hh;
     }
     grad_x[d] = at::empty({plan.rows, I}, input.options());
     gemm<T>(false, false, plan.rows, I, GH, T(1), gx, GH, w.w_ih[d].const_data_ptr<T>(), I, T(0),
@@ -551,17 +567,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   // padding.
   Tensor grad_input = at::empty(input.sizes(), input.options());
   T* gi = grad_input.data_ptr<T>();
-  zero_padding<T>(plan, gi, I);
+  zero_padding_part<T>(plan, gi, I, 0, 1);
   const T* g0 = grad_x[0].const_data_ptr<T>();
   const T* g1 = D > 1 ? grad_x[1].const_data_ptr<T>() : nullptr;
   for (int64_t j = 0; j < B; ++j) {
     for (int64_t t = 0; t < plan.len[j]; ++t) {
       T* dst = gi + plan.io_row(j, t) * I;
-      const T* a = g0 + plan.step_row(j, t) * I;
+      const T* a = g0 + plan.step_row(0, j, t) * I;
       if (g1 == nullptr) {
         std::copy_n(a, I, dst);
       } else {
-        const T* b = g1 + plan.step_row(j, plan.len[j] - 1 - t) * I;
+        const T* b = g1 + plan.step_row(1, j, plan.len[j] - 1 - t) * I;
         for (int64_t k = 0; k < I; ++k) dst[k] = a[k] + b[k];
       }
     }

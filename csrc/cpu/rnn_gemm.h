@@ -110,13 +110,15 @@ class PackedRight {
           max_m > 0 && n > 0 && k > 0) {
         const size_t bytes = cblas_sgemm_pack_get_size(162, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k));
         // MKL asks for ~9 MB at H = 200 (it touches far less): a fresh allocation per call costs
-        // page faults on every layer call, so each thread keeps one buffer for reuse.
-        thread_local Buffer cache;
-        if (!cache.in_use) {
-          cache.reserve(bytes);
-          cache.in_use = true;
-          packed_ = static_cast<float*>(cache.data.get());
-          release_ = &cache.in_use;
+        // page faults on every layer call, so each thread keeps buffers for reuse: two, for the
+        // forward's W_ih and W_hh.
+        thread_local Buffer cache[2];
+        Buffer* free_buffer = !cache[0].in_use ? &cache[0] : !cache[1].in_use ? &cache[1] : nullptr;
+        if (free_buffer != nullptr) {
+          free_buffer->reserve(bytes);
+          free_buffer->in_use = true;
+          packed_ = static_cast<float*>(free_buffer->data.get());
+          release_ = &free_buffer->in_use;
         } else {
           own_.reserve(bytes);
           packed_ = static_cast<float*>(own_.data.get());

@@ -1,18 +1,29 @@
 // Elementwise math for the recurrent cells: sigmoid and tanh over a "pack" of values, so the
-// cell code is written once for 8 floats (AVX2) and for one scalar (tails, float64).
+// cell code is written once for 16 floats (AVX-512), 8 floats (AVX2) and one scalar (tails,
+// float64).
 //
 // Why a hand-written exp: the cells evaluate ~(G*H) transcendental functions per sequence and
 // step; scalar std::exp costs ~5-10 ns each, which at the tagger shape would cost more than all
-// the GEMMs. The AVX2 version below (Cephes' polynomial, ~2 ulp) runs 8 at a time.
+// the GEMMs. The vector versions below (Cephes' polynomial, ~2 ulp) run 8 or 16 at a time.
+//
+// AVX-512: the extension is built for x86-64-v3 (AVX2), so Avx512Pack is compiled under a
+// `#pragma GCC target` region and only used by code that checked cpu_has_avx512() at run time
+// (see rnn_cells.inc for how the cell passes are compiled once per instruction set).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FASTNER_RNN_AVX2 1
+// GCC's target pragma lets one translation unit hold AVX-512 code next to the AVX2 build.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTNER_RNN_AVX512 1
+#endif
 #endif
 
 namespace fastner::rnn {
@@ -88,17 +99,78 @@ struct Avx2Pack {
 };
 #endif
 
-// Calls body(Pack{}, k) over k in [0, n): full packs of the widest kind for this scalar type,
-// then scalar tail elements.
-template <typename T, typename Body>
-inline void for_each_pack(int64_t n, Body&& body) {
-  int64_t k = 0;
-#ifdef FASTNER_RNN_AVX2
-  if constexpr (std::is_same_v<T, float>) {
-    for (; k + Avx2Pack::width <= n; k += Avx2Pack::width) body(Avx2Pack{}, k);
+#ifdef FASTNER_RNN_AVX512
+#pragma GCC push_options
+#pragma GCC diagnostic push
+// GCC 12 reports its own _mm512_undefined_ps() idiom as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f")
+// Sixteen floats. Same polynomial as Avx2Pack; 2^n by scalef and 1/x from the 14-bit estimate.
+struct Avx512Pack {
+  using V = __m512;
+  static constexpr int64_t width = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+
+  // exp(x) for x clamped to [-87.3, 88.3], as Avx2Pack::exp (the clamp keeps 1 + exp(-x)
+  // finite, which the reciprocal's Newton step needs).
+  static V exp(V x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    V p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);  // p * 2^n
   }
+  // 1 / x: 14-bit estimate and one Newton step (~2^-24 relative).
+  static V reciprocal(V x) {
+    const V y = _mm512_rcp14_ps(x);
+    return _mm512_mul_ps(y, _mm512_fnmadd_ps(x, y, _mm512_set1_ps(2.0f)));
+  }
+  static V sigmoid(V x) {
+    const V one = _mm512_set1_ps(1.0f);
+    return reciprocal(_mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  }
+  static V tanh(V x) {
+    const V one = _mm512_set1_ps(1.0f);
+    const V e = exp(_mm512_add_ps(x, x));
+    return _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), reciprocal(_mm512_add_ps(e, one)), one);
+  }
+  static V relu(V x) { return _mm512_max_ps(x, _mm512_setzero_ps()); }
+  static V relu_mask(V h, V g) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_GT_OQ), g);
+  }
+};
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
 #endif
-  for (; k < n; ++k) body(ScalarPack<T>{}, k);
+
+// Whether the cell passes may use Avx512Pack: the CPU (and OS) support AVX-512F and
+// FASTNER_RNN_ISA does not say "avx2" (which forces the AVX2 passes, for tests and comparisons).
+inline bool cpu_has_avx512() {
+#ifdef FASTNER_RNN_AVX512
+  static const bool yes = [] {
+    const char* isa = std::getenv("FASTNER_RNN_ISA");
+    if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
 }
 
 }  // namespace fastner::rnn
