@@ -93,11 +93,12 @@ TORCH_LIBRARY(fastner, m) {
         "Tensor lengths, Tensor transitions, Tensor start_transitions, Tensor end_transitions, "
         "Tensor log_z, Tensor alphas) -> (Tensor grad_emissions, Tensor grad_transitions, "
         "Tensor grad_start_transitions, Tensor grad_end_transitions)");
-  // crf_forward and the crf_backward of sum_b (gold_score_b - log_z_b) in one call (what a
-  // training step needs: one pass, and backward only scales the result). No autograd of its
-  // own; fastner/ops.py wraps it. CPU only (other devices run the two ops).
+  // The summed log-likelihood sum_b (gold_score_b - log_z_b) (a 0-dim tensor) and its
+  // gradients w.r.t. emissions, transitions, start and end in one call: what a training step
+  // needs (one pass; backward only scales the result). No autograd of its own: fastner/ops.py
+  // wraps it. CPU only (other devices run crf_forward and crf_backward).
   m.def("crf_forward_backward(Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, "
-        "Tensor start_transitions, Tensor end_transitions) -> (Tensor log_z, Tensor gold_score, "
+        "Tensor start_transitions, Tensor end_transitions) -> (Tensor log_likelihood, "
         "Tensor grad_emissions, Tensor grad_transitions, Tensor grad_start_transitions, "
         "Tensor grad_end_transitions)");
   // Best path: tags int64 [B, T] (-1 past each length) and its score [B].

@@ -73,23 +73,25 @@ class _CRFLogLikelihood(torch.autograd.Function):
         # them; 'none' and devices without that kernel run crf_backward in backward.
         fused = reduction != "none" and has_kernel("crf_forward_backward", emissions.device.type)
         if fused:
-            log_z, gold, grad_emissions, *grads = torch.ops.fastner.crf_forward_backward.default(
+            total, grad_emissions, *grads = torch.ops.fastner.crf_forward_backward.default(
                 emissions, tags, lengths, transitions, start_transitions, end_transitions)
             if not batch_first:
                 grad_emissions = grad_emissions.transpose(0, 1)
         else:
             log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
                 emissions, tags, lengths, transitions, start_transitions, end_transitions)
-        llh = gold - log_z
+            llh = gold - log_z
+            total = None if reduction == "none" else llh.sum()
         if reduction == "none":
             out, scale = llh, None
         elif reduction == "sum":
-            out, scale = llh.sum(), None
+            out, scale = total, None
         elif reduction == "mean":
-            out, scale = llh.mean(), 1.0 / max(llh.shape[0], 1)
+            scale = 1.0 / max(emissions.shape[0], 1)
+            out = total * scale
         else:  # token_mean; a tensor, so that CUDA needs no host sync
-            tokens = lengths.sum().clamp(min=1).to(llh.dtype)
-            out, scale = llh.sum() / tokens, 1.0 / tokens
+            tokens = lengths.sum().clamp(min=1).to(total.dtype)
+            out, scale = total / tokens, 1.0 / tokens
         ctx.scale, ctx.fused, ctx.batch_first = scale, fused, batch_first
         if fused:
             ctx.save_for_backward(grad_emissions, *grads)
@@ -266,9 +268,7 @@ def _register_crf() -> None:
 
     @torch.library.register_fake("fastner::crf_forward_backward")
     def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
-        B = emissions.shape[0]
-        dtype = _crf_accumulate(emissions)
-        return (emissions.new_empty(B, dtype=dtype), emissions.new_empty(B, dtype=dtype),
+        return (emissions.new_empty((), dtype=_crf_accumulate(emissions)),
                 torch.empty_like(emissions), torch.empty_like(transitions),
                 torch.empty_like(start_transitions), torch.empty_like(end_transitions))
 

@@ -1006,16 +1006,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
                    lengths, transitions, start, end, nullptr, nullptr);
 }
 
-// The forward pass and the gradients of sum_b (gold_b - log Z_b) in one call: what a training
-// step needs, without a second pass over the emissions or a second op call in backward.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> crf_forward_backward_cpu(
+// sum_b (gold_b - log Z_b) and its gradients in one call: what a training step needs, without
+// a second pass over the emissions or a second op call in backward.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> crf_forward_backward_cpu(
     const Tensor& emissions, const Tensor& tags, const Tensor& lengths, const Tensor& transitions,
     const Tensor& start, const Tensor& end) {
   Tensor log_z, gold;
   auto [grad_emissions, grad_transitions, grad_start, grad_end] =
       gradients("crf_forward_backward", Weights{nullptr, -1.0}, Weights{nullptr, 1.0}, emissions,
                 tags, lengths, transitions, start, end, &log_z, &gold);
-  return {log_z, gold, grad_emissions, grad_transitions, grad_start, grad_end};
+  Tensor log_likelihood = at::empty({}, log_z.options());
+  AT_DISPATCH_FLOATING_TYPES(log_z.scalar_type(), "crf_forward_backward", [&] {
+    const scalar_t* lz = log_z.data_ptr<scalar_t>();
+    const scalar_t* g = gold.data_ptr<scalar_t>();
+    double total = 0;  // in double: B terms of similar size
+    for (int64_t b = 0; b < log_z.size(0); ++b) total += static_cast<double>(g[b]) - lz[b];
+    *log_likelihood.data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+  });
+  return {log_likelihood, grad_emissions, grad_transitions, grad_start, grad_end};
 }
 
 // ---- marginals ------------------------------------------------------------------------------
