@@ -803,11 +803,11 @@ void exact_backward(const Transitions<scalar_t>& tr, const scalar_t* em, const i
 }
 
 // The gold path's terms: grad_gold[b] at each gold (t, tag) of grad, and the gold transition,
-// start and end counts into acc.exact / acc.start / acc.end.
+// start and end counts added to grad_transitions [K, K], grad_start and grad_end [K].
 template <typename scalar_t>
 void add_gold_terms(const Tensor& tags, const int64_t* len, const scalar_t* gg, int64_t gg_stride,
-                    scalar_t* grad, int64_t grad_b, int64_t grad_t, Accumulators<scalar_t>& acc,
-                    int64_t KP) {
+                    scalar_t* grad, int64_t grad_b, int64_t grad_t, scalar_t* grad_transitions,
+                    scalar_t* grad_start, scalar_t* grad_end, int64_t K) {
   const int64_t* y = tags.data_ptr<int64_t>();
   const int64_t yb = tags.stride(0), yt = tags.stride(1);
   for (int64_t b = 0; b < tags.size(0); ++b) {
@@ -816,9 +816,9 @@ void add_gold_terms(const Tensor& tags, const int64_t* len, const scalar_t* gg, 
     if (L == 0 || w == scalar_t(0)) continue;
     const int64_t* yy = y + b * yb;
     for (int64_t t = 0; t < L; ++t) grad[b * grad_b + t * grad_t + yy[t * yt]] += w;
-    for (int64_t t = 1; t < L; ++t) acc.exact[yy[(t - 1) * yt] * KP + yy[t * yt]] += w;
-    acc.start[yy[0]] += w;
-    acc.end[yy[(L - 1) * yt]] += w;
+    for (int64_t t = 1; t < L; ++t) grad_transitions[yy[(t - 1) * yt] * K + yy[t * yt]] += w;
+    grad_start[yy[0]] += w;
+    grad_end[yy[(L - 1) * yt]] += w;
   }
 }
 
@@ -940,8 +940,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
                   lanes::Rows{reinterpret_cast<float*>(ge), ge_b, ge_t},
                   gt, gs, gend, log_z_out, exact);
     const int64_t KP = padded(K);
-    // Sums of the exact kernel, one set per chunk of sequences (added in chunk order), and of
-    // the gold terms. Its tables cost ~K^2 exps, so they are built only when it runs.
+    // Sums of the exact kernel, one set per chunk of sequences (added in chunk order). Its
+    // tables cost ~K^2 exps, so they are built only when it runs.
     std::vector<Accumulators<scalar_t>> accs;
     std::optional<Transitions<scalar_t>> exact_tables;
     if (!exact.empty()) {
@@ -973,9 +973,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
         }
       }
     }
-    accs.emplace_back(K, KP);
-    if (tags_in.has_value()) add_gold_terms(*tags_in, len, gg, gg_stride, ge, ge_b, ge_t, accs.back(), KP);
-    for (int64_t i = 0; i < K; ++i) {
+    for (int64_t i = 0; i < K && !accs.empty(); ++i) {
       for (int64_t j = 0; j < K; ++j) {
         scalar_t scaled = 0, exact_sum = 0;
         for (const auto& acc : accs) {
@@ -992,6 +990,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
         gs[j] += acc.start[j];
         gend[j] += acc.end[j];
       }
+    }
+    if (tags_in.has_value()) {
+      add_gold_terms(*tags_in, len, gg, gg_stride, ge, ge_b, ge_t, gt, gs, gend, K);
     }
   });
   if (emissions_in.scalar_type() != acc_type) grad_emissions = grad_emissions.to(emissions_in.scalar_type());
