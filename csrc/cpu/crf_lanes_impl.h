@@ -45,7 +45,9 @@ inline V* aligned(float* scratch) {
 }
 
 // exp(x) for x <= 0 or NaN (the kernels exponentiate scores minus their maximum): 0 below
-// -87, NaN for NaN; otherwise as crf_math.h's fast_exp.
+// -87, NaN for NaN; otherwise the polynomial of crf_math.h's fast_exp. (Written again here
+// rather than shared: crf_math.h's inline functions are compiled for AVX2 in crf.cpp, and this
+// file must not share an inline function with it; see the top of the file.)
 inline V vexp_nonpositive(V x) {
   const V c = x < -87.0f ? splat(-87.0f) : x;
   const V n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
