@@ -186,3 +186,16 @@ def test_avx2_kernels_in_a_subprocess():
 
 def test_backend_reports_the_simd_kernels():
     assert fastner.backend()["cpu_simd"] in ("avx512", "avx2")
+
+
+def test_long_sequences_on_the_lanes_match_float64():
+    # A thousand steps with a batch large enough for the lane kernels (the float64 op is the
+    # exact per-sequence kernel): the running log offset and the per-step normalisers hold.
+    testing.reseed(91)
+    emissions, tags, lengths, transitions, start, end = draw(5, 1000, 6, min_len=1)
+    lengths[0] = 1000
+    lanes = fb(emissions, tags, lengths, transitions, start, end)
+    exact = fb(emissions.double(), tags, lengths, transitions.double(), start.double(), end.double())
+    torch.testing.assert_close(lanes[0].double(), exact[0], rtol=1e-6, atol=1e-3)
+    for a, e in zip(lanes[1:], exact[1:]):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)

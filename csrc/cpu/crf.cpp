@@ -426,12 +426,21 @@ int64_t num_groups(int64_t B) {
   return (B + width - 1) / width;
 }
 
-// Scratch of the calling thread, kept between calls: a fresh zeroed ~100 KB vector per call
-// costs more than a whole small-batch forward pass (malloc, memset, page faults).
-float* thread_scratch(size_t floats) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < floats) buffer.resize(floats);
-  return buffer.data();
+// Scratch of the calling thread, kept between calls up to 4 MB: a fresh zeroed ~100 KB vector
+// per call costs more than a whole small-batch forward pass (malloc, memset, page faults).
+// Larger requests (thousands of steps) get a buffer of their own, freed after the call.
+constexpr size_t kKeptScratchFloats = size_t(1) << 20;
+
+template <typename Fn>
+void with_scratch(size_t floats, const Fn& fn) {
+  if (floats > kKeptScratchFloats) {
+    std::vector<float> buffer(floats);
+    fn(buffer.data());
+    return;
+  }
+  thread_local std::vector<float> kept;
+  if (kept.size() < floats) kept.resize(floats);
+  fn(kept.data());
 }
 
 // Runs fn(group, scratch) over every group of the batch, a group per task.
@@ -439,8 +448,9 @@ template <typename Fn>
 void for_each_group(int64_t B, int64_t K, int64_t T, const Fn& fn) {
   const lanes::Kernels& k = lanes::kernels();
   at::parallel_for(0, num_groups(B), 1, [&](int64_t begin, int64_t stop) {
-    float* scratch = thread_scratch(k.scratch_floats(K, T));
-    for (int64_t group = begin; group < stop; ++group) fn(group, scratch);
+    with_scratch(k.scratch_floats(K, T), [&](float* scratch) {
+      for (int64_t group = begin; group < stop; ++group) fn(group, scratch);
+    });
   });
 }
 
