@@ -345,6 +345,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
   const CellKernels<T>& kern = cell_kernels<T>();
 
+  // output and workspace (2 and 14 MB at the tagger shape) are page-faulted in whenever the
+  // allocator hands out freshly mapped memory, which happens interleaved with torch's layers
+  // (measured: the LSTM training forward then takes ~9 instead of ~6.5 ms in some processes).
+  // Reusing freed storages from a per-thread pool removed that, but did not lower fastner's
+  // times in benchmarks/rnn_ratios.py (torch's rose instead, presumably faulting in what the
+  // pool kept), so plain at::empty stays.
   Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
   Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
   Tensor c_slots = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
@@ -539,6 +545,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
     // where gx = gh (lstm, rnn); gru's two halves take their own gradient. Measured here
     // (single thread, interleaved, rows = 1280, I = 130, 4H = 800): this product plus the
     // transposes back took ~10% less than gx^T @ x and gx^T @ h_prev into [G*H, *] directly.
+    // Tried and not kept (LSTM, tagger shape, 2 threads): running this product and the input
+    // gradient per chunk of ~256 step rows inside the step loop, while the chunk's gate
+    // gradients are still in L2, measured no faster (backward timed alone: 10.58 vs 10.72 ms,
+    // medians of 3 runs of 150); [I + H] padded to a multiple of 16 rows, or oneDNN instead of
+    // MKL, did not raise this product's ~160 GFLOP/s either.
     Tensor dw_t = at::empty({I + H, GH}, input.options());
     if (gru) {
       gemm<T>(true, false, I, GH, plan.rows, T(1), ws + x_col, W, gx, GH, T(0), dw_t.data_ptr<T>(), GH);
