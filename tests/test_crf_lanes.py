@@ -51,8 +51,11 @@ def assert_matches(actual, expected, dtype, scale):
         testing.assert_close(a, e, dtype, scale=scale, msg=name)
 
 
-# Batches of 1, a partial group, exactly one AVX-512 group, several groups with a partial one.
-SHAPES = [(1, 7, 5), (5, 13, 17), (16, 40, 17), (37, 29, 9), (70, 11, 30)]
+# Batches of 1, a partial group, exactly one AVX-512 group, several groups with a partial one;
+# tag counts that are exactly one block of lanes (8, 16), a block and a tail (9, 17, 30), and
+# more than 32 (two blocks, and the backtrace's gather path).
+SHAPES = [(1, 7, 5), (5, 13, 17), (16, 40, 17), (37, 29, 9), (70, 11, 30), (9, 5, 8), (17, 6, 16),
+          (20, 9, 40)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
