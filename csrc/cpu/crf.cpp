@@ -839,14 +839,15 @@ Tensor gradient_like(const Tensor& emissions) {
   return grad.stride(2) == 1 ? grad : at::empty(emissions.sizes(), emissions.options());
 }
 
-// The lane kernels' backward where they serve (as lane_forward): writes the gradient rows and
+// The lane kernels' backward where they serve (as lane_forward): writes the gradient rows
+// (grad: (b, t, j) at grad[b * grad_b + t * grad_t + j]) and
 // adds the sums of the pairwise, first-step and last-step marginals (in final form) to
 // transitions_sum [K, K], start_sum [K] and end_sum [K]; lists in `exact` the sequences left
 // to the exact kernel (all of them when the lanes decline).
 void lane_backward(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
                    const Tensor& start, const Tensor& end, const float* gz, int64_t gz_stride,
-                   const lanes::Rows& rows, float* transitions_sum, float* start_sum,
-                   float* end_sum, float* log_z, std::vector<int64_t>& exact) {
+                   float* grad, int64_t grad_b, int64_t grad_t, float* transitions_sum,
+                   float* start_sum, float* end_sum, float* log_z, std::vector<int64_t>& exact) {
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   const LaneModel lane_model(transitions, start, end);
   if (!lane_model.usable || !lane_layout(emissions)) {
@@ -862,6 +863,7 @@ void lane_backward(const Tensor& emissions, const int64_t* len, const Tensor& tr
   float* starts = pairs + groups * K * K;
   float* ends = starts + groups * K;
   const lanes::Emissions em = lane_emissions(emissions, len);
+  const lanes::Rows rows{grad, grad_b, grad_t};
   std::vector<uint8_t> trouble(B, 0);
   for_each_group(B, K, T, [&](int64_t g, float* scratch) {
     k.backward(lane_model.model, em, g, gz, gz_stride, rows, pairs + g * K * K, starts + g * K,
@@ -884,7 +886,7 @@ void lane_backward(const Tensor& emissions, const int64_t* len, const Tensor& tr
 }
 
 void lane_backward(const Tensor& emissions, const int64_t*, const Tensor&, const Tensor&,
-                   const Tensor&, const double*, int64_t, const lanes::Rows&, double*, double*,
+                   const Tensor&, const double*, int64_t, double*, int64_t, int64_t, double*, double*,
                    double*, double*, std::vector<int64_t>& exact) {
   all_sequences(emissions.size(0), exact);
 }
@@ -946,9 +948,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
     scalar_t* gend = grad_end.data_ptr<scalar_t>();
     scalar_t* log_z_out = log_z ? log_z->data_ptr<scalar_t>() : nullptr;
     std::vector<int64_t> exact;
-    lane_backward(emissions, len, transitions, start, end, gz, gz_stride,
-                  lanes::Rows{reinterpret_cast<float*>(ge), ge_b, ge_t},
-                  gt, gs, gend, log_z_out, exact);
+    lane_backward(emissions, len, transitions, start, end, gz, gz_stride, ge, ge_b, ge_t, gt, gs,
+                  gend, log_z_out, exact);
     const int64_t KP = padded(K);
     // Sums of the exact kernel, one set per chunk of sequences (added in chunk order). Its
     // tables cost ~K^2 exps, so they are built only when it runs.

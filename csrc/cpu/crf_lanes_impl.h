@@ -202,9 +202,6 @@ struct Group {
   I active(int64_t t) const { return len > static_cast<int32_t>(t); }
   I last(int64_t t) const { return len == static_cast<int32_t>(t + 1); }
 
-  // Emissions of step t, tag j, one lane per sequence.
-  V emission(int64_t t, int64_t j) const { return gather(base + t * stride_t + j, offset); }
-
   // Emissions of step t for every tag, e[j] one lane per sequence: whole blocks of W tags by
   // rows and a transpose, the remaining tags by gathers.
   void emissions(int64_t t, int64_t K, V* e) const {
