@@ -247,6 +247,15 @@ def _crf_accumulate(emissions: Tensor) -> torch.dtype:
     return reference.crf_accumulate_dtype(emissions.dtype)
 
 
+def _gradient_like(emissions: Tensor) -> Tensor:
+    # The CPU kernels' grad_emissions (csrc/cpu/crf.cpp, gradient_like): the emissions' own
+    # layout where the tag stride is 1 (a time-first caller gets a time-first gradient), else
+    # contiguous [B, T, K].
+    if emissions.stride(2) == 1:
+        return torch.empty_like(emissions)
+    return emissions.new_empty(emissions.shape)
+
+
 def _register_crf() -> None:
     """Fake kernels and the autograd formula of the CRF ops (needs the schemas from fastner._C)."""
 
@@ -263,13 +272,13 @@ def _register_crf() -> None:
     @torch.library.register_fake("fastner::crf_backward")
     def _(grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start_transitions,
           end_transitions, log_z, alphas):
-        return (emissions.new_empty(emissions.shape), torch.empty_like(transitions),
+        return (_gradient_like(emissions), torch.empty_like(transitions),
                 torch.empty_like(start_transitions), torch.empty_like(end_transitions))
 
     @torch.library.register_fake("fastner::crf_forward_backward")
     def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
         return (emissions.new_empty((), dtype=_crf_accumulate(emissions)),
-                torch.empty_like(emissions), torch.empty_like(transitions),
+                _gradient_like(emissions), torch.empty_like(transitions),
                 torch.empty_like(start_transitions), torch.empty_like(end_transitions))
 
     @torch.library.register_fake("fastner::crf_viterbi")
