@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fastner import _extension
+from fastner.program_check import checked_program_bytes
 
 PROGRAM_FILE = "program.pt2"
 META_FILE = "export.json"
@@ -269,8 +270,11 @@ def load(path: str) -> ExportedTagger:
     if missing:
         raise FileNotFoundError(f"{path!r} is not a fastner export directory: missing {', '.join(missing)} "
                                 "(written by `fastner export DIR OUT`)")
-    with open(meta_path, encoding="utf-8") as handle:
-        meta = json.load(handle)
+    try:
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path}: not valid UTF-8 JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{path!r} holds export format {found!r}; this fastner reads format {EXPORT_FORMAT}")
@@ -279,4 +283,11 @@ def load(path: str) -> ExportedTagger:
         if not _extension.extension_loaded():
             raise RuntimeError(f"{path!r} calls fastner ops {meta['fastner_ops']} but the compiled extension "
                                f"could not be loaded: {_extension.load_error()}")
-    return ExportedTagger(torch.export.load(program_path), meta)
+    # checked in memory, then those same bytes loaded: torch.export.load alone may run code
+    # from the archive (see fastner.program_check)
+    program_bytes = checked_program_bytes(program_path)
+    try:
+        program = torch.export.load(io.BytesIO(program_bytes))
+    except Exception as err:  # a corrupt archive fails deep inside torch's deserializer
+        raise ValueError(f"{program_path}: not a loadable torch.export program ({type(err).__name__}: {err})") from None
+    return ExportedTagger(program, meta)
