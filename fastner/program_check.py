@@ -5,7 +5,7 @@ weights_only=False when the safe load fails, unpickles "pickled" weights and con
 weights_only=False (and opaque constants with plain pickle.loads), hands shape expressions to
 sympy.sympify (which evals its string), and exec()s the guard strings when the program becomes a
 module. A fastner export holds none of those unsafe forms, so the archive is read once into
-memory, checked here, and only those very bytes go to torch.export.load:
+memory, checked here (check_program_archive), and only those very bytes go to torch.export.load:
 
 - only the members `torch.export.save` writes for one program named "model" (raw tensor
   payloads, JSON configs, the graph JSON, the sample inputs, version markers);
@@ -52,14 +52,6 @@ _SYMPY_CALLS = {
 }
 _SYMPY_NAMES = {"true", "false", "oo", "zoo", "nan", "S"}
 _TARGET_PREFIXES = ("torch.ops.aten.", "torch.ops.fastner.", "_operator.")
-
-
-def checked_program_bytes(path: str) -> bytes:
-    """The bytes of the archive at `path`, after checking them (raises UnsafeProgramError)."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    check_program_archive(data, path)
-    return data
 
 
 def check_program_archive(data: bytes, name: str = "program.pt2") -> None:

@@ -105,6 +105,7 @@ def test_pickled_weight_and_foreign_members_are_refused(export_dir, tmp_path):
 
     extra = tmp_path / "extra"
     shutil.copytree(export_dir, extra)
+    (extra / export.MANIFEST_FILE).unlink()  # a hand-made directory: no manifest to compare with
     with zipfile.ZipFile(extra / export.PROGRAM_FILE, "a") as archive:
         root = archive.namelist()[0].split("/")[0]
         archive.writestr(f"{root}/data/constants/custom_obj_0", b"anything")
@@ -126,5 +127,8 @@ def test_garbage_archive_gives_a_clear_error(export_dir, tmp_path):
     bad = tmp_path / "garbage"
     shutil.copytree(export_dir, bad)
     (bad / export.PROGRAM_FILE).write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError, match="program.pt2 differs from what export-manifest.json records"):
+        export.load(str(bad))
+    (bad / export.MANIFEST_FILE).unlink()
     with pytest.raises(UnsafeProgramError, match="not a torch.export archive"):
         export.load(str(bad))
