@@ -424,7 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from fastner import _extension
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _extension.forced_reference()  # a bad FASTNER_BACKEND value: said up front, before any import uses it
+    except ValueError as err:
+        print(f"fastner: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if argv[:1] == ["bench"]:
         from fastner.bench import main as bench_main
 
@@ -436,9 +443,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "train":
         args.explicit = _explicit_options(args.parser, argv[1:])
     try:
-        from fastner import _extension
-
-        _extension.forced_reference()  # a bad FASTNER_BACKEND value is a user error, said up front
         return args.func(args)
     except KeyboardInterrupt:
         print("fastner: interrupted", file=sys.stderr)
