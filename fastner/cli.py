@@ -181,6 +181,11 @@ def cmd_evaluate(args) -> int:
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
+    if args.output:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder) or os.path.isdir(args.output):
+            raise UsageError(f"--output {args.output}: " + ("is a directory" if os.path.isdir(args.output)
+                                                            else f"the folder {folder} does not exist"))
     tagger = Tagger.load(args.model, device=args.device)
     sentences = _read(args.file, args)
     pred = tagger.tag([s.tokens for s in sentences], batch_size=args.batch_size)

@@ -251,3 +251,11 @@ def test_resume_contradicting_the_checkpoint_is_refused_naming_the_settings(file
     # options not given keep the run's values (hidden 8, adam, ...), not the defaults
     assert main(args + ["--epochs", "2"]) == 0
     assert Tagger.load(str(out), device="cpu").model.config.hidden == 8
+
+
+def test_embeddings_file_errors_name_file_and_line(files, capsys, tmp_path):
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_bytes("anna 0.1 0.2\nk\xf6ln 0.3 0.4\n".encode("latin-1"))
+    args = ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"), "--out", str(tmp_path / "m")]
+    user_error(capsys, args + ["--embeddings", str(vectors)], f"{vectors}:2: not UTF-8 (byte 0xf6")
+    user_error(capsys, args + ["--embeddings", str(tmp_path)], f"{tmp_path} is a directory")
