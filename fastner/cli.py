@@ -190,11 +190,13 @@ def cmd_evaluate(args) -> int:
     sentences = _read(args.file, args)
     pred = tagger.tag([s.tokens for s in sentences], batch_size=args.batch_size)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            for sentence, tags in zip(sentences, pred):
-                for token, gold, guess in zip(sentence.tokens, sentence.tags, tags):
-                    handle.write(f"{token} {gold} {guess}\n")
-                handle.write("\n")
+        from fastner.storage import atomic_write_bytes
+
+        lines = []
+        for sentence, tags in zip(sentences, pred):
+            lines.extend(f"{token} {gold} {guess}\n" for token, gold, guess in zip(sentence.tokens, sentence.tags, tags))
+            lines.append("\n")
+        atomic_write_bytes(args.output, "".join(lines).encode("utf-8"))
     print(format_conlleval(conlleval([s.tags for s in sentences], pred)))
     return 0
 
