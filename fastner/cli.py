@@ -263,6 +263,9 @@ def cmd_demo(args) -> int:
     from fastner.train import TrainConfig, train
 
     _set_threads(args.threads)
+    if args.out and os.path.isdir(args.out) and os.listdir(args.out):
+        raise UsageError(f"--out {args.out} already holds a saved run or other files; choose another --out "
+                         "(the demo never overwrites)")
     started = time.perf_counter()
     train_data, held_out = generate_corpus(args.sentences, max(1, args.sentences // 4), seed=args.seed)
     dev_size = max(1, len(train_data) // 10)

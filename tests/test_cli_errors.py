@@ -259,3 +259,10 @@ def test_embeddings_file_errors_name_file_and_line(files, capsys, tmp_path):
     args = ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"), "--out", str(tmp_path / "m")]
     user_error(capsys, args + ["--embeddings", str(vectors)], f"{vectors}:2: not UTF-8 (byte 0xf6")
     user_error(capsys, args + ["--embeddings", str(tmp_path)], f"{tmp_path} is a directory")
+
+
+def test_bench_and_demo_mistakes(files, capsys, tmp_path):
+    user_error(capsys, ["bench", "--threads", "0"], "--threads must be >= 1, got 0")
+    user_error(capsys, ["bench", "--only", "nothing"], "--only takes a comma-separated list")
+    user_error(capsys, ["demo", "--out", str(files / "model"), "--sentences", "20", "--epochs", "1"],
+               "already holds a saved run", "choose another --out")
