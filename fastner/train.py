@@ -176,9 +176,8 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
         if not os.path.isfile(checkpoint_path) and not os.path.isdir(os.path.join(out_dir, f".{MANIFEST_FILE}.staging")):
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {checkpoint_path}")
         state = _read_checkpoint(out_dir)
-        saved = Tagger.load(out_dir, device="cpu") if os.path.isfile(os.path.join(out_dir, CONFIG_FILE)) else None
-        if saved is None:
-            raise FileNotFoundError(f"--resume: {out_dir} holds a checkpoint but no tagger files")
+        # read through the file set: the tagger may still sit in a swap a kill cut short
+        saved = Tagger.load(out_dir, device="cpu")
         _check_resume_settings(config, state, saved, checkpoint_path)
         words, chars, tags = saved.words, saved.chars, saved.tags
         model = saved.model
