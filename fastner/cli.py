@@ -63,7 +63,7 @@ SEED = _int_from(0, 2**63 - 1)
 
 
 def _user_errors():
-    from fastner.data.text import DataFormatError
+    from fastner.data.textfiles import DataFormatError
     from fastner.embeddings import EmbeddingsError
     from fastner.tagger import TaggerLoadError
 
@@ -218,7 +218,7 @@ def cmd_tag(args) -> int:
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
-    from fastner.data.text import check_data_file, utf8_lines
+    from fastner.data.textfiles import check_data_file, utf8_lines
 
     tagger = Tagger.load(args.model, device=args.device)
     if args.file is not None:

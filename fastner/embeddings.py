@@ -73,7 +73,7 @@ def load_glove_package() -> Pretrained:
 
 def load_text_vectors(path: str) -> Pretrained:
     """A GloVe or word2vec text file: `word v1 ... vd` per line (a word2vec `count dim` header is skipped)."""
-    from fastner.data.text import DataFormatError, check_data_file, utf8_lines
+    from fastner.data.textfiles import DataFormatError, check_data_file, utf8_lines
 
     try:
         check_data_file(path, "embeddings file")
@@ -105,7 +105,7 @@ def load_text_vectors(path: str) -> Pretrained:
 
 def _lines_or_error(lines):
     """utf8_lines with its DataFormatError as an EmbeddingsError (same FILE:LINE message)."""
-    from fastner.data.text import DataFormatError
+    from fastner.data.textfiles import DataFormatError
 
     try:
         yield from lines

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 
 from fastner.data.schemes import split_tag
-from fastner.data.text import DataFormatError, check_data_file, utf8_lines
+from fastner.data.textfiles import DataFormatError, check_data_file, utf8_lines
 
 DOCSTART = "-DOCSTART-"
 __all__ = ["DOCSTART", "DataFormatError", "Sentence", "read_conll", "write_conll"]
