@@ -326,6 +326,21 @@ def test_cuda_scripts_run_as_modules_and_refuse_without_cuda(script, tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+def test_crf_step_breakdown_calls_run():
+    pytest.importorskip("torchcrf")
+    from benchmarks import crf_step_breakdown
+
+    for name, call in crf_step_breakdown.calls(2).items():
+        call()
+
+
+def test_thread_cpu_clock_counts_this_threads_work():
+    from fastner.bench.timing import ThreadCpuClock
+
+    spent = ThreadCpuClock().time(lambda: sum(range(20000)), number=5)
+    assert 0.0 < spent < 5.0
+
+
 def test_rnn_flops():
     # LSTM, I=130, H=200, 10 tokens, 2 directions: 2 * 4*200 * (130+200) * 10 * 2
     assert rnn_flops("lstm", 130, 200, 10, 2, training=False) == 2 * 800 * 330 * 10 * 2
