@@ -80,8 +80,8 @@ def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                                                      end_transitions)
     B, T, K = emissions.shape
     valid = _valid_steps(lengths, T)
-    if T == 0:
-        return emissions.new_zeros(B), emissions.new_zeros(B, 0, K)
+    if T == 0:  # log Z = 0, kept on the graph (a zero gradient, not an unconnected constant)
+        return emissions.sum(dim=(1, 2)) * 0, emissions.new_zeros(B, 0, K)
     alpha = start + emissions[:, 0]  # [B, K]
     history = [alpha]
     for t in range(1, T):
@@ -110,7 +110,7 @@ def crf_gold_score(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions
                                                      end_transitions)
     B, T, K = emissions.shape
     if T == 0:
-        return emissions.new_zeros(B)
+        return emissions.sum(dim=(1, 2)) * 0
     valid = _valid_steps(lengths, T)
     safe_tags = torch.where(valid, tags, torch.zeros_like(tags))
     zero = emissions.new_zeros(())
@@ -146,7 +146,9 @@ def crf_backward(grad_log_z: Tensor, grad_gold_score: Tensor, emissions: Tensor,
     with torch.enable_grad():
         log_z, gold, _ = crf_forward(inputs[0], tags, lengths, *inputs[1:])
         total = (grad_log_z * log_z).sum() + (grad_gold_score * gold).sum()
-        grads = torch.autograd.grad(total, inputs, allow_unused=True)
+        # An empty batch or T = 0 scores constants: no graph, zero gradients.
+        grads = (torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad
+                 else [None] * len(inputs))
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
 
@@ -366,7 +368,8 @@ def rnn_layer(
             if c is not None:
                 c = torch.where(m, c_new, c)
             out[t] = torch.where(m, h_new, torch.zeros_like(h_new))
-        outputs.append(torch.stack(out, dim=1))
+        # T = 0: an empty output that is still on the graph (zero gradients, not an error).
+        outputs.append(torch.stack(out, dim=1) if T else x_proj[:, :, :H] * 0)
         h_last.append(h)
         if c is not None:
             c_last.append(c)
