@@ -9,6 +9,8 @@ sanitizer CI step runs the slow set against an ASan + UBSan build (README, Devel
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +24,8 @@ import testing
 
 pytestmark = testing.requires_op("crf_forward")
 
-EXAMPLES = {"default": 150, "slow": 2000}
+# FASTNER_FUZZ_SLOW_EXAMPLES sizes the slow run (the sanitizer CI step uses fewer: ASan is slower).
+EXAMPLES = {"default": 150, "slow": int(os.environ.get("FASTNER_FUZZ_SLOW_EXAMPLES", "2000"))}
 BUDGETS = [pytest.param("default"), pytest.param("slow", marks=pytest.mark.slow)]
 REFUSALS = (ValueError, RuntimeError)
 
