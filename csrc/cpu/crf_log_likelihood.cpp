@@ -50,12 +50,6 @@ Tensor log_likelihood(const Tensor& emissions, const Tensor& tags, const Tensor&
 }  // namespace crf
 }  // namespace fastner
 
-TORCH_LIBRARY_FRAGMENT(fastner, m) {
-  m.def("crf_log_likelihood(Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, "
-        "Tensor start_transitions, Tensor end_transitions, str reduction, bool batch_first) "
-        "-> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(fastner, CompositeExplicitAutograd, m) {
   m.impl("crf_log_likelihood", &fastner::crf::log_likelihood);
 }
