@@ -145,3 +145,8 @@ def op_registered(name: str) -> bool:
         return True
     except (AttributeError, RuntimeError):
         return False
+
+
+def requires_op(name: str):
+    """Skip marker for tests that call torch.ops.fastner.<name> directly."""
+    return pytest.mark.skipif(not op_registered(name), reason=f"torch.ops.fastner.{name} is not registered (extension not built)")
