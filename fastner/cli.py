@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Optional, Sequence
 
 EXIT_USAGE = 2
 
@@ -108,40 +108,20 @@ def cmd_evaluate(args) -> int:
 
 # ---- tag -----------------------------------------------------------------------------------
 
-def _chunks(lines: Iterable[str], size: int) -> Iterator[List[str]]:
-    chunk: List[str] = []
-    for line in lines:
-        chunk.append(line.rstrip("\n"))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def cmd_tag(args) -> int:
+    from fastner.tag_io import Writer, output_file, read_items, tag_stream
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.nbest is not None and args.nbest < 1:
+        raise UsageError(f"--nbest must be >= 1, got {args.nbest}")
     tagger = Tagger.load(args.model, device=args.device)
-    if args.file is not None and not os.path.isfile(args.file):
-        raise FileNotFoundError(f"input file not found: {args.file}")
-    source = open(args.file, encoding="utf-8") if args.file else sys.stdin
-    out = sys.stdout
-    try:
-        # chunks keep memory flat on long inputs while still batching sentences
-        for lines in _chunks(source, 4 * args.batch_size):
-            for result in tagger.predict(lines, batch_size=args.batch_size):
-                if args.format == "json":
-                    out.write(json.dumps(result, ensure_ascii=False) + "\n")
-                else:
-                    for token, tag in zip(result["tokens"], result["tags"]):
-                        out.write(f"{token} {tag}\n")
-                    out.write("\n")
-            out.flush()
-    finally:
-        if source is not sys.stdin:
-            source.close()
+    items = read_items(args.inputs, args.input, word_column=args.word_column)
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    with output_file(args.out) as out:
+        tag_stream(tagger, items, Writer(out, args.output), args.batch_size, args.nbest, progress)
     return 0
 
 
@@ -290,11 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("tag", help="tag text: one whitespace-tokenised sentence a line")
+    p = sub.add_parser("tag", help="tag raw text, .txt directories, JSONL, tokenised or CoNLL input")
     p.add_argument("model", help="tagger directory")
-    p.add_argument("file", nargs="?", help="input file (default: stdin)")
-    p.add_argument("--format", choices=["conll", "json"], default="conll",
-                   help="conll: `token tag` lines, blank line between sentences; json: one object a line with spans")
+    p.add_argument("inputs", nargs="*", metavar="FILE|DIR|-",
+                   help="inputs (default: stdin); a directory means its .txt files, one document each")
+    p.add_argument("--input", choices=["text", "tokens", "conll", "jsonl"], default="text",
+                   help="text: raw documents (default); tokens: one whitespace-tokenised sentence a line; "
+                        "conll: CoNLL columns; jsonl: {\"id\", \"text\"} objects, one a line")
+    p.add_argument("--output", "--format", dest="output", choices=["conll", "jsonl", "json", "spans"], default="conll",
+                   help="conll: `token tag` lines; jsonl: one result object a line (ids kept); json: one array; "
+                        "spans: `id start end label score text`, tab-separated, character offsets for documents")
+    p.add_argument("--out", help="write here (atomically: complete or not at all) instead of stdout")
+    p.add_argument("--nbest", type=int, default=None, help="add the N best analyses of each sentence (json/jsonl)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar with documents/s and tokens/s on stderr (default: when stderr is a terminal)")
+    p.add_argument("--word-column", type=int, default=0, help="--input conll: column of the words (default 0)")
     p.add_argument("--batch-size", type=int, default=64)
     _add_runtime(p)
     p.set_defaults(func=cmd_tag)
