@@ -44,15 +44,25 @@ def _decode(data: bytes, name: str, first_line: int = 1) -> str:
                               "convert the file to UTF-8 first") from None
 
 
+def _stdin_bytes() -> IO[bytes]:
+    """stdin as bytes (a replaced text-only sys.stdin, as in tests, is encoded back)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is not None:
+        return buffer
+    import io
+
+    return io.BytesIO(sys.stdin.read().encode("utf-8"))
+
+
 def _lines(path: str) -> Iterator[tuple]:
     """(line number, decoded line without its newline) of a file or stdin, read lazily."""
-    handle: IO[bytes] = sys.stdin.buffer if path == STDIN else open(path, "rb")
-    name = "<stdin>" if path == STDIN else path
+    handle: IO[bytes] = _stdin_bytes() if path == STDIN else open(path, "rb")
     try:
+        name = "<stdin>" if path == STDIN else path
         for number, raw in enumerate(handle, start=1):
             yield number, _decode(raw, name, number).rstrip("\r\n")
     finally:
-        if handle is not sys.stdin.buffer:
+        if path != STDIN:
             handle.close()
 
 
@@ -80,7 +90,7 @@ def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterato
     if kind == "text":
         for doc_id, path in _text_files(paths):
             if path == STDIN:
-                data = sys.stdin.buffer.read()
+                data = _stdin_bytes().read()
             else:
                 with open(path, "rb") as handle:
                     data = handle.read()

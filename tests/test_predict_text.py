@@ -29,8 +29,8 @@ def _train(out, head="crf", scheme="BIOES"):
 
 
 @pytest.fixture(scope="module")
-def tagger(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("crf"))
+def tagger(demo_tagger_dir):
+    return Tagger.load(str(demo_tagger_dir), device="cpu")
 
 
 @pytest.fixture(scope="module")

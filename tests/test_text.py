@@ -5,7 +5,8 @@ import random
 import pytest
 
 from fastner.text import iter_sentences, tokenize, working_copy
-from fastner.text.agreement import detokenize, measure
+from fastner.text import detokenize
+from fastner.text.agreement import measure
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "conll2003")
 
@@ -123,3 +124,10 @@ def test_linear_time_on_pathological_input():
     # a 200k-character run without spaces once backtracked quadratically in the e-mail pattern
     sentences = tokenize("a" * 200_000 + " " + "x@" * 50_000)
     assert sum(len(s) for s in sentences) >= 2
+
+
+def test_period_split_inside_an_unsplit_sentence():
+    # syntok keeps a sentence going when the next one starts in lower case; the word's period
+    # still comes off, an abbreviation's does not
+    assert flat("It paid 5.2 a share. analyst Kaur said.")[3:7] == ["a", "share", ".", "analyst"]
+    assert "Corp." in flat("Shares of Acme Corp. rose.")

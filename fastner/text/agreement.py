@@ -17,32 +17,9 @@ import json
 import sys
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from fastner.text.detokenize import detokenize
+
 Span = Tuple[int, int]
-
-_NO_SPACE_BEFORE = {",", ".", ";", ":", "!", "?", ")", "]", "}", "%", "''", "...", "n't", "N'T"}
-_CLITICS = {"'s", "'S", "'re", "'RE", "'ve", "'VE", "'ll", "'LL", "'d", "'D", "'m", "'M"}
-_NO_SPACE_AFTER = {"(", "[", "{", "$", "``"}
-
-
-def detokenize(tokens: Sequence[str]) -> Tuple[str, List[Span]]:
-    """The text the tokens were cut from, as news copy prints it, and each token's span in it."""
-    text = ""
-    spans: List[Span] = []
-    open_quote = False
-    glue_next = True  # no space before the first token
-    for token in tokens:
-        closing_quote = token == '"' and open_quote
-        glue = glue_next or token in _NO_SPACE_BEFORE or token in _CLITICS or closing_quote
-        if not glue:
-            text += " "
-        spans.append((len(text), len(text) + len(token)))
-        text += token
-        glue_next = token in _NO_SPACE_AFTER
-        if token == '"':
-            glue_next = not open_quote  # an opening quote glues to the next word
-            open_quote = not open_quote
-    return text, spans
-
 
 def _fastner_spans(text: str) -> List[Span]:
     from fastner.text import tokenize

@@ -49,6 +49,17 @@ _ATOMS = re.compile(
 # sentence CoNLL writes "U.S" + "." too, so that split stays.
 _DOTTED = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
 # CoNLL splits a leading currency symbol off a number but nltk only knows "$".
+# A word with a period that is not an abbreviation, inside what the sentence splitter kept as one
+# sentence ("a share. analyst said" when the next sentence starts in lower case): the period is
+# its own token. Abbreviations (a closed list, single letters, dotted forms like U.S.) keep it.
+_WORD_PERIOD = re.compile(r"[A-Za-z][a-z]+\.|\d[\d,]*(?:\.\d+)?\.")
+_ABBREVIATIONS = frozenset("""
+    mr mrs ms dr prof rev gen lt col capt cmdr sgt maj adm sen rep gov pres amb fr sr jr st mt no vs
+    inc corp co ltd plc bros dept univ assn ave blvd rd est approx etc al cf fig vol op
+    jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thur thurs fri sat sun
+    ala ariz ark calif colo conn del fla ga ill ind kan ky la md mass mich minn miss mo mont neb
+    nev okla ore pa tenn tex va vt wash wis wyo
+""".split())
 _ENUMERATION = re.compile(r"\d{1,3}\.")
 _ENDS_WITH_TITLE = re.compile(
     r"\b(?:Mr|Mrs|Ms|Dr|Prof|Rev|Gen|Lt|Col|Capt|Cmdr|Sgt|Maj|Adm|Sen|Rep|Gov|Pres|Amb|Fr|Sr|St|Mt|No|vs)\.$")
@@ -128,9 +139,12 @@ def _treebank(work: str, start: int, end: int) -> List[Tuple[int, int]]:
 
 def _conll_fixes(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     fixed: List[Tuple[int, int]] = []
-    for a, b in spans:
+    for number, (a, b) in enumerate(spans):
         if b - a > 1 and _CURRENCY_PREFIX.fullmatch(work, a, b):
             fixed.extend([(a, a + 1), (a + 1, b)])
+        elif (0 < number < len(spans) - 1 and _WORD_PERIOD.fullmatch(work, a, b)
+              and work[a:b - 1].lower() not in _ABBREVIATIONS):
+            fixed.extend([(a, b - 1), (b - 1, b)])
         else:
             fixed.append((a, b))
     merged: List[Tuple[int, int]] = []
