@@ -20,6 +20,10 @@ from torch import Tensor
 # They loop over time only; every step is vectorised over the batch and the tags.
 
 
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
 def crf_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype CRF scores are computed in for emissions of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -317,7 +321,8 @@ def rnn_layer(
     lengths = lengths.to(device=x.device, dtype=torch.long)
     if lengths.shape != (B,):
         raise ValueError(f"rnn_layer: lengths must have shape [B] = [{B}], got {list(lengths.shape)}")
-    if bool(((lengths < 0) | (lengths > T)).any()):
+    # a data-dependent check: eager only (torch.export / compile trace without the values)
+    if not _tracing() and bool(((lengths < 0) | (lengths > T)).any()):
         raise ValueError(f"rnn_layer: lengths must lie in [0, T] = [0, {T}]")
     steps = torch.arange(T, device=x.device)
     valid = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # [B, T, 1]

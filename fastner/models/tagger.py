@@ -140,11 +140,16 @@ class SequenceTagger(nn.Module):
         all run this): words [B, T], chars [B, T, C], lengths [B] ->
         tags [B, T] int64 (the best path, -1 past each length), log_z [B] (log partition under
         transition_scores()), emissions [B, T, K] float32 (zeros past each length)."""
+        from fastner import ops
+
         mask = torch.arange(words.shape[1], device=words.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
         emissions = (self.emissions(words, chars, lengths, mask).float() * mask.unsqueeze(-1))
         if self.crf is not None:
-            tags, _ = self.crf.viterbi(emissions, mask)
-            log_z = self.crf.log_partition(emissions, mask)
+            # the ops on the known lengths, not the module's mask checks (data-dependent
+            # comparisons torch.export cannot trace)
+            scores = self.transition_scores(emissions.dtype)
+            tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
+            log_z, _, _ = ops.crf_forward(emissions, None, lengths, *scores)
         else:
             tags = emissions.argmax(dim=-1).masked_fill(~mask, -1)
             log_z = (emissions.logsumexp(dim=-1) * mask).sum(dim=1)
