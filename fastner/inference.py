@@ -17,6 +17,7 @@ from torch import Tensor
 from fastner.data.batching import encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import tags_to_spans
+from fastner.predictions import check_batch_size
 from fastner.span_scores import kbest, span_log_probabilities
 
 # (words [B, T], chars [B, T, C], lengths [B]) -> (tags [B, T], log_z [B], emissions [B, T, K])
@@ -31,8 +32,7 @@ class SentenceAnalysis:
 
 
 def check_options(batch_size: int, nbest: Optional[int]) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     if nbest is not None and (isinstance(nbest, bool) or not isinstance(nbest, int) or nbest < 1):
         raise ValueError(f"nbest must be None or an int >= 1, got {nbest!r}")
 

@@ -13,6 +13,7 @@ object is a DataFormatError naming FILE:LINE.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import IO, Deque, Iterable, Iterator, List, Optional, Sequence, Union
 
 from fastner.data.conll import DOCSTART, DataFormatError
+from fastner.data.textfiles import BOM, check_data_file, utf8_lines
 
 INPUTS = ("text", "tokens", "conll", "jsonl")
 OUTPUTS = ("conll", "jsonl", "json", "spans")
@@ -35,13 +37,15 @@ class Item:
     payload: Union[str, List[str]]
 
 
-def _decode(data: bytes, name: str, first_line: int = 1) -> str:
+def _decode(data: bytes, name: str) -> str:
+    """A whole document; bad bytes are reported like utf8_lines reports them (NAME:LINE)."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = first_line + data.count(b"\n", 0, err.start)
-        raise DataFormatError(f"{name}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
-                              "convert the file to UTF-8 first") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        for _ in utf8_lines(io.BytesIO(data), name):  # raises, naming the line and column
+            pass
+        raise
+    return text[1:] if text.startswith(BOM) else text
 
 
 def _stdin_bytes() -> IO[bytes]:
@@ -49,8 +53,6 @@ def _stdin_bytes() -> IO[bytes]:
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is not None:
         return buffer
-    import io
-
     return io.BytesIO(sys.stdin.read().encode("utf-8"))
 
 
@@ -59,8 +61,8 @@ def _lines(path: str) -> Iterator[tuple]:
     handle: IO[bytes] = _stdin_bytes() if path == STDIN else open(path, "rb")
     try:
         name = "<stdin>" if path == STDIN else path
-        for number, raw in enumerate(handle, start=1):
-            yield number, _decode(raw, name, number).rstrip("\r\n")
+        for number, line in utf8_lines(handle, name):
+            yield number, line.rstrip("\r\n")
     finally:
         if path != STDIN:
             handle.close()
@@ -78,10 +80,9 @@ def _text_files(paths: Sequence[str]) -> Iterator[tuple]:
                 raise DataFormatError(f"{path}: a directory without .txt files")
             for file in found:
                 yield os.path.relpath(file, path), file
-        elif os.path.isfile(path):
-            yield path, path
         else:
-            raise FileNotFoundError(f"input not found: {path}")
+            check_data_file(path, "input file")
+            yield path, path
 
 
 def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterator[Item]:
@@ -97,8 +98,8 @@ def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterato
             yield Item(doc_id, _decode(data, "<stdin>" if path == STDIN else path))
         return
     for path in paths:
-        if path != STDIN and not os.path.isfile(path):
-            raise FileNotFoundError(f"input not found: {path}")
+        if path != STDIN:
+            check_data_file(path, "input file")
         name = "<stdin>" if path == STDIN else path
         if kind == "tokens":
             for number, line in _lines(path):

@@ -88,7 +88,7 @@ def test_tokens_and_conll_inputs(demo_tagger_dir, capsys, tmp_path):
 
 @pytest.mark.parametrize("content, kind, message", [
     (b"Oslo \xff fell", "text", ":1: not valid UTF-8 (byte 0xff)"),
-    (b'{"text": "ok"}\n{"text": "b\xc3"}\n', "jsonl", ":2: not valid UTF-8"),
+    (b'{"text": "ok"}\n{"text": "b\xc3"}\n', "jsonl", ":2: not UTF-8"),
     (b'{"text": "ok"}\n[1, 2]\n', "jsonl", ":2: expected a JSON object"),
     (b'{"text": "ok"}\n{"text": \n', "jsonl", ":2: not valid JSON"),
     (b'{"id": 1, "body": "x"}\n', "jsonl", ':1: the object has no "text" string'),
@@ -121,7 +121,7 @@ def test_control_characters_and_empty_files(demo_tagger_dir, capsys, tmp_path):
 
 def test_missing_input_and_directory_without_articles(demo_tagger_dir, capsys, tmp_path):
     code, _, err = run(capsys, demo_tagger_dir, tmp_path / "nope.txt")
-    assert code == 2 and "input not found" in err
+    assert code == 2 and "input file not found" in err
     (tmp_path / "empty_dir").mkdir()
     code, _, err = run(capsys, demo_tagger_dir, tmp_path / "empty_dir")
     assert code == 2 and "without .txt files" in err

@@ -62,7 +62,7 @@ def test_malformed_lines(tmp_path, line, message):
     with pytest.raises(DataFormatError, match=f"{path}:2: .*{message}"):
         read_jsonl(path)
     (tmp_path / "bytes.jsonl").write_bytes(b'{"text": "\xff"}\n')
-    with pytest.raises(DataFormatError, match="bytes.jsonl:1: not valid UTF-8"):
+    with pytest.raises(DataFormatError, match="bytes.jsonl:1: not UTF-8"):
         read_jsonl(tmp_path / "bytes.jsonl")
 
 

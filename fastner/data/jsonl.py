@@ -89,13 +89,11 @@ def sentences_from_text(text: str, spans: Sequence[Tuple[int, int, str]], where:
 
 def iter_jsonl_records(path: str) -> Iterator[Tuple[int, dict]]:
     """(line number, object) of each non-blank line; DataFormatError on bytes, JSON or shape."""
+    from fastner.data.textfiles import utf8_lines
+
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, line in utf8_lines(handle, path):
             where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataFormatError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
             if not line.strip():
                 continue
             try:
@@ -112,9 +110,10 @@ def iter_jsonl_records(path: str) -> Iterator[Tuple[int, dict]]:
 def read_jsonl(path: "str | os.PathLike", misaligned: str = "reject",
                max_sentences: Optional[int] = None) -> List[Sentence]:
     """Sentences (tokens and IOB2 tags) of a JSONL span file."""
+    from fastner.data.textfiles import check_data_file
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+    check_data_file(path)
     sentences: List[Sentence] = []
     for number, record in iter_jsonl_records(path):
         where = f"{path}:{number}"
@@ -137,12 +136,14 @@ def is_jsonl(path: str) -> bool:
 
 
 def read_data(path: "str | os.PathLike", word_column: int = 0, tag_column: int = -1,
-              max_sentences: Optional[int] = None, misaligned: str = "reject") -> List[Sentence]:
-    """A CoNLL or a JSONL span file, told apart by is_jsonl()."""
+              max_sentences: Optional[int] = None, misaligned: str = "reject",
+              entity_tags: bool = False) -> List[Sentence]:
+    """A CoNLL or a JSONL span file, told apart by is_jsonl(); entity_tags as in read_conll."""
     path = os.fspath(path)
     if os.path.isfile(path) and is_jsonl(path):
         return read_jsonl(path, misaligned, max_sentences)
-    return read_conll(path, word_column=word_column, tag_column=tag_column, max_sentences=max_sentences)
+    return read_conll(path, word_column=word_column, tag_column=tag_column, max_sentences=max_sentences,
+                      entity_tags=entity_tags)
 
 
 def jsonl_records(sentences: Iterable[Sentence]) -> Iterator[dict]:
