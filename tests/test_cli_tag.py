@@ -87,7 +87,7 @@ def test_tokens_and_conll_inputs(demo_tagger_dir, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("content, kind, message", [
-    (b"Oslo \xff fell", "text", ":1: not valid UTF-8 (byte 0xff)"),
+    (b"Oslo \xff fell", "text", ":1: not UTF-8 (byte 0xff"),
     (b'{"text": "ok"}\n{"text": "b\xc3"}\n', "jsonl", ":2: not UTF-8"),
     (b'{"text": "ok"}\n[1, 2]\n', "jsonl", ":2: expected a JSON object"),
     (b'{"text": "ok"}\n{"text": \n', "jsonl", ":2: not valid JSON"),
