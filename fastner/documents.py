@@ -26,6 +26,8 @@ from fastner.text import tokenize
 # A stream is read in groups of about this many sentences per batch_size: bounded memory, and
 # enough sentences to fill length-sorted batches.
 STREAM_BATCHES = 8
+# Longer runs of text without a sentence end are tagged in pieces of this many tokens.
+MAX_SENTENCE_TOKENS = 512
 
 
 def predict(analyser: Analyser, x, output_scheme: str, batch_size: int = 64, nbest: Optional[int] = None):
@@ -86,8 +88,18 @@ def _stream(analyser, items: Iterator, output_scheme, batch_size, nbest) -> Iter
         yield from _run(analyser, group, kind, output_scheme, batch_size, nbest)
 
 
+def _bounded(sentences: List[list]) -> List[list]:
+    """Sentences cut into pieces of at most MAX_SENTENCE_TOKENS tokens: text without sentence
+    ends (a table, a log) would otherwise reach the model as one sequence of any length."""
+    out = []
+    for sentence in sentences:
+        for begin in range(0, len(sentence), MAX_SENTENCE_TOKENS):
+            out.append(sentence[begin : begin + MAX_SENTENCE_TOKENS])
+    return out
+
+
 def _documents(analyser, documents: List[str], output_scheme, batch_size, nbest) -> List[dict]:
-    tokenized = [tokenize(document) for document in documents]
+    tokenized = [_bounded(tokenize(document)) for document in documents]
     flat = [[token for token, _, _ in sentence] for sentences in tokenized for sentence in sentences]
     analyses = iter(analyser.analyse(flat, batch_size, nbest))
     results = []

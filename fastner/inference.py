@@ -21,6 +21,9 @@ from fastner.predictions import check_batch_size
 from fastner.span_scores import kbest, span_log_probabilities
 
 # (words [B, T], chars [B, T, C], lengths [B]) -> (tags [B, T], log_z [B], emissions [B, T, K])
+# Sentences encoded and length-sorted together: batch_size * GROUP_BATCHES.
+GROUP_BATCHES = 32
+
 InferFn = Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]
 
 
@@ -61,6 +64,15 @@ class Analyser:
                 if len(sentence) > self.fixed_length:
                     raise ValueError(f"sentence {number} has {len(sentence)} tokens; this export takes at most "
                                      f"{self.fixed_length} (export again with a larger --max-length)")
+        results: List[SentenceAnalysis] = []
+        # encoded in groups: a 10 MB document's 100k sentences never sit encoded all at once
+        group = batch_size * GROUP_BATCHES
+        for begin in range(0, len(sentences), group):
+            results.extend(self._analyse_group(sentences[begin : begin + group], batch_size, nbest, scores))
+        return results
+
+    def _analyse_group(self, sentences: Sequence[List[str]], batch_size: int, nbest: Optional[int],
+                       scores: bool) -> List[SentenceAnalysis]:
         results: List[SentenceAnalysis] = [SentenceAnalysis([], [], [(1.0, [])] if nbest else [])
                                            for _ in sentences]
         order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))

@@ -29,6 +29,7 @@ SpanRequest = Tuple[int, int, int, str]  # (row, start, end exclusive, label)
 
 # Spans scored per forward call: bounds the [N, T, K] masked-emission copy.
 _CHUNK = 256
+_ELEMENTS = 1 << 24  # 64 MB of float32
 
 
 def span_alternatives(tag_ids: Dict[str, int], start: int, end: int, label: str, length: int) -> List[Alternative]:
@@ -89,8 +90,10 @@ def span_log_probabilities(emissions: Tensor, lengths: Tensor, log_z: Tensor,
             owner.append(number)
     K = emissions.shape[2]
     per_alternative: List[Tensor] = [torch.empty(0, dtype=torch.float64)]
-    for begin in range(0, len(rows), _CHUNK):
-        chunk_rows = rows[begin : begin + _CHUNK]
+    # alternatives per forward call: at most _CHUNK, and at most _ELEMENTS masked emissions
+    per_call = max(1, min(_CHUNK, _ELEMENTS // max(1, int(lengths.max()) * K)))
+    for begin in range(0, len(rows), per_call):
+        chunk_rows = rows[begin : begin + per_call]
         index = torch.tensor(chunk_rows, dtype=torch.long, device=emissions.device)
         chunk_lengths = lengths.index_select(0, index)
         # cut the time axis to the longest sentence of this chunk

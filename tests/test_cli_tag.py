@@ -125,3 +125,21 @@ def test_missing_input_and_directory_without_articles(demo_tagger_dir, capsys, t
     (tmp_path / "empty_dir").mkdir()
     code, _, err = run(capsys, demo_tagger_dir, tmp_path / "empty_dir")
     assert code == 2 and "without .txt files" in err
+
+
+@pytest.mark.slow
+def test_ten_megabyte_document(demo_tagger_dir, capsys, tmp_path):
+    from fastner.demo import generate_articles
+
+    articles = generate_articles(2000, seed=9)
+    text = "\n\n".join(t for t, _ in articles)
+    text = (text * (10_000_000 // len(text) + 1))[:10_000_000]
+    path = tmp_path / "big.txt"
+    path.write_text(text, encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, path, "--output", "spans", "--batch-size", "256")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) > 10_000
+    for line in lines[:: max(1, len(lines) // 2000)]:
+        _, start, end, _, _, entity = line.split("\t")
+        assert text[int(start):int(end)] == entity

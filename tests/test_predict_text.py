@@ -183,3 +183,12 @@ def test_bad_input(tagger, bad, error, match):
 def test_bad_options(tagger, option):
     with pytest.raises(ValueError):
         tagger.predict("Oslo", **option)
+
+
+def test_text_without_sentence_ends_is_tagged_in_bounded_pieces(tagger):
+    from fastner.documents import MAX_SENTENCE_TOKENS
+
+    document = " ".join(["Oslo"] * (2 * MAX_SENTENCE_TOKENS + 10))
+    result = tagger.predict(document)
+    assert [len(s["tokens"]) for s in result["sentences"]] == [MAX_SENTENCE_TOKENS, MAX_SENTENCE_TOKENS, 10]
+    check_document(document, result)
