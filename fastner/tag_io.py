@@ -213,7 +213,8 @@ def tag_stream(tagger, items: Iterable[Item], writer: Writer, batch_size: int, n
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        # delay: short runs finish before a bar appears
+        bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5, delay=1.0)
     tokens = 0
     try:
         for result in tagger.predict(payloads(), batch_size=batch_size, nbest=nbest):
