@@ -55,6 +55,7 @@ class _RNNLayer(torch.autograd.Function):
             output, h_n, c_n, workspace = torch.ops.fastner.rnn_layer_forward.default(
                 input, lengths, list(weights), hx, cx, mode, bidirectional, batch_first, training)
         ctx.rnn_args = (mode, bidirectional, batch_first, hx is not None, cx is not None)
+        ctx.training = training
         ctx.shapes = (output.shape, h_n.shape, c_n.shape)
         ctx.save_for_backward(input, lengths, workspace, hx, cx, *weights)
         ctx.mark_non_differentiable(workspace)
@@ -64,7 +65,7 @@ class _RNNLayer(torch.autograd.Function):
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
         mode, bidirectional, batch_first, has_hx, has_cx = ctx.rnn_args
         input, lengths, workspace, hx, cx, *weights = ctx.saved_tensors
-        if workspace.numel() == 0:
+        if not ctx.training:  # (an empty batch has an empty workspace, and a gradient)
             raise RuntimeError(
                 "fastner::rnn_layer_forward ran with training=False (no saved activations); "
                 "call it with training=True to differentiate it")
