@@ -9,12 +9,16 @@ Environment switches (the pytorch_scatter convention):
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # cuda_build.py beside this file (build backends do not put it on the path)
+import cuda_build  # noqa: E402
+
 BASE_VERSION = "0.1.0"
 # Release default: Ampere (A100, A10/RTX 30xx) and Hopper, plus PTX for newer GPUs to JIT.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
@@ -69,17 +73,38 @@ def extensions(with_cuda):
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] if not debug else ["-O0", "-g", "-G"]
         macros.append(("FASTNER_WITH_CUDA", None))
         ext_cls = CUDAExtension
-    return [
-        ext_cls(
-            "fastner._C",
-            sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args=extra,
-            extra_link_args=[] if debug else ["-fopenmp"],
-            define_macros=macros,
-            py_limited_api=True,
-        )
-    ]
+    ext = ext_cls(
+        "fastner._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=extra,
+        extra_link_args=[] if debug else ["-fopenmp"],
+        define_macros=macros,
+        py_limited_api=True,
+    )
+    if with_cuda:
+        use_cuda_toolchain(ext)
+    return [ext]
+
+
+def use_cuda_toolchain(ext):
+    """Point the CUDA extension at nvcc and at the CUDA headers and libraries of a pip CUDA torch.
+
+    cuda_build.py finds them (or exits naming what is missing) and explains the choices: headers
+    the toolkit lacks come after its own, the libraries are linked by versioned name, no rpath.
+    """
+    try:
+        found = cuda_build.discover(torch.__version__, torch.version.cuda, CUDA_HOME)
+    except cuda_build.CudaBuildError as err:
+        sys.exit(f"error: {err}")
+    print(cuda_build.summary(found), file=sys.stderr)
+    for compiler in ("cxx", "nvcc"):
+        ext.extra_compile_args[compiler] += found.compile_args(compiler)
+    # CUDAExtension asks for `-lcudart`, which needs an unversioned libcudart.so that the pip
+    # packages do not ship; found.link_args names the versioned files instead.
+    ext.libraries = [lib for lib in ext.libraries if lib != "cudart"]
+    ext.library_dirs += found.library_dirs
+    ext.extra_link_args += found.link_args
 
 
 WITH_CUDA = want_cuda()
