@@ -7,6 +7,7 @@ Environment switches (the pytorch_scatter convention):
   FASTNER_DEBUG=1        -O0 -g, for gdb
   MAX_JOBS               parallel compile jobs (ninja)
 """
+import functools
 import glob
 import os
 import sys
@@ -87,17 +88,24 @@ def extensions(with_cuda):
     return [ext]
 
 
-def use_cuda_toolchain(ext):
-    """Point the CUDA extension at nvcc and at the CUDA headers and libraries of a pip CUDA torch.
-
-    cuda_build.py finds them (or exits naming what is missing) and explains the choices: headers
-    the toolkit lacks come after its own, the libraries are linked by versioned name, no rpath.
-    """
+@functools.lru_cache(maxsize=None)
+def find_cuda_toolchain():
+    """nvcc and the CUDA headers and libraries (cuda_build.py), or exit naming what is missing."""
     try:
         found = cuda_build.discover(torch.__version__, torch.version.cuda, CUDA_HOME)
     except cuda_build.CudaBuildError as err:
         sys.exit(f"error: {err}")
     print(cuda_build.summary(found), file=sys.stderr)
+    return found
+
+
+def use_cuda_toolchain(ext):
+    """Point the CUDA extension at nvcc and at the CUDA headers and libraries of a pip CUDA torch.
+
+    cuda_build.py explains the choices: headers the toolkit lacks come after its own, the
+    libraries are linked by versioned name, no rpath.
+    """
+    found = find_cuda_toolchain()
     for compiler in ("cxx", "nvcc"):
         ext.extra_compile_args[compiler] += found.compile_args(compiler)
     # CUDAExtension asks for `-lcudart`, which needs an unversioned libcudart.so that the pip
@@ -108,6 +116,8 @@ def use_cuda_toolchain(ext):
 
 
 WITH_CUDA = want_cuda()
+if WITH_CUDA:
+    find_cuda_toolchain()  # first: a missing piece is named before anything else fails on it
 setup(
     name="fastner",
     version=local_version(WITH_CUDA),
