@@ -26,7 +26,9 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-$PWD/build/gpu-check}"
 BUDGET="${GPU_CHECK_BUDGET_S:-690}"
 mkdir -p "$OUT"
-LOG="$OUT/gpu_check.log" STEPS="$OUT/steps.tsv"
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+LOG="$OUT/gpu_check.log" STEPS="$SCRATCH/steps.tsv"
 : >"$LOG"; : >"$STEPS"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 START=$(date +%s)
@@ -46,11 +48,11 @@ run_step() {
   fi
   printf '\n===== %s (%s, limit %ss)\n' "$name" "$(date +%T)" "$limit" | tee -a "$LOG"
   local t0 status; t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" > >(tee -a "$LOG" "$OUT/last.txt") 2>&1
+  timeout --kill-after=10 "$limit" "$@" > >(tee -a "$LOG" "$SCRATCH/last.txt") 2>&1
   status=$?
   local took=$(( $(date +%s) - t0 )) word=passed
   sleep 0.2  # let tee flush
-  local detail; detail=$(grep -v '^\s*$' "$OUT/last.txt" | tail -n 1 | tr '\t' ' ' | cut -c1-300)
+  local detail; detail=$(grep -v '^\s*$' "$SCRATCH/last.txt" | tail -n 1 | tr '\t' ' ' | cut -c1-300)
   if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then word=timeout; elif [ "$status" -ne 0 ]; then word=failed; fi
   printf '%s\t%s\t%s\t%s\n' "$name" "$word" "$took" "$detail" >>"$STEPS"
   printf '===== %s: %s in %ss\n' "$name" "$word" "$took" | tee -a "$LOG"
@@ -59,7 +61,6 @@ run_step() {
 }
 
 write_json() {
-  rm -f "$OUT/last.txt"
   "$PY" - "$STEPS" "$OUT/gpu_check.json" "$1" <<'EOF'
 import json, platform, subprocess, sys, time
 steps_file, out, verdict = sys.argv[1:]
@@ -131,7 +132,7 @@ fi
 run_step "CUDA parity suites" 330 "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/junit.xml" \
   tests/test_crf_cuda.py tests/test_rnn_cuda.py tests/test_backend.py
 
-cat >"$OUT/sanitize_case.py" <<'EOF'
+cat >"$SCRATCH/sanitize_case.py" <<'EOF'
 # A small case of every CUDA op, for compute-sanitizer: CRF forward/backward and Viterbi (warp
 # path K <= 32, block path K > 32, ragged lengths), and bidirectional LSTM/GRU/RNN layers forward
 # and backward on both RNN paths.
@@ -164,7 +165,7 @@ EOF
 if command -v compute-sanitizer >/dev/null; then
   # --error-exitcode: any access error, API error or leak fails the step; its report is in sanitizer.log.
   run_step "compute-sanitizer memcheck" 150 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 50 \
-    --log-file "$OUT/sanitizer.log" "$PY" "$OUT/sanitize_case.py"
+    --log-file "$OUT/sanitizer.log" "$PY" "$SCRATCH/sanitize_case.py"
   tail -n 5 "$OUT/sanitizer.log" 2>/dev/null | tee -a "$LOG"
 else
   printf '%s\tskipped\t0\t%s\n' "compute-sanitizer memcheck" "compute-sanitizer not on PATH" >>"$STEPS"; FAILED=1
