@@ -6,8 +6,10 @@ Environment switches (the pytorch_scatter convention):
   TORCH_CUDA_ARCH_LIST   GPU architectures, read by torch.utils.cpp_extension (default below)
   FASTNER_DEBUG=1        -O0 -g, for gdb
   MAX_JOBS               parallel compile jobs (ninja)
+
+A CUDA build needs nvcc and a CUDA torch; the other CUDA headers and libraries may come from
+torch's nvidia-* pip packages (cuda_build.py finds them and names what is missing).
 """
-import functools
 import glob
 import os
 import sys
@@ -74,21 +76,19 @@ def extensions(with_cuda):
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] if not debug else ["-O0", "-g", "-G"]
         macros.append(("FASTNER_WITH_CUDA", None))
         ext_cls = CUDAExtension
-    ext = ext_cls(
-        "fastner._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=extra,
-        extra_link_args=[] if debug else ["-fopenmp"],
-        define_macros=macros,
-        py_limited_api=True,
-    )
-    if with_cuda:
-        use_cuda_toolchain(ext)
-    return [ext]
+    return [
+        ext_cls(
+            "fastner._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args=extra,
+            extra_link_args=[] if debug else ["-fopenmp"],
+            define_macros=macros,
+            py_limited_api=True,
+        )
+    ]
 
 
-@functools.lru_cache(maxsize=None)
 def find_cuda_toolchain():
     """nvcc and the CUDA headers and libraries (cuda_build.py), or exit naming what is missing."""
     try:
@@ -99,30 +99,34 @@ def find_cuda_toolchain():
     return found
 
 
-def use_cuda_toolchain(ext):
-    """Point the CUDA extension at nvcc and at the CUDA headers and libraries of a pip CUDA torch.
+def use_cuda_toolchain(exts, found):
+    """Point the CUDA extensions at the CUDA headers and libraries of a pip CUDA torch.
 
     cuda_build.py explains the choices: headers the toolkit lacks come after its own, the
     libraries are linked by versioned name, no rpath.
     """
-    found = find_cuda_toolchain()
-    for compiler in ("cxx", "nvcc"):
-        ext.extra_compile_args[compiler] += found.compile_args(compiler)
-    # CUDAExtension asks for `-lcudart`, which needs an unversioned libcudart.so that the pip
-    # packages do not ship; found.link_args names the versioned files instead.
-    ext.libraries = [lib for lib in ext.libraries if lib != "cudart"]
-    ext.library_dirs += found.library_dirs
-    ext.extra_link_args += found.link_args
+    for ext in exts:
+        for compiler in ("cxx", "nvcc"):
+            ext.extra_compile_args[compiler] += found.compile_args(compiler)
+        # CUDAExtension asks for `-lcudart`, which needs an unversioned libcudart.so that the
+        # pip packages do not ship; found.link_args names the versioned files instead.
+        ext.libraries = [lib for lib in ext.libraries if lib != "cudart"]
+        ext.library_dirs += found.library_dirs
+        ext.extra_link_args += found.link_args
+    return exts
 
 
 WITH_CUDA = want_cuda()
-if WITH_CUDA:
-    find_cuda_toolchain()  # first: a missing piece is named before anything else fails on it
+# First: a missing piece of the CUDA toolchain is named before anything else fails on it.
+CUDA_TOOLCHAIN = find_cuda_toolchain() if WITH_CUDA else None
+EXT_MODULES = extensions(WITH_CUDA)
+if CUDA_TOOLCHAIN is not None:
+    use_cuda_toolchain(EXT_MODULES, CUDA_TOOLCHAIN)
 setup(
     name="fastner",
     version=local_version(WITH_CUDA),
     packages=find_packages(include=["fastner", "fastner.*"]),
-    ext_modules=extensions(WITH_CUDA),
+    ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
