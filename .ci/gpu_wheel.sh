@@ -32,7 +32,7 @@ python3 -m venv "$WORK/build-venv"
 # not replace the CPU build's in the tree the other CI steps test.
 phase "GPU wheel build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$ARCHS, MAX_JOBS=$JOBS)"
 mkdir "$WORK/src"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar cf - --ignore-failed-read) | tar xf - -C "$WORK/src"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | tar cf - --null -T - --ignore-failed-read) | tar xf - -C "$WORK/src"
 rm -f "$WORK/src/fastner/_build_info.py" "$WORK/src"/fastner/_C*.so
 # /usr/bin/time -v: the build's peak memory (the largest nvcc), to size MAX_JOBS.
 (cd "$WORK" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="$JOBS" \
