@@ -28,6 +28,15 @@ python3 -m venv "$WORK/build-venv"
 "$WORK/build-venv/bin/python" -m pip install -q "torch==$TORCH_PIN" ninja numpy setuptools wheel build
 "$WORK/build-venv/bin/python" -c 'import torch; assert torch.version.cuda, torch.__version__; print("torch", torch.__version__, "CUDA", torch.version.cuda)'
 
+# The fresh venv the wheel goes into, filled while the wheel compiles (unpacking gigabytes is
+# disk work, compiling is CPU work): its torch and the test tools now, the wheel once built.
+phase "fresh venv for the wheel: CUDA torch $TORCH_PIN (in the background)"
+python3 -m venv "$WORK/venv"
+PY="$WORK/venv/bin/python"
+"$PY" -m pip install -q "torch==$TORCH_PIN" numpy pytest pytorch-crf==0.7.2 >"$WORK/venv-install.log" 2>&1 &
+VENV_PID=$!
+trap 'kill "$VENV_PID" 2>/dev/null || true' EXIT
+
 # Build from a copy of the tree: setup.py writes fastner/_build_info.py, and the CUDA one must
 # not replace the CPU build's in the tree the other CI steps test.
 phase "GPU wheel build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$ARCHS, MAX_JOBS=$JOBS)"
@@ -67,11 +76,11 @@ assert "RPATH" not in dynamic and "RUNPATH" not in dynamic, dynamic
 print(f"{wheel.name}: {wheel.stat().st_size / 1e6:.1f} MB; NEEDED {' '.join(needed)}; no RPATH/RUNPATH")
 EOF
 
-phase "fresh venv: CUDA torch $TORCH_PIN + the wheel"
-python3 -m venv "$WORK/venv"
-PY="$WORK/venv/bin/python"
-# The wheel's own requirements (torch, numpy) are resolved by pip from its metadata.
-"$PY" -m pip install -q "$WORK"/dist/fastner-*.whl "torch==$TORCH_PIN" pytest pytorch-crf==0.7.2
+phase "fresh venv: wait for its torch, then install the wheel"
+wait "$VENV_PID" || { grep -v '^WARNING: Location' "$WORK/venv-install.log" | tail -n 30; echo "CI: the fresh venv's install failed" >&2; exit 1; }
+# pip checks the wheel's own requirements (torch, numpy) against its metadata.
+"$PY" -m pip install -q "$WORK"/dist/fastner-*.whl "torch==$TORCH_PIN"
+"$PY" -m pip check
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 phase "import from outside the source tree, LD_BIND_NOW=1"
