@@ -100,7 +100,7 @@ def validation_problems(errors) -> List[dict]:
             sent = item.get("input")
             if isinstance(sent, dict) and union_member == "str":
                 continue  # an object was sent: its own field errors say more
-            if not isinstance(sent, (dict, str)) and (union_member == "DocumentIn" or len(location) == 2):
+            if not isinstance(sent, (dict, str)) and len(location) == 2:  # the document itself
                 field = ".".join(location[:2])
                 message = f'a document is a string or an object {{"id", "text"}}, got {type(sent).__name__}'
         problems.setdefault(field, {"field": field, "message": message, "type": kind})
@@ -152,7 +152,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         batcher.start()
         try:
             for text in WARMUP_TEXTS:  # through the worker: the event loop never runs the model
-                await batcher.submit([text] * 8, 8 * model_adapter.count_tokens(text))
+                await batcher.submit([text] * 8, 8 * model_adapter.count_tokens(text), wait=False)
             state["ready"] = True
             yield
         finally:
@@ -237,7 +237,10 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         except (QueueFull, ShuttingDown) as err:
             return JSONResponse(status_code=503, content={"error": str(err)},
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        results = await future
+        try:
+            results = await future
+        except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
+            return JSONResponse(status_code=500, content={"error": f"the model call failed: {type(err).__name__}: {err}"})
         return {"documents": [{"id": doc_id, **result} for doc_id, result in zip(ids, results)]}
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)

@@ -36,6 +36,7 @@ class _Job:
     nbest: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    wait: bool = True  # False: run as soon as the worker is free (warm-up)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -99,11 +100,12 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="fastner-model", daemon=True)
         self._thread.start()
 
-    def submit(self, texts: Sequence[str], tokens: int, nbest: int = 1) -> asyncio.Future:
+    def submit(self, texts: Sequence[str], tokens: int, nbest: int = 1, wait: bool = True) -> asyncio.Future:
         """Queue one request's documents; the future resolves to their results, in order.
-        Called on the event loop; raises QueueFull or ShuttingDown at once."""
+        Called on the event loop; raises QueueFull or ShuttingDown at once. `wait=False`: the
+        batch this job starts does not wait for others to join it."""
         loop = asyncio.get_running_loop()
-        job = _Job(list(texts), tokens, nbest, loop, loop.create_future())
+        job = _Job(list(texts), tokens, nbest, loop, loop.create_future(), wait)
         with self._condition:
             if self._stopping or self._thread is None:
                 raise ShuttingDown("the server is shutting down")
@@ -130,7 +132,7 @@ class Batcher:
             if self._stopping:
                 return []
             self._condition.wait()
-        if self.batching:
+        if self.batching and self._queue[0].wait:
             deadline = self._queue[0].enqueued + self.max_wait
             while not self._stopping and self._queued_tokens < self.max_batch_tokens:
                 remaining = deadline - time.monotonic()
@@ -169,11 +171,10 @@ class Batcher:
                 for job in jobs:
                     _post(job, error=err)
                 continue
-            seconds = time.perf_counter() - started
+            if self.on_batch is not None:  # before the answers: a client that got one sees its batch counted
+                self.on_batch(len(texts), sum(job.tokens for job in jobs), time.perf_counter() - started)
             offset = 0
             for job in jobs:
                 part = results[offset : offset + len(job.texts)]
                 offset += len(job.texts)
                 _post(job, part)
-            if self.on_batch is not None:
-                self.on_batch(len(texts), sum(job.tokens for job in jobs), seconds)
