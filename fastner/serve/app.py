@@ -7,6 +7,7 @@ request names a file or makes the server open one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import platform
 import time
@@ -27,6 +28,7 @@ from fastner.serve.config import ServeConfig
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 
+log = logging.getLogger("fastner.serve")
 PAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
 RETRY_AFTER_SECONDS = 1
 # Warm-up: the first calls of each shape pay one-time allocation and dispatch costs.
@@ -159,6 +161,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
             state["ready"] = False
             # uvicorn has finished the in-flight requests by now; the queue is empty or being drained
             await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+            log.warning("fastner serve: stopped (in-flight requests answered, model worker joined)")
 
     app = FastAPI(title="fastner", version=fastner.__version__, lifespan=lifespan,
                   description="Named entities with character offsets, from a fastner tagger, with dynamic batching.")

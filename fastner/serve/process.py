@@ -104,8 +104,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-        self.final_log = self.log()
         if self.stderr_path and os.path.exists(self.stderr_path):
+            self.final_log = self.log()
             os.unlink(self.stderr_path)
             self.stderr_path = None
         return code

@@ -2,12 +2,15 @@
 
 uvicorn owns SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests finish
 (their jobs are still queued or running on the model worker), then runs the app's shutdown,
-which drains the worker and joins it.
+which drains the worker and joins it, and finally re-raises the signal: the process ends with
+the status of one terminated by SIGTERM (-15 to a Python parent, 143 to a shell), as process
+supervisors expect.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from fastner.serve.config import PRECISIONS, ServeConfig
@@ -65,6 +68,7 @@ def run(args) -> int:
     app = create_app(tagger, config)
     print(json.dumps({"serving": args.model, "url": f"http://{args.host}:{args.port}/", "precision": config.precision,
                       "batching": config.batching, "threads": config.threads}), file=sys.stderr, flush=True)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     return 0
