@@ -261,9 +261,13 @@ def serve_run(model: str, workload: Workload, clients: int, seconds: float, thre
         # a short warm-up at the same load, not counted
         asyncio.run(closed_loop(workload, server.port, clients, min(2.0, seconds / 4)))
         calls_before, documents_before = batch_stats(server.port)
+        server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
         outcome = asyncio.run(closed_loop(workload, server.port, clients, seconds))
+        server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
         calls, documents = batch_stats(server.port)
     result = outcome.summary()
+    result.update(_cpu_per_document(server_cpu, outcome.documents), client_cpu_ms_per_doc=
+                  round(1000 * client_cpu / outcome.documents, 3) if outcome.documents else None)
     calls -= calls_before
     result.update(scenario=f"serve, batching {'on' if batching else 'off'}", threads=threads, clients=clients,
                   model_calls=int(calls), mean_batch_documents=round((documents - documents_before) / calls, 1) if calls else 0.0)
@@ -282,18 +286,22 @@ def direct_run(tagger, workload: Workload, batch_documents: int, seconds: float,
     documents = tokens = 0
     try:
         predict_documents(tagger, workload.documents[:batch_documents])  # warm-up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         while time.perf_counter() - started < seconds:
             index = [rng.randrange(len(workload.documents)) for _ in range(batch_documents)]
             predict_documents(tagger, [workload.documents[i] for i in index])
             documents += len(index)
             tokens += sum(workload.tokens[i] for i in index)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         torch.set_num_threads(previous)
     return {"scenario": f"direct predict, batches of {batch_documents}", "threads": threads, "clients": 0,
             "seconds": round(elapsed, 2), "documents_per_s": round(documents / elapsed, 1),
-            "tokens_per_s": round(tokens / elapsed, 1)}
+            "tokens_per_s": round(tokens / elapsed, 1), **_cpu_per_document(cpu, documents)}
+
+
+def _cpu_per_document(cpu_seconds: float, documents: int) -> dict:
+    return {"cpu_ms_per_doc": round(1000 * cpu_seconds / documents, 3) if documents else None}
 
 
 def latency_run(model: str, workload: Workload, capacity: float, seconds: float) -> dict:
@@ -353,8 +361,9 @@ def soak_run(model: str, workload: Workload, clients: int, seconds: float, sampl
 # ---- report -------------------------------------------------------------------------------------------
 
 def table(results: Sequence[dict]) -> str:
-    header = "| scenario | threads | clients | docs/s | tokens/s | p50 ms | p95 ms | p99 ms | docs/call | errors |"
-    lines = [header, "|" + "---|" * 10]
+    header = ("| scenario | threads | clients | docs/s | tokens/s | p50 ms | p95 ms | p99 ms | docs/call "
+              "| CPU ms/doc | errors |")
+    lines = [header, "|" + "---|" * 11]
     for r in results:
         status = r.get("status", {})
         errors = (r.get("mismatched", 0) + r.get("timeouts", 0) + r.get("connection_errors", 0)
@@ -363,7 +372,8 @@ def table(results: Sequence[dict]) -> str:
         error_text = f"{errors}" + (f" (+{rejected} x 503)" if rejected else "")
         lines.append(f"| {r['scenario']} | {r['threads']} | {r['clients'] or '-'} | {r['documents_per_s']:.0f} | "
                      f"{r['tokens_per_s']:.0f} | {r.get('p50_ms') or '-'} | {r.get('p95_ms') or '-'} | "
-                     f"{r.get('p99_ms') or '-'} | {r.get('mean_batch_documents', '-')} | {error_text if 'status' in r else '-'} |")
+                     f"{r.get('p99_ms') or '-'} | {r.get('mean_batch_documents', '-')} | {r.get('cpu_ms_per_doc') or '-'} | "
+                     f"{error_text if 'status' in r else '-'} |")
     return "\n".join(lines)
 
 

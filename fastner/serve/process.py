@@ -90,6 +90,13 @@ class ServerProcess:
                     return int(line.split()[1]) * 1024
         raise RuntimeError("VmRSS not found")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server has used so far (Linux /proc): unlike wall time,
+        barely moved by other processes competing for the cores."""
+        with open(f"/proc/{self.process.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
