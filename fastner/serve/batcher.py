@@ -49,12 +49,22 @@ def _deliver(future: asyncio.Future, result=None, error: Optional[BaseException]
         future.set_result(result)
 
 
-def _post(job: _Job, result=None, error: Optional[BaseException] = None) -> None:
-    """Hand a result to the job's event loop (from the worker thread)."""
-    try:
-        job.loop.call_soon_threadsafe(_deliver, job.future, result, error)
-    except RuntimeError:  # that loop is closed: its request is gone
-        pass
+def _deliver_all(answers) -> None:
+    for future, result, error in answers:
+        _deliver(future, result, error)
+
+
+def _post(jobs: List[_Job], results: Optional[List] = None, error: Optional[BaseException] = None) -> None:
+    """Hand each job its result (or the error) on its event loop, from the worker thread: one
+    callback per loop and batch, so a batch of N requests wakes the loop once, not N times."""
+    by_loop: dict = {}
+    for number, job in enumerate(jobs):
+        by_loop.setdefault(job.loop, []).append((job.future, None if results is None else results[number], error))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, answers)
+        except RuntimeError:  # that loop is closed: its requests are gone
+            pass
 
 
 # run_batch(texts, nbest) -> one result per text, in order
@@ -168,13 +178,12 @@ class Batcher:
                     raise RuntimeError(f"the model returned {len(results)} results for {len(texts)} documents")
             except Exception as err:  # noqa: BLE001 - every waiting request must hear about it
                 log.exception("model call failed for %d documents", len(texts))
-                for job in jobs:
-                    _post(job, error=err)
+                _post(jobs, error=err)
                 continue
             if self.on_batch is not None:  # before the answers: a client that got one sees its batch counted
                 self.on_batch(len(texts), sum(job.tokens for job in jobs), time.perf_counter() - started)
-            offset = 0
+            parts, offset = [], 0
             for job in jobs:
-                part = results[offset : offset + len(job.texts)]
+                parts.append(results[offset : offset + len(job.texts)])
                 offset += len(job.texts)
-                _post(job, part)
+            _post(jobs, parts)
