@@ -37,10 +37,10 @@ def queue_depth(url: str) -> float:
 
 def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
     # a long batching wait keeps the request in flight, queued, while SIGTERM arrives
-    server = ServerProcess(model_dir, ["--max-wait-ms", "3000", "--threads", "1"]).start()
+    server = ServerProcess(model_dir, ["--max-wait-ms", "3000", "--threads", "1", "--precision", "float64"]).start()
     try:
         status, info = get_json(server.url + "v1/model")
-        assert status == 200 and info["batching"]["max_wait_ms"] == 3000
+        assert status == 200 and info["batching"]["max_wait_ms"] == 3000 and info["precision"] == "float64"
         answer = {}
 
         def client():
