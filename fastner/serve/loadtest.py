@@ -304,11 +304,12 @@ def _cpu_per_document(cpu_seconds: float, documents: int) -> dict:
     return {"cpu_ms_per_doc": round(1000 * cpu_seconds / documents, 3) if documents else None}
 
 
-def latency_run(model: str, workload: Workload, capacity: float, seconds: float) -> dict:
-    """One ~30-token sentence a request at half of `capacity` documents/s (batching on, 1 thread)."""
+def latency_run(model: str, workload: Workload, capacity_tokens: float, seconds: float) -> dict:
+    """One ~30-token sentence a request at half of the measured capacity (batching on, 1 thread).
+    Capacity is counted in tokens/s: a 30-token sentence is about twice the mean document."""
     indices = [i for i, n in enumerate(workload.tokens) if 28 <= n <= 32] or \
               sorted(range(len(workload.tokens)), key=lambda i: abs(workload.tokens[i] - 30))[:20]
-    rate = max(1.0, capacity / 2)
+    rate = max(1.0, capacity_tokens / 2 / statistics.mean(workload.tokens[i] for i in indices))
     with ServerProcess(model, ["--threads", "1"]) as server:
         asyncio.run(open_loop(workload, server.port, indices, rate, min(2.0, seconds / 4)))
         outcome = asyncio.run(open_loop(workload, server.port, indices, rate, seconds))
@@ -386,6 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", default="1,2", help="torch threads to compare (default 1,2)")
     parser.add_argument("--overload-clients", type=int, default=64)
     parser.add_argument("--overload-queue", type=int, default=8)
+    parser.add_argument("--capacity-tokens", type=float, default=None,
+                        help="skip the throughput runs: the latency run takes half of this many tokens/s")
     parser.add_argument("--soak", type=float, default=0.0, help="only a soak run of this many seconds (memory)")
     parser.add_argument("--soak-clients", type=int, default=8)
     parser.add_argument("--json", help="also write the results here")
@@ -414,13 +417,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.soak:
         report(soak_run(args.model, workload, args.soak_clients, args.soak))
     else:
-        for threads in [int(t) for t in args.threads.split(",")]:
-            batched = serve_run(args.model, workload, args.clients, args.seconds, threads, batching=True)
-            report(batched)
-            report(serve_run(args.model, workload, args.clients, args.seconds, threads, batching=False))
-            report(direct_run(tagger, workload, max(1, round(batched["mean_batch_documents"])), args.seconds, threads))
-            report(direct_run(tagger, workload, 1, args.seconds, threads))
-        capacity = results[0]["documents_per_s"]
+        capacity = args.capacity_tokens
+        if capacity is None:
+            for threads in [int(t) for t in args.threads.split(",")]:
+                batched = serve_run(args.model, workload, args.clients, args.seconds, threads, batching=True)
+                report(batched)
+                report(serve_run(args.model, workload, args.clients, args.seconds, threads, batching=False))
+                report(direct_run(tagger, workload, max(1, round(batched["mean_batch_documents"])), args.seconds, threads))
+                report(direct_run(tagger, workload, 1, args.seconds, threads))
+            capacity = results[0]["tokens_per_s"]
         report(latency_run(args.model, workload, capacity, args.seconds))
         report(overload_run(args.model, workload, args.overload_clients, args.seconds, args.overload_queue))
     print(table(results))
