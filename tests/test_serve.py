@@ -385,6 +385,8 @@ def test_batcher_stop_finishes_queued_jobs():
 @pytest.mark.parametrize("options, message", [
     ({"max_batch_tokens": 0}, "max-batch-tokens"),
     ({"max_wait_ms": -1}, "max-wait-ms"),
+    ({"max_wait_ms": float("nan")}, "max-wait-ms"),
+    ({"max_wait_ms": 1e9}, "max-wait-ms"),
     ({"max_queue": 0}, "max-queue"),
     ({"max_document_tokens": 5000}, "must not exceed"),
     ({"precision": "int4"}, "precision"),

@@ -1,7 +1,10 @@
 """The server's settings: one dataclass, its defaults, and the checks on them."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+MAX_WAIT_MS = 60_000  # a minute: anything longer is a typo, not a batching policy
 
 
 @dataclass
@@ -21,8 +24,8 @@ class ServeConfig:
                      "max_document_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS):
+            raise ValueError(f"max-wait-ms must be in [0, {MAX_WAIT_MS}], got {self.max_wait_ms}")
         if self.max_document_tokens > self.max_batch_tokens:
             raise ValueError(f"max-document-tokens ({self.max_document_tokens}) must not exceed "
                              f"max-batch-tokens ({self.max_batch_tokens}): a document must fit one model call")
