@@ -9,6 +9,7 @@ run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -27,10 +28,20 @@ from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, 
 from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import Pretrained, embedding_matrix, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
-from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json
+from fastner.storage import MANIFEST_FILE, StorageError, json_bytes, read_file_set, torch_bytes, write_file_set
+from fastner.tagger import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, Tagger
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "training.json"
+# what a directory holds once a run has saved into it: a new run must not overwrite these unasked
+RUN_FILES = (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, MANIFEST_FILE)
+# settings a resumed run may change: how long it runs and where; every other setting is the
+# checkpoint's (a different one would silently be ignored, or would mix two runs' recipes)
+RESUMABLE_CHANGES = ("epochs", "patience", "device", "eval_batch_size")
+
+
+class RunDirectoryError(ValueError):
+    """An output directory that would lose a saved run, or a resume that contradicts it."""
 
 
 @dataclass
@@ -61,8 +72,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise ValueError(f"clip must be a finite number >= 0 (0: off), got {self.clip}")
 
 
 def tag_vocabulary(sentences: Sequence[Sentence], scheme: str) -> Vocab:
@@ -131,12 +144,23 @@ def evaluate_tagger(tagger: Tagger, sentences: Sequence[Sentence], batch_size: i
 
 
 def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str, config: TrainConfig,
-          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False,
+          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False, overwrite: bool = False,
           log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None) -> dict:
     """Train a tagger into `out_dir` (the best dev-F1 model, a Tagger directory) and return the
-    summary {'best_epoch', 'best_dev', 'history', 'test' (when test_data)}."""
+    summary {'best_epoch', 'best_dev', 'history', 'test' (when test_data)}.
+
+    A directory that holds a saved run is refused unless `resume` (continue it: every setting
+    but RESUMABLE_CHANGES must equal the checkpoint's) or `overwrite` (replace it). The tagger,
+    checkpoint and history are written as one file set per epoch (fastner.storage), so a kill
+    leaves the previous epoch's directory or the new one."""
     if not train_data:
         raise ValueError("the training data holds no sentences")
+    if not resume and not overwrite:
+        existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+        if existing:
+            raise RunDirectoryError(
+                f"{out_dir} already holds a saved run ({', '.join(existing)}); continue it with --resume, "
+                "replace it with --overwrite, or choose another --out")
     output_scheme = detect_scheme(s.tags for s in train_data)
     dist = distributed.setup(config.device)  # torchrun's process group, or a single process
     device = dist.device
@@ -149,12 +173,12 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
     rng = random.Random(config.seed)
     state = None
     if resume:
-        if not os.path.isfile(checkpoint_path):
+        if not os.path.isfile(checkpoint_path) and not os.path.isdir(os.path.join(out_dir, f".{MANIFEST_FILE}.staging")):
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        saved = Tagger.load(out_dir, device="cpu") if os.path.isfile(os.path.join(out_dir, CONFIG_FILE)) else None
-        if saved is None:
-            raise FileNotFoundError(f"--resume: {out_dir} holds a checkpoint but no tagger files")
+        state = _read_checkpoint(out_dir)
+        # read through the file set: the tagger may still sit in a swap a kill cut short
+        saved = Tagger.load(out_dir, device="cpu")
+        _check_resume_settings(config, state, saved, checkpoint_path)
         words, chars, tags = saved.words, saved.chars, saved.tags
         model = saved.model
         model.load_state_dict(state["model"])
@@ -229,8 +253,6 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
         improved = dev["f1"] > best_f1
         if improved:
             best_f1, best_epoch, bad_epochs = dev["f1"], epoch, 0
-            if dist.is_main:
-                tagger.save(out_dir)
         else:
             bad_epochs += 1
         record = {
@@ -248,17 +270,18 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
             + (" (best)" if improved else f" (best {best_f1:.2f} at epoch {best_epoch + 1})")
         )
         if dist.is_main:
-            atomic_torch_save(
-                {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                    "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                },
-                checkpoint_path,
-            )
-            atomic_write_json({"config": asdict(config), "history": history, "best_epoch": best_epoch + 1,
-                               "best_dev_f1": best_f1}, os.path.join(out_dir, HISTORY_FILE))
+            # the best tagger (when this epoch is it), the checkpoint and the history: one set
+            files = tagger.files() if improved else {}
+            files[CHECKPOINT_FILE] = torch_bytes({
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "config": asdict(config),
+            })
+            files[HISTORY_FILE] = json_bytes({"config": asdict(config), "history": history,
+                                              "best_epoch": best_epoch + 1, "best_dev_f1": best_f1})
+            write_file_set(out_dir, files)
     if bad_epochs >= config.patience:
         log(f"stopped early: no better dev F1 for {config.patience} epochs")
 
@@ -268,7 +291,7 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
         summary["test"] = dist.broadcast(evaluate_tagger(best, test_data, config.eval_batch_size) if dist.is_main else None)
         log(f"test F1 {summary['test']['f1']:.2f} (best dev epoch {best_epoch + 1})")
     if dist.is_main:
-        atomic_write_json({"config": asdict(config), **summary}, os.path.join(out_dir, HISTORY_FILE))
+        write_file_set(out_dir, {HISTORY_FILE: json_bytes({"config": asdict(config), **summary})})
     dist.cleanup()  # waits for rank 0's writes before any rank returns
     return summary
 
@@ -278,3 +301,51 @@ def _tuples(value):
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
+
+
+def saved_settings(out_dir: str) -> Optional[dict]:
+    """The TrainConfig (as a dict) of the run saved in `out_dir`, or None when there is none
+    (no checkpoint, or one written before checkpoints recorded it)."""
+    if not os.path.isfile(os.path.join(out_dir, CHECKPOINT_FILE)):
+        return None
+    config = _read_checkpoint(out_dir).get("config")
+    return config if isinstance(config, dict) else None
+
+
+def _read_checkpoint(out_dir: str) -> dict:
+    """checkpoint.pt of the directory's complete file set, read with the weights_only loader."""
+    path = os.path.join(out_dir, CHECKPOINT_FILE)
+    try:
+        data = read_file_set(out_dir, [CHECKPOINT_FILE])[CHECKPOINT_FILE]
+    except StorageError as err:
+        raise RunDirectoryError(f"--resume: {err}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever the safe unpickler refuses, a torn or foreign file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        raise RunDirectoryError(f"{path} is not a checkpoint fastner can read safely: "
+                                f"{reason or type(err).__name__}") from None
+    needed = ("model", "optimizer", "epoch", "best_f1", "best_epoch", "bad_epochs", "history", "python_rng", "torch_rng")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        raise RunDirectoryError(f"{path} is not a fastner training checkpoint (expected the keys {', '.join(needed)})")
+    return state
+
+
+def _check_resume_settings(config: TrainConfig, state: dict, saved: Tagger, checkpoint_path: str) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's (naming each one)."""
+    differences = []
+    model_config = saved.model.config.to_json()  # what the saved model is, whatever was asked then
+    for name, setting in config.model.items():
+        if name in model_config and model_config[name] != setting:
+            differences.append(f"{name} {setting!r} (checkpoint: {model_config[name]!r})")
+    saved_config = state.get("config")  # absent in checkpoints written before settings were recorded
+    if isinstance(saved_config, dict):
+        for key, value in asdict(config).items():
+            if key not in RESUMABLE_CHANGES and key != "model" and key in saved_config and saved_config[key] != value:
+                differences.append(f"{key} {value!r} (checkpoint: {saved_config[key]!r})")
+    if differences:
+        raise RunDirectoryError(
+            f"--resume: these settings differ from the run saved in {checkpoint_path}: {'; '.join(differences)}. "
+            f"A resumed run keeps its recipe (only {', '.join(RESUMABLE_CHANGES)} may change); "
+            "drop them, or start a new run with --overwrite or another --out")
