@@ -406,3 +406,17 @@ def test_response_is_plain_json_records(tagger):
     assert response.headers["content-type"] == "application/json"
     document = json.loads(response.content)["documents"][0]
     assert set(document) == {"entities"}  # no "id": null for a plain string
+
+
+def test_odd_text_is_answered(tagger):
+    app = create_app(tagger)
+    texts = ["a\ud800b Peter", "\u0000\u0007 Omar Haddad\u00a0said", "\u202e Frankfurt \ufeff", " \n\t "]
+
+    async def interact(client):
+        body = json.dumps({"documents": texts}).encode()  # escapes: the lone surrogate travels as \ud800
+        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+    response = run_app(app, interact)
+    assert response.status_code == 200, response.text
+    for text, document in zip(texts, json.loads(response.content)["documents"]):
+        assert all(text[e["start"]:e["end"]] == e["text"] for e in document["entities"])

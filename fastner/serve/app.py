@@ -250,8 +250,9 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
             return JSONResponse(status_code=500, content={"error": f"the model call failed: {type(err).__name__}: {err}"})
         documents = [result if doc_id is None else {"id": doc_id, **result} for doc_id, result in zip(ids, results)]
-        return Response(json.dumps({"documents": documents}, ensure_ascii=False).encode("utf-8"),
-                        media_type="application/json")
+        # ASCII with escapes: a lone surrogate sent as "\ud800" comes back escaped, not as bytes
+        # UTF-8 cannot encode
+        return Response(json.dumps({"documents": documents}).encode("ascii"), media_type="application/json")
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s too
