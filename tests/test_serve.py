@@ -420,3 +420,22 @@ def test_odd_text_is_answered(tagger):
     assert response.status_code == 200, response.text
     for text, document in zip(texts, json.loads(response.content)["documents"]):
         assert all(text[e["start"]:e["end"]] == e["text"] for e in document["entities"])
+
+
+def test_nbest_adds_the_k_best_analyses_per_sentence(tagger):
+    app = create_app(tagger)
+    text = "Peter Blackburn visited Germany. EU rejects German call."
+
+    async def interact(client):
+        return await post(client, {"documents": [text], "nbest": 3})
+
+    response = run_app(app, interact)
+    assert response.status_code == 200, response.text
+    document = response.json()["documents"][0]
+    assert len(document["nbest"]) == 2  # two sentences
+    for sentence in document["nbest"]:
+        probabilities = [a["probability"] for a in sentence["analyses"]]
+        assert 1 <= len(probabilities) <= 3 and probabilities == sorted(probabilities, reverse=True)
+        assert all(0.0 <= p <= 1.0 for p in probabilities)
+        for analysis in sentence["analyses"]:
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in analysis["entities"])

@@ -49,7 +49,7 @@ class EntitiesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"documents": ["Peter Blackburn visited Germany .", {"id": "a1", "text": "EU rejects German call ."}]}]})
     documents: List[Union[str, DocumentIn]] = Field(..., min_length=1, description="raw texts, or {id, text} objects")
-    nbest: int = Field(1, ge=1, description="analyses per document (more than 1 needs raw-text Tagger.predict)")
+    nbest: int = Field(1, ge=1, description="analyses per sentence; above 1 the answer adds them with their probabilities")
 
 
 class Entity(BaseModel):
@@ -60,9 +60,21 @@ class Entity(BaseModel):
     score: float
 
 
+class Analysis(BaseModel):
+    probability: float
+    entities: List[dict] = Field(..., description="{start, end, label, text} of this analysis")
+
+
+class SentenceAnalyses(BaseModel):
+    start: int
+    end: int
+    analyses: List[Analysis] = Field(..., description="the k best analyses of the sentence, best first")
+
+
 class DocumentOut(BaseModel):
     id: Optional[Union[str, int]] = None
     entities: List[Entity]
+    nbest: Optional[List[SentenceAnalyses]] = Field(None, description="with nbest > 1: per sentence")
 
 
 class EntitiesResponse(BaseModel):

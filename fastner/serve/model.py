@@ -1,66 +1,46 @@
 """The one place the server calls the model: raw document texts -> entities with character offsets.
 
-Interim adapter, until raw-text `Tagger.predict` (issue 16, branch `text`) lands on main: a
-regex tokenizer that keeps character offsets, a naive sentence split after `.` `!` `?`, and
-today's `Tagger.predict` on the pre-tokenized sentences; token spans are mapped back to
-character offsets here. When raw-text prediction lands, `predict_documents` becomes
-`tagger.predict(texts, nbest=nbest)` and `count_tokens` calls `fastner.text.tokenize`: nothing
-else in fastner.serve knows how the model is called.
+`predict_documents` is raw-text `Tagger.predict` (fastner.text tokenization in CoNLL-2003
+conventions, the sentences of all documents batched together, `score` the posterior
+probability of exactly that span, `nbest` the k best analyses of each sentence); nothing else
+in fastner.serve knows how the model is called. `count_tokens` is the cheap count the event
+loop uses for batching budgets and the per-document limit: a regex, so that no request runs
+the full tokenizer on the event loop (it counts within a few percent of fastner.text).
 
 A document's result: {"entities": [{"start", "end", "label", "text", "score"}]} with
-`text == document[start:end]` (end exclusive).
+`text == document[start:end]` (end exclusive), and with nbest > 1 also "nbest": per sentence
+{"start", "end", "analyses": [{"probability", "entities"}]}, best first.
 """
 from __future__ import annotations
 
 import re
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 # A word with inner hyphens, apostrophes, dots or commas kept (`3.2`, `1,000`, `Lindqvist-Berg`),
 # or any other single non-space character (punctuation and symbols stand alone, as in CoNLL).
 _TOKEN = re.compile(r"\w+(?:[-'.,]\w+)*|[^\w\s]")
-_SENTENCE_END = frozenset(".!?")
 
-# k-best analyses need raw-text Tagger.predict(nbest=k) (issue 16); until then one analysis.
-MAX_NBEST = 1
-
-
-def _sentences(text: str) -> List[List[Tuple[str, int, int]]]:
-    """text -> sentences of (token, start, end) with text[start:end] == token."""
-    sentences: List[List[Tuple[str, int, int]]] = []
-    current: List[Tuple[str, int, int]] = []
-    for match in _TOKEN.finditer(text):
-        current.append((match.group(), match.start(), match.end()))
-        if match.group() in _SENTENCE_END:
-            sentences.append(current)
-            current = []
-    if current:
-        sentences.append(current)
-    return sentences
+MAX_NBEST = 8  # k-best analyses a request may ask for (each costs a constrained forward pass)
+SENTENCES_PER_CALL = 512  # Tagger.predict's batch size: one model call holds a whole server batch
 
 
 def count_tokens(text: str) -> int:
-    """Tokens the model will see for `text`: what batching and the length limit count."""
+    """About the tokens the model will see for `text`: what batching and the length limit count."""
     return sum(1 for _ in _TOKEN.finditer(text))
 
 
 def predict_documents(tagger, texts: Sequence[str], nbest: int = 1) -> List[dict]:
-    """Per document, in order: {"entities": [{"start", "end", "label", "text", "score"}]}.
-
-    The sentences of all documents go to the model together (one call, sorted by length
-    inside Tagger.predict), and the results are put back per document.
-    """
+    """Per document, in order: {"entities": [...]} (+ "nbest" when nbest > 1)."""
     if not 1 <= nbest <= MAX_NBEST:
         raise ValueError(f"nbest must be between 1 and {MAX_NBEST}, got {nbest}")
-    per_document = [_sentences(text) for text in texts]
-    flat = [[token for token, _, _ in sentence] for sentences in per_document for sentence in sentences]
-    predictions = iter(tagger.predict(flat, batch_size=max(1, len(flat))) if flat else [])
-    results = []
-    for text, sentences in zip(texts, per_document):
-        entities = []
-        for sentence in sentences:
-            for span in next(predictions)["spans"]:
-                start, end = sentence[span["start"]][1], sentence[span["end"] - 1][2]
-                entities.append({"start": start, "end": end, "label": span["type"], "text": text[start:end],
-                                 "score": span["confidence"]})
-        results.append({"entities": entities})
-    return results
+    results = tagger.predict(list(texts), batch_size=SENTENCES_PER_CALL, nbest=nbest if nbest > 1 else None)
+    out = []
+    for result in results:
+        record = {"entities": result["entities"]}
+        if nbest > 1:
+            record["nbest"] = [{"start": sentence["start"], "end": sentence["end"],
+                                "analyses": [{"probability": a["probability"], "entities": a["entities"]}
+                                             for a in sentence["nbest"]]}
+                               for sentence in result["sentences"]]
+        out.append(record)
+    return out
