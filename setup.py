@@ -142,6 +142,7 @@ setup(
     name="fastner",
     version=local_version(WITH_CUDA),
     packages=find_packages(include=["fastner", "fastner.*"]),
+    package_data={"fastner.serve": ["static/*.html"]},  # the page `fastner serve` serves at /
     ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

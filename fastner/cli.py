@@ -1,4 +1,4 @@
-"""The `fastner` command: train, evaluate, tag, demo, info.
+"""The `fastner` command: train, evaluate, tag, demo, serve, info.
 
 User mistakes (a missing file, a malformed line, an incompatible model directory) print one
 `fastner: error: ...` line and exit with status 2; no traceback.
@@ -316,6 +316,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from fastner.serve.server import run
+
+    try:
+        return run(args)
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+
+
 # ---- info ----------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
@@ -365,7 +376,7 @@ def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,serve,info,bench}")
 
     p = sub.add_parser("train", help="train a tagger on CoNLL or JSONL span files")
     p.add_argument("--train", required=True, help="training file (CoNLL columns, or JSONL {\"text\", \"spans\"})")
@@ -457,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     # parser owns its options (`fastner bench --help`).
     sub.add_parser("bench", help="time every fused path against torch.nn / pytorch-crf (fastner bench --help)",
                    add_help=False)
+
+    p = sub.add_parser("serve", help="HTTP service with dynamic batching and a web page (pip install 'fastner[serve]')")
+    from fastner.serve.server import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="backend, versions, threads")
     p.add_argument("--json", action="store_true")
