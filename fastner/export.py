@@ -99,7 +99,7 @@ class InferenceGraph(nn.Module):
     def forward(self, words: Tensor, chars: Tensor, lengths: Tensor):
         model = self.model
         mask = torch.arange(words.shape[1], device=words.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
-        x = model.word_embedding(words)
+        x = model.embed_words(words)
         if model.char_cnn is not None:
             x = torch.cat([x, model.char_cnn(chars, mask)], dim=-1)
         if self.fused["rnn"]:
@@ -190,6 +190,8 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
         "words": tagger.words.to_json(),
         "chars": tagger.chars.to_json(),
         "tags": tagger.tags.to_json(),
+        # the frozen table's rows are in the program; its words are needed to find them
+        "pretrained_words": tagger.pretrained_words,
     }
     atomic_write_json(meta, os.path.join(out_dir, META_FILE))
     return meta
@@ -206,6 +208,7 @@ class ExportedTagger:
 
     def __init__(self, program: "torch.export.ExportedProgram", meta: dict):
         from fastner.data.vocab import Vocab
+        from fastner.embeddings import word_rows
 
         self.program = program
         self.module = program.module()
@@ -213,6 +216,8 @@ class ExportedTagger:
         self.words = Vocab.from_json(meta["words"])
         self.chars = Vocab.from_json(meta["chars"])
         self.tags = Vocab.from_json(meta["tags"])
+        words = meta.get("pretrained_words")
+        self.pretrained_index = None if words is None else word_rows(words)
         self.fixed_length: Optional[int] = meta["fixed_length"]
         self.device = torch.device(meta.get("device", "cpu"))
 
@@ -227,7 +232,7 @@ class ExportedTagger:
                              f"most {self.fixed_length} (export again with a larger --max-length)")
         order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
         encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,
-                                   digits_to_zero=self.meta["digits_to_zero"])
+                                   digits_to_zero=self.meta["digits_to_zero"], pretrained=self.pretrained_index)
         results: List = [([], []) for _ in sentences]
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]

@@ -2,6 +2,10 @@
 
 The directory holds config.json (model and data settings), vocab.json (word, char and tag
 vocabularies) and weights.pt (the model's state_dict, read with torch.load(weights_only=True)).
+A model trained with pretrained vectors also holds its frozen pretrained table: pretrained.npy
+(float16 [N, dim], a plain .npy read with numpy's memory map, no pickle) and
+pretrained_words.json (the word of each row), so the directory tags on a machine without the
+vectors package and loads in a fraction of a second: pages of the table are read when used.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from fastner.data.batching import encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags
 from fastner.data.vocab import Vocab
+from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.predictions import prediction, token_lists
 
@@ -23,6 +28,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "weights.pt"
+PRETRAINED_VECTORS_FILE = "pretrained.npy"
+PRETRAINED_WORDS_FILE = "pretrained_words.json"
 
 
 class TaggerLoadError(ValueError):
@@ -87,6 +94,34 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return resolved
 
 
+def _load_pretrained_table(path: str, config: ModelConfig):
+    """(frozen table [rows, dim] memory-mapped from pretrained.npy, its words), or (None, None)
+    for a model without one. ValueError says what is missing or does not fit."""
+    if not config.pretrained_rows:
+        return None, None
+    import numpy as np
+
+    vectors_path, words_path = os.path.join(path, PRETRAINED_VECTORS_FILE), os.path.join(path, PRETRAINED_WORDS_FILE)
+    for name, full in ((PRETRAINED_VECTORS_FILE, vectors_path), (PRETRAINED_WORDS_FILE, words_path)):
+        if not os.path.isfile(full):
+            raise ValueError(f"the model has {config.pretrained_rows} pretrained rows but {name} is missing")
+    try:
+        # copy-on-write map: pages are shared with the file until written (never, the table is
+        # frozen), and torch gets a writable array; allow_pickle=False: plain numbers only
+        vectors = np.load(vectors_path, mmap_mode="c", allow_pickle=False)
+        with open(words_path, encoding="utf-8") as handle:
+            words = json.load(handle)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read the pretrained table: {err}") from None
+    expected = (config.pretrained_rows, config.word_dim)
+    if vectors.shape != expected or vectors.dtype not in (np.float16, np.float32):
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds {vectors.dtype} {list(vectors.shape)}, "
+                         f"expected float16 {list(expected)}")
+    if not isinstance(words, list) or len(words) != config.pretrained_rows or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"{PRETRAINED_WORDS_FILE} must be a list of {config.pretrained_rows} strings")
+    return torch.from_numpy(vectors), words
+
+
 class Tagger:
     """A trained model with its vocabularies.
 
@@ -97,9 +132,18 @@ class Tagger:
 
     def __init__(self, model: SequenceTagger, words: Vocab, chars: Vocab, tags: Vocab,
                  output_scheme: str = "IOB2", digits_to_zero: bool = False,
-                 device: Union[str, torch.device, None] = None):
+                 device: Union[str, torch.device, None] = None, pretrained_words: Optional[Sequence[str]] = None):
+        """pretrained_words: the word of each row of model.pretrained (the frozen table), which
+        a model trained with pretrained vectors must be given."""
+        rows = model.config.pretrained_rows
+        if (pretrained_words is None) != (rows == 0) or (pretrained_words is not None and len(pretrained_words) != rows):
+            raise ValueError(f"pretrained_words must name each of the model's {rows} pretrained rows, got "
+                             f"{'none' if pretrained_words is None else len(pretrained_words)}")
         self.model = model
         self.words, self.chars, self.tags = words, chars, tags
+        self.pretrained_words: Optional[List[str]] = None if pretrained_words is None else list(pretrained_words)
+        self.pretrained_index: Optional[Dict[str, int]] = (
+            None if pretrained_words is None else word_rows(self.pretrained_words))
         self.output_scheme = canonical_scheme(output_scheme)
         self.digits_to_zero = digits_to_zero
         self.device = resolve_device(device)
@@ -126,6 +170,16 @@ class Tagger:
         atomic_write_json(vocab, os.path.join(path, VOCAB_FILE))
         weights = state_dict if state_dict is not None else self.model.state_dict()
         atomic_torch_save({k: v.detach().cpu() for k, v in weights.items()}, os.path.join(path, WEIGHTS_FILE))
+        if self.model.pretrained is not None:
+            import io
+
+            import numpy as np
+
+            buffer = io.BytesIO()
+            np.save(buffer, self.model.pretrained.detach().cpu().numpy(), allow_pickle=False)
+            atomic_write_bytes(os.path.join(path, PRETRAINED_VECTORS_FILE), buffer.getvalue())
+            atomic_write_bytes(os.path.join(path, PRETRAINED_WORDS_FILE),
+                               json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8"))
 
     @classmethod
     def load(cls, path: str, device: Union[str, torch.device, None] = None) -> "Tagger":
@@ -159,7 +213,8 @@ class Tagger:
                 raise ValueError("the tag vocabulary differs from the model's tags")
             if len(words) != model_config.num_words or len(chars) != model_config.num_chars:
                 raise ValueError("the vocabulary sizes differ from the model's")
-            model = SequenceTagger(model_config)
+            pretrained, pretrained_words = _load_pretrained_table(path, model_config)
+            model = SequenceTagger(model_config, pretrained=pretrained)
         except (KeyError, TypeError, ValueError) as err:
             raise TaggerLoadError(f"{path!r}: incompatible config or vocabulary: {err}") from None
         try:
@@ -168,7 +223,7 @@ class Tagger:
         except (RuntimeError, OSError, EOFError, ValueError) as err:
             raise TaggerLoadError(f"{path!r}: the weights do not fit the model in config.json: {err}") from None
         return cls(model, words, chars, tags, config.get("output_scheme", "IOB2"),
-                   bool(config.get("digits_to_zero", False)), device)
+                   bool(config.get("digits_to_zero", False)), device, pretrained_words)
 
     # ---- tagging ---------------------------------------------------------------------------
 
@@ -177,7 +232,7 @@ class Tagger:
         self.model.eval()
         order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
         encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,
-                                   digits_to_zero=self.digits_to_zero)
+                                   digits_to_zero=self.digits_to_zero, pretrained=self.pretrained_index)
         results: List = [([], []) for _ in sentences]
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]

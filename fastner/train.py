@@ -25,7 +25,7 @@ from fastner.data.batching import bucket_batches, encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, split_tag
 from fastner.data.vocab import Vocab, normalize_digits
-from fastner.embeddings import Pretrained, embedding_matrix, load_pretrained
+from fastner.embeddings import embedding_matrix, frozen_table, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json
 
@@ -72,19 +72,11 @@ def tag_vocabulary(sentences: Sequence[Sentence], scheme: str) -> Vocab:
     return Vocab(["O"] + [f"{p}-{k}" for k in kinds for p in prefixes], specials=())
 
 
-def build_vocabularies(train: Sequence[Sentence], others: Sequence[Sentence], pretrained: Optional[Pretrained],
-                       scheme: str, digits_to_zero: bool):
-    """Words: every training word, plus dev/test words that have a pretrained vector (they keep
-    their vector instead of falling to <unk>). Chars: from the training words."""
+def build_vocabularies(train: Sequence[Sentence], scheme: str, digits_to_zero: bool):
+    """Words, chars and tags, from the training data alone: dev and test data never shape a model
+    (words outside training still get their pretrained vectors, from the frozen table)."""
     norm = normalize_digits if digits_to_zero else (lambda w: w)
-    counts = Counter(norm(t) for s in train for t in s.tokens)
-    if pretrained is not None:
-        for s in others:
-            for t in s.tokens:
-                w = norm(t)
-                if w not in counts and w in pretrained:
-                    counts[w] = 0
-    words = Vocab.from_counts(counts, min_count=0)
+    words = Vocab.from_counts(Counter(norm(t) for s in train for t in s.tokens), min_count=0)
     chars = Vocab.from_counts(Counter(c for s in train for t in s.tokens for c in t))
     return words, chars, tag_vocabulary(train, scheme)
 
@@ -156,23 +148,25 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
         if saved is None:
             raise FileNotFoundError(f"--resume: {out_dir} holds a checkpoint but no tagger files")
         words, chars, tags = saved.words, saved.chars, saved.tags
-        model = saved.model
+        model, pretrained_words = saved.model, saved.pretrained_words
         model.load_state_dict(state["model"])
     else:
         pretrained = load_pretrained(config.embeddings)
-        others = list(dev_data) + list(test_data or [])
-        words, chars, tags = build_vocabularies(train_data, others, pretrained, config.scheme, config.digits_to_zero)
+        words, chars, tags = build_vocabularies(train_data, config.scheme, config.digits_to_zero)
         word_dim = pretrained.dim if pretrained is not None else config.word_dim
         init = torch.Generator().manual_seed(config.seed)
         weights, hits = embedding_matrix(words, pretrained, word_dim, init)
+        frozen, pretrained_words = (frozen_table(pretrained), pretrained.words) if pretrained is not None else (None, None)
         if pretrained is not None:
-            log(f"embeddings: {hits}/{len(words)} words found in {config.embeddings}")
+            log(f"embeddings: {hits}/{len(words)} training words found in {config.embeddings}; "
+                f"{len(pretrained_words)} pretrained vectors kept frozen for every other word")
         model_config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), scheme=config.scheme,
-                                   word_dim=word_dim, word_pad=words.pad_id, char_pad=chars.pad_id, **config.model)
-        model = SequenceTagger(model_config, weights)
+                                   word_dim=word_dim, word_pad=words.pad_id, char_pad=chars.pad_id,
+                                   pretrained_rows=0 if frozen is None else len(pretrained_words), **config.model)
+        model = SequenceTagger(model_config, weights, frozen)
     model.to(device)
     trainer = dist.wrap(model)  # forward(batch tensors) -> loss; DDP when several processes
-    tagger = Tagger(model, words, chars, tags, output_scheme, config.digits_to_zero, device)
+    tagger = Tagger(model, words, chars, tags, output_scheme, config.digits_to_zero, device, pretrained_words)
 
     train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
     encoded = encode_sentences(train_tagged, words, chars, tags, config.digits_to_zero)

