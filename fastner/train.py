@@ -9,13 +9,14 @@ run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -35,6 +36,9 @@ HISTORY_FILE = "training.json"
 
 @dataclass
 class TrainConfig:
+    """The training recipe: the one place its defaults are defined (the CLI's flags, `--config`
+    files and training.json read and write these fields)."""
+
     epochs: int = 50
     batch_size: int = 10
     optimizer: str = "sgd"  # or "adam"
@@ -50,19 +54,70 @@ class TrainConfig:
     digits_to_zero: bool = False
     eval_batch_size: int = 64
     device: str = "cpu"
-    model: Dict = field(default_factory=dict)  # ModelConfig overrides: encoder, head, hidden, ...
+    model: Dict = field(default_factory=dict)  # ModelConfig.options() overrides: encoder, head, hidden, ...
 
     def __post_init__(self):
+        kinds = {"epochs": int, "batch_size": int, "patience": int, "seed": int, "word_dim": int, "eval_batch_size": int,
+                 "momentum": float, "lr_decay": float, "clip": float, "optimizer": str, "scheme": str,
+                 "embeddings": str, "device": str, "digits_to_zero": bool}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, kind if kind is not float else (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer' if kind is int else kind.__name__}, "
+                                 f"got {value!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lr is None:
             self.lr = 0.015 if self.optimizer == "sgd" else 0.001
         self.scheme = canonical_scheme(self.scheme)
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "eval_batch_size", "word_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be an object of architecture options, got {self.model!r}")
+        unknown = sorted(set(self.model) - set(ModelConfig.options()))
+        if unknown:
+            raise ValueError(f"unknown model options {unknown}; known: {sorted(ModelConfig.options())}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, **overrides) -> "TrainConfig":
+        """A recipe from a JSON object (a `--config` file, or the "config" of a training.json),
+        then `overrides` (model options merge into the file's)."""
+        if not isinstance(data, dict):
+            raise ValueError("a training config must be a JSON object of TrainConfig fields")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        options = dict(data)
+        model = dict(options.get("model") or {})
+        model.update(overrides.pop("model", None) or {})
+        options.update(overrides)
+        options["model"] = model
+        return cls(**options)
+
+
+def read_config(path: str) -> dict:
+    """The recipe object of a JSON file: a TrainConfig object, or a training.json (its "config")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON training config: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "history" in data:
+        data = data["config"]  # a training.json: reuse the recipe of that run
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a training config must be a JSON object")
+    return data
 
 
 def tag_vocabulary(sentences: Sequence[Sentence], scheme: str) -> Vocab:
@@ -122,35 +177,82 @@ def evaluate_tagger(tagger: Tagger, sentences: Sequence[Sentence], batch_size: i
     return tagger.evaluate(sentences, batch_size) if sentences else {"f1": 0.0, "precision": 0.0, "recall": 0.0, "accuracy": 0.0}
 
 
-def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str, config: TrainConfig,
-          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False,
-          log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None) -> dict:
-    """Train a tagger into `out_dir` (the best dev-F1 model, a Tagger directory) and return the
-    summary {'best_epoch', 'best_dev', 'history', 'test' (when test_data)}."""
-    if not train_data:
-        raise ValueError("the training data holds no sentences")
-    output_scheme = detect_scheme(s.tags for s in train_data)
-    dist = distributed.setup(config.device)  # torchrun's process group, or a single process
-    device = dist.device
-    log = (log or (lambda text: print(text, file=sys.stderr, flush=True))) if dist.is_main else (lambda text: None)
-    progress = (progress or Progress()) if dist.is_main else Progress(distributed.discard_stream())
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint_path = os.path.join(out_dir, CHECKPOINT_FILE)
+class Hook:
+    """Called by Trainer after each dev evaluation and each checkpoint (on every rank; check
+    `trainer.dist.is_main` before writing). Subclass and override what you need."""
 
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    state = None
-    if resume:
-        if not os.path.isfile(checkpoint_path):
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        saved = Tagger.load(out_dir, device="cpu") if os.path.isfile(os.path.join(out_dir, CONFIG_FILE)) else None
-        if saved is None:
-            raise FileNotFoundError(f"--resume: {out_dir} holds a checkpoint but no tagger files")
-        words, chars, tags = saved.words, saved.chars, saved.tags
-        model, pretrained_words = saved.model, saved.pretrained_words
-        model.load_state_dict(state["model"])
-    else:
+    def after_evaluation(self, trainer: "Trainer", record: dict) -> None:
+        """`record`: the epoch's history entry (loss, dev scores, timings)."""
+
+    def after_checkpoint(self, trainer: "Trainer", epoch: int) -> None:
+        """The checkpoint of `epoch` (0-based) is written (rank 0) and the best model saved."""
+
+
+class Trainer:
+    """Trains a tagger into `out_dir` (the best dev-F1 model as a Tagger directory, plus
+    checkpoint.pt and training.json), one epoch at a time: fit() = for each epoch
+    train_epoch(), evaluate(), checkpoint(), with the hooks called after the last two.
+
+    Dev data is used for early stopping (and choosing the saved epoch) only: the vocabularies,
+    the initialisation and every training step depend on the training data and the seed alone.
+    """
+
+    def __init__(self, train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str,
+                 config: TrainConfig, resume: bool = False, log: Optional[Callable[[str], None]] = None,
+                 progress: Optional[Progress] = None, hooks: Sequence[Hook] = ()):
+        if not train_data:
+            raise ValueError("the training data holds no sentences")
+        self.config, self.out_dir, self.dev_data, self.hooks = config, out_dir, dev_data, list(hooks)
+        self.output_scheme = detect_scheme(s.tags for s in train_data)
+        self.dist = distributed.setup(config.device)  # torchrun's process group, or a single process
+        main = self.dist.is_main
+        self.log = (log or (lambda text: print(text, file=sys.stderr, flush=True))) if main else (lambda text: None)
+        self.progress = (progress or Progress()) if main else Progress(distributed.discard_stream())
+        os.makedirs(out_dir, exist_ok=True)
+        self.checkpoint_path = os.path.join(out_dir, CHECKPOINT_FILE)
+
+        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        state = self._read_checkpoint() if resume else None
+        if state is None:
+            self.tagger = self._new_tagger(train_data)
+        self.model = self.tagger.model
+        self.module = self.dist.wrap(self.model)  # forward(batch tensors) -> loss; DDP when several processes
+
+        train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
+        self.encoded = encode_sentences(train_tagged, self.tagger.words, self.tagger.chars, self.tagger.tags,
+                                        config.digits_to_zero)
+        self.lengths = [len(e.words) for e in self.encoded]
+        self.total_tokens = sum(self.lengths)
+
+        self.optimizer = _make_optimizer(self.model, config)
+        self.history: List[dict] = []
+        self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, -1, 0, 0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.history = list(state["history"])
+            self.best_f1, self.best_epoch = float(state["best_f1"]), int(state["best_epoch"])
+            self.bad_epochs, self.start_epoch = int(state["bad_epochs"]), int(state["epoch"]) + 1
+            self.rng.setstate(_tuples(state["python_rng"]))
+            torch.set_rng_state(state["torch_rng"])
+            self.log(f"resuming after epoch {self.start_epoch} (best dev F1 {self.best_f1:.2f} at epoch {self.best_epoch + 1})")
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _read_checkpoint(self) -> dict:
+        if not os.path.isfile(self.checkpoint_path):
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.checkpoint_path}")
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if not os.path.isfile(os.path.join(self.out_dir, CONFIG_FILE)):
+            raise FileNotFoundError(f"--resume: {self.out_dir} holds a checkpoint but no tagger files")
+        saved = Tagger.load(self.out_dir, device="cpu")
+        saved.model.load_state_dict(state["model"])
+        self.tagger = Tagger(saved.model, saved.words, saved.chars, saved.tags, self.output_scheme,
+                             self.config.digits_to_zero, self.dist.device, saved.pretrained_words)
+        return state
+
+    def _new_tagger(self, train_data: Sequence[Sentence]) -> Tagger:
+        config = self.config
         pretrained = load_pretrained(config.embeddings)
         words, chars, tags = build_vocabularies(train_data, config.scheme, config.digits_to_zero)
         word_dim = pretrained.dim if pretrained is not None else config.word_dim
@@ -158,36 +260,48 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
         weights, hits = embedding_matrix(words, pretrained, word_dim, init)
         frozen, pretrained_words = (frozen_table(pretrained), pretrained.words) if pretrained is not None else (None, None)
         if pretrained is not None:
-            log(f"embeddings: {hits}/{len(words)} training words found in {config.embeddings}; "
-                f"{len(pretrained_words)} pretrained vectors kept frozen for every other word")
+            self.log(f"embeddings: {hits}/{len(words)} training words found in {config.embeddings}; "
+                     f"{len(pretrained_words)} pretrained vectors kept frozen for every other word")
         model_config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), scheme=config.scheme,
                                    word_dim=word_dim, word_pad=words.pad_id, char_pad=chars.pad_id,
                                    pretrained_rows=0 if frozen is None else len(pretrained_words), **config.model)
         model = SequenceTagger(model_config, weights, frozen)
-    model.to(device)
-    trainer = dist.wrap(model)  # forward(batch tensors) -> loss; DDP when several processes
-    tagger = Tagger(model, words, chars, tags, output_scheme, config.digits_to_zero, device, pretrained_words)
+        return Tagger(model, words, chars, tags, self.output_scheme, config.digits_to_zero, self.dist.device,
+                      pretrained_words)
 
-    train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
-    encoded = encode_sentences(train_tagged, words, chars, tags, config.digits_to_zero)
-    lengths = [len(e.words) for e in encoded]
-    total_tokens = sum(lengths)
+    # ---- the loop ----------------------------------------------------------------------------
 
-    optimizer = _make_optimizer(model, config)
-    history: List[dict] = []
-    best_f1, best_epoch, bad_epochs, start_epoch = -1.0, -1, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        best_f1, best_epoch, bad_epochs = float(state["best_f1"]), int(state["best_epoch"]), int(state["bad_epochs"])
-        start_epoch = int(state["epoch"]) + 1
-        rng.setstate(_tuples(state["python_rng"]))
-        torch.set_rng_state(state["torch_rng"])
-        log(f"resuming after epoch {start_epoch} (best dev F1 {best_f1:.2f} at epoch {best_epoch + 1})")
+    def fit(self, test_data: Optional[Sequence[Sentence]] = None) -> dict:
+        """Train until the last epoch or early stop; return {'best_epoch', 'best_dev_f1',
+        'history', 'test' (when test_data: the best model's scores, for the record only)}."""
+        config, dist = self.config, self.dist
+        for epoch in range(self.start_epoch, config.epochs):
+            if self.bad_epochs >= config.patience:
+                break
+            loss_sum, tokens_done, train_seconds, started = self.train_epoch(epoch)
+            record = self.evaluate(epoch, loss_sum, tokens_done, train_seconds, started)
+            for hook in self.hooks:
+                hook.after_evaluation(self, record)
+            self.checkpoint(epoch)
+            for hook in self.hooks:
+                hook.after_checkpoint(self, epoch)
+        if self.bad_epochs >= config.patience:
+            self.log(f"stopped early: no better dev F1 for {config.patience} epochs")
 
-    for epoch in range(start_epoch, config.epochs):
-        if bad_epochs >= config.patience:
-            break
+        summary = {"best_epoch": self.best_epoch + 1, "best_dev_f1": self.best_f1, "history": self.history}
+        if test_data:
+            best = Tagger.load(self.out_dir, device=dist.device) if dist.is_main else None
+            summary["test"] = dist.broadcast(evaluate_tagger(best, test_data, config.eval_batch_size) if dist.is_main else None)
+            self.log(f"test F1 {summary['test']['f1']:.2f} (best dev epoch {self.best_epoch + 1})")
+        if dist.is_main:
+            atomic_write_json({"config": config.to_json(), **summary}, os.path.join(self.out_dir, HISTORY_FILE))
+        dist.cleanup()  # waits for rank 0's writes before any rank returns
+        return summary
+
+    def train_epoch(self, epoch: int):
+        """One pass over this rank's share of the training batches: (loss sum, tokens) summed
+        over the ranks, the seconds it took, and when it started (perf_counter)."""
+        config, dist, model, optimizer = self.config, self.dist, self.model, self.optimizer
         lr = _epoch_lr(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -195,10 +309,11 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
         dist.seed_epoch(config.seed, epoch)
         started = time.perf_counter()
         loss_sum, tokens_done = 0.0, 0
-        batches = dist.shard(bucket_batches(lengths, config.batch_size, shuffle=True, rng=rng))
+        words, chars = self.tagger.words, self.tagger.chars
+        batches = dist.shard(bucket_batches(self.lengths, config.batch_size, shuffle=True, rng=self.rng))
         for number, index in enumerate(batches, start=1):
-            batch = make_batch(encoded, index, words.pad_id, chars.pad_id).to(device)
-            loss = distributed.loss_of(trainer, batch)
+            batch = make_batch(self.encoded, index, words.pad_id, chars.pad_id).to(dist.device)
+            loss = distributed.loss_of(self.module, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.clip > 0:
@@ -210,61 +325,68 @@ def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir:
             loss_sum += loss_value
             tokens_done += int(batch.lengths.sum())
             elapsed = time.perf_counter() - started
-            progress.update(
+            self.progress.update(
                 f"epoch {epoch + 1}/{config.epochs} [{number}/{len(batches)}] loss {loss_sum / tokens_done:.4f}/token "
                 f"{tokens_done / max(elapsed, 1e-9):,.0f} tokens/s",
                 force=number == len(batches),
             )
         train_seconds = time.perf_counter() - started
         loss_sum, tokens_done = dist.all_sum([loss_sum, tokens_done])
-        # rank 0 evaluates; every rank takes its result, so all decide alike when to stop
-        dev = dist.broadcast(evaluate_tagger(tagger, dev_data, config.eval_batch_size) if dist.is_main else None)
+        return loss_sum, tokens_done, train_seconds, started
+
+    def evaluate(self, epoch: int, loss_sum: float, tokens_done: float, train_seconds: float, started: float) -> dict:
+        """Dev scores of the epoch's model (rank 0 evaluates, every rank takes its result so all
+        decide alike when to stop); saves the model when it is the best so far. Returns the
+        epoch's history record."""
+        config, dist = self.config, self.dist
+        dev = dist.broadcast(evaluate_tagger(self.tagger, self.dev_data, config.eval_batch_size) if dist.is_main else None)
         epoch_seconds = time.perf_counter() - started
-        improved = dev["f1"] > best_f1
+        improved = dev["f1"] > self.best_f1
         if improved:
-            best_f1, best_epoch, bad_epochs = dev["f1"], epoch, 0
+            self.best_f1, self.best_epoch, self.bad_epochs = dev["f1"], epoch, 0
             if dist.is_main:
-                tagger.save(out_dir)
+                self.tagger.save(self.out_dir)
         else:
-            bad_epochs += 1
+            self.bad_epochs += 1
         record = {
-            "epoch": epoch + 1, "lr": lr, "loss_per_token": loss_sum / max(tokens_done, 1),
+            "epoch": epoch + 1, "lr": _epoch_lr(config, epoch), "loss_per_token": loss_sum / max(tokens_done, 1),
             "dev_f1": dev["f1"], "dev_precision": dev["precision"], "dev_recall": dev["recall"],
             "dev_accuracy": dev["accuracy"], "train_seconds": train_seconds,
-            "tokens_per_s": total_tokens / max(train_seconds, 1e-9),
+            "tokens_per_s": self.total_tokens / max(train_seconds, 1e-9),
             # wall time since the run began, dev evaluation included (summed over resumed parts)
-            "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0.0) + epoch_seconds,
+            "elapsed_seconds": (self.history[-1]["elapsed_seconds"] if self.history else 0.0) + epoch_seconds,
         }
-        history.append(record)
-        progress.done(
+        self.history.append(record)
+        self.progress.done(
             f"epoch {epoch + 1}/{config.epochs}: loss {record['loss_per_token']:.4f}/token, "
             f"{record['tokens_per_s']:,.0f} tokens/s, {train_seconds:.1f} s, dev F1 {dev['f1']:.2f}"
-            + (" (best)" if improved else f" (best {best_f1:.2f} at epoch {best_epoch + 1})")
+            + (" (best)" if improved else f" (best {self.best_f1:.2f} at epoch {self.best_epoch + 1})")
         )
-        if dist.is_main:
-            atomic_torch_save(
-                {
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                    "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                },
-                checkpoint_path,
-            )
-            atomic_write_json({"config": asdict(config), "history": history, "best_epoch": best_epoch + 1,
-                               "best_dev_f1": best_f1}, os.path.join(out_dir, HISTORY_FILE))
-    if bad_epochs >= config.patience:
-        log(f"stopped early: no better dev F1 for {config.patience} epochs")
+        return record
 
-    summary = {"best_epoch": best_epoch + 1, "best_dev_f1": best_f1, "history": history}
-    if test_data:
-        best = Tagger.load(out_dir, device=device) if dist.is_main else None
-        summary["test"] = dist.broadcast(evaluate_tagger(best, test_data, config.eval_batch_size) if dist.is_main else None)
-        log(f"test F1 {summary['test']['f1']:.2f} (best dev epoch {best_epoch + 1})")
-    if dist.is_main:
-        atomic_write_json({"config": asdict(config), **summary}, os.path.join(out_dir, HISTORY_FILE))
-    dist.cleanup()  # waits for rank 0's writes before any rank returns
-    return summary
+    def checkpoint(self, epoch: int) -> None:
+        """Everything a resumed run needs to continue exactly (rank 0 writes)."""
+        if not self.dist.is_main:
+            return
+        atomic_torch_save(
+            {
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": epoch, "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "history": self.history, "python_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+            },
+            self.checkpoint_path,
+        )
+        atomic_write_json({"config": self.config.to_json(), "history": self.history, "best_epoch": self.best_epoch + 1,
+                           "best_dev_f1": self.best_f1}, os.path.join(self.out_dir, HISTORY_FILE))
+
+
+def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str, config: TrainConfig,
+          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False,
+          log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None,
+          hooks: Sequence[Hook] = ()) -> dict:
+    """Trainer(...).fit(test_data): see Trainer."""
+    return Trainer(train_data, dev_data, out_dir, config, resume, log, progress, hooks).fit(test_data)
 
 
 def _tuples(value):

@@ -24,6 +24,7 @@ from fastner.models.char_cnn import CharCNN
 
 ENCODERS = {"lstm": fnn.LSTM, "gru": fnn.GRU, "rnn": fnn.RNN}
 HEADS = ("crf", "softmax")
+RECIPE_OPTIONS = ("char_dim", "char_filters", "char_window", "use_chars", "encoder", "hidden", "layers", "dropout", "head")
 
 
 @dataclass
@@ -63,6 +64,12 @@ class ModelConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def options(cls) -> dict:
+        """The architecture choices a training recipe may set, with their defaults (the rest of
+        the config comes from the data: vocabulary sizes, tags, padding ids, the vector size)."""
+        return {f.name: f.default for f in fields(cls) if f.name in RECIPE_OPTIONS}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelConfig":
@@ -149,15 +156,22 @@ class SequenceTagger(nn.Module):
         x, _ = self.encoder(x, lengths=lengths)  # [B, T, 2H], zeros past each length
         return self.output(self.dropout(x))
 
+    def forward(self, words: torch.Tensor, chars: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor,
+                tags: torch.Tensor) -> torch.Tensor:
+        """The training loss: negative log-likelihood summed over the sentences (token
+        cross-entropy summed over tokens for the softmax head). words/tags: [B, T], chars:
+        [B, T, C], lengths: [B], mask: [B, T] bool. Being forward(), it is what
+        DistributedDataParallel wraps and synchronises."""
+        scores = self.emissions(words, chars, lengths, mask)
+        if self.crf is not None:
+            return -self.crf(scores, tags, mask, reduction="sum")
+        return nn.functional.cross_entropy(scores[mask], tags[mask], reduction="sum")
+
     def loss(self, batch) -> torch.Tensor:
-        """Negative log-likelihood summed over the batch's sentences (token cross-entropy summed
-        over tokens for the softmax head)."""
+        """forward() of a fastner.data.Batch."""
         if batch.tags is None:
             raise ValueError("the batch has no gold tags to compute a loss against")
-        scores = self.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
-        if self.crf is not None:
-            return -self.crf(scores, batch.tags, batch.mask, reduction="sum")
-        return nn.functional.cross_entropy(scores[batch.mask], batch.tags[batch.mask], reduction="sum")
+        return self(batch.words, batch.chars, batch.lengths, batch.mask, batch.tags)
 
     @torch.no_grad()
     def predict(self, batch, with_marginals: bool = False):
