@@ -200,3 +200,24 @@ def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_trainer_hooks_see_every_evaluation_and_checkpoint(corpus, tmp_path):
+    from fastner.train import Hook, Trainer
+
+    seen = []
+
+    class Record(Hook):
+        def after_evaluation(self, trainer, record):
+            seen.append(("evaluation", record["epoch"], trainer.best_epoch + 1))
+
+        def after_checkpoint(self, trainer, epoch):
+            assert os.path.isfile(trainer.checkpoint_path)
+            seen.append(("checkpoint", epoch + 1, torch.load(trainer.checkpoint_path, weights_only=True)["epoch"] + 1))
+
+    train_data, held_out = corpus
+    trainer = Trainer(train_data, held_out, str(tmp_path / "m"), tiny_config(epochs=2), log=quiet, hooks=[Record()])
+    summary = trainer.fit()
+    assert [s[:2] for s in seen] == [("evaluation", 1), ("checkpoint", 1), ("evaluation", 2), ("checkpoint", 2)]
+    assert all(s[2] == s[1] for s in seen if s[0] == "checkpoint")
+    assert summary["history"] == trainer.history and len(summary["history"]) == 2
