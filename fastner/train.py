@@ -28,6 +28,7 @@ from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, 
 from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import embedding_matrix, frozen_table, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
+from fastner.optim import RowSparseSGD, clip_grad_norm, sparse_rows
 from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -161,10 +162,10 @@ class Progress:
         self.stream.flush()
 
 
-def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    return torch.optim.Adam(model.parameters(), lr=config.lr)
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(parameters, lr=config.lr)
 
 
 def _epoch_lr(config: TrainConfig, epoch: int) -> float:
@@ -225,11 +226,25 @@ class Trainer:
         self.lengths = [len(e.words) for e in self.encoded]
         self.total_tokens = sum(self.lengths)
 
-        self.optimizer = _make_optimizer(self.model, config)
+        # the word table's rows are updated sparsely (fastner.optim) where that equals the dense
+        # update: SGD (Adam's moments are not lazily updatable) in one process (DDP all-reduces
+        # dense gradients)
+        self.word_table: Optional[RowSparseSGD] = None
+        if config.optimizer == "sgd" and not self.dist.enabled:
+            self.word_table = RowSparseSGD(self.model.word_embedding.weight, config.lr, config.momentum)
+            self.model.word_embedding.sparse = True
+        self.optimizer = _make_optimizer(self._dense_parameters(), config)
         self.history: List[dict] = []
         self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, -1, 0, 0
         if state is not None:
+            if bool(state.get("sparse_word_table", False)) != (self.word_table is not None):
+                raise ValueError("--resume: the checkpoint's word table was updated "
+                                 f"{'sparsely' if state.get('sparse_word_table') else 'densely'}, this run would update "
+                                 f"it {'sparsely' if self.word_table is not None else 'densely'} (resume with the "
+                                 "optimizer and the number of processes the run started with)")
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.word_table is not None:
+                self.word_table.load_state_dict(state["word_table_optimizer"])
             self.history = list(state["history"])
             self.best_f1, self.best_epoch = float(state["best_f1"]), int(state["best_epoch"])
             self.bad_epochs, self.start_epoch = int(state["bad_epochs"]), int(state["epoch"]) + 1
@@ -238,6 +253,11 @@ class Trainer:
             self.log(f"resuming after epoch {self.start_epoch} (best dev F1 {self.best_f1:.2f} at epoch {self.best_epoch + 1})")
 
     # ---- set-up ------------------------------------------------------------------------------
+
+    def _dense_parameters(self) -> List[torch.nn.Parameter]:
+        """What torch's optimiser updates: every parameter but a sparsely updated word table."""
+        table = self.model.word_embedding.weight if self.word_table is not None else None
+        return [p for p in self.model.parameters() if p is not table]
 
     def _read_checkpoint(self) -> dict:
         if not os.path.isfile(self.checkpoint_path):
@@ -305,6 +325,10 @@ class Trainer:
         lr = _epoch_lr(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        table = self.word_table
+        if table is not None:
+            table.lr = lr  # every row is flushed at the end of an epoch, so none lags at the old rate
+        dense = self._dense_parameters()
         model.train()
         dist.seed_epoch(config.seed, epoch)
         started = time.perf_counter()
@@ -313,12 +337,20 @@ class Trainer:
         batches = dist.shard(bucket_batches(self.lengths, config.batch_size, shuffle=True, rng=self.rng))
         for number, index in enumerate(batches, start=1):
             batch = make_batch(self.encoded, index, words.pad_id, chars.pad_id).to(dist.device)
+            if table is not None:
+                table.catch_up(batch.words)  # the rows this forward reads, as the dense update would leave them
             loss = distributed.loss_of(self.module, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            rows = values = None
+            if table is not None and table.weight.grad is not None:
+                rows, values = sparse_rows(table.weight.grad)
+                table.weight.grad = None
             if config.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                clip_grad_norm([p.grad for p in dense], values, config.clip)
             optimizer.step()
+            if rows is not None:
+                table.step(rows, values)
             loss_value = loss.item()  # also the sync that keeps the progress line honest
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"epoch {epoch + 1}, batch {number}: the loss is {loss_value}; try a smaller --lr")
@@ -330,6 +362,8 @@ class Trainer:
                 f"{tokens_done / max(elapsed, 1e-9):,.0f} tokens/s",
                 force=number == len(batches),
             )
+        if table is not None:
+            table.flush()  # before evaluation and saving read the table
         train_seconds = time.perf_counter() - started
         loss_sum, tokens_done = dist.all_sum([loss_sum, tokens_done])
         return loss_sum, tokens_done, train_seconds, started
@@ -372,6 +406,8 @@ class Trainer:
             {
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
+                "sparse_word_table": self.word_table is not None,
+                **({"word_table_optimizer": self.word_table.state_dict()} if self.word_table is not None else {}),
                 "epoch": epoch, "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
                 "history": self.history, "python_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
             },
