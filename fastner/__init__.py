@@ -43,7 +43,12 @@ def backend() -> Dict[str, str]:
     return info
 
 
-_extension.extension_loaded()
+try:
+    _extension.extension_loaded()
+except ValueError:
+    # a bad FASTNER_BACKEND value: raised again, with its message, by backend() and by the first
+    # op call, where callers (the CLI among them) can report it; not as an import traceback
+    pass
 
 
 def __getattr__(name: str):

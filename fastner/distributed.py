@@ -146,7 +146,7 @@ def setup(device: Union[str, torch.device, None] = "cpu", timeout_s: float = 180
     device: the device type to train on ('cpu', 'cuda'); under torchrun a CUDA run uses
     cuda:LOCAL_RANK (one process per GPU), whatever index was asked for.
     """
-    from fastner.tagger import resolve_device
+    from fastner.devices import resolve_device
 
     resolved = resolve_device(device)
     if not launched_by_torchrun() or _env_int("WORLD_SIZE") == 1:

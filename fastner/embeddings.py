@@ -79,11 +79,15 @@ def load_glove_package() -> Pretrained:
 
 def load_text_vectors(path: str) -> Pretrained:
     """A GloVe or word2vec text file: `word v1 ... vd` per line (a word2vec `count dim` header is skipped)."""
-    if not os.path.isfile(path):
-        raise EmbeddingsError(f"embeddings file not found: {path}")
+    from fastner.data.textfiles import DataFormatError, check_data_file, utf8_lines
+
+    try:
+        check_data_file(path, "embeddings file")
+    except (FileNotFoundError, DataFormatError) as err:
+        raise EmbeddingsError(str(err)) from None
     words, rows, dim = [], [], None
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_no, line in _lines_or_error(utf8_lines(handle, path)):
             parts = line.rstrip().split(" ")
             if line_no == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
                 continue
@@ -103,6 +107,16 @@ def load_text_vectors(path: str) -> Pretrained:
     if not rows:
         raise EmbeddingsError(f"{path}: no vectors found")
     return Pretrained(words, np.stack(rows))
+
+
+def _lines_or_error(lines):
+    """utf8_lines with its DataFormatError as an EmbeddingsError (same FILE:LINE message)."""
+    from fastner.data.textfiles import DataFormatError
+
+    try:
+        yield from lines
+    except DataFormatError as err:
+        raise EmbeddingsError(str(err)) from None
 
 
 def load_pretrained(spec: str) -> Optional[Pretrained]:

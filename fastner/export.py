@@ -29,9 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from fastner import _extension
+from fastner.program_check import check_program_archive
+from fastner.storage import MissingFiles, json_bytes, read_file_set, write_file_set
 
 PROGRAM_FILE = "program.pt2"
 META_FILE = "export.json"
+MANIFEST_FILE = "export-manifest.json"  # its own name: an export may sit in a tagger's directory
 EXPORT_FORMAT = 1
 DEFAULT_MAX_LENGTH = 64  # the fixed sequence length of a reference-path export
 MAX_BATCH = 4096
@@ -168,14 +171,11 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
     """Write `tagger` (a fastner.Tagger) as an exported program directory; return its metadata."""
     import fastner
     from fastner.data.batching import MAX_WORD_CHARS
-    from fastner.tagger import atomic_write_bytes, atomic_write_json
 
     model = tagger.model.eval()
     program, fixed_length = export_program(model, max_length)
-    os.makedirs(out_dir, exist_ok=True)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    atomic_write_bytes(os.path.join(out_dir, PROGRAM_FILE), buffer.getvalue())
     meta = {
         "format": EXPORT_FORMAT,
         "fastner_version": fastner.__version__,
@@ -193,7 +193,8 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
         # the frozen table's rows are in the program; its words are needed to find them
         "pretrained_words": tagger.pretrained_words,
     }
-    atomic_write_json(meta, os.path.join(out_dir, META_FILE))
+    # one set: a kill mid-write leaves the previous export or this one, never a mix
+    write_file_set(out_dir, {PROGRAM_FILE: buffer.getvalue(), META_FILE: json_bytes(meta)}, manifest=MANIFEST_FILE)
     return meta
 
 
@@ -223,6 +224,9 @@ class ExportedTagger:
 
     def _run(self, sentences: Sequence[List[str]], batch_size: int):
         """Per sentence: (tags in the model's scheme, confidence of each tag)."""
+        from fastner.predictions import check_batch_size
+
+        check_batch_size(batch_size)
         from fastner.data.batching import encode_sentences, make_batch
         from fastner.data.conll import Sentence
 
@@ -261,8 +265,6 @@ class ExportedTagger:
         from fastner.predictions import prediction, token_lists
 
         sentences = token_lists(batch)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return [prediction(tokens, model_tags, confidence, self.meta["output_scheme"])
                 for tokens, (model_tags, confidence) in zip(sentences, self._run(sentences, batch_size))]
 
@@ -270,12 +272,15 @@ class ExportedTagger:
 def load(path: str) -> ExportedTagger:
     """Load a directory written by export_tagger() / `fastner export`."""
     program_path, meta_path = os.path.join(path, PROGRAM_FILE), os.path.join(path, META_FILE)
-    missing = [name for name, full in ((PROGRAM_FILE, program_path), (META_FILE, meta_path)) if not os.path.isfile(full)]
-    if missing:
-        raise FileNotFoundError(f"{path!r} is not a fastner export directory: missing {', '.join(missing)} "
-                                "(written by `fastner export DIR OUT`)")
-    with open(meta_path, encoding="utf-8") as handle:
-        meta = json.load(handle)
+    try:
+        contents = read_file_set(path, (PROGRAM_FILE, META_FILE), manifest=MANIFEST_FILE)
+    except MissingFiles as err:
+        raise FileNotFoundError(f"{path!r} is not a fastner export directory: missing {', '.join(err.missing)} "
+                                "(written by `fastner export DIR OUT`)") from None
+    try:
+        meta = json.loads(contents[META_FILE].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path}: not valid UTF-8 JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{path!r} holds export format {found!r}; this fastner reads format {EXPORT_FORMAT}")
@@ -284,4 +289,12 @@ def load(path: str) -> ExportedTagger:
         if not _extension.extension_loaded():
             raise RuntimeError(f"{path!r} calls fastner ops {meta['fastner_ops']} but the compiled extension "
                                f"could not be loaded: {_extension.load_error()}")
-    return ExportedTagger(torch.export.load(program_path), meta)
+    # checked in memory, then those same bytes loaded: torch.export.load alone may run code
+    # from the archive (see fastner.program_check)
+    program_bytes = contents[PROGRAM_FILE]
+    check_program_archive(program_bytes, program_path)
+    try:
+        program = torch.export.load(io.BytesIO(program_bytes))
+    except Exception as err:  # a corrupt archive fails deep inside torch's deserializer
+        raise ValueError(f"{program_path}: not a loadable torch.export program ({type(err).__name__}: {err})") from None
+    return ExportedTagger(program, meta)

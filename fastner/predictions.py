@@ -8,6 +8,13 @@ from typing import List, Sequence
 from fastner.data.schemes import convert_tags, tags_to_spans
 
 
+def check_batch_size(batch_size) -> int:
+    """batch_size as an int >= 1, else ValueError (a bool, float or negative count is a mistake)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
 def token_lists(batch) -> List[List[str]]:
     """A list of token lists or whitespace-tokenised strings -> a list of token lists."""
     if isinstance(batch, str):

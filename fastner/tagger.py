@@ -1,17 +1,18 @@
 """fastner.Tagger: a trained tagger saved in one directory, loaded back to tag text.
 
 The directory holds config.json (model and data settings), vocab.json (word, char and tag
-vocabularies) and weights.pt (the model's state_dict, read with torch.load(weights_only=True)).
-A model trained with pretrained vectors also holds its frozen pretrained table: pretrained.npy
-(float16 [N, dim], a plain .npy read with numpy's memory map, no pickle) and
-pretrained_words.json (the word of each row), so the directory tags on a machine without the
-vectors package and loads in a fraction of a second: pages of the table are read when used.
+vocabularies), weights.pt (the model's state_dict, read with torch.load(weights_only=True) and
+nothing else) and manifest.json (their hashes: fastner.storage writes the files as one set, so a
+kill mid-save leaves the old tagger or the new one, never a mix). A model trained with pretrained
+vectors also holds its frozen pretrained table: pretrained.npy (float16 [N, dim], a plain .npy
+opened with numpy's memory map, no pickle) and pretrained_words.json (the word of each row), so
+the directory tags on a machine without the vectors package.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -22,7 +23,10 @@ from fastner.data.schemes import canonical_scheme, convert_tags
 from fastner.data.vocab import Vocab
 from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
-from fastner.predictions import prediction, token_lists
+from fastner.devices import resolve_device
+from fastner.predictions import check_batch_size, prediction, token_lists
+from fastner.storage import (MissingFiles, StorageError, file_set_paths, json_bytes, read_file_set, torch_bytes,
+                             write_file_set)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -36,83 +40,60 @@ class TaggerLoadError(ValueError):
     """A tagger directory that is missing, incomplete or written by an incompatible version."""
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never a torn one:
-    a temp file in the same directory, fsync, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+def _json_file(data: bytes, path: str):
+    """JSON from `data` (the bytes of `path`); errors name the file and line."""
     try:
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_json(obj, path: str) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """The device to run on; None picks CUDA when available. A CUDA device without CUDA is an error."""
-    if device is None:
-        return default_device()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise TaggerLoadError(f"{path}:{line}: not UTF-8 (byte {data[err.start]:#04x})") from None
     try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this torch has no CUDA device available")
-    return resolved
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TaggerLoadError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
+    """The state dict in weights.pt bytes, read with the weights_only loader (never a fallback)."""
+    if not data:
+        raise TaggerLoadError(f"{path} is empty (0 bytes): the save that wrote it did not finish")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever the safe unpickler refuses, a torn or foreign file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        raise TaggerLoadError(f"{path} is not a weights file fastner can read safely: "
+                              f"{reason or type(err).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise TaggerLoadError(f"{path} holds a {type(state).__name__}, expected a state dict "
+                              "(parameter names to tensors)")
+    return state
 
 
 def _load_pretrained_table(path: str, config: ModelConfig):
     """(frozen table [rows, dim] memory-mapped from pretrained.npy, its words), or (None, None)
-    for a model without one. ValueError says what is missing or does not fit."""
+    for a model without one; both checked against the directory's manifest. ValueError says
+    what is missing or does not fit."""
     if not config.pretrained_rows:
         return None, None
     import numpy as np
 
-    vectors_path, words_path = os.path.join(path, PRETRAINED_VECTORS_FILE), os.path.join(path, PRETRAINED_WORDS_FILE)
-    for name, full in ((PRETRAINED_VECTORS_FILE, vectors_path), (PRETRAINED_WORDS_FILE, words_path)):
-        if not os.path.isfile(full):
-            raise ValueError(f"the model has {config.pretrained_rows} pretrained rows but {name} is missing")
+    try:
+        words_data = read_file_set(path, [PRETRAINED_WORDS_FILE])[PRETRAINED_WORDS_FILE]
+        vectors_path = file_set_paths(path, [PRETRAINED_VECTORS_FILE])[PRETRAINED_VECTORS_FILE]
+    except MissingFiles as err:
+        raise ValueError(f"the model has {config.pretrained_rows} pretrained rows but {', '.join(err.missing)} "
+                         "is missing") from None
+    except (StorageError, OSError) as err:
+        raise ValueError(str(err)) from None
+    words = _json_file(words_data, os.path.join(path, PRETRAINED_WORDS_FILE))
     try:
         # copy-on-write map: pages are shared with the file until written (never, the table is
         # frozen), and torch gets a writable array; allow_pickle=False: plain numbers only
         vectors = np.load(vectors_path, mmap_mode="c", allow_pickle=False)
-        with open(words_path, encoding="utf-8") as handle:
-            words = json.load(handle)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read the pretrained table: {err}") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table: {err}") from None
     expected = (config.pretrained_rows, config.word_dim)
     if vectors.shape != expected or vectors.dtype not in (np.float16, np.float32):
         raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds {vectors.dtype} {list(vectors.shape)}, "
@@ -162,43 +143,42 @@ class Tagger:
             "digits_to_zero": self.digits_to_zero,
         }
 
-    def save(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """Write the directory (each file atomically). `state_dict` overrides the live weights."""
-        os.makedirs(path, exist_ok=True)
-        atomic_write_json(self.config_json(), os.path.join(path, CONFIG_FILE))
+    def files(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, bytes]:
+        """The directory's files (name -> bytes). `state_dict` overrides the live weights."""
         vocab = {"words": self.words.to_json(), "chars": self.chars.to_json(), "tags": self.tags.to_json()}
-        atomic_write_json(vocab, os.path.join(path, VOCAB_FILE))
         weights = state_dict if state_dict is not None else self.model.state_dict()
-        atomic_torch_save({k: v.detach().cpu() for k, v in weights.items()}, os.path.join(path, WEIGHTS_FILE))
+        files = {CONFIG_FILE: json_bytes(self.config_json()), VOCAB_FILE: json_bytes(vocab),
+                 WEIGHTS_FILE: torch_bytes({k: v.detach().cpu() for k, v in weights.items()})}
         if self.model.pretrained is not None:
-            import io
-
             import numpy as np
 
             buffer = io.BytesIO()
             np.save(buffer, self.model.pretrained.detach().cpu().numpy(), allow_pickle=False)
-            atomic_write_bytes(os.path.join(path, PRETRAINED_VECTORS_FILE), buffer.getvalue())
-            atomic_write_bytes(os.path.join(path, PRETRAINED_WORDS_FILE),
-                               json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8"))
+            files[PRETRAINED_VECTORS_FILE] = buffer.getvalue()
+            files[PRETRAINED_WORDS_FILE] = json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8")
+        return files
+
+    def save(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write the directory as one set (fastner.storage.write_file_set)."""
+        write_file_set(path, self.files(state_dict))
 
     @classmethod
     def load(cls, path: str, device: Union[str, torch.device, None] = None) -> "Tagger":
         if not os.path.isdir(path):
             raise TaggerLoadError(f"no tagger directory at {path!r}")
-        files = {name: os.path.join(path, name) for name in (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE)}
-        missing = [name for name, full in files.items() if not os.path.isfile(full)]
-        if missing:
-            raise TaggerLoadError(
-                f"{path!r} is not a complete fastner tagger directory: missing {', '.join(missing)} "
-                f"(expected {CONFIG_FILE}, {VOCAB_FILE} and {WEIGHTS_FILE}, as written by `fastner train`)"
-            )
+        names = (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE)
         try:
-            with open(files[CONFIG_FILE], encoding="utf-8") as handle:
-                config = json.load(handle)
-            with open(files[VOCAB_FILE], encoding="utf-8") as handle:
-                vocab = json.load(handle)
-        except (OSError, json.JSONDecodeError) as err:
-            raise TaggerLoadError(f"{path!r}: cannot read the config or vocabulary: {err}") from None
+            contents = read_file_set(path, names)
+        except MissingFiles as err:
+            raise TaggerLoadError(
+                f"{path!r} is not a complete fastner tagger directory: missing {', '.join(err.missing)} "
+                f"(expected {CONFIG_FILE}, {VOCAB_FILE} and {WEIGHTS_FILE}, as written by `fastner train`)"
+            ) from None
+        except (StorageError, OSError) as err:
+            raise TaggerLoadError(str(err)) from None
+        files = {name: os.path.join(path, name) for name in names}
+        config = _json_file(contents[CONFIG_FILE], files[CONFIG_FILE])
+        vocab = _json_file(contents[VOCAB_FILE], files[VOCAB_FILE])
         version = config.get("format_version") if isinstance(config, dict) else None
         if version != FORMAT_VERSION:
             raise TaggerLoadError(
@@ -217,11 +197,13 @@ class Tagger:
             model = SequenceTagger(model_config, pretrained=pretrained)
         except (KeyError, TypeError, ValueError) as err:
             raise TaggerLoadError(f"{path!r}: incompatible config or vocabulary: {err}") from None
+        state = _state_dict_file(contents[WEIGHTS_FILE], files[WEIGHTS_FILE])
         try:
-            state = torch.load(files[WEIGHTS_FILE], map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
-            raise TaggerLoadError(f"{path!r}: the weights do not fit the model in config.json: {err}") from None
+        except (RuntimeError, ValueError) as err:
+            reason = " ".join(str(err).split())
+            raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "
+                                  f"{reason[:400]}") from None
         return cls(model, words, chars, tags, config.get("output_scheme", "IOB2"),
                    bool(config.get("digits_to_zero", False)), device, pretrained_words)
 
@@ -229,6 +211,7 @@ class Tagger:
 
     def _model_tags(self, sentences: Sequence[List[str]], batch_size: int, with_confidence: bool = True):
         """Per sentence: model-scheme tags and the marginal of each chosen tag (or None)."""
+        check_batch_size(batch_size)
         self.model.eval()
         order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
         encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,

@@ -9,6 +9,7 @@ run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -29,10 +30,20 @@ from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import embedding_matrix, frozen_table, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.optim import RowSparseSGD, clip_grad_norm, sparse_rows
-from fastner.tagger import CONFIG_FILE, Tagger, atomic_torch_save, atomic_write_json
+from fastner.storage import MANIFEST_FILE, StorageError, json_bytes, read_file_set, torch_bytes, write_file_set
+from fastner.tagger import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, Tagger
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "training.json"
+# what a directory holds once a run has saved into it: a new run must not overwrite these unasked
+RUN_FILES = (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, CHECKPOINT_FILE, MANIFEST_FILE)
+# settings a resumed run may change: how long it runs and where; every other setting is the
+# checkpoint's (a different one would silently be ignored, or would mix two runs' recipes)
+RESUMABLE_CHANGES = ("epochs", "patience", "device", "eval_batch_size")
+
+
+class RunDirectoryError(ValueError):
+    """An output directory that would lose a saved run, or a resume that contradicts it."""
 
 
 @dataclass
@@ -77,7 +88,9 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise ValueError(f"clip must be a finite number >= 0 (0: off), got {self.clip}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be an object of architecture options, got {self.model!r}")
         unknown = sorted(set(self.model) - set(ModelConfig.options()))
@@ -199,10 +212,17 @@ class Trainer:
     """
 
     def __init__(self, train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str,
-                 config: TrainConfig, resume: bool = False, log: Optional[Callable[[str], None]] = None,
-                 progress: Optional[Progress] = None, hooks: Sequence[Hook] = ()):
+                 config: TrainConfig, resume: bool = False, overwrite: bool = False,
+                 log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None,
+                 hooks: Sequence[Hook] = ()):
         if not train_data:
             raise ValueError("the training data holds no sentences")
+        if not resume and not overwrite:
+            existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+            if existing:
+                raise RunDirectoryError(
+                    f"{out_dir} already holds a saved run ({', '.join(existing)}); continue it with --resume, "
+                    "replace it with --overwrite, or choose another --out")
         self.config, self.out_dir, self.dev_data, self.hooks = config, out_dir, dev_data, list(hooks)
         self.output_scheme = detect_scheme(s.tags for s in train_data)
         self.dist = distributed.setup(config.device)  # torchrun's process group, or a single process
@@ -235,6 +255,7 @@ class Trainer:
             self.model.word_embedding.sparse = True
         self.optimizer = _make_optimizer(self._dense_parameters(), config)
         self.history: List[dict] = []
+        self.improved = False  # whether the last evaluated epoch is the best so far
         self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, -1, 0, 0
         if state is not None:
             if bool(state.get("sparse_word_table", False)) != (self.word_table is not None):
@@ -260,12 +281,13 @@ class Trainer:
         return [p for p in self.model.parameters() if p is not table]
 
     def _read_checkpoint(self) -> dict:
-        if not os.path.isfile(self.checkpoint_path):
+        staging = os.path.join(self.out_dir, f".{MANIFEST_FILE}.staging")
+        if not os.path.isfile(self.checkpoint_path) and not os.path.isdir(staging):
             raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.checkpoint_path}")
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        if not os.path.isfile(os.path.join(self.out_dir, CONFIG_FILE)):
-            raise FileNotFoundError(f"--resume: {self.out_dir} holds a checkpoint but no tagger files")
+        state = _read_checkpoint(self.out_dir)
+        # read through the file set: the tagger may still sit in a swap a kill cut short
         saved = Tagger.load(self.out_dir, device="cpu")
+        _check_resume_settings(self.config, state, saved, self.checkpoint_path)
         saved.model.load_state_dict(state["model"])
         self.tagger = Tagger(saved.model, saved.words, saved.chars, saved.tags, self.output_scheme,
                              self.config.digits_to_zero, self.dist.device, saved.pretrained_words)
@@ -314,7 +336,7 @@ class Trainer:
             summary["test"] = dist.broadcast(evaluate_tagger(best, test_data, config.eval_batch_size) if dist.is_main else None)
             self.log(f"test F1 {summary['test']['f1']:.2f} (best dev epoch {self.best_epoch + 1})")
         if dist.is_main:
-            atomic_write_json({"config": config.to_json(), **summary}, os.path.join(self.out_dir, HISTORY_FILE))
+            write_file_set(self.out_dir, {HISTORY_FILE: json_bytes({"config": config.to_json(), **summary})})
         dist.cleanup()  # waits for rank 0's writes before any rank returns
         return summary
 
@@ -375,11 +397,9 @@ class Trainer:
         config, dist = self.config, self.dist
         dev = dist.broadcast(evaluate_tagger(self.tagger, self.dev_data, config.eval_batch_size) if dist.is_main else None)
         epoch_seconds = time.perf_counter() - started
-        improved = dev["f1"] > self.best_f1
+        improved = self.improved = dev["f1"] > self.best_f1
         if improved:
             self.best_f1, self.best_epoch, self.bad_epochs = dev["f1"], epoch, 0
-            if dist.is_main:
-                self.tagger.save(self.out_dir)
         else:
             self.bad_epochs += 1
         record = {
@@ -399,30 +419,36 @@ class Trainer:
         return record
 
     def checkpoint(self, epoch: int) -> None:
-        """Everything a resumed run needs to continue exactly (rank 0 writes)."""
+        """Everything a resumed run needs to continue exactly, with the best tagger when this
+        epoch is it and the history: one file set (fastner.storage), so a kill leaves the
+        previous epoch's directory or this one (rank 0 writes)."""
         if not self.dist.is_main:
             return
-        atomic_torch_save(
-            {
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(),
-                "sparse_word_table": self.word_table is not None,
-                **({"word_table_optimizer": self.word_table.state_dict()} if self.word_table is not None else {}),
-                "epoch": epoch, "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "history": self.history, "python_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
-            },
-            self.checkpoint_path,
-        )
-        atomic_write_json({"config": self.config.to_json(), "history": self.history, "best_epoch": self.best_epoch + 1,
-                           "best_dev_f1": self.best_f1}, os.path.join(self.out_dir, HISTORY_FILE))
+        config = self.config.to_json()
+        files = self.tagger.files() if self.improved else {}
+        files[CHECKPOINT_FILE] = torch_bytes({
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sparse_word_table": self.word_table is not None,
+            **({"word_table_optimizer": self.word_table.state_dict()} if self.word_table is not None else {}),
+            "epoch": epoch, "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+            "history": self.history, "python_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "config": config,
+        })
+        files[HISTORY_FILE] = json_bytes({"config": config, "history": self.history,
+                                          "best_epoch": self.best_epoch + 1, "best_dev_f1": self.best_f1})
+        write_file_set(self.out_dir, files)
 
 
 def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str, config: TrainConfig,
-          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False,
+          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False, overwrite: bool = False,
           log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None,
           hooks: Sequence[Hook] = ()) -> dict:
-    """Trainer(...).fit(test_data): see Trainer."""
-    return Trainer(train_data, dev_data, out_dir, config, resume, log, progress, hooks).fit(test_data)
+    """Trainer(...).fit(test_data): see Trainer.
+
+    A directory that holds a saved run is refused unless `resume` (continue it: every setting
+    but RESUMABLE_CHANGES must equal the checkpoint's) or `overwrite` (replace it)."""
+    return Trainer(train_data, dev_data, out_dir, config, resume, overwrite, log, progress, hooks).fit(test_data)
 
 
 def _tuples(value):
@@ -430,3 +456,51 @@ def _tuples(value):
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
+
+
+def saved_settings(out_dir: str) -> Optional[dict]:
+    """The TrainConfig (as a dict) of the run saved in `out_dir`, or None when there is none
+    (no checkpoint, or one written before checkpoints recorded it)."""
+    if not os.path.isfile(os.path.join(out_dir, CHECKPOINT_FILE)):
+        return None
+    config = _read_checkpoint(out_dir).get("config")
+    return config if isinstance(config, dict) else None
+
+
+def _read_checkpoint(out_dir: str) -> dict:
+    """checkpoint.pt of the directory's complete file set, read with the weights_only loader."""
+    path = os.path.join(out_dir, CHECKPOINT_FILE)
+    try:
+        data = read_file_set(out_dir, [CHECKPOINT_FILE])[CHECKPOINT_FILE]
+    except StorageError as err:
+        raise RunDirectoryError(f"--resume: {err}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever the safe unpickler refuses, a torn or foreign file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        raise RunDirectoryError(f"{path} is not a checkpoint fastner can read safely: "
+                                f"{reason or type(err).__name__}") from None
+    needed = ("model", "optimizer", "epoch", "best_f1", "best_epoch", "bad_epochs", "history", "python_rng", "torch_rng")
+    if not isinstance(state, dict) or any(key not in state for key in needed):
+        raise RunDirectoryError(f"{path} is not a fastner training checkpoint (expected the keys {', '.join(needed)})")
+    return state
+
+
+def _check_resume_settings(config: TrainConfig, state: dict, saved: Tagger, checkpoint_path: str) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's (naming each one)."""
+    differences = []
+    model_config = saved.model.config.to_json()  # what the saved model is, whatever was asked then
+    for name, setting in config.model.items():
+        if name in model_config and model_config[name] != setting:
+            differences.append(f"{name} {setting!r} (checkpoint: {model_config[name]!r})")
+    saved_config = state.get("config")  # absent in checkpoints written before settings were recorded
+    if isinstance(saved_config, dict):
+        for key, value in config.to_json().items():
+            if key not in RESUMABLE_CHANGES and key != "model" and key in saved_config and saved_config[key] != value:
+                differences.append(f"{key} {value!r} (checkpoint: {saved_config[key]!r})")
+    if differences:
+        raise RunDirectoryError(
+            f"--resume: these settings differ from the run saved in {checkpoint_path}: {'; '.join(differences)}. "
+            f"A resumed run keeps its recipe (only {', '.join(RESUMABLE_CHANGES)} may change); "
+            "drop them, or start a new run with --overwrite or another --out")

@@ -88,7 +88,7 @@ def assert_same_predictions(expected, got):
 
 def test_round_trip_tags_like_the_tagger_without_model_or_training_code(exported):
     tagger, out = exported
-    assert sorted(os.listdir(out)) == [export.META_FILE, export.PROGRAM_FILE]
+    assert sorted(os.listdir(out)) == sorted([export.MANIFEST_FILE, export.META_FILE, export.PROGRAM_FILE])
     batch = sentences()
     # a fresh process: only the runtime is imported; batches of 4 of varied lengths
     script = (

@@ -150,6 +150,9 @@ def test_load_refuses_a_missing_or_bad_pretrained_table(trained, tmp_path):
     with pytest.raises(TaggerLoadError, match=PRETRAINED_VECTORS_FILE):
         Tagger.load(str(broken))
     np.save(broken / PRETRAINED_VECTORS_FILE, np.zeros((3, DIM), dtype=np.float16))
+    with pytest.raises(TaggerLoadError, match="differs from what manifest.json records"):
+        Tagger.load(str(broken))
+    os.remove(broken / "manifest.json")  # a directory without a manifest is read as it is: the checks below
     with pytest.raises(TaggerLoadError, match="expected float16"):
         Tagger.load(str(broken))
     # an object array needs pickle to load: refused, never unpickled

@@ -74,7 +74,7 @@ def test_resume_continues_like_an_uninterrupted_run(corpus, tmp_path):
 def test_directory_layout_and_no_temp_files_left(corpus, tmp_path):
     run(corpus, tmp_path / "m", epochs=1)
     names = sorted(os.listdir(tmp_path / "m"))
-    assert names == ["checkpoint.pt", "config.json", "training.json", "vocab.json", "weights.pt"]
+    assert names == ["checkpoint.pt", "config.json", "manifest.json", "training.json", "vocab.json", "weights.pt"]
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["format_version"] == 1 and config["model"]["scheme"] == "BIOES"
     assert config["output_scheme"] == "IOB2"  # the demo corpus's scheme
@@ -190,7 +190,7 @@ def test_glove_frozen_table_holds_every_vector(corpus):
 
 
 def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
-    from fastner.tagger import atomic_write_bytes
+    from fastner.storage import atomic_write_bytes
 
     target = tmp_path / "file.bin"
     atomic_write_bytes(str(target), b"one")

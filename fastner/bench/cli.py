@@ -26,7 +26,9 @@ QUICK_SETTINGS = Settings(warmup=1, min_samples=3, max_samples=10, budget_s=0.04
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from fastner.cli import _Parser  # the `fastner: error: ...` line (exit 2) every subcommand gives
+
+    parser = _Parser(
         prog="fastner bench",
         description="Time fastner's fused CRF, RNN and whole-tagger paths against pytorch-crf, "
                     "torch.nn (padded and packed) and fastner's reference path: interleaved, "

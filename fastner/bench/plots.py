@@ -64,7 +64,13 @@ def _finish(plt, fig, axes, path: str, title: str) -> str:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    import io
+
+    from fastner.storage import atomic_write_bytes
+
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png")
+    atomic_write_bytes(path, image.getvalue())
     plt.close(fig)
     return path
 

@@ -9,11 +9,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 
+from fastner.data.schemes import split_tag
+from fastner.data.textfiles import DataFormatError, check_data_file, utf8_lines
+
 DOCSTART = "-DOCSTART-"
-
-
-class DataFormatError(ValueError):
-    """A malformed data file; the message names the file and the line."""
+__all__ = ["DOCSTART", "DataFormatError", "Sentence", "read_conll", "write_conll"]
 
 
 @dataclass
@@ -30,16 +30,17 @@ def read_conll(
     word_column: int = 0,
     tag_column: Optional[int] = -1,
     max_sentences: Optional[int] = None,
+    entity_tags: bool = False,
 ) -> List[Sentence]:
     """Read a CoNLL column file into sentences.
 
     word_column / tag_column index the whitespace-separated columns (negative counts from the
     end); tag_column=None reads tokens only. Every token line must have as many columns as the
     first one, so that a shifted column is caught instead of read as a wrong tag.
+    entity_tags=True: every tag must be 'O' or PREFIX-TYPE (a malformed one names file and line).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+    check_data_file(path)
     sentences: List[Sentence] = []
     tokens: List[str] = []
     tags: List[str] = []
@@ -51,8 +52,8 @@ def read_conll(
             tokens.clear()
             tags.clear()
 
-    with open(path, encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_no, raw in utf8_lines(handle, path):
             columns = raw.split()
             if not columns:
                 flush()
@@ -76,6 +77,11 @@ def read_conll(
                         f"got {len(columns)}: {raw.rstrip()!r}"
                     )
                 tokens.append(columns[word_column])
+                if tag_column is not None and entity_tags:
+                    try:
+                        split_tag(columns[tag_column])
+                    except ValueError as err:
+                        raise DataFormatError(f"{path}:{line_no}: {err}") from None
                 if tag_column is not None:
                     tags.append(columns[tag_column])
             if max_sentences is not None and len(sentences) >= max_sentences:

@@ -1,0 +1,46 @@
+"""Reading text files and stdin as UTF-8 lines, with errors that name the file and the line."""
+from __future__ import annotations
+
+import os
+import stat
+from typing import IO, Iterator, Tuple
+
+BOM = "\ufeff"
+
+
+class DataFormatError(ValueError):
+    """A malformed data file; the message names the file and the line."""
+
+
+def check_data_file(path: str, what: str = "data file") -> None:
+    """Raise FileNotFoundError / DataFormatError unless `path` is a regular file, saying what it is."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    if stat.S_ISDIR(mode):
+        raise DataFormatError(f"{path} is a directory; expected a {what}")
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise DataFormatError(f"{path} is {kind}, not a regular file; expected a {what}")
+
+
+def utf8_lines(source: IO, name: str) -> Iterator[Tuple[int, str]]:
+    """(line number, text) of each line of a binary or text stream; a leading byte-order mark is
+    dropped; bytes that are not UTF-8 raise DataFormatError('NAME:LINE: not UTF-8 ...')."""
+    for line_no, raw in enumerate(source, start=1):
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{name}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                    "save the text as UTF-8") from None
+        else:
+            line = raw
+        if line_no == 1 and line.startswith(BOM):
+            line = line[len(BOM):]
+        yield line_no, line

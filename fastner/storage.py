@@ -1,0 +1,233 @@
+"""Writing files so that a kill at any moment loses nothing a user saved.
+
+Single files: `atomic_write_bytes` (temp file in the same directory, fsync, os.replace).
+
+Sets of files that only make sense together (a tagger's config.json, vocab.json and weights.pt,
+with the training checkpoint beside them; an export's program.pt2 and export.json):
+`write_file_set` stages the new files in a hidden sibling folder, fsyncs them, writes the staged
+manifest (names, sizes, SHA-256) last, then moves the files into place and the manifest after
+them. `read_file_set` returns the bytes of a complete set, checked against its manifest: the new
+staged set when its manifest was written (the swap may have been cut short), else the set in
+place. So a kill before the staged manifest exists leaves the old set; a kill after it, the new
+one; never a mix. A directory written before manifests existed is read as it is.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Iterable, Optional
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class StorageError(ValueError):
+    """A file set that is incomplete, torn or altered; the message names the directory and file."""
+
+
+class MissingFiles(StorageError):
+    def __init__(self, directory: str, missing: Iterable[str]):
+        self.missing = list(missing)
+        super().__init__(f"{directory!r} lacks {', '.join(self.missing)}")
+
+
+# ---- single files ----------------------------------------------------------------------------
+
+def _fsync_directory(directory: str) -> None:
+    try:  # make renames in `directory` durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never a torn one:
+    a temp file in the same directory, fsync, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def torch_bytes(obj) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def atomic_write_json(obj, path: str) -> None:
+    atomic_write_bytes(path, json_bytes(obj))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    atomic_write_bytes(path, torch_bytes(obj))
+
+
+# ---- sets of files ---------------------------------------------------------------------------
+
+def _staging(directory: str, manifest: str) -> str:
+    return os.path.join(directory, f".{manifest}.staging")
+
+
+def _digest(data: bytes) -> Dict[str, object]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _read_manifest(path: str) -> Optional[Dict[str, dict]]:
+    """The files a manifest names, or None where there is no (complete) manifest."""
+    try:
+        with open(path, "rb") as handle:
+            content = json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StorageError(f"{path}: unreadable manifest ({err})") from None
+    files = content.get("files") if isinstance(content, dict) else None
+    if content.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        raise StorageError(f"{path}: not a fastner manifest (format {MANIFEST_FORMAT})")
+    return files
+
+
+def _finish_swap(directory: str, staging: str, manifest: str) -> None:
+    """Move a complete staged set into place: the files first, the manifest last."""
+    for name in os.listdir(staging):
+        if name != manifest:
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+    os.replace(os.path.join(staging, manifest), os.path.join(directory, manifest))
+    _fsync_directory(directory)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _recover(directory: str, manifest: str) -> None:
+    """Complete a swap a kill cut short (its staged manifest exists), or drop a staging folder
+    whose manifest was never written (the set in place is still whole)."""
+    staging = _staging(directory, manifest)
+    if not os.path.isdir(staging):
+        return
+    if os.path.isfile(os.path.join(staging, manifest)):
+        _finish_swap(directory, staging, manifest)
+    else:
+        shutil.rmtree(staging)
+
+
+def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANIFEST_FILE) -> None:
+    """Replace `files` (name -> content) in `directory` as one set; files the manifest already
+    names and `files` does not keep their entries (e.g. the tagger beside a new checkpoint)."""
+    os.makedirs(directory, exist_ok=True)
+    _recover(directory, manifest)
+    entries = dict(_read_manifest(os.path.join(directory, manifest)) or {})
+    entries = {name: entry for name, entry in entries.items() if os.path.isfile(os.path.join(directory, name))}
+    staging = _staging(directory, manifest)
+    os.mkdir(staging)
+    for name, data in files.items():
+        if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
+            raise ValueError(f"file set member must be a plain file name, got {name!r}")
+        _write_synced(os.path.join(staging, name), data)
+        entries[name] = _digest(data)
+    # written last: from here on the staged set is complete and is the one read_file_set returns
+    _write_synced(os.path.join(staging, manifest), json_bytes({"format": MANIFEST_FORMAT, "files": entries}))
+    _fsync_directory(staging)
+    _finish_swap(directory, staging, manifest)
+
+
+def _newest_set(directory: str, manifest: str):
+    """(manifest entries or None for a set written before manifests, locate(name) -> path) of
+    the newest complete set: the staged one when a swap was cut short, else the one in place."""
+    staging = _staging(directory, manifest)
+    staged = _read_manifest(os.path.join(staging, manifest)) if os.path.isdir(staging) else None
+    if staged is not None:  # a swap cut short: the staged set is complete and newer
+
+        def locate(name: str) -> str:
+            in_staging = os.path.join(staging, name)
+            return in_staging if os.path.isfile(in_staging) else os.path.join(directory, name)
+
+        return staged, locate
+    return _read_manifest(os.path.join(directory, manifest)), lambda name: os.path.join(directory, name)
+
+
+def read_file_set(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, bytes]:
+    """The bytes of `names` from the newest complete set in `directory`, each checked against
+    its manifest entry (StorageError when one differs; MissingFiles when some are absent)."""
+    names = list(names)
+    entries, locate = _newest_set(directory, manifest)
+    if entries is None:  # written before manifests: read as it is
+        missing = [name for name in names if not os.path.isfile(locate(name))]
+        if missing:
+            raise MissingFiles(directory, missing)
+        return {name: _read(locate(name)) for name in names}
+    return _checked(directory, names, entries, locate, manifest)
+
+
+def file_set_paths(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, str]:
+    """Where `names` of the newest complete set lie, each checked against its manifest entry
+    by streaming it through SHA-256: for large files a reader memory-maps instead of reading
+    into memory (MissingFiles / StorageError as read_file_set)."""
+    names = list(names)
+    entries, locate = _newest_set(directory, manifest)
+    missing = [name for name in names if not os.path.isfile(locate(name)) or (entries is not None and name not in entries)]
+    if missing:
+        raise MissingFiles(directory, missing)
+    for name in names if entries is not None else ():
+        digest, size = hashlib.sha256(), 0
+        with open(locate(name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+        if {"sha256": digest.hexdigest(), "size": size} != {"sha256": entries[name].get("sha256"),
+                                                             "size": entries[name].get("size")}:
+            raise StorageError(f"{os.path.join(directory, name)} differs from what {manifest} records "
+                               "(altered or partly overwritten after it was saved)")
+    return {name: locate(name) for name in names}
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _checked(directory: str, names, entries: Dict[str, dict], locate, manifest: str) -> Dict[str, bytes]:
+    missing = [name for name in names if name not in entries or not os.path.isfile(locate(name))]
+    if missing:
+        raise MissingFiles(directory, missing)
+    contents = {}
+    for name in names:
+        data = _read(locate(name))
+        if _digest(data) != {"sha256": entries[name].get("sha256"), "size": entries[name].get("size")}:
+            raise StorageError(f"{os.path.join(directory, name)} differs from what {manifest} records "
+                               "(altered or partly overwritten after it was saved)")
+        contents[name] = data
+    return contents

@@ -1,0 +1,268 @@
+"""Every user mistake at the CLI gives one `fastner: error: ...` line (file and line where there
+is one) and exit status 2, never a traceback; loading never runs code from a model file."""
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastner import Tagger
+from fastner.cli import EXIT_USAGE, main
+from fastner.data.conll import Sentence, read_conll, write_conll
+from fastner.demo import generate_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_OPTIONS = ["--epochs", "1", "--hidden", "8", "--word-dim", "8", "--optimizer", "adam", "--lr", "0.01",
+                 "--batch-size", "8", "--seed", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli-errors")
+    train_data, dev_data = generate_corpus(40, 10, seed=2)
+    write_conll(str(base / "train.txt"), train_data)
+    write_conll(str(base / "dev.txt"), dev_data)
+    assert main(["train", "--train", str(base / "train.txt"), "--dev", str(base / "dev.txt"),
+                 "--out", str(base / "model")] + TRAIN_OPTIONS) == 0
+    return base
+
+
+def user_error(capsys, argv, *fragments):
+    """main(argv) must exit 2 with `fastner: error:` and each fragment in its message."""
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("fastner: error: "), err
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def run_cli(args, stdin=b"", env=None):
+    environment = dict(os.environ, **(env or {}))
+    result = subprocess.run([sys.executable, "-m", "fastner"] + args, input=stdin, capture_output=True,
+                            cwd=ROOT, env=environment, timeout=300)
+    return result.returncode, result.stdout.decode("utf-8", "replace"), result.stderr.decode("utf-8", "replace")
+
+
+def model_copy(files, tmp_path, keep_manifest=False):
+    copy = tmp_path / "model"
+    shutil.copytree(files / "model", copy)
+    if not keep_manifest:  # a hand-assembled directory: nothing to check the files against
+        os.remove(copy / "manifest.json")
+    return copy
+
+
+# ---- numeric options -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--batch-size", "-1", "argument --batch-size: must be >= 1, got -1"),
+    ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
+    ("--batch-size", "ten", "argument --batch-size: expected an integer, got 'ten'"),
+    ("--threads", "0", "argument --threads: must be >= 1, got 0"),
+])
+def test_tag_numeric_options(files, capsys, option, value, expected):
+    user_error(capsys, ["tag", str(files / "model"), str(files / "dev.txt"), option, value], expected)
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--lr", "1e30", "argument --lr: must be a finite number in (0, 1000], got 1e30"),
+    ("--lr", "nan", "argument --lr: must be a finite number"),
+    ("--lr", "0", "argument --lr: must be a finite number"),
+    ("--dropout", "1.5", "argument --dropout: must be a finite number in [0, 1), got 1.5"),
+    ("--hidden", "0", "argument --hidden: must be >= 1, got 0"),
+    ("--epochs", "0", "argument --epochs: must be >= 1, got 0"),
+    ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
+    ("--layers", "-2", "argument --layers: must be >= 1"),
+    ("--clip", "inf", "argument --clip: must be a finite number"),
+    ("--seed", "-1", "argument --seed: must be in [0, "),
+    ("--max-sentences", "0", "argument --max-sentences: must be >= 1"),
+])
+def test_train_numeric_options(files, capsys, tmp_path, option, value, expected):
+    user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
+                        "--out", str(tmp_path / "new"), option, value], expected)
+    assert not (tmp_path / "new").exists()
+
+
+def test_other_subcommands_numeric_options(files, capsys, tmp_path):
+    user_error(capsys, ["evaluate", str(files / "model"), str(files / "dev.txt"), "--batch-size", "0"], "--batch-size")
+    user_error(capsys, ["export", str(files / "model"), str(tmp_path / "e"), "--max-length", "1"], "--max-length")
+    user_error(capsys, ["demo", "--sentences", "0"], "--sentences")
+    user_error(capsys, ["demo", "--epochs", "-1"], "--epochs")
+
+
+def test_predict_refuses_a_batch_size_below_one(files):
+    tagger = Tagger.load(str(files / "model"), device="cpu")
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            tagger.predict(["Anna visited Oslo"], batch_size=bad)
+    assert len(tagger.predict(["Anna visited Oslo"], batch_size=1)[0]["tags"]) == 3
+
+
+# ---- text encoding -----------------------------------------------------------------------------
+
+def test_a_byte_order_mark_is_not_part_of_the_first_token(files, capsys, tmp_path, monkeypatch):
+    text = tmp_path / "bom.txt"
+    text.write_bytes("\ufeffAnna visited Oslo .\n".encode("utf-8"))
+    assert main(["tag", str(files / "model"), str(text)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[0] == "Anna"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.read_bytes()), encoding="utf-8"))
+    assert main(["tag", str(files / "model")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[0] == "Anna"
+    conll = tmp_path / "bom.conll"
+    conll.write_bytes("\ufeffAnna B-PER\nvisited O\n".encode("utf-8"))
+    assert read_conll(str(conll))[0].tokens == ["Anna", "visited"]
+
+
+def test_latin1_input_names_the_line_on_stdin_and_in_a_file(files, tmp_path):
+    latin1 = "Anna visited Oslo .\nJosé visited Köln .\n".encode("latin-1")
+    code, out, err = run_cli(["tag", str(files / "model")], stdin=latin1)
+    assert code == EXIT_USAGE and "Traceback" not in err and "\ufffd" not in out
+    assert err.strip().splitlines()[-1].startswith("fastner: error: <stdin>:2: not UTF-8 (byte 0xe9")
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(latin1)
+    code, _, err = run_cli(["tag", str(files / "model"), str(path)])
+    assert code == EXIT_USAGE and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"fastner: error: {path}:2: not UTF-8 (byte 0xe9")
+
+
+def test_latin1_data_file_names_file_and_line(files, capsys, tmp_path):
+    bad = tmp_path / "train.txt"
+    bad.write_bytes("Anna B-PER\n\nJos\xe9 B-PER\n".encode("latin-1"))
+    user_error(capsys, ["evaluate", str(files / "model"), str(bad)], f"{bad}:3: not UTF-8 (byte 0xe9")
+
+
+# ---- data files --------------------------------------------------------------------------------
+
+def test_malformed_tag_names_file_and_line(files, capsys, tmp_path):
+    bad = tmp_path / "train.txt"
+    bad.write_text("Anna B-PER\nvisited O\n\nOslo X-PER\n", encoding="utf-8")
+    user_error(capsys, ["train", "--train", str(bad), "--dev", str(files / "dev.txt"), "--out", str(tmp_path / "m")],
+               f"{bad}:4: malformed tag 'X-PER'")
+    user_error(capsys, ["evaluate", str(files / "model"), str(bad)], f"{bad}:4: malformed tag 'X-PER'")
+
+
+def test_a_device_or_a_directory_as_a_data_file_says_what_it_is(files, capsys, tmp_path):
+    user_error(capsys, ["evaluate", str(files / "model"), os.devnull], f"{os.devnull} is a character device")
+    user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path)], f"{tmp_path} is a directory")
+    user_error(capsys, ["tag", str(files / "model"), str(tmp_path)], f"{tmp_path} is a directory")
+    user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path / "missing.txt")], "not found")
+
+
+# ---- model files -------------------------------------------------------------------------------
+
+class WritesAFile:
+    path = None
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_malicious_weights_file_is_refused_and_never_runs(files, capsys, tmp_path):
+    model = model_copy(files, tmp_path)
+    marker = tmp_path / "PAYLOAD_RAN"
+    WritesAFile.path = str(marker)
+    torch.save({"weight": WritesAFile()}, model / "weights.pt")
+    message = user_error(capsys, ["tag", str(model), str(files / "dev.txt")],
+                         f"{model / 'weights.pt'} is not a weights file fastner can read safely")
+    assert "weights_only=False" not in message and "io.open" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty (0 bytes)"),
+    (b"garbage, not a torch file" * 4, "is not a weights file fastner can read safely"),
+    (pickle.dumps([1, 2, 3]), "is not a weights file fastner can read safely"),
+    ("list", "holds a list, expected a state dict"),
+    ("wrong shapes", "the weights do not fit the model in config.json: Error(s) in loading state_dict"),
+])
+def test_bad_weights_files(files, capsys, tmp_path, content, expected):
+    model = model_copy(files, tmp_path)
+    if content == "list":
+        torch.save([torch.zeros(2)], model / "weights.pt")
+    elif content == "wrong shapes":
+        state = torch.load(model / "weights.pt", weights_only=True)
+        torch.save({name: torch.zeros(1) for name in state}, model / "weights.pt")
+    else:
+        (model / "weights.pt").write_bytes(content)
+    user_error(capsys, ["evaluate", str(model), str(files / "dev.txt")], str(model / "weights.pt"), expected)
+
+
+def test_a_changed_file_in_a_manifested_directory(files, capsys, tmp_path):
+    model = model_copy(files, tmp_path, keep_manifest=True)
+    (model / "weights.pt").write_bytes(b"")
+    user_error(capsys, ["tag", str(model), str(files / "dev.txt")],
+               f"{model / 'weights.pt'} differs from what manifest.json records")
+
+
+def test_config_json_not_utf8_or_not_json_names_file_and_line(files, capsys, tmp_path):
+    model = model_copy(files, tmp_path)
+    text = (model / "config.json").read_bytes()
+    (model / "config.json").write_bytes(text.replace(b'"model"', b'"mod\xe9l"', 1))
+    user_error(capsys, ["tag", str(model), str(files / "dev.txt")], f"{model / 'config.json'}:", "not UTF-8")
+    (model / "config.json").write_bytes(b'{\n "format_version": 1,\n oops\n}')
+    user_error(capsys, ["tag", str(model), str(files / "dev.txt")], f"{model / 'config.json'}:3: not valid JSON")
+
+
+def test_bad_backend_variable_is_a_user_error():
+    code, _, err = run_cli(["info"], env={"FASTNER_BACKEND": "bogus"})
+    assert code == EXIT_USAGE and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("fastner: error: FASTNER_BACKEND must be 'reference', 'fused' or "
+                                            "'auto', got 'bogus'")
+
+
+# ---- saved runs --------------------------------------------------------------------------------
+
+def test_train_refuses_to_overwrite_a_saved_run(files, capsys, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(files / "model", out)
+    before = (out / "weights.pt").read_bytes()
+    args = ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"), "--out", str(out)]
+    user_error(capsys, args + TRAIN_OPTIONS, "already holds a saved run", "--resume", "--overwrite")
+    assert (out / "weights.pt").read_bytes() == before
+    user_error(capsys, args + TRAIN_OPTIONS + ["--resume", "--overwrite"], "give one of them")
+    assert main(args + TRAIN_OPTIONS[:-2] + ["--seed", "7", "--overwrite"]) == 0
+    assert (out / "weights.pt").read_bytes() != before
+
+
+def test_resume_contradicting_the_checkpoint_is_refused_naming_the_settings(files, capsys, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(files / "model", out)
+    args = ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"), "--out", str(out), "--resume"]
+    user_error(capsys, args + ["--encoder", "gru", "--hidden", "20", "--epochs", "2"],
+               "encoder 'gru' (checkpoint: 'lstm')", "hidden 20 (checkpoint: 8)")
+    # options not given keep the run's values (hidden 8, adam, ...), not the defaults
+    assert main(args + ["--epochs", "2"]) == 0
+    assert Tagger.load(str(out), device="cpu").model.config.hidden == 8
+
+
+def test_embeddings_file_errors_name_file_and_line(files, capsys, tmp_path):
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_bytes("anna 0.1 0.2\nk\xf6ln 0.3 0.4\n".encode("latin-1"))
+    args = ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"), "--out", str(tmp_path / "m")]
+    user_error(capsys, args + ["--embeddings", str(vectors)], f"{vectors}:2: not UTF-8 (byte 0xf6")
+    user_error(capsys, args + ["--embeddings", str(tmp_path)], f"{tmp_path} is a directory")
+
+
+def test_bench_and_demo_mistakes(files, capsys, tmp_path):
+    user_error(capsys, ["bench", "--threads", "0"], "--threads must be >= 1, got 0")
+    user_error(capsys, ["bench", "--only", "nothing"], "--only takes a comma-separated list")
+    user_error(capsys, ["demo", "--out", str(files / "model"), "--sentences", "20", "--epochs", "1"],
+               "already holds a saved run", "choose another --out")

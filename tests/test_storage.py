@@ -1,0 +1,166 @@
+"""Nothing a user saved is lost: a kill at any point of a save leaves the old tagger or the new
+one loadable (never a mix), a run directory stays resumable, and `train` refuses to overwrite
+a saved run unasked or to resume it with other settings."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from fastner import storage
+from fastner.demo import generate_corpus
+from fastner.models.tagger import ModelConfig, SequenceTagger
+from fastner.tagger import Tagger, TaggerLoadError
+from fastner.train import RunDirectoryError, TrainConfig, build_vocabularies, train
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no `except Exception` catches it."""
+
+
+def small_tagger(sentences, hidden, seed):
+    train_data, _ = generate_corpus(sentences, 1, seed=seed)
+    words, chars, tags = build_vocabularies(train_data, "BIOES", False)
+    torch.manual_seed(seed)
+    config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), word_dim=8, char_dim=6,
+                         char_filters=6, hidden=hidden, dropout=0.0)
+    return Tagger(SequenceTagger(config), words, chars, tags, "IOB2", False, "cpu")
+
+
+def same_model(loaded, tagger):
+    if loaded.model.config.hidden != tagger.model.config.hidden or loaded.words.itos != tagger.words.itos:
+        return False
+    theirs = tagger.model.state_dict()
+    return all(torch.equal(value, theirs[name]) for name, value in loaded.model.state_dict().items())
+
+
+def kill_at(monkeypatch, function_name, n):
+    """Make os.<function_name> raise Killed on its n-th call from now on (1-based)."""
+    real = getattr(os, function_name)
+    calls = {"count": 0}
+
+    def fake(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == n:
+            raise Killed(f"killed at {function_name} call {n}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, function_name, fake)
+    return calls
+
+
+# os.fsync: a kill while files are written (staged or, before this fix, in place);
+# os.replace: a kill while they are moved into place
+@pytest.mark.parametrize("function_name", ["fsync", "replace"])
+def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, monkeypatch, function_name):
+    old, new = small_tagger(20, hidden=6, seed=1), small_tagger(30, hidden=10, seed=2)
+    outcomes = set()
+    for n in range(1, 60):
+        directory = tmp_path / f"kill{n}"
+        old.save(str(directory))
+        with monkeypatch.context() as patch:
+            kill_at(patch, function_name, n)
+            try:
+                new.save(str(directory))
+                finished = True
+            except Killed:
+                finished = False
+        loaded = Tagger.load(str(directory), device="cpu")
+        if same_model(loaded, new):
+            outcomes.add("new")
+        else:
+            assert same_model(loaded, old), f"a kill at os.{function_name} call {n} left neither model"
+            outcomes.add("old")
+        # the next save after the kill completes the set and leaves nothing behind
+        new.save(str(directory))
+        assert same_model(Tagger.load(str(directory), device="cpu"), new)
+        assert not any(name.startswith(".") for name in os.listdir(directory))
+        if finished:
+            break
+    else:
+        pytest.fail("the save never finished")
+    assert "new" in outcomes
+    if function_name == "fsync":  # kills before the staged manifest exists keep the old set
+        assert "old" in outcomes
+
+
+def test_an_altered_file_is_refused_not_mixed(tmp_path):
+    tagger = small_tagger(20, hidden=6, seed=1)
+    tagger.save(str(tmp_path / "m"))
+    other = small_tagger(30, hidden=10, seed=2)
+    other.save(str(tmp_path / "other"))
+    shutil.copy(tmp_path / "other" / "config.json", tmp_path / "m" / "config.json")
+    with pytest.raises(TaggerLoadError, match="config.json differs from what manifest.json records"):
+        Tagger.load(str(tmp_path / "m"))
+
+
+def test_a_directory_without_manifest_still_loads(tmp_path):
+    tagger = small_tagger(20, hidden=6, seed=1)
+    tagger.save(str(tmp_path / "m"))
+    os.remove(tmp_path / "m" / storage.MANIFEST_FILE)  # as written before manifests existed
+    assert same_model(Tagger.load(str(tmp_path / "m"), device="cpu"), tagger)
+
+
+# ---- training runs -------------------------------------------------------------------------
+
+def tiny_config(**overrides):
+    options = dict(epochs=1, batch_size=8, seed=3, optimizer="adam", lr=0.01, word_dim=8,
+                   model={"hidden": 8, "char_filters": 6, "char_dim": 6})
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return generate_corpus(40, 15, seed=5)
+
+
+def quiet(_text):
+    pass
+
+
+def test_a_kill_during_an_epoch_save_leaves_a_resumable_run(corpus, tmp_path, monkeypatch):
+    train_data, dev_data = corpus
+    straight = train(train_data, dev_data, str(tmp_path / "straight"), tiny_config(epochs=2), log=quiet)
+    for n in range(1, 40):
+        directory = str(tmp_path / f"run{n}")
+        train(train_data, dev_data, directory, tiny_config(epochs=1), log=quiet)
+        with monkeypatch.context() as patch:
+            kill_at(patch, "replace", n)
+            try:
+                train(train_data, dev_data, directory, tiny_config(epochs=2), resume=True, log=quiet)
+                finished = True
+            except Killed:
+                finished = False
+        resumed = train(train_data, dev_data, directory, tiny_config(epochs=2), resume=True, log=quiet)
+        losses = [r["loss_per_token"] for r in resumed["history"]]
+        assert losses == [r["loss_per_token"] for r in straight["history"]], f"kill at os.replace call {n}"
+        Tagger.load(directory, device="cpu")
+        if finished:
+            break
+    else:
+        pytest.fail("the resumed run never finished")
+
+
+def test_train_refuses_a_directory_holding_a_run_unless_resume_or_overwrite(corpus, tmp_path):
+    train_data, dev_data = corpus
+    out = str(tmp_path / "m")
+    train(train_data, dev_data, out, tiny_config(), log=quiet)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in ("weights.pt", "checkpoint.pt")}
+    with pytest.raises(RunDirectoryError, match=r"already holds a saved run .*--resume.*--overwrite"):
+        train(train_data, dev_data, out, tiny_config(seed=9), log=quiet)
+    assert before == {name: open(os.path.join(out, name), "rb").read() for name in before}
+    train(train_data, dev_data, out, tiny_config(seed=9), overwrite=True, log=quiet)
+    assert open(os.path.join(out, "weights.pt"), "rb").read() != before["weights.pt"]
+
+
+def test_resume_with_contradicting_settings_is_refused_naming_them(corpus, tmp_path):
+    train_data, dev_data = corpus
+    out = str(tmp_path / "m")
+    train(train_data, dev_data, out, tiny_config(), log=quiet)
+    contradicting = tiny_config(epochs=2, model={"hidden": 20, "encoder": "gru", "char_filters": 6, "char_dim": 6})
+    with pytest.raises(RunDirectoryError, match=r"hidden 20 \(checkpoint: 8\).*encoder 'gru' \(checkpoint: 'lstm'\)"):
+        train(train_data, dev_data, out, contradicting, resume=True, log=quiet)
+    with pytest.raises(RunDirectoryError, match=r"lr 0.5 \(checkpoint: 0.01\)"):
+        train(train_data, dev_data, out, tiny_config(epochs=2, lr=0.5), resume=True, log=quiet)
+    assert len(train(train_data, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)["history"]) == 2
