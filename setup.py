@@ -5,6 +5,9 @@ Environment switches (the pytorch_scatter convention):
   FORCE_CUDA=1           build CUDA sources even when no GPU is visible (e.g. a wheel builder)
   TORCH_CUDA_ARCH_LIST   GPU architectures, read by torch.utils.cpp_extension (default below)
   FASTNER_DEBUG=1        -O0 -g, for gdb
+  FASTNER_SANITIZE=address,undefined
+                         -fsanitize=... (ASan + UBSan; any -fsanitize list): an instrumented _C for
+                         the op tests (README, Development: the command that runs them under it)
   MAX_JOBS               parallel compile jobs (ninja)
 """
 import glob
@@ -53,12 +56,25 @@ def write_build_info(with_cuda):
     os.replace(tmp, path)
 
 
+def sanitizer_flags():
+    """Compile and link flags of FASTNER_SANITIZE (e.g. address,undefined); [] when unset."""
+    sanitizers = os.environ.get("FASTNER_SANITIZE", "").strip()
+    if not sanitizers:
+        return []
+    flags = [f"-fsanitize={sanitizers}", "-fno-omit-frame-pointer", "-g"]
+    if "undefined" in sanitizers.split(","):
+        flags.append("-fno-sanitize-recover=undefined")  # a UB report fails the run
+    return flags
+
+
 def extensions(with_cuda):
     write_build_info(with_cuda)
     debug = _flag("FASTNER_DEBUG")
-    cxx = ["-O0", "-g"] if debug else ["-O3", "-march=x86-64-v3", "-fopenmp"]
+    sanitize = sanitizer_flags()
+    cxx = ["-O0", "-g"] if debug else ["-O1" if sanitize else "-O3", "-march=x86-64-v3", "-fopenmp"]
     if not debug:
         cxx.append("-DNDEBUG")
+    cxx += sanitize
     sources = [os.path.join("csrc", "fastner.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     extra = {"cxx": cxx}
     macros = [("Py_LIMITED_API", "0x03090000")]
@@ -75,7 +91,7 @@ def extensions(with_cuda):
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args=extra,
-            extra_link_args=[] if debug else ["-fopenmp"],
+            extra_link_args=([] if debug else ["-fopenmp"]) + sanitize,
             define_macros=macros,
             py_limited_api=True,
         )

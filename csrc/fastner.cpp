@@ -16,21 +16,30 @@ const char* isa();  // csrc/cpu/crf_lanes_avx2.cpp
 
 // Importing fastner._C from Python runs the static TORCH_LIBRARY registrations below; the
 // module itself has two helpers: which vector kernels the CPU ops use (fastner.backend()
-// reports it), and the list building of CRF.decode.
+// reports it), and the (private, unchecked) list building behind fastner.ops.tag_lists.
 // (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
 static PyObject* crf_lanes_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastner::crf::lanes::isa());
 }
 
-// tag_lists(tags_address, lengths_address, batch, row_stride) -> List[List[int]]: the first
-// lengths[b] entries of each row of an int64 [B, T] CPU tensor, as Python lists. What
+// _tag_lists_unchecked(tags_address, lengths_address, batch, row_stride) -> List[List[int]]: the
+// first lengths[b] entries of each row of an int64 [B, T] CPU tensor, as Python lists. What
 // CRF.decode returns; Tensor.tolist() plus slicing costs ~3x more (it boxes every padded entry
-// through the generic scalar path). The caller (fastner/nn/crf.py) passes the addresses of
-// live, contiguous int64 CPU tensors; this function trusts them.
-static PyObject* tag_lists(PyObject*, PyObject* args) {
+// through the generic scalar path).
+//
+// Raw addresses cannot be checked here: this helper is private (leading underscore, not in any
+// public namespace), and its only caller, fastner.ops.tag_lists, checks dtypes, shapes, device
+// and 0 <= lengths[b] <= T first and passes live, contiguous tensors. What can be checked
+// (null addresses, negative counts) is.
+static PyObject* tag_lists_unchecked(PyObject*, PyObject* args) {
   unsigned long long tags_address = 0, lengths_address = 0;
   long long batch = 0, row_stride = 0;
   if (!PyArg_ParseTuple(args, "KKLL", &tags_address, &lengths_address, &batch, &row_stride)) {
+    return nullptr;
+  }
+  if (batch < 0 || row_stride < 0 || (batch > 0 && (tags_address == 0 || lengths_address == 0))) {
+    PyErr_SetString(PyExc_ValueError,
+                    "_tag_lists_unchecked: null address or negative size (call fastner.ops.tag_lists)");
     return nullptr;
   }
   const int64_t* tags = reinterpret_cast<const int64_t*>(tags_address);
@@ -62,9 +71,8 @@ PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"crf_lanes_isa", crf_lanes_isa, METH_NOARGS,
        "Instruction set of the float32 CPU CRF kernels: 'avx512' or 'avx2'."},
-      {"tag_lists", tag_lists, METH_VARARGS,
-       "tag_lists(tags_address, lengths_address, batch, row_stride): rows of int64 tags, each "
-       "cut to its length, as lists (fastner.nn.CRF.decode)."},
+      {"_tag_lists_unchecked", tag_lists_unchecked, METH_VARARGS,
+       "Private: fastner.ops.tag_lists checks its arguments and calls this."},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastner import reference
+from fastner import reference, validation
 from fastner._extension import extension_loaded, has_kernel, use_fused
 
 # =============================================================================================
@@ -174,19 +174,8 @@ def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, tran
                                      tags, lengths)
         return torch.ops.fastner.crf_forward.default(emissions, tags, lengths, transitions,
                                                      start_transitions, end_transitions)
-    if tags is not None and not torch.compiler.is_compiling():
-        _check_tag_range(tags, lengths, emissions.shape[2])
     return reference.crf_forward(emissions, tags, lengths, transitions, start_transitions,
                                  end_transitions)
-
-
-def _check_tag_range(tags: Tensor, lengths: Tensor, num_tags: int) -> None:
-    # What the fused kernels check in C++: tags inside each length must lie in [0, K).
-    valid = torch.arange(tags.shape[1], device=tags.device) < lengths.unsqueeze(1)
-    bad = ((tags < 0) | (tags >= num_tags)) & valid
-    if bool(bad.any()):
-        raise ValueError(f"tags must lie in [0, {num_tags}) inside the mask, got "
-                         f"{int(tags[bad][0])}")
 
 
 def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
@@ -201,13 +190,19 @@ def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 
 
 def tag_lists(tags: Tensor, lengths: Tensor) -> List[List[int]]:
-    """Rows of tags [B, T], each cut to its length, as Python lists (CRF.decode's output)."""
-    if (tags.device.type == "cpu" and lengths.device.type == "cpu" and tags.dtype == torch.long
-            and lengths.dtype == torch.long and tags.is_contiguous() and lengths.is_contiguous()
-            and extension_loaded()):
+    """Rows of tags [B, T], each cut to its length, as Python lists (CRF.decode's output).
+
+    tags: int64 [B, T]; lengths: int64 [B] in [0, T], on the tags' device (ValueError otherwise).
+    """
+    validation.tag_lists_args(tags, lengths)
+    if tags.device.type == "cpu" and extension_loaded():
         from fastner import _C
 
-        return _C.tag_lists(tags.data_ptr(), lengths.data_ptr(), tags.shape[0], tags.stride(0))
+        # The raw helper reads B rows of up to T entries through the addresses: only with the
+        # arguments checked above, from contiguous tensors held alive across the call.
+        tags, lengths = tags.contiguous(), lengths.contiguous()
+        return _C._tag_lists_unchecked(tags.data_ptr(), lengths.data_ptr(), tags.shape[0],
+                                       tags.stride(0))
     return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
 
 
@@ -252,6 +247,8 @@ def _register_crf() -> None:
 
     @torch.library.register_fake("fastner::crf_forward")
     def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_forward", emissions, lengths, transitions, start_transitions,
+                            end_transitions, tags, values=False)
         B, T, K = emissions.shape
         dtype = _crf_accumulate(emissions)
         # alphas: what the device's crf_backward reads back: [B, T, K] log forward variables
@@ -263,33 +260,50 @@ def _register_crf() -> None:
     @torch.library.register_fake("fastner::crf_backward")
     def _(grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start_transitions,
           end_transitions, log_z, alphas):
+        validation.crf_args("crf_backward", emissions, lengths, transitions, start_transitions,
+                            end_transitions, tags, values=False)
+        for name, t in (("grad_log_z", grad_log_z), ("grad_gold_score", grad_gold_score),
+                        ("log_z", log_z)):
+            validation.tensor_arg("crf_backward", name, t, shape=(emissions.shape[0],),
+                                  device=emissions.device)
         return (emissions.new_empty(emissions.shape), torch.empty_like(transitions),
                 torch.empty_like(start_transitions), torch.empty_like(end_transitions))
 
     @torch.library.register_fake("fastner::crf_forward_backward")
     def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_forward_backward", emissions, lengths, transitions,
+                            start_transitions, end_transitions, tags, values=False)
         return (emissions.new_empty((), dtype=_crf_accumulate(emissions)),
                 torch.empty_like(emissions), torch.empty_like(transitions),
                 torch.empty_like(start_transitions), torch.empty_like(end_transitions))
 
     @torch.library.register_fake("fastner::crf_viterbi")
     def _(emissions, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_viterbi", emissions, lengths, transitions, start_transitions,
+                            end_transitions, values=False)
         B, T, _ = emissions.shape
         return (emissions.new_empty(B, T, dtype=torch.long),
                 emissions.new_empty(B, dtype=_crf_accumulate(emissions)))
 
     @torch.library.register_fake("fastner::crf_kbest")
     def _(emissions, lengths, transitions, start_transitions, end_transitions, k):
+        validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
+                            end_transitions, values=False)
+        if k < 1:
+            raise ValueError(f"crf_kbest: k must be >= 1, got {k}")
         B, T, _ = emissions.shape
         return (emissions.new_empty(B, k, T, dtype=torch.long),
                 emissions.new_empty(B, k, dtype=_crf_accumulate(emissions)))
 
     @torch.library.register_fake("fastner::crf_marginals")
     def _(emissions, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_marginals", emissions, lengths, transitions, start_transitions,
+                            end_transitions, values=False)
         return emissions.new_empty(emissions.shape, dtype=_crf_accumulate(emissions))
 
     @torch.library.register_fake("fastner::crf_lengths")
     def _(mask, batch_first):
+        validation.crf_mask("crf_lengths", mask)
         return mask.new_empty(mask.shape[0 if batch_first else 1], dtype=torch.long)
 
     def setup_context(ctx, inputs, output):
@@ -382,6 +396,8 @@ if extension_loaded() and hasattr(torch.ops.fastner, "rnn_layer_forward"):
 
     @torch.library.register_fake("fastner::rnn_layer_forward")
     def _rnn_layer_forward_fake(input, lengths, weights, hx, cx, mode, bidirectional, batch_first, training):
+        validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
+                            batch_first, values=False)
         D = 2 if bidirectional else 1
         H = weights[1].shape[1]
         B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
@@ -400,6 +416,11 @@ if extension_loaded() and hasattr(torch.ops.fastner, "rnn_layer_forward"):
     def _rnn_layer_backward_fake(
         grad_output, grad_h_n, grad_c_n, input, lengths, weights, hx, cx, workspace, mode, bidirectional, batch_first
     ):
+        validation.rnn_args("rnn_layer_backward", input, lengths, weights, hx, cx, mode,
+                            bidirectional, batch_first, values=False)
+        for name, t in (("grad_output", grad_output), ("workspace", workspace)):
+            validation.tensor_arg("rnn_layer_backward", name, t, device=input.device,
+                                  owner="the input's")
         D = 2 if bidirectional else 1
         H = weights[1].shape[1]
         B = input.shape[0] if batch_first else input.shape[1]

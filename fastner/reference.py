@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastner import validation
+
 # =============================================================================================
 # Linear-chain CRF
 # =============================================================================================
@@ -54,6 +56,7 @@ def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
     Raises ValueError when a valid step follows an invalid one (skipped under torch.compile,
     where the check would be a data-dependent branch).
     """
+    validation.crf_mask("crf_lengths", mask)
     valid = (mask if batch_first else mask.t()) != 0
     lengths = valid.sum(dim=1)
     if not torch.compiler.is_compiling():
@@ -71,12 +74,14 @@ def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
     transition and emissions included); entries past a sequence's length are 0, and so is log_z
     of a sequence of length 0.
     """
+    validation.crf_args("crf_forward", emissions, lengths, transitions, start_transitions,
+                        end_transitions)
     emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
                                                      end_transitions)
     B, T, K = emissions.shape
     valid = _valid_steps(lengths, T)
-    if T == 0:
-        return emissions.new_zeros(B), emissions.new_zeros(B, 0, K)
+    if T == 0:  # log Z = 0, kept on the graph (a zero gradient, not an unconnected constant)
+        return emissions.sum(dim=(1, 2)) * 0, emissions.new_zeros(B, 0, K)
     alpha = start + emissions[:, 0]  # [B, K]
     history = [alpha]
     for t in range(1, T):
@@ -99,11 +104,13 @@ def crf_log_partition(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 def crf_gold_score(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tensor,
                    start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
     """The score of the tag sequence `tags` (int64 [B, T], ignored past each length): [B]."""
+    validation.crf_args("crf_forward", emissions, lengths, transitions, start_transitions,
+                        end_transitions, tags)
     emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
                                                      end_transitions)
     B, T, K = emissions.shape
     if T == 0:
-        return emissions.new_zeros(B)
+        return emissions.sum(dim=(1, 2)) * 0
     valid = _valid_steps(lengths, T)
     safe_tags = torch.where(valid, tags, torch.zeros_like(tags))
     zero = emissions.new_zeros(())
@@ -139,7 +146,9 @@ def crf_backward(grad_log_z: Tensor, grad_gold_score: Tensor, emissions: Tensor,
     with torch.enable_grad():
         log_z, gold, _ = crf_forward(inputs[0], tags, lengths, *inputs[1:])
         total = (grad_log_z * log_z).sum() + (grad_gold_score * gold).sum()
-        grads = torch.autograd.grad(total, inputs, allow_unused=True)
+        # An empty batch or T = 0 scores constants: no graph, zero gradients.
+        grads = (torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad
+                 else [None] * len(inputs))
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
 
@@ -154,6 +163,8 @@ def crf_nll(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tenso
 def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                 start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
     """Best path per sequence: tags int64 [B, T] (-1 past each length), scores [B]."""
+    validation.crf_args("crf_viterbi", emissions, lengths, transitions, start_transitions,
+                        end_transitions)
     emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
                                                      end_transitions)
     B, T, K = emissions.shape
@@ -186,7 +197,9 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
     of length 0 has one path (the empty one, score 0).
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ValueError(f"crf_kbest: k must be >= 1, got {k}")
+    validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
+                        end_transitions)
     emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
                                                      end_transitions)
     B, T, K = emissions.shape
@@ -233,10 +246,22 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
     return tags, scores
 
 
+def _log_normalize(x: Tensor) -> Tensor:
+    """x - logsumexp(x) over the last dim; rows that are all -inf stay -inf."""
+    return x - _logsumexp(x, dim=-1).unsqueeze(-1).nan_to_num(neginf=0.0)
+
+
 def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                   start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
-    """Posterior marginals p(y_t = j | x): [B, T, K] (zeros past each length), by forward-backward."""
-    log_z, alphas = crf_alphas(emissions, lengths, transitions, start_transitions, end_transitions)
+    """Posterior marginals p(y_t = j | x): [B, T, K] (zeros past each length), by forward-backward.
+
+    Both recursions are normalised at every step (log-sum-exp over the tags subtracted), and each
+    step's marginals are a softmax of alpha_t + beta_t: no value grows with T. (alpha + beta - log Z
+    in absolute terms cancels two numbers of size ~T, which in float32 at T = 20000 gave
+    "probabilities" up to 2.)
+    """
+    validation.crf_args("crf_marginals", emissions, lengths, transitions, start_transitions,
+                        end_transitions)
     emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
                                                      end_transitions)
     B, T, K = emissions.shape
@@ -244,17 +269,25 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
         return emissions.new_zeros(B, 0, K)
     valid = _valid_steps(lengths, T)
     last = lengths - 1
-    # beta[b, j] at step t: log-sum of the scores of every suffix after y_t = j (end included).
+    alpha = _log_normalize(start + emissions[:, 0])  # [B, K]
+    alphas = [alpha]
+    for t in range(1, T):
+        step = _log_normalize(_logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t])
+        alpha = torch.where(valid[:, t].unsqueeze(1), step, alpha)
+        alphas.append(alpha)
+    # beta[b, j] at step t: log-sum of the scores of every suffix after y_t = j (end included),
+    # up to a per-step constant.
     beta = end.expand(B, K)
     betas = [beta] * T
     for t in range(T - 2, -1, -1):
-        step = _logsumexp(transitions + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2)
+        step = _log_normalize(_logsumexp(transitions + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2))
         beta = torch.where((t < last).unsqueeze(1), step, end.expand(B, K))
         betas[t] = beta
-    betas = torch.stack(betas, dim=1)
-    log_marginals = alphas + betas - log_z.view(B, 1, 1)
+    log_marginals = _log_normalize(torch.stack(alphas, dim=1) + torch.stack(betas, dim=1))
     marginals = torch.where(torch.isfinite(log_marginals), log_marginals.exp(),
                             torch.zeros_like(log_marginals))
+    # NaN scores give NaN marginals (as they give a NaN log Z), not zeros.
+    marginals = torch.where(log_marginals.isnan(), log_marginals, marginals)
     return torch.where(valid.unsqueeze(2), marginals, torch.zeros_like(marginals))
 
 
@@ -266,9 +299,6 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 # =============================================================================================
 # Recurrent layers (LSTM / GRU / RNN)
 # =============================================================================================
-
-_RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-
 
 def _rnn_cell(mode: str, x_proj: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor]):
     """One step of one direction: x_proj = W_ih x + b_ih [B, G*H], h / c [B, H] -> (h', c')."""
@@ -307,18 +337,14 @@ def rnn_layer(
     hx / cx: [D, B, H] or None. Returns output (input's layout, D*H features, zeros past each
     length), h_n [D, B, H] and c_n ([D, B, H] for lstm, else an empty tensor).
     """
-    if mode not in _RNN_GATES:
-        raise ValueError(f"rnn_layer: mode must be one of {sorted(_RNN_GATES)}, got {mode!r}")
+    validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
+                        batch_first)
     x = input if batch_first else input.transpose(0, 1)  # [B, T, I]
     B, T = x.shape[0], x.shape[1]
     D = 2 if bidirectional else 1
     per_dir = len(weights) // D
     H = weights[1].shape[1]
-    lengths = lengths.to(device=x.device, dtype=torch.long)
-    if lengths.shape != (B,):
-        raise ValueError(f"rnn_layer: lengths must have shape [B] = [{B}], got {list(lengths.shape)}")
-    if bool(((lengths < 0) | (lengths > T)).any()):
-        raise ValueError(f"rnn_layer: lengths must lie in [0, T] = [0, {T}]")
+    lengths = lengths.to(x.device)  # a CUDA input may come with CPU lengths
     steps = torch.arange(T, device=x.device)
     valid = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # [B, T, 1]
     outputs, h_last, c_last = [], [], []
@@ -342,7 +368,8 @@ def rnn_layer(
             if c is not None:
                 c = torch.where(m, c_new, c)
             out[t] = torch.where(m, h_new, torch.zeros_like(h_new))
-        outputs.append(torch.stack(out, dim=1))
+        # T = 0: an empty output that is still on the graph (zero gradients, not an error).
+        outputs.append(torch.stack(out, dim=1) if T else x_proj[:, :, :H] * 0)
         h_last.append(h)
         if c is not None:
             c_last.append(c)

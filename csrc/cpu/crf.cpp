@@ -33,6 +33,7 @@
 
 #include "cpu/crf_lanes.h"
 #include "cpu/crf_math.h"
+#include "checks.h"
 
 namespace fastner {
 namespace crf {
@@ -48,41 +49,15 @@ at::ScalarType accumulate_type(at::ScalarType emissions) {
   return emissions == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_inputs(const char* op, const Tensor& emissions, const Tensor& lengths,
-                  const Tensor& transitions, const Tensor& start, const Tensor& end) {
-  TORCH_CHECK_VALUE(emissions.dim() == 3, op, ": emissions must be [B, T, K], got ",
-                    emissions.dim(), " dimensions");
-  const auto dtype = emissions.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                        dtype == at::kBFloat16,
-                    op, ": emissions must be float32, float64, float16 or bfloat16, got ", dtype);
-  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  TORCH_CHECK_VALUE(K > 0, op, ": emissions must have at least one tag (K > 0)");
-  const auto acc = accumulate_type(dtype);
-  TORCH_CHECK_VALUE(transitions.dim() == 2 && transitions.size(0) == K && transitions.size(1) == K,
-                    op, ": transitions must be [K, K] = [", K, ", ", K, "], got ",
-                    transitions.sizes());
-  TORCH_CHECK_VALUE(start.dim() == 1 && start.size(0) == K, op,
-                    ": start_transitions must be [K] = [", K, "], got ", start.sizes());
-  TORCH_CHECK_VALUE(end.dim() == 1 && end.size(0) == K, op, ": end_transitions must be [K] = [",
-                    K, "], got ", end.sizes());
-  for (const Tensor* t : {&transitions, &start, &end}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == acc, op, ": transition scores must be ", acc,
-                      " for ", dtype, " emissions, got ", t->scalar_type());
-  }
-  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be [B] = [",
-                    B, "], got ", lengths.sizes());
-  TORCH_CHECK_VALUE(lengths.scalar_type() == at::kLong, op, ": lengths must be int64, got ",
-                    lengths.scalar_type());
-  for (const Tensor* t : {&emissions, &lengths, &transitions, &start, &end}) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": every input must be on the CPU, got ",
-                      t->device());
-  }
-  const int64_t* len = lengths.contiguous().data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] <= T, op, ": lengths[", b, "] = ", len[b],
-                      " is outside [0, T = ", T, "]");
-  }
+// The shared metadata checks (csrc/checks.h), then every CPU-specific rule: the data on the CPU
+// and 0 <= lengths[b] <= T. Returns the contiguous lengths the values were read from: callers
+// read their `len` pointer from this tensor, which they hold for the whole call.
+Tensor check_inputs(const char* op, const Tensor& emissions, const Tensor& lengths,
+                    const Tensor& transitions, const Tensor& start, const Tensor& end) {
+  checks::crf_inputs(op, emissions, lengths, transitions, start, end);
+  TORCH_CHECK_VALUE(emissions.device().is_cpu(), op, ": emissions must be on the CPU, got ",
+                    emissions.device());
+  return checks::lengths_in_range(op, lengths, emissions.size(1));
 }
 
 // Tags [B, T] int64 in any layout: every tag inside a length must lie in [0, K).
@@ -92,8 +67,9 @@ void check_tags(const char* op, const Tensor& tags, const int64_t* len, int64_t 
                     ": tags must be [B, T] = [", B, ", ", T, "], got ", tags.sizes());
   TORCH_CHECK_VALUE(tags.scalar_type() == at::kLong, op, ": tags must be int64, got ",
                     tags.scalar_type());
-  TORCH_CHECK_VALUE(tags.device().is_cpu(), op, ": tags must be on the CPU, got ", tags.device());
-  const int64_t* y = tags.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(tags.device().is_cpu(), op, ": tags must be on the CPU (the emissions' device), got ",
+                    tags.device());
+  const int64_t* y = tags.const_data_ptr<int64_t>();
   const int64_t sb = tags.stride(0), st = tags.stride(1);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < len[b]; ++t) {
@@ -120,15 +96,19 @@ struct Transitions {
   std::vector<scalar_t> log_col;  // [K, KP]: log_col[j * KP + i] = T_ij, -inf padded
   std::vector<scalar_t> exp_row;  // [K, KP]: exp(T_ij - tmax), 0 padded
   std::vector<scalar_t> exp_col;  // [K, KP]: transposed exp_row
-  const scalar_t* start = nullptr;  // [K]
-  const scalar_t* end = nullptr;    // [K]
+  // Copies, not pointers into the caller's tensors: a Transitions never outlives what it reads.
+  std::vector<scalar_t> start;  // [K]
+  std::vector<scalar_t> end;    // [K]
 
-  Transitions(const Tensor& transitions, const Tensor& start_t, const Tensor& end_t) {
+  // transitions [K, K], start_t / end_t [K]: any layout (read through contiguous copies held here).
+  Transitions(const Tensor& transitions_in, const Tensor& start_in, const Tensor& end_in) {
+    const Tensor transitions = transitions_in.contiguous(), start_t = start_in.contiguous(),
+                 end_t = end_in.contiguous();
     K = transitions.size(0);
     KP = padded(K);
-    const scalar_t* tr = transitions.data_ptr<scalar_t>();
-    start = start_t.data_ptr<scalar_t>();
-    end = end_t.data_ptr<scalar_t>();
+    const scalar_t* tr = transitions.const_data_ptr<scalar_t>();
+    start.assign(start_t.const_data_ptr<scalar_t>(), start_t.const_data_ptr<scalar_t>() + K);
+    end.assign(end_t.const_data_ptr<scalar_t>(), end_t.const_data_ptr<scalar_t>() + K);
     bool any_finite = false;
     scalar_t best = neg_inf<scalar_t>();
     for (int64_t n = 0; n < K * K; ++n) {
@@ -267,7 +247,7 @@ struct ForwardRun {
   // log Z (0 when L == 0).
   scalar_t finish() const {
     if (L == 0) return 0;
-    return static_cast<scalar_t>(offset + exact_logsumexp(alpha, tr->end, tr->K));
+    return static_cast<scalar_t>(offset + exact_logsumexp(alpha, tr->end.data(), tr->K));
   }
 };
 
@@ -338,11 +318,57 @@ Tensor as_accumulate(const Tensor& emissions) {
   return emissions.to(accumulate_type(emissions.scalar_type())).contiguous();
 }
 
+// ---- NaN propagation -----------------------------------------------------------------------
+// A NaN score makes the result NaN, as in the reference (and torch's autograd): a NaN emission
+// inside a sequence's length makes its log Z NaN, its emission gradients NaN over that length,
+// and the transition-score gradients NaN; a NaN transition score does so for every non-empty
+// sequence. The kernels' max-shifted recursions compare scores, and a comparison with NaN fails
+// silently (seen: log Z = -inf with finite gradients), so the sequences are found here in one
+// read of the emissions (a fraction of a kernel's own cost, which reads them K more times).
+template <typename scalar_t>
+std::vector<int64_t> nan_sequences(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
+                                   const Tensor& start, const Tensor& end) {
+  const int64_t B = emissions.size(0), K = emissions.size(2);
+  auto any_nan = [](const Tensor& scores) {
+    const Tensor dense = scores.contiguous();  // held while read
+    const scalar_t* x = dense.const_data_ptr<scalar_t>();
+    bool nan = false;
+    for (int64_t n = 0; n < dense.numel(); ++n) nan = nan || std::isnan(x[n]);
+    return nan;
+  };
+  const bool scores_nan = any_nan(transitions) || any_nan(start) || any_nan(end);
+  const scalar_t* e = emissions.const_data_ptr<scalar_t>();
+  const int64_t eb = emissions.stride(0), et = emissions.stride(1), ek = emissions.stride(2);
+  std::vector<int64_t> found;
+  for (int64_t b = 0; b < B; ++b) {
+    bool nan = scores_nan && len[b] > 0;
+    for (int64_t t = 0; t < len[b] && !nan; ++t) {
+      const scalar_t* row = e + b * eb + t * et;
+      for (int64_t k = 0; k < K; ++k) nan = nan || std::isnan(row[k * ek]);
+    }
+    if (nan) found.push_back(b);
+  }
+  return found;
+}
+
+// Sets what the NaN sequences make NaN (see nan_sequences); any pointer may be null.
+void propagate_nan(const std::vector<int64_t>& sequences, const int64_t* len, Tensor* log_z,
+                   Tensor* grad_emissions, std::initializer_list<Tensor*> grad_scores) {
+  if (sequences.empty()) return;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int64_t b : sequences) {
+    if (log_z) log_z->select(0, b).fill_(nan);
+    if (grad_emissions) grad_emissions->select(0, b).narrow(0, 0, len[b]).fill_(nan);
+  }
+  for (Tensor* g : grad_scores) g->fill_(nan);
+}
+
 // ---- the float32 lane path (csrc/cpu/crf_lanes.h) ------------------------------------------
 
 // lanes::Model of one call, with the tables it points to.
 struct LaneModel {
   lanes::Model model;
+  std::vector<float> own_transitions, own_start, own_end;  // what model.transitions/start/end point to
   std::vector<float> exp_transitions, exp_start, exp_end;
   bool usable = true;  // false when a score is NaN or +inf: the exact path handles those
 
@@ -365,6 +391,11 @@ struct LaneModel {
     return top == -inf ? 0.0f : top;
   }
 
+  static void copy_of(const Tensor& t, std::vector<float>& out) {
+    const Tensor dense = t.contiguous();
+    out.assign(dense.const_data_ptr<float>(), dense.const_data_ptr<float>() + dense.numel());
+  }
+
   // exp(x - shift), 0 where x is -inf (crf_math.h's vector exp, ~1 ulp).
   static void exp_shifted(const float* x, int64_t n, float shift, std::vector<float>& out) {
     using V = Simd<float>::V;
@@ -378,13 +409,17 @@ struct LaneModel {
     }
   }
 
-  // transitions, start, end: float32, contiguous.
-  LaneModel(const Tensor& transitions, const Tensor& start, const Tensor& end) {
-    const int64_t K = transitions.size(0);
+  // transitions [K, K], start, end [K]: float32, any layout. The model points into copies held
+  // here (a LaneModel never points into a caller's tensor, temporary or not).
+  LaneModel(const Tensor& transitions_in, const Tensor& start_in, const Tensor& end_in) {
+    const int64_t K = transitions_in.size(0);
+    copy_of(transitions_in, own_transitions);
+    copy_of(start_in, own_start);
+    copy_of(end_in, own_end);
     model.K = K;
-    model.transitions = transitions.data_ptr<float>();
-    model.start = start.data_ptr<float>();
-    model.end = end.data_ptr<float>();
+    model.transitions = own_transitions.data();
+    model.start = own_start.data();
+    model.end = own_end.data();
     model.tmax = largest_finite(model.transitions, K * K);
     model.smax = largest_finite(model.start, K);
     model.emax = largest_finite(model.end, K);
@@ -522,10 +557,9 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
                                                     const Tensor& lengths_in,
                                                     const Tensor& transitions_in,
                                                     const Tensor& start_in, const Tensor& end_in) {
-  check_inputs("crf_forward", emissions_in, lengths_in, transitions_in, start_in, end_in);
+  const Tensor lengths = check_inputs("crf_forward", emissions_in, lengths_in, transitions_in, start_in, end_in);
   const auto acc_type = accumulate_type(emissions_in.scalar_type());
   const Tensor emissions = emissions_in.to(acc_type);  // keeps the layout
-  const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   const int64_t* len = lengths.data_ptr<int64_t>();
   if (tags_in.has_value()) check_tags("crf_forward", *tags_in, len, B, T, K);
@@ -553,6 +587,10 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
                        [len](int64_t x, int64_t y) { return len[x] > len[y]; });
       exact_log_z(tr, em, len, T, part, log_z_out);
     });
+  });
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward", [&] {
+    propagate_nan(nan_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in), len, &log_z,
+                  nullptr, {});
   });
   return {log_z, gold, alphas};
 }
@@ -625,7 +663,7 @@ struct BackwardRun {
     std::fill(beta_prev + K, beta_prev + KP, ninf);
     std::fill(w + K, w + KP, ninf);
     std::fill(a + K, a + KP, ninf);
-    std::copy(tr->end, tr->end + K, beta);
+    std::copy(tr->end.data(), tr->end.data() + K, beta);
     // the last step: marginal = softmax(alpha_{L-1} + end)
     const scalar_t* al = alphas + (L - 1) * K;
     scalar_t* out = marginals + (L - 1) * K;
@@ -907,16 +945,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
     const Tensor& emissions_in, const std::optional<Tensor>& tags_in, const Tensor& lengths_in,
     const Tensor& transitions_in, const Tensor& start_in, const Tensor& end_in, Tensor* log_z,
     Tensor* gold) {
-  check_inputs(op, emissions_in, lengths_in, transitions_in, start_in, end_in);
+  const Tensor lengths = check_inputs(op, emissions_in, lengths_in, transitions_in, start_in, end_in);
   const auto acc_type = accumulate_type(emissions_in.scalar_type());
   const Tensor emissions = emissions_in.to(acc_type);  // keeps the layout
-  const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (const Weights* w : {&log_z_weights, &gold_weights}) {
     TORCH_CHECK_VALUE(!w->tensor || (w->tensor->dim() == 1 && w->tensor->size(0) == B), op,
                       ": grad_log_z and grad_gold_score must be [B] = [", B, "], got ",
                       w->tensor->sizes());
+    TORCH_CHECK_VALUE(!w->tensor || w->tensor->is_floating_point(), op,
+                      ": grad_log_z and grad_gold_score must be floating point, got ",
+                      w->tensor->scalar_type());
+    if (w->tensor) checks::on_device(op, "grad_log_z / grad_gold_score", *w->tensor, emissions_in.device());
   }
   if (tags_in.has_value()) check_tags(op, *tags_in, len, B, T, K);
   if (log_z) *log_z = at::empty({B}, emissions.options());
@@ -1006,6 +1047,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
       add_gold_terms(*tags_in, len, gg, gg_stride, ge, ge_b, ge_t, gt, gs, gend, K);
     }
   });
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_gradients", [&] {
+    propagate_nan(nan_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in), len, log_z,
+                  &grad_emissions, {&grad_transitions, &grad_start, &grad_end});
+  });
   if (emissions_in.scalar_type() != acc_type) grad_emissions = grad_emissions.to(emissions_in.scalar_type());
   return {grad_emissions, grad_transitions, grad_start, grad_end};
 }
@@ -1043,9 +1088,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> crf_forward_backward_cpu(
 Tensor crf_marginals_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
                          const Tensor& transitions_in, const Tensor& start_in,
                          const Tensor& end_in) {
-  check_inputs("crf_marginals", emissions_in, lengths_in, transitions_in, start_in, end_in);
+  const Tensor lengths = check_inputs("crf_marginals", emissions_in, lengths_in, transitions_in, start_in, end_in);
   const Tensor emissions = as_accumulate(emissions_in);
-  const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   Tensor marginals = at::empty({B, T, K}, emissions.options());
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_marginals", [&] {
@@ -1202,10 +1246,9 @@ bool lane_viterbi(const Tensor&, const int64_t*, const Tensor&, const Tensor&, c
 std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
                                            const Tensor& transitions_in, const Tensor& start_in,
                                            const Tensor& end_in) {
-  check_inputs("crf_viterbi", emissions_in, lengths_in, transitions_in, start_in, end_in);
+  const Tensor lengths = check_inputs("crf_viterbi", emissions_in, lengths_in, transitions_in, start_in, end_in);
   const auto acc_type = accumulate_type(emissions_in.scalar_type());
   const Tensor emissions = emissions_in.to(acc_type);  // keeps the layout
-  const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   const int64_t* len = lengths.data_ptr<int64_t>();
   Tensor tags = at::empty({B, T}, lengths.options());
@@ -1322,10 +1365,9 @@ void kbest_sequence(const Transitions<scalar_t>& tr, const scalar_t* em, int64_t
 std::tuple<Tensor, Tensor> crf_kbest_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
                                          const Tensor& transitions_in, const Tensor& start_in,
                                          const Tensor& end_in, int64_t k) {
-  check_inputs("crf_kbest", emissions_in, lengths_in, transitions_in, start_in, end_in);
+  const Tensor lengths = check_inputs("crf_kbest", emissions_in, lengths_in, transitions_in, start_in, end_in);
   TORCH_CHECK_VALUE(k >= 1, "crf_kbest: k must be >= 1, got ", k);
   const Tensor emissions = as_accumulate(emissions_in);
-  const Tensor lengths = lengths_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   Tensor tags = at::empty({B, k, T}, lengths.options());
   Tensor scores = at::empty({B, k}, emissions.options());

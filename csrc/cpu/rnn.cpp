@@ -34,6 +34,7 @@
 
 #include "cpu/rnn_gemm.h"
 #include "cpu/rnn_math.h"
+#include "checks.h"
 
 namespace fastner::rnn {
 namespace {
@@ -83,21 +84,16 @@ struct Plan {
   bool io_is_step_order() const { return !batch_first && uniform; }
 };
 
+// lengths: int64 [B] on the CPU (the input's device), each in [0, T].
 Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
-  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B, "rnn_layer: lengths must have shape [B] = [", B,
-                    "], got ", lengths.sizes());
-  TORCH_CHECK_VALUE(lengths.scalar_type() == at::kLong, "rnn_layer: lengths must be int64, got ",
-                    lengths.scalar_type());
+  checks::lengths_shape("rnn_layer", lengths, B);
+  checks::on_device("rnn_layer", "lengths", lengths, at::kCPU, "the input's");
+  const Tensor lens = checks::lengths_in_range("rnn_layer", lengths, T);  // held: `l` points into it
+  const int64_t* l = lens.const_data_ptr<int64_t>();
   Plan plan;
   plan.B = B;
   plan.T = T;
   plan.batch_first = batch_first;
-  const Tensor lens = lengths.contiguous();
-  const int64_t* l = lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= T, "rnn_layer: lengths must lie in [0, T] = [0, ", T, "], got ", l[b],
-                      " at batch index ", b);
-  }
   plan.order.resize(B);
   std::iota(plan.order.begin(), plan.order.end(), 0);
   std::stable_sort(plan.order.begin(), plan.order.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
@@ -327,6 +323,7 @@ void check_input(const Tensor& input, const char* name) {
   TORCH_CHECK_VALUE(input.dim() == 3, "rnn_layer: ", name, " must be 3-D ([B, T, I] or [T, B, I]), got ", input.dim(), "-D");
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, "rnn_layer: ", name,
                     " must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.device().is_cpu(), "rnn_layer: ", name, " must be on the CPU, got ", input.device());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,7 +337,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   const int64_t B = batch_first ? input.size(0) : input.size(1);
   const int64_t T_ = batch_first ? input.size(1) : input.size(0);
   const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
-  const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
+  const Plan plan = make_plan(lengths, B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
   const CellKernels<T>& kern = cell_kernels<T>();
@@ -467,15 +464,20 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const int64_t B = batch_first ? input.size(0) : input.size(1);
   const int64_t T_ = batch_first ? input.size(1) : input.size(0);
   const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
-  const Plan plan = make_plan(lengths.cpu(), B, T_, batch_first);
+  const Plan plan = make_plan(lengths, B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
   const CellKernels<T>& kern = cell_kernels<T>();
   const int64_t W = workspace_width(cell, H, I), x_col = workspace_gate_width(cell) * H, hp_col = x_col + I;
   TORCH_CHECK_VALUE(workspace_.sizes() == at::IntArrayRef({D, B * T_, W}),
                     "rnn_layer_backward: workspace must come from rnn_layer_forward(training=True) of the same call");
+  checks::like("rnn_layer_backward", "workspace", workspace_, {D, B * T_, W}, input.scalar_type(), input.device(),
+               "the input's");
   TORCH_CHECK_VALUE(grad_output_.sizes() == (batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}),
                     "rnn_layer_backward: grad_output must have the output's shape, got ", grad_output_.sizes());
+  TORCH_CHECK_VALUE(grad_output_.is_floating_point(), "rnn_layer_backward: grad_output must be floating point, got ",
+                    grad_output_.scalar_type());
+  checks::on_device("rnn_layer_backward", "grad_output", grad_output_, input.device(), "the input's");
   const Tensor workspace = workspace_.contiguous();
   // Read in place with its strides: a loss like out.sum() hands an expanded (stride 0) tensor,
   // which contiguous() would first write out in full.

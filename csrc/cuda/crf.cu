@@ -28,6 +28,7 @@
 #include <utility>
 #include <type_traits>
 
+#include "checks.h"
 #include "cuda/kernels/crf.cuh"
 
 namespace fastner {
@@ -81,52 +82,20 @@ DeviceLimits device_limits() {
   return DeviceLimits{num_sms, static_cast<size_t>(smem_optin)};
 }
 
-// The CPU kernels' metadata checks (csrc/cpu/crf.cpp, check_inputs), with "on the CPU" replaced
-// by "on the emissions' CUDA device", plus the CUDA-only limit on K.
+// The shared metadata checks (csrc/checks.h) plus the CUDA-only rules: the emissions on a CUDA
+// device and the limit on K. Values of lengths and tags are checked on the device (see the file
+// comment).
 void check_inputs(const char* op, const Tensor& emissions, const Tensor& lengths, const Tensor& transitions,
                   const Tensor& start, const Tensor& end) {
-  TORCH_CHECK_VALUE(emissions.dim() == 3, op, ": emissions must be [B, T, K], got ", emissions.dim(),
-                    " dimensions");
-  const auto dtype = emissions.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                    op, ": emissions must be float32, float64, float16 or bfloat16, got ", dtype);
-  const int64_t B = emissions.size(0), K = emissions.size(2);
-  TORCH_CHECK_VALUE(K > 0, op, ": emissions must have at least one tag (K > 0)");
+  checks::crf_inputs(op, emissions, lengths, transitions, start, end);
+  TORCH_CHECK_VALUE(emissions.is_cuda(), op, ": emissions must be on a CUDA device, got ", emissions.device());
+  const int64_t K = emissions.size(2);
   TORCH_CHECK_VALUE(K <= kMaxTags, op, ": the CUDA kernels support at most ", kMaxTags, " tags, got K = ", K,
                     " (run this CRF on the CPU)");
-  const auto acc = accumulate_type(dtype);
-  TORCH_CHECK_VALUE(transitions.dim() == 2 && transitions.size(0) == K && transitions.size(1) == K, op,
-                    ": transitions must be [K, K] = [", K, ", ", K, "], got ", transitions.sizes());
-  TORCH_CHECK_VALUE(start.dim() == 1 && start.size(0) == K, op, ": start_transitions must be [K] = [", K,
-                    "], got ", start.sizes());
-  TORCH_CHECK_VALUE(end.dim() == 1 && end.size(0) == K, op, ": end_transitions must be [K] = [", K, "], got ",
-                    end.sizes());
-  for (const Tensor* t : {&transitions, &start, &end}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == acc, op, ": transition scores must be ", acc, " for ", dtype,
-                      " emissions, got ", t->scalar_type());
-  }
-  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B, op, ": lengths must be [B] = [", B, "], got ",
-                    lengths.sizes());
-  TORCH_CHECK_VALUE(lengths.scalar_type() == at::kLong, op, ": lengths must be int64, got ",
-                    lengths.scalar_type());
-  TORCH_CHECK_VALUE(emissions.is_cuda(), op, ": emissions must be on a CUDA device, got ", emissions.device());
-  const std::pair<const char*, const Tensor*> others[] = {
-      {"lengths", &lengths}, {"transitions", &transitions}, {"start_transitions", &start}, {"end_transitions", &end}};
-  for (const auto& [name, t] : others) {
-    TORCH_CHECK_VALUE(t->device() == emissions.device(), op, ": ", name, " must be on ", emissions.device(),
-                      " (the emissions' device), got ", t->device());
-  }
-  // Values of lengths are checked on the device (see the file comment).
 }
 
 void check_tags(const char* op, const Tensor& tags, const Tensor& emissions) {
-  const int64_t B = emissions.size(0), T = emissions.size(1);
-  TORCH_CHECK_VALUE(tags.dim() == 2 && tags.size(0) == B && tags.size(1) == T, op, ": tags must be [B, T] = [",
-                    B, ", ", T, "], got ", tags.sizes());
-  TORCH_CHECK_VALUE(tags.scalar_type() == at::kLong, op, ": tags must be int64, got ", tags.scalar_type());
-  TORCH_CHECK_VALUE(tags.device() == emissions.device(), op, ": tags must be on ", emissions.device(),
-                    " (the emissions' device), got ", tags.device());
-  // Values of tags are checked on the device (see the file comment).
+  checks::crf_tags(op, tags, emissions);
 }
 
 at::TensorOptions acc_options(const Tensor& emissions) {
@@ -184,8 +153,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cuda(
   const std::pair<const char*, const Tensor*> saved[] = {
       {"grad_log_z", &grad_log_z_in}, {"grad_gold_score", &grad_gold_in}, {"log_z", &log_z_in}, {"alphas", &alphas_in}};
   for (const auto& [name, t] : saved) {
-    TORCH_CHECK_VALUE(t->device() == emissions_in.device(), "crf_backward: ", name, " must be on ",
-                      emissions_in.device(), " (the emissions' device), got ", t->device());
+    TORCH_CHECK_VALUE(t->is_floating_point(), "crf_backward: ", name, " must be floating point, got ",
+                      t->scalar_type());
+    checks::on_device("crf_backward", name, *t, emissions_in.device());
   }
   Tensor tags;
   if (tags_in.has_value()) {

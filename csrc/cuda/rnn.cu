@@ -33,6 +33,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cublas_v2.h>
+
+#include "checks.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -164,18 +166,13 @@ struct Plan {
 };
 
 Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first, const Tensor& input) {
-  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B, "rnn_layer: lengths must have shape [B] = [", B,
-                    "], got ", lengths.sizes());
-  TORCH_CHECK_VALUE(lengths.scalar_type() == at::kLong, "rnn_layer: lengths must be int64, got ", lengths.scalar_type());
+  checks::lengths_shape("rnn_layer", lengths, B);
   TORCH_CHECK_VALUE(lengths.is_cpu() || lengths.device() == input.device(),
                     "rnn_layer: lengths must be on the input's device ", input.device(), " (or the CPU), got ",
                     lengths.device());
-  const Tensor host = lengths.to(at::kCPU).contiguous();  // a sync when lengths is on the GPU
+  // A sync when lengths is on the GPU; `host` holds the values `l` points to.
+  const Tensor host = checks::lengths_in_range("rnn_layer", lengths.to(at::kCPU), T);
   const int64_t* l = host.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= T, "rnn_layer: lengths must lie in [0, T] = [0, ", T, "], got ", l[b],
-                      " at batch index ", b);
-  }
   Plan plan;
   plan.B = B;
   plan.T = T;

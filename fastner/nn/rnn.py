@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastner import ops
+from fastner import ops, validation
 
 __all__ = ["LSTM", "GRU", "RNN"]
 
@@ -116,6 +116,7 @@ class _FusedRNNMixin:
 
     def _forward_packed(self, input: PackedSequence, hx):
         data, batch_sizes, sorted_indices, unsorted_indices = input
+        validation.packed_batch_sizes(type(self).__name__, batch_sizes, data.shape[0])
         if hx is not None:
             hx = self.permute_hidden(hx, sorted_indices)  # into the packed (sorted) batch order
             self.check_forward_args(data, hx, batch_sizes)

@@ -1,0 +1,152 @@
+"""Argument checks of the Python side of every fastner op: one place for the rules that
+csrc/checks.h enforces in C++ (rank, sizes, dtype, device, value ranges), so that the reference
+path, the fake kernels (torch.compile / meta tensors) and the Python helpers refuse the same
+inputs as the fused kernels, with a ValueError naming the op, the argument and what was expected.
+
+`values=False` checks metadata only: what a fake kernel can see (no data), and what
+torch.compile traces (a data-dependent check would be a graph break).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_CRF_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_RNN_DTYPES = (torch.float32, torch.float64)
+RNN_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def _reads_values(t: Tensor) -> bool:
+    # Meta and fake tensors have no data; a traced graph must not branch on it.
+    return t.device.type != "meta" and not torch.compiler.is_compiling() and not _is_fake(t)
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def tensor_arg(op: str, name: str, t, *, dim: Optional[int] = None, shape: Optional[Sequence[int]] = None,
+           dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
+           owner: str = "the emissions'") -> None:
+    """`t` is a Tensor of rank `dim` / shape `shape`, one of `dtypes`, on `device`."""
+    if not isinstance(t, Tensor):
+        _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        _fail(op, f"{name} must be {dim}-D, got shape {list(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        _fail(op, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        _fail(op, f"{name} must be {names}, got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        _fail(op, f"{name} must be on {device} ({owner} device), got {t.device}")
+
+
+def lengthsarg(op: str, lengths: Tensor, batch: int, steps: int, device: torch.device, *,
+            values: bool = True, allow_cpu: bool = False, owner: str = "the emissions'") -> None:
+    """lengths: int64 [B] on `device` (or the CPU where `allow_cpu`), each in [0, T]."""
+    tensor_arg(op, "lengths", lengths, shape=(batch,), dtypes=(torch.long,))
+    if lengths.device != device and not (allow_cpu and lengths.device.type == "cpu"
+                                         and device.type != "meta"):
+        _fail(op, f"lengths must be on {device} ({owner} device), got {lengths.device}")
+    if values and batch and _reads_values(lengths):
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > steps:
+            bad = low if low < 0 else high
+            index = int((lengths == bad).nonzero()[0, 0])
+            _fail(op, f"lengths[{index}] = {bad} is outside [0, T = {steps}]")
+
+
+def crf_args(op: str, emissions: Tensor, lengths: Tensor, transitions: Tensor, start: Tensor,
+        end: Tensor, tags: Optional[Tensor] = None, *, values: bool = True) -> None:
+    """The CRF ops' arguments (csrc/fastner.cpp): emissions [B, T, K] (K > 0), lengths int64 [B]
+    in [0, T], transitions [K, K] and start / end [K] in the accumulate dtype, tags int64 [B, T]
+    in [0, K) inside each length; everything on the emissions' device."""
+    tensor_arg(op, "emissions", emissions, dim=3, dtypes=_CRF_DTYPES)
+    B, T, K = emissions.shape
+    if K == 0:
+        _fail(op, "emissions must have at least one tag (K > 0)")
+    acc = torch.float64 if emissions.dtype == torch.float64 else torch.float32
+    device = emissions.device
+    tensor_arg(op, "transitions", transitions, shape=(K, K), dtypes=(acc,), device=device)
+    tensor_arg(op, "start_transitions", start, shape=(K,), dtypes=(acc,), device=device)
+    tensor_arg(op, "end_transitions", end, shape=(K,), dtypes=(acc,), device=device)
+    lengthsarg(op, lengths, B, T, device, values=values)
+    if tags is not None:
+        tensor_arg(op, "tags", tags, shape=(B, T), dtypes=(torch.long,), device=device)
+        if values and _reads_values(tags) and B and T:
+            inside = torch.arange(T, device=device) < lengths.unsqueeze(1)
+            bad = ((tags < 0) | (tags >= K)) & inside
+            if bool(bad.any()):
+                b, t = (int(i) for i in bad.nonzero()[0])
+                _fail(op, f"tags[{b}, {t}] = {int(tags[b, t])} is outside [0, K = {K})")
+
+
+def crf_mask(op: str, mask: Tensor) -> None:
+    """A CRF mask: bool or uint8, 2-D."""
+    tensor_arg(op, "mask", mask, dim=2, dtypes=(torch.bool, torch.uint8))
+
+
+def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor], hx: Optional[Tensor],
+        cx: Optional[Tensor], mode: str, bidirectional: bool, batch_first: bool, *,
+        values: bool = True) -> None:
+    """rnn_layer_forward's arguments (csrc/fastner.cpp): input [B, T, I] or [T, B, I] float32 /
+    float64; lengths int64 [B] in [0, T] on the input's device (or the CPU for a CUDA input);
+    2*D or 4*D weights of torch's shapes, hx / cx [D, B, H], all in the input's dtype and device."""
+    if mode not in RNN_GATES:
+        _fail(op, f"mode must be one of {sorted(RNN_GATES)}, got {mode!r}")
+    owner = "the input's"
+    tensor_arg(op, "input", input, dim=3, dtypes=_RNN_DTYPES)
+    B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
+    I = input.shape[2]
+    device, dtype = input.device, input.dtype
+    lengthsarg(op, lengths, B, T, device, values=values, allow_cpu=device.type == "cuda",
+                         owner=owner)
+    D = 2 if bidirectional else 1
+    weights = list(weights)
+    if len(weights) not in (2 * D, 4 * D):
+        _fail(op, f"weights must hold 2*D (no bias) or 4*D tensors for D = {D} directions, "
+                  f"got {len(weights)}")
+    tensor_arg(op, "w_hh", weights[1], dim=2)
+    G, H = RNN_GATES[mode], weights[1].shape[1]
+    if H == 0:
+        _fail(op, "the hidden size (w_hh.size(1)) must be positive")
+    per_dir = len(weights) // D
+    names = ("w_ih", "w_hh", "b_ih", "b_hh")
+    shapes = ((G * H, I), (G * H, H), (G * H,), (G * H,))
+    for d in range(D):
+        for j in range(per_dir):
+            tensor_arg(op, f"{names[j]} of direction {d}", weights[d * per_dir + j], shape=shapes[j],
+                   dtypes=(dtype,), device=device, owner=owner)
+    for name, state in (("hx", hx), ("cx", cx)):
+        if state is not None:
+            tensor_arg(op, name, state, shape=(D, B, H), dtypes=(dtype,), device=device, owner=owner)
+
+
+def tag_lists_args(tags: Tensor, lengths: Tensor) -> None:
+    """tag_lists' arguments: tags int64 [B, T] and lengths int64 [B] in [0, T], on one device."""
+    op = "tag_lists"
+    tensor_arg(op, "tags", tags, dim=2, dtypes=(torch.long,))
+    lengthsarg(op, lengths, tags.shape[0], tags.shape[1], tags.device, owner="the tags'")
+
+
+def packed_batch_sizes(op: str, batch_sizes: Tensor, rows: int) -> None:
+    """A PackedSequence's batch_sizes: int64 [T] on the CPU, positive, non-increasing and summing
+    to the number of packed rows (what pack_padded_sequence makes; torch's RNNs refuse others)."""
+    tensor_arg(op, "batch_sizes", batch_sizes, dim=1, dtypes=(torch.long,),
+               device=torch.device("cpu"), owner="the required")
+    sizes = batch_sizes.tolist()
+    if not sizes:
+        _fail(op, "batch_sizes must not be empty")
+    if min(sizes) <= 0 or any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
+        _fail(op, f"batch_sizes must be positive and non-increasing, got {sizes}")
+    if sum(sizes) != rows:
+        _fail(op, f"batch_sizes must sum to the number of packed rows {rows}, got {sum(sizes)}")
