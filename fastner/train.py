@@ -211,6 +211,8 @@ class Trainer:
     the initialisation and every training step depend on the training data and the seed alone.
     """
 
+    sparse_updates = True  # update the word table's rows sparsely where that equals dense SGD
+
     def __init__(self, train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str,
                  config: TrainConfig, resume: bool = False, overwrite: bool = False,
                  log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None,
@@ -250,7 +252,7 @@ class Trainer:
         # update: SGD (Adam's moments are not lazily updatable) in one process (DDP all-reduces
         # dense gradients)
         self.word_table: Optional[RowSparseSGD] = None
-        if config.optimizer == "sgd" and not self.dist.enabled:
+        if self.sparse_updates and config.optimizer == "sgd" and not self.dist.enabled:
             self.word_table = RowSparseSGD(self.model.word_embedding.weight, config.lr, config.momentum)
             self.model.word_embedding.sparse = True
         self.optimizer = _make_optimizer(self._dense_parameters(), config)
@@ -258,14 +260,10 @@ class Trainer:
         self.improved = False  # whether the last evaluated epoch is the best so far
         self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, -1, 0, 0
         if state is not None:
-            if bool(state.get("sparse_word_table", False)) != (self.word_table is not None):
-                raise ValueError("--resume: the checkpoint's word table was updated "
-                                 f"{'sparsely' if state.get('sparse_word_table') else 'densely'}, this run would update "
-                                 f"it {'sparsely' if self.word_table is not None else 'densely'} (resume with the "
-                                 "optimizer and the number of processes the run started with)")
-            self.optimizer.load_state_dict(state["optimizer"])
+            dense_state, table_state = self._optimizer_states(state)
+            self.optimizer.load_state_dict(dense_state)
             if self.word_table is not None:
-                self.word_table.load_state_dict(state["word_table_optimizer"])
+                self.word_table.load_state_dict(table_state)
             self.history = list(state["history"])
             self.best_f1, self.best_epoch = float(state["best_f1"]), int(state["best_epoch"])
             self.bad_epochs, self.start_epoch = int(state["bad_epochs"]), int(state["epoch"]) + 1
@@ -274,6 +272,30 @@ class Trainer:
             self.log(f"resuming after epoch {self.start_epoch} (best dev F1 {self.best_f1:.2f} at epoch {self.best_epoch + 1})")
 
     # ---- set-up ------------------------------------------------------------------------------
+
+    def _optimizer_states(self, state: dict):
+        """(torch optimiser state, RowSparseSGD state or None) from a checkpoint, whichever way
+        its word table was updated: the table's momentum moves between the two when a run is
+        resumed the other way (e.g. a single-process run continued under torchrun)."""
+        dense = state["optimizer"]
+        was_sparse = bool(state.get("sparse_word_table", False))
+        if was_sparse == (self.word_table is not None):
+            return dense, state.get("word_table_optimizer")
+        table = self.model.word_embedding.weight
+        at = next(i for i, p in enumerate(self.model.parameters()) if p is table)  # its index in a dense state
+        count = sum(1 for _ in self.model.parameters())
+        group = dict(dense["param_groups"][0])
+        if was_sparse:  # sparse -> dense: the table's momentum joins the optimiser state at its index
+            moved = {(i + 1 if i >= at else i): v for i, v in dense["state"].items()}
+            moved[at] = {"momentum_buffer": state["word_table_optimizer"]["momentum_buffer"]}
+            group["params"] = list(range(count))
+            return {"state": moved, "param_groups": [group]}, None
+        entry = dense["state"].get(at, {})  # dense -> sparse: it leaves the optimiser state
+        moved = {(i - 1 if i > at else i): v for i, v in dense["state"].items() if i != at}
+        group["params"] = list(range(count - 1))
+        buffer = entry.get("momentum_buffer")
+        return ({"state": moved, "param_groups": [group]},
+                {"momentum_buffer": buffer if buffer is not None else torch.zeros_like(table.detach().cpu())})
 
     def _dense_parameters(self) -> List[torch.nn.Parameter]:
         """What torch's optimiser updates: every parameter but a sparsely updated word table."""

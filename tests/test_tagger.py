@@ -221,3 +221,25 @@ def test_trainer_hooks_see_every_evaluation_and_checkpoint(corpus, tmp_path):
     assert [s[:2] for s in seen] == [("evaluation", 1), ("checkpoint", 1), ("evaluation", 2), ("checkpoint", 2)]
     assert all(s[2] == s[1] for s in seen if s[0] == "checkpoint")
     assert summary["history"] == trainer.history and len(summary["history"]) == 2
+
+
+def test_resume_across_dense_and_sparse_word_table_updates(corpus, tmp_path, monkeypatch):
+    """A run checkpointed with one word-table update (dense: torchrun; sparse: one process)
+    resumes with the other, its momentum carried over: the same numbers up to float rounding."""
+    from fastner.train import Trainer
+
+    train_data, held_out = corpus
+    options = dict(epochs=3, optimizer="sgd", lr=0.05)
+    straight = run(corpus, tmp_path / "straight", **options)
+    for first, then in ((False, True), (True, False)):
+        out = tmp_path / f"from-{'sparse' if first else 'dense'}"
+        monkeypatch.setattr(Trainer, "sparse_updates", first)
+        run(corpus, out, **dict(options, epochs=2))
+        monkeypatch.setattr(Trainer, "sparse_updates", then)
+        resumed = train(train_data, held_out, str(out), tiny_config(**options), resume=True, log=quiet)
+        losses = lambda s: [r["loss_per_token"] for r in s["history"]]  # noqa: E731
+        assert losses(resumed) == pytest.approx(losses(straight), rel=1e-4)
+        a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+        b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
