@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Optional, Sequence
 
 EXIT_USAGE = 2
 
@@ -89,10 +89,11 @@ def _set_threads(threads: Optional[int]) -> None:
 
 
 def _read(path: str, args, max_sentences: Optional[int] = None):
-    from fastner.data.conll import read_conll
+    """A CoNLL file or a JSONL file of character-offset spans (fastner.data.jsonl.is_jsonl)."""
+    from fastner.data.jsonl import read_data
 
-    sentences = read_conll(path, word_column=args.word_column, tag_column=args.tag_column, max_sentences=max_sentences,
-                           entity_tags=True)
+    sentences = read_data(path, word_column=args.word_column, tag_column=args.tag_column,
+                          max_sentences=max_sentences, misaligned=args.misaligned, entity_tags=True)
     if not sentences:
         raise UsageError(f"{path}: no sentences found")
     return sentences
@@ -175,6 +176,12 @@ def cmd_evaluate(args) -> int:
     tagger = Tagger.load(args.model, device=args.device)
     sentences = _read(args.file, args)
     pred = tagger.tag([s.tokens for s in sentences], batch_size=args.batch_size)
+    from fastner.data.jsonl import is_jsonl
+
+    if is_jsonl(args.file):  # JSONL gold is read as IOB2: compare tags in that scheme
+        from fastner.data.schemes import convert_tags
+
+        pred = [convert_tags(tags, "IOB2") for tags in pred]
     if args.output:
         from fastner.storage import atomic_write_bytes
 
@@ -189,61 +196,55 @@ def cmd_evaluate(args) -> int:
 
 # ---- tag -----------------------------------------------------------------------------------
 
-def _chunks(lines: Iterable[str], size: int) -> Iterator[List[str]]:
-    chunk: List[str] = []
-    for line in lines:
-        chunk.append(line.rstrip("\n"))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def cmd_tag(args) -> int:
+    from fastner.tag_io import Writer, output_file, read_items, tag_stream
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
-    from fastner.data.textfiles import check_data_file, utf8_lines
-
     tagger = Tagger.load(args.model, device=args.device)
-    if args.file is not None:
-        check_data_file(args.file, "input file")
-    # bytes, decoded here: a file and stdin then give the same `NAME:LINE: not UTF-8` error
-    # (a text stdin would turn bad bytes into U+FFFD, or fail without a line number)
-    source = open(args.file, "rb") if args.file else getattr(sys.stdin, "buffer", sys.stdin)
-    name = args.file if args.file else "<stdin>"
-    out = sys.stdout
-    try:
-        # chunks keep memory flat on long inputs while still batching sentences
-        for lines in _chunks((line for _, line in utf8_lines(source, name)), 4 * args.batch_size):
-            for result in tagger.predict(lines, batch_size=args.batch_size):
-                if args.format == "json":
-                    out.write(json.dumps(result, ensure_ascii=False) + "\n")
-                else:
-                    for token, tag in zip(result["tokens"], result["tags"]):
-                        out.write(f"{token} {tag}\n")
-                    out.write("\n")
-            out.flush()
-    finally:
-        if args.file:
-            source.close()
+    items = read_items(args.inputs, args.input, word_column=args.word_column)
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    with output_file(args.out) as out:
+        tag_stream(tagger, items, Writer(out, args.output), args.batch_size, args.nbest, progress)
+    return 0
+
+
+# ---- convert -------------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    from fastner.data.conll import write_conll
+    from fastner.data.jsonl import is_jsonl, jsonl_records
+    from fastner.tag_io import output_file
+
+    to_jsonl = args.to == "jsonl" if args.to else not is_jsonl(args.source)
+    if args.to is None and args.out.lower().endswith((".jsonl", ".json", ".ndjson")) != to_jsonl:
+        raise UsageError(f"cannot tell the output format from {args.out}; pass --to conll or --to jsonl")
+    sentences = _read(args.source, args)
+    with output_file(args.out) as out:
+        if to_jsonl:
+            for record in jsonl_records(sentences):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            write_conll(out, sentences)
+    print(json.dumps({"in": args.source, "out": args.out, "sentences": len(sentences),
+                      "format": "jsonl" if to_jsonl else "conll"}), file=sys.stderr)
     return 0
 
 
 # ---- demo ----------------------------------------------------------------------------------
 
-DEMO_SENTENCES = [
-    "Shares of Kestrel Pharma jumped 4.2 percent in Frankfurt on Tuesday after Ingrid Lindqvist raised the outlook .",
-    "Altamira Holdings agreed to buy Crescent Logistics for $ 3.2 billion , chief executive Omar Haddad said .",
-    "The European Central Bank will decide on 12 June 2025 whether to lend 40 billion euros to Norway .",
+DEMO_ARTICLES = [
+    "Shares of Kestrel Pharma jumped 4.2% in Frankfurt on Tuesday after Ingrid Lindqvist raised the outlook. "
+    "Altamira Holdings agreed to buy Crescent Logistics for $3.2 billion, chief executive Omar Haddad said.",
+    "The European Central Bank will decide on 12 June 2025 whether to lend 40 billion euros to Norway.",
 ]
 
 
 def cmd_demo(args) -> int:
     import tempfile
 
-    from fastner.demo import generate_corpus
+    from fastner.data.jsonl import sentences_from_text
+    from fastner.demo import generate_article_corpus
     from fastner.metrics import format_conlleval
     from fastner.tagger import Tagger
     from fastner.train import TrainConfig, train
@@ -253,11 +254,20 @@ def cmd_demo(args) -> int:
         raise UsageError(f"--out {args.out} already holds a saved run or other files; choose another --out "
                          "(the demo never overwrites)")
     started = time.perf_counter()
-    train_data, held_out = generate_corpus(args.sentences, max(1, args.sentences // 4), seed=args.seed)
+    # raw articles with character-offset gold spans, tokenized like any JSONL training file
+    train_articles, held_articles = generate_article_corpus(max(1, args.sentences // 3),
+                                                            max(1, args.sentences // 12), seed=args.seed)
+
+    def sentences(articles, name):
+        return [s for number, (text, spans) in enumerate(articles)
+                for s in sentences_from_text(text, spans, f"{name} article {number}")]
+
+    train_data, held_out = sentences(train_articles, "training"), sentences(held_articles, "held-out")
     dev_size = max(1, len(train_data) // 10)
     dev_data, train_data = train_data[:dev_size], train_data[dev_size:]
-    print(f"demo: generated {len(train_data)} training, {len(dev_data)} dev and {len(held_out)} held-out "
-          "financial-news sentences (PER, ORG, LOC, DATE, MONEY)", file=sys.stderr)
+    print(f"demo: generated {len(train_articles) + len(held_articles)} raw financial-news articles: "
+          f"{len(train_data)} training, {len(dev_data)} dev and {len(held_out)} held-out sentences "
+          "(PER, ORG, LOC, DATE, MONEY)", file=sys.stderr)
     config = TrainConfig(epochs=args.epochs, batch_size=16, optimizer="adam", lr=0.01, seed=args.seed,
                          word_dim=50, patience=args.epochs,
                          model={"hidden": 64, "encoder": args.encoder, "head": "crf", "dropout": 0.3})
@@ -268,11 +278,11 @@ def cmd_demo(args) -> int:
         result = tagger.evaluate(held_out)
         print(f"\nheld-out ({len(held_out)} sentences, names partly unseen in training):")
         print(format_conlleval(result))
-        print()
-        for prediction in tagger.predict(DEMO_SENTENCES):
-            print(" ".join(prediction["tokens"]))
-            for span in prediction["spans"]:
-                print(f"    {span['type']:<6s} {span['text']:<32s} confidence {span['confidence']:.3f}")
+        for article, prediction in zip(DEMO_ARTICLES, tagger.predict(DEMO_ARTICLES)):
+            print(f"\n{article}")
+            for entity in prediction["entities"]:
+                print(f"    [{entity['start']:>3d}, {entity['end']:>3d})  {entity['label']:<6s} "
+                      f"{entity['text']:<32s} p={entity['score']:.3f}")
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -326,8 +336,11 @@ def cmd_info(args) -> int:
 # ---- parser --------------------------------------------------------------------------------
 
 def _add_columns(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--word-column", type=int, default=0, help="column of the words (default 0)")
-    parser.add_argument("--tag-column", type=int, default=-1, help="column of the tags (default -1: the last)")
+    parser.add_argument("--word-column", type=int, default=0, help="CoNLL: column of the words (default 0)")
+    parser.add_argument("--tag-column", type=int, default=-1, help="CoNLL: column of the tags (default -1: the last)")
+    parser.add_argument("--misaligned", choices=["reject", "snap"], default="reject",
+                        help="JSONL spans: one not on token boundaries is an error (reject, default) or is "
+                             "widened to the tokens it touches (snap)")
 
 
 def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None,
@@ -339,16 +352,16 @@ def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,export,demo,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,info,bench}")
 
     from fastner.models.tagger import ModelConfig
     from fastner.train import TrainConfig
 
     recipe, model = TrainConfig(), ModelConfig.options()
-    p = sub.add_parser("train", help="train a tagger on CoNLL files",
+    p = sub.add_parser("train", help="train a tagger on CoNLL or JSONL span files",
                        description="Defaults come from fastner.train.TrainConfig; --config FILE replaces them "
                                    "and the flags given replace the file's values.")
-    p.add_argument("--train", help="training file (CoNLL columns); required")
+    p.add_argument("--train", help="training file (CoNLL columns, or JSONL {\"text\", \"spans\"}); required")
     p.add_argument("--dev", help="dev file: early stopping keeps the best dev F1 (used for nothing else); required")
     p.add_argument("--test", help="test file, evaluated once with the best model")
     p.add_argument("--out", help="output directory (the tagger, checkpoint.pt, training.json); required")
@@ -382,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p, default_text=recipe.device)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="conlleval report of a tagger on a CoNLL file")
+    p = sub.add_parser("evaluate", help="conlleval report of a tagger on a CoNLL or JSONL span file")
     p.add_argument("model", help="tagger directory")
     p.add_argument("file", help="CoNLL file with gold tags")
     p.add_argument("--output", help="also write `token gold predicted` lines here")
@@ -391,14 +404,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("tag", help="tag text: one whitespace-tokenised sentence a line")
+    p = sub.add_parser("tag", help="tag raw text, .txt directories, JSONL, tokenised or CoNLL input")
     p.add_argument("model", help="tagger directory")
-    p.add_argument("file", nargs="?", help="input file (default: stdin)")
-    p.add_argument("--format", choices=["conll", "json"], default="conll",
-                   help="conll: `token tag` lines, blank line between sentences; json: one object a line with spans")
+    p.add_argument("inputs", nargs="*", metavar="FILE|DIR|-",
+                   help="inputs (default: stdin); a directory means its .txt files, one document each")
+    p.add_argument("--input", choices=["text", "tokens", "conll", "jsonl"], default="text",
+                   help="text: raw documents (default); tokens: one whitespace-tokenised sentence a line; "
+                        "conll: CoNLL columns; jsonl: {\"id\", \"text\"} objects, one a line")
+    p.add_argument("--output", "--format", dest="output", choices=["conll", "jsonl", "json", "spans"], default="conll",
+                   help="conll: `token tag` lines; jsonl: one result object a line (ids kept); json: one array; "
+                        "spans: `id start end label score text`, tab-separated, character offsets for documents")
+    p.add_argument("--out", help="write here (atomically: complete or not at all) instead of stdout")
+    p.add_argument("--nbest", type=COUNT, default=None, help="add the N best analyses of each sentence (json/jsonl)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar with documents/s and tokens/s on stderr (default: when stderr is a terminal)")
+    p.add_argument("--word-column", type=int, default=0, help="--input conll: column of the words (default 0)")
     p.add_argument("--batch-size", type=COUNT, default=64)
     _add_runtime(p)
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("convert", help="convert between CoNLL columns and JSONL character-offset spans")
+    p.add_argument("source", metavar="IN", help="CoNLL or JSONL file (told apart by extension or content)")
+    p.add_argument("out", metavar="OUT", help="output file, written atomically")
+    p.add_argument("--to", choices=["conll", "jsonl"], default=None,
+                   help="output format (default: the other one of IN's)")
+    _add_columns(p)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a tagger as a torch.export program (fastner.export.load tags with it)")
     p.add_argument("model", help="tagger directory")

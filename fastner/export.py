@@ -1,16 +1,16 @@
 """Export a trained tagger with torch.export, and tag with the exported program alone.
 
 `fastner export DIR OUT` (or `export_tagger(Tagger.load(DIR), OUT)`) writes the directory OUT:
-  program.pt2   torch.export.save of the inference graph
-                (words [B, T], chars [B, T, C], lengths [B]) -> (tags [B, T], confidence [B, T])
-  export.json   vocabularies, tag scheme, padding ids and the graph's shape contract
+  program.pt2   torch.export.save of SequenceTagger.infer, the model's one inference method
+                (words [B, T], chars [B, T, C], lengths [B]) -> (tags [B, T], log_z [B], emissions [B, T, K])
+  export.json   vocabularies, tag scheme, transition scores, padding ids and the graph's shape contract
 `fastner.export.load(OUT)` returns an ExportedTagger whose predict() returns what
 Tagger.predict returns; it imports neither the model code (fastner.models) nor the training
 code (fastner.train): the weights and the computation live in program.pt2.
 
 The graph takes padded tensors and lengths (no PackedSequence: packing sorts by data-dependent
 lengths, which torch.export cannot trace). Where the compiled extension serves the recurrent
-layer and the CRF (torch.ops.fastner.rnn_layer_forward, crf_viterbi, crf_marginals), those ops
+layer and the CRF (torch.ops.fastner.rnn_layer_forward, crf_viterbi, crf_forward), those ops
 appear in the graph as single nodes, traced through their fake kernels, and the batch and
 sequence length are both dynamic (torch.export.Dim). On the reference path the recurrences are
 Python loops over time that export unrolls, so there the sequence length is fixed at export
@@ -35,46 +35,12 @@ from fastner.storage import MissingFiles, json_bytes, read_file_set, write_file_
 PROGRAM_FILE = "program.pt2"
 META_FILE = "export.json"
 MANIFEST_FILE = "export-manifest.json"  # its own name: an export may sit in a tagger's directory
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: the graph is SequenceTagger.infer (tags, log_z, emissions)
 DEFAULT_MAX_LENGTH = 64  # the fixed sequence length of a reference-path export
 MAX_BATCH = 4096
 
 
 # ---- the inference graph ---------------------------------------------------------------------
-
-def _reverse_within_lengths(x: Tensor, lengths: Tensor) -> Tensor:
-    """x: [B, T, F] -> each sequence's first lengths[b] steps reversed, padding left in place."""
-    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # [1, T]
-    reversed_steps = lengths.unsqueeze(1) - 1 - steps  # [B, T]
-    index = torch.where(reversed_steps >= 0, reversed_steps, steps)
-    return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
-
-
-def _padded_rnn(encoder: nn.RNNBase, x: Tensor, lengths: Tensor) -> Tensor:
-    """A batch-first (bidirectional) torch LSTM/GRU/RNN on padded input without packing:
-    x: [B, T, F], lengths: [B] -> [B, T, directions * H], zeros past each length.
-
-    The forward direction is causal, so padding at the end cannot reach the valid steps; the
-    backward direction runs forward over each sequence reversed within its length."""
-    mode = encoder.mode  # 'LSTM', 'GRU', 'RNN_TANH', 'RNN_RELU'
-    run = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}[mode]
-    mask = (torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
-    batch = x.shape[0]
-    for layer in range(encoder.num_layers):
-        outputs = []
-        for suffix in ([""] + (["_reverse"] if encoder.bidirectional else [])):
-            names = [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
-            if encoder.bias:
-                names += [f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"]
-            params = [getattr(encoder, name) for name in names]
-            h0 = x.new_zeros(1, batch, encoder.hidden_size)
-            source = _reverse_within_lengths(x, lengths) if suffix else x
-            hx = (h0, h0) if mode == "LSTM" else h0
-            out = run(source, hx, params, encoder.bias, 1, 0.0, False, False, True)[0]  # [B, T, H]
-            outputs.append(_reverse_within_lengths(out, lengths) if suffix else out)
-        x = torch.cat(outputs, dim=2) * mask
-    return x
-
 
 def fused_paths(device: Union[str, torch.device] = "cpu") -> Dict[str, bool]:
     """Which parts of the graph the compiled extension serves on `device` (and so trace as
@@ -82,16 +48,16 @@ def fused_paths(device: Union[str, torch.device] = "cpu") -> Dict[str, bool]:
     device = torch.device(device)
     return {
         "rnn": _extension.use_fused("rnn_layer_forward", device),
-        "crf": all(_extension.use_fused(op, device) for op in ("crf_viterbi", "crf_marginals")),
+        "crf": all(_extension.use_fused(op, device) for op in ("crf_viterbi", "crf_forward")),
     }
 
 
 class InferenceGraph(nn.Module):
-    """The tagger's prediction as one traceable function of padded tensors.
+    """SequenceTagger.infer as a module to trace: the one inference computation that
+    Tagger.predict runs, so the exported program cannot drift from it.
 
     forward(words [B, T] int64, chars [B, T, C] int64, lengths [B] int64)
-      -> tags [B, T] int64 (-1 past each length), confidence [B, T] float32 (the posterior
-         marginal, or softmax probability, of each chosen tag; 0 past each length)
+      -> tags [B, T] int64 (-1 past each length), log_z [B], emissions [B, T, K] float32
     """
 
     def __init__(self, model: nn.Module, fused: Optional[Dict[str, bool]] = None):
@@ -100,31 +66,7 @@ class InferenceGraph(nn.Module):
         self.fused = dict(fused if fused is not None else fused_paths(next(model.parameters()).device))
 
     def forward(self, words: Tensor, chars: Tensor, lengths: Tensor):
-        model = self.model
-        mask = torch.arange(words.shape[1], device=words.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
-        x = model.embed_words(words)
-        if model.char_cnn is not None:
-            x = torch.cat([x, model.char_cnn(chars, mask)], dim=-1)
-        if self.fused["rnn"]:
-            x, _ = model.encoder(x, lengths=lengths)
-        else:
-            x = _padded_rnn(model.encoder, x, lengths)
-        emissions = model.output(x)  # [B, T, K]
-        if model.crf is None:
-            probabilities = emissions.float().softmax(dim=-1)
-            tags = emissions.argmax(dim=-1).masked_fill(~mask, -1)
-        elif self.fused["crf"]:
-            tags, _ = model.crf.viterbi(emissions, mask)
-            probabilities = model.crf.marginals(emissions, mask)
-        else:
-            from fastner import reference
-
-            # the module's input checks compare tensors (data-dependent): call the math directly
-            scores = model.crf._scores(emissions)
-            tags, _ = reference.crf_viterbi(emissions, lengths, *scores)
-            probabilities = reference.crf_marginals(emissions, lengths, *scores)
-        confidence = probabilities.gather(-1, tags.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-        return tags, confidence.float() * mask
+        return self.model.infer(words, chars, lengths)
 
 
 def export_program(model: nn.Module, max_length: Optional[int] = None,
@@ -185,6 +127,9 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
         "max_word_chars": MAX_WORD_CHARS,
         "fastner_ops": sorted(set(fastner_ops(program))),
         "scheme": model.config.scheme,
+        # span probabilities and k-best paths need the transition scores the graph decoded with
+        # (-inf, a forbidden transition, written as null)
+        "transition_scores": [_json_floats(t) for t in model.transition_scores()],
         "output_scheme": tagger.output_scheme,
         "digits_to_zero": tagger.digits_to_zero,
         "words": tagger.words.to_json(),
@@ -196,6 +141,18 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
     # one set: a kill mid-write leaves the previous export or this one, never a mix
     write_file_set(out_dir, {PROGRAM_FILE: buffer.getvalue(), META_FILE: json_bytes(meta)}, manifest=MANIFEST_FILE)
     return meta
+
+
+def _json_floats(tensor: Tensor):
+    return [None if v == float("-inf") else v for v in tensor.flatten().tolist()] if tensor.dim() == 1 else \
+        [_json_floats(row) for row in tensor]
+
+
+def _tensor_from_json(values) -> Tensor:
+    def fill(v):
+        return [fill(x) for x in v] if isinstance(v, list) else (float("-inf") if v is None else float(v))
+
+    return torch.tensor(fill(values), dtype=torch.float32)
 
 
 # ---- the runtime -----------------------------------------------------------------------------
@@ -222,51 +179,24 @@ class ExportedTagger:
         self.fixed_length: Optional[int] = meta["fixed_length"]
         self.device = torch.device(meta.get("device", "cpu"))
 
-    def _run(self, sentences: Sequence[List[str]], batch_size: int):
-        """Per sentence: (tags in the model's scheme, confidence of each tag)."""
-        from fastner.predictions import check_batch_size
+    def analyser(self):
+        from fastner.inference import Analyser
 
-        check_batch_size(batch_size)
-        from fastner.data.batching import encode_sentences, make_batch
-        from fastner.data.conll import Sentence
-
-        too_long = [i for i, s in enumerate(sentences) if self.fixed_length is not None and len(s) > self.fixed_length]
-        if too_long:
-            raise ValueError(f"sentence {too_long[0]} has {len(sentences[too_long[0]])} tokens; this export takes at "
-                             f"most {self.fixed_length} (export again with a larger --max-length)")
-        order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
-        encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,
-                                   digits_to_zero=self.meta["digits_to_zero"], pretrained=self.pretrained_index)
-        results: List = [([], []) for _ in sentences]
-        for begin in range(0, len(order), batch_size):
-            index = order[begin : begin + batch_size]
-            batch = make_batch(encoded, index, self.words.pad_id, self.chars.pad_id)
-            words, chars = batch.words, batch.chars
-            if self.fixed_length is not None and words.shape[1] < self.fixed_length:
-                pad = self.fixed_length - words.shape[1]
-                words = nn.functional.pad(words, (0, pad), value=self.words.pad_id)
-                chars = nn.functional.pad(chars, (0, 0, 0, pad), value=self.chars.pad_id)
-            with torch.no_grad():
-                tags, confidence = self.module(words.to(self.device), chars.to(self.device),
-                                               batch.lengths.to(self.device))
-            tags, confidence = tags.cpu().tolist(), confidence.cpu().tolist()
-            for row, sentence_index in enumerate(index):
-                n = len(sentences[sentence_index])
-                results[sentence_index] = ([self.tags.itos[t] for t in tags[row][:n]], confidence[row][:n])
-        return results
+        scores = tuple(_tensor_from_json(t) for t in self.meta["transition_scores"])
+        return Analyser(self.module, self.words, self.chars, self.tags, self.meta["digits_to_zero"], scores,
+                        self.device, fixed_length=self.fixed_length, pretrained=self.pretrained_index)
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         from fastner.data.schemes import convert_tags
 
-        return [convert_tags(tags, self.meta["output_scheme"]) for tags, _ in self._run(sentences, batch_size)]
+        analyses = self.analyser().analyse([list(s) for s in sentences], batch_size, scores=False)
+        return [convert_tags(a.tags, self.meta["output_scheme"]) for a in analyses]
 
-    def predict(self, batch: Sequence[Union[str, Sequence[str]]], batch_size: int = 64) -> List[dict]:
-        """Like fastner.Tagger.predict: per sentence {'tokens', 'tags', 'spans'}."""
-        from fastner.predictions import prediction, token_lists
+    def predict(self, x, batch_size: int = 64, nbest: Optional[int] = None):
+        """Like fastner.Tagger.predict: raw documents or token lists (see fastner.documents)."""
+        from fastner.documents import predict
 
-        sentences = token_lists(batch)
-        return [prediction(tokens, model_tags, confidence, self.meta["output_scheme"])
-                for tokens, (model_tags, confidence) in zip(sentences, self._run(sentences, batch_size))]
+        return predict(self.analyser(), x, self.meta["output_scheme"], batch_size, nbest)
 
 
 def load(path: str) -> ExportedTagger:

@@ -17,14 +17,12 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from fastner.data.batching import encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags
 from fastner.data.vocab import Vocab
 from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.devices import resolve_device
-from fastner.predictions import check_batch_size, prediction, token_lists
 from fastner.storage import (MissingFiles, StorageError, file_set_paths, json_bytes, read_file_set, torch_bytes,
                              write_file_set)
 
@@ -107,8 +105,8 @@ class Tagger:
     """A trained model with its vocabularies.
 
     >>> tagger = fastner.Tagger.load("runs/conll")
-    >>> tagger.predict(["Apple hired Tim Cook in Cupertino ."])[0]["spans"]
-    [{'start': 0, 'end': 1, 'type': 'ORG', 'text': 'Apple', 'confidence': 0.99}, ...]
+    >>> tagger.predict("Apple hired Tim Cook in Cupertino.")["entities"]
+    [{'start': 0, 'end': 5, 'label': 'ORG', 'text': 'Apple', 'score': 0.99}, ...]
     """
 
     def __init__(self, model: SequenceTagger, words: Vocab, chars: Vocab, tags: Vocab,
@@ -209,42 +207,33 @@ class Tagger:
 
     # ---- tagging ---------------------------------------------------------------------------
 
-    def _model_tags(self, sentences: Sequence[List[str]], batch_size: int, with_confidence: bool = True):
-        """Per sentence: model-scheme tags and the marginal of each chosen tag (or None)."""
-        check_batch_size(batch_size)
+    def analyser(self) -> "Analyser":
+        """The sentence analyser over this tagger's model (SequenceTagger.infer)."""
+        from fastner.inference import Analyser
+
         self.model.eval()
-        order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
-        encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,
-                                   digits_to_zero=self.digits_to_zero, pretrained=self.pretrained_index)
-        results: List = [([], []) for _ in sentences]
-        for begin in range(0, len(order), batch_size):
-            index = order[begin : begin + batch_size]
-            batch = make_batch(encoded, index, self.words.pad_id, self.chars.pad_id).to(self.device)
-            tags, marginals = self.model.predict(batch, with_marginals=with_confidence)
-            chosen = None
-            if with_confidence:
-                chosen = marginals.gather(-1, tags.clamp(min=0).unsqueeze(-1)).squeeze(-1).cpu().tolist()  # [B, T]
-            tags = tags.cpu().tolist()
-            for row, sentence_index in enumerate(index):
-                n = len(sentences[sentence_index])
-                results[sentence_index] = ([self.tags.itos[t] for t in tags[row][:n]],
-                                           chosen[row][:n] if chosen is not None else None)
-        return results
+        return Analyser(self.model.infer, self.words, self.chars, self.tags, self.digits_to_zero,
+                        self.model.transition_scores(), self.device,
+                        pretrained=self.pretrained_index)
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         """Tags only, in the output scheme (the scheme of the training file)."""
-        return [convert_tags(tags, self.output_scheme) for tags, _ in self._model_tags(sentences, batch_size, with_confidence=False)]
+        analyses = self.analyser().analyse([list(s) for s in sentences], batch_size, scores=False)
+        return [convert_tags(a.tags, self.output_scheme) for a in analyses]
 
-    def predict(self, batch: Sequence[Union[str, Sequence[str]]], batch_size: int = 64) -> List[dict]:
-        """Tag sentences given as token lists or whitespace-tokenised strings.
+    def predict(self, x, batch_size: int = 64, nbest: Optional[int] = None):
+        """Tag raw documents or pre-tokenized sentences (see fastner.documents).
 
-        Returns per sentence {'tokens', 'tags' (output scheme), 'spans': [{'start', 'end' (exclusive),
-        'type', 'text', 'confidence'}]}; a span's confidence is the smallest posterior marginal
-        (CRF) or probability (softmax head) of its tokens' predicted tags.
+        predict("Apple rose 3% on Monday.") -> {"entities": [{"start", "end", "label", "text",
+        "score"}], "sentences": [...]}, character offsets into the document and `score` the
+        posterior probability of exactly that span under the model; a list of documents gives a
+        list, an iterable (generator, file) a generator with bounded read-ahead; a list of token
+        lists gives per sentence {"tokens", "tags", "spans"} as before. nbest=k adds the k best
+        analyses of each sentence with their probabilities.
         """
-        sentences = token_lists(batch)
-        return [prediction(tokens, model_tags, confidence, self.output_scheme)
-                for tokens, (model_tags, confidence) in zip(sentences, self._model_tags(sentences, batch_size))]
+        from fastner.documents import predict
+
+        return predict(self.analyser(), x, self.output_scheme, batch_size, nbest)
 
     def evaluate(self, sentences: Sequence[Sentence], batch_size: int = 64) -> dict:
         """conlleval() of the predicted tags (output scheme) against the sentences' gold tags."""

@@ -20,3 +20,23 @@ def conll_dir():
     if not (path / "eng.train").exists():
         pytest.skip(f"CoNLL-2003 data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_tagger_dir(tmp_path_factory):
+    """A small CRF tagger trained on the generated demo corpus (BIOES), shared by the tests of
+    raw-text tagging; its held-out F1 is not the point, its having weights and vocabularies is."""
+    from fastner.demo import generate_corpus
+    from fastner.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("demo-tagger")
+    train_data, held_out = generate_corpus(150, 15, seed=5)
+    config = TrainConfig(epochs=3, batch_size=8, seed=3, optimizer="adam", lr=0.03, word_dim=8,
+                         model={"hidden": 8, "char_filters": 6, "char_dim": 6})
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(train_data, held_out, str(out), config, log=lambda _: None)
+    finally:
+        torch.set_num_threads(previous)
+    return out

@@ -67,13 +67,13 @@ def test_tag_conll_and_json_formats(conll_model, capsys, tmp_path, monkeypatch):
     out, _ = conll_model
     text = tmp_path / "in.txt"
     text.write_text("Peter Blackburn visited Germany .\nEU rejects German call\n", encoding="utf-8")
-    assert main(["tag", str(out), str(text)]) == 0
+    assert main(["tag", str(out), str(text), "--input", "tokens"]) == 0
     blocks = capsys.readouterr().out.split("\n\n")
     first = [line.split() for line in blocks[0].splitlines()]
     assert [t for t, _ in first] == ["Peter", "Blackburn", "visited", "Germany", "."]
     assert all(tag == "O" or tag[:2] in ("I-", "B-") for _, tag in first)  # the training file's IOB1
     monkeypatch.setattr(sys, "stdin", io.StringIO("Peter Blackburn visited Germany .\n"))
-    assert main(["tag", str(out), "--format", "json"]) == 0
+    assert main(["tag", str(out), "--input", "tokens", "--output", "jsonl"]) == 0
     record = json.loads(capsys.readouterr().out.splitlines()[0])
     assert record["tokens"][0] == "Peter" and len(record["tags"]) == 5
     assert all({"start", "end", "type", "text", "confidence"} <= set(span) for span in record["spans"])

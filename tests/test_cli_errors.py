@@ -113,7 +113,7 @@ def test_predict_refuses_a_batch_size_below_one(files):
     for bad in (-1, 0, 2.5, True):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             tagger.predict(["Anna visited Oslo"], batch_size=bad)
-    assert len(tagger.predict(["Anna visited Oslo"], batch_size=1)[0]["tags"]) == 3
+    assert len(tagger.predict(["Anna visited Oslo"], batch_size=1)[0]["sentences"][0]["tags"]) == 3
 
 
 # ---- text encoding -----------------------------------------------------------------------------
@@ -162,7 +162,8 @@ def test_malformed_tag_names_file_and_line(files, capsys, tmp_path):
 def test_a_device_or_a_directory_as_a_data_file_says_what_it_is(files, capsys, tmp_path):
     user_error(capsys, ["evaluate", str(files / "model"), os.devnull], f"{os.devnull} is a character device")
     user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path)], f"{tmp_path} is a directory")
-    user_error(capsys, ["tag", str(files / "model"), str(tmp_path)], f"{tmp_path} is a directory")
+    # tag reads a directory's .txt articles; one without any is the mistake
+    user_error(capsys, ["tag", str(files / "model"), str(tmp_path)], f"{tmp_path}: a directory without .txt files")
     user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path / "missing.txt")], "not found")
 
 

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastner import _extension, cli, export
 from fastner.demo import generate_corpus
@@ -119,8 +118,8 @@ def test_dynamic_batch_and_sequence_length(exported, runtime):
         module = runtime.program.module()
         for B, T in ((1, 1), (3, 37)):
             words = torch.ones(B, T, dtype=torch.long)
-            tags, confidence = module(words, torch.ones(B, T, 4, dtype=torch.long), torch.full((B,), T))
-            assert tags.shape == confidence.shape == (B, T)
+            tags, log_z, emissions = module(words, torch.ones(B, T, 4, dtype=torch.long), torch.full((B,), T))
+            assert tags.shape == (B, T) and log_z.shape == (B,) and emissions.shape[:2] == (B, T)
     else:
         assert meta["fixed_length"] == MAX_LENGTH
         with pytest.raises(ValueError, match=f"at most {MAX_LENGTH}"):
@@ -132,9 +131,9 @@ def test_fused_ops_appear_in_the_graph_where_the_extension_serves_them(exported,
     ops = set(export.fastner_ops(runtime.program))
     meta = json.loads((out / export.META_FILE).read_text())
     assert sorted(ops) == meta["fastner_ops"]
-    for op in ("rnn_layer_forward", "crf_viterbi", "crf_marginals"):
+    for op in ("rnn_layer_forward", "crf_viterbi", "crf_forward"):
         assert (op in ops) == _served(op), (op, sorted(ops))
-    dynamic_time = _served("rnn_layer_forward") and _served("crf_viterbi") and _served("crf_marginals")
+    dynamic_time = _served("rnn_layer_forward") and _served("crf_viterbi") and _served("crf_forward")
     assert (meta["fixed_length"] is None) == dynamic_time
     if not ops:
         targets = {str(n.target) for n in runtime.program.graph.nodes if n.op == "call_function"}
@@ -149,21 +148,45 @@ def test_other_encoders_and_heads_export(encoder, head):
     runtime = export.ExportedTagger(program, {
         "fixed_length": fixed_length, "digits_to_zero": False, "output_scheme": "IOB2",
         "words": tagger.words.to_json(), "chars": tagger.chars.to_json(), "tags": tagger.tags.to_json(),
-        "pretrained_words": tagger.pretrained_words})
+        "pretrained_words": tagger.pretrained_words,
+        "transition_scores": [export._json_floats(t) for t in tagger.model.transition_scores()]})
     batch = [s[:8] for s in sentences(5, seed=7)]
     assert_same_predictions(tagger.predict(batch), runtime.predict(batch, batch_size=2))
     assert graph.fused == export.fused_paths("cpu")
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_padded_rnn_matches_packed_torch_layers(kind):
-    # the reference-path graph runs torch's layers on padded input; packing is the ground truth
-    layer = getattr(torch.nn, kind)(5, 4, num_layers=2, bidirectional=True, batch_first=True)
-    lengths = torch.tensor([6, 1, 3, 6, 2])
-    x = torch.randn(5, 6, 5)
-    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    expected, _ = pad_packed_sequence(layer(packed)[0], batch_first=True, total_length=6)
-    torch.testing.assert_close(export._padded_rnn(layer, x, lengths), expected)
+def test_exported_program_is_the_models_infer(exported, runtime):
+    # one inference path: the program computes exactly SequenceTagger.infer
+    tagger, _ = exported
+    from fastner.data.batching import encode_sentences, make_batch
+    from fastner.data.conll import Sentence
+
+    batch = [s for s in sentences(6, seed=2)]
+    encoded = encode_sentences([Sentence(s) for s in batch], tagger.words, tagger.chars)
+    made = make_batch(encoded, list(range(len(batch))), tagger.words.pad_id, tagger.chars.pad_id)
+    words, chars = made.words, made.chars
+    if runtime.fixed_length is not None:
+        pad = runtime.fixed_length - words.shape[1]
+        words = torch.nn.functional.pad(words, (0, pad), value=tagger.words.pad_id)
+        chars = torch.nn.functional.pad(chars, (0, 0, 0, pad), value=tagger.chars.pad_id)
+    with torch.no_grad():
+        want = tagger.model.infer(words, chars, made.lengths)
+        got = runtime.module(words, chars, made.lengths)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2])
+
+
+def test_raw_documents_through_the_runtime(exported, runtime):
+    tagger, _ = exported
+    document = "Shares of Kestrel Pharma rose 4.2% in Oslo on Monday. Omar Haddad said so."
+    expected, got = tagger.predict(document, nbest=2), runtime.predict(document, nbest=2)
+    assert [s["tags"] for s in got["sentences"]] == [s["tags"] for s in expected["sentences"]]
+    assert [(e["start"], e["end"], e["label"]) for e in got["entities"]] == \
+        [(e["start"], e["end"], e["label"]) for e in expected["entities"]]
+    for a, b in zip(got["entities"], expected["entities"]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+    assert [len(s["nbest"]) for s in got["sentences"]] == [len(s["nbest"]) for s in expected["sentences"]]
 
 
 def test_load_errors(tmp_path):
@@ -180,9 +203,9 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "fastner: error:" in capsys.readouterr().err
 
 
-def test_predict_rejects_a_bare_string(runtime):
-    with pytest.raises(TypeError, match="list of sentences"):
-        runtime.predict("a sentence")
+def test_predict_rejects_bytes(runtime):
+    with pytest.raises(TypeError, match="decode bytes"):
+        runtime.predict(b"a sentence")
 
 
 # ---- torch.compile ---------------------------------------------------------------------------

@@ -92,8 +92,7 @@ def test_load_predict_round_trip(trained, corpus):
     tagger = fastner.Tagger.load(str(trained), device="cpu")
     sentences = [s.tokens for s in corpus[1]]
     as_lists = tagger.predict(sentences, batch_size=7)
-    as_strings = tagger.predict([" ".join(s) for s in sentences], batch_size=64)
-    assert as_lists == as_strings
+    assert as_lists == tagger.predict([tuple(s) for s in sentences], batch_size=64)
     for result, tokens in zip(as_lists, sentences):
         assert result["tokens"] == tokens and len(result["tags"]) == len(tokens)
         for span in result["spans"]:
@@ -104,10 +103,10 @@ def test_load_predict_round_trip(trained, corpus):
     # same numbers after a reload
     again = Tagger.load(str(trained), device="cpu").predict(sentences)
     assert again == as_lists
-    assert tagger.predict([[], "", ["Oslo"]])[0] == {"tokens": [], "tags": [], "spans": []}
-    with pytest.raises(TypeError, match="list of sentences"):
-        tagger.predict("Oslo is cold")
-    with pytest.raises(TypeError, match="sentence 0"):
+    assert tagger.predict([[], ["Oslo"]])[0] == {"tokens": [], "tags": [], "spans": []}
+    with pytest.raises(TypeError, match="item 1: a document among sentences"):
+        tagger.predict([["Oslo"], "Oslo is cold"])
+    with pytest.raises(TypeError, match="item 0"):
         tagger.predict([3])
 
 

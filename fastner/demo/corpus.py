@@ -144,3 +144,34 @@ def generate_corpus(n_train: int = 1500, n_test: int = 400, seed: int = 0, schem
 
     train = make(n_train, train_share)
     return train, make(n_test, 1.0)
+
+
+def generate_articles(n: int, seed: int = 0, share: float = 1.0, sentences: Tuple[int, int] = (2, 4),
+                      rng: "random.Random | None" = None) -> List[Tuple[str, List[Tuple[int, int, str]]]]:
+    """`n` raw-text articles of a few generated sentences each, printed as news copy
+    (fastner.text.detokenize: "$3.2 billion", "Kestrel Pharma's"), with gold entity spans as
+    character offsets (start, end exclusive, type) into the article."""
+    from fastner.text import detokenize
+
+    rng = rng or random.Random(seed)
+    articles = []
+    for _ in range(n):
+        parts: List[str] = []
+        spans: List[Tuple[int, int, str]] = []
+        offset = 0
+        for _ in range(rng.randint(*sentences)):
+            tokens, token_spans = generate_sentence(rng, share)
+            text, offsets = detokenize(tokens)
+            spans.extend((offset + offsets[s][0], offset + offsets[e - 1][1], kind) for s, e, kind in token_spans)
+            parts.append(text)
+            offset += len(text) + 1
+        articles.append((" ".join(parts), spans))
+    return articles
+
+
+def generate_article_corpus(n_train: int, n_test: int, seed: int = 0, train_share: float = 0.8):
+    """(train, held-out) raw articles with character-offset spans; the same seed gives the same
+    articles. The held-out part draws names from the whole lists (see generate_corpus)."""
+    rng = random.Random(seed)
+    return (generate_articles(n_train, share=train_share, rng=rng),
+            generate_articles(n_test, share=1.0, rng=rng))

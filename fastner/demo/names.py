@@ -22,7 +22,7 @@ ORG_STEMS = [
 ]
 ORG_SUFFIXES = [
     "Capital", "Bank", "Holdings", "Group", "Motors", "Energy", "Systems", "Partners", "Pharma",
-    "Airlines", "Telecom", "Insurance", "Mining", "Foods", "Logistics", "Semiconductor", "Corp",
+    "Airlines", "Telecom", "Insurance", "Mining", "Foods", "Logistics", "Semiconductor", "Corporation",
     "Securities", "Retail", "Steel",
 ]
 INSTITUTIONS = [

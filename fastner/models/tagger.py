@@ -173,6 +173,37 @@ class SequenceTagger(nn.Module):
             raise ValueError("the batch has no gold tags to compute a loss against")
         return self(batch.words, batch.chars, batch.lengths, batch.mask, batch.tags)
 
+    def transition_scores(self, dtype: torch.dtype = torch.float32):
+        """(transitions [K, K], start [K], end [K]) as decoding uses them: the CRF's, with its
+        constraints as -inf; zeros for the softmax head (independent tokens are a CRF without
+        transitions, so span probabilities and k-best paths use one computation for both)."""
+        if self.crf is not None:
+            scores = self.crf._scores(torch.empty(0, dtype=dtype))
+            return tuple(t.detach().to(dtype) for t in scores)
+        K = len(self.config.tags)
+        zeros = self.output.weight.new_zeros(K, dtype=dtype)
+        return self.output.weight.new_zeros(K, K, dtype=dtype), zeros, zeros
+
+    def infer(self, words: torch.Tensor, chars: torch.Tensor, lengths: torch.Tensor):
+        """The one inference computation (Tagger.predict, the exported program and the server
+        all run this): words [B, T], chars [B, T, C], lengths [B] ->
+        tags [B, T] int64 (the best path, -1 past each length), log_z [B] (log partition under
+        transition_scores()), emissions [B, T, K] float32 (zeros past each length)."""
+        from fastner import ops
+
+        mask = torch.arange(words.shape[1], device=words.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
+        emissions = (self.emissions(words, chars, lengths, mask).float() * mask.unsqueeze(-1))
+        if self.crf is not None:
+            # the ops on the known lengths, not the module's mask checks (data-dependent
+            # comparisons torch.export cannot trace)
+            scores = self.transition_scores(emissions.dtype)
+            tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
+            log_z, _, _ = ops.crf_forward(emissions, None, lengths, *scores)
+        else:
+            tags = emissions.argmax(dim=-1).masked_fill(~mask, -1)
+            log_z = (emissions.logsumexp(dim=-1) * mask).sum(dim=1)
+        return tags, log_z, emissions
+
     @torch.no_grad()
     def predict(self, batch, with_marginals: bool = False):
         """Best tags [B, T] (-1 past each length) and, when asked, marginals [B, T, K]

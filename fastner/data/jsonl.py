@@ -1,0 +1,157 @@
+"""Training and evaluation data as JSONL with character-offset entity spans, the way annotation
+tools export it, and conversion to and from CoNLL columns.
+
+One JSON object a line, either form:
+    {"text": "...", "spans": [{"start": 0, "end": 5, "label": "ORG"}, ...]}    (Prodigy, spaCy)
+    {"text": "...", "label": [[0, 5, "ORG"], ...]}                               (doccano)
+(`entities` is read like `label`.) The text is split into sentences and tokens with
+fastner.text; each span must start and end on token boundaries. One that does not is an error
+naming FILE:LINE and the span, or, with misaligned="snap", is widened to the tokens it touches.
+A span across a sentence boundary, or overlapping another, is always an error.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from fastner.data.conll import DataFormatError, Sentence, read_conll
+from fastner.data.schemes import spans_to_tags, tags_to_spans
+
+MISALIGNED = ("reject", "snap")
+JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
+
+
+def _spans_of(record: dict, where: str) -> List[Tuple[int, int, str]]:
+    raw = record.get("spans", record.get("label", record.get("entities", [])))
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise DataFormatError(f"{where}: \"spans\"/\"label\" must be a list, got {type(raw).__name__}")
+    spans = []
+    for item in raw:
+        if isinstance(item, dict):
+            start, end, label = item.get("start"), item.get("end"), item.get("label")
+        elif isinstance(item, (list, tuple)) and len(item) == 3:
+            start, end, label = item
+        else:
+            raise DataFormatError(f"{where}: a span must be {{\"start\", \"end\", \"label\"}} or [start, end, label], "
+                                  f"got {item!r}")
+        if (isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int)
+                or not isinstance(end, int) or not isinstance(label, str) or not label):
+            raise DataFormatError(f"{where}: span {item!r}: start and end must be ints and label a non-empty string")
+        spans.append((start, end, label))
+    return spans
+
+
+def sentences_from_text(text: str, spans: Sequence[Tuple[int, int, str]], where: str,
+                        misaligned: str = "reject") -> List[Sentence]:
+    """Tokenize `text` (fastner.text) and tag its sentences (IOB2) with the character spans."""
+    from fastner.text import tokenize
+
+    if misaligned not in MISALIGNED:
+        raise ValueError(f"misaligned must be one of {MISALIGNED}, got {misaligned!r}")
+    sentences = tokenize(text)
+    starts = [token[1] for sentence in sentences for token in sentence]
+    ends = [token[2] for sentence in sentences for token in sentence]
+    owner = [number for number, sentence in enumerate(sentences) for _ in sentence]
+    first_token = [0]
+    for sentence in sentences:
+        first_token.append(first_token[-1] + len(sentence))
+    token_spans: List[List[Tuple[int, int, str]]] = [[] for _ in sentences]
+    taken: List[Tuple[int, int, int, int, str]] = []
+    for start, end, label in spans:
+        shown = f"span [{start}, {end}) {label!r}"
+        if not 0 <= start < end <= len(text):
+            raise DataFormatError(f"{where}: {shown} is out of range for a text of {len(text)} characters")
+        shown += f" {text[start:end]!r}"
+        first = bisect.bisect_right(ends, start)  # first token ending after start
+        last = bisect.bisect_left(starts, end) - 1  # last token starting before end
+        if first > last:
+            raise DataFormatError(f"{where}: {shown} covers no token (only spaces or separators)")
+        aligned = starts[first] == start and ends[last] == end
+        if not aligned and misaligned == "reject":
+            raise DataFormatError(
+                f"{where}: {shown} does not fall on token boundaries (tokens {text[starts[first]:ends[last]]!r} "
+                f"at [{starts[first]}, {ends[last]})); fix the span or pass --misaligned snap")
+        if owner[first] != owner[last]:
+            raise DataFormatError(f"{where}: {shown} crosses a sentence boundary")
+        for other in taken:
+            if first <= other[1] and other[0] <= last:
+                raise DataFormatError(f"{where}: {shown} overlaps span [{other[2]}, {other[3]}) {other[4]!r}")
+        taken.append((first, last, start, end, label))
+        sentence = owner[first]
+        token_spans[sentence].append((first - first_token[sentence], last + 1 - first_token[sentence], label))
+    return [Sentence([t for t, _, _ in sentence], spans_to_tags(found, len(sentence), "IOB2"))
+            for sentence, found in zip(sentences, token_spans)]
+
+
+def iter_jsonl_records(path: str) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) of each non-blank line; DataFormatError on bytes, JSON or shape."""
+    from fastner.data.textfiles import utf8_lines
+
+    with open(path, "rb") as handle:
+        for number, line in utf8_lines(handle, path):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{where}: not valid JSON: {err.msg}") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{where}: expected a JSON object with \"text\", got {type(record).__name__}")
+            if not isinstance(record.get("text"), str):
+                raise DataFormatError(f"{where}: the object has no \"text\" string")
+            yield number, record
+
+
+def read_jsonl(path: "str | os.PathLike", misaligned: str = "reject",
+               max_sentences: Optional[int] = None) -> List[Sentence]:
+    """Sentences (tokens and IOB2 tags) of a JSONL span file."""
+    from fastner.data.textfiles import check_data_file
+
+    path = os.fspath(path)
+    check_data_file(path)
+    sentences: List[Sentence] = []
+    for number, record in iter_jsonl_records(path):
+        where = f"{path}:{number}"
+        sentences.extend(sentences_from_text(record["text"], _spans_of(record, where), where, misaligned))
+        if max_sentences is not None and len(sentences) >= max_sentences:
+            return sentences[:max_sentences]
+    return sentences
+
+
+def is_jsonl(path: str) -> bool:
+    """By extension (.jsonl, .json, .ndjson), else by content: the first non-blank byte is `{`."""
+    if path.lower().endswith(JSONL_EXTENSIONS):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).lstrip()
+    except OSError:
+        return False
+    return head.startswith(b"{")
+
+
+def read_data(path: "str | os.PathLike", word_column: int = 0, tag_column: int = -1,
+              max_sentences: Optional[int] = None, misaligned: str = "reject",
+              entity_tags: bool = False) -> List[Sentence]:
+    """A CoNLL or a JSONL span file, told apart by is_jsonl(); entity_tags as in read_conll."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and is_jsonl(path):
+        return read_jsonl(path, misaligned, max_sentences)
+    return read_conll(path, word_column=word_column, tag_column=tag_column, max_sentences=max_sentences,
+                      entity_tags=entity_tags)
+
+
+def jsonl_records(sentences: Iterable[Sentence]) -> Iterator[dict]:
+    """One {"text", "spans"} record per sentence, the text detokenized (fastner.text)."""
+    from fastner.text import detokenize
+
+    for sentence in sentences:
+        text, offsets = detokenize(sentence.tokens)
+        spans = [{"start": offsets[s][0], "end": offsets[e - 1][1], "label": label}
+                 for s, e, label in tags_to_spans(sentence.tags)] if sentence.tags else []
+        yield {"text": text, "spans": spans}

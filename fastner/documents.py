@@ -1,0 +1,146 @@
+"""What Tagger.predict accepts and returns: raw documents or pre-tokenized sentences, one, a
+list, or a stream.
+
+    predict("raw text")                -> one document result
+    predict(["raw text", ...])         -> a list of document results
+    predict([["tok", ...], ...])       -> a list of sentence results (pre-tokenized, as before)
+    predict(iterable of either kind)   -> a generator, reading ahead a bounded number of sentences
+
+A document result: {"entities": [{"start", "end", "label", "text", "score"}], "sentences":
+[{"start", "end", "tokens", "offsets", "tags"}]} with character offsets into the document
+(`text == document[start:end]`) and `score` the posterior probability of exactly that span;
+with nbest=k every sentence also has "nbest": [{"probability", "tags", "entities"}], best first.
+A sentence result: {"tokens", "tags", "spans": [{"start", "end" (token indices, exclusive),
+"type", "text", "confidence" (the span's posterior probability)}]} (+ "nbest").
+Sentences of many documents are batched together; results come back in input order.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
+
+from fastner.data.schemes import convert_tags, tags_to_spans
+from fastner.inference import Analyser, SentenceAnalysis, check_options
+from fastner.text import tokenize
+
+# A stream is read in groups of about this many sentences per batch_size: bounded memory, and
+# enough sentences to fill length-sorted batches.
+STREAM_BATCHES = 8
+# Longer runs of text without a sentence end are tagged in pieces of this many tokens.
+MAX_SENTENCE_TOKENS = 512
+
+
+def predict(analyser: Analyser, x, output_scheme: str, batch_size: int = 64, nbest: Optional[int] = None):
+    check_options(batch_size, nbest)
+    if isinstance(x, str):
+        return _documents(analyser, [x], output_scheme, batch_size, nbest)[0]
+    if isinstance(x, (bytes, bytearray)):
+        raise TypeError("predict() takes text as str; decode bytes first (e.g. data.decode('utf-8'))")
+    if isinstance(x, (list, tuple)):
+        items = list(x)
+        return _run(analyser, items, _kind(items, 0), output_scheme, batch_size, nbest)
+    if isinstance(x, Iterable) and not isinstance(x, dict):
+        return _stream(analyser, iter(x), output_scheme, batch_size, nbest)
+    raise TypeError(f"predict() takes a document (str), a list of documents or of token lists, or an iterable of "
+                    f"them, got {type(x).__name__}")
+
+
+def _kind(items: Sequence, offset: int) -> str:
+    """'documents' or 'sentences' for a homogeneous list; a TypeError naming the first odd item."""
+    kind = None
+    for number, item in enumerate(items, start=offset):
+        if isinstance(item, str):
+            this = "documents"
+        elif isinstance(item, (list, tuple)) and all(isinstance(t, str) for t in item):
+            this = "sentences"
+        else:
+            raise TypeError(f"item {number}: expected a document (str) or a list of token strings, "
+                            f"got {type(item).__name__}")
+        if kind is not None and this != kind:
+            raise TypeError(f"item {number}: a {'document' if this == 'documents' else 'token list'} among "
+                            f"{kind}; pass raw documents and token lists in separate calls")
+        kind = this
+    return kind or "documents"
+
+
+def _run(analyser, items, kind, output_scheme, batch_size, nbest) -> List[dict]:
+    if kind == "sentences":
+        sentences = [list(s) for s in items]
+        return [sentence_result(tokens, analysis, output_scheme)
+                for tokens, analysis in zip(sentences, analyser.analyse(sentences, batch_size, nbest))]
+    return _documents(analyser, items, output_scheme, batch_size, nbest)
+
+
+def _stream(analyser, items: Iterator, output_scheme, batch_size, nbest) -> Iterator[dict]:
+    budget = STREAM_BATCHES * batch_size
+    seen = 0
+    while True:
+        group, sentences = [], 0
+        for item in items:
+            group.append(item)
+            sentences += len(item) // 80 + 1 if isinstance(item, str) else 1  # ~80 characters a sentence
+            if sentences >= budget:
+                break
+        if not group:
+            return
+        kind = _kind(group, seen)
+        seen += len(group)
+        yield from _run(analyser, group, kind, output_scheme, batch_size, nbest)
+
+
+def _bounded(sentences: List[list]) -> List[list]:
+    """Sentences cut into pieces of at most MAX_SENTENCE_TOKENS tokens: text without sentence
+    ends (a table, a log) would otherwise reach the model as one sequence of any length."""
+    out = []
+    for sentence in sentences:
+        for begin in range(0, len(sentence), MAX_SENTENCE_TOKENS):
+            out.append(sentence[begin : begin + MAX_SENTENCE_TOKENS])
+    return out
+
+
+def _documents(analyser, documents: List[str], output_scheme, batch_size, nbest) -> List[dict]:
+    tokenized = [_bounded(tokenize(document)) for document in documents]
+    flat = [[token for token, _, _ in sentence] for sentences in tokenized for sentence in sentences]
+    analyses = iter(analyser.analyse(flat, batch_size, nbest))
+    results = []
+    for document, sentences in zip(documents, tokenized):
+        results.append(document_result(document, sentences, list(itertools.islice(analyses, len(sentences))),
+                                       output_scheme, nbest))
+    return results
+
+
+def _entities(document: str, offsets, spans) -> List[dict]:
+    out = []
+    for span in spans:
+        start, end, label = span[:3]
+        begin, finish = offsets[start][0], offsets[end - 1][1]
+        entity = {"start": begin, "end": finish, "label": label, "text": document[begin:finish]}
+        if len(span) > 3:
+            entity["score"] = span[3]
+        out.append(entity)
+    return out
+
+
+def document_result(document: str, sentences, analyses: List[SentenceAnalysis], output_scheme: str,
+                    nbest: Optional[int]) -> dict:
+    entities, records = [], []
+    for sentence, analysis in zip(sentences, analyses):
+        offsets = [(start, end) for _, start, end in sentence]
+        entities.extend(_entities(document, offsets, analysis.spans))
+        record = {"start": offsets[0][0], "end": offsets[-1][1], "tokens": [t for t, _, _ in sentence],
+                  "offsets": [list(o) for o in offsets], "tags": convert_tags(analysis.tags, output_scheme)}
+        if nbest:
+            record["nbest"] = [{"probability": p, "tags": convert_tags(tags, output_scheme),
+                                "entities": _entities(document, offsets, tags_to_spans(tags))}
+                               for p, tags in analysis.nbest]
+        records.append(record)
+    return {"entities": entities, "sentences": records}
+
+
+def sentence_result(tokens: List[str], analysis: SentenceAnalysis, output_scheme: str) -> dict:
+    spans = [{"start": s, "end": e, "type": label, "text": " ".join(tokens[s:e]), "confidence": p}
+             for s, e, label, p in analysis.spans]
+    result = {"tokens": tokens, "tags": convert_tags(analysis.tags, output_scheme), "spans": spans}
+    if analysis.nbest:
+        result["nbest"] = [{"probability": p, "tags": convert_tags(tags, output_scheme)} for p, tags in analysis.nbest]
+    return result

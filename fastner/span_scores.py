@@ -1,0 +1,141 @@
+"""Exact posterior probabilities of decoded entity spans, and k-best analyses, from a CRF's
+scores (a softmax head is the same computation with zero transitions: independent tokens).
+
+The probability of a span (start, end, label) is the total probability of the tag paths whose
+decoding (fastner.data.schemes.tags_to_spans) contains exactly that span: a constrained
+partition function divided by Z. The paths decoding to it are a union of disjoint sets, each
+fixing the tags on the span and, where the decoding depends on them, excluding tags just before
+(a chunk that an I-/E- would continue) or just after (an I-/E- that would extend it):
+
+    first tag   B-L or S-L: nothing before is excluded; I-L or E-L: the tag before is not B-L/I-L
+    last tag    E-L or S-L: nothing after is excluded;  B-L or I-L: the tag after is not I-L/E-L
+    inside      I-L
+
+Tags missing from the tag set (S/E in IOB2) drop out; under a constrained CRF the forbidden
+paths have probability 0 anyway. Each set's partition is one forward pass over the sentence's
+emissions with the excluded tags at -inf.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from fastner import ops
+
+Alternative = Dict[int, List[int]]  # position -> allowed tag ids (unlisted positions: all)
+SpanRequest = Tuple[int, int, int, str]  # (row, start, end exclusive, label)
+
+# Spans scored per forward call: bounds the [N, T, K] masked-emission copy.
+_CHUNK = 256
+_ELEMENTS = 1 << 24  # 64 MB of float32
+
+
+def span_alternatives(tag_ids: Dict[str, int], start: int, end: int, label: str, length: int) -> List[Alternative]:
+    """The disjoint tag-constraint sets whose union is "the decoding contains (start, end, label)"."""
+    if not 0 <= start < end <= length:
+        raise ValueError(f"span ({start}, {end}) out of range for a sentence of length {length}")
+
+    def ids(*prefixes: str) -> List[int]:
+        return [tag_ids[f"{p}-{label}"] for p in prefixes if f"{p}-{label}" in tag_ids]
+
+    open_before = ids("B", "I")  # a tag the span's first I-/E- would continue
+    all_ids = sorted(tag_ids.values())
+    not_open_before = [t for t in all_ids if t not in open_before]
+    not_continuing_after = [t for t in all_ids if t not in ids("I", "E")]
+    alternatives: List[Alternative] = []
+    for first in ("B", "I", "E", "S"):
+        for last in ("B", "I", "E", "S"):
+            if end - start == 1 and first != last:
+                continue
+            if end - start > 1 and (first not in ("B", "I") or last not in ("I", "E")):
+                continue
+            first_id, last_id = ids(first), ids(last)
+            if not first_id or not last_id:
+                continue
+            constraint: Alternative = {position: ids("I") for position in range(start + 1, end - 1)}
+            if any(not allowed for allowed in constraint.values()):
+                continue  # no I- tag for a span longer than 2
+            constraint[start] = first_id
+            constraint[end - 1] = last_id if end - start > 1 else first_id
+            if first in ("I", "E") and start > 0:
+                constraint[start - 1] = not_open_before
+            if last in ("B", "I") and end < length:
+                constraint[end] = not_continuing_after
+            alternatives.append(constraint)
+    return alternatives
+
+
+@torch.no_grad()
+def span_log_probabilities(emissions: Tensor, lengths: Tensor, log_z: Tensor,
+                           scores: Tuple[Tensor, Tensor, Tensor], requests: Sequence[SpanRequest],
+                           tag_ids: Dict[str, int]) -> List[float]:
+    """log p(span) for each request (row, start, end, label).
+
+    emissions: [B, T, K] float32/float64; lengths: [B] int64; log_z: [B] (the rows' log
+    partitions under `scores`); scores: (transitions [K, K], start [K], end [K]) as the CRF uses
+    them (constraints as -inf), zeros for a softmax head.
+    """
+    if not requests:
+        return []
+    lengths_list = lengths.tolist()
+    rows: List[int] = []
+    masks: List[Alternative] = []
+    owner: List[int] = []
+    for number, (row, start, end, label) in enumerate(requests):
+        for alternative in span_alternatives(tag_ids, start, end, label, lengths_list[row]):
+            rows.append(row)
+            masks.append(alternative)
+            owner.append(number)
+    K = emissions.shape[2]
+    per_alternative: List[Tensor] = [torch.empty(0, dtype=torch.float64)]
+    # alternatives per forward call: at most _CHUNK, and at most _ELEMENTS masked emissions
+    per_call = max(1, min(_CHUNK, _ELEMENTS // max(1, int(lengths.max()) * K)))
+    for begin in range(0, len(rows), per_call):
+        chunk_rows = rows[begin : begin + per_call]
+        index = torch.tensor(chunk_rows, dtype=torch.long, device=emissions.device)
+        chunk_lengths = lengths.index_select(0, index)
+        # cut the time axis to the longest sentence of this chunk
+        T = int(chunk_lengths.max())
+        allowed = torch.ones(len(chunk_rows), T, K, dtype=torch.bool)
+        for n, alternative in enumerate(masks[begin : begin + _CHUNK]):
+            for position, tags in alternative.items():
+                allowed[n, position] = False
+                allowed[n, position, tags] = True
+        masked = emissions.index_select(0, index)[:, :T].masked_fill(~allowed.to(emissions.device), float("-inf"))
+        constrained, _, _ = ops.crf_forward(masked.contiguous(), None, chunk_lengths, *scores)
+        per_alternative.append(constrained.double().cpu())
+    constrained = torch.cat(per_alternative)
+    total = _logsumexp_by_owner(constrained, owner, len(requests))
+    z = log_z.double().cpu()[torch.tensor([r for r, _, _, _ in requests])]
+    return (total - z).clamp(max=0.0).tolist()
+
+
+def _logsumexp_by_owner(values: Tensor, owner: List[int], count: int) -> Tensor:
+    """[count]: logsumexp of values[i] over the i with owner[i] == n (-inf where none)."""
+    out = torch.full((count,), float("-inf"), dtype=torch.float64)
+    groups: Dict[int, List[int]] = {}
+    for i, n in enumerate(owner):
+        groups.setdefault(n, []).append(i)
+    for n, members in groups.items():
+        out[n] = torch.logsumexp(values[members], dim=0)
+    return out
+
+
+@torch.no_grad()
+def kbest(emissions: Tensor, lengths: Tensor, log_z: Tensor, scores: Tuple[Tensor, Tensor, Tensor],
+          k: int) -> Tuple[List[List[List[int]]], List[List[float]]]:
+    """The k best tag paths of each row, best first, and their probabilities exp(score - log Z);
+    a row with fewer than k possible paths (finite score) returns fewer."""
+    tags, path_scores = ops.crf_kbest(emissions, lengths, *scores, k)  # [B, k, T], [B, k]
+    log_probabilities = (path_scores.double() - log_z.double()[:, None]).cpu()
+    finite = torch.isfinite(log_probabilities).tolist()
+    probabilities = log_probabilities.exp().clamp(max=1.0).tolist()
+    tags = tags.cpu().tolist()
+    paths, probs = [], []
+    for row, n in enumerate(lengths.tolist()):
+        keep = [i for i in range(k) if finite[row][i]]
+        paths.append([tags[row][i][:n] for i in keep])
+        probs.append([probabilities[row][i] for i in keep])
+    return paths, probs

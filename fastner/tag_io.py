@@ -1,0 +1,260 @@
+"""`fastner tag`: reading documents and sentences from files, directories and stdin, and
+writing results as they come (conll, jsonl, json, spans), with a progress bar on stderr.
+
+Inputs (--input):
+  text    each FILE is one document; a DIR is every *.txt file under it (sorted), one document
+          each, its id the path relative to DIR; `-` (or no FILE) reads stdin as one document
+  tokens  one whitespace-tokenised sentence a line
+  conll   CoNLL columns (tokens in --word-column), a blank line between sentences
+  jsonl   one JSON object a line: {"id": ..., "text": ...} (id optional, kept in the output)
+Every input is decoded as UTF-8; a bad byte, a malformed JSON line or a line that is not an
+object is a DataFormatError naming FILE:LINE.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from typing import IO, Deque, Iterable, Iterator, List, Optional, Sequence, Union
+
+from fastner.data.conll import DOCSTART, DataFormatError
+from fastner.data.textfiles import BOM, check_data_file, utf8_lines
+
+INPUTS = ("text", "tokens", "conll", "jsonl")
+OUTPUTS = ("conll", "jsonl", "json", "spans")
+STDIN = "-"
+
+
+@dataclass
+class Item:
+    """One document (text) or one pre-tokenized sentence (tokens), with where it came from."""
+    id: Optional[Union[str, int]]
+    payload: Union[str, List[str]]
+
+
+def _decode(data: bytes, name: str) -> str:
+    """A whole document; bad bytes are reported like utf8_lines reports them (NAME:LINE)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        for _ in utf8_lines(io.BytesIO(data), name):  # raises, naming the line and column
+            pass
+        raise
+    return text[1:] if text.startswith(BOM) else text
+
+
+def _stdin_bytes() -> IO[bytes]:
+    """stdin as bytes (a replaced text-only sys.stdin, as in tests, is encoded back)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is not None:
+        return buffer
+    return io.BytesIO(sys.stdin.read().encode("utf-8"))
+
+
+def _lines(path: str) -> Iterator[tuple]:
+    """(line number, decoded line without its newline) of a file or stdin, read lazily."""
+    handle: IO[bytes] = _stdin_bytes() if path == STDIN else open(path, "rb")
+    try:
+        name = "<stdin>" if path == STDIN else path
+        for number, line in utf8_lines(handle, name):
+            yield number, line.rstrip("\r\n")
+    finally:
+        if path != STDIN:
+            handle.close()
+
+
+def _text_files(paths: Sequence[str]) -> Iterator[tuple]:
+    """(id, path) of every document: files as given, directories expanded to their .txt files."""
+    for path in paths:
+        if path == STDIN:
+            yield None, STDIN
+        elif os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                           for name in names if name.endswith(".txt"))
+            if not found:
+                raise DataFormatError(f"{path}: a directory without .txt files")
+            for file in found:
+                yield os.path.relpath(file, path), file
+        else:
+            check_data_file(path, "input file")
+            yield path, path
+
+
+def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterator[Item]:
+    """Documents (text, jsonl) or sentences (tokens, conll) from every path, lazily."""
+    paths = list(paths) or [STDIN]
+    if kind == "text":
+        for doc_id, path in _text_files(paths):
+            if path == STDIN:
+                data = _stdin_bytes().read()
+            else:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            yield Item(doc_id, _decode(data, "<stdin>" if path == STDIN else path))
+        return
+    for path in paths:
+        if path != STDIN:
+            check_data_file(path, "input file")
+        name = "<stdin>" if path == STDIN else path
+        if kind == "tokens":
+            for number, line in _lines(path):
+                yield Item(number, line.split())
+        elif kind == "conll":
+            yield from _conll_sentences(path, name, word_column)
+        elif kind == "jsonl":
+            for number, line in _lines(path):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(f"{name}:{number}: not valid JSON: {err.msg}") from None
+                if not isinstance(record, dict):
+                    raise DataFormatError(f"{name}:{number}: expected a JSON object "
+                                          f"{{\"id\": ..., \"text\": ...}}, got {type(record).__name__}")
+                text = record.get("text")
+                if not isinstance(text, str):
+                    raise DataFormatError(f"{name}:{number}: the object has no \"text\" string")
+                yield Item(record.get("id", number), text)
+        else:
+            raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {kind!r}")
+
+
+def _conll_sentences(path: str, name: str, word_column: int) -> Iterator[Item]:
+    tokens: List[str] = []
+    start = 1
+    for number, line in _lines(path):
+        columns = line.split()
+        if not columns or columns[0] == DOCSTART:
+            if tokens:
+                yield Item(start, tokens)
+                tokens = []
+            continue
+        if not -len(columns) <= word_column < len(columns):
+            raise DataFormatError(f"{name}:{number}: --word-column {word_column} but the line has {len(columns)} columns")
+        if not tokens:
+            start = number
+        tokens.append(columns[word_column])
+    if tokens:
+        yield Item(start, tokens)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+class Writer:
+    """Writes results one by one in the chosen format."""
+
+    def __init__(self, out: IO[str], fmt: str):
+        if fmt not in OUTPUTS:
+            raise ValueError(f"--output must be one of {', '.join(OUTPUTS)}, got {fmt!r}")
+        self.out, self.fmt, self.count = out, fmt, 0
+
+    def write(self, item: Item, result: dict) -> None:
+        out, fmt = self.out, self.fmt
+        is_document = "entities" in result
+        if fmt == "conll":
+            if is_document:
+                if self.count:
+                    out.write(f"{DOCSTART} O\n\n")
+                for sentence in result["sentences"]:
+                    for token, tag in zip(sentence["tokens"], sentence["tags"]):
+                        out.write(f"{token.replace(' ', '_')} {tag}\n")
+                    out.write("\n")
+            else:
+                for token, tag in zip(result["tokens"], result["tags"]):
+                    out.write(f"{token} {tag}\n")
+                out.write("\n")
+        elif fmt in ("jsonl", "json"):
+            record = {"id": item.id, **result} if item.id is not None else result
+            line = json.dumps(record, ensure_ascii=False)
+            if fmt == "json":
+                out.write(("[\n" if self.count == 0 else ",\n") + line)
+            else:
+                out.write(line + "\n")
+        else:  # spans: id, start, end, label, score, text; tab-separated
+            doc_id = "" if item.id is None else str(item.id)
+            if is_document:
+                for e in result["entities"]:
+                    text = e["text"].replace("\t", " ").replace("\n", " ")
+                    out.write(f"{doc_id}\t{e['start']}\t{e['end']}\t{e['label']}\t{e['score']:.6f}\t{text}\n")
+            else:
+                for s in result["spans"]:
+                    out.write(f"{doc_id}\t{s['start']}\t{s['end']}\t{s['type']}\t{s['confidence']:.6f}\t{s['text']}\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.out.write("[]\n" if self.count == 0 else "\n]\n")
+        self.out.flush()
+
+
+def tokens_in(result: dict) -> int:
+    if "sentences" in result:
+        return sum(len(s["tokens"]) for s in result["sentences"])
+    return len(result["tokens"])
+
+
+def tag_stream(tagger, items: Iterable[Item], writer: Writer, batch_size: int, nbest: Optional[int],
+               progress: bool) -> int:
+    """Tag items as they are read and write each result as soon as it is ready; returns the count."""
+    pending: Deque[Item] = deque()
+
+    def payloads():
+        for item in items:
+            pending.append(item)
+            yield item.payload
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        # delay: short runs finish before a bar appears
+        bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5, delay=1.0)
+    tokens = 0
+    try:
+        for result in tagger.predict(payloads(), batch_size=batch_size, nbest=nbest):
+            item = pending.popleft()
+            writer.write(item, result)
+            if bar is not None:
+                tokens += tokens_in(result)
+                bar.update(1)
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix_str(f"{tokens / elapsed:,.0f} tokens/s", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    writer.close()
+    return writer.count
+
+
+@contextlib.contextmanager
+def output_file(path: Optional[str]):
+    """stdout, or a file that appears complete or not at all: written to a temp file beside it
+    while tagging, renamed over `path` only when everything was written."""
+    if path is None or path == STDIN:
+        yield sys.stdout
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--out {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--out {path} is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,176 @@
+"""Sentence splitting and CoNLL-2003-style tokenization of raw English text, with character
+offsets into the original string.
+
+Built on two maintained libraries, each used for what it measured best at (see
+fastner.text.agreement and the README for the comparison):
+  - syntok splits sentences (offline, no model files, keeps offsets; nltk's Punkt needs the
+    `punkt_tab` data download and untrained it splits after every "Mr." and "U.S.");
+  - nltk's NLTKWordTokenizer (the Penn Treebank conventions CoNLL-2003 follows: `'s` and `n't`
+    split off, `$ 250.10`, `3 %`, `U.S.` and `Inc.` kept whole) splits each sentence into tokens.
+    syntok's own word tokenizer drops hyphens ("Port-au-Prince" -> Port, au, Prince) and splits
+    `U.S.` into `U.S` + `.`.
+
+Offsets come from running both on a same-length working copy of the text (control characters,
+zero-width characters and unicode spaces turned into plain spaces, curly quotes into straight
+ones), so every offset indexes the original string and every token is `text[start:end]`.
+URLs, e-mail addresses, exchange tickers (NYSE:IBM) and ampersand names (AT&T, S&P) are kept
+whole; unicode dashes and ellipses stand alone.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Iterator, List, Tuple
+
+Token = Tuple[str, int, int]  # (text[start:end], start, end)
+
+# Same-length replacements for the working copy (one character for one character).
+_QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u00ab": '"', "\u00bb": '"',
+           "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "`": "'"}
+_SPACE_LIKE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
+
+# Pieces kept as one token (or, for dashes and ellipses, cut out as their own token) before the
+# word tokenizer sees the text between them.
+_ATOMS = re.compile(
+    r"""
+    (?:https?://|ftp://|www\.)[^\s<>"'()\[\]{}]+[^\s<>"'()\[\]{}.,;:!?]   # URL, trailing punctuation off
+  | (?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}            # e-mail (bounded: linear time)
+  | \b[A-Z]{2,8}:[A-Z][A-Z0-9.]{0,7}\b                                    # exchange ticker NYSE:IBM
+  | \b[A-Za-z]{1,4}&[A-Za-z]{1,4}\b                                       # AT&T, S&P, M&A
+  | \b[A-Z]{1,3}\$                                                        # C$, A$, US$, HK$
+  | -{3,} | ={3,} | _{3,} | \*{3,}                                          # rules of dashes
+  | [\u2012-\u2015\u2212]                                                  # figure/en/em dash, bar, minus
+  | \u2026                                                                 # ellipsis
+    """,
+    re.VERBOSE,
+)
+# A dotted abbreviation the word tokenizer leaves without its final period before a closing
+# bracket ("(U.S.)" -> U.S + . + )): CoNLL keeps "U.S." whole there; at the very end of a
+# sentence CoNLL writes "U.S" + "." too, so that split stays.
+_DOTTED = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
+# CoNLL splits a leading currency symbol off a number but nltk only knows "$".
+# A word with a period that is not an abbreviation, inside what the sentence splitter kept as one
+# sentence ("a share. analyst said" when the next sentence starts in lower case): the period is
+# its own token. Abbreviations (a closed list, single letters, dotted forms like U.S.) keep it.
+_WORD_PERIOD = re.compile(r"[A-Za-z][a-z]+\.|\d[\d,]*(?:\.\d+)?\.")
+_ABBREVIATIONS = frozenset("""
+    mr mrs ms dr prof rev gen lt col capt cmdr sgt maj adm sen rep gov pres amb fr sr jr st mt no vs
+    inc corp co ltd plc bros dept univ assn ave blvd rd est approx etc al cf fig vol op
+    jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thur thurs fri sat sun
+    ala ariz ark calif colo conn del fla ga ill ind kan ky la md mass mich minn miss mo mont neb
+    nev okla ore pa tenn tex va vt wash wis wyo
+""".split())
+_ENUMERATION = re.compile(r"\d{1,3}\.")
+_ENDS_WITH_TITLE = re.compile(
+    r"\b(?:Mr|Mrs|Ms|Dr|Prof|Rev|Gen|Lt|Col|Capt|Cmdr|Sgt|Maj|Adm|Sen|Rep|Gov|Pres|Amb|Fr|Sr|St|Mt|No|vs)\.$")
+_CURRENCY_PREFIX = re.compile(r"[€£¥₹]\d[\d,.]*")
+
+_word_tokenizer = None
+
+
+def _words():
+    global _word_tokenizer
+    if _word_tokenizer is None:
+        from nltk.tokenize import NLTKWordTokenizer
+
+        _word_tokenizer = NLTKWordTokenizer()
+    return _word_tokenizer
+
+
+def working_copy(text: str) -> str:
+    """`text` with every character that should separate tokens as a plain space and curly
+    quotes as straight ones; the same length, so offsets carry over."""
+    out = []
+    for ch in text:
+        if ch in _QUOTES:
+            out.append(_QUOTES[ch])
+        elif ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            out.append(" ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
+    """(start, end) of each sentence in the working copy, whitespace trimmed."""
+    from syntok import segmenter
+
+    starts = []
+    for paragraph in segmenter.analyze(work):
+        for sentence in paragraph:
+            if not sentence:
+                continue
+            if starts:
+                previous = work[starts[-1]:sentence[0].offset].rstrip(" ")
+                if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous):
+                    # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after them
+                    continue
+            starts.append(sentence[0].offset)
+    for number, start in enumerate(starts):
+        end = starts[number + 1] if number + 1 < len(starts) else len(work)
+        while end > start and work[end - 1] == " ":
+            end -= 1
+        if end > start:
+            yield start, end
+
+
+def _word_spans(work: str, start: int, end: int) -> List[Tuple[int, int]]:
+    """Token spans of work[start:end] by the word tokenizer, atoms kept apart."""
+    spans: List[Tuple[int, int]] = []
+    position = start
+    for match in _ATOMS.finditer(work, start, end):
+        spans.extend(_treebank(work, position, match.start()))
+        spans.append(match.span())
+        position = match.end()
+    spans.extend(_treebank(work, position, end))
+    return spans
+
+
+def _treebank(work: str, start: int, end: int) -> List[Tuple[int, int]]:
+    piece = work[start:end]
+    if not piece.strip():
+        return []
+    try:
+        spans = list(_words().span_tokenize(piece))
+    except ValueError:  # nltk could not align a rewritten token: fall back to whitespace
+        spans = [m.span() for m in re.finditer(r"\S+", piece)]
+    return [(start + a, start + b) for a, b in spans if b > a]
+
+
+def _conll_fixes(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    fixed: List[Tuple[int, int]] = []
+    for number, (a, b) in enumerate(spans):
+        if b - a > 1 and _CURRENCY_PREFIX.fullmatch(work, a, b):
+            fixed.extend([(a, a + 1), (a + 1, b)])
+        elif (0 < number < len(spans) - 1 and _WORD_PERIOD.fullmatch(work, a, b)
+              and work[a:b - 1].lower() not in _ABBREVIATIONS):
+            fixed.extend([(a, b - 1), (b - 1, b)])
+        else:
+            fixed.append((a, b))
+    merged: List[Tuple[int, int]] = []
+    for number, (c, d) in enumerate(fixed):
+        if merged and merged[-1][1] == c and number + 1 < len(fixed):
+            a, b = merged[-1]
+            # "U.S" + "." -> "U.S."; nltk's "can" + "not" -> "cannot" (one CoNLL token)
+            if (work[c:d] == "." and _DOTTED.fullmatch(work, a, b)) or (
+                    work[a:b].lower() == "can" and work[c:d].lower() == "not"):
+                merged[-1] = (a, d)
+                continue
+        merged.append((c, d))
+    return merged
+
+
+def iter_sentences(text: str) -> Iterator[List[Token]]:
+    """Sentence by sentence: [(token, start, end), ...] with text[start:end] == token."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    work = working_copy(text)
+    for start, end in _sentence_ranges(work):
+        spans = _conll_fixes(work, _word_spans(work, start, end))
+        if spans:
+            yield [(text[a:b], a, b) for a, b in spans]
+
+
+def tokenize(text: str) -> List[List[Token]]:
+    """Sentences of `text`, each a list of (token, start, end) with text[start:end] == token."""
+    return list(iter_sentences(text))

@@ -1,0 +1,145 @@
+"""`fastner tag` on raw text, directories, JSONL, tokens and CoNLL; output formats; bad input."""
+import io
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from fastner.cli import main
+
+DOC = "Shares of Kestrel Pharma jumped 4.2% in Frankfurt on Tuesday. Omar Haddad said so."
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run(capsys, *argv):
+    code = main(["tag", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_text_file_and_stdin(demo_tagger_dir, capsys, tmp_path, monkeypatch):
+    path = tmp_path / "article.txt"
+    path.write_text(DOC, encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, path, "--output", "jsonl")
+    assert code == 0
+    record = json.loads(out)
+    assert record["id"] == str(path)
+    for entity in record["entities"]:
+        assert DOC[entity["start"]:entity["end"]] == entity["text"]
+    assert record["sentences"][0]["tokens"][5:7] == ["4.2", "%"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(DOC))
+    code, conll, _ = run(capsys, demo_tagger_dir)
+    assert code == 0
+    first = [line.split() for line in conll.split("\n\n")[0].splitlines()]
+    assert [t for t, _ in first][:3] == ["Shares", "of", "Kestrel"]
+
+
+def test_directory_of_articles_and_spans(demo_tagger_dir, capsys, tmp_path):
+    corpus = tmp_path / "news"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text(DOC, encoding="utf-8")
+    (corpus / "sub" / "b.txt").write_text("Oslo fell.", encoding="utf-8")
+    (corpus / "skip.md").write_text("not an article", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, corpus, "--output", "json")
+    assert code == 0
+    records = json.loads(out)
+    assert [r["id"] for r in records] == ["a.txt", os.path.join("sub", "b.txt")]
+    code, spans, _ = run(capsys, demo_tagger_dir, corpus, "--output", "spans")
+    for line in spans.splitlines():
+        doc_id, start, end, label, score, text = line.split("\t")
+        source = DOC if doc_id == "a.txt" else "Oslo fell."
+        assert source[int(start):int(end)] == text and 0.0 <= float(score) <= 1.0
+
+
+def test_jsonl_ids_kept_and_streamed_in_order(demo_tagger_dir, capsys, tmp_path):
+    path = tmp_path / "in.jsonl"
+    records = [{"id": f"doc-{i}", "text": DOC if i % 2 else "Oslo fell."} for i in range(30)] + [{"text": ""}]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    out_file = tmp_path / "out.jsonl"
+    code, out, _ = run(capsys, demo_tagger_dir, path, "--input", "jsonl", "--output", "jsonl", "--out", out_file,
+                       "--batch-size", "4", "--nbest", "2", "--progress")
+    assert code == 0 and out == ""
+    results = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in results] == [f"doc-{i}" for i in range(30)] + [31]  # no id: the line number
+    assert all("nbest" in s for r in results for s in r["sentences"])
+    assert results[-1]["entities"] == [] and results[-1]["sentences"] == []
+
+
+def test_tokens_and_conll_inputs(demo_tagger_dir, capsys, tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("Omar Haddad said .\n\nOslo fell\n", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, tokens, "--input", "tokens", "--output", "jsonl")
+    assert [json.loads(line)["tokens"] for line in out.splitlines()] == [["Omar", "Haddad", "said", "."], [], ["Oslo", "fell"]]
+    conll = tmp_path / "in.conll"
+    conll.write_text("-DOCSTART- O\n\nOmar B-PER\nHaddad I-PER\n\nOslo B-LOC\n", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, conll, "--input", "conll")
+    assert code == 0
+    assert [[line.split()[0] for line in block.splitlines()] for block in out.strip().split("\n\n")] == [["Omar", "Haddad"], ["Oslo"]]
+
+
+@pytest.mark.parametrize("content, kind, message", [
+    (b"Oslo \xff fell", "text", ":1: not UTF-8 (byte 0xff"),
+    (b'{"text": "ok"}\n{"text": "b\xc3"}\n', "jsonl", ":2: not UTF-8"),
+    (b'{"text": "ok"}\n[1, 2]\n', "jsonl", ":2: expected a JSON object"),
+    (b'{"text": "ok"}\n{"text": \n', "jsonl", ":2: not valid JSON"),
+    (b'{"id": 1, "body": "x"}\n', "jsonl", ':1: the object has no "text" string'),
+])
+def test_bad_input_names_file_and_line(demo_tagger_dir, capsys, tmp_path, content, kind, message):
+    path = tmp_path / "bad.in"
+    path.write_bytes(content)
+    target = tmp_path / "out.txt"
+    target.write_text("previous results\n")
+    code, _, err = run(capsys, demo_tagger_dir, path, "--input", kind, "--out", target)
+    assert code == 2
+    assert err.strip().startswith(f"fastner: error: {path}") and message in err
+    assert target.read_text() == "previous results\n"  # nothing half-written over it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_control_characters_and_empty_files(demo_tagger_dir, capsys, tmp_path):
+    path = tmp_path / "odd.txt"
+    text = "\x00Oslo\x07 fell\x1b[0m\u200b today.\r\n"
+    path.write_text(text, encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, path, empty, "--output", "jsonl")
+    assert code == 0
+    first, second = [json.loads(line) for line in out.splitlines()]
+    for entity in first["entities"]:
+        assert text[entity["start"]:entity["end"]] == entity["text"]
+    assert second["entities"] == [] and second["sentences"] == []
+
+
+def test_missing_input_and_directory_without_articles(demo_tagger_dir, capsys, tmp_path):
+    code, _, err = run(capsys, demo_tagger_dir, tmp_path / "nope.txt")
+    assert code == 2 and "input file not found" in err
+    (tmp_path / "empty_dir").mkdir()
+    code, _, err = run(capsys, demo_tagger_dir, tmp_path / "empty_dir")
+    assert code == 2 and "without .txt files" in err
+
+
+@pytest.mark.slow
+def test_ten_megabyte_document(demo_tagger_dir, capsys, tmp_path):
+    from fastner.demo import generate_articles
+
+    articles = generate_articles(2000, seed=9)
+    text = "\n\n".join(t for t, _ in articles)
+    text = (text * (10_000_000 // len(text) + 1))[:10_000_000]
+    path = tmp_path / "big.txt"
+    path.write_text(text, encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, path, "--output", "spans", "--batch-size", "256")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) > 10_000
+    for line in lines[:: max(1, len(lines) // 2000)]:
+        _, start, end, _, _, entity = line.split("\t")
+        assert text[int(start):int(end)] == entity

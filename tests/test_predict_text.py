@@ -1,0 +1,194 @@
+"""Tagger.predict on raw documents: character offsets, exact span scores, k-best, batching
+across documents, streaming."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import fastner
+from fastner.demo import generate_corpus
+from fastner.tagger import Tagger
+from fastner.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _train(out, head="crf", scheme="BIOES"):
+    train_data, held_out = generate_corpus(150, 15, seed=5)
+    config = TrainConfig(epochs=3, batch_size=8, seed=3, optimizer="adam", lr=0.03, word_dim=8, scheme=scheme,
+                         model={"hidden": 8, "char_filters": 6, "char_dim": 6, "head": head})
+    train(train_data, held_out, str(out), config, log=lambda _: None)
+    return Tagger.load(str(out), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tagger(demo_tagger_dir):
+    return Tagger.load(str(demo_tagger_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def softmax_tagger(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("softmax"), head="softmax", scheme="IOB2")
+
+
+ARTICLES = [
+    "Shares of Kestrel Pharma jumped 4.2% in Frankfurt on Tuesday after Ingrid Lindqvist raised the outlook. "
+    "Altamira Holdings agreed to buy Crescent Logistics for $3.2 billion, chief executive Omar Haddad said.",
+    "",
+    "The European Central Bank will decide on 12 June 2025 whether to lend 40 billion euros to Norway.\n\n"
+    "Tesla's shares rose 3% to $250.10 on Monday, CEO Elon Musk said. Apple (AAPL) fell.",
+    "\u00a0Bad\x00bytes\u200b and \u201cquotes\u201d in Oslo\u2014fine.",
+]
+
+
+def check_document(document, result):
+    assert set(result) >= {"entities", "sentences"}
+    for entity in result["entities"]:
+        assert set(entity) == {"start", "end", "label", "text", "score"}
+        assert document[entity["start"]:entity["end"]] == entity["text"]
+        assert 0.0 <= entity["score"] <= 1.0
+    for sentence in result["sentences"]:
+        assert len(sentence["tokens"]) == len(sentence["offsets"]) == len(sentence["tags"])
+        for token, (start, end) in zip(sentence["tokens"], sentence["offsets"]):
+            assert document[start:end] == token
+
+
+def test_raw_document(tagger):
+    result = tagger.predict(ARTICLES[0])
+    check_document(ARTICLES[0], result)
+    assert len(result["sentences"]) == 2
+    assert result["sentences"][0]["tokens"][5:7] == ["4.2", "%"]
+    assert result["entities"], "the demo-trained model finds entities in demo-like text"
+
+
+def test_list_of_documents_batched_like_one_at_a_time(tagger):
+    together = tagger.predict(ARTICLES, batch_size=3)
+    assert len(together) == len(ARTICLES)
+    assert together[1] == {"entities": [], "sentences": []}
+    for document, result in zip(ARTICLES, together):
+        check_document(document, result)
+        alone = tagger.predict(document, batch_size=64)
+        assert [(e["start"], e["end"], e["label"]) for e in alone["entities"]] == \
+               [(e["start"], e["end"], e["label"]) for e in result["entities"]]
+        for a, b in zip(alone["entities"], result["entities"]):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_stream_is_lazy_and_in_order(tagger):
+    consumed = []
+
+    def documents():
+        for number in itertools.count():
+            consumed.append(number)
+            yield ARTICLES[number % len(ARTICLES)]
+
+    stream = tagger.predict(documents(), batch_size=2)
+    first = [next(stream) for _ in range(10)]
+    assert len(consumed) < 100  # read ahead a bounded amount, not the endless input
+    for number, result in enumerate(first):
+        assert result == tagger.predict(ARTICLES[number % len(ARTICLES)], batch_size=2) or \
+            [e["text"] for e in result["entities"]] == [e["text"] for e in tagger.predict(ARTICLES[number % len(ARTICLES)])["entities"]]
+    assert list(tagger.predict(iter([]))) == []
+    tokens = list(tagger.predict(iter([["Oslo", "rose", "."], ["Tesla", "fell"]])))
+    assert [r["tokens"] for r in tokens] == [["Oslo", "rose", "."], ["Tesla", "fell"]]
+
+
+def test_score_is_the_exact_span_posterior(tagger):
+    """The span's score against enumeration of all tag paths of a short sentence."""
+    from fastner.data.schemes import tags_to_spans
+
+    document = "Haddad left Oslo"  # 3 tokens: K**3 paths to enumerate
+    result = tagger.predict(document)
+    tokens = result["sentences"][0]["tokens"]
+    model, itos = tagger.model, tagger.tags.itos
+    analyser = tagger.analyser()
+    from fastner.data.batching import encode_sentences, make_batch
+    from fastner.data.conll import Sentence
+
+    batch = make_batch(encode_sentences([Sentence(tokens)], tagger.words, tagger.chars), [0],
+                       tagger.words.pad_id, tagger.chars.pad_id)
+    with torch.no_grad():
+        _, _, emissions = model.infer(batch.words, batch.chars, batch.lengths)
+    transitions, start, end = (t.double() for t in model.transition_scores())
+    e = emissions[0].double()
+    weights = {}
+    for path in itertools.product(range(len(itos)), repeat=len(tokens)):
+        score = start[path[0]] + e[0, path[0]] + end[path[-1]]
+        for t in range(1, len(path)):
+            score = score + transitions[path[t - 1], path[t]] + e[t, path[t]]
+        weights[path] = float(score)
+    finite = [w for w in weights.values() if w > float("-inf")]
+    top = max(finite)
+    log_z = top + math.log(sum(math.exp(w - top) for w in finite))
+    offsets = result["sentences"][0]["offsets"]
+    for entity in result["entities"]:
+        first = next(i for i, (s, _) in enumerate(offsets) if s == entity["start"])
+        last = next(i for i, (_, f) in enumerate(offsets) if f == entity["end"]) + 1
+        exact = sum(math.exp(w - log_z) for path, w in weights.items() if w > float("-inf")
+                    and (first, last, entity["label"]) in tags_to_spans([itos[i] for i in path]))
+        assert entity["score"] == pytest.approx(exact, abs=2e-5)
+    # every possible span, through the same pieces predict() uses (infer, transition_scores)
+    from fastner.span_scores import span_log_probabilities
+
+    labels = sorted({t.split("-", 1)[1] for t in itos if t != "O"})
+    requests = [(0, i, j, label) for i in range(len(tokens)) for j in range(i + 1, len(tokens) + 1) for label in labels]
+    with torch.no_grad():
+        _, log_z_model, _ = model.infer(batch.words, batch.chars, batch.lengths)
+    got = span_log_probabilities(emissions, batch.lengths, log_z_model, analyser.scores, requests, analyser.tag_ids)
+    for (_, i, j, label), log_p in zip(requests, got):
+        exact = sum(math.exp(w - log_z) for path, w in weights.items() if w > float("-inf")
+                    and (i, j, label) in tags_to_spans([itos[k] for k in path]))
+        assert math.exp(log_p) == pytest.approx(exact, abs=2e-5)
+
+
+def test_nbest(tagger):
+    result = tagger.predict("Omar Haddad left Oslo on Monday.", nbest=3)
+    sentence = result["sentences"][0]
+    probabilities = [a["probability"] for a in sentence["nbest"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    assert 0.0 < sum(probabilities) <= 1.0 + 1e-6
+    assert sentence["nbest"][0]["tags"] == sentence["tags"]
+    best_entities = [(e["start"], e["end"], e["label"]) for e in sentence["nbest"][0]["entities"]]
+    assert best_entities == [(e["start"], e["end"], e["label"]) for e in result["entities"]]
+    tokens = tagger.predict([["Oslo", "rose"]], nbest=2)[0]
+    assert len(tokens["nbest"]) == 2 and tokens["nbest"][0]["tags"] == tokens["tags"]
+
+
+def test_softmax_head_scores(softmax_tagger):
+    result = softmax_tagger.predict(ARTICLES[0], nbest=2)
+    check_document(ARTICLES[0], result)
+    for sentence in result["sentences"]:
+        assert sentence["nbest"][0]["tags"] == sentence["tags"]
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (b"bytes", TypeError, "decode bytes"),
+    (3, TypeError, "got int"),
+    ([["ok"], 3], TypeError, "item 1"),
+])
+def test_bad_input(tagger, bad, error, match):
+    with pytest.raises(error, match=match):
+        result = tagger.predict(bad)
+        list(result)
+
+
+@pytest.mark.parametrize("option", [{"batch_size": 0}, {"nbest": 0}, {"batch_size": True}])
+def test_bad_options(tagger, option):
+    with pytest.raises(ValueError):
+        tagger.predict("Oslo", **option)
+
+
+def test_text_without_sentence_ends_is_tagged_in_bounded_pieces(tagger):
+    from fastner.documents import MAX_SENTENCE_TOKENS
+
+    document = " ".join(["Oslo"] * (2 * MAX_SENTENCE_TOKENS + 10))
+    result = tagger.predict(document)
+    assert [len(s["tokens"]) for s in result["sentences"]] == [MAX_SENTENCE_TOKENS, MAX_SENTENCE_TOKENS, 10]
+    check_document(document, result)

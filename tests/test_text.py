@@ -1,0 +1,133 @@
+"""fastner.text: CoNLL-2003 tokenization of raw text with offsets into the original string."""
+import os
+import random
+
+import pytest
+
+from fastner.text import iter_sentences, tokenize, working_copy
+from fastner.text import detokenize
+from fastner.text.agreement import measure
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "conll2003")
+
+
+def words(text):
+    return [[token for token, _, _ in sentence] for sentence in tokenize(text)]
+
+
+def flat(text):
+    return [token for sentence in words(text) for token in sentence]
+
+
+def assert_offsets(text, sentences):
+    previous_end = 0
+    for sentence in sentences:
+        assert sentence, "no empty sentences"
+        for token, start, end in sentence:
+            assert text[start:end] == token
+            assert start >= previous_end and end > start
+            assert " " not in working_copy(token), repr(token)  # no separator inside a token
+            previous_end = end
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Tesla's shares rose.", ["Tesla", "'s", "shares", "rose", "."]),
+    ("I can't and they don't.", ["I", "ca", "n't", "and", "they", "do", "n't", "."]),
+    ("We cannot go.", ["We", "cannot", "go", "."]),
+    ("It rose 3% today.", ["It", "rose", "3", "%", "today", "."]),
+    ("It rose 3.5% to $250.10.", ["It", "rose", "3.5", "%", "to", "$", "250.10", "."]),
+    ("Sales of 1,234,567.89 units.", ["Sales", "of", "1,234,567.89", "units", "."]),
+    ("The U.S. economy grew.", ["The", "U.S.", "economy", "grew", "."]),
+    ("Smith (U.S.) won.", ["Smith", "(", "U.S.", ")", "won", "."]),
+    ("He lives in the U.S.", ["He", "lives", "in", "the", "U.S", "."]),  # as CoNLL-2003 writes it
+    ("Acme Inc. and Beta Corp. merged.", ["Acme", "Inc.", "and", "Beta", "Corp.", "merged", "."]),
+    ("Monday, he said.", ["Monday", ",", "he", "said", "."]),
+    ("Apple (AAPL) fell.", ["Apple", "(", "AAPL", ")", "fell", "."]),
+    ('He said: "It is fine."', ["He", "said", ":", '"', "It", "is", "fine", ".", '"']),
+    ("\u201cHello,\u201d she said.", ["\u201c", "Hello", ",", "\u201d", "she", "said", "."]),
+    ("Tesla\u2019s CEO didn\u2019t say.", ["Tesla", "\u2019s", "CEO", "did", "n\u2019t", "say", "."]),
+    ("Shares--up 3%\u2014closed.", ["Shares", "--", "up", "3", "%", "\u2014", "closed", "."]),
+    ("Port-au-Prince won 2-1 on 1996-08-22.", ["Port-au-Prince", "won", "2-1", "on", "1996-08-22", "."]),
+    ("See https://example.com/a?b=1, now.", ["See", "https://example.com/a?b=1", ",", "now", "."]),
+    ("Mail john.doe@example.co.uk today.", ["Mail", "john.doe@example.co.uk", "today", "."]),
+    ("Shares of NYSE:IBM and AT&T rose.", ["Shares", "of", "NYSE:IBM", "and", "AT&T", "rose", "."]),
+    ("It fell C$ 0.45 to \u20ac4.50.", ["It", "fell", "C$", "0.45", "to", "\u20ac", "4.50", "."]),
+    ("Oil\u00a0rose\u2009today.", ["Oil", "rose", "today", "."]),  # NBSP and thin space separate
+    ("Bad\x00byte\x1fhere\u200bnow.", ["Bad", "byte", "here", "now", "."]),  # control and zero-width
+    ("Wait\u2026 what?", ["Wait", "\u2026", "what", "?"]),
+    ("Lt. Italo Pineda said.", ["Lt.", "Italo", "Pineda", "said", "."]),
+])
+def test_conll_conventions(text, expected):
+    assert flat(text) == expected
+    assert_offsets(text, tokenize(text))
+
+
+def test_sentences_are_split():
+    text = "Apple rose 3% on Monday. Mr. Cook said the U.S. market grew. Shares fell!\n\nNew paragraph here"
+    assert [s[0] for s in words(text)] == ["Apple", "Mr.", "Shares", "New"]
+    assert list(iter_sentences(text)) == tokenize(text)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\n\t", "\x00\x01", "\u200b\ufeff"])
+def test_empty_text(text):
+    assert tokenize(text) == []
+
+
+def test_not_a_string():
+    with pytest.raises(TypeError, match="text must be a str"):
+        tokenize(b"bytes")
+
+
+_PIECES = ["Apple", "U.S.", "Inc.", "'s", "n't", "can't", "3%", "$250.10", "1,200", "(", ")", '"', "'", ",", ".",
+           "?", "!", ";", ":", "--", "-", "\u2014", "\u2013", "\u201c", "\u201d", "\u2019", "\u2026", "\u00a0",
+           "\u2009", "\u200b", "\x00", "\x07", "\t", "\n", "\n\n", "\r\n", "https://a.io/x?y=1", "a@b.com",
+           "NYSE:IBM", "AT&T", "C$", "\u20ac5", "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001f600", "Mr.", "10.",
+           "e.g.", "O'Neill", "#", "@", "*", "&", "``", "''", "...", "[", "]", "{", "}", "<", ">", "/", "\\", "=",
+           "+", "\ud800"]
+
+
+def test_offsets_round_trip_on_generated_text():
+    rng = random.Random(0)
+    for _ in range(3000):
+        parts = [rng.choice(_PIECES) + rng.choice(["", " ", "  "]) for _ in range(rng.randint(0, 30))]
+        text = "".join(parts)
+        assert_offsets(text, tokenize(text))
+
+
+def _conll(name):
+    path = os.path.join(DATA, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} absent")
+    from fastner.data.conll import read_conll
+
+    return [s.tokens for s in read_conll(path, tag_column=None)]
+
+
+def test_offsets_round_trip_on_real_sentences():
+    sentences = _conll("eng.testa")[:3000]
+    article = "\n".join(detokenize(tokens)[0] for tokens in sentences)
+    assert_offsets(article, tokenize(article))
+
+
+def test_agreement_with_conll_tokenization():
+    result = measure(_conll("eng.testa")[:2000])
+    assert result["agreement"] >= 98.5, result
+
+
+def test_detokenize():
+    text, spans = detokenize(["He", "said", '"', "it", "'s", "3", "%", "of", "$", "5", '"', "."])
+    assert text == 'He said "it\'s 3% of $5".'
+    assert [text[a:b] for a, b in spans] == ["He", "said", '"', "it", "'s", "3", "%", "of", "$", "5", '"', "."]
+
+
+def test_linear_time_on_pathological_input():
+    # a 200k-character run without spaces once backtracked quadratically in the e-mail pattern
+    sentences = tokenize("a" * 200_000 + " " + "x@" * 50_000)
+    assert sum(len(s) for s in sentences) >= 2
+
+
+def test_period_split_inside_an_unsplit_sentence():
+    # syntok keeps a sentence going when the next one starts in lower case; the word's period
+    # still comes off, an abbreviation's does not
+    assert flat("It paid 5.2 a share. analyst Kaur said.")[3:7] == ["a", "share", ".", "analyst"]
+    assert "Corp." in flat("Shares of Acme Corp. rose.")
