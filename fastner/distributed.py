@@ -95,7 +95,7 @@ class DistContext:
             torch.manual_seed(_mix(seed, epoch, self.rank))
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module to call for the training loss (see DistributedLoss)."""
+        """The module to call for the training loss (see wrap_model)."""
         return wrap_model(model, self)
 
     def cleanup(self) -> None:
@@ -204,21 +204,6 @@ def shard(batches: Sequence[T], rank: int, world_size: int) -> List[T]:
     return items[rank::world_size]
 
 
-class DistributedLoss(nn.Module):
-    """forward(words, chars, lengths, mask, tags) -> model.loss(batch): DDP synchronises the
-    gradients of what its forward() computes, and the tagger's loss is a method, not forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, words: torch.Tensor, chars: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor,
-                tags: torch.Tensor) -> torch.Tensor:
-        from fastner.data.batching import Batch
-
-        return self.model.loss(Batch(words, chars, lengths, mask, tags, []))
-
-
 def _allreduce_sum_hook(process_group, bucket):
     # (no annotations: DDP checks them against the classes, and this module's are strings)
     # DDP's default hook divides by the world size (a mean over ranks); the tagger's loss is a
@@ -229,21 +214,21 @@ def _allreduce_sum_hook(process_group, bucket):
 
 
 def wrap_model(model: nn.Module, context: DistContext) -> nn.Module:
-    """A module whose forward(words, chars, lengths, mask, tags) is the training loss; wrapped in
-    DistributedDataParallel (gradients summed over ranks) when the job has several processes.
-    Parameters of `model` itself stay shared with the wrapper (the optimiser keeps using them)."""
-    loss_module = DistributedLoss(model)
+    """`model` itself (its forward(words, chars, lengths, mask, tags) is the training loss), or
+    DistributedDataParallel around it (gradients summed over ranks) when the job has several
+    processes. The wrapper shares the model's parameters (the optimiser keeps using them)."""
     if not context.enabled:
-        return loss_module
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    # broadcast_buffers off: the tagger's buffers (CRF constraints) are constants, equal everywhere
-    ddp = DistributedDataParallel(loss_module, device_ids=device_ids, broadcast_buffers=False)
+    # broadcast_buffers off: the tagger's buffers (CRF constraints, the frozen pretrained table)
+    # are constants, equal everywhere
+    ddp = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     ddp.register_comm_hook(None, _allreduce_sum_hook)
     return ddp
 
 
 def loss_of(module: nn.Module, batch: Any) -> torch.Tensor:
-    """The training loss of `batch` through a module from wrap_model()."""
+    """The training loss of `batch` through the model or its DDP wrapper from wrap_model()."""
     return module(batch.words, batch.chars, batch.lengths, batch.mask, batch.tags)

@@ -2,13 +2,15 @@
 
 The embedding matrix of a vocabulary takes each word's vector (exact form first, then its
 lowercase form: GloVe is lowercased, the vocabulary keeps case for the model); words without a
-vector are drawn uniformly from +-sqrt(3/dim) (Ma & Hovy). All rows are fine-tuned in training.
+vector are drawn uniformly from +-sqrt(3/dim) (Ma & Hovy). Those rows (the training vocabulary)
+are fine-tuned; every pretrained vector also goes, frozen and as float16, into the model's
+pretrained table (`frozen_table`), so words outside the training data keep their vectors.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,14 +25,18 @@ class EmbeddingsError(ValueError):
     """Pretrained vectors that cannot be loaded; the message says why and what to do."""
 
 
+def word_rows(words: Sequence[str]) -> Dict[str, int]:
+    """word -> its first row in `words` (a word listed twice keeps its first vector)."""
+    return dict(zip(reversed(words), range(len(words) - 1, -1, -1)))
+
+
 class Pretrained:
     """Words and their vectors: `index` maps a word to its row of `vectors` ([N, dim] float32)."""
 
     def __init__(self, words: Iterable[str], vectors: np.ndarray):
         self.vectors = vectors
-        self.index: Dict[str, int] = {}
-        for row, word in enumerate(words):
-            self.index.setdefault(word, row)
+        self.words: List[str] = list(words)
+        self.index: Dict[str, int] = word_rows(self.words)
 
     @property
     def dim(self) -> int:
@@ -140,6 +146,13 @@ def embedding_matrix(vocab: Vocab, pretrained: Optional[Pretrained], dim: int, g
                 hits += 1
     weight[vocab.pad_id] = 0.0
     return weight, hits
+
+
+def frozen_table(pretrained: Pretrained) -> torch.Tensor:
+    """[N, dim] float16: every pretrained vector, the model's frozen table. float16 halves the
+    saved model and what a load maps; the model trains with these same rounded rows, so a saved
+    model predicts exactly as the trained one."""
+    return torch.from_numpy(np.asarray(pretrained.vectors, dtype=np.float16))
 
 
 def glove_available() -> bool:

@@ -135,6 +135,8 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
         "words": tagger.words.to_json(),
         "chars": tagger.chars.to_json(),
         "tags": tagger.tags.to_json(),
+        # the frozen table's rows are in the program; its words are needed to find them
+        "pretrained_words": tagger.pretrained_words,
     }
     # one set: a kill mid-write leaves the previous export or this one, never a mix
     write_file_set(out_dir, {PROGRAM_FILE: buffer.getvalue(), META_FILE: json_bytes(meta)}, manifest=MANIFEST_FILE)
@@ -164,6 +166,7 @@ class ExportedTagger:
 
     def __init__(self, program: "torch.export.ExportedProgram", meta: dict):
         from fastner.data.vocab import Vocab
+        from fastner.embeddings import word_rows
 
         self.program = program
         self.module = program.module()
@@ -171,6 +174,8 @@ class ExportedTagger:
         self.words = Vocab.from_json(meta["words"])
         self.chars = Vocab.from_json(meta["chars"])
         self.tags = Vocab.from_json(meta["tags"])
+        words = meta.get("pretrained_words")
+        self.pretrained_index = None if words is None else word_rows(words)
         self.fixed_length: Optional[int] = meta["fixed_length"]
         self.device = torch.device(meta.get("device", "cpu"))
 
@@ -179,7 +184,7 @@ class ExportedTagger:
 
         scores = tuple(_tensor_from_json(t) for t in self.meta["transition_scores"])
         return Analyser(self.module, self.words, self.chars, self.tags, self.meta["digits_to_zero"], scores,
-                        self.device, fixed_length=self.fixed_length)
+                        self.device, fixed_length=self.fixed_length, pretrained=self.pretrained_index)
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         from fastner.data.schemes import convert_tags

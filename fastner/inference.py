@@ -45,8 +45,10 @@ class Analyser:
 
     def __init__(self, infer: InferFn, words, chars, tags, digits_to_zero: bool,
                  transition_scores: Tuple[Tensor, Tensor, Tensor], device: torch.device,
-                 fixed_length: Optional[int] = None):
+                 fixed_length: Optional[int] = None, pretrained: Optional[Dict[str, int]] = None):
+        """pretrained: word -> row of the model's frozen pretrained table (fastner.data.vocab.word_lookup)."""
         self.infer = infer
+        self.pretrained = pretrained
         self.words, self.chars, self.tags = words, chars, tags
         self.tag_ids: Dict[str, int] = {t: i for i, t in enumerate(tags.itos)}
         self.digits_to_zero = digits_to_zero
@@ -77,7 +79,7 @@ class Analyser:
                                            for _ in sentences]
         order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
         encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,
-                                   digits_to_zero=self.digits_to_zero)
+                                   digits_to_zero=self.digits_to_zero, pretrained=self.pretrained)
         itos = self.tags.itos
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]

@@ -164,10 +164,9 @@ def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANI
     _finish_swap(directory, staging, manifest)
 
 
-def read_file_set(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, bytes]:
-    """The bytes of `names` from the newest complete set in `directory`, each checked against
-    its manifest entry (StorageError when one differs; MissingFiles when some are absent)."""
-    names = list(names)
+def _newest_set(directory: str, manifest: str):
+    """(manifest entries or None for a set written before manifests, locate(name) -> path) of
+    the newest complete set: the staged one when a swap was cut short, else the one in place."""
     staging = _staging(directory, manifest)
     staged = _read_manifest(os.path.join(staging, manifest)) if os.path.isdir(staging) else None
     if staged is not None:  # a swap cut short: the staged set is complete and newer
@@ -176,15 +175,43 @@ def read_file_set(directory: str, names: Iterable[str], manifest: str = MANIFEST
             in_staging = os.path.join(staging, name)
             return in_staging if os.path.isfile(in_staging) else os.path.join(directory, name)
 
-        return _checked(directory, names, staged, locate, manifest)
-    in_place = _read_manifest(os.path.join(directory, manifest))
-    locate_in_place = lambda name: os.path.join(directory, name)  # noqa: E731
-    if in_place is None:  # written before manifests: read as it is
-        missing = [name for name in names if not os.path.isfile(locate_in_place(name))]
+        return staged, locate
+    return _read_manifest(os.path.join(directory, manifest)), lambda name: os.path.join(directory, name)
+
+
+def read_file_set(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, bytes]:
+    """The bytes of `names` from the newest complete set in `directory`, each checked against
+    its manifest entry (StorageError when one differs; MissingFiles when some are absent)."""
+    names = list(names)
+    entries, locate = _newest_set(directory, manifest)
+    if entries is None:  # written before manifests: read as it is
+        missing = [name for name in names if not os.path.isfile(locate(name))]
         if missing:
             raise MissingFiles(directory, missing)
-        return {name: _read(locate_in_place(name)) for name in names}
-    return _checked(directory, names, in_place, locate_in_place, manifest)
+        return {name: _read(locate(name)) for name in names}
+    return _checked(directory, names, entries, locate, manifest)
+
+
+def file_set_paths(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, str]:
+    """Where `names` of the newest complete set lie, each checked against its manifest entry
+    by streaming it through SHA-256: for large files a reader memory-maps instead of reading
+    into memory (MissingFiles / StorageError as read_file_set)."""
+    names = list(names)
+    entries, locate = _newest_set(directory, manifest)
+    missing = [name for name in names if not os.path.isfile(locate(name)) or (entries is not None and name not in entries)]
+    if missing:
+        raise MissingFiles(directory, missing)
+    for name in names if entries is not None else ():
+        digest, size = hashlib.sha256(), 0
+        with open(locate(name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+        if {"sha256": digest.hexdigest(), "size": size} != {"sha256": entries[name].get("sha256"),
+                                                             "size": entries[name].get("size")}:
+            raise StorageError(f"{os.path.join(directory, name)} differs from what {manifest} records "
+                               "(altered or partly overwritten after it was saved)")
+    return {name: locate(name) for name in names}
 
 
 def _read(path: str) -> bytes:

@@ -3,7 +3,10 @@
 The directory holds config.json (model and data settings), vocab.json (word, char and tag
 vocabularies), weights.pt (the model's state_dict, read with torch.load(weights_only=True) and
 nothing else) and manifest.json (their hashes: fastner.storage writes the files as one set, so a
-kill mid-save leaves the old tagger or the new one, never a mix).
+kill mid-save leaves the old tagger or the new one, never a mix). A model trained with pretrained
+vectors also holds its frozen pretrained table: pretrained.npy (float16 [N, dim], a plain .npy
+opened with numpy's memory map, no pickle) and pretrained_words.json (the word of each row), so
+the directory tags on a machine without the vectors package.
 """
 from __future__ import annotations
 
@@ -17,14 +20,18 @@ import torch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags
 from fastner.data.vocab import Vocab
+from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.devices import resolve_device
-from fastner.storage import MissingFiles, StorageError, json_bytes, read_file_set, torch_bytes, write_file_set
+from fastner.storage import (MissingFiles, StorageError, file_set_paths, json_bytes, read_file_set, torch_bytes,
+                             write_file_set)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "weights.pt"
+PRETRAINED_VECTORS_FILE = "pretrained.npy"
+PRETRAINED_WORDS_FILE = "pretrained_words.json"
 
 
 class TaggerLoadError(ValueError):
@@ -62,6 +69,38 @@ def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _load_pretrained_table(path: str, config: ModelConfig):
+    """(frozen table [rows, dim] memory-mapped from pretrained.npy, its words), or (None, None)
+    for a model without one; both checked against the directory's manifest. ValueError says
+    what is missing or does not fit."""
+    if not config.pretrained_rows:
+        return None, None
+    import numpy as np
+
+    try:
+        words_data = read_file_set(path, [PRETRAINED_WORDS_FILE])[PRETRAINED_WORDS_FILE]
+        vectors_path = file_set_paths(path, [PRETRAINED_VECTORS_FILE])[PRETRAINED_VECTORS_FILE]
+    except MissingFiles as err:
+        raise ValueError(f"the model has {config.pretrained_rows} pretrained rows but {', '.join(err.missing)} "
+                         "is missing") from None
+    except (StorageError, OSError) as err:
+        raise ValueError(str(err)) from None
+    words = _json_file(words_data, os.path.join(path, PRETRAINED_WORDS_FILE))
+    try:
+        # copy-on-write map: pages are shared with the file until written (never, the table is
+        # frozen), and torch gets a writable array; allow_pickle=False: plain numbers only
+        vectors = np.load(vectors_path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table: {err}") from None
+    expected = (config.pretrained_rows, config.word_dim)
+    if vectors.shape != expected or vectors.dtype not in (np.float16, np.float32):
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds {vectors.dtype} {list(vectors.shape)}, "
+                         f"expected float16 {list(expected)}")
+    if not isinstance(words, list) or len(words) != config.pretrained_rows or not all(isinstance(w, str) for w in words):
+        raise ValueError(f"{PRETRAINED_WORDS_FILE} must be a list of {config.pretrained_rows} strings")
+    return torch.from_numpy(vectors), words
+
+
 class Tagger:
     """A trained model with its vocabularies.
 
@@ -72,9 +111,18 @@ class Tagger:
 
     def __init__(self, model: SequenceTagger, words: Vocab, chars: Vocab, tags: Vocab,
                  output_scheme: str = "IOB2", digits_to_zero: bool = False,
-                 device: Union[str, torch.device, None] = None):
+                 device: Union[str, torch.device, None] = None, pretrained_words: Optional[Sequence[str]] = None):
+        """pretrained_words: the word of each row of model.pretrained (the frozen table), which
+        a model trained with pretrained vectors must be given."""
+        rows = model.config.pretrained_rows
+        if (pretrained_words is None) != (rows == 0) or (pretrained_words is not None and len(pretrained_words) != rows):
+            raise ValueError(f"pretrained_words must name each of the model's {rows} pretrained rows, got "
+                             f"{'none' if pretrained_words is None else len(pretrained_words)}")
         self.model = model
         self.words, self.chars, self.tags = words, chars, tags
+        self.pretrained_words: Optional[List[str]] = None if pretrained_words is None else list(pretrained_words)
+        self.pretrained_index: Optional[Dict[str, int]] = (
+            None if pretrained_words is None else word_rows(self.pretrained_words))
         self.output_scheme = canonical_scheme(output_scheme)
         self.digits_to_zero = digits_to_zero
         self.device = resolve_device(device)
@@ -97,8 +145,16 @@ class Tagger:
         """The directory's files (name -> bytes). `state_dict` overrides the live weights."""
         vocab = {"words": self.words.to_json(), "chars": self.chars.to_json(), "tags": self.tags.to_json()}
         weights = state_dict if state_dict is not None else self.model.state_dict()
-        return {CONFIG_FILE: json_bytes(self.config_json()), VOCAB_FILE: json_bytes(vocab),
-                WEIGHTS_FILE: torch_bytes({k: v.detach().cpu() for k, v in weights.items()})}
+        files = {CONFIG_FILE: json_bytes(self.config_json()), VOCAB_FILE: json_bytes(vocab),
+                 WEIGHTS_FILE: torch_bytes({k: v.detach().cpu() for k, v in weights.items()})}
+        if self.model.pretrained is not None:
+            import numpy as np
+
+            buffer = io.BytesIO()
+            np.save(buffer, self.model.pretrained.detach().cpu().numpy(), allow_pickle=False)
+            files[PRETRAINED_VECTORS_FILE] = buffer.getvalue()
+            files[PRETRAINED_WORDS_FILE] = json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8")
+        return files
 
     def save(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Write the directory as one set (fastner.storage.write_file_set)."""
@@ -135,7 +191,8 @@ class Tagger:
                 raise ValueError("the tag vocabulary differs from the model's tags")
             if len(words) != model_config.num_words or len(chars) != model_config.num_chars:
                 raise ValueError("the vocabulary sizes differ from the model's")
-            model = SequenceTagger(model_config)
+            pretrained, pretrained_words = _load_pretrained_table(path, model_config)
+            model = SequenceTagger(model_config, pretrained=pretrained)
         except (KeyError, TypeError, ValueError) as err:
             raise TaggerLoadError(f"{path!r}: incompatible config or vocabulary: {err}") from None
         state = _state_dict_file(contents[WEIGHTS_FILE], files[WEIGHTS_FILE])
@@ -146,7 +203,7 @@ class Tagger:
             raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "
                                   f"{reason[:400]}") from None
         return cls(model, words, chars, tags, config.get("output_scheme", "IOB2"),
-                   bool(config.get("digits_to_zero", False)), device)
+                   bool(config.get("digits_to_zero", False)), device, pretrained_words)
 
     # ---- tagging ---------------------------------------------------------------------------
 
@@ -156,7 +213,8 @@ class Tagger:
 
         self.model.eval()
         return Analyser(self.model.infer, self.words, self.chars, self.tags, self.digits_to_zero,
-                        self.model.transition_scores(), self.device)
+                        self.model.transition_scores(), self.device,
+                        pretrained=self.pretrained_index)
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         """Tags only, in the output scheme (the scheme of the training file)."""

@@ -10,13 +10,14 @@ run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -26,8 +27,9 @@ from fastner.data.batching import bucket_batches, encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, split_tag
 from fastner.data.vocab import Vocab, normalize_digits
-from fastner.embeddings import Pretrained, embedding_matrix, load_pretrained
+from fastner.embeddings import embedding_matrix, frozen_table, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
+from fastner.optim import RowSparseSGD, clip_grad_norm, sparse_rows
 from fastner.storage import MANIFEST_FILE, StorageError, json_bytes, read_file_set, torch_bytes, write_file_set
 from fastner.tagger import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, Tagger
 
@@ -46,6 +48,9 @@ class RunDirectoryError(ValueError):
 
 @dataclass
 class TrainConfig:
+    """The training recipe: the one place its defaults are defined (the CLI's flags, `--config`
+    files and training.json read and write these fields)."""
+
     epochs: int = 50
     batch_size: int = 10
     optimizer: str = "sgd"  # or "adam"
@@ -61,21 +66,72 @@ class TrainConfig:
     digits_to_zero: bool = False
     eval_batch_size: int = 64
     device: str = "cpu"
-    model: Dict = field(default_factory=dict)  # ModelConfig overrides: encoder, head, hidden, ...
+    model: Dict = field(default_factory=dict)  # ModelConfig.options() overrides: encoder, head, hidden, ...
 
     def __post_init__(self):
+        kinds = {"epochs": int, "batch_size": int, "patience": int, "seed": int, "word_dim": int, "eval_batch_size": int,
+                 "momentum": float, "lr_decay": float, "clip": float, "optimizer": str, "scheme": str,
+                 "embeddings": str, "device": str, "digits_to_zero": bool}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, kind if kind is not float else (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer' if kind is int else kind.__name__}, "
+                                 f"got {value!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lr is None:
             self.lr = 0.015 if self.optimizer == "sgd" else 0.001
         self.scheme = canonical_scheme(self.scheme)
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "eval_batch_size", "word_dim"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.clip) and self.clip >= 0):
             raise ValueError(f"clip must be a finite number >= 0 (0: off), got {self.clip}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be an object of architecture options, got {self.model!r}")
+        unknown = sorted(set(self.model) - set(ModelConfig.options()))
+        if unknown:
+            raise ValueError(f"unknown model options {unknown}; known: {sorted(ModelConfig.options())}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, **overrides) -> "TrainConfig":
+        """A recipe from a JSON object (a `--config` file, or the "config" of a training.json),
+        then `overrides` (model options merge into the file's)."""
+        if not isinstance(data, dict):
+            raise ValueError("a training config must be a JSON object of TrainConfig fields")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        options = dict(data)
+        model = dict(options.get("model") or {})
+        model.update(overrides.pop("model", None) or {})
+        options.update(overrides)
+        options["model"] = model
+        return cls(**options)
+
+
+def read_config(path: str) -> dict:
+    """The recipe object of a JSON file: a TrainConfig object, or a training.json (its "config")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON training config: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "history" in data:
+        data = data["config"]  # a training.json: reuse the recipe of that run
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a training config must be a JSON object")
+    return data
 
 
 def tag_vocabulary(sentences: Sequence[Sentence], scheme: str) -> Vocab:
@@ -85,19 +141,11 @@ def tag_vocabulary(sentences: Sequence[Sentence], scheme: str) -> Vocab:
     return Vocab(["O"] + [f"{p}-{k}" for k in kinds for p in prefixes], specials=())
 
 
-def build_vocabularies(train: Sequence[Sentence], others: Sequence[Sentence], pretrained: Optional[Pretrained],
-                       scheme: str, digits_to_zero: bool):
-    """Words: every training word, plus dev/test words that have a pretrained vector (they keep
-    their vector instead of falling to <unk>). Chars: from the training words."""
+def build_vocabularies(train: Sequence[Sentence], scheme: str, digits_to_zero: bool):
+    """Words, chars and tags, from the training data alone: dev and test data never shape a model
+    (words outside training still get their pretrained vectors, from the frozen table)."""
     norm = normalize_digits if digits_to_zero else (lambda w: w)
-    counts = Counter(norm(t) for s in train for t in s.tokens)
-    if pretrained is not None:
-        for s in others:
-            for t in s.tokens:
-                w = norm(t)
-                if w not in counts and w in pretrained:
-                    counts[w] = 0
-    words = Vocab.from_counts(counts, min_count=0)
+    words = Vocab.from_counts(Counter(norm(t) for s in train for t in s.tokens), min_count=0)
     chars = Vocab.from_counts(Counter(c for s in train for t in s.tokens for c in t))
     return words, chars, tag_vocabulary(train, scheme)
 
@@ -127,10 +175,10 @@ class Progress:
         self.stream.flush()
 
 
-def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    return torch.optim.Adam(model.parameters(), lr=config.lr)
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(parameters, lr=config.lr)
 
 
 def _epoch_lr(config: TrainConfig, epoch: int) -> float:
@@ -143,157 +191,286 @@ def evaluate_tagger(tagger: Tagger, sentences: Sequence[Sentence], batch_size: i
     return tagger.evaluate(sentences, batch_size) if sentences else {"f1": 0.0, "precision": 0.0, "recall": 0.0, "accuracy": 0.0}
 
 
-def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str, config: TrainConfig,
-          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False, overwrite: bool = False,
-          log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None) -> dict:
-    """Train a tagger into `out_dir` (the best dev-F1 model, a Tagger directory) and return the
-    summary {'best_epoch', 'best_dev', 'history', 'test' (when test_data)}.
+class Hook:
+    """Called by Trainer after each dev evaluation and each checkpoint (on every rank; check
+    `trainer.dist.is_main` before writing). Subclass and override what you need."""
 
-    A directory that holds a saved run is refused unless `resume` (continue it: every setting
-    but RESUMABLE_CHANGES must equal the checkpoint's) or `overwrite` (replace it). The tagger,
-    checkpoint and history are written as one file set per epoch (fastner.storage), so a kill
-    leaves the previous epoch's directory or the new one."""
-    if not train_data:
-        raise ValueError("the training data holds no sentences")
-    if not resume and not overwrite:
-        existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
-        if existing:
-            raise RunDirectoryError(
-                f"{out_dir} already holds a saved run ({', '.join(existing)}); continue it with --resume, "
-                "replace it with --overwrite, or choose another --out")
-    output_scheme = detect_scheme(s.tags for s in train_data)
-    dist = distributed.setup(config.device)  # torchrun's process group, or a single process
-    device = dist.device
-    log = (log or (lambda text: print(text, file=sys.stderr, flush=True))) if dist.is_main else (lambda text: None)
-    progress = (progress or Progress()) if dist.is_main else Progress(distributed.discard_stream())
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint_path = os.path.join(out_dir, CHECKPOINT_FILE)
+    def after_evaluation(self, trainer: "Trainer", record: dict) -> None:
+        """`record`: the epoch's history entry (loss, dev scores, timings)."""
 
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    state = None
-    if resume:
-        if not os.path.isfile(checkpoint_path) and not os.path.isdir(os.path.join(out_dir, f".{MANIFEST_FILE}.staging")):
-            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {checkpoint_path}")
-        state = _read_checkpoint(out_dir)
+    def after_checkpoint(self, trainer: "Trainer", epoch: int) -> None:
+        """The checkpoint of `epoch` (0-based) is written (rank 0) and the best model saved."""
+
+
+class Trainer:
+    """Trains a tagger into `out_dir` (the best dev-F1 model as a Tagger directory, plus
+    checkpoint.pt and training.json), one epoch at a time: fit() = for each epoch
+    train_epoch(), evaluate(), checkpoint(), with the hooks called after the last two.
+
+    Dev data is used for early stopping (and choosing the saved epoch) only: the vocabularies,
+    the initialisation and every training step depend on the training data and the seed alone.
+    """
+
+    sparse_updates = True  # update the word table's rows sparsely where that equals dense SGD
+
+    def __init__(self, train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str,
+                 config: TrainConfig, resume: bool = False, overwrite: bool = False,
+                 log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None,
+                 hooks: Sequence[Hook] = ()):
+        if not train_data:
+            raise ValueError("the training data holds no sentences")
+        if not resume and not overwrite:
+            existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+            if existing:
+                raise RunDirectoryError(
+                    f"{out_dir} already holds a saved run ({', '.join(existing)}); continue it with --resume, "
+                    "replace it with --overwrite, or choose another --out")
+        self.config, self.out_dir, self.dev_data, self.hooks = config, out_dir, dev_data, list(hooks)
+        self.output_scheme = detect_scheme(s.tags for s in train_data)
+        self.dist = distributed.setup(config.device)  # torchrun's process group, or a single process
+        main = self.dist.is_main
+        self.log = (log or (lambda text: print(text, file=sys.stderr, flush=True))) if main else (lambda text: None)
+        self.progress = (progress or Progress()) if main else Progress(distributed.discard_stream())
+        os.makedirs(out_dir, exist_ok=True)
+        self.checkpoint_path = os.path.join(out_dir, CHECKPOINT_FILE)
+
+        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        state = self._read_checkpoint() if resume else None
+        if state is None:
+            self.tagger = self._new_tagger(train_data)
+        self.model = self.tagger.model
+        self.module = self.dist.wrap(self.model)  # forward(batch tensors) -> loss; DDP when several processes
+
+        train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
+        self.encoded = encode_sentences(train_tagged, self.tagger.words, self.tagger.chars, self.tagger.tags,
+                                        config.digits_to_zero)
+        self.lengths = [len(e.words) for e in self.encoded]
+        self.total_tokens = sum(self.lengths)
+
+        # the word table's rows are updated sparsely (fastner.optim) where that equals the dense
+        # update: SGD (Adam's moments are not lazily updatable) in one process (DDP all-reduces
+        # dense gradients)
+        self.word_table: Optional[RowSparseSGD] = None
+        if self.sparse_updates and config.optimizer == "sgd" and not self.dist.enabled:
+            self.word_table = RowSparseSGD(self.model.word_embedding.weight, config.lr, config.momentum)
+            self.model.word_embedding.sparse = True
+        self.optimizer = _make_optimizer(self._dense_parameters(), config)
+        self.history: List[dict] = []
+        self.improved = False  # whether the last evaluated epoch is the best so far
+        self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, -1, 0, 0
+        if state is not None:
+            dense_state, table_state = self._optimizer_states(state)
+            self.optimizer.load_state_dict(dense_state)
+            if self.word_table is not None:
+                self.word_table.load_state_dict(table_state)
+            self.history = list(state["history"])
+            self.best_f1, self.best_epoch = float(state["best_f1"]), int(state["best_epoch"])
+            self.bad_epochs, self.start_epoch = int(state["bad_epochs"]), int(state["epoch"]) + 1
+            self.rng.setstate(_tuples(state["python_rng"]))
+            torch.set_rng_state(state["torch_rng"])
+            self.log(f"resuming after epoch {self.start_epoch} (best dev F1 {self.best_f1:.2f} at epoch {self.best_epoch + 1})")
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _optimizer_states(self, state: dict):
+        """(torch optimiser state, RowSparseSGD state or None) from a checkpoint, whichever way
+        its word table was updated: the table's momentum moves between the two when a run is
+        resumed the other way (e.g. a single-process run continued under torchrun)."""
+        dense = state["optimizer"]
+        was_sparse = bool(state.get("sparse_word_table", False))
+        if was_sparse == (self.word_table is not None):
+            return dense, state.get("word_table_optimizer")
+        table = self.model.word_embedding.weight
+        at = next(i for i, p in enumerate(self.model.parameters()) if p is table)  # its index in a dense state
+        count = sum(1 for _ in self.model.parameters())
+        group = dict(dense["param_groups"][0])
+        if was_sparse:  # sparse -> dense: the table's momentum joins the optimiser state at its index
+            moved = {(i + 1 if i >= at else i): v for i, v in dense["state"].items()}
+            moved[at] = {"momentum_buffer": state["word_table_optimizer"]["momentum_buffer"]}
+            group["params"] = list(range(count))
+            return {"state": moved, "param_groups": [group]}, None
+        entry = dense["state"].get(at, {})  # dense -> sparse: it leaves the optimiser state
+        moved = {(i - 1 if i > at else i): v for i, v in dense["state"].items() if i != at}
+        group["params"] = list(range(count - 1))
+        buffer = entry.get("momentum_buffer")
+        return ({"state": moved, "param_groups": [group]},
+                {"momentum_buffer": buffer if buffer is not None else torch.zeros_like(table.detach().cpu())})
+
+    def _dense_parameters(self) -> List[torch.nn.Parameter]:
+        """What torch's optimiser updates: every parameter but a sparsely updated word table."""
+        table = self.model.word_embedding.weight if self.word_table is not None else None
+        return [p for p in self.model.parameters() if p is not table]
+
+    def _read_checkpoint(self) -> dict:
+        staging = os.path.join(self.out_dir, f".{MANIFEST_FILE}.staging")
+        if not os.path.isfile(self.checkpoint_path) and not os.path.isdir(staging):
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {self.checkpoint_path}")
+        state = _read_checkpoint(self.out_dir)
         # read through the file set: the tagger may still sit in a swap a kill cut short
-        saved = Tagger.load(out_dir, device="cpu")
-        _check_resume_settings(config, state, saved, checkpoint_path)
-        words, chars, tags = saved.words, saved.chars, saved.tags
-        model = saved.model
-        model.load_state_dict(state["model"])
-    else:
+        saved = Tagger.load(self.out_dir, device="cpu")
+        _check_resume_settings(self.config, state, saved, self.checkpoint_path)
+        saved.model.load_state_dict(state["model"])
+        self.tagger = Tagger(saved.model, saved.words, saved.chars, saved.tags, self.output_scheme,
+                             self.config.digits_to_zero, self.dist.device, saved.pretrained_words)
+        return state
+
+    def _new_tagger(self, train_data: Sequence[Sentence]) -> Tagger:
+        config = self.config
         pretrained = load_pretrained(config.embeddings)
-        others = list(dev_data) + list(test_data or [])
-        words, chars, tags = build_vocabularies(train_data, others, pretrained, config.scheme, config.digits_to_zero)
+        words, chars, tags = build_vocabularies(train_data, config.scheme, config.digits_to_zero)
         word_dim = pretrained.dim if pretrained is not None else config.word_dim
         init = torch.Generator().manual_seed(config.seed)
         weights, hits = embedding_matrix(words, pretrained, word_dim, init)
+        frozen, pretrained_words = (frozen_table(pretrained), pretrained.words) if pretrained is not None else (None, None)
         if pretrained is not None:
-            log(f"embeddings: {hits}/{len(words)} words found in {config.embeddings}")
+            self.log(f"embeddings: {hits}/{len(words)} training words found in {config.embeddings}; "
+                     f"{len(pretrained_words)} pretrained vectors kept frozen for every other word")
         model_config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), scheme=config.scheme,
-                                   word_dim=word_dim, word_pad=words.pad_id, char_pad=chars.pad_id, **config.model)
-        model = SequenceTagger(model_config, weights)
-    model.to(device)
-    trainer = dist.wrap(model)  # forward(batch tensors) -> loss; DDP when several processes
-    tagger = Tagger(model, words, chars, tags, output_scheme, config.digits_to_zero, device)
+                                   word_dim=word_dim, word_pad=words.pad_id, char_pad=chars.pad_id,
+                                   pretrained_rows=0 if frozen is None else len(pretrained_words), **config.model)
+        model = SequenceTagger(model_config, weights, frozen)
+        return Tagger(model, words, chars, tags, self.output_scheme, config.digits_to_zero, self.dist.device,
+                      pretrained_words)
 
-    train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
-    encoded = encode_sentences(train_tagged, words, chars, tags, config.digits_to_zero)
-    lengths = [len(e.words) for e in encoded]
-    total_tokens = sum(lengths)
+    # ---- the loop ----------------------------------------------------------------------------
 
-    optimizer = _make_optimizer(model, config)
-    history: List[dict] = []
-    best_f1, best_epoch, bad_epochs, start_epoch = -1.0, -1, 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        best_f1, best_epoch, bad_epochs = float(state["best_f1"]), int(state["best_epoch"]), int(state["bad_epochs"])
-        start_epoch = int(state["epoch"]) + 1
-        rng.setstate(_tuples(state["python_rng"]))
-        torch.set_rng_state(state["torch_rng"])
-        log(f"resuming after epoch {start_epoch} (best dev F1 {best_f1:.2f} at epoch {best_epoch + 1})")
+    def fit(self, test_data: Optional[Sequence[Sentence]] = None) -> dict:
+        """Train until the last epoch or early stop; return {'best_epoch', 'best_dev_f1',
+        'history', 'test' (when test_data: the best model's scores, for the record only)}."""
+        config, dist = self.config, self.dist
+        for epoch in range(self.start_epoch, config.epochs):
+            if self.bad_epochs >= config.patience:
+                break
+            loss_sum, tokens_done, train_seconds, started = self.train_epoch(epoch)
+            record = self.evaluate(epoch, loss_sum, tokens_done, train_seconds, started)
+            for hook in self.hooks:
+                hook.after_evaluation(self, record)
+            self.checkpoint(epoch)
+            for hook in self.hooks:
+                hook.after_checkpoint(self, epoch)
+        if self.bad_epochs >= config.patience:
+            self.log(f"stopped early: no better dev F1 for {config.patience} epochs")
 
-    for epoch in range(start_epoch, config.epochs):
-        if bad_epochs >= config.patience:
-            break
+        summary = {"best_epoch": self.best_epoch + 1, "best_dev_f1": self.best_f1, "history": self.history}
+        if test_data:
+            best = Tagger.load(self.out_dir, device=dist.device) if dist.is_main else None
+            summary["test"] = dist.broadcast(evaluate_tagger(best, test_data, config.eval_batch_size) if dist.is_main else None)
+            self.log(f"test F1 {summary['test']['f1']:.2f} (best dev epoch {self.best_epoch + 1})")
+        if dist.is_main:
+            write_file_set(self.out_dir, {HISTORY_FILE: json_bytes({"config": config.to_json(), **summary})})
+        dist.cleanup()  # waits for rank 0's writes before any rank returns
+        return summary
+
+    def train_epoch(self, epoch: int):
+        """One pass over this rank's share of the training batches: (loss sum, tokens) summed
+        over the ranks, the seconds it took, and when it started (perf_counter)."""
+        config, dist, model, optimizer = self.config, self.dist, self.model, self.optimizer
         lr = _epoch_lr(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        table = self.word_table
+        if table is not None:
+            table.lr = lr  # every row is flushed at the end of an epoch, so none lags at the old rate
+        dense = self._dense_parameters()
         model.train()
         dist.seed_epoch(config.seed, epoch)
         started = time.perf_counter()
         loss_sum, tokens_done = 0.0, 0
-        batches = dist.shard(bucket_batches(lengths, config.batch_size, shuffle=True, rng=rng))
+        words, chars = self.tagger.words, self.tagger.chars
+        batches = dist.shard(bucket_batches(self.lengths, config.batch_size, shuffle=True, rng=self.rng))
         for number, index in enumerate(batches, start=1):
-            batch = make_batch(encoded, index, words.pad_id, chars.pad_id).to(device)
-            loss = distributed.loss_of(trainer, batch)
+            batch = make_batch(self.encoded, index, words.pad_id, chars.pad_id).to(dist.device)
+            if table is not None:
+                table.catch_up(batch.words)  # the rows this forward reads, as the dense update would leave them
+            loss = distributed.loss_of(self.module, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            rows = values = None
+            if table is not None and table.weight.grad is not None:
+                rows, values = sparse_rows(table.weight.grad)
+                table.weight.grad = None
             if config.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                clip_grad_norm([p.grad for p in dense], values, config.clip)
             optimizer.step()
+            if rows is not None:
+                table.step(rows, values)
             loss_value = loss.item()  # also the sync that keeps the progress line honest
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"epoch {epoch + 1}, batch {number}: the loss is {loss_value}; try a smaller --lr")
             loss_sum += loss_value
             tokens_done += int(batch.lengths.sum())
             elapsed = time.perf_counter() - started
-            progress.update(
+            self.progress.update(
                 f"epoch {epoch + 1}/{config.epochs} [{number}/{len(batches)}] loss {loss_sum / tokens_done:.4f}/token "
                 f"{tokens_done / max(elapsed, 1e-9):,.0f} tokens/s",
                 force=number == len(batches),
             )
+        if table is not None:
+            table.flush()  # before evaluation and saving read the table
         train_seconds = time.perf_counter() - started
         loss_sum, tokens_done = dist.all_sum([loss_sum, tokens_done])
-        # rank 0 evaluates; every rank takes its result, so all decide alike when to stop
-        dev = dist.broadcast(evaluate_tagger(tagger, dev_data, config.eval_batch_size) if dist.is_main else None)
+        return loss_sum, tokens_done, train_seconds, started
+
+    def evaluate(self, epoch: int, loss_sum: float, tokens_done: float, train_seconds: float, started: float) -> dict:
+        """Dev scores of the epoch's model (rank 0 evaluates, every rank takes its result so all
+        decide alike when to stop); saves the model when it is the best so far. Returns the
+        epoch's history record."""
+        config, dist = self.config, self.dist
+        dev = dist.broadcast(evaluate_tagger(self.tagger, self.dev_data, config.eval_batch_size) if dist.is_main else None)
         epoch_seconds = time.perf_counter() - started
-        improved = dev["f1"] > best_f1
+        improved = self.improved = dev["f1"] > self.best_f1
         if improved:
-            best_f1, best_epoch, bad_epochs = dev["f1"], epoch, 0
+            self.best_f1, self.best_epoch, self.bad_epochs = dev["f1"], epoch, 0
         else:
-            bad_epochs += 1
+            self.bad_epochs += 1
         record = {
-            "epoch": epoch + 1, "lr": lr, "loss_per_token": loss_sum / max(tokens_done, 1),
+            "epoch": epoch + 1, "lr": _epoch_lr(config, epoch), "loss_per_token": loss_sum / max(tokens_done, 1),
             "dev_f1": dev["f1"], "dev_precision": dev["precision"], "dev_recall": dev["recall"],
             "dev_accuracy": dev["accuracy"], "train_seconds": train_seconds,
-            "tokens_per_s": total_tokens / max(train_seconds, 1e-9),
+            "tokens_per_s": self.total_tokens / max(train_seconds, 1e-9),
             # wall time since the run began, dev evaluation included (summed over resumed parts)
-            "elapsed_seconds": (history[-1]["elapsed_seconds"] if history else 0.0) + epoch_seconds,
+            "elapsed_seconds": (self.history[-1]["elapsed_seconds"] if self.history else 0.0) + epoch_seconds,
         }
-        history.append(record)
-        progress.done(
+        self.history.append(record)
+        self.progress.done(
             f"epoch {epoch + 1}/{config.epochs}: loss {record['loss_per_token']:.4f}/token, "
             f"{record['tokens_per_s']:,.0f} tokens/s, {train_seconds:.1f} s, dev F1 {dev['f1']:.2f}"
-            + (" (best)" if improved else f" (best {best_f1:.2f} at epoch {best_epoch + 1})")
+            + (" (best)" if improved else f" (best {self.best_f1:.2f} at epoch {self.best_epoch + 1})")
         )
-        if dist.is_main:
-            # the best tagger (when this epoch is it), the checkpoint and the history: one set
-            files = tagger.files() if improved else {}
-            files[CHECKPOINT_FILE] = torch_bytes({
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "best_f1": best_f1, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "history": history, "python_rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "config": asdict(config),
-            })
-            files[HISTORY_FILE] = json_bytes({"config": asdict(config), "history": history,
-                                              "best_epoch": best_epoch + 1, "best_dev_f1": best_f1})
-            write_file_set(out_dir, files)
-    if bad_epochs >= config.patience:
-        log(f"stopped early: no better dev F1 for {config.patience} epochs")
+        return record
 
-    summary = {"best_epoch": best_epoch + 1, "best_dev_f1": best_f1, "history": history}
-    if test_data:
-        best = Tagger.load(out_dir, device=device) if dist.is_main else None
-        summary["test"] = dist.broadcast(evaluate_tagger(best, test_data, config.eval_batch_size) if dist.is_main else None)
-        log(f"test F1 {summary['test']['f1']:.2f} (best dev epoch {best_epoch + 1})")
-    if dist.is_main:
-        write_file_set(out_dir, {HISTORY_FILE: json_bytes({"config": asdict(config), **summary})})
-    dist.cleanup()  # waits for rank 0's writes before any rank returns
-    return summary
+    def checkpoint(self, epoch: int) -> None:
+        """Everything a resumed run needs to continue exactly, with the best tagger when this
+        epoch is it and the history: one file set (fastner.storage), so a kill leaves the
+        previous epoch's directory or this one (rank 0 writes)."""
+        if not self.dist.is_main:
+            return
+        config = self.config.to_json()
+        files = self.tagger.files() if self.improved else {}
+        files[CHECKPOINT_FILE] = torch_bytes({
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sparse_word_table": self.word_table is not None,
+            **({"word_table_optimizer": self.word_table.state_dict()} if self.word_table is not None else {}),
+            "epoch": epoch, "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+            "history": self.history, "python_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "config": config,
+        })
+        files[HISTORY_FILE] = json_bytes({"config": config, "history": self.history,
+                                          "best_epoch": self.best_epoch + 1, "best_dev_f1": self.best_f1})
+        write_file_set(self.out_dir, files)
+
+
+def train(train_data: Sequence[Sentence], dev_data: Sequence[Sentence], out_dir: str, config: TrainConfig,
+          test_data: Optional[Sequence[Sentence]] = None, resume: bool = False, overwrite: bool = False,
+          log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None,
+          hooks: Sequence[Hook] = ()) -> dict:
+    """Trainer(...).fit(test_data): see Trainer.
+
+    A directory that holds a saved run is refused unless `resume` (continue it: every setting
+    but RESUMABLE_CHANGES must equal the checkpoint's) or `overwrite` (replace it)."""
+    return Trainer(train_data, dev_data, out_dir, config, resume, overwrite, log, progress, hooks).fit(test_data)
 
 
 def _tuples(value):
@@ -341,7 +518,7 @@ def _check_resume_settings(config: TrainConfig, state: dict, saved: Tagger, chec
             differences.append(f"{name} {setting!r} (checkpoint: {model_config[name]!r})")
     saved_config = state.get("config")  # absent in checkpoints written before settings were recorded
     if isinstance(saved_config, dict):
-        for key, value in asdict(config).items():
+        for key, value in config.to_json().items():
             if key not in RESUMABLE_CHANGES and key != "model" and key in saved_config and saved_config[key] != value:
                 differences.append(f"{key} {value!r} (checkpoint: {saved_config[key]!r})")
     if differences:

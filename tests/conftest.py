@@ -5,6 +5,19 @@ import pytest
 import torch
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Set to a site-packages directory to run the suite against the fastner installed there (a
+# wheel, .ci/gpu_wheel.sh) rather than a source tree: the run stops at once if it imports any other.
+INSTALLED_ENV = "FASTNER_TEST_INSTALLED_IN"
+
+
+def pytest_configure(config):
+    site = os.environ.get(INSTALLED_ENV)
+    if site:
+        import fastner
+
+        imported = pathlib.Path(fastner.__file__).resolve()
+        if not imported.is_relative_to(pathlib.Path(site).resolve()):
+            raise pytest.UsageError(f"{INSTALLED_ENV}={site}, but the tests imported fastner from {imported}")
 
 
 @pytest.fixture(autouse=True)

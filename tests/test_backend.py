@@ -11,9 +11,34 @@ def test_backend_reports_every_device():
     assert set(info) >= {"cpu", "cuda", "version", "torch"}
     assert info["cpu"] in ("fused", "reference")
     assert info["cuda"] in ("fused", "reference", "unavailable")
+    assert info["cuda_kernels"] in ("built", "not built", "not loaded")
     if not torch.cuda.is_available():
         assert info["cuda"] == "unavailable"
     assert info["version"] == fastner.__version__
+
+
+def test_cuda_kernels_are_reported_as_built_exactly_when_the_build_had_cuda():
+    info = fastner.backend()
+    assert info["cuda_kernels"] != "not loaded", info  # CI builds the extension
+    try:
+        from fastner import _build_info
+    except ImportError:  # an extension copied in without its build info: the dispatcher alone
+        built_with_cuda = info["cuda_kernels"] == "built"
+    else:
+        built_with_cuda = _build_info.CUDA_VERSION is not None
+    assert info["cuda_kernels"] == ("built" if built_with_cuda else "not built"), info
+    if torch.version.cuda is None:  # a CPU torch cannot carry CUDA kernels
+        assert info["cuda_kernels"] == "not built", info
+
+
+def test_a_visible_gpu_is_served_fused_exactly_when_the_cuda_kernels_are_built(monkeypatch):
+    # Tells "built, no device" from "not built" and "fused" on a machine without a GPU: with a
+    # GPU made visible, a build with CUDA kernels serves it fused, one without serves the reference.
+    kernels = fastner.backend()["cuda_kernels"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = fastner.backend()
+    assert info["cuda_kernels"] == kernels
+    assert info["cuda"] == ("fused" if kernels == "built" else "reference"), info
 
 
 def test_extension_is_built_and_serves_cpu():
@@ -33,6 +58,8 @@ def _backend_in_subprocess(env_value):
 def test_env_var_forces_reference():
     info = _backend_in_subprocess("reference")
     assert info["cpu"] == "reference"
+    assert info["cuda"] in ("reference", "unavailable")
+    assert info["cuda_kernels"] == "not loaded"  # the extension is not even imported
 
 
 def test_env_var_rejects_unknown_value():
@@ -58,6 +85,7 @@ def test_broken_extension_falls_back_and_warns_once():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = __import__("json").loads(out.stdout)
     assert result["info"]["cpu"] == "reference"
+    assert result["info"]["cuda_kernels"] == "not loaded"
     assert "fastner._C" in result["info"]["extension_error"]
     assert len(result["msgs"]) == 1 and "reference path" in result["msgs"][0]
 

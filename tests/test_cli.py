@@ -128,3 +128,40 @@ def test_bench_subcommand_reaches_fastner_bench(capsys):
         cli_main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_train_config_file_then_flags(capsys, tmp_path):
+    """--print-config writes the recipe (TrainConfig's defaults), --config reads it back, and
+    flags given on the command line override the file's values."""
+    from fastner.train import TrainConfig
+
+    assert main(["train", "--print-config", "--encoder", "gru", "--epochs", "7"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written == dict(TrainConfig(epochs=7, model={"encoder": "gru"}).to_json())
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(written))
+    assert main(["train", "--config", str(path), "--print-config", "--hidden", "12", "--optimizer", "adam"]) == 0
+    read = json.loads(capsys.readouterr().out)
+    assert read["epochs"] == 7 and read["model"] == {"encoder": "gru", "hidden": 12}
+    assert read["optimizer"] == "adam" and read["lr"] == 0.001  # the new optimizer's default lr
+    # a training.json repeats its run's recipe
+    (tmp_path / "training.json").write_text(json.dumps({"config": written, "history": []}))
+    assert main(["train", "--config", str(tmp_path / "training.json"), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == written
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"epochs": 3, "bogus": 1}', "unknown training config keys ['bogus']"),
+    ('{"model": {"hiden": 3}}', "unknown model options ['hiden']"),
+    ('{"epochs": "3"}', "epochs must be an integer"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{"epochs": ', "not a JSON training config"),
+])
+def test_train_config_file_errors(capsys, tmp_path, content, message):
+    path = tmp_path / "recipe.json"
+    path.write_text(content)
+    assert main(["train", "--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastner: error: ") and message in err and "Traceback" not in err
+    assert main(["train", "--config", str(tmp_path / "missing.json"), "--print-config"]) == 2
+    assert "config file not found" in capsys.readouterr().err

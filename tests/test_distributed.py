@@ -45,7 +45,7 @@ def _tiny_model(train_data):
     from fastner.models.tagger import ModelConfig, SequenceTagger
     from fastner.train import build_vocabularies
 
-    words, chars, tags = build_vocabularies(train_data, [], None, "BIOES", False)
+    words, chars, tags = build_vocabularies(train_data, "BIOES", False)
     torch.manual_seed(123)
     # dropout 0: the comparison is of the arithmetic, not of random masks
     config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), word_dim=8,

@@ -34,15 +34,18 @@ def tiny_tagger(encoder="lstm", head="crf", layers=1, seed=0):
     from fastner.train import build_vocabularies
 
     train_data, _ = generate_corpus(30, 1, seed=4)
-    words, chars, tags = build_vocabularies(train_data, [], None, "BIOES", False)
+    words, chars, tags = build_vocabularies(train_data, "BIOES", False)
     torch.manual_seed(seed)
+    # a frozen pretrained table for words outside the training data ("Zyxw" by its lowercase form)
+    pretrained_words = ["zyxw", "unseen", "tokens"]
     config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), word_dim=8, char_dim=6,
-                         char_filters=6, hidden=6, layers=layers, encoder=encoder, head=head, dropout=0.0)
-    model = SequenceTagger(config)
+                         char_filters=6, hidden=6, layers=layers, encoder=encoder, head=head, dropout=0.0,
+                         pretrained_rows=len(pretrained_words))
+    model = SequenceTagger(config, pretrained=torch.randn(len(pretrained_words), 8).mul(3).half())
     with torch.no_grad():  # an untrained CRF's transitions are near 0: make the paths matter
         for param in model.parameters():
             param.mul_(3.0)
-    return Tagger(model, words, chars, tags, "IOB2", False, "cpu")
+    return Tagger(model, words, chars, tags, "IOB2", False, "cpu", pretrained_words)
 
 
 def sentences(count=9, seed=1):
@@ -141,6 +144,7 @@ def test_other_encoders_and_heads_export(encoder, head):
     runtime = export.ExportedTagger(program, {
         "fixed_length": fixed_length, "digits_to_zero": False, "output_scheme": "IOB2",
         "words": tagger.words.to_json(), "chars": tagger.chars.to_json(), "tags": tagger.tags.to_json(),
+        "pretrained_words": tagger.pretrained_words,
         "transition_scores": [export._json_floats(t) for t in tagger.model.transition_scores()]})
     batch = [s[:8] for s in sentences(5, seed=7)]
     assert_same_predictions(tagger.predict(batch), runtime.predict(batch, batch_size=2))

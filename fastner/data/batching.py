@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import torch
 
 from fastner.data.conll import Sentence
-from fastner.data.vocab import Vocab, normalize_digits
+from fastner.data.vocab import Vocab, word_lookup
 
 # Longer words are cut for the char CNN: a max-pool over 3-grams gains little past this, and one
 # pathological token (a URL) would otherwise widen the whole batch's char tensor.
@@ -42,11 +42,15 @@ def encode_sentences(
     chars: Vocab,
     tags: Optional[Vocab] = None,
     digits_to_zero: bool = False,
+    pretrained: Optional[Mapping[str, int]] = None,
 ) -> List[Encoded]:
-    """Id lists per sentence. Tags are looked up exactly; an unseen tag is an error naming it."""
+    """Id lists per sentence. Words as word_lookup() gives them (`pretrained`: word -> row of
+    the model's frozen pretrained table); tags are looked up exactly, an unseen tag is an error
+    naming it."""
+    lookup = word_lookup(words, pretrained, digits_to_zero)
     encoded = []
     for number, sentence in enumerate(sentences):
-        word_ids = [words.lookup(normalize_digits(t) if digits_to_zero else t) for t in sentence.tokens]
+        word_ids = [lookup(t) for t in sentence.tokens]
         char_ids = [[chars.lookup(c) for c in token[:MAX_WORD_CHARS]] for token in sentence.tokens]
         tag_ids = None
         if tags is not None and sentence.tags:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 PAD = "<pad>"
 UNK = "<unk>"
@@ -56,11 +56,14 @@ class Vocab:
     def unk_id(self) -> Optional[int]:
         return self.stoi.get(UNK)
 
+    def find(self, item: str) -> Optional[int]:
+        """The id of `item`, else of its lowercase form, else None."""
+        index = self.stoi.get(item)
+        return self.stoi.get(item.lower()) if index is None else index
+
     def lookup(self, item: str) -> int:
         """The id of `item`, else of its lowercase form, else the unknown id."""
-        index = self.stoi.get(item)
-        if index is None:
-            index = self.stoi.get(item.lower())
+        index = self.find(item)
         if index is None:
             index = self.unk_id
             if index is None:
@@ -82,3 +85,32 @@ class Vocab:
         if len(vocab) != len(itos):
             raise ValueError("vocabulary JSON: 'itos' holds duplicate entries")
         return vocab
+
+
+def word_lookup(words: Vocab, pretrained: Optional[Mapping[str, int]] = None,
+                digits_to_zero: bool = False) -> Callable[[str], int]:
+    """token -> word id over the open vocabulary a model was trained with.
+
+    Ids below len(words) are rows of the fine-tuned table (the training vocabulary): the exact
+    form, then the lowercase form. Then `pretrained` (word -> row of the frozen pretrained table,
+    exact form then lowercase form: GloVe is lowercased) gives id len(words) + row. Anything else
+    is the unknown id. Digits become 0 first when the model was trained so.
+    """
+    offset, unk = len(words), words.unk_id
+
+    def lookup(token: str) -> int:
+        word = normalize_digits(token) if digits_to_zero else token
+        index = words.find(word)
+        if index is not None:
+            return index
+        if pretrained is not None:
+            row = pretrained.get(word)
+            if row is None:
+                row = pretrained.get(word.lower())
+            if row is not None:
+                return offset + row
+        if unk is None:
+            raise KeyError(f"{token!r} is not in a vocabulary without an unknown entry")
+        return unk
+
+    return lookup

@@ -2,6 +2,14 @@
 
 word embedding (+ char CNN features) -> dropout -> bidirectional LSTM/GRU/RNN -> dropout ->
 linear -> CRF (transitions constrained by the tag scheme) or a per-token softmax.
+
+Word embeddings come from two tables (an open vocabulary): the fine-tuned `word_embedding` of
+the training vocabulary (ids [0, num_words)) and, when the model was trained with pretrained
+vectors, the frozen `pretrained` table of every pretrained word (ids num_words + row). A word
+seen in training takes its fine-tuned row; any other word with a pretrained vector keeps that
+vector, so names never seen in training still get one. The frozen table is a buffer outside the
+state_dict (fastner.Tagger stores it beside the weights, memory-mapped), and gets no gradient:
+a training step costs the same whatever its size.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from fastner.models.char_cnn import CharCNN
 
 ENCODERS = {"lstm": fnn.LSTM, "gru": fnn.GRU, "rnn": fnn.RNN}
 HEADS = ("crf", "softmax")
+RECIPE_OPTIONS = ("char_dim", "char_filters", "char_window", "use_chars", "encoder", "hidden", "layers", "dropout", "head")
 
 
 @dataclass
@@ -36,6 +45,7 @@ class ModelConfig:
     head: str = "crf"
     word_pad: int = 0
     char_pad: int = 0
+    pretrained_rows: int = 0  # rows of the frozen pretrained table (0: none)
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -45,6 +55,8 @@ class ModelConfig:
         for name in ("num_words", "num_chars", "word_dim", "hidden", "layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.pretrained_rows) < 0:
+            raise ValueError(f"pretrained_rows must be >= 0, got {self.pretrained_rows}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.tags:
@@ -52,6 +64,12 @@ class ModelConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def options(cls) -> dict:
+        """The architecture choices a training recipe may set, with their defaults (the rest of
+        the config comes from the data: vocabulary sizes, tags, padding ids, the vector size)."""
+        return {f.name: f.default for f in fields(cls) if f.name in RECIPE_OPTIONS}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelConfig":
@@ -63,9 +81,24 @@ class ModelConfig:
 
 
 class SequenceTagger(nn.Module):
-    def __init__(self, config: ModelConfig, word_weights: Optional[torch.Tensor] = None):
+    def __init__(self, config: ModelConfig, word_weights: Optional[torch.Tensor] = None,
+                 pretrained: Optional[torch.Tensor] = None):
+        """word_weights: [num_words, word_dim] initial fine-tuned rows; pretrained:
+        [pretrained_rows, word_dim] float16/float32 frozen rows (zeros when not given, as
+        before a Tagger loads its table)."""
         super().__init__()
         self.config = config
+        if config.pretrained_rows:
+            shape = (config.pretrained_rows, config.word_dim)
+            if pretrained is None:
+                pretrained = torch.zeros(shape, dtype=torch.float16)
+            if tuple(pretrained.shape) != shape or pretrained.dtype not in (torch.float16, torch.float32):
+                raise ValueError(f"pretrained must be a float16/float32 tensor of shape {list(shape)}, "
+                                 f"got {pretrained.dtype} {list(pretrained.shape)}")
+        elif pretrained is not None:
+            raise ValueError("pretrained rows given, but the config has pretrained_rows=0")
+        # not in the state_dict: the checkpoint and weights stay small, the table is stored once
+        self.register_buffer("pretrained", pretrained, persistent=False)
         self.word_embedding = nn.Embedding(config.num_words, config.word_dim, padding_idx=config.word_pad)
         if word_weights is not None:
             if tuple(word_weights.shape) != (config.num_words, config.word_dim):
@@ -105,24 +138,40 @@ class SequenceTagger(nn.Module):
         else:
             self.crf = None
 
+    def embed_words(self, words: torch.Tensor) -> torch.Tensor:
+        """words: [B, T] ids of the open vocabulary (see the module doc) -> [B, T, word_dim]."""
+        if self.pretrained is None:
+            return self.word_embedding(words)
+        fine = words < self.config.num_words  # [B, T]
+        tuned = self.word_embedding(words.masked_fill(~fine, self.config.word_pad))
+        frozen = self.pretrained[(words - self.config.num_words).clamp(min=0)].to(tuned.dtype)
+        return torch.where(fine.unsqueeze(-1), tuned, frozen)
+
     def emissions(self, words: torch.Tensor, chars: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """words: [B, T], chars: [B, T, C], lengths: [B], mask: [B, T] bool -> emissions [B, T, K]."""
-        x = self.word_embedding(words)  # [B, T, word_dim]
+        x = self.embed_words(words)  # [B, T, word_dim]
         if self.char_cnn is not None:
             x = torch.cat([x, self.char_cnn(chars, mask)], dim=-1)
         x = self.dropout(x)
         x, _ = self.encoder(x, lengths=lengths)  # [B, T, 2H], zeros past each length
         return self.output(self.dropout(x))
 
+    def forward(self, words: torch.Tensor, chars: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor,
+                tags: torch.Tensor) -> torch.Tensor:
+        """The training loss: negative log-likelihood summed over the sentences (token
+        cross-entropy summed over tokens for the softmax head). words/tags: [B, T], chars:
+        [B, T, C], lengths: [B], mask: [B, T] bool. Being forward(), it is what
+        DistributedDataParallel wraps and synchronises."""
+        scores = self.emissions(words, chars, lengths, mask)
+        if self.crf is not None:
+            return -self.crf(scores, tags, mask, reduction="sum")
+        return nn.functional.cross_entropy(scores[mask], tags[mask], reduction="sum")
+
     def loss(self, batch) -> torch.Tensor:
-        """Negative log-likelihood summed over the batch's sentences (token cross-entropy summed
-        over tokens for the softmax head)."""
+        """forward() of a fastner.data.Batch."""
         if batch.tags is None:
             raise ValueError("the batch has no gold tags to compute a loss against")
-        scores = self.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
-        if self.crf is not None:
-            return -self.crf(scores, batch.tags, batch.mask, reduction="sum")
-        return nn.functional.cross_entropy(scores[batch.mask], batch.tags[batch.mask], reduction="sum")
+        return self(batch.words, batch.chars, batch.lengths, batch.mask, batch.tags)
 
     def transition_scores(self, dtype: torch.dtype = torch.float32):
         """(transitions [K, K], start [K], end [K]) as decoding uses them: the CRF's, with its

@@ -1,0 +1,271 @@
+"""The FastAPI app of `fastner serve`: routes, request schemas, errors, the batching worker's
+lifetime and the web page.
+
+Everything the app reads from disk (the model, the page) is read in create_app, once: no
+request names a file or makes the server open one.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import time
+from contextlib import asynccontextmanager
+from typing import List, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import fastner
+from fastner.serve import model as model_adapter
+from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown
+from fastner.serve.config import ServeConfig
+from fastner.serve.limits import BodyLimit
+from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+
+log = logging.getLogger("fastner.serve")
+PAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
+RETRY_AFTER_SECONDS = 1
+# Warm-up: the first calls of each shape pay one-time allocation and dispatch costs.
+WARMUP_TEXTS = ["Peter Blackburn of the European Commission visited Frankfurt on Monday .",
+                "Altamira Holdings agreed to buy Crescent Logistics for $ 3.2 billion , chief executive Omar Haddad said ."]
+
+
+# ---- schemas ---------------------------------------------------------------------------------
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Optional[Union[str, int]] = Field(None, description="echoed back with the document's result")
+    text: str
+
+
+class EntitiesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"documents": ["Peter Blackburn visited Germany .", {"id": "a1", "text": "EU rejects German call ."}]}]})
+    documents: List[Union[str, DocumentIn]] = Field(..., min_length=1, description="raw texts, or {id, text} objects")
+    nbest: int = Field(1, ge=1, description="analyses per sentence; above 1 the answer adds them with their probabilities")
+
+
+class Entity(BaseModel):
+    start: int = Field(..., description="character offset of the first character")
+    end: int = Field(..., description="character offset after the last character")
+    label: str
+    text: str = Field(..., description="document[start:end]")
+    score: float
+
+
+class Analysis(BaseModel):
+    probability: float
+    entities: List[dict] = Field(..., description="{start, end, label, text} of this analysis")
+
+
+class SentenceAnalyses(BaseModel):
+    start: int
+    end: int
+    analyses: List[Analysis] = Field(..., description="the k best analyses of the sentence, best first")
+
+
+class DocumentOut(BaseModel):
+    id: Optional[Union[str, int]] = None
+    entities: List[Entity]
+    nbest: Optional[List[SentenceAnalyses]] = Field(None, description="with nbest > 1: per sentence")
+
+
+class EntitiesResponse(BaseModel):
+    documents: List[DocumentOut]
+
+
+class FieldError(Exception):
+    """A request that parses but asks for something the server does not serve: 422 naming it."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.field, self.message, self.status = field, message, status
+
+
+_UNION_TAGS = ("str", "DocumentIn")  # pydantic names the union member tried in `loc`
+
+
+def validation_problems(errors) -> List[dict]:
+    """pydantic errors -> [{"field": "documents.2.text", "message", "type"}], one per field.
+
+    A document is a string or an object: pydantic reports a failure against each member of the
+    union; keep the one that matches what was sent (an object's field error, else one line
+    saying what a document may be)."""
+    problems: dict = {}
+    for item in errors:
+        location = [part for part in item.get("loc", ()) if part != "body"]
+        kind = item.get("type", "")
+        if kind == "json_invalid":
+            reason = (item.get("ctx") or {}).get("error", "")
+            at = f" at character {location[0]}" if location else ""
+            problems["body"] = {"field": "body", "message": f"malformed JSON{at}: {reason}".rstrip(": "), "type": kind}
+            continue
+        union_member = next((part for part in location if part in _UNION_TAGS), None)
+        location = [str(part) for part in location if part not in _UNION_TAGS]
+        field = ".".join(location) or "body"
+        message = item.get("msg", "invalid")
+        if union_member is not None:
+            sent = item.get("input")
+            if isinstance(sent, dict) and union_member == "str":
+                continue  # an object was sent: its own field errors say more
+            if not isinstance(sent, (dict, str)) and len(location) == 2:  # the document itself
+                field = ".".join(location[:2])
+                message = f'a document is a string or an object {{"id", "text"}}, got {type(sent).__name__}'
+        problems.setdefault(field, {"field": field, "message": message, "type": kind})
+    return list(problems.values())
+
+
+# ---- the app -----------------------------------------------------------------------------------
+
+def model_info(tagger, config: ServeConfig) -> dict:
+    model_config = tagger.model.config
+    return {
+        "labels": sorted({tag.split("-", 1)[1] for tag in tagger.tags.itos if "-" in tag}),
+        "tags": list(tagger.tags.itos),
+        "scheme": model_config.scheme,
+        "output_scheme": tagger.output_scheme,
+        "encoder": model_config.encoder,
+        "head": model_config.head,
+        "hidden": model_config.hidden,
+        "layers": model_config.layers,
+        "precision": config.precision,
+        "device": str(tagger.device),
+        "backend": fastner.backend(),
+        "fastner": fastner.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "max_nbest": model_adapter.MAX_NBEST,
+        "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
+                     "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
+        "limits": {"max_body_bytes": config.max_body_bytes, "max_documents": config.max_documents,
+                   "max_document_tokens": config.max_document_tokens},
+    }
+
+
+def create_app(tagger, config: Optional[ServeConfig] = None):
+    """The ASGI app serving `tagger` (already loaded, on its device, in its precision)."""
+    config = config or ServeConfig()
+    with open(PAGE_FILE, encoding="utf-8") as handle:
+        page = handle.read()
+    state = {"ready": False}
+    batcher = Batcher(lambda texts, nbest: model_adapter.predict_documents(tagger, texts, nbest),
+                      max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms,
+                      max_queue=config.max_queue, threads=config.threads, batching=config.batching)
+    metrics = ServerMetrics(lambda: batcher.queue_depth)
+    batcher.on_batch = metrics.observe_batch
+    info = model_info(tagger, config)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        try:
+            for text in WARMUP_TEXTS:  # through the worker: the event loop never runs the model
+                await batcher.submit([text] * 8, 8 * model_adapter.count_tokens(text), wait=False)
+            state["ready"] = True
+            yield
+        finally:
+            state["ready"] = False
+            # uvicorn has finished the in-flight requests by now; the queue is empty or being drained
+            await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+            log.warning("fastner serve: stopped (in-flight requests answered, model worker joined)")
+
+    app = FastAPI(title="fastner", version=fastner.__version__, lifespan=lifespan,
+                  description="Named entities with character offsets, from a fastner tagger, with dynamic batching.")
+    app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        problems = validation_problems(error.errors())
+        if "json" not in request.headers.get("content-type", "json"):
+            problems = [{"field": "body", "type": "content_type",
+                         "message": "send a JSON body with the header Content-Type: application/json"}]
+        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+        return JSONResponse(status_code=422, content={"error": f"{first['field']}: {first['message']}",
+                                                      "field": first["field"], "problems": problems})
+
+    @app.exception_handler(FieldError)
+    async def field_error(_request, error: FieldError):
+        return JSONResponse(status_code=error.status, content={"error": f"{error.field}: {error.message}", "field": error.field})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, error: StarletteHTTPException):
+        content = error.detail if isinstance(error.detail, dict) else {"error": str(error.detail)}
+        return JSONResponse(status_code=error.status_code, content=content, headers=getattr(error, "headers", None))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/healthz")
+    async def healthz():
+        """The process answers (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        """The model is loaded and warmed up, and the server takes requests (readiness)."""
+        if not state["ready"]:
+            return JSONResponse(status_code=503, content={"status": "starting or stopping"},
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return {"status": "ready"}
+
+    @app.get("/v1/model")
+    async def v1_model():
+        """Labels, tag scheme, encoder, precision, backend and versions of the served model."""
+        return info
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    # The answer is serialized directly (the records are built by fastner.serve.model, not from
+    # user input): re-validating every entity through the response model measured a large share
+    # of a small request's server time. EntitiesResponse still documents it in /docs.
+    @app.post("/v1/entities", response_class=Response,
+              responses={200: {"model": EntitiesResponse, "description": "per document, in order: its entities"},
+                         413: {"description": "body or document over the limit"},
+                         422: {"description": "malformed JSON or a wrong field (named in `field`)"},
+                         503: {"description": "queue full or shutting down (Retry-After)"}})
+    async def entities(request: EntitiesRequest):
+        """Entities with character offsets for each document, in the order given."""
+        if len(request.documents) > config.max_documents:
+            raise FieldError("documents", f"{len(request.documents)} documents; at most {config.max_documents} a request",
+                             status=413)
+        if request.nbest > model_adapter.MAX_NBEST:
+            raise FieldError("nbest", f"this server gives at most {model_adapter.MAX_NBEST} analyses, got {request.nbest}")
+        ids, texts = [], []
+        for document in request.documents:
+            ids.append(None if isinstance(document, str) else document.id)
+            texts.append(document if isinstance(document, str) else document.text)
+        tokens = 0
+        for number, text in enumerate(texts):
+            count = model_adapter.count_tokens(text)
+            if count > config.max_document_tokens:
+                field = f"documents.{number}" + ("" if isinstance(request.documents[number], str) else ".text")
+                raise FieldError(field, f"{count} tokens; at most {config.max_document_tokens} a document "
+                                        "(split it, or start the server with a larger --max-document-tokens)", status=413)
+            tokens += count
+        try:
+            future = batcher.submit(texts, tokens, request.nbest)
+        except (QueueFull, ShuttingDown) as err:
+            return JSONResponse(status_code=503, content={"error": str(err)},
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        try:
+            results = await future
+        except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
+            return JSONResponse(status_code=500, content={"error": f"the model call failed: {type(err).__name__}: {err}"})
+        documents = [result if doc_id is None else {"id": doc_id, **result} for doc_id, result in zip(ids, results)]
+        # ASCII with escapes: a lone surrogate sent as "\ud800" comes back escaped, not as bytes
+        # UTF-8 cannot encode
+        return Response(json.dumps({"documents": documents}).encode("ascii"), media_type="application/json")
+
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s too
+    return app

@@ -1,0 +1,37 @@
+"""The server's settings: one dataclass, its defaults, and the checks on them."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_WAIT_MS = 60_000  # a minute: anything longer is a typo, not a batching policy
+
+
+@dataclass
+class ServeConfig:
+    max_batch_tokens: int = 4096  # tokens per model call
+    max_wait_ms: float = 5.0  # longest a queued request waits for others to join its batch
+    max_queue: int = 256  # queued requests; one more is answered 503
+    threads: int = 1  # torch intra-op threads of the model worker
+    batching: bool = True  # False: one request per model call (the baseline)
+    max_body_bytes: int = 1 << 20  # 413 above
+    max_documents: int = 256  # documents per request
+    max_document_tokens: int = 2048  # tokens per document; must fit one model call
+    precision: str = "float32"
+
+    def __post_init__(self):
+        for name in ("max_batch_tokens", "max_queue", "threads", "max_body_bytes", "max_documents",
+                     "max_document_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS):
+            raise ValueError(f"max-wait-ms must be in [0, {MAX_WAIT_MS}], got {self.max_wait_ms}")
+        if self.max_document_tokens > self.max_batch_tokens:
+            raise ValueError(f"max-document-tokens ({self.max_document_tokens}) must not exceed "
+                             f"max-batch-tokens ({self.max_batch_tokens}): a document must fit one model call")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+
+
+# The dtypes the tagger's fused CPU path serves today (int8/bf16 recurrent layers: issue 14).
+PRECISIONS = {"float32": "float32", "float64": "float64"}

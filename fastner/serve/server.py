@@ -1,0 +1,84 @@
+"""`fastner serve MODEL ...`: load the tagger once, build the app, run uvicorn.
+
+uvicorn owns SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests finish
+(their jobs are still queued or running on the model worker), then runs the app's shutdown,
+which drains the worker and joins it, and finally re-raises the signal: the process ends with
+the status of one terminated by SIGTERM (-15 to a Python parent, 143 to a shell), as process
+supervisors expect.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from fastner.serve.config import MAX_WAIT_MS, PRECISIONS, ServeConfig
+
+GRACEFUL_SHUTDOWN_SECONDS = 30
+ONEDNN_PRIMITIVE_CACHE = 32
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` subcommand's options (imports nothing heavy: the CLI parser builds fast).
+    Numbers are checked by the CLI's own argparse types (`fastner: error: argument --port: ...`);
+    ServeConfig checks them again for callers of create_app."""
+    from fastner.cli import COUNT, _float_in, _int_from
+
+    defaults = ServeConfig()
+    parser.add_argument("model", help="tagger directory (read once at startup)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=_int_from(0, 65535), default=8080)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=defaults.precision,
+                        help="dtype the model runs in")
+    parser.add_argument("--max-batch-tokens", type=COUNT, default=defaults.max_batch_tokens,
+                        help=f"tokens per model call (default {defaults.max_batch_tokens})")
+    parser.add_argument("--max-wait-ms", type=_float_in(0, MAX_WAIT_MS), default=defaults.max_wait_ms,
+                        help=f"longest a request waits for others to share its model call (default {defaults.max_wait_ms:g})")
+    parser.add_argument("--max-queue", type=COUNT, default=defaults.max_queue,
+                        help=f"queued requests before answering 503 (default {defaults.max_queue})")
+    parser.add_argument("--no-batching", action="store_true", help="one request per model call (a baseline)")
+    parser.add_argument("--max-documents", type=COUNT, default=defaults.max_documents,
+                        help=f"documents per request (default {defaults.max_documents})")
+    parser.add_argument("--max-document-tokens", type=COUNT, default=defaults.max_document_tokens,
+                        help=f"tokens per document (default {defaults.max_document_tokens})")
+    parser.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes,
+                        help=f"request body limit (default {defaults.max_body_bytes})")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    parser.add_argument("--threads", type=COUNT, default=1, help="torch threads of the model worker (default 1)")
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from fastner.serve.app import create_app
+    except ImportError as err:
+        raise ImportError(f"fastner serve needs FastAPI and uvicorn ({err}): pip install 'fastner[serve]'") from None
+    import torch
+
+    from fastner.tagger import Tagger
+
+    # oneDNN caches a compiled primitive per input shape (the char CNN's convolution sees a new
+    # shape in nearly every batch), up to 1024 of them: measured as the server's memory growing
+    # ~10 MiB a minute for minutes under load. Batches rarely repeat a shape, so a small cache
+    # costs nothing measurable (CPU per document unchanged) and keeps memory flat. Read by oneDNN
+    # at its first primitive, i.e. after this line: the model has not run yet.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
+    config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         threads=args.threads, batching=not args.no_batching, max_body_bytes=args.max_body_bytes,
+                         max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
+                         precision=args.precision)
+    # the event loop's thread runs no model code; one thread keeps it off the worker's cores
+    torch.set_num_threads(1)
+    tagger = Tagger.load(args.model, device=args.device)
+    tagger.model.to(getattr(torch, PRECISIONS[config.precision]))
+    app = create_app(tagger, config)
+    print(json.dumps({"serving": args.model, "url": f"http://{args.host}:{args.port}/", "precision": config.precision,
+                      "batching": config.batching, "threads": config.threads}), file=sys.stderr, flush=True)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    return 0

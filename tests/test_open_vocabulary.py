@@ -1,0 +1,165 @@
+"""Open vocabulary and honest evaluation: vocabularies from the training data alone, every word
+with a pretrained vector keeps it (frozen table), and dev/test files change nothing a model learns."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastner.data.conll import Sentence
+from fastner.data.vocab import Vocab, word_lookup
+from fastner.demo import generate_corpus
+from fastner.tagger import PRETRAINED_VECTORS_FILE, PRETRAINED_WORDS_FILE, Tagger, TaggerLoadError
+from fastner.train import TrainConfig, build_vocabularies, train
+
+DIM = 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    train_data, held_out = generate_corpus(40, 30, seed=5)
+    return train_data, held_out[:15], held_out[15:]
+
+
+@pytest.fixture(scope="module")
+def vectors_file(corpus, tmp_path_factory):
+    """Lowercased vectors (like GloVe) for every word of every split, plus one no split has."""
+    train_data, dev_a, dev_b = corpus
+    words = sorted({t.lower() for part in corpus for s in part for t in s.tokens} | {"zanzibar"})
+    generator = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("vectors") / "vectors.txt"
+    with open(path, "w", encoding="utf-8") as handle:
+        for word in words:
+            handle.write(word + " " + " ".join(f"{v:.4f}" for v in generator.uniform(-1, 1, DIM)) + "\n")
+    return str(path)
+
+
+def config(vectors_file, **overrides):
+    options = dict(epochs=2, batch_size=8, seed=3, optimizer="sgd", lr=0.05, embeddings=vectors_file,
+                   patience=100, model={"hidden": 8, "char_filters": 6, "char_dim": 6})
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def quiet(_text):
+    pass
+
+
+def test_dev_and_test_files_change_no_parameter(corpus, vectors_file, tmp_path):
+    """Two runs that differ only in their dev and test files end with the same vocabularies,
+    config and weights (the last epoch's, in the checkpoint: the saved best may come from
+    another epoch, chosen by dev F1, which is what dev data is for)."""
+    train_data, dev_a, dev_b = corpus
+    assert {t for s in dev_b for t in s.tokens} - {t for s in train_data for t in s.tokens}  # new words
+    train(train_data, dev_a, str(tmp_path / "a"), config(vectors_file), log=quiet)
+    changed = [Sentence(s.tokens[::-1] + ["Zanzibar"], s.tags[::-1] + ["O"]) for s in dev_b]
+    train(train_data, changed, str(tmp_path / "b"), config(vectors_file), test_data=dev_a, log=quiet)
+    for name in ("vocab.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["loss_per_token"] for r in a["history"]] == [r["loss_per_token"] for r in b["history"]]
+    assert (tmp_path / "a" / PRETRAINED_VECTORS_FILE).read_bytes() == (tmp_path / "b" / PRETRAINED_VECTORS_FILE).read_bytes()
+
+
+def test_vocabularies_come_from_the_training_data_alone(corpus):
+    train_data, dev_a, _ = corpus
+    words, chars, tags = build_vocabularies(train_data, "BIOES", False)
+    assert set(words.itos) - set(words.specials) == {t for s in train_data for t in s.tokens}
+    assert set(chars.itos) - set(chars.specials) == {c for s in train_data for t in s.tokens for c in t}
+    assert tags.itos[0] == "O" and "S-PER" in tags.itos
+
+
+def test_word_lookup_order():
+    words = Vocab(["Paris", "london", "0000"])
+    pretrained = {"berlin": 0, "Oslo": 1, "oslo": 2, "paris": 3}
+    lookup = word_lookup(words, pretrained)
+    n = len(words)
+    assert lookup("Paris") == words["Paris"]  # fine-tuned row wins over the pretrained one
+    assert lookup("London") == words["london"]  # then the fine-tuned lowercase form
+    assert lookup("Oslo") == n + 1  # then the pretrained exact form
+    assert lookup("BERLIN") == n + 0  # then the pretrained lowercase form
+    assert lookup("Zanzibar") == words.unk_id
+    assert word_lookup(words)("Oslo") == words.unk_id  # no table: closed vocabulary
+    assert word_lookup(words, pretrained, digits_to_zero=True)("1996") == words["0000"]
+    assert word_lookup(words, pretrained)("1996") == words.unk_id
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, vectors_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    train_data, dev_a, _ = corpus
+    train(train_data, dev_a, str(out), config(vectors_file), log=quiet)
+    return str(out)
+
+
+def test_words_outside_training_keep_their_pretrained_vector(trained, corpus):
+    tagger = Tagger.load(trained, device="cpu")
+    model = tagger.model
+    assert model.pretrained.dtype == torch.float16 and not model.pretrained.requires_grad
+    assert "pretrained" not in model.state_dict()
+    assert all(p is not model.pretrained for p in model.parameters())
+    vectors = np.load(os.path.join(trained, PRETRAINED_VECTORS_FILE))
+    words = json.load(open(os.path.join(trained, PRETRAINED_WORDS_FILE), encoding="utf-8"))
+    lookup = word_lookup(tagger.words, tagger.pretrained_index)
+    ids = torch.tensor([[lookup("Zanzibar"), lookup(tagger.words.itos[5]), lookup("qqqq-not-a-word")]])
+    assert ids[0, 0] == len(tagger.words) + words.index("zanzibar")
+    with torch.no_grad():
+        embedded = model.embed_words(ids)[0]  # [3, DIM]
+    assert torch.equal(embedded[0], torch.from_numpy(vectors[words.index("zanzibar")]).float())
+    assert torch.equal(embedded[1], model.word_embedding.weight[5])
+    assert torch.equal(embedded[2], model.word_embedding.weight[tagger.words.unk_id])
+
+
+def test_frozen_table_gets_no_gradient_and_saved_model_predicts_alike(trained, corpus):
+    from fastner.data.batching import encode_sentences, make_batch
+
+    tagger = Tagger.load(trained, device="cpu")
+    _, dev_a, dev_b = corpus
+    sentences = [s.tokens + ["Zanzibar"] for s in dev_b]
+    encoded = encode_sentences([Sentence(t) for t in sentences], tagger.words, tagger.chars,
+                               pretrained=tagger.pretrained_index)
+    assert any(i >= len(tagger.words) for e in encoded for i in e.words)
+    model = tagger.model.train()
+    batch = make_batch(encoded, list(range(4)), tagger.words.pad_id, tagger.chars.pad_id)
+    batch.tags = torch.zeros_like(batch.words)
+    model.loss(batch).backward()
+    assert model.pretrained.grad is None
+    model.eval()
+    again = Tagger.load(trained, device="cpu")
+    assert tagger.tag(sentences) == again.tag(sentences)
+
+
+def test_load_refuses_a_missing_or_bad_pretrained_table(trained, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    os.remove(broken / PRETRAINED_VECTORS_FILE)
+    with pytest.raises(TaggerLoadError, match=PRETRAINED_VECTORS_FILE):
+        Tagger.load(str(broken))
+    np.save(broken / PRETRAINED_VECTORS_FILE, np.zeros((3, DIM), dtype=np.float16))
+    with pytest.raises(TaggerLoadError, match="differs from what manifest.json records"):
+        Tagger.load(str(broken))
+    os.remove(broken / "manifest.json")  # a directory without a manifest is read as it is: the checks below
+    with pytest.raises(TaggerLoadError, match="expected float16"):
+        Tagger.load(str(broken))
+    # an object array needs pickle to load: refused, never unpickled
+    np.save(broken / PRETRAINED_VECTORS_FILE, np.array([object()] * 3, dtype=object), allow_pickle=True)
+    with pytest.raises(TaggerLoadError, match="Python objects"):
+        Tagger.load(str(broken))
+    shutil.copy(os.path.join(trained, PRETRAINED_VECTORS_FILE), broken / PRETRAINED_VECTORS_FILE)
+    (broken / PRETRAINED_WORDS_FILE).write_text('["a", "b"]')
+    with pytest.raises(TaggerLoadError, match=PRETRAINED_WORDS_FILE):
+        Tagger.load(str(broken))

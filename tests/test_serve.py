@@ -1,0 +1,441 @@
+"""fastner serve in-process (httpx ASGI transport): every endpoint, every error, and batching
+that merges requests without losing or swapping results."""
+import asyncio
+import json
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+import fastner  # noqa: E402
+from fastner.serve import model as model_adapter  # noqa: E402
+from fastner.serve.app import create_app  # noqa: E402
+from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown  # noqa: E402
+from fastner.serve.config import ServeConfig  # noqa: E402
+from tests.serve_testing import SENTENCE, run_app, tiny_model_dir  # noqa: E402
+
+DOCUMENTS = [
+    SENTENCE,
+    "Altamira Holdings agreed to buy Crescent Logistics for $3.2 billion, chief executive Omar Haddad said.",
+    "The European Central Bank will decide on 12 June 2025 whether to lend 40 billion euros to Norway.",
+    "",
+    "Café owners in Zürich 😀 met Ingrid Lindqvist.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tagger(tmp_path_factory):
+    return fastner.Tagger.load(tiny_model_dir(tmp_path_factory), device="cpu")
+
+
+def post(client, body, **kwargs):
+    return client.post("/v1/entities", json=body, **kwargs)
+
+
+def batch_count(metrics_text: str, name: str = "fastner_batch_documents_count") -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# ---- the adapter -------------------------------------------------------------------------------
+
+def test_adapter_offsets_point_into_the_text(tagger):
+    results = model_adapter.predict_documents(tagger, DOCUMENTS)
+    assert len(results) == len(DOCUMENTS)
+    assert results[0]["entities"], "the tiny tagger finds entities in a demo-style sentence"
+    for text, result in zip(DOCUMENTS, results):
+        for entity in result["entities"]:
+            assert set(entity) == {"start", "end", "label", "text", "score"}
+            assert text[entity["start"]:entity["end"]] == entity["text"] and entity["text"].strip() == entity["text"]
+            assert 0.0 <= entity["score"] <= 1.0
+    assert results[3] == {"entities": []}
+    # Shares rose 4.2 % to $ 250.10 , U.S . said .
+    assert model_adapter.count_tokens("Shares rose 4.2% to $250.10, U.S. said.") == 12
+
+
+def test_adapter_documents_are_independent_of_their_batch(tagger):
+    together = model_adapter.predict_documents(tagger, DOCUMENTS)
+    for text, expected in zip(DOCUMENTS, together):
+        alone = model_adapter.predict_documents(tagger, [text])[0]
+        assert [(e["start"], e["end"], e["label"]) for e in alone["entities"]] == \
+               [(e["start"], e["end"], e["label"]) for e in expected["entities"]]
+        for a, b in zip(alone["entities"], expected["entities"]):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_adapter_refuses_nbest_it_cannot_serve(tagger):
+    with pytest.raises(ValueError, match="nbest"):
+        model_adapter.predict_documents(tagger, ["a"], nbest=model_adapter.MAX_NBEST + 1)
+
+
+# ---- endpoints ---------------------------------------------------------------------------------
+
+def test_entities_in_order_with_ids_and_offsets(tagger):
+    app = create_app(tagger)
+    body = {"documents": [DOCUMENTS[0], {"id": "b", "text": DOCUMENTS[1]}, {"id": 3, "text": DOCUMENTS[2]},
+                          DOCUMENTS[3], {"text": DOCUMENTS[4]}]}
+
+    async def interact(client):
+        return await post(client, body)
+
+    response = run_app(app, interact)
+    assert response.status_code == 200, response.text
+    documents = response.json()["documents"]
+    expected = model_adapter.predict_documents(tagger, DOCUMENTS)
+    assert [d.get("id") for d in documents] == [None, "b", 3, None, None]
+    for got, want in zip(documents, expected):
+        assert [(e["start"], e["end"], e["label"], e["text"]) for e in got["entities"]] == \
+               [(e["start"], e["end"], e["label"], e["text"]) for e in want["entities"]]
+
+
+def test_health_ready_model_page_docs_metrics(tagger):
+    app = create_app(tagger, ServeConfig(max_wait_ms=1))
+
+    async def interact(client):
+        await post(client, {"documents": [SENTENCE]})
+        await client.get("/no/such/path")
+        return {path: await client.get(path) for path in
+                ("/healthz", "/readyz", "/v1/model", "/", "/docs", "/openapi.json", "/metrics")}
+
+    got = run_app(app, interact)
+    assert got["/healthz"].json() == {"status": "ok"}
+    assert got["/readyz"].status_code == 200 and got["/readyz"].json() == {"status": "ready"}
+    info = got["/v1/model"].json()
+    assert info["labels"] == sorted(info["labels"]) and "PER" in info["labels"]
+    assert info["encoder"] == "lstm" and info["precision"] == "float32" and info["scheme"] == "BIOES"
+    assert info["fastner"] == fastner.__version__ and info["torch"] == torch.__version__
+    assert info["backend"]["cpu"] in ("fused", "reference")
+    page = got["/"]
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'id="tag"' in page.text and "/v1/entities" in page.text
+    assert "<script src" not in page.text and "<link" not in page.text  # no external assets
+    assert got["/docs"].status_code == 200 and "swagger" in got["/docs"].text.lower()
+    assert "/v1/entities" in got["/openapi.json"].json()["paths"]
+    metrics = got["/metrics"].text
+    assert got["/metrics"].headers["content-type"].startswith("text/plain")
+    for name in ("fastner_requests_total", "fastner_request_seconds_bucket", "fastner_batch_documents_bucket",
+                 "fastner_batch_tokens_bucket", "fastner_queue_depth"):
+        assert name in metrics
+    assert 'fastner_requests_total{route="/v1/entities",status="200"} 1.0' in metrics
+    assert 'route="other",status="404"' in metrics  # unmatched paths share one label value
+    assert batch_count(metrics) >= 3  # two warm-up calls and the request
+
+
+def test_not_ready_before_startup(tagger):
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await client.get("/readyz"), await client.get("/healthz"), await post(client, {"documents": ["a"]})
+
+    ready, health, entities = run_app(app, interact, lifespan=False)
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+    assert health.status_code == 200
+    assert entities.status_code == 503  # no worker running: refused, not hung
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "documents"),
+    ({"docs": ["a"]}, "documents"),
+    ({"documents": "one string"}, "documents"),
+    ({"documents": []}, "documents"),
+    ({"documents": [3]}, "documents.0"),
+    ({"documents": ["a", None]}, "documents.1"),
+    ({"documents": [{"id": 1}]}, "documents.0.text"),
+    ({"documents": [{"text": 5}]}, "documents.0.text"),
+    ({"documents": [{"text": "a", "lang": "en"}]}, "documents.0.lang"),
+    ({"documents": ["a"], "nbest": 0}, "nbest"),
+    ({"documents": ["a"], "nbest": "two"}, "nbest"),
+    ({"documents": ["a"], "nbest": model_adapter.MAX_NBEST + 1}, "nbest"),
+    ({"documents": ["a"], "extra": 1}, "extra"),
+])
+def test_wrong_fields_get_422_naming_the_field(tagger, body, field):
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await post(client, body)
+
+    response = run_app(app, interact)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["field"] == field and error["error"].startswith(field + ": ")
+
+
+def test_malformed_json_and_wrong_content_type_get_422(tagger):
+    app = create_app(tagger)
+
+    async def interact(client):
+        broken = await client.post("/v1/entities", content=b'{"documents": [', headers={"content-type": "application/json"})
+        form = await client.post("/v1/entities", content=b"documents=a", headers={"content-type": "application/x-www-form-urlencoded"})
+        return broken, form
+
+    broken, form = run_app(app, interact)
+    assert broken.status_code == 422 and broken.json()["field"] == "body"
+    assert broken.json()["error"].startswith("body: malformed JSON at character")
+    assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]
+
+
+def test_body_over_the_limit_gets_413(tagger):
+    app = create_app(tagger, ServeConfig(max_body_bytes=200))
+
+    async def chunks():
+        yield b'{"documents": ["'
+        for _ in range(20):
+            yield b"x" * 20
+        yield b'"]}'
+
+    async def interact(client):
+        declared = await post(client, {"documents": ["word " * 100]})
+        chunked = await client.post("/v1/entities", content=chunks(), headers={"content-type": "application/json"})
+        small = await post(client, {"documents": ["Peter visited Germany."]})
+        return declared, chunked, small
+
+    declared, chunked, small = run_app(app, interact)
+    assert "content-length" not in chunked.request.headers  # really sent without a declared length
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert response.json()["field"] == "body" and "200 bytes" in response.json()["error"]
+    assert small.status_code == 200
+
+
+def test_too_many_or_too_long_documents_get_413_naming_them(tagger):
+    app = create_app(tagger, ServeConfig(max_documents=3, max_document_tokens=10, max_batch_tokens=64))
+
+    async def interact(client):
+        many = await post(client, {"documents": ["a"] * 4})
+        long_string = await post(client, {"documents": ["a", "word " * 11]})
+        long_object = await post(client, {"documents": [{"id": 1, "text": "word " * 11}]})
+        fits = await post(client, {"documents": ["word " * 10] * 3})
+        return many, long_string, long_object, fits
+
+    many, long_string, long_object, fits = run_app(app, interact)
+    assert many.status_code == 413 and many.json()["field"] == "documents" and "at most 3" in many.json()["error"]
+    assert long_string.status_code == 413 and long_string.json()["field"] == "documents.1"
+    assert "11 tokens; at most 10" in long_string.json()["error"]
+    assert long_object.status_code == 413 and long_object.json()["field"] == "documents.0.text"
+    assert fits.status_code == 200
+
+
+class Gate:
+    """A model call that blocks until released, so tests can fill the queue without timing."""
+
+    def __init__(self, monkeypatch):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        real = model_adapter.predict_documents
+
+        def gated(tagger, texts, nbest=1):
+            if texts and texts[0].startswith("GATE"):
+                self.entered.set()
+                self.release.wait(60)
+            return real(tagger, texts, nbest)
+
+        monkeypatch.setattr(model_adapter, "predict_documents", gated)
+
+
+def test_full_queue_gets_503_with_retry_after(tagger, monkeypatch):
+    gate = Gate(monkeypatch)
+    app = create_app(tagger, ServeConfig(max_queue=1, max_wait_ms=0))
+    loop_wait = asyncio.to_thread if hasattr(asyncio, "to_thread") else None
+
+    async def interact(client):
+        running = asyncio.ensure_future(post(client, {"documents": ["GATE Peter visited Germany."]}))
+        await loop_wait(gate.entered.wait, 60)  # the worker holds the first request
+        queued = asyncio.ensure_future(post(client, {"documents": ["Omar Haddad said."]}))
+        while app.state.batcher.queue_depth < 1:
+            await asyncio.sleep(0.01)
+        refused = await post(client, {"documents": ["Ingrid Lindqvist said."]})
+        depth = (await client.get("/metrics")).text
+        gate.release.set()
+        return await running, await queued, refused, depth
+
+    running, queued, refused, depth = run_app(app, interact)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "--max-queue 1" in refused.json()["error"]
+    assert "fastner_queue_depth 1.0" in depth
+    assert running.status_code == 200 and queued.status_code == 200
+
+
+def test_a_failing_model_call_answers_500_and_the_server_goes_on(tagger, monkeypatch):
+    real = model_adapter.predict_documents
+
+    def failing(tagger, texts, nbest=1):
+        if any("FAIL" in text for text in texts):
+            raise RuntimeError("boom")
+        return real(tagger, texts, nbest)
+
+    monkeypatch.setattr(model_adapter, "predict_documents", failing)
+    app = create_app(tagger, ServeConfig(max_wait_ms=0))
+
+    async def interact(client):
+        return await post(client, {"documents": ["FAIL"]}), await post(client, {"documents": [SENTENCE]})
+
+    failed, fine = run_app(app, interact)
+    assert failed.status_code == 500 and failed.json()["error"] == "the model call failed: RuntimeError: boom"
+    assert fine.status_code == 200 and fine.json()["documents"][0]["entities"]
+
+
+# ---- batching ------------------------------------------------------------------------------------
+
+def _concurrent_requests(tagger, config, count):
+    app = create_app(tagger, config)
+    texts = [f"{DOCUMENTS[i % 3]} Item {i} from Ingrid Lindqvist{'.' * (i % 2)}" for i in range(count)]
+
+    async def interact(client):
+        before = batch_count((await client.get("/metrics")).text)
+        responses = await asyncio.gather(*(post(client, {"documents": [{"id": i, "text": t}]}) for i, t in enumerate(texts)))
+        after = batch_count((await client.get("/metrics")).text)
+        return responses, after - before
+
+    responses, calls = run_app(app, interact)
+    expected = model_adapter.predict_documents(tagger, texts)
+    for i, (response, want) in enumerate(zip(responses, expected)):
+        assert response.status_code == 200
+        got = response.json()["documents"][0]
+        assert got["id"] == i  # its own document, not another request's
+        assert [(e["start"], e["end"], e["label"]) for e in got["entities"]] == \
+               [(e["start"], e["end"], e["label"]) for e in want["entities"]]
+    return texts, calls
+
+
+def test_concurrent_requests_share_model_calls_and_get_their_own_results(tagger):
+    count = 24
+    texts = [f"{DOCUMENTS[i % 3]} Item {i} from Ingrid Lindqvist{'.' * (i % 2)}" for i in range(count)]
+    budget = sum(model_adapter.count_tokens(t) for t in texts)
+    # the batch closes when the budget is reached, not on a clock: one call for all 24
+    _, calls = _concurrent_requests(tagger, ServeConfig(max_batch_tokens=budget, max_document_tokens=64,
+                                                        max_wait_ms=60_000), count)
+    assert calls == 1
+
+
+def test_without_batching_every_request_is_its_own_model_call(tagger):
+    _, calls = _concurrent_requests(tagger, ServeConfig(batching=False), 12)
+    assert calls == 12
+
+
+def _job_batches(jobs, **options):
+    """Submit jobs (texts, tokens, nbest) at once to a Batcher whose model records its calls."""
+    calls = []
+
+    def run_batch(texts, nbest):
+        calls.append((list(texts), nbest))
+        return [{"text": t} for t in texts]
+
+    async def main():
+        batcher = Batcher(run_batch, **options)
+        batcher.start()
+        with batcher._condition:  # the worker waits for this lock: every job is queued before the first batch forms
+            futures = [batcher.submit(texts, tokens, nbest) for texts, tokens, nbest in jobs]
+        results = await asyncio.gather(*futures)
+        batcher.stop()
+        return results
+
+    return asyncio.run(main()), calls
+
+
+def test_batcher_keeps_arrival_order_budget_and_nbest_groups():
+    jobs = [(["a", "b"], 4, 1), (["c"], 3, 1), (["d"], 10, 1), (["e"], 2, 1), (["f"], 1, 2), (["g"], 1, 1)]
+    with pytest.raises(ShuttingDown):  # not started: refused at once
+        asyncio.run(_submit_to(Batcher(lambda t, n: t)))
+    results, calls = _job_batches(jobs, max_batch_tokens=8, max_wait_ms=0)
+    assert [[r["text"] for r in result] for result in results] == [["a", "b"], ["c"], ["d"], ["e"], ["f"], ["g"]]
+    # 4+3 fit in 8; "d" (10 tokens) is over the budget and runs alone; "f" asks for another nbest
+    assert calls == [(["a", "b", "c"], 1), (["d"], 1), (["e"], 1), (["f"], 2), (["g"], 1)]
+    _, unbatched = _job_batches(jobs[:3], max_batch_tokens=100, max_wait_ms=0, batching=False)
+    assert [texts for texts, _ in unbatched] == [["a", "b"], ["c"], ["d"]]
+
+
+async def _submit_to(batcher, texts=("a",)):
+    return await batcher.submit(list(texts), 1)
+
+
+def test_batcher_refuses_over_max_queue_and_after_stop():
+    async def main():
+        batcher = Batcher(lambda texts, nbest: [{} for _ in texts], max_queue=2)
+        batcher._thread = threading.current_thread()  # accept jobs without a worker taking them
+        batcher.submit(["a"], 1), batcher.submit(["b"], 1)
+        with pytest.raises(QueueFull, match="--max-queue 2"):
+            batcher.submit(["c"], 1)
+        batcher._thread = None
+        with pytest.raises(ShuttingDown):
+            batcher.submit(["c"], 1)
+
+    asyncio.run(main())
+
+
+def test_batcher_stop_finishes_queued_jobs():
+    results, calls = _job_batches([(["a"], 1, 1), (["b"], 1, 1)], max_batch_tokens=1, max_wait_ms=0)
+    assert [r[0]["text"] for r in results] == ["a", "b"] and len(calls) == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_batch_tokens": 0}, "max-batch-tokens"),
+    ({"max_wait_ms": -1}, "max-wait-ms"),
+    ({"max_wait_ms": float("nan")}, "max-wait-ms"),
+    ({"max_wait_ms": 1e9}, "max-wait-ms"),
+    ({"max_queue": 0}, "max-queue"),
+    ({"max_document_tokens": 5000}, "must not exceed"),
+    ({"precision": "int4"}, "precision"),
+])
+def test_config_checks(options, message):
+    with pytest.raises(ValueError, match=message):
+        ServeConfig(**options)
+
+
+def test_response_is_plain_json_records(tagger):
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await post(client, {"documents": [SENTENCE]})
+
+    response = run_app(app, interact)
+    assert response.headers["content-type"] == "application/json"
+    document = json.loads(response.content)["documents"][0]
+    assert set(document) == {"entities"}  # no "id": null for a plain string
+
+
+def test_odd_text_is_answered(tagger):
+    app = create_app(tagger)
+    texts = ["a\ud800b Peter", "\u0000\u0007 Omar Haddad\u00a0said", "\u202e Frankfurt \ufeff", " \n\t "]
+
+    async def interact(client):
+        body = json.dumps({"documents": texts}).encode()  # escapes: the lone surrogate travels as \ud800
+        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+    response = run_app(app, interact)
+    assert response.status_code == 200, response.text
+    for text, document in zip(texts, json.loads(response.content)["documents"]):
+        assert all(text[e["start"]:e["end"]] == e["text"] for e in document["entities"])
+
+
+def test_nbest_adds_the_k_best_analyses_per_sentence(tagger):
+    app = create_app(tagger)
+    text = "Peter Blackburn visited Germany. EU rejects German call."
+
+    async def interact(client):
+        return await post(client, {"documents": [text], "nbest": 3})
+
+    response = run_app(app, interact)
+    assert response.status_code == 200, response.text
+    document = response.json()["documents"][0]
+    assert len(document["nbest"]) == 2  # two sentences
+    for sentence in document["nbest"]:
+        probabilities = [a["probability"] for a in sentence["analyses"]]
+        assert 1 <= len(probabilities) <= 3 and probabilities == sorted(probabilities, reverse=True)
+        assert all(0.0 <= p <= 1.0 for p in probabilities)
+        for analysis in sentence["analyses"]:
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in analysis["entities"])
