@@ -4,12 +4,14 @@
     python -m pytest benchmarks/bench_crf.py --benchmark-only -k "B32 and T40 and K17"
 
 Each group holds the three implementations of one task at one shape, so the table pytest-benchmark
-prints per group reads as ratios. fp32, random lengths in [1, T] with one full-length sequence.
-The machine is recorded in each benchmark's extra_info and in the saved machine_info.
+prints per group reads as ratios. The inputs are `fastner bench`'s (fastner.bench.workloads.
+crf_batch: fp32, lengths uniform in [1, T] with one full-length sequence), time-first (both
+modules' default layout). The machine is recorded in each benchmark's extra_info and in the
+saved machine_info.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 
 import pytest
 import torch
@@ -17,21 +19,14 @@ import torchcrf
 
 import fastner.nn
 from benchmarks.conftest import machine_summary
+from fastner.bench.rows import forced_reference
+from fastner.bench.workloads import crf_batch
 
 BATCHES = (1, 32, 256)
 STEPS = (40, 128)
 NUM_TAGS = (9, 17)
 IMPLS = ("fastner", "pytorch-crf", "reference")
-
-
-def make_inputs(batch, steps, num_tags, seed=0):
-    gen = torch.Generator().manual_seed(seed + 1000 * batch + steps + num_tags)
-    emissions = torch.randn(steps, batch, num_tags, generator=gen)  # time-first: both modules' default
-    tags = torch.randint(0, num_tags, (steps, batch), generator=gen)
-    lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
-    lengths[0] = steps
-    mask = (torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)).contiguous()  # [T, B]
-    return emissions, tags, mask
+SHAPES = [(b, t, k) for b in BATCHES for t in STEPS for k in NUM_TAGS]
 
 
 def make_crf(impl, num_tags):
@@ -44,29 +39,18 @@ def make_crf(impl, num_tags):
     return ours
 
 
-class _Backend:
-    """FASTNER_BACKEND for the timed calls (fastner reads it at every call)."""
-
-    def __init__(self, impl):
-        self.value = "reference" if impl == "reference" else None
-
-    def __enter__(self):
-        self.old = os.environ.get("FASTNER_BACKEND")
-        if self.value is not None:
-            os.environ["FASTNER_BACKEND"] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop("FASTNER_BACKEND", None)
-        else:
-            os.environ["FASTNER_BACKEND"] = self.old
+def backend(impl):
+    """FASTNER_BACKEND=reference around the timed calls of the reference implementation."""
+    return forced_reference() if impl == "reference" else contextlib.nullcontext()
 
 
 def _shape_id(b, t, k):
     return f"B{b}-T{t}-K{k}"
 
 
-SHAPES = [(b, t, k) for b in BATCHES for t in STEPS for k in NUM_TAGS]
+def _inputs(shape):
+    b, t, k = shape
+    return crf_batch(b, t, k, seed=1000 * b + t + k).time_first()
 
 
 def _label(benchmark, task, impl, shape):
@@ -79,10 +63,9 @@ def _label(benchmark, task, impl, shape):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: _shape_id(*s))
 def test_nll_forward_backward(benchmark, impl, shape):
-    b, t, k = shape
     _label(benchmark, "nll fwd+bwd", impl, shape)
-    crf = make_crf(impl, k)
-    emissions, tags, mask = make_inputs(b, t, k)
+    crf = make_crf(impl, shape[2])
+    emissions, tags, mask = _inputs(shape)
     emissions.requires_grad_(True)
 
     def step():
@@ -90,21 +73,20 @@ def test_nll_forward_backward(benchmark, impl, shape):
         crf.zero_grad(set_to_none=True)
         (-crf(emissions, tags, mask=mask)).backward()
 
-    with _Backend(impl):
+    with backend(impl):
         benchmark(step)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: _shape_id(*s))
 def test_decode(benchmark, impl, shape):
-    b, t, k = shape
     _label(benchmark, "decode", impl, shape)
-    crf = make_crf(impl, k)
-    emissions, _, mask = make_inputs(b, t, k)
+    crf = make_crf(impl, shape[2])
+    emissions, _, mask = _inputs(shape)
 
     def step():
         with torch.no_grad():
             return crf.decode(emissions, mask=mask)
 
-    with _Backend(impl):
+    with backend(impl):
         benchmark(step)

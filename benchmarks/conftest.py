@@ -2,21 +2,9 @@
 `python -m pytest benchmarks/bench_crf.py --benchmark-only`; tests/ is the default testpath)."""
 from __future__ import annotations
 
-import platform
-
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's model name (lscpu's "Model name"), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from fastner.bench.environment import cpu_model
 
 
 def machine_summary() -> dict:

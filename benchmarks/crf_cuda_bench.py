@@ -1,6 +1,6 @@
 """CRF on CUDA: fastner's fused kernels against pytorch-crf (torchcrf.CRF) on the same GPU.
 
-Usage: python benchmarks/crf_cuda_bench.py OUT.json [--repeats N] [--batches 1,32,512]
+Usage: python -m benchmarks.crf_cuda_bench OUT.json [--repeats N] [--batches 1,32,512] [--ragged]
 
 Rows (T=40, K=17, float32, every sequence full length unless --ragged):
   nll_fwd_bwd    -crf(emissions, tags, mask).sum() forward + backward (emissions and params)
@@ -9,58 +9,38 @@ Rows (T=40, K=17, float32, every sequence full length unless --ragged):
   decode_lists   fastner's decode() (same output type as pytorch-crf's: lists)
   raw_viterbi    torch.ops.fastner.crf_viterbi alone (the kernel plus its launch)
 
-Each timing is the median over --repeats runs of CUDA-event time around one call (after
-warm-up), with a torch.cuda.synchronize() after each run so that host-side work is included
-(the end-to-end figure a user sees). The two implementations are interleaved run by run, so
-load on the machine affects both alike. Writes JSON with the device name, versions and the
-ratios; prints a table.
+Inputs come from fastner.bench.workloads.crf_batch (lengths 'full', or 'uniform' with --ragged)
+and the timing from fastner.bench.timing, as in `fastner bench --device cuda`: implementations
+interleaved, each sample one call between CUDA events with the queue drained before it, so
+host-side work counts as it does for a user; medians over --repeats samples. Writes JSON with
+the device name, versions and the ratios; prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fastner  # noqa: E402
-import fastner.nn  # noqa: E402
+import fastner
+import fastner.nn
+from fastner.bench.timing import CudaEventClock, Settings, measure_interleaved
+from fastner.bench.workloads import crf_batch
 
 T_STEPS = 40
 NUM_TAGS = 17
 
 
-def time_call(fn, repeats):
-    """Median milliseconds of fn() measured by CUDA events, synchronising after each run."""
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def interleaved(fns, repeats, warmup=5):
-    """{name: median ms}, running the functions alternately."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(time_call(fn, 1))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """{name: median ms}: the functions in interleaved rounds, one call per sample."""
+    settings = Settings(warmup=warmup, min_samples=repeats, max_samples=repeats, budget_s=0.0,
+                        min_sample_s=0.0)
+    stats = measure_interleaved(fns, CudaEventClock(torch.device("cuda")), settings)
+    return {name: stat.median * 1e3 for name, stat in stats.items()}
 
 
 def make_models(device):
@@ -77,16 +57,9 @@ def make_models(device):
 
 def bench_batch(batch, repeats, ragged, device):
     ours, theirs = make_models(device)
-    gen = torch.Generator().manual_seed(batch)
-    emissions = torch.randn(batch, T_STEPS, NUM_TAGS, generator=gen).to(device)
-    tags = torch.randint(0, NUM_TAGS, (batch, T_STEPS), generator=gen).to(device)
-    if ragged:
-        lengths = torch.randint(1, T_STEPS + 1, (batch,), generator=gen)
-        lengths[0] = T_STEPS
-    else:
-        lengths = torch.full((batch,), T_STEPS)
-    mask = (torch.arange(T_STEPS) < lengths.unsqueeze(1)).to(device)
-    lengths = lengths.to(device)
+    inputs = crf_batch(batch, T_STEPS, NUM_TAGS, seed=batch, lengths="uniform" if ragged else "full",
+                       device=device)
+    emissions, tags, mask, lengths = inputs.emissions, inputs.tags, inputs.mask, inputs.lengths
     em_ours = emissions.clone().requires_grad_(True)
     em_theirs = emissions.clone().requires_grad_(True)
 
@@ -147,7 +120,7 @@ def main(argv=None):
         "fastner_backend": backend,
         "repeats": args.repeats,
         "ragged": args.ragged,
-        "unit": "ms (median, CUDA events, synchronised after each call)",
+        "unit": "ms (median, one call per sample between CUDA events, queue drained first)",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "batches": {},
     }

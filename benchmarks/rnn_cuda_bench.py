@@ -1,9 +1,9 @@
 """fastner's CUDA LSTM / GRU layers against cuDNN (torch.nn on the GPU), timed with CUDA events.
 
-    python benchmarks/rnn_cuda_bench.py benchmarks/results/rnn_cuda_<gpu>.json
+    python -m benchmarks.rnn_cuda_bench benchmarks/results/rnn_cuda_<gpu>.json
 
 Rows: mode (lstm, gru) x batch (the tagger's 32, and 1, 8, 64, 256) x lengths (padded: every
-sequence T long; variable: CoNLL-like lengths, about two thirds padding) x phase (inference under
+sequence T long; variable: fastner.bench.workloads.conll_like_lengths, about two thirds padding) x phase (inference under
 no_grad; training = forward + backward) x dtype, for one bidirectional layer of the tagger's
 shape (T=40, input 130, hidden 200). Methods:
   cudnn_padded   torch.nn.LSTM/GRU on the padded batch (what most taggers run; on variable
@@ -15,9 +15,10 @@ shape (T=40, input 130, hidden 200). Methods:
   fastner_persistent / fastner_stepwise   the same with the path (forward and backward) forced (where the
                  persistent grid does not fit the GPU the op silently runs step-wise, so a
                  fastner_persistent time equal to fastner_stepwise's means it did not run)
-Each measurement: warm-up, then `repeats` rounds in which every method runs `iters` times between
-two CUDA events; methods interleave within a round (so drift hits all alike); the median per
-call is reported, with its ratio to cudnn_padded and cudnn_packed of the same row.
+Timing is fastner.bench.timing's, as in `fastner bench --device cuda`: warm-up, then `repeats`
+interleaved rounds (drift hits all methods alike), each sample one call between two CUDA events
+with the queue drained first; the median per call is reported, with its ratio to cudnn_padded
+and cudnn_packed of the same row.
 float32 runs with TF32 off for both sides unless --tf32 (then on for both).
 """
 from __future__ import annotations
@@ -26,33 +27,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from fastner.bench.timing import CudaEventClock, Settings, measure_interleaved
+from fastner.bench.workloads import conll_like_lengths, full_lengths
+
 SHAPE = dict(T=40, I=130, H=200)
 BATCHES = (32, 1, 8, 64, 256)
-
-
-def conll_like_lengths(batch: int, time_len: int, gen: torch.Generator) -> torch.Tensor:
-    # Skewed toward short sentences (mean about T/3) with one full-length sentence, as in a
-    # CoNLL-2003 batch padded to its longest sentence.
-    lengths = (torch.rand(batch, generator=gen) ** 2 * time_len).ceil().clamp(1, time_len).long()
-    lengths[0] = time_len
-    return lengths
-
-
-def cuda_time_ms(fn, iters: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+PATH_ENV = "FASTNER_RNN_CUDA_PATH"  # read by the op at every call (csrc/cuda/rnn.cu)
 
 
 def build_methods(mode, batch, lengths, dtype, training, paths):
@@ -100,23 +86,23 @@ def build_methods(mode, batch, lengths, dtype, training, paths):
     return methods
 
 
-def measure(methods, iters, repeats, warmup):
-    # The op reads FASTNER_RNN_CUDA_PATH at every call, so setting it before a method's calls
-    # forces that method's path.
-    samples = {name: [] for name in methods}
+def measure(methods, repeats, warmup):
+    """{name: median ms per call}; each call runs with its method's forced path."""
+
+    def on_path(path, fn):
+        def call():
+            os.environ[PATH_ENV] = path
+            return fn()
+        return call
+
+    settings = Settings(warmup=warmup, min_samples=repeats, max_samples=repeats, budget_s=0.0,
+                        min_sample_s=0.0)
     try:
-        for path, fn in methods.values():
-            os.environ["FASTNER_RNN_CUDA_PATH"] = path
-            for _ in range(warmup):
-                fn()
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            for name, (path, fn) in methods.items():
-                os.environ["FASTNER_RNN_CUDA_PATH"] = path
-                samples[name].append(cuda_time_ms(fn, iters))
+        calls = {name: on_path(path, fn) for name, (path, fn) in methods.items()}
+        stats = measure_interleaved(calls, CudaEventClock(torch.device("cuda")), settings)
     finally:
-        os.environ.pop("FASTNER_RNN_CUDA_PATH", None)
-    return {name: statistics.median(v) for name, v in samples.items()}
+        os.environ.pop(PATH_ENV, None)
+    return {name: stat.median * 1e3 for name, stat in stats.items()}
 
 
 def main(argv=None):
@@ -125,8 +111,7 @@ def main(argv=None):
     parser.add_argument("--modes", default="lstm,gru")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--dtypes", default="float32,float16")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=50, help="samples (one call each) per method")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in cuDNN and cuBLAS (default: off for both)")
     parser.add_argument("--paths", default="persistent,stepwise", help="forced forward paths to time as well")
@@ -143,7 +128,6 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = False
-    gen = torch.Generator().manual_seed(args.seed)
     paths = [p for p in args.paths.split(",") if p]
     rows = []
     started = time.time()
@@ -153,15 +137,12 @@ def main(argv=None):
             for batch in map(int, args.batches.split(",")):
                 for form in ("padded", "variable"):
                     T = SHAPE["T"]
-                    lengths = (
-                        torch.full((batch,), T, dtype=torch.long)
-                        if form == "padded"
-                        else conll_like_lengths(batch, T, gen)
-                    )
+                    make_lengths = full_lengths if form == "padded" else conll_like_lengths
+                    lengths = make_lengths(batch, T, seed=args.seed + batch)
                     for phase in ("inference", "training"):
                         torch.manual_seed(args.seed)
                         methods = build_methods(mode, batch, lengths, dtype, phase == "training", paths)
-                        times = measure(methods, args.iters, args.repeats, args.warmup)
+                        times = measure(methods, args.repeats, args.warmup)
                         row = dict(
                             mode=mode, batch=batch, form=form, phase=phase, dtype=dtype_name, **SHAPE,
                             bidirectional=True, padding=1.0 - float(lengths.sum()) / (batch * T),
@@ -183,7 +164,6 @@ def main(argv=None):
         cudnn=torch.backends.cudnn.version(),
         tf32=args.tf32,
         python=platform.python_version(),
-        iters=args.iters,
         repeats=args.repeats,
         seconds=time.time() - started,
         rows=rows,

@@ -1,6 +1,7 @@
 // Every fastner op schema, in one place. Kernels register per dispatch key in
-// csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA); the Python side
-// (fastner/ops.py) adds fake kernels and autograd formulas.
+// csrc/cpu/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA); the Python side (fastner/ops/, one
+// module per op family) adds fake kernels and each trainable op's one autograd formula (a
+// kernel at the Autograd key). Op -> files map: fastner/ops/__init__.py.
 //
 // Conventions shared by all ops:
 //   * batch-first, contiguous tensors; the Python modules transpose where needed;
@@ -10,16 +11,35 @@
 
 #ifndef FASTNER_NO_PYTHON
 #include <Python.h>
-namespace fastner::crf::lanes {
-const char* isa();  // csrc/cpu/crf_lanes_avx2.cpp
-}
+#include "cpu/cpu_isa.h"
+#include "rnn_layout.h"
 
 // Importing fastner._C from Python runs the static TORCH_LIBRARY registrations below; the
 // module itself has two helpers: which vector kernels the CPU ops use (fastner.backend()
 // reports it), and the (private, unchecked) list building behind fastner.ops.tag_lists.
 // (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
-static PyObject* crf_lanes_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(fastner::crf::lanes::isa());
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastner::cpu::isa_name());
+}
+
+// rnn_workspace_width(device_type, mode, input_size, hidden) -> int: the width of one row of
+// rnn_layer_forward's training workspace on that device type ('cpu' or 'cuda'), for the fake
+// kernel (csrc/rnn_layout.h has the layouts).
+static PyObject* rnn_workspace_width(PyObject*, PyObject* args) {
+  const char* device = nullptr;
+  const char* mode = nullptr;
+  long long input_size = 0, hidden = 0;
+  if (!PyArg_ParseTuple(args, "ssLL", &device, &mode, &input_size, &hidden)) return nullptr;
+  const int cell = fastner::rnn_layout::cell_of(mode, std::strlen(mode));
+  if (cell < 0) {
+    PyErr_Format(PyExc_ValueError,
+                 "rnn_layer: mode must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '%s'", mode);
+    return nullptr;
+  }
+  if (std::strcmp(device, "cpu") == 0) {
+    return PyLong_FromLongLong(fastner::rnn_layout::cpu_workspace_width(cell, hidden, input_size));
+  }
+  return PyLong_FromLongLong(fastner::rnn_layout::cuda_workspace_columns(cell) * hidden);
 }
 
 // _tag_lists_unchecked(tags_address, lengths_address, batch, row_stride) -> List[List[int]]: the
@@ -69,8 +89,11 @@ static PyObject* tag_lists_unchecked(PyObject*, PyObject* args) {
 extern "C" {
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
-      {"crf_lanes_isa", crf_lanes_isa, METH_NOARGS,
-       "Instruction set of the float32 CPU CRF kernels: 'avx512' or 'avx2'."},
+      {"cpu_isa", cpu_isa, METH_NOARGS,
+       "Instruction set of every CPU kernel family: 'avx512' or 'avx2' (csrc/cpu/cpu_isa.h)."},
+      {"rnn_workspace_width", rnn_workspace_width, METH_VARARGS,
+       "rnn_workspace_width(device_type, mode, input_size, hidden): the width of a training "
+       "workspace row of rnn_layer_forward on that device type."},
       {"_tag_lists_unchecked", tag_lists_unchecked, METH_VARARGS,
        "Private: fastner.ops.tag_lists checks its arguments and calls this."},
       {nullptr, nullptr, 0, nullptr}};
@@ -103,12 +126,23 @@ TORCH_LIBRARY(fastner, m) {
         "Tensor grad_start_transitions, Tensor grad_end_transitions)");
   // The summed log-likelihood sum_b (gold_score_b - log_z_b) (a 0-dim tensor) and its
   // gradients w.r.t. emissions, transitions, start and end in one call: what a training step
-  // needs (one pass; backward only scales the result). No autograd of its own: fastner/ops.py
-  // wraps it. CPU only (other devices run crf_forward and crf_backward).
+  // needs (one pass; backward only scales the result). No autograd of its own: the autograd
+  // formula of crf_log_likelihood calls it. CPU only (other devices run crf_forward and
+  // crf_backward).
   m.def("crf_forward_backward(Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, "
         "Tensor start_transitions, Tensor end_transitions) -> (Tensor log_likelihood, "
         "Tensor grad_emissions, Tensor grad_transitions, Tensor grad_start_transitions, "
         "Tensor grad_end_transitions)");
+  // The reduced log-likelihood of the gold tags, reduce(gold_score - log_z) over the batch:
+  // [B] for reduction 'none', else 0-dim ('sum', 'mean' over sequences, 'token_mean' over
+  // tokens). emissions [B, T, K] and tags [B, T], or [T, B, K] and [T, B] when not batch_first
+  // (read in place, and the emissions' gradient comes back in that layout). Value kernel:
+  // csrc/cpu/crf_log_likelihood.cpp (crf_forward, then the reduction; every device); autograd
+  // (fastner/ops/crf.py): crf_forward_backward in one pass where the device has it and the
+  // reduction weighs sequences alike, else crf_forward + crf_backward.
+  m.def("crf_log_likelihood(Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, "
+        "Tensor start_transitions, Tensor end_transitions, str reduction, bool batch_first) "
+        "-> Tensor");
   // Best path: tags int64 [B, T] (-1 past each length) and its score [B].
   m.def("crf_viterbi(Tensor emissions, Tensor lengths, Tensor transitions, "
         "Tensor start_transitions, Tensor end_transitions) -> (Tensor tags, Tensor scores)");

@@ -49,7 +49,7 @@ def backend() -> Dict[str, str]:
     elif info["cpu"] == "fused":
         from fastner import _C
 
-        info["cpu_simd"] = _C.crf_lanes_isa()  # 'avx512' or 'avx2' (float32 CRF kernels)
+        info["cpu_simd"] = _C.cpu_isa()  # 'avx512' or 'avx2', for every CPU kernel family
     return info
 
 

@@ -152,14 +152,6 @@ def crf_backward(grad_log_z: Tensor, grad_gold_score: Tensor, emissions: Tensor,
     return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
 
-def crf_nll(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tensor,
-            start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
-    """Negative log-likelihood of `tags` per sequence: log Z - gold score, [B]."""
-    log_z, gold, _ = crf_forward(emissions, tags, lengths, transitions, start_transitions,
-                                 end_transitions)
-    return log_z - gold
-
-
 def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                 start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
     """Best path per sequence: tags int64 [B, T] (-1 past each length), scores [B]."""
@@ -289,11 +281,6 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
     # NaN scores give NaN marginals (as they give a NaN log Z), not zeros.
     marginals = torch.where(log_marginals.isnan(), log_marginals, marginals)
     return torch.where(valid.unsqueeze(2), marginals, torch.zeros_like(marginals))
-
-
-# =============================================================================================
-# Helpers shared by the sections (keep this block between them)
-# =============================================================================================
 
 
 # =============================================================================================

@@ -28,6 +28,15 @@ def _seeded():
 
 
 @pytest.fixture
+def one_thread():
+    # Tiny models: thread wake-ups cost more than they save, and badly so on a shared machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def conll_dir():
     path = SHARED_DATA / "conll2003"
     if not (path / "eng.train").exists():

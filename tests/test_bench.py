@@ -18,7 +18,8 @@ from fastner.bench.gemm_rows import rnn_flops
 from fastner.bench.report import write_json_atomic
 from fastner.bench.rows import BACKEND_ENV, Context, Row, forced_reference, on_reference
 from fastner.bench.timing import Settings, measure_interleaved, summarize
-from fastner.bench.workloads import conll_like_lengths, make_plan, sentence_batches
+from fastner.bench.workloads import (LENGTHS, TAGGER_RNN, conll_like_lengths, crf_batch, make_plan,
+                                     sentence_batches)
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("gemm", "crf", "rnn", "tagger")
@@ -284,6 +285,60 @@ def test_conll_like_lengths():
     assert torch.equal(lengths, conll_like_lengths(256, 40, seed=3))
     many = torch.cat(sentence_batches(200, 32, seed=5))
     assert 12.0 < float(many.float().mean()) < 17.0 and int(many.max()) <= 110
+
+
+@pytest.mark.parametrize("kind", sorted(LENGTHS))
+def test_crf_batch_is_seeded_and_consistent(kind):
+    inputs = crf_batch(5, 7, 3, seed=11, lengths=kind)
+    assert inputs.emissions.shape == (5, 7, 3) and inputs.emissions.dtype == torch.float32
+    assert inputs.tags.shape == (5, 7) and int(inputs.tags.min()) >= 0 and int(inputs.tags.max()) < 3
+    assert int(inputs.lengths.max()) == 7 and int(inputs.lengths.min()) >= 1
+    assert torch.equal(inputs.mask.sum(1), inputs.lengths)
+    again = crf_batch(5, 7, 3, seed=11, lengths=kind)
+    assert torch.equal(inputs.emissions, again.emissions) and torch.equal(inputs.lengths, again.lengths)
+    emissions, tags, mask = inputs.time_first()
+    assert emissions.shape == (7, 5, 3) and emissions.is_contiguous()
+    assert torch.equal(tags, inputs.tags.t()) and torch.equal(mask, inputs.mask.t())
+    assert inputs.shape == {"B": 5, "T": 7, "K": 3, "lengths": inputs.lengths_note,
+                            "tokens": int(inputs.lengths.sum())}
+
+
+def test_crf_batch_rejects_an_unknown_length_kind():
+    with pytest.raises(ValueError, match="lengths must be one of"):
+        crf_batch(2, 3, 4, seed=0, lengths="gamma")
+
+
+def test_rnn_shape_lengths_are_conll_like_and_fixed_per_shape():
+    lengths = TAGGER_RNN.lengths()
+    assert lengths.shape == (TAGGER_RNN.batch,) and int(lengths.max()) == TAGGER_RNN.seq_len
+    assert torch.equal(lengths, TAGGER_RNN.lengths())
+
+
+@pytest.mark.parametrize("script", ["crf_cuda_bench", "rnn_cuda_bench"])
+def test_cuda_scripts_run_as_modules_and_refuse_without_cuda(script, tmp_path):
+    # `python -m benchmarks.X` from the repository root: the harness imports without sys.path edits
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run the benchmark")
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", str(tmp_path / "out.json")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "CUDA" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_crf_step_breakdown_calls_run():
+    pytest.importorskip("torchcrf")
+    from benchmarks import crf_step_breakdown
+
+    for name, call in crf_step_breakdown.calls(2).items():
+        call()
+
+
+def test_thread_cpu_clock_counts_this_threads_work():
+    from fastner.bench.timing import ThreadCpuClock
+
+    spent = ThreadCpuClock().time(lambda: sum(range(20000)), number=5)
+    assert 0.0 < spent < 5.0
 
 
 def test_rnn_flops():

@@ -20,12 +20,8 @@ TRAIN_OPTIONS = ["--epochs", "1", "--hidden", "8", "--word-dim", "8", "--optimiz
                  "--batch-size", "8", "--seed", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# tiny models: see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,8 @@ from fastner.cli import main
 DOC = "Shares of Kestrel Pharma jumped 4.2% in Frankfurt on Tuesday. Omar Haddad said so."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# tiny models: see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv):

@@ -175,8 +175,8 @@ print(json.dumps({"simd": fastner.backend()["cpu_simd"], "worst": worst}))
 
 
 def test_avx2_kernels_in_a_subprocess():
-    # This machine may prefer AVX-512; FASTNER_CRF_LANES=avx2 makes the other kernels serve.
-    env = dict(os.environ, FASTNER_CRF_LANES="avx2")
+    # This machine may prefer AVX-512; FASTNER_CPU_ISA=avx2 makes the other kernels serve.
+    env = dict(os.environ, FASTNER_CPU_ISA="avx2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, cwd=root, capture_output=True,

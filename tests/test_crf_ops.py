@@ -173,6 +173,12 @@ def test_lengths_op_matches_reference(batch_first, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
+def _strided_layouts(emissions):
+    """The same values [B, T, K] stored time-first, and with a tag stride other than 1."""
+    return (emissions.transpose(0, 1).contiguous().transpose(0, 1),
+            emissions.transpose(1, 2).contiguous().transpose(1, 2))
+
+
 def _opcheck_cases(name):
     torch.manual_seed(1234)
     cases = []
@@ -193,9 +199,14 @@ def _opcheck_cases(name):
             cases.append((g1, g2, emissions, tags, lengths, transitions, start, end, log_z, alphas))
             log_z, _, alphas = torch.ops.fastner.crf_forward(emissions, None, lengths, transitions, start, end)
             cases.append((g1, torch.zeros_like(g2), emissions, None, lengths, transitions, start, end, log_z, alphas))
+            # grad_emissions takes a time-first caller's layout, and is contiguous where the tag
+            # stride is not 1: the fake kernel must say the same (inductor asserts the strides)
+            for strided in _strided_layouts(emissions):
+                cases.append((g1, g2, strided, tags, lengths, transitions, start, end, log_z, alphas))
         elif name == "crf_forward_backward":
             cases.append((emissions, tags, lengths, transitions, start, end))
-            cases.append((emissions.transpose(0, 1).contiguous().transpose(0, 1), tags, lengths, transitions, start, end))
+            for strided in _strided_layouts(emissions):
+                cases.append((strided, tags, lengths, transitions, start, end))
         elif name == "crf_kbest":
             cases.append((emissions, lengths, transitions, start, end, 3))
         else:

@@ -21,12 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LENGTH = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# tiny models: see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _served(op):

@@ -368,7 +368,7 @@ def test_non_contiguous_and_expanded_output_gradients(mode):
 
 
 def test_avx2_cell_passes_where_the_cpu_has_avx512():
-    # On an AVX-512 CPU the kernels use the 16-float cell passes; FASTNER_RNN_ISA=avx2 makes
+    # On an AVX-512 CPU the kernels use the 16-float cell passes; FASTNER_CPU_ISA=avx2 makes
     # them use the AVX2 ones, which must agree with torch too (every wheel user without
     # AVX-512 runs them). A subprocess, since the choice is made once per process.
     import os
@@ -390,7 +390,7 @@ def test_avx2_cell_passes_where_the_cpu_has_avx512():
         "                    torch.autograd.grad(b, [x] + list(fused.parameters()), g)):\n"
         "        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4)\n"
     )
-    env = dict(os.environ, FASTNER_RNN_ISA="avx2")
+    env = dict(os.environ, FASTNER_CPU_ISA="avx2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)

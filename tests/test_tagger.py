@@ -12,13 +12,8 @@ from fastner.data import Vocab
 from fastner.tagger import Tagger, TaggerLoadError
 from fastner.train import TrainConfig, train
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread wake-ups cost more than they save, and badly so on a shared machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# tiny models: see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -106,10 +106,6 @@ def mask_from_lengths(lengths: Tensor, max_len: int, batch_first: bool = True, d
     return mask.to(dtype).contiguous()
 
 
-def lengths_from_mask(mask: Tensor, batch_first: bool = True) -> Tensor:
-    return mask.long().sum(dim=1 if batch_first else 0)
-
-
 def to_layout(x: Tensor, batch_first: bool) -> Tensor:
     """A batch-first tensor [B, T, ...] in the requested layout (contiguous)."""
     return x.contiguous() if batch_first else x.transpose(0, 1).contiguous()
@@ -154,9 +150,3 @@ def op_registered(name: str) -> bool:
 def requires_op(name: str):
     """Skip marker for tests that call torch.ops.fastner.<name> directly."""
     return pytest.mark.skipif(not op_registered(name), reason=f"torch.ops.fastner.{name} is not registered (extension not built)")
-
-
-def fused_on(op: str, device: torch.device) -> bool:
-    from fastner._extension import use_fused
-
-    return use_fused(op, device)

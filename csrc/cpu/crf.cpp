@@ -551,7 +551,7 @@ bool lane_forward(const Tensor& emissions, const int64_t*, const Tensor&, const 
 
 // alphas: an empty tensor. The CPU backward recomputes the forward pass it needs (for the lane
 // kernels that is cheaper than writing and reading back [B, T, K] log values), so the forward
-// saves nothing. The fake kernel in fastner/ops.py returns the same on CPU.
+// saves nothing. The fake kernel in fastner/ops/crf.py returns the same on CPU.
 std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
                                                     const std::optional<Tensor>& tags_in,
                                                     const Tensor& lengths_in,

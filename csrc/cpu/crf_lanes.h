@@ -83,8 +83,8 @@ struct Kernels {
                   float* scores, float* scratch);
 };
 
-// The kernels for this CPU: AVX-512 where it has AVX-512 F/DQ/BW/VL, else AVX2 (or AVX2 when
-// the environment sets FASTNER_CRF_LANES=avx2).
+// The kernels for this CPU's instruction set (csrc/cpu/cpu_isa.h: AVX-512 where it has AVX-512
+// F/DQ/BW/VL, else AVX2; FASTNER_CPU_ISA=avx2 forces AVX2).
 const Kernels& kernels();
 
 // Per instruction set (defined in crf_lanes_avx2.cpp / crf_lanes_avx512.cpp).

@@ -34,6 +34,7 @@
 
 #include "cpu/rnn_gemm.h"
 #include "cpu/rnn_math.h"
+#include "rnn_layout.h"
 #include "checks.h"
 
 namespace fastner::rnn {
@@ -41,25 +42,24 @@ namespace {
 
 using at::Tensor;
 
-enum class Cell { LSTM, GRU, RNN_TANH, RNN_RELU };
+enum class Cell { LSTM = rnn_layout::kLstm, GRU = rnn_layout::kGru, RNN_TANH = rnn_layout::kRnnTanh,
+                  RNN_RELU = rnn_layout::kRnnRelu };
 
 Cell parse_mode(const std::string& mode) {
-  if (mode == "lstm") return Cell::LSTM;
-  if (mode == "gru") return Cell::GRU;
-  if (mode == "rnn_tanh") return Cell::RNN_TANH;
-  if (mode == "rnn_relu") return Cell::RNN_RELU;
-  TORCH_CHECK_VALUE(false, "rnn_layer: mode must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '", mode, "'");
+  const int cell = rnn_layout::cell_of(mode.data(), mode.size());
+  TORCH_CHECK_VALUE(cell >= 0, "rnn_layer: mode must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '", mode, "'");
+  return static_cast<Cell>(cell);
 }
 
 int64_t gates_of(Cell cell) { return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1; }
 
-// Workspace row (training only; one per step row and direction): the gate columns, then the
-// step's input x [I] and the previous h [H], side by side so that the weight gradients
-// [dW_ih | dW_hh]^T = [x | h_prev]^T @ (gate gradients) are one GEMM over all rows with no
-// copy. Gate columns in units of H: lstm [i f g o | c], gru [r z n | W_hn h + b_hn], rnn [h]
-// (gate values after their nonlinearity).
-int64_t workspace_gate_width(Cell cell) { return cell == Cell::LSTM ? 5 : cell == Cell::GRU ? 4 : 1; }
-int64_t workspace_width(Cell cell, int64_t H, int64_t I) { return workspace_gate_width(cell) * H + I + H; }
+// Workspace row (training only; one per step row and direction): csrc/rnn_layout.h. The
+// weight gradients [dW_ih | dW_hh]^T = [x | h_prev]^T @ (gate gradients) are one GEMM over all
+// rows with no copy.
+int64_t workspace_gate_width(Cell cell) { return rnn_layout::cpu_gate_columns(static_cast<int>(cell)); }
+int64_t workspace_width(Cell cell, int64_t H, int64_t I) {
+  return rnn_layout::cpu_workspace_width(static_cast<int>(cell), H, I);
+}
 
 // The batch reordered by decreasing length, and where each (slot, time) lives.
 struct Plan {

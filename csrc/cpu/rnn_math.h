@@ -17,6 +17,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/cpu_isa.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FASTNER_RNN_AVX2 1
@@ -157,17 +159,11 @@ struct Avx512Pack {
 #pragma GCC pop_options
 #endif
 
-// Whether the cell passes may use Avx512Pack: the CPU (and OS) support AVX-512F and
-// FASTNER_RNN_ISA does not say "avx2" (which forces the AVX2 passes, for tests and comparisons).
+// Whether the cell passes may use Avx512Pack: this build compiled them and the one CPU probe
+// (csrc/cpu/cpu_isa.h; FASTNER_CPU_ISA=avx2 forces AVX2) chose AVX-512.
 inline bool cpu_has_avx512() {
 #ifdef FASTNER_RNN_AVX512
-  static const bool yes = [] {
-    const char* isa = std::getenv("FASTNER_RNN_ISA");
-    if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
+  return cpu::isa() == cpu::Isa::AVX512;
 #else
   return false;
 #endif

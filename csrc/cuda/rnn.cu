@@ -136,12 +136,10 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const E* 
 // ---------------------------------------------------------------------------------------------
 
 Cell parse_mode(c10::string_view mode) {
-  if (mode == "lstm") return Cell::LSTM;
-  if (mode == "gru") return Cell::GRU;
-  if (mode == "rnn_tanh") return Cell::RNN_TANH;
-  if (mode == "rnn_relu") return Cell::RNN_RELU;
-  TORCH_CHECK_VALUE(false, "rnn_layer: mode must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '", std::string(mode),
-                    "'");
+  const int cell = fastner::rnn_layout::cell_of(mode.data(), mode.size());
+  TORCH_CHECK_VALUE(cell >= 0, "rnn_layer: mode must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '",
+                    std::string(mode), "'");
+  return static_cast<Cell>(cell);
 }
 
 void check_input(const Tensor& input) {

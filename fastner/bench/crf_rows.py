@@ -7,10 +7,9 @@ from typing import Dict, List
 import torch
 
 from fastner.bench.rows import Context, GroupSkipped, Row, describe_error, forced_reference, on_reference
-from fastner.bench.workloads import mask_from_lengths, uniform_lengths
+from fastner.bench.workloads import crf_batch
 
 TITLE = "CRF: fastner.nn.CRF vs torchcrf.CRF (pytorch-crf, same state_dict) and FASTNER_BACKEND=reference"
-LENGTHS = "uniform in [1, T], the first sequence = T"
 
 
 def _classes():
@@ -45,15 +44,9 @@ def run(ctx: Context) -> None:
         if TorchCRF is not None:
             base = TorchCRF(num_tags, batch_first=True).to(device)
             fast.load_state_dict(base.state_dict())
-        generator = torch.Generator().manual_seed(1000 + index)
-        lengths = uniform_lengths(batch, seq_len, seed=2000 + index)
-        mask = mask_from_lengths(lengths, seq_len).to(device)
-        emissions = torch.randn(batch, seq_len, num_tags, generator=generator).to(device)
-        tags = torch.randint(0, num_tags, (batch, seq_len), generator=generator).to(device)
-        shape = {"B": batch, "T": seq_len, "K": num_tags, "lengths": LENGTHS,
-                 "tokens": int(lengths.sum())}
-        _nll_row(ctx, fast, base, emissions, tags, mask, shape)
-        _decode_row(ctx, fast, base, emissions, mask, shape)
+        inputs = crf_batch(batch, seq_len, num_tags, seed=1000 + index, device=device)
+        _nll_row(ctx, fast, base, inputs.emissions, inputs.tags, inputs.mask, inputs.shape)
+        _decode_row(ctx, fast, base, inputs.emissions, inputs.mask, inputs.shape)
 
 
 def _nll_row(ctx: Context, fast, base, emissions, tags, mask, shape) -> None:

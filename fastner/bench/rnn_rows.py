@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from fastner.bench.gemm_rows import rnn_flops
 from fastner.bench.rows import Context, GroupSkipped, Row, close, describe_error
 from fastner.bench.timing import Settings
-from fastner.bench.workloads import LENGTHS_NOTE, TAGGER_RNN, RnnShape, conll_like_lengths, sweep_shapes
+from fastner.bench.workloads import LENGTHS_NOTE, TAGGER_RNN, RnnShape, sweep_shapes
 
 TITLE = "RNN: fastner.nn.LSTM/GRU/RNN vs torch.nn (same state_dict), bidirectional, 1 layer"
 MODES = ("inference", "training")
@@ -29,18 +29,19 @@ SWEEP_IMPLS = ("torch.padded", "torch.packed", "fastner.padded", "fastner.length
 HEADLINE_BUDGET = 2  # the tagger-shape rows get this many times the usual time budget
 
 
-def _classes():
+def classes():
+    """{cell: (torch.nn class, fastner.nn class)}; skips the group when fastner's are missing."""
     try:
         from fastner import nn as fnn
-        classes = {"lstm": (torch.nn.LSTM, fnn.LSTM), "gru": (torch.nn.GRU, fnn.GRU),
-                   "rnn": (torch.nn.RNN, fnn.RNN)}
+        found = {"lstm": (torch.nn.LSTM, fnn.LSTM), "gru": (torch.nn.GRU, fnn.GRU),
+                 "rnn": (torch.nn.RNN, fnn.RNN)}
     except (ImportError, AttributeError) as err:
         raise GroupSkipped(f"fastner.nn.LSTM/GRU/RNN are not available ({describe_error(err)})") from None
-    return classes
+    return found
 
 
 def run(ctx: Context) -> None:
-    classes = _classes()
+    cell_classes = classes()
     plan = ctx.plan
     if ctx.gemm_flops_per_s is None:
         ctx.notes.append("no GEMM rate measured in this run (group 'gemm' not selected): no floors")
@@ -48,21 +49,20 @@ def run(ctx: Context) -> None:
     headline = dataclasses.replace(ctx.settings, budget_s=HEADLINE_BUDGET * ctx.settings.budget_s)
     for cell in plan.rnn_cells:
         for mode in MODES:
-            _row(ctx, classes[cell], cell, mode, TAGGER_RNN, ["B", "H", "T"], ALL_IMPLS, headline)
+            _row(ctx, cell_classes[cell], cell, mode, TAGGER_RNN, ["B", "H", "T"], ALL_IMPLS, headline)
     for shape, axes in sweep_shapes(plan):
         if shape == TAGGER_RNN:
             continue
         for cell in plan.sweep_cells:
             for mode in plan.sweep_modes:
-                _row(ctx, classes[cell], cell, mode, shape, axes, SWEEP_IMPLS, ctx.settings)
+                _row(ctx, cell_classes[cell], cell, mode, shape, axes, SWEEP_IMPLS, ctx.settings)
 
 
-def _row(ctx: Context, classes, cell: str, mode: str, shape: RnnShape, axes: List[str],
+def _row(ctx: Context, pair, cell: str, mode: str, shape: RnnShape, axes: List[str],
          impls, settings: Settings) -> None:
     device = ctx.device
     training = mode == "training"
-    seed = shape.batch * 1_000_003 + shape.seq_len * 1009 + shape.hidden
-    lengths = conll_like_lengths(shape.batch, shape.seq_len, seed=seed)
+    lengths = shape.lengths()
     tokens = int(lengths.sum())
     row = Row(str(device), "rnn", f"{cell}_{mode}", {**shape.as_dict(), "tokens": tokens,
                                                      "lengths": LENGTHS_NOTE}, sweeps=list(axes))
@@ -74,8 +74,8 @@ def _row(ctx: Context, classes, cell: str, mode: str, shape: RnnShape, axes: Lis
     if floor is not None:
         row.info["floor_ms"] = floor * 1e3
     try:
-        forwards, timed = _forwards(classes, shape, lengths, device, training)
-        row.check = _check(forwards)
+        forwards, timed = implementations(pair, shape, lengths, device, training)
+        row.check = check(forwards)
         calls = {name: timed(name) for name in impls}
         ctx.compare(row, calls, baselines=[b for b in BASELINES if b in calls], settings=settings)
         if floor is not None:
@@ -86,11 +86,11 @@ def _row(ctx: Context, classes, cell: str, mode: str, shape: RnnShape, axes: Lis
     ctx.emit(row)
 
 
-def _forwards(classes, shape: RnnShape, lengths: torch.Tensor, device: torch.device,
-              training: bool):
+def implementations(pair, shape: RnnShape, lengths: torch.Tensor, device: torch.device,
+                    training: bool):
     """Forward callables per implementation (each returns the padded output [B, T, 2H]), and
     a function giving the call to time for an implementation (inference or a training step)."""
-    torch_cls, fast_cls = classes
+    torch_cls, fast_cls = pair
     torch.manual_seed(17)  # the same weights in every row of a cell
     base = torch_cls(shape.input_size, shape.hidden, batch_first=True, bidirectional=True).to(device)
     fast = fast_cls(shape.input_size, shape.hidden, batch_first=True, bidirectional=True).to(device)
@@ -137,7 +137,7 @@ def _forwards(classes, shape: RnnShape, lengths: torch.Tensor, device: torch.dev
     return forwards, timed
 
 
-def _check(forwards) -> str:
+def check(forwards) -> str:
     """fastner against torch on this input: padded vs padded, lengths=/packed vs packed."""
     with torch.no_grad():
         outputs = {name: fn() for name, fn in forwards.items()}

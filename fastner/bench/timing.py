@@ -103,6 +103,20 @@ class CudaEventClock:
         return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
 
 
+class ThreadCpuClock:
+    """CPU time of the calling thread around `number` calls: time spent runnable but waiting
+    for a core does not count, so one-thread runs on a loaded machine stay comparable (threads
+    that torch starts are not counted: use it with torch.set_num_threads(1))."""
+
+    name = "thread_time"
+
+    def time(self, fn: Call, number: int = 1) -> float:
+        start = time.thread_time()
+        for _ in range(number):
+            fn()
+        return time.thread_time() - start
+
+
 def clock_for(device: torch.device):
     return CudaEventClock(device) if device.type == "cuda" else WallClock()
 

@@ -49,9 +49,56 @@ def uniform_lengths(batch: int, max_len: int, seed: int) -> torch.Tensor:
     return lengths
 
 
+def full_lengths(batch: int, max_len: int, seed: int = 0) -> torch.Tensor:
+    """Lengths [batch], every sequence max_len long (a batch without padding)."""
+    return torch.full((batch,), max_len, dtype=torch.long)
+
+
+LENGTHS = {"uniform": uniform_lengths, "conll": conll_like_lengths, "full": full_lengths}
+LENGTHS_NOTES = {"uniform": "uniform in [1, T], the first sequence = T", "conll": LENGTHS_NOTE,
+                 "full": "every sequence T long"}
+
+
 def mask_from_lengths(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """Right-padded bool mask [B, max_len]."""
-    return torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1)
+    return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class CrfBatch:
+    """One CRF workload, batch-first: emissions [B, T, K] float32, tags int64 [B, T], lengths
+    int64 [B] and the matching bool mask [B, T], all on one device."""
+
+    emissions: torch.Tensor
+    tags: torch.Tensor
+    lengths: torch.Tensor
+    mask: torch.Tensor
+    lengths_note: str
+
+    @property
+    def shape(self) -> Dict[str, object]:
+        B, T, K = self.emissions.shape
+        return {"B": B, "T": T, "K": K, "lengths": self.lengths_note,
+                "tokens": int(self.lengths.sum())}
+
+    def time_first(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(emissions [T, B, K], tags [T, B], mask [T, B]), contiguous: torchcrf's default layout."""
+        return (self.emissions.transpose(0, 1).contiguous(), self.tags.t().contiguous(),
+                self.mask.t().contiguous())
+
+
+def crf_batch(batch: int, seq_len: int, num_tags: int, seed: int, lengths: str = "uniform",
+              device: torch.device = torch.device("cpu")) -> CrfBatch:
+    """Seeded random CRF inputs; `lengths` is 'uniform', 'conll' or 'full' (see LENGTHS),
+    drawn with seed + 1000 (`fastner bench` has drawn its CRF rows this way from the start)."""
+    if lengths not in LENGTHS:
+        raise ValueError(f"crf_batch: lengths must be one of {sorted(LENGTHS)}, got {lengths!r}")
+    generator = torch.Generator().manual_seed(seed)
+    emissions = torch.randn(batch, seq_len, num_tags, generator=generator)
+    tags = torch.randint(0, num_tags, (batch, seq_len), generator=generator)
+    sizes = LENGTHS[lengths](batch, seq_len, seed=seed + 1000)
+    return CrfBatch(emissions.to(device), tags.to(device), sizes.to(device),
+                    mask_from_lengths(sizes, seq_len).to(device), LENGTHS_NOTES[lengths])
 
 
 @dataclass(frozen=True)
@@ -64,6 +111,11 @@ class RnnShape:
     def as_dict(self) -> Dict[str, int]:
         return {"B": self.batch, "T": self.seq_len, "input": self.input_size, "H": self.hidden,
                 "bidirectional": True, "layers": 1}
+
+    def lengths(self) -> torch.Tensor:
+        """This shape's CoNLL-like lengths [B], seeded by the shape (the same in every run)."""
+        seed = self.batch * 1_000_003 + self.seq_len * 1009 + self.hidden
+        return conll_like_lengths(self.batch, self.seq_len, seed=seed)
 
 
 # The tagger's encoder: word embedding 100 + char CNN 30 -> BiLSTM of 200, batches of 32.

@@ -39,6 +39,7 @@
 #include <cuda_runtime.h>
 
 #include "accumulate.cuh"
+#include "rnn_layout.h"
 
 #include <cstddef>
 #include <cstdint>
@@ -56,14 +57,17 @@ using cuda::to_acc;
 // Cells, types, numeric helpers
 // ---------------------------------------------------------------------------------------------
 
-enum class Cell : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+enum class Cell : int {
+  LSTM = rnn_layout::kLstm, GRU = rnn_layout::kGru, RNN_TANH = rnn_layout::kRnnTanh,
+  RNN_RELU = rnn_layout::kRnnRelu
+};
 
 __host__ __device__ constexpr int gates_of(Cell cell) {
   return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1;
 }
-// Workspace row width in units of H (see the layout above).
+// Workspace row width in units of H (see the layout above; csrc/rnn_layout.h).
 __host__ __device__ constexpr int workspace_width(Cell cell) {
-  return cell == Cell::LSTM ? 6 : cell == Cell::GRU ? 5 : 1;
+  return rnn_layout::cuda_workspace_columns(static_cast<int>(cell));
 }
 // Column (in units of H) of h inside a workspace row: the last H values.
 __host__ __device__ constexpr int workspace_h_column(Cell cell) { return workspace_width(cell) - 1; }

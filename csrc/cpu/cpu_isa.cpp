@@ -1,0 +1,27 @@
+// The CPU-feature probe shared by every CPU kernel family (see cpu_isa.h).
+#include "cpu/cpu_isa.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fastner::cpu {
+
+Isa isa() {
+  static const Isa chosen = [] {
+    const char* forced = std::getenv("FASTNER_CPU_ISA");
+    if (forced != nullptr && std::strcmp(forced, "avx2") == 0) return Isa::AVX2;
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+      return Isa::AVX512;
+    }
+#endif
+    return Isa::AVX2;
+  }();
+  return chosen;
+}
+
+const char* isa_name() { return isa() == Isa::AVX512 ? "avx512" : "avx2"; }
+
+}  // namespace fastner::cpu

@@ -1,0 +1,342 @@
+"""Linear-chain CRF ops: the Python entry points, fake kernels and autograd formulas.
+
+Batch-first throughout (emissions: [B, T, K], lengths: int64 [B]); fastner.nn.CRF does the
+layout, mask and constraint handling. transitions / start / end are in the accumulate dtype
+(reference.crf_accumulate_dtype of the emissions' dtype). Each entry point runs the fused kernel
+(torch.ops.fastner.crf_*) where the extension serves the device, else fastner.reference. The CPU
+kernels read strided (e.g. transposed) emissions and tags; other devices' kernels get
+contiguous tensors (csrc/fastner.cpp's conventions).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastner import reference, validation
+from fastner._extension import extension_loaded, has_kernel, use_fused
+from fastner.ops._autograd import below_autograd, call, needs_grad, register_autograd_kernel
+
+REDUCTIONS = ("none", "sum", "mean", "token_mean")
+
+
+# ---- entry points ----------------------------------------------------------------------------
+
+def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, transitions: Tensor,
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward algorithm: (log_z [B], gold_score [B], alphas); differentiable in emissions and
+    the three transition tensors (through log_z and gold_score)."""
+    if use_fused("crf_forward", emissions.device):
+        emissions, tags = _dense_off_cpu(emissions, tags)
+        return call(torch.ops.fastner.crf_forward.default, _crf_forward_autograd, emissions, tags,
+                    lengths, transitions, start_transitions, end_transitions)
+    return reference.crf_forward(emissions, tags, lengths, transitions, start_transitions,
+                                 end_transitions)
+
+
+def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions: Tensor,
+                       start_transitions: Tensor, end_transitions: Tensor, reduction: str,
+                       batch_first: bool = True) -> Tensor:
+    """log-likelihood of the gold tags, reduced: [B] for 'none', else a scalar ('sum', 'mean'
+    over sequences, 'token_mean' over tokens); differentiable like crf_forward.
+
+    emissions: [B, T, K] ([T, B, K] when not batch_first); tags: the same layout without K."""
+    # The op's value kernel is crf_forward's (any device): fused wherever crf_forward is.
+    if use_fused("crf_forward", emissions.device):
+        return call(torch.ops.fastner.crf_log_likelihood.default, _crf_log_likelihood_autograd,
+                    emissions, tags, lengths, transitions, start_transitions, end_transitions,
+                    reduction, batch_first)
+    if not batch_first:
+        emissions, tags = emissions.transpose(0, 1), tags.transpose(0, 1)
+    log_z, gold, _ = reference.crf_forward(emissions, tags, lengths, transitions,
+                                           start_transitions, end_transitions)
+    return _reduce(gold - log_z, lengths, reduction)
+
+
+def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Best path: tags int64 [B, T] (-1 past each length) and its score [B]."""
+    if use_fused("crf_viterbi", emissions.device):
+        emissions, _ = _dense_off_cpu(emissions)
+        return torch.ops.fastner.crf_viterbi.default(emissions, lengths, transitions,
+                                                     start_transitions, end_transitions)
+    return reference.crf_viterbi(emissions, lengths, transitions, start_transitions,
+                                 end_transitions)
+
+
+def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_transitions: Tensor,
+              end_transitions: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The k best paths, best first: tags int64 [B, k, T] and scores [B, k]."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if use_fused("crf_kbest", emissions.device):
+        emissions, _ = _dense_off_cpu(emissions)
+        return torch.ops.fastner.crf_kbest.default(emissions, lengths, transitions,
+                                                   start_transitions, end_transitions, k)
+    return reference.crf_kbest(emissions, lengths, transitions, start_transitions,
+                               end_transitions, k)
+
+
+def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                  start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
+    """Posterior marginals p(y_t = j | x): [B, T, K], zeros past each length."""
+    if use_fused("crf_marginals", emissions.device):
+        emissions, _ = _dense_off_cpu(emissions)
+        return torch.ops.fastner.crf_marginals.default(emissions, lengths, transitions,
+                                                       start_transitions, end_transitions)
+    return reference.crf_marginals(emissions, lengths, transitions, start_transitions,
+                                   end_transitions)
+
+
+def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
+    """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else
+    [T, B]); ValueError when the mask has a gap."""
+    if use_fused("crf_lengths", mask.device):
+        return torch.ops.fastner.crf_lengths.default(mask, batch_first)
+    return reference.crf_lengths(mask, batch_first)
+
+
+def tag_lists(tags: Tensor, lengths: Tensor) -> List[List[int]]:
+    """Rows of tags [B, T], each cut to its length, as Python lists (CRF.decode's output).
+
+    tags: int64 [B, T]; lengths: int64 [B] in [0, T], on the tags' device (ValueError otherwise).
+    """
+    validation.tag_lists_args(tags, lengths)
+    if tags.device.type == "cpu" and extension_loaded():
+        from fastner import _C
+
+        # The raw helper reads B rows of up to T entries through the addresses: only with the
+        # arguments checked above, from contiguous tensors held alive across the call.
+        tags, lengths = tags.contiguous(), lengths.contiguous()
+        return _C._tag_lists_unchecked(tags.data_ptr(), lengths.data_ptr(), tags.shape[0],
+                                       tags.stride(0))
+    return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _reduce(llh: Tensor, lengths: Tensor, reduction: str) -> Tensor:
+    """llh [B] reduced as crf_log_likelihood's `reduction` says (the reference path's)."""
+    if reduction == "none":
+        return llh
+    if reduction == "sum":
+        return llh.sum()
+    if reduction == "mean":
+        return llh.mean()
+    if reduction == "token_mean":  # a tensor divisor, so that CUDA needs no host sync
+        return llh.sum() / lengths.sum().clamp(min=1).to(llh.dtype)
+    raise ValueError(f"invalid reduction: {reduction!r} (expected one of {REDUCTIONS})")
+
+
+def _dense_off_cpu(emissions: Tensor, tags: Optional[Tensor] = None):
+    # The CPU kernels read strided (transposed) inputs; other devices' kernels get the
+    # contiguous tensors csrc/fastner.cpp's conventions promise.
+    if emissions.device.type == "cpu":
+        return emissions, tags
+    return emissions.contiguous(), None if tags is None else tags.contiguous()
+
+
+def _accumulate(emissions: Tensor) -> torch.dtype:
+    return reference.crf_accumulate_dtype(emissions.dtype)
+
+
+def _gradient_like(emissions: Tensor) -> Tensor:
+    # The CPU kernels' grad_emissions (csrc/cpu/crf.cpp, gradient_like): the emissions' own
+    # layout where the tag stride is 1 (a time-first caller gets a time-first gradient), else
+    # contiguous [B, T, K].
+    if emissions.stride(2) == 1:
+        return torch.empty_like(emissions)
+    return emissions.new_empty(emissions.shape)
+
+
+# ---- autograd formulas -----------------------------------------------------------------------
+
+class _CRFForward(torch.autograd.Function):
+    """crf_forward's autograd: backward is the crf_backward op; alphas are saved state, not a
+    differentiable result."""
+
+    @staticmethod
+    def forward(ctx, emissions, tags, lengths, transitions, start_transitions, end_transitions):
+        ctx.set_materialize_grads(False)
+        with below_autograd():
+            log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
+                emissions, tags, lengths, transitions, start_transitions, end_transitions)
+        ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
+                              end_transitions, log_z, alphas)
+        ctx.mark_non_differentiable(alphas)
+        return log_z, gold, alphas
+
+    @staticmethod
+    def backward(ctx, grad_log_z, grad_gold_score, _grad_alphas):
+        emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
+        if grad_log_z is None:
+            grad_log_z = torch.zeros_like(log_z)
+        if grad_gold_score is None:
+            grad_gold_score = torch.zeros_like(log_z)
+        grads = torch.ops.fastner.crf_backward.default(
+            grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start, end,
+            log_z, alphas)
+        return grads[0], None, None, grads[1], grads[2], grads[3]
+
+
+def _crf_forward_autograd(emissions, tags, lengths, transitions, start_transitions,
+                          end_transitions):
+    if needs_grad(emissions, transitions, start_transitions, end_transitions):
+        return _CRFForward.apply(emissions, tags, lengths, transitions, start_transitions,
+                                 end_transitions)
+    with below_autograd():
+        return torch.ops.fastner.crf_forward.default(emissions, tags, lengths, transitions,
+                                                     start_transitions, end_transitions)
+
+
+class _CRFLogLikelihood(torch.autograd.Function):
+    """crf_log_likelihood's autograd: one graph node where a transpose + crf_forward + sub +
+    reduction would make four, each costing a few microseconds forward and backward. Takes
+    emissions and tags in the caller's layout and returns the emissions' gradient in that
+    layout, so no view node sits in front of it."""
+
+    @staticmethod
+    def forward(ctx, emissions, tags, lengths, transitions, start_transitions, end_transitions,
+                reduction, batch_first):
+        ctx.set_materialize_grads(False)
+        if not batch_first:
+            emissions, tags = emissions.transpose(0, 1), tags.transpose(0, 1)
+        emissions, tags = _dense_off_cpu(emissions, tags)
+        # A reduced likelihood has the same weight for every sequence, so the gradients can be
+        # computed right here in the same pass (crf_forward_backward) and backward only scales
+        # them; 'none' and devices without that kernel run crf_backward in backward.
+        fused = reduction != "none" and has_kernel("crf_forward_backward", emissions.device.type)
+        with below_autograd():
+            if fused:
+                total, grad_emissions, *grads = torch.ops.fastner.crf_forward_backward.default(
+                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
+                if not batch_first:
+                    grad_emissions = grad_emissions.transpose(0, 1)
+            else:
+                log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
+                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
+                llh = gold - log_z
+                total = None if reduction == "none" else llh.sum()
+        if reduction == "none":
+            out, scale = llh, None
+        elif reduction == "sum":
+            out, scale = total, None
+        elif reduction == "mean":
+            scale = 1.0 / max(emissions.shape[0], 1)
+            out = total * scale
+        else:  # token_mean; a tensor, so that CUDA needs no host sync
+            tokens = lengths.sum().clamp(min=1).to(total.dtype)
+            out, scale = total / tokens, 1.0 / tokens
+        ctx.scale, ctx.fused, ctx.batch_first = scale, fused, batch_first
+        if fused:
+            ctx.save_for_backward(grad_emissions, *grads)
+        else:
+            ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
+                                  end_transitions, log_z, alphas)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None, None, None, None, None
+        if ctx.fused:  # d out = scale * sum_b d(gold_b - log Z_b), computed in forward
+            factor = grad if ctx.scale is None else grad * ctx.scale
+            grads = torch._foreach_mul(list(ctx.saved_tensors), factor)
+            return grads[0], None, None, grads[1], grads[2], grads[3], None, None
+        emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
+        # Per-sequence weight of d llh_b: grad itself ([B] for 'none') or the scalar grad
+        # spread over the batch (the kernels read stride-0 tensors as they are).
+        if ctx.scale is None and grad.dim() == 0:  # 'sum'
+            weight = grad.expand(log_z.shape[0])
+        else:
+            weight = grad if grad.dim() else (grad * ctx.scale).expand(log_z.shape[0])
+        grads = torch.ops.fastner.crf_backward.default(
+            -weight, weight, emissions, tags, lengths, transitions, start, end, log_z, alphas)
+        grad_emissions = grads[0] if ctx.batch_first else grads[0].transpose(0, 1)
+        return grad_emissions, None, None, grads[1], grads[2], grads[3], None, None
+
+
+def _crf_log_likelihood_autograd(emissions, tags, lengths, transitions, start_transitions,
+                                 end_transitions, reduction, batch_first):
+    if needs_grad(emissions, transitions, start_transitions, end_transitions):
+        return _CRFLogLikelihood.apply(emissions, tags, lengths, transitions, start_transitions,
+                                       end_transitions, reduction, batch_first)
+    with below_autograd():
+        return torch.ops.fastner.crf_log_likelihood.default(
+            emissions, tags, lengths, transitions, start_transitions, end_transitions, reduction,
+            batch_first)
+
+
+# ---- registration ----------------------------------------------------------------------------
+
+def _register() -> None:
+    """Fake kernels and autograd formulas of the CRF ops (needs the schemas from fastner._C)."""
+
+    @torch.library.register_fake("fastner::crf_forward")
+    def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_forward", emissions, lengths, transitions, start_transitions,
+                            end_transitions, tags, values=False)
+        B, T, K = emissions.shape
+        dtype = _accumulate(emissions)
+        # alphas: what the device's crf_backward reads back: [B, T, K] log forward variables
+        # on CUDA; on CPU nothing (its backward recomputes the pass, see csrc/cpu/crf.cpp).
+        alphas_shape = (0,) if emissions.device.type == "cpu" else (B, T, K)
+        return (emissions.new_empty(B, dtype=dtype), emissions.new_empty(B, dtype=dtype),
+                emissions.new_empty(alphas_shape, dtype=dtype))
+
+    @torch.library.register_fake("fastner::crf_backward")
+    def _(grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start_transitions,
+          end_transitions, log_z, alphas):
+        validation.crf_args("crf_backward", emissions, lengths, transitions, start_transitions,
+                            end_transitions, tags, values=False)
+        for name, t in (("grad_log_z", grad_log_z), ("grad_gold_score", grad_gold_score),
+                        ("log_z", log_z)):
+            validation.tensor_arg("crf_backward", name, t, shape=(emissions.shape[0],),
+                                  device=emissions.device)
+        return (_gradient_like(emissions), torch.empty_like(transitions),
+                torch.empty_like(start_transitions), torch.empty_like(end_transitions))
+
+    @torch.library.register_fake("fastner::crf_forward_backward")
+    def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_forward_backward", emissions, lengths, transitions,
+                            start_transitions, end_transitions, tags, values=False)
+        return (emissions.new_empty((), dtype=_accumulate(emissions)),
+                _gradient_like(emissions), torch.empty_like(transitions),
+                torch.empty_like(start_transitions), torch.empty_like(end_transitions))
+
+    @torch.library.register_fake("fastner::crf_viterbi")
+    def _(emissions, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_viterbi", emissions, lengths, transitions, start_transitions,
+                            end_transitions, values=False)
+        B, T, _ = emissions.shape
+        return (emissions.new_empty(B, T, dtype=torch.long),
+                emissions.new_empty(B, dtype=_accumulate(emissions)))
+
+    @torch.library.register_fake("fastner::crf_kbest")
+    def _(emissions, lengths, transitions, start_transitions, end_transitions, k):
+        validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
+                            end_transitions, values=False)
+        if k < 1:
+            raise ValueError(f"crf_kbest: k must be >= 1, got {k}")
+        B, T, _ = emissions.shape
+        return (emissions.new_empty(B, k, T, dtype=torch.long),
+                emissions.new_empty(B, k, dtype=_accumulate(emissions)))
+
+    @torch.library.register_fake("fastner::crf_marginals")
+    def _(emissions, lengths, transitions, start_transitions, end_transitions):
+        validation.crf_args("crf_marginals", emissions, lengths, transitions, start_transitions,
+                            end_transitions, values=False)
+        return emissions.new_empty(emissions.shape, dtype=_accumulate(emissions))
+
+    @torch.library.register_fake("fastner::crf_lengths")
+    def _(mask, batch_first):
+        validation.crf_mask("crf_lengths", mask)
+        return mask.new_empty(mask.shape[0 if batch_first else 1], dtype=torch.long)
+
+    register_autograd_kernel("crf_forward", _crf_forward_autograd)
+    register_autograd_kernel("crf_log_likelihood", _crf_log_likelihood_autograd)
+
+
+if extension_loaded():
+    _register()

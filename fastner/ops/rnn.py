@@ -1,0 +1,136 @@
+"""Recurrent-layer ops (LSTM / GRU / RNN): the Python entry point, fake kernels and the autograd
+formula of rnn_layer_forward (schemas and argument conventions: csrc/fastner.cpp)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastner import reference, validation
+from fastner._extension import extension_loaded, use_fused
+from fastner.ops._autograd import below_autograd, call, needs_grad, register_autograd_kernel
+
+
+def rnn_layer(
+    input: Tensor,
+    lengths: Tensor,
+    weights: list,
+    hx: Optional[Tensor] = None,
+    cx: Optional[Tensor] = None,
+    mode: str = "lstm",
+    bidirectional: bool = False,
+    batch_first: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM / GRU / RNN layer, both directions, per-sequence lengths.
+
+    input: [B, T, I] if batch_first else [T, B, I]; lengths: int64 [B] (0 <= lengths <= T);
+    weights: the layer's flat weights in torch's order (w_ih [G*H, I], w_hh [G*H, H] and, with
+    bias, b_ih, b_hh [G*H], direction 0 then 1); hx / cx: [D, B, H] or None (zeros);
+    mode: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'.
+    Returns output (input's layout, D*H features, zeros past each length), h_n [D, B, H] and
+    c_n ([D, B, H] for lstm, else an empty tensor).
+    """
+    weights = list(weights)
+    if use_fused("rnn_layer_forward", input.device):
+        # Inference stores no activations: the workspace is only kept when a gradient can flow.
+        training = needs_grad(input, hx, cx, *weights)
+        output, h_n, c_n, _ = call(torch.ops.fastner.rnn_layer_forward.default,
+                                   _rnn_layer_forward_autograd, input, lengths, weights, hx, cx,
+                                   mode, bidirectional, batch_first, training)
+        return output, h_n, c_n
+    return reference.rnn_layer(input, lengths, weights, hx, cx, mode, bidirectional, batch_first)
+
+
+class _RNNLayer(torch.autograd.Function):
+    """rnn_layer_forward's autograd: backward is the rnn_layer_backward op, reading the
+    workspace the forward kept (training=True)."""
+
+    @staticmethod
+    def forward(ctx, input, lengths, mode, bidirectional, batch_first, training, hx, cx, *weights):
+        # Unused outputs get no zero gradient from autograd (the workspace's would be ~MBs);
+        # backward makes the zeros the backward op needs itself.
+        ctx.set_materialize_grads(False)
+        with below_autograd():
+            output, h_n, c_n, workspace = torch.ops.fastner.rnn_layer_forward.default(
+                input, lengths, list(weights), hx, cx, mode, bidirectional, batch_first, training)
+        ctx.rnn_args = (mode, bidirectional, batch_first, hx is not None, cx is not None)
+        ctx.training = training
+        ctx.shapes = (output.shape, h_n.shape, c_n.shape)
+        ctx.save_for_backward(input, lengths, workspace, hx, cx, *weights)
+        ctx.mark_non_differentiable(workspace)
+        return output, h_n, c_n, workspace
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
+        mode, bidirectional, batch_first, has_hx, has_cx = ctx.rnn_args
+        input, lengths, workspace, hx, cx, *weights = ctx.saved_tensors
+        if not ctx.training:  # (an empty batch has an empty workspace, and a gradient)
+            raise RuntimeError(
+                "fastner::rnn_layer_forward ran with training=False (no saved activations); "
+                "call it with training=True to differentiate it")
+        grad_output, grad_h_n, grad_c_n = (
+            input.new_zeros(shape) if grad is None else grad
+            for grad, shape in zip((grad_output, grad_h_n, grad_c_n), ctx.shapes))
+        grad_input, grad_hx, grad_cx, grad_weights = torch.ops.fastner.rnn_layer_backward.default(
+            grad_output, grad_h_n, grad_c_n, input, lengths, weights, hx, cx, workspace, mode,
+            bidirectional, batch_first)
+        return (grad_input, None, None, None, None, None,
+                grad_hx if has_hx else None,
+                grad_cx if (has_cx and mode == "lstm") else None,
+                *grad_weights)
+
+
+def _rnn_layer_forward_autograd(input, lengths, weights, hx, cx, mode, bidirectional,
+                                batch_first, training):
+    if needs_grad(input, hx, cx, *weights):
+        return _RNNLayer.apply(input, lengths, mode, bidirectional, batch_first, training, hx, cx,
+                               *weights)
+    with below_autograd():
+        return torch.ops.fastner.rnn_layer_forward.default(
+            input, lengths, weights, hx, cx, mode, bidirectional, batch_first, training)
+
+
+def _register() -> None:
+    """Fake kernels and the autograd formula of the RNN ops (needs the schemas from fastner._C)."""
+
+    @torch.library.register_fake("fastner::rnn_layer_forward")
+    def _(input, lengths, weights, hx, cx, mode, bidirectional, batch_first, training):
+        validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
+                            batch_first, values=False)
+        D = 2 if bidirectional else 1
+        H = weights[1].shape[1]
+        B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
+        output = input.new_empty((B, T, D * H) if batch_first else (T, B, D * H))
+        h_n = input.new_empty(D, B, H)
+        c_n = input.new_empty(D, B, H) if mode == "lstm" else input.new_empty(0)
+        if training:
+            from fastner import _C
+
+            # The device's kernels decide the layout (csrc/rnn_layout.h); not mirrored here.
+            width = _C.rnn_workspace_width(input.device.type, mode, input.shape[2], H)
+            workspace = input.new_empty(D, B * T, width)
+        else:
+            workspace = input.new_empty(0)
+        return output, h_n, c_n, workspace
+
+    @torch.library.register_fake("fastner::rnn_layer_backward")
+    def _(grad_output, grad_h_n, grad_c_n, input, lengths, weights, hx, cx, workspace, mode,
+          bidirectional, batch_first):
+        validation.rnn_args("rnn_layer_backward", input, lengths, weights, hx, cx, mode,
+                            bidirectional, batch_first, values=False)
+        for name, t in (("grad_output", grad_output), ("workspace", workspace)):
+            validation.tensor_arg("rnn_layer_backward", name, t, device=input.device,
+                                  owner="the input's")
+        D = 2 if bidirectional else 1
+        H = weights[1].shape[1]
+        B = input.shape[0] if batch_first else input.shape[1]
+        grad_cx = input.new_empty(D, B, H) if mode == "lstm" else input.new_empty(0)
+        return (torch.empty_like(input), input.new_empty(D, B, H), grad_cx,
+                [torch.empty_like(w) for w in weights])
+
+    register_autograd_kernel("rnn_layer_forward", _rnn_layer_forward_autograd)
+
+
+if extension_loaded():
+    _register()

@@ -1,0 +1,129 @@
+"""One autograd formula per trainable op (fastner/ops/_autograd.py): registered at the op's
+Autograd key, reached by eager calls, torch.ops calls, torch.compile and opcheck alike."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastner.ops as ops
+from fastner.ops import crf as crf_ops
+from fastner.ops import rnn as rnn_ops
+from tests import testing
+
+TRAINABLE = ("crf_forward", "crf_log_likelihood", "rnn_layer_forward")
+REDUCTIONS = crf_ops.REDUCTIONS
+
+requires_ops = pytest.mark.skipif(not all(testing.op_registered(op) for op in TRAINABLE),
+                                  reason="fastner ops not registered (extension not built)")
+pytestmark = requires_ops
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_each_trainable_op_has_its_autograd_kernel(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastner::{name}", "Autograd")
+
+
+def _crf_inputs(batch_first, dtype=torch.float64):
+    B, T, K = 3, 5, 4
+    emissions = torch.randn(B, T, K, dtype=dtype)
+    tags = torch.randint(0, K, (B, T))
+    if not batch_first:
+        emissions, tags = emissions.transpose(0, 1).contiguous(), tags.t().contiguous()
+    lengths = torch.tensor([5, 2, 0])
+    params = [torch.randn(K, K, dtype=dtype) * 0.3, torch.randn(K, dtype=dtype) * 0.3,
+              torch.randn(K, dtype=dtype) * 0.3]
+    return [emissions.requires_grad_(), tags, lengths, *(p.requires_grad_() for p in params)]
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_crf_log_likelihood_op_check_gradcheck_and_parity(reduction, batch_first):
+    args = _crf_inputs(batch_first)
+    op = torch.ops.fastner.crf_log_likelihood.default
+    torch.library.opcheck(op, (*args, reduction, batch_first))
+    leaves = [args[0], *args[3:]]
+
+    def llh(em, tr, st, en):
+        return op(em, args[1], args[2], tr, st, en, reduction, batch_first)
+
+    assert torch.autograd.gradcheck(llh, tuple(leaves))
+    # the wrapper (eager) and the op give the same value, gradients and graph node
+    got = ops.crf_log_likelihood(*args, reduction, batch_first)
+    want = llh(*leaves)
+    assert type(got.grad_fn) is type(want.grad_fn)
+    torch.testing.assert_close(got, want)
+    with testing.backend("reference"):
+        expected = ops.crf_log_likelihood(*args, reduction, batch_first)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(expected.sum(), leaves)):
+        torch.testing.assert_close(a, b)
+
+
+def test_crf_log_likelihood_rejects_an_unknown_reduction():
+    args = _crf_inputs(True)
+    with pytest.raises(ValueError, match="reduction"):
+        with torch.no_grad():
+            torch.ops.fastner.crf_log_likelihood(*args, "max", True)
+
+
+def test_eager_and_op_calls_build_the_same_graph_node():
+    args = _crf_inputs(True)
+    eager = ops.crf_forward(*args)[0]
+    direct = torch.ops.fastner.crf_forward(*args)[0]
+    assert type(eager.grad_fn) is type(direct.grad_fn)
+    assert type(eager.grad_fn).__name__.startswith("_CRFForward")
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    weights = [torch.randn(9, 4, requires_grad=True), torch.randn(9, 3, requires_grad=True)]
+    lengths = torch.tensor([3, 1])
+    out = ops.rnn_layer(x, lengths, weights, None, None, "gru", False, True)[0]
+    direct = torch.ops.fastner.rnn_layer_forward(x, lengths, weights, None, None, "gru", False, True, True)[0]
+    assert type(out.grad_fn) is type(direct.grad_fn)
+
+
+def test_no_graph_and_no_workspace_without_a_gradient():
+    args = _crf_inputs(True)
+    with torch.no_grad():
+        assert ops.crf_log_likelihood(*args, "sum", True).grad_fn is None
+    x = torch.randn(2, 3, 4)
+    weights = [torch.randn(9, 4), torch.randn(9, 3)]
+    out = torch.ops.fastner.rnn_layer_forward(x, torch.tensor([3, 1]), weights, None, None, "gru",
+                                              False, True, False)
+    assert out[0].grad_fn is None and out[3].numel() == 0
+
+
+def test_rnn_backward_without_training_workspace_raises():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    weights = [torch.randn(9, 4), torch.randn(9, 3)]
+    out = torch.ops.fastner.rnn_layer_forward(x, torch.tensor([3, 1]), weights, None, None, "gru",
+                                              False, True, False)
+    with pytest.raises(RuntimeError, match="training=False"):
+        out[0].sum().backward()
+
+
+def test_rnn_unused_outputs_need_no_gradient():
+    # h_n alone: output's and c_n's gradients are zeros made in backward (not by autograd)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    weights = [torch.randn(16, 4, requires_grad=True), torch.randn(16, 4, requires_grad=True)]
+    lengths = torch.tensor([3, 2])
+    _, h_n, _ = ops.rnn_layer(x, lengths, weights, None, None, "lstm", False, True)
+    got = torch.autograd.grad(h_n.sum(), [x, *weights])
+    with testing.backend("reference"):
+        _, h_ref, _ = ops.rnn_layer(x, lengths, weights, None, None, "lstm", False, True)
+        want = torch.autograd.grad(h_ref.sum(), [x, *weights])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_traces_the_registered_formula():
+    torch._dynamo.reset()
+    args = _crf_inputs(False, torch.float32)
+
+    def loss(em, tags, lengths, tr, st, en):
+        return -ops.crf_log_likelihood(em, tags, lengths, tr, st, en, "token_mean", False)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    leaves = [args[0], *args[3:]]
+    got = torch.autograd.grad(compiled(*args), leaves)
+    want = torch.autograd.grad(loss(*args), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
