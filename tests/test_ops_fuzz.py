@@ -25,7 +25,7 @@ import testing
 pytestmark = testing.requires_op("crf_forward")
 
 # FASTNER_FUZZ_SLOW_EXAMPLES sizes the slow run (the sanitizer CI step uses fewer: ASan is slower).
-EXAMPLES = {"default": 150, "slow": int(os.environ.get("FASTNER_FUZZ_SLOW_EXAMPLES", "2000"))}
+EXAMPLES = {"default": 300, "slow": int(os.environ.get("FASTNER_FUZZ_SLOW_EXAMPLES", "2000"))}
 BUDGETS = [pytest.param("default"), pytest.param("slow", marks=pytest.mark.slow)]
 REFUSALS = (ValueError, RuntimeError)
 
