@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import IO, Deque, Iterable, Iterator, List, Optional, Sequence, Union
 
 from fastner.data.conll import DOCSTART, DataFormatError
+from fastner.data.jsonl import parse_text_record
 from fastner.data.textfiles import BOM, check_data_file, utf8_lines
 
 INPUTS = ("text", "tokens", "conll", "jsonl")
@@ -108,19 +109,9 @@ def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterato
             yield from _conll_sentences(path, name, word_column)
         elif kind == "jsonl":
             for number, line in _lines(path):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{name}:{number}: not valid JSON: {err.msg}") from None
-                if not isinstance(record, dict):
-                    raise DataFormatError(f"{name}:{number}: expected a JSON object "
-                                          f"{{\"id\": ..., \"text\": ...}}, got {type(record).__name__}")
-                text = record.get("text")
-                if not isinstance(text, str):
-                    raise DataFormatError(f"{name}:{number}: the object has no \"text\" string")
-                yield Item(record.get("id", number), text)
+                if line.strip():
+                    record = parse_text_record(line, f"{name}:{number}")
+                    yield Item(record.get("id", number), record["text"])
         else:
             raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {kind!r}")
 

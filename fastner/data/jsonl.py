@@ -93,18 +93,21 @@ def iter_jsonl_records(path: str) -> Iterator[Tuple[int, dict]]:
 
     with open(path, "rb") as handle:
         for number, line in utf8_lines(handle, path):
-            where = f"{path}:{number}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{where}: not valid JSON: {err.msg}") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{where}: expected a JSON object with \"text\", got {type(record).__name__}")
-            if not isinstance(record.get("text"), str):
-                raise DataFormatError(f"{where}: the object has no \"text\" string")
-            yield number, record
+            if line.strip():
+                yield number, parse_text_record(line, f"{path}:{number}")
+
+
+def parse_text_record(line: str, where: str) -> dict:
+    """One JSONL line as an object with a "text" string; DataFormatError naming `where` otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{where}: not valid JSON: {err.msg}") from None
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{where}: expected a JSON object with \"text\", got {type(record).__name__}")
+    if not isinstance(record.get("text"), str):
+        raise DataFormatError(f"{where}: the object has no \"text\" string")
+    return record
 
 
 def read_jsonl(path: "str | os.PathLike", misaligned: str = "reject",
