@@ -26,7 +26,7 @@ import re
 import zipfile
 from typing import Iterator
 
-import torch
+from fastner.storage import UnsafeTorchFile, weights_only_load
 
 
 class UnsafeProgramError(ValueError):
@@ -92,15 +92,12 @@ def check_program_archive(data: bytes, name: str = "program.pt2") -> None:
             if not (isinstance(path_name, str) and re.fullmatch(prefix + r"\d+", path_name)):
                 raise UnsafeProgramError(f"{name}: {kind} entry {fqn!r} names payload {path_name!r}")
 
+    sample_inputs = read(f"data/sample_inputs/{_MODEL}.pt")
     try:
-        torch.load(io.BytesIO(read(f"data/sample_inputs/{_MODEL}.pt")), map_location="cpu", weights_only=True)
-    except UnsafeProgramError:
-        raise
-    except Exception as err:  # what the safe unpickler refuses: a foreign global, a torn pickle
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else type(err).__name__)
+        weights_only_load(sample_inputs)
+    except UnsafeTorchFile as err:
         raise UnsafeProgramError(f"{name}: the embedded sample inputs are not plain tensors "
-                                 f"(refused by the weights_only loader: {reason})") from None
+                                 f"(refused by the weights_only loader: {err})") from None
 
     program = _json(read(f"models/{_MODEL}.json"), f"{name}: models/{_MODEL}.json")
     if not isinstance(program, dict):

@@ -89,6 +89,25 @@ def torch_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
+class UnsafeTorchFile(ValueError):
+    """Bytes the weights_only unpickler refuses; the message is its one-line reason."""
+
+
+def weights_only_load(data: bytes):
+    """torch.load of `data` with the weights_only unpickler, never a fallback to full pickle.
+
+    Raises UnsafeTorchFile with the unpickler's own reason (a foreign global, a torn file) and
+    without the traceback's advice to retry with weights_only=False."""
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever the safe unpickler refuses, a torn or foreign file
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        raise UnsafeTorchFile(reason or type(err).__name__) from None
+
+
 def atomic_write_json(obj, path: str) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 

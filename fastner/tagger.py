@@ -23,8 +23,8 @@ from fastner.data.vocab import Vocab
 from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.devices import resolve_device
-from fastner.storage import (MissingFiles, StorageError, file_set_paths, json_bytes, read_file_set, torch_bytes,
-                             write_file_set)
+from fastner.storage import (MissingFiles, StorageError, UnsafeTorchFile, file_set_paths, json_bytes, read_file_set,
+                             torch_bytes, weights_only_load, write_file_set)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -56,12 +56,9 @@ def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
     if not data:
         raise TaggerLoadError(f"{path} is empty (0 bytes): the save that wrote it did not finish")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # whatever the safe unpickler refuses, a torn or foreign file
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-        raise TaggerLoadError(f"{path} is not a weights file fastner can read safely: "
-                              f"{reason or type(err).__name__}") from None
+        state = weights_only_load(data)
+    except UnsafeTorchFile as err:
+        raise TaggerLoadError(f"{path} is not a weights file fastner can read safely: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise TaggerLoadError(f"{path} holds a {type(state).__name__}, expected a state dict "

@@ -9,7 +9,6 @@ run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -30,7 +29,8 @@ from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import embedding_matrix, frozen_table, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.optim import RowSparseSGD, clip_grad_norm, sparse_rows
-from fastner.storage import MANIFEST_FILE, StorageError, json_bytes, read_file_set, torch_bytes, write_file_set
+from fastner.storage import (MANIFEST_FILE, StorageError, UnsafeTorchFile, json_bytes, read_file_set, torch_bytes,
+                             weights_only_load, write_file_set)
 from fastner.tagger import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, Tagger
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -497,12 +497,9 @@ def _read_checkpoint(out_dir: str) -> dict:
     except StorageError as err:
         raise RunDirectoryError(f"--resume: {err}") from None
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # whatever the safe unpickler refuses, a torn or foreign file
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-        raise RunDirectoryError(f"{path} is not a checkpoint fastner can read safely: "
-                                f"{reason or type(err).__name__}") from None
+        state = weights_only_load(data)
+    except UnsafeTorchFile as err:
+        raise RunDirectoryError(f"{path} is not a checkpoint fastner can read safely: {err}") from None
     needed = ("model", "optimizer", "epoch", "best_f1", "best_epoch", "bad_epochs", "history", "python_rng", "torch_rng")
     if not isinstance(state, dict) or any(key not in state for key in needed):
         raise RunDirectoryError(f"{path} is not a fastner training checkpoint (expected the keys {', '.join(needed)})")
