@@ -1,6 +1,7 @@
 """Nothing a user saved is lost: a kill at any point of a save leaves the old tagger or the new
 one loadable (never a mix), a run directory stays resumable, and `train` refuses to overwrite
 a saved run unasked or to resume it with other settings."""
+import functools
 import os
 import shutil
 
@@ -11,7 +12,8 @@ from fastner import storage
 from fastner.demo import generate_corpus
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.tagger import Tagger, TaggerLoadError
-from fastner.train import RunDirectoryError, TrainConfig, build_vocabularies, train
+from fastner.train import RunDirectoryError, build_vocabularies, train
+from tests import testing
 
 
 class Killed(BaseException):
@@ -103,11 +105,7 @@ def test_a_directory_without_manifest_still_loads(tmp_path):
 
 # ---- training runs -------------------------------------------------------------------------
 
-def tiny_config(**overrides):
-    options = dict(epochs=1, batch_size=8, seed=3, optimizer="adam", lr=0.01, word_dim=8,
-                   model={"hidden": 8, "char_filters": 6, "char_dim": 6})
-    options.update(overrides)
-    return TrainConfig(**options)
+tiny_config = functools.partial(testing.tiny_config, epochs=1)
 
 
 @pytest.fixture(scope="module")

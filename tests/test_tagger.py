@@ -10,18 +10,15 @@ from fastner.demo import generate_corpus
 from fastner.embeddings import EmbeddingsError, embedding_matrix, glove_available, load_pretrained, load_text_vectors
 from fastner.data import Vocab
 from fastner.tagger import Tagger, TaggerLoadError
-from fastner.train import TrainConfig, train
+from fastner.train import train
+from tests import testing
 
 # tiny models: see conftest.one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def tiny_config(**overrides):
-    options = dict(epochs=2, batch_size=8, seed=3, optimizer="adam", lr=0.01, word_dim=8,
-                   model={"hidden": 8, "char_filters": 6, "char_dim": 6})
-    options.update(overrides)
-    return TrainConfig(**options)
+tiny_config = testing.tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,13 @@ def op_registered(name: str) -> bool:
 def requires_op(name: str):
     """Skip marker for tests that call torch.ops.fastner.<name> directly."""
     return pytest.mark.skipif(not op_registered(name), reason=f"torch.ops.fastner.{name} is not registered (extension not built)")
+
+
+def tiny_config(**overrides):
+    """The training recipe of the tiny-model suites (2 epochs, hidden 8, Adam); overrides win."""
+    from fastner.train import TrainConfig
+
+    options = dict(epochs=2, batch_size=8, seed=3, optimizer="adam", lr=0.01, word_dim=8,
+                   model={"hidden": 8, "char_filters": 6, "char_dim": 6})
+    options.update(overrides)
+    return TrainConfig(**options)
