@@ -35,8 +35,7 @@
 #include "cpu/crf_math.h"
 #include "checks.h"
 
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 namespace {
 
 using at::Tensor;
@@ -1421,15 +1420,14 @@ Tensor crf_lengths_cpu(const Tensor& mask, bool batch_first) {
 }
 
 }  // namespace
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf
 
 TORCH_LIBRARY_IMPL(fastner, CPU, m) {
-  m.impl("crf_forward", &fastner::crf::crf_forward_cpu);
-  m.impl("crf_backward", &fastner::crf::crf_backward_cpu);
-  m.impl("crf_forward_backward", &fastner::crf::crf_forward_backward_cpu);
-  m.impl("crf_viterbi", &fastner::crf::crf_viterbi_cpu);
-  m.impl("crf_kbest", &fastner::crf::crf_kbest_cpu);
-  m.impl("crf_marginals", &fastner::crf::crf_marginals_cpu);
-  m.impl("crf_lengths", &fastner::crf::crf_lengths_cpu);
+  m.impl("crf_forward", &fastner::cpu::crf::crf_forward_cpu);
+  m.impl("crf_backward", &fastner::cpu::crf::crf_backward_cpu);
+  m.impl("crf_forward_backward", &fastner::cpu::crf::crf_forward_backward_cpu);
+  m.impl("crf_viterbi", &fastner::cpu::crf::crf_viterbi_cpu);
+  m.impl("crf_kbest", &fastner::cpu::crf::crf_kbest_cpu);
+  m.impl("crf_marginals", &fastner::cpu::crf::crf_marginals_cpu);
+  m.impl("crf_lengths", &fastner::cpu::crf::crf_lengths_cpu);
 }

@@ -23,8 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 namespace lanes {
 
 // The transition scores of one call, with the tables the scaled recursion uses. Every entry is
@@ -92,5 +91,4 @@ const Kernels& avx2_kernels();
 const Kernels& avx512_kernels();
 
 }  // namespace lanes
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf

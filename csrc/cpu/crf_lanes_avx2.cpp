@@ -12,8 +12,7 @@
 #define FASTNER_LANES 8
 #include "cpu/crf_lanes_impl.h"
 
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 namespace lanes {
 
 const Kernels& avx2_kernels() {
@@ -27,5 +26,4 @@ const Kernels& kernels() {
 }
 
 }  // namespace lanes
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf

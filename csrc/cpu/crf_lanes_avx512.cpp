@@ -15,8 +15,7 @@
 #include "cpu/crf_lanes_impl.h"
 #pragma GCC pop_options
 
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 namespace lanes {
 
 const Kernels& avx512_kernels() {
@@ -25,5 +24,4 @@ const Kernels& avx512_kernels() {
 }
 
 }  // namespace lanes
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf

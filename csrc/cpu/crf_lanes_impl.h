@@ -20,8 +20,7 @@
 #error "define FASTNER_LANES (8 or 16) before including crf_lanes_impl.h"
 #endif
 
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 namespace lanes {
 namespace {
 
@@ -629,5 +628,4 @@ void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, 
 
 }  // namespace
 }  // namespace lanes
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf

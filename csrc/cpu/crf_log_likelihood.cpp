@@ -11,8 +11,7 @@
 #include <string>
 #include <tuple>
 
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 namespace {
 
 using at::Tensor;
@@ -47,9 +46,8 @@ Tensor log_likelihood(const Tensor& emissions, const Tensor& tags, const Tensor&
 }
 
 }  // namespace
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf
 
 TORCH_LIBRARY_IMPL(fastner, CompositeExplicitAutograd, m) {
-  m.impl("crf_log_likelihood", &fastner::crf::log_likelihood);
+  m.impl("crf_log_likelihood", &fastner::cpu::crf::log_likelihood);
 }

@@ -13,8 +13,7 @@
 #include <limits>
 #include <type_traits>
 
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 
 template <typename scalar_t>
 inline scalar_t neg_inf() {
@@ -110,15 +109,13 @@ constexpr double crf_safe<double>() {
   return 1e-200;
 }
 
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf
 
 // ---- vectors ----------------------------------------------------------------------------------
 // GCC vector extensions: one 256-bit register of scalar_t (8 floats or 4 doubles), with an
 // integer vector of the same lane count for masks. The kernels pad K to a multiple of 8 so that
 // every row is a whole number of vectors for both types.
-namespace fastner {
-namespace crf {
+namespace fastner::cpu::crf {
 
 template <typename scalar_t>
 struct Simd;
@@ -238,5 +235,4 @@ inline Simd<double>::V log_v(Simd<double>::V x) {
   return y;
 }
 
-}  // namespace crf
-}  // namespace fastner
+}  // namespace fastner::cpu::crf

@@ -37,7 +37,7 @@
 #include "rnn_layout.h"
 #include "checks.h"
 
-namespace fastner::rnn {
+namespace fastner::cpu::rnn {
 namespace {
 
 using at::Tensor;
@@ -613,9 +613,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_layer_backward(
 }
 
 }  // namespace
-}  // namespace fastner::rnn
+}  // namespace fastner::cpu::rnn
 
 TORCH_LIBRARY_IMPL(fastner, CPU, m) {
-  m.impl("rnn_layer_forward", &fastner::rnn::rnn_layer_forward);
-  m.impl("rnn_layer_backward", &fastner::rnn::rnn_layer_backward);
+  m.impl("rnn_layer_forward", &fastner::cpu::rnn::rnn_layer_forward);
+  m.impl("rnn_layer_backward", &fastner::cpu::rnn::rnn_layer_backward);
 }

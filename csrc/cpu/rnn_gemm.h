@@ -39,7 +39,7 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
                          const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
-namespace fastner::rnn {
+namespace fastner::cpu::rnn {
 
 // C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, all row-major with leading
 // dimensions lda, ldb, ldc; op(X) = X^T when trans_x. beta = 0 ignores C's old contents.
@@ -172,4 +172,4 @@ class PackedRight {
   bool* release_ = nullptr;  // the thread's cache flag to clear when done with its buffer
 };
 
-}  // namespace fastner::rnn
+}  // namespace fastner::cpu::rnn

@@ -28,7 +28,7 @@
 #endif
 #endif
 
-namespace fastner::rnn {
+namespace fastner::cpu::rnn {
 
 // One value of type T: the scalar path (float64 everywhere, float32 tails).
 template <typename T>
@@ -169,4 +169,4 @@ inline bool cpu_has_avx512() {
 #endif
 }
 
-}  // namespace fastner::rnn
+}  // namespace fastner::cpu::rnn
