@@ -176,7 +176,10 @@ struct LayerWeights {
   std::vector<Tensor> w_ih, w_hh, b_ih, b_hh;  // per direction, contiguous
 };
 
-LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cell, const Tensor& input) {
+// w_ih / w_hh must have weight_dtype (the input's, or bfloat16 for the bf16 layers: see
+// weight_dtype_of); the biases the input's dtype.
+LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cell, const Tensor& input,
+                            at::ScalarType weight_dtype) {
   LayerWeights w;
   w.D = bidirectional ? 2 : 1;
   w.G = gates_of(cell);
@@ -190,23 +193,35 @@ LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cel
   w.I = input.size(2);
   const int64_t GH = w.G * w.H;
   for (int64_t d = 0; d < w.D; ++d) {
-    auto check = [&](const Tensor& t, at::IntArrayRef shape, const char* name) {
+    auto check = [&](const Tensor& t, at::IntArrayRef shape, const char* name, at::ScalarType dtype) {
       TORCH_CHECK_VALUE(t.sizes() == shape, "rnn_layer: ", name, " of direction ", d, " must have shape ", shape,
                         ", got ", t.sizes());
-      TORCH_CHECK_VALUE(t.scalar_type() == input.scalar_type(), "rnn_layer: ", name, " must have the input's dtype ",
-                        input.scalar_type(), ", got ", t.scalar_type());
+      TORCH_CHECK_VALUE(t.scalar_type() == dtype, "rnn_layer: ", name, " must have dtype ", dtype, ", got ",
+                        t.scalar_type());
       TORCH_CHECK_VALUE(t.device() == input.device(), "rnn_layer: ", name, " must be on the input's device ",
                         input.device(), ", got ", t.device());
       return t.contiguous();
     };
-    w.w_ih.push_back(check(weights[d * per_dir + 0], {GH, w.I}, "w_ih"));
-    w.w_hh.push_back(check(weights[d * per_dir + 1], {GH, w.H}, "w_hh"));
+    w.w_ih.push_back(check(weights[d * per_dir + 0], {GH, w.I}, "w_ih", weight_dtype));
+    w.w_hh.push_back(check(weights[d * per_dir + 1], {GH, w.H}, "w_hh", weight_dtype));
     if (w.has_bias) {
-      w.b_ih.push_back(check(weights[d * per_dir + 2], {GH}, "b_ih"));
-      w.b_hh.push_back(check(weights[d * per_dir + 3], {GH}, "b_hh"));
+      w.b_ih.push_back(check(weights[d * per_dir + 2], {GH}, "b_ih", input.scalar_type()));
+      w.b_hh.push_back(check(weights[d * per_dir + 3], {GH}, "b_hh", input.scalar_type()));
     }
   }
   return w;
+}
+
+// The dtype of w_ih / w_hh: the input's, or bfloat16 (the bf16 layers of fastner.nn.rnn_bf16:
+// weights rounded to bf16 once, products and states in float32), which only the float32
+// inference forward takes.
+at::ScalarType weight_dtype_of(at::TensorList weights, const Tensor& input, bool training) {
+  if (weights.empty() || weights[0].scalar_type() != at::kBFloat16) return input.scalar_type();
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat, "rnn_layer: bfloat16 weights need float32 input, got ",
+                    input.scalar_type());
+  TORCH_CHECK_VALUE(!training, "rnn_layer: bfloat16 weights are for inference only (training=False); "
+                    "train in float32 and convert the weights afterwards");
+  return at::kBFloat16;
 }
 
 // The initial state of every slot, [D, B, H] in slot order (zeros when not given).
@@ -336,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   const Tensor input = input_.contiguous();
   const int64_t B = batch_first ? input.size(0) : input.size(1);
   const int64_t T_ = batch_first ? input.size(1) : input.size(0);
-  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
+  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input, weight_dtype_of(weights, input, training));
   const Plan plan = make_plan(lengths, B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
@@ -346,8 +361,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
   // allocator hands out freshly mapped memory, which happens interleaved with torch's layers
   // (measured: the LSTM training forward then takes ~9 instead of ~6.5 ms in some processes).
   // Reusing freed storages from a per-thread pool removed that, but did not lower fastner's
-  // times in benchmarks/rnn_ratios.py (torch's rose instead, presumably faulting in what the
-  // pool kept), so plain at::empty stays.
+  // times in `fastner bench` (torch's rose instead, presumably faulting in what the pool kept),
+  // so plain at::empty stays.
   Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
   Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
   Tensor c_slots = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
@@ -390,7 +405,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     std::vector<T> hg(gru ? static_cast<size_t>(B * GH) : 0);
     T* h = h_slots.data_ptr<T>() + d * B * H;
     T* c = lstm ? c_slots.data_ptr<T>() + d * B * H : nullptr;
-    const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
+    const PackedRight<T> whh_t(w.w_hh[d], /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
     T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
     if (ws != nullptr) {  // the first step's previous h: the initial state
       for (int64_t j = 0; j < (plan.steps > 0 ? plan.batch_size[0] : 0); ++j)
@@ -400,7 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     // across calls so that it stays mapped and cached. W_ih is packed once for all chunks.
     const int64_t max_chunk = std::min(plan.rows, kChunkRows + B);
     T* xp = thread_buffer<T>(max_chunk * GH);
-    const PackedRight<T> wih_t(w.w_ih[d].const_data_ptr<T>(), I, /*trans_b=*/true, I, GH, max_chunk);  // x @ W_ih^T
+    const PackedRight<T> wih_t(w.w_ih[d], /*trans_b=*/true, I, GH, max_chunk);  // x @ W_ih^T
     int64_t chunk_first = 0, chunk_end = 0;  // the chunk's first step row, its first step past it
     for (int64_t s = 0; s < plan.steps; ++s) {
       if (s == chunk_end) {
@@ -463,7 +478,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const Tensor input = input_.contiguous();
   const int64_t B = batch_first ? input.size(0) : input.size(1);
   const int64_t T_ = batch_first ? input.size(1) : input.size(0);
-  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
+  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input, input.scalar_type());
   const Plan plan = make_plan(lengths, B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
@@ -503,7 +518,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
 
   for_each_direction(D, [&](int64_t d) {
     const T* ws = workspace.const_data_ptr<T>() + d * B * T_ * W;
-    const PackedRight<T> whh(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/false, GH, H, B);  // g @ W_hh
+    const PackedRight<T> whh(w.w_hh[d], /*trans_b=*/false, GH, H, B);  // g @ W_hh
     const T* c_init = lstm ? c0.const_data_ptr<T>() + d * B * H : nullptr;
     T* dh = dh_slots.data_ptr<T>() + d * B * H;
     T* dc = lstm ? dc_slots.data_ptr<T>() + d * B * H : nullptr;
