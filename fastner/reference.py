@@ -326,6 +326,8 @@ def rnn_layer(
     """
     validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
                         batch_first)
+    # bf16 w_ih / w_hh (the bf16 layers): widened exactly to the input's float32, as the kernel does.
+    weights = [w.to(input.dtype) for w in weights]
     x = input if batch_first else input.transpose(0, 1)  # [B, T, I]
     B, T = x.shape[0], x.shape[1]
     D = 2 if bidirectional else 1

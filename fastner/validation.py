@@ -100,7 +100,8 @@ def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
         values: bool = True) -> None:
     """rnn_layer_forward's arguments (csrc/fastner.cpp): input [B, T, I] or [T, B, I] float32 /
     float64; lengths int64 [B] in [0, T] on the input's device (or the CPU for a CUDA input);
-    2*D or 4*D weights of torch's shapes, hx / cx [D, B, H], all in the input's dtype and device."""
+    2*D or 4*D weights of torch's shapes, hx / cx [D, B, H], all in the input's dtype and device
+    (w_ih / w_hh may be bfloat16 for float32 input)."""
     if mode not in RNN_GATES:
         _fail(op, f"mode must be one of {sorted(RNN_GATES)}, got {mode!r}")
     owner = "the input's"
@@ -122,10 +123,13 @@ def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     per_dir = len(weights) // D
     names = ("w_ih", "w_hh", "b_ih", "b_hh")
     shapes = ((G * H, I), (G * H, H), (G * H,), (G * H,))
+    # w_ih / w_hh may be bfloat16 with float32 input: the bf16 inference layers
+    # (fastner.nn.rnn_bf16); the biases always have the input's dtype.
+    weight_dtypes = (dtype, torch.bfloat16) if dtype == torch.float32 else (dtype,)
     for d in range(D):
         for j in range(per_dir):
             tensor_arg(op, f"{names[j]} of direction {d}", weights[d * per_dir + j], shape=shapes[j],
-                   dtypes=(dtype,), device=device, owner=owner)
+                   dtypes=weight_dtypes if j < 2 else (dtype,), device=device, owner=owner)
     for name, state in (("hx", hx), ("cx", cx)):
         if state is not None:
             tensor_arg(op, name, state, shape=(D, B, H), dtypes=(dtype,), device=device, owner=owner)
