@@ -1,6 +1,14 @@
 // CPU kernels of fastner::rnn_layer_forward / rnn_layer_backward: one LSTM / GRU / RNN layer,
 // both directions, variable lengths without work on padding. Schemas: csrc/fastner.cpp.
 //
+// Files: the products are in rnn_gemm.h (+ rnn_gemm.cpp, rnn_gemm_avx2.h), the cell
+// nonlinearities in rnn_math.h and the fused cell passes in rnn_cells.inc. This file is the
+// layer loop: the plan of steps and slots, the forward and the backward. They stay in one
+// translation unit because both walk the same Plan, weights, state reorders and cell-pass
+// table, which live in an anonymous namespace (no symbols shared with the rest of the
+// library, inlined where hot); splitting forward from backward would turn those ~250 lines
+// into an internal header for two includers and gain no separation of roles.
+//
 // Layout. The batch is reordered once by decreasing length (slot j holds original sequence
 // order[j]), so at every step the sequences still running are a prefix of the slots, in both
 // directions: at step s the forward direction is at time s and the reverse direction at time

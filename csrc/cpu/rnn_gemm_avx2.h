@@ -136,19 +136,29 @@ inline void tile(int64_t k, const float* a, int64_t lda, const W* panel, float* 
 template <typename W>
 void multiply(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const W* packed, bool accumulate,
               float* c, int64_t ldc) {
+  if (m <= 0) return;
   for (int64_t p = 0; p < panels(n); ++p) {
     const W* panel = packed + p * k * kPanel;
     const int64_t cols = std::min(kPanel, n - p * kPanel);
     float* cp = c + p * kPanel;
+    // Row tiles of near-equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a short tile
+    // reloads the panel for few FMAs. Measured on an AMD EPYC (Zen 2, 1 thread, best of 200):
+    // float32 at [20..32, 200] x [200, 800] 4-10% faster than 6-row tiles plus a short one.
+    const int64_t tiles = (m + kRows - 1) / kRows, base = m / tiles, taller = m % tiles;
     int64_t i = 0;
-    for (; i + kRows <= m; i += kRows) tile<kRows>(k, a + i * lda, lda, panel, cp + i * ldc, ldc, accumulate, cols);
-    switch (m - i) {
-      case 5: tile<5>(k, a + i * lda, lda, panel, cp + i * ldc, ldc, accumulate, cols); break;
-      case 4: tile<4>(k, a + i * lda, lda, panel, cp + i * ldc, ldc, accumulate, cols); break;
-      case 3: tile<3>(k, a + i * lda, lda, panel, cp + i * ldc, ldc, accumulate, cols); break;
-      case 2: tile<2>(k, a + i * lda, lda, panel, cp + i * ldc, ldc, accumulate, cols); break;
-      case 1: tile<1>(k, a + i * lda, lda, panel, cp + i * ldc, ldc, accumulate, cols); break;
-      default: break;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t rows = base + (t < taller ? 1 : 0);
+      const float* at = a + i * lda;
+      float* ct = cp + i * ldc;
+      switch (rows) {
+        case 6: tile<6>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 5: tile<5>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 4: tile<4>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 3: tile<3>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 2: tile<2>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        default: tile<1>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+      }
+      i += rows;
     }
   }
 }
