@@ -4,10 +4,12 @@
 // shift or a mask, so the products and the accumulation are float32).
 //
 // Why our own: MKL's packed sgemm, which the kernels used alone before, takes its slower paths
-// on AMD CPUs; measured on an AMD EPYC (Zen 2, AVX2, 1 thread) at [32, 200] x [200, 800] this
-// kernel ran at ~XX GFLOP/s against MKL packed ~YY (rnn_gemm.h chooses between them per machine
+// on AMD CPUs; measured on an AMD EPYC (Zen 2, AVX2, 1 thread, in-process at first use, loaded
+// machine) at [32, 200] x [200, 800] this kernel ran at 76-81 GFLOP/s against MKL packed 58-60,
+// at [512, 130] x [130, 800] 68-86 against 60-73 (rnn_gemm.h chooses between them per machine
 // by measurement). bf16 panels halve the bytes of W_hh (640 KB float32 at H = 200, more than a
-// Zen 2 core's 512 KB L2; 320 KB in bf16).
+// Zen 2 core's 512 KB L2; 320 KB in bf16), but the widening costs two integer ops per row of
+// 16: on Zen 2 the bf16 layers ran within ~5% of the float32 ones.
 //
 // Panel layout, panel p = columns [16p, 16p + 16), k rows of 16 values (zeros past n):
 //   float32: row kk is B[kk][16p + c] for c = 0..15 (two 8-float loads).
