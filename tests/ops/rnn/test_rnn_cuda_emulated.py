@@ -18,7 +18,9 @@ import re
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+from tests import testing
+
+ROOT = testing.REPO_ROOT
 SHIM = ROOT / "tests" / "ops" / "cuda_emulation"
 MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 PATHS = ("stepwise", "persistent")
