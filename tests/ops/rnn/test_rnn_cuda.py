@@ -23,7 +23,6 @@ from tests.ops.rnn.samples import MODES, OP_MODE, OPS, LayerCase, sample_inputs,
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEVICE = "cuda"
-PATHS = ("persistent", "stepwise")
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +32,6 @@ def _exact_float32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("FASTNER_RNN_CUDA_PATH", request.param)
-    return request.param
 
 
 def _generator(index, salt):
@@ -112,7 +105,7 @@ def test_rnn_ops_have_cuda_kernels():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
-def test_matches_cudnn_forward_and_backward(mode, dtype, path):
+def test_matches_cudnn_forward_and_backward(mode, dtype, rnn_cuda_path):
     for index in range(3):
         case = LayerCase.draw(_generator(index + 10 * MODES.index(mode), salt=1), mode, dtype, min_length=1)
         x, lengths, weights, hx, cx = case.inputs(DEVICE, requires_grad=True)
@@ -129,7 +122,7 @@ def test_matches_cudnn_forward_and_backward(mode, dtype, path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_matches_cpu_kernel(mode, path):
+def test_matches_cpu_kernel(mode, rnn_cuda_path):
     if not all(has_kernel(op, "cpu") for op in OPS):
         pytest.skip("no CPU kernel for the RNN ops in this build")
     for index in range(3):
@@ -148,7 +141,7 @@ def test_matches_cpu_kernel(mode, path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_zero_lengths_keep_initial_state(mode, path):
+def test_zero_lengths_keep_initial_state(mode, rnn_cuda_path):
     case = LayerCase.draw(_generator(MODES.index(mode), salt=4), mode, torch.float64, max_batch=5, min_batch=2)
     case.lengths[-1] = case.time_len
     case.lengths[0] = 0
@@ -164,7 +157,7 @@ def test_zero_lengths_keep_initial_state(mode, path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_all_lengths_zero_and_empty_batch(mode, path):
+def test_all_lengths_zero_and_empty_batch(mode, rnn_cuda_path):
     case = LayerCase.draw(_generator(MODES.index(mode), salt=5), mode, torch.float64)
     x, lengths, weights, hx, cx = case.inputs(DEVICE, requires_grad=True)
     lengths = torch.zeros_like(lengths)
@@ -191,7 +184,7 @@ def test_lengths_on_cpu_or_gpu_agree():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
-def test_low_precision_matches_float64(mode, dtype, path):
+def test_low_precision_matches_float64(mode, dtype, rnn_cuda_path):
     for index in range(2):
         case = LayerCase.draw(_generator(index + 10 * MODES.index(mode), salt=7), mode, torch.float64, max_hidden=48)
         x, lengths, weights, hx, cx = case.inputs(DEVICE, dtype=dtype, requires_grad=True)
@@ -247,7 +240,7 @@ def test_autocast_leaves_float64_alone():
 
 @pytest.mark.parametrize("bidirectional,batch_first,bias", [(True, False, True), (False, True, False)])
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_float64(mode, bidirectional, batch_first, bias, path):
+def test_gradcheck_float64(mode, bidirectional, batch_first, bias, rnn_cuda_path):
     gen = _generator(MODES.index(mode), salt=9)
     # full, length 1, and an empty sequence
     case = LayerCase(gen, mode, torch.float64, batch=3, time_len=4, input_size=3, hidden=2,
@@ -352,7 +345,7 @@ def test_bad_input_raises_value_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch", [1, 32, 256])
-def test_large_shapes_match_cudnn(mode, batch, path):
+def test_large_shapes_match_cudnn(mode, batch, rnn_cuda_path):
     gen = _generator(batch, salt=14)
     case = LayerCase.draw(gen, mode, torch.float32)
     case.batch, case.time_len, case.input_size, case.hidden = batch, 60, 130, 200

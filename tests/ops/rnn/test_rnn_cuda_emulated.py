@@ -23,7 +23,6 @@ from tests.ops.rnn.samples import MODES, OP_MODE, LayerCase
 
 ROOT = testing.REPO_ROOT
 SHIM = ROOT / "tests" / "ops" / "cuda_emulation"
-PATHS = ("stepwise", "persistent")
 
 pytestmark = pytest.mark.slow
 
@@ -88,12 +87,6 @@ def ops(tmp_path_factory):
     return torch.ops.fastner_emu
 
 
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("FASTNER_RNN_CUDA_PATH", request.param)
-    return request.param
-
-
 def _per_sequence_reference(module, mode, x, lengths, hx, cx, batch_first, D, H):
     """torch.nn on each sequence alone (length 0: zeros out, state kept): output, h_n, c_n."""
     B, T = (x.shape[0], x.shape[1]) if batch_first else (x.shape[1], x.shape[0])
@@ -120,7 +113,7 @@ def _per_sequence_reference(module, mode, x, lengths, hx, cx, batch_first, D, H)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_emulated_cuda_matches_torch(ops, mode, path):
+def test_emulated_cuda_matches_torch(ops, mode, rnn_cuda_path):
     gen = torch.Generator().manual_seed(int(os.environ.get("FASTNER_TEST_SEED", "0")) * 7919 + MODES.index(mode))
     for case in range(8):
         case_ = LayerCase.draw(gen, mode, torch.float64, max_batch=5, max_time=7, max_input=6, max_hidden=7,
@@ -168,7 +161,7 @@ def test_emulated_cuda_matches_torch(ops, mode, path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_emulated_cuda_low_precision_close_to_float64(ops, mode, dtype, path):
+def test_emulated_cuda_low_precision_close_to_float64(ops, mode, dtype, rnn_cuda_path):
     gen = torch.Generator().manual_seed(int(os.environ.get("FASTNER_TEST_SEED", "0")) * 7919 + 101)
     G = 4 if mode == "lstm" else 3
     B, T, I, H, D = 4, 6, 5, 6, 2
