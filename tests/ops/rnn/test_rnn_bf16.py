@@ -18,11 +18,11 @@ import fastner.ops  # noqa: F401  (registers fake kernels)
 from fastner import reference
 from fastner._extension import has_kernel
 from fastner.nn.rnn_bf16 import to_bf16
-from test_rnn_helpers import MODES, case_generator, fastner_class
+from tests.ops.rnn.rnn_cases import MODES, case_generator, fastner_class
+from tests.ops.rnn.samples import OP_MODE
 
 needs_kernels = pytest.mark.skipif(not has_kernel("rnn_layer_forward", "cpu"),
                                    reason="the RNN ops have no CPU kernel in this build")
-OP_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
 def _module(mode, input_size, hidden, num_layers=1, bidirectional=True, batch_first=True, bias=True):
