@@ -92,8 +92,11 @@ Choice measure(int64_t k, int64_t n, int64_t max_m, int blas_threads) {
 RightKernel choose_float_kernel(int64_t k, int64_t n, int64_t max_m) {
   const bool has_mkl = mkl_packed_available(), has_avx2 = avx2_gemm::available();
   const char* forced = std::getenv("FASTNER_RNN_GEMM");
-  if (forced != nullptr && std::strcmp(forced, "mkl") == 0) return has_mkl ? RightKernel::MklPacked : RightKernel::Gemm;
-  if (forced != nullptr && std::strcmp(forced, "avx2") == 0) return has_avx2 ? RightKernel::Avx2 : RightKernel::Gemm;
+  if (forced != nullptr && forced[0] != '\0') {
+    if (std::strcmp(forced, "mkl") == 0) return has_mkl ? RightKernel::MklPacked : RightKernel::Gemm;
+    if (std::strcmp(forced, "avx2") == 0) return has_avx2 ? RightKernel::Avx2 : RightKernel::Gemm;
+    TORCH_CHECK_VALUE(false, "FASTNER_RNN_GEMM must be 'mkl' or 'avx2' (or unset: measured), got '", forced, "'");
+  }
   if (!has_mkl || !has_avx2) return has_avx2 ? RightKernel::Avx2 : has_mkl ? RightKernel::MklPacked : RightKernel::Gemm;
   // Inside a direction's task BLAS runs single-threaded (SingleThreadedBlas); outside, MKL
   // threads over at::get_num_threads() cores while the AVX2 kernel uses one.

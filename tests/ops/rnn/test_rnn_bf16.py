@@ -214,6 +214,14 @@ def test_fp32_forced_gemm_kernel_matches_torch(kernel, mode, monkeypatch):
 
 
 @needs_kernels
+def test_unknown_forced_gemm_kernel_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTNER_RNN_GEMM", "blas")
+    with pytest.raises(ValueError, match="FASTNER_RNN_GEMM must be 'mkl' or 'avx2'"):
+        with torch.no_grad():
+            _module("LSTM", 3, 2)(torch.randn(1, 2, 3))
+
+
+@needs_kernels
 def test_gemm_choices_are_reported():
     from fastner import _C
 
