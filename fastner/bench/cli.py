@@ -141,6 +141,7 @@ def _run_group(name: str, device: torch.device, plan, settings: Settings,
 
     ctx = Context(device, plan, settings, emit=emit)
     ctx.gemm_flops_per_s = _gemm_rate(rows, str(device))  # measured by an earlier group
+    ctx.gemm_int8_ops_per_s = _gemm_rate(rows, str(device), "gops_per_s")
     started = time.perf_counter()
     try:
         module.run(ctx)
@@ -172,10 +173,12 @@ def _print(row: Row) -> None:
         _say(line)
 
 
-def _gemm_rate(rows: List[Row], device: str) -> Optional[float]:
+def _gemm_rate(rows: List[Row], device: str, key: str = "gflops_per_s") -> Optional[float]:
+    """The rate (per second) an earlier gemm row measured: fp32 (gflops_per_s) or int8
+    (gops_per_s)."""
     for row in rows:
-        if row.group == "gemm" and row.device == device and "gflops_per_s" in row.info:
-            return row.info["gflops_per_s"] * 1e9
+        if row.group == "gemm" and row.device == device and key in row.info:
+            return row.info[key] * 1e9
     return None
 
 

@@ -84,7 +84,7 @@ def _precision_row(ctx: Context, pair, cell: str, shape: RnnShape, settings: Set
     try:
         forwards, skipped = precision_implementations(pair, cell, shape, lengths)
         row.info.update(skipped)
-        row.check = precision_check(forwards)
+        row.check, row.info["relative_error_vs_fp32"] = precision_check(forwards)
         calls = {name: _no_grad(fn) for name, fn in forwards.items()}
         ctx.compare(row, calls, baselines=[b for b in PRECISION_BASELINES if b in calls], settings=settings)
         if int8_floor is not None:
@@ -168,9 +168,10 @@ def precision_implementations(pair, cell: str, shape: RnnShape, lengths: torch.T
     return forwards, skipped
 
 
-def precision_check(forwards) -> str:
+def precision_check(forwards):
     """Each reduced-precision output's relative (Frobenius) error against fp32 torch on the same
-    input form (padded runs the reverse direction from the padding, so it differs from packed)."""
+    input form (padded runs the reverse direction from the padding, so it differs from packed):
+    ("ok" or "mismatch: ...", {implementation: relative error})."""
     with torch.no_grad():
         outputs = {name: fn() for name, fn in forwards.items()}
     errors = {}
@@ -179,9 +180,8 @@ def precision_check(forwards) -> str:
             continue
         want = outputs["torch.padded" if name.endswith(".padded") else "torch.packed"]
         errors[name] = float((out - want).norm() / want.norm())
-    text = ", ".join(f"{name} {err:.2%}" for name, err in errors.items())
-    bad = [name for name, err in errors.items() if name.startswith("fastner.int8") and err > INT8_RTOL]
-    return ("mismatch: " if bad else "ok: ") + "relative error vs fp32 " + text
+    bad = [f"{name} {err:.2%}" for name, err in errors.items() if name.startswith("fastner.int8") and err > INT8_RTOL]
+    return ("mismatch: relative error vs fp32 " + ", ".join(bad)) if bad else "ok", errors
 
 
 def _row(ctx: Context, pair, cell: str, mode: str, shape: RnnShape, axes: List[str],
