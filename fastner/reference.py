@@ -375,21 +375,22 @@ def _rnn_layer_loop(input: Tensor, lengths: Tensor, product, H: int, hx: Optiona
     return output, h_n, c_n
 
 
-# int8 layers (fastner.nn.quantize(..., torch.qint8); csrc/cpu/rnn_int8.h says why 7-bit
-# activations). Weights: symmetric s8 per output channel, w ~= w_q * scale[:, None]. Rows of
+# int8 layers (fastner.nn.quantize(..., torch.qint8); csrc/cpu/rnn_int8.h says why 7 bits).
+# Weights: symmetric 7-bit per output channel, w ~= w_q * scale[:, None]. Rows of
 # the left operand: asymmetric u7 per row, quantized on every product. These functions define
 # the arithmetic the kernel reproduces: the same float32 operations in the same order, the
 # integer sums exact.
 INT8_ACTIVATION_MAX = 127
+INT8_WEIGHT_MAX = 63
 
 
 def quantize_weight_int8(w: Tensor) -> Tuple[Tensor, Tensor]:
-    """w [N, K] float -> (w_q int8 [N, K], scale float32 [N]): w_q = round(w / scale) with
-    scale = max|w[n, :]| / 127 (1 for an all-zero row)."""
+    """w [N, K] float -> (w_q int8 [N, K] in [-63, 63], scale float32 [N]): w_q = round(w /
+    scale) with scale = max|w[n, :]| / 63 (1 for an all-zero row)."""
     w = w.detach().float()
-    scale = w.abs().amax(dim=1) / 127 if w.shape[1] else w.new_ones(w.shape[0])
+    scale = w.abs().amax(dim=1) / INT8_WEIGHT_MAX if w.shape[1] else w.new_ones(w.shape[0])
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    w_q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    w_q = torch.round(w / scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8)
     return w_q, scale
 
 

@@ -145,6 +145,14 @@ def rnn_int8_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Ten
     if len(scales) != 2 * D:
         _fail(op, f"scales must hold 2*D = {2 * D} tensors (w_ih's and w_hh's per direction), "
                   f"got {len(scales)}")
+    per_dir = len(weights) // D
+    if values:  # the kernel's int16 sums need 7-bit weights (csrc/cpu/rnn_int8.h)
+        for d in range(D):
+            for j, name in enumerate(("w_ih", "w_hh")):
+                w = weights[d * per_dir + j]
+                if w.numel() and int(w.abs().max()) > 63:
+                    _fail(op, f"{name} of direction {d}: weights must be in [-63, 63] "
+                              f"(fastner.reference.quantize_weight_int8), got {int(w.abs().max())}")
     GH = weights[0].shape[0]
     for k, scale in enumerate(scales):
         tensor_arg(op, f"scales[{k}]", scale, shape=(GH,), dtypes=(torch.float32,),
