@@ -154,13 +154,15 @@ PackedWeights::PackedWeights(const int8_t* w, const float* scale, int64_t n, int
     int64_t g = 0;
     for (; 4 * g + 4 <= k; ++g) std::memcpy(dst + g * 64, src + 4 * g, 4);
     for (int64_t i = 4 * g; i < k; ++i) dst[g * 64 + (i - 4 * g)] = src[i];
-    int32_t sum = 0;
+    int32_t sum = 0, lo = 0, hi = 0;  // one vectorizable pass; the check after it
     for (int64_t i = 0; i < k; ++i) {
-      TORCH_CHECK_VALUE(src[i] >= -kWeightMax && src[i] <= kWeightMax, "rnn_layer_int8: weights must be in [-",
-                        kWeightMax, ", ", kWeightMax, "] (fastner.reference.quantize_weight_int8), got ",
-                        static_cast<int>(src[i]), " in row ", j);
       sum += src[i];
+      lo = std::min<int32_t>(lo, src[i]);
+      hi = std::max<int32_t>(hi, src[i]);
     }
+    TORCH_CHECK_VALUE(lo >= -kWeightMax && hi <= kWeightMax, "rnn_layer_int8: weights must be in [-", kWeightMax,
+                      ", ", kWeightMax, "] (fastner.reference.quantize_weight_int8), got ", lo < -kWeightMax ? lo : hi,
+                      " in row ", j);
     colsum_[j] = sum;
     scale_[j] = scale[j];
   }
