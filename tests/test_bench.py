@@ -22,7 +22,7 @@ from fastner.bench.workloads import (LENGTHS, TAGGER_RNN, conll_like_lengths, cr
                                      sentence_batches)
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("gemm", "crf", "rnn", "tagger")
+GROUPS = ("gemm", "crf", "rnn", "precision", "tagger")
 STAT_KEYS = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "samples", "calls_per_sample")
 
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastner.bench import crf_rows, gemm_rows, rnn_rows, tagger_rows
+from fastner.bench import crf_rows, gemm_rows, precision_rows, rnn_rows, tagger_rows
 from fastner.bench.environment import describe, device_name
 from fastner.bench.plots import require_matplotlib, write_plots
 from fastner.bench.report import build_json, row_lines, write_json_atomic
@@ -19,7 +19,7 @@ from fastner.bench.timing import Settings
 from fastner.bench.workloads import make_plan
 
 # Run order matters: the GEMM rate measured first gives the RNN rows their floor.
-GROUPS = {"gemm": gemm_rows, "crf": crf_rows, "rnn": rnn_rows, "tagger": tagger_rows}
+GROUPS = {"gemm": gemm_rows, "crf": crf_rows, "rnn": rnn_rows, "precision": precision_rows, "tagger": tagger_rows}
 
 DEFAULT_SETTINGS = Settings(warmup=2, min_samples=5, max_samples=40, budget_s=0.4)
 QUICK_SETTINGS = Settings(warmup=1, min_samples=3, max_samples=10, budget_s=0.04)

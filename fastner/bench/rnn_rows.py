@@ -56,14 +56,26 @@ def run(ctx: Context) -> None:
         for cell in plan.sweep_cells:
             for mode in plan.sweep_modes:
                 _row(ctx, cell_classes[cell], cell, mode, shape, axes, SWEEP_IMPLS, ctx.settings)
-    if ctx.device.type == "cpu":
-        for cell in plan.rnn_cells:
-            _precision_row(ctx, cell_classes[cell], cell, TAGGER_RNN, headline)
 
 
-# Reduced-precision inference at the tagger shape: fastner int8 (and bf16 where its kernels
-# exist) against torch's own int8 (quantize_dynamic: nn.LSTM and nn.GRU) and bf16 (autocast)
-# layers, padded and packed, with fp32 for scale.
+PRECISION_TITLE = ("RNN at int8 / bf16 (CPU inference, tagger shape): fastner.nn.quantize vs torch "
+                   "quantize_dynamic and bf16 autocast")
+
+
+def run_precision(ctx: Context) -> None:
+    """The 'precision' group: reduced-precision inference at the tagger shape: fastner int8 (and
+    bf16 where its kernels exist) against torch's own int8 (quantize_dynamic: nn.LSTM and
+    nn.GRU) and bf16 (autocast) layers, padded and packed, with fp32 for scale."""
+    if ctx.device.type != "cpu":
+        raise GroupSkipped("the int8 / bf16 recurrent layers run on the CPU")
+    cell_classes = classes()
+    if ctx.gemm_int8_ops_per_s is None:
+        ctx.notes.append("no int8 GEMM rate measured in this run (group 'gemm' not selected): no int8 floors")
+    headline = dataclasses.replace(ctx.settings, budget_s=HEADLINE_BUDGET * ctx.settings.budget_s)
+    for cell in ctx.plan.rnn_cells:
+        _precision_row(ctx, cell_classes[cell], cell, TAGGER_RNN, headline)
+
+
 PRECISION_BASELINES = ("torch.padded", "torch.packed", "torch.int8.padded", "torch.int8.packed", "torch.bf16.padded",
                        "torch.bf16.packed")
 INT8_RTOL = 0.05  # relative error of int8 vs fp32 beyond which the row says "mismatch"
