@@ -108,8 +108,8 @@ def test_quick_run_rows_have_medians_spread_and_ratios(quick_run):
 
 def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
     data = json.loads(quick_run[1].read_text())
-    quantized = [r for r in data["rows"] if r["group"] == "rnn" and r["op"].endswith("_quantized")]
-    rnn = [r for r in data["rows"] if r["group"] == "rnn" and r not in quantized]
+    quantized = [r for r in data["rows"] if r["group"] == "precision"]
+    rnn = [r for r in data["rows"] if r["group"] == "rnn"]
     tagger_shape = [r for r in rnn if (r["shape"]["B"], r["shape"]["T"], r["shape"]["H"]) == (32, 40, 200)]
     assert {(r["cell"], r["mode"]) for r in tagger_shape} == {
         (c, m) for c in ("lstm", "gru", "rnn") for m in ("inference", "training")}

@@ -84,7 +84,7 @@ INT8_RTOL = 0.05  # relative error of int8 vs fp32 beyond which the row says "mi
 def _precision_row(ctx: Context, pair, cell: str, shape: RnnShape, settings: Settings) -> None:
     lengths = shape.lengths()
     tokens = int(lengths.sum())
-    row = Row(str(ctx.device), "rnn", f"{cell}_inference_quantized",
+    row = Row(str(ctx.device), "precision", f"{cell}_inference_quantized",
               {**shape.as_dict(), "tokens": tokens, "lengths": LENGTHS_NOTE}, sweeps=[])
     row.info.update(cell=cell, mode="inference")
     flops = rnn_flops(cell, shape.input_size, shape.hidden, tokens, directions=2, training=False)
