@@ -5,7 +5,6 @@ against the float32 modules, refusal to train, opcheck and bad input.
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import pytest
 import torch
@@ -16,11 +15,12 @@ import fastner.ops  # noqa: F401  (registers the fake kernels)
 from fastner import reference
 from fastner._extension import has_kernel
 from fastner.nn.quantize import Int8GRU, Int8LSTM, Int8RNN
-from test_rnn_helpers import (MODES, case_generator, draw_case, flat_result, make_inputs, make_pair,
-                              run_fastner)
+from tests.ops.rnn.rnn_cases import (MODES, case_generator, draw_case, flat_result, make_inputs, make_pair,
+                                     run_fastner)
+from tests.ops.rnn.samples import LayerCase
 
-OP_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CASE_MODE = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
 
 needs_kernel = pytest.mark.skipif(not has_kernel("rnn_layer_int8_forward", "cpu"),
                                   reason="no CPU kernel for rnn_layer_int8_forward in this build")
@@ -32,36 +32,30 @@ def test_int8_op_has_a_cpu_kernel():
 
 
 def _draw_op_case(gen, mode):
-    """One layer's int8 arguments: torch-like init (uniform +-1.5/sqrt(H)), mixed lengths (0
-    included), either layout, hx / cx given or not, bias or not."""
-    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-    coin = lambda p=0.5: bool(torch.rand((), generator=gen) < p)  # noqa: E731
-    bidirectional, batch_first, bias = coin(), coin(), coin(0.75)
-    T, B, I, H = ri(1, 14), ri(1, 9), ri(1, 150), ri(1, 210)
-    D, G = (2 if bidirectional else 1), GATES[mode]
-    bound = 1.5 / math.sqrt(H)
+    """One layer's int8 arguments: the project's layer drawer (tests/ops/rnn/samples.py; torch's
+    init, either layout, bias or not, lengths in [0, T]) at the tagger's sizes and beyond, hx /
+    cx given or not, its weights quantized (reference.quantize_weight_int8)."""
+    with_state = bool(torch.rand((), generator=gen) < 0.5)
+    case = LayerCase.draw(gen, CASE_MODE[mode], torch.float32, max_batch=9, max_time=14, max_input=150,
+                          max_hidden=210, with_state=with_state)
+    x, lengths, floats, hx, cx = case.inputs()
+    per_dir = len(floats) // (2 if case.bidirectional else 1)
     weights, scales = [], []
-    for _ in range(D):
-        w_ih = (torch.rand(G * H, I, generator=gen) * 2 - 1) * bound
-        w_hh = (torch.rand(G * H, H, generator=gen) * 2 - 1) * bound
-        (q_ih, s_ih), (q_hh, s_hh) = reference.quantize_weight_int8(w_ih), reference.quantize_weight_int8(w_hh)
-        weights += [q_ih, q_hh]
-        if bias:
-            weights += [(torch.rand(G * H, generator=gen) * 2 - 1) * bound for _ in range(2)]
-        scales += [s_ih, s_hh]
-    lengths = torch.randint(0, T + 1, (B,), generator=gen)
-    lengths[ri(0, B - 1)] = T
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=gen)
-    hx = 0.5 * torch.randn(D, B, H, generator=gen) if coin() else None
-    cx = 0.5 * torch.randn(D, B, H, generator=gen) if (mode == "lstm" and coin()) else None
-    return x, lengths, weights, scales, hx, cx, mode, bidirectional, batch_first
+    for k, w in enumerate(floats):
+        if k % per_dir < 2:  # w_ih, w_hh
+            w_q, scale = reference.quantize_weight_int8(w)
+            weights.append(w_q)
+            scales.append(scale)
+        else:
+            weights.append(w)
+    return x, lengths, weights, scales, hx, cx, mode, case.bidirectional, case.batch_first
 
 
 # The kernel does the reference's float32 operations in the same order and its integer sums
 # exactly; what differs is the gate math (the kernels' exp/tanh, ~1e-7 relative) and the order
 # of the bias additions. A state that differs by that much can round one quantized entry of the
 # next step's h to the neighbouring level, which moves that step's product by about one
-# quantization step; measured over these 120 cases (seed 0): largest difference 6.1e-5, median
+# quantization step; measured over these 120 cases (seed 0): largest difference 6.0e-5, median
 # 2.4e-7.
 OP_ATOL = 1e-2
 
