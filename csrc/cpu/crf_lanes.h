@@ -40,23 +40,29 @@ struct Model {
 };
 
 // Emissions (b, t, j) at data[b * stride_b + t * stride_t + j] (any layout with unit tag stride:
-// [B, T, K] or a transposed [T, B, K]); lengths [B], each in [0, T].
+// [B, T, K] or a transposed [T, B, K]); lengths [B], each in [0, T]. order [B]: a permutation
+// of the sequences, in decreasing length; group g runs the sequences order[g * width ..
+// g * width + width), so that a group's lanes have similar lengths and few steps run idle
+// (conll-like lengths at B = 32: ~40% fewer group steps than taking the batch in its order).
+// Every b * stride_b must fit in int32 (gather indices).
 struct Emissions {
   int64_t B = 0, T = 0;
   const float* data = nullptr;
   int64_t stride_b = 0, stride_t = 0;
   const int64_t* lengths = nullptr;
+  const int64_t* order = nullptr;
 };
 
 // Where a kernel writes per-(b, t) rows of K floats: (b, t, j) at data[b * stride_b + t * stride_t + j].
 struct Rows {
   float* data = nullptr;
   int64_t stride_b = 0, stride_t = 0;
+  bool fits_int32 = false;  // every b * stride_b fits in int32 (lets AVX-512 scatter)
 };
 
 struct Kernels {
   const char* isa;  // "avx512" or "avx2"
-  int width;        // sequences per group: group g holds sequences [g * width, g * width + width)
+  int width;        // sequences per group (Emissions::order says which)
   // Floats of scratch one group needs (any alignment; the kernels align it themselves).
   size_t (*scratch_floats)(int64_t K, int64_t T);
 
@@ -71,6 +77,7 @@ struct Kernels {
   // marginals into start_sums [K] and of the last-step marginals into end_sums [K]. Troubled sequences (flagged as by forward)
   // add nothing to the sums; their grad rows are left for the caller to overwrite. When log_z
   // is given it also receives log Z, as from forward (the pass is computed here anyway).
+  // pairs, start_sums and end_sums may all be null: the marginals only (weight 1), no sums.
   void (*backward)(const Model& model, const Emissions& em, int64_t group, const float* weight,
                    int64_t weight_stride, const Rows& grad, float* pairs, float* start_sums,
                    float* end_sums, uint8_t* trouble, float* log_z, float* scratch);

@@ -178,22 +178,25 @@ inline void transpose(const V* in, V* out) {
 // ---- a group of W sequences ------------------------------------------------------------------
 
 struct Group {
-  int64_t b0 = 0, n = 0;  // sequences b0 .. b0 + n - 1 (n <= W; lanes >= n are idle)
+  int64_t n = 0;          // lanes 0 .. n - 1 hold sequences (n <= W; lanes >= n are idle)
+  int64_t seq[W] = {};    // the sequence of each lane (idle lanes: the group's first)
   int64_t longest = 0;
   I len{};                // per lane, 0 for idle lanes
-  I offset{};             // per lane, element offset of its sequence from b0's (idle lanes: 0)
+  I offset{};             // per lane, element offset of its sequence from em.data (idle lanes: 0)
   const float* base = nullptr;
   int64_t stride_t = 0;
 
   Group(const Emissions& em, int64_t group) {
-    b0 = group * W;
-    n = em.B - b0 < W ? em.B - b0 : W;
-    base = em.data + b0 * em.stride_b;
+    const int64_t first = group * W;
+    n = em.B - first < W ? em.B - first : W;
+    base = em.data;
     stride_t = em.stride_t;
     for (int l = 0; l < W; ++l) {
-      const int64_t L = l < n ? em.lengths[b0 + l] : 0;
+      const int64_t b = l < n ? em.order[first + l] : em.order[first];
+      seq[l] = b;
+      const int64_t L = l < n ? em.lengths[b] : 0;
       len[l] = static_cast<int32_t>(L);
-      offset[l] = l < n ? static_cast<int32_t>(l * em.stride_b) : 0;
+      offset[l] = l < n ? static_cast<int32_t>(b * em.stride_b) : 0;
       longest = L > longest ? L : longest;
     }
   }
@@ -350,8 +353,8 @@ void forward(const Model& m, const Emissions& em, int64_t group, float* log_z, u
   D lz;
   const I bad = forward_pass(m, g, p, x, q, nullptr, nullptr, lz);
   for (int l = 0; l < g.n; ++l) {
-    log_z[g.b0 + l] = static_cast<float>(lz[l]);
-    if (bad[l]) trouble[g.b0 + l] = 1;
+    log_z[g.seq[l]] = static_cast<float>(lz[l]);
+    if (bad[l]) trouble[g.seq[l]] = 1;
   }
 }
 
@@ -363,25 +366,27 @@ void forward(const Model& m, const Emissions& em, int64_t group, float* log_z, u
 // tags through a scatter (AVX-512) or a scalar transpose read straight from memory
 // (extracting lanes from registers would stall on every element).
 inline void write_rows(const Rows& out, const Group& g, int64_t t, int64_t K, const V* rows) {
-  float* base = out.data + g.b0 * out.stride_b + t * out.stride_t;
+  float* base = out.data + t * out.stride_t;
   int64_t j = 0;
   for (; j + W <= K; j += W) {
     V columns[W];
     transpose(rows + j, columns);
-    for (int l = 0; l < g.n; ++l) __builtin_memcpy(base + l * out.stride_b + j, &columns[l], sizeof(V));
+    for (int l = 0; l < g.n; ++l) {
+      __builtin_memcpy(base + g.seq[l] * out.stride_b + j, &columns[l], sizeof(V));
+    }
   }
   if (j == K) return;
 #if FASTNER_LANES == 16
-  if (g.n == W && out.stride_b * W < (int64_t(1) << 31)) {
+  if (g.n == W && out.fits_int32) {
     I offsets;
-    for (int l = 0; l < W; ++l) offsets[l] = static_cast<int32_t>(l * out.stride_b);
+    for (int l = 0; l < W; ++l) offsets[l] = static_cast<int32_t>(g.seq[l] * out.stride_b);
     for (; j < K; ++j) _mm512_i32scatter_ps(base + j, (__m512i)offsets, (__m512)rows[j], 4);
     return;
   }
 #endif
   const float* f = reinterpret_cast<const float*>(rows);  // vector types alias their elements
   for (int l = 0; l < g.n; ++l) {
-    float* dst = base + l * out.stride_b;
+    float* dst = base + g.seq[l] * out.stride_b;
     for (int64_t jj = j; jj < K; ++jj) dst[jj] = f[jj * W + l];
   }
 }
@@ -401,20 +406,22 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
   V* end_acc = start_acc + K;  // [K]
 
   V w{};
-  for (int l = 0; l < g.n; ++l) w[l] = weight[(g.b0 + l) * weight_stride];
+  for (int l = 0; l < g.n; ++l) w[l] = weight[g.seq[l] * weight_stride];
 
   // Rows past the group's longest sequence are zero for every lane.
   for (int l = 0; l < g.n; ++l) {
     for (int64_t t = n_steps; t < T; ++t) {
-      float* dst = grad.data + (g.b0 + l) * grad.stride_b + t * grad.stride_t;
+      float* dst = grad.data + g.seq[l] * grad.stride_b + t * grad.stride_t;
       for (int64_t j = 0; j < K; ++j) dst[j] = 0.0f;
     }
   }
   if (n_steps == 0) {
-    for (int64_t k = 0; k < K * K; ++k) pairs[k] = 0.0f;
-    for (int64_t k = 0; k < K; ++k) start_sums[k] = end_sums[k] = 0.0f;
+    if (pairs) {
+      for (int64_t k = 0; k < K * K; ++k) pairs[k] = 0.0f;
+      for (int64_t k = 0; k < K; ++k) start_sums[k] = end_sums[k] = 0.0f;
+    }
     if (log_z) {
-      for (int l = 0; l < g.n; ++l) log_z[g.b0 + l] = 0.0f;
+      for (int l = 0; l < g.n; ++l) log_z[g.seq[l]] = 0.0f;
     }
     return;
   }
@@ -422,7 +429,7 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
   D lz;
   I bad = forward_pass(m, g, r, u, q, P, X, lz);
   if (log_z) {
-    for (int l = 0; l < g.n; ++l) log_z[g.b0 + l] = static_cast<float>(lz[l]);
+    for (int l = 0; l < g.n; ++l) log_z[g.seq[l]] = static_cast<float>(lz[l]);
   }
 
   for (int64_t j = 0; j < K; ++j) {
@@ -462,6 +469,12 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
     }
   }
 
+  if (pairs == nullptr) {  // marginals only: no sums
+    for (int l = 0; l < g.n; ++l) {
+      if (bad[l]) trouble[g.seq[l]] = 1;
+    }
+    return;
+  }
   // Troubled lanes add nothing: zero them (they may hold NaN) before summing.
   const I ok = ~bad;
   bool any_bad = false;
@@ -508,7 +521,7 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
     }
   }
   for (int l = 0; l < g.n; ++l) {
-    if (bad[l]) trouble[g.b0 + l] = 1;
+    if (bad[l]) trouble[g.seq[l]] = 1;
   }
 }
 
@@ -605,7 +618,7 @@ void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, 
     int32_t args[W];
     __builtin_memcpy(args, &arg, sizeof args);
     for (int l = 0; l < g.n; ++l) {
-      if (t < lengths[l]) tags[(g.b0 + l) * T + t] = args[l];
+      if (t < lengths[l]) tags[g.seq[l] * T + t] = args[l];
     }
     if (t == 0) break;
     const V* prev = S + (t - 1) * K;
@@ -620,7 +633,7 @@ void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, 
     arg = g.active(t) ? from : arg;
   }
   for (int l = 0; l < g.n; ++l) {
-    const int64_t b = g.b0 + l, L = g.len[l];
+    const int64_t b = g.seq[l], L = g.len[l];
     for (int64_t t = L; t < T; ++t) tags[b * T + t] = -1;
     scores[b] = L > 0 ? score[l] : 0.0f;
   }
