@@ -20,160 +20,12 @@
 #error "define FASTNER_LANES (8 or 16) before including crf_lanes_impl.h"
 #endif
 
+#include "cpu/crf_lanes_vec.h"  // W, V, I, D and the vector math
+
 namespace fastner::cpu::crf {
 namespace lanes {
 namespace {
 
-constexpr int W = FASTNER_LANES;
-typedef float V __attribute__((vector_size(4 * W)));
-typedef int32_t I __attribute__((vector_size(4 * W)));
-typedef double D __attribute__((vector_size(8 * W)));
-
-// Below this a step's normaliser no longer bounds the underflow loss: take the exact path.
-constexpr float kSafe = 1e-20f;
-constexpr float kInf = __builtin_inff();
-constexpr int64_t kAlign = 4 * W;  // bytes
-
-inline V splat(float x) { return V{} + x; }
-inline V select(I mask, V a, V b) { return mask ? a : b; }
-inline V vmax(V a, V b) { return a > b ? a : b; }  // maxps: NaN in a is skipped, as in the scalar scan
-
-inline V* aligned(float* scratch) {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(scratch);
-  return reinterpret_cast<V*>((p + kAlign - 1) / kAlign * kAlign);
-}
-
-// exp(x) for x <= 0 or NaN (the kernels exponentiate scores minus their maximum): 0 below
-// -87, NaN for NaN; otherwise the polynomial of crf_math.h's fast_exp. (Written again here
-// rather than shared: crf_math.h's inline functions are compiled for AVX2 in crf.cpp, and this
-// file must not share an inline function with it; see the top of the file.)
-inline V vexp_nonpositive(V x) {
-  const V c = x < -87.0f ? splat(-87.0f) : x;
-  const V n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  V r = c - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  const V r2 = r * r;
-  V p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  return x < -87.0f ? V{} : p * (V)bits;
-}
-
-// log(x) for normal positive x (the callers pass normalisers they checked to be >= kSafe;
-// other lanes get an unspecified value that is selected away).
-inline V vlog(V x) {
-  const I bits = (I)x;
-  I exponent = ((bits >> 23) & 0xff) - 126;
-  V m = (V)((bits & 0x007fffff) | 0x3f000000);
-  const I small = m < 0.707106781186547524f;
-  exponent = small ? exponent - 1 : exponent;
-  m = small ? m + m - 1.0f : m - 1.0f;
-  const V e = __builtin_convertvector(exponent, V);
-  const V z = m * m;
-  V y = splat(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y = y + e * -2.12194440e-4f;
-  y = y - 0.5f * z;
-  return (m + y) + e * 0.693359375f;
-}
-
-// base[index[l]] in lane l.
-inline V gather(const float* base, I index) {
-#if FASTNER_LANES == 16
-  return (V)_mm512_i32gather_ps((__m512i)index, base, 4);
-#else
-  return (V)_mm256_i32gather_ps(base, (__m256i)index, 4);
-#endif
-}
-
-// Reductions over K vectors with four independent chains (a step's critical path).
-inline V max_of(const V* v, int64_t K) {
-  V m0 = splat(-kInf), m1 = m0, m2 = m0, m3 = m0;
-  int64_t j = 0;
-  for (; j + 4 <= K; j += 4) {
-    m0 = vmax(v[j], m0);
-    m1 = vmax(v[j + 1], m1);
-    m2 = vmax(v[j + 2], m2);
-    m3 = vmax(v[j + 3], m3);
-  }
-  for (; j < K; ++j) m0 = vmax(v[j], m0);
-  return vmax(vmax(m0, m1), vmax(m2, m3));
-}
-
-inline V dot(const V* a, const V* b, int64_t K) {
-  V s0{}, s1{}, s2{}, s3{};
-  int64_t j = 0;
-  for (; j + 4 <= K; j += 4) {
-    s0 += a[j] * b[j];
-    s1 += a[j + 1] * b[j + 1];
-    s2 += a[j + 2] * b[j + 2];
-    s3 += a[j + 3] * b[j + 3];
-  }
-  for (; j < K; ++j) s0 += a[j] * b[j];
-  return (s0 + s1) + (s2 + s3);
-}
-
-// In-register transpose of a W x W block: in[r] holds row r, afterwards out[c] holds column c.
-// A block of W tags of W sequences is W contiguous loads (or stores) plus this, against W
-// gathers (or scatters), which cost ~11 (~16) cycles each on the machines measured.
-#if FASTNER_LANES == 16
-inline void transpose(const V* in, V* out) {
-  __m512 a[16], b[16];
-  for (int r = 0; r < 16; r += 2) {
-    a[r] = _mm512_unpacklo_ps((__m512)in[r], (__m512)in[r + 1]);
-    a[r + 1] = _mm512_unpackhi_ps((__m512)in[r], (__m512)in[r + 1]);
-  }
-  for (int r = 0; r < 16; r += 4) {
-    for (int k = 0; k < 2; ++k) {
-      const __m512d x = _mm512_castps_pd(a[r + k]), y = _mm512_castps_pd(a[r + 2 + k]);
-      b[r + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
-      b[r + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
-    }
-  }
-  // b[4R + m]: 128-bit lane q holds rows 4R .. 4R + 3 of column 4q + m. Gather the lanes.
-  for (int r = 0; r < 4; ++r) {
-    const __m512 lo0 = _mm512_shuffle_f32x4(b[r], b[r + 4], 0x88);
-    const __m512 hi0 = _mm512_shuffle_f32x4(b[r], b[r + 4], 0xdd);
-    const __m512 lo1 = _mm512_shuffle_f32x4(b[r + 8], b[r + 12], 0x88);
-    const __m512 hi1 = _mm512_shuffle_f32x4(b[r + 8], b[r + 12], 0xdd);
-    out[r] = (V)_mm512_shuffle_f32x4(lo0, lo1, 0x88);
-    out[r + 8] = (V)_mm512_shuffle_f32x4(lo0, lo1, 0xdd);
-    out[r + 4] = (V)_mm512_shuffle_f32x4(hi0, hi1, 0x88);
-    out[r + 12] = (V)_mm512_shuffle_f32x4(hi0, hi1, 0xdd);
-  }
-}
-#else
-inline void transpose(const V* in, V* out) {
-  __m256 a[8], b[8];
-  for (int r = 0; r < 8; r += 2) {
-    a[r] = _mm256_unpacklo_ps((__m256)in[r], (__m256)in[r + 1]);
-    a[r + 1] = _mm256_unpackhi_ps((__m256)in[r], (__m256)in[r + 1]);
-  }
-  for (int r = 0; r < 8; r += 4) {
-    for (int k = 0; k < 2; ++k) {
-      b[r + 2 * k] = _mm256_shuffle_ps(a[r + k], a[r + 2 + k], 0x44);
-      b[r + 2 * k + 1] = _mm256_shuffle_ps(a[r + k], a[r + 2 + k], 0xee);
-    }
-  }
-  for (int r = 0; r < 4; ++r) {
-    out[r] = (V)_mm256_permute2f128_ps(b[r], b[r + 4], 0x20);
-    out[r + 4] = (V)_mm256_permute2f128_ps(b[r], b[r + 4], 0x31);
-  }
-}
-#endif
 
 // ---- a group of W sequences ------------------------------------------------------------------
 
@@ -243,12 +95,46 @@ inline void vec_mat_block(const V* p, const float* E, int64_t K, int64_t j0, V* 
 // AVX2): every block is one pass over p with independent accumulation chains.
 constexpr int kBlock = W == 16 ? 16 : 8;
 
+// Runs f.run<width>(j0) over blocks covering [0, K): kBlock wide while at least kBlock + 4
+// remain, then one block of what is left. (A remainder under 4 joins the last block: narrow
+// blocks are chains of K dependent multiply-adds, and K = 17 as 8 + 8 + 1 made the lone
+// column cost as much as a whole block.)
+template <typename F>
+inline void for_blocks(int64_t K, const F& f) {
+  for (int64_t j = 0; j < K;) {
+    const int64_t left = K - j;
+    const int width = left >= kBlock + 4 ? kBlock : static_cast<int>(left);
+    switch (width) {
+#define FASTNER_BLOCK(n) \
+  case n:                \
+    f.template run<n>(j); \
+    break;
+      FASTNER_BLOCK(1) FASTNER_BLOCK(2) FASTNER_BLOCK(3) FASTNER_BLOCK(4) FASTNER_BLOCK(5)
+      FASTNER_BLOCK(6) FASTNER_BLOCK(7) FASTNER_BLOCK(8) FASTNER_BLOCK(9) FASTNER_BLOCK(10)
+      FASTNER_BLOCK(11)
+#if FASTNER_LANES == 16
+      FASTNER_BLOCK(12) FASTNER_BLOCK(13) FASTNER_BLOCK(14) FASTNER_BLOCK(15)
+      FASTNER_BLOCK(16) FASTNER_BLOCK(17) FASTNER_BLOCK(18) FASTNER_BLOCK(19)
+#endif
+#undef FASTNER_BLOCK
+      default:
+        __builtin_unreachable();
+    }
+    j += width;
+  }
+}
+
+struct VecMat {
+  const V* p;
+  const float* E;
+  int64_t K;
+  V* out;
+  template <int JB>
+  void run(int64_t j0) const { vec_mat_block<JB>(p, E, K, j0, out); }
+};
+
 inline void vec_mat(const V* p, const float* E, int64_t K, V* out) {
-  int64_t j = 0;
-  for (; j + kBlock <= K; j += kBlock) vec_mat_block<kBlock>(p, E, K, j, out);
-  for (; j + 8 <= K; j += 8) vec_mat_block<8>(p, E, K, j, out);
-  for (; j + 4 <= K; j += 4) vec_mat_block<4>(p, E, K, j, out);
-  for (; j < K; ++j) vec_mat_block<1>(p, E, K, j, out);
+  for_blocks(K, VecMat{p, E, K, out});
 }
 
 // out[i] = sum_j E[i, j] * u[j] for i < K, a block of rows in registers at a time.
@@ -263,12 +149,17 @@ inline void mat_vec_block(const float* E, const V* u, int64_t K, int64_t i0, V* 
   for (int ii = 0; ii < IB; ++ii) out[i0 + ii] = acc[ii];
 }
 
+struct MatVec {
+  const float* E;
+  const V* u;
+  int64_t K;
+  V* out;
+  template <int IB>
+  void run(int64_t i0) const { mat_vec_block<IB>(E, u, K, i0, out); }
+};
+
 inline void mat_vec(const float* E, const V* u, int64_t K, V* out) {
-  int64_t i = 0;
-  for (; i + kBlock <= K; i += kBlock) mat_vec_block<kBlock>(E, u, K, i, out);
-  for (; i + 8 <= K; i += 8) mat_vec_block<8>(E, u, K, i, out);
-  for (; i + 4 <= K; i += 4) mat_vec_block<4>(E, u, K, i, out);
-  for (; i < K; ++i) mat_vec_block<1>(E, u, K, i, out);
+  for_blocks(K, MatVec{E, u, K, out});
 }
 
 // Divides v[0..K) by its maximum s (lanes where keep is 0 keep old instead) and returns s.
@@ -280,20 +171,6 @@ inline V normalise_into(const V* v, int64_t K, I keep, V* out) {
 }
 
 inline I unsafe(V s) { return ~(s >= kSafe); }  // also true for NaN
-
-// Sum of the lanes in a fixed order (halving the vector), so results do not depend on threads.
-inline float lane_sum(V v) {
-#if FASTNER_LANES == 16
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256((__m512)v),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)v), 1)));
-#else
-  const __m256 half = (__m256)v;
-#endif
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
 
 // ---- forward ---------------------------------------------------------------------------------
 
@@ -541,6 +418,15 @@ inline void max_plus_block(const V* v, const float* tr, int64_t K, int64_t j0, V
   for (int jj = 0; jj < JB; ++jj) out[j0 + jj] = best[jj];
 }
 
+struct MaxPlus {
+  const V* v;
+  const float* tr;
+  int64_t K;
+  V* out;
+  template <int JB>
+  void run(int64_t j0) const { max_plus_block<JB>(v, tr, K, j0, out); }
+};
+
 // transitions[i, to[l]] in lane l. With AVX-512 and K <= 32 each row of transitions is kept
 // in two registers' worth of memory (built once per group) and a two-source permute picks the
 // entries: cheaper than a gather.
@@ -585,12 +471,7 @@ void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, 
       for (int64_t j = 0; j < K; ++j) cur[j] = m.start[j] + e[j];
       continue;
     }
-    const V* prev = S + (t - 1) * K;
-    int64_t j = 0;
-    for (; j + kBlock <= K; j += kBlock) max_plus_block<kBlock>(prev, m.transitions, K, j, cur);
-    for (; j + 8 <= K; j += 8) max_plus_block<8>(prev, m.transitions, K, j, cur);
-    for (; j + 4 <= K; j += 4) max_plus_block<4>(prev, m.transitions, K, j, cur);
-    for (; j < K; ++j) max_plus_block<1>(prev, m.transitions, K, j, cur);
+    for_blocks(K, MaxPlus{S + (t - 1) * K, m.transitions, K, cur});
     for (int64_t jj = 0; jj < K; ++jj) cur[jj] += e[jj];
   }
   // Backtrace, every lane at once from the group's last step down: a lane joins at its own last
