@@ -95,46 +95,12 @@ inline void vec_mat_block(const V* p, const float* E, int64_t K, int64_t j0, V* 
 // AVX2): every block is one pass over p with independent accumulation chains.
 constexpr int kBlock = W == 16 ? 16 : 8;
 
-// Runs f.run<width>(j0) over blocks covering [0, K): kBlock wide while at least kBlock + 4
-// remain, then one block of what is left. (A remainder under 4 joins the last block: narrow
-// blocks are chains of K dependent multiply-adds, and K = 17 as 8 + 8 + 1 made the lone
-// column cost as much as a whole block.)
-template <typename F>
-inline void for_blocks(int64_t K, const F& f) {
-  for (int64_t j = 0; j < K;) {
-    const int64_t left = K - j;
-    const int width = left >= kBlock + 4 ? kBlock : static_cast<int>(left);
-    switch (width) {
-#define FASTNER_BLOCK(n) \
-  case n:                \
-    f.template run<n>(j); \
-    break;
-      FASTNER_BLOCK(1) FASTNER_BLOCK(2) FASTNER_BLOCK(3) FASTNER_BLOCK(4) FASTNER_BLOCK(5)
-      FASTNER_BLOCK(6) FASTNER_BLOCK(7) FASTNER_BLOCK(8) FASTNER_BLOCK(9) FASTNER_BLOCK(10)
-      FASTNER_BLOCK(11)
-#if FASTNER_LANES == 16
-      FASTNER_BLOCK(12) FASTNER_BLOCK(13) FASTNER_BLOCK(14) FASTNER_BLOCK(15)
-      FASTNER_BLOCK(16) FASTNER_BLOCK(17) FASTNER_BLOCK(18) FASTNER_BLOCK(19)
-#endif
-#undef FASTNER_BLOCK
-      default:
-        __builtin_unreachable();
-    }
-    j += width;
-  }
-}
-
-struct VecMat {
-  const V* p;
-  const float* E;
-  int64_t K;
-  V* out;
-  template <int JB>
-  void run(int64_t j0) const { vec_mat_block<JB>(p, E, K, j0, out); }
-};
-
 inline void vec_mat(const V* p, const float* E, int64_t K, V* out) {
-  for_blocks(K, VecMat{p, E, K, out});
+  int64_t j = 0;
+  for (; j + kBlock <= K; j += kBlock) vec_mat_block<kBlock>(p, E, K, j, out);
+  for (; j + 8 <= K; j += 8) vec_mat_block<8>(p, E, K, j, out);
+  for (; j + 4 <= K; j += 4) vec_mat_block<4>(p, E, K, j, out);
+  for (; j < K; ++j) vec_mat_block<1>(p, E, K, j, out);
 }
 
 // out[i] = sum_j E[i, j] * u[j] for i < K, a block of rows in registers at a time.
@@ -149,17 +115,12 @@ inline void mat_vec_block(const float* E, const V* u, int64_t K, int64_t i0, V* 
   for (int ii = 0; ii < IB; ++ii) out[i0 + ii] = acc[ii];
 }
 
-struct MatVec {
-  const float* E;
-  const V* u;
-  int64_t K;
-  V* out;
-  template <int IB>
-  void run(int64_t i0) const { mat_vec_block<IB>(E, u, K, i0, out); }
-};
-
 inline void mat_vec(const float* E, const V* u, int64_t K, V* out) {
-  for_blocks(K, MatVec{E, u, K, out});
+  int64_t i = 0;
+  for (; i + kBlock <= K; i += kBlock) mat_vec_block<kBlock>(E, u, K, i, out);
+  for (; i + 8 <= K; i += 8) mat_vec_block<8>(E, u, K, i, out);
+  for (; i + 4 <= K; i += 4) mat_vec_block<4>(E, u, K, i, out);
+  for (; i < K; ++i) mat_vec_block<1>(E, u, K, i, out);
 }
 
 // Divides v[0..K) by its maximum s (lanes where keep is 0 keep old instead) and returns s.
@@ -418,15 +379,6 @@ inline void max_plus_block(const V* v, const float* tr, int64_t K, int64_t j0, V
   for (int jj = 0; jj < JB; ++jj) out[j0 + jj] = best[jj];
 }
 
-struct MaxPlus {
-  const V* v;
-  const float* tr;
-  int64_t K;
-  V* out;
-  template <int JB>
-  void run(int64_t j0) const { max_plus_block<JB>(v, tr, K, j0, out); }
-};
-
 // transitions[i, to[l]] in lane l. With AVX-512 and K <= 32 each row of transitions is kept
 // in two registers' worth of memory (built once per group) and a two-source permute picks the
 // entries: cheaper than a gather.
@@ -471,7 +423,12 @@ void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, 
       for (int64_t j = 0; j < K; ++j) cur[j] = m.start[j] + e[j];
       continue;
     }
-    for_blocks(K, MaxPlus{S + (t - 1) * K, m.transitions, K, cur});
+    const V* prev = S + (t - 1) * K;
+    int64_t j = 0;
+    for (; j + kBlock <= K; j += kBlock) max_plus_block<kBlock>(prev, m.transitions, K, j, cur);
+    for (; j + 8 <= K; j += 8) max_plus_block<8>(prev, m.transitions, K, j, cur);
+    for (; j + 4 <= K; j += 4) max_plus_block<4>(prev, m.transitions, K, j, cur);
+    for (; j < K; ++j) max_plus_block<1>(prev, m.transitions, K, j, cur);
     for (int64_t jj = 0; jj < K; ++jj) cur[jj] += e[jj];
   }
   // Backtrace, every lane at once from the group's last step down: a lane joins at its own last
