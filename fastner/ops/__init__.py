@@ -26,7 +26,7 @@ crf_lanes.h / crf_lanes_impl.h / crf_lanes_avx2.cpp / crf_lanes_avx512.cpp the l
 crf_sequence.h / crf_sequence_decode.h the per-sequence log-space kernels (float64, B <= 2, and
 the exact fallback for the sequences the lanes flag); crf_gold_nan.h the gold path and NaN terms.
 
-CUDA: tests/test_crf_cuda.py, test_rnn_cuda.py (on a GPU), test_*_cuda_emulated.py (the kernels
+CUDA: tests/ops/crf/test_crf_cuda.py, test_rnn_cuda.py (on a GPU), test_*_cuda_emulated.py (the kernels
 on host threads). Benchmarks: `fastner bench` (fastner/bench/crf_rows.py, rnn_rows.py),
 benchmarks/bench_crf.py, bench_rnn.py, crf_cuda_bench.py, rnn_cuda_bench.py.
 """

@@ -9,7 +9,8 @@ import torch
 
 from fastner import reference
 from tests import testing
-from tests.test_crf_lanes import SHAPES, draw, troubled_batch
+from tests.ops.crf.samples import crf_inputs
+from tests.ops.crf.test_crf_lanes import SHAPES, troubled_batch
 
 pytestmark = pytest.mark.skipif(
     not testing.op_registered("crf_marginals"), reason="fastner CRF ops not registered"
@@ -27,7 +28,7 @@ MORE_SHAPES = [(3, 4, 1), (4, 1, 2), (3, 9, 17), (11, 1, 5), (33, 40, 17)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_marginals_match_reference(shape, time_first, dtype):
     testing.reseed(hash(("marginals", shape, time_first, str(dtype))) % 1000)
-    emissions, _, lengths, transitions, start, end = draw(*shape, dtype=dtype, time_first=time_first)
+    emissions, _, lengths, transitions, start, end = crf_inputs(*shape, dtype, layout="time_first" if time_first else "contiguous")
     got = ops.crf_marginals(emissions, lengths, transitions, start, end)
     want = reference.crf_marginals(emissions, lengths, transitions, start, end)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -56,7 +57,7 @@ def test_marginals_of_troubled_sequences_take_the_exact_path():
 def test_marginals_of_mixed_lengths_match_float64():
     # Many groups of mixed lengths (0 included): float32 on the lanes against the float64 kernel.
     testing.reseed(13)
-    emissions, _, lengths, transitions, start, end = draw(45, 37, 9, min_len=0)
+    emissions, _, lengths, transitions, start, end = crf_inputs(45, 37, 9)
     lengths[::7] = 0
     got = ops.crf_marginals(emissions, lengths, transitions, start, end)
     want = ops.crf_marginals(emissions.double(), lengths, transitions.double(), start.double(),
@@ -68,7 +69,7 @@ def test_per_sequence_results_follow_a_permutation_of_the_batch():
     # The lanes take the sequences in length order, whatever order the batch is in: each
     # sequence's results are the same numbers wherever it sits.
     testing.reseed(29)
-    emissions, tags, lengths, transitions, start, end = draw(27, 18, 7, min_len=0)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(27, 18, 7)
     perm = torch.randperm(27)
     permuted = (emissions[perm], tags[perm], lengths[perm])
     log_z = ops.crf_forward(emissions, tags, lengths, transitions, start, end)[0]
@@ -90,7 +91,7 @@ def test_nan_emissions_on_the_lanes(where):
     # A NaN emission inside a length makes that sequence's log Z NaN (and only that one's);
     # past the length it changes nothing.
     testing.reseed(41)
-    emissions, tags, lengths, transitions, start, end = draw(19, 12, 6, min_len=3)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(19, 12, 6, min_len=3)
     lengths[5] = 9
     step = {"first": 0, "middle": 4, "last": 8, "past_length": 10}[where]
     emissions[5, step, 3] = float("nan")
@@ -109,7 +110,7 @@ def test_nan_emissions_on_the_lanes(where):
 
 def test_marginals_do_not_depend_on_the_thread_count():
     testing.reseed(7)
-    emissions, _, lengths, transitions, start, end = draw(53, 20, 11)
+    emissions, _, lengths, transitions, start, end = crf_inputs(53, 20, 11)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
