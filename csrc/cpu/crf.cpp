@@ -365,17 +365,21 @@ std::tuple<Tensor, Tensor> crf_kbest_cpu(const Tensor& emissions_in, const Tenso
                                          const Tensor& end_in, int64_t k) {
   const Tensor lengths = check_inputs("crf_kbest", emissions_in, lengths_in, transitions_in, start_in, end_in);
   TORCH_CHECK_VALUE(k >= 1, "crf_kbest: k must be >= 1, got ", k);
-  const Tensor emissions = as_accumulate(emissions_in);
+  const auto acc_type = accumulate_type(emissions_in.scalar_type());
+  const Tensor emissions = emissions_in.to(acc_type);  // keeps the layout
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   Tensor tags = at::empty({B, k, T}, lengths.options());
   Tensor scores = at::empty({B, k}, emissions.options());
-  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_kbest", [&] {
-    const Transitions<scalar_t> tr =
-        tables<scalar_t>(transitions_in.contiguous(), start_in.contiguous(), end_in.contiguous());
-    const scalar_t* em = emissions.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_kbest", [&] {
+    const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
+                 end = end_in.contiguous();
     const int64_t* len = lengths.data_ptr<int64_t>();
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
+    if (lane_kbest(emissions, len, transitions, start, end, k, tags_out, scores_out)) return;
+    const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
+    const Tensor dense = emissions.contiguous();
+    const scalar_t* em = dense.const_data_ptr<scalar_t>();
     at::parallel_for(0, B, std::max<int64_t>(1, grain(T, K) / k), [&](int64_t begin, int64_t stop) {
       std::vector<scalar_t> cur(K * k), next(K * k), final_score(k);
       std::vector<int32_t> prev_tag(T * K * k), prev_rank(T * K * k), final_tag(k), final_rank(k);

@@ -87,6 +87,15 @@ struct Kernels {
   // the lowest tag, as in the per-sequence kernel.
   void (*viterbi)(const Model& model, const Emissions& em, int64_t group, int64_t* tags,
                   float* scores, float* scratch);
+
+  // Floats of scratch one group of kbest needs.
+  size_t (*kbest_scratch_floats)(int64_t K, int64_t T, int64_t k);
+  // The k best paths of each sequence of the group, best first, as the per-sequence kernel
+  // finds them (the same candidates in the same order, ties to the one offered first): tags
+  // [B, k, T] (-1 past each length and in the rows of paths that do not exist), scores [B, k]
+  // (-inf for those; one path of score 0 for a sequence of length 0).
+  void (*kbest)(const Model& model, const Emissions& em, int64_t group, int64_t k, int64_t* tags,
+                float* scores, float* scratch);
 };
 
 // The kernels for this CPU's instruction set (csrc/cpu/cpu_isa.h: AVX-512 where it has AVX-512

@@ -16,7 +16,8 @@ namespace fastner::cpu::crf {
 namespace lanes {
 
 const Kernels& avx2_kernels() {
-  static const Kernels table{"avx2", W, scratch_floats, forward, backward, viterbi};
+  static const Kernels table{"avx2", W, scratch_floats, forward, backward, viterbi,
+                             kbest_scratch_floats, kbest};
   return table;
 }
 

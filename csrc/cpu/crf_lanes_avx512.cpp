@@ -19,7 +19,8 @@ namespace fastner::cpu::crf {
 namespace lanes {
 
 const Kernels& avx512_kernels() {
-  static const Kernels table{"avx512", W, scratch_floats, forward, backward, viterbi};
+  static const Kernels table{"avx512", W, scratch_floats, forward, backward, viterbi,
+                             kbest_scratch_floats, kbest};
   return table;
 }
 

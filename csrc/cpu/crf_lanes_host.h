@@ -150,12 +150,14 @@ void with_scratch(size_t floats, const Fn& fn) {
   fn(kept.data());
 }
 
-// Runs fn(group, scratch) over every group of the batch, a group per task.
+// Runs fn(group, scratch) over every group of the batch, a group per task, with `floats` of
+// scratch (the kernels' scratch_floats(K, T) unless given).
 template <typename Fn>
-void for_each_group(int64_t B, int64_t K, int64_t T, const Fn& fn) {
+void for_each_group(int64_t B, int64_t K, int64_t T, const Fn& fn, size_t floats = 0) {
   const lanes::Kernels& k = lanes::kernels();
+  if (floats == 0) floats = k.scratch_floats(K, T);
   at::parallel_for(0, num_groups(B), 1, [&](int64_t begin, int64_t stop) {
-    with_scratch(k.scratch_floats(K, T), [&](float* scratch) {
+    with_scratch(floats, [&](float* scratch) {
       for (int64_t group = begin; group < stop; ++group) fn(group, scratch);
     });
   });
@@ -310,6 +312,31 @@ inline bool lane_viterbi(const Tensor& emissions, const int64_t* len, const Tens
 
 inline bool lane_viterbi(const Tensor&, const int64_t*, const Tensor&, const Tensor&, const Tensor&,
                   int64_t*, double*) {
+  return false;
+}
+
+// k-best Viterbi by the lane kernels where the layout allows (float32 only; max-plus needs no
+// fallback): tags [B, k, T] and scores [B, k], contiguous.
+inline bool lane_kbest(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
+                       const Tensor& start, const Tensor& end, int64_t k, int64_t* tags,
+                       float* scores) {
+  if (!lane_layout(emissions)) return false;
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const lanes::Kernels& kernels = lanes::kernels();
+  lanes::Model model;
+  model.K = K;
+  model.transitions = transitions.data_ptr<float>();
+  model.start = start.data_ptr<float>();
+  model.end = end.data_ptr<float>();
+  const LaneBatch batch(emissions, len);
+  for_each_group(B, K, T, [&](int64_t group, float* scratch) {
+    kernels.kbest(model, batch.em, group, k, tags, scores, scratch);
+  }, kernels.kbest_scratch_floats(K, T, k));
+  return true;
+}
+
+inline bool lane_kbest(const Tensor&, const int64_t*, const Tensor&, const Tensor&, const Tensor&,
+                       int64_t, int64_t*, double*) {
   return false;
 }
 

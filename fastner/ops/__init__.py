@@ -15,8 +15,8 @@ Where each op lives (schemas, with shapes and conventions: csrc/fastner.cpp):
 | crf_forward_backward | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | - | reference.crf_forward + autograd | (autograd of crf_log_likelihood) | test_crf_ops, test_crf_lanes |
 | crf_log_likelihood | value: csrc/cpu/crf_log_likelihood.cpp (any device) | (the same) | reference.crf_forward + ops.crf._reduce | ops.crf.crf_log_likelihood | test_crf, test_crf_ops, test_crf_compile |
 | crf_viterbi | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence_decode.h) | csrc/cuda/crf.cu | reference.crf_viterbi | ops.crf.crf_viterbi | test_crf, test_crf_ops, test_crf_lanes |
-| crf_kbest | csrc/cpu/crf.cpp (per sequence: crf_sequence_decode.h) | csrc/cuda/crf.cu | reference.crf_kbest | ops.crf.crf_kbest | test_crf, test_crf_ops, test_crf_bruteforce |
-| crf_marginals | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | csrc/cuda/crf.cu | reference.crf_marginals | ops.crf.crf_marginals | test_crf, test_crf_ops, test_crf_bruteforce, test_crf_lane_marginals |
+| crf_kbest | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence_decode.h) | csrc/cuda/crf.cu | reference.crf_kbest | ops.crf.crf_kbest | test_crf, test_crf_ops, test_crf_bruteforce, test_crf_lanes_marginals_kbest |
+| crf_marginals | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | csrc/cuda/crf.cu | reference.crf_marginals | ops.crf.crf_marginals | test_crf, test_crf_ops, test_crf_bruteforce, test_crf_lanes_marginals_kbest |
 | crf_lengths | csrc/cpu/crf.cpp | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | test_crf_ops, test_crf |
 | rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.h, rnn_math.h) | csrc/cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer | test_rnn_ops, test_rnn_parity, test_rnn_modules |
 

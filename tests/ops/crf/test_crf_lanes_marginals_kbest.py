@@ -1,7 +1,8 @@
-"""The lane kernels beyond forward-backward and Viterbi: posterior marginals on the lanes (with
-the exact per-sequence fallback for the sequences whose normaliser underflows), groups formed
-in length order (a permutation of the batch permutes every per-sequence result, bit for bit),
-and NaN scores, which the lanes flag so that only flagged sequences are scanned for NaN."""
+"""The lane kernels beyond forward-backward and Viterbi: posterior marginals (with the exact
+per-sequence fallback for the sequences whose normaliser underflows) and k-best Viterbi (bit-equal
+to the per-sequence kernel, ties included); groups formed in length order (a permutation of the
+batch permutes every per-sequence result, bit for bit); NaN scores, which the lanes flag so that
+only flagged sequences are scanned for NaN; thread-count determinism."""
 from __future__ import annotations
 
 import pytest
@@ -120,3 +121,56 @@ def test_marginals_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+# ---- k-best Viterbi on the lanes ------------------------------------------------------------
+
+def kbest_one_by_one(emissions, lengths, transitions, start, end, k):
+    """crf_kbest a sequence at a time: batches of one take the per-sequence kernel."""
+    rows = [ops.crf_kbest(emissions[b:b + 1], lengths[b:b + 1], transitions, start, end, k)
+            for b in range(emissions.shape[0])]
+    return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+
+@pytest.mark.parametrize("shape", SHAPES + MORE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_kbest_on_the_lanes_equals_the_per_sequence_kernel(shape, k):
+    # The same candidates in the same order: bit-equal scores and the same paths, with mixed
+    # lengths (0 included), -inf constraints, and a time-first layout for odd batches.
+    testing.reseed(hash(("kbest", shape, k)) % 1000)
+    layout = "time_first" if shape[0] % 2 else "contiguous"
+    emissions, _, lengths, transitions, start, end = crf_inputs(*shape, constrained=True,
+                                                                layout=layout)
+    tags, scores = ops.crf_kbest(emissions, lengths, transitions, start, end, k)
+    want_tags, want_scores = kbest_one_by_one(emissions, lengths, transitions, start, end, k)
+    assert torch.equal(scores, want_scores) and torch.equal(tags, want_tags), shape
+    ref_tags, ref_scores = reference.crf_kbest(emissions, lengths, transitions, start, end, k)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-4)
+
+
+def test_kbest_ties_keep_the_per_sequence_order():
+    # Integer scores make many paths tie: the lanes must rank tied paths as the per-sequence
+    # kernel does (the candidate offered first stays ahead).
+    testing.reseed(5)
+    emissions = torch.randint(-2, 3, (19, 9, 4)).float()
+    lengths = testing.random_lengths(19, 9, min_len=0)
+    transitions = torch.randint(-1, 2, (4, 4)).float()
+    start, end = torch.zeros(4), torch.randint(-1, 2, (4,)).float()
+    for k in (2, 5, 12):
+        tags, scores = ops.crf_kbest(emissions, lengths, transitions, start, end, k)
+        want_tags, want_scores = kbest_one_by_one(emissions, lengths, transitions, start, end, k)
+        assert torch.equal(scores, want_scores) and torch.equal(tags, want_tags), k
+
+
+def test_kbest_does_not_depend_on_the_thread_count():
+    testing.reseed(8)
+    emissions, _, lengths, transitions, start, end = crf_inputs(53, 20, 11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.crf_kbest(emissions, lengths, transitions, start, end, 4)
+        torch.set_num_threads(2)
+        two = ops.crf_kbest(emissions, lengths, transitions, start, end, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
