@@ -11,6 +11,7 @@
 
 #define FASTNER_LANES 8
 #include "cpu/crf_lanes_impl.h"
+#include "cpu/crf_lanes_kbest.h"
 
 namespace fastner::cpu::crf {
 namespace lanes {

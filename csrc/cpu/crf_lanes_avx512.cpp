@@ -13,6 +13,7 @@
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 #define FASTNER_LANES 16
 #include "cpu/crf_lanes_impl.h"
+#include "cpu/crf_lanes_kbest.h"
 #pragma GCC pop_options
 
 namespace fastner::cpu::crf {
