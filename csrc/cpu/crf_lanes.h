@@ -1,7 +1,7 @@
 // Lane kernels of the float32 CRF on CPU: the sequences of a batch side by side, one per lane of
 // a vector register (a "group" of width() sequences), so that every instruction of a step serves
 // width() sequences. Used by csrc/cpu/crf.cpp for float32 (and float16/bfloat16) emissions; the
-// per-sequence kernels there stay the float64 path and the exact fallback.
+// per-sequence kernels (crf_sequence.h) stay the float64 path and the exact fallback.
 //
 // Why lanes over sequences rather than over tags: at NER sizes (K around 9-20) a row of K tags
 // fills one or two vectors and leaves most lanes idle, while a batch offers 16-32 sequences that
