@@ -1,0 +1,155 @@
+"""Where the server's model call spends its time: one document vs a batch of documents.
+
+    python -m benchmarks.serve_profile MODEL --documents ../shared/data/conll2003/eng.testa [--batch 16]
+
+Runs the stages of fastner.serve.model.predict_documents one by one on the same documents the
+load test sends (detokenized CoNLL sentences), each stage timed with the calling thread's CPU
+clock (time.thread_time_ns: steadier than wall time on a shared machine), in rounds that
+interleave batch 1 and batch N so both see the same contention. Checks that the staged
+pipeline returns exactly what predict_documents returns. Prints per-document ms by stage.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+
+def staged(tagger, texts: List[str], clock: Dict[str, float]) -> List[dict]:
+    """predict_documents(tagger, texts), stage by stage, adding each stage's thread CPU ns to `clock`."""
+    from fastner.data.batching import encode_sentences, make_batch
+    from fastner.data.conll import Sentence
+    from fastner.data.schemes import tags_to_spans
+    from fastner.documents import _bounded, document_result
+    from fastner.serve.model import SENTENCES_PER_CALL
+    from fastner.span_scores import span_log_probabilities
+    from fastner.inference import SentenceAnalysis
+    from fastner.text import tokenizer as tk
+    from fastner import ops
+    import math
+
+    def tick(name, since):
+        now = time.thread_time_ns()
+        clock[name] = clock.get(name, 0) + now - since
+        return now
+
+    t = time.thread_time_ns()
+    analyser = tagger.analyser()
+    t = tick("analyser() per call", t)
+    tokenized = []
+    for text in texts:
+        work = tk.working_copy(text)
+        ranges = list(tk._sentence_ranges(work))
+        t = tick("tokenize: sentence split (syntok)", t)
+        sentences = []
+        for start, end in ranges:
+            spans = tk._conll_fixes(work, tk._word_spans(work, start, end))
+            if spans:
+                sentences.append([(text[a:b], a, b) for a, b in spans])
+        tokenized.append(_bounded(sentences))
+        t = tick("tokenize: words (nltk + fixes)", t)
+    flat = [[token for token, _, _ in s] for ss in tokenized for s in ss]
+    order = sorted((i for i, s in enumerate(flat) if s), key=lambda i: len(flat[i]))
+    encoded = encode_sentences([Sentence(list(s)) for s in flat], analyser.words, analyser.chars,
+                               digits_to_zero=analyser.digits_to_zero, pretrained=analyser.pretrained)
+    t = tick("encode: word/char lookup", t)
+    results = [None] * len(flat)
+    model = tagger.model
+    itos = analyser.tags.itos
+    for begin in range(0, len(order), SENTENCES_PER_CALL):
+        index = order[begin:begin + SENTENCES_PER_CALL]
+        batch = make_batch(encoded, index, analyser.words.pad_id, analyser.chars.pad_id)
+        words, chars, lengths = batch.words, batch.chars, batch.lengths
+        t = tick("encode: pad to tensors", t)
+        with torch.no_grad():
+            mask = torch.arange(words.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+            x = model.embed_words(words)
+            t = tick("model: word embedding", t)
+            x = torch.cat([x, model.char_cnn(chars, mask)], dim=-1)
+            t = tick("model: char CNN", t)
+            x, _ = model.encoder(x, lengths=lengths)
+            t = tick("model: BiLSTM", t)
+            emissions = model.output(x).float() * mask.unsqueeze(-1)
+            t = tick("model: output layer", t)
+            scores = model.transition_scores(emissions.dtype)
+            tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
+            log_z, _, _ = ops.crf_forward(emissions, None, lengths, *scores)
+            t = tick("CRF: Viterbi + log Z", t)
+        tag_rows = tags.tolist()
+        decoded, requests = [], []
+        for row, si in enumerate(index):
+            names = [itos[v] for v in tag_rows[row][:len(flat[si])]]
+            spans = tags_to_spans(names)
+            decoded.append((names, spans))
+            requests.extend((row, s, e, label) for s, e, label in spans)
+        t = tick("spans: tags -> spans", t)
+        log_probs = iter(span_log_probabilities(emissions, lengths, log_z, analyser.scores, requests, analyser.tag_ids))
+        for row, si in enumerate(index):
+            names, spans = decoded[row]
+            results[si] = SentenceAnalysis(names, [(s, e, label, round(math.exp(next(log_probs)), 6))
+                                                   for s, e, label in spans], [])
+        t = tick("spans: posterior probabilities", t)
+    analyses = iter(results)
+    out = []
+    for text, sentences in zip(texts, tokenized):
+        result = document_result(text, sentences, list(itertools.islice(analyses, len(sentences))),
+                                 tagger.output_scheme, None)
+        out.append({"entities": result["entities"]})
+    t = tick("records: document results", t)
+    json.dumps({"documents": out}).encode("ascii")
+    tick("JSON answer", t)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--documents", required=True, help="CoNLL file (the dev file; never the test file)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=40)
+    args = parser.parse_args(argv)
+
+    from fastner.serve.loadtest import _cpu_name, load_documents
+    from fastner.serve.model import predict_documents
+    from fastner.tagger import Tagger
+
+    torch.set_num_threads(1)
+    tagger = Tagger.load(args.model, device="cpu")
+    documents = load_documents(args.documents)
+    rng = random.Random(0)
+    sizes = [1, args.batch]
+    clocks = {n: {} for n in sizes}
+    counted = {n: 0 for n in sizes}
+    for text in documents[:64]:  # warm-up and the equality check
+        assert staged(tagger, [text], {}) == predict_documents(tagger, [text]), text
+    sample = [documents[rng.randrange(len(documents))] for _ in range(args.batch)]
+    assert staged(tagger, sample, {}) == predict_documents(tagger, sample)
+    load = os.getloadavg()[0]
+    for _ in range(args.rounds):
+        for n in sizes:  # interleaved: batch 1 and batch N in the same round
+            for _ in range(args.batch // n):
+                texts = [documents[rng.randrange(len(documents))] for _ in range(n)]
+                staged(tagger, texts, clocks[n])
+                counted[n] += n
+    names = list(clocks[1])
+    print(f"{_cpu_name()}, torch {torch.__version__}, 1 thread, load average {load:.2f} -> {os.getloadavg()[0]:.2f}; "
+          f"thread CPU time, ms per document, {counted[1]} documents each", file=sys.stderr)
+    print(f"| stage | batch 1 | batch {args.batch} | ratio |\n|---|---|---|---|")
+    totals = {n: sum(clocks[n].values()) / counted[n] / 1e6 for n in sizes}
+    for name in names:
+        a, b = (clocks[n].get(name, 0) / counted[n] / 1e6 for n in sizes)
+        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b if b else float('inf'):.1f}x |")
+    print(f"| **total** | **{totals[1]:.3f}** | **{totals[args.batch]:.3f}** | **{totals[1] / totals[args.batch]:.1f}x** |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
