@@ -442,7 +442,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 or any(k not in ("200", "503") for k in r.get("status", {}))]
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": cpu, "cpus": os.cpu_count(), "command": " ".join(sys.argv),
+            command = " ".join(["python -m fastner.serve.loadtest", *(sys.argv[1:] if argv is None else argv)])
+            json.dump({"machine": cpu, "cpus": os.cpu_count(), "command": command,
                        "load_average": {"start": load_start, "end": list(os.getloadavg())}, "results": results},
                       handle, indent=1)
     if failures:
