@@ -115,8 +115,8 @@ phase "CPU op tests against the installed wheel"
 mkdir "$WORK/suite"
 cp -r "$ROOT/tests" "$ROOT/pyproject.toml" "$WORK/suite/"
 (cd "$WORK/suite" && env LD_BIND_NOW=1 FASTNER_TEST_INSTALLED_IN="$SITE" "$PY" -m pytest -q -p no:cacheprovider \
-  tests/test_backend.py tests/test_crf.py tests/test_crf_ops.py tests/test_crf_constraints.py \
-  tests/test_crf_stability.py tests/test_crf_lanes.py tests/test_rnn_ops.py \
-  tests/test_crf_cuda.py tests/test_rnn_cuda.py)
+  tests/test_backend.py tests/ops/crf/test_crf_module.py tests/ops/crf/test_crf_ops.py tests/ops/crf/test_crf_constraints.py \
+  tests/ops/crf/test_crf_stability.py tests/ops/crf/test_crf_lanes.py tests/ops/rnn/test_rnn_ops.py \
+  tests/ops/crf/test_crf_cuda.py tests/ops/rnn/test_rnn_cuda.py)
 
 phase "done"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything fastner's CUDA code needs a GPU for, in one run that fits a 15-minute GPU lease
 # (budget 11 min 30 s, each step capped by what is left): build the extension in place, the CUDA
-# parity suites (tests/test_crf_cuda.py, tests/test_rnn_cuda.py: parity with the reference and
+# parity suites (tests/ops/crf/test_crf_cuda.py, tests/ops/rnn/test_rnn_cuda.py: parity with the reference and
 # cuDNN, gradcheck, torch.library.opcheck on CUDA, streams, bad input), compute-sanitizer
 # memcheck on a small case of every CUDA op, and the CUDA bench rows (benchmarks/*_cuda_bench.py).
 #
@@ -130,7 +130,7 @@ fi
 [ "$BUILT" -eq 0 ] || { write_json "the build failed"; exit 1; }
 
 run_step "CUDA parity suites" 330 "$PY" -m pytest -q -p no:cacheprovider -rs --junitxml="$OUT/junit.xml" \
-  tests/test_crf_cuda.py tests/test_rnn_cuda.py tests/test_backend.py
+  tests/ops/crf/test_crf_cuda.py tests/ops/rnn/test_rnn_cuda.py tests/test_backend.py
 
 cat >"$SCRATCH/sanitize_case.py" <<'EOF'
 # A small case of every CUDA op, for compute-sanitizer: CRF forward/backward and Viterbi (warp

@@ -20,7 +20,7 @@ Where each op lives (schemas, with shapes and conventions: csrc/fastner.cpp):
 | crf_lengths | csrc/cpu/crf.cpp | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | test_crf_ops, test_crf |
 | rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.h, rnn_math.h) | csrc/cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer | test_rnn_ops, test_rnn_parity, test_rnn_modules |
 
-CUDA: tests/test_crf_cuda.py, test_rnn_cuda.py (on a GPU), test_*_cuda_emulated.py (the kernels
+CUDA: tests/ops/crf/test_crf_cuda.py, test_rnn_cuda.py (on a GPU), test_*_cuda_emulated.py (the kernels
 on host threads). Benchmarks: `fastner bench` (fastner/bench/crf_rows.py, rnn_rows.py),
 benchmarks/bench_crf.py, bench_rnn.py, crf_cuda_bench.py, rnn_cuda_bench.py.
 """

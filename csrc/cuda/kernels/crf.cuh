@@ -101,7 +101,7 @@ struct Num<double> {
 };
 
 // The block's dynamic shared memory, and the kernel launch. Both are macros/functions so that
-// tests/cuda_emulation can run these kernels on the CPU (threads and barriers emulated) on a
+// tests/ops/cuda_emulation can run these kernels on the CPU (threads and barriers emulated) on a
 // machine without a GPU; FASTNER_CRF_EMULATION is never defined in a real build.
 #ifndef FASTNER_CRF_EMULATION
 __device__ __forceinline__ unsigned char* dynamic_smem() {

@@ -13,7 +13,7 @@ import torch
 
 import fastner.nn
 from tests import testing
-from tests.test_crf_bruteforce import Enumerated
+from tests.ops.crf.test_crf_bruteforce import Enumerated
 
 BACKENDS = ("fused", "reference")
 ENTITY_TYPES = ("PER", "LOC")

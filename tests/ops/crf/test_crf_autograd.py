@@ -1,5 +1,6 @@
-"""One autograd formula per trainable op (fastner/ops/_autograd.py): registered at the op's
-Autograd key, reached by eager calls, torch.ops calls, torch.compile and opcheck alike."""
+"""One autograd formula per trainable CRF op (fastner/ops/_autograd.py): registered at the op's
+Autograd key, reached by eager calls, torch.ops calls, torch.compile and opcheck alike. The RNN
+layer's: tests/ops/rnn/test_rnn_autograd.py."""
 from __future__ import annotations
 
 import pytest
@@ -7,14 +8,13 @@ import torch
 
 import fastner.ops as ops
 from fastner.ops import crf as crf_ops
-from fastner.ops import rnn as rnn_ops
 from tests import testing
 
-TRAINABLE = ("crf_forward", "crf_log_likelihood", "rnn_layer_forward")
+TRAINABLE = ("crf_forward", "crf_log_likelihood")
 REDUCTIONS = crf_ops.REDUCTIONS
 
 requires_ops = pytest.mark.skipif(not all(testing.op_registered(op) for op in TRAINABLE),
-                                  reason="fastner ops not registered (extension not built)")
+                                  reason="fastner CRF ops not registered (extension not built)")
 pytestmark = requires_ops
 
 
@@ -72,46 +72,12 @@ def test_eager_and_op_calls_build_the_same_graph_node():
     direct = torch.ops.fastner.crf_forward(*args)[0]
     assert type(eager.grad_fn) is type(direct.grad_fn)
     assert type(eager.grad_fn).__name__.startswith("_CRFForward")
-    x = torch.randn(2, 3, 4, requires_grad=True)
-    weights = [torch.randn(9, 4, requires_grad=True), torch.randn(9, 3, requires_grad=True)]
-    lengths = torch.tensor([3, 1])
-    out = ops.rnn_layer(x, lengths, weights, None, None, "gru", False, True)[0]
-    direct = torch.ops.fastner.rnn_layer_forward(x, lengths, weights, None, None, "gru", False, True, True)[0]
-    assert type(out.grad_fn) is type(direct.grad_fn)
 
 
-def test_no_graph_and_no_workspace_without_a_gradient():
+def test_no_graph_without_a_gradient():
     args = _crf_inputs(True)
     with torch.no_grad():
         assert ops.crf_log_likelihood(*args, "sum", True).grad_fn is None
-    x = torch.randn(2, 3, 4)
-    weights = [torch.randn(9, 4), torch.randn(9, 3)]
-    out = torch.ops.fastner.rnn_layer_forward(x, torch.tensor([3, 1]), weights, None, None, "gru",
-                                              False, True, False)
-    assert out[0].grad_fn is None and out[3].numel() == 0
-
-
-def test_rnn_backward_without_training_workspace_raises():
-    x = torch.randn(2, 3, 4, requires_grad=True)
-    weights = [torch.randn(9, 4), torch.randn(9, 3)]
-    out = torch.ops.fastner.rnn_layer_forward(x, torch.tensor([3, 1]), weights, None, None, "gru",
-                                              False, True, False)
-    with pytest.raises(RuntimeError, match="training=False"):
-        out[0].sum().backward()
-
-
-def test_rnn_unused_outputs_need_no_gradient():
-    # h_n alone: output's and c_n's gradients are zeros made in backward (not by autograd)
-    x = torch.randn(2, 3, 4, requires_grad=True)
-    weights = [torch.randn(16, 4, requires_grad=True), torch.randn(16, 4, requires_grad=True)]
-    lengths = torch.tensor([3, 2])
-    _, h_n, _ = ops.rnn_layer(x, lengths, weights, None, None, "lstm", False, True)
-    got = torch.autograd.grad(h_n.sum(), [x, *weights])
-    with testing.backend("reference"):
-        _, h_ref, _ = ops.rnn_layer(x, lengths, weights, None, None, "lstm", False, True)
-        want = torch.autograd.grad(h_ref.sum(), [x, *weights])
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_compile_traces_the_registered_formula():

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastner.nn
 
-from test_rnn_helpers import (
+from tests.ops.rnn.rnn_cases import (
     DTYPES,
     FORMS,
     MODES,

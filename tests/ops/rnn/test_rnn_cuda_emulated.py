@@ -1,8 +1,8 @@
 """The CUDA RNN code (csrc/cuda/rnn.cu and csrc/cuda/kernels/rnn.cuh) run on the CPU through an
-emulation of the CUDA runtime (tests/cuda_emulation/): the binding's plan, GEMM orientation,
+emulation of the CUDA runtime (tests/ops/cuda_emulation/): the binding's plan, GEMM orientation,
 layouts, both paths (the persistent kernels with real threads and barriers, and step-wise) of the
 forward and the backward, against torch.nn run sequence by sequence. It checks the logic, not the GPU: not
-cuBLAS itself, stream concurrency, the memory model or performance (tests/test_rnn_cuda.py does
+cuBLAS itself, stream concurrency, the memory model or performance (tests/ops/rnn/test_rnn_cuda.py does
 that on a GPU). The sources are rewritten mechanically (launch syntax, shared memory), compiled
 with the host compiler and registered as the ops fastner_emu::rnn_layer_* for the CPU.
 
@@ -18,8 +18,8 @@ import re
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHIM = ROOT / "tests" / "cuda_emulation"
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+SHIM = ROOT / "tests" / "ops" / "cuda_emulation"
 MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 PATHS = ("stepwise", "persistent")
 

@@ -1,10 +1,10 @@
 """The CUDA CRF kernels (csrc/cuda/kernels/crf.cuh) run on the CPU under a thread-and-barrier
-emulation of CUDA (tests/cuda_emulation/), against fastner.reference.
+emulation of CUDA (tests/ops/cuda_emulation/), against fastner.reference.
 
 This runs the real device code and the real launchers (launch shapes, shared-memory layouts,
 scratch sizes, warp and block paths, groups looping over several sequences) on machines without
 a GPU. It cannot see warp-level timing, memory-model races, the device's math library or
-resource limits; tests/test_crf_cuda.py on a GPU covers those. Skipped when g++ or the CUDA
+resource limits; tests/ops/crf/test_crf_cuda.py on a GPU covers those. Skipped when g++ or the CUDA
 headers (cuda_runtime.h, from nvcc's toolkit) are missing.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 
 from fastner import reference
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-EMULATION = ROOT / "tests" / "cuda_emulation"
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+EMULATION = ROOT / "tests" / "ops" / "cuda_emulation"
 SOURCES = [ROOT / "csrc" / "cuda" / "kernels" / "crf.cuh", EMULATION / "emulate_cuda.h", EMULATION / "crf_emulated.cpp"]
 INF = float("-inf")
 

@@ -154,7 +154,7 @@ def test_results_do_not_depend_on_the_thread_count():
 _AVX2_SCRIPT = r"""
 import json, torch, fastner
 from fastner import reference
-from tests.test_crf_lanes import SHAPES, draw, expected_forward_backward, troubled_batch
+from tests.ops.crf.test_crf_lanes import SHAPES, draw, expected_forward_backward, troubled_batch
 torch.manual_seed(3)
 worst = 0.0
 for shape in SHAPES:

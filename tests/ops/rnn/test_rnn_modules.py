@@ -10,7 +10,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastner.nn
-from test_rnn_helpers import (
+from tests.ops.rnn.rnn_cases import (
     FORMS,
     MODES,
     RNNCase,

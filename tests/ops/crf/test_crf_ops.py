@@ -10,7 +10,7 @@ import fastner.nn
 import fastner.ops  # noqa: F401  (registers the fake kernels and autograd formulas)
 from fastner._extension import use_fused
 from tests import testing
-from tests.test_crf import assert_best_paths
+from tests.ops.crf.test_crf_module import assert_best_paths
 
 CPU = torch.device("cpu")
 CRF_OPS = ("crf_forward", "crf_backward", "crf_forward_backward", "crf_viterbi", "crf_kbest", "crf_marginals",

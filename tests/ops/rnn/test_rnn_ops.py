@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastner.nn
 import fastner.ops  # noqa: F401  (registers fake kernels and autograd formulas)
 from fastner._extension import has_kernel
-from test_rnn_helpers import MODES, case_generator, fastner_class, torch_class
+from tests.ops.rnn.rnn_cases import MODES, case_generator, fastner_class, torch_class
 
 OPS = ("rnn_layer_forward", "rnn_layer_backward")
 OP_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}

@@ -1,17 +1,17 @@
-"""Regression tests of issue 12's native/op defects: every public op refuses bad arguments with a
-ValueError naming them (fused and reference paths alike) and never reads freed or
-out-of-bounds memory. The property-based version over many shapes is tests/test_ops_fuzz.py."""
+"""Regression tests of issue 12's native/op defects in the CRF ops (and tag_lists, which reads
+their decodes): every public op refuses bad arguments with a ValueError naming them (fused and
+reference paths alike) and never reads freed or out-of-bounds memory. The property-based version
+over many shapes is tests/ops/crf/test_crf_fuzz.py; the RNN's is tests/ops/rnn/test_rnn_safety.py."""
 import math
 
 import pytest
 import torch
-from torch.nn.utils.rnn import PackedSequence
 
 import fastner
 import fastner.nn
 from fastner import ops, reference
 
-import testing
+from tests import testing
 
 BACKENDS = pytest.mark.parametrize("backend", ["fused", "reference"])
 
@@ -103,15 +103,6 @@ def test_lengths_outside_zero_to_t_are_refused(backend, bad, op):
         getattr(ops, op)(*args)
 
 
-@BACKENDS
-def test_rnn_lengths_outside_zero_to_t_are_refused(backend):
-    lstm = fastner.nn.LSTM(3, 4, batch_first=True)
-    with testing.backend(backend):
-        for bad in (6, -1):
-            with pytest.raises(ValueError, match="lengths"):
-                lstm(torch.randn(2, 5, 3), lengths=torch.tensor([5, bad]))
-
-
 def test_reference_marginals_stay_probabilities_over_long_float32_sequences():
     # |log Z| ~ T * scale: 2000 steps of scale 30 gave marginals up to 1.45 before the fix (the
     # issue's T = 20000 at scale 3 has the same magnitude and costs 10x the time).
@@ -151,18 +142,7 @@ def test_crf_scores_on_another_device_are_refused(name):
         torch.ops.fastner.crf_viterbi(e, L, *args.values())
 
 
-@BACKENDS
-def test_rnn_lengths_on_another_device_are_refused(backend):
-    x = torch.randn(2, 5, 3)
-    w = [torch.randn(16, 3), torch.randn(16, 4)]
-    with testing.backend(backend), pytest.raises(ValueError, match="lengths must be on cpu"):
-        ops.rnn_layer(x, torch.tensor([5, 2], device="meta"), w)
-    with pytest.raises(ValueError, match="lengths must be on cpu"):
-        torch.ops.fastner.rnn_layer_forward(x, torch.tensor([5, 2], device="meta"), w, None, None,
-                                            "lstm", False, True, False)
-
-
-# ---- item 9: NaN propagates into the gradients; malformed PackedSequence ---------------------------
+# ---- item 9: NaN propagates into the gradients (malformed PackedSequence: tests/ops/rnn/test_rnn_safety.py) ---
 
 @BACKENDS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -191,11 +171,3 @@ def test_a_nan_emission_gives_nan_gradients_like_the_reference(backend, dtype):
         assert torch.equal(g.isnan(), r.isnan())
         assert g.isnan().any()
 
-
-@pytest.mark.parametrize("module", [fastner.nn.LSTM, fastner.nn.GRU, fastner.nn.RNN])
-@pytest.mark.parametrize("batch_sizes", [[3, 0, 2], [2, 3], [3, -1], [2, 2, 2]])
-def test_malformed_packed_sequences_are_refused(module, batch_sizes):
-    rows = 5 if batch_sizes != [2, 2, 2] else 5  # [2, 2, 2] sums to 6, not 5
-    packed = PackedSequence(torch.randn(rows, 3), torch.tensor(batch_sizes))
-    with pytest.raises(ValueError, match="batch_sizes"):
-        module(3, 4)(packed)
