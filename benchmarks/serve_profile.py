@@ -7,6 +7,12 @@ load test sends (detokenized CoNLL sentences), each stage timed with the calling
 clock (time.thread_time_ns: steadier than wall time on a shared machine), in rounds that
 interleave batch 1 and the batch sizes asked for, so all see the same contention. Checks that the staged
 pipeline returns exactly what predict_documents returns. Prints per-document ms by stage.
+
+--overlap: whether tokenizing on another thread (the event loop's thread pool) would run beside
+the model worker on the second core: the same batches' model work (pre-tokenized) on one thread
+and their tokenization on another, wall time sequential vs concurrent. Both are Python holding
+the GIL most of the time, so "concurrent" is only faster by the share of the model work that
+runs in torch ops with the GIL released.
 """
 from __future__ import annotations
 
@@ -109,12 +115,58 @@ def staged(tagger, texts: List[str], clock: Dict[str, float]) -> List[dict]:
     return out
 
 
+def overlap(tagger, documents: List[str], batch: int, batches: int = 60) -> dict:
+    """Wall seconds: model work alone, tokenizing alone, both one after the other on one
+    thread, and both at once on two threads (see the module doc)."""
+    import threading
+
+    from fastner.documents import _bounded
+    from fastner.serve.model import SENTENCES_PER_CALL, _analyser
+    from fastner.text import tokenize
+
+    rng = random.Random(1)
+    groups = [[documents[rng.randrange(len(documents))] for _ in range(batch)] for _ in range(batches)]
+    tokenized = [[_bounded(tokenize(d)) for d in group] for group in groups]
+    analyser = _analyser(tagger)
+
+    def model_work():
+        for group in tokenized:
+            analyser.analyse([[w for w, _, _ in s] for ss in group for s in ss], SENTENCES_PER_CALL)
+
+    def tokenizing():
+        for group in groups:
+            [tokenize(d) for d in group]
+
+    def timed(work):
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
+
+    def both_at_once():
+        other = threading.Thread(target=tokenizing)
+        other.start()
+        model_work()
+        other.join()
+
+    model_work(), tokenizing()  # warm-up
+    out = {"model": [], "tokenize": [], "concurrent": []}
+    for _ in range(3):  # interleaved rounds
+        out["model"].append(timed(model_work))
+        out["tokenize"].append(timed(tokenizing))
+        out["concurrent"].append(timed(both_at_once))
+    result = {name: round(statistics.median(values), 3) for name, values in out.items()}
+    result["sequential"] = round(result["model"] + result["tokenize"], 3)
+    result.update(batch=batch, documents=batch * batches)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
     parser.add_argument("--documents", required=True, help="CoNLL file (the dev file; never the test file)")
     parser.add_argument("--batch", default="16", help="batch sizes to compare with batch 1, comma-separated")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--overlap", action="store_true", help="only the two-thread overlap measurement (see above)")
     args = parser.parse_args(argv)
 
     from fastner.serve.loadtest import _cpu_name, load_documents
@@ -124,6 +176,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     tagger = Tagger.load(args.model, device="cpu")
     documents = load_documents(args.documents)
+    if args.overlap:
+        load = os.getloadavg()[0]
+        for n in [1] + [int(n) for n in args.batch.split(",")]:
+            print(json.dumps({**overlap(tagger, documents, n, max(4, 480 // n)), "load_average": [load, os.getloadavg()[0]],
+                              "machine": _cpu_name(), "clock": "wall seconds"}))
+        return 0
     rng = random.Random(0)
     sizes = [1] + [int(n) for n in args.batch.split(",")]
     clocks = {n: {} for n in sizes}
