@@ -25,7 +25,7 @@ _TOKEN = re.compile(r"\w+(?:[-'.,]\w+)*|[^\w\s]")
 MAX_NBEST = 8  # k-best analyses a request may ask for (each costs a constrained forward pass)
 SENTENCES_PER_CALL = 512  # Tagger.predict's batch size: one model call holds a whole server batch
 
-# tagger -> (dtype, device, its Analyser); see _analyser
+# tagger -> ((dtype, device) of its model, its Analyser); see _analyser
 _ANALYSERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
