@@ -8,6 +8,10 @@ clock (time.thread_time_ns: steadier than wall time on a shared machine), in rou
 interleave batch 1 and the batch sizes asked for, so all see the same contention. Checks that the staged
 pipeline returns exactly what predict_documents returns. Prints per-document ms by stage.
 
+--lstm: the model's fused BiLSTM against torch.nn.LSTM of the same sizes on the same packed
+batches (random inputs, CoNLL-like lengths), microseconds of thread CPU per token: whether the
+BiLSTM's share at batch 16 is the kernel's fault or the work itself.
+
 --overlap: whether tokenizing on another thread (the event loop's thread pool) would run beside
 the model worker on the second core: the same batches' model work (pre-tokenized) on one thread
 and their tokenization on another, wall time sequential vs concurrent. Both are Python holding
@@ -160,6 +164,39 @@ def overlap(tagger, documents: List[str], batch: int, batches: int = 60) -> dict
     return result
 
 
+def lstm_against_torch(tagger, sizes: List[int], batches: int = 20, rounds: int = 3) -> List[dict]:
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    encoder = tagger.model.encoder
+    native = torch.nn.LSTM(encoder.input_size, encoder.hidden_size, bidirectional=True, batch_first=True)
+    rng = random.Random(0)
+
+    def fused(x, lengths):
+        return encoder(x, lengths=lengths)
+
+    def torch_lstm(x, lengths):
+        return native(pack_padded_sequence(x, lengths, batch_first=True))
+
+    out = []
+    with torch.no_grad():
+        for size in sizes:
+            data = []
+            for _ in range(batches):
+                lengths = sorted((rng.choice([8, 12, 15, 17, 20, 25, 30, 40]) for _ in range(size)), reverse=True)
+                data.append((torch.randn(size, lengths[0], encoder.input_size), torch.tensor(lengths)))
+            tokens = sum(int(lengths.sum()) for _, lengths in data)
+            samples = {"fused": [], "torch.nn.LSTM": []}
+            for run in (fused, torch_lstm):  # warm-up
+                [run(*d) for d in data[:3]]
+            for _ in range(rounds):  # interleaved
+                for name, run in (("fused", fused), ("torch.nn.LSTM", torch_lstm)):
+                    started = time.thread_time_ns()
+                    [run(*d) for d in data]
+                    samples[name].append((time.thread_time_ns() - started) / tokens / 1e3)
+            out.append({"batch": size, **{f"{name} us/token": round(statistics.median(v), 2) for name, v in samples.items()}})
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
@@ -167,6 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default="16", help="batch sizes to compare with batch 1, comma-separated")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--overlap", action="store_true", help="only the two-thread overlap measurement (see above)")
+    parser.add_argument("--lstm", action="store_true", help="only the BiLSTM against torch.nn.LSTM (see above)")
     args = parser.parse_args(argv)
 
     from fastner.serve.loadtest import _cpu_name, load_documents
@@ -175,6 +213,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     tagger = Tagger.load(args.model, device="cpu")
+    if args.lstm:
+        load = os.getloadavg()[0]
+        for row in lstm_against_torch(tagger, [1] + [int(n) for n in args.batch.split(",")]):
+            print(json.dumps({**row, "load_average": [load, os.getloadavg()[0]], "machine": _cpu_name(),
+                              "clock": "thread CPU"}))
+        return 0
     documents = load_documents(args.documents)
     if args.overlap:
         load = os.getloadavg()[0]
