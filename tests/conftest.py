@@ -36,6 +36,14 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(params=("persistent", "stepwise"))
+def rnn_cuda_path(request, monkeypatch):
+    """Each CUDA RNN path in turn (persistent and step-wise kernels), forced through
+    FASTNER_RNN_CUDA_PATH: the CUDA suite and its CPU emulation run every case on both."""
+    monkeypatch.setenv("FASTNER_RNN_CUDA_PATH", request.param)
+    return request.param
+
+
 @pytest.fixture
 def conll_dir():
     path = SHARED_DATA / "conll2003"

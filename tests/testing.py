@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 from typing import Iterator, List, Optional
 
 import pytest
 import torch
 from torch import Tensor
+
+# The repository's root (a source tree, or the copy of tests/ and pyproject.toml that
+# .ci/gpu_wheel.sh runs against an installed wheel): the working directory of a test's subprocess.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # Devices and dtypes

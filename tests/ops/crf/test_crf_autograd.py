@@ -9,6 +9,7 @@ import torch
 import fastner.ops as ops
 from fastner.ops import crf as crf_ops
 from tests import testing
+from tests.ops.crf.samples import crf_inputs
 
 TRAINABLE = ("crf_forward", "crf_log_likelihood")
 REDUCTIONS = crf_ops.REDUCTIONS
@@ -24,15 +25,11 @@ def test_each_trainable_op_has_its_autograd_kernel(name):
 
 
 def _crf_inputs(batch_first, dtype=torch.float64):
-    B, T, K = 3, 5, 4
-    emissions = torch.randn(B, T, K, dtype=dtype)
-    tags = torch.randint(0, K, (B, T))
+    """crf_log_likelihood's tensors (tests/ops/crf/samples.py), time-major when not batch_first."""
+    emissions, tags, lengths, transitions, start, end = crf_inputs(3, 5, 4, dtype)  # lengths hold 5 and 0
     if not batch_first:
         emissions, tags = emissions.transpose(0, 1).contiguous(), tags.t().contiguous()
-    lengths = torch.tensor([5, 2, 0])
-    params = [torch.randn(K, K, dtype=dtype) * 0.3, torch.randn(K, dtype=dtype) * 0.3,
-              torch.randn(K, dtype=dtype) * 0.3]
-    return [emissions.requires_grad_(), tags, lengths, *(p.requires_grad_() for p in params)]
+    return [emissions.requires_grad_(), tags, lengths, *(p.requires_grad_() for p in (transitions, start, end))]
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])

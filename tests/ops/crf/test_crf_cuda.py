@@ -17,13 +17,15 @@ import fastner  # noqa: E402
 import fastner.nn  # noqa: E402
 import fastner.ops  # noqa: E402,F401  (fake kernels and the autograd formula)
 from fastner import reference  # noqa: E402
+from fastner.reference import crf_accumulate_dtype  # noqa: E402
 from fastner._extension import has_kernel  # noqa: E402
+from tests import testing  # noqa: E402
+from tests.ops.crf.samples import CUDA_CRF_OPS, crf_inputs, differentiable, sample_inputs  # noqa: E402
 
 CUDA = torch.device("cuda")
-CRF_OPS = ("crf_forward", "crf_backward", "crf_viterbi", "crf_kbest", "crf_marginals")
 
 pytestmark = pytest.mark.skipif(
-    not all(has_kernel(name, "cuda") and has_kernel(name, "cpu") for name in CRF_OPS),
+    not all(has_kernel(name, "cuda") and has_kernel(name, "cpu") for name in CUDA_CRF_OPS),
     reason="fastner was built without the CUDA (or CPU) CRF kernels",
 )
 
@@ -45,45 +47,12 @@ def reseed(case: int) -> None:
     torch.manual_seed(1000003 * case + 17)
 
 
-def tolerances(dtype):
-    if dtype == torch.float64:
-        return dict(rtol=1e-9, atol=1e-9)
-    return dict(rtol=1e-4, atol=1e-4)
-
-
-def accumulate(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def draw(B, T, K, dtype, min_len=0, constrained=False):
-    """CPU inputs: emissions [B, T, K] (dtype), tags [B, T], lengths [B] (one of length T, one
-    of min_len when B >= 2), transitions [K, K], start [K], end [K] (accumulate dtype)."""
-    acc = accumulate(dtype)
-    emissions = torch.randn(B, T, K, dtype=torch.float64).to(dtype)
-    lengths = torch.randint(min_len, T + 1, (B,), dtype=torch.int64)
-    if B >= 1:
-        lengths[0] = T
-    if B >= 2:
-        lengths[1] = min_len
-    transitions = torch.randn(K, K, dtype=acc) * 0.5
-    start = torch.randn(K, dtype=acc) * 0.5
-    end = torch.randn(K, dtype=acc) * 0.5
-    tags = torch.randint(0, K, (B, T))
-    if constrained and K >= 2:
-        # Forbid about a third of the transitions and one start / end tag; tags follow an
-        # allowed path where one exists (else the gold score is -inf, also a valid case).
-        transitions = transitions.masked_fill(torch.rand(K, K) < 0.33, INF)
-        start[torch.randint(0, K, ())] = INF
-        end[torch.randint(0, K, ())] = INF
-    return emissions, tags, lengths, transitions, start, end
-
-
 def to_cuda(*tensors):
     return tuple(None if t is None else t.to(CUDA) for t in tensors)
 
 
 def assert_close(actual, expected, dtype, scale=1.0, msg=""):
-    tol = tolerances(dtype)
+    tol = testing.tolerances(dtype)
     torch.testing.assert_close(
         actual.cpu().to(expected.dtype), expected, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale),
         equal_nan=False, msg=(lambda m: f"{msg}\n{m}") if msg else None,
@@ -106,7 +75,7 @@ def assert_no_nan(*tensors):
 def test_forward_matches_cpu_and_reference(case, dtype, constrained):
     reseed(case)
     B, T, K = SHAPES[case]
-    inputs = draw(B, T, K, dtype, constrained=constrained)
+    inputs = crf_inputs(B, T, K, dtype, constrained=constrained)
     emissions, tags, lengths, transitions, start, end = inputs
     expected = op("crf_forward")(*inputs)
     oracle = reference.crf_forward(*inputs)
@@ -126,9 +95,9 @@ def test_forward_matches_cpu_and_reference(case, dtype, constrained):
 def test_backward_matches_cpu_and_reference(case, dtype, constrained):
     reseed(100 + case)
     B, T, K = SHAPES[case]
-    inputs = draw(B, T, K, dtype, constrained=constrained)
+    inputs = crf_inputs(B, T, K, dtype, constrained=constrained)
     emissions, tags, lengths, transitions, start, end = inputs
-    acc = accumulate(dtype)
+    acc = crf_accumulate_dtype(dtype)
     grad_log_z = torch.randn(B, dtype=acc)
     grad_gold = torch.randn(B, dtype=acc)
     log_z, _, alphas = op("crf_forward")(*inputs)
@@ -150,7 +119,7 @@ def test_backward_matches_cpu_and_reference(case, dtype, constrained):
 def test_viterbi_matches_cpu(case, dtype, constrained):
     reseed(200 + case)
     B, T, K = SHAPES[case]
-    emissions, _, lengths, transitions, start, end = draw(B, T, K, dtype, constrained=constrained)
+    emissions, _, lengths, transitions, start, end = crf_inputs(B, T, K, dtype, constrained=constrained)
     inputs = (emissions, lengths, transitions, start, end)
     tags_cpu, scores_cpu = op("crf_viterbi")(*inputs)
     tags_ref, scores_ref = reference.crf_viterbi(*inputs)
@@ -172,7 +141,7 @@ def test_kbest_matches_cpu(case, k, constrained):
     if K > 100:
         pytest.skip("keeps the test fast")
     dtype = torch.float32
-    emissions, _, lengths, transitions, start, end = draw(B, T, K, dtype, constrained=constrained)
+    emissions, _, lengths, transitions, start, end = crf_inputs(B, T, K, dtype, constrained=constrained)
     inputs = (emissions, lengths, transitions, start, end)
     tags_cpu, scores_cpu = op("crf_kbest")(*inputs, k)
     tags_ref, scores_ref = reference.crf_kbest(*inputs, k)
@@ -180,7 +149,7 @@ def test_kbest_matches_cpu(case, k, constrained):
     assert tags.shape == (B, k, T) and scores.shape == (B, k)
     assert torch.equal(tags.cpu(), tags_cpu)
     torch.testing.assert_close(scores.cpu(), scores_cpu, rtol=0, atol=0)
-    torch.testing.assert_close(scores.cpu(), scores_ref, **tolerances(dtype))
+    torch.testing.assert_close(scores.cpu(), scores_ref, **testing.tolerances(dtype))
     best, best_score = op("crf_viterbi")(*to_cuda(*inputs))
     finite = torch.isfinite(best_score.cpu())
     assert torch.equal(tags[:, 0].cpu()[finite], best.cpu()[finite])
@@ -209,7 +178,7 @@ def test_kbest_ties_follow_the_cpu_order():
 def test_marginals_match_cpu_and_reference(case, dtype, constrained):
     reseed(500 + case)
     B, T, K = SHAPES[case]
-    emissions, _, lengths, transitions, start, end = draw(B, T, K, dtype, constrained=constrained)
+    emissions, _, lengths, transitions, start, end = crf_inputs(B, T, K, dtype, constrained=constrained)
     inputs = (emissions, lengths, transitions, start, end)
     expected = op("crf_marginals")(*inputs)
     oracle = reference.crf_marginals(*inputs)
@@ -230,7 +199,7 @@ def test_marginals_match_cpu_and_reference(case, dtype, constrained):
 def test_low_precision_emissions_match_cpu(dtype, K):
     reseed(600 + K)
     B, T = 9, 23
-    inputs = draw(B, T, K, dtype)
+    inputs = crf_inputs(B, T, K, dtype)
     emissions, tags, lengths, transitions, start, end = inputs
     assert transitions.dtype == torch.float32
     cuda_inputs = to_cuda(*inputs)
@@ -266,7 +235,7 @@ def test_low_precision_emissions_match_cpu(dtype, K):
 def test_length_zero_and_empty_shapes(K):
     reseed(700 + K)
     for B, T in ((4, 5), (3, 0), (0, 6)):
-        emissions, tags, _, transitions, start, end = draw(B, T, K, torch.float32)
+        emissions, tags, _, transitions, start, end = crf_inputs(B, T, K, torch.float32)
         lengths = torch.zeros(B, dtype=torch.int64)
         inputs = to_cuda(emissions, tags, lengths, transitions, start, end)
         log_z, gold, alphas = op("crf_forward")(*inputs)
@@ -292,7 +261,7 @@ def test_dead_sequences_give_minus_inf_and_no_nan(K):
     # Every transition forbidden: sequences longer than 1 have no allowed path.
     reseed(800 + K)
     B, T = 5, 6
-    emissions, tags, lengths, transitions, start, end = draw(B, T, K, torch.float32, min_len=1)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(B, T, K, torch.float32, min_len=1)
     transitions = torch.full((K, K), INF)
     inputs = (emissions, tags, lengths, transitions, start, end)
     log_z, gold, alphas = op("crf_forward")(*to_cuda(*inputs))
@@ -317,7 +286,7 @@ def test_dead_sequences_give_minus_inf_and_no_nan(K):
 
 def test_single_tag():
     reseed(900)
-    inputs = draw(3, 5, 1, torch.float64)
+    inputs = crf_inputs(3, 5, 1, torch.float64)
     for a, e in zip(op("crf_forward")(*to_cuda(*inputs)), op("crf_forward")(*inputs)):
         assert_close(a, e, torch.float64)
     emissions, _, lengths, transitions, start, end = inputs
@@ -328,7 +297,7 @@ def test_single_tag():
 def test_large_batch_stress():
     reseed(1000)
     B, T, K = 4096, 40, 17
-    inputs = draw(B, T, K, torch.float32)
+    inputs = crf_inputs(B, T, K, torch.float32)
     emissions, tags, lengths, transitions, start, end = inputs
     cuda_inputs = to_cuda(*inputs)
     actual = op("crf_forward")(*cuda_inputs)
@@ -351,7 +320,7 @@ def test_long_sequences_use_global_backpointers():
     # T * K too large for the shared-memory backpointers: the global scratch path.
     reseed(1100)
     for B, T, K in ((3, 3000, 17), (2, 400, 300)):
-        emissions, _, lengths, transitions, start, end = draw(B, T, K, torch.float32)
+        emissions, _, lengths, transitions, start, end = crf_inputs(B, T, K, torch.float32)
         plain = (emissions, lengths, transitions, start, end)
         tags, scores = op("crf_viterbi")(*to_cuda(*plain))
         tags_cpu, scores_cpu = op("crf_viterbi")(*plain)
@@ -362,7 +331,7 @@ def test_long_sequences_use_global_backpointers():
 def test_backward_is_deterministic():
     reseed(1200)
     for K in (17, 50):
-        inputs = to_cuda(*draw(600, 30, K, torch.float32))
+        inputs = to_cuda(*crf_inputs(600, 30, K, torch.float32))
         log_z, _, alphas = op("crf_forward")(*inputs)
         g = to_cuda(torch.randn(600), torch.randn(600))
         first = op("crf_backward")(*g, *inputs, log_z, alphas)
@@ -373,7 +342,7 @@ def test_backward_is_deterministic():
 
 def test_runs_on_the_current_stream():
     reseed(1300)
-    inputs = to_cuda(*draw(64, 30, 17, torch.float32))
+    inputs = to_cuda(*crf_inputs(64, 30, 17, torch.float32))
     expected = op("crf_forward")(*inputs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -393,7 +362,7 @@ def test_runs_on_the_current_stream():
 def test_bad_lengths_and_tags_poison_with_nan():
     reseed(1400)
     B, T, K = 4, 6, 5
-    emissions, tags, lengths, transitions, start, end = draw(B, T, K, torch.float32, min_len=1)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(B, T, K, torch.float32, min_len=1)
     lengths[2] = T + 1
     tags[1, 0] = K  # out of range inside the length
     inputs = to_cuda(emissions, tags, lengths, transitions, start, end)
@@ -412,7 +381,7 @@ def test_bad_lengths_and_tags_poison_with_nan():
 
 
 def test_bad_input_raises_like_cpu():
-    emissions, tags, lengths, transitions, start, end = to_cuda(*draw(2, 3, 4, torch.float32))
+    emissions, tags, lengths, transitions, start, end = to_cuda(*crf_inputs(2, 3, 4, torch.float32))
     with pytest.raises(ValueError, match="lengths"):
         op("crf_forward")(emissions, tags, lengths.cpu(), transitions, start, end)
     with pytest.raises(ValueError, match="transition scores must be"):
@@ -434,34 +403,19 @@ def test_bad_input_raises_like_cpu():
 
 @pytest.mark.parametrize("K", [5, 40])
 def test_opcheck(K):
+    # K = 5 takes the warp path, K = 40 the block path; every layout of the samples
     reseed(1500 + K)
-    emissions, tags, lengths, transitions, start, end = to_cuda(*draw(3, 6, K, torch.float32))
-    log_z, _, alphas = op("crf_forward")(emissions, tags, lengths, transitions, start, end)
-    g = to_cuda(torch.randn(3), torch.randn(3))
-    plain = (emissions, lengths, transitions, start, end)
-    cases = [
-        ("crf_forward", (emissions, tags, lengths, transitions, start, end)),
-        ("crf_forward", (emissions, None, lengths, transitions, start, end)),
-        ("crf_backward", (*g, emissions, tags, lengths, transitions, start, end, log_z, alphas)),
-        ("crf_viterbi", plain),
-        ("crf_kbest", (*plain, 3)),
-        ("crf_marginals", plain),
-    ]
-    for name, args in cases:
-        torch.library.opcheck(op(name), args)
+    for name in CUDA_CRF_OPS:
+        for args in sample_inputs(name, CUDA, torch.float32, shapes=[(3, 6, K)]):
+            torch.library.opcheck(op(name), args)
 
 
 def test_gradcheck_float64():
     reseed(1600)
     for K in (4, 35):
-        emissions, tags, lengths, transitions, start, end = to_cuda(*draw(3, 5, K, torch.float64, min_len=1))
-        params = [x.clone().requires_grad_(True) for x in (emissions, transitions, start, end)]
-
-        def loss(em, tr, st, en):
-            log_z, gold, _ = fastner.ops.crf_forward(em, tags, lengths, tr, st, en)
-            return log_z * 0.7 - gold * 1.3
-
-        assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6)
+        for args in sample_inputs("crf_forward", CUDA, torch.float64, shapes=[(3, 5, K)], requires_grad=True):
+            fn, leaves = differentiable("crf_forward", args, select=(0, 1) if args[1] is not None else (0,))
+            assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -21,8 +21,11 @@ import pytest
 import torch
 
 from fastner import reference
+from fastner.reference import crf_accumulate_dtype
+from tests import testing
+from tests.ops.crf.samples import crf_inputs
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+ROOT = testing.REPO_ROOT
 EMULATION = ROOT / "tests" / "ops" / "cuda_emulation"
 SOURCES = [ROOT / "csrc" / "cuda" / "kernels" / "crf.cuh", EMULATION / "emulate_cuda.h", EMULATION / "crf_emulated.cpp"]
 INF = float("-inf")
@@ -68,10 +71,6 @@ def emu():
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-def acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def p(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -89,7 +88,7 @@ def call(emu, name, dtype, *args):
 
 def forward(emu, emissions, tags, lengths, tr, start, end):
     B, T, K = emissions.shape
-    a = acc(emissions.dtype)
+    a = crf_accumulate_dtype(emissions.dtype)
     log_z, gold, alphas = torch.empty(B, dtype=a), torch.empty(B, dtype=a), torch.empty(B, T, K, dtype=a)
     call(emu, "forward", emissions.dtype, p(emissions), p(tags), p(lengths), p(tr), p(start), p(end),
          p(log_z), p(gold), p(alphas), i64(B), i64(T), ctypes.c_int(K))
@@ -98,7 +97,7 @@ def forward(emu, emissions, tags, lengths, tr, start, end):
 
 def backward(emu, gl, gg, emissions, tags, lengths, tr, start, end, log_z, alphas, sms=1):
     B, T, K = emissions.shape
-    a = acc(emissions.dtype)
+    a = crf_accumulate_dtype(emissions.dtype)
     grads = (torch.empty(B, T, K, dtype=emissions.dtype), torch.empty(K, K, dtype=a), torch.empty(K, dtype=a),
              torch.empty(K, dtype=a))
     call(emu, "backward", emissions.dtype, p(gl), p(gg), p(emissions), p(tags), p(lengths), p(tr), p(end),
@@ -108,7 +107,7 @@ def backward(emu, gl, gg, emissions, tags, lengths, tr, start, end, log_z, alpha
 
 def viterbi(emu, emissions, lengths, tr, start, end):
     B, T, K = emissions.shape
-    tags, scores = torch.empty(B, T, dtype=torch.int64), torch.empty(B, dtype=acc(emissions.dtype))
+    tags, scores = torch.empty(B, T, dtype=torch.int64), torch.empty(B, dtype=crf_accumulate_dtype(emissions.dtype))
     call(emu, "viterbi", emissions.dtype, p(emissions), p(lengths), p(tr), p(start), p(end), p(tags), p(scores),
          i64(B), i64(T), ctypes.c_int(K))
     return tags, scores
@@ -116,7 +115,7 @@ def viterbi(emu, emissions, lengths, tr, start, end):
 
 def kbest(emu, emissions, lengths, tr, start, end, k):
     B, T, K = emissions.shape
-    tags, scores = torch.empty(B, k, T, dtype=torch.int64), torch.empty(B, k, dtype=acc(emissions.dtype))
+    tags, scores = torch.empty(B, k, T, dtype=torch.int64), torch.empty(B, k, dtype=crf_accumulate_dtype(emissions.dtype))
     call(emu, "kbest", emissions.dtype, p(emissions), p(lengths), p(tr), p(start), p(end), p(tags), p(scores),
          i64(B), i64(T), ctypes.c_int(K), ctypes.c_int(k), i64(227 * 1024))
     return tags, scores
@@ -124,7 +123,7 @@ def kbest(emu, emissions, lengths, tr, start, end, k):
 
 def marginals(emu, emissions, lengths, tr, start, end):
     B, T, K = emissions.shape
-    out = torch.empty(B, T, K, dtype=acc(emissions.dtype))
+    out = torch.empty(B, T, K, dtype=crf_accumulate_dtype(emissions.dtype))
     call(emu, "marginals", emissions.dtype, p(emissions), p(lengths), p(tr), p(start), p(end), p(out), i64(B),
          i64(T), ctypes.c_int(K))
     return out
@@ -133,25 +132,6 @@ def marginals(emu, emissions, lengths, tr, start, end):
 # ---------------------------------------------------------------------------------------------
 # inputs and comparisons
 # ---------------------------------------------------------------------------------------------
-
-
-def draw(B, T, K, dtype, min_len=0, constrained=False):
-    a = acc(dtype)
-    emissions = torch.randn(B, T, K, dtype=torch.float64).to(dtype)
-    lengths = torch.randint(min_len, T + 1, (B,), dtype=torch.int64)
-    if B >= 1:
-        lengths[0] = T
-    if B >= 2:
-        lengths[1] = min_len
-    tr = torch.randn(K, K, dtype=a) * 0.5
-    start = torch.randn(K, dtype=a) * 0.5
-    end = torch.randn(K, dtype=a) * 0.5
-    if constrained and K >= 2:
-        tr = tr.masked_fill(torch.rand(K, K) < 0.33, INF)
-        start[torch.randint(0, K, ())] = INF
-        end[torch.randint(0, K, ())] = INF
-    tags = torch.randint(0, K, (B, T))
-    return emissions, tags, lengths, tr, start, end
 
 
 def close(actual, expected, dtype, scale=1.0, msg=""):
@@ -174,7 +154,7 @@ CASES = [pytest.param(case, marks=() if case in DEFAULT_CASES else pytest.mark.s
 def test_every_op_matches_reference(emu, case, dtype, constrained):
     torch.manual_seed(31 * case + 7 * constrained + (dtype == torch.float64))
     B, T, K = SHAPES[case]
-    inputs = draw(B, T, K, dtype, constrained=constrained)
+    inputs = crf_inputs(B, T, K, dtype, constrained=constrained)
     emissions, tags, lengths, tr, start, end = inputs
     scale = float(lengths.sum())
 
@@ -185,7 +165,7 @@ def test_every_op_matches_reference(emu, case, dtype, constrained):
     log_z_only, gold_none, _ = forward(emu, emissions, None, lengths, tr, start, end)
     assert torch.equal(log_z_only, log_z) and torch.equal(gold_none, torch.zeros(B, dtype=gold.dtype))
 
-    gl, gg = torch.randn(B, dtype=acc(dtype)), torch.randn(B, dtype=acc(dtype))
+    gl, gg = torch.randn(B, dtype=crf_accumulate_dtype(dtype)), torch.randn(B, dtype=crf_accumulate_dtype(dtype))
     for sms in (1, 64):  # 1: groups loop over several sequences
         grads = backward(emu, gl, gg, *inputs, log_z, alphas, sms=sms)
         for name, a, e in zip(("emissions", "transitions", "start", "end"), grads,
@@ -216,7 +196,7 @@ def test_every_op_matches_reference(emu, case, dtype, constrained):
 @pytest.mark.parametrize("K", [5, 40])
 def test_low_precision_emissions(emu, dtype, K):
     torch.manual_seed(K)
-    inputs = draw(4, 6, K, dtype)
+    inputs = crf_inputs(4, 6, K, dtype)
     emissions, tags, lengths, tr, start, end = inputs
     log_z, gold, alphas = forward(emu, *inputs)
     for a, e in zip((log_z, gold, alphas), reference.crf_forward(*inputs)):
@@ -238,7 +218,7 @@ def test_low_precision_emissions(emu, dtype, K):
 def test_empty_and_dead_sequences(emu, K):
     torch.manual_seed(100 + K)
     for B, T in ((3, 0), (0, 4)):
-        emissions, tags, lengths, tr, start, end = draw(B, T, K, torch.float32)
+        emissions, tags, lengths, tr, start, end = crf_inputs(B, T, K, torch.float32)
         log_z, gold, alphas = forward(emu, emissions, tags, lengths, tr, start, end)
         assert torch.equal(log_z, torch.zeros(B)) and torch.equal(gold, torch.zeros(B))
         grads = backward(emu, torch.ones(B), torch.ones(B), emissions, tags, lengths, tr, start, end, log_z, alphas)
@@ -249,7 +229,7 @@ def test_empty_and_dead_sequences(emu, K):
         if B:
             assert torch.equal(scores_k, torch.tensor([[0.0, INF]] * B))
     # every transition forbidden: no path longer than 1
-    emissions, tags, lengths, tr, start, end = draw(5, 6, K, torch.float32, min_len=1)
+    emissions, tags, lengths, tr, start, end = crf_inputs(5, 6, K, torch.float32, min_len=1)
     tr = torch.full((K, K), INF)
     inputs = (emissions, tags, lengths, tr, start, end)
     log_z, gold, alphas = forward(emu, *inputs)
@@ -267,7 +247,7 @@ def test_empty_and_dead_sequences(emu, K):
 @pytest.mark.slow
 def test_long_sequences_take_the_global_backpointers(emu):
     torch.manual_seed(5)
-    emissions, _, lengths, tr, start, end = draw(4, 600, 17, torch.float32)
+    emissions, _, lengths, tr, start, end = crf_inputs(4, 600, 17, torch.float32)
     tags, scores = viterbi(emu, emissions, lengths, tr, start, end)
     tags_r, scores_r = reference.crf_viterbi(emissions, lengths, tr, start, end)
     assert torch.equal(tags, tags_r)
@@ -276,7 +256,7 @@ def test_long_sequences_take_the_global_backpointers(emu):
 
 def test_bad_values_poison_with_nan(emu):
     torch.manual_seed(6)
-    emissions, tags, lengths, tr, start, end = draw(4, 5, 6, torch.float32, min_len=1)
+    emissions, tags, lengths, tr, start, end = crf_inputs(4, 5, 6, torch.float32, min_len=1)
     lengths[2] = 9
     lengths[3] = -1
     tags[1, 0] = 6

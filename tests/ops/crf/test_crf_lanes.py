@@ -14,26 +14,13 @@ import fastner
 import fastner.ops  # noqa: F401  (fake kernels)
 from fastner import reference
 from tests import testing
+from tests.ops.crf.samples import crf_inputs
 
 pytestmark = pytest.mark.skipif(
     not testing.op_registered("crf_forward_backward"), reason="fastner CRF ops not registered"
 )
 
 fb = torch.ops.fastner.crf_forward_backward
-
-
-def draw(batch, steps, num_tags, dtype=torch.float32, time_first=False, scale=1.0, min_len=0):
-    """Op inputs; with time_first the emissions/tags are [B, T] views of time-first storage."""
-    shape = (steps, batch) if time_first else (batch, steps)
-    emissions = torch.randn(*shape, num_tags, dtype=dtype) * scale
-    tags = torch.randint(0, num_tags, shape)
-    if time_first:
-        emissions, tags = emissions.transpose(0, 1), tags.t()
-    lengths = testing.random_lengths(batch, steps, min_len=min_len)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    transitions = torch.randn(num_tags, num_tags, dtype=acc) * 0.5
-    start, end = torch.randn(num_tags, dtype=acc) * 0.5, torch.randn(num_tags, dtype=acc) * 0.5
-    return emissions, tags, lengths, transitions, start, end
 
 
 def expected_forward_backward(emissions, tags, lengths, transitions, start, end):
@@ -63,7 +50,7 @@ SHAPES = [(1, 7, 5), (5, 13, 17), (16, 40, 17), (37, 29, 9), (70, 11, 30), (9, 5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_forward_backward_matches_reference(shape, time_first, dtype):
     testing.reseed(hash((shape, time_first, str(dtype))) % 1000)
-    inputs = draw(*shape, dtype=dtype, time_first=time_first)
+    inputs = crf_inputs(*shape, dtype=dtype, layout="time_first" if time_first else "contiguous")
     actual = fb(*inputs)
     assert_matches(actual, expected_forward_backward(*inputs), dtype, scale=float(inputs[2].sum()) + 1)
     # The same numbers as the two separate ops.
@@ -75,13 +62,13 @@ def test_forward_backward_matches_reference(shape, time_first, dtype):
 
 
 def test_gradient_keeps_the_emissions_layout():
-    emissions, tags, lengths, transitions, start, end = draw(8, 6, 4, time_first=True)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(8, 6, 4, layout="time_first")
     grad = fb(emissions, tags, lengths, transitions, start, end)[1]
     assert grad.stride() == emissions.stride()  # a time-first caller gets a time-first gradient
 
 
 def test_half_precision_emissions():
-    emissions, tags, lengths, transitions, start, end = draw(19, 12, 6)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(19, 12, 6)
     half = emissions.half()
     actual = fb(half, tags, lengths, transitions, start, end)
     expected = expected_forward_backward(half.float(), tags, lengths, transitions, start, end)
@@ -96,7 +83,7 @@ def troubled_batch():
     are ordinary: the lanes must hand exactly the former to the exact kernel."""
     testing.reseed(77)
     B, T, K = 21, 15, 6
-    emissions, tags, lengths, transitions, start, end = draw(B, T, K, min_len=1)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(B, T, K, min_len=1)
     allowed = torch.rand(K, K) > 0.4
     allowed.fill_diagonal_(True)
     transitions = transitions.masked_fill(~allowed, float("-inf"))
@@ -130,7 +117,7 @@ def test_troubled_sequences_take_the_exact_path():
 def test_viterbi_matches_reference_on_every_group_shape():
     for case, shape in enumerate(SHAPES):
         testing.reseed(500 + case)
-        emissions, _, lengths, transitions, start, end = draw(*shape, time_first=case % 2 == 1)
+        emissions, _, lengths, transitions, start, end = crf_inputs(*shape, layout="time_first" if case % 2 == 1 else "contiguous")
         tags, scores = torch.ops.fastner.crf_viterbi(emissions, lengths, transitions, start, end)
         want_tags, want_scores = reference.crf_viterbi(emissions, lengths, transitions, start, end)
         assert torch.equal(tags, want_tags), shape
@@ -138,7 +125,7 @@ def test_viterbi_matches_reference_on_every_group_shape():
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    inputs = draw(53, 20, 11)
+    inputs = crf_inputs(53, 20, 11)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -154,11 +141,12 @@ def test_results_do_not_depend_on_the_thread_count():
 _AVX2_SCRIPT = r"""
 import json, torch, fastner
 from fastner import reference
-from tests.ops.crf.test_crf_lanes import SHAPES, draw, expected_forward_backward, troubled_batch
+from tests.ops.crf.samples import crf_inputs
+from tests.ops.crf.test_crf_lanes import SHAPES, expected_forward_backward, troubled_batch
 torch.manual_seed(3)
 worst = 0.0
 for shape in SHAPES:
-    inputs = draw(*shape, time_first=shape[0] % 2 == 1)
+    inputs = crf_inputs(*shape, layout="time_first" if shape[0] % 2 == 1 else "contiguous")
     got = torch.ops.fastner.crf_forward_backward(*inputs)
     want = expected_forward_backward(*inputs)
     worst = max(worst, max(float((a - e).abs().max()) if a.numel() else 0.0 for a, e in zip(got, want)))
@@ -177,7 +165,7 @@ print(json.dumps({"simd": fastner.backend()["cpu_simd"], "worst": worst}))
 def test_avx2_kernels_in_a_subprocess():
     # This machine may prefer AVX-512; FASTNER_CPU_ISA=avx2 makes the other kernels serve.
     env = dict(os.environ, FASTNER_CPU_ISA="avx2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(testing.REPO_ROOT)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, cwd=root, capture_output=True,
                          text=True, timeout=300)
@@ -195,7 +183,7 @@ def test_long_sequences_on_the_lanes_match_float64():
     # A thousand steps with a batch large enough for the lane kernels (the float64 op is the
     # exact per-sequence kernel): the running log offset and the per-step normalisers hold.
     testing.reseed(91)
-    emissions, tags, lengths, transitions, start, end = draw(5, 1000, 6, min_len=1)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(5, 1000, 6, min_len=1)
     lengths[0] = 1000
     lanes = fb(emissions, tags, lengths, transitions, start, end)
     exact = fb(emissions.double(), tags, lengths, transitions.double(), start.double(), end.double())

@@ -10,6 +10,7 @@ import fastner.nn
 import fastner.ops  # noqa: F401  (registers the fake kernels and autograd formulas)
 from fastner._extension import use_fused
 from tests import testing
+from tests.ops.crf.samples import LAYOUTS, crf_inputs, differentiable, sample_inputs
 from tests.ops.crf.test_crf_module import assert_best_paths
 
 CPU = torch.device("cpu")
@@ -23,20 +24,6 @@ requires_crf_ops = pytest.mark.skipif(
 
 def op(name):
     return getattr(torch.ops.fastner, name)
-
-
-def draw(batch, steps, num_tags, dtype, min_len=1, scale=1.0, requires_grad=False):
-    """Op-level inputs: emissions [B, T, K], tags [B, T], lengths [B], transitions [K, K], start, end [K]."""
-    emissions = torch.randn(batch, steps, num_tags, dtype=dtype) * scale
-    tags = torch.randint(0, num_tags, (batch, steps))
-    lengths = testing.random_lengths(batch, steps, min_len=min_len)
-    transitions = torch.randn(num_tags, num_tags, dtype=dtype) * 0.5
-    start = torch.randn(num_tags, dtype=dtype) * 0.5
-    end = torch.randn(num_tags, dtype=dtype) * 0.5
-    if requires_grad:
-        for t in (emissions, transitions, start, end):
-            t.requires_grad_(True)
-    return emissions, tags, lengths, transitions, start, end
 
 
 def reference_crf(transitions, start, end):
@@ -73,7 +60,7 @@ def test_every_crf_op_is_fused_on_cpu():
 @testing.float_dtypes
 def test_forward_op_matches_reference(case, dtype):
     batch, steps, num_tags = random_case(case)
-    emissions, tags, lengths, transitions, start, end = draw(batch, steps, num_tags, dtype, min_len=0)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(batch, steps, num_tags, dtype)
     mask = testing.mask_from_lengths(lengths, steps)
     crf = reference_crf(transitions, start, end)
     with testing.backend("reference"):
@@ -95,7 +82,7 @@ def test_forward_op_matches_reference(case, dtype):
 @testing.float_dtypes
 def test_backward_op_matches_reference_autograd(case, dtype):
     batch, steps, num_tags = random_case(10 + case)
-    inputs = draw(batch, steps, num_tags, dtype, min_len=0)
+    inputs = crf_inputs(batch, steps, num_tags, dtype)
     emissions, tags, lengths, transitions, start, end = inputs
     grad_log_z = torch.randn(batch, dtype=dtype)
     grad_gold = torch.randn(batch, dtype=dtype)
@@ -120,7 +107,7 @@ def test_backward_op_matches_reference_autograd(case, dtype):
 @testing.float_dtypes
 def test_decoding_ops_match_reference(case, dtype):
     batch, steps, num_tags = random_case(20 + case)
-    emissions, _, lengths, transitions, start, end = draw(batch, steps, num_tags, dtype, min_len=0)
+    emissions, _, lengths, transitions, start, end = crf_inputs(batch, steps, num_tags, dtype)
     mask = testing.mask_from_lengths(lengths, steps)
     crf = reference_crf(transitions, start, end)
     k = testing.randint(1, 4)
@@ -173,69 +160,24 @@ def test_lengths_op_matches_reference(batch_first, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def _strided_layouts(emissions):
-    """The same values [B, T, K] stored time-first, and with a tag stride other than 1."""
-    return (emissions.transpose(0, 1).contiguous().transpose(0, 1),
-            emissions.transpose(1, 2).contiguous().transpose(1, 2))
-
-
-def _opcheck_cases(name):
-    torch.manual_seed(1234)
-    cases = []
-    if name == "crf_lengths":
-        mask = testing.mask_from_lengths(torch.tensor([3, 0, 5, 1]), 5)  # [B, T]
-        return [(mask, True), (mask.t().contiguous(), False), (mask.to(torch.uint8), True)]
-    # a padded batch in float32 (with a length-0 row), a single step in float64
-    for dtype, (batch, steps, num_tags) in ((torch.float32, (3, 5, 4)), (torch.float64, (2, 1, 2))):
-        emissions, tags, lengths, transitions, start, end = draw(batch, steps, num_tags, dtype, min_len=0)
-        if name == "crf_forward":
-            for t in (emissions, transitions, start, end):
-                t.requires_grad_(True)
-            cases.append((emissions, tags, lengths, transitions, start, end))
-            cases.append((emissions, None, lengths, transitions, start, end))
-        elif name == "crf_backward":
-            log_z, gold, alphas = torch.ops.fastner.crf_forward(emissions, tags, lengths, transitions, start, end)
-            g1, g2 = torch.randn(batch, dtype=dtype), torch.randn(batch, dtype=dtype)
-            cases.append((g1, g2, emissions, tags, lengths, transitions, start, end, log_z, alphas))
-            log_z, _, alphas = torch.ops.fastner.crf_forward(emissions, None, lengths, transitions, start, end)
-            cases.append((g1, torch.zeros_like(g2), emissions, None, lengths, transitions, start, end, log_z, alphas))
-            # grad_emissions takes a time-first caller's layout, and is contiguous where the tag
-            # stride is not 1: the fake kernel must say the same (inductor asserts the strides)
-            for strided in _strided_layouts(emissions):
-                cases.append((g1, g2, strided, tags, lengths, transitions, start, end, log_z, alphas))
-        elif name == "crf_forward_backward":
-            cases.append((emissions, tags, lengths, transitions, start, end))
-            for strided in _strided_layouts(emissions):
-                cases.append((strided, tags, lengths, transitions, start, end))
-        elif name == "crf_kbest":
-            cases.append((emissions, lengths, transitions, start, end, 3))
-        else:
-            cases.append((emissions, lengths, transitions, start, end))
-    return cases
-
-
 @requires_crf_ops
 @pytest.mark.parametrize("name", CRF_OPS)
 def test_opcheck(name):
-    for args in _opcheck_cases(name):
-        torch.library.opcheck(getattr(torch.ops.fastner, name).default, args)
+    # a padded batch (with a length-0 row) in float32 in every layout: grad_emissions takes a
+    # time-first caller's layout and is contiguous where the tag stride is not 1, and the fake
+    # kernel must say the same (inductor asserts the strides); a single step in float64
+    for dtype, shape, layouts in ((torch.float32, (3, 5, 4), LAYOUTS), (torch.float64, (2, 1, 2), ("contiguous",))):
+        for args in sample_inputs(name, CPU, dtype, shapes=[shape], layouts=layouts,
+                                  requires_grad=name == "crf_forward"):
+            torch.library.opcheck(getattr(torch.ops.fastner, name).default, args)
 
 
 @requires_crf_ops
 def test_gradcheck_forward_op_float64():
-    emissions, tags, lengths, transitions, start, end = draw(4, 6, 3, torch.float64, requires_grad=True)
-    lengths = torch.tensor([6, 1, 0, 4])
-
-    def log_z_and_gold(em, tr, st, en):
-        log_z, gold, _ = torch.ops.fastner.crf_forward(em, tags, lengths, tr, st, en)
-        return log_z, gold
-
-    def log_z_only(em, tr, st, en):
-        return torch.ops.fastner.crf_forward(em, None, lengths, tr, st, en)[0]
-
-    args = (emissions, transitions, start, end)
-    assert torch.autograd.gradcheck(log_z_and_gold, args)
-    assert torch.autograd.gradcheck(log_z_only, args)
+    # log Z and the gold score (log Z alone without tags), every sample shape and layout
+    for args in sample_inputs("crf_forward", CPU, torch.float64, requires_grad=True):
+        fn, leaves = differentiable("crf_forward", args, select=(0, 1) if args[1] is not None else (0,))
+        assert torch.autograd.gradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
@@ -264,7 +206,7 @@ def test_gradcheck_module_float64(backend, batch_first):
 
 def _bad_op_cases():
     torch.manual_seed(99)
-    emissions, tags, lengths, transitions, start, end = draw(3, 5, 4, torch.float32)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(3, 5, 4, torch.float32)
     base = dict(emissions=emissions, tags=tags, lengths=lengths, transitions=transitions, start=start, end=end)
     return {
         "lengths_too_long": (dict(base, lengths=torch.tensor([5, 6, 1])), "lengths"),
@@ -298,7 +240,7 @@ def test_ops_reject_bad_input_with_value_error(case):
 
 @requires_crf_ops
 def test_ops_reject_tags_out_of_range_and_bad_k():
-    emissions, tags, lengths, transitions, start, end = draw(2, 4, 3, torch.float32)
+    emissions, tags, lengths, transitions, start, end = crf_inputs(2, 4, 3, torch.float32)
     lengths = torch.tensor([4, 4])
     bad = tags.clone()
     bad[1, 2] = 3

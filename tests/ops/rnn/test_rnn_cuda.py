@@ -18,14 +18,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastner.ops  # noqa: F401  (registers fake kernels and autograd formulas)
 from fastner._extension import has_kernel
+from tests.ops.rnn.samples import MODES, OP_MODE, OPS, LayerCase, sample_inputs, torch_layer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEVICE = "cuda"
-OPS = ("rnn_layer_forward", "rnn_layer_backward")
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
-OP_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
-PATHS = ("persistent", "stepwise")
 
 
 @pytest.fixture(autouse=True)
@@ -37,62 +34,10 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("FASTNER_RNN_CUDA_PATH", request.param)
-    return request.param
-
-
 def _generator(index, salt):
     gen = torch.Generator()
     gen.manual_seed(int(os.environ.get("FASTNER_TEST_SEED", "0")) * 1_000_003 + salt * 1009 + index)
     return gen
-
-
-def _torch_layer(mode, input_size, hidden, bidirectional, bias, dtype, device):
-    kwargs = {"nonlinearity": "relu" if mode == "RNN_RELU" else "tanh"} if mode.startswith("RNN") else {}
-    cls = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}.get(mode, torch.nn.RNN)
-    return cls(input_size, hidden, bidirectional=bidirectional, bias=bias, dtype=dtype, device=device, **kwargs)
-
-
-class Case:
-    """One random one-layer problem: a torch module and the op's inputs (CPU tensors)."""
-
-    def __init__(
-        self, gen, mode, dtype=torch.float64, max_batch=6, max_time=12, max_hidden=70, min_length=0, min_batch=1
-    ):
-        ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-        self.mode = mode
-        self.bidirectional, self.batch_first, self.bias = (
-            bool(torch.rand((), generator=gen) < p) for p in (0.5, 0.5, 0.8)
-        )
-        self.time_len, self.batch = ri(1, max_time), ri(min_batch, max_batch)
-        self.input_size, self.hidden = ri(1, 40), ri(1, max_hidden)
-        self.dtype = dtype
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        self.module = _torch_layer(mode, self.input_size, self.hidden, self.bidirectional, self.bias, dtype, "cpu")
-        self.lengths = torch.randint(min_length, self.time_len + 1, (self.batch,), generator=gen)
-        self.lengths[ri(0, self.batch - 1)] = self.time_len
-        d = 2 if self.bidirectional else 1
-        shape = (
-            (self.batch, self.time_len, self.input_size)
-            if self.batch_first
-            else (self.time_len, self.batch, self.input_size)
-        )
-        self.x = torch.randn(shape, generator=gen, dtype=dtype)
-        self.hx = torch.randn(d, self.batch, self.hidden, generator=gen, dtype=dtype)
-        self.cx = torch.randn(d, self.batch, self.hidden, generator=gen, dtype=dtype) if mode == "LSTM" else None
-
-    def weights(self, device, dtype=None):
-        dtype = dtype or self.dtype
-        return [w.detach().to(device=device, dtype=dtype).clone() for w in self.module._flat_weights]
-
-    def inputs(self, device, dtype=None, requires_grad=False):
-        """x, lengths, weights, hx, cx on `device` (leaves when requires_grad)."""
-        dtype = dtype or self.dtype
-        mk = lambda t: None if t is None else t.to(device=device, dtype=dtype).clone().requires_grad_(requires_grad)  # noqa: E731
-        weights = [w.requires_grad_(requires_grad) for w in self.weights(device, dtype)]
-        return mk(self.x), self.lengths.to(device), weights, mk(self.hx), mk(self.cx)
 
 
 def _forward(case, x, lengths, weights, hx, cx, training=True):
@@ -108,7 +53,7 @@ def _results(case, out):
 
 def _cudnn(case, x, lengths, weights, hx, cx):
     """The same layer through torch.nn on x's device (cuDNN on the GPU), packed by lengths."""
-    module = _torch_layer(
+    module = torch_layer(
         case.mode, case.input_size, case.hidden, case.bidirectional, case.bias, x.dtype, x.device
     )
     with torch.no_grad():
@@ -160,9 +105,9 @@ def test_rnn_ops_have_cuda_kernels():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", MODES)
-def test_matches_cudnn_forward_and_backward(mode, dtype, path):
+def test_matches_cudnn_forward_and_backward(mode, dtype, rnn_cuda_path):
     for index in range(3):
-        case = Case(_generator(index + 10 * MODES.index(mode), salt=1), mode, dtype, min_length=1)
+        case = LayerCase.draw(_generator(index + 10 * MODES.index(mode), salt=1), mode, dtype, min_length=1)
         x, lengths, weights, hx, cx = case.inputs(DEVICE, requires_grad=True)
         leaves = [x, hx] + ([cx] if cx is not None else [])
         expected, ref_weights = _cudnn(case, x, lengths, weights, hx, cx)
@@ -177,11 +122,11 @@ def test_matches_cudnn_forward_and_backward(mode, dtype, path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_matches_cpu_kernel(mode, path):
+def test_matches_cpu_kernel(mode, rnn_cuda_path):
     if not all(has_kernel(op, "cpu") for op in OPS):
         pytest.skip("no CPU kernel for the RNN ops in this build")
     for index in range(3):
-        case = Case(_generator(index + 10 * MODES.index(mode), salt=2), mode, torch.float64)
+        case = LayerCase.draw(_generator(index + 10 * MODES.index(mode), salt=2), mode, torch.float64)
         results, grads = [], []
         for device in ("cpu", DEVICE):
             x, lengths, weights, hx, cx = case.inputs(device, requires_grad=True)
@@ -196,8 +141,8 @@ def test_matches_cpu_kernel(mode, path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_zero_lengths_keep_initial_state(mode, path):
-    case = Case(_generator(MODES.index(mode), salt=4), mode, torch.float64, max_batch=5, min_batch=2)
+def test_zero_lengths_keep_initial_state(mode, rnn_cuda_path):
+    case = LayerCase.draw(_generator(MODES.index(mode), salt=4), mode, torch.float64, max_batch=5, min_batch=2)
     case.lengths[-1] = case.time_len
     case.lengths[0] = 0
     x, lengths, weights, hx, cx = case.inputs(DEVICE)
@@ -212,8 +157,8 @@ def test_zero_lengths_keep_initial_state(mode, path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_all_lengths_zero_and_empty_batch(mode, path):
-    case = Case(_generator(MODES.index(mode), salt=5), mode, torch.float64)
+def test_all_lengths_zero_and_empty_batch(mode, rnn_cuda_path):
+    case = LayerCase.draw(_generator(MODES.index(mode), salt=5), mode, torch.float64)
     x, lengths, weights, hx, cx = case.inputs(DEVICE, requires_grad=True)
     lengths = torch.zeros_like(lengths)
     out, h_n, c_n, ws = _forward(case, x, lengths, weights, hx, cx)
@@ -224,7 +169,7 @@ def test_all_lengths_zero_and_empty_batch(mode, path):
 
 
 def test_lengths_on_cpu_or_gpu_agree():
-    case = Case(_generator(0, salt=6), "LSTM", torch.float64)
+    case = LayerCase.draw(_generator(0, salt=6), "LSTM", torch.float64)
     x, lengths, weights, hx, cx = case.inputs(DEVICE)
     on_gpu = _forward(case, x, lengths, weights, hx, cx, training=False)
     on_cpu = _forward(case, x, lengths.cpu(), weights, hx, cx, training=False)
@@ -239,9 +184,9 @@ def test_lengths_on_cpu_or_gpu_agree():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
-def test_low_precision_matches_float64(mode, dtype, path):
+def test_low_precision_matches_float64(mode, dtype, rnn_cuda_path):
     for index in range(2):
-        case = Case(_generator(index + 10 * MODES.index(mode), salt=7), mode, torch.float64, max_hidden=48)
+        case = LayerCase.draw(_generator(index + 10 * MODES.index(mode), salt=7), mode, torch.float64, max_hidden=48)
         x, lengths, weights, hx, cx = case.inputs(DEVICE, dtype=dtype, requires_grad=True)
         # The oracle runs in float64 from the same rounded values.
         to64 = lambda t: None if t is None else t.detach().double().requires_grad_()  # noqa: E731
@@ -268,7 +213,7 @@ def test_low_precision_matches_float64(mode, dtype, path):
 
 
 def test_autocast_runs_in_half_and_matches_float32():
-    case = Case(_generator(0, salt=8), "LSTM", torch.float32, min_length=1)
+    case = LayerCase.draw(_generator(0, salt=8), "LSTM", torch.float32, min_length=1)
     x, lengths, weights, hx, cx = case.inputs(DEVICE, requires_grad=True)
     expected = _results(case, _forward(case, x, lengths, weights, hx, cx))
     with torch.autocast("cuda", dtype=torch.float16):
@@ -281,7 +226,7 @@ def test_autocast_runs_in_half_and_matches_float32():
 
 
 def test_autocast_leaves_float64_alone():
-    case = Case(_generator(1, salt=8), "GRU", torch.float64)
+    case = LayerCase.draw(_generator(1, salt=8), "GRU", torch.float64)
     x, lengths, weights, hx, cx = case.inputs(DEVICE)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = _forward(case, x, lengths, weights, hx, cx, training=False)
@@ -295,17 +240,12 @@ def test_autocast_leaves_float64_alone():
 
 @pytest.mark.parametrize("bidirectional,batch_first,bias", [(True, False, True), (False, True, False)])
 @pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_float64(mode, bidirectional, batch_first, bias, path):
+def test_gradcheck_float64(mode, bidirectional, batch_first, bias, rnn_cuda_path):
     gen = _generator(MODES.index(mode), salt=9)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    module = _torch_layer(mode, 3, 2, bidirectional, bias, torch.float64, "cpu")
-    d = 2 if bidirectional else 1
-    shape = (3, 4, 3) if batch_first else (4, 3, 3)
-    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()  # noqa: E731
-    x, hx = mk(*shape), mk(d, 3, 2)
-    cx = mk(d, 3, 2) if mode == "LSTM" else None
-    weights = [w.detach().to(DEVICE).requires_grad_() for w in module._flat_weights]
-    lengths = torch.tensor([4, 1, 0], device=DEVICE)
+    # full, length 1, and an empty sequence
+    case = LayerCase(gen, mode, torch.float64, batch=3, time_len=4, input_size=3, hidden=2,
+                     bidirectional=bidirectional, batch_first=batch_first, bias=bias, lengths=[4, 1, 0])
+    x, lengths, weights, hx, cx = case.inputs(DEVICE, requires_grad=True)
 
     def fn(x, hx, *rest):
         cx, ws = (rest[0], list(rest[1:])) if mode == "LSTM" else (None, list(rest))
@@ -321,17 +261,17 @@ def test_gradcheck_float64(mode, bidirectional, batch_first, bias, path):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck(mode, training):
-    case = Case(_generator(MODES.index(mode), salt=10), mode, torch.float32, max_batch=4, max_time=5, max_hidden=8)
-    x, lengths, weights, hx, cx = case.inputs(DEVICE, requires_grad=training)
-    args = (x, lengths, weights, hx, cx, OP_MODE[mode], case.bidirectional, case.batch_first, training)
-    torch.library.opcheck(torch.ops.fastner.rnn_layer_forward.default, args)
+    # both directions and layouts, with and without an initial state
+    for args in sample_inputs("rnn_layer_forward", DEVICE, torch.float32, modes=[mode], requires_grad=training,
+                              training=training, seed=MODES.index(mode)):
+        torch.library.opcheck(torch.ops.fastner.rnn_layer_forward.default, args)
 
 
 def test_side_stream_gives_the_same_result():
     # Every launch and GEMM must follow the current stream (and its fork/join), not stream 0.
-    case = Case(_generator(0, salt=11), "LSTM", torch.float32, max_batch=16, max_time=20)
+    case = LayerCase.draw(_generator(0, salt=11), "LSTM", torch.float32, max_batch=16, max_time=20)
     case.bidirectional = True
-    case.module = _torch_layer("LSTM", case.input_size, case.hidden, True, case.bias, torch.float32, "cpu")
+    case.module = torch_layer("LSTM", case.input_size, case.hidden, True, case.bias, torch.float32, "cpu")
     case.hx, case.cx = (torch.randn(2, case.batch, case.hidden) for _ in range(2))
     x, lengths, weights, hx, cx = case.inputs(DEVICE)
     expected = _forward(case, x, lengths, weights, hx, cx, training=False)
@@ -381,7 +321,7 @@ def test_module_matches_cudnn(mode, form):
 
 
 def test_bad_input_raises_value_errors():
-    case = Case(_generator(0, salt=13), "GRU", torch.float32)
+    case = LayerCase.draw(_generator(0, salt=13), "GRU", torch.float32)
     x, lengths, weights, hx, cx = case.inputs(DEVICE)
     bad_lengths = lengths.clone()
     bad_lengths[0] = case.time_len + 1
@@ -405,12 +345,12 @@ def test_bad_input_raises_value_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("batch", [1, 32, 256])
-def test_large_shapes_match_cudnn(mode, batch, path):
+def test_large_shapes_match_cudnn(mode, batch, rnn_cuda_path):
     gen = _generator(batch, salt=14)
-    case = Case(gen, mode, torch.float32)
+    case = LayerCase.draw(gen, mode, torch.float32)
     case.batch, case.time_len, case.input_size, case.hidden = batch, 60, 130, 200
     case.bidirectional, case.batch_first, case.bias = True, True, True
-    case.module = _torch_layer(mode, 130, 200, True, True, torch.float32, "cpu")
+    case.module = torch_layer(mode, 130, 200, True, True, torch.float32, "cpu")
     case.lengths = torch.randint(1, 61, (batch,), generator=gen)
     case.lengths[0] = 60
     case.x = torch.randn(batch, 60, 130, generator=gen)

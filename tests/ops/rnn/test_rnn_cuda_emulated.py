@@ -18,10 +18,11 @@ import re
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+from tests import testing
+from tests.ops.rnn.samples import MODES, OP_MODE, LayerCase
+
+ROOT = testing.REPO_ROOT
 SHIM = ROOT / "tests" / "ops" / "cuda_emulation"
-MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
-PATHS = ("stepwise", "persistent")
 
 pytestmark = pytest.mark.slow
 
@@ -76,25 +77,14 @@ def ops(tmp_path_factory):
     cpp_extension.load(
         name="fastner_rnn_cuda_emu",
         sources=[str(source)],
-        extra_include_paths=[str(SHIM), str(src), include],
+        # src (the rewritten kernels) before csrc (checks.h, rnn_layout.h: shared with the CPU build)
+        extra_include_paths=[str(SHIM), str(src), str(ROOT / "csrc"), include],
         extra_cflags=["-std=c++20", "-O1", "-w", "-pthread"],
         extra_ldflags=["-pthread"],
         is_python_module=False,
         build_directory=str(build),
     )
     return torch.ops.fastner_emu
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setenv("FASTNER_RNN_CUDA_PATH", request.param)
-    return request.param
-
-
-def _layer(mode, input_size, hidden, bidirectional, bias, dtype):
-    kwargs = {"nonlinearity": "relu" if mode == "RNN_RELU" else "tanh"} if mode.startswith("RNN") else {}
-    cls = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}.get(mode, torch.nn.RNN)
-    return cls(input_size, hidden, bidirectional=bidirectional, bias=bias, dtype=dtype, **kwargs)
 
 
 def _per_sequence_reference(module, mode, x, lengths, hx, cx, batch_first, D, H):
@@ -123,35 +113,31 @@ def _per_sequence_reference(module, mode, x, lengths, hx, cx, batch_first, D, H)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_emulated_cuda_matches_torch(ops, mode, path):
-    gen = torch.Generator().manual_seed(int(os.environ.get("FASTNER_TEST_SEED", "0")) * 7919 + list(MODES).index(mode))
+def test_emulated_cuda_matches_torch(ops, mode, rnn_cuda_path):
+    gen = torch.Generator().manual_seed(int(os.environ.get("FASTNER_TEST_SEED", "0")) * 7919 + MODES.index(mode))
     for case in range(8):
-        ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-        bidirectional, batch_first, bias = (bool(torch.rand((), generator=gen) < p) for p in (0.5, 0.5, 0.8))
-        T, B, I, H = ri(1, 7), ri(1, 5), ri(1, 6), ri(1, 7)
+        case_ = LayerCase.draw(gen, mode, torch.float64, max_batch=5, max_time=7, max_input=6, max_hidden=7,
+                               full_length=case % 2 == 0, with_state=case % 3 != 2)
+        module, lengths = case_.module, case_.lengths
+        bidirectional, batch_first, bias = case_.bidirectional, case_.batch_first, case_.bias
+        T, B, I, H = case_.time_len, case_.batch, case_.input_size, case_.hidden
         D = 2 if bidirectional else 1
         dtype = torch.float64
-        module = _layer(mode, I, H, bidirectional, bias, dtype)
-        lengths = torch.randint(0, T + 1, (B,), generator=gen)
-        if case % 2 == 0:
-            lengths[ri(0, B - 1)] = T
         if case == 3:
             lengths[:] = T  # time-major full batch: the input is used in place as packed rows
-        x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=gen, dtype=dtype, requires_grad=True)
-        with_state = case % 3 != 2
-        hx = torch.randn(D, B, H, generator=gen, dtype=dtype, requires_grad=True) if with_state else None
-        cx = torch.randn(D, B, H, generator=gen, dtype=dtype, requires_grad=True) if with_state and mode == "LSTM" else None
-        weights = [w.detach().clone() for w in module._flat_weights]
+        x, _, weights, hx, cx = case_.inputs()
+        x.requires_grad_()
+        hx, cx = (None if t is None else t.requires_grad_() for t in (hx, cx))
         what = f"case {case}: bi={bidirectional} bf={batch_first} bias={bias} T={T} B={B} I={I} H={H} lengths={lengths.tolist()}"
 
-        out, h_n, c_n, workspace = ops.rnn_layer_forward(x, lengths, weights, hx, cx, MODES[mode], bidirectional, batch_first, True)
+        out, h_n, c_n, workspace = ops.rnn_layer_forward(x, lengths, weights, hx, cx, OP_MODE[mode], bidirectional, batch_first, True)
         ref_out, ref_h, ref_c = _per_sequence_reference(module, mode, x, lengths, hx, cx, batch_first, D, H)
         tol = dict(rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(out, ref_out.detach(), **tol, msg=lambda m: f"output, {what}: {m}")
         torch.testing.assert_close(h_n, ref_h.detach(), **tol, msg=lambda m: f"h_n, {what}: {m}")
         if mode == "LSTM":
             torch.testing.assert_close(c_n, ref_c.detach(), **tol, msg=lambda m: f"c_n, {what}: {m}")
-        inference = ops.rnn_layer_forward(x.detach(), lengths, weights, hx, cx, MODES[mode], bidirectional, batch_first, False)
+        inference = ops.rnn_layer_forward(x.detach(), lengths, weights, hx, cx, OP_MODE[mode], bidirectional, batch_first, False)
         assert inference[3].numel() == 0
         torch.testing.assert_close(inference[0], ref_out.detach(), **tol)
 
@@ -166,7 +152,7 @@ def test_emulated_cuda_matches_torch(ops, mode, path):
         expected = [torch.zeros_like(l) if e is None else e for e, l in zip(expected, leaves)]
         grad_input, grad_hx, grad_cx, grad_weights = ops.rnn_layer_backward(
             g_out, g_h, g_c, x.detach(), lengths, weights, None if hx is None else hx.detach(),
-            None if cx is None else cx.detach(), workspace, MODES[mode], bidirectional, batch_first,
+            None if cx is None else cx.detach(), workspace, OP_MODE[mode], bidirectional, batch_first,
         )
         got = [grad_input] + [g for g, t in ((grad_hx, hx), (grad_cx, cx)) if t is not None] + list(grad_weights)
         for i, (g, e) in enumerate(zip(got, expected)):
@@ -175,7 +161,7 @@ def test_emulated_cuda_matches_torch(ops, mode, path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["lstm", "gru"])
-def test_emulated_cuda_low_precision_close_to_float64(ops, mode, dtype, path):
+def test_emulated_cuda_low_precision_close_to_float64(ops, mode, dtype, rnn_cuda_path):
     gen = torch.Generator().manual_seed(int(os.environ.get("FASTNER_TEST_SEED", "0")) * 7919 + 101)
     G = 4 if mode == "lstm" else 3
     B, T, I, H, D = 4, 6, 5, 6, 2

@@ -13,10 +13,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastner.nn
 import fastner.ops  # noqa: F401  (registers fake kernels and autograd formulas)
 from fastner._extension import has_kernel
-from tests.ops.rnn.rnn_cases import MODES, case_generator, fastner_class, torch_class
+from tests.ops.rnn.rnn_cases import MODES, case_generator, fastner_class
+from tests.ops.rnn.samples import OP_MODE, OPS, LayerCase, sample_inputs
 
-OPS = ("rnn_layer_forward", "rnn_layer_backward")
-OP_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 needs_kernels = pytest.mark.skipif(
     not all(has_kernel(op, "cpu") for op in OPS), reason="the RNN ops have no CPU kernel in this build"
@@ -29,35 +28,10 @@ def test_rnn_ops_have_cpu_kernels():
     assert not missing, f"no CPU kernel for {missing}: {fastner.backend()}"
 
 
-def _layer(mode, input_size, hidden, bidirectional, bias, dtype):
-    kwargs = {"nonlinearity": "relu" if mode == "RNN_RELU" else "tanh"} if mode.startswith("RNN") else {}
-    return torch_class(mode)(input_size, hidden, bidirectional=bidirectional, bias=bias, dtype=dtype, **kwargs)
-
-
-def _weights(module, requires_grad=False):
-    return [w.detach().clone().requires_grad_(requires_grad) for w in module._flat_weights]
-
-
 def _forward(x, lengths, weights, hx, cx, mode, bidirectional, batch_first, training):
     return torch.ops.fastner.rnn_layer_forward(
         x, lengths, weights, hx, cx, OP_MODE[mode], bidirectional, batch_first, training
     )
-
-
-def _draw_layer_case(gen, mode, dtype):
-    """A random one-layer problem: module, input, lengths (>= 1, so torch can pack), hx, cx."""
-    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-    bidirectional, batch_first, bias = (bool(torch.rand((), generator=gen) < p) for p in (0.5, 0.5, 0.8))
-    time_len, batch, input_size, hidden = ri(1, 12), ri(1, 6), ri(1, 40), ri(1, 70)
-    module = _layer(mode, input_size, hidden, bidirectional, bias, dtype)
-    lengths = torch.randint(1, time_len + 1, (batch,), generator=gen)
-    lengths[ri(0, batch - 1)] = time_len
-    shape = (batch, time_len, input_size) if batch_first else (time_len, batch, input_size)
-    x = torch.randn(shape, generator=gen, dtype=dtype)
-    d = 2 if bidirectional else 1
-    hx = torch.randn(d, batch, hidden, generator=gen, dtype=dtype)
-    cx = torch.randn(d, batch, hidden, generator=gen, dtype=dtype) if mode == "LSTM" else None
-    return module, x, lengths, hx, cx, bidirectional, batch_first
 
 
 def _torch_layer(module, x, lengths, hx, cx, batch_first):
@@ -77,10 +51,13 @@ def _tol(dtype):
 def test_layer_op_matches_torch_forward_and_backward(mode, dtype):
     gen = case_generator(MODES.index(mode) * 2 + (dtype == torch.float64), salt=211)
     for _ in range(3):
-        module, x, lengths, hx, cx, bidirectional, batch_first = _draw_layer_case(gen, mode, dtype)
+        # lengths >= 1, so torch can pack
+        case = LayerCase.draw(gen, mode, dtype, min_length=1)
+        module, x, lengths, hx, cx = case.module, case.x, case.lengths, case.hx, case.cx
+        bidirectional, batch_first = case.bidirectional, case.batch_first
         leaves = [x.requires_grad_(), hx.requires_grad_()] + ([cx.requires_grad_()] if cx is not None else [])
         expected = _torch_layer(module, x, lengths, hx, cx, batch_first)
-        weights = _weights(module, requires_grad=True)
+        weights = case.weights(requires_grad=True)
         got = _forward(x, lengths, weights, hx, cx, mode, bidirectional, batch_first, True)
         got = got[:3] if mode == "LSTM" else got[:2]
         for g, e in zip(got, expected):
@@ -103,12 +80,10 @@ def test_layer_op_matches_torch_forward_and_backward(mode, dtype):
 @pytest.mark.parametrize("mode", MODES)
 def test_layer_op_zero_length_keeps_initial_state(mode):
     gen = case_generator(MODES.index(mode), salt=223)
-    module = _layer(mode, 3, 4, True, True, torch.float64)
-    x = torch.randn(5, 3, 3, generator=gen, dtype=torch.float64)
-    lengths = torch.tensor([5, 0, 2])
-    hx = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
-    cx = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64) if mode == "LSTM" else None
-    out, h_n, c_n, _ = _forward(x, lengths, _weights(module), hx, cx, mode, True, False, True)
+    case = LayerCase(gen, mode, torch.float64, batch=3, time_len=5, input_size=3, hidden=4, bidirectional=True,
+                     batch_first=False, bias=True, lengths=[5, 0, 2])
+    x, lengths, weights, hx, cx = case.inputs()
+    out, h_n, c_n, _ = _forward(x, lengths, weights, hx, cx, mode, True, False, True)
     assert bool((out[:, 1] == 0).all()) and bool((out[2:, 2] == 0).all())
     assert torch.equal(h_n[:, 1], hx[:, 1])
     if mode == "LSTM":
@@ -117,23 +92,15 @@ def test_layer_op_zero_length_keeps_initial_state(mode):
         assert c_n.numel() == 0
 
 
-def _gradcheck_inputs(mode, bidirectional, batch_first, bias, gen):
-    module = _layer(mode, 3, 2, bidirectional, bias, torch.float64)
-    d = 2 if bidirectional else 1
-    shape = (3, 4, 3) if batch_first else (4, 3, 3)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
-    hx = torch.randn(d, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
-    cx = torch.randn(d, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True) if mode == "LSTM" else None
-    return x, hx, cx, _weights(module, requires_grad=True)
-
-
 @needs_kernels
 @pytest.mark.parametrize("bidirectional,batch_first,bias", [(True, False, True), (False, True, False)])
 @pytest.mark.parametrize("mode", MODES)
 def test_layer_op_gradcheck(mode, bidirectional, batch_first, bias):
     gen = case_generator(MODES.index(mode), salt=227)
-    x, hx, cx, weights = _gradcheck_inputs(mode, bidirectional, batch_first, bias, gen)
-    lengths = torch.tensor([4, 1, 0])  # full, length 1, and an empty sequence
+    # full, length 1, and an empty sequence
+    case = LayerCase(gen, mode, torch.float64, batch=3, time_len=4, input_size=3, hidden=2,
+                     bidirectional=bidirectional, batch_first=batch_first, bias=bias, lengths=[4, 1, 0])
+    x, lengths, weights, hx, cx = case.inputs(requires_grad=True)
     count = len(weights)
 
     def fn(x, hx, *rest):
@@ -146,21 +113,6 @@ def test_layer_op_gradcheck(mode, bidirectional, batch_first, bias):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def _opcheck_args(mode, bidirectional, batch_first, with_hx, dtype, gen, requires_grad):
-    module = _layer(mode, 5, 3, bidirectional, True, dtype)
-    d = 2 if bidirectional else 1
-    shape = (4, 6, 5) if batch_first else (6, 4, 5)
-    x = torch.randn(shape, generator=gen, dtype=dtype, requires_grad=requires_grad)
-    lengths = torch.tensor([6, 2, 1, 5])
-    hx = torch.randn(d, 4, 3, generator=gen, dtype=dtype, requires_grad=requires_grad) if with_hx else None
-    cx = (
-        torch.randn(d, 4, 3, generator=gen, dtype=dtype, requires_grad=requires_grad)
-        if with_hx and mode == "LSTM"
-        else None
-    )
-    return x, lengths, _weights(module, requires_grad), hx, cx
-
-
 OPCHECK_GRID = list(itertools.product(MODES, [True, False], [False, True]))
 
 
@@ -168,29 +120,23 @@ OPCHECK_GRID = list(itertools.product(MODES, [True, False], [False, True]))
 @pytest.mark.parametrize("mode,bidirectional,with_hx", OPCHECK_GRID)
 def test_opcheck_rnn_layer_forward(mode, bidirectional, with_hx):
     gen = case_generator(OPCHECK_GRID.index((mode, bidirectional, with_hx)), salt=229)
-    batch_first = bidirectional  # both layouts covered across the grid
+    # both layouts covered across the grid (opcheck's cost goes with its count of calls)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     for training in (True, False):
-        x, lengths, weights, hx, cx = _opcheck_args(mode, bidirectional, batch_first, with_hx, torch.float32, gen, training)
-        torch.library.opcheck(
-            torch.ops.fastner.rnn_layer_forward.default,
-            (x, lengths, weights, hx, cx, OP_MODE[mode], bidirectional, batch_first, training),
-        )
+        for args in sample_inputs("rnn_layer_forward", dtype=torch.float32, modes=[mode], bidirectional=[bidirectional],
+                                  batch_first=[bidirectional], with_state=[with_hx], requires_grad=training,
+                                  training=training, seed=seed + training):
+            torch.library.opcheck(torch.ops.fastner.rnn_layer_forward.default, args)
 
 
 @needs_kernels
 @pytest.mark.parametrize("mode,bidirectional,with_hx", OPCHECK_GRID)
 def test_opcheck_rnn_layer_backward(mode, bidirectional, with_hx):
     gen = case_generator(OPCHECK_GRID.index((mode, bidirectional, with_hx)), salt=233)
-    batch_first = not bidirectional
-    x, lengths, weights, hx, cx = _opcheck_args(mode, bidirectional, batch_first, with_hx, torch.float64, gen, False)
-    out, h_n, c_n, workspace = _forward(x, lengths, weights, hx, cx, mode, bidirectional, batch_first, True)
-    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-    grad_h = torch.randn(h_n.shape, generator=gen, dtype=h_n.dtype)
-    grad_c = torch.randn(h_n.shape, generator=gen, dtype=h_n.dtype) if mode == "LSTM" else torch.zeros_like(h_n)
-    torch.library.opcheck(
-        torch.ops.fastner.rnn_layer_backward.default,
-        (grad_out, grad_h, grad_c, x, lengths, weights, hx, cx, workspace, OP_MODE[mode], bidirectional, batch_first),
-    )
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    for args in sample_inputs("rnn_layer_backward", dtype=torch.float64, modes=[mode], bidirectional=[bidirectional],
+                              batch_first=[not bidirectional], with_state=[with_hx], seed=seed):
+        torch.library.opcheck(torch.ops.fastner.rnn_layer_backward.default, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +195,9 @@ def test_rnn_layer_fused_matches_reference(mode, dtype, monkeypatch):
 
     gen = case_generator(MODES.index(mode) * 2 + (dtype == torch.float64), salt=241)
     for _ in range(3):
-        module, x, lengths, hx, cx, bidirectional, batch_first = _draw_layer_case(gen, mode, dtype)
+        case = LayerCase.draw(gen, mode, dtype, min_length=1)
+        x, lengths, hx, cx = case.x, case.lengths, case.hx, case.cx
+        bidirectional, batch_first = case.bidirectional, case.batch_first
         lengths[int(torch.randint(0, len(lengths), (1,), generator=gen))] = 0  # empty sequences too
         with_hx = bool(torch.rand((), generator=gen) < 0.5)
         hx, cx = (hx, cx) if with_hx else (None, None)
@@ -258,7 +206,7 @@ def test_rnn_layer_fused_matches_reference(mode, dtype, monkeypatch):
         for backend in ("fused", "reference"):
             monkeypatch.setenv("FASTNER_BACKEND", "reference" if backend == "reference" else "auto")
             ls = [t.detach().clone().requires_grad_() for t in leaves]
-            ws = _weights(module, requires_grad=True)
+            ws = case.weights(requires_grad=True)
             lx, lhx, lcx = ls[0], (ls[1] if hx is not None else None), (ls[2] if cx is not None else None)
             out = ops.rnn_layer(lx, lengths, ws, lhx, lcx, OP_MODE[mode], bidirectional, batch_first)
             out = [o for o in out if o.numel() > 0]
@@ -294,10 +242,9 @@ def test_torch_compile_traces_rnn_layer_without_graph_breaks():
     # entry point: fullgraph=True fails on any graph break, e.g. an untraceable backend check.
     torch._dynamo.reset()
     gen = case_generator(0, salt=251)
-    module = _layer("LSTM", 6, 5, True, True, torch.float32)
-    x = torch.randn(4, 7, 6, generator=gen, requires_grad=True)
-    lengths = torch.tensor([7, 3, 1, 5])
-    weights = _weights(module, requires_grad=True)
+    case = LayerCase(gen, "LSTM", torch.float32, batch=4, time_len=7, input_size=6, hidden=5, bidirectional=True,
+                     batch_first=True, bias=True, lengths=[7, 3, 1, 5], with_state=False)
+    x, lengths, weights, _, _ = case.inputs(requires_grad=True)
 
     def step(x, weights):
         out, h_n, c_n = fastner.ops.rnn_layer(x, lengths, weights, None, None, "lstm", True, True)

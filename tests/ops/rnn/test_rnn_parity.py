@@ -13,6 +13,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastner.nn
+from tests import testing
 
 from tests.ops.rnn.rnn_cases import (
     DTYPES,
@@ -391,7 +392,7 @@ def test_avx2_cell_passes_where_the_cpu_has_avx512():
         "        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4)\n"
     )
     env = dict(os.environ, FASTNER_CPU_ISA="avx2")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(testing.REPO_ROOT)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
