@@ -18,6 +18,7 @@ Where each op lives (schemas, with shapes and conventions: csrc/fastner.cpp):
 | crf_kbest | csrc/cpu/crf.cpp | csrc/cuda/crf.cu | reference.crf_kbest | ops.crf.crf_kbest | test_crf, test_crf_ops, test_crf_bruteforce |
 | crf_marginals | csrc/cpu/crf.cpp | csrc/cuda/crf.cu | reference.crf_marginals | ops.crf.crf_marginals | test_crf, test_crf_ops, test_crf_bruteforce |
 | crf_lengths | csrc/cpu/crf.cpp | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | test_crf_ops, test_crf |
+| rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 | test_rnn_int8 |
 | rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.h, rnn_math.h) | csrc/cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer | test_rnn_ops, test_rnn_parity, test_rnn_modules |
 
 CUDA: tests/ops/crf/test_crf_cuda.py, test_rnn_cuda.py (on a GPU), test_*_cuda_emulated.py (the kernels
@@ -26,7 +27,7 @@ benchmarks/bench_crf.py, bench_rnn.py, crf_cuda_bench.py, rnn_cuda_bench.py.
 """
 from fastner.ops.crf import (crf_forward, crf_kbest, crf_lengths, crf_log_likelihood,
                              crf_marginals, crf_viterbi, tag_lists)
-from fastner.ops.rnn import rnn_layer
+from fastner.ops.rnn import rnn_layer, rnn_layer_int8
 
 __all__ = ["crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood", "crf_marginals",
-           "crf_viterbi", "rnn_layer", "tag_lists"]
+           "crf_viterbi", "rnn_layer", "rnn_layer_int8", "tag_lists"]
