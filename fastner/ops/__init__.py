@@ -19,7 +19,7 @@ Where each op lives (schemas, with shapes and conventions: csrc/fastner.cpp):
 | crf_marginals | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | csrc/cuda/crf.cu | reference.crf_marginals | ops.crf.crf_marginals | test_crf, test_crf_ops, test_crf_bruteforce, test_crf_lanes_marginals_kbest |
 | crf_lengths | csrc/cpu/crf.cpp | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | test_crf_ops, test_crf |
 | rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 | test_rnn_int8 |
-| rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.h, rnn_math.h) | csrc/cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer | test_rnn_ops, test_rnn_parity, test_rnn_modules |
+| rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.{h,cpp}, rnn_gemm_avx2.h, rnn_math.h) | csrc/cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer | test_rnn_ops, test_rnn_parity, test_rnn_modules, test_rnn_bf16 (bf16 weights, the fp32 GEMM kernels) |
 
 CPU CRF files by role: crf.cpp the binding (checks, the strategy per call, registration);
 crf_lanes.h / crf_lanes_impl.h / crf_lanes_avx2.cpp / crf_lanes_avx512.cpp the lane kernels
