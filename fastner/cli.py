@@ -168,8 +168,6 @@ def _load_tagger(args):
 
     try:
         return Tagger.load(args.model, device=args.device, precision=args.precision)
-    except NotImplementedError as err:
-        raise UsageError(f"--precision {args.precision}: {err}") from None
     except ValueError as err:
         if str(err).startswith("precision"):
             raise UsageError(f"--{err}") from None

@@ -137,12 +137,8 @@ def _to_int8(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _to_bf16(module: torch.nn.Module) -> torch.nn.Module:
-    try:
-        from fastner.nn.rnn_bf16 import to_bf16
-    except ImportError:
-        raise NotImplementedError(
-            "quantize(module, torch.bfloat16) needs fastner.nn.rnn_bf16.to_bf16 (the bf16 "
-            "recurrent layers), which this build does not have yet; use torch.qint8") from None
+    from fastner.nn.rnn_bf16 import to_bf16  # imports fastner.nn.quantize's module: import here
+
     return to_bf16(module)
 
 

@@ -74,10 +74,7 @@ def run(args) -> int:
     # the event loop's thread runs no model code; one thread keeps it off the worker's cores
     torch.set_num_threads(1)
     if config.precision in LOAD_PRECISIONS:
-        try:
-            tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
-        except NotImplementedError as err:  # bf16 before its kernels exist: a missing module
-            raise ImportError(f"--precision {config.precision}: {err}") from None
+        tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
     else:
         tagger = Tagger.load(args.model, device=args.device)
         tagger.model.to(getattr(torch, PRECISIONS[config.precision]))

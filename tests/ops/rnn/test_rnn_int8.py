@@ -4,7 +4,6 @@ against the float32 modules, refusal to train, opcheck and bad input.
 """
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -219,13 +218,15 @@ def test_quantize_bad_arguments():
         fastner.nn.quantize(torch.nn.LSTM(2, 4, proj_size=2), torch.qint8)
 
 
-def test_quantize_bf16_needs_its_kernels():
-    if importlib.util.find_spec("fastner.nn.rnn_bf16") is None:
-        with pytest.raises(NotImplementedError, match="rnn_bf16"):
-            fastner.nn.quantize(torch.nn.LSTM(2, 2), torch.bfloat16)
-    else:
-        model = fastner.nn.quantize(torch.nn.Sequential(torch.nn.LSTM(2, 2)), torch.bfloat16)
-        assert not isinstance(model[0], (torch.nn.LSTM,)) or type(model[0]) is not torch.nn.LSTM
+def test_quantize_bf16_swaps_in_place():
+    model = torch.nn.Sequential(torch.nn.LSTM(2, 3))
+    x = torch.randn(4, 1, 2)
+    want = model(x)[0]
+    assert fastner.nn.quantize(model, torch.bfloat16) is model
+    assert type(model[0]) is not torch.nn.LSTM
+    assert model[0].weight_ih_l0.dtype == torch.bfloat16
+    got = model(x)[0]
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 weights: ~0.2% per layer
 
 
 @needs_kernel
