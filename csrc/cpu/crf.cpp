@@ -548,10 +548,9 @@ bool lane_forward(const Tensor& emissions, const int64_t*, const Tensor&, const 
   return all_sequences(emissions.size(0), exact);
 }
 
-// alphas: an empty tensor. The CPU backward recomputes the forward pass it needs (for the lane
-// kernels that is cheaper than writing and reading back [B, T, K] log values), so the forward
-// saves nothing. The fake kernel in fastner/ops/crf.py returns the same on CPU.
-std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
+// The CPU backward recomputes the forward pass it needs (for the lane kernels that is cheaper
+// than writing and reading back [B, T, K] log values), so the forward saves nothing.
+std::tuple<Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
                                                     const std::optional<Tensor>& tags_in,
                                                     const Tensor& lengths_in,
                                                     const Tensor& transitions_in,
@@ -564,7 +563,6 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
   if (tags_in.has_value()) check_tags("crf_forward", *tags_in, len, B, T, K);
   Tensor log_z = at::empty({B}, emissions.options());
   Tensor gold = at::zeros({B}, emissions.options());
-  Tensor alphas = at::empty({0}, emissions.options());
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward", [&] {
     const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
                  end = end_in.contiguous();
@@ -591,7 +589,7 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
     propagate_nan(nan_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in), len, &log_z,
                   nullptr, {});
   });
-  return {log_z, gold, alphas};
+  return {log_z, gold};
 }
 
 // ---- backward (forward-backward) ------------------------------------------------------------
@@ -1057,7 +1055,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
 std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
     const Tensor& grad_log_z, const Tensor& grad_gold, const Tensor& emissions,
     const std::optional<Tensor>& tags, const Tensor& lengths, const Tensor& transitions,
-    const Tensor& start, const Tensor& end, const Tensor& /*log_z*/, const Tensor& /*alphas*/) {
+    const Tensor& start, const Tensor& end) {
   return gradients("crf_backward", Weights{&grad_log_z}, Weights{&grad_gold}, emissions, tags,
                    lengths, transitions, start, end, nullptr, nullptr);
 }
