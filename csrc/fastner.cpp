@@ -180,8 +180,10 @@ TORCH_LIBRARY(fastner, m) {
   // Forward. output: like input with D*H features (direction d in columns [d*H, (d+1)*H)),
   // zeros past each length. h_n: [D, B, H], each sequence's state after its last step.
   // c_n: [D, B, H] for 'lstm', else an empty tensor [0]. workspace: when training, what the
-  // backward reads, [D, B*T, W] in a kernel-private layout (W = 6H lstm, 5H gru, H rnn_*);
-  // when not training an empty tensor [0] (inference stores no activations).
+  // backward reads, [D, B*T, W] on every device, in a layout private to the device's kernels
+  // (W from csrc/rnn_layout.h, read by the fake kernel through fastner._C.rnn_workspace_width;
+  // recomputing it in backward would repeat the whole forward pass); when not training an
+  // empty tensor [0] (inference stores no activations).
   m.def("rnn_layer_forward(Tensor input, Tensor lengths, Tensor[] weights, Tensor? hx, Tensor? cx, "
         "str mode, bool bidirectional, bool batch_first, bool training) -> "
         "(Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");

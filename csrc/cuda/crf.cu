@@ -36,6 +36,8 @@ namespace cuda {
 namespace crf {
 namespace {
 
+namespace k = kernels;  // the torch-free device code, csrc/cuda/kernels/crf.cuh
+
 using at::Tensor;
 
 at::ScalarType accumulate_type(at::ScalarType emissions) {
@@ -74,12 +76,12 @@ T* mut_ptr(Tensor& t) {
 
 // Read per call with cudaDeviceGetAttribute (a cheap host query, no sync) rather than
 // at::cuda::getCurrentDeviceProperties(), so that this file includes only c10/cuda headers.
-DeviceLimits device_limits() {
+k::DeviceLimits device_limits() {
   const int device = c10::cuda::current_device();
   int num_sms = 0, smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return DeviceLimits{num_sms, static_cast<size_t>(smem_optin)};
+  return k::DeviceLimits{num_sms, static_cast<size_t>(smem_optin)};
 }
 
 // The shared metadata checks (csrc/checks.h) plus the CUDA-only rules: the emissions on a CUDA
@@ -90,7 +92,7 @@ void check_inputs(const char* op, const Tensor& emissions, const Tensor& lengths
   checks::crf_inputs(op, emissions, lengths, transitions, start, end);
   TORCH_CHECK_VALUE(emissions.is_cuda(), op, ": emissions must be on a CUDA device, got ", emissions.device());
   const int64_t K = emissions.size(2);
-  TORCH_CHECK_VALUE(K <= kMaxTags, op, ": the CUDA kernels support at most ", kMaxTags, " tags, got K = ", K,
+  TORCH_CHECK_VALUE(K <= k::kMaxTags, op, ": the CUDA kernels support at most ", k::kMaxTags, " tags, got K = ", K,
                     " (run this CRF on the CPU)");
 }
 
@@ -125,7 +127,7 @@ std::tuple<Tensor, Tensor> crf_forward_cuda(const Tensor& emissions_in, const st
   dispatch_emissions(emissions.scalar_type(), "crf_forward", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_forward<E>(ptr<E>(emissions), tags.defined() ? ptr<int64_t>(tags) : nullptr,
+    C10_CUDA_CHECK(k::launch_forward<E>(ptr<E>(emissions), tags.defined() ? ptr<int64_t>(tags) : nullptr,
                                      ptr<int64_t>(lengths), ptr<A>(transitions), ptr<A>(start), ptr<A>(end),
                                      mut_ptr<A>(log_z), mut_ptr<A>(gold), nullptr, B, T, K, stream));
   });
@@ -169,15 +171,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cuda(
   Tensor grad_transitions = at::empty({K, K}, acc_options(emissions));
   Tensor grad_start = at::empty({K}, acc_options(emissions));
   Tensor grad_end = at::empty({K}, acc_options(emissions));
-  const int64_t P = backward_partial_count(B, K, device_limits());
-  Tensor partials = at::empty({P, partial_width(K)}, acc_options(emissions));  // scratch
+  const int64_t P = k::backward_partial_count(B, K, device_limits());
+  Tensor partials = at::empty({P, k::partial_width(K)}, acc_options(emissions));  // scratch
   // The forward pass's alphas and log Z, recomputed by launch_backward (crf_forward keeps nothing).
-  Tensor forward_scratch = at::empty({backward_forward_scratch(B, T, K)}, acc_options(emissions));
+  Tensor forward_scratch = at::empty({k::backward_forward_scratch(B, T, K)}, acc_options(emissions));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_emissions(emissions.scalar_type(), "crf_backward", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_backward<E>(ptr<A>(grad_log_z), ptr<A>(grad_gold), ptr<E>(emissions),
+    C10_CUDA_CHECK(k::launch_backward<E>(ptr<A>(grad_log_z), ptr<A>(grad_gold), ptr<E>(emissions),
                                       tags.defined() ? ptr<int64_t>(tags) : nullptr, ptr<int64_t>(lengths),
                                       ptr<A>(transitions), ptr<A>(start), ptr<A>(end), mut_ptr<E>(grad_emissions),
                                       mut_ptr<A>(grad_transitions), mut_ptr<A>(grad_start), mut_ptr<A>(grad_end),
@@ -204,12 +206,12 @@ std::tuple<Tensor, Tensor> crf_viterbi_cuda(const Tensor& emissions_in, const Te
   dispatch_emissions(emissions.scalar_type(), "crf_viterbi", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    const size_t scratch_bytes = viterbi_scratch_bytes<A>(B, T, K);
+    const size_t scratch_bytes = k::viterbi_scratch_bytes<A>(B, T, K);
     Tensor scratch;  // backpointers [B, T, K] when they do not fit in shared memory
     if (scratch_bytes > 0) {
       scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, emissions.options().dtype(at::kByte));
     }
-    C10_CUDA_CHECK(launch_viterbi<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
+    C10_CUDA_CHECK(k::launch_viterbi<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
                                      ptr<A>(start), ptr<A>(end), mut_ptr<int64_t>(tags), mut_ptr<A>(scores),
                                      scratch.defined() ? scratch.mutable_data_ptr() : nullptr, B, T, K, stream));
   });
@@ -229,15 +231,15 @@ std::tuple<Tensor, Tensor> crf_kbest_cuda(const Tensor& emissions_in, const Tens
   TORCH_CHECK_VALUE(k <= std::numeric_limits<int32_t>::max() / K, "crf_kbest: k * K must be below 2^31, got k = ",
                     k, ", K = ", K);
   const c10::cuda::CUDAGuard guard(emissions_in.device());
-  const DeviceLimits dev = device_limits();
+  const k::DeviceLimits dev = device_limits();
   {
     int gpb = 1;
     size_t smem = 0;
     bool stage = false;
     if (emissions_in.scalar_type() == at::kDouble) {
-      kbest_shape<double>(B, K, k, dev, &gpb, &smem, &stage);
+      k::kbest_shape<double>(B, K, k, dev, &gpb, &smem, &stage);
     } else {
-      kbest_shape<float>(B, K, k, dev, &gpb, &smem, &stage);
+      k::kbest_shape<float>(B, K, k, dev, &gpb, &smem, &stage);
     }
     TORCH_CHECK_VALUE(smem > 0, "crf_kbest: k = ", k, " best lists for K = ", K,
                       " tags need more shared memory than this GPU has (", dev.smem_optin_bytes,
@@ -253,7 +255,7 @@ std::tuple<Tensor, Tensor> crf_kbest_cuda(const Tensor& emissions_in, const Tens
   dispatch_emissions(emissions.scalar_type(), "crf_kbest", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_kbest<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions), ptr<A>(start),
+    C10_CUDA_CHECK(k::launch_kbest<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions), ptr<A>(start),
                                    ptr<A>(end), mut_ptr<int64_t>(tags), mut_ptr<A>(scores),
                                    mut_ptr<int32_t>(backpointers), B, T, K, static_cast<int>(k), dev, stream));
   });
@@ -276,7 +278,7 @@ Tensor crf_marginals_cuda(const Tensor& emissions_in, const Tensor& lengths_in, 
   dispatch_emissions(emissions.scalar_type(), "crf_marginals", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_marginals<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
+    C10_CUDA_CHECK(k::launch_marginals<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
                                        ptr<A>(start), ptr<A>(end), mut_ptr<A>(out), B, T, K, stream));
   });
   return out;

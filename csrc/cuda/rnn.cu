@@ -49,10 +49,11 @@
 #include "cuda/kernels/rnn.cuh"
 
 namespace fastner {
-namespace cuda_rnn {
+namespace cuda {
+namespace rnn {
 namespace {
 
-namespace k = ::fastner::cuda::rnn;
+namespace k = kernels;
 using at::Tensor;
 using k::Cell;
 
@@ -677,14 +678,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_forward_autocast(
 }
 
 }  // namespace
-}  // namespace cuda_rnn
+}  // namespace rnn
+}  // namespace cuda
 }  // namespace fastner
 
 TORCH_LIBRARY_IMPL(fastner, CUDA, m) {
-  m.impl("rnn_layer_forward", &fastner::cuda_rnn::rnn_layer_forward);
-  m.impl("rnn_layer_backward", &fastner::cuda_rnn::rnn_layer_backward);
+  m.impl("rnn_layer_forward", &fastner::cuda::rnn::rnn_layer_forward);
+  m.impl("rnn_layer_backward", &fastner::cuda::rnn::rnn_layer_backward);
 }
 
 TORCH_LIBRARY_IMPL(fastner, AutocastCUDA, m) {
-  m.impl("rnn_layer_forward", &fastner::cuda_rnn::rnn_layer_forward_autocast);
+  m.impl("rnn_layer_forward", &fastner::cuda::rnn::rnn_layer_forward_autocast);
 }

@@ -55,6 +55,7 @@
 namespace fastner {
 namespace cuda {
 namespace crf {
+namespace kernels {
 
 // The element-type helpers of accumulate.cuh, visible as crf::acc_t etc. to the bindings.
 using cuda::acc_t;
@@ -1172,6 +1173,7 @@ FASTNER_CRF_INSTANTIATE(__nv_bfloat16)
 #undef FASTNER_CRF_INSTANTIATE
 #endif  // FASTNER_KERNEL_CHECK
 
+}  // namespace kernels
 }  // namespace crf
 }  // namespace cuda
 }  // namespace fastner

@@ -47,6 +47,7 @@
 namespace fastner {
 namespace cuda {
 namespace rnn {
+namespace kernels {
 
 // The element-type helpers of accumulate.cuh, visible as rnn::acc_t etc. to the bindings.
 using cuda::acc_t;
@@ -833,6 +834,7 @@ cudaError_t launch_persistent_backward(Cell cell, const PersistentBackwardArgs<E
   return launch_persistent<E, true>(cell, args, device, stream, launched);
 }
 
+}  // namespace kernels
 }  // namespace rnn
 }  // namespace cuda
 }  // namespace fastner
@@ -842,6 +844,7 @@ cudaError_t launch_persistent_backward(Cell cell, const PersistentBackwardArgs<E
 namespace fastner {
 namespace cuda {
 namespace rnn {
+namespace kernels {
 #define FASTNER_RNN_INSTANTIATE(E)                                                                          \
   template cudaError_t launch_copy_rows<E, true>(const PlanView&, int64_t, const E*, E*, cudaStream_t);     \
   template cudaError_t launch_copy_rows<E, false>(const PlanView&, int64_t, const E*, E*, cudaStream_t);    \
@@ -871,6 +874,7 @@ FASTNER_RNN_INSTANTIATE_LOW_PRECISION(__half)
 FASTNER_RNN_INSTANTIATE_LOW_PRECISION(__nv_bfloat16)
 #undef FASTNER_RNN_INSTANTIATE
 #undef FASTNER_RNN_INSTANTIATE_LOW_PRECISION
+}  // namespace kernels
 }  // namespace rnn
 }  // namespace cuda
 }  // namespace fastner

@@ -52,13 +52,16 @@ def emu():
     compiler = shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs g++ and the CUDA headers (cuda_runtime.h)")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    # -fno-gnu-unique: the emulation's inline variables (namespace emu) stay private to this
+    # library; as GNU unique symbols they would be bound process-wide, onto the RNN emulation's
+    # same-named ones (tests/ops/rnn/test_rnn_cuda_emulated.py) when both run in one process.
+    flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-attributes", "-fno-gnu-unique"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
     lib = pathlib.Path(tempfile.gettempdir()) / f"fastner_crf_emulated_{digest}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-attributes",
-               f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}", str(EMULATION / "crf_emulated.cpp"),
-               "-o", str(tmp)]
+        cmd = [compiler, *flags, f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}",
+               str(EMULATION / "crf_emulated.cpp"), "-o", str(tmp)]
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
     return ctypes.CDLL(str(lib))

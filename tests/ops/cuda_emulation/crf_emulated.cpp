@@ -12,7 +12,7 @@
 
 #include <vector>
 
-using namespace fastner::cuda::crf;
+using namespace fastner::cuda::crf::kernels;
 
 namespace {
 
