@@ -25,6 +25,11 @@
 // Host synchronisation. The per-step GEMM sizes come from the lengths, so the plan is built on
 // the host: lengths on the GPU cost one device->host copy (a sync); lengths on the CPU (accepted
 // as well; the dispatcher still picks this kernel from the CUDA input) cost none.
+//
+// One file (~690 lines): the binding's forward and backward share the host-side plan, the
+// weight unpacking and the two-stream fork/join, and the CPU emulation
+// (tests/ops/rnn/test_rnn_cuda_emulated.py) compiles this one source as it is. Sections:
+// types, arguments, streams, forward, backward, registration.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -41,6 +41,12 @@
 // results with NaN instead: a length outside [0, T] (all outputs of the sequence NaN, tags -1),
 // a tag outside [0, K) inside the length (gold score NaN; in crf_backward the sequence's
 // gradients and so the parameter gradients NaN).
+//
+// One file (~1180 lines): the CUDA side's unit is one torch-free header per op family, which
+// .ci/check_cuda_kernels.sh compiles alone and tests/ops/crf/test_crf_cuda_emulated.py runs
+// under the CPU emulation; the five ops share its groups, launch shapes and numeric helpers.
+// Sections, in order: limits and helpers, groups, launch shapes, crf_forward, crf_backward,
+// crf_viterbi, crf_marginals, crf_kbest, compile-check instantiations.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -31,6 +31,12 @@
 // index over nb * H, grid-stride. Each (j, k) element of every state buffer is read and written
 // by exactly one thread per launch, so there are no races; successive launches (and the cuBLAS
 // GEMMs between them) are ordered by running on one stream per direction.
+//
+// One file (~880 lines): the CUDA side's unit is one torch-free header per op family, which
+// .ci/check_cuda_kernels.sh compiles alone and tests/ops/rnn/test_rnn_cuda_emulated.py rewrites
+// mechanically (launch syntax, shared memory) for the CPU emulation. Sections, in order: types
+// and the plan view, layout kernels, cell math, step-wise forward and backward, persistent
+// forward and backward, host launchers, compile-check instantiations.
 #pragma once
 
 #include <cooperative_groups.h>
