@@ -31,9 +31,7 @@
 #include "checks.h"
 #include "cuda/kernels/crf.cuh"
 
-namespace fastner {
-namespace cuda {
-namespace crf {
+namespace fastner::cuda::crf {
 namespace {
 
 namespace k = kernels;  // the torch-free device code, csrc/cuda/kernels/crf.cuh
@@ -285,9 +283,7 @@ Tensor crf_marginals_cuda(const Tensor& emissions_in, const Tensor& lengths_in, 
 }
 
 }  // namespace
-}  // namespace crf
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::crf
 
 TORCH_LIBRARY_IMPL(fastner, CUDA, m) {
   m.impl("crf_forward", &fastner::cuda::crf::crf_forward_cuda);

@@ -53,9 +53,7 @@
 
 #include "cuda/kernels/rnn.cuh"
 
-namespace fastner {
-namespace cuda {
-namespace rnn {
+namespace fastner::cuda::rnn {
 namespace {
 
 namespace k = kernels;
@@ -683,9 +681,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_forward_autocast(
 }
 
 }  // namespace
-}  // namespace rnn
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::rnn
 
 TORCH_LIBRARY_IMPL(fastner, CUDA, m) {
   m.impl("rnn_layer_forward", &fastner::cuda::rnn::rnn_layer_forward);

@@ -58,10 +58,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace fastner {
-namespace cuda {
-namespace crf {
-namespace kernels {
+namespace fastner::cuda::crf::kernels {
 
 // The element-type helpers of accumulate.cuh, visible as crf::acc_t etc. to the bindings.
 using cuda::acc_t;
@@ -1179,7 +1176,4 @@ FASTNER_CRF_INSTANTIATE(__nv_bfloat16)
 #undef FASTNER_CRF_INSTANTIATE
 #endif  // FASTNER_KERNEL_CHECK
 
-}  // namespace kernels
-}  // namespace crf
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::crf::kernels

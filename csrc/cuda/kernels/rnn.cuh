@@ -50,10 +50,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace fastner {
-namespace cuda {
-namespace rnn {
-namespace kernels {
+namespace fastner::cuda::rnn::kernels {
 
 // The element-type helpers of accumulate.cuh, visible as rnn::acc_t etc. to the bindings.
 using cuda::acc_t;
@@ -840,17 +837,11 @@ cudaError_t launch_persistent_backward(Cell cell, const PersistentBackwardArgs<E
   return launch_persistent<E, true>(cell, args, device, stream, launched);
 }
 
-}  // namespace kernels
-}  // namespace rnn
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::rnn::kernels
 
 #ifdef FASTNER_KERNEL_CHECK
 // Compile-check every kernel and launcher for every storage type (.ci/check_cuda_kernels.sh).
-namespace fastner {
-namespace cuda {
-namespace rnn {
-namespace kernels {
+namespace fastner::cuda::rnn::kernels {
 #define FASTNER_RNN_INSTANTIATE(E)                                                                          \
   template cudaError_t launch_copy_rows<E, true>(const PlanView&, int64_t, const E*, E*, cudaStream_t);     \
   template cudaError_t launch_copy_rows<E, false>(const PlanView&, int64_t, const E*, E*, cudaStream_t);    \
@@ -880,8 +871,5 @@ FASTNER_RNN_INSTANTIATE_LOW_PRECISION(__half)
 FASTNER_RNN_INSTANTIATE_LOW_PRECISION(__nv_bfloat16)
 #undef FASTNER_RNN_INSTANTIATE
 #undef FASTNER_RNN_INSTANTIATE_LOW_PRECISION
-}  // namespace kernels
-}  // namespace rnn
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::rnn::kernels
 #endif  // FASTNER_KERNEL_CHECK

@@ -62,6 +62,19 @@ def crf_inputs(batch: int, steps: int, num_tags: int, dtype: torch.dtype = torch
     return emissions, tags, lengths, transitions, start, end
 
 
+def crf_holding(transitions: torch.Tensor, start: torch.Tensor, end: torch.Tensor, batch_first: bool = True):
+    """A fastner.nn.CRF holding these scores (its dtype theirs): the module-level view of an op
+    call's inputs, e.g. run under testing.backend("reference") as the oracle."""
+    import fastner.nn
+
+    crf = fastner.nn.CRF(transitions.shape[0], batch_first=batch_first).to(transitions.dtype)
+    with torch.no_grad():
+        crf.transitions.copy_(transitions)
+        crf.start_transitions.copy_(start)
+        crf.end_transitions.copy_(end)
+    return crf
+
+
 def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """x [B, T, ...] with the same values in the storage `layout` names (a view, not a copy of
     the values' meaning): contiguous, time-first ([T, B, ...] storage) or, for [B, T, K], a
