@@ -195,4 +195,13 @@ TORCH_LIBRARY(fastner, m) {
         "Tensor lengths, Tensor[] weights, Tensor? hx, Tensor? cx, Tensor workspace, str mode, "
         "bool bidirectional, bool batch_first) -> "
         "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
+  // Inference-only int8 layer (fastner.nn.quantize(module, torch.qint8)): rnn_layer_forward's
+  // arguments and results (no workspace) with input, hx, cx and the biases float32 and w_ih,
+  // w_hh int8, quantized per output channel: w ~= w_q * scale[:, None]. scales: per direction
+  // [w_ih's scale [G*H], w_hh's scale [G*H]] (float32), so 2*D tensors. Every product quantizes
+  // its left rows on the fly (7-bit asymmetric per row); the exact arithmetic is
+  // fastner.reference.rnn_layer_int8's (csrc/cpu/rnn_int8.h says why 7 bits). No autograd.
+  m.def("rnn_layer_int8_forward(Tensor input, Tensor lengths, Tensor[] weights, Tensor[] scales, "
+        "Tensor? hx, Tensor? cx, str mode, bool bidirectional, bool batch_first) -> "
+        "(Tensor output, Tensor h_n, Tensor c_n)");
 }

@@ -161,6 +161,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _load_tagger(args):
+    """The tagger of `args.model` on --device in --precision; a precision the device or this
+    build cannot run is a usage error."""
+    from fastner.tagger import Tagger
+
+    try:
+        return Tagger.load(args.model, device=args.device, precision=args.precision)
+    except NotImplementedError as err:
+        raise UsageError(f"--precision {args.precision}: {err}") from None
+    except ValueError as err:
+        if str(err).startswith("precision"):
+            raise UsageError(f"--{err}") from None
+        raise
+
+
 # ---- evaluate ------------------------------------------------------------------------------
 
 def cmd_evaluate(args) -> int:
@@ -173,7 +188,7 @@ def cmd_evaluate(args) -> int:
         if not os.path.isdir(folder) or os.path.isdir(args.output):
             raise UsageError(f"--output {args.output}: " + ("is a directory" if os.path.isdir(args.output)
                                                             else f"the folder {folder} does not exist"))
-    tagger = Tagger.load(args.model, device=args.device)
+    tagger = _load_tagger(args)
     sentences = _read(args.file, args)
     pred = tagger.tag([s.tokens for s in sentences], batch_size=args.batch_size)
     from fastner.data.jsonl import is_jsonl
@@ -201,7 +216,7 @@ def cmd_tag(args) -> int:
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
-    tagger = Tagger.load(args.model, device=args.device)
+    tagger = _load_tagger(args)
     items = read_items(args.inputs, args.input, word_column=args.word_column)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     with output_file(args.out) as out:
@@ -296,7 +311,7 @@ def cmd_export(args) -> int:
     _set_threads(args.threads)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"{args.out} exists and is not a directory")
-    tagger = Tagger.load(args.model, device=args.device)
+    tagger = _load_tagger(args)
     meta = export_tagger(tagger, args.out, max_length=args.max_length)
     print(json.dumps({"out": args.out, "fixed_length": meta["fixed_length"], "fastner_ops": meta["fastner_ops"]}))
     return 0
@@ -361,6 +376,14 @@ def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] 
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1)")
 
 
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    from fastner.tagger import PRECISIONS
+
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="the recurrent encoder's precision: fp32 (as trained), int8 or bf16 (CPU inference "
+                             "only; fastner.nn.quantize) (default fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,serve,info,bench}")
@@ -413,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=COUNT, default=64)
     _add_columns(p)
     _add_runtime(p)
+    _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("tag", help="tag raw text, .txt directories, JSONL, tokenised or CoNLL input")
@@ -432,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--word-column", type=int, default=0, help="--input conll: column of the words (default 0)")
     p.add_argument("--batch-size", type=COUNT, default=64)
     _add_runtime(p)
+    _add_precision(p)
     p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("convert", help="convert between CoNLL columns and JSONL character-offset spans")
@@ -449,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sentence length the program is fixed to where the sequence length cannot be dynamic "
                         "(reference path; default 64)")
     _add_runtime(p, device_default="cpu")
+    _add_precision(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train and try a small tagger on a generated financial-news corpus")

@@ -287,11 +287,9 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 # Recurrent layers (LSTM / GRU / RNN)
 # =============================================================================================
 
-def _rnn_cell(mode: str, x_proj: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor]):
-    """One step of one direction: x_proj = W_ih x + b_ih [B, G*H], h / c [B, H] -> (h', c')."""
-    h_proj = h @ w_hh.t()
-    if b_hh is not None:
-        h_proj = h_proj + b_hh
+def _rnn_cell(mode: str, x_proj: Tensor, h: Tensor, c: Optional[Tensor], h_proj: Tensor):
+    """One step of one direction: x_proj = W_ih x + b_ih [B, G*H], h_proj = W_hh h + b_hh
+    [B, G*H], h / c [B, H] -> (h', c')."""
     if mode == "lstm":
         i, f, g, o = (x_proj + h_proj).chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -326,21 +324,30 @@ def rnn_layer(
     """
     validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
                         batch_first)
-    x = input if batch_first else input.transpose(0, 1)  # [B, T, I]
-    B, T = x.shape[0], x.shape[1]
     D = 2 if bidirectional else 1
     per_dir = len(weights) // D
-    H = weights[1].shape[1]
+
+    def product(d: int, which: int, x: Tensor) -> Tensor:  # x @ W^T (+ b): which 0 = ih, 1 = hh
+        out = x @ weights[d * per_dir + which].t()
+        return out + weights[d * per_dir + 2 + which] if per_dir == 4 else out
+
+    return _rnn_layer_loop(input, lengths, product, weights[1].shape[1], hx, cx, mode, D,
+                           batch_first)
+
+
+def _rnn_layer_loop(input: Tensor, lengths: Tensor, product, H: int, hx: Optional[Tensor],
+                    cx: Optional[Tensor], mode: str, D: int, batch_first: bool):
+    """rnn_layer's time loop, with the products given: product(d, 0, x [B, T, I]) is direction
+    d's projected input [B, T, G*H] and product(d, 1, h [B, H]) its W_hh h term [B, G*H],
+    each with its bias."""
+    x = input if batch_first else input.transpose(0, 1)  # [B, T, I]
+    B, T = x.shape[0], x.shape[1]
     lengths = lengths.to(x.device)  # a CUDA input may come with CPU lengths
     steps = torch.arange(T, device=x.device)
     valid = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # [B, T, 1]
     outputs, h_last, c_last = [], [], []
     for d in range(D):
-        w_ih, w_hh = weights[d * per_dir], weights[d * per_dir + 1]
-        b_ih, b_hh = (weights[d * per_dir + 2], weights[d * per_dir + 3]) if per_dir == 4 else (None, None)
-        x_proj = x @ w_ih.t()
-        if b_ih is not None:
-            x_proj = x_proj + b_ih
+        x_proj = product(d, 0, x)
         h = hx[d] if hx is not None else x.new_zeros(B, H)
         c = None
         if mode == "lstm":
@@ -350,7 +357,7 @@ def rnn_layer(
         # value until its own last step, so it starts there.
         for t in (range(T) if d == 0 else range(T - 1, -1, -1)):
             m = valid[:, t]
-            h_new, c_new = _rnn_cell(mode, x_proj[:, t], h, c, w_hh, b_hh)
+            h_new, c_new = _rnn_cell(mode, x_proj[:, t], h, c, product(d, 1, h))
             h = torch.where(m, h_new, h)
             if c is not None:
                 c = torch.where(m, c_new, c)
@@ -366,3 +373,72 @@ def rnn_layer(
     h_n = torch.stack(h_last)
     c_n = torch.stack(c_last) if c_last else x.new_empty(0)
     return output, h_n, c_n
+
+
+# int8 layers (fastner.nn.quantize(..., torch.qint8); csrc/cpu/rnn_int8.h says why 7 bits).
+# Weights: symmetric 7-bit per output channel, w ~= w_q * scale[:, None]. Rows of
+# the left operand: asymmetric u7 per row, quantized on every product. These functions define
+# the arithmetic the kernel reproduces: the same float32 operations in the same order, the
+# integer sums exact.
+INT8_ACTIVATION_MAX = 127
+INT8_WEIGHT_MAX = 63
+
+
+def quantize_weight_int8(w: Tensor) -> Tuple[Tensor, Tensor]:
+    """w [N, K] float -> (w_q int8 [N, K] in [-63, 63], scale float32 [N]): w_q = round(w /
+    scale) with scale = max|w[n, :]| / 63 (1 for an all-zero row)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / INT8_WEIGHT_MAX if w.shape[1] else w.new_ones(w.shape[0])
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    w_q = torch.round(w / scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8)
+    return w_q, scale
+
+
+def quantize_rows_int8(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """x [..., K] float32 -> (q int32 [..., K] in [0, 127], scale [..., 1], zero int32 [..., 1]):
+    x ~= (q - zero) * scale, with the range widened to include 0."""
+    zero_f = x.new_zeros(())
+    lo = torch.minimum(x.amin(dim=-1, keepdim=True), zero_f) if x.shape[-1] else x.new_zeros(*x.shape[:-1], 1)
+    hi = torch.maximum(x.amax(dim=-1, keepdim=True), zero_f) if x.shape[-1] else lo
+    scale = (hi - lo) / INT8_ACTIVATION_MAX
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    inv = 1.0 / scale
+    zero = torch.round(-lo * inv).clamp(0, INT8_ACTIVATION_MAX).to(torch.int32)
+    q = (torch.round(x * inv).nan_to_num(nan=-2.0**31, posinf=-2.0**31, neginf=-2.0**31)
+         .clamp(-2.0**31, 2.0**31 - 1).to(torch.int64))
+    q = torch.where(q == -2**31, torch.zeros_like(q), (q + zero).clamp(0, INT8_ACTIVATION_MAX))
+    return q.to(torch.int32), scale, zero
+
+
+def int8_product(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
+    """x [..., K] float32 @ (w_q * scale[:, None])^T with x quantized per row: float(sum_k (q -
+    zero) w_q) * x_scale * scale, the integer sum exact. -> [..., N] float32."""
+    q, x_scale, zero = quantize_rows_int8(x.float())
+    acc = (q.to(torch.int64) - zero.to(torch.int64)) @ w_q.to(torch.int64).t()
+    return acc.to(torch.float32) * x_scale * scale
+
+
+def rnn_layer_int8(
+    input: Tensor,
+    lengths: Tensor,
+    weights: list,
+    scales: list,
+    hx: Optional[Tensor],
+    cx: Optional[Tensor],
+    mode: str,
+    bidirectional: bool,
+    batch_first: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """rnn_layer with both products in int8 (see fastner::rnn_layer_int8_forward): weights has
+    w_ih, w_hh int8 (and float32 biases), scales per direction [w_ih's [G*H], w_hh's [G*H]]."""
+    validation.rnn_int8_args("rnn_layer_int8", input, lengths, weights, scales, hx, cx, mode,
+                             bidirectional, batch_first)
+    D = 2 if bidirectional else 1
+    per_dir = len(weights) // D
+
+    def product(d: int, which: int, x: Tensor) -> Tensor:
+        out = int8_product(x, weights[d * per_dir + which], scales[2 * d + which])
+        return out + weights[d * per_dir + 2 + which] if per_dir == 4 else out
+
+    return _rnn_layer_loop(input, lengths, product, weights[1].shape[1], hx, cx, mode, D,
+                           batch_first)

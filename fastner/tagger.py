@@ -34,6 +34,10 @@ PRETRAINED_VECTORS_FILE = "pretrained.npy"
 PRETRAINED_WORDS_FILE = "pretrained_words.json"
 
 
+# Tagger.load(precision=...): the name and the dtype fastner.nn.quantize gets (None: as trained).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.qint8}
+
+
 class TaggerLoadError(ValueError):
     """A tagger directory that is missing, incomplete or written by an incompatible version."""
 
@@ -158,7 +162,14 @@ class Tagger:
         write_file_set(path, self.files(state_dict))
 
     @classmethod
-    def load(cls, path: str, device: Union[str, torch.device, None] = None) -> "Tagger":
+    def load(cls, path: str, device: Union[str, torch.device, None] = None, precision: str = "fp32") -> "Tagger":
+        """The tagger saved in `path`, on `device`, its recurrent encoder running in `precision`:
+        'fp32' (as trained), 'int8' or 'bf16' (inference only, CPU: fastner.nn.quantize; the
+        embeddings, char CNN and CRF stay float32)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and resolve_device(device).type != "cpu":
+            raise ValueError(f"precision {precision!r} runs on the CPU only, got device {resolve_device(device)}")
         if not os.path.isdir(path):
             raise TaggerLoadError(f"no tagger directory at {path!r}")
         names = (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE)
@@ -199,6 +210,10 @@ class Tagger:
             reason = " ".join(str(err).split())
             raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "
                                   f"{reason[:400]}") from None
+        if precision != "fp32":
+            from fastner.nn.quantize import quantize
+
+            quantize(model, PRECISIONS[precision])
         return cls(model, words, chars, tags, config.get("output_scheme", "IOB2"),
                    bool(config.get("digits_to_zero", False)), device, pretrained_words)
 

@@ -97,14 +97,15 @@ def crf_mask(op: str, mask: Tensor) -> None:
 
 def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor], hx: Optional[Tensor],
         cx: Optional[Tensor], mode: str, bidirectional: bool, batch_first: bool, *,
-        values: bool = True) -> None:
+        values: bool = True, input_dtypes: Sequence[torch.dtype] = _RNN_DTYPES,
+        matrix_dtype: Optional[torch.dtype] = None) -> None:
     """rnn_layer_forward's arguments (csrc/fastner.cpp): input [B, T, I] or [T, B, I] float32 /
     float64; lengths int64 [B] in [0, T] on the input's device (or the CPU for a CUDA input);
     2*D or 4*D weights of torch's shapes, hx / cx [D, B, H], all in the input's dtype and device."""
     if mode not in RNN_GATES:
         _fail(op, f"mode must be one of {sorted(RNN_GATES)}, got {mode!r}")
     owner = "the input's"
-    tensor_arg(op, "input", input, dim=3, dtypes=_RNN_DTYPES)
+    tensor_arg(op, "input", input, dim=3, dtypes=input_dtypes)
     B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
     I = input.shape[2]
     device, dtype = input.device, input.dtype
@@ -124,11 +125,38 @@ def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     shapes = ((G * H, I), (G * H, H), (G * H,), (G * H,))
     for d in range(D):
         for j in range(per_dir):
+            wanted = matrix_dtype if (j < 2 and matrix_dtype is not None) else dtype
             tensor_arg(op, f"{names[j]} of direction {d}", weights[d * per_dir + j], shape=shapes[j],
-                   dtypes=(dtype,), device=device, owner=owner)
+                   dtypes=(wanted,), device=device, owner=owner)
     for name, state in (("hx", hx), ("cx", cx)):
         if state is not None:
             tensor_arg(op, name, state, shape=(D, B, H), dtypes=(dtype,), device=device, owner=owner)
+
+
+def rnn_int8_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
+                  scales: Sequence[Tensor], hx: Optional[Tensor], cx: Optional[Tensor], mode: str,
+                  bidirectional: bool, batch_first: bool, *, values: bool = True) -> None:
+    """rnn_layer_int8_forward's arguments: rnn_args' with input, biases, hx, cx float32, w_ih and
+    w_hh int8, and scales 2*D float32 [G*H] tensors (w_ih's, w_hh's per direction)."""
+    rnn_args(op, input, lengths, weights, hx, cx, mode, bidirectional, batch_first, values=values,
+             input_dtypes=(torch.float32,), matrix_dtype=torch.int8)
+    D = 2 if bidirectional else 1
+    scales = list(scales)
+    if len(scales) != 2 * D:
+        _fail(op, f"scales must hold 2*D = {2 * D} tensors (w_ih's and w_hh's per direction), "
+                  f"got {len(scales)}")
+    per_dir = len(weights) // D
+    if values:  # the kernel's int16 sums need 7-bit weights (csrc/cpu/rnn_int8.h)
+        for d in range(D):
+            for j, name in enumerate(("w_ih", "w_hh")):
+                w = weights[d * per_dir + j]
+                if w.numel() and int(w.abs().max()) > 63:
+                    _fail(op, f"{name} of direction {d}: weights must be in [-63, 63] "
+                              f"(fastner.reference.quantize_weight_int8), got {int(w.abs().max())}")
+    GH = weights[0].shape[0]
+    for k, scale in enumerate(scales):
+        tensor_arg(op, f"scales[{k}]", scale, shape=(GH,), dtypes=(torch.float32,),
+                   device=input.device, owner="the input's")
 
 
 def tag_lists_args(tags: Tensor, lengths: Tensor) -> None:

@@ -22,7 +22,7 @@ from fastner.bench.workloads import (LENGTHS, TAGGER_RNN, conll_like_lengths, cr
                                      sentence_batches)
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("gemm", "crf", "rnn", "tagger")
+GROUPS = ("gemm", "crf", "rnn", "precision", "tagger")
 STAT_KEYS = ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "samples", "calls_per_sample")
 
 
@@ -108,6 +108,7 @@ def test_quick_run_rows_have_medians_spread_and_ratios(quick_run):
 
 def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
     data = json.loads(quick_run[1].read_text())
+    quantized = [r for r in data["rows"] if r["group"] == "precision"]
     rnn = [r for r in data["rows"] if r["group"] == "rnn"]
     tagger_shape = [r for r in rnn if (r["shape"]["B"], r["shape"]["T"], r["shape"]["H"]) == (32, 40, 200)]
     assert {(r["cell"], r["mode"]) for r in tagger_shape} == {
@@ -115,8 +116,21 @@ def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
     for row in tagger_shape:
         assert {r["impl"] for r in row["results"]} == {
             "torch.padded", "torch.packed", "fastner.padded", "fastner.lengths", "fastner.packed"}
-    gemm = [r for r in data["rows"] if r["group"] == "gemm"]
+    gemm = [r for r in data["rows"] if r["group"] == "gemm" and r["op"] == "mm_fp32"]
     assert len(gemm) == 1 and gemm[0]["gflops_per_s"] > 0
+    # int8 / bf16 rows at the tagger shape: every cell, fastner int8 timed, the peers torch has.
+    assert {r["cell"] for r in quantized} == {"lstm", "gru", "rnn"}
+    int8_gemm = [r for r in data["rows"] if r["op"] == "linear_dynamic_int8"]
+    assert len(int8_gemm) == 1 and int8_gemm[0]["gops_per_s"] > 0
+    for row in quantized:
+        assert "error" not in row and row["check"] == "ok", row
+        impls = {r["impl"] for r in row["results"]}
+        assert {"fastner.int8.lengths", "fastner.int8.packed", "torch.packed"} <= impls
+        if row["cell"] != "rnn":
+            assert {"torch.int8.padded", "torch.int8.packed"} <= impls
+        assert ("fastner.bf16.lengths" in impls) != ("fastner.bf16" in row)  # timed, or why not
+        assert all(r["x_int8_floor"] > 0 for r in row["results"] if ".int8." in r["impl"] + ".")
+        assert 0 < row["relative_error_vs_fp32"]["fastner.int8.lengths"] < 0.05
     for row in rnn:
         assert row["flops"] > 0 and row["floor_ms"] > 0
         floor_ms = row["flops"] / (gemm[0]["gflops_per_s"] * 1e9) * 1e3
@@ -426,7 +440,11 @@ def test_tagger_rows_on_a_stand_in_model():
         assert row.check == "ok"
         assert row.shape["batching"] == "random" and row.shape["sentences"] >= 1
         fast, base = row.result("fastner"), row.result("torch+pytorch-crf")
-        assert fast.speedup.keys() == {"torch+pytorch-crf"}
+        if row.op == "tagger_training":
+            assert fast.speedup.keys() == {"torch+pytorch-crf"}
+        else:  # inference: int8 too, against fp32 and against torch's int8 model
+            assert fast.speedup.keys() == {"torch+pytorch-crf", "torch+pytorch-crf.int8"}
+            assert row.result("fastner.int8").speedup.keys() == fast.speedup.keys()
         assert fast.extra["sentences_per_s"] > 0 and base.extra["sentences_per_s"] > 0
 
 

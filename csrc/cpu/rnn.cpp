@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/rnn_gemm.h"
+#include "cpu/rnn_int8.h"
 #include "cpu/rnn_math.h"
 #include "rnn_layout.h"
 #include "checks.h"
@@ -176,7 +177,10 @@ struct LayerWeights {
   std::vector<Tensor> w_ih, w_hh, b_ih, b_hh;  // per direction, contiguous
 };
 
-LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cell, const Tensor& input) {
+// w_ih / w_hh must have weight_dtype (the input's for the float op, int8 for the int8 op); the
+// biases the input's dtype.
+LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cell, const Tensor& input,
+                            at::ScalarType weight_dtype) {
   LayerWeights w;
   w.D = bidirectional ? 2 : 1;
   w.G = gates_of(cell);
@@ -190,20 +194,20 @@ LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cel
   w.I = input.size(2);
   const int64_t GH = w.G * w.H;
   for (int64_t d = 0; d < w.D; ++d) {
-    auto check = [&](const Tensor& t, at::IntArrayRef shape, const char* name) {
+    auto check = [&](const Tensor& t, at::IntArrayRef shape, const char* name, at::ScalarType dtype) {
       TORCH_CHECK_VALUE(t.sizes() == shape, "rnn_layer: ", name, " of direction ", d, " must have shape ", shape,
                         ", got ", t.sizes());
-      TORCH_CHECK_VALUE(t.scalar_type() == input.scalar_type(), "rnn_layer: ", name, " must have the input's dtype ",
-                        input.scalar_type(), ", got ", t.scalar_type());
+      TORCH_CHECK_VALUE(t.scalar_type() == dtype, "rnn_layer: ", name, " must have dtype ", dtype, ", got ",
+                        t.scalar_type());
       TORCH_CHECK_VALUE(t.device() == input.device(), "rnn_layer: ", name, " must be on the input's device ",
                         input.device(), ", got ", t.device());
       return t.contiguous();
     };
-    w.w_ih.push_back(check(weights[d * per_dir + 0], {GH, w.I}, "w_ih"));
-    w.w_hh.push_back(check(weights[d * per_dir + 1], {GH, w.H}, "w_hh"));
+    w.w_ih.push_back(check(weights[d * per_dir + 0], {GH, w.I}, "w_ih", weight_dtype));
+    w.w_hh.push_back(check(weights[d * per_dir + 1], {GH, w.H}, "w_hh", weight_dtype));
     if (w.has_bias) {
-      w.b_ih.push_back(check(weights[d * per_dir + 2], {GH}, "b_ih"));
-      w.b_hh.push_back(check(weights[d * per_dir + 3], {GH}, "b_hh"));
+      w.b_ih.push_back(check(weights[d * per_dir + 2], {GH}, "b_ih", input.scalar_type()));
+      w.b_hh.push_back(check(weights[d * per_dir + 3], {GH}, "b_hh", input.scalar_type()));
     }
   }
   return w;
@@ -329,14 +333,30 @@ void check_input(const Tensor& input, const char* name) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+// The float op's products: MKL-packed (where available) float GEMMs with W_ih^T and W_hh^T.
 template <typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, const Tensor& lengths, at::TensorList weights,
-                                                        const c10::optional<Tensor>& hx, const c10::optional<Tensor>& cx,
-                                                        Cell cell, bool bidirectional, bool batch_first, bool training) {
-  const Tensor input = input_.contiguous();
+struct FloatProducts {
+  const LayerWeights& w;
+  // x @ W_ih^T for up to max_m rows at a time, and h @ W_hh^T.
+  PackedRight<T> input(int64_t d, int64_t max_m) const {
+    return PackedRight<T>(w.w_ih[d].const_data_ptr<T>(), w.I, /*trans_b=*/true, w.I, w.G * w.H, max_m);
+  }
+  PackedRight<T> recurrent(int64_t d, int64_t max_m) const {
+    return PackedRight<T>(w.w_hh[d].const_data_ptr<T>(), w.H, /*trans_b=*/true, w.H, w.G * w.H, max_m);
+  }
+};
+
+// input is contiguous; w its layer's weights (unpack_weights). products.input(d, max_m) and
+// products.recurrent(d, max_m) give direction d's right operands, objects with
+// multiply(m, a, lda, beta, c, ldc): FloatProducts for the float op, Int8Products for the
+// int8 one (which never trains).
+template <typename T, typename Products>
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, const Tensor& lengths, const LayerWeights& w,
+                                                        const Products& products, const c10::optional<Tensor>& hx,
+                                                        const c10::optional<Tensor>& cx, Cell cell, bool batch_first,
+                                                        bool training) {
   const int64_t B = batch_first ? input.size(0) : input.size(1);
   const int64_t T_ = batch_first ? input.size(1) : input.size(0);
-  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
   const Plan plan = make_plan(lengths, B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
@@ -390,7 +410,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     std::vector<T> hg(gru ? static_cast<size_t>(B * GH) : 0);
     T* h = h_slots.data_ptr<T>() + d * B * H;
     T* c = lstm ? c_slots.data_ptr<T>() + d * B * H : nullptr;
-    const PackedRight<T> whh_t(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/true, H, GH, B);  // h @ W_hh^T
+    const auto& whh_t = products.recurrent(d, B);  // h @ W_hh^T
     T* ws = training ? workspace.data_ptr<T>() + d * B * T_ * W : nullptr;
     if (ws != nullptr) {  // the first step's previous h: the initial state
       for (int64_t j = 0; j < (plan.steps > 0 ? plan.batch_size[0] : 0); ++j)
@@ -400,7 +420,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input_, co
     // across calls so that it stays mapped and cached. W_ih is packed once for all chunks.
     const int64_t max_chunk = std::min(plan.rows, kChunkRows + B);
     T* xp = thread_buffer<T>(max_chunk * GH);
-    const PackedRight<T> wih_t(w.w_ih[d].const_data_ptr<T>(), I, /*trans_b=*/true, I, GH, max_chunk);  // x @ W_ih^T
+    const auto& wih_t = products.input(d, max_chunk);  // x @ W_ih^T
     int64_t chunk_first = 0, chunk_end = 0;  // the chunk's first step row, its first step past it
     for (int64_t s = 0; s < plan.steps; ++s) {
       if (s == chunk_end) {
@@ -447,9 +467,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_forward(const Tensor& input
                                                              bool bidirectional, bool batch_first, bool training) {
   check_input(input, "input");
   const Cell cell = parse_mode(std::string(mode));
+  const Tensor contiguous = input.contiguous();
+  const LayerWeights w = unpack_weights(weights, bidirectional, cell, contiguous, contiguous.scalar_type());
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_forward", [&] {
-    return forward_impl<scalar_t>(input, lengths, weights, hx, cx, cell, bidirectional, batch_first, training);
+    return forward_impl<scalar_t>(contiguous, lengths, w, FloatProducts<scalar_t>{w}, hx, cx, cell, batch_first,
+                                  training);
   });
+}
+
+// The int8 op's products (csrc/cpu/rnn_int8.h), packed once per call from the s8 weights.
+struct Int8Products {
+  std::vector<int8::PackedWeights> w_ih, w_hh;  // per direction
+  const int8::PackedWeights& input(int64_t d, int64_t) const { return w_ih[d]; }
+  const int8::PackedWeights& recurrent(int64_t d, int64_t) const { return w_hh[d]; }
+};
+
+std::tuple<Tensor, Tensor, Tensor> rnn_layer_int8_forward(const Tensor& input, const Tensor& lengths,
+                                                          at::TensorList weights, at::TensorList scales,
+                                                          const c10::optional<Tensor>& hx,
+                                                          const c10::optional<Tensor>& cx, c10::string_view mode,
+                                                          bool bidirectional, bool batch_first) {
+  check_input(input, "input");
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat, "rnn_layer_int8: input must be float32, got ",
+                    input.scalar_type());
+  const Cell cell = parse_mode(std::string(mode));
+  const Tensor contiguous = input.contiguous();
+  const LayerWeights w = unpack_weights(weights, bidirectional, cell, contiguous, at::kChar);
+  TORCH_CHECK_VALUE(scales.size() == static_cast<size_t>(2 * w.D), "rnn_layer_int8: scales must hold 2*D = ", 2 * w.D,
+                    " tensors (w_ih's and w_hh's per direction), got ", scales.size());
+  std::vector<Tensor> held;  // the contiguous scales, alive until the products are packed
+  Int8Products products;
+  for (int64_t d = 0; d < w.D; ++d) {
+    for (int64_t which = 0; which < 2; ++which) {
+      const Tensor& s = scales[2 * d + which];
+      TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == w.G * w.H && s.scalar_type() == at::kFloat && s.device().is_cpu(),
+                        "rnn_layer_int8: scales[", 2 * d + which, "] must be float32 [G*H] = [", w.G * w.H,
+                        "] on the CPU, got ", s.scalar_type(), " ", s.sizes(), " on ", s.device());
+      held.push_back(s.contiguous());
+      const Tensor& q = which == 0 ? w.w_ih[d] : w.w_hh[d];
+      (which == 0 ? products.w_ih : products.w_hh)
+          .emplace_back(q.const_data_ptr<int8_t>(), held.back().const_data_ptr<float>(), q.size(0), q.size(1));
+    }
+  }
+  auto [output, h_n, c_n, workspace] =
+      forward_impl<float>(contiguous, lengths, w, products, hx, cx, cell, batch_first, /*training=*/false);
+  return {output, h_n, c_n};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -463,7 +525,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const Tensor input = input_.contiguous();
   const int64_t B = batch_first ? input.size(0) : input.size(1);
   const int64_t T_ = batch_first ? input.size(1) : input.size(0);
-  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input);
+  const LayerWeights w = unpack_weights(weights, bidirectional, cell, input, input.scalar_type());
   const Plan plan = make_plan(lengths, B, T_, batch_first);
   const int64_t D = w.D, H = w.H, G = w.G, I = w.I, GH = G * H, DH = D * H;
   const bool lstm = cell == Cell::LSTM, gru = cell == Cell::GRU;
@@ -618,4 +680,5 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_layer_backward(
 TORCH_LIBRARY_IMPL(fastner, CPU, m) {
   m.impl("rnn_layer_forward", &fastner::cpu::rnn::rnn_layer_forward);
   m.impl("rnn_layer_backward", &fastner::cpu::rnn::rnn_layer_backward);
+  m.impl("rnn_layer_int8_forward", &fastner::cpu::rnn::rnn_layer_int8_forward);
 }

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastner.bench import crf_rows, gemm_rows, rnn_rows, tagger_rows
+from fastner.bench import crf_rows, gemm_rows, precision_rows, rnn_rows, tagger_rows
 from fastner.bench.environment import describe, device_name
 from fastner.bench.plots import require_matplotlib, write_plots
 from fastner.bench.report import build_json, row_lines, write_json_atomic
@@ -19,7 +19,7 @@ from fastner.bench.timing import Settings
 from fastner.bench.workloads import make_plan
 
 # Run order matters: the GEMM rate measured first gives the RNN rows their floor.
-GROUPS = {"gemm": gemm_rows, "crf": crf_rows, "rnn": rnn_rows, "tagger": tagger_rows}
+GROUPS = {"gemm": gemm_rows, "crf": crf_rows, "rnn": rnn_rows, "precision": precision_rows, "tagger": tagger_rows}
 
 DEFAULT_SETTINGS = Settings(warmup=2, min_samples=5, max_samples=40, budget_s=0.4)
 QUICK_SETTINGS = Settings(warmup=1, min_samples=3, max_samples=10, budget_s=0.04)
@@ -141,6 +141,7 @@ def _run_group(name: str, device: torch.device, plan, settings: Settings,
 
     ctx = Context(device, plan, settings, emit=emit)
     ctx.gemm_flops_per_s = _gemm_rate(rows, str(device))  # measured by an earlier group
+    ctx.gemm_int8_ops_per_s = _gemm_rate(rows, str(device), "gops_per_s")
     started = time.perf_counter()
     try:
         module.run(ctx)
@@ -172,10 +173,12 @@ def _print(row: Row) -> None:
         _say(line)
 
 
-def _gemm_rate(rows: List[Row], device: str) -> Optional[float]:
+def _gemm_rate(rows: List[Row], device: str, key: str = "gflops_per_s") -> Optional[float]:
+    """The rate (per second) an earlier gemm row measured: fp32 (gflops_per_s) or int8
+    (gops_per_s)."""
     for row in rows:
-        if row.group == "gemm" and row.device == device and "gflops_per_s" in row.info:
-            return row.info["gflops_per_s"] * 1e9
+        if row.group == "gemm" and row.device == device and key in row.info:
+            return row.info[key] * 1e9
     return None
 
 

@@ -23,6 +23,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# The cpuinfo flags that decide which kernels run (fastner's, MKL's, oneDNN's, fbgemm's).
+_KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                 "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list:
+    """The kernel-relevant flags of this CPU (from /proc/cpuinfo; [] where unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _KERNEL_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -84,6 +102,8 @@ def describe(devices, arguments) -> Dict[str, object]:
         "interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "quantized_engine": torch.backends.quantized.engine,
         # What the CUDA baselines run with: torch's defaults, as users get them.
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
                  "matmul": torch.backends.cuda.matmul.allow_tf32},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastner.bench.rows import Context, Row
+from fastner.bench.rows import Context, Row, describe_error
 
 TITLE = "GEMM: torch.mm fp32 (the rate behind the RNN floors)"
 
@@ -22,6 +22,31 @@ def run(ctx: Context) -> None:
     row.info = {"flops": flops, "gflops_per_s": rate / 1e9,
                 "float32_matmul_precision": torch.get_float32_matmul_precision()}
     ctx.gemm_flops_per_s = rate
+    ctx.emit(row)
+    if ctx.device.type == "cpu":
+        _int8_rate(ctx, n)
+
+
+def _int8_rate(ctx: Context, n: int) -> None:
+    """torch's dynamically quantized int8 Linear (fbgemm: the AVX2 / AVX-512 / VNNI kernel this
+    CPU has; activations quantized per call, like fastner's int8 layers) at [n, n] x [n, n]:
+    the rate behind the int8 RNN rows' floors."""
+    row = Row(str(ctx.device), "gemm", "linear_dynamic_int8", {"M": n, "N": n, "K": n})
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        generator = torch.Generator().manual_seed(7)
+        linear = DynamicLinear(n, n, bias_=False, dtype=torch.qint8)
+        x = torch.randn(n, n, generator=generator)
+        ctx.compare(row, {"torch.int8.linear_dynamic": lambda: linear(x)},
+                    baselines=["torch.int8.linear_dynamic"])
+        ops = 2.0 * n ** 3
+        rate = ops / row.results[0].stats.median
+        row.info = {"ops": ops, "gops_per_s": rate / 1e9,
+                    "quantized_engine": torch.backends.quantized.engine}
+        ctx.gemm_int8_ops_per_s = rate
+    except Exception as err:  # an int8-less torch build: the rows say so, the run goes on
+        row.error = describe_error(err)
     ctx.emit(row)
 
 

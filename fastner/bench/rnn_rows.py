@@ -58,6 +58,144 @@ def run(ctx: Context) -> None:
                 _row(ctx, cell_classes[cell], cell, mode, shape, axes, SWEEP_IMPLS, ctx.settings)
 
 
+PRECISION_TITLE = ("RNN at int8 / bf16 (CPU inference, tagger shape): fastner.nn.quantize vs torch "
+                   "quantize_dynamic and bf16 autocast")
+
+
+def run_precision(ctx: Context) -> None:
+    """The 'precision' group: reduced-precision inference at the tagger shape: fastner int8 (and
+    bf16 where its kernels exist) against torch's own int8 (quantize_dynamic: nn.LSTM and
+    nn.GRU) and bf16 (autocast) layers, padded and packed, with fp32 for scale."""
+    if ctx.device.type != "cpu":
+        raise GroupSkipped("the int8 / bf16 recurrent layers run on the CPU")
+    cell_classes = classes()
+    if ctx.gemm_int8_ops_per_s is None:
+        ctx.notes.append("no int8 GEMM rate measured in this run (group 'gemm' not selected): no int8 floors")
+    headline = dataclasses.replace(ctx.settings, budget_s=HEADLINE_BUDGET * ctx.settings.budget_s)
+    for cell in ctx.plan.rnn_cells:
+        _precision_row(ctx, cell_classes[cell], cell, TAGGER_RNN, headline)
+
+
+PRECISION_BASELINES = ("torch.padded", "torch.packed", "torch.int8.padded", "torch.int8.packed", "torch.bf16.padded",
+                       "torch.bf16.packed")
+INT8_RTOL = 0.05  # relative error of int8 vs fp32 beyond which the row says "mismatch"
+
+
+def _precision_row(ctx: Context, pair, cell: str, shape: RnnShape, settings: Settings) -> None:
+    lengths = shape.lengths()
+    tokens = int(lengths.sum())
+    row = Row(str(ctx.device), "precision", f"{cell}_inference_quantized",
+              {**shape.as_dict(), "tokens": tokens, "lengths": LENGTHS_NOTE}, sweeps=[])
+    row.info.update(cell=cell, mode="inference")
+    flops = rnn_flops(cell, shape.input_size, shape.hidden, tokens, directions=2, training=False)
+    row.info["flops"] = flops
+    int8_floor = flops / ctx.gemm_int8_ops_per_s if ctx.gemm_int8_ops_per_s else None
+    if int8_floor is not None:
+        row.info["int8_floor_ms"] = int8_floor * 1e3
+        row.info["int8_floor"] = "GEMM ops / the linear_dynamic_int8 row's rate (fbgemm, same run)"
+    try:
+        forwards, skipped = precision_implementations(pair, cell, shape, lengths)
+        row.info.update(skipped)
+        row.check, row.info["relative_error_vs_fp32"] = precision_check(forwards)
+        calls = {name: _no_grad(fn) for name, fn in forwards.items()}
+        ctx.compare(row, calls, baselines=[b for b in PRECISION_BASELINES if b in calls], settings=settings)
+        if int8_floor is not None:
+            for result in row.results:
+                if ".int8." in f".{result.impl}.":
+                    result.extra["x_int8_floor"] = result.stats.median / int8_floor
+    except Exception as err:  # a broken implementation is reported in its row, the run goes on
+        row.error = describe_error(err)
+    ctx.emit(row)
+
+
+def _no_grad(fn):
+    def call():
+        with torch.no_grad():
+            return fn()
+    return call
+
+
+def precision_implementations(pair, cell: str, shape: RnnShape, lengths: torch.Tensor):
+    """({implementation: forward returning the padded output}, {implementation: why skipped})."""
+    from fastner.nn import quantize
+
+    torch_cls, fast_cls = pair
+    torch.manual_seed(17)
+    base = torch_cls(shape.input_size, shape.hidden, batch_first=True, bidirectional=True).eval()
+    fast = fast_cls(shape.input_size, shape.hidden, batch_first=True, bidirectional=True).eval()
+    fast.load_state_dict(base.state_dict())
+    x = torch.randn(shape.batch, shape.seq_len, shape.input_size)
+    total = shape.seq_len
+
+    def padded(module, autocast=False):
+        def call():
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                return module(x)[0].float()
+        return call
+
+    def packed(module, autocast=False):
+        def call():
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                sequence = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+                output, _ = module(sequence)
+                return pad_packed_sequence(output, batch_first=True, total_length=total)[0].float()
+        return call
+
+    forwards = {"torch.padded": padded(base), "torch.packed": packed(base),
+                "fastner.lengths": lambda: fast(x, lengths=lengths)[0]}
+    skipped = {}
+    if torch_cls in (torch.nn.LSTM, torch.nn.GRU):
+        import copy
+        import warnings
+
+        with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+            warnings.simplefilter("ignore")
+            holder = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(copy.deepcopy(base)),
+                                                            {torch_cls}, dtype=torch.qint8)
+        forwards["torch.int8.padded"] = padded(holder[0])
+        forwards["torch.int8.packed"] = packed(holder[0])
+    else:
+        skipped["torch.int8"] = "skipped: quantize_dynamic has no int8 nn.RNN"
+    forwards["torch.bf16.padded"] = padded(base, autocast=True)
+    forwards["torch.bf16.packed"] = packed(base, autocast=True)
+    import copy
+
+    int8 = quantize(copy.deepcopy(fast), torch.qint8)
+    forwards["fastner.int8.lengths"] = lambda: int8(x, lengths=lengths)[0]
+    forwards["fastner.int8.packed"] = packed(int8)
+    try:
+        bf16 = quantize(copy.deepcopy(fast), torch.bfloat16)
+        forwards["fastner.bf16.lengths"] = lambda: bf16(x, lengths=lengths)[0].float()
+    except NotImplementedError as err:
+        skipped["fastner.bf16"] = f"skipped: {err}"
+    # A peer this CPU cannot run (oneDNN's bf16 LSTM needs bf16 or AVX-512 support) is named,
+    # not fatal to the row.
+    for name, forward in list(forwards.items()):
+        try:
+            with torch.no_grad():
+                forward()
+        except Exception as err:
+            del forwards[name]
+            skipped[name] = f"skipped: {describe_error(err)}"
+    return forwards, skipped
+
+
+def precision_check(forwards):
+    """Each reduced-precision output's relative (Frobenius) error against fp32 torch on the same
+    input form (padded runs the reverse direction from the padding, so it differs from packed):
+    ("ok" or "mismatch: ...", {implementation: relative error})."""
+    with torch.no_grad():
+        outputs = {name: fn() for name, fn in forwards.items()}
+    errors = {}
+    for name, out in outputs.items():
+        if name in ("torch.padded", "torch.packed"):
+            continue
+        want = outputs["torch.padded" if name.endswith(".padded") else "torch.packed"]
+        errors[name] = float((out - want).norm() / want.norm())
+    bad = [f"{name} {err:.2%}" for name, err in errors.items() if name.startswith("fastner.int8") and err > INT8_RTOL]
+    return ("mismatch: relative error vs fp32 " + ", ".join(bad)) if bad else "ok", errors
+
+
 def _row(ctx: Context, pair, cell: str, mode: str, shape: RnnShape, axes: List[str],
          impls, settings: Settings) -> None:
     device = ctx.device

@@ -72,6 +72,7 @@ class Context:
     emit: Callable[[Row], None]  # called with each row as soon as it is measured
     notes: List[str] = field(default_factory=list)
     gemm_flops_per_s: Optional[float] = None  # set by the gemm group, read by the rnn group
+    gemm_int8_ops_per_s: Optional[float] = None  # the same for torch's int8 GEMM (fbgemm)
 
     def __post_init__(self) -> None:
         self.clock = clock_for(self.device)

@@ -74,15 +74,44 @@ def _row(ctx: Context, fast, base, mode: str, batching: str, batch_size: int, ba
         row.check = _check(fast, base, batches)
         if mode == "training":
             calls = {"fastner": _training(fast, batches), "torch+pytorch-crf": _training(base, batches)}
+            baselines = ["torch+pytorch-crf"]
         else:
             calls = {"fastner": _inference(fast, batches), "torch+pytorch-crf": _inference(base, batches)}
-        ctx.compare(row, calls, baselines=["torch+pytorch-crf"])
+            quantized, skipped = _quantized_inference(fast, base, batches)
+            calls.update(quantized)
+            row.info.update(skipped)
+            baselines = ["torch+pytorch-crf", "torch+pytorch-crf.int8"]
+        ctx.compare(row, calls, baselines=[b for b in baselines if b in calls])
         for result in row.results:
             result.extra["sentences_per_s"] = sentences / result.stats.median
             result.extra["tokens_per_s"] = tokens / result.stats.median
     except Exception as err:  # a broken implementation is reported in its row, the run goes on
         row.error = describe_error(err)
     ctx.emit(row)
+
+
+def _quantized_inference(fast, base, batches):
+    """Inference calls of the reduced-precision models (CPU): fastner's at int8 (and bf16 where
+    its kernels exist: fastner.nn.quantize) and the torch model with its nn.LSTM / nn.GRU
+    quantized by torch (quantize_dynamic), and {name: why skipped}."""
+    calls, skipped = {}, {}
+    if next(fast.parameters()).device.type != "cpu":
+        return calls, {"quantized": "skipped: the int8 / bf16 layers run on the CPU"}
+    import warnings
+
+    from fastner.nn import quantize
+
+    calls["fastner.int8"] = _inference(quantize(copy.deepcopy(fast), torch.qint8), batches)
+    try:
+        calls["fastner.bf16"] = _inference(quantize(copy.deepcopy(fast), torch.bfloat16), batches)
+    except NotImplementedError as err:
+        skipped["fastner.bf16"] = f"skipped: {err}"
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+        warnings.simplefilter("ignore")
+        torch_int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {torch.nn.LSTM, torch.nn.GRU},
+                                                             dtype=torch.qint8)
+    calls["torch+pytorch-crf.int8"] = _inference(torch_int8, batches)
+    return calls, skipped
 
 
 def _training(model, batches) -> Callable[[], None]:

@@ -1,6 +1,8 @@
 """fastner.nn.convert: swap torch's recurrent layers (and torchcrf.CRF) for fastner's, in place."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from fastner.nn.rnn import GRU, LSTM, RNN
@@ -11,11 +13,28 @@ __all__ = ["convert"]
 _RNN_SWAPS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU, torch.nn.RNN: RNN}
 
 
-def _swap_class(module: torch.nn.Module, cls: type) -> torch.nn.Module:
-    # The fastner classes add no state of their own: rebinding the class keeps every parameter,
-    # buffer, hook and flat-weight view exactly as it was (and shared parameters stay shared).
+def swap_rnn_class(module: torch.nn.Module, cls: Optional[type] = None) -> torch.nn.Module:
+    """`module` with its class rebound to `cls` (default: the fastner class of an exact torch
+    LSTM / GRU / RNN; any other module is returned unchanged)."""
+    cls = cls if cls is not None else _RNN_SWAPS.get(type(module))
+    if cls is None:
+        return module
+    # The fastner classes add no constructor state of their own: rebinding the class keeps every
+    # parameter, buffer, hook and flat-weight view exactly as it was (and shared parameters
+    # stay shared).
     module.__class__ = cls
     return module
+
+
+def swap_children(model: torch.nn.Module, swapped: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
+    """Replace every submodule m of `model` by swapped(m) (in place, parents first) and return
+    swapped(model)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = swapped(child)
+            if new is not child:
+                setattr(parent, name, new)
+    return swapped(model)
 
 
 def _crf_swap():
@@ -48,16 +67,8 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     crf = _crf_swap()
 
     def swapped(module: torch.nn.Module) -> torch.nn.Module:
-        cls = _RNN_SWAPS.get(type(module))
-        if cls is not None:
-            return _swap_class(module, cls)
         if crf is not None and type(module) is crf[0]:
             return _swap_crf(module, crf[1])
-        return module
+        return swap_rnn_class(module)
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = swapped(child)
-            if new is not child:
-                setattr(parent, name, new)
-    return swapped(model)
+    return swap_children(model, swapped)

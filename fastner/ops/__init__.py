@@ -21,6 +21,7 @@ kernels by strategy: exact per-sequence, lanes per ISA).
 | crf_kbest | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_kbest | ops.crf.crf_kbest | ops/crf/test_crf_ops, _module, _bruteforce, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
 | crf_marginals | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_marginals | ops.crf.crf_marginals | ops/crf/test_crf_ops, _module, _bruteforce, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
 | crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
+| rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8 | fastner/bench/precision_rows.py, benchmarks/int8_ratios.py |
 | rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.h, rnn_math.h), layout: csrc/rnn_layout.h | cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer (modules: fastner/nn/rnn.py) | ops/rnn/test_rnn_ops, _autograd, _parity, _modules, _fuzz, _safety, _cuda, _cuda_emulated | fastner/bench/rnn_rows.py, benchmarks/bench_rnn.py, rnn_cuda_bench.py |
 
 Shared: argument checks csrc/checks.h (C++) and fastner/validation.py (fake kernels, reference);
@@ -33,7 +34,7 @@ scripts.
 """
 from fastner.ops.crf import (crf_forward, crf_kbest, crf_lengths, crf_log_likelihood,
                              crf_marginals, crf_viterbi, tag_lists)
-from fastner.ops.rnn import rnn_layer
+from fastner.ops.rnn import rnn_layer, rnn_layer_int8
 
 __all__ = ["crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood", "crf_marginals",
-           "crf_viterbi", "rnn_layer", "tag_lists"]
+           "crf_viterbi", "rnn_layer", "rnn_layer_int8", "tag_lists"]

@@ -42,6 +42,34 @@ def rnn_layer(
     return reference.rnn_layer(input, lengths, weights, hx, cx, mode, bidirectional, batch_first)
 
 
+def rnn_layer_int8(
+    input: Tensor,
+    lengths: Tensor,
+    weights: list,
+    scales: list,
+    hx: Optional[Tensor] = None,
+    cx: Optional[Tensor] = None,
+    mode: str = "lstm",
+    bidirectional: bool = False,
+    batch_first: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """rnn_layer in int8, inference only: weights as rnn_layer's with w_ih, w_hh int8
+    (fastner.reference.quantize_weight_int8) and float32 biases; scales per direction
+    [w_ih's [G*H], w_hh's [G*H]]; input, hx, cx float32. Raises RuntimeError where a gradient
+    could flow (the int8 products have none: no silent zero gradients)."""
+    weights, scales = list(weights), list(scales)
+    if needs_grad(input, hx, cx, *weights, *scales):
+        raise RuntimeError(
+            "rnn_layer_int8 is inference-only (int8 weights have no gradient): run it under "
+            "torch.no_grad() / torch.inference_mode() on inputs that do not require grad, or "
+            "train the float module and quantize it afterwards")
+    if use_fused("rnn_layer_int8_forward", input.device):
+        return torch.ops.fastner.rnn_layer_int8_forward.default(
+            input, lengths, weights, scales, hx, cx, mode, bidirectional, batch_first)
+    return reference.rnn_layer_int8(input, lengths, weights, scales, hx, cx, mode, bidirectional,
+                                    batch_first)
+
+
 class _RNNLayer(torch.autograd.Function):
     """rnn_layer_forward's autograd: backward is the rnn_layer_backward op, reading the
     workspace the forward kept (training=True)."""
@@ -128,6 +156,17 @@ def _register() -> None:
         grad_cx = input.new_empty(D, B, H) if mode == "lstm" else input.new_empty(0)
         return (torch.empty_like(input), input.new_empty(D, B, H), grad_cx,
                 [torch.empty_like(w) for w in weights])
+
+    @torch.library.register_fake("fastner::rnn_layer_int8_forward")
+    def _(input, lengths, weights, scales, hx, cx, mode, bidirectional, batch_first):
+        validation.rnn_int8_args("rnn_layer_int8", input, lengths, weights, scales, hx, cx, mode,
+                                 bidirectional, batch_first, values=False)
+        D = 2 if bidirectional else 1
+        H = weights[1].shape[1]
+        B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
+        output = input.new_empty((B, T, D * H) if batch_first else (T, B, D * H))
+        c_n = input.new_empty(D, B, H) if mode == "lstm" else input.new_empty(0)
+        return output, input.new_empty(D, B, H), c_n
 
     register_autograd_kernel("rnn_layer_forward", _rnn_layer_forward_autograd)
 

@@ -33,5 +33,8 @@ class ServeConfig:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
 
 
-# The dtypes the tagger's fused CPU path serves today (int8/bf16 recurrent layers: issue 14).
-PRECISIONS = {"float32": "float32", "float64": "float64"}
+# --precision: the name and how the model gets there: a torch dtype the whole model is cast to
+# (float32, float64), or a Tagger.load precision (int8, bf16: the recurrent encoder quantized,
+# fastner.nn.quantize).
+PRECISIONS = {"float32": "float32", "float64": "float64", "int8": "int8", "bf16": "bf16"}
+LOAD_PRECISIONS = ("int8", "bf16")

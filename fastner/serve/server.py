@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from fastner.serve.config import MAX_WAIT_MS, PRECISIONS, ServeConfig
+from fastner.serve.config import LOAD_PRECISIONS, MAX_WAIT_MS, PRECISIONS, ServeConfig
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 ONEDNN_PRIMITIVE_CACHE = 32
@@ -73,8 +73,11 @@ def run(args) -> int:
                          precision=args.precision)
     # the event loop's thread runs no model code; one thread keeps it off the worker's cores
     torch.set_num_threads(1)
-    tagger = Tagger.load(args.model, device=args.device)
-    tagger.model.to(getattr(torch, PRECISIONS[config.precision]))
+    if config.precision in LOAD_PRECISIONS:
+        tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
+    else:
+        tagger = Tagger.load(args.model, device=args.device)
+        tagger.model.to(getattr(torch, PRECISIONS[config.precision]))
     app = create_app(tagger, config)
     print(json.dumps({"serving": args.model, "url": f"http://{args.host}:{args.port}/", "precision": config.precision,
                       "batching": config.batching, "threads": config.threads}), file=sys.stderr, flush=True)

@@ -1,0 +1,188 @@
+// The AVX2 u7 x s8 product of the int8 recurrent layers (see rnn_int8.h).
+#include "cpu/rnn_int8.h"
+
+#include <c10/util/Exception.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace fastner::cpu::rnn::int8 {
+namespace {
+
+constexpr int64_t kPanel = 16;  // output channels per panel: two 8-lane int32 accumulators
+constexpr int64_t kRows = 4;    // rows of A per micro-kernel call
+
+// Per-thread scratch for the quantized rows of A, kept across calls (see rnn.cpp thread_buffer).
+struct RowScratch {
+  std::vector<uint8_t> q;     // [m, groups * 4]
+  std::vector<float> scale;   // [m]
+  std::vector<int32_t> zero;  // [m]
+};
+
+RowScratch& row_scratch(int64_t m, int64_t width) {
+  thread_local RowScratch scratch;
+  if (scratch.q.size() < static_cast<size_t>(m * width)) scratch.q.resize(m * width);
+  if (scratch.scale.size() < static_cast<size_t>(m)) {
+    scratch.scale.resize(m);
+    scratch.zero.resize(m);
+  }
+  return scratch;
+}
+
+// One row of A [k] -> q [width] (u7, zeros past k), its scale and zero point. The float
+// operations and their order are fastner.reference.quantize_rows_int8's.
+void quantize_row(const float* a, int64_t k, uint8_t* q, int64_t width, float* scale, int32_t* zero) {
+  __m256 vmin = _mm256_setzero_ps(), vmax = _mm256_setzero_ps();  // min(.., 0), max(.., 0)
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 x = _mm256_loadu_ps(a + i);
+    vmin = _mm256_min_ps(vmin, x);
+    vmax = _mm256_max_ps(vmax, x);
+  }
+  float lo_lanes[8], hi_lanes[8];
+  _mm256_storeu_ps(lo_lanes, vmin);
+  _mm256_storeu_ps(hi_lanes, vmax);
+  float lo = 0.0f, hi = 0.0f;
+  for (int l = 0; l < 8; ++l) lo = std::min(lo, lo_lanes[l]), hi = std::max(hi, hi_lanes[l]);
+  for (; i < k; ++i) lo = std::min(lo, a[i]), hi = std::max(hi, a[i]);
+  float s = (hi - lo) / static_cast<float>(kActivationMax);
+  if (!(s > 0.0f) || !std::isfinite(s)) s = 1.0f;  // an all-zero (or non-finite) row
+  const float inv = 1.0f / s;
+  const int32_t z = std::clamp(static_cast<int32_t>(std::nearbyint(-lo * inv)), 0, kActivationMax);
+  *scale = s;
+  *zero = z;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i vz = _mm256_set1_epi32(z), vlo = _mm256_setzero_si256(), vhi = _mm256_set1_epi32(kActivationMax);
+  i = 0;
+  for (; i + 8 <= k; i += 8) {
+    __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(a + i), vinv));  // round to nearest even
+    v = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(v, vz), vlo), vhi);
+    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w16, w16));
+  }
+  for (; i < k; ++i) {
+    const float r = std::nearbyint(a[i] * inv);
+    // Out-of-int32-range values (only from non-finite input) clamp like the vector path's.
+    const int32_t v = std::isfinite(r) && std::fabs(r) < 2e9f ? static_cast<int32_t>(r) : INT32_MIN;
+    q[i] = static_cast<uint8_t>(std::clamp(v == INT32_MIN ? 0 : v + z, 0, kActivationMax));
+  }
+  std::fill(q + k, q + width, uint8_t(0));
+}
+
+// acc[r][h] (8 int32 lanes: output channels 8h..8h+7 of the panel) = sum over the row's groups
+// of u7 x s8 products.
+// groups is even (the packing pads it): two groups (8 k) per iteration, their vpmaddubsw
+// results added in int16 before the one vpmaddwd: |u7 * s7 + u7 * s7| <= 2 * 127 * 63 = 16002
+// per vpmaddubsw lane, so the int16 sum of two stays below 2^15 and nothing saturates. Three
+// multiplies per 64 products instead of four: on Zen 2 both multiplies issue on one pipe and
+// bound the kernel.
+template <int MR>
+inline void micro_kernel(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t groups, __m256i (&acc)[kRows][2]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; g += 2) {
+    const int8_t* w = panel + g * 64;
+    const __m256i w00 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i w01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+    const __m256i w10 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64));
+    const __m256i w11 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 96));
+    for (int r = 0; r < MR; ++r) {
+      int32_t four0, four1;
+      std::memcpy(&four0, a + r * lda + 4 * g, 4);
+      std::memcpy(&four1, a + r * lda + 4 * g + 4, 4);
+      const __m256i a0 = _mm256_set1_epi32(four0), a1 = _mm256_set1_epi32(four1);
+      const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, w00), _mm256_maddubs_epi16(a1, w10));
+      const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(a0, w01), _mm256_maddubs_epi16(a1, w11));
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(s0, ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(s1, ones));
+    }
+  }
+}
+
+// Dequantizes acc for MR rows into C's columns [n0, n0 + cols).
+template <int MR>
+inline void store(__m256i (&acc)[kRows][2], const float* row_scale, const int32_t* row_zero, const int32_t* colsum,
+                  const float* wscale, float beta, float* c, int64_t ldc, int64_t cols) {
+  for (int r = 0; r < MR; ++r) {
+    const __m256i z = _mm256_set1_epi32(row_zero[r]);
+    const __m256 s = _mm256_set1_ps(row_scale[r]);
+    float* dst = c + r * ldc;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i adj = _mm256_sub_epi32(acc[r][h], _mm256_mullo_epi32(z, _mm256_loadu_si256(
+                                                                                reinterpret_cast<const __m256i*>(colsum + 8 * h))));
+      __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(adj), s), _mm256_loadu_ps(wscale + 8 * h));
+      const int64_t n = std::min<int64_t>(8, cols - 8 * h);
+      if (n <= 0) break;
+      if (n == 8) {
+        if (beta != 0.0f) v = _mm256_add_ps(_mm256_loadu_ps(dst + 8 * h), v);
+        _mm256_storeu_ps(dst + 8 * h, v);
+      } else {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, v);
+        for (int64_t j = 0; j < n; ++j) dst[8 * h + j] = beta != 0.0f ? dst[8 * h + j] + lanes[j] : lanes[j];
+      }
+    }
+  }
+}
+
+template <int MR>
+void row_block(const RowScratch& rows, int64_t r0, int64_t width, const int8_t* packed, const int32_t* colsum,
+               const float* wscale, int64_t groups, int64_t panels, int64_t n, float beta, float* c, int64_t ldc) {
+  __m256i acc[kRows][2];
+  for (int64_t p = 0; p < panels; ++p) {
+    micro_kernel<MR>(rows.q.data() + r0 * width, width, packed + p * groups * 64, groups, acc);
+    store<MR>(acc, rows.scale.data() + r0, rows.zero.data() + r0, colsum + p * kPanel, wscale + p * kPanel, beta,
+              c + r0 * ldc + p * kPanel, ldc, std::min(kPanel, n - p * kPanel));
+  }
+}
+
+}  // namespace
+
+PackedWeights::PackedWeights(const int8_t* w, const float* scale, int64_t n, int64_t k)
+    : n_(n), k_(k), groups_((k + 7) / 8 * 2), panels_((n + kPanel - 1) / kPanel) {
+  packed_.assign(panels_ * groups_ * 64, 0);
+  colsum_.assign(panels_ * kPanel, 0);
+  scale_.assign(panels_ * kPanel, 0.0f);
+  // Per output channel: its K weights go 4 at a time to the groups' slots (one copy of 4 bytes
+  // each; this runs on every op call, ~2 x 66K copies per direction at the tagger shape).
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t p = j / kPanel, h = (j % kPanel) / 8, lane = j % 8;
+    int8_t* dst = packed_.data() + p * groups_ * 64 + h * 32 + lane * 4;
+    const int8_t* src = w + j * k;
+    int64_t g = 0;
+    for (; 4 * g + 4 <= k; ++g) std::memcpy(dst + g * 64, src + 4 * g, 4);
+    for (int64_t i = 4 * g; i < k; ++i) dst[g * 64 + (i - 4 * g)] = src[i];
+    int32_t sum = 0, lo = 0, hi = 0;  // one vectorizable pass; the check after it
+    for (int64_t i = 0; i < k; ++i) {
+      sum += src[i];
+      lo = std::min<int32_t>(lo, src[i]);
+      hi = std::max<int32_t>(hi, src[i]);
+    }
+    TORCH_CHECK_VALUE(lo >= -kWeightMax && hi <= kWeightMax, "rnn_layer_int8: weights must be in [-", kWeightMax,
+                      ", ", kWeightMax, "] (fastner.reference.quantize_weight_int8), got ", lo < -kWeightMax ? lo : hi,
+                      " in row ", j);
+    colsum_[j] = sum;
+    scale_[j] = scale[j];
+  }
+}
+
+void PackedWeights::multiply(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc) const {
+  if (m <= 0 || n_ == 0) return;
+  const int64_t width = groups_ * 4;
+  RowScratch& rows = row_scratch(m, width);
+  for (int64_t r = 0; r < m; ++r)
+    quantize_row(a + r * lda, k_, rows.q.data() + r * width, width, rows.scale.data() + r, rows.zero.data() + r);
+  int64_t r0 = 0;
+  for (; r0 + kRows <= m; r0 += kRows)
+    row_block<kRows>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc);
+  switch (m - r0) {
+    case 3: row_block<3>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
+    case 2: row_block<2>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
+    case 1: row_block<1>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
+    default: break;
+  }
+}
+
+}  // namespace fastner::cpu::rnn::int8

@@ -1,0 +1,254 @@
+"""int8 recurrent layers: the op (torch.ops.fastner.rnn_layer_int8_forward) against its reference
+(fastner.reference.rnn_layer_int8), the quantized modules (fastner.nn.quantize(m, torch.qint8))
+against the float32 modules, refusal to train, opcheck and bad input.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+import fastner.nn
+import fastner.ops  # noqa: F401  (registers the fake kernels)
+from fastner import reference
+from fastner._extension import has_kernel
+from fastner.nn.quantize import Int8GRU, Int8LSTM, Int8RNN
+from tests.ops.rnn.rnn_cases import (MODES, case_generator, draw_case, flat_result, make_inputs, make_pair,
+                                     run_fastner)
+from tests.ops.rnn.samples import LayerCase
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CASE_MODE = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
+
+needs_kernel = pytest.mark.skipif(not has_kernel("rnn_layer_int8_forward", "cpu"),
+                                  reason="no CPU kernel for rnn_layer_int8_forward in this build")
+
+
+def test_int8_op_has_a_cpu_kernel():
+    # A silent fall back to the reference would hide a broken build behind passing tests.
+    assert has_kernel("rnn_layer_int8_forward", "cpu"), fastner.backend()
+
+
+def _draw_op_case(gen, mode):
+    """One layer's int8 arguments: the project's layer drawer (tests/ops/rnn/samples.py; torch's
+    init, either layout, bias or not, lengths in [0, T]) at the tagger's sizes and beyond, hx /
+    cx given or not, its weights quantized (reference.quantize_weight_int8)."""
+    with_state = bool(torch.rand((), generator=gen) < 0.5)
+    case = LayerCase.draw(gen, CASE_MODE[mode], torch.float32, max_batch=9, max_time=14, max_input=150,
+                          max_hidden=210, with_state=with_state)
+    x, lengths, floats, hx, cx = case.inputs()
+    per_dir = len(floats) // (2 if case.bidirectional else 1)
+    weights, scales = [], []
+    for k, w in enumerate(floats):
+        if k % per_dir < 2:  # w_ih, w_hh
+            w_q, scale = reference.quantize_weight_int8(w)
+            weights.append(w_q)
+            scales.append(scale)
+        else:
+            weights.append(w)
+    return x, lengths, weights, scales, hx, cx, mode, case.bidirectional, case.batch_first
+
+
+# The kernel does the reference's float32 operations in the same order and its integer sums
+# exactly; what differs is the gate math (the kernels' exp/tanh, ~1e-7 relative) and the order
+# of the bias additions. A state that differs by that much can round one quantized entry of the
+# next step's h to the neighbouring level, which moves that step's product by about one
+# quantization step; measured over these 120 cases (seed 0): largest difference 6.0e-5, median
+# 2.4e-7.
+OP_ATOL = 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", sorted(GATES))
+def test_int8_op_matches_reference(mode):
+    worst = 0.0
+    for index in range(30):
+        args = _draw_op_case(case_generator(index, salt=4001 + len(mode)), mode)
+        got = torch.ops.fastner.rnn_layer_int8_forward(*args)
+        want = reference.rnn_layer_int8(*args)
+        for name, g, w in zip(("output", "h_n", "c_n"), got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            if g.numel():
+                diff = (g - w).abs().max().item()
+                worst = max(worst, diff)
+                assert diff <= OP_ATOL, f"case {index}: {name} differs by {diff}"
+        # Padding is exactly zero in both.
+        x, lengths, *_, batch_first = args
+        out = got[0] if batch_first else got[0].transpose(0, 1)
+        steps = torch.arange(out.shape[1])
+        assert (out[steps[None, :] >= lengths[:, None]] == 0).all()
+    # Most cases agree to float rounding: a kernel that drifted everywhere would not.
+    assert worst <= OP_ATOL
+
+
+def test_int8_quantization_arithmetic():
+    # Weights: symmetric per row; rows: asymmetric 7-bit with 0 exactly representable.
+    w = torch.tensor([[0.25, -1.0, 0.5 + 1 / 63], [0.0, 0.0, 0.0]])
+    w_q, scale = reference.quantize_weight_int8(w)
+    assert w_q.tolist() == [[16, -63, 32], [0, 0, 0]] and scale[1] == 1.0
+    x = torch.tensor([[-1.0, 0.0, 1.0], [2.0, 3.0, 5.0]])
+    q, s, z = reference.quantize_rows_int8(x)
+    assert q.min() >= 0 and q.max() <= 127
+    assert torch.allclose((q - z) * s, x, atol=s.max().item() / 2 + 1e-7)
+    assert z[1].item() == 0  # range widened to [0, 5]
+    prod = reference.int8_product(x, w_q, scale)
+    assert torch.allclose(prod, x @ w.t(), atol=0.05)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", sorted(GATES))
+def test_opcheck_rnn_layer_int8_forward(mode):
+    for index in range(3):
+        args = _draw_op_case(case_generator(index, salt=4100 + len(mode)), mode)
+        torch.library.opcheck(torch.ops.fastner.rnn_layer_int8_forward.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+# Relative error (Frobenius) of the int8 module's output against the float32 module on the
+# 24 cases below (seed 0): median 1.3%, largest 2.7% (7-bit activations and weights; the error
+# grows with depth and time).
+MODULE_RTOL = 0.06
+
+
+@pytest.mark.parametrize("index", range(24))
+def test_int8_module_close_to_float(index):
+    gen = case_generator(index, salt=4201)
+    case = draw_case(gen, dtype=torch.float32, max_hidden=120, max_input=80, max_time=16)
+    _, fused = make_pair(case)
+    inputs = make_inputs(case, gen, requires_grad=False)
+    with torch.no_grad():
+        want = flat_result(run_fastner(case, fused, inputs))
+    quantized = fastner.nn.quantize(fused, torch.qint8)
+    assert isinstance(quantized, (Int8LSTM, Int8GRU, Int8RNN))
+    with torch.no_grad():
+        result = run_fastner(case, quantized, inputs)
+    got = flat_result(result)
+    if case.form.startswith("packed"):
+        assert isinstance(result[0], PackedSequence)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        err = ((got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-6)).item()
+        assert err <= MODULE_RTOL, f"{case}: {name} relative error {err:.4f}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_int8_module_forms_agree(mode):
+    # Tensor + lengths=, PackedSequence and the op called layer by layer give the same numbers.
+    gen = case_generator(7, salt=4301 + len(mode))
+    case = draw_case(gen, mode=mode, form="lengths", dtype=torch.float32, max_hidden=64, max_input=40)
+    _, fused = make_pair(case)
+    quantized = fastner.nn.quantize(fused, torch.qint8)
+    inputs = make_inputs(case, gen, requires_grad=False)
+    with torch.no_grad():
+        out, _ = run_fastner(case, quantized, inputs)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(inputs.x, inputs.lengths, batch_first=case.batch_first,
+                                                         enforce_sorted=False)
+        out_p, _ = quantized(packed, None if inputs.hx is None else (inputs.hx if mode == "LSTM" else inputs.hx[0]))
+        out_p, _ = torch.nn.utils.rnn.pad_packed_sequence(out_p, batch_first=case.batch_first,
+                                                          total_length=case.time_len)
+    torch.testing.assert_close(out, out_p, atol=1e-6, rtol=1e-6)
+
+
+def test_quantize_swaps_torch_and_fastner_layers_in_place():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LSTM(6, 5, bidirectional=True),
+                                torch.nn.ModuleList([torch.nn.GRU(6, 3), fastner.nn.RNN(6, 2, num_layers=2)]))
+    keys = list(model.state_dict())
+    params = [p.clone() for p in model.parameters()]
+    out = fastner.nn.quantize(model, torch.qint8)
+    assert out is model
+    assert type(model[1]) is Int8LSTM and type(model[2][0]) is Int8GRU and type(model[2][1]) is Int8RNN
+    assert type(model[0]) is torch.nn.Linear
+    assert list(model.state_dict()) == keys  # the int8 copies are not saved
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert fastner.nn.quantize(model, torch.qint8) is model  # idempotent
+    single = fastner.nn.quantize(torch.nn.GRU(3, 4), torch.qint8)
+    assert type(single) is Int8GRU and not single.training
+
+
+def test_load_state_dict_requantizes():
+    float_model = torch.nn.LSTM(5, 7)
+    quantized = fastner.nn.quantize(torch.nn.LSTM(5, 7), torch.qint8)
+    quantized.load_state_dict(float_model.state_dict())
+    w_q, _ = reference.quantize_weight_int8(float_model.weight_hh_l0)
+    assert torch.equal(quantized.int8_weight_hh_l0, w_q)
+
+
+def test_int8_module_refuses_training():
+    lstm = fastner.nn.quantize(torch.nn.LSTM(4, 3), torch.qint8)
+    x = torch.randn(2, 5, 4)
+    lstm.train()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lstm(x)
+    lstm.eval()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lstm(x.requires_grad_())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lstm(torch.randn(2, 5, 4), (torch.zeros(1, 5, 3, requires_grad=True), torch.zeros(1, 5, 3)))
+    out, _ = lstm(torch.randn(2, 5, 4))  # eval, nothing requires grad: fine, and no graph
+    assert out.grad_fn is None
+    with torch.no_grad():
+        lstm.train()
+        lstm(torch.randn(2, 5, 4))  # no grad mode: inference whatever the flag
+    assert not any(p.requires_grad for p in lstm.parameters())
+
+
+def test_int8_op_refuses_gradients():
+    args = list(_draw_op_case(case_generator(0, salt=4401), "gru"))
+    args[0] = args[0].requires_grad_()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fastner.ops.rnn_layer_int8(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quantize_bad_arguments():
+    with pytest.raises(ValueError, match="dtype must be torch.qint8 or torch.bfloat16"):
+        fastner.nn.quantize(torch.nn.LSTM(2, 2), torch.float16)
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        fastner.nn.quantize("lstm", torch.qint8)
+    with pytest.raises(ValueError, match="proj_size"):
+        fastner.nn.quantize(torch.nn.LSTM(2, 4, proj_size=2), torch.qint8)
+
+
+def test_quantize_bf16_needs_its_kernels():
+    if importlib.util.find_spec("fastner.nn.rnn_bf16") is None:
+        with pytest.raises(NotImplementedError, match="rnn_bf16"):
+            fastner.nn.quantize(torch.nn.LSTM(2, 2), torch.bfloat16)
+    else:
+        model = fastner.nn.quantize(torch.nn.Sequential(torch.nn.LSTM(2, 2)), torch.bfloat16)
+        assert not isinstance(model[0], (torch.nn.LSTM,)) or type(model[0]) is not torch.nn.LSTM
+
+
+@needs_kernel
+def test_int8_op_bad_input():
+    x, lengths, weights, scales, hx, cx, mode, bi, bf = _draw_op_case(case_generator(1, salt=4501), "lstm")
+    op = torch.ops.fastner.rnn_layer_int8_forward
+    with pytest.raises(ValueError, match="w_ih .*dtype Char|w_ih.*must have dtype"):
+        op(x, lengths, [w.float() if w.dtype == torch.int8 else w for w in weights], scales, hx, cx, mode, bi, bf)
+    with pytest.raises(ValueError, match="scales must hold"):
+        op(x, lengths, weights, scales[:1], hx, cx, mode, bi, bf)
+    with pytest.raises(ValueError, match=r"scales\[0\]"):
+        op(x, lengths, weights, [scales[0][:-1]] + scales[1:], hx, cx, mode, bi, bf)
+    with pytest.raises(ValueError, match="float32"):
+        op(x.double(), lengths, weights, scales, hx, cx, mode, bi, bf)
+    with pytest.raises(ValueError, match="lengths"):
+        op(x, lengths + 100, weights, scales, hx, cx, mode, bi, bf)
+    with pytest.raises(ValueError, match="mode"):
+        op(x, lengths, weights, scales, hx, cx, "lstmx", bi, bf)
+    # 8-bit weights could overflow the kernel's int16 sums: refused, by the op and the reference.
+    wide = [w * 2 if w.dtype == torch.int8 else w for w in weights]
+    with pytest.raises(ValueError, match=r"\[-63, 63\]"):
+        op(x, lengths, wide, scales, hx, cx, mode, bi, bf)
+    with pytest.raises(ValueError, match=r"\[-63, 63\]"):
+        reference.rnn_layer_int8(x, lengths, wide, scales, hx, cx, mode, bi, bf)
+    with pytest.raises(ValueError, match="scales must hold"):
+        reference.rnn_layer_int8(x, lengths, weights, scales[:1], hx, cx, mode, bi, bf)
