@@ -1,5 +1,5 @@
 // The CRF kernels of csrc/cuda/kernels/crf.cuh run on the CPU through emulate_cuda.h, behind a
-// C ABI that tests/test_crf_cuda_emulated.py calls with ctypes. Every entry point runs the real
+// C ABI that tests/ops/crf/test_crf_cuda_emulated.py calls with ctypes. Every entry point runs the real
 // launcher (launch shapes, shared-memory layout, scratch sizes) and the real kernels. forward's
 // alphas may be null (as crf_forward passes it); given, they are compared with the reference's.
 // backward's scratch starts as garbage: launch_backward must write all it reads.
