@@ -2,6 +2,7 @@
 import random
 
 import pytest
+import torch
 
 from fastner.data import (
     DataFormatError, Sentence, Vocab, bucket_batches, convert_tags, detect_scheme, encode_sentences,
@@ -118,6 +119,25 @@ def test_batches_pad_and_mask():
     assert batch.tags.tolist() == [[0, 1], [0, 0]]
     with pytest.raises(ValueError, match="tag 'B-Y'"):
         encode_sentences([Sentence(["a"], ["B-Y"])], words, chars, tags)
+
+
+def test_batch_chars_are_padded_per_word_and_per_sentence():
+    # the char ids are built as one flat array: every word padded to the longest word, every
+    # sentence to the longest sentence, in the order `index` asks for, with the given pad id
+    sentences = [Sentence(["ab", "c", "abcab"]), Sentence(["ca"])]
+    words = Vocab(["ab", "c", "abcab", "ca"])
+    chars = Vocab(list("abc"))
+    encoded = encode_sentences(sentences, words, chars)
+    batch = make_batch(encoded, [1, 0], words.pad_id, char_pad=7)
+    a, b, c = chars["a"], chars["b"], chars["c"]
+    assert batch.chars.dtype == torch.int64 and batch.chars.shape == (2, 3, 5)
+    assert batch.chars.tolist() == [
+        [[c, a, 7, 7, 7], [7] * 5, [7] * 5],
+        [[a, b, 7, 7, 7], [c, 7, 7, 7, 7], [a, b, c, a, b]],
+    ]
+    again = make_batch(encoded, [0], words.pad_id, char_pad=7)  # a later batch shares no memory
+    again.chars.fill_(0)
+    assert batch.chars[1, 2].tolist() == [a, b, c, a, b]
 
 
 def test_bucket_batches_cover_everything_and_are_seeded():

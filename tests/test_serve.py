@@ -72,6 +72,20 @@ def test_adapter_documents_are_independent_of_their_batch(tagger):
             assert a["score"] == pytest.approx(b["score"], abs=1e-4)
 
 
+def test_adapter_reuses_its_analyser_and_follows_a_precision_switch(tmp_path_factory):
+    # its own tagger: the module fixture stays float32
+    own = fastner.Tagger.load(tiny_model_dir(tmp_path_factory), device="cpu")
+    first = model_adapter.predict_documents(own, DOCUMENTS)
+    built = model_adapter._analyser(own)
+    assert model_adapter._analyser(own) is built  # one per tagger, not one per call
+    own.model.double()  # what `--precision float64` does before serving
+    doubled = model_adapter.predict_documents(own, DOCUMENTS)
+    assert model_adapter._analyser(own) is not built
+    for a, b in zip(first, doubled):
+        assert [(e["start"], e["end"], e["label"]) for e in a["entities"]] == \
+               [(e["start"], e["end"], e["label"]) for e in b["entities"]]
+
+
 def test_adapter_refuses_nbest_it_cannot_serve(tagger):
     with pytest.raises(ValueError, match="nbest"):
         model_adapter.predict_documents(tagger, ["a"], nbest=model_adapter.MAX_NBEST + 1)

@@ -1,7 +1,7 @@
 // Lane kernels of the float32 CRF on CPU: the sequences of a batch side by side, one per lane of
 // a vector register (a "group" of width() sequences), so that every instruction of a step serves
 // width() sequences. Used by csrc/cpu/crf.cpp for float32 (and float16/bfloat16) emissions; the
-// per-sequence kernels there stay the float64 path and the exact fallback.
+// per-sequence kernels (crf_sequence.h) stay the float64 path and the exact fallback.
 //
 // Why lanes over sequences rather than over tags: at NER sizes (K around 9-20) a row of K tags
 // fills one or two vectors and leaves most lanes idle, while a batch offers 16-32 sequences that
@@ -40,23 +40,29 @@ struct Model {
 };
 
 // Emissions (b, t, j) at data[b * stride_b + t * stride_t + j] (any layout with unit tag stride:
-// [B, T, K] or a transposed [T, B, K]); lengths [B], each in [0, T].
+// [B, T, K] or a transposed [T, B, K]); lengths [B], each in [0, T]. order [B]: a permutation
+// of the sequences, in decreasing length; group g runs the sequences order[g * width ..
+// g * width + width), so that a group's lanes have similar lengths and few steps run idle
+// (conll-like lengths at B = 32: ~40% fewer group steps than taking the batch in its order).
+// Every b * stride_b must fit in int32 (gather indices).
 struct Emissions {
   int64_t B = 0, T = 0;
   const float* data = nullptr;
   int64_t stride_b = 0, stride_t = 0;
   const int64_t* lengths = nullptr;
+  const int64_t* order = nullptr;
 };
 
 // Where a kernel writes per-(b, t) rows of K floats: (b, t, j) at data[b * stride_b + t * stride_t + j].
 struct Rows {
   float* data = nullptr;
   int64_t stride_b = 0, stride_t = 0;
+  bool fits_int32 = false;  // every b * stride_b fits in int32 (lets AVX-512 scatter)
 };
 
 struct Kernels {
   const char* isa;  // "avx512" or "avx2"
-  int width;        // sequences per group: group g holds sequences [g * width, g * width + width)
+  int width;        // sequences per group (Emissions::order says which)
   // Floats of scratch one group needs (any alignment; the kernels align it themselves).
   size_t (*scratch_floats)(int64_t K, int64_t T);
 
@@ -71,6 +77,7 @@ struct Kernels {
   // marginals into start_sums [K] and of the last-step marginals into end_sums [K]. Troubled sequences (flagged as by forward)
   // add nothing to the sums; their grad rows are left for the caller to overwrite. When log_z
   // is given it also receives log Z, as from forward (the pass is computed here anyway).
+  // pairs, start_sums and end_sums may all be null: the marginals only (weight 1), no sums.
   void (*backward)(const Model& model, const Emissions& em, int64_t group, const float* weight,
                    int64_t weight_stride, const Rows& grad, float* pairs, float* start_sums,
                    float* end_sums, uint8_t* trouble, float* log_z, float* scratch);
@@ -80,6 +87,15 @@ struct Kernels {
   // the lowest tag, as in the per-sequence kernel.
   void (*viterbi)(const Model& model, const Emissions& em, int64_t group, int64_t* tags,
                   float* scores, float* scratch);
+
+  // Floats of scratch one group of kbest needs.
+  size_t (*kbest_scratch_floats)(int64_t K, int64_t T, int64_t k);
+  // The k best paths of each sequence of the group, best first, as the per-sequence kernel
+  // finds them (the same candidates in the same order, ties to the one offered first): tags
+  // [B, k, T] (-1 past each length and in the rows of paths that do not exist), scores [B, k]
+  // (-inf for those; one path of score 0 for a sequence of length 0).
+  void (*kbest)(const Model& model, const Emissions& em, int64_t group, int64_t k, int64_t* tags,
+                float* scores, float* scratch);
 };
 
 // The kernels for this CPU's instruction set (csrc/cpu/cpu_isa.h: AVX-512 where it has AVX-512

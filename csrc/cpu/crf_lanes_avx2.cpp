@@ -11,12 +11,14 @@
 
 #define FASTNER_LANES 8
 #include "cpu/crf_lanes_impl.h"
+#include "cpu/crf_lanes_kbest.h"
 
 namespace fastner::cpu::crf {
 namespace lanes {
 
 const Kernels& avx2_kernels() {
-  static const Kernels table{"avx2", W, scratch_floats, forward, backward, viterbi};
+  static const Kernels table{"avx2", W, scratch_floats, forward, backward, viterbi,
+                             kbest_scratch_floats, kbest};
   return table;
 }
 

@@ -13,13 +13,15 @@
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 #define FASTNER_LANES 16
 #include "cpu/crf_lanes_impl.h"
+#include "cpu/crf_lanes_kbest.h"
 #pragma GCC pop_options
 
 namespace fastner::cpu::crf {
 namespace lanes {
 
 const Kernels& avx512_kernels() {
-  static const Kernels table{"avx512", W, scratch_floats, forward, backward, viterbi};
+  static const Kernels table{"avx512", W, scratch_floats, forward, backward, viterbi,
+                             kbest_scratch_floats, kbest};
   return table;
 }
 

@@ -1,4 +1,4 @@
-// Elementwise math for the CRF kernels (csrc/cpu/crf.cpp), written branch-free so that loops
+// Elementwise math for the per-sequence CRF kernels (csrc/cpu/crf_sequence.h), written branch-free so that loops
 // calling it under `#pragma omp simd` vectorise (AVX2 with -march=x86-64-v3).
 //
 // Why not std::exp / std::log: without -ffast-math gcc cannot vectorise them (glibc declares its

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence
 
@@ -71,18 +72,25 @@ def make_batch(encoded: Sequence[Encoded], index: Sequence[int], word_pad: int =
         raise ValueError("empty sentences cannot be batched")
     batch_size, time_len = len(items), int(lengths.max())
     char_len = max(1, max(len(cs) for item in items for cs in item.chars))
-    # padded Python lists first, one tensor each: far cheaper than a small tensor per token
-    empty_word = [char_pad] * char_len
-    word_rows, char_rows, tag_rows = [], [], []
+    # padded Python lists first, one tensor each: far cheaper than a small tensor per token; the
+    # chars ([B, T, C], most of the ids) as one flat int64 array: torch.tensor of a nested list
+    # cost twice as much (1.5 vs 0.7 ms for [16, 40, 18], most of a served batch's padding time)
+    char_pads = [[char_pad] * n for n in range(char_len + 1)]
+    word_rows, tag_rows = [], []
+    char_flat = array("q")
     has_tags = all(item.tags is not None for item in items)
     for item in items:
         pad = time_len - len(item.words)
         word_rows.append(item.words + [word_pad] * pad)
-        char_rows.append([cs + [char_pad] * (char_len - len(cs)) for cs in item.chars] + [empty_word] * pad)
+        for cs in item.chars:
+            char_flat.extend(cs)
+            char_flat.extend(char_pads[char_len - len(cs)])
+        char_flat.extend(char_pads[char_len] * pad)
         if has_tags:
             tag_rows.append(item.tags + [0] * pad)
     word_ids = torch.tensor(word_rows, dtype=torch.long)  # [B, T]
-    char_ids = torch.tensor(char_rows, dtype=torch.long)  # [B, T, C]
+    # frombuffer holds a reference to the array: the memory lives as long as the tensor
+    char_ids = torch.frombuffer(char_flat, dtype=torch.long).view(batch_size, time_len, char_len)  # [B, T, C]
     tag_ids = torch.tensor(tag_rows, dtype=torch.long) if has_tags else None  # [B, T]
     mask = torch.arange(time_len)[None, :] < lengths[:, None]
     return Batch(word_ids, char_ids, lengths, mask, tag_ids, list(index))

@@ -18,11 +18,17 @@ kernels by strategy: exact per-sequence, lanes per ISA).
 | crf_forward_backward | csrc/cpu/crf*.cpp/h (lanes: crf_lanes*.cpp/h) | - | reference.crf_forward + crf_backward | (autograd of crf_log_likelihood) | ops/crf/test_crf_ops, _lanes, _fuzz | fastner/bench/crf_rows.py, benchmarks/crf_step_breakdown.py |
 | crf_log_likelihood | value: csrc/cpu/crf_log_likelihood.cpp (every device) | (the same) | reference.crf_forward + ops.crf._reduce | ops.crf.crf_log_likelihood | ops/crf/test_crf_autograd, _module, _compile | fastner/bench/crf_rows.py (NLL step) |
 | crf_viterbi | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_viterbi | ops.crf.crf_viterbi | ops/crf/test_crf_ops, _module, _lanes, _constraints, _fuzz, _cuda, _cuda_emulated | fastner/bench/crf_rows.py (decode), benchmarks/bench_crf.py, crf_cuda_bench.py |
-| crf_kbest | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_kbest | ops.crf.crf_kbest | ops/crf/test_crf_ops, _module, _bruteforce, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
-| crf_marginals | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_marginals | ops.crf.crf_marginals | ops/crf/test_crf_ops, _module, _bruteforce, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
+| crf_kbest | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_kbest | ops.crf.crf_kbest | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
+| crf_marginals | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_marginals | ops.crf.crf_marginals | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
 | crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
 | rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8 | fastner/bench/precision_rows.py, benchmarks/int8_ratios.py |
 | rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.h, rnn_math.h), layout: csrc/rnn_layout.h | cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer (modules: fastner/nn/rnn.py) | ops/rnn/test_rnn_ops, _autograd, _parity, _modules, _fuzz, _safety, _cuda, _cuda_emulated | fastner/bench/rnn_rows.py, benchmarks/bench_rnn.py, rnn_cuda_bench.py |
+
+CPU CRF files by role: crf.cpp the binding (checks, the strategy per call, registration);
+crf_lanes.h / crf_lanes_impl.h / crf_lanes_avx2.cpp / crf_lanes_avx512.cpp the lane kernels
+(float32, B >= 3, sequences side by side in vector lanes) and crf_lanes_host.h their torch side;
+crf_sequence.h / crf_sequence_decode.h the per-sequence log-space kernels (float64, B <= 2, and
+the exact fallback for the sequences the lanes flag); crf_gold_nan.h the gold path and NaN terms.
 
 Shared: argument checks csrc/checks.h (C++) and fastner/validation.py (fake kernels, reference);
 the ISA probe csrc/cpu/cpu_isa.*; autograd plumbing ops/_autograd.py. Tests: one input builder

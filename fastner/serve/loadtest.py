@@ -385,6 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured run")
     parser.add_argument("--threads", default="1,2", help="torch threads to compare (default 1,2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the batching on/off/direct rows this many times, interleaved, so that "
+                             "load from other processes hits on and off alike (default 1)")
     parser.add_argument("--overload-clients", type=int, default=64)
     parser.add_argument("--overload-queue", type=int, default=8)
     parser.add_argument("--capacity-tokens", type=float, default=None,
@@ -393,8 +396,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--soak-clients", type=int, default=8)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 3600 or args.soak > 4 * 3600:
-        parser.error("--clients must be in 1..1024, --seconds in (0, 3600], --soak at most 4 hours")
+    if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 3600 or args.soak > 4 * 3600 \
+            or not 1 <= args.rounds <= 20:
+        parser.error("--clients must be in 1..1024, --seconds in (0, 3600], --soak at most 4 hours, --rounds in 1..20")
 
     import torch
 
@@ -405,12 +409,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tagger = Tagger.load(args.model, device="cpu")
     workload = Workload(tagger, load_documents(args.documents))
     cpu = _cpu_name()
+    load_start = list(os.getloadavg())
     print(f"loadtest: {len(workload.documents)} documents, mean {statistics.mean(workload.tokens):.1f} tokens; "
           f"{cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; fastner {fastner.__version__}, "
           f"torch {torch.__version__}", file=sys.stderr)
     results: List[dict] = []
 
     def report(result: dict) -> None:
+        result["load_average_1min"] = round(os.getloadavg()[0], 2)  # at the end of the run: contention
         results.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
 
@@ -419,12 +425,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         capacity = args.capacity_tokens
         if capacity is None:
-            for threads in [int(t) for t in args.threads.split(",")]:
-                batched = serve_run(args.model, workload, args.clients, args.seconds, threads, batching=True)
-                report(batched)
-                report(serve_run(args.model, workload, args.clients, args.seconds, threads, batching=False))
-                report(direct_run(tagger, workload, max(1, round(batched["mean_batch_documents"])), args.seconds, threads))
-                report(direct_run(tagger, workload, 1, args.seconds, threads))
+            for _ in range(args.rounds):
+                for threads in [int(t) for t in args.threads.split(",")]:
+                    batched = serve_run(args.model, workload, args.clients, args.seconds, threads, batching=True)
+                    report(batched)
+                    report(serve_run(args.model, workload, args.clients, args.seconds, threads, batching=False))
+                    report(direct_run(tagger, workload, max(1, round(batched["mean_batch_documents"])), args.seconds,
+                                      threads))
+                    report(direct_run(tagger, workload, 1, args.seconds, threads))
             capacity = results[0]["tokens_per_s"]
         report(latency_run(args.model, workload, capacity, args.seconds))
         report(overload_run(args.model, workload, args.overload_clients, args.seconds, args.overload_queue))
@@ -434,7 +442,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 or any(k not in ("200", "503") for k in r.get("status", {}))]
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": cpu, "cpus": os.cpu_count(), "results": results}, handle, indent=1)
+            command = " ".join(["python -m fastner.serve.loadtest", *(sys.argv[1:] if argv is None else argv)])
+            json.dump({"machine": cpu, "cpus": os.cpu_count(), "command": command,
+                       "load_average": {"start": load_start, "end": list(os.getloadavg())}, "results": results},
+                      handle, indent=1)
     if failures:
         print(f"loadtest: lost, mismatched or failed answers in: {', '.join(failures)}", file=sys.stderr)
         return 1
