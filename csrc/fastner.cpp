@@ -12,6 +12,7 @@
 #ifndef FASTNER_NO_PYTHON
 #include <Python.h>
 #include "cpu/cpu_isa.h"
+#include "cpu/rnn_gemm.h"
 #include "rnn_layout.h"
 
 // Importing fastner._C from Python runs the static TORCH_LIBRARY registrations below; the
@@ -20,6 +21,24 @@
 // (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastner::cpu::isa_name());
+}
+
+// rnn_gemm_choices() -> List[str]: the float32 kernel the recurrent layers measured and chose
+// for each product shape so far in this process (csrc/cpu/rnn_gemm.h; empty before the first
+// float32 layer call).
+static PyObject* rnn_gemm_choices(PyObject*, PyObject*) {
+  const std::vector<std::string> lines = fastner::cpu::rnn::float_kernel_choices();
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(lines.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    PyObject* line = PyUnicode_FromString(lines[i].c_str());
+    if (line == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SetItem(out, static_cast<Py_ssize_t>(i), line);  // steals `line`
+  }
+  return out;
 }
 
 // rnn_workspace_width(device_type, mode, input_size, hidden) -> int: the width of one row of
@@ -91,6 +110,8 @@ PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_isa", cpu_isa, METH_NOARGS,
        "Instruction set of every CPU kernel family: 'avx512' or 'avx2' (csrc/cpu/cpu_isa.h)."},
+      {"rnn_gemm_choices", rnn_gemm_choices, METH_NOARGS,
+       "The float32 GEMM kernel the CPU recurrent layers measured and chose per product shape."},
       {"rnn_workspace_width", rnn_workspace_width, METH_VARARGS,
        "rnn_workspace_width(device_type, mode, input_size, hidden): the width of a training "
        "workspace row of rnn_layer_forward on that device type."},

@@ -324,6 +324,8 @@ def rnn_layer(
     """
     validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
                         batch_first)
+    # bf16 w_ih / w_hh (the bf16 layers): widened exactly to the input's float32, as the kernel does.
+    weights = [w.to(input.dtype) for w in weights]
     D = 2 if bidirectional else 1
     per_dir = len(weights) // D
 

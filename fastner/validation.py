@@ -101,7 +101,8 @@ def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
         matrix_dtype: Optional[torch.dtype] = None) -> None:
     """rnn_layer_forward's arguments (csrc/fastner.cpp): input [B, T, I] or [T, B, I] float32 /
     float64; lengths int64 [B] in [0, T] on the input's device (or the CPU for a CUDA input);
-    2*D or 4*D weights of torch's shapes, hx / cx [D, B, H], all in the input's dtype and device."""
+    2*D or 4*D weights of torch's shapes, hx / cx [D, B, H], all in the input's dtype and device
+    (w_ih / w_hh may be bfloat16 for float32 input)."""
     if mode not in RNN_GATES:
         _fail(op, f"mode must be one of {sorted(RNN_GATES)}, got {mode!r}")
     owner = "the input's"
@@ -123,11 +124,16 @@ def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
     per_dir = len(weights) // D
     names = ("w_ih", "w_hh", "b_ih", "b_hh")
     shapes = ((G * H, I), (G * H, H), (G * H,), (G * H,))
+    # w_ih / w_hh may be bfloat16 with float32 input: the bf16 inference layers
+    # (fastner.nn.rnn_bf16); the biases always have the input's dtype.
+    if matrix_dtype is not None:  # the int8 op: its own matrix dtype only
+        matrix_dtypes = (matrix_dtype,)
+    else:
+        matrix_dtypes = (dtype, torch.bfloat16) if dtype == torch.float32 else (dtype,)
     for d in range(D):
         for j in range(per_dir):
-            wanted = matrix_dtype if (j < 2 and matrix_dtype is not None) else dtype
             tensor_arg(op, f"{names[j]} of direction {d}", weights[d * per_dir + j], shape=shapes[j],
-                   dtypes=(wanted,), device=device, owner=owner)
+                   dtypes=matrix_dtypes if j < 2 else (dtype,), device=device, owner=owner)
     for name, state in (("hx", hx), ("cx", cx)):
         if state is not None:
             tensor_arg(op, name, state, shape=(D, B, H), dtypes=(dtype,), device=device, owner=owner)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastner.bench import cli, tagger_rows
+from fastner.bench import cli, tagger_rows, timing
 from fastner.bench.gemm_rows import rnn_flops
 from fastner.bench.report import write_json_atomic
 from fastner.bench.rows import BACKEND_ENV, Context, Row, forced_reference, on_reference
@@ -33,7 +33,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path = out / "result.json"
     command = [sys.executable, "-m", "fastner.bench", "--quick", "--json", str(json_path),
-               "--threads", "1"]
+               "--threads", "1", "--clock", "thread"]
     try:
         import matplotlib  # noqa: F401
         command += ["--plot", str(out / "plots")]
@@ -68,6 +68,7 @@ def test_quick_run_environment(quick_run):
     assert data["devices"][0]["device"] == "cpu" and data["devices"][0]["name"]
     assert set(data["fastner_backend"]) >= {"cpu", "version", "torch"}
     assert {"warmup", "min_samples", "max_samples", "budget_s", "plan"} <= set(data["settings"])
+    assert data["settings"]["thread_cpu_clock"] is True  # --clock thread
 
 
 def test_quick_run_groups_ran_or_say_why_not(quick_run):
@@ -114,8 +115,12 @@ def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
     assert {(r["cell"], r["mode"]) for r in tagger_shape} == {
         (c, m) for c in ("lstm", "gru", "rnn") for m in ("inference", "training")}
     for row in tagger_shape:
+        bf16 = {"fastner.bf16.padded", "fastner.bf16.lengths"} if row["mode"] == "inference" else set()
         assert {r["impl"] for r in row["results"]} == {
-            "torch.padded", "torch.packed", "fastner.padded", "fastner.lengths", "fastner.packed"}
+            "torch.padded", "torch.packed", "fastner.padded", "fastner.lengths", "fastner.packed"} | bf16
+        assert row["check"] == "ok", row["check"]
+        # Which float32 GEMM kernel ran, with both kernels' measured rates.
+        assert all("GFLOP/s" in line for line in row["cpu_gemm_choices"])
     gemm = [r for r in data["rows"] if r["group"] == "gemm" and r["op"] == "mm_fp32"]
     assert len(gemm) == 1 and gemm[0]["gflops_per_s"] > 0
     # int8 / bf16 rows at the tagger shape: every cell, fastner int8 timed, the peers torch has.
@@ -158,6 +163,19 @@ def test_unknown_group_is_an_argument_error(capsys):
         cli.main(["--only", "crf,bogus"])
     assert exit_info.value.code == 2
     assert "--only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", [[], ["--threads", "2"]])
+def test_thread_clock_needs_one_thread(capsys, threads):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--clock", "thread", *threads])
+    assert exit_info.value.code == 2
+    assert "--clock thread needs --threads 1" in capsys.readouterr().err
+
+
+def test_clock_for_picks_the_thread_clock_only_when_asked():
+    assert isinstance(timing.clock_for(torch.device("cpu")), timing.WallClock)
+    assert isinstance(timing.clock_for(torch.device("cpu"), thread_cpu=True), timing.ThreadCpuClock)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -57,6 +57,10 @@ def test_cli_precision(demo_tagger_dir, tmp_path, capsys):
     if not HAS_BF16:
         assert main(["evaluate", str(demo_tagger_dir), str(conll), "--precision", "bf16"]) == 2
         assert "--precision bf16" in capsys.readouterr().err
+        # serve refuses it before binding anything (or for want of uvicorn: exit 2 either way)
+        assert main(["serve", str(demo_tagger_dir), "--precision", "bf16", "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "--precision bf16" in err or "uvicorn" in err, err
     with pytest.raises(SystemExit) as exit_info:
         main(["tag", str(demo_tagger_dir), "--precision", "int4"])
     assert exit_info.value.code == 2

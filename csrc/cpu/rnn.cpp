@@ -1,6 +1,14 @@
 // CPU kernels of fastner::rnn_layer_forward / rnn_layer_backward: one LSTM / GRU / RNN layer,
 // both directions, variable lengths without work on padding. Schemas: csrc/fastner.cpp.
 //
+// Files: the products are in rnn_gemm.h (+ rnn_gemm.cpp, rnn_gemm_avx2.h), the cell
+// nonlinearities in rnn_math.h and the fused cell passes in rnn_cells.inc. This file is the
+// layer loop: the plan of steps and slots, the forward and the backward. They stay in one
+// translation unit because both walk the same Plan, weights, state reorders and cell-pass
+// table, which live in an anonymous namespace (no symbols shared with the rest of the
+// library, inlined where hot); splitting forward from backward would turn those ~250 lines
+// into an internal header for two includers and gain no separation of roles.
+//
 // Layout. The batch is reordered once by decreasing length (slot j holds original sequence
 // order[j]), so at every step the sequences still running are a prefix of the slots, in both
 // directions: at step s the forward direction is at time s and the reverse direction at time
@@ -177,8 +185,8 @@ struct LayerWeights {
   std::vector<Tensor> w_ih, w_hh, b_ih, b_hh;  // per direction, contiguous
 };
 
-// w_ih / w_hh must have weight_dtype (the input's for the float op, int8 for the int8 op); the
-// biases the input's dtype.
+// w_ih / w_hh must have weight_dtype (the input's for the float op, or bfloat16 for the bf16
+// layers: see weight_dtype_of; int8 for the int8 op); the biases the input's dtype.
 LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cell, const Tensor& input,
                             at::ScalarType weight_dtype) {
   LayerWeights w;
@@ -211,6 +219,18 @@ LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cel
     }
   }
   return w;
+}
+
+// The dtype of w_ih / w_hh: the input's, or bfloat16 (the bf16 layers of fastner.nn.rnn_bf16:
+// weights rounded to bf16 once, products and states in float32), which only the float32
+// inference forward takes.
+at::ScalarType weight_dtype_of(at::TensorList weights, const Tensor& input, bool training) {
+  if (weights.empty() || weights[0].scalar_type() != at::kBFloat16) return input.scalar_type();
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat, "rnn_layer: bfloat16 weights need float32 input, got ",
+                    input.scalar_type());
+  TORCH_CHECK_VALUE(!training, "rnn_layer: bfloat16 weights are for inference only (training=False); "
+                    "train in float32 and convert the weights afterwards");
+  return at::kBFloat16;
 }
 
 // The initial state of every slot, [D, B, H] in slot order (zeros when not given).
@@ -333,16 +353,17 @@ void check_input(const Tensor& input, const char* name) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
-// The float op's products: MKL-packed (where available) float GEMMs with W_ih^T and W_hh^T.
+// The float op's products with W_ih^T and W_hh^T (float, or bf16 weights for float input):
+// packed once per call for the kernel rnn_gemm.h chose on this machine.
 template <typename T>
 struct FloatProducts {
   const LayerWeights& w;
   // x @ W_ih^T for up to max_m rows at a time, and h @ W_hh^T.
   PackedRight<T> input(int64_t d, int64_t max_m) const {
-    return PackedRight<T>(w.w_ih[d].const_data_ptr<T>(), w.I, /*trans_b=*/true, w.I, w.G * w.H, max_m);
+    return PackedRight<T>(w.w_ih[d], /*trans_b=*/true, w.I, w.G * w.H, max_m);
   }
   PackedRight<T> recurrent(int64_t d, int64_t max_m) const {
-    return PackedRight<T>(w.w_hh[d].const_data_ptr<T>(), w.H, /*trans_b=*/true, w.H, w.G * w.H, max_m);
+    return PackedRight<T>(w.w_hh[d], /*trans_b=*/true, w.H, w.G * w.H, max_m);
   }
 };
 
@@ -366,8 +387,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Tensor& input, con
   // allocator hands out freshly mapped memory, which happens interleaved with torch's layers
   // (measured: the LSTM training forward then takes ~9 instead of ~6.5 ms in some processes).
   // Reusing freed storages from a per-thread pool removed that, but did not lower fastner's
-  // times in benchmarks/rnn_ratios.py (torch's rose instead, presumably faulting in what the
-  // pool kept), so plain at::empty stays.
+  // times in `fastner bench` (torch's rose instead, presumably faulting in what the pool kept),
+  // so plain at::empty stays.
   Tensor output = at::empty(batch_first ? at::IntArrayRef{B, T_, DH} : at::IntArrayRef{T_, B, DH}, input.options());
   Tensor h_slots = initial_state<T>(hx, plan, w, input, "hx");
   Tensor c_slots = lstm ? initial_state<T>(cx, plan, w, input, "cx") : Tensor();
@@ -468,7 +489,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_forward(const Tensor& input
   check_input(input, "input");
   const Cell cell = parse_mode(std::string(mode));
   const Tensor contiguous = input.contiguous();
-  const LayerWeights w = unpack_weights(weights, bidirectional, cell, contiguous, contiguous.scalar_type());
+  const LayerWeights w =
+      unpack_weights(weights, bidirectional, cell, contiguous, weight_dtype_of(weights, contiguous, training));
   return AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_forward", [&] {
     return forward_impl<scalar_t>(contiguous, lengths, w, FloatProducts<scalar_t>{w}, hx, cx, cell, batch_first,
                                   training);
@@ -565,7 +587,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
 
   for_each_direction(D, [&](int64_t d) {
     const T* ws = workspace.const_data_ptr<T>() + d * B * T_ * W;
-    const PackedRight<T> whh(w.w_hh[d].const_data_ptr<T>(), H, /*trans_b=*/false, GH, H, B);  // g @ W_hh
+    const PackedRight<T> whh(w.w_hh[d], /*trans_b=*/false, GH, H, B);  // g @ W_hh
     const T* c_init = lstm ? c0.const_data_ptr<T>() + d * B * H : nullptr;
     T* dh = dh_slots.data_ptr<T>() + d * B * H;
     T* dc = lstm ? dc_slots.data_ptr<T>() + d * B * H : nullptr;

@@ -5,6 +5,10 @@
 // We call the BLAS Fortran symbol that libtorch_cpu exports (MKL in the official wheels) and
 // fall back to at::mm on tensor views where a torch build exports none.
 //
+// The products by a weight that many steps reuse go through PackedRight (below), which picks
+// MKL's packed sgemm or fastner's AVX2 kernel per machine; the rest (the backward's weight and
+// input gradients) call gemm().
+//
 // Why MKL and not oneDNN: measured here (single thread, process time, loaded machine), per
 // product: [32, 200] x [200, 800] torch.mm (MKL) 79 us vs oneDNN mkldnn_linear 153 us;
 // [470, 130] x [130, 800] 612 vs 1312 us. The oneDNN path pays reorders and allocation on every
@@ -20,6 +24,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/rnn_gemm_avx2.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -96,35 +105,58 @@ class SingleThreadedBlas {
   int previous_;
 };
 
+// Which kernel multiplies a float32 A by a packed right operand: MKL's packed sgemm or
+// fastner's AVX2 kernel (rnn_gemm_avx2.h); plain gemm where neither exists (float64, or a
+// build without them).
+enum class RightKernel { Gemm, MklPacked, Avx2 };
+
+// The kernel for products [m <= max_m, k] x [k, n] at this thread's BLAS thread count: timed
+// at first use of the shape (both kernels, interleaved, best of 5; ~1-10 ms once per process
+// and shape) and remembered. FASTNER_RNN_GEMM=mkl or =avx2 forces one (tests, comparisons).
+// Why measured rather than a rule: the rates depend on the CPU's vendor and cache sizes, e.g.
+// on an AMD EPYC (Zen 2, 1 thread) at [32, 200] x [200, 800] MKL packed ran at ~59 GFLOP/s
+// and the AVX2 kernel at ~78; on Intel MKL has its fast paths.
+RightKernel choose_float_kernel(int64_t k, int64_t n, int64_t max_m);
+
+// One line per measured shape, "k=.. n=.. m<=.. blas_threads=..: mkl_packed X, avx2 Y GFLOP/s
+// -> avx2" (fastner.backend() reports them).
+std::vector<std::string> float_kernel_choices();
+
 // The right operand of many products C[m, n] = A[m, k] @ op(B)[k, n] with varying m (the
-// running prefix of the batch): packed once into MKL's internal layout where MKL provides it,
-// which saves re-packing B (0.6 MB for H = 200) on every step. Measured here, single thread,
-// [32, 200] x [200, 800]: 71 us per product packed vs 96 us with torch.mm / sgemm.
+// running prefix of the batch), packed once per layer call: into MKL's internal layout or
+// into the AVX2 kernel's panels (saves re-packing B, 0.6 MB for H = 200, on every step).
+// B: a contiguous 2-D weight tensor of type T, or bfloat16 when T is float (the bf16 layers:
+// always the AVX2 kernel, which widens bf16 to float32 in registers).
 template <typename T>
 class PackedRight {
  public:
-  PackedRight(const T* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, int64_t max_m)
-      : b_(b), ldb_(ldb), trans_b_(trans_b), k_(k), n_(n) {
+  PackedRight(const at::Tensor& weight, bool trans_b, int64_t k, int64_t n, int64_t max_m)
+      : ldb_(weight.size(1)), trans_b_(trans_b), k_(k), n_(n) {
+    if (weight.scalar_type() != at::kBFloat16) b_ = weight.const_data_ptr<T>();
+    if (max_m <= 0 || n <= 0 || k <= 0) return;
+    if (weight.scalar_type() == at::kBFloat16) {
+      TORCH_CHECK((std::is_same_v<T, float>)&& avx2_gemm::available(),
+                  "rnn_layer: bfloat16 weights need float32 input and an x86-64 AVX2 build of fastner");
+      kernel_ = RightKernel::Avx2;
+      bf16_ = true;
+      auto* dest = static_cast<uint16_t*>(buffer(avx2_gemm::packed_size(k, n) * sizeof(uint16_t)));
+      avx2_gemm::pack<uint16_t>(reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>()), ldb_, trans_b,
+                                k, n, dest);
+      packed_ = dest;
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
-      if (cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr &&
-          max_m > 0 && n > 0 && k > 0) {
+      kernel_ = choose_float_kernel(k, n, max_m);
+      if (kernel_ == RightKernel::MklPacked) {
         const size_t bytes = cblas_sgemm_pack_get_size(162, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k));
-        // MKL asks for ~9 MB at H = 200 (it touches far less): a fresh allocation per call costs
-        // page faults on every layer call, so each thread keeps buffers for reuse: two, for the
-        // forward's W_ih and W_hh.
-        thread_local Buffer cache[2];
-        Buffer* free_buffer = !cache[0].in_use ? &cache[0] : !cache[1].in_use ? &cache[1] : nullptr;
-        if (free_buffer != nullptr) {
-          free_buffer->reserve(bytes);
-          free_buffer->in_use = true;
-          packed_ = static_cast<float*>(free_buffer->data.get());
-          release_ = &free_buffer->in_use;
-        } else {
-          own_.reserve(bytes);
-          packed_ = static_cast<float*>(own_.data.get());
-        }
-        cblas_sgemm_pack(101, 162, trans_b ? 112 : 111, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k), 1.0f,
-                         b, static_cast<int>(ldb), packed_);
+        auto* dest = static_cast<float*>(buffer(bytes));
+        cblas_sgemm_pack(101, 162, trans_b ? 112 : 111, static_cast<int>(max_m), static_cast<int>(n), static_cast<int>(k),
+                         1.0f, b_, static_cast<int>(ldb_), dest);
+        packed_ = dest;
+      } else if (kernel_ == RightKernel::Avx2) {
+        auto* dest = static_cast<float*>(buffer(avx2_gemm::packed_size(k, n) * sizeof(float)));
+        avx2_gemm::pack<float>(b_, ldb_, trans_b, k, n, dest);
+        packed_ = dest;
       }
     }
   }
@@ -135,25 +167,32 @@ class PackedRight {
   PackedRight(const PackedRight&) = delete;
   PackedRight& operator=(const PackedRight&) = delete;
 
-  // C[m, n] = A[m, k] @ op(B) + beta * C (row-major, leading dimensions lda, ldc).
+  // C[m, n] = A[m, k] @ op(B) + beta * C (row-major, leading dimensions lda, ldc); beta 0 or 1.
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if (m == 0) return;
     if constexpr (std::is_same_v<T, float>) {
-      if (packed_ != nullptr) {
+#ifdef FASTNER_RNN_GEMM_AVX2
+      if (kernel_ == RightKernel::Avx2 && packed_ != nullptr) {
+        if (bf16_) {
+          avx2_gemm::multiply<uint16_t>(m, n_, k_, a, lda, static_cast<const uint16_t*>(packed_), beta != 0.0f, c, ldc);
+        } else {
+          avx2_gemm::multiply<float>(m, n_, k_, a, lda, static_cast<const float*>(packed_), beta != 0.0f, c, ldc);
+        }
+        return;
+      }
+#endif
+      if (kernel_ == RightKernel::MklPacked && packed_ != nullptr) {
         cblas_sgemm_compute(101, 111, 151, static_cast<int>(m), static_cast<int>(n_), static_cast<int>(k_), a,
-                            static_cast<int>(lda), packed_, static_cast<int>(ldb_), beta, c,
+                            static_cast<int>(lda), static_cast<const float*>(packed_), static_cast<int>(ldb_), beta, c,
                             static_cast<int>(ldc));
         return;
       }
     }
+    // (bf16 weights reach here only for an empty product, k = 0 or n = 0, which reads no B.)
     gemm<T>(false, trans_b_, m, n_, k_, T(1), a, lda, b_, ldb_, beta, c, ldc);
   }
 
  private:
-  const T* b_;
-  int64_t ldb_;
-  bool trans_b_;
-  int64_t k_, n_;
   // A 64-byte aligned byte buffer that only grows.
   struct Buffer {
     std::unique_ptr<void, decltype(&std::free)> data{nullptr, &std::free};
@@ -163,13 +202,36 @@ class PackedRight {
       if (bytes <= size) return;
       const size_t rounded = (bytes + 63) / 64 * 64;
       data.reset(std::aligned_alloc(64, rounded));
-      TORCH_CHECK(data != nullptr, "rnn_layer: out of memory packing W_hh (", rounded, " bytes)");
+      TORCH_CHECK(data != nullptr, "rnn_layer: out of memory packing a weight (", rounded, " bytes)");
       size = rounded;
     }
   };
-  float* packed_ = nullptr;  // MKL's packed B (float32 only); nullptr: plain gemm
-  Buffer own_;               // used when the thread's cached buffer is taken
-  bool* release_ = nullptr;  // the thread's cache flag to clear when done with its buffer
+
+  // `bytes` of packing space. MKL asks for ~9 MB at H = 200 (it touches far less): a fresh
+  // allocation per call costs page faults on every layer call, so each thread keeps buffers
+  // for reuse: two, for the forward's W_ih and W_hh.
+  void* buffer(size_t bytes) {
+    thread_local Buffer cache[2];
+    Buffer* free_buffer = !cache[0].in_use ? &cache[0] : !cache[1].in_use ? &cache[1] : nullptr;
+    if (free_buffer == nullptr) {
+      own_.reserve(bytes);
+      return own_.data.get();
+    }
+    free_buffer->reserve(bytes);
+    free_buffer->in_use = true;
+    release_ = &free_buffer->in_use;
+    return free_buffer->data.get();
+  }
+
+  const T* b_ = nullptr;  // the unpacked B (type T); nullptr for bf16 weights
+  int64_t ldb_;
+  bool trans_b_;
+  int64_t k_, n_;
+  RightKernel kernel_ = RightKernel::Gemm;
+  bool bf16_ = false;             // packed_ holds bf16 panels
+  const void* packed_ = nullptr;  // MKL's packed B or the AVX2 panels; nullptr: plain gemm
+  Buffer own_;                    // used when the thread's cached buffers are taken
+  bool* release_ = nullptr;       // the thread's cache flag to clear when done with its buffer
 };
 
 }  // namespace fastner::cpu::rnn

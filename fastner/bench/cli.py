@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"comma-separated groups to run, of {','.join(GROUPS)} (default: all)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="CPU rows' clock: wall time (default), or the calling thread's CPU time, "
+                             "which time spent waiting for a core on a busy machine does not count "
+                             "(needs --threads 1: torch's own threads would not be counted)")
     return parser
 
 
@@ -81,6 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread needs --threads 1 (the CPU time of torch's other threads is not counted)")
     if args.plot:
         message = require_matplotlib()
         if message is not None:  # say so now, not after a ten-minute run
@@ -90,10 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(0)
     plan = make_plan(args.quick)
     settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS
+    settings = dataclasses.replace(settings, thread_cpu_clock=args.clock == "thread")
     environment = describe(devices, arguments)
 
     _say(f"fastner {environment['fastner_version']} (backend {environment['fastner_backend']}), "
-         f"torch {environment['torch_version']}, {environment['threads']} threads, "
+         f"torch {environment['torch_version']}, {environment['threads']} threads, {args.clock} clock, "
          f"commit {environment['git_commit'] or 'unknown'}")
     if os.environ.get("FASTNER_BACKEND", "").strip().lower() == "reference":
         _say("note: FASTNER_BACKEND=reference is set, so the 'fastner' rows measure the reference path")

@@ -7,6 +7,8 @@ Implementations in each row, all on the same padded input x: [B, T, I] and lengt
   fastner.padded   fastner module on x
   fastner.lengths  fastner module on x with lengths= (the same answer as packing)
   fastner.packed   pack -> fastner module -> unpack
+  fastner.bf16.padded / fastner.bf16.lengths   (inference, CPU) the fastner module with bf16
+                   w_ih / w_hh (fastner.nn.rnn_bf16.to_bf16), on x / with lengths=
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ MODES = ("inference", "training")
 BASELINES = ("torch.padded", "torch.packed")
 ALL_IMPLS = ("torch.padded", "torch.packed", "fastner.padded", "fastner.lengths", "fastner.packed")
 SWEEP_IMPLS = ("torch.padded", "torch.packed", "fastner.padded", "fastner.lengths")
+BF16_IMPLS = ("fastner.bf16.padded", "fastner.bf16.lengths")  # inference on the CPU only
+# bf16 weights cost ~0.2% relative error per layer (tests/test_rnn_bf16.py): checked against
+# torch.packed at this relative Frobenius bound.
+BF16_RELATIVE_ERROR = 5e-3
 HEADLINE_BUDGET = 2  # the tagger-shape rows get this many times the usual time budget
 
 
@@ -215,10 +221,13 @@ def _row(ctx: Context, pair, cell: str, mode: str, shape: RnnShape, axes: List[s
         forwards, timed = implementations(pair, shape, lengths, device, training)
         row.check = check(forwards)
         calls = {name: timed(name) for name in impls}
+        calls.update({name: timed(name) for name in BF16_IMPLS if name in forwards})
         ctx.compare(row, calls, baselines=[b for b in BASELINES if b in calls], settings=settings)
         if floor is not None:
             for result in row.results:
                 result.extra["x_floor"] = result.stats.median / floor
+        if device.type == "cpu":
+            row.info["cpu_gemm_choices"] = cpu_gemm_choices()
     except Exception as err:  # a broken implementation is reported in its row, the run goes on
         row.error = describe_error(err)
     ctx.emit(row)
@@ -259,6 +268,12 @@ def implementations(pair, shape: RnnShape, lengths: torch.Tensor, device: torch.
         "fastner.padded": padded(fast), "fastner.lengths": with_lengths(fast),
         "fastner.packed": packed(fast),
     }
+    if not training and device.type == "cpu":
+        from fastner.nn.rnn_bf16 import to_bf16
+
+        bf16 = to_bf16(fast)
+        forwards["fastner.bf16.padded"] = padded(bf16)
+        forwards["fastner.bf16.lengths"] = with_lengths(bf16)
     grad_output = torch.randn(shape.batch, shape.seq_len, 2 * shape.hidden, device=device)
 
     def timed(name: str) -> Callable[[], object]:
@@ -275,6 +290,17 @@ def implementations(pair, shape: RnnShape, lengths: torch.Tensor, device: torch.
     return forwards, timed
 
 
+def cpu_gemm_choices() -> List[str]:
+    """The float32 GEMM kernel the CPU layers measured and chose per product shape so far
+    (csrc/cpu/rnn_gemm.h), with both kernels' GFLOP/s."""
+    try:
+        from fastner import _C
+
+        return list(_C.rnn_gemm_choices())
+    except (ImportError, AttributeError):  # no extension, or one built before the report
+        return []
+
+
 def check(forwards) -> str:
     """fastner against torch on this input: padded vs padded, lengths=/packed vs packed."""
     with torch.no_grad():
@@ -286,4 +312,9 @@ def check(forwards) -> str:
         if not close(outputs[got], outputs[want]):
             diff = float((outputs[got] - outputs[want]).abs().max())
             problems.append(f"{got} vs {want}: max |diff| {diff:.3g}")
+    for got, want in (("fastner.bf16.padded", "torch.padded"), ("fastner.bf16.lengths", "torch.packed")):
+        if got in outputs:
+            relative = float((outputs[got] - outputs[want]).norm() / outputs[want].norm().clamp_min(1e-30))
+            if not relative <= BF16_RELATIVE_ERROR:
+                problems.append(f"{got} vs {want}: relative error {relative:.3g} > {BF16_RELATIVE_ERROR}")
     return "ok" if not problems else "mismatch: " + "; ".join(problems)

@@ -75,7 +75,7 @@ class Context:
     gemm_int8_ops_per_s: Optional[float] = None  # the same for torch's int8 GEMM (fbgemm)
 
     def __post_init__(self) -> None:
-        self.clock = clock_for(self.device)
+        self.clock = clock_for(self.device, self.settings.thread_cpu_clock)
         if self.device.type == "cuda":
             # One call per sample, synchronized: the latency a caller sees. Back-to-back calls
             # in one sample would hide each call's launch work behind the previous kernels.

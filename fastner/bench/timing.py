@@ -117,8 +117,12 @@ class ThreadCpuClock:
         return time.thread_time() - start
 
 
-def clock_for(device: torch.device):
-    return CudaEventClock(device) if device.type == "cuda" else WallClock()
+def clock_for(device: torch.device, thread_cpu: bool = False):
+    """CUDA events on a GPU; on the CPU wall time, or the thread's CPU time when asked
+    (`fastner bench --clock thread`, one torch thread only: see ThreadCpuClock)."""
+    if device.type == "cuda":
+        return CudaEventClock(device)
+    return ThreadCpuClock() if thread_cpu else WallClock()
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ class Settings:
     budget_s: float = 0.5
     # Calls this short are repeated inside one sample so that timer and loop overhead vanish.
     min_sample_s: float = 1e-3
+    # CPU rows timed by the calling thread's CPU time instead of wall time (clock_for).
+    thread_cpu_clock: bool = False
 
 
 def measure_interleaved(calls: Mapping[str, Call], clock, settings: Settings,

@@ -22,7 +22,7 @@ kernels by strategy: exact per-sequence, lanes per ISA).
 | crf_marginals | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_marginals | ops.crf.crf_marginals | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
 | crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
 | rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8 | fastner/bench/precision_rows.py, benchmarks/int8_ratios.py |
-| rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.h, rnn_math.h), layout: csrc/rnn_layout.h | cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer (modules: fastner/nn/rnn.py) | ops/rnn/test_rnn_ops, _autograd, _parity, _modules, _fuzz, _safety, _cuda, _cuda_emulated | fastner/bench/rnn_rows.py, benchmarks/bench_rnn.py, rnn_cuda_bench.py |
+| rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.{h,cpp}, rnn_gemm_avx2.h, rnn_math.h), layout: csrc/rnn_layout.h | cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer (modules: fastner/nn/rnn.py) | ops/rnn/test_rnn_ops, _autograd, _parity, _modules, _fuzz, _safety, _bf16 (bf16 weights, the fp32 GEMM kernels), _cuda, _cuda_emulated | fastner/bench/rnn_rows.py, benchmarks/bench_rnn.py, rnn_cuda_bench.py |
 
 CPU CRF files by role: crf.cpp the binding (checks, the strategy per call, registration);
 crf_lanes.h / crf_lanes_impl.h / crf_lanes_avx2.cpp / crf_lanes_avx512.cpp the lane kernels

@@ -26,7 +26,8 @@ def rnn_layer(
 
     input: [B, T, I] if batch_first else [T, B, I]; lengths: int64 [B] (0 <= lengths <= T);
     weights: the layer's flat weights in torch's order (w_ih [G*H, I], w_hh [G*H, H] and, with
-    bias, b_ih, b_hh [G*H], direction 0 then 1); hx / cx: [D, B, H] or None (zeros);
+    bias, b_ih, b_hh [G*H], direction 0 then 1; w_ih / w_hh may be bfloat16 for float32 input,
+    inference only); hx / cx: [D, B, H] or None (zeros);
     mode: 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu'.
     Returns output (input's layout, D*H features, zeros past each length), h_n [D, B, H] and
     c_n ([D, B, H] for lstm, else an empty tensor).
@@ -126,6 +127,9 @@ def _register() -> None:
     def _(input, lengths, weights, hx, cx, mode, bidirectional, batch_first, training):
         validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
                             batch_first, values=False)
+        if training and weights[0].dtype == torch.bfloat16:
+            validation._fail("rnn_layer", "bfloat16 weights are for inference only (training=False); "
+                                          "train in float32 and convert the weights afterwards")
         D = 2 if bidirectional else 1
         H = weights[1].shape[1]
         B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])

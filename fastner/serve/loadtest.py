@@ -66,13 +66,23 @@ def load_documents(path: Optional[str], limit: int = 2000) -> List[str]:
 
 # ---- a minimal keep-alive HTTP/1.1 client ----------------------------------------------------------
 
+# uvicorn closes a keep-alive connection idle for 5 s (its default timeout_keep_alive, which
+# `fastner serve` keeps). A request written into a connection the server is closing at that moment
+# is lost in flight, so the client does what HTTP clients do: it stops reusing a connection well
+# before the server's limit (one load-test run lost an answer that way at load 8).
+REUSE_IDLE_SECONDS = 2.0
+
+
 class Connection:
     def __init__(self, port: int):
         self.port = port
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
+        self.idle_since = 0.0  # time.monotonic() when the last answer was read
 
     async def request(self, path: str, body: bytes) -> Tuple[int, Dict[str, str], bytes]:
+        if self.writer is not None and time.monotonic() - self.idle_since > REUSE_IDLE_SECONDS:
+            self.close()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
         head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nContent-Type: application/json\r\n"
@@ -90,6 +100,7 @@ class Connection:
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
         payload = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        self.idle_since = time.monotonic()
         if headers.get("connection", "").lower() == "close":
             self.close()
         return status, headers, payload

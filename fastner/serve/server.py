@@ -74,7 +74,10 @@ def run(args) -> int:
     # the event loop's thread runs no model code; one thread keeps it off the worker's cores
     torch.set_num_threads(1)
     if config.precision in LOAD_PRECISIONS:
-        tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
+        try:
+            tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
+        except NotImplementedError as err:  # bf16 before its kernels exist: a missing module
+            raise ImportError(f"--precision {config.precision}: {err}") from None
     else:
         tagger = Tagger.load(args.model, device=args.device)
         tagger.model.to(getattr(torch, PRECISIONS[config.precision]))

@@ -1,0 +1,178 @@
+// fastner's own AVX2 GEMM for the recurrent kernels: C[m, n] = A[m, k] @ B[k, n] (+ C), A and C
+// float32 row-major, B pre-packed once per layer call into panels of 16 columns, stored as
+// float32 or as bfloat16 (the bf16 layers' weights; widened to float32 in registers by a
+// shift or a mask, so the products and the accumulation are float32).
+//
+// Why our own: MKL's packed sgemm, which the kernels used alone before, takes its slower paths
+// on AMD CPUs; measured on an AMD EPYC (Zen 2, AVX2, 1 thread, in-process at first use, loaded
+// machine) at [32, 200] x [200, 800] this kernel ran at 76-81 GFLOP/s against MKL packed 58-60,
+// at [512, 130] x [130, 800] 68-86 against 60-73 (rnn_gemm.h chooses between them per machine
+// by measurement). bf16 panels halve the bytes of W_hh (640 KB float32 at H = 200, more than a
+// Zen 2 core's 512 KB L2; 320 KB in bf16), but the widening costs two integer ops per row of
+// 16: on Zen 2 the bf16 layers ran within ~5% of the float32 ones.
+//
+// Panel layout, panel p = columns [16p, 16p + 16), k rows of 16 values (zeros past n):
+//   float32: row kk is B[kk][16p + c] for c = 0..15 (two 8-float loads).
+//   bf16: row kk is 8 32-bit words, word c = bf16(B[kk][16p + c]) << 16 | bf16(B[kk][16p + 8 + c]):
+//     word & 0xffff0000 is column c as a float32, word << 16 is column 8 + c (one load, two
+//     integer ops, no shuffle).
+// Micro-tile: up to 6 rows x 16 columns in 12 ymm accumulators; panel-outer order so that a
+// panel (k * 64 bytes, 12.8 KB at k = 200) stays in L1 while every row block of A passes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FASTNER_RNN_GEMM_AVX2 1
+#endif
+
+namespace fastner::cpu::rnn::avx2_gemm {
+
+constexpr int64_t kPanel = 16;  // columns per panel
+constexpr int64_t kRows = 6;    // rows per micro-tile
+
+inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+// Elements of the packed B (of type float or uint16_t = bf16 bits).
+inline int64_t packed_size(int64_t k, int64_t n) { return panels(n) * k * kPanel; }
+
+// bf16 bits of a float32, round to nearest even (NaN stays NaN): the one rounding both the
+// packing here and fastner/reference.py (tensor.to(torch.bfloat16)) use.
+inline uint16_t to_bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Packs op(B)[k, n] (B row-major with leading dimension ldb; op(B) = B^T when trans_b) whose
+// elements are float (W = float) or bf16 bits (W = uint16_t, copied as they are) into `out`
+// (packed_size(k, n) elements of W).
+template <typename W>
+void pack(const W* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, W* out) {
+  auto at = [&](int64_t kk, int64_t col) -> W { return trans_b ? b[col * ldb + kk] : b[kk * ldb + col]; };
+  // Position of column c (0..15) within a packed row of the panel.
+  auto slot = [](int64_t c) -> int64_t {
+    if constexpr (sizeof(W) == 4) return c;
+    // bf16: word c' = (hi: column c', lo: column 8 + c'); little endian: lo half first.
+    return c < 8 ? 2 * c + 1 : 2 * (c - 8);
+  };
+  for (int64_t p = 0; p < panels(n); ++p) {
+    W* dst = out + p * k * kPanel;
+    const int64_t cols = std::min(kPanel, n - p * kPanel);
+    if (cols < kPanel) std::fill_n(dst, k * kPanel, W(0));
+    if (trans_b) {  // rows of B are columns of op(B): read each row once, in order
+      for (int64_t c = 0; c < cols; ++c) {
+        const W* src = b + (p * kPanel + c) * ldb;
+        const int64_t s = slot(c);
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + s] = src[kk];
+      }
+    } else {
+      for (int64_t kk = 0; kk < k; ++kk)
+        for (int64_t c = 0; c < cols; ++c) dst[kk * kPanel + slot(c)] = at(kk, p * kPanel + c);
+    }
+  }
+}
+
+#ifdef FASTNER_RNN_GEMM_AVX2
+
+// The two 8-float halves (columns c and 8 + c) of packed row kk.
+inline void load_row(const float* row, __m256& lo, __m256& hi) {
+  lo = _mm256_loadu_ps(row);
+  hi = _mm256_loadu_ps(row + 8);
+}
+inline void load_row(const uint16_t* row, __m256& lo, __m256& hi) {
+  const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+  lo = _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  hi = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+}
+
+// C[R rows, cols] (=|+=) A[R rows, k] @ panel, R <= kRows, cols <= 16. Every loop over r is
+// unrolled so that the 2R accumulators live in registers (a loop left rolled makes GCC keep
+// them on the stack: half the rate).
+template <int R, typename W>
+inline void tile(int64_t k, const float* a, int64_t lda, const W* panel, float* c, int64_t ldc, bool accumulate,
+                 int64_t cols) {
+  __m256 acc[R][2];
+  const bool whole = cols == kPanel;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate && whole ? _mm256_loadu_ps(c + r * ldc) : _mm256_setzero_ps();
+    acc[r][1] = accumulate && whole ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    __m256 lo, hi;
+    load_row(panel + kk * kPanel, lo, hi);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * lda + kk);
+      acc[r][0] = _mm256_fmadd_ps(x, lo, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, hi, acc[r][1]);
+    }
+  }
+  if (whole) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+      _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+    }
+    return;
+  }
+  alignas(32) float part[R][kPanel];  // the last panel's valid columns only
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(part[r], acc[r][0]);
+    _mm256_store_ps(part[r] + 8, acc[r][1]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = accumulate ? c[r * ldc + j] + part[r][j] : part[r][j];
+}
+
+// C[m, n] = A[m, k] @ packed B (+ C when accumulate); single-threaded.
+template <typename W>
+void multiply(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const W* packed, bool accumulate,
+              float* c, int64_t ldc) {
+  if (m <= 0) return;
+  for (int64_t p = 0; p < panels(n); ++p) {
+    const W* panel = packed + p * k * kPanel;
+    const int64_t cols = std::min(kPanel, n - p * kPanel);
+    float* cp = c + p * kPanel;
+    // Row tiles of near-equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a short tile
+    // reloads the panel for few FMAs. Measured on an AMD EPYC (Zen 2, 1 thread, best of 200):
+    // float32 at [20..32, 200] x [200, 800] 4-10% faster than 6-row tiles plus a short one.
+    const int64_t tiles = (m + kRows - 1) / kRows, base = m / tiles, taller = m % tiles;
+    int64_t i = 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t rows = base + (t < taller ? 1 : 0);
+      const float* at = a + i * lda;
+      float* ct = cp + i * ldc;
+      switch (rows) {
+        case 6: tile<6>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 5: tile<5>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 4: tile<4>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 3: tile<3>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        case 2: tile<2>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+        default: tile<1>(k, at, lda, panel, ct, ldc, accumulate, cols); break;
+      }
+      i += rows;
+    }
+  }
+}
+
+#endif  // FASTNER_RNN_GEMM_AVX2
+
+inline bool available() {
+#ifdef FASTNER_RNN_GEMM_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace fastner::cpu::rnn::avx2_gemm
