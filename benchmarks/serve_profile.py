@@ -91,7 +91,7 @@ def staged(tagger, texts: List[str], clock: Dict[str, float]) -> List[dict]:
             t = tick("model: output layer", t)
             scores = model.transition_scores(emissions.dtype)
             tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
-            log_z, _, _ = ops.crf_forward(emissions, None, lengths, *scores)
+            log_z, _ = ops.crf_forward(emissions, None, lengths, *scores)
             t = tick("CRF: Viterbi + log Z", t)
         tag_rows = tags.tolist()
         decoded, requests = [], []

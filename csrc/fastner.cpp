@@ -132,19 +132,19 @@ TORCH_LIBRARY(fastner, m) {
   // dtype (float64 for float64 emissions, else float32); -inf entries forbid a transition.
   // Sequences of length 0 score 0 and decode to no tags.
   //
-  // Forward algorithm: log_z [B], the gold path's score [B] (zeros when tags is None), and
-  // alphas, what the device's crf_backward reads back: [B, T, K] log forward variables on CUDA;
-  // an empty tensor on CPU, whose backward recomputes the pass (cheaper at NER sizes than
-  // writing and reading back [B, T, K]).
+  // Forward algorithm: log_z [B] and the gold path's score [B] (zeros when tags is None). No
+  // saved state: each device's crf_backward recomputes the forward pass it needs (on CPU
+  // cheaper at NER sizes than writing and reading back [B, T, K]; on CUDA into a scratch
+  // buffer of its own launch sequence).
   m.def("crf_forward(Tensor emissions, Tensor? tags, Tensor lengths, Tensor transitions, "
-        "Tensor start_transitions, Tensor end_transitions) -> (Tensor log_z, Tensor gold_score, Tensor alphas)");
+        "Tensor start_transitions, Tensor end_transitions) -> (Tensor log_z, Tensor gold_score)");
   // Fused backward of crf_forward by forward-backward: the gradients of
   // sum(grad_log_z * log_z + grad_gold_score * gold_score) w.r.t. emissions, transitions,
-  // start_transitions and end_transitions, in one pass over time.
+  // start_transitions and end_transitions, from crf_forward's own inputs.
   m.def("crf_backward(Tensor grad_log_z, Tensor grad_gold_score, Tensor emissions, Tensor? tags, "
-        "Tensor lengths, Tensor transitions, Tensor start_transitions, Tensor end_transitions, "
-        "Tensor log_z, Tensor alphas) -> (Tensor grad_emissions, Tensor grad_transitions, "
-        "Tensor grad_start_transitions, Tensor grad_end_transitions)");
+        "Tensor lengths, Tensor transitions, Tensor start_transitions, Tensor end_transitions) "
+        "-> (Tensor grad_emissions, Tensor grad_transitions, Tensor grad_start_transitions, "
+        "Tensor grad_end_transitions)");
   // The summed log-likelihood sum_b (gold_score_b - log_z_b) (a 0-dim tensor) and its
   // gradients w.r.t. emissions, transitions, start and end in one call: what a training step
   // needs (one pass; backward only scales the result). No autograd of its own: the autograd
@@ -201,8 +201,10 @@ TORCH_LIBRARY(fastner, m) {
   // Forward. output: like input with D*H features (direction d in columns [d*H, (d+1)*H)),
   // zeros past each length. h_n: [D, B, H], each sequence's state after its last step.
   // c_n: [D, B, H] for 'lstm', else an empty tensor [0]. workspace: when training, what the
-  // backward reads, [D, B*T, W] in a kernel-private layout (W = 6H lstm, 5H gru, H rnn_*);
-  // when not training an empty tensor [0] (inference stores no activations).
+  // backward reads, [D, B*T, W] on every device, in a layout private to the device's kernels
+  // (W from csrc/rnn_layout.h, read by the fake kernel through fastner._C.rnn_workspace_width;
+  // recomputing it in backward would repeat the whole forward pass); when not training an
+  // empty tensor [0] (inference stores no activations).
   m.def("rnn_layer_forward(Tensor input, Tensor lengths, Tensor[] weights, Tensor? hx, Tensor? cx, "
         "str mode, bool bidirectional, bool batch_first, bool training) -> "
         "(Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");

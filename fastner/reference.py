@@ -125,15 +125,15 @@ def crf_gold_score(emissions: Tensor, tags: Tensor, lengths: Tensor, transitions
 
 
 def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, transitions: Tensor,
-                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reference of torch.ops.fastner.crf_forward: (log_z [B], gold_score [B], alphas [B, T, K])."""
-    log_z, alphas = crf_alphas(emissions, lengths, transitions, start_transitions, end_transitions)
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Reference of torch.ops.fastner.crf_forward: (log_z [B], gold_score [B])."""
+    log_z = crf_log_partition(emissions, lengths, transitions, start_transitions, end_transitions)
     if tags is None:
         gold = torch.zeros_like(log_z)
     else:
         gold = crf_gold_score(emissions, tags, lengths, transitions, start_transitions,
                               end_transitions)
-    return log_z, gold, alphas
+    return log_z, gold
 
 
 def crf_backward(grad_log_z: Tensor, grad_gold_score: Tensor, emissions: Tensor,
@@ -144,7 +144,7 @@ def crf_backward(grad_log_z: Tensor, grad_gold_score: Tensor, emissions: Tensor,
     inputs = [x.detach().requires_grad_() for x in
               (emissions, transitions, start_transitions, end_transitions)]
     with torch.enable_grad():
-        log_z, gold, _ = crf_forward(inputs[0], tags, lengths, *inputs[1:])
+        log_z, gold = crf_forward(inputs[0], tags, lengths, *inputs[1:])
         total = (grad_log_z * log_z).sum() + (grad_gold_score * gold).sum()
         # An empty batch or T = 0 scores constants: no graph, zero gradients.
         grads = (torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad

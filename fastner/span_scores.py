@@ -151,7 +151,7 @@ def span_log_probabilities(emissions: Tensor, lengths: Tensor, log_z: Tensor,
         allowed[cleared_n, cleared_at] = False
         allowed[set_n, set_at, set_tag] = True
         masked = emissions.index_select(0, index)[:, :T].masked_fill(~allowed.to(emissions.device), float("-inf"))
-        constrained, _, _ = ops.crf_forward(masked.contiguous(), None, chunk_lengths, *scores)
+        constrained, _ = ops.crf_forward(masked.contiguous(), None, chunk_lengths, *scores)
         per_alternative.append(constrained.double().cpu())
     constrained = torch.cat(per_alternative)
     total = _logsumexp_by_owner(constrained, owner, len(requests))

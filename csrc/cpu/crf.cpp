@@ -86,10 +86,9 @@ Tensor as_accumulate(const Tensor& emissions) {
   return emissions.to(accumulate_type(emissions.scalar_type())).contiguous();
 }
 
-// alphas: an empty tensor. The CPU backward recomputes the forward pass it needs (for the lane
-// kernels that is cheaper than writing and reading back [B, T, K] log values), so the forward
-// saves nothing. The fake kernel in fastner/ops/crf.py returns the same on CPU.
-std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
+// The CPU backward recomputes the forward pass it needs (for the lane kernels that is cheaper
+// than writing and reading back [B, T, K] log values), so the forward saves nothing.
+std::tuple<Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
                                                     const std::optional<Tensor>& tags_in,
                                                     const Tensor& lengths_in,
                                                     const Tensor& transitions_in,
@@ -102,7 +101,6 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
   if (tags_in.has_value()) check_tags("crf_forward", *tags_in, len, B, T, K);
   Tensor log_z = at::empty({B}, emissions.options());
   Tensor gold = at::zeros({B}, emissions.options());
-  Tensor alphas = at::empty({0}, emissions.options());
   std::vector<int64_t> exact;  // sequences for the exact kernel (all when the lanes decline)
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward", [&] {
     const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
@@ -129,7 +127,7 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
     propagate_nan(nan_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in, exact),
                   len, &log_z, nullptr, {});
   });
-  return {log_z, gold, alphas};
+  return {log_z, gold};
 }
 
 // grad_emissions in the emissions' own layout where it has unit tag stride (so a time-first
@@ -270,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
 std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cpu(
     const Tensor& grad_log_z, const Tensor& grad_gold, const Tensor& emissions,
     const std::optional<Tensor>& tags, const Tensor& lengths, const Tensor& transitions,
-    const Tensor& start, const Tensor& end, const Tensor& /*log_z*/, const Tensor& /*alphas*/) {
+    const Tensor& start, const Tensor& end) {
   return gradients("crf_backward", Weights{&grad_log_z}, Weights{&grad_gold}, emissions, tags,
                    lengths, transitions, start, end, nullptr, nullptr);
 }

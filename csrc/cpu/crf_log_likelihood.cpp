@@ -16,9 +16,8 @@ namespace {
 
 using at::Tensor;
 
-using ForwardOp = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
-                                                     const Tensor&, const Tensor&, const Tensor&,
-                                                     const Tensor&);
+using ForwardOp = std::tuple<Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                                             const Tensor&, const Tensor&, const Tensor&);
 
 Tensor log_likelihood(const Tensor& emissions, const Tensor& tags, const Tensor& lengths,
                       const Tensor& transitions, const Tensor& start, const Tensor& end,
@@ -36,7 +35,7 @@ Tensor log_likelihood(const Tensor& emissions, const Tensor& tags, const Tensor&
   // Time-first callers pass their own layout; crf_forward reads the transposed views.
   const Tensor em = batch_first ? emissions : emissions.transpose(0, 1);
   const Tensor tg = batch_first ? tags : tags.transpose(0, 1);
-  auto [log_z, gold, alphas] = forward.call(em, tg, lengths, transitions, start, end);
+  auto [log_z, gold] = forward.call(em, tg, lengths, transitions, start, end);
   const Tensor llh = gold - log_z;
   if (reduction == "none") return llh;
   if (reduction == "sum") return llh.sum();

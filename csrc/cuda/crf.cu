@@ -14,7 +14,7 @@
 // (c10::cuda::getCurrentCUDAStream(), which at::cuda::getCurrentCUDAStream() re-exports); the
 // only host work is allocation through the caching allocator (outputs, plus scratch for
 // Viterbi backpointers that do not fit in shared memory, k-best backpointers and the
-// per-group partial sums of the parameter gradients).
+// per-group partial sums of the parameter gradients, and crf_backward's recomputed forward pass).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,10 +31,10 @@
 #include "checks.h"
 #include "cuda/kernels/crf.cuh"
 
-namespace fastner {
-namespace cuda {
-namespace crf {
+namespace fastner::cuda::crf {
 namespace {
+
+namespace k = kernels;  // the torch-free device code, csrc/cuda/kernels/crf.cuh
 
 using at::Tensor;
 
@@ -74,12 +74,12 @@ T* mut_ptr(Tensor& t) {
 
 // Read per call with cudaDeviceGetAttribute (a cheap host query, no sync) rather than
 // at::cuda::getCurrentDeviceProperties(), so that this file includes only c10/cuda headers.
-DeviceLimits device_limits() {
+k::DeviceLimits device_limits() {
   const int device = c10::cuda::current_device();
   int num_sms = 0, smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return DeviceLimits{num_sms, static_cast<size_t>(smem_optin)};
+  return k::DeviceLimits{num_sms, static_cast<size_t>(smem_optin)};
 }
 
 // The shared metadata checks (csrc/checks.h) plus the CUDA-only rules: the emissions on a CUDA
@@ -90,7 +90,7 @@ void check_inputs(const char* op, const Tensor& emissions, const Tensor& lengths
   checks::crf_inputs(op, emissions, lengths, transitions, start, end);
   TORCH_CHECK_VALUE(emissions.is_cuda(), op, ": emissions must be on a CUDA device, got ", emissions.device());
   const int64_t K = emissions.size(2);
-  TORCH_CHECK_VALUE(K <= kMaxTags, op, ": the CUDA kernels support at most ", kMaxTags, " tags, got K = ", K,
+  TORCH_CHECK_VALUE(K <= k::kMaxTags, op, ": the CUDA kernels support at most ", k::kMaxTags, " tags, got K = ", K,
                     " (run this CRF on the CPU)");
 }
 
@@ -104,9 +104,9 @@ at::TensorOptions acc_options(const Tensor& emissions) {
 
 // ---- crf_forward ------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> crf_forward_cuda(const Tensor& emissions_in, const std::optional<Tensor>& tags_in,
-                                                    const Tensor& lengths_in, const Tensor& transitions_in,
-                                                    const Tensor& start_in, const Tensor& end_in) {
+std::tuple<Tensor, Tensor> crf_forward_cuda(const Tensor& emissions_in, const std::optional<Tensor>& tags_in,
+                                            const Tensor& lengths_in, const Tensor& transitions_in,
+                                            const Tensor& start_in, const Tensor& end_in) {
   check_inputs("crf_forward", emissions_in, lengths_in, transitions_in, start_in, end_in);
   const c10::cuda::CUDAGuard guard(emissions_in.device());
   const Tensor emissions = emissions_in.contiguous();  // [B, T, K], read in its own dtype
@@ -121,16 +121,15 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cuda(const Tensor& emissions_in, 
   const int K = static_cast<int>(emissions.size(2));
   Tensor log_z = at::empty({B}, acc_options(emissions));
   Tensor gold = at::empty({B}, acc_options(emissions));
-  Tensor alphas = at::empty({B, T, K}, acc_options(emissions));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_emissions(emissions.scalar_type(), "crf_forward", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_forward<E>(ptr<E>(emissions), tags.defined() ? ptr<int64_t>(tags) : nullptr,
+    C10_CUDA_CHECK(k::launch_forward<E>(ptr<E>(emissions), tags.defined() ? ptr<int64_t>(tags) : nullptr,
                                      ptr<int64_t>(lengths), ptr<A>(transitions), ptr<A>(start), ptr<A>(end),
-                                     mut_ptr<A>(log_z), mut_ptr<A>(gold), mut_ptr<A>(alphas), B, T, K, stream));
+                                     mut_ptr<A>(log_z), mut_ptr<A>(gold), nullptr, B, T, K, stream));
   });
-  return {log_z, gold, alphas};
+  return {log_z, gold};
 }
 
 // ---- crf_backward -----------------------------------------------------------------------------
@@ -138,21 +137,18 @@ std::tuple<Tensor, Tensor, Tensor> crf_forward_cuda(const Tensor& emissions_in, 
 std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cuda(
     const Tensor& grad_log_z_in, const Tensor& grad_gold_in, const Tensor& emissions_in,
     const std::optional<Tensor>& tags_in, const Tensor& lengths_in, const Tensor& transitions_in,
-    const Tensor& start_in, const Tensor& end_in, const Tensor& log_z_in, const Tensor& alphas_in) {
+    const Tensor& start_in, const Tensor& end_in) {
   check_inputs("crf_backward", emissions_in, lengths_in, transitions_in, start_in, end_in);
   const c10::cuda::CUDAGuard guard(emissions_in.device());
   const int64_t B = emissions_in.size(0), T = emissions_in.size(1);
   const int K = static_cast<int>(emissions_in.size(2));
-  for (const Tensor* t : {&grad_log_z_in, &grad_gold_in, &log_z_in}) {
+  for (const Tensor* t : {&grad_log_z_in, &grad_gold_in}) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B,
-                      "crf_backward: grad_log_z, grad_gold_score and log_z must be [B] = [", B, "], got ",
-                      t->sizes());
+                      "crf_backward: grad_log_z and grad_gold_score must be [B] = [", B, "], got ", t->sizes());
   }
-  TORCH_CHECK_VALUE(alphas_in.sizes() == emissions_in.sizes(), "crf_backward: alphas must be ",
-                    emissions_in.sizes(), ", got ", alphas_in.sizes());
-  const std::pair<const char*, const Tensor*> saved[] = {
-      {"grad_log_z", &grad_log_z_in}, {"grad_gold_score", &grad_gold_in}, {"log_z", &log_z_in}, {"alphas", &alphas_in}};
-  for (const auto& [name, t] : saved) {
+  const std::pair<const char*, const Tensor*> incoming[] = {{"grad_log_z", &grad_log_z_in},
+                                                            {"grad_gold_score", &grad_gold_in}};
+  for (const auto& [name, t] : incoming) {
     TORCH_CHECK_VALUE(t->is_floating_point(), "crf_backward: ", name, " must be floating point, got ",
                       t->scalar_type());
     checks::on_device("crf_backward", name, *t, emissions_in.device());
@@ -165,28 +161,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> crf_backward_cuda(
   const auto acc = accumulate_type(emissions_in.scalar_type());
   const Tensor emissions = emissions_in.contiguous();
   const Tensor lengths = lengths_in.contiguous();
-  const Tensor transitions = transitions_in.contiguous(), end = end_in.contiguous();
-  // As on CPU: the incoming gradients and saved tensors are taken in the accumulate dtype.
+  const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(), end = end_in.contiguous();
+  // As on CPU: the incoming gradients are taken in the accumulate dtype.
   const Tensor grad_log_z = grad_log_z_in.to(acc).contiguous();
   const Tensor grad_gold = grad_gold_in.to(acc).contiguous();
-  const Tensor log_z = log_z_in.to(acc).contiguous();
-  const Tensor alphas = alphas_in.to(acc).contiguous();
   Tensor grad_emissions = at::empty({B, T, K}, emissions.options());  // emissions' own dtype
   Tensor grad_transitions = at::empty({K, K}, acc_options(emissions));
   Tensor grad_start = at::empty({K}, acc_options(emissions));
   Tensor grad_end = at::empty({K}, acc_options(emissions));
-  const int64_t P = backward_partial_count(B, K, device_limits());
-  Tensor partials = at::empty({P, partial_width(K)}, acc_options(emissions));  // scratch
+  const int64_t P = k::backward_partial_count(B, K, device_limits());
+  Tensor partials = at::empty({P, k::partial_width(K)}, acc_options(emissions));  // scratch
+  // The forward pass's alphas and log Z, recomputed by launch_backward (crf_forward keeps nothing).
+  Tensor forward_scratch = at::empty({k::backward_forward_scratch(B, T, K)}, acc_options(emissions));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_emissions(emissions.scalar_type(), "crf_backward", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_backward<E>(ptr<A>(grad_log_z), ptr<A>(grad_gold), ptr<E>(emissions),
+    C10_CUDA_CHECK(k::launch_backward<E>(ptr<A>(grad_log_z), ptr<A>(grad_gold), ptr<E>(emissions),
                                       tags.defined() ? ptr<int64_t>(tags) : nullptr, ptr<int64_t>(lengths),
-                                      ptr<A>(transitions), ptr<A>(end), ptr<A>(log_z), ptr<A>(alphas),
-                                      mut_ptr<E>(grad_emissions), mut_ptr<A>(grad_transitions),
-                                      mut_ptr<A>(grad_start), mut_ptr<A>(grad_end), mut_ptr<A>(partials), P, B, T,
-                                      K, stream));
+                                      ptr<A>(transitions), ptr<A>(start), ptr<A>(end), mut_ptr<E>(grad_emissions),
+                                      mut_ptr<A>(grad_transitions), mut_ptr<A>(grad_start), mut_ptr<A>(grad_end),
+                                      mut_ptr<A>(forward_scratch), mut_ptr<A>(partials), P, B, T, K, stream));
   });
   return {grad_emissions, grad_transitions, grad_start, grad_end};
 }
@@ -209,12 +204,12 @@ std::tuple<Tensor, Tensor> crf_viterbi_cuda(const Tensor& emissions_in, const Te
   dispatch_emissions(emissions.scalar_type(), "crf_viterbi", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    const size_t scratch_bytes = viterbi_scratch_bytes<A>(B, T, K);
+    const size_t scratch_bytes = k::viterbi_scratch_bytes<A>(B, T, K);
     Tensor scratch;  // backpointers [B, T, K] when they do not fit in shared memory
     if (scratch_bytes > 0) {
       scratch = at::empty({static_cast<int64_t>(scratch_bytes)}, emissions.options().dtype(at::kByte));
     }
-    C10_CUDA_CHECK(launch_viterbi<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
+    C10_CUDA_CHECK(k::launch_viterbi<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
                                      ptr<A>(start), ptr<A>(end), mut_ptr<int64_t>(tags), mut_ptr<A>(scores),
                                      scratch.defined() ? scratch.mutable_data_ptr() : nullptr, B, T, K, stream));
   });
@@ -234,15 +229,15 @@ std::tuple<Tensor, Tensor> crf_kbest_cuda(const Tensor& emissions_in, const Tens
   TORCH_CHECK_VALUE(k <= std::numeric_limits<int32_t>::max() / K, "crf_kbest: k * K must be below 2^31, got k = ",
                     k, ", K = ", K);
   const c10::cuda::CUDAGuard guard(emissions_in.device());
-  const DeviceLimits dev = device_limits();
+  const k::DeviceLimits dev = device_limits();
   {
     int gpb = 1;
     size_t smem = 0;
     bool stage = false;
     if (emissions_in.scalar_type() == at::kDouble) {
-      kbest_shape<double>(B, K, k, dev, &gpb, &smem, &stage);
+      k::kbest_shape<double>(B, K, k, dev, &gpb, &smem, &stage);
     } else {
-      kbest_shape<float>(B, K, k, dev, &gpb, &smem, &stage);
+      k::kbest_shape<float>(B, K, k, dev, &gpb, &smem, &stage);
     }
     TORCH_CHECK_VALUE(smem > 0, "crf_kbest: k = ", k, " best lists for K = ", K,
                       " tags need more shared memory than this GPU has (", dev.smem_optin_bytes,
@@ -258,7 +253,7 @@ std::tuple<Tensor, Tensor> crf_kbest_cuda(const Tensor& emissions_in, const Tens
   dispatch_emissions(emissions.scalar_type(), "crf_kbest", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_kbest<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions), ptr<A>(start),
+    C10_CUDA_CHECK(k::launch_kbest<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions), ptr<A>(start),
                                    ptr<A>(end), mut_ptr<int64_t>(tags), mut_ptr<A>(scores),
                                    mut_ptr<int32_t>(backpointers), B, T, K, static_cast<int>(k), dev, stream));
   });
@@ -281,16 +276,14 @@ Tensor crf_marginals_cuda(const Tensor& emissions_in, const Tensor& lengths_in, 
   dispatch_emissions(emissions.scalar_type(), "crf_marginals", [&](auto* tag) {
     using E = std::remove_pointer_t<decltype(tag)>;
     using A = acc_t<E>;
-    C10_CUDA_CHECK(launch_marginals<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
+    C10_CUDA_CHECK(k::launch_marginals<E>(ptr<E>(emissions), ptr<int64_t>(lengths), ptr<A>(transitions),
                                        ptr<A>(start), ptr<A>(end), mut_ptr<A>(out), B, T, K, stream));
   });
   return out;
 }
 
 }  // namespace
-}  // namespace crf
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::crf
 
 TORCH_LIBRARY_IMPL(fastner, CUDA, m) {
   m.impl("crf_forward", &fastner::cuda::crf::crf_forward_cuda);

@@ -25,6 +25,11 @@
 // Host synchronisation. The per-step GEMM sizes come from the lengths, so the plan is built on
 // the host: lengths on the GPU cost one device->host copy (a sync); lengths on the CPU (accepted
 // as well; the dispatcher still picks this kernel from the CUDA input) cost none.
+//
+// One file (~690 lines): the binding's forward and backward share the host-side plan, the
+// weight unpacking and the two-stream fork/join, and the CPU emulation
+// (tests/ops/rnn/test_rnn_cuda_emulated.py) compiles this one source as it is. Sections:
+// types, arguments, streams, forward, backward, registration.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -48,11 +53,10 @@
 
 #include "cuda/kernels/rnn.cuh"
 
-namespace fastner {
-namespace cuda_rnn {
+namespace fastner::cuda::rnn {
 namespace {
 
-namespace k = ::fastner::cuda::rnn;
+namespace k = kernels;
 using at::Tensor;
 using k::Cell;
 
@@ -677,14 +681,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_forward_autocast(
 }
 
 }  // namespace
-}  // namespace cuda_rnn
-}  // namespace fastner
+}  // namespace fastner::cuda::rnn
 
 TORCH_LIBRARY_IMPL(fastner, CUDA, m) {
-  m.impl("rnn_layer_forward", &fastner::cuda_rnn::rnn_layer_forward);
-  m.impl("rnn_layer_backward", &fastner::cuda_rnn::rnn_layer_backward);
+  m.impl("rnn_layer_forward", &fastner::cuda::rnn::rnn_layer_forward);
+  m.impl("rnn_layer_backward", &fastner::cuda::rnn::rnn_layer_backward);
 }
 
 TORCH_LIBRARY_IMPL(fastner, AutocastCUDA, m) {
-  m.impl("rnn_layer_forward", &fastner::cuda_rnn::rnn_layer_forward_autocast);
+  m.impl("rnn_layer_forward", &fastner::cuda::rnn::rnn_layer_forward_autocast);
 }

@@ -198,7 +198,7 @@ class SequenceTagger(nn.Module):
             # comparisons torch.export cannot trace)
             scores = self.transition_scores(emissions.dtype)
             tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
-            log_z, _, _ = ops.crf_forward(emissions, None, lengths, *scores)
+            log_z, _ = ops.crf_forward(emissions, None, lengths, *scores)
         else:
             tags = emissions.argmax(dim=-1).masked_fill(~mask, -1)
             log_z = (emissions.logsumexp(dim=-1) * mask).sum(dim=1)

@@ -123,7 +123,7 @@ class CRF(nn.Module):
     def log_partition(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """log Z per sequence: [B] (0 for a sequence of length 0); differentiable."""
         emissions_bf, lengths = self._prepare(emissions, mask)
-        log_z, _, _ = ops.crf_forward(emissions_bf, None, lengths, *self._scores(emissions))
+        log_z, _ = ops.crf_forward(emissions_bf, None, lengths, *self._scores(emissions))
         return log_z
 
     def marginals(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:

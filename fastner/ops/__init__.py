@@ -6,20 +6,23 @@ device, else the pure-PyTorch reference (fastner/reference.py). Fused ops get a 
 trainable, ONE autograd formula registered at the op's Autograd dispatch key
 (fastner/ops/_autograd.py), which eager mode, torch.compile, torch.export and opcheck all use.
 
-Where each op lives (schemas, with shapes and conventions: csrc/fastner.cpp):
+The map: where each op lives. Every schema (with shapes and conventions) is in csrc/fastner.cpp;
+csrc/README.md and csrc/cuda/README.md point here. Paths below csrc/ and tests/ are relative to
+those folders; "crf*.cpp/h" is the CRF's CPU family (binding with the strategy choice, and the
+kernels by strategy: exact per-sequence, lanes per ISA).
 
-| op | CPU kernel | CUDA kernel | reference | wrapper | tests |
-|---|---|---|---|---|---|
-| crf_forward | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | csrc/cuda/crf.cu + kernels/crf.cuh | reference.crf_forward | ops.crf.crf_forward | test_crf_ops, test_crf, test_crf_bruteforce, test_crf_stability |
-| crf_backward | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | csrc/cuda/crf.cu + kernels/crf.cuh | reference.crf_backward | (autograd of crf_forward) | test_crf_ops |
-| crf_forward_backward | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | - | reference.crf_forward + autograd | (autograd of crf_log_likelihood) | test_crf_ops, test_crf_lanes |
-| crf_log_likelihood | value: csrc/cpu/crf_log_likelihood.cpp (any device) | (the same) | reference.crf_forward + ops.crf._reduce | ops.crf.crf_log_likelihood | test_crf, test_crf_ops, test_crf_compile |
-| crf_viterbi | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence_decode.h) | csrc/cuda/crf.cu | reference.crf_viterbi | ops.crf.crf_viterbi | test_crf, test_crf_ops, test_crf_lanes |
-| crf_kbest | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence_decode.h) | csrc/cuda/crf.cu | reference.crf_kbest | ops.crf.crf_kbest | test_crf, test_crf_ops, test_crf_bruteforce, test_crf_lanes_marginals_kbest |
-| crf_marginals | csrc/cpu/crf.cpp (lanes: crf_lanes_impl.h; per sequence: crf_sequence.h) | csrc/cuda/crf.cu | reference.crf_marginals | ops.crf.crf_marginals | test_crf, test_crf_ops, test_crf_bruteforce, test_crf_lanes_marginals_kbest |
-| crf_lengths | csrc/cpu/crf.cpp | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | test_crf_ops, test_crf |
-| rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 | test_rnn_int8 |
-| rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.{h,cpp}, rnn_gemm_avx2.h, rnn_math.h) | csrc/cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer | test_rnn_ops, test_rnn_parity, test_rnn_modules, test_rnn_bf16 (bf16 weights, the fp32 GEMM kernels) |
+| op | CPU kernel (fastner::cpu::<family>) | CUDA (fastner::cuda::<family>) | reference | wrapper | tests | benchmark |
+|---|---|---|---|---|---|---|
+| crf_forward | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_forward | ops.crf.crf_forward | ops/crf/test_crf_ops, _module, _bruteforce, _stability, _fuzz, _safety, _cuda, _cuda_emulated | fastner/bench/crf_rows.py, benchmarks/bench_crf.py, crf_cuda_bench.py |
+| crf_backward | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh (recomputes the forward) | reference.crf_backward | (autograd of crf_forward: ops/crf.py _CRFForward) | ops/crf/test_crf_ops, _autograd, _fuzz, _cuda, _cuda_emulated | as crf_forward (NLL rows) |
+| crf_forward_backward | csrc/cpu/crf*.cpp/h (lanes: crf_lanes*.cpp/h) | - | reference.crf_forward + crf_backward | (autograd of crf_log_likelihood) | ops/crf/test_crf_ops, _lanes, _fuzz | fastner/bench/crf_rows.py, benchmarks/crf_step_breakdown.py |
+| crf_log_likelihood | value: csrc/cpu/crf_log_likelihood.cpp (every device) | (the same) | reference.crf_forward + ops.crf._reduce | ops.crf.crf_log_likelihood | ops/crf/test_crf_autograd, _module, _compile | fastner/bench/crf_rows.py (NLL step) |
+| crf_viterbi | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_viterbi | ops.crf.crf_viterbi | ops/crf/test_crf_ops, _module, _lanes, _constraints, _fuzz, _cuda, _cuda_emulated | fastner/bench/crf_rows.py (decode), benchmarks/bench_crf.py, crf_cuda_bench.py |
+| crf_kbest | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_kbest | ops.crf.crf_kbest | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
+| crf_marginals | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_marginals | ops.crf.crf_marginals | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
+| crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
+| rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8 | fastner/bench/precision_rows.py, benchmarks/int8_ratios.py |
+| rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.{h,cpp}, rnn_gemm_avx2.h, rnn_math.h), layout: csrc/rnn_layout.h | cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer (modules: fastner/nn/rnn.py) | ops/rnn/test_rnn_ops, _autograd, _parity, _modules, _fuzz, _safety, _bf16 (bf16 weights, the fp32 GEMM kernels), _cuda, _cuda_emulated | fastner/bench/rnn_rows.py, benchmarks/bench_rnn.py, rnn_cuda_bench.py |
 
 CPU CRF files by role: crf.cpp the binding (checks, the strategy per call, registration);
 crf_lanes.h / crf_lanes_impl.h / crf_lanes_avx2.cpp / crf_lanes_avx512.cpp the lane kernels
@@ -27,9 +30,13 @@ crf_lanes.h / crf_lanes_impl.h / crf_lanes_avx2.cpp / crf_lanes_avx512.cpp the l
 crf_sequence.h / crf_sequence_decode.h the per-sequence log-space kernels (float64, B <= 2, and
 the exact fallback for the sequences the lanes flag); crf_gold_nan.h the gold path and NaN terms.
 
-CUDA: tests/ops/crf/test_crf_cuda.py, test_rnn_cuda.py (on a GPU), test_*_cuda_emulated.py (the kernels
-on host threads). Benchmarks: `fastner bench` (fastner/bench/crf_rows.py, rnn_rows.py),
-benchmarks/bench_crf.py, bench_rnn.py, crf_cuda_bench.py, rnn_cuda_bench.py.
+Shared: argument checks csrc/checks.h (C++) and fastner/validation.py (fake kernels, reference);
+the ISA probe csrc/cpu/cpu_isa.*; autograd plumbing ops/_autograd.py. Tests: one input builder
+per family, tests/ops/<family>/samples.py (`sample_inputs(op, device, dtype)`), feeds the
+parity, gradcheck, opcheck and CUDA suites; the CUDA emulation headers are
+tests/ops/cuda_emulation/. Benchmarks: `python -m fastner bench` (fastner/bench/, workloads and
+timing in workloads.py / timing.py); benchmarks/ holds the pytest-benchmark suites and the GPU
+scripts.
 """
 from fastner.ops.crf import (crf_forward, crf_kbest, crf_lengths, crf_log_likelihood,
                              crf_marginals, crf_viterbi, tag_lists)

@@ -24,9 +24,9 @@ REDUCTIONS = ("none", "sum", "mean", "token_mean")
 # ---- entry points ----------------------------------------------------------------------------
 
 def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, transitions: Tensor,
-                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Forward algorithm: (log_z [B], gold_score [B], alphas); differentiable in emissions and
-    the three transition tensors (through log_z and gold_score)."""
+                start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Forward algorithm: (log_z [B], gold_score [B]); differentiable in emissions and the three
+    transition tensors."""
     if use_fused("crf_forward", emissions.device):
         emissions, tags = _dense_off_cpu(emissions, tags)
         return call(torch.ops.fastner.crf_forward.default, _crf_forward_autograd, emissions, tags,
@@ -49,8 +49,8 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transit
                     reduction, batch_first)
     if not batch_first:
         emissions, tags = emissions.transpose(0, 1), tags.transpose(0, 1)
-    log_z, gold, _ = reference.crf_forward(emissions, tags, lengths, transitions,
-                                           start_transitions, end_transitions)
+    log_z, gold = reference.crf_forward(emissions, tags, lengths, transitions, start_transitions,
+                                        end_transitions)
     return _reduce(gold - log_z, lengths, reduction)
 
 
@@ -161,30 +161,28 @@ def _gradient_like(emissions: Tensor) -> Tensor:
 # ---- autograd formulas -----------------------------------------------------------------------
 
 class _CRFForward(torch.autograd.Function):
-    """crf_forward's autograd: backward is the crf_backward op; alphas are saved state, not a
-    differentiable result."""
+    """crf_forward's autograd: backward is the crf_backward op, from the forward's own inputs
+    (each device's kernel recomputes the forward pass it needs)."""
 
     @staticmethod
     def forward(ctx, emissions, tags, lengths, transitions, start_transitions, end_transitions):
         ctx.set_materialize_grads(False)
         with below_autograd():
-            log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
+            log_z, gold = torch.ops.fastner.crf_forward.default(
                 emissions, tags, lengths, transitions, start_transitions, end_transitions)
         ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
-                              end_transitions, log_z, alphas)
-        ctx.mark_non_differentiable(alphas)
-        return log_z, gold, alphas
+                              end_transitions)
+        return log_z, gold
 
     @staticmethod
-    def backward(ctx, grad_log_z, grad_gold_score, _grad_alphas):
-        emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
+    def backward(ctx, grad_log_z, grad_gold_score):
+        emissions, tags, lengths, transitions, start, end = ctx.saved_tensors
         if grad_log_z is None:
-            grad_log_z = torch.zeros_like(log_z)
+            grad_log_z = start.new_zeros(emissions.shape[0])
         if grad_gold_score is None:
-            grad_gold_score = torch.zeros_like(log_z)
+            grad_gold_score = start.new_zeros(emissions.shape[0])
         grads = torch.ops.fastner.crf_backward.default(
-            grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start, end,
-            log_z, alphas)
+            grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start, end)
         return grads[0], None, None, grads[1], grads[2], grads[3]
 
 
@@ -222,7 +220,7 @@ class _CRFLogLikelihood(torch.autograd.Function):
                 if not batch_first:
                     grad_emissions = grad_emissions.transpose(0, 1)
             else:
-                log_z, gold, alphas = torch.ops.fastner.crf_forward.default(
+                log_z, gold = torch.ops.fastner.crf_forward.default(
                     emissions, tags, lengths, transitions, start_transitions, end_transitions)
                 llh = gold - log_z
                 total = None if reduction == "none" else llh.sum()
@@ -244,7 +242,7 @@ class _CRFLogLikelihood(torch.autograd.Function):
             ctx.grads = [grad_emissions, *grads]
         else:
             ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
-                                  end_transitions, log_z, alphas)
+                                  end_transitions)
         return out
 
     @staticmethod
@@ -255,15 +253,16 @@ class _CRFLogLikelihood(torch.autograd.Function):
             factor = grad if ctx.scale is None else grad * ctx.scale
             grads = torch._foreach_mul(ctx.grads, factor)
             return grads[0], None, None, grads[1], grads[2], grads[3], None, None
-        emissions, tags, lengths, transitions, start, end, log_z, alphas = ctx.saved_tensors
+        emissions, tags, lengths, transitions, start, end = ctx.saved_tensors
         # Per-sequence weight of d llh_b: grad itself ([B] for 'none') or the scalar grad
         # spread over the batch (the kernels read stride-0 tensors as they are).
+        B = emissions.shape[0]
         if ctx.scale is None and grad.dim() == 0:  # 'sum'
-            weight = grad.expand(log_z.shape[0])
+            weight = grad.expand(B)
         else:
-            weight = grad if grad.dim() else (grad * ctx.scale).expand(log_z.shape[0])
+            weight = grad if grad.dim() else (grad * ctx.scale).expand(B)
         grads = torch.ops.fastner.crf_backward.default(
-            -weight, weight, emissions, tags, lengths, transitions, start, end, log_z, alphas)
+            -weight, weight, emissions, tags, lengths, transitions, start, end)
         grad_emissions = grads[0] if ctx.batch_first else grads[0].transpose(0, 1)
         return grad_emissions, None, None, grads[1], grads[2], grads[3], None, None
 
@@ -288,21 +287,16 @@ def _register() -> None:
     def _(emissions, tags, lengths, transitions, start_transitions, end_transitions):
         validation.crf_args("crf_forward", emissions, lengths, transitions, start_transitions,
                             end_transitions, tags, values=False)
-        B, T, K = emissions.shape
+        B = emissions.shape[0]
         dtype = _accumulate(emissions)
-        # alphas: what the device's crf_backward reads back: [B, T, K] log forward variables
-        # on CUDA; on CPU nothing (its backward recomputes the pass, see csrc/cpu/crf.cpp).
-        alphas_shape = (0,) if emissions.device.type == "cpu" else (B, T, K)
-        return (emissions.new_empty(B, dtype=dtype), emissions.new_empty(B, dtype=dtype),
-                emissions.new_empty(alphas_shape, dtype=dtype))
+        return emissions.new_empty(B, dtype=dtype), emissions.new_empty(B, dtype=dtype)
 
     @torch.library.register_fake("fastner::crf_backward")
     def _(grad_log_z, grad_gold_score, emissions, tags, lengths, transitions, start_transitions,
-          end_transitions, log_z, alphas):
+          end_transitions):
         validation.crf_args("crf_backward", emissions, lengths, transitions, start_transitions,
                             end_transitions, tags, values=False)
-        for name, t in (("grad_log_z", grad_log_z), ("grad_gold_score", grad_gold_score),
-                        ("log_z", log_z)):
+        for name, t in (("grad_log_z", grad_log_z), ("grad_gold_score", grad_gold_score)):
             validation.tensor_arg("crf_backward", name, t, shape=(emissions.shape[0],),
                                   device=emissions.device)
         return (_gradient_like(emissions), torch.empty_like(transitions),

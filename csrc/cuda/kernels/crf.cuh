@@ -41,6 +41,12 @@
 // results with NaN instead: a length outside [0, T] (all outputs of the sequence NaN, tags -1),
 // a tag outside [0, K) inside the length (gold score NaN; in crf_backward the sequence's
 // gradients and so the parameter gradients NaN).
+//
+// One file (~1180 lines): the CUDA side's unit is one torch-free header per op family, which
+// .ci/check_cuda_kernels.sh compiles alone and tests/ops/crf/test_crf_cuda_emulated.py runs
+// under the CPU emulation; the five ops share its groups, launch shapes and numeric helpers.
+// Sections, in order: limits and helpers, groups, launch shapes, crf_forward, crf_backward,
+// crf_viterbi, crf_marginals, crf_kbest, compile-check instantiations.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,9 +58,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace fastner {
-namespace cuda {
-namespace crf {
+namespace fastner::cuda::crf::kernels {
 
 // The element-type helpers of accumulate.cuh, visible as crf::acc_t etc. to the bindings.
 using cuda::acc_t;
@@ -301,9 +305,11 @@ inline bool stage_trans_fits(int K, size_t other_bytes) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// crf_forward: log Z, gold score, alphas
+// crf_forward: log Z, gold score (and alphas, for crf_backward's recomputation)
 // ---------------------------------------------------------------------------------------------
 // Shared memory per group: buf [2][K] A (alpha of steps t-1 and t), red [group size] A.
+// alphas [B, T, K] is written only where given: crf_forward passes nullptr (the op returns log Z
+// and the gold score alone), launch_backward a scratch buffer it reads back.
 
 template <typename A>
 __host__ __device__ __forceinline__ size_t forward_group_bytes(int K, int gsize) {
@@ -320,7 +326,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
     const acc_t<E>* __restrict__ end,  // [K]
     acc_t<E>* __restrict__ log_z,  // [B]
     acc_t<E>* __restrict__ gold_score,  // [B]
-    acc_t<E>* __restrict__ alphas,  // [B, T, K]
+    acc_t<E>* __restrict__ alphas,  // [B, T, K] or nullptr
     int64_t B, int64_t T, int K, bool stage_trans) {
   using A = acc_t<E>;
   unsigned char* const smem = dynamic_smem();
@@ -336,20 +342,24 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
     const E* em = emissions + b * T * K;  // [T, K]
-    A* al = alphas + b * T * K;           // [T, K]
+    A* al = alphas != nullptr ? alphas + b * T * K : nullptr;  // [T, K]
     if (!length_ok(len, T)) {
-      for (int64_t e = j; e < T * K; e += g.size) al[e] = Num<A>::nan();
+      if (al != nullptr) {
+        for (int64_t e = j; e < T * K; e += g.size) al[e] = Num<A>::nan();
+      }
       if (j == 0) {
         log_z[b] = Num<A>::nan();
         gold_score[b] = Num<A>::nan();
       }
     } else {
       // Past the length alphas are 0 (as in the reference).
-      for (int64_t e = len * K + j; e < T * K; e += g.size) al[e] = 0;
+      if (al != nullptr) {
+        for (int64_t e = len * K + j; e < T * K; e += g.size) al[e] = 0;
+      }
       if (len > 0) {
         if (owns_tag) {
           const A a = start[j] + to_acc(em[j]);
-          al[j] = a;
+          if (al != nullptr) al[j] = a;
           buf[j] = a;
         }
         for (int64_t t = 1; t < len; ++t) {
@@ -357,7 +367,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
           if (owns_tag) {
             const A* prev = buf + ((t - 1) & 1) * K;
             const A a = logsumexp_into(prev, tr, j, K) + to_acc(em[t * K + j]);
-            al[t * K + j] = a;
+            if (al != nullptr) al[t * K + j] = a;
             buf[(t & 1) * K + j] = a;
           }
         }
@@ -397,7 +407,7 @@ cudaError_t launch_forward(const E* emissions /* [B, T, K] */, const int64_t* ta
                            const int64_t* lengths /* [B] */, const acc_t<E>* transitions /* [K, K] */,
                            const acc_t<E>* start /* [K] */, const acc_t<E>* end /* [K] */,
                            acc_t<E>* log_z /* [B] */, acc_t<E>* gold_score /* [B] */,
-                           acc_t<E>* alphas /* [B, T, K] */, int64_t B, int64_t T, int K,
+                           acc_t<E>* alphas /* [B, T, K] or nullptr */, int64_t B, int64_t T, int K,
                            cudaStream_t stream) {
   using A = acc_t<E>;
   if (B == 0) return cudaSuccess;
@@ -447,6 +457,12 @@ __host__ __device__ __forceinline__ size_t backward_group_bytes(int K, int gsize
 
 __host__ __device__ __forceinline__ int64_t partial_width(int K) {
   return static_cast<int64_t>(K) * K + 2 * static_cast<int64_t>(K);
+}
+
+// crf_backward recomputes the forward pass into scratch of its own: alphas [B, T, K], then
+// log Z [B] and a gold score [B] (unused), all A. The binding allocates this many entries.
+__host__ __device__ __forceinline__ int64_t backward_forward_scratch(int64_t B, int64_t T, int K) {
+  return B * T * K + 2 * B;
 }
 
 // Slices of partials (= groups launched) for crf_backward; the binding allocates
@@ -626,17 +642,25 @@ __global__ void __launch_bounds__(kWarpSize * kReduceRows) reduce_partials_kerne
   }
 }
 
-// partials: [P, K*K + 2K] scratch with P = backward_partial_count(B, K, dev).
+// Three launches on `stream`: the forward pass again (alphas and log Z into forward_scratch,
+// [backward_forward_scratch(B, T, K)]), the backward pass into partials ([P, K*K + 2K] with
+// P = backward_partial_count(B, K, dev)), and their fixed-order reduction.
 template <typename E>
 cudaError_t launch_backward(const acc_t<E>* grad_log_z /* [B] */, const acc_t<E>* grad_gold /* [B] */,
                             const E* emissions /* [B, T, K] */, const int64_t* tags /* [B, T] or nullptr */,
                             const int64_t* lengths /* [B] */, const acc_t<E>* transitions /* [K, K] */,
-                            const acc_t<E>* end /* [K] */, const acc_t<E>* log_z /* [B] */,
-                            const acc_t<E>* alphas /* [B, T, K] */, E* grad_emissions /* [B, T, K] */,
-                            acc_t<E>* grad_transitions /* [K, K] */, acc_t<E>* grad_start /* [K] */,
-                            acc_t<E>* grad_end /* [K] */, acc_t<E>* partials /* [P, K*K + 2K] */,
+                            const acc_t<E>* start /* [K] */, const acc_t<E>* end /* [K] */,
+                            E* grad_emissions /* [B, T, K] */, acc_t<E>* grad_transitions /* [K, K] */,
+                            acc_t<E>* grad_start /* [K] */, acc_t<E>* grad_end /* [K] */,
+                            acc_t<E>* forward_scratch /* [B*T*K + 2B] */, acc_t<E>* partials /* [P, K*K + 2K] */,
                             int64_t P, int64_t B, int64_t T, int K, cudaStream_t stream) {
   using A = acc_t<E>;
+  A* const alphas = forward_scratch;        // [B, T, K]
+  A* const log_z = alphas + B * T * K;      // [B]
+  A* const unused_gold = log_z + B;         // [B]
+  const cudaError_t forward_err = launch_forward<E>(emissions, nullptr, lengths, transitions, start, end, log_z,
+                                                    unused_gold, alphas, B, T, K, stream);
+  if (forward_err != cudaSuccess) return forward_err;
   if (P > 0) {
     // P was built as blocks * gpb by backward_partial_count: recover the same split.
     const int gpb = use_warp_path(K) ? groups_per_block(K, P) : 1;
@@ -1134,9 +1158,9 @@ cudaError_t launch_kbest(const E* emissions /* [B, T, K] */, const int64_t* leng
                                          const acc_t<E>*, const acc_t<E>*, acc_t<E>*, acc_t<E>*, acc_t<E>*,       \
                                          int64_t, int64_t, int, cudaStream_t);                                    \
   template cudaError_t launch_backward<E>(const acc_t<E>*, const acc_t<E>*, const E*, const int64_t*,             \
-                                          const int64_t*, const acc_t<E>*, const acc_t<E>*, const acc_t<E>*,      \
-                                          const acc_t<E>*, E*, acc_t<E>*, acc_t<E>*, acc_t<E>*, acc_t<E>*,        \
-                                          int64_t, int64_t, int64_t, int, cudaStream_t);                          \
+                                          const int64_t*, const acc_t<E>*, const acc_t<E>*, const acc_t<E>*, E*,  \
+                                          acc_t<E>*, acc_t<E>*, acc_t<E>*, acc_t<E>*, acc_t<E>*, int64_t,         \
+                                          int64_t, int64_t, int, cudaStream_t);                                   \
   template cudaError_t launch_viterbi<E>(const E*, const int64_t*, const acc_t<E>*, const acc_t<E>*,              \
                                          const acc_t<E>*, int64_t*, acc_t<E>*, void*, int64_t, int64_t, int,      \
                                          cudaStream_t);                                                           \
@@ -1152,6 +1176,4 @@ FASTNER_CRF_INSTANTIATE(__nv_bfloat16)
 #undef FASTNER_CRF_INSTANTIATE
 #endif  // FASTNER_KERNEL_CHECK
 
-}  // namespace crf
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::crf::kernels

@@ -31,6 +31,12 @@
 // index over nb * H, grid-stride. Each (j, k) element of every state buffer is read and written
 // by exactly one thread per launch, so there are no races; successive launches (and the cuBLAS
 // GEMMs between them) are ordered by running on one stream per direction.
+//
+// One file (~880 lines): the CUDA side's unit is one torch-free header per op family, which
+// .ci/check_cuda_kernels.sh compiles alone and tests/ops/rnn/test_rnn_cuda_emulated.py rewrites
+// mechanically (launch syntax, shared memory) for the CPU emulation. Sections, in order: types
+// and the plan view, layout kernels, cell math, step-wise forward and backward, persistent
+// forward and backward, host launchers, compile-check instantiations.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -44,9 +50,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace fastner {
-namespace cuda {
-namespace rnn {
+namespace fastner::cuda::rnn::kernels {
 
 // The element-type helpers of accumulate.cuh, visible as rnn::acc_t etc. to the bindings.
 using cuda::acc_t;
@@ -833,15 +837,11 @@ cudaError_t launch_persistent_backward(Cell cell, const PersistentBackwardArgs<E
   return launch_persistent<E, true>(cell, args, device, stream, launched);
 }
 
-}  // namespace rnn
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::rnn::kernels
 
 #ifdef FASTNER_KERNEL_CHECK
 // Compile-check every kernel and launcher for every storage type (.ci/check_cuda_kernels.sh).
-namespace fastner {
-namespace cuda {
-namespace rnn {
+namespace fastner::cuda::rnn::kernels {
 #define FASTNER_RNN_INSTANTIATE(E)                                                                          \
   template cudaError_t launch_copy_rows<E, true>(const PlanView&, int64_t, const E*, E*, cudaStream_t);     \
   template cudaError_t launch_copy_rows<E, false>(const PlanView&, int64_t, const E*, E*, cudaStream_t);    \
@@ -871,7 +871,5 @@ FASTNER_RNN_INSTANTIATE_LOW_PRECISION(__half)
 FASTNER_RNN_INSTANTIATE_LOW_PRECISION(__nv_bfloat16)
 #undef FASTNER_RNN_INSTANTIATE
 #undef FASTNER_RNN_INSTANTIATE_LOW_PRECISION
-}  // namespace rnn
-}  // namespace cuda
-}  // namespace fastner
+}  // namespace fastner::cuda::rnn::kernels
 #endif  // FASTNER_KERNEL_CHECK

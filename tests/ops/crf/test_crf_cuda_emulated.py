@@ -52,13 +52,16 @@ def emu():
     compiler = shutil.which("g++")
     if include is None or compiler is None:
         pytest.skip("needs g++ and the CUDA headers (cuda_runtime.h)")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    # -fno-gnu-unique: the emulation's inline variables (namespace emu) stay private to this
+    # library; as GNU unique symbols they would be bound process-wide, onto the RNN emulation's
+    # same-named ones (tests/ops/rnn/test_rnn_cuda_emulated.py) when both run in one process.
+    flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-attributes", "-fno-gnu-unique"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
     lib = pathlib.Path(tempfile.gettempdir()) / f"fastner_crf_emulated_{digest}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wno-attributes",
-               f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}", str(EMULATION / "crf_emulated.cpp"),
-               "-o", str(tmp)]
+        cmd = [compiler, *flags, f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{EMULATION}",
+               str(EMULATION / "crf_emulated.cpp"), "-o", str(tmp)]
         subprocess.run(cmd, check=True)
         os.replace(tmp, lib)
     return ctypes.CDLL(str(lib))
@@ -95,14 +98,20 @@ def forward(emu, emissions, tags, lengths, tr, start, end):
     return log_z, gold, alphas
 
 
-def backward(emu, gl, gg, emissions, tags, lengths, tr, start, end, log_z, alphas, sms=1):
+def backward(emu, gl, gg, emissions, tags, lengths, tr, start, end, sms=1):
     B, T, K = emissions.shape
     a = crf_accumulate_dtype(emissions.dtype)
     grads = (torch.empty(B, T, K, dtype=emissions.dtype), torch.empty(K, K, dtype=a), torch.empty(K, dtype=a),
              torch.empty(K, dtype=a))
-    call(emu, "backward", emissions.dtype, p(gl), p(gg), p(emissions), p(tags), p(lengths), p(tr), p(end),
-         p(log_z), p(alphas), *map(p, grads), i64(B), i64(T), ctypes.c_int(K), ctypes.c_int(sms))
+    call(emu, "backward", emissions.dtype, p(gl), p(gg), p(emissions), p(tags), p(lengths), p(tr), p(start),
+         p(end), *map(p, grads), i64(B), i64(T), ctypes.c_int(K), ctypes.c_int(sms))
     return grads
+
+
+def reference_alphas(emissions, tags, lengths, tr, start, end):
+    """The log forward variables [B, T, K] the forward kernel writes where given a buffer
+    (crf_backward's recomputation): the reference's, zeros past each length."""
+    return reference.crf_alphas(emissions, lengths, tr, start, end)[1]
 
 
 def viterbi(emu, emissions, lengths, tr, start, end):
@@ -159,7 +168,7 @@ def test_every_op_matches_reference(emu, case, dtype, constrained):
     scale = float(lengths.sum())
 
     log_z, gold, alphas = forward(emu, *inputs)
-    expected = reference.crf_forward(*inputs)
+    expected = (*reference.crf_forward(*inputs), reference_alphas(*inputs))
     for name, a, e in zip(("log_z", "gold", "alphas"), (log_z, gold, alphas), expected):
         close(a, e, dtype, msg=name)
     log_z_only, gold_none, _ = forward(emu, emissions, None, lengths, tr, start, end)
@@ -167,12 +176,12 @@ def test_every_op_matches_reference(emu, case, dtype, constrained):
 
     gl, gg = torch.randn(B, dtype=crf_accumulate_dtype(dtype)), torch.randn(B, dtype=crf_accumulate_dtype(dtype))
     for sms in (1, 64):  # 1: groups loop over several sequences
-        grads = backward(emu, gl, gg, *inputs, log_z, alphas, sms=sms)
+        grads = backward(emu, gl, gg, *inputs, sms=sms)
         for name, a, e in zip(("emissions", "transitions", "start", "end"), grads,
                               reference.crf_backward(gl, gg, *inputs)):
             assert not torch.isnan(a).any(), name
             close(a, e, dtype, scale=scale, msg=f"grad {name} (sms={sms})")
-    no_tags = backward(emu, gl, gg, emissions, None, lengths, tr, start, end, log_z, alphas)
+    no_tags = backward(emu, gl, gg, emissions, None, lengths, tr, start, end)
     for name, a, e in zip(("emissions", "transitions", "start", "end"), no_tags,
                           reference.crf_backward(gl, torch.zeros_like(gg), emissions, None, lengths, tr, start, end)):
         close(a, e, dtype, scale=scale, msg=f"grad {name} without tags")
@@ -199,11 +208,11 @@ def test_low_precision_emissions(emu, dtype, K):
     inputs = crf_inputs(4, 6, K, dtype)
     emissions, tags, lengths, tr, start, end = inputs
     log_z, gold, alphas = forward(emu, *inputs)
-    for a, e in zip((log_z, gold, alphas), reference.crf_forward(*inputs)):
+    for a, e in zip((log_z, gold, alphas), (*reference.crf_forward(*inputs), reference_alphas(*inputs))):
         assert a.dtype == torch.float32
         close(a, e, torch.float32)
     gl, gg = torch.randn(4), torch.randn(4)
-    grads = backward(emu, gl, gg, *inputs, log_z, alphas)
+    grads = backward(emu, gl, gg, *inputs)
     expected = reference.crf_backward(gl, gg, *inputs)
     assert grads[0].dtype == dtype
     torch.testing.assert_close(grads[0].float(), expected[0].float(), rtol=1e-2, atol=1e-2)
@@ -221,7 +230,7 @@ def test_empty_and_dead_sequences(emu, K):
         emissions, tags, lengths, tr, start, end = crf_inputs(B, T, K, torch.float32)
         log_z, gold, alphas = forward(emu, emissions, tags, lengths, tr, start, end)
         assert torch.equal(log_z, torch.zeros(B)) and torch.equal(gold, torch.zeros(B))
-        grads = backward(emu, torch.ones(B), torch.ones(B), emissions, tags, lengths, tr, start, end, log_z, alphas)
+        grads = backward(emu, torch.ones(B), torch.ones(B), emissions, tags, lengths, tr, start, end)
         for g in grads[1:]:
             assert torch.equal(g, torch.zeros_like(g))
         tags_k, scores_k = kbest(emu, emissions, lengths, tr, start, end, 2)
@@ -235,7 +244,7 @@ def test_empty_and_dead_sequences(emu, K):
     log_z, gold, alphas = forward(emu, *inputs)
     assert torch.equal(torch.isneginf(log_z), lengths > 1)
     gl, gg = torch.randn(5), torch.randn(5)
-    grads = backward(emu, gl, gg, *inputs, log_z, alphas)
+    grads = backward(emu, gl, gg, *inputs)
     for a, e in zip(grads, reference.crf_backward(gl, gg, *inputs)):
         assert not torch.isnan(a).any()
         close(a, e, torch.float32, scale=float(lengths.sum()))
@@ -263,7 +272,7 @@ def test_bad_values_poison_with_nan(emu):
     log_z, gold, alphas = forward(emu, emissions, tags, lengths, tr, start, end)
     assert torch.isnan(log_z[2:]).all() and torch.isnan(gold[1:]).all()
     assert not torch.isnan(log_z[:2]).any() and not torch.isnan(gold[0])
-    grads = backward(emu, torch.ones(4), torch.ones(4), emissions, tags, lengths, tr, start, end, log_z, alphas)
+    grads = backward(emu, torch.ones(4), torch.ones(4), emissions, tags, lengths, tr, start, end)
     assert torch.isnan(grads[0][1:]).all() and not torch.isnan(grads[0][0]).any()
     assert torch.isnan(grads[1]).all()
     tags_v, scores_v = viterbi(emu, emissions, lengths, tr, start, end)

@@ -10,7 +10,7 @@ import fastner.nn
 import fastner.ops  # noqa: F401  (registers the fake kernels and autograd formulas)
 from fastner._extension import use_fused
 from tests import testing
-from tests.ops.crf.samples import LAYOUTS, crf_inputs, differentiable, sample_inputs
+from tests.ops.crf.samples import LAYOUTS, crf_holding, crf_inputs, differentiable, sample_inputs
 from tests.ops.crf.test_crf_module import assert_best_paths
 
 CPU = torch.device("cpu")
@@ -24,16 +24,6 @@ requires_crf_ops = pytest.mark.skipif(
 
 def op(name):
     return getattr(torch.ops.fastner, name)
-
-
-def reference_crf(transitions, start, end):
-    """A batch-first fastner CRF holding these parameters; run it under backend('reference')."""
-    crf = fastner.nn.CRF(transitions.shape[0], batch_first=True).to(transitions.dtype)
-    with torch.no_grad():
-        crf.transitions.copy_(transitions)
-        crf.start_transitions.copy_(start)
-        crf.end_transitions.copy_(end)
-    return crf
 
 
 def random_case(case):
@@ -62,17 +52,15 @@ def test_forward_op_matches_reference(case, dtype):
     batch, steps, num_tags = random_case(case)
     emissions, tags, lengths, transitions, start, end = crf_inputs(batch, steps, num_tags, dtype)
     mask = testing.mask_from_lengths(lengths, steps)
-    crf = reference_crf(transitions, start, end)
+    crf = crf_holding(transitions, start, end)
     with testing.backend("reference"):
         expected_log_z = crf.log_partition(emissions, mask=mask)
         expected_gold = crf(emissions, tags, mask=mask, reduction="none").detach() + expected_log_z
     tol = testing.tolerances(dtype)
-    log_z, gold, alphas = op("crf_forward")(emissions, tags, lengths, transitions, start, end)
+    log_z, gold = op("crf_forward")(emissions, tags, lengths, transitions, start, end)
     torch.testing.assert_close(log_z, expected_log_z, **tol)
     torch.testing.assert_close(gold, expected_gold, **tol)
-    # The CPU backward recomputes the forward pass, so the CPU forward saves no alphas.
-    assert alphas.shape == (0,)
-    log_z_only, gold_none, _ = op("crf_forward")(emissions, None, lengths, transitions, start, end)
+    log_z_only, gold_none = op("crf_forward")(emissions, None, lengths, transitions, start, end)
     torch.testing.assert_close(log_z_only, log_z, rtol=0, atol=0)
     assert torch.equal(gold_none, torch.zeros_like(gold_none))
 
@@ -87,15 +75,14 @@ def test_backward_op_matches_reference_autograd(case, dtype):
     grad_log_z = torch.randn(batch, dtype=dtype)
     grad_gold = torch.randn(batch, dtype=dtype)
     mask = testing.mask_from_lengths(lengths, steps)
-    crf = reference_crf(transitions, start, end)
+    crf = crf_holding(transitions, start, end)
     em = emissions.clone().requires_grad_(True)
     with testing.backend("reference"):
         log_z = crf.log_partition(em, mask=mask)
         gold = crf(em, tags, mask=mask, reduction="none") + log_z
         ((grad_log_z * log_z).sum() + (grad_gold * gold).sum()).backward()
     expected = (em.grad, crf.transitions.grad, crf.start_transitions.grad, crf.end_transitions.grad)
-    log_z, gold, alphas = op("crf_forward")(emissions, tags, lengths, transitions, start, end)
-    actual = op("crf_backward")(grad_log_z, grad_gold, emissions, tags, lengths, transitions, start, end, log_z, alphas)
+    actual = op("crf_backward")(grad_log_z, grad_gold, emissions, tags, lengths, transitions, start, end)
     scale = float(lengths.sum())
     for name, a, e in zip(("emissions", "transitions", "start", "end"), actual, expected):
         assert a.shape == e.shape and a.dtype == dtype, name
@@ -109,7 +96,7 @@ def test_decoding_ops_match_reference(case, dtype):
     batch, steps, num_tags = random_case(20 + case)
     emissions, _, lengths, transitions, start, end = crf_inputs(batch, steps, num_tags, dtype)
     mask = testing.mask_from_lengths(lengths, steps)
-    crf = reference_crf(transitions, start, end)
+    crf = crf_holding(transitions, start, end)
     k = testing.randint(1, 4)
     with testing.backend("reference"):
         expected_tags, expected_scores = crf.viterbi(emissions, mask=mask)

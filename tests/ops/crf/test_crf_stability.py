@@ -8,19 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastner.nn
 from tests import testing
+from tests.ops.crf.samples import crf_holding
 
 BACKENDS = ("fused", "reference")
-
-
-def crf_with(transitions, start, end, batch_first=True):
-    crf = fastner.nn.CRF(transitions.shape[0], batch_first=batch_first).to(transitions.dtype)
-    with torch.no_grad():
-        crf.transitions.copy_(transitions)
-        crf.start_transitions.copy_(start)
-        crf.end_transitions.copy_(end)
-    return crf
 
 
 def run(crf, emissions, tags, mask):
@@ -50,11 +41,11 @@ def gold_score(emissions, tags, lengths, transitions, start, end):
 
 def check_against_float64(emissions, tags, lengths, transitions, start, end, rtol, backends=BACKENDS):
     mask = testing.mask_from_lengths(lengths, emissions.shape[1])
-    crf64 = crf_with(transitions.double(), start.double(), end.double())
+    crf64 = crf_holding(transitions.double(), start.double(), end.double())
     with testing.backend("reference"):
         llh64, grads64, _, best64, log_z64 = run(crf64, emissions.double(), tags, mask)
     assert torch.isfinite(llh64).all()
-    crf32 = crf_with(transitions, start, end)
+    crf32 = crf_holding(transitions, start, end)
     for name in backends:
         with testing.backend(name):
             llh, grads, vtags, vscores, log_z = run(crf32, emissions, tags, mask)
@@ -127,7 +118,7 @@ def test_minus_infinity_transitions():
     lengths = testing.random_lengths(batch, steps)
     check_against_float64(emissions, tags, lengths, transitions, start, end, rtol=1e-4)
     # gradients of forbidden parameters are exactly 0: they carry no probability mass
-    crf = crf_with(transitions, start, end)
+    crf = crf_holding(transitions, start, end)
     for name in BACKENDS:
         with testing.backend(name):
             _, (g_em, g_tr, g_start, g_end), vtags, _, _ = run(crf, emissions, tags, testing.mask_from_lengths(lengths, steps))

@@ -1,6 +1,8 @@
 // The CRF kernels of csrc/cuda/kernels/crf.cuh run on the CPU through emulate_cuda.h, behind a
-// C ABI that tests/test_crf_cuda_emulated.py calls with ctypes. Every entry point runs the real
-// launcher (launch shapes, shared-memory layout, scratch sizes) and the real kernels.
+// C ABI that tests/ops/crf/test_crf_cuda_emulated.py calls with ctypes. Every entry point runs the real
+// launcher (launch shapes, shared-memory layout, scratch sizes) and the real kernels. forward's
+// alphas may be null (as crf_forward passes it); given, they are compared with the reference's.
+// backward's scratch starts as garbage: launch_backward must write all it reads.
 // dev_sms sets the multiprocessor count the backward's group count is derived from (small
 // values make groups loop over several sequences); smem_optin the k-best opt-in limit.
 #include "emulate_cuda.h"
@@ -10,7 +12,7 @@
 
 #include <vector>
 
-using namespace fastner::cuda::crf;
+using namespace fastner::cuda::crf::kernels;
 
 namespace {
 
@@ -25,16 +27,17 @@ int forward(const void* em, const int64_t* tags, const int64_t* lengths, const v
 
 template <typename E>
 int backward(const void* gl, const void* gg, const void* em, const int64_t* tags, const int64_t* lengths,
-             const void* tr, const void* end, const void* log_z, const void* alphas, void* grad_em, void* grad_tr,
-             void* grad_start, void* grad_end, int64_t B, int64_t T, int K, int dev_sms) {
+             const void* tr, const void* start, const void* end, void* grad_em, void* grad_tr, void* grad_start,
+             void* grad_end, int64_t B, int64_t T, int K, int dev_sms) {
   using A = acc_t<E>;
   const DeviceLimits dev{dev_sms, 0};
   const int64_t P = backward_partial_count(B, K, dev);
   std::vector<A> partials(static_cast<size_t>(P * partial_width(K)), A(-12345));  // garbage
+  std::vector<A> forward_scratch(static_cast<size_t>(backward_forward_scratch(B, T, K)), A(-6789));  // garbage
   return launch_backward<E>(static_cast<const A*>(gl), static_cast<const A*>(gg), static_cast<const E*>(em), tags,
-                            lengths, static_cast<const A*>(tr), static_cast<const A*>(end),
-                            static_cast<const A*>(log_z), static_cast<const A*>(alphas), static_cast<E*>(grad_em),
-                            static_cast<A*>(grad_tr), static_cast<A*>(grad_start), static_cast<A*>(grad_end),
+                            lengths, static_cast<const A*>(tr), static_cast<const A*>(start),
+                            static_cast<const A*>(end), static_cast<E*>(grad_em), static_cast<A*>(grad_tr),
+                            static_cast<A*>(grad_start), static_cast<A*>(grad_end), forward_scratch.data(),
                             partials.data(), P, B, T, K, nullptr);
 }
 
@@ -78,11 +81,11 @@ int marginals(const void* em, const int64_t* lengths, const void* tr, const void
     return forward<E>(em, tags, lengths, tr, start, end, log_z, gold, alphas, B, T, K);                            \
   }                                                                                                                 \
   extern "C" int emu_backward_##suffix(const void* gl, const void* gg, const void* em, const int64_t* tags,        \
-                                       const int64_t* lengths, const void* tr, const void* end, const void* log_z, \
-                                       const void* alphas, void* grad_em, void* grad_tr, void* grad_start,         \
-                                       void* grad_end, int64_t B, int64_t T, int K, int dev_sms) {                 \
-    return backward<E>(gl, gg, em, tags, lengths, tr, end, log_z, alphas, grad_em, grad_tr, grad_start, grad_end, \
-                       B, T, K, dev_sms);                                                                          \
+                                       const int64_t* lengths, const void* tr, const void* start, const void* end, \
+                                       void* grad_em, void* grad_tr, void* grad_start, void* grad_end, int64_t B,  \
+                                       int64_t T, int K, int dev_sms) {                                            \
+    return backward<E>(gl, gg, em, tags, lengths, tr, start, end, grad_em, grad_tr, grad_start, grad_end, B, T, K, \
+                       dev_sms);                                                                                   \
   }                                                                                                                 \
   extern "C" int emu_viterbi_##suffix(const void* em, const int64_t* lengths, const void* tr, const void* start,   \
                                       const void* end, int64_t* tags, void* scores, int64_t B, int64_t T, int K) { \

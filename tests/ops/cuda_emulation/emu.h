@@ -1,5 +1,5 @@
 // CPU emulation of the CUDA runtime pieces that csrc/cuda/rnn.cu and csrc/cuda/kernels/rnn.cuh
-// use, so that tests/test_rnn_cuda_emulated.py can run the real binding and kernel code on a
+// use, so that tests/ops/rnn/test_rnn_cuda_emulated.py can run the real binding and kernel code on a
 // machine without a GPU (test harness only; never part of the package). Kernels launched with
 // <<<...>>> run as one emulated thread (their grid-stride loops cover every index); cooperative
 // launches run every thread of every block as a std::thread, with std::barrier for

@@ -1,7 +1,7 @@
 // CPU definitions of the CUDA runtime calls the binding makes (see emu.h); test harness only.
 #pragma once
 #include "emu.h"
-namespace fastner::cuda::rnn {
+namespace fastner::cuda::rnn::kernels {
 inline bool emu_call_registered = [] {
   emu::call_cooperative = [](const void* f, void** params) {
 #define EMU_TRY(E, C)                                                                                         \

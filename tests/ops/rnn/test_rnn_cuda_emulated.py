@@ -54,8 +54,8 @@ def _emulated_sources(out: pathlib.Path) -> pathlib.Path:
     cu += '\n#include "emu_runtime.h"\nTORCH_LIBRARY(fastner_emu, m) {\n' + "\n".join(defs) + "\n}\n"
     cu += (
         "TORCH_LIBRARY_IMPL(fastner_emu, CPU, m) {\n"
-        '  m.impl("rnn_layer_forward", &fastner::cuda_rnn::rnn_layer_forward);\n'
-        '  m.impl("rnn_layer_backward", &fastner::cuda_rnn::rnn_layer_backward);\n}\n'
+        '  m.impl("rnn_layer_forward", &fastner::cuda::rnn::rnn_layer_forward);\n'
+        '  m.impl("rnn_layer_backward", &fastner::cuda::rnn::rnn_layer_backward);\n}\n'
     )
     (out / "emu_rnn.cpp").write_text(cu)
     return out / "emu_rnn.cpp"
@@ -79,7 +79,9 @@ def ops(tmp_path_factory):
         sources=[str(source)],
         # src (the rewritten kernels) before csrc (checks.h, rnn_layout.h: shared with the CPU build)
         extra_include_paths=[str(SHIM), str(src), str(ROOT / "csrc"), include],
-        extra_cflags=["-std=c++20", "-O1", "-w", "-pthread"],
+        # -fno-gnu-unique: namespace emu's inline variables stay private to this library (see
+        # tests/ops/crf/test_crf_cuda_emulated.py, whose emulation has same-named ones)
+        extra_cflags=["-std=c++20", "-O1", "-w", "-pthread", "-fno-gnu-unique"],
         extra_ldflags=["-pthread"],
         is_python_module=False,
         build_directory=str(build),
