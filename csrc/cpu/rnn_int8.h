@@ -3,7 +3,7 @@
 // per output channel (symmetric, 7-bit: w_q in [-63, 63], scale[n] = max|W[n, :]| / 63) and
 // the rows of A quantized on every call (asymmetric, 7-bit: q = clamp(round(a / s) + z, 0,
 // 127) with s = (max(a, 0) - min(a, 0)) / 127). The exact arithmetic is
-// fastner.reference.quantize_rows_int8 / int8_product; tests/test_rnn_int8.py compares them.
+// fastner.reference.quantize_rows_int8 / int8_product; tests/ops/rnn/test_rnn_int8.py compares them.
 //
 // Why 7 bits on both sides. The AVX2 kernel multiplies u8 by s8 with vpmaddubsw, which adds
 // pairs of products into int16 with saturation, then widens with vpmaddwd. On Zen 2 both
