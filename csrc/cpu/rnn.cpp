@@ -71,13 +71,9 @@ int64_t workspace_width(Cell cell, int64_t H, int64_t I) {
 }
 
 // The batch reordered by decreasing length, and where each (slot, time) lives.
-struct Plan {
-  int64_t B = 0, T = 0, steps = 0, rows = 0;  // steps = longest length, rows = sum of lengths
+struct Plan : rnn_layout::Schedule {
+  int64_t B = 0, T = 0;
   bool batch_first = true;
-  std::vector<int64_t> order;       // [B] original batch index of slot j
-  std::vector<int64_t> len;         // [B] length of slot j (non-increasing)
-  std::vector<int64_t> batch_size;  // [steps] slots running at step s: a prefix
-  std::vector<int64_t> offset;      // [steps + 1] first packed row of time t
   bool uniform = false;             // every length equals steps (order is then the identity)
 
   // First step row of direction d's step s (see Layout above).
@@ -98,26 +94,11 @@ Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first) {
   checks::lengths_shape("rnn_layer", lengths, B);
   checks::on_device("rnn_layer", "lengths", lengths, at::kCPU, "the input's");
   const Tensor lens = checks::lengths_in_range("rnn_layer", lengths, T);  // held: `l` points into it
-  const int64_t* l = lens.const_data_ptr<int64_t>();
   Plan plan;
+  static_cast<rnn_layout::Schedule&>(plan) = rnn_layout::schedule_by_length(lens.const_data_ptr<int64_t>(), B);
   plan.B = B;
   plan.T = T;
   plan.batch_first = batch_first;
-  plan.order.resize(B);
-  std::iota(plan.order.begin(), plan.order.end(), 0);
-  std::stable_sort(plan.order.begin(), plan.order.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
-  plan.len.resize(B);
-  for (int64_t j = 0; j < B; ++j) plan.len[j] = l[plan.order[j]];
-  plan.steps = B > 0 ? plan.len[0] : 0;
-  plan.batch_size.assign(plan.steps, 0);
-  plan.offset.assign(plan.steps + 1, 0);
-  int64_t running = B;
-  for (int64_t s = 0; s < plan.steps; ++s) {
-    while (running > 0 && plan.len[running - 1] <= s) --running;
-    plan.batch_size[s] = running;
-    plan.offset[s + 1] = plan.offset[s] + running;
-  }
-  plan.rows = plan.offset[plan.steps];
   plan.uniform = plan.rows == B * plan.steps;
   return plan;
 }

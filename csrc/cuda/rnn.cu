@@ -155,10 +155,9 @@ void check_input(const Tensor& input) {
 
 // The batch sorted by decreasing length, on the host (for the GEMM sizes) and on the device
 // (for the kernels, as k::PlanView).
-struct Plan {
-  int64_t B = 0, T = 0, steps = 0, rows = 0;
+struct Plan : rnn_layout::Schedule {
+  int64_t B = 0, T = 0;
   bool batch_first = true;
-  std::vector<int64_t> order, len, batch_size, offset;
   Tensor device;  // int64 [B + B + (steps + 1) + steps]: order | len | offset | batch_size
   k::PlanView view;
 
@@ -172,28 +171,13 @@ Plan make_plan(const Tensor& lengths, int64_t B, int64_t T, bool batch_first, co
   TORCH_CHECK_VALUE(lengths.is_cpu() || lengths.device() == input.device(),
                     "rnn_layer: lengths must be on the input's device ", input.device(), " (or the CPU), got ",
                     lengths.device());
-  // A sync when lengths is on the GPU; `host` holds the values `l` points to.
+  // A sync when lengths is on the GPU; `host` holds the lengths the schedule reads.
   const Tensor host = checks::lengths_in_range("rnn_layer", lengths.to(at::kCPU), T);
-  const int64_t* l = host.const_data_ptr<int64_t>();
   Plan plan;
+  static_cast<rnn_layout::Schedule&>(plan) = rnn_layout::schedule_by_length(host.const_data_ptr<int64_t>(), B);
   plan.B = B;
   plan.T = T;
   plan.batch_first = batch_first;
-  plan.order.resize(B);
-  std::iota(plan.order.begin(), plan.order.end(), 0);
-  std::stable_sort(plan.order.begin(), plan.order.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
-  plan.len.resize(B);
-  for (int64_t j = 0; j < B; ++j) plan.len[j] = l[plan.order[j]];
-  plan.steps = B > 0 ? plan.len[0] : 0;
-  plan.batch_size.assign(plan.steps, 0);
-  plan.offset.assign(plan.steps + 1, 0);
-  int64_t running = B;
-  for (int64_t s = 0; s < plan.steps; ++s) {
-    while (running > 0 && plan.len[running - 1] <= s) --running;
-    plan.batch_size[s] = running;
-    plan.offset[s + 1] = plan.offset[s] + running;
-  }
-  plan.rows = plan.offset[plan.steps];
 
   // One pinned staging buffer, copied asynchronously on the current stream (the caching host
   // allocator keeps it alive until the copy is done).
