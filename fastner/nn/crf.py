@@ -174,32 +174,29 @@ class CRF(nn.Module):
         if mask is None:
             B, T = emissions.shape[:2] if self.batch_first else emissions.shape[1::-1]
             return torch.full((B,), T, dtype=torch.long, device=emissions.device)
-        if not isinstance(mask, Tensor):
-            raise ValueError(f"mask must be a Tensor, got {type(mask).__name__}")
-        if mask.shape != emissions.shape[:2]:
-            raise ValueError("the first two dimensions of emissions and mask must match, "
-                             f"got {tuple(emissions.shape[:2])} and {tuple(mask.shape)}")
-        if mask.dtype not in _MASK_DTYPES:
-            raise ValueError(f"mask must be bool or uint8, got {mask.dtype}")
-        if mask.device != emissions.device:
-            raise ValueError(f"mask must be on the emissions' device {emissions.device}, "
-                             f"got {mask.device}")
+        _check_beside_emissions("mask", mask, emissions, _MASK_DTYPES, "bool or uint8")
         return ops.crf_lengths(mask, self.batch_first)
 
     def _check_tags(self, tags: Tensor, emissions: Tensor) -> Tensor:
         """Validate tags' metadata (the ops check their range); return them int64, in the
         emissions' layout."""
-        if not isinstance(tags, Tensor):
-            raise ValueError(f"tags must be a Tensor, got {type(tags).__name__}")
-        if tags.shape != emissions.shape[:2]:
-            raise ValueError("the first two dimensions of emissions and tags must match, "
-                             f"got {tuple(emissions.shape[:2])} and {tuple(tags.shape)}")
-        if tags.dtype not in _TAG_DTYPES:
-            raise ValueError(f"tags must be an integer tensor, got {tags.dtype}")
-        if tags.device != emissions.device:
-            raise ValueError(f"tags must be on the emissions' device {emissions.device}, "
-                             f"got {tags.device}")
+        _check_beside_emissions("tags", tags, emissions, _TAG_DTYPES, "an integer tensor")
         return tags if tags.dtype == torch.long else tags.long()
+
+
+def _check_beside_emissions(name: str, value, emissions: Tensor, dtypes, expected: str) -> None:
+    """`value` (mask or tags) must be a Tensor shaped like emissions' first two dimensions, of
+    one of `dtypes` (`expected` says which in words), on the emissions' device."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a Tensor, got {type(value).__name__}")
+    if value.shape != emissions.shape[:2]:
+        raise ValueError(f"the first two dimensions of emissions and {name} must match, "
+                         f"got {tuple(emissions.shape[:2])} and {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        raise ValueError(f"{name} must be {expected}, got {value.dtype}")
+    if value.device != emissions.device:
+        raise ValueError(f"{name} must be on the emissions' device {emissions.device}, "
+                         f"got {value.device}")
 
 
 def _constraint_masks(num_tags: int, constraints) -> Tuple[Tensor, Tensor, Tensor]:
