@@ -4,6 +4,8 @@ import pathlib
 import pytest
 import torch
 
+from tests.testing import torch_threads
+
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Set to a site-packages directory to run the suite against the fastner installed there (a
 # wheel, .ci/gpu_wheel.sh) rather than a source tree: the run stops at once if it imports any other.
@@ -30,10 +32,8 @@ def _seeded():
 @pytest.fixture
 def one_thread():
     # Tiny models: thread wake-ups cost more than they save, and badly so on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(params=("persistent", "stepwise"))
@@ -63,10 +63,6 @@ def demo_tagger_dir(tmp_path_factory):
     train_data, held_out = generate_corpus(150, 15, seed=5)
     config = TrainConfig(epochs=3, batch_size=8, seed=3, optimizer="adam", lr=0.03, word_dim=8,
                          model={"hidden": 8, "char_filters": 6, "char_dim": 6})
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         train(train_data, held_out, str(out), config, log=lambda _: None)
-    finally:
-        torch.set_num_threads(previous)
     return out

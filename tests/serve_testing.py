@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
-
 from fastner.demo import generate_corpus
 from fastner.train import TrainConfig, train
+from tests.testing import torch_threads
 
 # a sentence in the style of the demo corpus: the tiny tagger finds entities in it
 SENTENCE = "Shares of Kestrel Pharma jumped 4.2 percent in Frankfurt on Tuesday after Ingrid Lindqvist raised the outlook."
@@ -20,12 +19,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
         train_data, held_out = generate_corpus(300, 40, seed=2)
         config = TrainConfig(epochs=4, batch_size=16, optimizer="adam", lr=0.01, seed=2, word_dim=16, patience=4,
                              model={"hidden": 16, "char_filters": 8, "char_dim": 8, "dropout": 0.2})
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             train(train_data, held_out, str(path), config, log=lambda _text: None)
-        finally:
-            torch.set_num_threads(previous)
     return str(path)
 
 

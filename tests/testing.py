@@ -152,6 +152,17 @@ def op_registered(name: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count is `count` inside the block, and what it was after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def requires_op(name: str):
     """Skip marker for tests that call torch.ops.fastner.<name> directly."""
     return pytest.mark.skipif(not op_registered(name), reason=f"torch.ops.fastner.{name} is not registered (extension not built)")
