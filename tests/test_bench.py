@@ -398,6 +398,23 @@ def test_torch_baseline_swaps_fastner_layers_keeping_weights():
     torch.testing.assert_close(got, want)
 
 
+def test_torch_baseline_of_a_bare_crf_is_pytorch_crf_with_its_weights():
+    torchcrf = pytest.importorskip("torchcrf")
+    from fastner import nn as fnn
+    from fastner.bench.baselines import torch_baseline
+
+    crf = fnn.CRF(5, batch_first=True)
+    with torch.no_grad():
+        for p in crf.parameters():
+            p.normal_()
+    base, swapped = torch_baseline(crf.eval())
+    assert swapped == 1 and isinstance(base, torchcrf.CRF) and not base.training
+    assert base.batch_first and base.num_tags == 5
+    emissions, tags = torch.randn(2, 4, 5), torch.randint(0, 5, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(base(emissions, tags), crf(emissions, tags))
+
+
 # ---- the whole-tagger rows on a stand-in model (tests only; the real one is fastner.models) ----
 
 @dataclasses.dataclass

@@ -90,6 +90,16 @@ def _replacement(child: nn.Module) -> Optional[nn.Module]:
     return None
 
 
+def _loaded(replacement: nn.Module, child: nn.Module) -> nn.Module:
+    """`replacement` on `child`'s device and dtype, with its weights and training mode."""
+    parameter = next(child.parameters(), None)
+    if parameter is not None:
+        replacement = replacement.to(device=parameter.device, dtype=parameter.dtype)
+    replacement.load_state_dict(child.state_dict())
+    replacement.train(child.training)
+    return replacement
+
+
 def _swap_in_place(module: nn.Module) -> int:
     swapped = 0
     for name, child in module.named_children():
@@ -97,21 +107,20 @@ def _swap_in_place(module: nn.Module) -> int:
         if replacement is None:
             swapped += _swap_in_place(child)
             continue
-        parameter = next(child.parameters(), None)
-        if parameter is not None:
-            replacement = replacement.to(device=parameter.device, dtype=parameter.dtype)
-        replacement.load_state_dict(child.state_dict())
-        replacement.train(child.training)
-        setattr(module, name, replacement)
+        setattr(module, name, _loaded(replacement, child))
         swapped += 1
     return swapped
 
 
 def torch_baseline(model: nn.Module) -> Tuple[nn.Module, int]:
-    """A copy of `model` on torch.nn recurrent layers and pytorch-crf, same weights.
+    """A copy of `model` on torch.nn recurrent layers and pytorch-crf, same weights (`model`
+    may itself be one fastner layer or CRF).
 
     Returns the copy and how many modules were swapped.
     """
+    replacement = _replacement(model)
+    if replacement is not None:
+        return _loaded(replacement, model), 1
     baseline = copy.deepcopy(model)
     swapped = _swap_in_place(baseline)
     return baseline, swapped

@@ -415,16 +415,17 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("K", [5, 40])
 def test_module_matches_pytorch_crf_on_cuda(batch_first, K):
-    torchcrf = pytest.importorskip("torchcrf")
+    pytest.importorskip("torchcrf")
+    from fastner.bench.baselines import torch_baseline
+
     reseed(1700 + K)
     B, T = 12, 17
     ours = fastner.nn.CRF(K, batch_first=batch_first)
     with torch.no_grad():
         for p in ours.parameters():
             p.normal_(0.0, 0.5)
-    theirs = torchcrf.CRF(K, batch_first=batch_first)
-    theirs.load_state_dict(ours.state_dict())
-    ours, theirs = ours.to(CUDA), theirs.to(CUDA)
+    ours = ours.to(CUDA)
+    theirs = torch_baseline(ours)[0]
     lengths = torch.randint(1, T + 1, (B,))
     lengths[0] = T
     mask = torch.arange(T) < lengths.unsqueeze(1)  # [B, T]
