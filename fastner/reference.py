@@ -398,26 +398,61 @@ def quantize_weight_int8(w: Tensor) -> Tuple[Tensor, Tensor]:
 
 def quantize_rows_int8(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """x [..., K] float32 -> (q int32 [..., K] in [0, 127], scale [..., 1], zero int32 [..., 1]):
-    x ~= (q - zero) * scale, with the range widened to include 0."""
+    x ~= (q - zero) * scale, with the range widened to include 0. A row holding NaN or +-inf
+    gets q = 0, scale 1, zero 0 (a zero product: int8_product gives it its float one)."""
+    finite = nonfinite_rows(x).logical_not()  # [..., 1]
+    x = torch.where(finite, x, torch.zeros_like(x))
     zero_f = x.new_zeros(())
     lo = torch.minimum(x.amin(dim=-1, keepdim=True), zero_f) if x.shape[-1] else x.new_zeros(*x.shape[:-1], 1)
     hi = torch.maximum(x.amax(dim=-1, keepdim=True), zero_f) if x.shape[-1] else lo
     scale = (hi - lo) / INT8_ACTIVATION_MAX
-    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    # A range past float's max: divided first. A tiny range: at least the smallest normal
+    # float, so that 1 / scale stays finite. An all-zero row: scale 1.
+    scale = torch.where(scale.isinf(), hi / INT8_ACTIVATION_MAX - lo / INT8_ACTIVATION_MAX, scale)
+    scale = torch.where(scale > 0, scale.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(scale))
     inv = 1.0 / scale
     zero = torch.round(-lo * inv).clamp(0, INT8_ACTIVATION_MAX).to(torch.int32)
-    q = (torch.round(x * inv).nan_to_num(nan=-2.0**31, posinf=-2.0**31, neginf=-2.0**31)
-         .clamp(-2.0**31, 2.0**31 - 1).to(torch.int64))
-    q = torch.where(q == -2**31, torch.zeros_like(q), (q + zero).clamp(0, INT8_ACTIVATION_MAX))
-    return q.to(torch.int32), scale, zero
+    # |x * inv| <= ~127: the conversion is exact.
+    q = (torch.round(x * inv).to(torch.int32) + zero).clamp(0, INT8_ACTIVATION_MAX)
+    return q, scale, zero
+
+
+def nonfinite_rows(x: Tensor) -> Tensor:
+    """x [..., K] -> bool [..., 1]: the rows holding NaN or +-inf (one check for the int8
+    products: quantize_rows_int8 and int8_product)."""
+    return torch.isfinite(x).logical_not().any(dim=-1, keepdim=True)
+
+
+def int8_product_nonfinite(x: Tensor, w_q: Tensor) -> Tensor:
+    """The product of rows holding NaN or +-inf, x [..., K] @ W^T with W's signs w_q [N, K]
+    -> [..., N], as float arithmetic gives it whatever the finite entries: NaN where the row
+    has a NaN, or an inf meets a zero weight (inf * 0), or +inf and -inf terms meet; else the
+    infinite terms' sign. (Finite rows: any value; int8_product takes this only where
+    nonfinite_rows.)"""
+    def hits(a: Tensor, b: Tensor) -> Tensor:  # any k with a[..., k] and b[n, k]
+        return (a.to(torch.float32) @ b.to(torch.float32).t()) > 0
+
+    pos_x, neg_x = x == float("inf"), x == float("-inf")
+    pos_w, neg_w = w_q > 0, w_q < 0
+    pos = hits(pos_x, pos_w) | hits(neg_x, neg_w)
+    neg = hits(pos_x, neg_w) | hits(neg_x, pos_w)
+    nan = hits(pos_x | neg_x, w_q == 0) | (pos & neg) | x.isnan().any(dim=-1, keepdim=True)
+    inf = torch.full_like(pos, float("inf"), dtype=torch.float32)
+    return torch.where(nan, torch.full_like(inf, float("nan")), torch.where(pos, inf, -inf))
 
 
 def int8_product(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
     """x [..., K] float32 @ (w_q * scale[:, None])^T with x quantized per row: float(sum_k (q -
-    zero) w_q) * x_scale * scale, the integer sum exact. -> [..., N] float32."""
-    q, x_scale, zero = quantize_rows_int8(x.float())
+    zero) w_q) * (x_scale * scale), the integer sum exact. -> [..., N] float32. Rows holding
+    NaN or +-inf: int8_product_nonfinite (NaN and inf propagate as in a float product)."""
+    x = x.float()
+    q, x_scale, zero = quantize_rows_int8(x)
     acc = (q.to(torch.int64) - zero.to(torch.int64)) @ w_q.to(torch.int64).t()
-    return acc.to(torch.float32) * x_scale * scale
+    out = acc.to(torch.float32) * (x_scale * scale)
+    bad = nonfinite_rows(x)
+    if bool(bad.any()):
+        out = torch.where(bad, out + int8_product_nonfinite(x, w_q), out)
+    return out
 
 
 def rnn_layer_int8(

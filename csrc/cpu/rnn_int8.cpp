@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace fastner::cpu::rnn::int8 {
 namespace {
@@ -19,6 +20,7 @@ struct RowScratch {
   std::vector<uint8_t> q;     // [m, groups * 4]
   std::vector<float> scale;   // [m]
   std::vector<int32_t> zero;  // [m]
+  std::vector<int64_t> nonfinite;  // rows holding NaN or +-inf (quantize_row returned false)
 };
 
 RowScratch& row_scratch(int64_t m, int64_t width) {
@@ -31,24 +33,38 @@ RowScratch& row_scratch(int64_t m, int64_t width) {
   return scratch;
 }
 
-// One row of A [k] -> q [width] (u7, zeros past k), its scale and zero point. The float
-// operations and their order are fastner.reference.quantize_rows_int8's.
-void quantize_row(const float* a, int64_t k, uint8_t* q, int64_t width, float* scale, int32_t* zero) {
+// One row of A [k] -> q [width] (u7, zeros past k), its scale and zero point; returns false
+// (q all zero, scale 1, zero point 0: the row's product is exactly 0) for a row holding NaN or
+// +-inf, whose product add_nonfinite_row gives instead. The float operations and their order
+// are fastner.reference.quantize_rows_int8's.
+bool quantize_row(const float* a, int64_t k, uint8_t* q, int64_t width, float* scale, int32_t* zero) {
   __m256 vmin = _mm256_setzero_ps(), vmax = _mm256_setzero_ps();  // min(.., 0), max(.., 0)
+  __m256 vnan = _mm256_setzero_ps();  // lanes that saw a NaN (min / max drop NaNs)
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     const __m256 x = _mm256_loadu_ps(a + i);
     vmin = _mm256_min_ps(vmin, x);
     vmax = _mm256_max_ps(vmax, x);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   }
   float lo_lanes[8], hi_lanes[8];
   _mm256_storeu_ps(lo_lanes, vmin);
   _mm256_storeu_ps(hi_lanes, vmax);
   float lo = 0.0f, hi = 0.0f;
+  bool nan = _mm256_movemask_ps(vnan) != 0;
   for (int l = 0; l < 8; ++l) lo = std::min(lo, lo_lanes[l]), hi = std::max(hi, hi_lanes[l]);
-  for (; i < k; ++i) lo = std::min(lo, a[i]), hi = std::max(hi, a[i]);
+  for (; i < k; ++i) lo = std::min(lo, a[i]), hi = std::max(hi, a[i]), nan |= std::isnan(a[i]);
+  if (nan || !std::isfinite(lo) || !std::isfinite(hi)) {
+    *scale = 1.0f;
+    *zero = 0;
+    std::fill(q, q + width, uint8_t(0));
+    return false;
+  }
   float s = (hi - lo) / static_cast<float>(kActivationMax);
-  if (!(s > 0.0f) || !std::isfinite(s)) s = 1.0f;  // an all-zero (or non-finite) row
+  // A finite row whose range overflows float: the same range, divided first.
+  if (std::isinf(s)) s = hi / static_cast<float>(kActivationMax) - lo / static_cast<float>(kActivationMax);
+  // An all-zero row: any scale; a tiny range: at least FLT_MIN, so that 1 / s stays finite.
+  s = s > 0.0f ? std::max(s, std::numeric_limits<float>::min()) : 1.0f;
   const float inv = 1.0f / s;
   const int32_t z = std::clamp(static_cast<int32_t>(std::nearbyint(-lo * inv)), 0, kActivationMax);
   *scale = s;
@@ -62,13 +78,11 @@ void quantize_row(const float* a, int64_t k, uint8_t* q, int64_t width, float* s
     const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(w16, w16));
   }
-  for (; i < k; ++i) {
-    const float r = std::nearbyint(a[i] * inv);
-    // Out-of-int32-range values (only from non-finite input) clamp like the vector path's.
-    const int32_t v = std::isfinite(r) && std::fabs(r) < 2e9f ? static_cast<int32_t>(r) : INT32_MIN;
-    q[i] = static_cast<uint8_t>(std::clamp(v == INT32_MIN ? 0 : v + z, 0, kActivationMax));
-  }
+  // |a * inv| <= ~127 here (finite row, s >= its range / 127): the int conversion is exact.
+  for (; i < k; ++i)
+    q[i] = static_cast<uint8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(a[i] * inv)) + z, 0, kActivationMax));
   std::fill(q + k, q + width, uint8_t(0));
+  return true;
 }
 
 // acc[r][h] (8 int32 lanes: output channels 8h..8h+7 of the panel) = sum over the row's groups
@@ -112,7 +126,8 @@ inline void store(__m256i (&acc)[kRows][2], const float* row_scale, const int32_
     for (int h = 0; h < 2; ++h) {
       const __m256i adj = _mm256_sub_epi32(acc[r][h], _mm256_mullo_epi32(z, _mm256_loadu_si256(
                                                                                 reinterpret_cast<const __m256i*>(colsum + 8 * h))));
-      __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(adj), s), _mm256_loadu_ps(wscale + 8 * h));
+      // s * scale first: a huge row's s times the integer sum could overflow where the result does not.
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(adj), _mm256_mul_ps(s, _mm256_loadu_ps(wscale + 8 * h)));
       const int64_t n = std::min<int64_t>(8, cols - 8 * h);
       if (n <= 0) break;
       if (n == 8) {
@@ -172,8 +187,12 @@ void PackedWeights::multiply(int64_t m, const float* a, int64_t lda, float beta,
   if (m <= 0 || n_ == 0) return;
   const int64_t width = groups_ * 4;
   RowScratch& rows = row_scratch(m, width);
-  for (int64_t r = 0; r < m; ++r)
-    quantize_row(a + r * lda, k_, rows.q.data() + r * width, width, rows.scale.data() + r, rows.zero.data() + r);
+  std::vector<int64_t>& nonfinite = rows.nonfinite;
+  nonfinite.clear();
+  for (int64_t r = 0; r < m; ++r) {
+    if (!quantize_row(a + r * lda, k_, rows.q.data() + r * width, width, rows.scale.data() + r, rows.zero.data() + r))
+      nonfinite.push_back(r);
+  }
   int64_t r0 = 0;
   for (; r0 + kRows <= m; r0 += kRows)
     row_block<kRows>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc);
@@ -182,6 +201,33 @@ void PackedWeights::multiply(int64_t m, const float* a, int64_t lda, float beta,
     case 2: row_block<2>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
     case 1: row_block<1>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
     default: break;
+  }
+  for (int64_t r : nonfinite) add_nonfinite_row(a + r * lda, c + r * ldc);
+}
+
+int8_t PackedWeights::weight(int64_t j, int64_t i) const {
+  return packed_[(j / kPanel) * groups_ * 64 + (i / 4) * 64 + (j % kPanel) / 8 * 32 + (j % 8) * 4 + i % 4];
+}
+
+void PackedWeights::add_nonfinite_row(const float* a, float* c) const {
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN(), kInf = std::numeric_limits<float>::infinity();
+  const bool nan = std::any_of(a, a + k_, [](float x) { return std::isnan(x); });
+  for (int64_t j = 0; j < n_; ++j) {
+    float v = kNaN;
+    if (!nan) {
+      bool pos = false, neg = false, zero_weight = false;  // terms +inf, -inf, inf * 0 = NaN
+      for (int64_t i = 0; i < k_; ++i) {
+        if (!std::isinf(a[i])) continue;
+        const int8_t w = weight(j, i);
+        if (w == 0) {
+          zero_weight = true;
+        } else {
+          ((a[i] > 0.0f) == (w > 0) ? pos : neg) = true;
+        }
+      }
+      if (!zero_weight && pos != neg) v = pos ? kInf : -kInf;
+    }
+    c[j] += v;
   }
 }
 

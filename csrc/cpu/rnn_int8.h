@@ -14,7 +14,13 @@
 // Error of one product vs fp32 on random rows (relative Frobenius): u7 x s8 0.9-1.3%, u7 x s7
 // ~1.5%, u8 x s7 1.4%; the CoNLL tagger's F1 moved by less than 0.05 (README numbers).
 // Dequantization happens in the kernel's store (the int32 sums never reach memory): out =
-// float(acc - z * colsum[n]) * s * scale[n], which is what the gate pass then reads.
+// float(acc - z * colsum[n]) * (s * scale[n]), which is what the gate pass then reads.
+//
+// Non-finite values: a row holding NaN or +-inf is not quantized (its scale would be
+// meaningless and its output silently finite); its product is the one float arithmetic gives
+// (NaN / +-inf in every column, see multiply), so NaN and inf reach the cells exactly where
+// the float32 layer with the dequantized weights has them, in the input, hx / cx, or arising
+// in the recurrence. A finite row with a range past float's max is scaled without overflow.
 //
 // AVX2 only (the build's baseline, -march=x86-64-v3): on VNNI / AVX-512 machines this same
 // kernel runs (a VNNI variant could not be tested on the machines this was written on).
@@ -39,9 +45,17 @@ class PackedWeights {
   // C[m, n] = beta * C + dequant(quantize_rows(A) @ W^T); A float [m, K] with leading
   // dimension lda, C [m, N] with leading dimension ldc; beta is 0 (C's old contents ignored)
   // or 1. Single-threaded (called inside a direction's task).
+  // A row of A holding NaN or +-inf gets the product float arithmetic gives it, whatever its
+  // finite entries (add_nonfinite_row), so that non-finite values propagate as in the float
+  // layer; a finite row never yields NaN, and +-inf only where its float product overflows.
   void multiply(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc) const;
 
  private:
+  int8_t weight(int64_t j, int64_t i) const;  // W[j, i] from the packed panels
+  // c[j] += NaN where a holds a NaN, or an inf meets W[j, i] = 0, or +inf and -inf terms meet;
+  // else the infinite terms' sign (fastner.reference.int8_product_nonfinite).
+  void add_nonfinite_row(const float* a, float* c) const;
+
   int64_t n_, k_, groups_, panels_;
   std::vector<int8_t> packed_;   // [panels, groups, 2, 8, 4]
   std::vector<int32_t> colsum_;  // [panels * 16] sum_k W[n, k] (0 past N)

@@ -44,7 +44,7 @@ struct ScalarPack {
   static V fma(V a, V b, V c) { return a * b + c; }  // a * b + c
   static V sigmoid(V x) { return T(1) / (T(1) + std::exp(-x)); }
   static V tanh(V x) { return std::tanh(x); }
-  static V relu(V x) { return x > T(0) ? x : T(0); }
+  static V relu(V x) { return x <= T(0) ? T(0) : x; }  // NaN stays NaN (as torch.relu)
   static V relu_mask(V h, V g) { return h > T(0) ? g : T(0); }  // g where h > 0, else 0
 };
 
@@ -61,9 +61,11 @@ struct Avx2Pack {
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 
-  // exp(x) for x clamped to [-87.3, 88.3] (so 2^n stays a normal float).
+  // exp(x) for x clamped to [-87.3, 88.3] (so 2^n stays a normal float). NaN stays NaN, as
+  // std::exp's: min_ps / max_ps return their second operand when either is NaN, so x goes
+  // second (the other order turned a NaN gate into exp(-87.3), silently finite cells).
   static V exp(V x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
     const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -94,7 +96,7 @@ struct Avx2Pack {
     const V e = exp(_mm256_add_ps(x, x));
     return _mm256_fnmadd_ps(_mm256_set1_ps(2.0f), reciprocal(_mm256_add_ps(e, one)), one);
   }
-  static V relu(V x) { return _mm256_max_ps(x, _mm256_setzero_ps()); }
+  static V relu(V x) { return _mm256_max_ps(_mm256_setzero_ps(), x); }  // NaN stays NaN (x second)
   static V relu_mask(V h, V g) {
     return _mm256_and_ps(_mm256_cmp_ps(h, _mm256_setzero_ps(), _CMP_GT_OQ), g);
   }
@@ -120,9 +122,9 @@ struct Avx512Pack {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 
   // exp(x) for x clamped to [-87.3, 88.3], as Avx2Pack::exp (the clamp keeps 1 + exp(-x)
-  // finite, which the reciprocal's Newton step needs).
+  // finite, which the reciprocal's Newton step needs; NaN stays NaN: x second, as there).
   static V exp(V x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    x = _mm512_min_ps(_mm512_set1_ps(88.3f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x));
     const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -150,7 +152,7 @@ struct Avx512Pack {
     const V e = exp(_mm512_add_ps(x, x));
     return _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), reciprocal(_mm512_add_ps(e, one)), one);
   }
-  static V relu(V x) { return _mm512_max_ps(x, _mm512_setzero_ps()); }
+  static V relu(V x) { return _mm512_max_ps(_mm512_setzero_ps(), x); }  // NaN stays NaN (x second)
   static V relu_mask(V h, V g) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_GT_OQ), g);
   }
