@@ -6,6 +6,9 @@ buffers beside the float parameters, which stay as they were: state_dict() is un
 loads into the float model); every product quantizes its rows on the fly (7-bit asymmetric)
 and runs fastner::rnn_layer_int8_forward (csrc/cpu/rnn_int8.h: the kernel and why 7 bits;
 fastner.reference.rnn_layer_int8: the exact arithmetic). bfloat16: fastner.nn.rnn_bf16.to_bf16.
+NaN and +-inf in the input or hx / cx propagate as in the float32 layer with the dequantized
+weights (same positions; other sequences and padding unaffected): a row holding one is not
+quantized but gets its float product (fastner.reference.int8_product_nonfinite).
 
 Quantized layers do not train: a forward where a gradient could flow (grad mode on and the
 module in training mode, or an input that requires grad) raises RuntimeError, so there are no

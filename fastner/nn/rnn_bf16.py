@@ -8,7 +8,7 @@ and returns float32: the CPU kernel widens the bf16 weights to float32 in regist
 the result equals the float32 layer with bf16-rounded weights up to float reassociation
 (fastner.reference.rnn_layer with these weights is the reference arithmetic). What bf16 buys
 on a CPU without bf16 dot products: half the weight bytes per step (W_hh stays in L2), not
-cheaper multiplies.
+cheaper multiplies. NaN and +-inf in the input or hx / cx propagate as in that float32 layer.
 
 Inference only: forward raises in training mode and when a gradient could flow into the input
 or the initial state; the weights are not trainable (requires_grad=False).

@@ -56,8 +56,9 @@ def rnn_layer_int8(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """rnn_layer in int8, inference only: weights as rnn_layer's with w_ih, w_hh int8
     (fastner.reference.quantize_weight_int8) and float32 biases; scales per direction
-    [w_ih's [G*H], w_hh's [G*H]]; input, hx, cx float32. Raises RuntimeError where a gradient
-    could flow (the int8 products have none: no silent zero gradients)."""
+    [w_ih's [G*H], w_hh's [G*H]]; input, hx, cx float32 (NaN / +-inf propagate as in float32:
+    reference.int8_product). Raises RuntimeError where a gradient could flow (the int8 products
+    have none: no silent zero gradients)."""
     weights, scales = list(weights), list(scales)
     if needs_grad(input, hx, cx, *weights, *scales):
         raise RuntimeError(

@@ -225,7 +225,7 @@ __device__ __forceinline__ acc_t<E> cell_forward(int64_t H, int64_t k, const E* 
     return h_new;
   } else {
     const A pre = to_acc(x[k]) + hg(0);
-    const A h_new = C == Cell::RNN_RELU ? (pre <= A(0) ? A(0) : pre) : tanh_(pre);
+    const A h_new = C == Cell::RNN_RELU ? (pre <= A(0) ? A(0) : pre) : tanh_(pre);  // NaN stays NaN
     if (ws != nullptr) ws[k] = from_acc<E>(h_new);
     return h_new;
   }
