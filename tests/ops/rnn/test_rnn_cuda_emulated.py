@@ -185,3 +185,27 @@ def test_emulated_cuda_low_precision_close_to_float64(ops, mode, dtype, rnn_cuda
         scale = max(float(ref.abs().max()), 1.0)
         err = float((low.double() - ref).abs().max()) / scale
         assert err < tol, f"tensor {i}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("mode", ["rnn_relu", "rnn_tanh", "lstm", "gru"])
+def test_emulated_cuda_propagates_nan_like_torch(ops, mode, rnn_cuda_path):
+    # A NaN input step: NaN exactly where torch.nn has it (relu once took NaN to 0).
+    gen = torch.Generator().manual_seed(202)
+    G = {"lstm": 4, "gru": 3}.get(mode, 1)
+    B, T, I, H = 3, 5, 4, 6
+    x = torch.randn(B, T, I, generator=gen, dtype=torch.float64)
+    x[1, 2, 0] = float("nan")
+    lengths = torch.tensor([5, 4, 5])
+    weights = [torch.randn(*s, generator=gen, dtype=torch.float64) * 0.4
+               for s in [(G * H, I), (G * H, H), (G * H,), (G * H,)] * 2]
+    out = ops.rnn_layer_forward(x, lengths, weights, None, None, mode, True, True, False)[0]
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(mode, torch.nn.RNN)
+    kwargs = {"nonlinearity": mode[4:]} if cls is torch.nn.RNN else {}
+    module = cls(I, H, batch_first=True, bidirectional=True, dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        for p, w in zip(module._flat_weights, weights):
+            p.copy_(w)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        want, _ = torch.nn.utils.rnn.pad_packed_sequence(module(packed)[0], batch_first=True, total_length=T)
+    assert want.isnan().any()
+    assert torch.equal(out.isnan(), want.isnan())
