@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "cpu/crf_lanes.h"
@@ -209,21 +210,34 @@ inline std::vector<int64_t> flagged(const std::vector<uint8_t>& trouble) {
   return out;
 }
 
+// Whether the float32 lane kernels serve this call: a readable layout (lane_layout) and no NaN
+// or +inf score (LaneModel::usable). Builds their tables into `model` when they do; otherwise
+// lists every sequence in `exact`, for the exact per-sequence kernels.
+inline bool lanes_serve(const Tensor& emissions, const Tensor& transitions, const Tensor& start,
+                        const Tensor& end, std::optional<LaneModel>& model,
+                        std::vector<int64_t>& exact) {
+  if (lane_layout(emissions)) {
+    model.emplace(transitions, start, end);
+    if (model->usable) return true;
+  }
+  all_sequences(emissions.size(0), exact);
+  return false;
+}
+
 // The lane kernels' log Z where they serve (float32, readable layout, no NaN/+inf score):
 // returns true and lists in `exact` the sequences they could not vouch for. Otherwise returns
 // false and lists every sequence. The double overload always declines.
 inline bool lane_forward(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
                   const Tensor& start, const Tensor& end, float* log_z,
                   std::vector<int64_t>& exact) {
+  std::optional<LaneModel> lane_model;
+  if (!lanes_serve(emissions, transitions, start, end, lane_model, exact)) return false;
   const int64_t B = emissions.size(0), K = emissions.size(2);
-  if (!lane_layout(emissions)) return all_sequences(B, exact);
-  const LaneModel lane_model(transitions, start, end);
-  if (!lane_model.usable) return all_sequences(B, exact);
   const lanes::Kernels& k = lanes::kernels();
   const LaneBatch batch(emissions, len);
   std::vector<uint8_t> trouble(B, 0);
   for_each_group(batch.em, K, [&](int64_t group, float* scratch) {
-    k.forward(lane_model.model, batch.em, group, log_z, trouble.data(), scratch);
+    k.forward(lane_model->model, batch.em, group, log_z, trouble.data(), scratch);
   });
   exact = flagged(trouble);
   return true;
@@ -243,16 +257,9 @@ inline void lane_backward(const Tensor& emissions, const int64_t* len, const Ten
                    const Tensor& start, const Tensor& end, const float* gz, int64_t gz_stride,
                    float* grad, int64_t grad_b, int64_t grad_t, float* transitions_sum,
                    float* start_sum, float* end_sum, float* log_z, std::vector<int64_t>& exact) {
+  std::optional<LaneModel> lane_model;
+  if (!lanes_serve(emissions, transitions, start, end, lane_model, exact)) return;
   const int64_t B = emissions.size(0), K = emissions.size(2);
-  if (!lane_layout(emissions)) {
-    all_sequences(B, exact);
-    return;
-  }
-  const LaneModel lane_model(transitions, start, end);
-  if (!lane_model.usable) {
-    all_sequences(B, exact);
-    return;
-  }
   const lanes::Kernels& k = lanes::kernels();
   const int64_t groups = num_groups(B);
   // Per group sums (each group writes its own), added in group order: the result does not
@@ -265,11 +272,11 @@ inline void lane_backward(const Tensor& emissions, const int64_t* len, const Ten
   const lanes::Rows rows = lane_rows(grad, grad_b, grad_t, B);
   std::vector<uint8_t> trouble(B, 0);
   for_each_group(batch.em, K, [&](int64_t g, float* scratch) {
-    k.backward(lane_model.model, batch.em, g, gz, gz_stride, rows, pairs + g * K * K,
+    k.backward(lane_model->model, batch.em, g, gz, gz_stride, rows, pairs + g * K * K,
                starts + g * K, ends + g * K, trouble.data(), log_z, scratch);
   });
   exact = flagged(trouble);
-  const float* E = lane_model.model.exp_transitions;
+  const float* E = lane_model->model.exp_transitions;
   for (int64_t n = 0; n < K * K; ++n) {
     float total = 0;
     for (int64_t g = 0; g < groups; ++g) total += pairs[g * K * K + n];
@@ -296,23 +303,16 @@ inline void lane_backward(const Tensor& emissions, const int64_t*, const Tensor&
 inline void lane_marginals(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
                            const Tensor& start, const Tensor& end, float* marginals,
                            std::vector<int64_t>& exact) {
+  std::optional<LaneModel> lane_model;
+  if (!lanes_serve(emissions, transitions, start, end, lane_model, exact)) return;
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  if (!lane_layout(emissions)) {
-    all_sequences(B, exact);
-    return;
-  }
-  const LaneModel lane_model(transitions, start, end);
-  if (!lane_model.usable) {
-    all_sequences(B, exact);
-    return;
-  }
   const lanes::Kernels& k = lanes::kernels();
   const LaneBatch batch(emissions, len);
   const lanes::Rows rows = lane_rows(marginals, T * K, K, B);
   const float one = 1.0f;  // every sequence weighs 1: the gradient of log Z is the marginals
   std::vector<uint8_t> trouble(B, 0);
   for_each_group(batch.em, K, [&](int64_t g, float* scratch) {
-    k.backward(lane_model.model, batch.em, g, &one, 0, rows, nullptr, nullptr, nullptr,
+    k.backward(lane_model->model, batch.em, g, &one, 0, rows, nullptr, nullptr, nullptr,
                trouble.data(), nullptr, scratch);
   });
   exact = flagged(trouble);
