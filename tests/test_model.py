@@ -124,3 +124,34 @@ def test_bad_config_is_rejected():
     batch.tags = None
     with pytest.raises(ValueError, match="gold tags"):
         model.loss(batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval(dtype):
+    from fastner.models.dropout import Dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, dtype=dtype, requires_grad=True)
+    for p in (0.1, 0.5, 0.8):
+        drop = Dropout(p).train()
+        y = drop(x)
+        kept = y != 0
+        assert y.dtype == dtype
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.005  # ~Binomial: sd ~0.001
+        assert torch.allclose(y[kept].float(), torch.full_like(y[kept].float(), 1 / (1 - p)), rtol=1e-2)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert torch.equal(grad, y.detach())  # d(x * mask)/dx = mask, with x = 1
+        assert drop.eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.0)
+
+
+def test_dropout_follows_torch_seed():
+    from fastner.models.dropout import Dropout
+
+    x = torch.randn(4, 50)
+    torch.manual_seed(3)
+    a = Dropout(0.5)(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, Dropout(0.5)(x))

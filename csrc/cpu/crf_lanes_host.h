@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "cpu/crf_lanes.h"
@@ -150,15 +151,47 @@ void with_scratch(size_t floats, const Fn& fn) {
   fn(kept.data());
 }
 
-// Runs fn(group, scratch) over every group of the batch, a group per task, with `floats` of
-// scratch (the kernels' scratch_floats(K, T) unless given).
+// The groups each thread runs: groups come in decreasing length (LaneBatch) and cost about
+// their longest sequence's steps, so at::parallel_for's contiguous chunks would hand the first
+// thread the longest ones (B = 1024, T = 40, uniform lengths: ~3x the second thread's work).
+// Longest first to the least loaded thread instead; ties to the lower thread, so the plan is a
+// function of the lengths and the thread count only.
+inline std::vector<std::vector<int64_t>> balanced_groups(const lanes::Emissions& em,
+                                                         int64_t threads) {
+  const int64_t width = lanes::kernels().width, groups = num_groups(em.B);
+  std::vector<std::vector<int64_t>> plan(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    plan[t].push_back(g);
+    load[t] += em.lengths[em.order[g * width]] + 1;  // + 1: a group's fixed cost
+  }
+  return plan;
+}
+
+// Runs fn(group, scratch) over every group of the batch, each thread its balanced share, with
+// `floats` of scratch (the kernels' scratch_floats(K, T) unless given). Groups write disjoint
+// outputs (per-group sums are added by the caller in group order), so results do not depend on
+// the thread count.
 template <typename Fn>
-void for_each_group(int64_t B, int64_t K, int64_t T, const Fn& fn, size_t floats = 0) {
+void for_each_group(const lanes::Emissions& em, int64_t K, const Fn& fn, size_t floats = 0) {
   const lanes::Kernels& k = lanes::kernels();
-  if (floats == 0) floats = k.scratch_floats(K, T);
-  at::parallel_for(0, num_groups(B), 1, [&](int64_t begin, int64_t stop) {
+  if (floats == 0) floats = k.scratch_floats(K, em.T);
+  const int64_t groups = num_groups(em.B);
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), groups);
+  if (threads <= 1) {
     with_scratch(floats, [&](float* scratch) {
-      for (int64_t group = begin; group < stop; ++group) fn(group, scratch);
+      for (int64_t group = 0; group < groups; ++group) fn(group, scratch);
+    });
+    return;
+  }
+  const std::vector<std::vector<int64_t>> plan = balanced_groups(em, threads);
+  // One index per thread: parallel_for splits [0, threads) into chunks of one.
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t stop) {
+    with_scratch(floats, [&](float* scratch) {
+      for (int64_t t = begin; t < stop; ++t) {
+        for (int64_t group : plan[t]) fn(group, scratch);
+      }
     });
   });
 }
@@ -177,21 +210,34 @@ inline std::vector<int64_t> flagged(const std::vector<uint8_t>& trouble) {
   return out;
 }
 
+// Whether the float32 lane kernels serve this call: a readable layout (lane_layout) and no NaN
+// or +inf score (LaneModel::usable). Builds their tables into `model` when they do; otherwise
+// lists every sequence in `exact`, for the exact per-sequence kernels.
+inline bool lanes_serve(const Tensor& emissions, const Tensor& transitions, const Tensor& start,
+                        const Tensor& end, std::optional<LaneModel>& model,
+                        std::vector<int64_t>& exact) {
+  if (lane_layout(emissions)) {
+    model.emplace(transitions, start, end);
+    if (model->usable) return true;
+  }
+  all_sequences(emissions.size(0), exact);
+  return false;
+}
+
 // The lane kernels' log Z where they serve (float32, readable layout, no NaN/+inf score):
 // returns true and lists in `exact` the sequences they could not vouch for. Otherwise returns
 // false and lists every sequence. The double overload always declines.
 inline bool lane_forward(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
                   const Tensor& start, const Tensor& end, float* log_z,
                   std::vector<int64_t>& exact) {
-  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  if (!lane_layout(emissions)) return all_sequences(B, exact);
-  const LaneModel lane_model(transitions, start, end);
-  if (!lane_model.usable) return all_sequences(B, exact);
+  std::optional<LaneModel> lane_model;
+  if (!lanes_serve(emissions, transitions, start, end, lane_model, exact)) return false;
+  const int64_t B = emissions.size(0), K = emissions.size(2);
   const lanes::Kernels& k = lanes::kernels();
   const LaneBatch batch(emissions, len);
   std::vector<uint8_t> trouble(B, 0);
-  for_each_group(B, K, T, [&](int64_t group, float* scratch) {
-    k.forward(lane_model.model, batch.em, group, log_z, trouble.data(), scratch);
+  for_each_group(batch.em, K, [&](int64_t group, float* scratch) {
+    k.forward(lane_model->model, batch.em, group, log_z, trouble.data(), scratch);
   });
   exact = flagged(trouble);
   return true;
@@ -211,16 +257,9 @@ inline void lane_backward(const Tensor& emissions, const int64_t* len, const Ten
                    const Tensor& start, const Tensor& end, const float* gz, int64_t gz_stride,
                    float* grad, int64_t grad_b, int64_t grad_t, float* transitions_sum,
                    float* start_sum, float* end_sum, float* log_z, std::vector<int64_t>& exact) {
-  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  if (!lane_layout(emissions)) {
-    all_sequences(B, exact);
-    return;
-  }
-  const LaneModel lane_model(transitions, start, end);
-  if (!lane_model.usable) {
-    all_sequences(B, exact);
-    return;
-  }
+  std::optional<LaneModel> lane_model;
+  if (!lanes_serve(emissions, transitions, start, end, lane_model, exact)) return;
+  const int64_t B = emissions.size(0), K = emissions.size(2);
   const lanes::Kernels& k = lanes::kernels();
   const int64_t groups = num_groups(B);
   // Per group sums (each group writes its own), added in group order: the result does not
@@ -232,12 +271,12 @@ inline void lane_backward(const Tensor& emissions, const int64_t* len, const Ten
   const LaneBatch batch(emissions, len);
   const lanes::Rows rows = lane_rows(grad, grad_b, grad_t, B);
   std::vector<uint8_t> trouble(B, 0);
-  for_each_group(B, K, T, [&](int64_t g, float* scratch) {
-    k.backward(lane_model.model, batch.em, g, gz, gz_stride, rows, pairs + g * K * K,
+  for_each_group(batch.em, K, [&](int64_t g, float* scratch) {
+    k.backward(lane_model->model, batch.em, g, gz, gz_stride, rows, pairs + g * K * K,
                starts + g * K, ends + g * K, trouble.data(), log_z, scratch);
   });
   exact = flagged(trouble);
-  const float* E = lane_model.model.exp_transitions;
+  const float* E = lane_model->model.exp_transitions;
   for (int64_t n = 0; n < K * K; ++n) {
     float total = 0;
     for (int64_t g = 0; g < groups; ++g) total += pairs[g * K * K + n];
@@ -264,23 +303,16 @@ inline void lane_backward(const Tensor& emissions, const int64_t*, const Tensor&
 inline void lane_marginals(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
                            const Tensor& start, const Tensor& end, float* marginals,
                            std::vector<int64_t>& exact) {
+  std::optional<LaneModel> lane_model;
+  if (!lanes_serve(emissions, transitions, start, end, lane_model, exact)) return;
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  if (!lane_layout(emissions)) {
-    all_sequences(B, exact);
-    return;
-  }
-  const LaneModel lane_model(transitions, start, end);
-  if (!lane_model.usable) {
-    all_sequences(B, exact);
-    return;
-  }
   const lanes::Kernels& k = lanes::kernels();
   const LaneBatch batch(emissions, len);
   const lanes::Rows rows = lane_rows(marginals, T * K, K, B);
   const float one = 1.0f;  // every sequence weighs 1: the gradient of log Z is the marginals
   std::vector<uint8_t> trouble(B, 0);
-  for_each_group(B, K, T, [&](int64_t g, float* scratch) {
-    k.backward(lane_model.model, batch.em, g, &one, 0, rows, nullptr, nullptr, nullptr,
+  for_each_group(batch.em, K, [&](int64_t g, float* scratch) {
+    k.backward(lane_model->model, batch.em, g, &one, 0, rows, nullptr, nullptr, nullptr,
                trouble.data(), nullptr, scratch);
   });
   exact = flagged(trouble);
@@ -296,7 +328,7 @@ inline void lane_marginals(const Tensor& emissions, const int64_t*, const Tensor
 inline bool lane_viterbi(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
                   const Tensor& start, const Tensor& end, int64_t* tags, float* scores) {
   if (!lane_layout(emissions)) return false;
-  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const int64_t K = emissions.size(2);
   const lanes::Kernels& k = lanes::kernels();
   lanes::Model model;
   model.K = K;
@@ -304,7 +336,7 @@ inline bool lane_viterbi(const Tensor& emissions, const int64_t* len, const Tens
   model.start = start.data_ptr<float>();
   model.end = end.data_ptr<float>();
   const LaneBatch batch(emissions, len);
-  for_each_group(B, K, T, [&](int64_t group, float* scratch) {
+  for_each_group(batch.em, K, [&](int64_t group, float* scratch) {
     k.viterbi(model, batch.em, group, tags, scores, scratch);
   });
   return true;
@@ -321,7 +353,7 @@ inline bool lane_kbest(const Tensor& emissions, const int64_t* len, const Tensor
                        const Tensor& start, const Tensor& end, int64_t k, int64_t* tags,
                        float* scores) {
   if (!lane_layout(emissions)) return false;
-  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const int64_t K = emissions.size(2);
   const lanes::Kernels& kernels = lanes::kernels();
   lanes::Model model;
   model.K = K;
@@ -329,9 +361,9 @@ inline bool lane_kbest(const Tensor& emissions, const int64_t* len, const Tensor
   model.start = start.data_ptr<float>();
   model.end = end.data_ptr<float>();
   const LaneBatch batch(emissions, len);
-  for_each_group(B, K, T, [&](int64_t group, float* scratch) {
+  for_each_group(batch.em, K, [&](int64_t group, float* scratch) {
     kernels.kbest(model, batch.em, group, k, tags, scores, scratch);
-  }, kernels.kbest_scratch_floats(K, T, k));
+  }, kernels.kbest_scratch_floats(K, batch.em.T, k));
   return true;
 }
 

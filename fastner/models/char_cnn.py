@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastner.models.dropout import Dropout
+
 
 class CharCNN(nn.Module):
     def __init__(self, num_chars: int, char_dim: int = 30, filters: int = 30, window: int = 3,
@@ -14,7 +16,7 @@ class CharCNN(nn.Module):
         self.pad_id = pad_id
         self.filters = filters
         self.embedding = nn.Embedding(num_chars, char_dim, padding_idx=pad_id)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv = nn.Conv1d(char_dim, filters, window, padding=window // 2)
         scale = (3.0 / char_dim) ** 0.5
         nn.init.uniform_(self.embedding.weight, -scale, scale)

@@ -21,6 +21,7 @@ from torch import nn
 
 from fastner import nn as fnn
 from fastner.models.char_cnn import CharCNN
+from fastner.models.dropout import Dropout
 
 ENCODERS = {"lstm": fnn.LSTM, "gru": fnn.GRU, "rnn": fnn.RNN}
 HEADS = ("crf", "softmax")
@@ -113,7 +114,7 @@ class SequenceTagger(nn.Module):
             else None
         )
         input_dim = config.word_dim + (config.char_filters if config.use_chars else 0)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.encoder = ENCODERS[config.encoder](
             input_dim,
             config.hidden,

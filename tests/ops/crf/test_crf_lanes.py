@@ -124,17 +124,19 @@ def test_viterbi_matches_reference_on_every_group_shape():
         torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-4)
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    inputs = crf_inputs(53, 20, 11)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fb(*inputs)
-        torch.set_num_threads(2)
-        two = fb(*inputs)
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, two):
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_results_do_not_depend_on_the_thread_count(threads):
+    # 53 sequences = 7 groups of 8 lanes (4 of 16): each thread count gives another split of the
+    # groups (csrc/cpu/crf_lanes_host.h, balanced_groups), more threads than groups included.
+    emissions, tags, lengths, transitions, start, end = crf_inputs(53, 20, 11)
+    def run():
+        return (*fb(emissions, tags, lengths, transitions, start, end),
+                *torch.ops.fastner.crf_viterbi(emissions, lengths, transitions, start, end))
+    with testing.torch_threads(1):
+        one = run()
+    with testing.torch_threads(threads):
+        many = run()
+    for a, b in zip(one, many):
         assert torch.equal(a, b)
 
 
