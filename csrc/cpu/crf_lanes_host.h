@@ -323,6 +323,17 @@ inline void lane_marginals(const Tensor& emissions, const int64_t*, const Tensor
   all_sequences(emissions.size(0), exact);
 }
 
+// The model of the max-plus kernels (Viterbi, k-best): the scores as they are, no exp tables.
+// transitions [K, K], start, end [K]: contiguous float32 tensors the caller holds for the call.
+inline lanes::Model max_plus_model(const Tensor& transitions, const Tensor& start, const Tensor& end) {
+  lanes::Model model;
+  model.K = transitions.size(0);
+  model.transitions = transitions.data_ptr<float>();
+  model.start = start.data_ptr<float>();
+  model.end = end.data_ptr<float>();
+  return model;
+}
+
 // Viterbi by the lane kernels where the layout allows (float32 only): max-plus is exact in any
 // range, and NaN/inf scores meet the same comparisons as in the per-sequence kernel.
 inline bool lane_viterbi(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
@@ -330,11 +341,7 @@ inline bool lane_viterbi(const Tensor& emissions, const int64_t* len, const Tens
   if (!lane_layout(emissions)) return false;
   const int64_t K = emissions.size(2);
   const lanes::Kernels& k = lanes::kernels();
-  lanes::Model model;
-  model.K = K;
-  model.transitions = transitions.data_ptr<float>();
-  model.start = start.data_ptr<float>();
-  model.end = end.data_ptr<float>();
+  const lanes::Model model = max_plus_model(transitions, start, end);
   const LaneBatch batch(emissions, len);
   for_each_group(batch.em, K, [&](int64_t group, float* scratch) {
     k.viterbi(model, batch.em, group, tags, scores, scratch);
@@ -355,11 +362,7 @@ inline bool lane_kbest(const Tensor& emissions, const int64_t* len, const Tensor
   if (!lane_layout(emissions)) return false;
   const int64_t K = emissions.size(2);
   const lanes::Kernels& kernels = lanes::kernels();
-  lanes::Model model;
-  model.K = K;
-  model.transitions = transitions.data_ptr<float>();
-  model.start = start.data_ptr<float>();
-  model.end = end.data_ptr<float>();
+  const lanes::Model model = max_plus_model(transitions, start, end);
   const LaneBatch batch(emissions, len);
   for_each_group(batch.em, K, [&](int64_t group, float* scratch) {
     kernels.kbest(model, batch.em, group, k, tags, scores, scratch);

@@ -109,18 +109,15 @@ def test_nan_emissions_on_the_lanes(where):
         assert all(torch.isnan(g).all() for g in grads)
 
 
-def test_marginals_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_marginals_do_not_depend_on_the_thread_count(threads):
     testing.reseed(7)
     emissions, _, lengths, transitions, start, end = crf_inputs(53, 20, 11)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with testing.torch_threads(1):
         one = ops.crf_marginals(emissions, lengths, transitions, start, end)
-        torch.set_num_threads(2)
-        two = ops.crf_marginals(emissions, lengths, transitions, start, end)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    with testing.torch_threads(threads):
+        many = ops.crf_marginals(emissions, lengths, transitions, start, end)
+    assert torch.equal(one, many)
 
 
 # ---- k-best Viterbi on the lanes ------------------------------------------------------------
@@ -162,15 +159,12 @@ def test_kbest_ties_keep_the_per_sequence_order():
         assert torch.equal(scores, want_scores) and torch.equal(tags, want_tags), k
 
 
-def test_kbest_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_kbest_does_not_depend_on_the_thread_count(threads):
     testing.reseed(8)
     emissions, _, lengths, transitions, start, end = crf_inputs(53, 20, 11)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with testing.torch_threads(1):
         one = ops.crf_kbest(emissions, lengths, transitions, start, end, 4)
-        torch.set_num_threads(2)
-        two = ops.crf_kbest(emissions, lengths, transitions, start, end, 4)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    with testing.torch_threads(threads):
+        many = ops.crf_kbest(emissions, lengths, transitions, start, end, 4)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
