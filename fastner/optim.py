@@ -89,16 +89,15 @@ def sparse_rows(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def clip_grad_norm(dense: Iterable[torch.Tensor], sparse_values: Optional[torch.Tensor], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ over dense gradients plus one coalesced sparse gradient's
-    rows (the same total 2-norm and the same scale max_norm / (norm + 1e-6), capped at 1)."""
+    rows (the same total 2-norm and the same scale max_norm / (norm + 1e-6), capped at 1).
+
+    One multi-tensor norm and one multi-tensor scale (torch's foreach kernels) rather than two
+    ops per gradient: the default tagger has 17 of them, and per-tensor calls were ~3% of a step."""
     grads = [g for g in dense if g is not None]
-    squares = [torch.linalg.vector_norm(g).square() for g in grads]
     if sparse_values is not None:
-        squares.append(torch.linalg.vector_norm(sparse_values).square())
-    if not squares:
+        grads.append(sparse_values)
+    if not grads:
         return
-    total = torch.stack(squares).sum().sqrt()
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(scale)
-    if sparse_values is not None:
-        sparse_values.mul_(scale)
+    torch._foreach_mul_(grads, scale)

@@ -176,9 +176,11 @@ class Progress:
 
 
 def _make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    # fused: one kernel over all the dense parameters instead of several ops per parameter (the
+    # same update; -3 to -7% of a default training step on the 2-core AMD machine, 1 and 2 threads)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum)
-    return torch.optim.Adam(parameters, lr=config.lr)
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, fused=True)
+    return torch.optim.Adam(parameters, lr=config.lr, fused=True)
 
 
 def _epoch_lr(config: TrainConfig, epoch: int) -> float:
