@@ -386,10 +386,13 @@ INT8_ACTIVATION_MAX = 127
 INT8_WEIGHT_MAX = 63
 
 
-def quantize_weight_int8(w: Tensor) -> Tuple[Tensor, Tensor]:
+def quantize_weight_int8(w: Tensor, name: str = "w") -> Tuple[Tensor, Tensor]:
     """w [N, K] float -> (w_q int8 [N, K] in [-63, 63], scale float32 [N]): w_q = round(w /
-    scale) with scale = max|w[n, :]| / 63 (1 for an all-zero row)."""
+    scale) with scale = max|w[n, :]| / 63 (1 for an all-zero row). ValueError naming `name`
+    where w holds NaN or +-inf (no scale represents such a row)."""
     w = w.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name} holds NaN or +-inf: non-finite weights cannot be quantized to int8")
     scale = w.abs().amax(dim=1) / INT8_WEIGHT_MAX if w.shape[1] else w.new_ones(w.shape[0])
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     w_q = torch.round(w / scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8)

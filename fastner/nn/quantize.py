@@ -45,7 +45,7 @@ class _Int8Mixin:
         for wname in self._flat_weights_names:
             if not wname.startswith(("weight_ih", "weight_hh")):
                 continue
-            w_q, scale = reference.quantize_weight_int8(getattr(self, wname))
+            w_q, scale = reference.quantize_weight_int8(getattr(self, wname), name=wname)
             self.register_buffer(f"int8_{wname}", w_q, persistent=False)
             self.register_buffer(f"int8_scale_{wname}", scale, persistent=False)
             names.append(wname)

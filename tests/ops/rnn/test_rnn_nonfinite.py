@@ -226,3 +226,42 @@ def test_int8_row_quantization_of_extreme_finite_rows():
     assert q.min() >= 0 and q.max() <= 127 and zero.min() >= 0 and zero.max() <= 127
     back = (q - zero).double() * scale.double()
     assert ((back - x.double()).abs() <= scale.double()).all()
+
+
+@pytest.mark.parametrize("cell", ["GRU", "LSTM", "RNN_TANH"])
+def test_nan_gradients_like_float32(cell, backend):
+    # Training (fp32, fused backward or reference autograd) on an input holding NaN: the input
+    # gradient and every parameter gradient hold NaN / inf exactly where torch's do, the rest
+    # close. Not covered, because they differ from torch: an infinite input (where torch's
+    # saturated sigmoid / tanh has an exactly zero derivative and 0 * inf gives NaN in dW_ih,
+    # the fused cells' clamped exp leaves a tiny derivative and gives +-inf), and RNN_RELU
+    # (torch's relu backward zeroes the gradient through a NaN state; the fused one's finite
+    # input gradients before the NaN differ from torch's).
+    layer, twin = _layers(cell, "fp32")
+    x = torch.randn(B, T, I, generator=torch.Generator().manual_seed(5))
+    x[BAD, 2, 3] = float("nan")
+    upstream = torch.randn(B, T, 2 * H, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for module in (layer.train(), twin.train()):
+        inp = x.clone().requires_grad_(True)
+        packed = pack_padded_sequence(inp, LENGTHS, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(module(packed)[0], batch_first=True, total_length=T)
+        (out * upstream).sum().backward()
+        grads.append([inp.grad] + [p.grad for _, p in sorted(module.named_parameters())])
+    assert any(g.isnan().any() for g in grads[1])  # the NaN reaches torch's gradients
+    names = ["input"] + [n for n, _ in sorted(twin.named_parameters())]
+    for name, got, want in zip(names, *grads):
+        _assert_same_nonfinite(got, want, "fp32", f"{cell} {backend}: grad of {name}")
+
+
+@pytest.mark.parametrize("value", VALUES, ids=["nan", "inf", "-inf"])
+def test_quantizing_nonfinite_weights_is_refused(value):
+    # A weight row holding NaN / inf has no int8 scale: quantize names the parameter instead
+    # of running on silently zeroed weights.
+    layer = fastner.nn.LSTM(I, H, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        layer.weight_hh_l0_reverse[3, 1] = value
+    with pytest.raises(ValueError, match=r"weight_hh_l0_reverse holds NaN or \+-inf"):
+        fastner.nn.quantize(layer, torch.qint8)
+    with pytest.raises(ValueError, match=r"w holds NaN or \+-inf"):
+        reference.quantize_weight_int8(torch.tensor([[1.0, value]]))
