@@ -16,7 +16,7 @@ silent zero or missing gradients. Train the float model, then quantize it.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -37,19 +37,17 @@ class _Int8Mixin:
     """What the int8 classes add to fastner's LSTM / GRU / RNN: the quantized weights (buffers
     int8_w_*, int8_scale_*, not saved in state_dict) and _run_layers on the int8 op."""
 
-    def _quantize_weights(self) -> None:
+    def _quantize_weights(self, quantized=None) -> None:
+        """Install the int8 copies of the float weights: `quantized` (_int8_weights of this
+        layer, computed before its class was rebound) or computed now."""
+        quantized = _int8_weights(self) if quantized is None else quantized
         for name in list(self._int8_names()):
             if hasattr(self, name):
                 delattr(self, name)
-        names = []
-        for wname in self._flat_weights_names:
-            if not wname.startswith(("weight_ih", "weight_hh")):
-                continue
-            w_q, scale = reference.quantize_weight_int8(getattr(self, wname), name=wname)
+        for wname, (w_q, scale) in quantized.items():
             self.register_buffer(f"int8_{wname}", w_q, persistent=False)
             self.register_buffer(f"int8_scale_{wname}", scale, persistent=False)
-            names.append(wname)
-        self._int8_weight_names = names
+        self._int8_weight_names = list(quantized)
 
     def _int8_names(self):
         for wname in getattr(self, "_int8_weight_names", ()):
@@ -128,14 +126,22 @@ _INT8_CLASSES = {LSTM: Int8LSTM, GRU: Int8GRU, RNN: Int8RNN}
 _QUANTIZED = tuple(_INT8_CLASSES.values())
 
 
+def _int8_weights(module: torch.nn.Module) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """{name: (w_q int8 [N, K], scale [N])} of a recurrent layer's W_ih / W_hh; ValueError
+    naming a weight that holds NaN or +-inf. Reads the layer, changes nothing."""
+    return {wname: reference.quantize_weight_int8(getattr(module, wname), name=wname)
+            for wname in module._flat_weights_names if wname.startswith(("weight_ih", "weight_hh"))}
+
+
 def _to_int8(module: torch.nn.Module) -> torch.nn.Module:
     if getattr(module, "proj_size", 0) > 0:
         raise ValueError(f"quantize: {type(module).__name__} with proj_size={module.proj_size} has no "
                          "int8 kernel (proj_size=0 only)")
+    quantized = _int8_weights(module)  # before any change: a layer that cannot be quantized stays as it was
     module = swap_rnn_class(module, _INT8_CLASSES[type(module)])
     for p in module.parameters(recurse=False):
         p.requires_grad_(False)
-    module._quantize_weights()
+    module._quantize_weights(quantized)
     return module.eval()
 
 
@@ -150,7 +156,9 @@ def quantize(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     one) for an inference-only layer in `dtype` (torch.qint8 or torch.bfloat16), in place; the
     same forward signature (Tensor or PackedSequence, lengths=, hx). Returns `module` (or its
     replacement when `module` itself is a recurrent layer). Torch's classes are first made
-    fastner's the way fastner.nn.convert does; other modules are left as they are."""
+    fastner's the way fastner.nn.convert does; other modules are left as they are. int8: a
+    layer whose weights hold NaN or +-inf raises ValueError naming the weight and is left as it
+    was (layers swapped before it stay swapped)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"quantize: module must be a torch.nn.Module, got {type(module).__name__}")
     if dtype is torch.qint8:

@@ -263,5 +263,8 @@ def test_quantizing_nonfinite_weights_is_refused(value):
         layer.weight_hh_l0_reverse[3, 1] = value
     with pytest.raises(ValueError, match=r"weight_hh_l0_reverse holds NaN or \+-inf"):
         fastner.nn.quantize(layer, torch.qint8)
+    # left as it was: the float layer, trainable, running
+    assert type(layer) is fastner.nn.LSTM and all(p.requires_grad for p in layer.parameters())
+    assert layer(torch.randn(B, T, I))[0].shape == (B, T, 2 * H)
     with pytest.raises(ValueError, match=r"w holds NaN or \+-inf"):
         reference.quantize_weight_int8(torch.tensor([[1.0, value]]))
