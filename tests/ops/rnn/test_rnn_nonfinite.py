@@ -232,11 +232,10 @@ def test_int8_row_quantization_of_extreme_finite_rows():
 def test_nan_gradients_like_float32(cell, backend):
     # Training (fp32, fused backward or reference autograd) on an input holding NaN: the input
     # gradient and every parameter gradient hold NaN / inf exactly where torch's do, the rest
-    # close. Not covered, because they differ from torch: an infinite input (where torch's
-    # saturated sigmoid / tanh has an exactly zero derivative and 0 * inf gives NaN in dW_ih,
-    # the fused cells' clamped exp leaves a tiny derivative and gives +-inf), and RNN_RELU
-    # (torch's relu backward zeroes the gradient through a NaN state; the fused one's finite
-    # input gradients before the NaN differ from torch's).
+    # close. Not covered, because they differ from torch (measured, cause not established): an
+    # infinite input (torch's dW_ih holds NaN, 0 * inf, at entries where the fused backward's
+    # holds +-inf), and RNN_RELU with a NaN input (the fused backward's finite input gradients
+    # of that sequence before the NaN differ from torch's).
     layer, twin = _layers(cell, "fp32")
     x = torch.randn(B, T, I, generator=torch.Generator().manual_seed(5))
     x[BAD, 2, 3] = float("nan")
