@@ -157,10 +157,10 @@ TORCH_LIBRARY(fastner, m) {
   // The reduced log-likelihood of the gold tags, reduce(gold_score - log_z) over the batch:
   // [B] for reduction 'none', else 0-dim ('sum', 'mean' over sequences, 'token_mean' over
   // tokens). emissions [B, T, K] and tags [B, T], or [T, B, K] and [T, B] when not batch_first
-  // (read in place, and the emissions' gradient comes back in that layout). Value kernel:
-  // csrc/cpu/crf_log_likelihood.cpp (crf_forward, then the reduction; every device); autograd
-  // (fastner/ops/crf.py): crf_forward_backward in one pass where the device has it and the
-  // reduction weighs sequences alike, else crf_forward + crf_backward.
+  // (read in place, and the emissions' gradient comes back in that layout). Value kernel and
+  // autograd formula (C++): csrc/cpu/crf_log_likelihood.cpp (crf_forward, then the reduction;
+  // in training crf_forward_backward in one pass where the device has it and the reduction
+  // weighs sequences alike, else crf_forward + crf_backward).
   m.def("crf_log_likelihood(Tensor emissions, Tensor tags, Tensor lengths, Tensor transitions, "
         "Tensor start_transitions, Tensor end_transitions, str reduction, bool batch_first) "
         "-> Tensor");

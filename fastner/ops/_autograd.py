@@ -1,14 +1,17 @@
 """What every trainable op shares: the one "needs a gradient" test, the guard that runs an op
 below its autograd kernel, and the registration of that kernel.
 
-Each trainable op has ONE autograd formula: a torch.autograd.Function registered as the op's
-kernel at the Autograd dispatch key. Eager calls, torch.compile (AOTAutograd traces that
-kernel), torch.export and torch.library.opcheck all reach it through the dispatcher, so a fix
-to the formula reaches every mode. Why a Python kernel and not torch.library.register_autograd
-or a C++ torch::autograd::Function: measured per CRF training step (B=32, T=40, K=17; forward
-+ torch.autograd.grad; AMD EPYC Zen 2, 1 thread, thread CPU time, machine under load ~9):
-this kernel 363 us, the same Function called directly 357 us, a C++ Autograd kernel 403-414 us,
-register_autograd 620-645 us, the kernel alone 148-157 us. All four pass opcheck (with
+Each trainable op has ONE autograd formula, registered as the op's kernel at the Autograd
+dispatch key. Eager calls, torch.compile (AOTAutograd traces that kernel), torch.export and
+torch.library.opcheck all reach it through the dispatcher, so a fix to the formula reaches
+every mode. crf_forward's and the RNN layer's formulas are torch.autograd.Functions here;
+crf_log_likelihood's (the CRF training step) is a C++ torch::autograd::Function
+(csrc/cpu/crf_log_likelihood.cpp). Measured per CRF training step (B=32, T=40, K=17; forward +
+torch.autograd.grad; AMD EPYC Zen 2, 1 thread, thread CPU time, idle machine,
+`python -m benchmarks.crf_step_breakdown`): Python formula 292.5 us, C++ formula 252.8 us (the
+kernel alone 80-82 us). An earlier comparison on a machine at load ~9 had ranked them the other
+way (363 vs 403-414 us; register_autograd 620-645 us); that C++ prototype saved its gradients
+with save_for_backward and scaled them with _foreach_mul. All pass opcheck (with
 test_aot_dispatch_dynamic) and torch.compile(fullgraph=True).
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastner import reference, validation
-from fastner._extension import extension_loaded, has_kernel, use_fused
+from fastner._extension import extension_loaded, use_fused
 from fastner.ops._autograd import below_autograd, call, needs_grad, register_autograd_kernel
 
 REDUCTIONS = ("none", "sum", "mean", "token_mean")
@@ -42,11 +42,12 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transit
     over sequences, 'token_mean' over tokens); differentiable like crf_forward.
 
     emissions: [B, T, K] ([T, B, K] when not batch_first); tags: the same layout without K."""
-    # The op's value kernel is crf_forward's (any device): fused wherever crf_forward is.
+    # The op's value kernel is crf_forward's (any device): fused wherever crf_forward is. Its
+    # autograd formula is C++ (csrc/cpu/crf_log_likelihood.cpp), reached through the dispatcher.
     if use_fused("crf_forward", emissions.device):
-        return call(torch.ops.fastner.crf_log_likelihood.default, _crf_log_likelihood_autograd,
-                    emissions, tags, lengths, transitions, start_transitions, end_transitions,
-                    reduction, batch_first)
+        return torch.ops.fastner.crf_log_likelihood.default(
+            emissions, tags, lengths, transitions, start_transitions, end_transitions, reduction,
+            batch_first)
     if not batch_first:
         emissions, tags = emissions.transpose(0, 1), tags.transpose(0, 1)
     log_z, gold = reference.crf_forward(emissions, tags, lengths, transitions, start_transitions,
@@ -196,88 +197,6 @@ def _crf_forward_autograd(emissions, tags, lengths, transitions, start_transitio
                                                      start_transitions, end_transitions)
 
 
-class _CRFLogLikelihood(torch.autograd.Function):
-    """crf_log_likelihood's autograd: one graph node where a transpose + crf_forward + sub +
-    reduction would make four, each costing a few microseconds forward and backward. Takes
-    emissions and tags in the caller's layout and returns the emissions' gradient in that
-    layout, so no view node sits in front of it."""
-
-    @staticmethod
-    def forward(ctx, emissions, tags, lengths, transitions, start_transitions, end_transitions,
-                reduction, batch_first):
-        ctx.set_materialize_grads(False)
-        if not batch_first:
-            emissions, tags = emissions.transpose(0, 1), tags.transpose(0, 1)
-        emissions, tags = _dense_off_cpu(emissions, tags)
-        # A reduced likelihood has the same weight for every sequence, so the gradients can be
-        # computed right here in the same pass (crf_forward_backward) and backward only scales
-        # them; 'none' and devices without that kernel run crf_backward in backward.
-        fused = reduction != "none" and has_kernel("crf_forward_backward", emissions.device.type)
-        with below_autograd():
-            if fused:
-                total, grad_emissions, *grads = torch.ops.fastner.crf_forward_backward.default(
-                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
-                if not batch_first:
-                    grad_emissions = grad_emissions.transpose(0, 1)
-            else:
-                log_z, gold = torch.ops.fastner.crf_forward.default(
-                    emissions, tags, lengths, transitions, start_transitions, end_transitions)
-                llh = gold - log_z
-                total = None if reduction == "none" else llh.sum()
-        if reduction == "none":
-            out, scale = llh, None
-        elif reduction == "sum":
-            out, scale = total, None
-        elif reduction == "mean":
-            scale = 1.0 / max(emissions.shape[0], 1)
-            out = total * scale
-        else:  # token_mean; a tensor, so that CUDA needs no host sync
-            tokens = lengths.sum().clamp(min=1).to(total.dtype)
-            out, scale = total / tokens, 1.0 / tokens
-        ctx.scale, ctx.fused, ctx.batch_first = scale, fused, batch_first
-        if fused:
-            # Results of this call, neither inputs nor outputs: kept on ctx as they are (what
-            # save_for_backward would add, version checks of inputs and outputs, they do not
-            # need; packing and unpacking them costs ~10 us of a ~150 us training step).
-            ctx.grads = [grad_emissions, *grads]
-        else:
-            ctx.save_for_backward(emissions, tags, lengths, transitions, start_transitions,
-                                  end_transitions)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad is None:
-            return None, None, None, None, None, None, None, None
-        if ctx.fused:  # d out = scale * sum_b d(gold_b - log Z_b), computed in forward
-            factor = grad if ctx.scale is None else grad * ctx.scale
-            grads = torch._foreach_mul(ctx.grads, factor)
-            return grads[0], None, None, grads[1], grads[2], grads[3], None, None
-        emissions, tags, lengths, transitions, start, end = ctx.saved_tensors
-        # Per-sequence weight of d llh_b: grad itself ([B] for 'none') or the scalar grad
-        # spread over the batch (the kernels read stride-0 tensors as they are).
-        B = emissions.shape[0]
-        if ctx.scale is None and grad.dim() == 0:  # 'sum'
-            weight = grad.expand(B)
-        else:
-            weight = grad if grad.dim() else (grad * ctx.scale).expand(B)
-        grads = torch.ops.fastner.crf_backward.default(
-            -weight, weight, emissions, tags, lengths, transitions, start, end)
-        grad_emissions = grads[0] if ctx.batch_first else grads[0].transpose(0, 1)
-        return grad_emissions, None, None, grads[1], grads[2], grads[3], None, None
-
-
-def _crf_log_likelihood_autograd(emissions, tags, lengths, transitions, start_transitions,
-                                 end_transitions, reduction, batch_first):
-    if needs_grad(emissions, transitions, start_transitions, end_transitions):
-        return _CRFLogLikelihood.apply(emissions, tags, lengths, transitions, start_transitions,
-                                       end_transitions, reduction, batch_first)
-    with below_autograd():
-        return torch.ops.fastner.crf_log_likelihood.default(
-            emissions, tags, lengths, transitions, start_transitions, end_transitions, reduction,
-            batch_first)
-
-
 # ---- registration ----------------------------------------------------------------------------
 
 def _register() -> None:
@@ -340,7 +259,6 @@ def _register() -> None:
         return mask.new_empty(mask.shape[0 if batch_first else 1], dtype=torch.long)
 
     register_autograd_kernel("crf_forward", _crf_forward_autograd)
-    register_autograd_kernel("crf_log_likelihood", _crf_log_likelihood_autograd)
 
 
 if extension_loaded():

@@ -56,6 +56,34 @@ def test_crf_log_likelihood_op_check_gradcheck_and_parity(reduction, batch_first
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_crf_log_likelihood_backward_runs_twice_with_retained_graph(reduction):
+    # The fused formula keeps the gradients of its forward pass; a second backward through a
+    # retained graph must find them unscaled by the first.
+    args = _crf_inputs(True)
+    leaves = [args[0], *args[3:]]
+    out = -ops.crf_log_likelihood(*args, reduction, True).sum()
+    first = torch.autograd.grad(out, leaves, retain_graph=True)
+    second = torch.autograd.grad(out, leaves)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_crf_log_likelihood_gradient_of_the_transitions_alone(reduction):
+    # Only some inputs need a gradient: the others get none, the needed ones match the reference.
+    emissions, tags, lengths, transitions, start, end = _crf_inputs(True)
+    emissions = emissions.detach()
+    got = torch.autograd.grad(ops.crf_log_likelihood(emissions, tags, lengths, transitions, start,
+                                                     end, reduction, True).sum(), [transitions, end])
+    with testing.backend("reference"):
+        want = torch.autograd.grad(ops.crf_log_likelihood(emissions, tags, lengths, transitions,
+                                                          start, end, reduction, True).sum(),
+                                   [transitions, end])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_crf_log_likelihood_rejects_an_unknown_reduction():
     args = _crf_inputs(True)
     with pytest.raises(ValueError, match="reduction"):
