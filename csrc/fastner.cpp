@@ -180,6 +180,21 @@ TORCH_LIBRARY(fastner, m) {
   // reference (fastner.reference.crf_lengths).
   m.def("crf_lengths(Tensor mask, bool batch_first) -> Tensor");
 
+  // ---- character CNN -----------------------------------------------------------
+  // A word's character features (Ma & Hovy): conv1d over its characters, then the maximum over
+  // its valid ones. input [N, C, I] float32/float64 (N words, C characters, I embedding dims;
+  // any strides), valid bool [N, C], weight [F, I, W] (torch's Conv1d: W odd, zero padding
+  // W / 2 on each side), bias [F], all in the input's dtype and device. output [N, F]: the
+  // maximum over the valid c of conv1d(input^T)[n, :, c] (0 for a word without valid
+  // characters); argmax int64 [N, F]: its first position (-1 for such a word). CPU kernel
+  // only: other devices and dtypes run fastner.reference.char_conv_max.
+  m.def("char_conv_max(Tensor input, Tensor valid, Tensor weight, Tensor bias) -> "
+        "(Tensor output, Tensor argmax)");
+  // The gradients of sum(grad_output * output) w.r.t. input [N, C, I], weight and bias, from
+  // the forward's argmax (every entry in [-1, C)): only the argmax positions receive gradient.
+  m.def("char_conv_max_backward(Tensor grad_output, Tensor input, Tensor argmax, Tensor weight) -> "
+        "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
   // ---- recurrent layers (LSTM / GRU / RNN) ------------------------------------
   // One op call runs one layer, both directions of it when bidirectional. Stacking layers and
   // the dropout between them is Python's job (fastner/nn/rnn.py), so each op stays small.

@@ -482,3 +482,27 @@ def rnn_layer_int8(
 
     return _rnn_layer_loop(input, lengths, product, weights[1].shape[1], hx, cx, mode, D,
                            batch_first)
+
+
+# =============================================================================================
+# Character CNN
+# =============================================================================================
+
+
+def char_conv_max(input: Tensor, valid: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """A word's character features: conv1d over its characters, then the maximum over the valid
+    ones (torch.ops.fastner.char_conv_max's contract, csrc/fastner.cpp).
+
+    input: [N, C, I]; valid: bool [N, C]; weight: [F, I, W] (W odd, zero padding W // 2);
+    bias: [F]. Returns output [N, F] (0 for a word without valid characters) and argmax int64
+    [N, F] (the first maximal position; -1 for such a word).
+    """
+    validation.char_conv_args("char_conv_max", input, valid, weight, bias)
+    if input.shape[1] == 0:  # no characters at all: one invalid position keeps the graph whole
+        input = torch.nn.functional.pad(input, (0, 0, 0, 1))
+        valid = valid.new_zeros(input.shape[0], 1)
+    conv = torch.nn.functional.conv1d(input.transpose(1, 2), weight, bias, padding=weight.shape[2] // 2)
+    output, argmax = conv.masked_fill(~valid.unsqueeze(1), float("-inf")).max(dim=2)  # [N, F]
+    any_valid = valid.any(dim=1, keepdim=True)
+    return (torch.where(any_valid, output, torch.zeros_like(output)),
+            torch.where(any_valid, argmax, torch.full_like(argmax, -1)))

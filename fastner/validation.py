@@ -95,6 +95,22 @@ def crf_mask(op: str, mask: Tensor) -> None:
     tensor_arg(op, "mask", mask, dim=2, dtypes=(torch.bool, torch.uint8))
 
 
+def char_conv_args(op: str, input: Tensor, valid: Tensor, weight: Tensor, bias: Tensor) -> None:
+    """char_conv_max's arguments (csrc/fastner.cpp): input [N, C, I] float, valid bool [N, C],
+    weight [F, I, W] with F > 0 and W odd, bias [F]; weight and bias in the input's dtype, all on
+    the input's device."""
+    owner = "the input's"
+    tensor_arg(op, "input", input, dim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    N, C, I = input.shape
+    tensor_arg(op, "valid", valid, shape=(N, C), dtypes=(torch.bool,), device=input.device, owner=owner)
+    tensor_arg(op, "weight", weight, dim=3, dtypes=(input.dtype,), device=input.device, owner=owner)
+    F, weight_inputs, W = weight.shape
+    if weight_inputs != I or F == 0 or W % 2 == 0:
+        _fail(op, f"weight must be [F, I, W] with I = {I}, F > 0 filters and an odd window W, "
+                  f"got {list(weight.shape)}")
+    tensor_arg(op, "bias", bias, shape=(F,), dtypes=(input.dtype,), device=input.device, owner=owner)
+
+
 def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor], hx: Optional[Tensor],
         cx: Optional[Tensor], mode: str, bidirectional: bool, batch_first: bool, *,
         values: bool = True, input_dtypes: Sequence[torch.dtype] = _RNN_DTYPES,

@@ -1,0 +1,78 @@
+"""Training epochs with fastner.models.CharCNN on the char_conv_max op (csrc/cpu/char_cnn.cpp)
+against its previous forward (nn.Conv1d + masked amax + their autograd), in one process,
+interleaved: the same recipe, data and seeds, one epoch of each in turn.
+
+    python -m benchmarks.char_cnn_step --train ../shared/data/conll2003/eng.train \\
+        --dev ../shared/data/conll2003/eng.testa [--sentences 3000] [--epochs 5] [--threads 2]
+
+Prints each variant's epoch wall times (the first, warm-up epoch dropped) and the median ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import tempfile
+import time
+
+import torch
+
+import fastner.train as train_module
+from fastner.bench.environment import cpu_model
+from fastner.data.conll import read_conll
+from fastner.models import char_cnn
+
+
+def conv1d_forward(self, chars: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CharCNN.forward before the op: the same function through torch's conv1d and amax."""
+    batch, time_len, _ = chars.shape
+    words = chars[mask]
+    char_mask = words != self.pad_id
+    x = self.dropout(self.embedding(words)).transpose(1, 2)
+    x = self.conv(x)
+    x = x.masked_fill(~char_mask[:, None, :], float("-inf")).amax(dim=2)
+    x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    out = x.new_zeros(batch, time_len, self.filters)
+    out[mask] = x
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--dev", required=True)
+    parser.add_argument("--sentences", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--embeddings", default="glove")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train = read_conll(args.train)[: args.sentences]
+    dev = read_conll(args.dev)[:200]
+    variants = {"conv1d + amax (before)": conv1d_forward, "char_conv_max": char_cnn.CharCNN.forward}
+    trainers = {}
+    for name in variants:
+        config = train_module.TrainConfig(embeddings=args.embeddings, epochs=args.epochs)
+        trainers[name] = train_module.Trainer(train, dev, tempfile.mkdtemp(), config,
+                                              progress=train_module.Progress(io.StringIO()),
+                                              log=lambda line: None)
+    seconds = {name: [] for name in variants}
+    try:
+        for epoch in range(args.epochs):
+            for name, forward in variants.items():
+                char_cnn.CharCNN.forward = forward
+                start = time.perf_counter()
+                trainers[name].train_epoch(epoch)
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        char_cnn.CharCNN.forward = variants["char_conv_max"]
+    print(f"{cpu_model()}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"{len(train)} sentences an epoch")
+    for name, times in seconds.items():
+        print(f"  {name:24s} " + " ".join(f"{t:.2f}" for t in times[1:]) + " s")
+    before, after = (statistics.median(seconds[name][1:]) for name in variants)
+    print(f"  median epoch: {before:.2f} s -> {after:.2f} s ({before / after:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
