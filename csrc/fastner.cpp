@@ -182,7 +182,7 @@ TORCH_LIBRARY(fastner, m) {
 
   // ---- character CNN -----------------------------------------------------------
   // A word's character features (Ma & Hovy): conv1d over its characters, then the maximum over
-  // its valid ones. input [N, C, I] float32/float64 (N words, C characters, I embedding dims;
+  // its valid ones. input [N, C, I] float32/float64 (N words, C characters, I > 0 embedding dims;
   // any strides), valid bool [N, C], weight [F, I, W] (torch's Conv1d: W odd, zero padding
   // W / 2 on each side), bias [F], all in the input's dtype and device. output [N, F]: the
   // maximum over the valid c of conv1d(input^T)[n, :, c] (0 for a word without valid

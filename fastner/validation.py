@@ -96,12 +96,14 @@ def crf_mask(op: str, mask: Tensor) -> None:
 
 
 def char_conv_args(op: str, input: Tensor, valid: Tensor, weight: Tensor, bias: Tensor) -> None:
-    """char_conv_max's arguments (csrc/fastner.cpp): input [N, C, I] float, valid bool [N, C],
+    """char_conv_max's arguments (csrc/fastner.cpp): input [N, C, I > 0] float, valid bool [N, C],
     weight [F, I, W] with F > 0 and W odd, bias [F]; weight and bias in the input's dtype, all on
     the input's device."""
     owner = "the input's"
     tensor_arg(op, "input", input, dim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
     N, C, I = input.shape
+    if I == 0:
+        _fail(op, f"input must have I > 0 embedding dims, got shape {list(input.shape)}")
     tensor_arg(op, "valid", valid, shape=(N, C), dtypes=(torch.bool,), device=input.device, owner=owner)
     tensor_arg(op, "weight", weight, dim=3, dtypes=(input.dtype,), device=input.device, owner=owner)
     F, weight_inputs, W = weight.shape

@@ -42,6 +42,7 @@ void check_model(const char* op, const Tensor& input, const Tensor& weight) {
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
                     ": input must be float32 or float64, got ", input.scalar_type());
   TORCH_CHECK_VALUE(input.device().is_cpu(), op, ": input must be on the CPU, got ", input.device());
+  TORCH_CHECK_VALUE(input.size(2) > 0, op, ": input must have I > 0 embedding dims, got ", input.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == input.size(2), op,
                     ": weight must be [F, I, W] with I = ", input.size(2), ", got ", weight.sizes());
   TORCH_CHECK_VALUE(weight.size(0) > 0 && weight.size(2) > 0 && weight.size(2) % 2 == 1, op,
@@ -204,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> char_conv_max_backward_cpu(const Tensor& grad
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "char_conv_max_backward", [&] {
     using V = typename Vec<scalar_t>::type;
     constexpr int64_t L = Vec<scalar_t>::lanes;
-    // Rows of I values as whole vectors (zero padded): the input rows of a word, their
+    // Rows of I > 0 values as whole vectors (zero padded): the input rows of a word, their
     // gradients, the taps weight[f, :, k] and grad_weight's rows, so no loop has a scalar tail.
     const int64_t chunks = (I + L - 1) / L;
     const Tensor w_dense = weight.contiguous();

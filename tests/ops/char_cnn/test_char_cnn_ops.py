@@ -115,6 +115,7 @@ def _bad_calls():
     return {
         "input 2-D": (lambda: op(x[0], valid, weight, bias), "input"),
         "input int": (lambda: op(x.long(), valid, weight, bias), "input"),
+        "input without dims": (lambda: op(x[:, :, :0], valid, weight[:, :0], bias), "input must have I > 0"),
         "valid shape": (lambda: op(x, valid[:, :4], weight, bias), "valid"),
         "valid dtype": (lambda: op(x, valid.float(), weight, bias), "valid"),
         "valid device": (lambda: op(x, valid.to("meta"), weight, bias), "valid"),
