@@ -19,22 +19,9 @@ import torch
 
 import fastner.train as train_module
 from fastner.bench.environment import cpu_model
+from fastner.bench.baselines import TorchCharCNN
 from fastner.data.conll import read_conll
 from fastner.models import char_cnn
-
-
-def conv1d_forward(self, chars: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CharCNN.forward before the op: the same function through torch's conv1d and amax."""
-    batch, time_len, _ = chars.shape
-    words = chars[mask]
-    char_mask = words != self.pad_id
-    x = self.dropout(self.embedding(words)).transpose(1, 2)
-    x = self.conv(x)
-    x = x.masked_fill(~char_mask[:, None, :], float("-inf")).amax(dim=2)
-    x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    out = x.new_zeros(batch, time_len, self.filters)
-    out[mask] = x
-    return out
 
 
 def main(argv=None) -> None:
@@ -49,7 +36,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     train = read_conll(args.train)[: args.sentences]
     dev = read_conll(args.dev)[:200]
-    variants = {"conv1d + amax (before)": conv1d_forward, "char_conv_max": char_cnn.CharCNN.forward}
+    variants = {"conv1d + amax (before)": TorchCharCNN.forward, "char_conv_max": char_cnn.CharCNN.forward}
     trainers = {}
     for name in variants:
         config = train_module.TrainConfig(embeddings=args.embeddings, epochs=args.epochs)

@@ -398,6 +398,21 @@ def test_torch_baseline_swaps_fastner_layers_keeping_weights():
     torch.testing.assert_close(got, want)
 
 
+def test_torch_baseline_runs_the_char_cnn_on_torch_ops_with_the_same_values():
+    pytest.importorskip("torchcrf")
+    from fastner.bench.baselines import TorchCharCNN, torch_baseline
+    from fastner.models.char_cnn import CharCNN
+
+    model = torch.nn.Sequential(CharCNN(20, char_dim=6, filters=5)).eval()
+    base, swapped = torch_baseline(model)
+    assert swapped == 1 and type(base[0]) is TorchCharCNN and type(model[0]) is CharCNN
+    chars = torch.randint(0, 20, (3, 4, 7))
+    chars[0, 1] = 0  # a word of padding only
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(base[0](chars, mask), model[0](chars, mask))
+
+
 def test_torch_baseline_of_a_bare_crf_is_pytorch_crf_with_its_weights():
     torchcrf = pytest.importorskip("torchcrf")
     from fastner import nn as fnn

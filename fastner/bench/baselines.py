@@ -2,8 +2,9 @@
 
 `torch_baseline(model)` is fastner.nn.convert in reverse: a copy of the model in which every
 fastner LSTM/GRU/RNN becomes the torch.nn layer (lengths= served by packing, as taggers do
-today) and every fastner CRF becomes pytorch-crf's, weights kept. The model's own code then
-runs unchanged on either.
+today), every fastner CRF becomes pytorch-crf's and the tagger's char CNN runs torch's conv1d
+and a masked amax instead of fastner's char_conv_max op, weights kept. The model's own code
+then runs unchanged on either.
 """
 from __future__ import annotations
 
@@ -61,6 +62,32 @@ class PytorchCRF(TorchCRF):
         return tags.to(emissions.device), None
 
 
+def _torch_char_cnn():
+    from fastner.models.char_cnn import CharCNN
+
+    class TorchCharCNN(CharCNN):
+        """fastner's CharCNN computed with torch's ops: conv1d over each word's characters, -inf
+        at its padding characters, amax, zeros for a word without characters (what the module
+        ran before the char_conv_max op; the same values)."""
+
+        def forward(self, chars: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            batch, time_len, _ = chars.shape
+            words = chars[mask]  # [N, C]
+            char_mask = words != self.pad_id
+            x = self.dropout(self.embedding(words)).transpose(1, 2)  # [N, char_dim, C]
+            x = self.conv(x)  # [N, filters, C]
+            x = x.masked_fill(~char_mask[:, None, :], float("-inf")).amax(dim=2)
+            x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+            out = x.new_zeros(batch, time_len, self.filters)
+            out[mask] = x
+            return out
+
+    return CharCNN, TorchCharCNN
+
+
+CharCNN, TorchCharCNN = _torch_char_cnn()
+
+
 def _rnn_baseline(layer: nn.RNNBase) -> nn.RNNBase:
     kinds = {"LSTM": PackedLSTM, "GRU": PackedGRU, "RNN_TANH": PackedRNN, "RNN_RELU": PackedRNN}
     cls = kinds[layer.mode]
@@ -87,6 +114,10 @@ def _replacement(child: nn.Module) -> Optional[nn.Module]:
         return _rnn_baseline(child)
     if fast_crf is not None and isinstance(child, fast_crf):
         return _crf_baseline(child)
+    if type(child) is CharCNN:
+        baseline = copy.deepcopy(child)  # the same parameters and dropout; torch's forward
+        baseline.__class__ = TorchCharCNN
+        return baseline
     return None
 
 
