@@ -88,17 +88,23 @@ Tensor token_count(const Tensor& lengths, at::ScalarType dtype) {
   return lengths.sum().clamp_min(1).to(dtype);
 }
 
-// The reduction of a summed likelihood `total` (0-dim): 'sum' as it is, 'mean' over B
-// sequences, 'token_mean' over the tokens.
-Tensor reduce_total(Reduction how, const Tensor& total, const Tensor& lengths, int64_t B) {
-  if (how == Reduction::Mean) return total / static_cast<double>(std::max<int64_t>(B, 1));
-  if (how == Reduction::TokenMean) return total / token_count(lengths, total.scalar_type());
-  return total;
+// x divided as the reduction divides a summed likelihood: by the B sequences for 'mean', by
+// `tokens` (token_count) for 'token_mean', unchanged otherwise. The one place of that rule:
+// forward applies it to the summed likelihood, backward to the incoming gradient.
+Tensor scaled(Reduction how, const Tensor& x, int64_t B, const Tensor& tokens) {
+  if (how == Reduction::Mean) return x / static_cast<double>(std::max<int64_t>(B, 1));
+  if (how == Reduction::TokenMean) return x / tokens;
+  return x;
+}
+
+// The divisor of 'token_mean' (undefined for the other reductions).
+Tensor tokens_for(Reduction how, const Tensor& lengths, at::ScalarType dtype) {
+  return how == Reduction::TokenMean ? token_count(lengths, dtype) : Tensor();
 }
 
 Tensor reduce(Reduction how, const Tensor& llh, const Tensor& lengths) {
   if (how == Reduction::None) return llh;
-  return reduce_total(how, llh.sum(), lengths, llh.size(0));
+  return scaled(how, llh.sum(), llh.size(0), tokens_for(how, lengths, llh.scalar_type()));
 }
 
 Tensor log_likelihood(const Tensor& emissions, const Tensor& tags, const Tensor& lengths,
@@ -131,6 +137,9 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     // pass (one kernel call) and backward only multiplies them by d out / d total.
     const bool fused = how != Reduction::None && has_forward_backward(em.device());
     ctx->saved_data["fused"] = fused;
+    ctx->saved_data["batch"] = B;
+    const Tensor tokens = tokens_for(how, lengths, transitions.scalar_type());
+    if (tokens.defined()) ctx->saved_data["tokens"] = tokens;
     if (fused) {
       auto [total, grad_emissions, grad_transitions, grad_start, grad_end] =
           forward_backward_op().call(em, tg, lengths, transitions, start, end);
@@ -141,14 +150,12 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
       ctx->saved_data["grad_transitions"] = grad_transitions;
       ctx->saved_data["grad_start"] = grad_start;
       ctx->saved_data["grad_end"] = grad_end;
-      Tensor out = reduce_total(how, total, lengths, B);
-      if (how == Reduction::TokenMean) ctx->saved_data["tokens"] = token_count(lengths, total.scalar_type());
-      ctx->saved_data["batch"] = B;
-      return out;
+      return scaled(how, total, B, tokens);
     }
     auto [log_z, gold] = forward_op().call(em, tg, lengths, transitions, start, end);
     ctx->save_for_backward({em, tg, lengths, transitions, start, end});
-    return reduce(how, gold - log_z, lengths);
+    const Tensor llh = gold - log_z;
+    return how == Reduction::None ? llh : scaled(how, llh.sum(), B, tokens);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -157,14 +164,11 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     if (!grad.defined()) return out;
     const auto how = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
     const bool batch_first = ctx->saved_data["batch_first"].toBool();
+    const int64_t B = ctx->saved_data["batch"].toInt();
+    const Tensor tokens = how == Reduction::TokenMean ? ctx->saved_data["tokens"].toTensor() : Tensor();
+    // d out / d total for a reduced likelihood (total = sum_b llh_b).
+    const Tensor factor = how == Reduction::None ? Tensor() : scaled(how, grad, B, tokens);
     if (ctx->saved_data["fused"].toBool()) {
-      // d out / d total: grad, over B for 'mean', over the tokens for 'token_mean'.
-      Tensor factor = grad;
-      if (how == Reduction::Mean) {
-        factor = grad / static_cast<double>(std::max<int64_t>(ctx->saved_data["batch"].toInt(), 1));
-      } else if (how == Reduction::TokenMean) {
-        factor = grad / ctx->saved_data["tokens"].toTensor();
-      }
       out[0] = ctx->saved_data["grad_emissions"].toTensor() * factor;
       out[3] = ctx->saved_data["grad_transitions"].toTensor() * factor;
       out[4] = ctx->saved_data["grad_start"].toTensor() * factor;
@@ -173,19 +177,9 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     }
     const variable_list saved = ctx->get_saved_variables();
     const Tensor& em = saved[0];
-    const int64_t B = em.size(0);
-    // d out / d llh_b per sequence: grad itself ([B], 'none'), else the scalar spread over B
-    // (the kernels read stride-0 tensors as they are).
-    Tensor weight;
-    if (how == Reduction::None) {
-      weight = grad;
-    } else if (how == Reduction::Sum) {
-      weight = grad.expand({B});
-    } else if (how == Reduction::Mean) {
-      weight = (grad / static_cast<double>(std::max<int64_t>(B, 1))).expand({B});
-    } else {
-      weight = (grad / token_count(saved[2], grad.scalar_type())).expand({B});
-    }
+    // d out / d llh_b per sequence: grad itself ([B], 'none'), else d out / d total spread over
+    // B (the kernels read stride-0 tensors as they are).
+    const Tensor weight = how == Reduction::None ? grad : factor.expand({B});
     auto [grad_emissions, grad_transitions, grad_start, grad_end] =
         backward_op().call(-weight, weight, em, saved[1], saved[2], saved[3], saved[4], saved[5]);
     out[0] = batch_first ? grad_emissions : grad_emissions.transpose(0, 1);
