@@ -195,6 +195,13 @@ TORCH_LIBRARY(fastner, m) {
   m.def("char_conv_max_backward(Tensor grad_output, Tensor input, Tensor argmax, Tensor weight) -> "
         "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
+  // ---- dropout masks -----------------------------------------------------------
+  // A dropout mask shaped and typed like input (any floating dtype; only its shape, dtype and
+  // device are read), contiguous: each element 1 / (1 - p) (kept) or 0, decided by 32 bits of
+  // splitmix64 drawn from `seed` (csrc/cpu/dropout.cpp: the exact rule), p in [0, 1). The same
+  // seed gives the same mask. CPU kernel only: other devices run fastner.reference.dropout_mask.
+  m.def("dropout_mask(Tensor input, float p, int seed) -> Tensor");
+
   // ---- recurrent layers (LSTM / GRU / RNN) ------------------------------------
   // One op call runs one layer, both directions of it when bidirectional. Stacking layers and
   // the dropout between them is Python's job (fastner/nn/rnn.py), so each op stays small.

@@ -6,6 +6,7 @@ not: FASTNER_BACKEND=reference, an unsupported device, or a failed build.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -506,3 +507,35 @@ def char_conv_max(input: Tensor, valid: Tensor, weight: Tensor, bias: Tensor) ->
     any_valid = valid.any(dim=1, keepdim=True)
     return (torch.where(any_valid, output, torch.zeros_like(output)),
             torch.where(any_valid, argmax, torch.full_like(argmax, -1)))
+
+
+# =============================================================================================
+# Dropout masks
+# =============================================================================================
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's constants as int64 (two's complement)
+_SPLITMIX_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_SPLITMIX_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical (unsigned) right shift of int64 values: torch's >> is arithmetic."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def dropout_mask(input: Tensor, p: float, seed: int) -> Tensor:
+    """A dropout mask shaped and typed like `input` (torch.ops.fastner.dropout_mask's contract,
+    csrc/fastner.cpp; the rule in csrc/cpu/dropout.cpp): element j is 1 / (1 - p) when 32-bit
+    word j of splitmix64(seed) is >= round(p * 2^32), else 0. Integer ops wrap modulo 2^64, as
+    the kernel's uint64 arithmetic does."""
+    validation.dropout_args("dropout_mask", input, p, seed)
+    n = input.numel()
+    z = torch.arange(1, (n + 1) // 2 + 1, dtype=torch.int64, device=input.device) * _SPLITMIX_GAMMA + seed
+    z = (z ^ _shift_right(z, 30)) * _SPLITMIX_MIX1
+    z = (z ^ _shift_right(z, 27)) * _SPLITMIX_MIX2
+    z = z ^ _shift_right(z, 31)
+    words = torch.stack([z & 0xFFFFFFFF, _shift_right(z, 32)], dim=1).reshape(-1)[:n]  # [n] in [0, 2^32)
+    keep = words >= math.floor(p * 4294967296.0 + 0.5)
+    # 1 / (1 - p) in float64 for float64 masks, else rounded to float32 first (as the kernel);
+    # chosen, not multiplied: in float16 it can overflow to inf, and 0 * inf would be NaN
+    kept = torch.tensor(1.0 / (1.0 - p), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
+    return torch.where(keep, kept.to(input.dtype), torch.zeros((), dtype=input.dtype)).reshape(input.shape)

@@ -8,6 +8,7 @@ torch.compile traces (a data-dependent check would be a graph break).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -202,3 +203,13 @@ def packed_batch_sizes(op: str, batch_sizes: Tensor, rows: int) -> None:
         _fail(op, f"batch_sizes must be positive and non-increasing, got {sizes}")
     if sum(sizes) != rows:
         _fail(op, f"batch_sizes must sum to the number of packed rows {rows}, got {sum(sizes)}")
+
+
+def dropout_args(op: str, input: Tensor, p, seed) -> None:
+    """dropout_mask's arguments (csrc/fastner.cpp): input a floating-point tensor, p a number in
+    [0, 1), seed a Python int in int64's range."""
+    tensor_arg(op, "input", input, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0.0 <= p < 1.0):
+        _fail(op, f"p must be a number in [0, 1), got {p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        _fail(op, f"seed must be an integer in int64's range, got {seed!r}")

@@ -411,6 +411,21 @@ def test_torch_baseline_runs_the_char_cnn_on_torch_ops_with_the_same_values():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(base[0](chars, mask), model[0](chars, mask))
+    assert type(base[0].dropout) is torch.nn.Dropout and base[0].dropout.p == model[0].dropout.p
+
+
+def test_torch_baseline_of_the_tagger_uses_nn_dropout():
+    pytest.importorskip("torchcrf")
+    from fastner.bench.baselines import torch_baseline
+    from fastner.models.dropout import Dropout
+    from fastner.models.tagger import ModelConfig, SequenceTagger
+
+    model = SequenceTagger(ModelConfig(num_words=30, num_chars=20, tags=["O", "B-PER", "I-PER"], scheme="IOB2",
+                                       word_dim=6, hidden=4))
+    base, _ = torch_baseline(model)
+    kinds = [type(m) for m in base.modules()]
+    assert Dropout not in kinds and torch.nn.Dropout in kinds
+    assert any(type(m) is Dropout for m in model.modules())  # the original is left alone
 
 
 def test_torch_baseline_of_a_bare_crf_is_pytorch_crf_with_its_weights():

@@ -2,9 +2,10 @@
 
 `torch_baseline(model)` is fastner.nn.convert in reverse: a copy of the model in which every
 fastner LSTM/GRU/RNN becomes the torch.nn layer (lengths= served by packing, as taggers do
-today), every fastner CRF becomes pytorch-crf's and the tagger's char CNN runs torch's conv1d
-and a masked amax instead of fastner's char_conv_max op, weights kept. The model's own code
-then runs unchanged on either.
+today), every fastner CRF becomes pytorch-crf's, the tagger's char CNN runs torch's conv1d
+and a masked amax instead of fastner's char_conv_max op, and its dropouts are nn.Dropout
+(masks from Tensor.bernoulli_) instead of fastner's dropout_mask op, weights kept. The model's
+own code then runs unchanged on either.
 """
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ def _crf_baseline(crf: nn.Module) -> nn.Module:
 
 def _replacement(child: nn.Module) -> Optional[nn.Module]:
     from fastner import nn as fnn
+    from fastner.models.dropout import Dropout
 
     fast_rnns = tuple(getattr(fnn, name) for name in ("LSTM", "GRU", "RNN") if hasattr(fnn, name))
     fast_crf = getattr(fnn, "CRF", None)
@@ -115,9 +117,12 @@ def _replacement(child: nn.Module) -> Optional[nn.Module]:
     if fast_crf is not None and isinstance(child, fast_crf):
         return _crf_baseline(child)
     if type(child) is CharCNN:
-        baseline = copy.deepcopy(child)  # the same parameters and dropout; torch's forward
+        baseline = copy.deepcopy(child)  # the same parameters; torch's forward and dropout
         baseline.__class__ = TorchCharCNN
+        baseline.dropout = nn.Dropout(child.dropout.p)
         return baseline
+    if isinstance(child, Dropout):
+        return nn.Dropout(child.p)
     return None
 
 
