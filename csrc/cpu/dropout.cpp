@@ -17,8 +17,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -58,15 +58,16 @@ void fill_mask(scalar_t* out, int64_t n, uint64_t seed, uint64_t threshold, scal
 }
 
 Tensor dropout_mask_cpu(const Tensor& input, double p, int64_t seed) {
-  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), "dropout_mask: input must be a floating-point tensor, got ",
-                    input.scalar_type());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "dropout_mask: input must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK_VALUE(input.device().is_cpu(), "dropout_mask: input must be on the CPU, got ", input.device());
   TORCH_CHECK_VALUE(std::isfinite(p) && p >= 0.0 && p < 1.0, "dropout_mask: p must be in [0, 1), got ", p);
   Tensor mask = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
   // round(p * 2^32), halves up: an integer in [0, 2^32] (2^32: p within 2^-33 of 1, nothing kept)
   const uint64_t threshold = static_cast<uint64_t>(std::floor(p * 4294967296.0 + 0.5));
   const double scale = 1.0 / (1.0 - p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dropout_mask", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dropout_mask", [&] {
     // the value of a kept element: 1 / (1 - p) in float64 for float64 masks, else rounded to
     // float32 first and then to the mask's dtype (what torch does with a Python float factor)
     const scalar_t kept = std::is_same_v<scalar_t, double> ? static_cast<scalar_t>(scale)

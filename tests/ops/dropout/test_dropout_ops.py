@@ -129,6 +129,8 @@ def _bad_calls():
         "p inf": (lambda f: f(x, float("inf"), 0), "p"),
         "input int": (lambda f: f(x.long(), 0.5, 0), "input"),
         "input bool": (lambda f: f(x > 0, 0.5, 0), "input"),
+        "input float8": (lambda f: f(x.to(torch.float8_e4m3fn), 0.5, 0), "input"),
+        "input complex": (lambda f: f(x.to(torch.complex64), 0.5, 0), "input"),
     }, op
 
 
