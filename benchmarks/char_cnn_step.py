@@ -10,18 +10,15 @@ Prints each variant's epoch wall times (the first, warm-up epoch dropped) and th
 from __future__ import annotations
 
 import argparse
-import io
-import statistics
-import tempfile
-import time
 
 import torch
 
-import fastner.train as train_module
 from fastner.bench.environment import cpu_model
 from fastner.bench.baselines import TorchCharCNN
 from fastner.data.conll import read_conll
 from fastner.models import char_cnn
+
+from benchmarks.interleaved_epochs import interleaved_epochs, report
 
 
 def main(argv=None) -> None:
@@ -37,28 +34,10 @@ def main(argv=None) -> None:
     train = read_conll(args.train)[: args.sentences]
     dev = read_conll(args.dev)[:200]
     variants = {"conv1d + amax (before)": TorchCharCNN.forward, "char_conv_max": char_cnn.CharCNN.forward}
-    trainers = {}
-    for name in variants:
-        config = train_module.TrainConfig(embeddings=args.embeddings, epochs=args.epochs)
-        trainers[name] = train_module.Trainer(train, dev, tempfile.mkdtemp(), config,
-                                              progress=train_module.Progress(io.StringIO()),
-                                              log=lambda line: None)
-    seconds = {name: [] for name in variants}
-    try:
-        for epoch in range(args.epochs):
-            for name, forward in variants.items():
-                char_cnn.CharCNN.forward = forward
-                start = time.perf_counter()
-                trainers[name].train_epoch(epoch)
-                seconds[name].append(time.perf_counter() - start)
-    finally:
-        char_cnn.CharCNN.forward = variants["char_conv_max"]
+    seconds = interleaved_epochs(train, dev, char_cnn.CharCNN, variants, args.epochs, args.embeddings)
     print(f"{cpu_model()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"{len(train)} sentences an epoch")
-    for name, times in seconds.items():
-        print(f"  {name:24s} " + " ".join(f"{t:.2f}" for t in times[1:]) + " s")
-    before, after = (statistics.median(seconds[name][1:]) for name in variants)
-    print(f"  median epoch: {before:.2f} s -> {after:.2f} s ({before / after:.2f}x)")
+    report(seconds)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ warm-up epoch dropped) with the median ratio.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
-import tempfile
 import time
 
 import torch
@@ -22,6 +20,8 @@ import torch
 from fastner import ops
 from fastner.bench.environment import cpu_model
 from fastner.models import dropout as dropout_module
+
+from benchmarks.interleaved_epochs import interleaved_epochs, report
 
 
 def torch_rand_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -55,38 +55,19 @@ def mask_times(calls: int = 200) -> None:
 
 
 def epoch_times(train_path: str, dev_path: str, sentences: int, epochs: int) -> None:
-    import fastner.train as train_module
     from fastner.data.conll import read_conll
 
     train = read_conll(train_path)[:sentences]
     dev = read_conll(dev_path)[:200]
-    op_forward = dropout_module.Dropout.forward
 
     def rand_forward(self, x):
         if not self.training or self.p == 0.0:
             return x
         return x * torch_rand_mask(x, self.p)
 
-    variants = {"torch.rand": rand_forward, "dropout_mask op": op_forward}
-    trainers = {name: train_module.Trainer(train, dev, tempfile.mkdtemp(), train_module.TrainConfig(embeddings="glove",
-                                                                                                    epochs=epochs),
-                                           progress=train_module.Progress(io.StringIO()), log=lambda line: None)
-                for name in variants}
-    seconds = {name: [] for name in variants}
-    try:
-        for epoch in range(epochs):
-            for name, forward in variants.items():
-                dropout_module.Dropout.forward = forward
-                start = time.perf_counter()
-                trainers[name].train_epoch(epoch)
-                seconds[name].append(time.perf_counter() - start)
-    finally:
-        dropout_module.Dropout.forward = op_forward
+    variants = {"torch.rand": rand_forward, "dropout_mask op": dropout_module.Dropout.forward}
     print(f"  training epochs of {len(train)} sentences (default recipe, GloVe):")
-    for name, times in seconds.items():
-        print(f"    {name:16s} " + " ".join(f"{t:.2f}" for t in times[1:]) + " s")
-    before, after = (statistics.median(seconds[name][1:]) for name in variants)
-    print(f"    median epoch: {before:.2f} s -> {after:.2f} s ({before / after:.3f}x)")
+    report(interleaved_epochs(train, dev, dropout_module.Dropout, variants, epochs), indent="    ")
 
 
 def main(argv=None) -> None:
