@@ -127,6 +127,17 @@ def _worker(out_dir):
     with open(os.path.join(out_dir, f"summary_c{rank}.json"), "w") as handle:
         json.dump(dict(_strip(summary), test=summary["test"]), handle)
     torch_dist.barrier()
+    # Rank 0 leaves last: it hosts the rendezvous store, and a rank that exits while another
+    # is still finishing the barrier or leaving the group can leave that one waiting for good
+    # (rank 1 hung here once in ~25 runs on the 2-core machine, rank 0 having exited cleanly).
+    if rank != 0:
+        torch_dist.destroy_process_group()
+        open(os.path.join(out_dir, f"left{rank}"), "w").close()
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(os.path.exists(os.path.join(out_dir, f"left{r}"))
+                                                  for r in range(1, WORLD)):
+        time.sleep(0.02)
     torch_dist.destroy_process_group()
 
 
