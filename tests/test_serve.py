@@ -144,6 +144,43 @@ def test_health_ready_model_page_docs_metrics(tagger):
     assert batch_count(metrics) >= 3  # two warm-up calls and the request
 
 
+def test_get_routes_answer_head(tagger):
+    # HTTP requires GET routes to answer HEAD; health checkers and uptime monitors send it
+    app = create_app(tagger)
+
+    async def interact(client):
+        return {path: await client.head(path) for path in ("/", "/healthz", "/readyz", "/v1/model", "/metrics")}
+
+    for path, response in run_app(app, interact).items():
+        assert response.status_code == 200, path
+    before_startup = run_app(create_app(tagger), lambda client: client.head("/readyz"), lifespan=False)
+    assert before_startup.status_code == 503
+
+
+def test_ids_are_echoed_exactly_and_wrong_ids_are_named(tagger):
+    app = create_app(tagger)
+    ids = ["", "007", "a\ud800b", "Zürich 😀", 0, -1, 10 ** 30, -(10 ** 30)]
+    body = {"documents": [{"id": doc_id, "text": "Peter visited Germany."} for doc_id in ids]
+                         + [{"id": None, "text": "a"}, {"text": "a"}, "a"]}
+
+    async def interact(client):
+        answered = await client.post("/v1/entities", content=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        wrong = [await post(client, {"documents": ["a", {"id": doc_id, "text": "a"}]}) for doc_id in (True, 1.0, 1.5, [1], {})]
+        return answered, wrong
+
+    answered, wrong = run_app(app, interact)
+    assert answered.status_code == 200, answered.text
+    documents = json.loads(answered.content)["documents"]
+    assert [document.get("id", "absent") for document in documents] == ids + ["absent"] * 3
+    assert all(type(document["id"]) is type(doc_id) for document, doc_id in zip(documents, ids))
+    for response, kind in zip(wrong, ("bool", "float", "float", "list", "dict")):
+        assert response.status_code == 422, response.text
+        error = response.json()
+        assert error["field"] == "documents.1.id" and [p["field"] for p in error["problems"]] == ["documents.1.id"]
+        assert error["error"] == f"documents.1.id: an id is a string or an integer, got {kind}"
+
+
 def test_not_ready_before_startup(tagger):
     app = create_app(tagger)
 
@@ -170,6 +207,10 @@ def test_not_ready_before_startup(tagger):
     ({"documents": [{"text": "a", "lang": "en"}]}, "documents.0.lang"),
     ({"documents": ["a"], "nbest": 0}, "nbest"),
     ({"documents": ["a"], "nbest": "two"}, "nbest"),
+    # no coercion: a number in a string, a boolean or a float is a client's mistake, not a count
+    ({"documents": ["a"], "nbest": "2"}, "nbest"),
+    ({"documents": ["a"], "nbest": True}, "nbest"),
+    ({"documents": ["a"], "nbest": 2.0}, "nbest"),
     ({"documents": ["a"], "nbest": model_adapter.MAX_NBEST + 1}, "nbest"),
     ({"documents": ["a"], "extra": 1}, "extra"),
 ])
@@ -197,6 +238,35 @@ def test_malformed_json_and_wrong_content_type_get_422(tagger):
     assert broken.status_code == 422 and broken.json()["field"] == "body"
     assert broken.json()["error"].startswith("body: malformed JSON at character")
     assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b'{"documents": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested"),  # deeper than the recursion limit
+    (b'{"documents": ["caf\xe9"]}', "UTF-8"),  # Latin-1, not UTF-8
+    (b'{"documents": ["a"], "nbest": 1' + b"0" * 5000 + b"}", "digits"),  # over Python's int parsing limit
+])
+def test_json_that_python_cannot_parse_gets_422_not_400(tagger, body, reason):
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+    response = run_app(app, interact)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["field"] == "body" and error["error"].startswith("body: malformed JSON") and reason in error["error"]
+    assert [problem["field"] for problem in error["problems"]] == ["body"]
+
+
+def test_a_body_without_content_type_is_told_to_send_one(tagger):
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=json.dumps({"documents": ["a"]}).encode())
+
+    response = run_app(app, interact)
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 422 and "Content-Type: application/json" in response.json()["error"]
 
 
 def test_body_over_the_limit_gets_413(tagger):

@@ -20,7 +20,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import fastner
@@ -42,7 +42,8 @@ WARMUP_TEXTS = ["Peter Blackburn of the European Commission visited Frankfurt on
 
 class DocumentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: Optional[Union[str, int]] = Field(None, description="echoed back with the document's result")
+    # strict: an id comes back exactly as sent, so none is coerced (true is not 1, 1.0 not 1)
+    id: Optional[Union[StrictStr, StrictInt]] = Field(None, description="echoed back with the document's result")
     text: str
 
 
@@ -50,7 +51,7 @@ class EntitiesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"documents": ["Peter Blackburn visited Germany .", {"id": "a1", "text": "EU rejects German call ."}]}]})
     documents: List[Union[str, DocumentIn]] = Field(..., min_length=1, description="raw texts, or {id, text} objects")
-    nbest: int = Field(1, ge=1, description="analyses per sentence; above 1 the answer adds them with their probabilities")
+    nbest: StrictInt = Field(1, ge=1, description="analyses per sentence; above 1 the answer adds them with their probabilities")
 
 
 class Entity(BaseModel):
@@ -90,7 +91,23 @@ class FieldError(Exception):
         self.field, self.message, self.status = field, message, status
 
 
-_UNION_TAGS = ("str", "DocumentIn")  # pydantic names the union member tried in `loc`
+_UNION_TAGS = ("str", "int", "DocumentIn")  # pydantic names the union member tried in `loc`
+
+
+def malformed_json(reason: str) -> dict:
+    return {"field": "body", "message": f"malformed JSON{reason}".rstrip(": "), "type": "json_invalid"}
+
+
+def unparsable_reason(error: BaseException) -> Optional[str]:
+    """Why json.loads refused a body with something other than a JSONDecodeError (which FastAPI
+    turns into a 422 itself; these it answers with a bare 400): None for any other error."""
+    if isinstance(error, RecursionError):
+        return ": nested too deeply"
+    if isinstance(error, UnicodeDecodeError):
+        return f": not UTF-8 ({error.reason} at byte {error.start})"
+    if isinstance(error, ValueError):  # an integer longer than Python converts (4300 digits)
+        return f": {str(error).split(';')[0]}"
+    return None
 
 
 def validation_problems(errors) -> List[dict]:
@@ -106,7 +123,7 @@ def validation_problems(errors) -> List[dict]:
         if kind == "json_invalid":
             reason = (item.get("ctx") or {}).get("error", "")
             at = f" at character {location[0]}" if location else ""
-            problems["body"] = {"field": "body", "message": f"malformed JSON{at}: {reason}".rstrip(": "), "type": kind}
+            problems["body"] = malformed_json(f"{at}: {reason}")
             continue
         union_member = next((part for part in location if part in _UNION_TAGS), None)
         location = [str(part) for part in location if part not in _UNION_TAGS]
@@ -119,6 +136,8 @@ def validation_problems(errors) -> List[dict]:
             if not isinstance(sent, (dict, str)) and len(location) == 2:  # the document itself
                 field = ".".join(location[:2])
                 message = f'a document is a string or an object {{"id", "text"}}, got {type(sent).__name__}'
+            elif location[-1:] == ["id"] and len(location) == 3:  # documents.N.id: one line for both members
+                message = f"an id is a string or an integer, got {type(sent).__name__}"
         problems.setdefault(field, {"field": field, "message": message, "type": kind})
     return list(problems.values())
 
@@ -188,15 +207,26 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
                   description="Named entities with character offsets, from a fastner tagger, with dynamic batching.")
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError):
-        problems = validation_problems(error.errors())
-        if "json" not in request.headers.get("content-type", "json"):
-            problems = [{"field": "body", "type": "content_type",
-                         "message": "send a JSON body with the header Content-Type: application/json"}]
+    def get(path: str, **options):
+        """A GET route that answers HEAD too (HTTP requires it; health checkers send it), the HEAD
+        kept out of the OpenAPI schema."""
+        def register(endpoint):
+            app.head(path, include_in_schema=False, **{k: v for k, v in options.items() if k != "include_in_schema"})(endpoint)
+            return app.get(path, **options)(endpoint)
+        return register
+
+    def problems_response(problems: List[dict]) -> JSONResponse:
         first = problems[0] if problems else {"field": "body", "message": "invalid request"}
         return JSONResponse(status_code=422, content={"error": f"{first['field']}: {first['message']}",
                                                       "field": first["field"], "problems": problems})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        problems = validation_problems(error.errors())
+        if "json" not in request.headers.get("content-type", ""):  # FastAPI parses no body without one
+            problems = [{"field": "body", "type": "content_type",
+                         "message": "send a JSON body with the header Content-Type: application/json"}]
+        return problems_response(problems)
 
     @app.exception_handler(FieldError)
     async def field_error(_request, error: FieldError):
@@ -204,19 +234,22 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, error: StarletteHTTPException):
+        reason = unparsable_reason(error.__cause__) if error.status_code == 400 else None
+        if reason is not None:  # FastAPI's "There was an error parsing the body": malformed JSON all the same
+            return problems_response([malformed_json(reason)])
         content = error.detail if isinstance(error.detail, dict) else {"error": str(error.detail)}
         return JSONResponse(status_code=error.status_code, content=content, headers=getattr(error, "headers", None))
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
         return HTMLResponse(page)
 
-    @app.get("/healthz")
+    @get("/healthz")
     async def healthz():
         """The process answers (liveness)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @get("/readyz")
     async def readyz():
         """The model is loaded and warmed up, and the server takes requests (readiness)."""
         if not state["ready"]:
@@ -224,12 +257,12 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return {"status": "ready"}
 
-    @app.get("/v1/model")
+    @get("/v1/model")
     async def v1_model():
         """Labels, tag scheme, encoder, precision, backend and versions of the served model."""
         return info
 
-    @app.get("/metrics", include_in_schema=False)
+    @get("/metrics", include_in_schema=False)
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
