@@ -258,15 +258,23 @@ def test_json_that_python_cannot_parse_gets_422_not_400(tagger, body, reason):
     assert [problem["field"] for problem in error["problems"]] == ["body"]
 
 
-def test_a_body_without_content_type_is_told_to_send_one(tagger):
+def test_a_body_without_a_json_content_type_is_told_to_send_one(tagger):
     app = create_app(tagger)
+    body = json.dumps({"documents": ["a"]}).encode()
 
     async def interact(client):
-        return await client.post("/v1/entities", content=json.dumps({"documents": ["a"]}).encode())
+        missing = await client.post("/v1/entities", content=body)
+        near_misses = [await client.post("/v1/entities", content=body, headers={"content-type": kind})
+                       for kind in ("text/json", "application/x-json", "application/jsonx")]
+        parsed = [await client.post("/v1/entities", content=body, headers={"content-type": kind})
+                  for kind in ("Application/JSON; charset=utf-8", "application/vnd.api+json")]
+        return missing, near_misses, parsed
 
-    response = run_app(app, interact)
-    assert "content-type" not in response.request.headers
-    assert response.status_code == 422 and "Content-Type: application/json" in response.json()["error"]
+    missing, near_misses, parsed = run_app(app, interact)
+    assert "content-type" not in missing.request.headers
+    for response in [missing] + near_misses:  # FastAPI parses none of these as JSON
+        assert response.status_code == 422 and "Content-Type: application/json" in response.json()["error"], response.text
+    assert [response.status_code for response in parsed] == [200, 200]
 
 
 def test_body_over_the_limit_gets_413(tagger):

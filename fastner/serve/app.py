@@ -94,6 +94,13 @@ class FieldError(Exception):
 _UNION_TAGS = ("str", "int", "DocumentIn")  # pydantic names the union member tried in `loc`
 
 
+def is_json_content_type(value: str) -> bool:
+    """FastAPI's rule for parsing a body as JSON: application/json or application/*+json (so not
+    text/json, application/x-json, nor a missing header)."""
+    maintype, _, subtype = value.split(";", 1)[0].strip().lower().partition("/")
+    return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
 def malformed_json(reason: str) -> dict:
     return {"field": "body", "message": f"malformed JSON{reason}".rstrip(": "), "type": "json_invalid"}
 
@@ -223,7 +230,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         problems = validation_problems(error.errors())
-        if "json" not in request.headers.get("content-type", ""):  # FastAPI parses no body without one
+        if not is_json_content_type(request.headers.get("content-type", "")):  # FastAPI left the body unparsed
             problems = [{"field": "body", "type": "content_type",
                          "message": "send a JSON body with the header Content-Type: application/json"}]
         return problems_response(problems)
