@@ -11,6 +11,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 import fastner  # noqa: E402
+from fastner.serve import app as app_module  # noqa: E402
 from fastner.serve import model as model_adapter  # noqa: E402
 from fastner.serve.app import create_app  # noqa: E402
 from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown  # noqa: E402
@@ -330,6 +331,21 @@ def test_too_many_documents_are_counted_before_any_is_validated(tagger):
     for response, count in ((wrong, 20_000), (objects, 4)):
         assert response.status_code == 413 and len(response.content) < 200, response.text[:300]
         assert response.json() == {"error": f"documents: {count} documents; at most 3 a request", "field": "documents"}
+
+
+def test_the_problems_listed_are_bounded(tagger):
+    # a 1 MiB body of 80,000 unknown fields answered a 7 MB list of 80,000 problems
+    extra = {f"k{number}": 1 for number in range(1000)}
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await post(client, {"documents": ["a"], **extra}), await post(client, {"documents": [{"text": "a", **extra}]})
+
+    for response, prefix in zip(run_app(app, interact), ("", "documents.0.")):
+        assert response.status_code == 422
+        error = response.json()
+        assert error["field"] == prefix + "k0"
+        assert [p["field"] for p in error["problems"]] == [f"{prefix}k{n}" for n in range(app_module.MAX_PROBLEMS)]
 
 
 class Gate:

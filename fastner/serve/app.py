@@ -142,14 +142,21 @@ def unparsable_reason(error: BaseException) -> Optional[str]:
     return None
 
 
+# problems a 422 lists: a 1 MiB body of 80,000 unknown fields answered a 7 MB list of 80,000
+MAX_PROBLEMS = 20
+
+
 def validation_problems(errors) -> List[dict]:
-    """pydantic errors -> [{"field": "documents.2.text", "message", "type"}], one per field.
+    """pydantic errors -> [{"field": "documents.2.text", "message", "type"}], one per field, the
+    first MAX_PROBLEMS fields.
 
     A document is a string or an object: pydantic reports a failure against each member of the
     union; keep the one that matches what was sent (an object's field error, else one line
     saying what a document may be)."""
     problems: dict = {}
     for item in errors:
+        if len(problems) == MAX_PROBLEMS:
+            break
         location = [part for part in item.get("loc", ()) if part != "body"]
         kind = item.get("type", "")
         if kind == "json_invalid":
