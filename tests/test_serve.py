@@ -445,6 +445,35 @@ def test_without_batching_every_request_is_its_own_model_call(tagger):
     assert calls == 12
 
 
+def test_mixed_nbest_requests_and_gone_clients_each_get_their_own_result(tagger):
+    # requests asking for different nbest share the queue (they need separate model calls), and
+    # clients that give up mid-request (their handler cancelled) must not disturb the others' batches
+    app = create_app(tagger, ServeConfig(max_wait_ms=20))
+    requests = [([f"{DOCUMENTS[i % 3]} Item {i}."] * (1 + i % 2), (1, 2, 1, 3)[i % 4]) for i in range(16)]
+
+    async def interact(client):
+        tasks = [asyncio.ensure_future(post(client, {"documents": [{"id": i, "text": t} for t in texts], "nbest": k}))
+                 for i, (texts, k) in enumerate(requests)]
+        await asyncio.sleep(0.005)  # queued, waiting for their batch
+        for task in tasks[1::5]:
+            task.cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    answers = run_app(app, interact)
+    for i, ((texts, k), answer) in enumerate(zip(requests, answers)):
+        if i % 5 == 1:  # cancelled while its batch waited its 20 ms
+            assert isinstance(answer, asyncio.CancelledError)
+            continue
+        assert answer.status_code == 200, answer.text
+        want = model_adapter.predict_documents(tagger, texts, k)
+        for got, expected in zip(answer.json()["documents"], want):
+            assert got["id"] == i and ("nbest" in got) == (k > 1)
+            assert [(e["start"], e["end"], e["label"]) for e in got["entities"]] == \
+                   [(e["start"], e["end"], e["label"]) for e in expected["entities"]]
+            if k > 1:
+                assert [len(s["analyses"]) for s in got["nbest"]] == [len(s["analyses"]) for s in expected["nbest"]]
+
+
 def _job_batches(jobs, **options):
     """Submit jobs (texts, tokens, nbest) at once to a Batcher whose model records its calls."""
     calls = []
