@@ -214,6 +214,11 @@ def test_not_ready_before_startup(tagger):
     ({"documents": ["a"], "nbest": 2.0}, "nbest"),
     ({"documents": ["a"], "nbest": model_adapter.MAX_NBEST + 1}, "nbest"),
     ({"documents": ["a"], "extra": 1}, "extra"),
+    # a client's own key named like a union member pydantic puts in `loc`
+    ({"documents": ["a"], "int": 1}, "int"),
+    ({"documents": ["a"], "str": 1}, "str"),
+    ({"documents": [{"text": "a", "str": 1}]}, "documents.0.str"),
+    ({"documents": [{"text": "a", "DocumentIn": 1}]}, "documents.0.DocumentIn"),
 ])
 def test_wrong_fields_get_422_naming_the_field(tagger, body, field):
     app = create_app(tagger)

@@ -164,8 +164,12 @@ def validation_problems(errors) -> List[dict]:
             at = f" at character {location[0]}" if location else ""
             problems["body"] = malformed_json(f"{at}: {reason}")
             continue
-        union_member = next((part for part in location if part in _UNION_TAGS), None)
-        location = [str(part) for part in location if part not in _UNION_TAGS]
+        # pydantic puts the member's name after a document's index and after `id`; a client's own
+        # key of that name ({"int": 1}) elsewhere is a field
+        tags = {number for number, part in enumerate(location) if part in _UNION_TAGS and number
+                and (isinstance(location[number - 1], int) or location[number - 1] == "id")}
+        union_member = location[min(tags)] if tags else None
+        location = [str(part) for number, part in enumerate(location) if number not in tags]
         field = ".".join(location) or "body"
         message = item.get("msg", "invalid")
         if union_member is not None:
