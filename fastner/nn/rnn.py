@@ -126,6 +126,10 @@ class _FusedRNNMixin:
             raise ValueError("lengths= is for padded Tensor input; a PackedSequence carries its own lengths")
         if not self._fusable(input, hx):
             return self._torch_forward(input, hx, lengths)
+        if lengths is None and isinstance(input, Tensor) and input.shape[1 if self.batch_first else 0] == 0:
+            # torch refuses a batch of no steps (its own error, raised here); with lengths= (all
+            # 0) it is a batch of empty sequences, which the fused path takes.
+            return super().forward(input, hx)
         self._update_flat_weights()
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
