@@ -51,13 +51,17 @@ class CRF(nn.Module):
         self.start_transitions = nn.Parameter(torch.empty(num_tags))
         self.end_transitions = nn.Parameter(torch.empty(num_tags))
         self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
+        self._set_constraints(constraints)
+        self.reset_parameters()
+
+    def _set_constraints(self, constraints, device: Optional[torch.device] = None) -> None:
+        """The constraint buffers (what a torchcrf.CRF lacks; fastner.nn.convert adds them)."""
         self.has_constraints = constraints is not None
         # Not persistent: a torchcrf state_dict (which has no such entries) must load as is.
-        transition_mask, start_mask, end_mask = _constraint_masks(num_tags, constraints)
-        self.register_buffer("transition_constraints", transition_mask, persistent=False)
-        self.register_buffer("start_constraints", start_mask, persistent=False)
-        self.register_buffer("end_constraints", end_mask, persistent=False)
-        self.reset_parameters()
+        transition_mask, start_mask, end_mask = _constraint_masks(self.num_tags, constraints)
+        self.register_buffer("transition_constraints", transition_mask.to(device), persistent=False)
+        self.register_buffer("start_constraints", start_mask.to(device), persistent=False)
+        self.register_buffer("end_constraints", end_mask.to(device), persistent=False)
 
     def reset_parameters(self) -> None:
         """Initialise the transition parameters from uniform(-0.1, 0.1), like torchcrf."""

@@ -314,6 +314,35 @@ def test_convert_swaps_torchcrf():
     assert model.crf.decode(emissions) == before[1]
 
 
+def test_convert_keeps_torchcrf_module_its_parameters_and_sharing():
+    # convert() rebinds torchcrf.CRF's class in place (as it does for the recurrent layers): an
+    # optimizer built before it still trains the CRF, frozen parameters stay frozen, hooks stay,
+    # and a CRF shared by two parents stays one module.
+    torchcrf = pytest.importorskip("torchcrf")
+    crf, frozen = torchcrf.CRF(4, batch_first=True), torchcrf.CRF(4).double().requires_grad_(False)
+    model = torch.nn.ModuleDict({"crf": crf, "heads": torch.nn.ModuleList([crf, frozen])})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    crf.register_forward_hook(lambda *args: calls.append(1))
+    expected = torchcrf.CRF(4, batch_first=True)
+    expected.load_state_dict(crf.state_dict())
+
+    assert fastner.nn.convert(model) is model
+    assert model["crf"] is crf and model["heads"][0] is crf and model["heads"][1] is frozen
+    assert type(crf) is fastner.nn.CRF and type(frozen) is fastner.nn.CRF
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert frozen.transitions.dtype == torch.float64
+    assert list(crf.state_dict()) == list(expected.state_dict())
+    emissions, tags = torch.randn(2, 3, 4), torch.randint(0, 4, (2, 3))
+    torch.testing.assert_close(crf(emissions, tags), expected(emissions, tags))
+    assert crf.decode(emissions) == expected.decode(emissions)
+    assert calls == [1]  # (decode is a method, not a forward: no hook)
+    before = crf.transitions.detach().clone()
+    (-crf(emissions, tags)).backward()
+    optimizer.step()
+    assert not torch.equal(crf.transitions, before)  # the optimizer's parameters are the CRF's
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout between layers
 # ---------------------------------------------------------------------------------------------
