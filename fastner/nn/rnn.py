@@ -126,10 +126,6 @@ class _FusedRNNMixin:
             raise ValueError("lengths= is for padded Tensor input; a PackedSequence carries its own lengths")
         if not self._fusable(input, hx):
             return self._torch_forward(input, hx, lengths)
-        if lengths is None and isinstance(input, Tensor) and input.shape[1 if self.batch_first else 0] == 0:
-            # torch refuses a batch of no steps (its own error, raised here); with lengths= (all
-            # 0) it is a batch of empty sequences, which the fused path takes.
-            return super().forward(input, hx)
         self._update_flat_weights()
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
@@ -142,6 +138,10 @@ class _FusedRNNMixin:
         else:
             self.check_input(input, None)
         B, T = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        if lengths is None and T == 0:
+            # torch refuses a batch of no steps, after the checks above, with this error; with
+            # lengths= (all 0) it is a batch of empty sequences, which the fused path takes.
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long)
         else:
