@@ -54,8 +54,8 @@ class _Int8Mixin:
     def _float_weight_keys(self):
         """What identifies the float W_ih / W_hh the int8 copies were made from: an in-place
         change bumps a tensor's version; `.data =`, a new Parameter or .to() give new storage."""
-        parameters = self._parameters
-        return [(parameters[name].data_ptr(), parameters[name]._version) for name in self._int8_weight_names]
+        weights = [getattr(self, name) for name in self._int8_weight_names]
+        return [(w.data_ptr(), w._version) for w in weights]
 
     def _int8_names(self):
         for wname in getattr(self, "_int8_weight_names", ()):
