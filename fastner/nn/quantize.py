@@ -87,9 +87,11 @@ class _Int8Mixin:
             return super().forward(input, hx, lengths)
 
     def _run_layers(self, x: Tensor, hx, lengths: Tensor, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        if self._float_weight_keys() != getattr(self, "_int8_source", None):
+        if not torch.compiler.is_compiling() and self._float_weight_keys() != getattr(self, "_int8_source", None):
             # The float weights changed since they were quantized (in place, by assignment):
             # the next forward must see them, as the float layer's would, not a stale copy.
+            # (Not while tracing: fake tensors have no data pointer; the trace takes the
+            # int8 buffers as they are.)
             self._quantize_weights()
         D = 2 if self.bidirectional else 1
         names = self._flat_weights_names
