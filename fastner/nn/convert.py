@@ -51,13 +51,13 @@ def _crf_swap():
 
 
 def _swap_crf(module: torch.nn.Module, fastner_crf: type) -> torch.nn.Module:
-    new = fastner_crf(module.num_tags, batch_first=module.batch_first)
-    new.load_state_dict(module.state_dict())
-    param = next(module.parameters(), None)
-    if param is not None:
-        new = new.to(device=param.device, dtype=param.dtype)
-    new.train(module.training)
-    return new
+    # The class is rebound, as for the recurrent layers, not the module replaced by a copy: a
+    # copy left an optimizer built before convert() updating the old parameters, made trainable
+    # again the ones frozen with requires_grad_(False), dropped hooks, and split a CRF shared by
+    # two parents in two. fastner's CRF has torchcrf's attributes plus its constraint buffers.
+    module.__class__ = fastner_crf
+    module._set_constraints(None, device=module.transitions.device)
+    return module
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:

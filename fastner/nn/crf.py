@@ -51,13 +51,17 @@ class CRF(nn.Module):
         self.start_transitions = nn.Parameter(torch.empty(num_tags))
         self.end_transitions = nn.Parameter(torch.empty(num_tags))
         self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
+        self._set_constraints(constraints)
+        self.reset_parameters()
+
+    def _set_constraints(self, constraints, device: Optional[torch.device] = None) -> None:
+        """The constraint buffers (what a torchcrf.CRF lacks; fastner.nn.convert adds them)."""
         self.has_constraints = constraints is not None
         # Not persistent: a torchcrf state_dict (which has no such entries) must load as is.
-        transition_mask, start_mask, end_mask = _constraint_masks(num_tags, constraints)
-        self.register_buffer("transition_constraints", transition_mask, persistent=False)
-        self.register_buffer("start_constraints", start_mask, persistent=False)
-        self.register_buffer("end_constraints", end_mask, persistent=False)
-        self.reset_parameters()
+        transition_mask, start_mask, end_mask = _constraint_masks(self.num_tags, constraints)
+        self.register_buffer("transition_constraints", transition_mask.to(device), persistent=False)
+        self.register_buffer("start_constraints", start_mask.to(device), persistent=False)
+        self.register_buffer("end_constraints", end_mask.to(device), persistent=False)
 
     def reset_parameters(self) -> None:
         """Initialise the transition parameters from uniform(-0.1, 0.1), like torchcrf."""
@@ -82,6 +86,7 @@ class CRF(nn.Module):
             raise ValueError(f"invalid reduction: {reduction!r} (expected one of {_REDUCTIONS})")
         lengths = self._lengths(emissions, mask)
         tags = self._check_tags(tags, emissions)
+        emissions = self._promoted(emissions)
         # In the caller's layout: the op reads either, and no transpose node enters the graph.
         return ops.crf_log_likelihood(emissions, tags, lengths, *self._scores(emissions),
                                       reduction, self.batch_first)
@@ -95,7 +100,7 @@ class CRF(nn.Module):
         grad_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            tags, _ = ops.crf_viterbi(emissions_bf, lengths, *self._scores(emissions))
+            tags, _ = ops.crf_viterbi(emissions_bf, lengths, *self._scores(emissions_bf))
         finally:
             torch._C._set_grad_enabled(grad_enabled)
         # crf_viterbi's tags [B, T] and lengths checked by _prepare: valid by construction.
@@ -114,7 +119,7 @@ class CRF(nn.Module):
             raise ValueError(f"k must be a positive int or None, got {k!r}")
         emissions_bf, lengths = self._prepare(emissions, mask)
         with torch.no_grad():
-            scores_in = self._scores(emissions)
+            scores_in = self._scores(emissions_bf)
             if k is None:
                 tags, scores = ops.crf_viterbi(emissions_bf, lengths, *scores_in)
                 return (tags if self.batch_first else tags.t().contiguous()), scores
@@ -123,7 +128,7 @@ class CRF(nn.Module):
     def log_partition(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """log Z per sequence: [B] (0 for a sequence of length 0); differentiable."""
         emissions_bf, lengths = self._prepare(emissions, mask)
-        log_z, _ = ops.crf_forward(emissions_bf, None, lengths, *self._scores(emissions))
+        log_z, _ = ops.crf_forward(emissions_bf, None, lengths, *self._scores(emissions_bf))
         return log_z
 
     def marginals(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -131,7 +136,7 @@ class CRF(nn.Module):
         (float32, or float64 for float64 emissions; no gradient)."""
         emissions_bf, lengths = self._prepare(emissions, mask)
         with torch.no_grad():
-            result = ops.crf_marginals(emissions_bf, lengths, *self._scores(emissions))
+            result = ops.crf_marginals(emissions_bf, lengths, *self._scores(emissions_bf))
         return result if self.batch_first else result.transpose(0, 1)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -157,7 +162,15 @@ class CRF(nn.Module):
     def _prepare(self, emissions: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Validate; return emissions as a [B, T, K] view and lengths int64 [B]."""
         lengths = self._lengths(emissions, mask)
+        emissions = self._promoted(emissions)
         return (emissions if self.batch_first else emissions.transpose(0, 1)), lengths
+
+    def _promoted(self, emissions: Tensor) -> Tensor:
+        """Emissions in float64 when the parameters are (crf.double() on float32 emissions):
+        torchcrf's sums promote to float64, so its scores are float64 and computed in it."""
+        if self._parameters["transitions"].dtype == torch.float64 and emissions.dtype != torch.float64:
+            return emissions.to(torch.float64)
+        return emissions
 
     def _lengths(self, emissions: Tensor, mask: Optional[Tensor]) -> Tensor:
         """Validate emissions and mask; return lengths int64 [B]."""

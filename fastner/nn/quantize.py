@@ -3,7 +3,8 @@ inference-only int8 or bfloat16 ones with the same forward signature.
 
 int8 (torch.qint8): the weights are quantized once per output channel (symmetric s8, kept as
 buffers beside the float parameters, which stay as they were: state_dict() is unchanged and
-loads into the float model); every product quantizes its rows on the fly (7-bit asymmetric)
+loads into the float model, and a change to them, in place or by assignment, is quantized again
+before the next forward); every product quantizes its rows on the fly (7-bit asymmetric)
 and runs fastner::rnn_layer_int8_forward (csrc/cpu/rnn_int8.h: the kernel and why 7 bits;
 fastner.reference.rnn_layer_int8: the exact arithmetic). bfloat16: fastner.nn.rnn_bf16.to_bf16.
 NaN and +-inf in the input or hx / cx propagate as in the float32 layer with the dequantized
@@ -48,6 +49,13 @@ class _Int8Mixin:
             self.register_buffer(f"int8_{wname}", w_q, persistent=False)
             self.register_buffer(f"int8_scale_{wname}", scale, persistent=False)
         self._int8_weight_names = list(quantized)
+        self._int8_source = self._float_weight_keys()
+
+    def _float_weight_keys(self):
+        """What identifies the float W_ih / W_hh the int8 copies were made from: an in-place
+        change bumps a tensor's version; `.data =`, a new Parameter or .to() give new storage."""
+        weights = [getattr(self, name) for name in self._int8_weight_names]
+        return [(w.data_ptr(), w._version) for w in weights]
 
     def _int8_names(self):
         for wname in getattr(self, "_int8_weight_names", ()):
@@ -79,6 +87,12 @@ class _Int8Mixin:
             return super().forward(input, hx, lengths)
 
     def _run_layers(self, x: Tensor, hx, lengths: Tensor, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        if not torch.compiler.is_compiling() and self._float_weight_keys() != getattr(self, "_int8_source", None):
+            # The float weights changed since they were quantized (in place, by assignment):
+            # the next forward must see them, as the float layer's would, not a stale copy.
+            # (Not while tracing: fake tensors have no data pointer; the trace takes the
+            # int8 buffers as they are.)
+            self._quantize_weights()
         D = 2 if self.bidirectional else 1
         names = self._flat_weights_names
         per_layer = len(names) // self.num_layers

@@ -74,15 +74,52 @@ class _FusedRNNMixin:
             if lengths is not None and isinstance(input, Tensor) and input.dim() == 2:
                 raise ValueError("lengths= needs batched input ([B, T, I] or [T, B, I]), got a 2-D tensor")
             return super().forward(input, hx)
+        # `lengths` means here what it means on the fused path: the same checks (packing would
+        # take a float, bool or short vector silently), and sequences of length 0 allowed.
+        lengths = self._lengths_arg(input, lengths).cpu()
+        batch_dim, time_dim = (0, 1) if self.batch_first else (1, 0)
+        time_len = input.shape[time_dim]
+        validation.lengthsarg(type(self).__name__, lengths, lengths.shape[0], time_len, lengths.device)
         # Bad input must raise what torch raises for the padded tensor, not what packing raises:
-        # let torch check the first step.
+        # let torch check the first step (zeros where there is none); its result gives the
+        # shapes and dtypes of what sequences of length 0 return.
+        first = input.narrow(time_dim, 0, 1) if time_len else input.new_zeros(
+            input.shape[:time_dim] + (1,) + input.shape[time_dim + 1:])
         with torch.no_grad():
-            super().forward(input.narrow(1 if self.batch_first else 0, 0, min(1, input.shape[1 if self.batch_first else 0])), hx)
-        time_len = input.shape[1] if self.batch_first else input.shape[0]
-        packed = pack_padded_sequence(input, lengths.cpu(), batch_first=self.batch_first, enforce_sorted=False)
-        output, state = super().forward(packed, hx)
-        output, _ = pad_packed_sequence(output, batch_first=self.batch_first, total_length=time_len)
-        return output, state
+            first_output, first_state = super().forward(first, hx)
+        running = (lengths > 0).nonzero().squeeze(1)
+        if running.shape[0] == lengths.shape[0]:
+            packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
+            output, state = super().forward(packed, hx)
+            output, _ = pad_packed_sequence(output, batch_first=self.batch_first, total_length=time_len)
+            return output, state
+        # Packing refuses length 0: run the other sequences alone; those of length 0 output
+        # zeros and keep their initial state, as on the fused path.
+        first_states = _tensors_in(first_state)
+        states = _tensors_in(hx) or [s.new_zeros(s.shape) for s in first_states]
+        out_shape = list(first_output.shape)
+        out_shape[time_dim] = time_len
+        output = first_output.new_zeros(out_shape)
+        if running.shape[0]:
+            sub_hx = None if hx is None else [h.index_select(1, running.to(h.device)) for h in states]
+            packed = pack_padded_sequence(input.index_select(batch_dim, running.to(input.device)),
+                                          lengths[running], batch_first=self.batch_first, enforce_sorted=False)
+            sub_output, sub_state = super().forward(packed, None if sub_hx is None else (
+                tuple(sub_hx) if self._is_lstm else sub_hx[0]))
+            sub_output, _ = pad_packed_sequence(sub_output, batch_first=self.batch_first, total_length=time_len)
+            output = output.index_copy(batch_dim, running.to(output.device), sub_output)
+            states = [s.index_copy(1, running.to(s.device), sub) for s, sub in zip(states, _tensors_in(sub_state))]
+        return output, (tuple(states) if self._is_lstm else states[0])
+
+    def _lengths_arg(self, input: Tensor, lengths) -> Tensor:
+        """`lengths=` of padded input, checked to be an integer tensor [B]; returned as int64."""
+        B = input.shape[0 if self.batch_first else 1]
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
+            shape = list(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+            raise ValueError(f"lengths must be a 1-D integer tensor of shape [B] = [{B}], got {shape}")
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must hold integers, got {lengths.dtype}")
+        return lengths.to(dtype=torch.long)
 
     def forward(self, input, hx=None, lengths: Optional[Tensor] = None):
         if isinstance(input, PackedSequence) and lengths is not None:
@@ -101,15 +138,14 @@ class _FusedRNNMixin:
         else:
             self.check_input(input, None)
         B, T = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        if lengths is None and T == 0:
+            # torch refuses a batch of no steps, after the checks above, with this error; with
+            # lengths= (all 0) it is a batch of empty sequences, which the fused path takes.
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long)
         else:
-            if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
-                shape = list(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
-                raise ValueError(f"lengths must be a 1-D integer tensor of shape [B] = [{B}], got {shape}")
-            if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-                raise ValueError(f"lengths must hold integers, got {lengths.dtype}")
-            lengths = lengths.to(dtype=torch.long)
+            lengths = self._lengths_arg(input, lengths)
         lengths = lengths.to(device=input.device)
         output, h_n, c_n = self._run_layers(input, hx, lengths, self.batch_first)
         return output, ((h_n, c_n) if self._is_lstm else h_n)

@@ -54,3 +54,24 @@ def call(op, kernel: Callable, *args):
 def register_autograd_kernel(op: str, kernel: Callable) -> None:
     """`kernel` (the op's arguments, in schema order) serves fastner::`op` at the Autograd key."""
     _LIBRARY.impl(op, kernel, "Autograd")
+
+
+def reference_backward(forward: Callable, inputs: tuple, grad_outputs: tuple) -> list:
+    """An autograd formula's backward when a graph of it is wanted (create_graph=True: a
+    gradient of a gradient, as in gradient penalties or Hessian-vector products). The fused
+    backward ops have no derivative of their own, and autograd would backpropagate through
+    them as zero with only a warning: silently wrong second-order terms. Instead `forward` (the
+    op's pure-PyTorch reference) is run again on the saved `inputs` and differentiated with a
+    graph. Returns one gradient per input (None where none flows)."""
+    with torch.enable_grad():
+        outputs = forward(*inputs)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+             if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+    wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    result = [None] * len(inputs)
+    if pairs and wanted:
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+    return result

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from fastner import reference, validation
 from fastner._extension import extension_loaded, use_fused
-from fastner.ops._autograd import below_autograd, call, needs_grad, register_autograd_kernel
+from fastner.ops._autograd import (below_autograd, call, needs_grad, reference_backward,
+                                     register_autograd_kernel)
 
 REDUCTIONS = ("none", "sum", "mean", "token_mean")
 
@@ -178,6 +179,11 @@ class _CRFForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_z, grad_gold_score):
         emissions, tags, lengths, transitions, start, end = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            grads = reference_backward(
+                lambda e, tr, s, en: reference.crf_forward(e, tags, lengths, tr, s, en),
+                (emissions, transitions, start, end), (grad_log_z, grad_gold_score))
+            return grads[0], None, None, grads[1], grads[2], grads[3]
         if grad_log_z is None:
             grad_log_z = start.new_zeros(emissions.shape[0])
         if grad_gold_score is None:

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from fastner import reference, validation
 from fastner._extension import extension_loaded, use_fused
-from fastner.ops._autograd import below_autograd, call, needs_grad, register_autograd_kernel
+from fastner.ops._autograd import (below_autograd, call, needs_grad, reference_backward,
+                                     register_autograd_kernel)
 
 
 def rnn_layer(
@@ -99,6 +100,13 @@ class _RNNLayer(torch.autograd.Function):
             raise RuntimeError(
                 "fastner::rnn_layer_forward ran with training=False (no saved activations); "
                 "call it with training=True to differentiate it")
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            grads = reference_backward(
+                lambda x, h, c, *w: reference.rnn_layer(x, lengths, list(w), h, c, mode, bidirectional,
+                                                        batch_first),
+                (input, hx, cx, *weights), (grad_output, grad_h_n, grad_c_n if mode == "lstm" else None))
+            return (grads[0], None, None, None, None, None, grads[1] if has_hx else None,
+                    grads[2] if (has_cx and mode == "lstm") else None, *grads[3:])
         grad_output, grad_h_n, grad_c_n = (
             input.new_zeros(shape) if grad is None else grad
             for grad, shape in zip((grad_output, grad_h_n, grad_c_n), ctx.shapes))

@@ -118,3 +118,15 @@ def test_compile_traces_the_registered_formula():
     want = torch.autograd.grad(loss(*args), leaves)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_crf_forward_double_backward():
+    # create_graph=True through crf_forward (CRF.log_partition): the fused crf_backward op has
+    # no derivative, and autograd took it as zero (a warning, second-order terms silently 0).
+    emissions, tags, lengths, transitions, start, end = crf_inputs(3, 4, 3, torch.float64)
+    leaves = [t.requires_grad_() for t in (emissions, transitions, start, end)]
+
+    def forward(emissions, transitions, start, end):
+        return ops.crf_forward(emissions, tags, lengths, transitions, start, end)
+
+    assert torch.autograd.gradgradcheck(forward, leaves, nondet_tol=1e-10)

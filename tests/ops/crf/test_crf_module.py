@@ -373,6 +373,23 @@ def test_parameters_and_init_match_pytorch_crf():
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+def test_float64_parameters_promote_float32_emissions_like_pytorch_crf(batch_first):
+    # crf.double() fed float32 emissions: pytorch-crf's sums promote to float64, so its scores
+    # are float64 and computed in float64; fastner computed (and returned) float32.
+    ours, theirs = make_pair(5, batch_first, torch.float64)
+    emissions, tags, mask, _ = make_inputs(3, 6, 5, batch_first, torch.float32)
+    for reduction in REDUCTIONS:
+        got = llh_and_grads(ours, emissions, tags, mask, reduction, torch.ones(3))
+        expected = llh_and_grads(theirs, emissions, tags, mask, reduction, torch.ones(3))
+        for g, e in zip(got, expected):
+            assert g.dtype == e.dtype
+            tol = 1e-12 if e.dtype == torch.float64 else 1e-6  # the emissions' gradient: float32
+            torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+    assert ours.decode(emissions, mask) == theirs.decode(emissions, mask)
+    assert ours.log_partition(emissions, mask).dtype == torch.float64
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
 def test_state_dict_round_trip_with_pytorch_crf(batch_first):
     num_tags = 6
     emissions, tags, mask, _ = make_inputs(4, 8, num_tags, batch_first, torch.float32)

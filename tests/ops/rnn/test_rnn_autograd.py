@@ -54,3 +54,38 @@ def test_rnn_unused_outputs_need_no_gradient():
         want = torch.autograd.grad(h_ref.sum(), [x, *weights])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_rnn_layer_double_backward(mode):
+    # create_graph=True (gradient penalties, Hessian-vector products): the fused backward op
+    # has no derivative, and autograd took it as zero (a warning, second-order terms silently
+    # 0); torch.nn's layers have one. gradgradcheck checks the second derivative numerically.
+    gen = torch.Generator().manual_seed(5)
+    G = {"lstm": 4, "gru": 3}.get(mode, 1)
+    x = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = [(0.8 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+               for _ in range(2) for shape in ((G * 2, 2), (G * 2, 2), (G * 2,), (G * 2,))]
+    h0 = torch.randn(2, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 2])
+
+    def layer(x, h0, c0, *weights):
+        output, h_n, c_n = ops.rnn_layer(x, lengths, list(weights), h0, c0 if mode == "lstm" else None,
+                                         mode, True, True)
+        return (output, h_n, c_n) if mode == "lstm" else (output, h_n)
+
+    assert torch.autograd.gradgradcheck(layer, (x, h0, c0, *weights), nondet_tol=1e-10)
+    # and the same second derivative as torch.nn's layer
+    module = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(mode, torch.nn.RNN)(
+        2, 2, batch_first=True, bidirectional=True, dtype=torch.float64,
+        **({"nonlinearity": mode[4:]} if mode.startswith("rnn") else {}))
+    with torch.no_grad():
+        for p, w in zip(module.parameters(), weights):
+            p.copy_(w)
+    full = torch.tensor([3, 3])
+    got_out = ops.rnn_layer(x, full, weights, None, None, mode, True, True)[0]
+    want_out = module(x)[0]
+    got = torch.autograd.grad(torch.autograd.grad(got_out.square().sum(), x, create_graph=True)[0].square().sum(), x)
+    want = torch.autograd.grad(torch.autograd.grad(want_out.square().sum(), x, create_graph=True)[0].square().sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

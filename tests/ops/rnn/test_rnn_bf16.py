@@ -233,3 +233,12 @@ def test_gemm_choices_are_reported():
     # Measured (not forced) shapes name both kernels' rates and the choice.
     for line in lines:
         assert "mkl_packed" in line and "avx2" in line and "->" in line, line
+
+
+def test_bf16_no_steps_without_lengths_is_refused_like_torch():
+    # T = 0 without lengths=: torch's error for its layers (not a dtype error from running
+    # torch's layer on bf16 weights); with lengths= a batch of empty sequences.
+    layer = to_bf16(torch.nn.GRU(3, 4))
+    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0"):
+        layer(torch.randn(0, 2, 3))
+    assert layer(torch.randn(0, 2, 3), lengths=torch.zeros(2, dtype=torch.long))[0].shape == (0, 2, 4)

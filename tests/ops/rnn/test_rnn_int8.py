@@ -178,6 +178,32 @@ def test_load_state_dict_requantizes():
     assert torch.equal(quantized.int8_weight_hh_l0, w_q)
 
 
+@pytest.mark.parametrize("change", ["in_place", "data", "parameter"])
+def test_float_weights_changed_after_quantize_are_requantized(change):
+    # The float weights stay the layer's parameters: a change to them (in place under no_grad,
+    # `.data =`, a new Parameter) must reach the next forward, not leave a stale int8 copy.
+    gen = torch.Generator().manual_seed(3)
+    float_model = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True)
+    quantized = fastner.nn.quantize(torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True), torch.qint8)
+    quantized.load_state_dict(float_model.state_dict())
+    x = torch.randn(4, 3, 5, generator=gen)
+    quantized(x)  # quantized once, used once
+    new = torch.randn(28, 7, generator=gen)
+    with torch.no_grad():
+        float_model.weight_hh_l1_reverse.copy_(new)
+        if change == "in_place":
+            quantized.weight_hh_l1_reverse.copy_(new)
+        elif change == "data":
+            quantized.weight_hh_l1_reverse.data = new.clone()
+        else:
+            quantized.weight_hh_l1_reverse = torch.nn.Parameter(new.clone(), requires_grad=False)
+    w_q, _ = reference.quantize_weight_int8(new)
+    expected, _ = float_model(x)
+    got, _ = quantized(x)
+    assert torch.equal(quantized.int8_weight_hh_l1_reverse, w_q)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+
+
 def test_int8_module_refuses_training():
     lstm = fastner.nn.quantize(torch.nn.LSTM(4, 3), torch.qint8)
     x = torch.randn(2, 5, 4)

@@ -115,6 +115,8 @@ BAD_LENGTHS = {
     "greater_than_T": torch.tensor([T + 1, 2]),
     "negative": torch.tensor([3, -1]),
     "float_dtype": torch.tensor([3.0, 2.0]),
+    "bool_dtype": torch.tensor([True, True]),
+    "list": [3, 2],
 }
 
 
@@ -126,6 +128,52 @@ def test_bad_lengths_raise_value_error(mode, bad, batch_first):
     x = torch.randn((B, T, I) if batch_first else (T, B, I))
     with pytest.raises(ValueError, match="lengths"):
         fused(x, lengths=BAD_LENGTHS[bad])
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_LENGTHS))
+def test_bad_lengths_raise_value_error_on_the_torch_fallback(bad):
+    # proj_size > 0 runs torch's LSTM on the packed batch: lengths= must be checked as on the
+    # fused path (packing took a short vector, floats and bools, and gave a smaller batch).
+    fused = fastner.nn.LSTM(I, H, num_layers=L, proj_size=2)
+    with pytest.raises(ValueError, match="lengths"):
+        fused(torch.randn(T, B, I), lengths=BAD_LENGTHS[bad])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_fallback_takes_lengths_of_zero_like_the_fused_path(mode, monkeypatch):
+    # Configurations the kernels do not cover run torch on the packed batch, which refuses
+    # length 0; the fused path takes it (zeros out, initial state kept). Same answer, same
+    # gradients, whichever path runs.
+    gen = case_generator(MODES.index(mode), salt=71)
+    cls = fastner_class(mode)
+    for batch_first, with_hx, lengths in [(False, True, [0, 4, 2]), (True, False, [3, 0, 0]),
+                                          (True, True, [0, 0, 0]), (False, False, [4, 4, 0])]:
+        module = cls(3, 4, **_module_kwargs(mode, num_layers=2, bidirectional=True,
+                                            batch_first=batch_first)).double()
+        x = torch.randn((3, 4, 3) if batch_first else (4, 3, 3), generator=gen, dtype=torch.float64,
+                        requires_grad=True)
+        states = [torch.randn(4, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+                  for _ in range(2 if mode == "LSTM" else 1)] if with_hx else []
+        hx = (tuple(states) if mode == "LSTM" else states[0]) if with_hx else None
+        lengths = torch.tensor(lengths)
+        leaves = [x, *states, *module.parameters()]
+        results = []
+        for fusable in (True, False):
+            with monkeypatch.context() as patch:
+                if not fusable:
+                    patch.setattr(cls, "_fusable", lambda self, input, hx: False)
+                output, state = module(x, hx, lengths=lengths)
+            flat = [output, *(state if mode == "LSTM" else (state,))]
+            loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view(t.shape)).sum() for t in flat)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            # No gradient at all (None) where no sequence runs: zeros, as the fused op gives.
+            results.append(flat + [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)])
+        for i, (got, expected) in enumerate(zip(results[1], results[0])):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=f"{lengths} result {i}")
+    # Every sequence of length 0 in a batch of T = 0 steps too.
+    module = cls(3, 4, **_module_kwargs(mode, proj_size=2) if mode == "LSTM" else _module_kwargs(mode))
+    output, _ = module(torch.randn(0, 2, 3), lengths=torch.zeros(2, dtype=torch.long))
+    assert output.shape == (0, 2, 2 if mode == "LSTM" else 4)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -264,6 +312,35 @@ def test_convert_swaps_torchcrf():
     assert isinstance(model.crf, fastner.nn.CRF)
     torch.testing.assert_close(model.crf(emissions, tags), before[0], rtol=1e-5, atol=1e-5)
     assert model.crf.decode(emissions) == before[1]
+
+
+def test_convert_keeps_torchcrf_module_its_parameters_and_sharing():
+    # convert() rebinds torchcrf.CRF's class in place (as it does for the recurrent layers): an
+    # optimizer built before it still trains the CRF, frozen parameters stay frozen, hooks stay,
+    # and a CRF shared by two parents stays one module.
+    torchcrf = pytest.importorskip("torchcrf")
+    crf, frozen = torchcrf.CRF(4, batch_first=True), torchcrf.CRF(4).double().requires_grad_(False)
+    model = torch.nn.ModuleDict({"crf": crf, "heads": torch.nn.ModuleList([crf, frozen])})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    crf.register_forward_hook(lambda *args: calls.append(1))
+    expected = torchcrf.CRF(4, batch_first=True)
+    expected.load_state_dict(crf.state_dict())
+
+    assert fastner.nn.convert(model) is model
+    assert model["crf"] is crf and model["heads"][0] is crf and model["heads"][1] is frozen
+    assert type(crf) is fastner.nn.CRF and type(frozen) is fastner.nn.CRF
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert frozen.transitions.dtype == torch.float64
+    assert list(crf.state_dict()) == list(expected.state_dict())
+    emissions, tags = torch.randn(2, 3, 4), torch.randint(0, 4, (2, 3))
+    torch.testing.assert_close(crf(emissions, tags), expected(emissions, tags))
+    assert crf.decode(emissions) == expected.decode(emissions)
+    assert calls == [1]  # (decode is a method, not a forward: no hook)
+    before = crf.transitions.detach().clone()
+    (-crf(emissions, tags)).backward()
+    optimizer.step()
+    assert not torch.equal(crf.transitions, before)  # the optimizer's parameters are the CRF's
 
 
 # ---------------------------------------------------------------------------------------------

@@ -335,6 +335,27 @@ def test_empty_batch_and_all_empty_sequences(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_no_steps_without_lengths_is_refused_like_torch(mode):
+    # torch refuses T = 0 ("Expected sequence length to be larger than 0"); the fused path
+    # answered zeros. With lengths= (all 0) T = 0 is a batch of empty sequences: taken.
+    for batch_first, batch in itertools.product((False, True), (0, 2)):
+        case = RNNCase(
+            mode=mode, num_layers=2, bidirectional=True, batch_first=batch_first, input_size=3,
+            hidden_size=4, bias=True, dtype=torch.float64, form="padded", with_hx=False,
+            time_len=1, lengths=(1,),
+        )
+        reference, fused = make_pair(case)
+        x = torch.randn((batch, 0, 3) if batch_first else (0, batch, 3), dtype=torch.float64)
+        with pytest.raises(RuntimeError) as expected:
+            reference(x)
+        with pytest.raises(RuntimeError) as got:
+            fused(x)
+        assert str(got.value) == str(expected.value)
+        output, _ = fused(x, lengths=torch.zeros(batch, dtype=torch.long))
+        assert output.shape == x.shape[:2] + (8,)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_non_contiguous_and_expanded_output_gradients(mode):
     # The backward reads grad_output with its strides (out.sum() hands an expanded, stride-0
     # tensor; a permuted one has no unit stride anywhere it is read): same gradients as torch.
