@@ -140,6 +140,9 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     ctx->saved_data["batch"] = B;
     const Tensor tokens = tokens_for(how, lengths, transitions.scalar_type());
     if (tokens.defined()) ctx->saved_data["tokens"] = tokens;
+    // The inputs as given (the non-fused backward reads them; a gradient of a gradient
+    // recomputes from them): references, no copies.
+    ctx->save_for_backward({emissions, tags, lengths, transitions, start, end});
     if (fused) {
       auto [total, grad_emissions, grad_transitions, grad_start, grad_end] =
           forward_backward_op().call(em, tg, lengths, transitions, start, end);
@@ -153,9 +156,37 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
       return scaled(how, total, B, tokens);
     }
     auto [log_z, gold] = forward_op().call(em, tg, lengths, transitions, start, end);
-    ctx->save_for_backward({em, tg, lengths, transitions, start, end});
     const Tensor llh = gold - log_z;
     return how == Reduction::None ? llh : scaled(how, llh.sum(), B, tokens);
+  }
+
+  // backward with a graph (create_graph=True: a gradient of a gradient, as in gradient
+  // penalties). The fused gradients above are plain numbers with no graph: autograd would take
+  // their derivative as zero or refuse it. Instead the likelihood is computed again through
+  // crf_forward, whose autograd formula differentiates twice (fastner/ops/crf.py), and
+  // differentiated with a graph, at the speed of that path.
+  static variable_list differentiable_backward(AutogradContext* ctx, const Tensor& grad, Reduction how,
+                                               bool batch_first) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& lengths = saved[2];
+    const std::vector<int64_t> slots = {0, 3, 4, 5};  // emissions, transitions, start, end
+    const std::vector<Tensor> inputs = {saved[0], saved[3], saved[4], saved[5]};
+    std::vector<Tensor> wanted;
+    std::vector<size_t> wanted_at;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (inputs[i].requires_grad()) wanted.push_back(inputs[i]), wanted_at.push_back(i);
+    }
+    variable_list out(8);
+    if (wanted.empty()) return out;
+    // the batch-first views made here, under grad mode, so that the graph reaches the inputs
+    const Tensor em = batch_first ? saved[0] : saved[0].transpose(0, 1);
+    const Tensor tg = batch_first ? saved[1] : saved[1].transpose(0, 1);
+    auto [log_z, gold] = forward_op().call(em, tg, lengths, saved[3], saved[4], saved[5]);
+    const Tensor llh = reduce(how, gold - log_z, lengths);
+    const variable_list grads = torch::autograd::grad({llh}, wanted, {grad}, /*retain_graph=*/true,
+                                                      /*create_graph=*/true, /*allow_unused=*/true);
+    for (size_t n = 0; n < wanted.size(); ++n) out[slots[wanted_at[n]]] = grads[n];
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -166,6 +197,7 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     const bool batch_first = ctx->saved_data["batch_first"].toBool();
     const int64_t B = ctx->saved_data["batch"].toInt();
     const Tensor tokens = how == Reduction::TokenMean ? ctx->saved_data["tokens"].toTensor() : Tensor();
+    if (at::GradMode::is_enabled()) return differentiable_backward(ctx, grad, how, batch_first);
     // d out / d total for a reduced likelihood (total = sum_b llh_b).
     const Tensor factor = how == Reduction::None ? Tensor() : scaled(how, grad, B, tokens);
     if (ctx->saved_data["fused"].toBool()) {
@@ -176,12 +208,13 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
       return out;
     }
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor& em = saved[0];
+    const Tensor em = batch_first ? saved[0] : saved[0].transpose(0, 1);
+    const Tensor tg = batch_first ? saved[1] : saved[1].transpose(0, 1);
     // d out / d llh_b per sequence: grad itself ([B], 'none'), else d out / d total spread over
     // B (the kernels read stride-0 tensors as they are).
     const Tensor weight = how == Reduction::None ? grad : factor.expand({B});
     auto [grad_emissions, grad_transitions, grad_start, grad_end] =
-        backward_op().call(-weight, weight, em, saved[1], saved[2], saved[3], saved[4], saved[5]);
+        backward_op().call(-weight, weight, em, tg, saved[2], saved[3], saved[4], saved[5]);
     out[0] = batch_first ? grad_emissions : grad_emissions.transpose(0, 1);
     out[3] = grad_transitions;
     out[4] = grad_start;

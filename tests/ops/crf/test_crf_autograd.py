@@ -130,3 +130,48 @@ def test_crf_forward_double_backward():
         return ops.crf_forward(emissions, tags, lengths, transitions, start, end)
 
     assert torch.autograd.gradgradcheck(forward, leaves, nondet_tol=1e-10)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_crf_log_likelihood_double_backward(reduction, batch_first):
+    # create_graph=True through CRF.forward's op (gradient penalties): its fused gradients carry
+    # no graph, so the second grad raised that they do not require grad (pytorch-crf has one).
+    args = _crf_inputs(batch_first)
+    op = torch.ops.fastner.crf_log_likelihood.default
+    leaves = [args[0], *args[3:]]
+
+    def llh(em, tr, st, en):
+        return op(em, args[1], args[2], tr, st, en, reduction, batch_first)
+
+    assert torch.autograd.gradgradcheck(llh, tuple(leaves))
+    # the second derivative equals the reference path's, and only the asked-for leaves get one
+    first = torch.autograd.grad(llh(*leaves).sum(), leaves, create_graph=True)
+    penalty = sum((g ** 2).sum() for g in first)
+    got = torch.autograd.grad(penalty, leaves)
+    with testing.backend("reference"):
+        first_ref = torch.autograd.grad(ops.crf_log_likelihood(*args, reduction, batch_first).sum(), leaves,
+                                        create_graph=True)
+        want = torch.autograd.grad(sum((g ** 2).sum() for g in first_ref), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    only_transitions = torch.autograd.grad(llh(*leaves).sum(), [args[3]], create_graph=True)[0]
+    assert only_transitions.requires_grad and only_transitions.shape == args[3].shape
+
+
+def test_crf_module_double_backward_matches_pytorch_crf():
+    torchcrf = pytest.importorskip("torchcrf")
+    import fastner.nn
+
+    torch.manual_seed(5)
+    ours, theirs = fastner.nn.CRF(4, batch_first=True).double(), torchcrf.CRF(4, batch_first=True).double()
+    ours.load_state_dict(theirs.state_dict())
+    emissions = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    tags = torch.randint(0, 4, (3, 5))
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] + [0] * 4], dtype=torch.bool)
+    results = []
+    for crf in (ours, theirs):
+        (grad,) = torch.autograd.grad(crf(emissions, tags, mask), [emissions], create_graph=True)
+        results.append(torch.autograd.grad((grad ** 2).sum(), [emissions, *crf.parameters()]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
