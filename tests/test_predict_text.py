@@ -188,3 +188,37 @@ def test_text_without_sentence_ends_is_tagged_in_bounded_pieces(tagger):
     result = tagger.predict(document)
     assert [len(s["tokens"]) for s in result["sentences"]] == [MAX_SENTENCE_TOKENS, MAX_SENTENCE_TOKENS, 10]
     check_document(document, result)
+
+
+def test_scores_exact_with_news_sized_emissions(tagger):
+    """A span's probability is a difference of two log partitions. A CoNLL model's partitions
+    run to the thousands, where float32 is exact to ~1e-4: scores came out up to 1e-4 off
+    (different alone and in a batch, below the best path's probability; 1.4e-4 here). Emissions
+    of that size through the analyser, against the same computation in float64."""
+    from fastner import ops
+    from fastner.inference import Analyser
+    from fastner.span_scores import span_log_probabilities
+
+    scores = tagger.model.transition_scores()
+    K = len(tagger.tags.itos)
+    T = 300
+    emissions = torch.randn(1, T, K, generator=torch.Generator().manual_seed(0)) * 3 + 40
+
+    def infer(words, chars, lengths):
+        tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
+        log_z, _ = ops.crf_forward(emissions, None, lengths, *scores)
+        return tags, log_z, emissions
+
+    analyser = Analyser(infer, tagger.words, tagger.chars, tagger.tags, False, scores, torch.device("cpu"))
+    analysis = analyser.analyse([["Oslo"] * T], nbest=3)[0]
+    assert analysis.spans
+    scores64 = tuple(t.double() for t in scores)
+    lengths = torch.tensor([T])
+    log_z64, _ = ops.crf_forward(emissions.double(), None, lengths, *scores64)
+    exact = span_log_probabilities(emissions.double(), lengths, log_z64, scores64,
+                                   [(0, s, e, label) for s, e, label, _ in analysis.spans], analyser.tag_ids)
+    for (_, _, _, p), log_p in zip(analysis.spans, exact):
+        assert p == pytest.approx(math.exp(log_p), abs=1e-5)  # float32 over 300 tokens: 4e-6 here
+    best = analysis.nbest[0][0]
+    assert sum(p for p, _ in analysis.nbest) <= 1.0 + 1e-5
+    assert all(p >= best - 1e-5 for _, _, _, p in analysis.spans)  # the best path is one of each span's paths
