@@ -27,7 +27,7 @@ def assert_offsets(text, sentences):
         for token, start, end in sentence:
             assert text[start:end] == token
             assert start >= previous_end and end > start
-            assert " " not in working_copy(token), repr(token)  # no separator inside a token
+            assert not any(c.isspace() for c in working_copy(token)), repr(token)  # no separator inside a token
             previous_end = end
 
 
@@ -67,6 +67,21 @@ def test_sentences_are_split():
     text = "Apple rose 3% on Monday. Mr. Cook said the U.S. market grew. Shares fell!\n\nNew paragraph here"
     assert [s[0] for s in words(text)] == ["Apple", "Mr.", "Shares", "New"]
     assert list(iter_sentences(text)) == tokenize(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Apple Inc\n\nMicrosoft fell", [["Apple", "Inc"], ["Microsoft", "fell"]]),
+    ("SHARES RISE\r\n\r\nLONDON rose", [["SHARES", "RISE"], ["LONDON", "rose"]]),
+    ("Apple \n \t\n London", [["Apple"], ["London"]]),  # a line of only spaces is blank
+    ("Apple\r\rLondon", [["Apple"], ["London"]]),  # old Mac line ends
+    ("Apple\u2028\u2028London", [["Apple"], ["London"]]),  # unicode line separators
+    ("Shares of New\r\nYork Times rose", [["Shares", "of", "New", "York", "Times", "rose"]]),  # one line break
+])
+def test_blank_line_ends_a_sentence(text, expected):
+    """A headline or dateline has no full stop: turning line breaks into spaces ran it into the
+    next paragraph, and one entity spanned both ("Apple\n\nLondon" tagged as one ORG)."""
+    assert words(text) == expected
+    assert_offsets(text, tokenize(text))
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\n\t", "\x00\x01", "\u200b\ufeff"])
@@ -143,12 +158,16 @@ def test_period_split_inside_an_unsplit_sentence():
 def _reference_working_copy(text):
     import unicodedata
 
-    from fastner.text.tokenizer import _QUOTES, _SPACE_LIKE
+    from fastner.text.tokenizer import _LINE_BREAKS, _QUOTES, _SPACE_LIKE
 
     out = []
-    for ch in text:
+    for number, ch in enumerate(text):
         if ch in _QUOTES:
             out.append(_QUOTES[ch])
+        elif ch == "\r" and text[number + 1 : number + 2] == "\n":
+            out.append(" ")
+        elif ch in _LINE_BREAKS:
+            out.append("\n")
         elif ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
             out.append(" ")
         else:
