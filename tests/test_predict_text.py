@@ -164,6 +164,23 @@ def test_softmax_head_scores(softmax_tagger):
         assert sentence["nbest"][0]["tags"] == sentence["tags"]
 
 
+def test_model_reads_quotes_straight_and_soft_hyphens_dropped(tagger):
+    """Curly quotes and soft hyphens are how the text was printed, not what it says: the model
+    reads the tokens as CoNLL-2003 prints them (a curly closing quote was tagged as the end of
+    the name before it, a soft hyphen cut "Frank\u00adfurt" in two); offsets stay the document's."""
+    from fastner.text import model_form
+
+    printed = "\u201cKestrel Pharma\u2019s\u201d shares jumped in Frank\u00adfurt, Omar Haddad said."
+    plain = '"Kestrel Pharma\'s" shares jumped in Frankfurt, Omar Haddad said.'
+    result = tagger.predict(printed)
+    check_document(printed, result)
+    assert "Frank\u00adfurt" in result["sentences"][0]["tokens"]
+    expected = tagger.predict(plain)
+    assert result["sentences"][0]["tags"] == expected["sentences"][0]["tags"]
+    assert [(model_form(e["text"]), e["label"], e["score"]) for e in result["entities"]] == \
+           [(e["text"], e["label"], e["score"]) for e in expected["entities"]]
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (b"bytes", TypeError, "decode bytes"),
     (3, TypeError, "got int"),

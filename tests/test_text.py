@@ -56,6 +56,8 @@ def assert_offsets(text, sentences):
     ("Oil\u00a0rose\u2009today.", ["Oil", "rose", "today", "."]),  # NBSP and thin space separate
     ("Bad\x00byte\x1fhere\u200bnow.", ["Bad", "byte", "here", "now", "."]),  # control and zero-width
     ("Wait\u2026 what?", ["Wait", "\u2026", "what", "?"]),
+    ("Bun\u00addes\u00adbank in Frank\u00adfurt", ["Bun\u00addes\u00adbank", "in", "Frank\u00adfurt"]),  # soft hyphens
+    ("end\u00ad \u00ad \u00adstart.", ["end", "start", "."]),  # not inside a word: a separator
     ("Lt. Italo Pineda said.", ["Lt.", "Italo", "Pineda", "said", "."]),
 ])
 def test_conll_conventions(text, expected):
@@ -168,6 +170,10 @@ def _reference_working_copy(text):
             out.append(" ")
         elif ch in _LINE_BREAKS:
             out.append("\n")
+        elif ch == "\u00ad":  # kept between two word characters
+            inside = 0 < number < len(text) - 1 and all(
+                c.isalnum() or c == "_" for c in (text[number - 1], text[number + 1]))
+            out.append(ch if inside else " ")
         elif ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
             out.append(" ")
         else:

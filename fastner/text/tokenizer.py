@@ -29,7 +29,11 @@ Token = Tuple[str, int, int]  # (text[start:end], start, end)
 # Same-length replacements for the working copy (one character for one character).
 _QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u00ab": '"', "\u00bb": '"',
            "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "`": "'"}
-_SPACE_LIKE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
+_SPACE_LIKE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"}
+# A soft hyphen (HTML &shy;) marks where a word may break: inside a word it keeps the word whole
+# ("Frank\u00adfurt" was Frank + furt, tagged PER), anywhere else it separates like a space.
+_SOFT_HYPHEN = "\u00ad"
+_LOOSE_SOFT_HYPHEN = re.compile(r"(?<!\w)\u00ad|\u00ad(?!\w)")
 # Kept as "\n" (the rest of whitespace becomes " "): syntok starts a paragraph at a blank line.
 _LINE_BREAKS = {"\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"}
 
@@ -121,6 +125,8 @@ def _working_char(ch: str) -> str:
         return _QUOTES[ch]
     if ch in _LINE_BREAKS:
         return "\n"
+    if ch == _SOFT_HYPHEN:
+        return ch  # working_copy decides by its neighbours
     if ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
         return " "
     return ch
@@ -133,7 +139,17 @@ def working_copy(text: str) -> str:
     """`text` with line breaks as "\n", every other character that should separate tokens as
     a plain space and curly quotes as straight ones; the same length, so offsets carry over."""
     # CRLF is one line break, not the blank line two breaks in a row would read as
-    return text.replace("\r\n", " \n").translate(_WORKING_TABLE)
+    work = text.replace("\r\n", " \n").translate(_WORKING_TABLE)
+    if _SOFT_HYPHEN in work:
+        work = _LOOSE_SOFT_HYPHEN.sub(" ", work)
+    return work
+
+
+def model_form(token: str) -> str:
+    """A token of raw text as the model reads it: quotes straight, as CoNLL-2003 prints them (a
+    curly closing quote was read as the end of the name before it: "BNP\u00bb" tagged ORG), soft
+    hyphens dropped ("Frank\u00adfurt" is Frankfurt). Training on raw text reads the same form."""
+    return working_copy(token).replace(_SOFT_HYPHEN, "")
 
 
 def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
