@@ -152,23 +152,40 @@ def model_form(token: str) -> str:
     return working_copy(token).replace(_SOFT_HYPHEN, "")
 
 
+# A blank line, as syntok's segmenter finds paragraphs (the working copy's only whitespace is
+# " " and "\n").
+_PARAGRAPH_BREAK = re.compile(r"\n(?: *\n)+")
+
+
+def _paragraphs(work: str) -> Iterator[Tuple[int, int]]:
+    begin = 0
+    for match in _PARAGRAPH_BREAK.finditer(work):
+        yield begin, match.start()
+        begin = match.end()
+    yield begin, len(work)
+
+
 def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
     """(start, end) of each sentence in the working copy, whitespace trimmed."""
     from syntok import segmenter
 
     starts = []
-    for paragraph in segmenter.analyze(work):
+    for begin, finish in _paragraphs(work):
         first = True
-        for sentence in paragraph:
-            if not sentence:
-                continue
-            if starts and not first:  # a paragraph always starts a sentence
-                previous = work[starts[-1]:sentence[0].offset].rstrip()
-                if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous):
-                    # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after them
+        # one paragraph at a time: syntok's analyze() pads each paragraph with as many spaces as
+        # the text before it and scans them again, quadratic in the paragraphs of a document
+        for paragraph in segmenter.analyze(work[begin:finish]):
+            for sentence in paragraph:
+                if not sentence:
                     continue
-            starts.append(sentence[0].offset)
-            first = False
+                offset = begin + sentence[0].offset
+                if starts and not first:  # a paragraph always starts a sentence
+                    previous = work[starts[-1]:offset].rstrip()
+                    if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous):
+                        # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after them
+                        continue
+                starts.append(offset)
+                first = False
     for number, start in enumerate(starts):
         end = starts[number + 1] if number + 1 < len(starts) else len(work)
         while end > start and work[end - 1] in " \n":
