@@ -115,7 +115,7 @@ def relative_to_path(emissions: Tensor, tags: Tensor, lengths: Tensor,
     B, T, K = e.shape
     device = e.device
     lengths = lengths.to(device)
-    y = tags[:, :T].to(device).clamp(0, K - 1)  # past a row's length: any tag, masked below
+    y = tags[:, :T].to(device, torch.long).clamp(0, K - 1)  # past a row's length: any tag, masked below
     step = e.gather(2, y.unsqueeze(2)).squeeze(2)
     step[:, 1:] += transitions[y[:, :-1], y[:, 1:]]
     step[:, 0] += start[y[:, 0]]
