@@ -181,6 +181,21 @@ def test_model_reads_quotes_straight_and_soft_hyphens_dropped(tagger):
            [(e["text"], e["label"], e["score"]) for e in expected["entities"]]
 
 
+def test_model_reads_accents_composed(tagger):
+    """The same name with its accents decomposed (NFD: "e" + U+0301, as macOS and some feeds
+    write it) is read as the composed one; offsets stay the document's."""
+    import unicodedata
+
+    composed = "Shares of Nestl\u00e9 and Soci\u00e9t\u00e9 G\u00e9n\u00e9rale rose in Z\u00fcrich, Ren\u00e9 Haddad said."
+    decomposed = unicodedata.normalize("NFD", composed)
+    result = tagger.predict(decomposed)
+    check_document(decomposed, result)
+    expected = tagger.predict(composed)
+    assert result["sentences"][0]["tags"] == expected["sentences"][0]["tags"]
+    assert [(unicodedata.normalize("NFC", e["text"]), e["label"], e["score"]) for e in result["entities"]] == \
+           [(e["text"], e["label"], e["score"]) for e in expected["entities"]]
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (b"bytes", TypeError, "decode bytes"),
     (3, TypeError, "got int"),

@@ -148,8 +148,10 @@ def working_copy(text: str) -> str:
 def model_form(token: str) -> str:
     """A token of raw text as the model reads it: quotes straight, as CoNLL-2003 prints them (a
     curly closing quote was read as the end of the name before it: "BNP\u00bb" tagged ORG), soft
-    hyphens dropped ("Frank\u00adfurt" is Frankfurt). Training on raw text reads the same form."""
-    return working_copy(token).replace(_SOFT_HYPHEN, "")
+    hyphens dropped ("Frank\u00adfurt" is Frankfurt), accents composed (NFC: "Nestle\u0301",
+    as macOS and some feeds write it, was no entity where "Nestl\u00e9" is an ORG). Training on
+    raw text reads the same form."""
+    return unicodedata.normalize("NFC", working_copy(token).replace(_SOFT_HYPHEN, ""))
 
 
 # A blank line, as syntok's segmenter finds paragraphs (the working copy's only whitespace is
