@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 from fastner.data.schemes import convert_tags, tags_to_spans
 from fastner.inference import Analyser, SentenceAnalysis, check_options
-from fastner.text import tokenize
+from fastner.text import model_form, tokenize
 
 # A stream is read in groups of about this many sentences per batch_size: bounded memory, and
 # enough sentences to fill length-sorted batches.
@@ -100,7 +100,7 @@ def _bounded(sentences: List[list]) -> List[list]:
 
 def _documents(analyser, documents: List[str], output_scheme, batch_size, nbest) -> List[dict]:
     tokenized = [_bounded(tokenize(document)) for document in documents]
-    flat = [[token for token, _, _ in sentence] for sentences in tokenized for sentence in sentences]
+    flat = [[model_form(token) for token, _, _ in sentence] for sentences in tokenized for sentence in sentences]
     analyses = iter(analyser.analyse(flat, batch_size, nbest))
     results = []
     for document, sentences in zip(documents, tokenized):

@@ -18,7 +18,7 @@ from fastner.data.batching import encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import tags_to_spans
 from fastner.predictions import check_batch_size
-from fastner.span_scores import kbest, span_log_probabilities
+from fastner.span_scores import kbest, relative_to_path, span_log_probabilities
 
 # (words [B, T], chars [B, T, C], lengths [B]) -> (tags [B, T], log_z [B], emissions [B, T, K])
 # Sentences encoded and length-sorted together: batch_size * GROUP_BATCHES.
@@ -100,6 +100,8 @@ class Analyser:
                 spans = tags_to_spans(names)
                 decoded.append((names, spans))
                 requests.extend((row, s, e, label) for s, e, label in spans)
+            if (scores and requests) or nbest:
+                emissions, log_z = relative_to_path(emissions, tags, lengths, self.scores)
             log_probs = iter(span_log_probabilities(emissions, lengths, log_z, self.scores, requests, self.tag_ids)
                              if scores else [float("-inf")] * len(requests))
             if nbest:

@@ -29,6 +29,15 @@ def test_both_annotation_forms(tmp_path):
     assert first[1].tags == ["B-ORG", "O", "O", "O", "O"]
 
 
+def test_raw_text_tokens_in_the_form_the_model_reads(tmp_path):
+    """Training on raw text reads tokens as prediction does (fastner.text.model_form)."""
+    text = "\u201cTesla\u2019s\u201d rose in Frank\u00adfurt."
+    path = write(tmp_path / "a.jsonl", [{"text": text, "spans": [[1, 6, "ORG"], [18, 28, "LOC"]]}])
+    sentence = read_jsonl(path)[0]
+    assert sentence.tokens == ['"', "Tesla", "'s", '"', "rose", "in", "Frankfurt", "."]
+    assert sentence.tags == ["O", "B-ORG", "O", "O", "O", "O", "B-LOC", "O"]
+
+
 @pytest.mark.parametrize("span, message", [
     ((1, 5, "ORG"), "span [1, 5) 'ORG' 'esla' does not fall on token boundaries"),
     ((0, 200, "ORG"), "out of range"),

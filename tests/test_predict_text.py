@@ -164,6 +164,38 @@ def test_softmax_head_scores(softmax_tagger):
         assert sentence["nbest"][0]["tags"] == sentence["tags"]
 
 
+def test_model_reads_quotes_straight_and_soft_hyphens_dropped(tagger):
+    """Curly quotes and soft hyphens are how the text was printed, not what it says: the model
+    reads the tokens as CoNLL-2003 prints them (a curly closing quote was tagged as the end of
+    the name before it, a soft hyphen cut "Frank\u00adfurt" in two); offsets stay the document's."""
+    from fastner.text import model_form
+
+    printed = "\u201cKestrel Pharma\u2019s\u201d shares jumped in Frank\u00adfurt, Omar Haddad said."
+    plain = '"Kestrel Pharma\'s" shares jumped in Frankfurt, Omar Haddad said.'
+    result = tagger.predict(printed)
+    check_document(printed, result)
+    assert "Frank\u00adfurt" in result["sentences"][0]["tokens"]
+    expected = tagger.predict(plain)
+    assert result["sentences"][0]["tags"] == expected["sentences"][0]["tags"]
+    assert [(model_form(e["text"]), e["label"], e["score"]) for e in result["entities"]] == \
+           [(e["text"], e["label"], e["score"]) for e in expected["entities"]]
+
+
+def test_model_reads_accents_composed(tagger):
+    """The same name with its accents decomposed (NFD: "e" + U+0301, as macOS and some feeds
+    write it) is read as the composed one; offsets stay the document's."""
+    import unicodedata
+
+    composed = "Shares of Nestl\u00e9 and Soci\u00e9t\u00e9 G\u00e9n\u00e9rale rose in Z\u00fcrich, Ren\u00e9 Haddad said."
+    decomposed = unicodedata.normalize("NFD", composed)
+    result = tagger.predict(decomposed)
+    check_document(decomposed, result)
+    expected = tagger.predict(composed)
+    assert result["sentences"][0]["tags"] == expected["sentences"][0]["tags"]
+    assert [(unicodedata.normalize("NFC", e["text"]), e["label"], e["score"]) for e in result["entities"]] == \
+           [(e["text"], e["label"], e["score"]) for e in expected["entities"]]
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (b"bytes", TypeError, "decode bytes"),
     (3, TypeError, "got int"),
@@ -188,3 +220,37 @@ def test_text_without_sentence_ends_is_tagged_in_bounded_pieces(tagger):
     result = tagger.predict(document)
     assert [len(s["tokens"]) for s in result["sentences"]] == [MAX_SENTENCE_TOKENS, MAX_SENTENCE_TOKENS, 10]
     check_document(document, result)
+
+
+def test_scores_exact_with_news_sized_emissions(tagger):
+    """A span's probability is a difference of two log partitions. A CoNLL model's partitions
+    run to the thousands, where float32 is exact to ~1e-4: scores came out up to 1e-4 off
+    (different alone and in a batch, below the best path's probability; 1.4e-4 here). Emissions
+    of that size through the analyser, against the same computation in float64."""
+    from fastner import ops
+    from fastner.inference import Analyser
+    from fastner.span_scores import span_log_probabilities
+
+    scores = tagger.model.transition_scores()
+    K = len(tagger.tags.itos)
+    T = 300
+    emissions = torch.randn(1, T, K, generator=torch.Generator().manual_seed(0)) * 3 + 40
+
+    def infer(words, chars, lengths):
+        tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
+        log_z, _ = ops.crf_forward(emissions, None, lengths, *scores)
+        return tags, log_z, emissions
+
+    analyser = Analyser(infer, tagger.words, tagger.chars, tagger.tags, False, scores, torch.device("cpu"))
+    analysis = analyser.analyse([["Oslo"] * T], nbest=3)[0]
+    assert analysis.spans
+    scores64 = tuple(t.double() for t in scores)
+    lengths = torch.tensor([T])
+    log_z64, _ = ops.crf_forward(emissions.double(), None, lengths, *scores64)
+    exact = span_log_probabilities(emissions.double(), lengths, log_z64, scores64,
+                                   [(0, s, e, label) for s, e, label, _ in analysis.spans], analyser.tag_ids)
+    for (_, _, _, p), log_p in zip(analysis.spans, exact):
+        assert p == pytest.approx(math.exp(log_p), abs=1e-5)  # float32 over 300 tokens: 4e-6 here
+    best = analysis.nbest[0][0]
+    assert sum(p for p, _ in analysis.nbest) <= 1.0 + 1e-5
+    assert all(p >= best - 1e-5 for _, _, _, p in analysis.spans)  # the best path is one of each span's paths

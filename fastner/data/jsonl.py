@@ -48,7 +48,7 @@ def _spans_of(record: dict, where: str) -> List[Tuple[int, int, str]]:
 def sentences_from_text(text: str, spans: Sequence[Tuple[int, int, str]], where: str,
                         misaligned: str = "reject") -> List[Sentence]:
     """Tokenize `text` (fastner.text) and tag its sentences (IOB2) with the character spans."""
-    from fastner.text import tokenize
+    from fastner.text import model_form, tokenize
 
     if misaligned not in MISALIGNED:
         raise ValueError(f"misaligned must be one of {MISALIGNED}, got {misaligned!r}")
@@ -83,7 +83,7 @@ def sentences_from_text(text: str, spans: Sequence[Tuple[int, int, str]], where:
         taken.append((first, last, start, end, label))
         sentence = owner[first]
         token_spans[sentence].append((first - first_token[sentence], last + 1 - first_token[sentence], label))
-    return [Sentence([t for t, _, _ in sentence], spans_to_tags(found, len(sentence), "IOB2"))
+    return [Sentence([model_form(t) for t, _, _ in sentence], spans_to_tags(found, len(sentence), "IOB2"))
             for sentence, found in zip(sentences, token_spans)]
 
 

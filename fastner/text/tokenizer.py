@@ -10,9 +10,11 @@ fastner.text.agreement and the README for the comparison):
     syntok's own word tokenizer drops hyphens ("Port-au-Prince" -> Port, au, Prince) and splits
     `U.S.` into `U.S` + `.`.
 
-Offsets come from running both on a same-length working copy of the text (control characters,
-zero-width characters and unicode spaces turned into plain spaces, curly quotes into straight
-ones), so every offset indexes the original string and every token is `text[start:end]`.
+Offsets come from running both on a same-length working copy of the text (line breaks turned
+into "\n", other control characters, zero-width characters and unicode spaces into plain spaces,
+curly quotes into straight ones), so every offset indexes the original string and every token is
+`text[start:end]`. A blank line ends a paragraph, and so a sentence: headlines and datelines have
+no full stop.
 URLs, e-mail addresses, exchange tickers (NYSE:IBM) and ampersand names (AT&T, S&P) are kept
 whole; unicode dashes and ellipses stand alone.
 """
@@ -27,7 +29,13 @@ Token = Tuple[str, int, int]  # (text[start:end], start, end)
 # Same-length replacements for the working copy (one character for one character).
 _QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u00ab": '"', "\u00bb": '"',
            "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "`": "'"}
-_SPACE_LIKE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}
+_SPACE_LIKE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"}
+# A soft hyphen (HTML &shy;) marks where a word may break: inside a word it keeps the word whole
+# ("Frank\u00adfurt" was Frank + furt, tagged PER), anywhere else it separates like a space.
+_SOFT_HYPHEN = "\u00ad"
+_LOOSE_SOFT_HYPHEN = re.compile(r"(?<!\w)\u00ad|\u00ad(?!\w)")
+# Kept as "\n" (the rest of whitespace becomes " "): syntok starts a paragraph at a blank line.
+_LINE_BREAKS = {"\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"}
 
 # Pieces kept as one token (or, for dashes and ellipses, cut out as their own token) before the
 # word tokenizer sees the text between them.
@@ -115,6 +123,10 @@ class _WorkingCopyTable(dict):
 def _working_char(ch: str) -> str:
     if ch in _QUOTES:
         return _QUOTES[ch]
+    if ch in _LINE_BREAKS:
+        return "\n"
+    if ch == _SOFT_HYPHEN:
+        return ch  # working_copy decides by its neighbours
     if ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
         return " "
     return ch
@@ -124,9 +136,35 @@ _WORKING_TABLE = _WorkingCopyTable()
 
 
 def working_copy(text: str) -> str:
-    """`text` with every character that should separate tokens as a plain space and curly
-    quotes as straight ones; the same length, so offsets carry over."""
-    return text.translate(_WORKING_TABLE)
+    """`text` with line breaks as "\n", every other character that should separate tokens as
+    a plain space and curly quotes as straight ones; the same length, so offsets carry over."""
+    # CRLF is one line break, not the blank line two breaks in a row would read as
+    work = text.replace("\r\n", " \n").translate(_WORKING_TABLE)
+    if _SOFT_HYPHEN in work:
+        work = _LOOSE_SOFT_HYPHEN.sub(" ", work)
+    return work
+
+
+def model_form(token: str) -> str:
+    """A token of raw text as the model reads it: quotes straight, as CoNLL-2003 prints them (a
+    curly closing quote was read as the end of the name before it: "BNP\u00bb" tagged ORG), soft
+    hyphens dropped ("Frank\u00adfurt" is Frankfurt), accents composed (NFC: "Nestle\u0301",
+    as macOS and some feeds write it, was no entity where "Nestl\u00e9" is an ORG). Training on
+    raw text reads the same form."""
+    return unicodedata.normalize("NFC", working_copy(token).replace(_SOFT_HYPHEN, ""))
+
+
+# A blank line, as syntok's segmenter finds paragraphs (the working copy's only whitespace is
+# " " and "\n").
+_PARAGRAPH_BREAK = re.compile(r"\n(?: *\n)+")
+
+
+def _paragraphs(work: str) -> Iterator[Tuple[int, int]]:
+    begin = 0
+    for match in _PARAGRAPH_BREAK.finditer(work):
+        yield begin, match.start()
+        begin = match.end()
+    yield begin, len(work)
 
 
 def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
@@ -134,19 +172,25 @@ def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
     from syntok import segmenter
 
     starts = []
-    for paragraph in segmenter.analyze(work):
-        for sentence in paragraph:
-            if not sentence:
-                continue
-            if starts:
-                previous = work[starts[-1]:sentence[0].offset].rstrip(" ")
-                if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous):
-                    # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after them
+    for begin, finish in _paragraphs(work):
+        first = True
+        # one paragraph at a time: syntok's analyze() pads each paragraph with as many spaces as
+        # the text before it and scans them again, quadratic in the paragraphs of a document
+        for paragraph in segmenter.analyze(work[begin:finish]):
+            for sentence in paragraph:
+                if not sentence:
                     continue
-            starts.append(sentence[0].offset)
+                offset = begin + sentence[0].offset
+                if starts and not first:  # a paragraph always starts a sentence
+                    previous = work[starts[-1]:offset].rstrip()
+                    if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous):
+                        # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after them
+                        continue
+                starts.append(offset)
+                first = False
     for number, start in enumerate(starts):
         end = starts[number + 1] if number + 1 < len(starts) else len(work)
-        while end > start and work[end - 1] == " ":
+        while end > start and work[end - 1] in " \n":
             end -= 1
         if end > start:
             yield start, end
