@@ -233,6 +233,34 @@ def test_resume_with_contradicting_settings_is_refused_naming_them(corpus, tmp_p
     assert len(train(train_data, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)["history"]) == 2
 
 
+def test_resume_with_other_data_is_refused(corpus, tmp_path):
+    train_data, dev_data = corpus
+    out = str(tmp_path / "m")
+    train(train_data, dev_data, out, tiny_config(), log=quiet)
+    other_train, other_dev = generate_corpus(40, 15, seed=6)
+    with pytest.raises(RunDirectoryError, match=r"the train data \(other sentences than the run's\)"):
+        train(other_train, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)
+    with pytest.raises(RunDirectoryError, match=r"the dev data \(other sentences than the run's\)"):
+        train(train_data, other_dev, out, tiny_config(epochs=2), resume=True, log=quiet)
+    assert len(train(train_data, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)["history"]) == 2
+
+
+@pytest.mark.parametrize("key, value", [
+    ("torch_rng", torch.zeros(3)), ("optimizer", {"state": {}}), ("python_rng", [1, 2]), ("best_f1", "high"),
+    ("epoch", -5), ("epoch", 10**6), ("history", 5), ("model", {"word_embedding.weight": torch.zeros(1)}),
+])
+def test_resume_from_a_checkpoint_of_the_wrong_shape_is_refused_naming_it(corpus, tmp_path, key, value):
+    train_data, dev_data = corpus
+    out = tmp_path / "m"
+    train(train_data, dev_data, str(out), tiny_config(), log=quiet)
+    os.remove(out / storage.MANIFEST_FILE)  # read as it is: a checkpoint from elsewhere
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state[key] = value
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(RunDirectoryError, match="checkpoint.pt holds a checkpoint fastner cannot continue"):
+        train(train_data, dev_data, str(out), tiny_config(epochs=2), resume=True, log=quiet)
+
+
 def test_file_set_paths_checks_what_a_reader_maps(tmp_path):
     from fastner.storage import MissingFiles, StorageError, file_set_paths, write_file_set
 
