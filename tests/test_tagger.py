@@ -206,6 +206,12 @@ def test_text_vectors_and_embedding_matrix(tmp_path):
     (tmp_path / "bad.txt").write_text("paris 1 2\nthe 1\n")
     with pytest.raises(EmbeddingsError, match=r"bad\.txt:2"):
         load_text_vectors(str(tmp_path / "bad.txt"))
+    # were read as nan/inf rows: garbage tags for every sentence with the word, or a training
+    # that diverged with the advice to lower --lr (1e5 is past the float16 frozen table)
+    for value in ("nan", "-inf", "1e50", "1e5"):
+        (tmp_path / "bad.txt").write_text(f"paris 1 2\nthe 1 {value}\n")
+        with pytest.raises(EmbeddingsError, match=rf"bad\.txt:2: the vector holds '{value}'; expected finite"):
+            load_text_vectors(str(tmp_path / "bad.txt"))
     assert load_pretrained("none") is None
 
 
