@@ -126,7 +126,8 @@ def read_config(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: JSONDecodeError, an integer of too many digits; RecursionError: nested too deep
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"{path}: not a JSON training config: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "history" in data:
         data = data["config"]  # a training.json: reuse the recipe of that run
