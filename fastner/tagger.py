@@ -70,6 +70,11 @@ def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
                                               for k, v in state.items()):
         raise TaggerLoadError(f"{path} holds a {type(state).__name__}, expected a state dict "
                               "(parameter names to tensors)")
+    # training stops at a non-finite loss before it saves, so nan/inf weights are a damaged file
+    # (read without a manifest), and would tag every sentence as garbage
+    damaged = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        raise TaggerLoadError(f"{path}: {damaged[0]} holds nan or inf values (a damaged weights file)")
     return state
 
 

@@ -159,6 +159,15 @@ def _swap_pad_and_unk(table):
     table["itos"][:2] = table["itos"][:2][::-1]
 
 
+def test_load_refuses_weights_holding_nan(trained, tmp_path):
+    model = _edited_copy(trained, tmp_path)
+    state = torch.load(model / "weights.pt", weights_only=True)
+    state["output.bias"][0] = float("nan")  # loaded, and tagged every sentence as garbage
+    torch.save(state, model / "weights.pt")
+    with pytest.raises(TaggerLoadError, match="weights.pt: output.bias holds nan or inf values"):
+        Tagger.load(str(model))
+
+
 @pytest.mark.parametrize("config_change, vocab_change, config_text, expected", [
     # sizes the weights do not back: refused before the model is built (10^9 hidden units would
     # ask for hundreds of GB; 10^6 layers took minutes), never an allocation failure or a hang
