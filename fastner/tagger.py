@@ -243,8 +243,9 @@ class Tagger:
         try:
             with torch.device("meta"):
                 skeleton = SequenceTagger(model_config)
-        except (RuntimeError, TypeError, ValueError, OverflowError) as err:
-            raise TaggerLoadError(f"{path!r}: incompatible config: {err}") from None
+        except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # sizes past what torch can address
+            raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "
+                                  f"its sizes cannot be built ({err})") from None
         _load_weights(skeleton, state, files[WEIGHTS_FILE])
         model = SequenceTagger(model_config, pretrained=pretrained)
         _load_weights(model, state, files[WEIGHTS_FILE])
