@@ -117,6 +117,10 @@ def _load_pretrained_table(path: str, config: ModelConfig):
     if vectors.shape != expected or vectors.dtype not in (np.float16, np.float32):
         raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds {vectors.dtype} {list(vectors.shape)}, "
                          f"expected float16 {list(expected)}")
+    # as for weights.pt: a saved table is finite, a nan row would tag every sentence with its word
+    # as garbage (~50 ms for GloVe's 400k rows)
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds nan or inf values (a damaged file)")
     if not isinstance(words, list) or len(words) != config.pretrained_rows or not all(isinstance(w, str) for w in words):
         raise ValueError(f"{PRETRAINED_WORDS_FILE} must be a list of {config.pretrained_rows} strings")
     return torch.from_numpy(vectors), words
