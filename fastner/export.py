@@ -219,6 +219,7 @@ def _check_meta(meta: dict, meta_path: str) -> None:
     fixed = meta.get("fixed_length", "absent")
     if fixed is not None and (not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 2):
         raise fail("fixed_length", "null or an integer >= 2")
+
     def is_row(row, size: int) -> bool:  # of numbers, or null for a forbidden transition (-inf)
         return isinstance(row, list) and len(row) == size and all(
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in row)
