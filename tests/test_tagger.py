@@ -184,6 +184,7 @@ def test_load_refuses_weights_holding_nan(trained, tmp_path):
     (lambda c: c.update(digits_to_zero="false"), None, None, "digits_to_zero must be true or false"),
     (lambda c: c["model"].update(use_chars="false"), None, None, "use_chars must be true or false"),
     (lambda c: c["model"].update(hidden=True), None, None, "hidden must be an integer"),
+    (lambda c: c.update(format_version=True), None, None, "holds tagger format True"),
     (lambda c: c.update(output_scheme="XYZ"), None, None, "incompatible config or vocabulary: scheme must be"),
     # vocabularies that loaded and tagged silently wrong (or failed only when tagging)
     (None, lambda v: _swap_pad_and_unk(v["words"]), None, "<pad> ids differ from the model's word_pad"),
@@ -191,7 +192,7 @@ def test_load_refuses_weights_holding_nan(trained, tmp_path):
     (None, lambda v: v["chars"].update(specials=["<pad>"], itos=["<pad>", "§"] + v["chars"]["itos"][2:]),
      None, "must hold the unknown entry <unk>"),
 ], ids=["hidden-1e9", "word_dim-1e9", "layers-1e6", "char_dim-0", "char_filters-negative", "word_pad-1e9",
-        "hidden-infinity", "deep-nesting", "digits_to_zero-string", "use_chars-string", "hidden-bool",
+        "hidden-infinity", "deep-nesting", "digits_to_zero-string", "use_chars-string", "hidden-bool", "format_version-bool",
         "output_scheme-unknown", "pad-unk-swapped", "itos-number", "no-unk"])
 def test_load_refuses_config_and_vocabulary_that_do_not_fit(trained, tmp_path, config_change, vocab_change,
                                                             config_text, expected):
