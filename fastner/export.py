@@ -199,6 +199,53 @@ class ExportedTagger:
         return predict(self.analyser(), x, self.meta["output_scheme"], batch_size, nbest)
 
 
+def _check_meta(meta: dict, meta_path: str) -> None:
+    """ValueError naming export.json and the field where a field the runtime reads is missing or
+    does not fit the others (a KeyError or TypeError when tagging, or silently wrong tags and
+    span probabilities, otherwise)."""
+    from fastner.data.schemes import canonical_scheme
+    from fastner.data.vocab import Vocab
+
+    def fail(field: str, expected: str):
+        found = repr(meta[field])[:80] if field in meta else "nothing"
+        return ValueError(f"{meta_path}: {field!r} must be {expected}, got {found}")
+
+    try:
+        vocabularies = {name: Vocab.from_json(meta[name]) for name in ("words", "chars", "tags")}
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{meta_path}: the vocabularies are missing or invalid ({err})") from None
+    if vocabularies["words"].unk_id is None or vocabularies["chars"].unk_id is None:
+        raise ValueError(f"{meta_path}: the word and char vocabularies must hold the unknown entry")
+    fixed = meta.get("fixed_length", "absent")
+    if fixed is not None and (not isinstance(fixed, int) or isinstance(fixed, bool) or fixed < 2):
+        raise fail("fixed_length", "null or an integer >= 2")
+
+    def is_row(row, size: int) -> bool:  # of numbers, or null for a forbidden transition (-inf)
+        return isinstance(row, list) and len(row) == size and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in row)
+
+    k = len(vocabularies["tags"])
+    scores = meta.get("transition_scores")
+    if not (isinstance(scores, list) and len(scores) == 3 and isinstance(scores[0], list) and len(scores[0]) == k
+            and all(is_row(row, k) for row in scores[0]) and is_row(scores[1], k) and is_row(scores[2], k)):
+        raise fail("transition_scores", f"[transitions [{k}, {k}], start [{k}], end [{k}]] for the {k} tags")
+    try:
+        canonical_scheme(meta.get("output_scheme"))
+    except ValueError:
+        raise fail("output_scheme", "a tag scheme") from None
+    if not isinstance(meta.get("digits_to_zero"), bool):
+        raise fail("digits_to_zero", "true or false")
+    words = meta.get("pretrained_words")
+    if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) for w in words)):
+        raise fail("pretrained_words", "null or a list of strings")
+    try:
+        device = torch.device(meta.get("device", "cpu"))
+    except (RuntimeError, TypeError):
+        raise fail("device", "a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{meta_path}: the program was exported on {device}, and this machine has no CUDA device")
+
+
 def load(path: str) -> ExportedTagger:
     """Load a directory written by export_tagger() / `fastner export`."""
     program_path, meta_path = os.path.join(path, PROGRAM_FILE), os.path.join(path, META_FILE)
@@ -209,11 +256,13 @@ def load(path: str) -> ExportedTagger:
                                 "(written by `fastner export DIR OUT`)") from None
     try:
         meta = json.loads(contents[META_FILE].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: JSONDecodeError, an integer of too many digits; RecursionError: nested too deep
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"{meta_path}: not valid UTF-8 JSON ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{path!r} holds export format {found!r}; this fastner reads format {EXPORT_FORMAT}")
+    _check_meta(meta, meta_path)
     if meta.get("fastner_ops"):
         # the graph calls torch.ops.fastner.*: their kernels come with the compiled extension
         if not _extension.extension_loaded():

@@ -97,15 +97,34 @@ def weights_only_load(data: bytes):
     """torch.load of `data` with the weights_only unpickler, never a fallback to full pickle.
 
     Raises UnsafeTorchFile with the unpickler's own reason (a foreign global, a torn file) and
-    without the traceback's advice to retry with weights_only=False."""
+    without torch's advice around it: to retry with weights_only=False, or to allowlist the
+    global, either of which would run the payload of a malicious file."""
     import torch
 
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # whatever the safe unpickler refuses, a torn or foreign file
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-        raise UnsafeTorchFile(reason or type(err).__name__) from None
+        raise UnsafeTorchFile(_unpickler_reason(str(err)) or type(err).__name__) from None
+
+
+# the paragraphs of torch.load's weights_only message that advise rather than say what is wrong
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation of torch.load",
+                 "Please file an issue")
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of a torch.load error that says what the file holds: the text after
+    "WeightsUnpickler error:" (or the line after it where that is empty, or a blocked module's
+    own line), without the allowlisting advice."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        elif line.startswith(_TORCH_ADVICE):
+            continue
+        if line:
+            return line.split(" Please use `torch.serialization", 1)[0]
+    return ""
 
 
 def atomic_write_json(obj, path: str) -> None:
@@ -133,10 +152,13 @@ def _read_manifest(path: str) -> Optional[Dict[str, dict]]:
             content = json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: json's JSONDecodeError, and an integer of too many digits; RecursionError:
+    # arrays nested too deep
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise StorageError(f"{path}: unreadable manifest ({err})") from None
     files = content.get("files") if isinstance(content, dict) else None
-    if content.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+    if (not isinstance(files, dict) or content.get("format") != MANIFEST_FORMAT
+            or not all(isinstance(entry, dict) for entry in files.values())):
         raise StorageError(f"{path}: not a fastner manifest (format {MANIFEST_FORMAT})")
     return files
 
@@ -177,9 +199,10 @@ def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANI
             raise ValueError(f"file set member must be a plain file name, got {name!r}")
         _write_synced(os.path.join(staging, name), data)
         entries[name] = _digest(data)
-    # written last: from here on the staged set is complete and is the one read_file_set returns
-    _write_synced(os.path.join(staging, manifest), json_bytes({"format": MANIFEST_FORMAT, "files": entries}))
-    _fsync_directory(staging)
+    # written last, and whole or not at all (a torn staged manifest would hide the complete set
+    # in place, and the next save's recovery would move it into place): from here on the staged
+    # set is complete and is the one read_file_set returns
+    atomic_write_bytes(os.path.join(staging, manifest), json_bytes({"format": MANIFEST_FORMAT, "files": entries}))
     _finish_swap(directory, staging, manifest)
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags
-from fastner.data.vocab import Vocab
+from fastner.data.vocab import PAD, UNK, Vocab
 from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.devices import resolve_device
@@ -53,6 +54,8 @@ def _json_file(data: bytes, path: str):
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise TaggerLoadError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:  # an integer of too many digits, arrays nested too deep
+        raise TaggerLoadError(f"{path}: not valid JSON ({err})") from None
 
 
 def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
@@ -67,7 +70,24 @@ def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
                                               for k, v in state.items()):
         raise TaggerLoadError(f"{path} holds a {type(state).__name__}, expected a state dict "
                               "(parameter names to tensors)")
+    # training stops at a non-finite loss before it saves, so nan/inf weights are a damaged file
+    # (read without a manifest), and would tag every sentence as garbage
+    damaged = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        raise TaggerLoadError(f"{path}: {damaged[0]} holds nan or inf values (a damaged weights file)")
     return state
+
+
+def _load_weights(model: SequenceTagger, state: Dict[str, torch.Tensor], path: str) -> None:
+    """model.load_state_dict(state), a mismatch as a TaggerLoadError naming `path`. On a model
+    on the meta device this checks the names and shapes alone (copying there is a no-op)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            model.load_state_dict(state)
+    except (RuntimeError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise TaggerLoadError(f"{path}: the weights do not fit the model in {CONFIG_FILE}: {reason[:400]}") from None
 
 
 def _load_pretrained_table(path: str, config: ModelConfig):
@@ -91,12 +111,16 @@ def _load_pretrained_table(path: str, config: ModelConfig):
         # copy-on-write map: pages are shared with the file until written (never, the table is
         # frozen), and torch gets a writable array; allow_pickle=False: plain numbers only
         vectors = np.load(vectors_path, mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
         raise ValueError(f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table: {err}") from None
     expected = (config.pretrained_rows, config.word_dim)
     if vectors.shape != expected or vectors.dtype not in (np.float16, np.float32):
         raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds {vectors.dtype} {list(vectors.shape)}, "
                          f"expected float16 {list(expected)}")
+    # as for weights.pt: a saved table is finite, a nan row would tag every sentence with its word
+    # as garbage (~50 ms for GloVe's 400k rows)
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds nan or inf values (a damaged file)")
     if not isinstance(words, list) or len(words) != config.pretrained_rows or not all(isinstance(w, str) for w in words):
         raise ValueError(f"{PRETRAINED_WORDS_FILE} must be a list of {config.pretrained_rows} strings")
     return torch.from_numpy(vectors), words
@@ -186,10 +210,11 @@ class Tagger:
         config = _json_file(contents[CONFIG_FILE], files[CONFIG_FILE])
         vocab = _json_file(contents[VOCAB_FILE], files[VOCAB_FILE])
         version = config.get("format_version") if isinstance(config, dict) else None
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version != FORMAT_VERSION:
             raise TaggerLoadError(
                 f"{path!r} holds tagger format {version!r}; this fastner reads format {FORMAT_VERSION}"
             )
+        state = _state_dict_file(contents[WEIGHTS_FILE], files[WEIGHTS_FILE])
         try:
             model_config = ModelConfig.from_json(config["model"])
             words = Vocab.from_json(vocab["words"])
@@ -199,23 +224,40 @@ class Tagger:
                 raise ValueError("the tag vocabulary differs from the model's tags")
             if len(words) != model_config.num_words or len(chars) != model_config.num_chars:
                 raise ValueError("the vocabulary sizes differ from the model's")
+            # the rows the model was trained with as padding and unknown: another order (or none)
+            # would silently read every unknown word through the wrong row
+            if (words.stoi.get(PAD), chars.stoi.get(PAD)) != (model_config.word_pad, model_config.char_pad):
+                raise ValueError(f"the vocabularies' {PAD} ids differ from the model's word_pad and char_pad")
+            if words.unk_id is None or chars.unk_id is None:
+                raise ValueError(f"the word and char vocabularies must hold the unknown entry {UNK}")
+            output_scheme = canonical_scheme(config.get("output_scheme", "IOB2"))
+            digits_to_zero = config.get("digits_to_zero", False)
+            if not isinstance(digits_to_zero, bool):
+                raise ValueError(f"digits_to_zero must be true or false, got {digits_to_zero!r}")
             pretrained, pretrained_words = _load_pretrained_table(path, model_config)
-            model = SequenceTagger(model_config, pretrained=pretrained)
         except (KeyError, TypeError, ValueError) as err:
             raise TaggerLoadError(f"{path!r}: incompatible config or vocabulary: {err}") from None
-        state = _state_dict_file(contents[WEIGHTS_FILE], files[WEIGHTS_FILE])
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, ValueError) as err:
-            reason = " ".join(str(err).split())
+        # checked on the meta device (no memory) before the model is built: sizes in a config
+        # that the weights do not back would otherwise be allocated first (a hidden size of 10^9
+        # asks for hundreds of GB); a layer has tensors of its own, so more layers than the file
+        # holds tensors cannot fit (and would take unbounded time to build even without memory)
+        if model_config.layers > len(state):
             raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "
-                                  f"{reason[:400]}") from None
+                                  f"{model_config.layers} layers, but the file holds {len(state)} tensors")
+        try:
+            with torch.device("meta"):
+                skeleton = SequenceTagger(model_config)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # sizes past what torch can address
+            raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "
+                                  f"its sizes cannot be built ({err})") from None
+        _load_weights(skeleton, state, files[WEIGHTS_FILE])
+        model = SequenceTagger(model_config, pretrained=pretrained)
+        _load_weights(model, state, files[WEIGHTS_FILE])
         if precision != "fp32":
             from fastner.nn.quantize import quantize
 
             quantize(model, PRECISIONS[precision])
-        return cls(model, words, chars, tags, config.get("output_scheme", "IOB2"),
-                   bool(config.get("digits_to_zero", False)), device, pretrained_words)
+        return cls(model, words, chars, tags, output_scheme, digits_to_zero, device, pretrained_words)
 
     # ---- tagging ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -125,7 +126,8 @@ def read_config(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    # ValueError: JSONDecodeError, an integer of too many digits; RecursionError: nested too deep
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"{path}: not a JSON training config: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "history" in data:
         data = data["config"]  # a training.json: reuse the recipe of that run
@@ -238,6 +240,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         self.rng = random.Random(config.seed)
+        self.data_digests = {"train": data_digest(train_data), "dev": data_digest(dev_data)}
         state = self._read_checkpoint() if resume else None
         if state is None:
             self.tagger = self._new_tagger(train_data)
@@ -262,15 +265,18 @@ class Trainer:
         self.improved = False  # whether the last evaluated epoch is the best so far
         self.best_f1, self.best_epoch, self.bad_epochs, self.start_epoch = -1.0, -1, 0, 0
         if state is not None:
-            dense_state, table_state = self._optimizer_states(state)
-            self.optimizer.load_state_dict(dense_state)
-            if self.word_table is not None:
-                self.word_table.load_state_dict(table_state)
-            self.history = list(state["history"])
-            self.best_f1, self.best_epoch = float(state["best_f1"]), int(state["best_epoch"])
-            self.bad_epochs, self.start_epoch = int(state["bad_epochs"]), int(state["epoch"]) + 1
-            self.rng.setstate(_tuples(state["python_rng"]))
-            torch.set_rng_state(state["torch_rng"])
+            try:
+                dense_state, table_state = self._optimizer_states(state)
+                self.optimizer.load_state_dict(dense_state)
+                if self.word_table is not None:
+                    self.word_table.load_state_dict(table_state)
+                self.history = list(state["history"])
+                self.best_f1, self.best_epoch = float(state["best_f1"]), state["best_epoch"]
+                self.bad_epochs, self.start_epoch = state["bad_epochs"], state["epoch"] + 1
+                self.rng.setstate(_tuples(state["python_rng"]))
+                torch.set_rng_state(state["torch_rng"])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+                raise _unusable_checkpoint(self.checkpoint_path, err) from None
             self.log(f"resuming after epoch {self.start_epoch} (best dev F1 {self.best_f1:.2f} at epoch {self.best_epoch + 1})")
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -311,8 +317,11 @@ class Trainer:
         state = _read_checkpoint(self.out_dir)
         # read through the file set: the tagger may still sit in a swap a kill cut short
         saved = Tagger.load(self.out_dir, device="cpu")
-        _check_resume_settings(self.config, state, saved, self.checkpoint_path)
-        saved.model.load_state_dict(state["model"])
+        _check_resume_settings(self.config, state, saved, self.checkpoint_path, self.data_digests)
+        try:
+            saved.model.load_state_dict(state["model"])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise _unusable_checkpoint(self.checkpoint_path, err) from None
         self.tagger = Tagger(saved.model, saved.words, saved.chars, saved.tags, self.output_scheme,
                              self.config.digits_to_zero, self.dist.device, saved.pretrained_words)
         return state
@@ -457,7 +466,7 @@ class Trainer:
             **({"word_table_optimizer": self.word_table.state_dict()} if self.word_table is not None else {}),
             "epoch": epoch, "best_f1": self.best_f1, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
             "history": self.history, "python_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
-            "config": config,
+            "config": config, "data": self.data_digests,
         })
         files[HISTORY_FILE] = json_bytes({"config": config, "history": self.history,
                                           "best_epoch": self.best_epoch + 1, "best_dev_f1": self.best_f1})
@@ -505,12 +514,36 @@ def _read_checkpoint(out_dir: str) -> dict:
     needed = ("model", "optimizer", "epoch", "best_f1", "best_epoch", "bad_epochs", "history", "python_rng", "torch_rng")
     if not isinstance(state, dict) or any(key not in state for key in needed):
         raise RunDirectoryError(f"{path} is not a fastner training checkpoint (expected the keys {', '.join(needed)})")
+    counts = [state[key] for key in ("epoch", "best_epoch", "bad_epochs")]
+    if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= -1 for n in counts) or state["epoch"] < 0
+            or not isinstance(state["history"], list) or len(state["history"]) != state["epoch"] + 1):
+        raise _unusable_checkpoint(path, "its epoch counts and history do not agree")
     return state
 
 
-def _check_resume_settings(config: TrainConfig, state: dict, saved: Tagger, checkpoint_path: str) -> None:
-    """Refuse a resume whose settings differ from the checkpoint's (naming each one)."""
+def _unusable_checkpoint(path: str, err) -> RunDirectoryError:
+    reason = " ".join(str(err).split())
+    return RunDirectoryError(f"--resume: {path} holds a checkpoint fastner cannot continue: {reason[:300]}")
+
+
+def data_digest(sentences: Sequence[Sentence]) -> str:
+    """SHA-256 of the sentences' tokens and tags: a resumed run must see the data it was trained on."""
+    digest = hashlib.sha256()
+    for sentence in sentences:
+        digest.update(json.dumps([sentence.tokens, sentence.tags], ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _check_resume_settings(config: TrainConfig, state: dict, saved: Tagger, checkpoint_path: str,
+                           data_digests: Dict[str, str]) -> None:
+    """Refuse a resume whose settings or data differ from the checkpoint's (naming each one)."""
     differences = []
+    saved_data = state.get("data")  # absent in checkpoints written before the data was recorded
+    if isinstance(saved_data, dict):
+        # other training data breaks the exact continuation; another dev set compares its F1 with
+        # the best F1 of the old one, and so keeps the wrong epoch's model
+        differences += [f"the {name} data (other sentences than the run's)"
+                        for name, digest in data_digests.items() if saved_data.get(name, digest) != digest]
     model_config = saved.model.config.to_json()  # what the saved model is, whatever was asked then
     for name, setting in config.model.items():
         if name in model_config and model_config[name] != setting:
@@ -522,6 +555,6 @@ def _check_resume_settings(config: TrainConfig, state: dict, saved: Tagger, chec
                 differences.append(f"{key} {value!r} (checkpoint: {saved_config[key]!r})")
     if differences:
         raise RunDirectoryError(
-            f"--resume: these settings differ from the run saved in {checkpoint_path}: {'; '.join(differences)}. "
-            f"A resumed run keeps its recipe (only {', '.join(RESUMABLE_CHANGES)} may change); "
-            "drop them, or start a new run with --overwrite or another --out")
+            f"--resume: these differ from the run saved in {checkpoint_path}: {'; '.join(differences)}. "
+            f"A resumed run keeps its recipe and data (only {', '.join(RESUMABLE_CHANGES)} may change); "
+            "drop them and give the run's data files, or start a new run with --overwrite or another --out")

@@ -156,6 +156,7 @@ def test_train_config_file_then_flags(capsys, tmp_path):
     ('{"epochs": "3"}', "epochs must be an integer"),
     ('[1, 2]', "must be a JSON object"),
     ('{"epochs": ', "not a JSON training config"),
+    ("[" * 100_000 + "]" * 100_000, "not a JSON training config"),  # was a RecursionError traceback
 ])
 def test_train_config_file_errors(capsys, tmp_path, content, message):
     path = tmp_path / "recipe.json"

@@ -194,6 +194,34 @@ def test_load_errors(tmp_path):
         export.load(str(tmp_path))
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("transition_scores", [[1.0]], "'transition_scores' must be .transitions"),  # loaded; wrong span scores
+    ("tags", {"specials": [], "itos": ["O"]}, "'transition_scores' must be .transitions \\[1, 1\\]"),
+    ("words", {"specials": [], "itos": [1, 2]}, "the vocabularies are missing or invalid .*'itos' must be a list of strings"),
+    ("fixed_length", "12", "'fixed_length' must be null or an integer >= 2, got '12'"),
+    ("digits_to_zero", "false", "'digits_to_zero' must be true or false"),  # read as true
+    ("output_scheme", None, "'output_scheme' must be a tag scheme, got nothing"),
+    ("pretrained_words", "abc", "'pretrained_words' must be null or a list of strings"),
+    ("device", "bogus", "'device' must be a torch device"),
+])
+def test_load_refuses_an_export_json_that_does_not_fit(exported, tmp_path, field, value, expected):
+    """Each was a KeyError/TypeError/RuntimeError when tagging, or tags and scores read silently
+    through the wrong table; export.json is checked as it is loaded, naming the field."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    os.remove(out / export.MANIFEST_FILE)  # read as it is, as a directory copied without it would be
+    meta = json.loads((out / export.META_FILE).read_text())
+    if value is None:
+        del meta[field]
+    else:
+        meta[field] = value
+    (out / export.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"export.json: {expected}"):
+        export.load(str(out))
+
+
 def test_export_cli_errors(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == cli.EXIT_USAGE
     assert "fastner: error:" in capsys.readouterr().err

@@ -155,6 +155,14 @@ def test_load_refuses_a_missing_or_bad_pretrained_table(trained, tmp_path):
     np.save(broken / PRETRAINED_VECTORS_FILE, np.array([object()] * 3, dtype=object), allow_pickle=True)
     with pytest.raises(TaggerLoadError, match="Python objects"):
         Tagger.load(str(broken))
+    damaged = np.load(os.path.join(trained, PRETRAINED_VECTORS_FILE))
+    damaged[1, 2] = np.nan  # loaded, and tagged every sentence with that row's word as garbage
+    np.save(broken / PRETRAINED_VECTORS_FILE, damaged)
+    with pytest.raises(TaggerLoadError, match=f"{PRETRAINED_VECTORS_FILE} holds nan or inf values"):
+        Tagger.load(str(broken))
+    (broken / PRETRAINED_VECTORS_FILE).write_bytes(b"")  # numpy raises EOFError for an empty file
+    with pytest.raises(TaggerLoadError, match=f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table"):
+        Tagger.load(str(broken))
     shutil.copy(os.path.join(trained, PRETRAINED_VECTORS_FILE), broken / PRETRAINED_VECTORS_FILE)
     (broken / PRETRAINED_WORDS_FILE).write_text('["a", "b"]')
     with pytest.raises(TaggerLoadError, match=PRETRAINED_WORDS_FILE):

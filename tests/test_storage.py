@@ -3,7 +3,9 @@ one loadable (never a mix), a run directory stays resumable, and `train` refuses
 a saved run unasked or to resume it with other settings."""
 import functools
 import os
+import pickle
 import shutil
+import stat
 
 import pytest
 import torch
@@ -86,6 +88,73 @@ def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, mo
         assert "old" in outcomes
 
 
+def test_a_write_torn_by_a_kill_leaves_the_old_or_the_new_tagger(tmp_path, monkeypatch):
+    """A kill while a file's bytes are not yet on disk leaves half of them: the staged manifest
+    among them must not hide the complete set in place (nor be moved into place by the next save)."""
+    old, new = small_tagger(20, hidden=6, seed=1), small_tagger(30, hidden=10, seed=2)
+    real_fsync = os.fsync
+    for n in range(1, 60):
+        directory = tmp_path / f"kill{n}"
+        old.save(str(directory))
+        calls = {"count": 0}
+
+        def torn_fsync(fd):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                calls["count"] += 1
+                if calls["count"] == n:
+                    os.ftruncate(fd, os.fstat(fd).st_size // 2)
+                    raise Killed(f"killed writing file {n}")
+            real_fsync(fd)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", torn_fsync)
+            try:
+                new.save(str(directory))
+                finished = True
+            except Killed:
+                finished = False
+        loaded = Tagger.load(str(directory), device="cpu")
+        assert same_model(loaded, new) or same_model(loaded, old), f"a torn file {n} left neither model"
+        new.save(str(directory))
+        assert same_model(Tagger.load(str(directory), device="cpu"), new)
+        if finished:
+            break
+    else:
+        pytest.fail("the save never finished")
+
+
+@pytest.mark.parametrize("manifest", ["[]", '"files"', '{"format": 1, "files": {"weights.pt": "abc"}}',
+                                      "[" * 100_000 + "]" * 100_000])
+def test_a_manifest_of_the_wrong_shape_is_refused_naming_it(tmp_path, manifest):
+    small_tagger(20, hidden=6, seed=1).save(str(tmp_path / "m"))
+    (tmp_path / "m" / storage.MANIFEST_FILE).write_text(manifest)
+    with pytest.raises(TaggerLoadError, match="manifest.json: (unreadable|not a fastner) manifest"):
+        Tagger.load(str(tmp_path / "m"))
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_weights_file_that_would_run_code_is_refused_without_advice_to_run_it(tmp_path):
+    tagger = small_tagger(20, hidden=6, seed=1)
+    tagger.save(str(tmp_path / "m"))
+    os.remove(tmp_path / "m" / storage.MANIFEST_FILE)
+    marker = tmp_path / "PAYLOAD_RAN"
+    for protocol in (0, 2):
+        (tmp_path / "m" / "weights.pt").write_bytes(pickle.dumps(RunsACommand(marker), protocol=protocol))
+        with pytest.raises(TaggerLoadError, match="weights.pt is not a weights file fastner can read safely") as err:
+            Tagger.load(str(tmp_path / "m"))
+        # the unpickler's reason (the global it refused), not torch's advice to disable the check
+        assert f"{os.system.__module__}.system" in str(err.value)
+        assert "weights_only" not in str(err.value) and "add_safe_globals" not in str(err.value)
+        assert not marker.exists()
+
+
 def test_an_altered_file_is_refused_not_mixed(tmp_path):
     tagger = small_tagger(20, hidden=6, seed=1)
     tagger.save(str(tmp_path / "m"))
@@ -162,6 +231,34 @@ def test_resume_with_contradicting_settings_is_refused_naming_them(corpus, tmp_p
     with pytest.raises(RunDirectoryError, match=r"lr 0.5 \(checkpoint: 0.01\)"):
         train(train_data, dev_data, out, tiny_config(epochs=2, lr=0.5), resume=True, log=quiet)
     assert len(train(train_data, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)["history"]) == 2
+
+
+def test_resume_with_other_data_is_refused(corpus, tmp_path):
+    train_data, dev_data = corpus
+    out = str(tmp_path / "m")
+    train(train_data, dev_data, out, tiny_config(), log=quiet)
+    other_train, other_dev = generate_corpus(40, 15, seed=6)
+    with pytest.raises(RunDirectoryError, match=r"the train data \(other sentences than the run's\)"):
+        train(other_train, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)
+    with pytest.raises(RunDirectoryError, match=r"the dev data \(other sentences than the run's\)"):
+        train(train_data, other_dev, out, tiny_config(epochs=2), resume=True, log=quiet)
+    assert len(train(train_data, dev_data, out, tiny_config(epochs=2), resume=True, log=quiet)["history"]) == 2
+
+
+@pytest.mark.parametrize("key, value", [
+    ("torch_rng", torch.zeros(3)), ("optimizer", {"state": {}}), ("python_rng", [1, 2]), ("best_f1", "high"),
+    ("epoch", -5), ("epoch", 10**6), ("history", 5), ("model", {"word_embedding.weight": torch.zeros(1)}),
+])
+def test_resume_from_a_checkpoint_of_the_wrong_shape_is_refused_naming_it(corpus, tmp_path, key, value):
+    train_data, dev_data = corpus
+    out = tmp_path / "m"
+    train(train_data, dev_data, str(out), tiny_config(), log=quiet)
+    os.remove(out / storage.MANIFEST_FILE)  # read as it is: a checkpoint from elsewhere
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state[key] = value
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(RunDirectoryError, match="checkpoint.pt holds a checkpoint fastner cannot continue"):
+        train(train_data, dev_data, str(out), tiny_config(epochs=2), resume=True, log=quiet)
 
 
 def test_file_set_paths_checks_what_a_reader_maps(tmp_path):

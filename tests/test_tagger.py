@@ -135,6 +135,72 @@ def test_load_errors(trained, tmp_path):
         Tagger.load(str(broken))
 
 
+def _edited_copy(trained, tmp_path, config_change=None, vocab_change=None, config_text=None):
+    """A copy of `trained` without its manifest (read as it is, as a directory copied without it
+    would be), its config.json and vocab.json changed."""
+    import shutil
+
+    model = tmp_path / "edited"
+    shutil.copytree(trained, model)
+    os.remove(model / "manifest.json")
+    config = json.loads((model / "config.json").read_text())
+    vocab = json.loads((model / "vocab.json").read_text())
+    if config_change:
+        config_change(config)
+    if vocab_change:
+        vocab_change(vocab)
+    (model / "config.json").write_text(config_text(json.dumps(config)) if config_text else json.dumps(config))
+    (model / "vocab.json").write_text(json.dumps(vocab))
+    return model
+
+
+def _swap_pad_and_unk(table):
+    table["specials"] = table["specials"][::-1]
+    table["itos"][:2] = table["itos"][:2][::-1]
+
+
+def test_load_refuses_weights_holding_nan(trained, tmp_path):
+    model = _edited_copy(trained, tmp_path)
+    state = torch.load(model / "weights.pt", weights_only=True)
+    state["output.bias"][0] = float("nan")  # loaded, and tagged every sentence as garbage
+    torch.save(state, model / "weights.pt")
+    with pytest.raises(TaggerLoadError, match="weights.pt: output.bias holds nan or inf values"):
+        Tagger.load(str(model))
+
+
+@pytest.mark.parametrize("config_change, vocab_change, config_text, expected", [
+    # sizes the weights do not back: refused before the model is built (10^9 hidden units would
+    # ask for hundreds of GB; 10^6 layers took minutes), never an allocation failure or a hang
+    (lambda c: c["model"].update(hidden=10**9), None, None, "weights do not fit"),
+    (lambda c: c["model"].update(word_dim=10**9), None, None, "weights do not fit"),
+    (lambda c: c["model"].update(layers=10**6), None, None, "1000000 layers, but the file holds"),
+    (lambda c: c["model"].update(char_dim=0), None, None, "char_dim must be >= 1"),
+    (lambda c: c["model"].update(char_filters=-1), None, None, "char_filters must be >= 1"),
+    (lambda c: c["model"].update(word_pad=10**9), None, None, "word_pad and char_pad must be ids"),
+    (None, None, lambda text: text.replace('"hidden": 8', '"hidden": Infinity'), "hidden must be an integer"),
+    (None, None, lambda text: text.replace('"hidden": 8', '"hidden": ' + "[" * 100_000 + "]" * 100_000),
+     "config.json: not valid JSON"),
+    # wrong types were coerced: "false" read as true, True as 1
+    (lambda c: c.update(digits_to_zero="false"), None, None, "digits_to_zero must be true or false"),
+    (lambda c: c["model"].update(use_chars="false"), None, None, "use_chars must be true or false"),
+    (lambda c: c["model"].update(hidden=True), None, None, "hidden must be an integer"),
+    (lambda c: c.update(format_version=True), None, None, "holds tagger format True"),
+    (lambda c: c.update(output_scheme="XYZ"), None, None, "incompatible config or vocabulary: scheme must be"),
+    # vocabularies that loaded and tagged silently wrong (or failed only when tagging)
+    (None, lambda v: _swap_pad_and_unk(v["words"]), None, "<pad> ids differ from the model's word_pad"),
+    (None, lambda v: v["words"]["itos"].__setitem__(5, 5), None, "'itos' must be a list of strings"),
+    (None, lambda v: v["chars"].update(specials=["<pad>"], itos=["<pad>", "§"] + v["chars"]["itos"][2:]),
+     None, "must hold the unknown entry <unk>"),
+], ids=["hidden-1e9", "word_dim-1e9", "layers-1e6", "char_dim-0", "char_filters-negative", "word_pad-1e9",
+        "hidden-infinity", "deep-nesting", "digits_to_zero-string", "use_chars-string", "hidden-bool", "format_version-bool",
+        "output_scheme-unknown", "pad-unk-swapped", "itos-number", "no-unk"])
+def test_load_refuses_config_and_vocabulary_that_do_not_fit(trained, tmp_path, config_change, vocab_change,
+                                                            config_text, expected):
+    model = _edited_copy(trained, tmp_path, config_change, vocab_change, config_text)
+    with pytest.raises(TaggerLoadError, match=expected):
+        Tagger.load(str(model))
+
+
 def test_text_vectors_and_embedding_matrix(tmp_path):
     path = tmp_path / "vec.txt"
     path.write_text("2 3\nparis 1 2 3\nthe 4 5 6\n")
@@ -150,6 +216,12 @@ def test_text_vectors_and_embedding_matrix(tmp_path):
     (tmp_path / "bad.txt").write_text("paris 1 2\nthe 1\n")
     with pytest.raises(EmbeddingsError, match=r"bad\.txt:2"):
         load_text_vectors(str(tmp_path / "bad.txt"))
+    # were read as nan/inf rows: garbage tags for every sentence with the word, or a training
+    # that diverged with the advice to lower --lr (1e5 is past the float16 frozen table)
+    for value in ("nan", "-inf", "1e50", "1e5"):
+        (tmp_path / "bad.txt").write_text(f"paris 1 2\nthe 1 {value}\n")
+        with pytest.raises(EmbeddingsError, match=rf"bad\.txt:2: the vector holds '{value}'; expected finite"):
+            load_text_vectors(str(tmp_path / "bad.txt"))
     assert load_pretrained("none") is None
 
 

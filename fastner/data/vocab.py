@@ -77,8 +77,11 @@ class Vocab:
     def from_json(cls, data: dict) -> "Vocab":
         if not isinstance(data, dict) or "itos" not in data or "specials" not in data:
             raise ValueError("vocabulary JSON must be an object with 'specials' and 'itos'")
-        specials = list(data["specials"])
-        itos = list(data["itos"])
+        specials, itos = data["specials"], data["itos"]
+        for name, items in (("specials", specials), ("itos", itos)):
+            # a number never equals a token: such a vocabulary would map every word to unknown
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise ValueError(f"vocabulary JSON: '{name}' must be a list of strings")
         if itos[: len(specials)] != specials:
             raise ValueError("vocabulary JSON: 'itos' must start with the specials")
         vocab = cls(itos[len(specials):], specials)

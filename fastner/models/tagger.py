@@ -49,19 +49,32 @@ class ModelConfig:
     pretrained_rows: int = 0  # rows of the frozen pretrained table (0: none)
 
     def __post_init__(self):
+        # a config.json read back is checked as strictly as one built here: a string, float or
+        # bool where a size belongs would otherwise be coerced (True -> 1, "false" -> true) or
+        # fail deep inside torch
+        for name in ("num_words", "num_chars", "word_dim", "char_dim", "char_filters", "char_window", "hidden",
+                     "layers", "word_pad", "char_pad", "pretrained_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.use_chars, bool):
+            raise ValueError(f"use_chars must be true or false, got {self.use_chars!r}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {list(HEADS)}, got {self.head!r}")
-        for name in ("num_words", "num_chars", "word_dim", "hidden", "layers"):
-            if int(getattr(self, name)) < 1:
+        for name in ("num_words", "num_chars", "word_dim", "char_dim", "char_filters", "char_window", "hidden", "layers"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.pretrained_rows) < 0:
+        if self.pretrained_rows < 0:
             raise ValueError(f"pretrained_rows must be >= 0, got {self.pretrained_rows}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.tags:
-            raise ValueError("tags must not be empty")
+        if not (0 <= self.word_pad < self.num_words and 0 <= self.char_pad < self.num_chars):
+            raise ValueError(f"word_pad and char_pad must be ids of the vocabularies (0 <= word_pad < {self.num_words}, "
+                             f"0 <= char_pad < {self.num_chars}), got {self.word_pad} and {self.char_pad}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.tags, list) or not self.tags or not all(isinstance(tag, str) for tag in self.tags):
+            raise ValueError(f"tags must be a non-empty list of strings, got {self.tags!r}")
 
     def to_json(self) -> dict:
         return asdict(self)
