@@ -72,7 +72,12 @@ def model_copy(files, tmp_path, keep_manifest=False):
     ("--batch-size", "-1", "argument --batch-size: must be >= 1, got -1"),
     ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
     ("--batch-size", "ten", "argument --batch-size: expected an integer, got 'ten'"),
-    ("--threads", "0", "argument --threads: must be >= 1, got 0"),
+    ("--threads", "0", "argument --threads: must be in [1, 1024], got 0"),
+    # OpenMP hung at 65536 threads and crashed (segfault) at 1000000
+    ("--threads", "65536", "argument --threads: must be in [1, 1024], got 65536"),
+    # k-best grows faster than linearly in k: 100000 ran for minutes, 10**20 was a traceback
+    ("--nbest", "1001", "argument --nbest: must be in [1, 1000], got 1001"),
+    ("--nbest", str(10**20), "argument --nbest: must be in [1, 1000]"),
 ])
 def test_tag_numeric_options(files, capsys, option, value, expected):
     user_error(capsys, ["tag", str(files / "model"), str(files / "dev.txt"), option, value], expected)
@@ -104,6 +109,13 @@ def test_other_subcommands_numeric_options(files, capsys, tmp_path):
     user_error(capsys, ["demo", "--epochs", "-1"], "--epochs")
 
 
+def test_predict_refuses_an_nbest_out_of_range(files):
+    tagger = Tagger.load(str(files / "model"), device="cpu")
+    for bad in (0, 1001, 10**20, True):
+        with pytest.raises(ValueError, match=r"nbest must be None or an int in \[1, 1000\]"):
+            tagger.predict(["Anna visited Oslo"], nbest=bad)
+
+
 def test_predict_refuses_a_batch_size_below_one(files):
     tagger = Tagger.load(str(files / "model"), device="cpu")
     for bad in (-1, 0, 2.5, True):
@@ -125,6 +137,16 @@ def test_a_byte_order_mark_is_not_part_of_the_first_token(files, capsys, tmp_pat
     conll = tmp_path / "bom.conll"
     conll.write_bytes("\ufeffAnna B-PER\nvisited O\n".encode("utf-8"))
     assert read_conll(str(conll))[0].tokens == ["Anna", "visited"]
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read_as_jsonl(files, capsys, tmp_path):
+    # named .txt, so told apart by content: the mark made it read as CoNLL ("malformed tag")
+    path = tmp_path / "spans.txt"
+    path.write_bytes('\ufeff{"text": "Anna visited Oslo .", "spans": [{"start": 0, "end": 4, "label": "PER"}]}\r\n'
+                     .encode("utf-8"))
+    assert main(["convert", str(path), str(tmp_path / "out.conll")]) == 0
+    assert (tmp_path / "out.conll").read_text(encoding="utf-8").splitlines()[:2] == ["Anna B-PER", "visited O"]
+    capsys.readouterr()
 
 
 def test_latin1_input_names_the_line_on_stdin_and_in_a_file(files, tmp_path):
@@ -161,6 +183,74 @@ def test_a_device_or_a_directory_as_a_data_file_says_what_it_is(files, capsys, t
     # tag reads a directory's .txt articles; one without any is the mistake
     user_error(capsys, ["tag", str(files / "model"), str(tmp_path)], f"{tmp_path}: a directory without .txt files")
     user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path / "missing.txt")], "not found")
+
+
+def test_evaluate_compares_tags_in_the_gold_files_scheme(files, capsys, tmp_path):
+    """The model predicts in its training file's scheme (IOB2 here); a gold file in BIOES was
+    compared tag by tag with IOB2 predictions: a wrong token accuracy, and wrong --output."""
+    from fastner.data.schemes import convert_tags
+    from fastner.metrics import conlleval, format_conlleval
+
+    gold = read_conll(str(files / "dev.txt"))
+    bioes = tmp_path / "dev-bioes.txt"
+    write_conll(str(bioes), [Sentence(s.tokens, convert_tags(s.tags, "BIOES")) for s in gold])
+    assert main(["evaluate", str(files / "model"), str(files / "dev.txt"), "--output", str(tmp_path / "iob2.txt")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(files / "model"), str(bioes), "--output", str(tmp_path / "bioes.txt")]) == 0
+    report = capsys.readouterr().out
+
+    def columns(path):
+        blocks = path.read_text(encoding="utf-8").strip("\n").split("\n\n")
+        return [[line.split() for line in block.splitlines()] for block in blocks]
+
+    predicted = [convert_tags([row[2] for row in block], "BIOES") for block in columns(tmp_path / "iob2.txt")]
+    assert [[row[2] for row in block] for block in columns(tmp_path / "bioes.txt")] == predicted
+    gold_bioes = [convert_tags(s.tags, "BIOES") for s in gold]
+    assert report.strip() == format_conlleval(conlleval(gold_bioes, predicted)).strip()
+    tagger = Tagger.load(str(files / "model"), device="cpu")
+    assert tagger.evaluate(read_conll(str(bioes)))["accuracy"] == conlleval(gold_bioes, predicted)["accuracy"]
+
+
+# ---- output paths -----------------------------------------------------------------------------
+
+def test_output_into_a_fifo_reaches_its_reader(files, capsys, tmp_path):
+    """A FIFO (like /dev/stdout, a device or `--out >(gzip > x.gz)`) is written into; it was
+    replaced by a regular file, its reader got nothing and the command said nothing (as root
+    `--out /dev/stdout` turned /dev/stdout itself into a regular file)."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    assert main(["tag", str(files / "model"), str(files / "dev.txt"), "--input", "conll", "--out", str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert received and received[0].splitlines()[0].split()[0] == read_conll(str(files / "dev.txt"))[0].tokens[0]
+    assert fifo.is_fifo()
+
+
+def test_output_through_a_link_replaces_the_file_it_names(files, capsys, tmp_path):
+    target, link = tmp_path / "tagged.txt", tmp_path / "link.txt"
+    link.symlink_to(target)
+    assert main(["tag", str(files / "model"), str(files / "dev.txt"), "--input", "conll", "--out", str(link)]) == 0
+    assert link.is_symlink() and target.read_text(encoding="utf-8").strip()
+
+
+def test_an_unwritable_output_folder_names_the_output(files, capsys, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):  # root writes anywhere: a read-only file system, simulated
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "out.txt"
+    user_error(capsys, ["tag", str(files / "model"), str(files / "dev.txt"), "--out", str(out)],
+               f"--out {out}: cannot write in {tmp_path}: Read-only file system")
+    user_error(capsys, ["evaluate", str(files / "model"), str(files / "dev.txt"), "--output", str(out)],
+               f"--output {out}: cannot write in {tmp_path}: Read-only file system")
+    assert not out.exists()
 
 
 # ---- model files -------------------------------------------------------------------------------

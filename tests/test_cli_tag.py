@@ -123,6 +123,16 @@ def test_missing_input_and_directory_without_articles(demo_tagger_dir, capsys, t
     assert code == 2 and "without .txt files" in err
 
 
+@pytest.mark.parametrize("output", ["conll", "spans"])
+def test_nbest_without_a_format_that_holds_it_is_refused(demo_tagger_dir, capsys, tmp_path, output):
+    # conll and spans lines have no place for the alternatives: they were dropped, exit 0
+    path = tmp_path / "in.txt"
+    path.write_text(DOC, encoding="utf-8")
+    code, out, err = run(capsys, demo_tagger_dir, path, "--nbest", "3", "--output", output)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == f"fastner: error: --nbest needs --output json or jsonl, got --output {output}"
+
+
 @pytest.mark.slow
 def test_ten_megabyte_document(demo_tagger_dir, capsys, tmp_path):
     from fastner.demo import generate_articles
