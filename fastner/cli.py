@@ -75,6 +75,21 @@ def _user_errors():
             DataFormatError, EmbeddingsError, TaggerLoadError, FloatingPointError, ValueError)
 
 
+def _allocation_failure(err: BaseException) -> Optional[str]:
+    """What a failed allocation asked for, or None when `err` is something else. Sizes the user
+    chose cause it (`train --hidden 99999999999` asked for 193,715 GiB): a usage error, not a crash.
+    torch raises a plain RuntimeError for the CPU allocator, OutOfMemoryError for CUDA's."""
+    import re
+
+    import torch
+
+    text = str(err)
+    if not (isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    return f"{int(asked.group(1)) / 2**30:,.1f} GiB at once" if asked else (text.splitlines() or ["?"])[0][:200]
+
+
 def _set_threads(threads: Optional[int]) -> None:
     """--threads N, else OMP_NUM_THREADS when set, else 1.
 
@@ -532,6 +547,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except _user_errors() as err:
         print(f"fastner: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MemoryError, RuntimeError) as err:
+        asked = _allocation_failure(err)
+        if asked is None:
+            raise
+        print(f"fastner: error: not enough memory ({asked}); choose smaller sizes (--hidden, --word-dim, --layers, "
+              "--batch-size)", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -102,6 +102,14 @@ def test_train_numeric_options(files, capsys, tmp_path, option, value, expected)
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("option", ["--hidden", "--word-dim"])
+def test_a_model_too_big_for_memory_is_a_user_error(files, capsys, tmp_path, option):
+    # the allocator's RuntimeError was a traceback
+    user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
+                        "--out", str(tmp_path / "new"), option, "99999999999"],
+               "fastner: error: not enough memory (", " GiB at once); choose smaller sizes (--hidden")
+
+
 def test_other_subcommands_numeric_options(files, capsys, tmp_path):
     user_error(capsys, ["evaluate", str(files / "model"), str(files / "dev.txt"), "--batch-size", "0"], "--batch-size")
     user_error(capsys, ["export", str(files / "model"), str(tmp_path / "e"), "--max-length", "1"], "--max-length")
