@@ -275,6 +275,8 @@ def cmd_demo(args) -> int:
     from fastner.train import TrainConfig, train
 
     _set_threads(args.threads)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a directory")  # was a FileExistsError traceback
     if args.out and os.path.isdir(args.out) and os.listdir(args.out):
         raise UsageError(f"--out {args.out} already holds a saved run or other files; choose another --out "
                          "(the demo never overwrites)")

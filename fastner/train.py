@@ -25,6 +25,7 @@ from fastner import distributed
 from fastner.data.batching import bucket_batches, encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, split_tag
+from fastner.data.textfiles import check_data_file
 from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import embedding_matrix, frozen_table, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
@@ -120,8 +121,7 @@ class TrainConfig:
 
 def read_config(path: str) -> dict:
     """The recipe object of a JSON file: a TrainConfig object, or a training.json (its "config")."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+    check_data_file(path, "config file")  # a directory was "not found"
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)

@@ -191,6 +191,12 @@ def test_a_device_or_a_directory_as_a_data_file_says_what_it_is(files, capsys, t
     # tag reads a directory's .txt articles; one without any is the mistake
     user_error(capsys, ["tag", str(files / "model"), str(tmp_path)], f"{tmp_path}: a directory without .txt files")
     user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path / "missing.txt")], "not found")
+    user_error(capsys, ["tag", str(files / "model"), str(tmp_path), "--input", "conll"],
+               f"{tmp_path} is a directory; expected an input file")
+    # a directory as --config was "config file not found"
+    user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
+                        "--out", str(tmp_path / "new"), "--config", str(tmp_path)],
+               f"{tmp_path} is a directory; expected a config file")
 
 
 def test_evaluate_compares_tags_in_the_gold_files_scheme(files, capsys, tmp_path):
@@ -361,3 +367,6 @@ def test_bench_and_demo_mistakes(files, capsys, tmp_path):
     user_error(capsys, ["bench", "--only", "nothing"], "--only takes a comma-separated list")
     user_error(capsys, ["demo", "--out", str(files / "model"), "--sentences", "20", "--epochs", "1"],
                "already holds a saved run", "choose another --out")
+    # a file as --out was a FileExistsError traceback once the demo had generated its corpus
+    user_error(capsys, ["demo", "--out", str(files / "train.txt"), "--sentences", "20", "--epochs", "1"],
+               f"--out {files / 'train.txt'} exists and is not a directory")

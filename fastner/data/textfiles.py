@@ -20,12 +20,13 @@ def check_data_file(path: str, what: str = "data file") -> None:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except OSError as err:
         raise DataFormatError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    a_what = f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"  # "an input file"
     if stat.S_ISDIR(mode):
-        raise DataFormatError(f"{path} is a directory; expected a {what}")
+        raise DataFormatError(f"{path} is a directory; expected {a_what}")
     if not stat.S_ISREG(mode):
         kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
                 else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
-        raise DataFormatError(f"{path} is {kind}, not a regular file; expected a {what}")
+        raise DataFormatError(f"{path} is {kind}, not a regular file; expected {a_what}")
 
 
 def utf8_lines(source: IO, name: str) -> Iterator[Tuple[int, str]]:
