@@ -43,7 +43,7 @@ def _decode(data: bytes, name: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        for _ in utf8_lines(io.BytesIO(data), name):  # raises, naming the line and column
+        for _ in utf8_lines(io.BytesIO(data), name, records=False):  # raises, naming the line and column
             pass
         raise
     return text[1:] if text.startswith(BOM) else text

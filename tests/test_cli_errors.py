@@ -185,6 +185,22 @@ def test_malformed_tag_names_file_and_line(files, capsys, tmp_path):
     user_error(capsys, ["evaluate", str(files / "model"), str(bad)], f"{bad}:4: malformed tag 'X-PER'")
 
 
+def test_carriage_return_only_line_ends_are_refused_naming_the_file(files, capsys, tmp_path):
+    # read as one line whose CRs split() took for spaces: one token "Anna" tagged "O", exit 0
+    mac = tmp_path / "mac.txt"
+    mac.write_bytes(b"Anna B-PER\rvisited O\rOslo B-LOC\r\rBob B-PER\rleft O\r")
+    for argv in (["evaluate", str(files / "model"), str(mac)], ["convert", str(mac), str(tmp_path / "out.jsonl")],
+                 ["tag", str(files / "model"), str(mac), "--input", "conll"]):
+        user_error(capsys, argv, f"{mac}:1: a carriage return (\\r) inside the line")
+    assert not (tmp_path / "out.jsonl").exists()
+    windows = tmp_path / "windows.txt"  # \r\n line ends are fine
+    windows.write_bytes(b"Anna B-PER\r\nvisited O\r\n\r\nBob B-PER\r\n")
+    assert [s.tokens for s in read_conll(str(windows))] == [["Anna", "visited"], ["Bob"]]
+    # raw text may end its lines in CR alone
+    assert main(["tag", str(files / "model"), str(mac), "--output", "jsonl"]) == 0
+    capsys.readouterr()
+
+
 def test_a_device_or_a_directory_as_a_data_file_says_what_it_is(files, capsys, tmp_path):
     user_error(capsys, ["evaluate", str(files / "model"), os.devnull], f"{os.devnull} is a character device")
     user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path)], f"{tmp_path} is a directory")

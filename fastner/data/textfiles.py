@@ -29,9 +29,13 @@ def check_data_file(path: str, what: str = "data file") -> None:
         raise DataFormatError(f"{path} is {kind}, not a regular file; expected {a_what}")
 
 
-def utf8_lines(source: IO, name: str) -> Iterator[Tuple[int, str]]:
+def utf8_lines(source: IO, name: str, records: bool = True) -> Iterator[Tuple[int, str]]:
     """(line number, text) of each line of a binary or text stream; a leading byte-order mark is
-    dropped; bytes that are not UTF-8 raise DataFormatError('NAME:LINE: not UTF-8 ...')."""
+    dropped; bytes that are not UTF-8 raise DataFormatError('NAME:LINE: not UTF-8 ...').
+
+    records: each line is a record (CoNLL, JSONL, tokens, vectors), so a carriage return inside
+    one is a DataFormatError: a file with CR-only line ends is one line, whose CRs split() takes
+    for spaces (a CoNLL file was read as its first token with its last tag, exit 0)."""
     for line_no, raw in enumerate(source, start=1):
         if isinstance(raw, bytes):
             try:
@@ -44,4 +48,7 @@ def utf8_lines(source: IO, name: str) -> Iterator[Tuple[int, str]]:
             line = raw
         if line_no == 1 and line.startswith(BOM):
             line = line[len(BOM):]
+        if records and "\r" in line.rstrip("\r\n"):
+            raise DataFormatError(f"{name}:{line_no}: a carriage return (\\r) inside the line: the file's lines "
+                                  "end in \\r alone? save it with \\n or \\r\\n line ends")
         yield line_no, line
