@@ -220,6 +220,8 @@ def cmd_tag(args) -> int:
     from fastner.tag_io import STDIN, Writer, check_output, output_file, read_items, tag_stream
     from fastner.tagger import Tagger
 
+    if args.inputs.count(STDIN) > 1:  # the second read found stdin spent: an extra, empty document
+        raise UsageError("tag: stdin (-) given more than once")
     if args.out not in (None, STDIN):
         check_output(args.out)  # before the model loads
     if args.nbest is not None and args.output not in ("json", "jsonl"):

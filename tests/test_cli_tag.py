@@ -154,6 +154,14 @@ def test_a_long_tokenised_sentence_is_tagged_in_pieces(demo_tagger_dir, capsys, 
     assert len(whole["nbest"]) == 3
 
 
+def test_stdin_given_twice_is_refused(demo_tagger_dir, capsys, monkeypatch):
+    # the second `-` read an empty stdin: an extra empty document in the output, exit 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO(DOC))
+    code, out, err = run(capsys, demo_tagger_dir, "-", "-", "--output", "jsonl")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == "fastner: error: tag: stdin (-) given more than once"
+
+
 @pytest.mark.parametrize("output", ["conll", "spans"])
 def test_nbest_without_a_format_that_holds_it_is_refused(demo_tagger_dir, capsys, tmp_path, output):
     # conll and spans lines have no place for the alternatives: they were dropped, exit 0
