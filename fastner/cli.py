@@ -169,8 +169,19 @@ def cmd_train(args) -> int:
     main_process = is_main_process()  # under torchrun only rank 0 reports
     if main_process:
         print(f"train: {len(train_data)} sentences from {args.train}; dev: {len(dev_data)} from {args.dev}", file=sys.stderr)
-    summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume,
-                    overwrite=args.overwrite)
+    created = not os.path.exists(args.out)
+    try:
+        summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume,
+                        overwrite=args.overwrite)
+    except BaseException:
+        # a run that failed before saving anything (--resume with no checkpoint, a missing
+        # --embeddings file, a model too big) leaves no empty --out folder behind
+        try:
+            if created and not os.listdir(args.out):
+                os.rmdir(args.out)
+        except OSError:
+            pass
+        raise
     result = {"out": args.out, "best_epoch": summary["best_epoch"], "best_dev_f1": round(summary["best_dev_f1"], 2)}
     if "test" in summary:
         result["test_f1"] = round(summary["test"]["f1"], 2)

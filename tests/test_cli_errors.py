@@ -108,6 +108,18 @@ def test_a_model_too_big_for_memory_is_a_user_error(files, capsys, tmp_path, opt
     user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
                         "--out", str(tmp_path / "new"), option, "99999999999"],
                "fastner: error: not enough memory (", " GiB at once); choose smaller sizes (--hidden")
+    assert not (tmp_path / "new").exists()  # the run saved nothing: no empty folder left behind
+
+
+def test_a_run_that_fails_before_saving_leaves_no_empty_out_folder(files, capsys, tmp_path):
+    args = ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"), "--out", str(tmp_path / "new")]
+    user_error(capsys, args + ["--resume"], "--resume: no checkpoint to resume from")
+    assert not (tmp_path / "new").exists()
+    user_error(capsys, args + ["--embeddings", str(tmp_path / "vectors.txt")], "embeddings file not found")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "new").mkdir()  # a folder the user made stays
+    user_error(capsys, args + ["--resume"], "--resume: no checkpoint to resume from")
+    assert (tmp_path / "new").is_dir()
 
 
 def test_other_subcommands_numeric_options(files, capsys, tmp_path):
