@@ -244,6 +244,14 @@ class Trainer:
         self.model = self.tagger.model
         self.module = self.dist.wrap(self.model)  # forward(batch tensors) -> loss; DDP when several processes
 
+        if state is not None:
+            # said per type, not as "sentence 0: tag 'S-MISC' is not one of the model's tags"
+            known = {split_tag(t)[1] for t in self.tagger.tags.itos} - {""}
+            new = sorted({split_tag(t)[1] for s in train_data for t in s.tags} - known - {""})
+            if new:
+                raise ValueError(f"the training data has entity types {new} that the saved run's model does not have "
+                                 f"({', '.join(sorted(known))}); a resumed run keeps its tag set: start a new run "
+                                 "(--overwrite or another --out) to learn them")
         train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
         self.encoded = encode_sentences(train_tagged, self.tagger.words, self.tagger.chars, self.tagger.tags,
                                         config.digits_to_zero)

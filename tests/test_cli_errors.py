@@ -382,6 +382,17 @@ def test_resume_contradicting_the_checkpoint_is_refused_naming_the_settings(file
     assert Tagger.load(str(out), device="cpu").model.config.hidden == 8
 
 
+def test_resume_with_an_entity_type_the_run_does_not_know(files, capsys, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(files / "model", out)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("Anna B-PER\nloves O\nJazz B-GENRE\n\n", encoding="utf-8")
+    user_error(capsys, ["train", "--train", str(extra), "--dev", str(files / "dev.txt"), "--out", str(out), "--resume",
+                        "--epochs", "2"],
+               "the training data has entity types ['GENRE'] that the saved run's model does not have (DATE, LOC, MONEY, ORG, PER)",
+               "start a new run")
+
+
 def test_embeddings_file_errors_name_file_and_line(files, capsys, tmp_path):
     vectors = tmp_path / "vectors.txt"
     vectors.write_bytes("anna 0.1 0.2\nk\xf6ln 0.3 0.4\n".encode("latin-1"))
