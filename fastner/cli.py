@@ -58,7 +58,10 @@ def _float_in(low: float, high: float, low_open: bool = False, high_open: bool =
     return parse
 
 
-COUNT = _int_from(1)  # batch sizes, epochs, hidden units, layers, threads, ...
+COUNT = _int_from(1)  # batch sizes, epochs, hidden units, layers, ...
+# torch threads: OpenMP cannot start an unbounded number (measured: --threads 65536 hung after
+# "libgomp: Thread creation failed", 1000000 crashed with a segfault); 1024 is above any core count
+THREADS = _int_from(1, 1024)
 SEED = _int_from(0, 2**63 - 1)
 
 
@@ -70,6 +73,21 @@ def _user_errors():
     # FloatingPointError: training diverged (the message says to lower --lr)
     return (UsageError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
             DataFormatError, EmbeddingsError, TaggerLoadError, FloatingPointError, ValueError)
+
+
+def _allocation_failure(err: BaseException) -> Optional[str]:
+    """What a failed allocation asked for, or None when `err` is something else. Sizes the user
+    chose cause it (`train --hidden 99999999999` asked for 193,715 GiB): a usage error, not a crash.
+    torch raises a plain RuntimeError for the CPU allocator, OutOfMemoryError for CUDA's."""
+    import re
+
+    import torch
+
+    text = str(err)
+    if not (isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text)
+    return f"{int(asked.group(1)) / 2**30:,.1f} GiB at once" if asked else (text.splitlines() or ["?"])[0][:200]
 
 
 def _set_threads(threads: Optional[int]) -> None:
@@ -151,8 +169,19 @@ def cmd_train(args) -> int:
     main_process = is_main_process()  # under torchrun only rank 0 reports
     if main_process:
         print(f"train: {len(train_data)} sentences from {args.train}; dev: {len(dev_data)} from {args.dev}", file=sys.stderr)
-    summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume,
-                    overwrite=args.overwrite)
+    created = not os.path.exists(args.out)
+    try:
+        summary = train(train_data, dev_data, args.out, config, test_data=test_data, resume=args.resume,
+                        overwrite=args.overwrite)
+    except BaseException:
+        # a run that failed before saving anything (--resume with no checkpoint, a missing
+        # --embeddings file, a model too big) leaves no empty --out folder behind
+        try:
+            if created and not os.listdir(args.out):
+                os.rmdir(args.out)
+        except OSError:
+            pass
+        raise
     result = {"out": args.out, "best_epoch": summary["best_epoch"], "best_dev_f1": round(summary["best_dev_f1"], 2)}
     if "test" in summary:
         result["test_f1"] = round(summary["test"]["f1"], 2)
@@ -178,31 +207,20 @@ def _load_tagger(args):
 
 def cmd_evaluate(args) -> int:
     from fastner.metrics import conlleval, format_conlleval
+    from fastner.tag_io import check_output, output_file
     from fastner.tagger import Tagger
 
     _set_threads(args.threads)
     if args.output:
-        folder = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(folder) or os.path.isdir(args.output):
-            raise UsageError(f"--output {args.output}: " + ("is a directory" if os.path.isdir(args.output)
-                                                            else f"the folder {folder} does not exist"))
+        check_output(args.output, "--output")  # before the model loads
     tagger = _load_tagger(args)
     sentences = _read(args.file, args)
-    pred = tagger.tag([s.tokens for s in sentences], batch_size=args.batch_size)
-    from fastner.data.jsonl import is_jsonl
-
-    if is_jsonl(args.file):  # JSONL gold is read as IOB2: compare tags in that scheme
-        from fastner.data.schemes import convert_tags
-
-        pred = [convert_tags(tags, "IOB2") for tags in pred]
+    pred = tagger.tag_like_gold(sentences, batch_size=args.batch_size)  # JSONL gold is IOB2, a CoNLL file any scheme
     if args.output:
-        from fastner.storage import atomic_write_bytes
-
-        lines = []
-        for sentence, tags in zip(sentences, pred):
-            lines.extend(f"{token} {gold} {guess}\n" for token, gold, guess in zip(sentence.tokens, sentence.tags, tags))
-            lines.append("\n")
-        atomic_write_bytes(args.output, "".join(lines).encode("utf-8"))
+        with output_file(args.output, "--output") as out:
+            for sentence, tags in zip(sentences, pred):
+                out.writelines(f"{token} {gold} {guess}\n" for token, gold, guess in zip(sentence.tokens, sentence.tags, tags))
+                out.write("\n")
     print(format_conlleval(conlleval([s.tags for s in sentences], pred)))
     return 0
 
@@ -210,9 +228,16 @@ def cmd_evaluate(args) -> int:
 # ---- tag -----------------------------------------------------------------------------------
 
 def cmd_tag(args) -> int:
-    from fastner.tag_io import Writer, output_file, read_items, tag_stream
+    from fastner.tag_io import STDIN, Writer, check_output, output_file, read_items, tag_stream
     from fastner.tagger import Tagger
 
+    if args.inputs.count(STDIN) > 1:  # the second read found stdin spent: an extra, empty document
+        raise UsageError("tag: stdin (-) given more than once")
+    if args.out not in (None, STDIN):
+        check_output(args.out)  # before the model loads
+    if args.nbest is not None and args.output not in ("json", "jsonl"):
+        # conll and spans lines have no place for alternatives: they would be dropped unsaid
+        raise UsageError(f"--nbest needs --output json or jsonl, got --output {args.output}")
     _set_threads(args.threads)
     tagger = _load_tagger(args)
     items = read_items(args.inputs, args.input, word_column=args.word_column)
@@ -263,6 +288,8 @@ def cmd_demo(args) -> int:
     from fastner.train import TrainConfig, train
 
     _set_threads(args.threads)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a directory")  # was a FileExistsError traceback
     if args.out and os.path.isdir(args.out) and os.listdir(args.out):
         raise UsageError(f"--out {args.out} already holds a saved run or other files; choose another --out "
                          "(the demo never overwrites)")
@@ -370,7 +397,7 @@ def _add_columns(parser: argparse.ArgumentParser) -> None:
 def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None,
                  default_text: str = "cuda when available") -> None:
     parser.add_argument("--device", default=device_default, help=f"cpu, cuda, cuda:1 ... (default: {default_text})")
-    parser.add_argument("--threads", type=COUNT, default=None,
+    parser.add_argument("--threads", type=THREADS, default=None,
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1)")
 
 
@@ -386,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastner", description="Named-entity tagging with fused LSTM/GRU/RNN and CRF kernels.")
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,serve,info,bench}")
 
+    from fastner.inference import MAX_NBEST
     from fastner.models.tagger import ModelConfig
     from fastner.train import TrainConfig
 
@@ -447,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "--format", dest="output", choices=["conll", "jsonl", "json", "spans"], default="conll",
                    help="conll: `token tag` lines; jsonl: one result object a line (ids kept); json: one array; "
                         "spans: `id start end label score text`, tab-separated, character offsets for documents")
-    p.add_argument("--out", help="write here (atomically: complete or not at all) instead of stdout")
-    p.add_argument("--nbest", type=COUNT, default=None, help="add the N best analyses of each sentence (json/jsonl)")
+    p.add_argument("--out", help="write here (atomically: complete or not at all; a device or FIFO is written into) instead of stdout")
+    p.add_argument("--nbest", type=_int_from(1, MAX_NBEST), default=None, help="add the N best analyses of each sentence (json/jsonl)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar with documents/s and tokens/s on stderr (default: when stderr is a terminal)")
     p.add_argument("--word-column", type=int, default=0, help="--input conll: column of the words (default 0)")
@@ -483,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="keep the trained tagger in this directory")
     # one thread whatever OMP_NUM_THREADS says: the demo's numbers then do not depend on the
     # machine's core count
-    p.add_argument("--threads", type=COUNT, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
     p.set_defaults(func=cmd_demo)
 
     # Listed for --help only: main() hands `fastner bench ...` to fastner.bench, whose own
@@ -534,6 +562,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     except _user_errors() as err:
         print(f"fastner: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MemoryError, RuntimeError) as err:
+        asked = _allocation_failure(err)
+        if asked is None:
+            raise
+        print(f"fastner: error: not enough memory ({asked}); choose smaller sizes (--hidden, --word-dim, --layers, "
+              "--batch-size)", file=sys.stderr)
         return EXIT_USAGE
 
 

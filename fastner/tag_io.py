@@ -43,7 +43,7 @@ def _decode(data: bytes, name: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        for _ in utf8_lines(io.BytesIO(data), name):  # raises, naming the line and column
+        for _ in utf8_lines(io.BytesIO(data), name, records=False):  # raises, naming the line and column
             pass
         raise
     return text[1:] if text.startswith(BOM) else text
@@ -223,19 +223,42 @@ def tag_stream(tagger, items: Iterable[Item], writer: Writer, batch_size: int, n
     return writer.count
 
 
+def check_output(path: str, flag: str = "--out") -> Optional[str]:
+    """The file an output path names (symbolic links followed), None for a stream (a device, a
+    FIFO, /dev/stdout: os.stat follows its link to the pipe or terminal), or a user error naming
+    `flag`: the path a directory, or its folder missing."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        return None
+    real = os.path.realpath(path)
+    directory = os.path.dirname(real)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{flag} {path}: directory {directory} does not exist")
+    if os.path.isdir(real):
+        raise IsADirectoryError(f"{flag} {path} is a directory")
+    return real
+
+
 @contextlib.contextmanager
-def output_file(path: Optional[str]):
+def output_file(path: Optional[str], flag: str = "--out"):
     """stdout, or a file that appears complete or not at all: written to a temp file beside it
-    while tagging, renamed over `path` only when everything was written."""
+    while tagging, renamed over `path` only when everything was written.
+
+    A stream (check_output) is written straight into: replacing it put the output where no reader
+    looks (as root, /dev/stdout became a regular file and nothing was printed). A link to a file
+    replaces the file it names, not the link."""
     if path is None or path == STDIN:
         yield sys.stdout
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"--out {path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"--out {path} is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    real = check_output(path, flag)
+    if real is None:
+        with open(path, "w", encoding="utf-8") as handle:
+            yield handle
+        return
+    directory = os.path.dirname(real)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except OSError as err:  # a read-only folder or file system: name the user's path, not the temp file
+        raise PermissionError(f"{flag} {path}: cannot write in {directory}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             yield handle
@@ -244,7 +267,7 @@ def output_file(path: Optional[str]):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from fastner.data.conll import Sentence
-from fastner.data.schemes import canonical_scheme, convert_tags
+from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme
 from fastner.data.vocab import PAD, UNK, Vocab
 from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
@@ -289,9 +289,15 @@ class Tagger:
 
         return predict(self.analyser(), x, self.output_scheme, batch_size, nbest)
 
+    def tag_like_gold(self, sentences: Sequence[Sentence], batch_size: int = 64) -> List[List[str]]:
+        """Tags of gold-tagged sentences in the gold's scheme (detect_scheme), not the output
+        scheme: compared tag by tag, a BIOES gold file against IOB1 predictions scored the same
+        tagging 78.7% token accuracy instead of 99.0%."""
+        scheme = detect_scheme(s.tags for s in sentences)
+        return [convert_tags(tags, scheme) for tags in self.tag([s.tokens for s in sentences], batch_size)]
+
     def evaluate(self, sentences: Sequence[Sentence], batch_size: int = 64) -> dict:
-        """conlleval() of the predicted tags (output scheme) against the sentences' gold tags."""
+        """conlleval() of the predicted tags (in the gold's scheme) against the sentences' gold tags."""
         from fastner.metrics import conlleval
 
-        pred = self.tag([s.tokens for s in sentences], batch_size)
-        return conlleval([s.tags for s in sentences], pred)
+        return conlleval([s.tags for s in sentences], self.tag_like_gold(sentences, batch_size))

@@ -26,6 +26,7 @@ from fastner import distributed
 from fastner.data.batching import bucket_batches, encode_sentences, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme, split_tag
+from fastner.data.textfiles import check_data_file
 from fastner.data.vocab import Vocab, normalize_digits
 from fastner.embeddings import embedding_matrix, frozen_table, load_pretrained
 from fastner.models.tagger import ModelConfig, SequenceTagger
@@ -121,8 +122,7 @@ class TrainConfig:
 
 def read_config(path: str) -> dict:
     """The recipe object of a JSON file: a TrainConfig object, or a training.json (its "config")."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+    check_data_file(path, "config file")  # a directory was "not found"
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -247,6 +247,14 @@ class Trainer:
         self.model = self.tagger.model
         self.module = self.dist.wrap(self.model)  # forward(batch tensors) -> loss; DDP when several processes
 
+        if state is not None:
+            # said per type, not as "sentence 0: tag 'S-MISC' is not one of the model's tags"
+            known = {split_tag(t)[1] for t in self.tagger.tags.itos} - {""}
+            new = sorted({split_tag(t)[1] for s in train_data for t in s.tags} - known - {""})
+            if new:
+                raise ValueError(f"the training data has entity types {new} that the saved run's model does not have "
+                                 f"({', '.join(sorted(known))}); a resumed run keeps its tag set: start a new run "
+                                 "(--overwrite or another --out) to learn them")
         train_tagged = [Sentence(s.tokens, convert_tags(s.tags, config.scheme)) for s in train_data if s.tokens]
         self.encoded = encode_sentences(train_tagged, self.tagger.words, self.tagger.chars, self.tagger.tags,
                                         config.digits_to_zero)

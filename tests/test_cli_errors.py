@@ -72,7 +72,12 @@ def model_copy(files, tmp_path, keep_manifest=False):
     ("--batch-size", "-1", "argument --batch-size: must be >= 1, got -1"),
     ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
     ("--batch-size", "ten", "argument --batch-size: expected an integer, got 'ten'"),
-    ("--threads", "0", "argument --threads: must be >= 1, got 0"),
+    ("--threads", "0", "argument --threads: must be in [1, 1024], got 0"),
+    # OpenMP hung at 65536 threads and crashed (segfault) at 1000000
+    ("--threads", "65536", "argument --threads: must be in [1, 1024], got 65536"),
+    # k-best grows faster than linearly in k: 100000 ran for minutes, 10**20 was a traceback
+    ("--nbest", "1001", "argument --nbest: must be in [1, 1000], got 1001"),
+    ("--nbest", str(10**20), "argument --nbest: must be in [1, 1000]"),
 ])
 def test_tag_numeric_options(files, capsys, option, value, expected):
     user_error(capsys, ["tag", str(files / "model"), str(files / "dev.txt"), option, value], expected)
@@ -97,11 +102,38 @@ def test_train_numeric_options(files, capsys, tmp_path, option, value, expected)
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("option", ["--hidden", "--word-dim"])
+def test_a_model_too_big_for_memory_is_a_user_error(files, capsys, tmp_path, option):
+    # the allocator's RuntimeError was a traceback
+    user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
+                        "--out", str(tmp_path / "new"), option, "99999999999"],
+               "fastner: error: not enough memory (", " GiB at once); choose smaller sizes (--hidden")
+    assert not (tmp_path / "new").exists()  # the run saved nothing: no empty folder left behind
+
+
+def test_a_run_that_fails_before_saving_leaves_no_empty_out_folder(files, capsys, tmp_path):
+    args = ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"), "--out", str(tmp_path / "new")]
+    user_error(capsys, args + ["--resume"], "--resume: no checkpoint to resume from")
+    assert not (tmp_path / "new").exists()
+    user_error(capsys, args + ["--embeddings", str(tmp_path / "vectors.txt")], "embeddings file not found")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "new").mkdir()  # a folder the user made stays
+    user_error(capsys, args + ["--resume"], "--resume: no checkpoint to resume from")
+    assert (tmp_path / "new").is_dir()
+
+
 def test_other_subcommands_numeric_options(files, capsys, tmp_path):
     user_error(capsys, ["evaluate", str(files / "model"), str(files / "dev.txt"), "--batch-size", "0"], "--batch-size")
     user_error(capsys, ["export", str(files / "model"), str(tmp_path / "e"), "--max-length", "1"], "--max-length")
     user_error(capsys, ["demo", "--sentences", "0"], "--sentences")
     user_error(capsys, ["demo", "--epochs", "-1"], "--epochs")
+
+
+def test_predict_refuses_an_nbest_out_of_range(files):
+    tagger = Tagger.load(str(files / "model"), device="cpu")
+    for bad in (0, 1001, 10**20, True):
+        with pytest.raises(ValueError, match=r"nbest must be None or an int in \[1, 1000\]"):
+            tagger.predict(["Anna visited Oslo"], nbest=bad)
 
 
 def test_predict_refuses_a_batch_size_below_one(files):
@@ -125,6 +157,16 @@ def test_a_byte_order_mark_is_not_part_of_the_first_token(files, capsys, tmp_pat
     conll = tmp_path / "bom.conll"
     conll.write_bytes("\ufeffAnna B-PER\nvisited O\n".encode("utf-8"))
     assert read_conll(str(conll))[0].tokens == ["Anna", "visited"]
+
+
+def test_a_jsonl_file_with_a_byte_order_mark_is_read_as_jsonl(files, capsys, tmp_path):
+    # named .txt, so told apart by content: the mark made it read as CoNLL ("malformed tag")
+    path = tmp_path / "spans.txt"
+    path.write_bytes('\ufeff{"text": "Anna visited Oslo .", "spans": [{"start": 0, "end": 4, "label": "PER"}]}\r\n'
+                     .encode("utf-8"))
+    assert main(["convert", str(path), str(tmp_path / "out.conll")]) == 0
+    assert (tmp_path / "out.conll").read_text(encoding="utf-8").splitlines()[:2] == ["Anna B-PER", "visited O"]
+    capsys.readouterr()
 
 
 def test_latin1_input_names_the_line_on_stdin_and_in_a_file(files, tmp_path):
@@ -155,12 +197,102 @@ def test_malformed_tag_names_file_and_line(files, capsys, tmp_path):
     user_error(capsys, ["evaluate", str(files / "model"), str(bad)], f"{bad}:4: malformed tag 'X-PER'")
 
 
+def test_carriage_return_only_line_ends_are_refused_naming_the_file(files, capsys, tmp_path):
+    # read as one line whose CRs split() took for spaces: one token "Anna" tagged "O", exit 0
+    mac = tmp_path / "mac.txt"
+    mac.write_bytes(b"Anna B-PER\rvisited O\rOslo B-LOC\r\rBob B-PER\rleft O\r")
+    for argv in (["evaluate", str(files / "model"), str(mac)], ["convert", str(mac), str(tmp_path / "out.jsonl")],
+                 ["tag", str(files / "model"), str(mac), "--input", "conll"]):
+        user_error(capsys, argv, f"{mac}:1: a carriage return (\\r) inside the line")
+    assert not (tmp_path / "out.jsonl").exists()
+    windows = tmp_path / "windows.txt"  # \r\n line ends are fine
+    windows.write_bytes(b"Anna B-PER\r\nvisited O\r\n\r\nBob B-PER\r\n")
+    assert [s.tokens for s in read_conll(str(windows))] == [["Anna", "visited"], ["Bob"]]
+    # raw text may end its lines in CR alone
+    assert main(["tag", str(files / "model"), str(mac), "--output", "jsonl"]) == 0
+    capsys.readouterr()
+
+
 def test_a_device_or_a_directory_as_a_data_file_says_what_it_is(files, capsys, tmp_path):
     user_error(capsys, ["evaluate", str(files / "model"), os.devnull], f"{os.devnull} is a character device")
     user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path)], f"{tmp_path} is a directory")
     # tag reads a directory's .txt articles; one without any is the mistake
     user_error(capsys, ["tag", str(files / "model"), str(tmp_path)], f"{tmp_path}: a directory without .txt files")
     user_error(capsys, ["evaluate", str(files / "model"), str(tmp_path / "missing.txt")], "not found")
+    user_error(capsys, ["tag", str(files / "model"), str(tmp_path), "--input", "conll"],
+               f"{tmp_path} is a directory; expected an input file")
+    # a directory as --config was "config file not found"
+    user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
+                        "--out", str(tmp_path / "new"), "--config", str(tmp_path)],
+               f"{tmp_path} is a directory; expected a config file")
+
+
+def test_evaluate_compares_tags_in_the_gold_files_scheme(files, capsys, tmp_path):
+    """The model predicts in its training file's scheme (IOB2 here); a gold file in BIOES was
+    compared tag by tag with IOB2 predictions: a wrong token accuracy, and wrong --output."""
+    from fastner.data.schemes import convert_tags
+    from fastner.metrics import conlleval, format_conlleval
+
+    gold = read_conll(str(files / "dev.txt"))
+    bioes = tmp_path / "dev-bioes.txt"
+    write_conll(str(bioes), [Sentence(s.tokens, convert_tags(s.tags, "BIOES")) for s in gold])
+    assert main(["evaluate", str(files / "model"), str(files / "dev.txt"), "--output", str(tmp_path / "iob2.txt")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(files / "model"), str(bioes), "--output", str(tmp_path / "bioes.txt")]) == 0
+    report = capsys.readouterr().out
+
+    def columns(path):
+        blocks = path.read_text(encoding="utf-8").strip("\n").split("\n\n")
+        return [[line.split() for line in block.splitlines()] for block in blocks]
+
+    predicted = [convert_tags([row[2] for row in block], "BIOES") for block in columns(tmp_path / "iob2.txt")]
+    assert [[row[2] for row in block] for block in columns(tmp_path / "bioes.txt")] == predicted
+    gold_bioes = [convert_tags(s.tags, "BIOES") for s in gold]
+    assert report.strip() == format_conlleval(conlleval(gold_bioes, predicted)).strip()
+    tagger = Tagger.load(str(files / "model"), device="cpu")
+    assert tagger.evaluate(read_conll(str(bioes)))["accuracy"] == conlleval(gold_bioes, predicted)["accuracy"]
+
+
+# ---- output paths -----------------------------------------------------------------------------
+
+def test_output_into_a_fifo_reaches_its_reader(files, capsys, tmp_path):
+    """A FIFO (like /dev/stdout, a device or `--out >(gzip > x.gz)`) is written into; it was
+    replaced by a regular file, its reader got nothing and the command said nothing (as root
+    `--out /dev/stdout` turned /dev/stdout itself into a regular file)."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    assert main(["tag", str(files / "model"), str(files / "dev.txt"), "--input", "conll", "--out", str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert received and received[0].splitlines()[0].split()[0] == read_conll(str(files / "dev.txt"))[0].tokens[0]
+    assert fifo.is_fifo()
+
+
+def test_output_through_a_link_replaces_the_file_it_names(files, capsys, tmp_path):
+    target, link = tmp_path / "tagged.txt", tmp_path / "link.txt"
+    link.symlink_to(target)
+    assert main(["tag", str(files / "model"), str(files / "dev.txt"), "--input", "conll", "--out", str(link)]) == 0
+    assert link.is_symlink() and target.read_text(encoding="utf-8").strip()
+
+
+def test_an_unwritable_output_folder_names_the_output(files, capsys, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):  # root writes anywhere: a read-only file system, simulated
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "out.txt"
+    user_error(capsys, ["tag", str(files / "model"), str(files / "dev.txt"), "--out", str(out)],
+               f"--out {out}: cannot write in {tmp_path}: Read-only file system")
+    user_error(capsys, ["evaluate", str(files / "model"), str(files / "dev.txt"), "--output", str(out)],
+               f"--output {out}: cannot write in {tmp_path}: Read-only file system")
+    assert not out.exists()
 
 
 # ---- model files -------------------------------------------------------------------------------
@@ -250,6 +382,17 @@ def test_resume_contradicting_the_checkpoint_is_refused_naming_the_settings(file
     assert Tagger.load(str(out), device="cpu").model.config.hidden == 8
 
 
+def test_resume_with_an_entity_type_the_run_does_not_know(files, capsys, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(files / "model", out)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("Anna B-PER\nloves O\nJazz B-GENRE\n\n", encoding="utf-8")
+    user_error(capsys, ["train", "--train", str(extra), "--dev", str(files / "dev.txt"), "--out", str(out), "--resume",
+                        "--epochs", "2"],
+               "the training data has entity types ['GENRE'] that the saved run's model does not have (DATE, LOC, MONEY, ORG, PER)",
+               "start a new run")
+
+
 def test_embeddings_file_errors_name_file_and_line(files, capsys, tmp_path):
     vectors = tmp_path / "vectors.txt"
     vectors.write_bytes("anna 0.1 0.2\nk\xf6ln 0.3 0.4\n".encode("latin-1"))
@@ -263,3 +406,6 @@ def test_bench_and_demo_mistakes(files, capsys, tmp_path):
     user_error(capsys, ["bench", "--only", "nothing"], "--only takes a comma-separated list")
     user_error(capsys, ["demo", "--out", str(files / "model"), "--sentences", "20", "--epochs", "1"],
                "already holds a saved run", "choose another --out")
+    # a file as --out was a FileExistsError traceback once the demo had generated its corpus
+    user_error(capsys, ["demo", "--out", str(files / "train.txt"), "--sentences", "20", "--epochs", "1"],
+               f"--out {files / 'train.txt'} exists and is not a directory")

@@ -123,6 +123,55 @@ def test_missing_input_and_directory_without_articles(demo_tagger_dir, capsys, t
     assert code == 2 and "without .txt files" in err
 
 
+def test_a_long_tokenised_sentence_is_tagged_in_pieces(demo_tagger_dir, capsys, tmp_path, monkeypatch):
+    """Span scores cost a pass over the sentence per span: one 32,000-token line of --input tokens
+    ran for minutes (a 1 MB line would take an hour), while raw text is cut into pieces of
+    MAX_SENTENCE_TOKENS. Pre-tokenized sentences are cut the same way and joined back."""
+    from fastner import Tagger, documents
+    from fastner.inference import Analyser
+
+    monkeypatch.setattr(documents, "MAX_SENTENCE_TOKENS", 4)
+    analysed = []
+    analyse = Analyser.analyse
+    monkeypatch.setattr(Analyser, "analyse", lambda self, sentences, *a, **k: (
+        analysed.extend(len(s) for s in sentences), analyse(self, sentences, *a, **k))[1])
+    tokens = "Omar Haddad of Kestrel Pharma flew to Frankfurt and Oslo".split()
+    path = tmp_path / "in.txt"
+    path.write_text(" ".join(tokens) + "\n\n", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, path, "--input", "tokens", "--output", "jsonl", "--nbest", "3")
+    assert code == 0 and max(analysed) == 4
+    whole, empty = [json.loads(line) for line in out.splitlines()]
+    assert empty["tokens"] == [] and empty["tags"] == []
+    tagger = Tagger.load(str(demo_tagger_dir), device="cpu")
+    parts = tagger.predict([tokens[0:4], tokens[4:8], tokens[8:]], nbest=3)
+    assert whole["tokens"] == tokens and whole["tags"] == [t for part in parts for t in part["tags"]]
+    assert [(s["start"], s["end"], s["type"]) for s in whole["spans"]] == [
+        (s["start"] + 4 * n, s["end"] + 4 * n, s["type"]) for n, part in enumerate(parts) for s in part["spans"]]
+    best = whole["nbest"][0]
+    assert best["tags"] == [t for part in parts for t in part["nbest"][0]["tags"]]
+    expected = parts[0]["nbest"][0]["probability"] * parts[1]["nbest"][0]["probability"] * parts[2]["nbest"][0]["probability"]
+    assert best["probability"] == pytest.approx(expected, abs=1e-6)
+    assert len(whole["nbest"]) == 3
+
+
+def test_stdin_given_twice_is_refused(demo_tagger_dir, capsys, monkeypatch):
+    # the second `-` read an empty stdin: an extra empty document in the output, exit 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO(DOC))
+    code, out, err = run(capsys, demo_tagger_dir, "-", "-", "--output", "jsonl")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == "fastner: error: tag: stdin (-) given more than once"
+
+
+@pytest.mark.parametrize("output", ["conll", "spans"])
+def test_nbest_without_a_format_that_holds_it_is_refused(demo_tagger_dir, capsys, tmp_path, output):
+    # conll and spans lines have no place for the alternatives: they were dropped, exit 0
+    path = tmp_path / "in.txt"
+    path.write_text(DOC, encoding="utf-8")
+    code, out, err = run(capsys, demo_tagger_dir, path, "--nbest", "3", "--output", output)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == f"fastner: error: --nbest needs --output json or jsonl, got --output {output}"
+
+
 @pytest.mark.slow
 def test_ten_megabyte_document(demo_tagger_dir, capsys, tmp_path):
     from fastner.demo import generate_articles

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from fastner.data.conll import DataFormatError, Sentence, read_conll
 from fastner.data.schemes import spans_to_tags, tags_to_spans
+from fastner.data.textfiles import BOM
 
 MISALIGNED = ("reject", "snap")
 JSONL_EXTENSIONS = (".jsonl", ".json", ".ndjson")
@@ -132,10 +133,11 @@ def is_jsonl(path: str) -> bool:
         return True
     try:
         with open(path, "rb") as handle:
-            head = handle.read(4096).lstrip()
+            head = handle.read(4096)
     except OSError:
         return False
-    return head.startswith(b"{")
+    # a byte-order mark (Windows editors write one) is not content: utf8_lines drops it too
+    return head.removeprefix(BOM.encode("utf-8")).lstrip().startswith(b"{")
 
 
 def read_data(path: "str | os.PathLike", word_column: int = 0, tag_column: int = -1,
