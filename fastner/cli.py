@@ -61,7 +61,8 @@ def _float_in(low: float, high: float, low_open: bool = False, high_open: bool =
 COUNT = _int_from(1)  # batch sizes, epochs, hidden units, layers, ...
 # torch threads: OpenMP cannot start an unbounded number (measured: --threads 65536 hung after
 # "libgomp: Thread creation failed", 1000000 crashed with a segfault); 1024 is above any core count
-THREADS = _int_from(1, 1024)
+MAX_THREADS = 1024
+THREADS = _int_from(1, MAX_THREADS)
 SEED = _int_from(0, 2**63 - 1)
 
 

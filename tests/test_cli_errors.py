@@ -403,7 +403,8 @@ def test_embeddings_file_errors_name_file_and_line(files, capsys, tmp_path):
 
 
 def test_bench_and_demo_mistakes(files, capsys, tmp_path):
-    user_error(capsys, ["bench", "--threads", "0"], "--threads must be >= 1, got 0")
+    user_error(capsys, ["bench", "--threads", "0"], "--threads must be in [1, 1024], got 0")
+    user_error(capsys, ["bench", "--threads", "65536"], "--threads must be in [1, 1024], got 65536")
     user_error(capsys, ["bench", "--only", "nothing"], "--only takes a comma-separated list")
     user_error(capsys, ["demo", "--out", str(files / "model"), "--sentences", "20", "--epochs", "1"],
                "already holds a saved run", "choose another --out")

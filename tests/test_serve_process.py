@@ -71,7 +71,9 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
     (["serve", "{model}", "--max-batch-tokens", "100", "--max-document-tokens", "200"], "must not exceed"),
     (["serve", "{model}", "--port", "70000"], "argument --port: must be in [0, 65535]"),
     (["serve", "{model}", "--max-wait-ms", "nan"], "argument --max-wait-ms"),
-    (["serve", "{model}", "--threads", "0"], "argument --threads: must be >= 1"),
+    (["serve", "{model}", "--threads", "0"], "argument --threads: must be in [1, 1024], got 0"),
+    # the other commands' bound: OpenMP hangs or crashes asked for tens of thousands of threads
+    (["serve", "{model}", "--threads", "65536"], "argument --threads: must be in [1, 1024], got 65536"),
 ])
 def test_serve_refuses_bad_startup_options(model_dir, tmp_path, capsys, argv, message):
     previous = torch.get_num_threads()

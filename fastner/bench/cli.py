@@ -18,6 +18,7 @@ from fastner.bench.report import build_json, row_lines, write_json_atomic
 from fastner.bench.rows import Context, GroupSkipped, Row, describe_error
 from fastner.bench.timing import Settings
 from fastner.bench.workloads import make_plan
+from fastner.cli import MAX_THREADS
 
 # Run order matters: the GEMM rate measured first gives the RNN rows their floor.
 GROUPS = {"gemm": gemm_rows, "crf": crf_rows, "rnn": rnn_rows, "precision": precision_rows, "tagger": tagger_rows}
@@ -83,8 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     groups = _groups(args.only, parser)
     devices = _devices(args.device, parser)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
+        if not 1 <= args.threads <= MAX_THREADS:  # the other commands' bound
+            parser.error(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.clock == "thread" and args.threads != 1:
         parser.error("--clock thread needs --threads 1 (the CPU time of torch's other threads is not counted)")

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's options (imports nothing heavy: the CLI parser builds fast).
     Numbers are checked by the CLI's own argparse types (`fastner: error: argument --port: ...`);
     ServeConfig checks them again for callers of create_app."""
-    from fastner.cli import COUNT, _float_in, _int_from
+    from fastner.cli import COUNT, THREADS, _float_in, _int_from
 
     defaults = ServeConfig()
     parser.add_argument("model", help="tagger directory (read once at startup)")
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes,
                         help=f"request body limit (default {defaults.max_body_bytes})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    parser.add_argument("--threads", type=COUNT, default=1, help="torch threads of the model worker (default 1)")
+    parser.add_argument("--threads", type=THREADS, default=1, help="torch threads of the model worker (default 1)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
