@@ -53,6 +53,18 @@ def kill_at(monkeypatch, function_name, n):
     return calls
 
 
+def save_killed(monkeypatch, tagger, directory, install_kill) -> bool:
+    """tagger.save(directory) with install_kill(patch) in force: True if the save finished,
+    False if the kill it installs stopped it."""
+    with monkeypatch.context() as patch:
+        install_kill(patch)
+        try:
+            tagger.save(str(directory))
+            return True
+        except Killed:
+            return False
+
+
 # os.fsync: a kill while files are written (staged or, before this fix, in place);
 # os.replace: a kill while they are moved into place
 @pytest.mark.parametrize("function_name", ["fsync", "replace"])
@@ -62,13 +74,7 @@ def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, mo
     for n in range(1, 60):
         directory = tmp_path / f"kill{n}"
         old.save(str(directory))
-        with monkeypatch.context() as patch:
-            kill_at(patch, function_name, n)
-            try:
-                new.save(str(directory))
-                finished = True
-            except Killed:
-                finished = False
+        finished = save_killed(monkeypatch, new, directory, lambda patch: kill_at(patch, function_name, n))
         loaded = Tagger.load(str(directory), device="cpu")
         if same_model(loaded, new):
             outcomes.add("new")
@@ -106,13 +112,7 @@ def test_a_write_torn_by_a_kill_leaves_the_old_or_the_new_tagger(tmp_path, monke
                     raise Killed(f"killed writing file {n}")
             real_fsync(fd)
 
-        with monkeypatch.context() as patch:
-            patch.setattr(os, "fsync", torn_fsync)
-            try:
-                new.save(str(directory))
-                finished = True
-            except Killed:
-                finished = False
+        finished = save_killed(monkeypatch, new, directory, lambda patch: patch.setattr(os, "fsync", torn_fsync))
         loaded = Tagger.load(str(directory), device="cpu")
         assert same_model(loaded, new) or same_model(loaded, old), f"a torn file {n} left neither model"
         new.save(str(directory))
