@@ -221,8 +221,12 @@ class Trainer:
                  config: TrainConfig, resume: bool = False, overwrite: bool = False,
                  log: Optional[Callable[[str], None]] = None, progress: Optional[Progress] = None,
                  hooks: Sequence[Hook] = ()):
-        if not train_data:
+        # sentences without tokens are skipped: a set of only those would train nothing, and a dev
+        # set of only those scores every epoch 0, so that the first epoch's model would be kept
+        if not any(s.tokens for s in train_data):
             raise ValueError("the training data holds no sentences")
+        if not any(s.tokens for s in dev_data):
+            raise ValueError("the dev data holds no sentences: early stopping keeps the epoch of the best dev F1")
         if not resume and not overwrite:
             existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
             if existing:

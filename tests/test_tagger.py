@@ -63,6 +63,21 @@ def test_resume_continues_like_an_uninterrupted_run(corpus, tmp_path):
         train(train_data, held_out, str(tmp_path / "empty"), tiny_config(), resume=True, log=quiet)
 
 
+def test_training_or_dev_data_of_only_empty_sentences_is_refused(corpus, tmp_path):
+    """Empty sentences are skipped: training data of only those trained nothing (loss 0), and dev
+    data of only those scored every epoch 0, so that the first epoch's model was kept as "best"."""
+    from fastner.data.conll import Sentence
+
+    train_data, held_out = corpus
+    empty = [Sentence([], []), Sentence([], [])]
+    with pytest.raises(ValueError, match="training data holds no sentences"):
+        train(empty, held_out, str(tmp_path / "a"), tiny_config(), log=quiet)
+    for dev in ([], empty):
+        with pytest.raises(ValueError, match="dev data holds no sentences"):
+            train(train_data, dev, str(tmp_path / "b"), tiny_config(), log=quiet)
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")  # refused before writing
+
+
 def test_directory_layout_and_no_temp_files_left(corpus, tmp_path):
     run(corpus, tmp_path / "m", epochs=1)
     names = sorted(os.listdir(tmp_path / "m"))
