@@ -188,8 +188,9 @@ class ExportedTagger:
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         from fastner.data.schemes import convert_tags
+        from fastner.documents import token_lists
 
-        analyses = self.analyser().analyse([list(s) for s in sentences], batch_size, scores=False)
+        analyses = self.analyser().analyse(token_lists(sentences), batch_size, scores=False)
         return [convert_tags(a.tags, self.meta["output_scheme"]) for a in analyses]
 
     def predict(self, x, batch_size: int = 64, nbest: Optional[int] = None):

@@ -272,7 +272,9 @@ class Tagger:
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         """Tags only, in the output scheme (the scheme of the training file)."""
-        analyses = self.analyser().analyse([list(s) for s in sentences], batch_size, scores=False)
+        from fastner.documents import token_lists
+
+        analyses = self.analyser().analyse(token_lists(sentences), batch_size, scores=False)
         return [convert_tags(a.tags, self.output_scheme) for a in analyses]
 
     def predict(self, x, batch_size: int = 64, nbest: Optional[int] = None):

@@ -232,6 +232,21 @@ def test_predict_rejects_bytes(runtime):
         runtime.predict(b"a sentence")
 
 
+@pytest.mark.parametrize("bad, expected", [
+    ("Apple hired Tim Cook .", "tag raw text with predict"),  # was tagged one character per sentence
+    (["Apple hired Tim Cook ."], "item 0: a document"),
+    ([["Apple", 3]], "item 0: token 1 is int, expected str"),  # was AttributeError: 'int' ... 'lower'
+    ([None], "item 0: expected a document"),  # was TypeError: 'NoneType' object is not iterable
+    (None, "got NoneType"),
+])
+def test_tag_rejects_what_is_not_token_lists(exported, runtime, bad, expected):
+    for tagger in (exported[0], runtime):  # the Tagger and its exported runtime: one check
+        with pytest.raises(TypeError, match=expected):
+            tagger.tag(bad)
+    assert runtime.tag([]) == [] and runtime.tag([[]]) == [[]]
+    assert runtime.tag((t for t in [("Tim", "Cook")])) == exported[0].tag([["Tim", "Cook"]])
+
+
 # ---- torch.compile ---------------------------------------------------------------------------
 
 def test_tagger_runs_under_torch_compile_and_matches_eager():
