@@ -19,8 +19,10 @@ longer sentences with a clear error.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
@@ -273,8 +275,31 @@ def load(path: str) -> ExportedTagger:
     # from the archive (see fastner.program_check)
     program_bytes = contents[PROGRAM_FILE]
     check_program_archive(program_bytes, program_path)
-    try:
-        program = torch.export.load(io.BytesIO(program_bytes))
-    except Exception as err:  # a corrupt archive fails deep inside torch's deserializer
-        raise ValueError(f"{program_path}: not a loadable torch.export program ({type(err).__name__}: {err})") from None
+    with _torch_export_log() as logged:
+        try:
+            program = torch.export.load(io.BytesIO(program_bytes))
+        except Exception as err:  # a corrupt archive fails deep inside torch's deserializer
+            # torch logs the first failure (with its traceback) and raises a second error that
+            # only says "check the warnings above": the logged one is the cause
+            cause = logged[0] if logged else f"{type(err).__name__}: {err}"
+            raise ValueError(f"{program_path}: not a loadable torch.export program ({cause})") from None
     return ExportedTagger(program, meta)
+
+
+@contextlib.contextmanager
+def _torch_export_log():
+    """The messages torch.export logs while loading, kept from the user's stderr: on a corrupt
+    archive torch.export.load logs a full traceback as a warning before it raises."""
+    logger = logging.getLogger("torch.export")  # the logger of torch.export.load itself
+    logged: List[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:  # a logger's filter: kept here, not emitted
+        error = record.exc_info[1] if record.exc_info else None
+        logged.append(f"{type(error).__name__}: {error}" if error is not None else record.getMessage())
+        return False
+
+    logger.addFilter(keep)
+    try:
+        yield logged
+    finally:
+        logger.removeFilter(keep)
