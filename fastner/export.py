@@ -39,7 +39,8 @@ META_FILE = "export.json"
 MANIFEST_FILE = "export-manifest.json"  # its own name: an export may sit in a tagger's directory
 EXPORT_FORMAT = 2  # 2: the graph is SequenceTagger.infer (tags, log_z, emissions)
 DEFAULT_MAX_LENGTH = 64  # the fixed sequence length of a reference-path export
-MAX_BATCH = 4096
+MAX_BATCH = 4096  # the bounds of the dynamic batch and sequence length (the runtime keeps within them)
+MAX_TIME = 100_000
 
 
 # ---- the inference graph ---------------------------------------------------------------------
@@ -90,7 +91,7 @@ def export_program(model: nn.Module, max_length: Optional[int] = None,
     lengths = torch.tensor([example_len, 1], dtype=torch.long, device=device)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     char_len = torch.export.Dim("chars", min=1, max=1024)
-    time = torch.export.Dim("time", min=1, max=100_000) if dynamic_time else None
+    time = torch.export.Dim("time", min=1, max=MAX_TIME) if dynamic_time else None
     shapes = ({0: batch, 1: time} if time is not None else {0: batch},
               {0: batch, 1: time, 2: char_len} if time is not None else {0: batch, 2: char_len},
               {0: batch})
@@ -186,7 +187,8 @@ class ExportedTagger:
 
         scores = tuple(_tensor_from_json(t) for t in self.meta["transition_scores"])
         return Analyser(self.module, self.words, self.chars, self.tags, self.meta["digits_to_zero"], scores,
-                        self.device, fixed_length=self.fixed_length, pretrained=self.pretrained_index)
+                        self.device, fixed_length=self.fixed_length, pretrained=self.pretrained_index,
+                        max_length=MAX_TIME, max_batch=MAX_BATCH)
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         from fastner.data.schemes import convert_tags

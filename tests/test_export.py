@@ -247,6 +247,16 @@ def test_tag_rejects_what_is_not_token_lists(exported, runtime, bad, expected):
     assert runtime.tag((t for t in [("Tim", "Cook")])) == exported[0].tag([["Tim", "Cook"]])
 
 
+def test_runtime_keeps_within_the_programs_shape_bounds(exported, runtime):
+    # it was: AssertionError "Guard failed: words.size()[0] <= 4096" for batch_size > 4096, and
+    # "Guard failed: words.size()[1] <= 100000" for a longer sentence
+    tagger, _ = exported
+    many = [["one"], ["Zyxw", "unseen"]] * (export.MAX_BATCH // 2 + 1)
+    assert runtime.tag(many, batch_size=export.MAX_BATCH + 2) == tagger.tag(many, batch_size=export.MAX_BATCH + 2)
+    with pytest.raises(ValueError, match=r"sentence 1 has 100001 tokens; this export takes at most"):
+        runtime.tag([["one"], ["one"] * (export.MAX_TIME + 1)])
+
+
 # ---- torch.compile ---------------------------------------------------------------------------
 
 def test_tagger_runs_under_torch_compile_and_matches_eager():
