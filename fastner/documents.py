@@ -51,7 +51,10 @@ def _kind(items: Sequence, offset: int) -> str:
     for number, item in enumerate(items, start=offset):
         if isinstance(item, str):
             this = "documents"
-        elif isinstance(item, (list, tuple)) and all(isinstance(t, str) for t in item):
+        elif isinstance(item, (list, tuple)):
+            odd = next((i for i, t in enumerate(item) if not isinstance(t, str)), None)
+            if odd is not None:
+                raise TypeError(f"item {number}: token {odd} is {type(item[odd]).__name__}, expected str")
             this = "sentences"
         else:
             raise TypeError(f"item {number}: expected a document (str) or a list of token strings, "
@@ -61,6 +64,20 @@ def _kind(items: Sequence, offset: int) -> str:
                             f"{kind}; pass raw documents and token lists in separate calls")
         kind = this
     return kind or "documents"
+
+
+def token_lists(sentences) -> List[List[str]]:
+    """What tag() takes, checked: a list (or iterable) of token lists. A TypeError naming the
+    first odd item otherwise: a str would be tagged as one sentence per character, and a
+    non-str token failed deep inside the vocabulary lookup."""
+    if isinstance(sentences, (str, bytes, bytearray, dict)) or not isinstance(sentences, Iterable):
+        raise TypeError(f"tag() takes a list of token lists (each a list of str), got {type(sentences).__name__}; "
+                        "tag raw text with predict()")
+    items = list(sentences)
+    if _kind(items, 0) == "documents" and items:
+        raise TypeError("item 0: a document (str); tag() takes token lists (each a list of str), "
+                        "tag raw text with predict()")
+    return [list(s) for s in items]
 
 
 def _run(analyser, items, kind, output_scheme, batch_size, nbest) -> List[dict]:

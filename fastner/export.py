@@ -19,8 +19,10 @@ longer sentences with a clear error.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
@@ -37,7 +39,8 @@ META_FILE = "export.json"
 MANIFEST_FILE = "export-manifest.json"  # its own name: an export may sit in a tagger's directory
 EXPORT_FORMAT = 2  # 2: the graph is SequenceTagger.infer (tags, log_z, emissions)
 DEFAULT_MAX_LENGTH = 64  # the fixed sequence length of a reference-path export
-MAX_BATCH = 4096
+MAX_BATCH = 4096  # the bounds of the dynamic batch and sequence length (the runtime keeps within them)
+MAX_TIME = 100_000
 
 
 # ---- the inference graph ---------------------------------------------------------------------
@@ -88,7 +91,7 @@ def export_program(model: nn.Module, max_length: Optional[int] = None,
     lengths = torch.tensor([example_len, 1], dtype=torch.long, device=device)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     char_len = torch.export.Dim("chars", min=1, max=1024)
-    time = torch.export.Dim("time", min=1, max=100_000) if dynamic_time else None
+    time = torch.export.Dim("time", min=1, max=MAX_TIME) if dynamic_time else None
     shapes = ({0: batch, 1: time} if time is not None else {0: batch},
               {0: batch, 1: time, 2: char_len} if time is not None else {0: batch, 2: char_len},
               {0: batch})
@@ -184,12 +187,14 @@ class ExportedTagger:
 
         scores = tuple(_tensor_from_json(t) for t in self.meta["transition_scores"])
         return Analyser(self.module, self.words, self.chars, self.tags, self.meta["digits_to_zero"], scores,
-                        self.device, fixed_length=self.fixed_length, pretrained=self.pretrained_index)
+                        self.device, fixed_length=self.fixed_length, pretrained=self.pretrained_index,
+                        max_length=MAX_TIME, max_batch=MAX_BATCH)
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         from fastner.data.schemes import convert_tags
+        from fastner.documents import token_lists
 
-        analyses = self.analyser().analyse([list(s) for s in sentences], batch_size, scores=False)
+        analyses = self.analyser().analyse(token_lists(sentences), batch_size, scores=False)
         return [convert_tags(a.tags, self.meta["output_scheme"]) for a in analyses]
 
     def predict(self, x, batch_size: int = 64, nbest: Optional[int] = None):
@@ -272,8 +277,31 @@ def load(path: str) -> ExportedTagger:
     # from the archive (see fastner.program_check)
     program_bytes = contents[PROGRAM_FILE]
     check_program_archive(program_bytes, program_path)
-    try:
-        program = torch.export.load(io.BytesIO(program_bytes))
-    except Exception as err:  # a corrupt archive fails deep inside torch's deserializer
-        raise ValueError(f"{program_path}: not a loadable torch.export program ({type(err).__name__}: {err})") from None
+    with _torch_export_log() as logged:
+        try:
+            program = torch.export.load(io.BytesIO(program_bytes))
+        except Exception as err:  # a corrupt archive fails deep inside torch's deserializer
+            # torch logs the first failure (with its traceback) and raises a second error that
+            # only says "check the warnings above": the logged one is the cause
+            cause = logged[0] if logged else f"{type(err).__name__}: {err}"
+            raise ValueError(f"{program_path}: not a loadable torch.export program ({cause})") from None
     return ExportedTagger(program, meta)
+
+
+@contextlib.contextmanager
+def _torch_export_log():
+    """The messages torch.export logs while loading, kept from the user's stderr: on a corrupt
+    archive torch.export.load logs a full traceback as a warning before it raises."""
+    logger = logging.getLogger("torch.export")  # the logger of torch.export.load itself
+    logged: List[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:  # a logger's filter: kept here, not emitted
+        error = record.exc_info[1] if record.exc_info else None
+        logged.append(f"{type(error).__name__}: {error}" if error is not None else record.getMessage())
+        return False
+
+    logger.addFilter(keep)
+    try:
+        yield logged
+    finally:
+        logger.removeFilter(keep)

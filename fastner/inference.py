@@ -50,8 +50,12 @@ class Analyser:
 
     def __init__(self, infer: InferFn, words, chars, tags, digits_to_zero: bool,
                  transition_scores: Tuple[Tensor, Tensor, Tensor], device: torch.device,
-                 fixed_length: Optional[int] = None, pretrained: Optional[Dict[str, int]] = None):
-        """pretrained: word -> row of the model's frozen pretrained table (fastner.data.vocab.word_lookup)."""
+                 fixed_length: Optional[int] = None, pretrained: Optional[Dict[str, int]] = None,
+                 max_length: Optional[int] = None, max_batch: Optional[int] = None):
+        """pretrained: word -> row of the model's frozen pretrained table (fastner.data.vocab.word_lookup).
+        max_length, max_batch: the bounds of an exported program's dynamic shapes (its guards
+        fail with a bare AssertionError past them): longer sentences are refused, larger
+        batches split."""
         self.infer = infer
         self.pretrained = pretrained
         self.words, self.chars, self.tags = words, chars, tags
@@ -60,17 +64,24 @@ class Analyser:
         self.scores = tuple(t.to(device) for t in transition_scores)
         self.device = device
         self.fixed_length = fixed_length  # an export on the reference path takes one padded length
+        self.max_length = max_length
+        self.max_batch = max_batch
 
     def analyse(self, sentences: Sequence[List[str]], batch_size: int = 64,
                 nbest: Optional[int] = None, scores: bool = True) -> List[SentenceAnalysis]:
         """One SentenceAnalysis per sentence, in order; sentences are batched by length.
         scores=False: tags only (span probabilities 0, no forward passes for them)."""
         check_options(batch_size, nbest)
-        if self.fixed_length is not None:
+        if self.max_batch is not None:
+            batch_size = min(batch_size, self.max_batch)
+        limit = self.fixed_length if self.fixed_length is not None else self.max_length
+        if limit is not None:
             for number, sentence in enumerate(sentences):
-                if len(sentence) > self.fixed_length:
+                if len(sentence) > limit:
+                    fix = ("export again with a larger --max-length" if self.fixed_length is not None
+                           else "split it into shorter sentences")
                     raise ValueError(f"sentence {number} has {len(sentence)} tokens; this export takes at most "
-                                     f"{self.fixed_length} (export again with a larger --max-length)")
+                                     f"{limit} ({fix})")
         results: List[SentenceAnalysis] = []
         # encoded in groups: a 10 MB document's 100k sentences never sit encoded all at once
         group = batch_size * GROUP_BATCHES

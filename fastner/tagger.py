@@ -170,6 +170,14 @@ class Tagger:
         """The directory's files (name -> bytes). `state_dict` overrides the live weights."""
         vocab = {"words": self.words.to_json(), "chars": self.chars.to_json(), "tags": self.tags.to_json()}
         weights = state_dict if state_dict is not None else self.model.state_dict()
+        # a bf16 encoder (Tagger.load(precision="bf16")) holds its weights rounded to bf16 and has
+        # no float32 copy: saved, they would silently replace the trained weights with rounded
+        # ones (int8 keeps the float32 parameters and saves them unchanged)
+        rounded = [name for name, value in weights.items() if value.dtype == torch.bfloat16]
+        if rounded:
+            raise ValueError(f"this tagger holds bfloat16 weights ({rounded[0]}, inference only: precision='bf16'); "
+                             "saving them would replace the trained float32 weights with rounded ones: save the "
+                             "tagger loaded in fp32")
         files = {CONFIG_FILE: json_bytes(self.config_json()), VOCAB_FILE: json_bytes(vocab),
                  WEIGHTS_FILE: torch_bytes({k: v.detach().cpu() for k, v in weights.items()})}
         if self.model.pretrained is not None:
@@ -272,7 +280,9 @@ class Tagger:
 
     def tag(self, sentences: Sequence[List[str]], batch_size: int = 64) -> List[List[str]]:
         """Tags only, in the output scheme (the scheme of the training file)."""
-        analyses = self.analyser().analyse([list(s) for s in sentences], batch_size, scores=False)
+        from fastner.documents import token_lists
+
+        analyses = self.analyser().analyse(token_lists(sentences), batch_size, scores=False)
         return [convert_tags(a.tags, self.output_scheme) for a in analyses]
 
     def predict(self, x, batch_size: int = 64, nbest: Optional[int] = None):

@@ -232,6 +232,31 @@ def test_predict_rejects_bytes(runtime):
         runtime.predict(b"a sentence")
 
 
+@pytest.mark.parametrize("bad, expected", [
+    ("Apple hired Tim Cook .", "tag raw text with predict"),  # was tagged one character per sentence
+    (["Apple hired Tim Cook ."], "item 0: a document"),
+    ([["Apple", 3]], "item 0: token 1 is int, expected str"),  # was AttributeError: 'int' ... 'lower'
+    ([None], "item 0: expected a document"),  # was TypeError: 'NoneType' object is not iterable
+    (None, "got NoneType"),
+])
+def test_tag_rejects_what_is_not_token_lists(exported, runtime, bad, expected):
+    for tagger in (exported[0], runtime):  # the Tagger and its exported runtime: one check
+        with pytest.raises(TypeError, match=expected):
+            tagger.tag(bad)
+    assert runtime.tag([]) == [] and runtime.tag([[]]) == [[]]
+    assert runtime.tag((t for t in [("Tim", "Cook")])) == exported[0].tag([["Tim", "Cook"]])
+
+
+def test_runtime_keeps_within_the_programs_shape_bounds(exported, runtime):
+    # it was: AssertionError "Guard failed: words.size()[0] <= 4096" for batch_size > 4096, and
+    # "Guard failed: words.size()[1] <= 100000" for a longer sentence
+    tagger, _ = exported
+    many = [["one"], ["Zyxw", "unseen"]] * (export.MAX_BATCH // 2 + 1)
+    assert runtime.tag(many, batch_size=export.MAX_BATCH + 2) == tagger.tag(many, batch_size=export.MAX_BATCH + 2)
+    with pytest.raises(ValueError, match=r"sentence 1 has 100001 tokens; this export takes at most"):
+        runtime.tag([["one"], ["one"] * (export.MAX_TIME + 1)])
+
+
 # ---- torch.compile ---------------------------------------------------------------------------
 
 def test_tagger_runs_under_torch_compile_and_matches_eager():

@@ -134,3 +134,12 @@ def test_garbage_archive_gives_a_clear_error(export_dir, tmp_path):
     (bad / export.MANIFEST_FILE).unlink()
     with pytest.raises(UnsafeProgramError, match="not a torch.export archive"):
         export.load(str(bad))
+
+
+def test_corrupt_weights_give_the_cause_and_no_logged_traceback(export_dir, tmp_path, capfd):
+    # it was: torch.export.load logged a 30-line traceback on stderr as a warning, and the
+    # error said only "We ran into an error ... check the warnings above"
+    bad = tampered(export_dir, tmp_path / "short", "weights/weight_0", lambda data: data[:4])
+    with pytest.raises(ValueError, match=r"not a loadable torch.export program \(RuntimeError: setStorage: .* out of bounds"):
+        export.load(str(bad))
+    assert "Traceback" not in capfd.readouterr().err

@@ -48,6 +48,19 @@ def test_load_bf16_tags_like_fp32(demo_tagger_dir):
     assert same >= sum(len(s) for s in SENTENCES) - 1, (got, want)
 
 
+def test_bf16_tagger_is_not_saved_over_the_float_weights(demo_tagger_dir, tmp_path):
+    # it was: save() wrote the bf16-rounded encoder weights, which load back as float32 with
+    # their precision silently lost (the int8 tagger saves its float parameters unchanged)
+    bf16 = fastner.Tagger.load(str(demo_tagger_dir), precision="bf16")
+    with pytest.raises(ValueError, match="bfloat16 weights"):
+        bf16.save(str(tmp_path / "bf16"))
+    assert not (tmp_path / "bf16").exists()
+    fastner.Tagger.load(str(demo_tagger_dir), precision="int8").save(str(tmp_path / "int8"))
+    fp32 = fastner.Tagger.load(str(demo_tagger_dir)).model.state_dict()
+    saved = fastner.Tagger.load(str(tmp_path / "int8")).model.state_dict()
+    assert saved.keys() == fp32.keys() and all(torch.equal(saved[k], fp32[k]) for k in fp32)
+
+
 def test_cli_precision(demo_tagger_dir, tmp_path, capsys):
     conll = tmp_path / "gold.conll"
     conll.write_text("Omar B-PER\nHaddad I-PER\nsaid O\n\nFrankfurt B-LOC\n.\tO\n".replace("\t", " "))
