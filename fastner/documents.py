@@ -109,14 +109,25 @@ def _joined(pieces: List[SentenceAnalysis], nbest: Optional[int]) -> SentenceAna
     return SentenceAnalysis(tags, spans, [(round(p, 6), path) for p, path in best] if nbest else [])
 
 
+def stream_budget(batch_size: int) -> int:
+    """How many sentences a stream's group holds (sentence_estimate of its items)."""
+    return STREAM_BATCHES * batch_size
+
+
+def sentence_estimate(item) -> int:
+    """Sentences in a stream's item, estimated before tokenizing: ~80 characters a sentence of a
+    document, 1 for a pre-tokenized sentence."""
+    return len(item) // 80 + 1 if isinstance(item, str) else 1
+
+
 def _stream(analyser, items: Iterator, output_scheme, batch_size, nbest) -> Iterator[dict]:
-    budget = STREAM_BATCHES * batch_size
+    budget = stream_budget(batch_size)
     seen = 0
     while True:
         group, sentences = [], 0
         for item in items:
             group.append(item)
-            sentences += len(item) // 80 + 1 if isinstance(item, str) else 1  # ~80 characters a sentence
+            sentences += sentence_estimate(item)
             if sentences >= budget:
                 break
         if not group:

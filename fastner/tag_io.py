@@ -16,11 +16,12 @@ import contextlib
 import io
 import json
 import os
+import queue
 import sys
 import tempfile
-from collections import deque
+import threading
 from dataclasses import dataclass
-from typing import IO, Deque, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import IO, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 from fastner.data.conll import DOCSTART, DataFormatError
 from fastner.data.jsonl import parse_text_record
@@ -178,6 +179,9 @@ class Writer:
                     out.write(f"{doc_id}\t{s['start']}\t{s['end']}\t{s['type']}\t{s['confidence']:.6f}\t{s['text']}\n")
         self.count += 1
 
+    def flush(self) -> None:
+        self.out.flush()
+
     def close(self) -> None:
         if self.fmt == "json":
             self.out.write("[]\n" if self.count == 0 else "\n]\n")
@@ -192,13 +196,9 @@ def tokens_in(result: dict) -> int:
 
 def tag_stream(tagger, items: Iterable[Item], writer: Writer, batch_size: int, nbest: Optional[int],
                progress: bool) -> int:
-    """Tag items as they are read and write each result as soon as it is ready; returns the count."""
-    pending: Deque[Item] = deque()
-
-    def payloads():
-        for item in items:
-            pending.append(item)
-            yield item.payload
+    """Tag items as they are read and write (and flush) each group's results as soon as the
+    model has them; returns the count."""
+    from fastner.documents import sentence_estimate, stream_budget
 
     bar = None
     if progress:
@@ -208,12 +208,16 @@ def tag_stream(tagger, items: Iterable[Item], writer: Writer, batch_size: int, n
         bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5, delay=1.0)
     tokens = 0
     try:
-        for result in tagger.predict(payloads(), batch_size=batch_size, nbest=nbest):
-            item = pending.popleft()
-            writer.write(item, result)
+        weigh = lambda item: sentence_estimate(item.payload)  # noqa: E731
+        for group in arrived_groups(items, stream_budget(batch_size), weigh):
+            results = tagger.predict([item.payload for item in group], batch_size=batch_size, nbest=nbest)
+            for item, result in zip(group, results):
+                writer.write(item, result)
+                if bar is not None:
+                    tokens += tokens_in(result)
+                    bar.update(1)
+            writer.flush()  # a reader at the other end of a pipe sees this group now
             if bar is not None:
-                tokens += tokens_in(result)
-                bar.update(1)
                 elapsed = bar.format_dict["elapsed"] or 1e-9
                 bar.set_postfix_str(f"{tokens / elapsed:,.0f} tokens/s", refresh=False)
     finally:
@@ -221,6 +225,69 @@ def tag_stream(tagger, items: Iterable[Item], writer: Writer, batch_size: int, n
             bar.close()
     writer.close()
     return writer.count
+
+
+@dataclass
+class _End:
+    """The reader's last queue entry: the input ended, or reading it raised `error`."""
+    error: Optional[BaseException] = None
+
+
+def arrived_groups(items: Iterable[Item], budget: int, weigh: Callable[[Item], int]) -> Iterator[List[Item]]:
+    """The items in groups of what has been read so far: wait for one item, then add those
+    already read, while the group weighs less than `budget` (weigh(item) each).
+
+    A thread reads `items` ahead into a bounded queue. From a file the queue fills while the
+    model runs and groups reach the budget (full, length-sorted batches); from a live source (a
+    pipe fed by a news feed, a terminal) a group is what has arrived, so that a document is
+    tagged when it comes, not when a full group has come or the input has ended. An error
+    raised while reading (FILE:LINE) is raised here after the items read before it."""
+    read_ahead: "queue.Queue" = queue.Queue(maxsize=max(budget, 1))
+    stop = threading.Event()  # the consumer is gone: the reader stops at its next item
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                read_ahead.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(_End(err))
+            return
+        put(_End())
+
+    threading.Thread(target=read, name="fastner-tag-reader", daemon=True).start()
+    try:
+        end: Optional[_End] = None
+        while end is None:
+            entry = read_ahead.get()
+            if isinstance(entry, _End):
+                end = entry
+                break
+            group, weight = [entry], weigh(entry)
+            while weight < budget:
+                try:
+                    entry = read_ahead.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(entry, _End):
+                    end = entry
+                    break
+                group.append(entry)
+                weight += weigh(entry)
+            yield group
+        if end.error is not None:
+            raise end.error
+    finally:
+        stop.set()
 
 
 def check_output(path: str, flag: str = "--out") -> Optional[str]:

@@ -188,3 +188,116 @@ def test_ten_megabyte_document(demo_tagger_dir, capsys, tmp_path):
     for line in lines[:: max(1, len(lines) // 2000)]:
         _, start, end, _, _, entity = line.split("\t")
         assert text[int(start):int(end)] == entity
+
+
+# ---- reading a live source -------------------------------------------------------------------
+
+def test_a_live_pipe_is_answered_document_by_document(demo_tagger_dir):
+    # A feed piped into `fastner tag` (tail -f news.jsonl | fastner tag ...): each document's
+    # result must come out while the input is still open, not when a group of 8 x batch_size
+    # sentences has arrived or the input has ended.
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-m", "fastner", "tag", str(demo_tagger_dir), "--input", "jsonl",
+                                "--output", "jsonl", "--threads", "1"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for number in range(2):
+            process.stdin.write((json.dumps({"id": f"live-{number}", "text": DOC}) + "\n").encode())
+            process.stdin.flush()
+            line = _read_line_within(process.stdout, seconds=120)
+            assert line is not None, "no result while the input stayed open"
+            assert json.loads(line)["id"] == f"live-{number}"
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+        assert process.stdout.read() == b""
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _read_line_within(stream, seconds: float):
+    import threading
+
+    lines = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return lines[0] if lines and lines[0] else None
+
+
+def _items(count, weight=1):
+    from fastner.tag_io import Item
+
+    return [Item(i, "x" * (80 * weight - 1)) for i in range(count)]
+
+
+def test_arrived_groups_take_what_has_arrived_and_keep_order():
+    import threading
+
+    from fastner.tag_io import arrived_groups
+
+    more = threading.Event()
+    items = _items(5)
+
+    def feed():
+        yield from items[:2]
+        assert more.wait(60), "the consumer never asked for more"
+        yield from items[2:]
+
+    groups = arrived_groups(feed(), budget=100, weigh=lambda item: 1)
+    first = next(groups)
+    while len(first) < 2:  # the reader may not have read the second item yet
+        first += next(groups)
+    assert [item.id for item in first] == [0, 1]  # tagged before the source gave a third
+    more.set()
+    assert [item.id for group in groups for item in group] == [2, 3, 4]
+
+
+def test_arrived_groups_stay_within_the_budget():
+    from fastner.documents import sentence_estimate
+    from fastner.tag_io import arrived_groups
+
+    items = _items(60, weight=2) + _items(1, weight=50)  # the last alone outweighs the budget
+    groups = list(arrived_groups(iter(items), budget=10, weigh=lambda item: sentence_estimate(item.payload)))
+    assert [item.id for group in groups for item in group] == [item.id for item in items]
+    assert all(sum(sentence_estimate(i.payload) for i in group) <= 10 for group in groups[:-1])
+    assert len(groups[-1]) == 1
+
+
+def test_arrived_groups_raise_a_read_error_after_the_items_before_it():
+    from fastner.data.conll import DataFormatError
+    from fastner.tag_io import arrived_groups
+
+    def feed():
+        yield from _items(3)
+        raise DataFormatError("in.jsonl:4: not valid JSON")
+
+    seen = []
+    with pytest.raises(DataFormatError, match="in.jsonl:4"):
+        for group in arrived_groups(feed(), budget=100, weigh=lambda item: 1):
+            seen += [item.id for item in group]
+    assert seen == [0, 1, 2]
+
+
+def test_arrived_groups_stop_their_reader_when_closed():
+    import threading
+    import time
+
+    from fastner.tag_io import arrived_groups
+
+    def endless():
+        number = 0
+        while True:
+            yield from _items(1)
+            number += 1
+
+    before = {t.ident for t in threading.enumerate()}
+    groups = arrived_groups(endless(), budget=4, weigh=lambda item: 1)
+    next(groups)
+    groups.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(t.name == "fastner-tag-reader" and t.ident not in before
+                                               for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not any(t.name == "fastner-tag-reader" and t.ident not in before for t in threading.enumerate())
