@@ -264,6 +264,40 @@ def test_json_that_python_cannot_parse_gets_422_not_400(tagger, body, reason):
     assert [problem["field"] for problem in error["problems"]] == ["body"]
 
 
+@pytest.mark.parametrize("body, fields", [
+    (b'{"documents": ["a"], "documents": ["b", "c"]}', ["documents"]),
+    (b'{"documents": ["a", {"id": 1, "text": "a", "text": "b"}]}', ["documents.1.text"]),
+    # equal once the escapes are decoded: the same key to json.loads
+    (b'{"documents": [{"te\\u0078t": "a", "text": "b"}]}', ["documents.0.text"]),
+    (b'{"documents": [{"id": 1, "text": "a", "id": 2, "id": 3}], "nbest": 1, "nbest": 2}',
+     ["nbest", "documents.0.id"]),
+    (b'{"documents": [{"text": "a", "id": {"k": 1, "k": 2}}]}', ["documents.0.id.k"]),
+])
+def test_a_key_sent_twice_gets_422_naming_it(tagger, body, fields):
+    # json.loads keeps the last of duplicated keys: the client's bug was answered for half its body
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+    response = run_app(app, interact)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert [problem["field"] for problem in error["problems"]] == fields
+    assert error["field"] == fields[0] and error["error"].startswith(f"{fields[0]}: key ")
+    assert "times in one object" in error["error"] and error["problems"][0]["type"] == "duplicate_key"
+
+
+def test_text_that_looks_like_a_duplicate_key_is_answered(tagger):
+    app = create_app(tagger)
+    body = json.dumps({"documents": ['"text": "a", "text": "b"', {"id": "text", "text": '{"id": 1, "id": 2}'}]})
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=body.encode(), headers={"content-type": "application/json"})
+
+    assert run_app(app, interact).status_code == 200
+
+
 def test_a_body_without_a_json_content_type_is_told_to_send_one(tagger):
     app = create_app(tagger)
     body = json.dumps({"documents": ["a"]}).encode()
@@ -351,6 +385,14 @@ def test_the_problems_listed_are_bounded(tagger):
         error = response.json()
         assert error["field"] == prefix + "k0"
         assert [p["field"] for p in error["problems"]] == [f"{prefix}k{n}" for n in range(app_module.MAX_PROBLEMS)]
+    twice = ", ".join(f'"k{number}": 1, "k{number}": 2' for number in range(1000))
+
+    async def duplicates(client):
+        return await client.post("/v1/entities", content=f'{{"documents": ["a"], {twice}}}'.encode(),
+                                 headers={"content-type": "application/json"})
+
+    error = run_app(create_app(tagger), duplicates).json()
+    assert [p["field"] for p in error["problems"]] == [f"k{n}" for n in range(app_module.MAX_PROBLEMS)]
 
 
 class Gate:

@@ -27,6 +27,7 @@ import fastner
 from fastner.serve import model as model_adapter
 from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown
 from fastner.serve.config import ServeConfig
+from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 
@@ -248,6 +249,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
 
     app = FastAPI(title="fastner", version=fastner.__version__, lifespan=lifespan,
                   description="Named entities with character offsets, from a fastner tagger, with dynamic batching.")
+    app.router.route_class = JSONRoute  # bodies parsed refusing duplicated keys (before the routes below)
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
 
     def get(path: str, **options):
@@ -283,6 +285,8 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, error: StarletteHTTPException):
+        if error.status_code == 400 and isinstance(error.__cause__, DuplicateKeys):
+            return problems_response(duplicate_problems(error.__cause__.body, MAX_PROBLEMS))
         reason = unparsable_reason(error.__cause__) if error.status_code == 400 else None
         if reason is not None:  # FastAPI's "There was an error parsing the body": malformed JSON all the same
             return problems_response([malformed_json(reason)])
