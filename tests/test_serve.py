@@ -129,6 +129,7 @@ def test_health_ready_model_page_docs_metrics(tagger):
     assert info["encoder"] == "lstm" and info["precision"] == "float32" and info["scheme"] == "BIOES"
     assert info["fastner"] == fastner.__version__ and info["torch"] == torch.__version__
     assert info["backend"]["cpu"] in ("fused", "reference")
+    assert info["limits"]["max_request_tokens"] == ServeConfig().max_request_tokens
     page = got["/"]
     assert page.headers["content-type"].startswith("text/html")
     assert 'id="tag"' in page.text and "/v1/entities" in page.text
@@ -358,6 +359,35 @@ def test_too_many_or_too_long_documents_get_413_naming_them(tagger):
     assert fits.status_code == 200
 
 
+def test_a_request_over_its_token_budget_gets_413_with_its_count(tagger, monkeypatch):
+    # 256 documents of 2048 tokens fit the byte limit: one request held the model ~45 s
+    calls = []
+    real = model_adapter.predict_documents
+    monkeypatch.setattr(model_adapter, "predict_documents", lambda *args: calls.append(args[1]) or real(*args))
+    app = create_app(tagger, ServeConfig(max_request_tokens=25, max_document_tokens=10, max_batch_tokens=64))
+
+    async def interact(client):
+        warmed = len(calls)
+        over = await post(client, {"documents": ["word " * 10, {"id": 1, "text": "word " * 10}, "word " * 6]})
+        refused_without_a_model_call = len(calls) == warmed
+        fits = await post(client, {"documents": ["word " * 10, "word " * 10, "word " * 5]})
+        return over, refused_without_a_model_call, fits
+
+    over, refused_without_a_model_call, fits = run_app(app, interact)
+    assert over.status_code == 413 and refused_without_a_model_call
+    assert over.json()["field"] == "documents"
+    assert over.json()["error"].startswith("documents: 26 tokens in 3 documents; at most 25 a request")
+    assert "--max-request-tokens" in over.json()["error"]
+    assert fits.status_code == 200, fits.text
+
+
+def test_the_default_token_budget_lets_64_news_articles_through():
+    # ~800 words each, in the style of financial news (numbers and punctuation count as tokens)
+    words = " ".join(DOCUMENTS[:3]).split()
+    article = " ".join(words[i % len(words)] for i in range(800))
+    assert 64 * model_adapter.count_tokens(article) <= ServeConfig().max_request_tokens
+
+
 def test_too_many_documents_are_counted_before_any_is_validated(tagger):
     # 20,000 wrong documents in a 60 kB body: validated one by one before the count, they cost
     # the event loop a second and answered a 2.5 MB list of 20,000 problems
@@ -583,6 +613,8 @@ def test_batcher_stop_finishes_queued_jobs():
     ({"max_wait_ms": 1e9}, "max-wait-ms"),
     ({"max_queue": 0}, "max-queue"),
     ({"max_document_tokens": 5000}, "must not exceed"),
+    ({"max_request_tokens": 0}, "max-request-tokens"),
+    ({"max_document_tokens": 100, "max_request_tokens": 50}, "must not exceed max-request-tokens"),
     ({"precision": "int4"}, "precision"),
 ])
 def test_config_checks(options, message):

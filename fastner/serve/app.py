@@ -209,7 +209,7 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
                      "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
         "limits": {"max_body_bytes": config.max_body_bytes, "max_documents": config.max_documents,
-                   "max_document_tokens": config.max_document_tokens},
+                   "max_document_tokens": config.max_document_tokens, "max_request_tokens": config.max_request_tokens},
     }
 
 
@@ -324,7 +324,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
     # of a small request's server time. EntitiesResponse still documents it in /docs.
     @app.post("/v1/entities", response_class=Response,
               responses={200: {"model": EntitiesResponse, "description": "per document, in order: its entities"},
-                         413: {"description": "body or document over the limit"},
+                         413: {"description": "body, documents, a document or the request's tokens over the limit"},
                          422: {"description": "malformed JSON or a wrong field (named in `field`)"},
                          503: {"description": "queue full or shutting down (Retry-After)"}})
     @annotate(request=request_model(config.max_documents))
@@ -344,6 +344,10 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
                 raise FieldError(field, f"{count} tokens; at most {config.max_document_tokens} a document "
                                         "(split it, or start the server with a larger --max-document-tokens)", status=413)
             tokens += count
+        if tokens > config.max_request_tokens:
+            raise FieldError("documents", f"{tokens} tokens in {len(texts)} documents; at most {config.max_request_tokens} "
+                                          "a request (split it, or start the server with a larger --max-request-tokens)",
+                             status=413)
         try:
             future = batcher.submit(texts, tokens, request.nbest)
         except (QueueFull, ShuttingDown) as err:
