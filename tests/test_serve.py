@@ -59,8 +59,19 @@ def test_adapter_offsets_point_into_the_text(tagger):
             assert text[entity["start"]:entity["end"]] == entity["text"] and entity["text"].strip() == entity["text"]
             assert 0.0 <= entity["score"] <= 1.0
     assert results[3] == {"entities": []}
-    # Shares rose 4.2 % to $ 250.10 , U.S . said .
-    assert model_adapter.count_tokens("Shares rose 4.2% to $250.10, U.S. said.") == 12
+    # Shares rose 4.2 % to $ 250.10 , U . S . said . (fastner.text: U.S . as CoNLL writes it)
+    assert model_adapter.count_tokens("Shares rose 4.2% to $250.10, U.S. said.") == 14
+
+
+@pytest.mark.parametrize("unit", ["a,", "a.b-c,d'e", "U,An's", "Uwww.", "Awww.sn'tt,_gonna", "abwww.aS'12&", "x1n't ",
+                                  "é's\n", "1,000.5,"])
+def test_the_token_count_bounds_what_the_model_sees(unit):
+    # the limits count with the regex: "a,b,c,..." and "Uwww.Uwww...." were 1 token to it and 2
+    # per repeat to the model, so a document of 1 MiB passed --max-document-tokens as one token
+    from fastner.text import tokenize
+
+    text = unit * 50
+    assert 2 * model_adapter.count_tokens(text) >= sum(len(sentence) for sentence in tokenize(text))
 
 
 def test_adapter_documents_are_independent_of_their_batch(tagger):
@@ -349,9 +360,11 @@ def test_too_many_or_too_long_documents_get_413_naming_them(tagger):
         long_string = await post(client, {"documents": ["a", "word " * 11]})
         long_object = await post(client, {"documents": [{"id": 1, "text": "word " * 11}]})
         fits = await post(client, {"documents": ["word " * 10] * 3})
-        return many, long_string, long_object, fits
+        commas = await post(client, {"documents": ["a," * 6]})  # 12 tokens to the model, once counted as 1
+        return many, long_string, long_object, fits, commas
 
-    many, long_string, long_object, fits = run_app(app, interact)
+    many, long_string, long_object, fits, commas = run_app(app, interact)
+    assert commas.status_code == 413 and "12 tokens; at most 10" in commas.json()["error"]
     assert many.status_code == 413 and many.json()["field"] == "documents" and "at most 3" in many.json()["error"]
     assert long_string.status_code == 413 and long_string.json()["field"] == "documents.1"
     assert "11 tokens; at most 10" in long_string.json()["error"]
