@@ -619,6 +619,35 @@ def test_batcher_stop_finishes_queued_jobs():
     assert [r[0]["text"] for r in results] == ["a", "b"] and len(calls) == 2
 
 
+def test_batcher_skips_jobs_whose_request_is_gone():
+    # uvicorn cancels the requests still in flight when its graceful shutdown times out: their
+    # queued jobs ran anyway, holding the exit for the queue's whole model work
+    calls = []
+
+    def run_batch(texts, nbest):
+        calls.append(list(texts))
+        return [{"text": t} for t in texts]
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch_tokens=100, max_wait_ms=0)
+        batcher.start()
+        with batcher._condition:  # every job queued, two of them cancelled, before the worker looks
+            futures = [batcher.submit([text], 1) for text in "abcd"]
+            for gone in (futures[1], futures[3]):
+                gone.cancel()
+        results = await asyncio.gather(futures[0], futures[2])
+        with batcher._condition:  # all queued jobs gone: the worker waits on, it does not exit
+            later = [batcher.submit(["e"], 1)]
+            later[0].cancel()
+        results += [await batcher.submit(["f"], 1)]
+        batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert [r[0]["text"] for r in results] == ["a", "c", "f"]
+    assert calls == [["a", "c"], ["f"]]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"max_batch_tokens": 0}, "max-batch-tokens"),
     ({"max_wait_ms": -1}, "max-wait-ms"),
