@@ -300,6 +300,24 @@ def test_a_key_sent_twice_gets_422_naming_it(tagger, body, fields):
     assert "times in one object" in error["error"] and error["problems"][0]["type"] == "duplicate_key"
 
 
+@pytest.mark.parametrize("body, reason", [
+    (b'{"documents": [{"text": "a", "text": "b"}, ' + b"[" * 10_000 + b"]" * 10_000 + b"]}", "nested"),
+    (b'{"documents": [{"text": "a", "text": "b"}, "caf\xe9"]}', "UTF-8"),
+    (b'{"documents": [{"text": "a", "text": "b"}, [}', "at character"),
+])
+def test_a_body_malformed_after_a_duplicate_key_is_malformed_json(tagger, body, reason):
+    # the duplicate was found before the rest of the body was read; finding where it is read
+    # the rest and failed with a 500 on what followed
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+    response = run_app(app, interact)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("body: malformed JSON") and reason in response.json()["error"]
+
+
 def test_text_that_looks_like_a_duplicate_key_is_answered(tagger):
     app = create_app(tagger)
     body = json.dumps({"documents": ['"text": "a", "text": "b"', {"id": "text", "text": '{"id": 1, "id": 2}'}]})

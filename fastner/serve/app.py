@@ -286,7 +286,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, error: StarletteHTTPException):
         if error.status_code == 400 and isinstance(error.__cause__, DuplicateKeys):
-            return problems_response(duplicate_problems(error.__cause__.body, MAX_PROBLEMS))
+            return problems_response(duplicate_problems(error.__cause__.parsed, MAX_PROBLEMS))
         reason = unparsable_reason(error.__cause__) if error.status_code == 400 else None
         if reason is not None:  # FastAPI's "There was an error parsing the body": malformed JSON all the same
             return problems_response([malformed_json(reason)])
