@@ -59,8 +59,19 @@ def test_adapter_offsets_point_into_the_text(tagger):
             assert text[entity["start"]:entity["end"]] == entity["text"] and entity["text"].strip() == entity["text"]
             assert 0.0 <= entity["score"] <= 1.0
     assert results[3] == {"entities": []}
-    # Shares rose 4.2 % to $ 250.10 , U.S . said .
-    assert model_adapter.count_tokens("Shares rose 4.2% to $250.10, U.S. said.") == 12
+    # Shares rose 4.2 % to $ 250.10 , U . S . said . (fastner.text: U.S . as CoNLL writes it)
+    assert model_adapter.count_tokens("Shares rose 4.2% to $250.10, U.S. said.") == 14
+
+
+@pytest.mark.parametrize("unit", ["a,", "a.b-c,d'e", "U,An's", "Uwww.", "Awww.sn'tt,_gonna", "abwww.aS'12&", "x1n't ",
+                                  "é's\n", "1,000.5,"])
+def test_the_token_count_bounds_what_the_model_sees(unit):
+    # the limits count with the regex: "a,b,c,..." and "Uwww.Uwww...." were 1 token to it and 2
+    # per repeat to the model, so a document of 1 MiB passed --max-document-tokens as one token
+    from fastner.text import tokenize
+
+    text = unit * 50
+    assert 2 * model_adapter.count_tokens(text) >= sum(len(sentence) for sentence in tokenize(text))
 
 
 def test_adapter_documents_are_independent_of_their_batch(tagger):
@@ -129,6 +140,7 @@ def test_health_ready_model_page_docs_metrics(tagger):
     assert info["encoder"] == "lstm" and info["precision"] == "float32" and info["scheme"] == "BIOES"
     assert info["fastner"] == fastner.__version__ and info["torch"] == torch.__version__
     assert info["backend"]["cpu"] in ("fused", "reference")
+    assert info["limits"]["max_request_tokens"] == ServeConfig().max_request_tokens
     page = got["/"]
     assert page.headers["content-type"].startswith("text/html")
     assert 'id="tag"' in page.text and "/v1/entities" in page.text
@@ -264,6 +276,58 @@ def test_json_that_python_cannot_parse_gets_422_not_400(tagger, body, reason):
     assert [problem["field"] for problem in error["problems"]] == ["body"]
 
 
+@pytest.mark.parametrize("body, fields", [
+    (b'{"documents": ["a"], "documents": ["b", "c"]}', ["documents"]),
+    (b'{"documents": ["a", {"id": 1, "text": "a", "text": "b"}]}', ["documents.1.text"]),
+    # equal once the escapes are decoded: the same key to json.loads
+    (b'{"documents": [{"te\\u0078t": "a", "text": "b"}]}', ["documents.0.text"]),
+    (b'{"documents": [{"id": 1, "text": "a", "id": 2, "id": 3}], "nbest": 1, "nbest": 2}',
+     ["nbest", "documents.0.id"]),
+    (b'{"documents": [{"text": "a", "id": {"k": 1, "k": 2}}]}', ["documents.0.id.k"]),
+])
+def test_a_key_sent_twice_gets_422_naming_it(tagger, body, fields):
+    # json.loads keeps the last of duplicated keys: the client's bug was answered for half its body
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+    response = run_app(app, interact)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert [problem["field"] for problem in error["problems"]] == fields
+    assert error["field"] == fields[0] and error["error"].startswith(f"{fields[0]}: key ")
+    assert "times in one object" in error["error"] and error["problems"][0]["type"] == "duplicate_key"
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b'{"documents": [{"text": "a", "text": "b"}, ' + b"[" * 10_000 + b"]" * 10_000 + b"]}", "nested"),
+    (b'{"documents": [{"text": "a", "text": "b"}, "caf\xe9"]}', "UTF-8"),
+    (b'{"documents": [{"text": "a", "text": "b"}, [}', "at character"),
+])
+def test_a_body_malformed_after_a_duplicate_key_is_malformed_json(tagger, body, reason):
+    # the duplicate was found before the rest of the body was read; finding where it is read
+    # the rest and failed with a 500 on what followed
+    app = create_app(tagger)
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+    response = run_app(app, interact)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("body: malformed JSON") and reason in response.json()["error"]
+
+
+def test_text_that_looks_like_a_duplicate_key_is_answered(tagger):
+    app = create_app(tagger)
+    body = json.dumps({"documents": ['"text": "a", "text": "b"', {"id": "text", "text": '{"id": 1, "id": 2}'}]})
+
+    async def interact(client):
+        return await client.post("/v1/entities", content=body.encode(), headers={"content-type": "application/json"})
+
+    assert run_app(app, interact).status_code == 200
+
+
 def test_a_body_without_a_json_content_type_is_told_to_send_one(tagger):
     app = create_app(tagger)
     body = json.dumps({"documents": ["a"]}).encode()
@@ -314,14 +378,45 @@ def test_too_many_or_too_long_documents_get_413_naming_them(tagger):
         long_string = await post(client, {"documents": ["a", "word " * 11]})
         long_object = await post(client, {"documents": [{"id": 1, "text": "word " * 11}]})
         fits = await post(client, {"documents": ["word " * 10] * 3})
-        return many, long_string, long_object, fits
+        commas = await post(client, {"documents": ["a," * 6]})  # 12 tokens to the model, once counted as 1
+        return many, long_string, long_object, fits, commas
 
-    many, long_string, long_object, fits = run_app(app, interact)
+    many, long_string, long_object, fits, commas = run_app(app, interact)
+    assert commas.status_code == 413 and "12 tokens; at most 10" in commas.json()["error"]
     assert many.status_code == 413 and many.json()["field"] == "documents" and "at most 3" in many.json()["error"]
     assert long_string.status_code == 413 and long_string.json()["field"] == "documents.1"
     assert "11 tokens; at most 10" in long_string.json()["error"]
     assert long_object.status_code == 413 and long_object.json()["field"] == "documents.0.text"
     assert fits.status_code == 200
+
+
+def test_a_request_over_its_token_budget_gets_413_with_its_count(tagger, monkeypatch):
+    # 256 documents of 2048 tokens fit the byte limit: one request held the model ~45 s
+    calls = []
+    real = model_adapter.predict_documents
+    monkeypatch.setattr(model_adapter, "predict_documents", lambda *args: calls.append(args[1]) or real(*args))
+    app = create_app(tagger, ServeConfig(max_request_tokens=25, max_document_tokens=10, max_batch_tokens=64))
+
+    async def interact(client):
+        warmed = len(calls)
+        over = await post(client, {"documents": ["word " * 10, {"id": 1, "text": "word " * 10}, "word " * 6]})
+        refused_without_a_model_call = len(calls) == warmed
+        fits = await post(client, {"documents": ["word " * 10, "word " * 10, "word " * 5]})
+        return over, refused_without_a_model_call, fits
+
+    over, refused_without_a_model_call, fits = run_app(app, interact)
+    assert over.status_code == 413 and refused_without_a_model_call
+    assert over.json()["field"] == "documents"
+    assert over.json()["error"].startswith("documents: 26 tokens in 3 documents; at most 25 a request")
+    assert "--max-request-tokens" in over.json()["error"]
+    assert fits.status_code == 200, fits.text
+
+
+def test_the_default_token_budget_lets_64_news_articles_through():
+    # ~800 words each, in the style of financial news (numbers and punctuation count as tokens)
+    words = " ".join(DOCUMENTS[:3]).split()
+    article = " ".join(words[i % len(words)] for i in range(800))
+    assert 64 * model_adapter.count_tokens(article) <= ServeConfig().max_request_tokens
 
 
 def test_too_many_documents_are_counted_before_any_is_validated(tagger):
@@ -351,6 +446,14 @@ def test_the_problems_listed_are_bounded(tagger):
         error = response.json()
         assert error["field"] == prefix + "k0"
         assert [p["field"] for p in error["problems"]] == [f"{prefix}k{n}" for n in range(app_module.MAX_PROBLEMS)]
+    twice = ", ".join(f'"k{number}": 1, "k{number}": 2' for number in range(1000))
+
+    async def duplicates(client):
+        return await client.post("/v1/entities", content=f'{{"documents": ["a"], {twice}}}'.encode(),
+                                 headers={"content-type": "application/json"})
+
+    error = run_app(create_app(tagger), duplicates).json()
+    assert [p["field"] for p in error["problems"]] == [f"k{n}" for n in range(app_module.MAX_PROBLEMS)]
 
 
 class Gate:
@@ -534,6 +637,35 @@ def test_batcher_stop_finishes_queued_jobs():
     assert [r[0]["text"] for r in results] == ["a", "b"] and len(calls) == 2
 
 
+def test_batcher_skips_jobs_whose_request_is_gone():
+    # uvicorn cancels the requests still in flight when its graceful shutdown times out: their
+    # queued jobs ran anyway, holding the exit for the queue's whole model work
+    calls = []
+
+    def run_batch(texts, nbest):
+        calls.append(list(texts))
+        return [{"text": t} for t in texts]
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch_tokens=100, max_wait_ms=0)
+        batcher.start()
+        with batcher._condition:  # every job queued, two of them cancelled, before the worker looks
+            futures = [batcher.submit([text], 1) for text in "abcd"]
+            for gone in (futures[1], futures[3]):
+                gone.cancel()
+        results = await asyncio.gather(futures[0], futures[2])
+        with batcher._condition:  # all queued jobs gone: the worker waits on, it does not exit
+            later = [batcher.submit(["e"], 1)]
+            later[0].cancel()
+        results += [await batcher.submit(["f"], 1)]
+        batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert [r[0]["text"] for r in results] == ["a", "c", "f"]
+    assert calls == [["a", "c"], ["f"]]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"max_batch_tokens": 0}, "max-batch-tokens"),
     ({"max_wait_ms": -1}, "max-wait-ms"),
@@ -541,6 +673,8 @@ def test_batcher_stop_finishes_queued_jobs():
     ({"max_wait_ms": 1e9}, "max-wait-ms"),
     ({"max_queue": 0}, "max-queue"),
     ({"max_document_tokens": 5000}, "must not exceed"),
+    ({"max_request_tokens": 0}, "max-request-tokens"),
+    ({"max_document_tokens": 100, "max_request_tokens": 50}, "must not exceed max-request-tokens"),
     ({"precision": "int4"}, "precision"),
 ])
 def test_config_checks(options, message):

@@ -69,6 +69,9 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
 @pytest.mark.parametrize("argv, message", [
     (["serve", "{missing}"], "no tagger directory"),
     (["serve", "{model}", "--max-batch-tokens", "100", "--max-document-tokens", "200"], "must not exceed"),
+    (["serve", "{model}", "--max-request-tokens", "100", "--max-document-tokens", "200"],
+     "must not exceed max-request-tokens"),
+    (["serve", "{model}", "--max-request-tokens", "0"], "argument --max-request-tokens"),
     (["serve", "{model}", "--port", "70000"], "argument --port: must be in [0, 65535]"),
     (["serve", "{model}", "--max-wait-ms", "nan"], "argument --max-wait-ms"),
     (["serve", "{model}", "--threads", "0"], "argument --threads: must be in [1, 1024], got 0"),

@@ -27,6 +27,7 @@ import fastner
 from fastner.serve import model as model_adapter
 from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown
 from fastner.serve.config import ServeConfig
+from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 
@@ -208,7 +209,7 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
                      "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
         "limits": {"max_body_bytes": config.max_body_bytes, "max_documents": config.max_documents,
-                   "max_document_tokens": config.max_document_tokens},
+                   "max_document_tokens": config.max_document_tokens, "max_request_tokens": config.max_request_tokens},
     }
 
 
@@ -248,6 +249,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
 
     app = FastAPI(title="fastner", version=fastner.__version__, lifespan=lifespan,
                   description="Named entities with character offsets, from a fastner tagger, with dynamic batching.")
+    app.router.route_class = JSONRoute  # bodies parsed refusing duplicated keys (before the routes below)
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, config
 
     def get(path: str, **options):
@@ -283,6 +285,8 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, error: StarletteHTTPException):
+        if error.status_code == 400 and isinstance(error.__cause__, DuplicateKeys):
+            return problems_response(duplicate_problems(error.__cause__.parsed, MAX_PROBLEMS))
         reason = unparsable_reason(error.__cause__) if error.status_code == 400 else None
         if reason is not None:  # FastAPI's "There was an error parsing the body": malformed JSON all the same
             return problems_response([malformed_json(reason)])
@@ -320,7 +324,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
     # of a small request's server time. EntitiesResponse still documents it in /docs.
     @app.post("/v1/entities", response_class=Response,
               responses={200: {"model": EntitiesResponse, "description": "per document, in order: its entities"},
-                         413: {"description": "body or document over the limit"},
+                         413: {"description": "body, documents, a document or the request's tokens over the limit"},
                          422: {"description": "malformed JSON or a wrong field (named in `field`)"},
                          503: {"description": "queue full or shutting down (Retry-After)"}})
     @annotate(request=request_model(config.max_documents))
@@ -340,6 +344,10 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
                 raise FieldError(field, f"{count} tokens; at most {config.max_document_tokens} a document "
                                         "(split it, or start the server with a larger --max-document-tokens)", status=413)
             tokens += count
+        if tokens > config.max_request_tokens:
+            raise FieldError("documents", f"{tokens} tokens in {len(texts)} documents; at most {config.max_request_tokens} "
+                                          "a request (split it, or start the server with a larger --max-request-tokens)",
+                             status=413)
         try:
             future = batcher.submit(texts, tokens, request.nbest)
         except (QueueFull, ShuttingDown) as err:

@@ -137,28 +137,42 @@ class Batcher:
     # ---- the worker thread ----------------------------------------------------------------
 
     def _take(self) -> List[_Job]:
-        """Wait for work, then pop the next batch (the lock is held by the caller)."""
-        while not self._queue:
-            if self._stopping:
-                return []
-            self._condition.wait()
-        if self.batching and self._queue[0].wait:
-            deadline = self._queue[0].enqueued + self.max_wait
-            while not self._stopping and self._queued_tokens < self.max_batch_tokens:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+        """Wait for work, then pop the next batch (the lock is held by the caller); [] once
+        stopping with nothing queued."""
+        while True:
+            while not self._queue:
+                if self._stopping:
+                    return []
+                self._condition.wait()
+            if self.batching and self._queue[0].wait:
+                deadline = self._queue[0].enqueued + self.max_wait
+                while not self._stopping and self._queued_tokens < self.max_batch_tokens:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._condition.wait(remaining)
+            jobs: List[_Job] = []
+            tokens = 0
+            # arrival order; a job asking for another nbest waits for a later batch
+            while self._queue:
+                job = self._queue[0]
+                # its request is gone (the handler was cancelled: uvicorn does so to every request
+                # still in flight when the graceful shutdown times out): nobody to answer, so no
+                # model work. Those jobs ran before, holding the process's exit for as long as the
+                # queue's work took. (A cancelled flag read across threads: one attribute read.)
+                if job.future.cancelled():
+                    self._queue.popleft()
+                    self._queued_tokens -= job.tokens
+                    continue
+                if jobs and not (self.batching and job.nbest == jobs[0].nbest
+                                 and tokens + job.tokens <= self.max_batch_tokens):
                     break
-                self._condition.wait(remaining)
-        jobs = [self._queue.popleft()]
-        tokens = jobs[0].tokens
-        # arrival order; a job asking for another nbest waits for a later batch
-        while self.batching and self._queue and self._queue[0].nbest == jobs[0].nbest \
-                and tokens + self._queue[0].tokens <= self.max_batch_tokens:
-            job = self._queue.popleft()
-            tokens += job.tokens
-            jobs.append(job)
-        self._queued_tokens -= tokens
-        return jobs
+                self._queue.popleft()
+                self._queued_tokens -= job.tokens
+                tokens += job.tokens
+                jobs.append(job)
+            if jobs:
+                return jobs
 
     def _work(self) -> None:
         import torch

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"documents per request (default {defaults.max_documents})")
     parser.add_argument("--max-document-tokens", type=COUNT, default=defaults.max_document_tokens,
                         help=f"tokens per document (default {defaults.max_document_tokens})")
+    parser.add_argument("--max-request-tokens", type=COUNT, default=defaults.max_request_tokens,
+                        help=f"tokens per request, all documents together (default {defaults.max_request_tokens})")
     parser.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes,
                         help=f"request body limit (default {defaults.max_body_bytes})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -70,6 +72,7 @@ def run(args) -> int:
     config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          threads=args.threads, batching=not args.no_batching, max_body_bytes=args.max_body_bytes,
                          max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
+                         max_request_tokens=args.max_request_tokens,
                          precision=args.precision)
     # the event loop's thread runs no model code; one thread keeps it off the worker's cores
     torch.set_num_threads(1)
