@@ -135,7 +135,12 @@ def train_config(args):
     if args.resume and args.out is not None:
         base = dict(saved_settings(args.out) or {})
     if args.config:
-        base.update(read_config(args.config))
+        recipe = read_config(args.config)
+        try:  # the file alone first: its mistakes name it, a flag's do not
+            TrainConfig.from_json(recipe)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"{args.config}: {err}") from None
+        base.update(recipe)
     flags = {name: getattr(args, name) for name in _RECIPE_FLAGS if getattr(args, name) is not None}
     model = {name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name) is not None}
     if "lr" in base and "lr" not in flags and "optimizer" in flags and flags["optimizer"] != base.get("optimizer", "sgd"):
@@ -143,8 +148,7 @@ def train_config(args):
     try:
         return TrainConfig.from_json(base, model=model, **flags)
     except (TypeError, ValueError) as err:
-        where = f"--config {args.config}: " if args.config else ""
-        raise UsageError(f"{where}{err}") from None
+        raise UsageError(str(err)) from None
 
 
 def cmd_train(args) -> int:
