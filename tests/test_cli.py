@@ -163,6 +163,10 @@ def test_train_config_file_then_flags(capsys, tmp_path):
     ('{"model": {"hidden": "200"}}', "hidden must be an integer, got '200'"),
     ('{"model": {"char_window": 4}}', "char_window must be odd"),
     ('{"word_dim": 0}', "word_dim must be >= 1, got 0"),
+    # sizes past any real use built for minutes or exhausted memory (ModelConfig's MAX_SIZES)
+    ('{"model": {"layers": 100000}}', "layers must be <= 64 (far above any real use), got 100000"),
+    ('{"model": {"char_filters": 1000000}}', "char_filters must be <= 4096"),
+    ('{"word_dim": 100000}', "word_dim must be <= 16384"),
 ])
 def test_train_config_file_errors(capsys, tmp_path, content, message):
     path = tmp_path / "recipe.json"

@@ -26,6 +26,13 @@ from fastner.models.dropout import Dropout
 ENCODERS = {"lstm": fnn.LSTM, "gru": fnn.GRU, "rnn": fnn.RNN}
 HEADS = ("crf", "softmax")
 RECIPE_OPTIONS = ("char_dim", "char_filters", "char_window", "use_chars", "encoder", "hidden", "layers", "dropout", "head")
+# Upper bounds of the sizes, far above any real use, so that a typo is refused at once instead of
+# building for minutes or exhausting memory (`train --layers 100000` built modules for minutes).
+# Real use: Ma & Hovy's tagger has word 100 (GloVe 50-300, other vectors up to ~4096), char
+# 30 x 30 filters of window 3, 200 hidden units, 1 layer; large BiLSTM taggers go to 1024 units
+# and 2-4 layers. Each bound is 4-16x the largest of those.
+MAX_SIZES = {"word_dim": 16384, "char_dim": 1024, "char_filters": 4096, "char_window": 63, "hidden": 8192,
+             "layers": 64}
 
 
 @dataclass
@@ -66,6 +73,8 @@ class ModelConfig:
         for name in ("num_words", "num_chars", "word_dim", "char_dim", "char_filters", "char_window", "hidden", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) > MAX_SIZES.get(name, getattr(self, name)):
+                raise ValueError(f"{name} must be <= {MAX_SIZES[name]} (far above any real use), got {getattr(self, name)}")
         if self.use_chars and self.char_window % 2 != 1:
             raise ValueError(f"char_window must be odd (the convolution keeps the word's length), got {self.char_window}")
         if self.pretrained_rows < 0:
