@@ -95,6 +95,16 @@ def test_tokens_and_conll_inputs_keep_unicode_spaces_inside_tokens(demo_tagger_d
     assert code == 0 and json.loads(out)["tokens"] == ["Oslo", "10\u00a0000"]
 
 
+@pytest.mark.parametrize("kind", ["text", "jsonl", "tokens"])
+def test_word_column_without_conll_input_is_refused(demo_tagger_dir, capsys, tmp_path, kind):
+    # it was silently ignored: documents and tokens lines have no columns
+    path = tmp_path / "in.txt"
+    path.write_text('{"text": "Oslo fell"}\n' if kind == "jsonl" else "Oslo fell\n", encoding="utf-8")
+    code, out, err = run(capsys, demo_tagger_dir, path, "--input", kind, "--word-column", "1")
+    assert code == 2 and out == ""
+    assert err == f"fastner: error: --word-column applies to --input conll only, got --input {kind}\n"
+
+
 @pytest.mark.parametrize("content, kind, message", [
     (b"Oslo \xff fell", "text", ":1: not UTF-8 (byte 0xff"),
     (b'{"text": "ok"}\n{"text": "b\xc3"}\n', "jsonl", ":2: not UTF-8"),

@@ -107,6 +107,42 @@ def test_detection_and_conversion_round_trip(tmp_path, capsys):
     assert main(["convert", str(bad), str(target), "--misaligned", "snap"]) == 0
 
 
+@pytest.mark.parametrize("command", ["convert", "evaluate", "train"])
+def test_format_options_for_files_of_the_other_format_are_refused(tmp_path, capsys, command):
+    """--word-column/--tag-column read CoNLL columns and --misaligned JSONL spans: given for files
+    of the other format only, they were silently ignored (exit 0)."""
+    jsonl = write(tmp_path / "data.jsonl", [{"text": TEXT, "spans": []}])
+    conll = tmp_path / "data.conll"
+    conll.write_text("EU B-ORG\n", encoding="utf-8")
+    argv = {"convert": lambda data: ["convert", str(data), str(tmp_path / "out")],
+            "evaluate": lambda data: ["evaluate", str(tmp_path / "no-model"), str(data)],
+            "train": lambda data: ["train", "--train", str(data), "--dev", str(data), "--out", str(tmp_path / "run")]}[command]
+    for data, option, kind, other in ((jsonl, ["--word-column", "1"], "CoNLL", "JSONL"),
+                                      (jsonl, ["--tag-column", "2"], "CoNLL", "JSONL"),
+                                      (conll, ["--misaligned", "snap"], "JSONL", "CoNLL")):
+        assert main(argv(data) + option) == 2
+        err = capsys.readouterr().err
+        files = str(data) if command != "train" else f"{data}, {data}"
+        verb = "is" if command != "train" else "are"
+        assert err == f"fastner: error: {option[0]} applies to {kind} files only, and {files} {verb} {other}\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_format_options_apply_when_one_file_has_their_format(tmp_path, capsys):
+    # a CoNLL training file beside a JSONL dev file: --tag-column reads the CoNLL one
+    jsonl = write(tmp_path / "dev.jsonl", [{"text": TEXT, "spans": [[0, 5, "ORG"]]}])
+    conll = tmp_path / "train.conll"
+    conll.write_text("B-ORG EU NNP\nO rejects VBZ\n", encoding="utf-8")
+    assert main(["convert", str(conll), str(tmp_path / "out.jsonl"), "--word-column", "1", "--tag-column", "0"]) == 0
+    record = json.loads((tmp_path / "out.jsonl").read_text())
+    assert record["text"] == "EU rejects" and record["spans"] == [{"start": 0, "end": 2, "label": "ORG"}]
+    from types import SimpleNamespace
+
+    from fastner.cli import _check_format_options
+
+    _check_format_options(SimpleNamespace(word_column=None, tag_column=0, misaligned="snap"), [str(conll), str(jsonl)])
+
+
 def test_train_and_evaluate_on_jsonl(tmp_path, capsys):
     from fastner.demo import generate_articles
 
