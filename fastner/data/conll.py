@@ -107,11 +107,16 @@ def read_conll(
 
 
 def write_conll(path_or_handle, sentences: Iterable[Sentence], extra: Optional[Sequence[Sequence[str]]] = None) -> None:
-    """Write `token tag` lines (plus one extra column per sentence entry when given)."""
+    """Write `token tag` lines (plus one extra column per sentence entry when given). A token
+    that would not read back as one column (empty, or holding a space, tab or line break: a
+    JSONL file's own tokens may) is a ValueError naming it."""
 
     def emit(handle) -> None:
         for index, sentence in enumerate(sentences):
             for position, token in enumerate(sentence.tokens):
+                if split_columns(token) != [token] or "\n" in token or "\r" in token:
+                    raise ValueError(f"sentence {index + 1}, token {position + 1} {token!r}: a CoNLL column cannot "
+                                     "hold spaces, tabs or line breaks")
                 fields = [token]
                 if sentence.tags:
                     fields.append(sentence.tags[position])
