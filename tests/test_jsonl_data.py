@@ -240,6 +240,17 @@ def test_format_options_apply_when_one_file_has_their_format(tmp_path, capsys):
     _check_format_options(SimpleNamespace(word_column=None, tag_column=0, misaligned="snap"), [str(conll), str(jsonl)])
 
 
+def test_a_conll_file_starting_with_a_brace_token_is_conll(tmp_path):
+    # its first byte `{` made it JSONL: "not valid JSON" for a well-formed CoNLL file
+    path = tmp_path / "data"
+    path.write_text("{ O\nfoo B-X\n}\tO\n", encoding="utf-8")
+    assert not is_jsonl(str(path))
+    assert read_data(str(path))[0].tokens == ["{", "foo", "}"]
+    for text in ('{"text": "a"}\n', ' \n{ "text": "a"}\n', "{}\n", '\ufeff{"text": "a"}\n'):
+        path.write_text(text, encoding="utf-8")
+        assert is_jsonl(str(path)), text
+
+
 def test_train_and_evaluate_on_jsonl(tmp_path, capsys):
     from fastner.demo import generate_articles
 

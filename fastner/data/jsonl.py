@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from fastner.data.conll import DataFormatError, Sentence, read_conll
@@ -170,8 +171,13 @@ def read_jsonl(path: "str | os.PathLike", misaligned: str = "reject",
     return sentences
 
 
+# what a JSON object starts with: `{` then a key or `}`; a CoNLL file may start with the token `{`
+_JSON_OBJECT_START = re.compile(rb'\{\s*["}]')
+
+
 def is_jsonl(path: str) -> bool:
-    """By extension (.jsonl, .json, .ndjson), else by content: the first non-blank byte is `{`."""
+    """By extension (.jsonl, .json, .ndjson), else by content: the file starts (after blanks) as a
+    JSON object does, `{` then `"` or `}`."""
     if path.lower().endswith(JSONL_EXTENSIONS):
         return True
     try:
@@ -180,7 +186,7 @@ def is_jsonl(path: str) -> bool:
     except OSError:
         return False
     # a byte-order mark (Windows editors write one) is not content: utf8_lines drops it too
-    return head.removeprefix(BOM.encode("utf-8")).lstrip().startswith(b"{")
+    return _JSON_OBJECT_START.match(head.removeprefix(BOM.encode("utf-8")).lstrip()) is not None
 
 
 def read_data(path: "str | os.PathLike", word_column: int = 0, tag_column: int = -1,
