@@ -185,6 +185,9 @@ def cmd_train(args) -> int:
         if getattr(args, flag) is None:
             raise UsageError(f"train: --{flag} is required")
     _check_format_options(args, [path for path in (args.train, args.dev, args.test) if path])
+    from fastner.devices import resolve_device
+
+    resolve_device(config.device)  # before the data is read: `--device foo` came after reading eng.train
     _set_threads(args.threads)
     train_data = _read(args.train, args, args.max_sentences)
     dev_data = _read(args.dev, args, args.max_sentences)

@@ -114,6 +114,15 @@ def test_model_sizes_past_any_real_use_are_refused(files, capsys, tmp_path, opti
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("device, expected", [("foo", "device must be 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+                                              ("cuda:x", "device must be")])
+def test_train_device_is_checked_before_the_data_is_read(capsys, tmp_path, device, expected):
+    # it was refused only after reading (and checking) the training and dev files
+    user_error(capsys, ["train", "--train", str(tmp_path / "missing.txt"), "--dev", str(tmp_path / "missing.txt"),
+                        "--out", str(tmp_path / "new"), "--device", device], expected)
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_model_too_big_for_memory_is_a_user_error(files, capsys, tmp_path, monkeypatch):
     # the allocator's RuntimeError was a traceback; sizes within the bounds can still add up to
     # more memory than the machine has (simulated: the CPU allocator's own message)
