@@ -111,6 +111,7 @@ def test_word_column_without_conll_input_is_refused(demo_tagger_dir, capsys, tmp
     (b'{"text": "ok"}\n[1, 2]\n', "jsonl", ":2: expected a JSON object"),
     (b'{"text": "ok"}\n{"text": \n', "jsonl", ":2: not valid JSON"),
     (b'{"id": 1, "body": "x"}\n', "jsonl", ':1: the object has no "text" string'),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "jsonl", ":1: not valid JSON: maximum recursion depth"),  # a traceback
 ])
 def test_bad_input_names_file_and_line(demo_tagger_dir, capsys, tmp_path, content, kind, message):
     path = tmp_path / "bad.in"

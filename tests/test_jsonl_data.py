@@ -65,6 +65,12 @@ def test_snap_widens_to_tokens(tmp_path):
     ("{\"text\": ", "not valid JSON"),
     ("{\"spans\": []}", "no \"text\" string"),
     ("{\"text\": \"a\", \"spans\": [[0, \"x\", \"L\"]]}", "start and end must be ints"),
+    # a traceback (RecursionError), and a message without the file (int digits limit)
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON: maximum recursion depth"),
+    ('{"text": "a", "n": ' + "9" * 5000 + "}", "not valid JSON: Exceeds the limit"),
+    # a lone surrogate escape: no character, and writing it failed later naming no file
+    ('{"text": "Oslo \\ud800"}', r"\\ud800 is half of a surrogate pair"),
+    ('{"text": "a", "spans": [[0, 1, "\\udc00"]]}', r"\\udc00 is half of a surrogate pair"),
 ])
 def test_malformed_lines(tmp_path, line, message):
     path = write(tmp_path / "bad.jsonl", [{"text": "ok"}, line])
@@ -73,6 +79,8 @@ def test_malformed_lines(tmp_path, line, message):
     (tmp_path / "bytes.jsonl").write_bytes(b'{"text": "\xff"}\n')
     with pytest.raises(DataFormatError, match="bytes.jsonl:1: not UTF-8"):
         read_jsonl(tmp_path / "bytes.jsonl")
+    # a surrogate pair is one character
+    assert read_jsonl(write(tmp_path / "pair.jsonl", ['{"text": "Oslo \\ud83d\\ude00"}']))[0].tokens == ["Oslo", "\U0001f600"]
 
 
 def test_detection_and_conversion_round_trip(tmp_path, capsys):

@@ -147,10 +147,22 @@ def parse_text_record(line: str, where: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{where}: not valid JSON: {err.msg}") from None
+    # an integer of too many digits (ValueError), arrays nested too deep (RecursionError): they
+    # were a message without the file, and a traceback
+    except (ValueError, RecursionError) as err:
+        raise DataFormatError(f"{where}: not valid JSON: {err}") from None
     if not isinstance(record, dict):
         raise DataFormatError(f"{where}: expected a JSON object with \"text\", got {type(record).__name__}")
     if not isinstance(record.get("text"), str):
         raise DataFormatError(f"{where}: the object has no \"text\" string")
+    if "\\u" in line:  # only an escape can make a lone surrogate (the line itself is UTF-8)
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            # no character: writing it (tokens, a converted file, vocab.json) failed later with
+            # "'utf-8' codec can't encode", naming no file
+            raise DataFormatError(f"{where}: \\u{ord(err.object[err.start]):04x} is half of a surrogate pair, "
+                                  "not a character") from None
     return record
 
 
