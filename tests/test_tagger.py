@@ -124,6 +124,24 @@ def test_evaluate_matches_conlleval_of_tag(trained, corpus):
     held_out = corpus[1]
     pred = tagger.tag([s.tokens for s in held_out])
     assert tagger.evaluate(held_out) == conlleval([s.tags for s in held_out], pred)
+    # any iterable: a generator was spent reading the gold scheme (tag_like_gold returned [],
+    # evaluate failed with 'gold has 10 sentences but pred has 0')
+    assert tagger.evaluate(s for s in held_out) == tagger.evaluate(held_out)
+    assert tagger.tag_like_gold(iter(held_out)) == tagger.tag_like_gold(held_out)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([["EU", "rejects"]], r"evaluate\(sentences\): item 0 is a list, expected a fastner.data.Sentence"),
+    ("EU rejects", r"evaluate\(sentences\) takes a list of fastner.data.Sentence .* got str"),
+    (None, r"evaluate\(sentences\) takes a list .* got NoneType"),
+])
+def test_evaluate_refuses_what_is_no_gold_sentences(trained, bad, match):
+    # a list of token lists was "AttributeError: 'list' object has no attribute 'tags'"
+    tagger = Tagger.load(str(trained), device="cpu")
+    with pytest.raises(TypeError, match=match):
+        tagger.evaluate(bad)
+    with pytest.raises(TypeError, match=match.replace("evaluate", "tag_like_gold")):
+        tagger.tag_like_gold(bad)
 
 
 def test_load_errors(trained, tmp_path):
