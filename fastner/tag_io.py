@@ -4,7 +4,7 @@ writing results as they come (conll, jsonl, json, spans), with a progress bar on
 Inputs (--input):
   text    each FILE is one document; a DIR is every *.txt file under it (sorted), one document
           each, its id the path relative to DIR; `-` (or no FILE) reads stdin as one document
-  tokens  one whitespace-tokenised sentence a line
+  tokens  one tokenised sentence a line, tokens separated by spaces or tabs (as CoNLL columns)
   conll   CoNLL columns (tokens in --word-column), a blank line between sentences
   jsonl   one JSON object a line: {"id": ..., "text": ...} (id optional, kept in the output)
 Every input is decoded as UTF-8; a bad byte, a malformed JSON line or a line that is not an
@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import IO, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
-from fastner.data.conll import DOCSTART, DataFormatError
+from fastner.data.conll import DOCSTART, DataFormatError, split_columns
 from fastner.data.jsonl import parse_text_record
 from fastner.data.textfiles import BOM, check_data_file, utf8_lines
 
@@ -105,7 +105,7 @@ def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterato
         name = "<stdin>" if path == STDIN else path
         if kind == "tokens":
             for number, line in _lines(path):
-                yield Item(number, line.split())
+                yield Item(number, split_columns(line))
         elif kind == "conll":
             yield from _conll_sentences(path, name, word_column)
         elif kind == "jsonl":
@@ -121,7 +121,7 @@ def _conll_sentences(path: str, name: str, word_column: int) -> Iterator[Item]:
     tokens: List[str] = []
     start = 1
     for number, line in _lines(path):
-        columns = line.split()
+        columns = split_columns(line)
         if not columns or columns[0] == DOCSTART:
             if tokens:
                 yield Item(start, tokens)

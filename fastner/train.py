@@ -86,7 +86,7 @@ class TrainConfig:
         if self.lr is None:
             self.lr = 0.015 if self.optimizer == "sgd" else 0.001
         self.scheme = canonical_scheme(self.scheme)
-        for name in ("epochs", "batch_size", "patience", "eval_batch_size", "word_dim"):
+        for name in ("epochs", "batch_size", "patience", "eval_batch_size"):  # word_dim: ModelConfig's checks
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
@@ -95,9 +95,9 @@ class TrainConfig:
             raise ValueError(f"clip must be a finite number >= 0 (0: off), got {self.clip}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be an object of architecture options, got {self.model!r}")
-        unknown = sorted(set(self.model) - set(ModelConfig.options()))
-        if unknown:
-            raise ValueError(f"unknown model options {unknown}; known: {sorted(ModelConfig.options())}")
+        # checked here, not when the model is built after the data is read: a bad value in a
+        # --config file was reported late and without the file's name
+        ModelConfig.check_options(self.model, self.word_dim)
 
     def to_json(self) -> dict:
         return asdict(self)

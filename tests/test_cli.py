@@ -157,12 +157,43 @@ def test_train_config_file_then_flags(capsys, tmp_path):
     ('[1, 2]', "must be a JSON object"),
     ('{"epochs": ', "not a JSON training config"),
     ("[" * 100_000 + "]" * 100_000, "not a JSON training config"),  # was a RecursionError traceback
+    # the model's options were checked only when the model was built, after the data was read,
+    # and reported without the file's name
+    ('{"model": {"layers": 0}}', "layers must be >= 1, got 0"),
+    ('{"model": {"hidden": "200"}}', "hidden must be an integer, got '200'"),
+    ('{"model": {"char_window": 4}}', "char_window must be odd"),
+    ('{"word_dim": 0}', "word_dim must be >= 1, got 0"),
+    # sizes past any real use built for minutes or exhausted memory (ModelConfig's MAX_SIZES)
+    ('{"model": {"layers": 100000}}', "layers must be <= 64 (far above any real use), got 100000"),
+    ('{"model": {"char_filters": 1000000}}', "char_filters must be <= 4096"),
+    ('{"word_dim": 100000}', "word_dim must be <= 16384"),
 ])
 def test_train_config_file_errors(capsys, tmp_path, content, message):
     path = tmp_path / "recipe.json"
     path.write_text(content)
     assert main(["train", "--config", str(path), "--print-config"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fastner: error: ") and message in err and "Traceback" not in err
+    assert err.startswith(f"fastner: error: {path}: ") and message in err and "Traceback" not in err
     assert main(["train", "--config", str(tmp_path / "missing.json"), "--print-config"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_train_config_error_of_a_flag_does_not_blame_the_file(capsys, tmp_path):
+    """A bad flag beside a good --config file was reported as the file's mistake."""
+    path = tmp_path / "recipe.json"
+    path.write_text('{"epochs": 2}')
+    assert main(["train", "--config", str(path), "--print-config", "--scheme", "XX"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastner: error: scheme must be one of") and str(path) not in err
+
+
+def test_train_model_config_error_comes_before_the_data_is_read(capsys, tmp_path):
+    """A bad model option is refused before the training file is read (it named no file, and
+    came after reading the data)."""
+    path = tmp_path / "recipe.json"
+    path.write_text('{"model": {"layers": 0}}')
+    argv = ["train", "--config", str(path), "--train", str(tmp_path / "missing.txt"), "--dev",
+            str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"fastner: error: {path}: layers must be >= 1")
+    assert not (tmp_path / "out").exists()

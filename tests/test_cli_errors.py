@@ -88,10 +88,10 @@ def test_tag_numeric_options(files, capsys, option, value, expected):
     ("--lr", "nan", "argument --lr: must be a finite number"),
     ("--lr", "0", "argument --lr: must be a finite number"),
     ("--dropout", "1.5", "argument --dropout: must be a finite number in [0, 1), got 1.5"),
-    ("--hidden", "0", "argument --hidden: must be >= 1, got 0"),
+    ("--hidden", "0", "argument --hidden: must be in [1, 8192], got 0"),
     ("--epochs", "0", "argument --epochs: must be >= 1, got 0"),
     ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
-    ("--layers", "-2", "argument --layers: must be >= 1"),
+    ("--layers", "-2", "argument --layers: must be in [1, 64]"),
     ("--clip", "inf", "argument --clip: must be a finite number"),
     ("--seed", "-1", "argument --seed: must be in [0, "),
     ("--max-sentences", "0", "argument --max-sentences: must be >= 1"),
@@ -102,12 +102,40 @@ def test_train_numeric_options(files, capsys, tmp_path, option, value, expected)
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("option", ["--hidden", "--word-dim"])
-def test_a_model_too_big_for_memory_is_a_user_error(files, capsys, tmp_path, option):
-    # the allocator's RuntimeError was a traceback
+@pytest.mark.parametrize("option, value, bound", [
+    ("--hidden", "99999999999", "8192"), ("--word-dim", "99999999999", "16384"),
+    ("--layers", "100000", "64"),  # built modules for minutes
+])
+def test_model_sizes_past_any_real_use_are_refused(files, capsys, tmp_path, option, value, bound):
+    # the bounds are ModelConfig's (MAX_SIZES), which a --config file meets too
     user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
-                        "--out", str(tmp_path / "new"), option, "99999999999"],
-               "fastner: error: not enough memory (", " GiB at once); choose smaller sizes (--hidden")
+                        "--out", str(tmp_path / "new"), option, value],
+               f"argument {option}: must be in [1, {bound}], got {value}")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("device, expected", [("foo", "device must be 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+                                              ("cuda:x", "device must be")])
+def test_train_device_is_checked_before_the_data_is_read(capsys, tmp_path, device, expected):
+    # it was refused only after reading (and checking) the training and dev files
+    user_error(capsys, ["train", "--train", str(tmp_path / "missing.txt"), "--dev", str(tmp_path / "missing.txt"),
+                        "--out", str(tmp_path / "new"), "--device", device], expected)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_model_too_big_for_memory_is_a_user_error(files, capsys, tmp_path, monkeypatch):
+    # the allocator's RuntimeError was a traceback; sizes within the bounds can still add up to
+    # more memory than the machine has (simulated: the CPU allocator's own message)
+    import fastner.train
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 214748364800 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(fastner.train, "train", allocate)
+    user_error(capsys, ["train", "--train", str(files / "train.txt"), "--dev", str(files / "dev.txt"),
+                        "--out", str(tmp_path / "new")],
+               "fastner: error: not enough memory (200.0 GiB at once); choose smaller sizes (--hidden")
     assert not (tmp_path / "new").exists()  # the run saved nothing: no empty folder left behind
 
 

@@ -82,12 +82,36 @@ def test_tokens_and_conll_inputs(demo_tagger_dir, capsys, tmp_path):
     assert [[line.split()[0] for line in block.splitlines()] for block in out.strip().split("\n\n")] == [["Omar", "Haddad"], ["Oslo"]]
 
 
+def test_tokens_and_conll_inputs_keep_unicode_spaces_inside_tokens(demo_tagger_dir, capsys, tmp_path):
+    # tokens and columns are separated by spaces and tabs, as in CoNLL files: a no-break space
+    # split "10\u00a0000" into two tokens (and a CoNLL line into one more column)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("Oslo\tgained 10\u00a0000  jobs\n", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, tokens, "--input", "tokens", "--output", "jsonl")
+    assert code == 0 and json.loads(out)["tokens"] == ["Oslo", "gained", "10\u00a0000", "jobs"]
+    conll = tmp_path / "in.conll"
+    conll.write_text("Oslo O\n10\u00a0000 O\n", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, conll, "--input", "conll", "--output", "jsonl")
+    assert code == 0 and json.loads(out)["tokens"] == ["Oslo", "10\u00a0000"]
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl", "tokens"])
+def test_word_column_without_conll_input_is_refused(demo_tagger_dir, capsys, tmp_path, kind):
+    # it was silently ignored: documents and tokens lines have no columns
+    path = tmp_path / "in.txt"
+    path.write_text('{"text": "Oslo fell"}\n' if kind == "jsonl" else "Oslo fell\n", encoding="utf-8")
+    code, out, err = run(capsys, demo_tagger_dir, path, "--input", kind, "--word-column", "1")
+    assert code == 2 and out == ""
+    assert err == f"fastner: error: --word-column applies to --input conll only, got --input {kind}\n"
+
+
 @pytest.mark.parametrize("content, kind, message", [
     (b"Oslo \xff fell", "text", ":1: not UTF-8 (byte 0xff"),
     (b'{"text": "ok"}\n{"text": "b\xc3"}\n', "jsonl", ":2: not UTF-8"),
     (b'{"text": "ok"}\n[1, 2]\n', "jsonl", ":2: expected a JSON object"),
     (b'{"text": "ok"}\n{"text": \n', "jsonl", ":2: not valid JSON"),
     (b'{"id": 1, "body": "x"}\n', "jsonl", ':1: the object has no "text" string'),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "jsonl", ":1: not valid JSON: maximum recursion depth"),  # a traceback
 ])
 def test_bad_input_names_file_and_line(demo_tagger_dir, capsys, tmp_path, content, kind, message):
     path = tmp_path / "bad.in"

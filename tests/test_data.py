@@ -8,6 +8,7 @@ from fastner.data import (
     DataFormatError, Sentence, Vocab, bucket_batches, convert_tags, detect_scheme, encode_sentences,
     make_batch, normalize_digits, read_conll, tags_to_spans, write_conll,
 )
+from fastner.data.conll import split_columns
 from fastner.data.schemes import strict_spans
 
 
@@ -28,6 +29,19 @@ def test_reader_columns_docstart_and_blank_lines(tmp_path):
     tokens_only = read_conll(path, tag_column=None)
     assert tokens_only[0].tags == [] and tokens_only[0].tokens == ["EU", "rejects"]
     assert len(read_conll(path, max_sentences=2)) == 2
+
+
+def test_columns_are_separated_by_spaces_and_tabs_only(tmp_path):
+    """As conlleval reads them: a no-break space (or another unicode space) inside a token was
+    taken for a column separator, and the line read as one more column (an error, or with
+    --tag-column counted from the start a wrong tag)."""
+    path = write(tmp_path, "10\u00a0000 CD I-NP O\nMr.\u2009Smith\tNNP  I-NP\t I-PER \n\u3000 X O O\n\f\n"
+                           "\x1cEU NNP I-NP I-ORG\n")
+    sentences = read_conll(path)
+    assert [s.tokens for s in sentences] == [["10\u00a0000", "Mr.\u2009Smith", "\u3000"], ["\x1cEU"]]
+    assert [s.tags for s in sentences] == [["O", "I-PER", "O"], ["I-ORG"]]
+    assert split_columns("a\u00a0b \t c\r\n") == ["a\u00a0b", "c"]
+    assert split_columns(" \t\r\n") == []
 
 
 def test_reader_errors_name_file_and_line(tmp_path):

@@ -207,6 +207,25 @@ def test_bad_input(tagger, bad, error, match):
         list(result)
 
 
+@pytest.mark.parametrize("unordered", [{"Oslo fell.", "Apple rose."}, frozenset({("Oslo", "fell")}), set()])
+def test_unordered_collections_are_refused(tagger, unordered):
+    # results came back in the set's arbitrary order, with nothing to match them to the inputs
+    kind = type(unordered).__name__
+    with pytest.raises(TypeError, match=rf"predict\(x\) is a {kind}, which has no order"):
+        tagger.predict(unordered)
+    with pytest.raises(TypeError, match=rf"tag\(sentences\) is a {kind}, which has no order"):
+        tagger.tag(unordered)
+
+
+def test_ordered_iterables_are_accepted(tagger):
+    # a generator and a dict's views are ordered (iteration order, insertion order)
+    documents = {"a": "Oslo fell.", "b": "Apple rose."}
+    expected = tagger.predict(list(documents.values()))
+    assert list(tagger.predict(documents.values())) == expected
+    assert list(tagger.predict(text for text in documents.values())) == expected
+    assert tagger.tag({("Oslo", "fell"): 1}.keys()) == tagger.tag([("Oslo", "fell")])
+
+
 @pytest.mark.parametrize("option", [{"batch_size": 0}, {"nbest": 0}, {"batch_size": True}])
 def test_bad_options(tagger, option):
     with pytest.raises(ValueError):

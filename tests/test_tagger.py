@@ -124,6 +124,24 @@ def test_evaluate_matches_conlleval_of_tag(trained, corpus):
     held_out = corpus[1]
     pred = tagger.tag([s.tokens for s in held_out])
     assert tagger.evaluate(held_out) == conlleval([s.tags for s in held_out], pred)
+    # any iterable: a generator was spent reading the gold scheme (tag_like_gold returned [],
+    # evaluate failed with 'gold has 10 sentences but pred has 0')
+    assert tagger.evaluate(s for s in held_out) == tagger.evaluate(held_out)
+    assert tagger.tag_like_gold(iter(held_out)) == tagger.tag_like_gold(held_out)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([["EU", "rejects"]], r"evaluate\(sentences\): item 0 is a list, expected a fastner.data.Sentence"),
+    ("EU rejects", r"evaluate\(sentences\) takes a list of fastner.data.Sentence .* got str"),
+    (None, r"evaluate\(sentences\) takes a list .* got NoneType"),
+])
+def test_evaluate_refuses_what_is_no_gold_sentences(trained, bad, match):
+    # a list of token lists was "AttributeError: 'list' object has no attribute 'tags'"
+    tagger = Tagger.load(str(trained), device="cpu")
+    with pytest.raises(TypeError, match=match):
+        tagger.evaluate(bad)
+    with pytest.raises(TypeError, match=match.replace("evaluate", "tag_like_gold")):
+        tagger.tag_like_gold(bad)
 
 
 def test_load_errors(trained, tmp_path):
@@ -186,9 +204,12 @@ def test_load_refuses_weights_holding_nan(trained, tmp_path):
 @pytest.mark.parametrize("config_change, vocab_change, config_text, expected", [
     # sizes the weights do not back: refused before the model is built (10^9 hidden units would
     # ask for hundreds of GB; 10^6 layers took minutes), never an allocation failure or a hang
-    (lambda c: c["model"].update(hidden=10**9), None, None, "weights do not fit"),
-    (lambda c: c["model"].update(word_dim=10**9), None, None, "weights do not fit"),
-    (lambda c: c["model"].update(layers=10**6), None, None, "1000000 layers, but the file holds"),
+    (lambda c: c["model"].update(hidden=8192), None, None, "weights do not fit"),
+    (lambda c: c["model"].update(word_dim=16384), None, None, "weights do not fit"),
+    (lambda c: c["model"].update(layers=64), None, None, "64 layers, but the file holds"),
+    # past the bounds of any real use (ModelConfig's MAX_SIZES): refused as a config error
+    (lambda c: c["model"].update(hidden=10**9), None, None, "hidden must be <= 8192"),
+    (lambda c: c["model"].update(layers=10**6), None, None, "layers must be <= 64"),
     (lambda c: c["model"].update(char_dim=0), None, None, "char_dim must be >= 1"),
     (lambda c: c["model"].update(char_filters=-1), None, None, "char_filters must be >= 1"),
     (lambda c: c["model"].update(word_pad=10**9), None, None, "word_pad and char_pad must be ids"),
@@ -206,7 +227,7 @@ def test_load_refuses_weights_holding_nan(trained, tmp_path):
     (None, lambda v: v["words"]["itos"].__setitem__(5, 5), None, "'itos' must be a list of strings"),
     (None, lambda v: v["chars"].update(specials=["<pad>"], itos=["<pad>", "§"] + v["chars"]["itos"][2:]),
      None, "must hold the unknown entry <unk>"),
-], ids=["hidden-1e9", "word_dim-1e9", "layers-1e6", "char_dim-0", "char_filters-negative", "word_pad-1e9",
+], ids=["hidden-8192", "word_dim-16384", "layers-64", "hidden-1e9", "layers-1e6", "char_dim-0", "char_filters-negative", "word_pad-1e9",
         "hidden-infinity", "deep-nesting", "digits_to_zero-string", "use_chars-string", "hidden-bool", "format_version-bool",
         "output_scheme-unknown", "pad-unk-swapped", "itos-number", "no-unk"])
 def test_load_refuses_config_and_vocabulary_that_do_not_fit(trained, tmp_path, config_change, vocab_change,

@@ -1,11 +1,13 @@
 """Reading and writing CoNLL column files.
 
-One token a line, columns separated by whitespace, a blank line between sentences. Lines whose
-first column is `-DOCSTART-` separate documents; they are not sentences and end the current one.
+One token a line, columns separated by spaces or tabs, a blank line between sentences. Lines
+whose first column is `-DOCSTART-` separate documents; they are not sentences and end the
+current one.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence
 
@@ -13,7 +15,19 @@ from fastner.data.schemes import split_tag
 from fastner.data.textfiles import DataFormatError, check_data_file, utf8_lines
 
 DOCSTART = "-DOCSTART-"
-__all__ = ["DOCSTART", "DataFormatError", "Sentence", "read_conll", "write_conll"]
+__all__ = ["DOCSTART", "DataFormatError", "Sentence", "read_conll", "split_columns", "write_conll"]
+
+# Columns are separated by ASCII spaces and tabs only, as conlleval splits them (on " "): str.split()
+# also cut at no-break spaces (U+00A0), U+2000-U+200A, U+3000, U+001C-U+001F ..., which occur
+# inside tokens ("10\u00a0000", names with a no-break space), and read them as extra columns.
+_COLUMN_SEPARATOR = re.compile(r"[ \t]+")
+
+
+def split_columns(line: str) -> List[str]:
+    """The columns of a CoNLL line (or the tokens of a tokenised one): split at runs of spaces and
+    tabs, ASCII whitespace at either end dropped; [] for a blank line."""
+    line = line.strip(" \t\r\n\f\v")
+    return _COLUMN_SEPARATOR.split(line) if line else []
 
 
 @dataclass
@@ -34,7 +48,7 @@ def read_conll(
 ) -> List[Sentence]:
     """Read a CoNLL column file into sentences.
 
-    word_column / tag_column index the whitespace-separated columns (negative counts from the
+    word_column / tag_column index the columns (split_columns; negative counts from the
     end); tag_column=None reads tokens only. Every token line must have as many columns as the
     first one, so that a shifted column is caught instead of read as a wrong tag.
     entity_tags=True: every tag must be 'O' or PREFIX-TYPE (a malformed one names file and line).
@@ -54,7 +68,7 @@ def read_conll(
 
     with open(path, "rb") as handle:
         for line_no, raw in utf8_lines(handle, path):
-            columns = raw.split()
+            columns = split_columns(raw)
             if not columns:
                 flush()
             elif columns[0] == DOCSTART:
@@ -93,11 +107,16 @@ def read_conll(
 
 
 def write_conll(path_or_handle, sentences: Iterable[Sentence], extra: Optional[Sequence[Sequence[str]]] = None) -> None:
-    """Write `token tag` lines (plus one extra column per sentence entry when given)."""
+    """Write `token tag` lines (plus one extra column per sentence entry when given). A token
+    that would not read back as one column (empty, or holding a space, tab or line break: a
+    JSONL file's own tokens may) is a ValueError naming it."""
 
     def emit(handle) -> None:
         for index, sentence in enumerate(sentences):
             for position, token in enumerate(sentence.tokens):
+                if split_columns(token) != [token] or "\n" in token or "\r" in token:
+                    raise ValueError(f"sentence {index + 1}, token {position + 1} {token!r}: a CoNLL column cannot "
+                                     "hold spaces, tabs or line breaks")
                 fields = [token]
                 if sentence.tags:
                     fields.append(sentence.tags[position])

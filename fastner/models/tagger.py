@@ -26,6 +26,13 @@ from fastner.models.dropout import Dropout
 ENCODERS = {"lstm": fnn.LSTM, "gru": fnn.GRU, "rnn": fnn.RNN}
 HEADS = ("crf", "softmax")
 RECIPE_OPTIONS = ("char_dim", "char_filters", "char_window", "use_chars", "encoder", "hidden", "layers", "dropout", "head")
+# Upper bounds of the sizes, far above any real use, so that a typo is refused at once instead of
+# building for minutes or exhausting memory (`train --layers 100000` built modules for minutes).
+# Real use: Ma & Hovy's tagger has word 100 (GloVe 50-300, other vectors up to ~4096), char
+# 30 x 30 filters of window 3, 200 hidden units, 1 layer; large BiLSTM taggers go to 1024 units
+# and 2-4 layers. Each bound is 4-16x the largest of those.
+MAX_SIZES = {"word_dim": 16384, "char_dim": 1024, "char_filters": 4096, "char_window": 63, "hidden": 8192,
+             "layers": 64}
 
 
 @dataclass
@@ -66,6 +73,10 @@ class ModelConfig:
         for name in ("num_words", "num_chars", "word_dim", "char_dim", "char_filters", "char_window", "hidden", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if getattr(self, name) > MAX_SIZES.get(name, getattr(self, name)):
+                raise ValueError(f"{name} must be <= {MAX_SIZES[name]} (far above any real use), got {getattr(self, name)}")
+        if self.use_chars and self.char_window % 2 != 1:
+            raise ValueError(f"char_window must be odd (the convolution keeps the word's length), got {self.char_window}")
         if self.pretrained_rows < 0:
             raise ValueError(f"pretrained_rows must be >= 0, got {self.pretrained_rows}")
         if not (0 <= self.word_pad < self.num_words and 0 <= self.char_pad < self.num_chars):
@@ -84,6 +95,16 @@ class ModelConfig:
         """The architecture choices a training recipe may set, with their defaults (the rest of
         the config comes from the data: vocabulary sizes, tags, padding ids, the vector size)."""
         return {f.name: f.default for f in fields(cls) if f.name in RECIPE_OPTIONS}
+
+    @classmethod
+    def check_options(cls, options: dict, word_dim: int) -> None:
+        """ValueError unless `options` (a recipe's architecture choices) and `word_dim` make a
+        valid config: the same checks as a config built from data, made before any data is
+        read, so that a bad recipe is refused up front (and by the file that holds it)."""
+        unknown = sorted(set(options) - set(RECIPE_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown model options {unknown}; known: {sorted(RECIPE_OPTIONS)}")
+        cls(num_words=1, num_chars=1, tags=["O"], word_dim=word_dim, **options)
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelConfig":
