@@ -50,24 +50,33 @@ def _decode(data: bytes, name: str) -> str:
     return text[1:] if text.startswith(BOM) else text
 
 
-def _stdin_bytes() -> IO[bytes]:
-    """stdin as bytes (a replaced text-only sys.stdin, as in tests, is encoded back)."""
-    buffer = getattr(sys.stdin, "buffer", None)
-    if buffer is not None:
-        return buffer
-    return io.BytesIO(sys.stdin.read().encode("utf-8"))
+def _open_input(path: str) -> IO[bytes]:
+    """A file, or stdin (STDIN), as a binary stream the caller closes.
+
+    stdin is read through a reader of its own, over a duplicate of its descriptor: the items
+    are read on fastner tag's reader thread (arrived_groups), which waits inside the read while
+    a live source is quiet, holding that reader's lock. Were it sys.stdin.buffer, an exit in
+    that moment (Ctrl-C, an error in the model) aborted the interpreter ("Fatal Python error:
+    could not acquire lock for <_io.BufferedReader name='<stdin>'> at interpreter shutdown");
+    nothing at exit touches a private reader. A replaced sys.stdin without a descriptor (tests)
+    is read whole into a copy (encoded back if it is text-only), so that closing it leaves
+    sys.stdin open."""
+    if path != STDIN:
+        return open(path, "rb")
+    try:
+        descriptor = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        buffer = getattr(sys.stdin, "buffer", None)
+        return io.BytesIO(buffer.read() if buffer is not None else sys.stdin.read().encode("utf-8"))
+    return os.fdopen(os.dup(descriptor), "rb")
 
 
 def _lines(path: str) -> Iterator[tuple]:
     """(line number, decoded line without its newline) of a file or stdin, read lazily."""
-    handle: IO[bytes] = _stdin_bytes() if path == STDIN else open(path, "rb")
-    try:
+    with contextlib.closing(_open_input(path)) as handle:
         name = "<stdin>" if path == STDIN else path
         for number, line in utf8_lines(handle, name):
             yield number, line.rstrip("\r\n")
-    finally:
-        if path != STDIN:
-            handle.close()
 
 
 def _text_files(paths: Sequence[str]) -> Iterator[tuple]:
@@ -92,11 +101,8 @@ def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterato
     paths = list(paths) or [STDIN]
     if kind == "text":
         for doc_id, path in _text_files(paths):
-            if path == STDIN:
-                data = _stdin_bytes().read()
-            else:
-                with open(path, "rb") as handle:
-                    data = handle.read()
+            with contextlib.closing(_open_input(path)) as handle:
+                data = handle.read()
             yield Item(doc_id, _decode(data, "<stdin>" if path == STDIN else path))
         return
     for path in paths:

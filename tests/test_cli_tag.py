@@ -240,6 +240,29 @@ def test_a_live_pipe_is_answered_document_by_document(demo_tagger_dir):
         process.wait()
 
 
+def test_ctrl_c_while_a_live_pipe_is_quiet_exits_cleanly(demo_tagger_dir):
+    # The reader thread waits inside stdin's read; an exit then aborted the interpreter on the
+    # lock of sys.stdin's reader ("Fatal Python error: ... at interpreter shutdown", exit -6).
+    import signal
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-m", "fastner", "tag", str(demo_tagger_dir), "--input", "jsonl",
+                                "--output", "jsonl", "--threads", "1"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        process.stdin.write((json.dumps({"id": "one", "text": DOC}) + "\n").encode())
+        process.stdin.flush()
+        assert _read_line_within(process.stdout, seconds=120) is not None
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+        err = process.stderr.read().decode()
+        assert code == 130 and err.strip().endswith("fastner: interrupted"), (code, err)
+    finally:
+        process.kill()
+        process.wait()
+
+
 def _read_line_within(stream, seconds: float):
     import threading
 
