@@ -17,6 +17,7 @@ import io
 import json
 import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -144,6 +145,17 @@ def _conll_sentences(path: str, name: str, word_column: int) -> Iterator[Item]:
 
 # ---- writing ----------------------------------------------------------------------------------
 
+# A tab, or anything str.splitlines() ends a line at (\r, \x85, \u2028, ...): inside a spans
+# field it would split the line or the record for readers of the tab-separated lines.
+_FIELD_BREAKS = re.compile("[\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _one_field(text: str) -> str:
+    """`text` as one tab-separated field on one line: its tabs and line breaks as spaces (the
+    offsets beside it still point into the original)."""
+    return _FIELD_BREAKS.sub(" ", text)
+
+
 class Writer:
     """Writes results one by one in the chosen format."""
 
@@ -175,14 +187,15 @@ class Writer:
             else:
                 out.write(line + "\n")
         else:  # spans: id, start, end, label, score, text; tab-separated
-            doc_id = "" if item.id is None else str(item.id)
+            doc_id = "" if item.id is None else _one_field(str(item.id))
             if is_document:
                 for e in result["entities"]:
-                    text = e["text"].replace("\t", " ").replace("\n", " ")
+                    text = _one_field(e["text"])
                     out.write(f"{doc_id}\t{e['start']}\t{e['end']}\t{e['label']}\t{e['score']:.6f}\t{text}\n")
             else:
                 for s in result["spans"]:
-                    out.write(f"{doc_id}\t{s['start']}\t{s['end']}\t{s['type']}\t{s['confidence']:.6f}\t{s['text']}\n")
+                    text = _one_field(s["text"])
+                    out.write(f"{doc_id}\t{s['start']}\t{s['end']}\t{s['type']}\t{s['confidence']:.6f}\t{text}\n")
         self.count += 1
 
     def flush(self) -> None:

@@ -348,3 +348,20 @@ def test_arrived_groups_stop_their_reader_when_closed():
                                                for t in threading.enumerate()):
         time.sleep(0.05)
     assert not any(t.name == "fastner-tag-reader" and t.ident not in before for t in threading.enumerate())
+
+
+def test_spans_lines_keep_one_record_a_line_whatever_the_text(demo_tagger_dir, capsys, tmp_path):
+    # A tab or any line break str.splitlines() knows, in an id or a token, split a spans record.
+    breaks = "\t\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(" ".join(f"Oslo{c}x" for c in breaks[1:] if not c.isspace() or c in "\x1c\x1d\x1e\x85") + "\n",
+                      encoding="utf-8")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"id": "a\tb\nc\u2028d", "text": "Omar\u2028Haddad met\x85Ingrid Lindqvist in Oslo."}) + "\n",
+                     encoding="utf-8")
+    for path, kind in ((tokens, "tokens"), (jsonl, "jsonl")):
+        code, out, _ = run(capsys, demo_tagger_dir, path, "--input", kind, "--output", "spans")
+        assert code == 0 and out.strip(), kind  # some entity found, so that a record is checked
+        for line in out.splitlines():
+            assert len(line.split("\t")) == 6, repr(line)
+        assert out.count("\n") == len(out.splitlines())
