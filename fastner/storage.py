@@ -6,10 +6,15 @@ Sets of files that only make sense together (a tagger's config.json, vocab.json 
 with the training checkpoint beside them; an export's program.pt2 and export.json):
 `write_file_set` stages the new files in a hidden sibling folder, fsyncs them, writes the staged
 manifest (names, sizes, SHA-256) last, then moves the files into place and the manifest after
-them. `read_file_set` returns the bytes of a complete set, checked against its manifest: the new
-staged set when its manifest was written (the swap may have been cut short), else the set in
-place. So a kill before the staged manifest exists leaves the old set; a kill after it, the new
-one; never a mix. A directory written before manifests existed is read as it is.
+them. `open_file_set` (and `read_file_set`, its bytes) opens a complete set, checked against its
+manifest: the new staged set when its manifest was written (the swap may have been cut short),
+else the set in place. So a kill before the staged manifest exists leaves the old set; a kill
+after it, the new one; never a mix. A reader racing a save (its renames falling between the
+reader's reading of the manifest and its opening of the files) finds a file that differs from
+the manifest it read while the manifest has changed, and reads the new set instead; what it
+returns are the open files it checked (a large file is memory-mapped from the very handle that
+was hashed), so a later save cannot swap one under it. A directory written before manifests
+existed is read as it is.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterable, Optional
+from typing import BinaryIO, Callable, Dict, Iterable, Optional
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -207,69 +212,136 @@ def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANI
 
 
 def _newest_set(directory: str, manifest: str):
-    """(manifest entries or None for a set written before manifests, locate(name) -> path) of
-    the newest complete set: the staged one when a swap was cut short, else the one in place."""
+    """(manifest entries or None for a set written before manifests, staged) of the newest
+    complete set: the staged one when a swap was cut short (or is under way), else the one in
+    place."""
     staging = _staging(directory, manifest)
     staged = _read_manifest(os.path.join(staging, manifest)) if os.path.isdir(staging) else None
-    if staged is not None:  # a swap cut short: the staged set is complete and newer
+    if staged is not None:
+        return staged, True
+    return _read_manifest(os.path.join(directory, manifest)), False
 
-        def locate(name: str) -> str:
-            in_staging = os.path.join(staging, name)
-            return in_staging if os.path.isfile(in_staging) else os.path.join(directory, name)
 
-        return staged, locate
-    return _read_manifest(os.path.join(directory, manifest)), lambda name: os.path.join(directory, name)
+class FileSet:
+    """One complete set, open for reading and checked against its manifest: `data` (name ->
+    bytes) of the files read whole, `handles` (name -> binary file at offset 0) of the scanned
+    ones (a reader memory-maps them: the open file is the one checked, whatever a later save
+    puts in its place). Close it (or use it in a `with`) to close the handles."""
+
+    def __init__(self):
+        self.data: Dict[str, bytes] = {}
+        self.handles: Dict[str, BinaryIO] = {}
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+    def __enter__(self) -> "FileSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# how many times a reader starts again when a save replaces the set while it is read (each
+# time a whole save must fall between the reader's reading of the manifest and of the files)
+_READ_ATTEMPTS = 50
+_BLOCK = 1 << 20
+
+
+def open_file_set(directory: str, names: Iterable[str], optional: Iterable[str] = (),
+                  manifest: str = MANIFEST_FILE, scan: Optional[Dict[str, Callable[[int, bytes], None]]] = None
+                  ) -> FileSet:
+    """`names` and those of `optional` that the set holds, all of one complete set (the newest:
+    see _newest_set), each checked against its manifest entry (StorageError when one differs;
+    MissingFiles when one of `names` is absent).
+
+    A save may replace the files while they are read (its renames fall between this reader's
+    opening of the manifest and of the files): the set read then fails its check, the manifest
+    has changed, and the newer set is read instead; so a reader racing a save gets the old set
+    or the new one, never a mix and never an error.
+
+    scan: name -> function called with (offset, block) for each block of that file, in order,
+    as it is checked (e.g. a value check fused with the hashing pass); offset 0 starts a
+    pass over the file again. A scanned file is not kept in `data`, its handle is."""
+    names, scan = list(names), dict(scan or {})
+    optional = [name for name in optional if name not in names]
+    for _ in range(_READ_ATTEMPTS):
+        entries, staged = _newest_set(directory, manifest)
+        try:
+            return _open_set(directory, names, optional, manifest, entries, staged, scan)
+        except StorageError:  # MissingFiles too
+            if _newest_set(directory, manifest) == (entries, staged):
+                raise  # damaged, not replaced
+    raise StorageError(f"{directory!r} was replaced by {_READ_ATTEMPTS} saves in a row while it was read")
+
+
+def _open_set(directory: str, names, optional, manifest: str, entries, staged: bool, scan) -> FileSet:
+    staging = _staging(directory, manifest)
+
+    def open_member(name: str) -> Optional[BinaryIO]:
+        # a staged file may be moved into place between a look and the open: try both
+        for folder in ((staging, directory) if staged else (directory,)):
+            try:
+                return open(os.path.join(folder, name), "rb")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                continue
+        return None
+
+    files = FileSet()
+    try:
+        handles, missing = {}, []
+        for name in names + optional:
+            handle = open_member(name) if entries is None or name in entries else None
+            if handle is not None:
+                handles[name] = handle
+            elif name in names:
+                missing.append(name)
+        files.handles = handles  # closed with the set, whatever happens next
+        if missing:
+            raise MissingFiles(directory, missing)
+        for name, handle in list(handles.items()):
+            entry = None if entries is None else entries[name]
+            if name in scan:
+                _check_stream(handle, entry, scan[name], os.path.join(directory, name), manifest)
+            else:
+                files.data[name] = _check(handle.read(), entry, os.path.join(directory, name), manifest)
+                del handles[name]
+                handle.close()
+    except BaseException:
+        files.close()
+        raise
+    return files
+
+
+def _differs(path: str, manifest: str) -> StorageError:
+    return StorageError(f"{path} differs from what {manifest} records "
+                        "(altered or partly overwritten after it was saved)")
+
+
+def _check(data: bytes, entry: Optional[dict], path: str, manifest: str) -> bytes:
+    if entry is not None and _digest(data) != {"sha256": entry.get("sha256"), "size": entry.get("size")}:
+        raise _differs(path, manifest)
+    return data
+
+
+def _check_stream(handle: BinaryIO, entry: Optional[dict], scan, path: str, manifest: str) -> None:
+    digest, offset = hashlib.sha256(), 0
+    block = handle.read(_BLOCK)
+    scan(0, block)  # even an empty file starts a pass
+    while block:
+        digest.update(block)
+        offset += len(block)
+        block = handle.read(_BLOCK)
+        if block:
+            scan(offset, block)
+    if entry is not None and {"sha256": digest.hexdigest(), "size": offset} != {"sha256": entry.get("sha256"),
+                                                                                 "size": entry.get("size")}:
+        raise _differs(path, manifest)
+    handle.seek(0)
 
 
 def read_file_set(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, bytes]:
-    """The bytes of `names` from the newest complete set in `directory`, each checked against
-    its manifest entry (StorageError when one differs; MissingFiles when some are absent)."""
-    names = list(names)
-    entries, locate = _newest_set(directory, manifest)
-    if entries is None:  # written before manifests: read as it is
-        missing = [name for name in names if not os.path.isfile(locate(name))]
-        if missing:
-            raise MissingFiles(directory, missing)
-        return {name: _read(locate(name)) for name in names}
-    return _checked(directory, names, entries, locate, manifest)
-
-
-def file_set_paths(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, str]:
-    """Where `names` of the newest complete set lie, each checked against its manifest entry
-    by streaming it through SHA-256: for large files a reader memory-maps instead of reading
-    into memory (MissingFiles / StorageError as read_file_set)."""
-    names = list(names)
-    entries, locate = _newest_set(directory, manifest)
-    missing = [name for name in names if not os.path.isfile(locate(name)) or (entries is not None and name not in entries)]
-    if missing:
-        raise MissingFiles(directory, missing)
-    for name in names if entries is not None else ():
-        digest, size = hashlib.sha256(), 0
-        with open(locate(name), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
-        if {"sha256": digest.hexdigest(), "size": size} != {"sha256": entries[name].get("sha256"),
-                                                             "size": entries[name].get("size")}:
-            raise StorageError(f"{os.path.join(directory, name)} differs from what {manifest} records "
-                               "(altered or partly overwritten after it was saved)")
-    return {name: locate(name) for name in names}
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
-def _checked(directory: str, names, entries: Dict[str, dict], locate, manifest: str) -> Dict[str, bytes]:
-    missing = [name for name in names if name not in entries or not os.path.isfile(locate(name))]
-    if missing:
-        raise MissingFiles(directory, missing)
-    contents = {}
-    for name in names:
-        data = _read(locate(name))
-        if _digest(data) != {"sha256": entries[name].get("sha256"), "size": entries[name].get("size")}:
-            raise StorageError(f"{os.path.join(directory, name)} differs from what {manifest} records "
-                               "(altered or partly overwritten after it was saved)")
-        contents[name] = data
-    return contents
+    """The bytes of `names` from the newest complete set in `directory` (open_file_set)."""
+    with open_file_set(directory, names, manifest=manifest) as files:
+        return files.data

@@ -6,6 +6,8 @@ import os
 import pickle
 import shutil
 import stat
+import threading
+import time
 
 import pytest
 import torch
@@ -66,8 +68,9 @@ def save_killed(monkeypatch, tagger, directory, install_kill) -> bool:
 
 
 # os.fsync: a kill while files are written (staged or, before this fix, in place);
-# os.replace: a kill while they are moved into place
-@pytest.mark.parametrize("function_name", ["fsync", "replace"])
+# os.replace: a kill while they are moved into place; os.mkdir, os.chmod: while the staging
+# folder and the staged manifest are made; os.rmdir, os.unlink: while the staging folder is removed
+@pytest.mark.parametrize("function_name", ["fsync", "replace", "mkdir", "chmod", "rmdir", "unlink"])
 def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, monkeypatch, function_name):
     old, new = small_tagger(20, hidden=6, seed=1), small_tagger(30, hidden=10, seed=2)
     outcomes = set()
@@ -261,16 +264,112 @@ def test_resume_from_a_checkpoint_of_the_wrong_shape_is_refused_naming_it(corpus
         train(train_data, dev_data, str(out), tiny_config(epochs=2), resume=True, log=quiet)
 
 
-def test_file_set_paths_checks_what_a_reader_maps(tmp_path):
-    from fastner.storage import MissingFiles, StorageError, file_set_paths, write_file_set
+def test_open_file_set_checks_what_a_reader_maps(tmp_path):
+    from fastner.storage import MissingFiles, StorageError, open_file_set, write_file_set
 
     write_file_set(str(tmp_path), {"big.npy": b"x" * 3_000_000, "small.json": b"{}"})
-    paths = file_set_paths(str(tmp_path), ["big.npy"])
-    assert paths == {"big.npy": str(tmp_path / "big.npy")}
+    blocks = []
+    with open_file_set(str(tmp_path), ["small.json"], optional=["big.npy", "absent.npy"],
+                       scan={"big.npy": lambda offset, block: blocks.append((offset, len(block)))}) as files:
+        assert files.data == {"small.json": b"{}"} and set(files.handles) == {"big.npy"}
+        assert files.handles["big.npy"].read() == b"x" * 3_000_000  # the handle is back at 0
+    assert [offset for offset, _ in blocks] == [0, 1 << 20, 2 << 20] and sum(n for _, n in blocks) == 3_000_000
     with pytest.raises(MissingFiles):
-        file_set_paths(str(tmp_path), ["absent.npy"])
+        open_file_set(str(tmp_path), ["absent.npy"])
     with open(tmp_path / "big.npy", "r+b") as handle:  # one byte changed in place
         handle.seek(2_000_000)
         handle.write(b"y")
     with pytest.raises(StorageError, match="big.npy differs"):
-        file_set_paths(str(tmp_path), ["big.npy"])
+        open_file_set(str(tmp_path), [], optional=["big.npy"], scan={"big.npy": lambda offset, block: None})
+
+
+# ---- a load racing a save ------------------------------------------------------------------
+
+def generation_files(n: int):
+    """A set whose every file says which save wrote it (and a large one, read as a stream)."""
+    return {"config.json": b"%d" % n, "vocab.json": b"%d" % n * 1000, "weights.pt": b"%d" % n * 3,
+            "pretrained.npy": (b"%d" % n).ljust(8) * 300_000}
+
+
+def race(directory, seconds, save, load):
+    """Save alternately in a thread while loading in this one for `seconds`: every load's
+    outcome (a load that raises fails the test)."""
+    stop, failures, outcomes = threading.Event(), [], []
+
+    def saver():
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                save(n)
+        except BaseException as err:  # noqa: B036, reported below
+            failures.append(err)
+
+    save(0)
+    thread = threading.Thread(target=saver)
+    thread.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not failures:
+            outcomes.append(load())
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures
+    return outcomes
+
+
+RACE_SECONDS = [pytest.param(1.5, id="1.5s"), pytest.param(30, id="30s", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("seconds", RACE_SECONDS)
+def test_a_load_racing_saves_reads_one_whole_set(tmp_path, seconds):
+    """It was: 1 load in ~1,000 failed ("missing vocab.json": a staged file moved into place
+    between its look and its open) or found a file differing from the manifest it had read (the
+    save's renames fell between the two), and pretrained.npy was checked through its path apart
+    from the others, so the file then mapped could be a newer save's."""
+    from fastner.storage import open_file_set, write_file_set
+
+    def load():
+        with open_file_set(str(tmp_path), ["config.json", "vocab.json", "weights.pt"], optional=["pretrained.npy"],
+                           scan={"pretrained.npy": lambda offset, block: None}) as files:
+            generation = files.data["config.json"].decode()
+            table = files.handles["pretrained.npy"].read()
+        assert files.data == {name: data for name, data in generation_files(int(generation)).items()
+                              if name != "pretrained.npy"}
+        assert table == generation_files(int(generation))["pretrained.npy"], "pretrained.npy of another save"
+        return int(generation)
+
+    generations = race(tmp_path, seconds, lambda n: write_file_set(str(tmp_path), generation_files(n)), load)
+    assert len(set(generations)) > 1, "no save happened while loading"
+
+
+@pytest.mark.parametrize("seconds", RACE_SECONDS)
+def test_a_tagger_load_racing_saves_gets_one_whole_tagger(tmp_path, seconds):
+    """It was: a load mapped the pretrained table of the save after the one its weights came from."""
+    from fastner.tagger import PRETRAINED_VECTORS_FILE
+
+    old, new = (pretrained_tagger(rows=20_000, seed=seed) for seed in (1, 2))
+
+    def load():
+        loaded = Tagger.load(str(tmp_path), device="cpu")
+        match = [tagger for tagger in (old, new) if same_model(loaded, tagger)]
+        assert match and torch.equal(loaded.model.pretrained, match[0].model.pretrained), "a mixed tagger"
+        return match[0] is new
+
+    outcomes = race(tmp_path, seconds, lambda n: (old, new)[n % 2].save(str(tmp_path)), load)
+    assert set(outcomes) == {True, False}
+    assert os.path.isfile(tmp_path / PRETRAINED_VECTORS_FILE)
+
+
+def pretrained_tagger(rows: int, seed: int):
+    """A small tagger with a frozen pretrained table of `rows` rows (float16, random per seed)."""
+    train_data, _ = generate_corpus(20, 1, seed=seed)
+    words, chars, tags = build_vocabularies(train_data, "BIOES", False)
+    torch.manual_seed(seed)
+    config = ModelConfig(num_words=len(words), num_chars=len(chars), tags=list(tags.itos), word_dim=8, char_dim=6,
+                         char_filters=6, hidden=6, dropout=0.0, pretrained_rows=rows)
+    table = torch.randn(rows, 8).half()
+    return Tagger(SequenceTagger(config, pretrained=table), words, chars, tags, "IOB2", False, "cpu",
+                  pretrained_words=[f"w{seed}_{i}" for i in range(rows)])
+
