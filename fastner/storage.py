@@ -193,6 +193,9 @@ def _recover(directory: str, manifest: str) -> None:
 def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANIFEST_FILE) -> None:
     """Replace `files` (name -> content) in `directory` as one set; files the manifest already
     names and `files` does not keep their entries (e.g. the tagger beside a new checkpoint)."""
+    for name in files:  # before anything is written
+        if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
+            raise ValueError(f"file set member must be a plain file name, got {name!r}")
     os.makedirs(directory, exist_ok=True)
     _recover(directory, manifest)
     entries = dict(_read_manifest(os.path.join(directory, manifest)) or {})
@@ -200,8 +203,6 @@ def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANI
     staging = _staging(directory, manifest)
     os.mkdir(staging)
     for name, data in files.items():
-        if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
-            raise ValueError(f"file set member must be a plain file name, got {name!r}")
         _write_synced(os.path.join(staging, name), data)
         entries[name] = _digest(data)
     # written last, and whole or not at all (a torn staged manifest would hide the complete set

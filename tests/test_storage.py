@@ -373,3 +373,11 @@ def pretrained_tagger(rows: int, seed: int):
     return Tagger(SequenceTagger(config, pretrained=table), words, chars, tags, "IOB2", False, "cpu",
                   pretrained_words=[f"w{seed}_{i}" for i in range(rows)])
 
+
+def test_a_bad_member_name_is_refused_before_anything_is_written(tmp_path):
+    from fastner.storage import write_file_set
+
+    write_file_set(str(tmp_path), {"a.json": b"1"})
+    with pytest.raises(ValueError, match="plain file name, got '../b.json'"):
+        write_file_set(str(tmp_path), {"a.json": b"2", "../b.json": b"x"})
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "manifest.json"]  # no staging folder left half-written
