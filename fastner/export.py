@@ -95,12 +95,32 @@ def export_program(model: nn.Module, max_length: Optional[int] = None,
     shapes = ({0: batch, 1: time} if time is not None else {0: batch},
               {0: batch, 1: time, 2: char_len} if time is not None else {0: batch, 2: char_len},
               {0: batch})
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _row_major_buffers(model):
         # torch.nn.RNNBase refreshes its _flat_weights list in forward(); export reports that
         # assignment, but the list only aliases the registered parameters
         warnings.filterwarnings("ignore", message=r"The tensor attributes self\.model\.encoder\._flat_weights")
         program = torch.export.export(graph, (words, chars, lengths), dynamic_shapes=shapes)
     return program, fixed_length
+
+
+@contextlib.contextmanager
+def _row_major_buffers(model: nn.Module):
+    """The model's buffers made contiguous while it is traced (and put back after): a column-major
+    buffer (a pretrained table mapped from an older pretrained.npy) is stored in program.pt2 as
+    a view no saved tensor covers, and torch.export.save warns "No complete tensor found in the
+    group!" and saves its whole storage as a flat tensor."""
+    replaced = []
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_contiguous():
+                replaced.append((module, name, buffer))
+    try:
+        for module, name, buffer in replaced:
+            module._buffers[name] = buffer.contiguous()
+        yield
+    finally:
+        for module, name, buffer in replaced:
+            module._buffers[name] = buffer
 
 
 def fastner_ops(program: "torch.export.ExportedProgram") -> List[str]:

@@ -245,7 +245,9 @@ class Tagger:
             import numpy as np
 
             buffer = io.BytesIO()
-            np.save(buffer, self.model.pretrained.detach().cpu().numpy(), allow_pickle=False)
+            # row-major: the table may come column-major (GloVe's arrays do), and a mapped table
+            # keeps the file's order (torch.export then finds no tensor covering its storage)
+            np.save(buffer, np.ascontiguousarray(self.model.pretrained.detach().cpu().numpy()), allow_pickle=False)
             files[PRETRAINED_VECTORS_FILE] = buffer.getvalue()
             files[PRETRAINED_WORDS_FILE] = json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8")
         return files

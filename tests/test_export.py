@@ -294,3 +294,32 @@ def test_tagger_runs_under_torch_compile_and_matches_eager():
         tags, _ = model.predict(batch)
     assert torch.equal(got[0], want[0]) and torch.equal(want[0], tags)
     torch.testing.assert_close(got[1], want[1])
+
+
+def test_a_column_major_pretrained_table_saves_exports_and_loads_without_torch_warnings(tmp_path, capfd):
+    """It was: GloVe's table arrives column-major (np.asarray keeps its source's order), so the
+    frozen table was, pretrained.npy was written so (fortran_order) and mapped back so, and
+    torch.export.save found no tensor covering the table's storage: "No complete tensor found
+    in the group! Returning the first one. This may cause issues when your weights are not on
+    CPU." on stderr. The table is now saved row-major and exported as a row-major copy."""
+    import warnings
+
+    import numpy as np
+
+    from fastner.tagger import PRETRAINED_VECTORS_FILE
+
+    tagger = tiny_tagger()
+    tagger.model.pretrained = tagger.model.pretrained.t().contiguous().t()  # same values, column-major
+    assert not tagger.model.pretrained.is_contiguous()
+    tagger.save(str(tmp_path / "tagger"))
+    saved = np.load(tmp_path / "tagger" / PRETRAINED_VECTORS_FILE)
+    assert saved.flags.c_contiguous and np.array_equal(saved, tagger.model.pretrained.numpy())
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export.export_tagger(tagger, str(tmp_path / "out"), max_length=12)
+        assert not tagger.model.pretrained.is_contiguous()  # the tagger itself is left as it was
+        runtime = export.load(str(tmp_path / "out"))
+    assert not [str(w.message) for w in caught if "complete tensor" in str(w.message)]
+    assert "complete tensor" not in capfd.readouterr().err
+    assert runtime.tag(sentences()) == tagger.tag(sentences())
