@@ -3,7 +3,9 @@
 `fastner export DIR OUT` (or `export_tagger(Tagger.load(DIR), OUT)`) writes the directory OUT:
   program.pt2   torch.export.save of SequenceTagger.infer, the model's one inference method
                 (words [B, T], chars [B, T, C], lengths [B]) -> (tags [B, T], log_z [B], emissions [B, T, K])
-  export.json   vocabularies, tag scheme, transition scores, padding ids and the graph's shape contract
+  export.json   vocabularies, tag scheme, transition scores, padding ids, the graph's shape contract
+                and the precision its encoder was exported at (fp32, bf16 or int8: checked at load
+                against the weights program.pt2 holds)
 `fastner.export.load(OUT)` returns an ExportedTagger whose predict() returns what
 Tagger.predict returns; it imports neither the model code (fastner.models) nor the training
 code (fastner.train): the weights and the computation live in program.pt2.
@@ -41,6 +43,10 @@ EXPORT_FORMAT = 2  # 2: the graph is SequenceTagger.infer (tags, log_z, emission
 DEFAULT_MAX_LENGTH = 64  # the fixed sequence length of a reference-path export
 MAX_BATCH = 4096  # the bounds of the dynamic batch and sequence length (the runtime keeps within them)
 MAX_TIME = 100_000
+# the precisions a tagger's encoder runs in (fastner.tagger.PRECISIONS, Tagger.load(precision=))
+# and the dtype of the weights that give each away in a model or program (fp32: neither); an
+# export.json written before it recorded "precision" is read as what its program holds
+PRECISION_WEIGHTS = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 # ---- the inference graph ---------------------------------------------------------------------
@@ -123,6 +129,17 @@ def _row_major_buffers(model: nn.Module):
             module._buffers[name] = buffer
 
 
+def weights_precision(tensors) -> str:
+    """The precision (a PRECISION_WEIGHTS name) that `tensors`, the weights of a model or
+    program, were quantized to: 'int8' or 'bf16' where weights of that dtype are among them."""
+    dtypes = {tensor.dtype for tensor in tensors if isinstance(tensor, Tensor)}
+    return next((name for name, dtype in PRECISION_WEIGHTS.items() if dtype in dtypes), "fp32")
+
+
+def _program_precision(program: "torch.export.ExportedProgram") -> str:
+    return weights_precision([*program.state_dict.values(), *program.constants.values()])
+
+
 def fastner_ops(program: "torch.export.ExportedProgram") -> List[str]:
     """Names of the torch.ops.fastner.* calls in an exported graph (e.g. ['crf_viterbi'])."""
     found = []
@@ -146,6 +163,7 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
         "fastner_version": fastner.__version__,
         "torch_version": torch.__version__,
         "device": str(tagger.device),
+        "precision": weights_precision([*model.parameters(), *model.buffers()]),
         "fixed_length": fixed_length,
         "max_word_chars": MAX_WORD_CHARS,
         "fastner_ops": sorted(set(fastner_ops(program))),
@@ -200,6 +218,8 @@ class ExportedTagger:
         words = meta.get("pretrained_words")
         self.pretrained_index = None if words is None else word_rows(words)
         self.fixed_length: Optional[int] = meta["fixed_length"]
+        # as export_tagger recorded it (fp32, bf16, int8), or as the program's weights show it
+        self.precision: str = meta.get("precision") or _program_precision(program)
         self.device = torch.device(meta.get("device", "cpu"))
 
     def analyser(self):
@@ -263,6 +283,8 @@ def _check_meta(meta: dict, meta_path: str) -> None:
     words = meta.get("pretrained_words")
     if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) for w in words)):
         raise fail("pretrained_words", "null or a list of strings")
+    if meta.get("precision", "fp32") not in PRECISION_WEIGHTS:
+        raise fail("precision", f"one of {', '.join(PRECISION_WEIGHTS)}")
     try:
         device = torch.device(meta.get("device", "cpu"))
     except (RuntimeError, TypeError):
@@ -305,6 +327,10 @@ def load(path: str) -> ExportedTagger:
             # only says "check the warnings above": the logged one is the cause
             cause = logged[0] if logged else f"{type(err).__name__}: {err}"
             raise ValueError(f"{program_path}: not a loadable torch.export program ({cause})") from None
+    held = _program_precision(program)
+    if meta.setdefault("precision", held) != held:
+        raise ValueError(f"{meta_path}: 'precision' is {meta['precision']!r}, but {PROGRAM_FILE} holds {held} weights "
+                         "(the two files do not belong together)")
     return ExportedTagger(program, meta)
 
 

@@ -203,6 +203,7 @@ def test_load_errors(tmp_path):
     ("output_scheme", None, "'output_scheme' must be a tag scheme, got nothing"),
     ("pretrained_words", "abc", "'pretrained_words' must be null or a list of strings"),
     ("device", "bogus", "'device' must be a torch device"),
+    ("precision", "fp16", "'precision' must be one of fp32, bf16, int8, got 'fp16'"),
 ])
 def test_load_refuses_an_export_json_that_does_not_fit(exported, tmp_path, field, value, expected):
     """Each was a KeyError/TypeError/RuntimeError when tagging, or tags and scores read silently
@@ -323,3 +324,43 @@ def test_a_column_major_pretrained_table_saves_exports_and_loads_without_torch_w
     assert not [str(w.message) for w in caught if "complete tensor" in str(w.message)]
     assert "complete tensor" not in capfd.readouterr().err
     assert runtime.tag(sentences()) == tagger.tag(sentences())
+
+
+def test_export_json_records_the_precision_and_load_checks_it(exported, runtime, tmp_path):
+    """It was: export.json did not say whether the program's encoder was fp32, bf16 or int8. Now
+    it does (an int8 export: test_precision.py::test_cli_precision); a value that does not match
+    the weights program.pt2 holds is refused (export.json and program.pt2 of two exports), and
+    an export.json written before the field is read as what its program holds."""
+    import shutil
+
+    from fastner.nn.quantize import quantize
+    from fastner.tagger import PRECISIONS
+
+    assert set(export.PRECISION_WEIGHTS) == set(PRECISIONS)
+    for precision in ("int8", "bf16"):
+        tagger = tiny_tagger()
+        quantize(tagger.model, PRECISIONS[precision])
+        assert export.weights_precision([*tagger.model.parameters(), *tagger.model.buffers()]) == precision
+    assert json.loads((exported[1] / export.META_FILE).read_text())["precision"] == "fp32"
+    assert runtime.precision == "fp32"
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    os.remove(out / export.MANIFEST_FILE)  # edited by hand below
+    meta = json.loads((out / export.META_FILE).read_text())
+    (out / export.META_FILE).write_text(json.dumps(dict(meta, precision="int8")))
+    with pytest.raises(ValueError, match="export.json: 'precision' is 'int8', but program.pt2 holds fp32 weights"):
+        export.load(str(out))
+    del meta["precision"]  # as written before the field existed
+    (out / export.META_FILE).write_text(json.dumps(meta))
+    assert export.load(str(out)).precision == "fp32"
+
+
+@pytest.mark.slow
+def test_a_bf16_export_records_bf16(tmp_path):
+    from fastner.nn.quantize import quantize
+
+    tagger = tiny_tagger()
+    quantize(tagger.model, torch.bfloat16)
+    assert export.export_tagger(tagger, str(tmp_path), max_length=12)["precision"] == "bf16"
+    runtime = export.load(str(tmp_path))
+    assert runtime.precision == "bf16" and runtime.tag(sentences()) == tagger.tag(sentences())
