@@ -190,26 +190,36 @@ def _recover(directory: str, manifest: str) -> None:
         shutil.rmtree(staging)
 
 
-def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANIFEST_FILE) -> None:
+def write_file_set(directory: str, files: Dict[str, Optional[bytes]], manifest: str = MANIFEST_FILE) -> None:
     """Replace `files` (name -> content) in `directory` as one set; files the manifest already
-    names and `files` does not keep their entries (e.g. the tagger beside a new checkpoint)."""
+    names and `files` does not keep their entries (e.g. the tagger beside a new checkpoint). A
+    name mapped to None leaves the set (e.g. the pretrained table of a model saved before over
+    one that has none): its file is removed once the new set is in place."""
     for name in files:  # before anything is written
         if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
             raise ValueError(f"file set member must be a plain file name, got {name!r}")
     os.makedirs(directory, exist_ok=True)
     _recover(directory, manifest)
     entries = dict(_read_manifest(os.path.join(directory, manifest)) or {})
-    entries = {name: entry for name, entry in entries.items() if os.path.isfile(os.path.join(directory, name))}
+    entries = {name: entry for name, entry in entries.items()
+               if os.path.isfile(os.path.join(directory, name)) and name not in files}
     staging = _staging(directory, manifest)
     os.mkdir(staging)
     for name, data in files.items():
-        _write_synced(os.path.join(staging, name), data)
-        entries[name] = _digest(data)
+        if data is not None:
+            _write_synced(os.path.join(staging, name), data)
+            entries[name] = _digest(data)
     # written last, and whole or not at all (a torn staged manifest would hide the complete set
     # in place, and the next save's recovery would move it into place): from here on the staged
     # set is complete and is the one read_file_set returns
     atomic_write_bytes(os.path.join(staging, manifest), json_bytes({"format": MANIFEST_FORMAT, "files": entries}))
     _finish_swap(directory, staging, manifest)
+    for name, data in files.items():
+        if data is None:  # no manifest names it now (a kill before this leaves a stray file, unread)
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
 
 
 def _newest_set(directory: str, manifest: str):
@@ -232,6 +242,7 @@ class FileSet:
     def __init__(self):
         self.data: Dict[str, bytes] = {}
         self.handles: Dict[str, BinaryIO] = {}
+        self.errors: Dict[str, StorageError] = {}  # optional members that failed their check
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -254,8 +265,10 @@ def open_file_set(directory: str, names: Iterable[str], optional: Iterable[str] 
                   manifest: str = MANIFEST_FILE, scan: Optional[Dict[str, Callable[[int, bytes], None]]] = None
                   ) -> FileSet:
     """`names` and those of `optional` that the set holds, all of one complete set (the newest:
-    see _newest_set), each checked against its manifest entry (StorageError when one differs;
-    MissingFiles when one of `names` is absent).
+    see _newest_set), each checked against its manifest entry (StorageError when one of `names`
+    differs; MissingFiles when one is absent). An optional member that fails its check is left
+    out, its error kept in `errors` for a caller that turns out to need it (a model that uses no
+    pretrained table loads whatever became of an old one's file).
 
     A save may replace the files while they are read (its renames fall between this reader's
     opening of the manifest and of the files): the set read then fails its check, the manifest
@@ -268,12 +281,16 @@ def open_file_set(directory: str, names: Iterable[str], optional: Iterable[str] 
     names, scan = list(names), dict(scan or {})
     optional = [name for name in optional if name not in names]
     for _ in range(_READ_ATTEMPTS):
-        entries, staged = _newest_set(directory, manifest)
+        snapshot = _newest_set(directory, manifest)
         try:
-            return _open_set(directory, names, optional, manifest, entries, staged, scan)
+            files = _open_set(directory, names, optional, manifest, *snapshot, scan)
         except StorageError:  # MissingFiles too
-            if _newest_set(directory, manifest) == (entries, staged):
+            if _newest_set(directory, manifest) == snapshot:
                 raise  # damaged, not replaced
+            continue
+        if not files.errors or _newest_set(directory, manifest) == snapshot:
+            return files
+        files.close()
     raise StorageError(f"{directory!r} was replaced by {_READ_ATTEMPTS} saves in a row while it was read")
 
 
@@ -291,24 +308,30 @@ def _open_set(directory: str, names, optional, manifest: str, entries, staged: b
 
     files = FileSet()
     try:
-        handles, missing = {}, []
+        missing = []
         for name in names + optional:
             handle = open_member(name) if entries is None or name in entries else None
             if handle is not None:
-                handles[name] = handle
+                files.handles[name] = handle  # closed with the set, whatever happens next
             elif name in names:
                 missing.append(name)
-        files.handles = handles  # closed with the set, whatever happens next
+            elif entries is not None and name in entries:
+                files.errors[name] = MissingFiles(directory, [name])
         if missing:
             raise MissingFiles(directory, missing)
-        for name, handle in list(handles.items()):
+        for name, handle in list(files.handles.items()):
             entry = None if entries is None else entries[name]
-            if name in scan:
-                _check_stream(handle, entry, scan[name], os.path.join(directory, name), manifest)
-            else:
+            try:
+                if name in scan:
+                    _check_stream(handle, entry, scan[name], os.path.join(directory, name), manifest)
+                    continue
                 files.data[name] = _check(handle.read(), entry, os.path.join(directory, name), manifest)
-                del handles[name]
-                handle.close()
+            except StorageError as err:
+                if name in names:
+                    raise
+                files.errors[name] = err
+            del files.handles[name]
+            handle.close()
     except BaseException:
         files.close()
         raise

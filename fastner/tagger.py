@@ -158,6 +158,9 @@ def _load_pretrained_table(files: FileSet, scan: _TableScan, path: str, config: 
         return None, None
     import numpy as np
 
+    damaged = [err for name, err in files.errors.items() if not isinstance(err, MissingFiles)]
+    if damaged:
+        raise damaged[0]
     missing = [name for name, there in ((PRETRAINED_VECTORS_FILE, PRETRAINED_VECTORS_FILE in files.handles),
                                         (PRETRAINED_WORDS_FILE, PRETRAINED_WORDS_FILE in files.data)) if not there]
     if missing:
@@ -227,8 +230,10 @@ class Tagger:
             "digits_to_zero": self.digits_to_zero,
         }
 
-    def files(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, bytes]:
-        """The directory's files (name -> bytes). `state_dict` overrides the live weights."""
+    def files(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Optional[bytes]]:
+        """The directory's files (name -> bytes; None: a file this tagger has not, which a tagger
+        saved there before may have left, fastner.storage.write_file_set). `state_dict`
+        overrides the live weights."""
         vocab = {"words": self.words.to_json(), "chars": self.chars.to_json(), "tags": self.tags.to_json()}
         weights = state_dict if state_dict is not None else self.model.state_dict()
         # a bf16 encoder (Tagger.load(precision="bf16")) holds its weights rounded to bf16 and has
@@ -250,6 +255,8 @@ class Tagger:
             np.save(buffer, np.ascontiguousarray(self.model.pretrained.detach().cpu().numpy()), allow_pickle=False)
             files[PRETRAINED_VECTORS_FILE] = buffer.getvalue()
             files[PRETRAINED_WORDS_FILE] = json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8")
+        else:  # not an older tagger's table left in the set (read, hashed and copied along with it)
+            files[PRETRAINED_VECTORS_FILE] = files[PRETRAINED_WORDS_FILE] = None
         return files
 
     def save(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:

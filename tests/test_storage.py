@@ -70,9 +70,12 @@ def save_killed(monkeypatch, tagger, directory, install_kill) -> bool:
 # os.fsync: a kill while files are written (staged or, before this fix, in place);
 # os.replace: a kill while they are moved into place; os.mkdir, os.chmod: while the staging
 # folder and the staged manifest are made; os.rmdir, os.unlink: while the staging folder is removed
-@pytest.mark.parametrize("function_name", ["fsync", "replace", "mkdir", "chmod", "rmdir", "unlink"])
-def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, monkeypatch, function_name):
-    old, new = small_tagger(20, hidden=6, seed=1), small_tagger(30, hidden=10, seed=2)
+# os.remove: while the file of a member that left the set (an older tagger's table) is removed
+@pytest.mark.parametrize("function_name", ["fsync", "replace", "mkdir", "chmod", "rmdir", "unlink", "remove"])
+@pytest.mark.parametrize("old_table", [False, True], ids=["", "over-a-table"])
+def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, monkeypatch, function_name, old_table):
+    old = pretrained_tagger(rows=50, seed=1) if old_table else small_tagger(20, hidden=6, seed=1)
+    new = small_tagger(30, hidden=10, seed=2)
     outcomes = set()
     for n in range(1, 60):
         directory = tmp_path / f"kill{n}"
@@ -88,6 +91,7 @@ def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, mo
         new.save(str(directory))
         assert same_model(Tagger.load(str(directory), device="cpu"), new)
         assert not any(name.startswith(".") for name in os.listdir(directory))
+        assert not old_table or "pretrained.npy" not in os.listdir(directory)
         if finished:
             break
     else:
@@ -95,6 +99,8 @@ def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, mo
     assert "new" in outcomes
     if function_name == "fsync":  # kills before the staged manifest exists keep the old set
         assert "old" in outcomes
+    if function_name == "remove" and old_table:  # the kill came after the new set was in place
+        assert outcomes == {"new"}
 
 
 def test_a_write_torn_by_a_kill_leaves_the_old_or_the_new_tagger(tmp_path, monkeypatch):
@@ -280,7 +286,12 @@ def test_open_file_set_checks_what_a_reader_maps(tmp_path):
         handle.seek(2_000_000)
         handle.write(b"y")
     with pytest.raises(StorageError, match="big.npy differs"):
-        open_file_set(str(tmp_path), [], optional=["big.npy"], scan={"big.npy": lambda offset, block: None})
+        open_file_set(str(tmp_path), ["big.npy"], scan={"big.npy": lambda offset, block: None})
+    # an optional member that fails its check is left out, its error kept for a caller needing it
+    with open_file_set(str(tmp_path), ["small.json"], optional=["big.npy"],
+                       scan={"big.npy": lambda offset, block: None}) as files:
+        assert not files.handles and list(files.data) == ["small.json"]
+        assert isinstance(files.errors["big.npy"], StorageError) and "big.npy differs" in str(files.errors["big.npy"])
 
 
 # ---- a load racing a save ------------------------------------------------------------------
@@ -381,3 +392,30 @@ def test_a_bad_member_name_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="plain file name, got '../b.json'"):
         write_file_set(str(tmp_path), {"a.json": b"2", "../b.json": b"x"})
     assert sorted(os.listdir(tmp_path)) == ["a.json", "manifest.json"]  # no staging folder left half-written
+
+
+def test_a_tagger_saved_over_one_with_a_table_leaves_no_table_behind(tmp_path):
+    """It was: the manifest kept naming the older tagger's pretrained.npy and pretrained_words.json
+    (40 MB for GloVe), so they stayed, were copied along and hashed at every load."""
+    from fastner.tagger import PRETRAINED_VECTORS_FILE, PRETRAINED_WORDS_FILE
+
+    pretrained_tagger(rows=50, seed=1).save(str(tmp_path))
+    plain = small_tagger(20, hidden=6, seed=2)
+    plain.save(str(tmp_path))
+    assert PRETRAINED_VECTORS_FILE not in os.listdir(tmp_path) and PRETRAINED_WORDS_FILE not in os.listdir(tmp_path)
+    assert PRETRAINED_VECTORS_FILE not in (tmp_path / storage.MANIFEST_FILE).read_text()
+    assert same_model(Tagger.load(str(tmp_path)), plain)
+
+
+def test_a_damaged_table_a_model_does_not_use_does_not_stop_its_load(tmp_path):
+    """A directory an older fastner saved a table-less tagger into, over one with a table: the
+    stale table is listed in the manifest, and damage to it concerns no one."""
+    from fastner.tagger import PRETRAINED_VECTORS_FILE
+
+    pretrained_tagger(rows=50, seed=1).save(str(tmp_path))
+    plain = small_tagger(20, hidden=6, seed=2)
+    storage.write_file_set(str(tmp_path), {name: data for name, data in plain.files().items() if data is not None})
+    with open(tmp_path / PRETRAINED_VECTORS_FILE, "r+b") as handle:
+        handle.seek(200)
+        handle.write(b"\xff\xff")
+    assert same_model(Tagger.load(str(tmp_path)), plain)
