@@ -22,8 +22,8 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import BinaryIO, Callable, Dict, Iterable, Optional
 
 MANIFEST_FILE = "manifest.json"
@@ -64,12 +64,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never a torn one:
     a temp file in the same directory, fsync, then os.replace."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = _create_temp(directory)
     try:
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -80,6 +76,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _create_temp(directory: str):
+    """(fd, path) of a new empty file in `directory`, with the permissions a plain open() gives
+    (0666 less the umask, applied by the kernel): mkstemp's are private (0600), and reading the
+    umask means setting it, process-wide, which gave a file another thread created meanwhile
+    mode 0666 whatever its umask."""
+    for _ in range(100):
+        path = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {directory}")
 
 
 def json_bytes(obj) -> bytes:

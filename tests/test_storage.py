@@ -68,10 +68,10 @@ def save_killed(monkeypatch, tagger, directory, install_kill) -> bool:
 
 
 # os.fsync: a kill while files are written (staged or, before this fix, in place);
-# os.replace: a kill while they are moved into place; os.mkdir, os.chmod: while the staging
+# os.replace: a kill while they are moved into place; os.mkdir, os.open: while the staging
 # folder and the staged manifest are made; os.rmdir, os.unlink: while the staging folder is removed
 # os.remove: while the file of a member that left the set (an older tagger's table) is removed
-@pytest.mark.parametrize("function_name", ["fsync", "replace", "mkdir", "chmod", "rmdir", "unlink", "remove"])
+@pytest.mark.parametrize("function_name", ["fsync", "replace", "mkdir", "open", "rmdir", "unlink", "remove"])
 @pytest.mark.parametrize("old_table", [False, True], ids=["", "over-a-table"])
 def test_a_kill_anywhere_in_a_save_leaves_the_old_or_the_new_tagger(tmp_path, monkeypatch, function_name, old_table):
     old = pretrained_tagger(rows=50, seed=1) if old_table else small_tagger(20, hidden=6, seed=1)
@@ -419,3 +419,22 @@ def test_a_damaged_table_a_model_does_not_use_does_not_stop_its_load(tmp_path):
         handle.seek(200)
         handle.write(b"\xff\xff")
     assert same_model(Tagger.load(str(tmp_path)), plain)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_umask_s_permissions_and_the_umask_is_left_alone(tmp_path, monkeypatch, umask):
+    """It was: atomic_write_bytes read the umask by setting it to 0 and back, process-wide, so a
+    file another thread created in between got mode 0666 whatever the umask."""
+    previous = os.umask(umask)
+    try:
+        with monkeypatch.context() as patch:
+            def no_umask(mask):
+                raise AssertionError("the process umask was changed")
+
+            patch.setattr(os, "umask", no_umask)
+            storage.atomic_write_bytes(str(tmp_path / "single.json"), b"{}")
+            storage.write_file_set(str(tmp_path / "set"), {"a.json": b"1"})
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "single.json", tmp_path / "set" / "a.json", tmp_path / "set" / storage.MANIFEST_FILE):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
