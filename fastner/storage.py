@@ -9,15 +9,16 @@ manifest (names, sizes, SHA-256) last, then moves the files into place and the m
 them. `open_file_set` (and `read_file_set`, its bytes) opens a complete set, checked against its
 manifest: the new staged set when its manifest was written (the swap may have been cut short),
 else the set in place. So a kill before the staged manifest exists leaves the old set; a kill
-after it, the new one; never a mix. A reader racing a save (its renames falling between the
-reader's reading of the manifest and its opening of the files) finds a file that differs from
-the manifest it read while the manifest has changed, and reads the new set instead; what it
-returns are the open files it checked (a large file is memory-mapped from the very handle that
-was hashed), so a later save cannot swap one under it. A directory written before manifests
-existed is read as it is.
+after it, the new one; never a mix. Saves into one directory wait for each other (flock).
+A reader racing a save (its renames falling between the reader's reading of the manifest and its
+opening of the files) finds a file that differs from the manifest it read while the manifest has
+changed, and reads the new set instead; what it returns are the open files it checked (a large
+file is memory-mapped from the very handle that was hashed), so a later save cannot swap one
+under it. A directory written before manifests existed is read as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -209,6 +210,32 @@ def write_file_set(directory: str, files: Dict[str, Optional[bytes]], manifest: 
         if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
             raise ValueError(f"file set member must be a plain file name, got {name!r}")
     os.makedirs(directory, exist_ok=True)
+    with _one_writer(directory):
+        _write_file_set(directory, files, manifest)
+
+
+@contextlib.contextmanager
+def _one_writer(directory: str):
+    """One save at a time into `directory`, across threads and processes (flock on the folder
+    itself: no lock file). Two at once shared the staging folder: one failed on mkdir (File
+    exists), or its staged files were swept away by the other's recovery (No such file)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: saves are not serialised
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some network mounts)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_file_set(directory: str, files: Dict[str, Optional[bytes]], manifest: str) -> None:
     _recover(directory, manifest)
     entries = dict(_read_manifest(os.path.join(directory, manifest)) or {})
     entries = {name: entry for name, entry in entries.items()

@@ -438,3 +438,29 @@ def test_saved_files_get_the_umask_s_permissions_and_the_umask_is_left_alone(tmp
         os.umask(previous)
     for path in (tmp_path / "single.json", tmp_path / "set" / "a.json", tmp_path / "set" / storage.MANIFEST_FILE):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
+
+
+def test_saves_into_one_directory_at_once_wait_for_each_other(tmp_path):
+    """It was: two saves at once shared the staging folder, and most failed ("File exists:
+    .manifest.json.staging", or "No such file" for a staged file the other's recovery swept
+    away): 288 of 400 in two threads. Now each waits for the other; every save lands whole."""
+    from fastner.storage import read_file_set, write_file_set
+
+    failures = []
+
+    def saver(writer):
+        try:
+            for n in range(25):
+                write_file_set(str(tmp_path), generation_files(1000 * writer + n))
+        except Exception as err:  # noqa: BLE001, reported below
+            failures.append(err)
+
+    threads = [threading.Thread(target=saver, args=(writer,)) for writer in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+    last = read_file_set(str(tmp_path), generation_files(0))
+    assert last == generation_files(int(last["config.json"])) and int(last["config.json"]) % 1000 == 24
+    assert sorted(os.listdir(tmp_path)) == sorted([*generation_files(0), storage.MANIFEST_FILE])
