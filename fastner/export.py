@@ -327,11 +327,42 @@ def load(path: str) -> ExportedTagger:
             # only says "check the warnings above": the logged one is the cause
             cause = logged[0] if logged else f"{type(err).__name__}: {err}"
             raise ValueError(f"{program_path}: not a loadable torch.export program ({cause})") from None
+    _check_fits_program(meta, program, meta_path)
+    return ExportedTagger(program, meta)
+
+
+# where SequenceTagger keeps the tables the runtime indexes through export.json's vocabularies
+_TABLES = {"words": "model.word_embedding.weight", "chars": "model.char_cnn.embedding.weight"}
+
+
+def _check_fits_program(meta: dict, program: "torch.export.ExportedProgram", meta_path: str) -> None:
+    """ValueError where export.json does not describe program.pt2 (the two files of two exports,
+    put together by hand): its precision, and the sizes of the vocabularies the program indexes
+    and of the tag set it scores (an IndexError or a RuntimeError deep in the graph when
+    tagging, otherwise). An export.json without "precision" gets the program's."""
+    from fastner.data.vocab import Vocab
+
+    def mismatch(field: str, found, held) -> ValueError:
+        return ValueError(f"{meta_path}: {field!r} {found}, but {PROGRAM_FILE} {held} "
+                          "(the two files do not belong together)")
+
     held = _program_precision(program)
     if meta.setdefault("precision", held) != held:
-        raise ValueError(f"{meta_path}: 'precision' is {meta['precision']!r}, but {PROGRAM_FILE} holds {held} weights "
-                         "(the two files do not belong together)")
-    return ExportedTagger(program, meta)
+        raise mismatch("precision", f"is {meta['precision']!r}", f"holds {held} weights")
+    tensors = {**program.state_dict, **program.constants}
+    sizes = {field: tensors[name].shape[0] for field, name in _TABLES.items() if name in tensors}
+    output = next(node for node in program.graph.nodes if node.op == "output").args[0]
+    emissions = output[2].meta.get("val") if len(output) == 3 and hasattr(output[2], "meta") else None
+    if emissions is not None and isinstance(emissions.shape[-1], int):
+        sizes["tags"] = emissions.shape[-1]
+    for field, size in sizes.items():
+        if len(Vocab.from_json(meta[field])) != size:
+            raise mismatch(field, f"lists {len(Vocab.from_json(meta[field]))} entries", f"was exported with {size}")
+    if _TABLES["words"] in tensors:  # a model of SequenceTagger's: a frozen table, or none
+        rows = tensors["model.pretrained"].shape[0] if "model.pretrained" in tensors else 0
+        if len(meta.get("pretrained_words") or ()) != rows:
+            raise mismatch("pretrained_words", f"lists {len(meta.get('pretrained_words') or ())} words",
+                           f"holds {rows} pretrained rows")
 
 
 @contextlib.contextmanager

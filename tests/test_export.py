@@ -364,3 +364,32 @@ def test_a_bf16_export_records_bf16(tmp_path):
     assert export.export_tagger(tagger, str(tmp_path), max_length=12)["precision"] == "bf16"
     runtime = export.load(str(tmp_path))
     assert runtime.precision == "bf16" and runtime.tag(sentences()) == tagger.tag(sentences())
+
+
+def _cut_tags(meta):
+    k = len(meta["tags"]["itos"]) - 2
+    meta["tags"]["itos"] = meta["tags"]["itos"][:k]
+    transitions, start, end = meta["transition_scores"]
+    meta["transition_scores"] = [[row[:k] for row in transitions[:k]], start[:k], end[:k]]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (_cut_tags, "'tags' lists 19 entries, but program.pt2 was exported with 21"),
+    (lambda meta: meta["words"]["itos"].append("extra"), "'words' lists 215 entries, but program.pt2 was exported with 214"),
+    (lambda meta: meta["chars"]["itos"].pop(), "'chars' lists 63 entries, but program.pt2 was exported with 64"),
+    (lambda meta: meta["pretrained_words"].append("extra"), "'pretrained_words' lists 4 words, but program.pt2 holds 3"),
+    (lambda meta: meta.update(pretrained_words=None), "'pretrained_words' lists 0 words, but program.pt2 holds 3"),
+])
+def test_load_refuses_an_export_json_of_another_program(exported, tmp_path, change, expected):
+    """export.json and program.pt2 of two exports put together by hand (no manifest to tell):
+    it was an IndexError (tags) or an index error deep in the graph (words) when tagging."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    os.remove(out / export.MANIFEST_FILE)
+    meta = json.loads((out / export.META_FILE).read_text())
+    change(meta)
+    (out / export.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"export.json: {expected} .*the two files do not belong together"):
+        export.load(str(out))
