@@ -209,6 +209,8 @@ def write_file_set(directory: str, files: Dict[str, Optional[bytes]], manifest: 
     for name in files:  # before anything is written
         if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
             raise ValueError(f"file set member must be a plain file name, got {name!r}")
+    if os.path.exists(directory) and not os.path.isdir(directory):  # makedirs would say "File exists"
+        raise NotADirectoryError(f"{directory!r} exists and is not a directory (a file set is saved into a directory)")
     os.makedirs(directory, exist_ok=True)
     with _one_writer(directory):
         _write_file_set(directory, files, manifest)

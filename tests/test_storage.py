@@ -464,3 +464,12 @@ def test_saves_into_one_directory_at_once_wait_for_each_other(tmp_path):
     last = read_file_set(str(tmp_path), generation_files(0))
     assert last == generation_files(int(last["config.json"])) and int(last["config.json"]) % 1000 == 24
     assert sorted(os.listdir(tmp_path)) == sorted([*generation_files(0), storage.MANIFEST_FILE])
+
+
+def test_a_save_onto_a_file_says_it_is_not_a_directory(tmp_path):
+    """It was: FileExistsError "File exists: 'PATH'" (from os.makedirs), which reads as if the
+    save refused to overwrite."""
+    (tmp_path / "model").write_text("x")
+    with pytest.raises(NotADirectoryError, match="model' exists and is not a directory"):
+        small_tagger(20, hidden=6, seed=1).save(str(tmp_path / "model"))
+    assert (tmp_path / "model").read_text() == "x"
