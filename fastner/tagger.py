@@ -70,12 +70,19 @@ def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
                                               for k, v in state.items()):
         raise TaggerLoadError(f"{path} holds a {type(state).__name__}, expected a state dict "
                               "(parameter names to tensors)")
-    # training stops at a non-finite loss before it saves, so nan/inf weights are a damaged file
-    # (read without a manifest), and would tag every sentence as garbage
-    damaged = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    # training stops at a non-finite loss before it saves, and Tagger.save refuses such weights,
+    # so nan/inf weights are a damaged file (read without a manifest): they would tag every
+    # sentence as garbage
+    damaged = _nonfinite(state)
     if damaged:
-        raise TaggerLoadError(f"{path}: {damaged[0]} holds nan or inf values (a damaged weights file)")
+        raise TaggerLoadError(f"{path}: {damaged} holds nan or inf values (a damaged weights file)")
     return state
+
+
+def _nonfinite(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating tensor of `state` holding a nan or inf, or None."""
+    return next((name for name, value in state.items()
+                 if value.is_floating_point() and not torch.isfinite(value).all()), None)
 
 
 def _load_weights(model: SequenceTagger, state: Dict[str, torch.Tensor], path: str) -> None:
@@ -244,6 +251,9 @@ class Tagger:
             raise ValueError(f"this tagger holds bfloat16 weights ({rounded[0]}, inference only: precision='bf16'); "
                              "saving them would replace the trained float32 weights with rounded ones: save the "
                              "tagger loaded in fp32")
+        broken = _nonfinite(weights)
+        if broken:  # saved, the directory would not load (as a damaged file) nor tag anything
+            raise ValueError(f"this tagger's weights hold nan or inf values ({broken}): not saved")
         files = {CONFIG_FILE: json_bytes(self.config_json()), VOCAB_FILE: json_bytes(vocab),
                  WEIGHTS_FILE: torch_bytes({k: v.detach().cpu() for k, v in weights.items()})}
         if self.model.pretrained is not None:

@@ -473,3 +473,16 @@ def test_a_save_onto_a_file_says_it_is_not_a_directory(tmp_path):
     with pytest.raises(NotADirectoryError, match="model' exists and is not a directory"):
         small_tagger(20, hidden=6, seed=1).save(str(tmp_path / "model"))
     assert (tmp_path / "model").read_text() == "x"
+
+
+def test_a_tagger_with_nan_weights_is_not_saved(tmp_path):
+    """It was: saved without a word, over the previous tagger, and the directory then failed to
+    load as "a damaged weights file"."""
+    good = small_tagger(20, hidden=6, seed=1)
+    good.save(str(tmp_path))
+    bad = small_tagger(20, hidden=6, seed=2)
+    with torch.no_grad():
+        bad.model.crf.transitions[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"weights hold nan or inf values \(crf.transitions\): not saved"):
+        bad.save(str(tmp_path))
+    assert same_model(Tagger.load(str(tmp_path)), good)
