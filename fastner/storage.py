@@ -163,11 +163,18 @@ def _digest(data: bytes) -> Dict[str, object]:
 
 def _read_manifest(path: str) -> Optional[Dict[str, dict]]:
     """The files a manifest names, or None where there is no (complete) manifest."""
+    return _read_stamped_manifest(path)[0]
+
+
+def _read_stamped_manifest(path: str):
+    """(the files a manifest names or None, the identity of the manifest file read: inode,
+    modification time and size, new with every save even of the same content)."""
     try:
         with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
             content = json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
-        return None
+        return None, None
     # ValueError: json's JSONDecodeError, and an integer of too many digits; RecursionError:
     # arrays nested too deep
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -176,7 +183,7 @@ def _read_manifest(path: str) -> Optional[Dict[str, dict]]:
     if (not isinstance(files, dict) or content.get("format") != MANIFEST_FORMAT
             or not all(isinstance(entry, dict) for entry in files.values())):
         raise StorageError(f"{path}: not a fastner manifest (format {MANIFEST_FORMAT})")
-    return files
+    return files, (status.st_ino, status.st_mtime_ns, status.st_size)
 
 
 def _finish_swap(directory: str, staging: str, manifest: str) -> None:
@@ -262,14 +269,17 @@ def _write_file_set(directory: str, files: Dict[str, Optional[bytes]], manifest:
 
 
 def _newest_set(directory: str, manifest: str):
-    """(manifest entries or None for a set written before manifests, staged) of the newest
-    complete set: the staged one when a swap was cut short (or is under way), else the one in
-    place."""
+    """(manifest entries or None for a set written before manifests, staged, stamp) of the
+    newest complete set: the staged one when a swap was cut short (or is under way), else the one
+    in place. `stamp` identifies the manifest file read, so that two snapshots compare equal only
+    where no save came between them (a save of the same content makes a new file)."""
     staging = _staging(directory, manifest)
-    staged = _read_manifest(os.path.join(staging, manifest)) if os.path.isdir(staging) else None
-    if staged is not None:
-        return staged, True
-    return _read_manifest(os.path.join(directory, manifest)), False
+    if os.path.isdir(staging):
+        staged, stamp = _read_stamped_manifest(os.path.join(staging, manifest))
+        if staged is not None:
+            return staged, True, stamp
+    entries, stamp = _read_stamped_manifest(os.path.join(directory, manifest))
+    return entries, False, stamp
 
 
 class FileSet:
@@ -321,8 +331,9 @@ def open_file_set(directory: str, names: Iterable[str], optional: Iterable[str] 
     optional = [name for name in optional if name not in names]
     for _ in range(_READ_ATTEMPTS):
         snapshot = _newest_set(directory, manifest)
+        entries, staged, _ = snapshot
         try:
-            files = _open_set(directory, names, optional, manifest, *snapshot, scan)
+            files = _open_set(directory, names, optional, manifest, entries, staged, scan)
         except StorageError:  # MissingFiles too
             if _newest_set(directory, manifest) == snapshot:
                 raise  # damaged, not replaced

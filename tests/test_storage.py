@@ -486,3 +486,30 @@ def test_a_tagger_with_nan_weights_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match=r"weights hold nan or inf values \(crf.transitions\): not saved"):
         bad.save(str(tmp_path))
     assert same_model(Tagger.load(str(tmp_path)), good)
+
+
+def test_a_load_that_two_saves_overtake_rereads_even_when_the_second_restores_the_first(tmp_path, monkeypatch):
+    """Saves A, B, A again (a run saving alternately, or a rollback): a reader that read A's
+    manifest, then opened a file of B and the rest of the second A, found a mismatch while the
+    manifest read the same as its snapshot (same content), and reported damage instead of
+    rereading. The snapshot now includes the manifest file's identity, which every save renews."""
+    from fastner.storage import open_file_set, write_file_set
+
+    a, b = generation_files(1), generation_files(2)
+    write_file_set(str(tmp_path), a)
+    real_open, members, busy = open, [], []
+
+    def racing_open(path, *args, **kwargs):
+        if not busy and os.path.dirname(str(path)) == str(tmp_path) and os.path.basename(str(path)) in a:
+            members.append(path)
+            busy.append(True)
+            try:
+                write_file_set(str(tmp_path), b if len(members) == 1 else a)  # B before the first, A before the second
+            finally:
+                busy.pop()
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "open", racing_open, raising=False)
+    with open_file_set(str(tmp_path), ["config.json", "vocab.json"]) as files:
+        monkeypatch.undo()
+        assert files.data == {name: a[name] for name in ("config.json", "vocab.json")}
