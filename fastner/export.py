@@ -3,7 +3,9 @@
 `fastner export DIR OUT` (or `export_tagger(Tagger.load(DIR), OUT)`) writes the directory OUT:
   program.pt2   torch.export.save of SequenceTagger.infer, the model's one inference method
                 (words [B, T], chars [B, T, C], lengths [B]) -> (tags [B, T], log_z [B], emissions [B, T, K])
-  export.json   vocabularies, tag scheme, transition scores, padding ids and the graph's shape contract
+  export.json   vocabularies, tag scheme, transition scores, padding ids, the graph's shape contract
+                and the precision its encoder was exported at (fp32, bf16 or int8: checked at load
+                against the weights program.pt2 holds)
 `fastner.export.load(OUT)` returns an ExportedTagger whose predict() returns what
 Tagger.predict returns; it imports neither the model code (fastner.models) nor the training
 code (fastner.train): the weights and the computation live in program.pt2.
@@ -41,6 +43,10 @@ EXPORT_FORMAT = 2  # 2: the graph is SequenceTagger.infer (tags, log_z, emission
 DEFAULT_MAX_LENGTH = 64  # the fixed sequence length of a reference-path export
 MAX_BATCH = 4096  # the bounds of the dynamic batch and sequence length (the runtime keeps within them)
 MAX_TIME = 100_000
+# the precisions a tagger's encoder runs in (fastner.tagger.PRECISIONS, Tagger.load(precision=))
+# and the dtype of the weights that give each away in a model or program (fp32: neither); an
+# export.json written before it recorded "precision" is read as what its program holds
+PRECISION_WEIGHTS = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 # ---- the inference graph ---------------------------------------------------------------------
@@ -95,12 +101,43 @@ def export_program(model: nn.Module, max_length: Optional[int] = None,
     shapes = ({0: batch, 1: time} if time is not None else {0: batch},
               {0: batch, 1: time, 2: char_len} if time is not None else {0: batch, 2: char_len},
               {0: batch})
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _row_major_buffers(model):
         # torch.nn.RNNBase refreshes its _flat_weights list in forward(); export reports that
         # assignment, but the list only aliases the registered parameters
         warnings.filterwarnings("ignore", message=r"The tensor attributes self\.model\.encoder\._flat_weights")
         program = torch.export.export(graph, (words, chars, lengths), dynamic_shapes=shapes)
     return program, fixed_length
+
+
+@contextlib.contextmanager
+def _row_major_buffers(model: nn.Module):
+    """The model's buffers made contiguous while it is traced (and put back after): a column-major
+    buffer (a pretrained table mapped from an older pretrained.npy) is stored in program.pt2 as
+    a view no saved tensor covers, and torch.export.save warns "No complete tensor found in the
+    group!" and saves its whole storage as a flat tensor."""
+    replaced = []
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_contiguous():
+                replaced.append((module, name, buffer))
+    try:
+        for module, name, buffer in replaced:
+            module._buffers[name] = buffer.contiguous()
+        yield
+    finally:
+        for module, name, buffer in replaced:
+            module._buffers[name] = buffer
+
+
+def weights_precision(tensors) -> str:
+    """The precision (a PRECISION_WEIGHTS name) that `tensors`, the weights of a model or
+    program, were quantized to: 'int8' or 'bf16' where weights of that dtype are among them."""
+    dtypes = {tensor.dtype for tensor in tensors if isinstance(tensor, Tensor)}
+    return next((name for name, dtype in PRECISION_WEIGHTS.items() if dtype in dtypes), "fp32")
+
+
+def _program_precision(program: "torch.export.ExportedProgram") -> str:
+    return weights_precision([*program.state_dict.values(), *program.constants.values()])
 
 
 def fastner_ops(program: "torch.export.ExportedProgram") -> List[str]:
@@ -126,6 +163,7 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
         "fastner_version": fastner.__version__,
         "torch_version": torch.__version__,
         "device": str(tagger.device),
+        "precision": weights_precision([*model.parameters(), *model.buffers()]),
         "fixed_length": fixed_length,
         "max_word_chars": MAX_WORD_CHARS,
         "fastner_ops": sorted(set(fastner_ops(program))),
@@ -180,6 +218,8 @@ class ExportedTagger:
         words = meta.get("pretrained_words")
         self.pretrained_index = None if words is None else word_rows(words)
         self.fixed_length: Optional[int] = meta["fixed_length"]
+        # as export_tagger recorded it (fp32, bf16, int8), or as the program's weights show it
+        self.precision: str = meta.get("precision") or _program_precision(program)
         self.device = torch.device(meta.get("device", "cpu"))
 
     def analyser(self):
@@ -243,6 +283,8 @@ def _check_meta(meta: dict, meta_path: str) -> None:
     words = meta.get("pretrained_words")
     if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) for w in words)):
         raise fail("pretrained_words", "null or a list of strings")
+    if meta.get("precision", "fp32") not in PRECISION_WEIGHTS:
+        raise fail("precision", f"one of {', '.join(PRECISION_WEIGHTS)}")
     try:
         device = torch.device(meta.get("device", "cpu"))
     except (RuntimeError, TypeError):
@@ -285,7 +327,42 @@ def load(path: str) -> ExportedTagger:
             # only says "check the warnings above": the logged one is the cause
             cause = logged[0] if logged else f"{type(err).__name__}: {err}"
             raise ValueError(f"{program_path}: not a loadable torch.export program ({cause})") from None
+    _check_fits_program(meta, program, meta_path)
     return ExportedTagger(program, meta)
+
+
+# where SequenceTagger keeps the tables the runtime indexes through export.json's vocabularies
+_TABLES = {"words": "model.word_embedding.weight", "chars": "model.char_cnn.embedding.weight"}
+
+
+def _check_fits_program(meta: dict, program: "torch.export.ExportedProgram", meta_path: str) -> None:
+    """ValueError where export.json does not describe program.pt2 (the two files of two exports,
+    put together by hand): its precision, and the sizes of the vocabularies the program indexes
+    and of the tag set it scores (an IndexError or a RuntimeError deep in the graph when
+    tagging, otherwise). An export.json without "precision" gets the program's."""
+    from fastner.data.vocab import Vocab
+
+    def mismatch(field: str, found, held) -> ValueError:
+        return ValueError(f"{meta_path}: {field!r} {found}, but {PROGRAM_FILE} {held} "
+                          "(the two files do not belong together)")
+
+    held = _program_precision(program)
+    if meta.setdefault("precision", held) != held:
+        raise mismatch("precision", f"is {meta['precision']!r}", f"holds {held} weights")
+    tensors = {**program.state_dict, **program.constants}
+    sizes = {field: tensors[name].shape[0] for field, name in _TABLES.items() if name in tensors}
+    output = next(node for node in program.graph.nodes if node.op == "output").args[0]
+    emissions = output[2].meta.get("val") if len(output) == 3 and hasattr(output[2], "meta") else None
+    if emissions is not None and isinstance(emissions.shape[-1], int):
+        sizes["tags"] = emissions.shape[-1]
+    for field, size in sizes.items():
+        if len(Vocab.from_json(meta[field])) != size:
+            raise mismatch(field, f"lists {len(Vocab.from_json(meta[field]))} entries", f"was exported with {size}")
+    if _TABLES["words"] in tensors:  # a model of SequenceTagger's: a frozen table, or none
+        rows = tensors["model.pretrained"].shape[0] if "model.pretrained" in tensors else 0
+        if len(meta.get("pretrained_words") or ()) != rows:
+            raise mismatch("pretrained_words", f"lists {len(meta.get('pretrained_words') or ())} words",
+                           f"holds {rows} pretrained rows")
 
 
 @contextlib.contextmanager

@@ -6,20 +6,26 @@ Sets of files that only make sense together (a tagger's config.json, vocab.json 
 with the training checkpoint beside them; an export's program.pt2 and export.json):
 `write_file_set` stages the new files in a hidden sibling folder, fsyncs them, writes the staged
 manifest (names, sizes, SHA-256) last, then moves the files into place and the manifest after
-them. `read_file_set` returns the bytes of a complete set, checked against its manifest: the new
-staged set when its manifest was written (the swap may have been cut short), else the set in
-place. So a kill before the staged manifest exists leaves the old set; a kill after it, the new
-one; never a mix. A directory written before manifests existed is read as it is.
+them. `open_file_set` (and `read_file_set`, its bytes) opens a complete set, checked against its
+manifest: the new staged set when its manifest was written (the swap may have been cut short),
+else the set in place. So a kill before the staged manifest exists leaves the old set; a kill
+after it, the new one; never a mix. Saves into one directory wait for each other (flock).
+A reader racing a save (its renames falling between the reader's reading of the manifest and its
+opening of the files) finds a file that differs from the manifest it read while the manifest has
+changed, and reads the new set instead; what it returns are the open files it checked (a large
+file is memory-mapped from the very handle that was hashed), so a later save cannot swap one
+under it. A directory written before manifests existed is read as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from typing import Dict, Iterable, Optional
+from typing import BinaryIO, Callable, Dict, Iterable, Optional
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -59,12 +65,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never a torn one:
     a temp file in the same directory, fsync, then os.replace."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = _create_temp(directory)
     try:
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -75,6 +77,20 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def _create_temp(directory: str):
+    """(fd, path) of a new empty file in `directory`, with the permissions a plain open() gives
+    (0666 less the umask, applied by the kernel): mkstemp's are private (0600), and reading the
+    umask means setting it, process-wide, which gave a file another thread created meanwhile
+    mode 0666 whatever its umask."""
+    for _ in range(100):
+        path = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name in {directory}")
 
 
 def json_bytes(obj) -> bytes:
@@ -147,11 +163,18 @@ def _digest(data: bytes) -> Dict[str, object]:
 
 def _read_manifest(path: str) -> Optional[Dict[str, dict]]:
     """The files a manifest names, or None where there is no (complete) manifest."""
+    return _read_stamped_manifest(path)[0]
+
+
+def _read_stamped_manifest(path: str):
+    """(the files a manifest names or None, the identity of the manifest file read: inode,
+    modification time and size, new with every save even of the same content)."""
     try:
         with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
             content = json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
-        return None
+        return None, None
     # ValueError: json's JSONDecodeError, and an integer of too many digits; RecursionError:
     # arrays nested too deep
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -160,7 +183,7 @@ def _read_manifest(path: str) -> Optional[Dict[str, dict]]:
     if (not isinstance(files, dict) or content.get("format") != MANIFEST_FORMAT
             or not all(isinstance(entry, dict) for entry in files.values())):
         raise StorageError(f"{path}: not a fastner manifest (format {MANIFEST_FORMAT})")
-    return files
+    return files, (status.st_ino, status.st_mtime_ns, status.st_size)
 
 
 def _finish_swap(directory: str, staging: str, manifest: str) -> None:
@@ -185,91 +208,214 @@ def _recover(directory: str, manifest: str) -> None:
         shutil.rmtree(staging)
 
 
-def write_file_set(directory: str, files: Dict[str, bytes], manifest: str = MANIFEST_FILE) -> None:
+def write_file_set(directory: str, files: Dict[str, Optional[bytes]], manifest: str = MANIFEST_FILE) -> None:
     """Replace `files` (name -> content) in `directory` as one set; files the manifest already
-    names and `files` does not keep their entries (e.g. the tagger beside a new checkpoint)."""
+    names and `files` does not keep their entries (e.g. the tagger beside a new checkpoint). A
+    name mapped to None leaves the set (e.g. the pretrained table of a model saved before over
+    one that has none): its file is removed once the new set is in place."""
+    for name in files:  # before anything is written
+        if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
+            raise ValueError(f"file set member must be a plain file name, got {name!r}")
+    if os.path.exists(directory) and not os.path.isdir(directory):  # makedirs would say "File exists"
+        raise NotADirectoryError(f"{directory!r} exists and is not a directory (a file set is saved into a directory)")
     os.makedirs(directory, exist_ok=True)
+    with _one_writer(directory):
+        _write_file_set(directory, files, manifest)
+
+
+@contextlib.contextmanager
+def _one_writer(directory: str):
+    """One save at a time into `directory`, across threads and processes (flock on the folder
+    itself: no lock file). Two at once shared the staging folder: one failed on mkdir (File
+    exists), or its staged files were swept away by the other's recovery (No such file)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: saves are not serialised
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some network mounts)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_file_set(directory: str, files: Dict[str, Optional[bytes]], manifest: str) -> None:
     _recover(directory, manifest)
     entries = dict(_read_manifest(os.path.join(directory, manifest)) or {})
-    entries = {name: entry for name, entry in entries.items() if os.path.isfile(os.path.join(directory, name))}
+    entries = {name: entry for name, entry in entries.items()
+               if os.path.isfile(os.path.join(directory, name)) and name not in files}
     staging = _staging(directory, manifest)
     os.mkdir(staging)
     for name, data in files.items():
-        if os.path.basename(name) != name or name in (manifest, "", ".", ".."):
-            raise ValueError(f"file set member must be a plain file name, got {name!r}")
-        _write_synced(os.path.join(staging, name), data)
-        entries[name] = _digest(data)
+        if data is not None:
+            _write_synced(os.path.join(staging, name), data)
+            entries[name] = _digest(data)
     # written last, and whole or not at all (a torn staged manifest would hide the complete set
     # in place, and the next save's recovery would move it into place): from here on the staged
     # set is complete and is the one read_file_set returns
     atomic_write_bytes(os.path.join(staging, manifest), json_bytes({"format": MANIFEST_FORMAT, "files": entries}))
     _finish_swap(directory, staging, manifest)
+    for name, data in files.items():
+        if data is None:  # no manifest names it now (a kill before this leaves a stray file, unread)
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
 
 
 def _newest_set(directory: str, manifest: str):
-    """(manifest entries or None for a set written before manifests, locate(name) -> path) of
-    the newest complete set: the staged one when a swap was cut short, else the one in place."""
+    """(manifest entries or None for a set written before manifests, staged, stamp) of the
+    newest complete set: the staged one when a swap was cut short (or is under way), else the one
+    in place. `stamp` identifies the manifest file read, so that two snapshots compare equal only
+    where no save came between them (a save of the same content makes a new file)."""
     staging = _staging(directory, manifest)
-    staged = _read_manifest(os.path.join(staging, manifest)) if os.path.isdir(staging) else None
-    if staged is not None:  # a swap cut short: the staged set is complete and newer
+    if os.path.isdir(staging):
+        staged, stamp = _read_stamped_manifest(os.path.join(staging, manifest))
+        if staged is not None:
+            return staged, True, stamp
+    entries, stamp = _read_stamped_manifest(os.path.join(directory, manifest))
+    return entries, False, stamp
 
-        def locate(name: str) -> str:
-            in_staging = os.path.join(staging, name)
-            return in_staging if os.path.isfile(in_staging) else os.path.join(directory, name)
 
-        return staged, locate
-    return _read_manifest(os.path.join(directory, manifest)), lambda name: os.path.join(directory, name)
+class FileSet:
+    """One complete set, open for reading and checked against its manifest: `data` (name ->
+    bytes) of the files read whole, `handles` (name -> binary file at offset 0) of the scanned
+    ones (a reader memory-maps them: the open file is the one checked, whatever a later save
+    puts in its place). Close it (or use it in a `with`) to close the handles."""
+
+    def __init__(self):
+        self.data: Dict[str, bytes] = {}
+        self.handles: Dict[str, BinaryIO] = {}
+        self.errors: Dict[str, StorageError] = {}  # optional members that failed their check
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+    def __enter__(self) -> "FileSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# how many times a reader starts again when a save replaces the set while it is read (each
+# time a whole save must fall between the reader's reading of the manifest and of the files)
+_READ_ATTEMPTS = 50
+_BLOCK = 1 << 20
+
+
+def open_file_set(directory: str, names: Iterable[str], optional: Iterable[str] = (),
+                  manifest: str = MANIFEST_FILE, scan: Optional[Dict[str, Callable[[int, bytes], None]]] = None
+                  ) -> FileSet:
+    """`names` and those of `optional` that the set holds, all of one complete set (the newest:
+    see _newest_set), each checked against its manifest entry (StorageError when one of `names`
+    differs; MissingFiles when one is absent). An optional member that fails its check is left
+    out, its error kept in `errors` for a caller that turns out to need it (a model that uses no
+    pretrained table loads whatever became of an old one's file).
+
+    A save may replace the files while they are read (its renames fall between this reader's
+    opening of the manifest and of the files): the set read then fails its check, the manifest
+    has changed, and the newer set is read instead; so a reader racing a save gets the old set
+    or the new one, never a mix and never an error.
+
+    scan: name -> function called with (offset, block) for each block of that file, in order,
+    as it is checked (e.g. a value check fused with the hashing pass); offset 0 starts a
+    pass over the file again. A scanned file is not kept in `data`, its handle is."""
+    names, scan = list(names), dict(scan or {})
+    optional = [name for name in optional if name not in names]
+    for _ in range(_READ_ATTEMPTS):
+        snapshot = _newest_set(directory, manifest)
+        entries, staged, _ = snapshot
+        try:
+            files = _open_set(directory, names, optional, manifest, entries, staged, scan)
+        except StorageError:  # MissingFiles too
+            if _newest_set(directory, manifest) == snapshot:
+                raise  # damaged, not replaced
+            continue
+        if not files.errors or _newest_set(directory, manifest) == snapshot:
+            return files
+        files.close()
+    raise StorageError(f"{directory!r} was replaced by {_READ_ATTEMPTS} saves in a row while it was read")
+
+
+def _open_set(directory: str, names, optional, manifest: str, entries, staged: bool, scan) -> FileSet:
+    staging = _staging(directory, manifest)
+
+    def open_member(name: str) -> Optional[BinaryIO]:
+        # a staged file may be moved into place between a look and the open: try both
+        for folder in ((staging, directory) if staged else (directory,)):
+            try:
+                return open(os.path.join(folder, name), "rb")
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                continue
+        return None
+
+    files = FileSet()
+    try:
+        missing = []
+        for name in names + optional:
+            handle = open_member(name) if entries is None or name in entries else None
+            if handle is not None:
+                files.handles[name] = handle  # closed with the set, whatever happens next
+            elif name in names:
+                missing.append(name)
+            elif entries is not None and name in entries:
+                files.errors[name] = MissingFiles(directory, [name])
+        if missing:
+            raise MissingFiles(directory, missing)
+        for name, handle in list(files.handles.items()):
+            entry = None if entries is None else entries[name]
+            try:
+                if name in scan:
+                    _check_stream(handle, entry, scan[name], os.path.join(directory, name), manifest)
+                    continue
+                files.data[name] = _check(handle.read(), entry, os.path.join(directory, name), manifest)
+            except StorageError as err:
+                if name in names:
+                    raise
+                files.errors[name] = err
+            del files.handles[name]
+            handle.close()
+    except BaseException:
+        files.close()
+        raise
+    return files
+
+
+def _differs(path: str, manifest: str) -> StorageError:
+    return StorageError(f"{path} differs from what {manifest} records "
+                        "(altered or partly overwritten after it was saved)")
+
+
+def _check(data: bytes, entry: Optional[dict], path: str, manifest: str) -> bytes:
+    if entry is not None and _digest(data) != {"sha256": entry.get("sha256"), "size": entry.get("size")}:
+        raise _differs(path, manifest)
+    return data
+
+
+def _check_stream(handle: BinaryIO, entry: Optional[dict], scan, path: str, manifest: str) -> None:
+    digest, offset = hashlib.sha256(), 0
+    block = handle.read(_BLOCK)
+    scan(0, block)  # even an empty file starts a pass
+    while block:
+        digest.update(block)
+        offset += len(block)
+        block = handle.read(_BLOCK)
+        if block:
+            scan(offset, block)
+    if entry is not None and {"sha256": digest.hexdigest(), "size": offset} != {"sha256": entry.get("sha256"),
+                                                                                 "size": entry.get("size")}:
+        raise _differs(path, manifest)
+    handle.seek(0)
 
 
 def read_file_set(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, bytes]:
-    """The bytes of `names` from the newest complete set in `directory`, each checked against
-    its manifest entry (StorageError when one differs; MissingFiles when some are absent)."""
-    names = list(names)
-    entries, locate = _newest_set(directory, manifest)
-    if entries is None:  # written before manifests: read as it is
-        missing = [name for name in names if not os.path.isfile(locate(name))]
-        if missing:
-            raise MissingFiles(directory, missing)
-        return {name: _read(locate(name)) for name in names}
-    return _checked(directory, names, entries, locate, manifest)
-
-
-def file_set_paths(directory: str, names: Iterable[str], manifest: str = MANIFEST_FILE) -> Dict[str, str]:
-    """Where `names` of the newest complete set lie, each checked against its manifest entry
-    by streaming it through SHA-256: for large files a reader memory-maps instead of reading
-    into memory (MissingFiles / StorageError as read_file_set)."""
-    names = list(names)
-    entries, locate = _newest_set(directory, manifest)
-    missing = [name for name in names if not os.path.isfile(locate(name)) or (entries is not None and name not in entries)]
-    if missing:
-        raise MissingFiles(directory, missing)
-    for name in names if entries is not None else ():
-        digest, size = hashlib.sha256(), 0
-        with open(locate(name), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
-        if {"sha256": digest.hexdigest(), "size": size} != {"sha256": entries[name].get("sha256"),
-                                                             "size": entries[name].get("size")}:
-            raise StorageError(f"{os.path.join(directory, name)} differs from what {manifest} records "
-                               "(altered or partly overwritten after it was saved)")
-    return {name: locate(name) for name in names}
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
-def _checked(directory: str, names, entries: Dict[str, dict], locate, manifest: str) -> Dict[str, bytes]:
-    missing = [name for name in names if name not in entries or not os.path.isfile(locate(name))]
-    if missing:
-        raise MissingFiles(directory, missing)
-    contents = {}
-    for name in names:
-        data = _read(locate(name))
-        if _digest(data) != {"sha256": entries[name].get("sha256"), "size": entries[name].get("size")}:
-            raise StorageError(f"{os.path.join(directory, name)} differs from what {manifest} records "
-                               "(altered or partly overwritten after it was saved)")
-        contents[name] = data
-    return contents
+    """The bytes of `names` from the newest complete set in `directory` (open_file_set)."""
+    with open_file_set(directory, names, manifest=manifest) as files:
+        return files.data

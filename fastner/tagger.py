@@ -24,7 +24,7 @@ from fastner.data.vocab import PAD, UNK, Vocab
 from fastner.embeddings import word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.devices import resolve_device
-from fastner.storage import (MissingFiles, StorageError, UnsafeTorchFile, file_set_paths, json_bytes, read_file_set,
+from fastner.storage import (FileSet, MissingFiles, StorageError, UnsafeTorchFile, json_bytes, open_file_set,
                              torch_bytes, weights_only_load, write_file_set)
 
 FORMAT_VERSION = 1
@@ -70,12 +70,19 @@ def _state_dict_file(data: bytes, path: str) -> Dict[str, torch.Tensor]:
                                               for k, v in state.items()):
         raise TaggerLoadError(f"{path} holds a {type(state).__name__}, expected a state dict "
                               "(parameter names to tensors)")
-    # training stops at a non-finite loss before it saves, so nan/inf weights are a damaged file
-    # (read without a manifest), and would tag every sentence as garbage
-    damaged = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    # training stops at a non-finite loss before it saves, and Tagger.save refuses such weights,
+    # so nan/inf weights are a damaged file (read without a manifest): they would tag every
+    # sentence as garbage
+    damaged = _nonfinite(state)
     if damaged:
-        raise TaggerLoadError(f"{path}: {damaged[0]} holds nan or inf values (a damaged weights file)")
+        raise TaggerLoadError(f"{path}: {damaged} holds nan or inf values (a damaged weights file)")
     return state
+
+
+def _nonfinite(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating tensor of `state` holding a nan or inf, or None."""
+    return next((name for name, value in state.items()
+                 if value.is_floating_point() and not torch.isfinite(value).all()), None)
 
 
 def _load_weights(model: SequenceTagger, state: Dict[str, torch.Tensor], path: str) -> None:
@@ -90,37 +97,101 @@ def _load_weights(model: SequenceTagger, state: Dict[str, torch.Tensor], path: s
         raise TaggerLoadError(f"{path}: the weights do not fit the model in {CONFIG_FILE}: {reason[:400]}") from None
 
 
-def _load_pretrained_table(path: str, config: ModelConfig):
+class _TableScan:
+    """pretrained.npy's header, and whether it holds a nan or inf, found as fastner.storage hashes
+    the file (one pass over blocks already in cache: the memory map is not touched at load).
+
+    As for weights.pt: a saved table is finite, and a nan row would tag every sentence with its
+    word as garbage. An IEEE float is non-finite iff its exponent bits are all ones, so the check
+    is one AND and one max over the raw bits of each block (np.isfinite on the mapped table took
+    ~35 ms of a ~0.3 s load for GloVe's 400k rows, most of it faulting in the map)."""
+
+    # float dtype -> (the unsigned view of its bits, its exponent mask)
+    EXPONENT = {"f2": ("u2", 0x7C00), "f4": ("u4", 0x7F800000)}
+
+    def __call__(self, offset: int, block: bytes) -> None:
+        import numpy as np
+
+        if offset == 0:  # a pass over the file (again, if the set was replaced while read)
+            self.header, self.error, self.nonfinite, self.pending = None, None, False, b""
+            self.header = self._read_header(block)
+            if self.header is None:
+                return
+            _, _, dtype, start, nbytes = self.header
+            bits = self.EXPONENT.get(f"{dtype.kind}{dtype.itemsize}")
+            self.bits = None if bits is None else (np.dtype(bits[0]).newbyteorder(dtype.byteorder), bits[1])
+            self.scanned, self.end = start, start + nbytes
+        if self.header is None or self.bits is None or self.nonfinite:
+            return
+        # the bytes of the array in this block (past the header, before any trailing bytes),
+        # after what a block boundary cut off an element
+        data = self.pending + block[max(self.scanned - offset, 0): max(self.end - offset, 0)]
+        self.scanned = min(offset + len(block), self.end)
+        uint, mask = self.bits
+        whole = len(data) - len(data) % uint.itemsize
+        self.pending = data[whole:]
+        if whole:
+            values = np.frombuffer(data, dtype=uint, count=whole // uint.itemsize)
+            self.nonfinite = bool((values & mask).max() == mask)
+
+    def _read_header(self, block: bytes):
+        """(shape, fortran_order, dtype, data offset, data bytes), or None with self.error."""
+        import numpy as np
+
+        stream = io.BytesIO(block)
+        try:
+            version = np.lib.format.read_magic(stream)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"npy format version {version} is not supported")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(stream)
+        except (ValueError, EOFError) as err:
+            self.error = str(err)
+            return None
+        if dtype.hasobject:  # loading it would unpickle
+            self.error = "it holds Python objects (an object array), not numbers"
+            return None
+        count = 1
+        for size in shape:
+            count *= size
+        return shape, fortran, dtype, stream.tell(), count * dtype.itemsize
+
+
+def _load_pretrained_table(files: FileSet, scan: _TableScan, path: str, config: ModelConfig):
     """(frozen table [rows, dim] memory-mapped from pretrained.npy, its words), or (None, None)
-    for a model without one; both checked against the directory's manifest. ValueError says
-    what is missing or does not fit."""
+    for a model without one; both from `files` (one set, checked against its manifest).
+    ValueError says what is missing or does not fit."""
     if not config.pretrained_rows:
         return None, None
     import numpy as np
 
-    try:
-        words_data = read_file_set(path, [PRETRAINED_WORDS_FILE])[PRETRAINED_WORDS_FILE]
-        vectors_path = file_set_paths(path, [PRETRAINED_VECTORS_FILE])[PRETRAINED_VECTORS_FILE]
-    except MissingFiles as err:
-        raise ValueError(f"the model has {config.pretrained_rows} pretrained rows but {', '.join(err.missing)} "
-                         "is missing") from None
-    except (StorageError, OSError) as err:
-        raise ValueError(str(err)) from None
-    words = _json_file(words_data, os.path.join(path, PRETRAINED_WORDS_FILE))
-    try:
-        # copy-on-write map: pages are shared with the file until written (never, the table is
-        # frozen), and torch gets a writable array; allow_pickle=False: plain numbers only
-        vectors = np.load(vectors_path, mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:  # EOFError: an empty file
-        raise ValueError(f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table: {err}") from None
+    damaged = [err for name, err in files.errors.items() if not isinstance(err, MissingFiles)]
+    if damaged:
+        raise damaged[0]
+    missing = [name for name, there in ((PRETRAINED_VECTORS_FILE, PRETRAINED_VECTORS_FILE in files.handles),
+                                        (PRETRAINED_WORDS_FILE, PRETRAINED_WORDS_FILE in files.data)) if not there]
+    if missing:
+        raise ValueError(f"the model has {config.pretrained_rows} pretrained rows but {', '.join(missing)} "
+                         "is missing")
+    words = _json_file(files.data[PRETRAINED_WORDS_FILE], os.path.join(path, PRETRAINED_WORDS_FILE))
+    header = getattr(scan, "header", None)
+    if header is None:
+        reason = getattr(scan, "error", None) or "the file is empty"
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table: {reason}")
+    shape, fortran, dtype, start, _ = header
     expected = (config.pretrained_rows, config.word_dim)
-    if vectors.shape != expected or vectors.dtype not in (np.float16, np.float32):
-        raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds {vectors.dtype} {list(vectors.shape)}, "
-                         f"expected float16 {list(expected)}")
-    # as for weights.pt: a saved table is finite, a nan row would tag every sentence with its word
-    # as garbage (~50 ms for GloVe's 400k rows)
-    if not np.isfinite(vectors).all():
+    if shape != expected or dtype not in (np.float16, np.float32):
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds {dtype} {list(shape)}, expected float16 {list(expected)}")
+    if scan.nonfinite:
         raise ValueError(f"{PRETRAINED_VECTORS_FILE} holds nan or inf values (a damaged file)")
+    try:
+        # the very file checked (a save may have put another in its place since); copy-on-write
+        # map: pages are shared with the file until written (never, the table is frozen), and
+        # torch gets a writable array
+        vectors = np.memmap(files.handles[PRETRAINED_VECTORS_FILE], dtype=dtype, mode="c", offset=start,
+                            shape=shape, order="F" if fortran else "C")
+    except (OSError, ValueError) as err:  # ValueError: shorter than its header says
+        raise ValueError(f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table: {err}") from None
     if not isinstance(words, list) or len(words) != config.pretrained_rows or not all(isinstance(w, str) for w in words):
         raise ValueError(f"{PRETRAINED_WORDS_FILE} must be a list of {config.pretrained_rows} strings")
     return torch.from_numpy(vectors), words
@@ -166,8 +237,10 @@ class Tagger:
             "digits_to_zero": self.digits_to_zero,
         }
 
-    def files(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, bytes]:
-        """The directory's files (name -> bytes). `state_dict` overrides the live weights."""
+    def files(self, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Optional[bytes]]:
+        """The directory's files (name -> bytes; None: a file this tagger has not, which a tagger
+        saved there before may have left, fastner.storage.write_file_set). `state_dict`
+        overrides the live weights."""
         vocab = {"words": self.words.to_json(), "chars": self.chars.to_json(), "tags": self.tags.to_json()}
         weights = state_dict if state_dict is not None else self.model.state_dict()
         # a bf16 encoder (Tagger.load(precision="bf16")) holds its weights rounded to bf16 and has
@@ -178,15 +251,22 @@ class Tagger:
             raise ValueError(f"this tagger holds bfloat16 weights ({rounded[0]}, inference only: precision='bf16'); "
                              "saving them would replace the trained float32 weights with rounded ones: save the "
                              "tagger loaded in fp32")
+        broken = _nonfinite(weights)
+        if broken:  # saved, the directory would not load (as a damaged file) nor tag anything
+            raise ValueError(f"this tagger's weights hold nan or inf values ({broken}): not saved")
         files = {CONFIG_FILE: json_bytes(self.config_json()), VOCAB_FILE: json_bytes(vocab),
                  WEIGHTS_FILE: torch_bytes({k: v.detach().cpu() for k, v in weights.items()})}
         if self.model.pretrained is not None:
             import numpy as np
 
             buffer = io.BytesIO()
-            np.save(buffer, self.model.pretrained.detach().cpu().numpy(), allow_pickle=False)
+            # row-major: the table may come column-major (GloVe's arrays do), and a mapped table
+            # keeps the file's order (torch.export then finds no tensor covering its storage)
+            np.save(buffer, np.ascontiguousarray(self.model.pretrained.detach().cpu().numpy()), allow_pickle=False)
             files[PRETRAINED_VECTORS_FILE] = buffer.getvalue()
             files[PRETRAINED_WORDS_FILE] = json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8")
+        else:  # not an older tagger's table left in the set (read, hashed and copied along with it)
+            files[PRETRAINED_VECTORS_FILE] = files[PRETRAINED_WORDS_FILE] = None
         return files
 
     def save(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
@@ -205,8 +285,11 @@ class Tagger:
         if not os.path.isdir(path):
             raise TaggerLoadError(f"no tagger directory at {path!r}")
         names = (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE)
+        scan = _TableScan()
         try:
-            contents = read_file_set(path, names)
+            # one set: the pretrained table too comes from the set the weights come from
+            opened = open_file_set(path, names, optional=(PRETRAINED_VECTORS_FILE, PRETRAINED_WORDS_FILE),
+                                   scan={PRETRAINED_VECTORS_FILE: scan})
         except MissingFiles as err:
             raise TaggerLoadError(
                 f"{path!r} is not a complete fastner tagger directory: missing {', '.join(err.missing)} "
@@ -214,6 +297,13 @@ class Tagger:
             ) from None
         except (StorageError, OSError) as err:
             raise TaggerLoadError(str(err)) from None
+        with opened:
+            return cls._from_files(path, opened, scan, device, precision)
+
+    @classmethod
+    def _from_files(cls, path: str, opened: FileSet, scan: _TableScan, device, precision: str) -> "Tagger":
+        names = (CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE)
+        contents = opened.data
         files = {name: os.path.join(path, name) for name in names}
         config = _json_file(contents[CONFIG_FILE], files[CONFIG_FILE])
         vocab = _json_file(contents[VOCAB_FILE], files[VOCAB_FILE])
@@ -242,7 +332,7 @@ class Tagger:
             digits_to_zero = config.get("digits_to_zero", False)
             if not isinstance(digits_to_zero, bool):
                 raise ValueError(f"digits_to_zero must be true or false, got {digits_to_zero!r}")
-            pretrained, pretrained_words = _load_pretrained_table(path, model_config)
+            pretrained, pretrained_words = _load_pretrained_table(opened, scan, path, model_config)
         except (KeyError, TypeError, ValueError) as err:
             raise TaggerLoadError(f"{path!r}: incompatible config or vocabulary: {err}") from None
         # checked on the meta device (no memory) before the model is built: sizes in a config

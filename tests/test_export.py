@@ -203,6 +203,7 @@ def test_load_errors(tmp_path):
     ("output_scheme", None, "'output_scheme' must be a tag scheme, got nothing"),
     ("pretrained_words", "abc", "'pretrained_words' must be null or a list of strings"),
     ("device", "bogus", "'device' must be a torch device"),
+    ("precision", "fp16", "'precision' must be one of fp32, bf16, int8, got 'fp16'"),
 ])
 def test_load_refuses_an_export_json_that_does_not_fit(exported, tmp_path, field, value, expected):
     """Each was a KeyError/TypeError/RuntimeError when tagging, or tags and scores read silently
@@ -294,3 +295,101 @@ def test_tagger_runs_under_torch_compile_and_matches_eager():
         tags, _ = model.predict(batch)
     assert torch.equal(got[0], want[0]) and torch.equal(want[0], tags)
     torch.testing.assert_close(got[1], want[1])
+
+
+def test_a_column_major_pretrained_table_saves_exports_and_loads_without_torch_warnings(tmp_path, capfd):
+    """It was: GloVe's table arrives column-major (np.asarray keeps its source's order), so the
+    frozen table was, pretrained.npy was written so (fortran_order) and mapped back so, and
+    torch.export.save found no tensor covering the table's storage: "No complete tensor found
+    in the group! Returning the first one. This may cause issues when your weights are not on
+    CPU." on stderr. The table is now saved row-major and exported as a row-major copy."""
+    import warnings
+
+    import numpy as np
+
+    from fastner.tagger import PRETRAINED_VECTORS_FILE
+
+    tagger = tiny_tagger()
+    tagger.model.pretrained = tagger.model.pretrained.t().contiguous().t()  # same values, column-major
+    assert not tagger.model.pretrained.is_contiguous()
+    tagger.save(str(tmp_path / "tagger"))
+    saved = np.load(tmp_path / "tagger" / PRETRAINED_VECTORS_FILE)
+    assert saved.flags.c_contiguous and np.array_equal(saved, tagger.model.pretrained.numpy())
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export.export_tagger(tagger, str(tmp_path / "out"), max_length=12)
+        assert not tagger.model.pretrained.is_contiguous()  # the tagger itself is left as it was
+        runtime = export.load(str(tmp_path / "out"))
+    assert not [str(w.message) for w in caught if "complete tensor" in str(w.message)]
+    assert "complete tensor" not in capfd.readouterr().err
+    assert runtime.tag(sentences()) == tagger.tag(sentences())
+
+
+def test_export_json_records_the_precision_and_load_checks_it(exported, runtime, tmp_path):
+    """It was: export.json did not say whether the program's encoder was fp32, bf16 or int8. Now
+    it does (an int8 export: test_precision.py::test_cli_precision); a value that does not match
+    the weights program.pt2 holds is refused (export.json and program.pt2 of two exports), and
+    an export.json written before the field is read as what its program holds."""
+    import shutil
+
+    from fastner.nn.quantize import quantize
+    from fastner.tagger import PRECISIONS
+
+    assert set(export.PRECISION_WEIGHTS) == set(PRECISIONS)
+    for precision in ("int8", "bf16"):
+        tagger = tiny_tagger()
+        quantize(tagger.model, PRECISIONS[precision])
+        assert export.weights_precision([*tagger.model.parameters(), *tagger.model.buffers()]) == precision
+    assert json.loads((exported[1] / export.META_FILE).read_text())["precision"] == "fp32"
+    assert runtime.precision == "fp32"
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    os.remove(out / export.MANIFEST_FILE)  # edited by hand below
+    meta = json.loads((out / export.META_FILE).read_text())
+    (out / export.META_FILE).write_text(json.dumps(dict(meta, precision="int8")))
+    with pytest.raises(ValueError, match="export.json: 'precision' is 'int8', but program.pt2 holds fp32 weights"):
+        export.load(str(out))
+    del meta["precision"]  # as written before the field existed
+    (out / export.META_FILE).write_text(json.dumps(meta))
+    assert export.load(str(out)).precision == "fp32"
+
+
+@pytest.mark.slow
+def test_a_bf16_export_records_bf16(tmp_path):
+    from fastner.nn.quantize import quantize
+
+    tagger = tiny_tagger()
+    quantize(tagger.model, torch.bfloat16)
+    assert export.export_tagger(tagger, str(tmp_path), max_length=12)["precision"] == "bf16"
+    runtime = export.load(str(tmp_path))
+    assert runtime.precision == "bf16" and runtime.tag(sentences()) == tagger.tag(sentences())
+
+
+def _cut_tags(meta):
+    k = len(meta["tags"]["itos"]) - 2
+    meta["tags"]["itos"] = meta["tags"]["itos"][:k]
+    transitions, start, end = meta["transition_scores"]
+    meta["transition_scores"] = [[row[:k] for row in transitions[:k]], start[:k], end[:k]]
+
+
+@pytest.mark.parametrize("change, expected", [
+    (_cut_tags, "'tags' lists 19 entries, but program.pt2 was exported with 21"),
+    (lambda meta: meta["words"]["itos"].append("extra"), "'words' lists 215 entries, but program.pt2 was exported with 214"),
+    (lambda meta: meta["chars"]["itos"].pop(), "'chars' lists 63 entries, but program.pt2 was exported with 64"),
+    (lambda meta: meta["pretrained_words"].append("extra"), "'pretrained_words' lists 4 words, but program.pt2 holds 3"),
+    (lambda meta: meta.update(pretrained_words=None), "'pretrained_words' lists 0 words, but program.pt2 holds 3"),
+])
+def test_load_refuses_an_export_json_of_another_program(exported, tmp_path, change, expected):
+    """export.json and program.pt2 of two exports put together by hand (no manifest to tell):
+    it was an IndexError (tags) or an index error deep in the graph (words) when tagging."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    os.remove(out / export.MANIFEST_FILE)
+    meta = json.loads((out / export.META_FILE).read_text())
+    change(meta)
+    (out / export.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"export.json: {expected} .*the two files do not belong together"):
+        export.load(str(out))

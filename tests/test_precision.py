@@ -73,6 +73,7 @@ def test_cli_precision(demo_tagger_dir, tmp_path, capsys):
     from fastner.export import load
 
     exported = load(str(out))
+    assert exported.precision == "int8" and json.loads((out / "export.json").read_text())["precision"] == "int8"
     int8 = fastner.Tagger.load(str(demo_tagger_dir), precision="int8")
     assert exported.tag(SENTENCES) == int8.tag(SENTENCES)
     assert main(["evaluate", str(demo_tagger_dir), str(conll), "--precision", "bf16"]) == 0
