@@ -154,7 +154,12 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
     import fastner
     from fastner.data.batching import MAX_WORD_CHARS
 
+    from fastner.tagger import _nonfinite
+
     model = tagger.model.eval()
+    broken = _nonfinite(model.state_dict())
+    if broken:  # Tagger.save refuses them too: the program would tag every sentence as garbage
+        raise ValueError(f"this tagger's weights hold nan or inf values ({broken}): not exported")
     program, fixed_length = export_program(model, max_length)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)

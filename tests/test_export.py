@@ -355,6 +355,21 @@ def test_export_json_records_the_precision_and_load_checks_it(exported, runtime,
     assert export.load(str(out)).precision == "fp32"
 
 
+def test_export_refuses_nan_weights_and_keeps_the_previous_export(exported, tmp_path):
+    # It was: the program was written with the nan weights (Tagger.save refuses them).
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    tagger = tiny_tagger()
+    with torch.no_grad():
+        next(tagger.model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match="nan or inf values .*not exported"):
+        export.export_tagger(tagger, str(out), max_length=12)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
 @pytest.mark.slow
 def test_a_bf16_export_records_bf16(tmp_path):
     from fastner.nn.quantize import quantize
