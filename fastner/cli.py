@@ -1,4 +1,4 @@
-"""The `fastner` command: train, evaluate, tag, demo, serve, info.
+"""The `fastner` command: train, evaluate, tag, convert, export, demo, serve, info, bench.
 
 User mistakes (a missing file, a malformed line, an incompatible model directory) print one
 `fastner: error: ...` line and exit with status 2; no traceback.
@@ -491,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="conlleval report of a tagger on a CoNLL or JSONL span file")
     p.add_argument("model", help="tagger directory")
-    p.add_argument("file", help="CoNLL file with gold tags")
+    p.add_argument("file", help="CoNLL or JSONL span file with gold tags")
     p.add_argument("--output", help="also write `token gold predicted` lines here")
-    p.add_argument("--batch-size", type=COUNT, default=64)
+    p.add_argument("--batch-size", type=COUNT, default=64, help="sentences per model call (default 64)")
     _add_columns(p)
     _add_runtime(p)
     _add_precision(p)
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar with documents/s and tokens/s on stderr (default: when stderr is a terminal)")
     p.add_argument("--word-column", type=int, default=None, help="--input conll: column of the words (default 0)")
-    p.add_argument("--batch-size", type=COUNT, default=64)
+    p.add_argument("--batch-size", type=COUNT, default=64, help="sentences per model call (default 64)")
     _add_runtime(p)
     _add_precision(p)
     p.set_defaults(func=cmd_tag)
@@ -533,15 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=_int_from(2), default=None,
                    help="sentence length the program is fixed to where the sequence length cannot be dynamic "
                         "(reference path; default 64)")
-    _add_runtime(p, device_default="cpu")
+    _add_runtime(p, device_default="cpu", default_text="cpu")
     _add_precision(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="train and try a small tagger on a generated financial-news corpus")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--sentences", type=COUNT, default=1200, help="training sentences to generate")
-    p.add_argument("--epochs", type=COUNT, default=4)
-    p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm")
+    p.add_argument("--seed", type=SEED, default=0, help="corpus and training seed (default 0)")
+    p.add_argument("--sentences", type=COUNT, default=1200, help="about this many training sentences to generate (default 1200)")
+    p.add_argument("--epochs", type=COUNT, default=4, help="default 4")
+    p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm", help="default lstm")
     p.add_argument("--out", help="keep the trained tagger in this directory")
     # one thread whatever OMP_NUM_THREADS says: the demo's numbers then do not depend on the
     # machine's core count
@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="backend, versions, threads")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of aligned lines")
     p.set_defaults(func=cmd_info)
     return parser
 

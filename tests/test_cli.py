@@ -197,3 +197,32 @@ def test_train_model_config_error_comes_before_the_data_is_read(capsys, tmp_path
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(f"fastner: error: {path}: layers must be >= 1")
     assert not (tmp_path / "out").exists()
+
+
+def _subcommand_options(names):
+    import argparse
+
+    from fastner.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in names:
+        for action in subparsers.choices[name]._actions:
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                yield name, action
+
+
+# serve's options are defined in fastner/serve/server.py; bench's by fastner.bench
+CLI_SUBCOMMANDS = ("train", "evaluate", "tag", "convert", "export", "demo", "info")
+
+
+def test_help_names_each_options_real_default():
+    """A help text that states a default states the one argparse uses (export's --device said
+    'cuda when available' while its default was cpu), and every option has a help text."""
+    import re
+
+    for name, action in _subcommand_options(CLI_SUBCOMMANDS):
+        where = f"fastner {name} {action.option_strings[0]}"
+        assert action.help, f"{where} has no help text"
+        stated = re.search(r"\(default:? ([^);]+)\)", action.help) or re.fullmatch(r"default (\S+)", action.help)
+        if stated and action.default is not None:
+            assert stated.group(1).split(" ")[0] == str(action.default), f"{where}: help {action.help!r}, default {action.default!r}"

@@ -1,4 +1,5 @@
-"""The CoNLL-2003 reproduction (slow: hours on 2 cores; run with `pytest -m slow`).
+"""The CoNLL-2003 reproduction (slow: ~20 minutes at one thread on the idle 2-core machine, README;
+run with `pytest -m slow`).
 
 Trains the default model (Ma & Hovy recipe, GloVe 6B 50d, char CNN, BiLSTM 200, CRF, BIOES)
 on eng.train with eng.testa as dev, and checks the issue's target dev F1.
