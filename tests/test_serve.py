@@ -137,7 +137,7 @@ def test_health_ready_model_page_docs_metrics(tagger):
     assert got["/readyz"].status_code == 200 and got["/readyz"].json() == {"status": "ready"}
     info = got["/v1/model"].json()
     assert info["labels"] == sorted(info["labels"]) and "PER" in info["labels"]
-    assert info["encoder"] == "lstm" and info["precision"] == "float32" and info["scheme"] == "BIOES"
+    assert info["encoder"] == "lstm" and info["precision"] == "fp32" and info["scheme"] == "BIOES"
     assert info["fastner"] == fastner.__version__ and info["torch"] == torch.__version__
     assert info["backend"]["cpu"] in ("fused", "reference")
     assert info["limits"]["max_request_tokens"] == ServeConfig().max_request_tokens
@@ -680,6 +680,23 @@ def test_batcher_skips_jobs_whose_request_is_gone():
 def test_config_checks(options, message):
     with pytest.raises(ValueError, match=message):
         ServeConfig(**options)
+
+
+def test_serve_takes_the_precision_names_of_the_other_commands():
+    # It was: serve took float32/float64/int8/bf16 while tag, evaluate and export take
+    # fp32/int8/bf16, so `fastner serve MODEL --precision fp32` was refused.
+    from fastner.cli import build_parser
+    from fastner.tagger import PRECISIONS as TAGGER_PRECISIONS
+
+    parser = build_parser()
+    for name in TAGGER_PRECISIONS:
+        assert parser.parse_args(["serve", "model", "--precision", name]).precision == name
+        assert parser.parse_args(["tag", "model", "--precision", name]).precision == name
+    assert parser.parse_args(["serve", "model"]).precision == "fp32" == ServeConfig().precision
+    # the name this option had before, still read
+    assert parser.parse_args(["serve", "model", "--precision", "float32"]).precision == "fp32"
+    assert ServeConfig(precision="float32").precision == "fp32"
+    assert parser.parse_args(["serve", "model", "--precision", "float64"]).precision == "float64"
 
 
 def test_response_is_plain_json_records(tagger):

@@ -21,7 +21,7 @@ class ServeConfig:
     # of 2048 tokens fit the byte limit and cost ~45 s and ~2 GB of model work). 64 news articles
     # of 800 words are ~58,500 tokens (1.14 per word over eng.train); this leaves twice that.
     max_request_tokens: int = 1 << 17
-    precision: str = "float32"
+    precision: str = "fp32"  # one of PRECISIONS (or an alias of one)
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_queue", "threads", "max_body_bytes", "max_documents",
@@ -36,12 +36,19 @@ class ServeConfig:
         if self.max_document_tokens > self.max_request_tokens:
             raise ValueError(f"max-document-tokens ({self.max_document_tokens}) must not exceed "
                              f"max-request-tokens ({self.max_request_tokens}): a document must fit one request")
+        self.precision = precision_name(self.precision)
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
-# --precision: the name and how the model gets there: a torch dtype the whole model is cast to
-# (float32, float64), or a Tagger.load precision (int8, bf16: the recurrent encoder quantized,
-# fastner.nn.quantize).
-PRECISIONS = {"float32": "float32", "float64": "float64", "int8": "int8", "bf16": "bf16"}
-LOAD_PRECISIONS = ("int8", "bf16")
+# --precision: Tagger.load's names, as `fastner tag`, `evaluate` and `export` take them (fp32 as
+# trained; int8, bf16: the recurrent encoder quantized, fastner.nn.quantize), and float64 (the
+# whole model cast to double). "float32", this option's name for fp32 before it took
+# Tagger.load's, is still read as fp32.
+PRECISIONS = ("fp32", "bf16", "int8", "float64")
+PRECISION_ALIASES = {"float32": "fp32"}
+
+
+def precision_name(value: str) -> str:
+    """--precision as given -> its name in PRECISIONS (an alias resolved)."""
+    return PRECISION_ALIASES.get(value, value)

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from fastner.serve.config import LOAD_PRECISIONS, MAX_WAIT_MS, PRECISIONS, ServeConfig
+from fastner.serve.config import MAX_WAIT_MS, PRECISIONS, ServeConfig, precision_name
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 ONEDNN_PRIMITIVE_CACHE = 32
@@ -29,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeConfig()
     parser.add_argument("model", help="tagger directory (read once at startup)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=_int_from(0, 65535), default=8080)
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default=defaults.precision,
-                        help="dtype the model runs in")
+    parser.add_argument("--port", type=_int_from(0, 65535), default=8080, help="port to listen on (default 8080)")
+    parser.add_argument("--precision", type=precision_name, choices=PRECISIONS, default=defaults.precision,
+                        help="fp32 (as trained), int8 or bf16 (the recurrent encoder quantized; CPU only), as "
+                             f"fastner tag takes them, or float64 (the whole model) (default {defaults.precision})")
     parser.add_argument("--max-batch-tokens", type=COUNT, default=defaults.max_batch_tokens,
                         help=f"tokens per model call (default {defaults.max_batch_tokens})")
     parser.add_argument("--max-wait-ms", type=_float_in(0, MAX_WAIT_MS), default=defaults.max_wait_ms,
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"request body limit (default {defaults.max_body_bytes})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     parser.add_argument("--threads", type=THREADS, default=1, help="torch threads of the model worker (default 1)")
-    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level (default warning)")
 
 
 def run(args) -> int:
@@ -76,11 +78,11 @@ def run(args) -> int:
                          precision=args.precision)
     # the event loop's thread runs no model code; one thread keeps it off the worker's cores
     torch.set_num_threads(1)
-    if config.precision in LOAD_PRECISIONS:
-        tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
-    else:
+    if config.precision == "float64":
         tagger = Tagger.load(args.model, device=args.device)
-        tagger.model.to(getattr(torch, PRECISIONS[config.precision]))
+        tagger.model.to(torch.float64)
+    else:
+        tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
     app = create_app(tagger, config)
     print(json.dumps({"serving": args.model, "url": f"http://{args.host}:{args.port}/", "precision": config.precision,
                       "batching": config.batching, "threads": config.threads}), file=sys.stderr, flush=True)
