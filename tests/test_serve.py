@@ -242,6 +242,8 @@ def test_wrong_fields_get_422_naming_the_field(tagger, body, field):
     assert response.status_code == 422, response.text
     error = response.json()
     assert error["field"] == field and error["error"].startswith(field + ": ")
+    # one format for every 4xx (nbest over the server's limit once came without "problems")
+    assert set(error) == {"error", "field", "problems"} and error["problems"][0]["field"] == field
 
 
 def test_malformed_json_and_wrong_content_type_get_422(tagger):
@@ -430,7 +432,9 @@ def test_too_many_documents_are_counted_before_any_is_validated(tagger):
     wrong, objects = run_app(app, interact)
     for response, count in ((wrong, 20_000), (objects, 4)):
         assert response.status_code == 413 and len(response.content) < 200, response.text[:300]
-        assert response.json() == {"error": f"documents: {count} documents; at most 3 a request", "field": "documents"}
+        message = f"{count} documents; at most 3 a request"
+        assert response.json() == {"error": f"documents: {message}", "field": "documents",
+                                   "problems": [{"field": "documents", "message": message, "type": "limit"}]}
 
 
 def test_the_problems_listed_are_bounded(tagger):
@@ -742,3 +746,27 @@ def test_nbest_adds_the_k_best_analyses_per_sentence(tagger):
         assert all(0.0 <= p <= 1.0 for p in probabilities)
         for analysis in sentence["analyses"]:
             assert all(text[e["start"]:e["end"]] == e["text"] for e in analysis["entities"])
+
+
+def test_every_4xx_answers_in_one_format(tagger):
+    # It was: validation errors came with "problems", the limits' 413s, nbest over the server's
+    # limit (422), a bad Content-Length (400) and unknown paths (404) without.
+    app = create_app(tagger, ServeConfig(max_body_bytes=200, max_documents=3))
+
+    async def interact(client):
+        return [await post(client, {"documents": ["a"], "nbest": model_adapter.MAX_NBEST + 1}),
+                await post(client, {"documents": ["a"] * 4}),
+                await post(client, {"documents": ["a" * 300]}),
+                await client.post("/v1/entities", content=b"{}", headers={"content-type": "application/json",
+                                                                          "content-length": "x"}),
+                await client.get("/v2/nothing"),
+                await post(client, {"documents": []})]
+
+    for response in run_app(app, interact):
+        assert 400 <= response.status_code < 500, response.text
+        body = response.json()
+        assert set(body) == {"error", "field", "problems"}, body
+        first = body["problems"][0]
+        assert set(first) == {"field", "message", "type"} and body["field"] == first["field"]
+        assert body["error"] == f"{first['field']}: {first['message']}"
+

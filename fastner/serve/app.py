@@ -28,6 +28,7 @@ from fastner.serve import model as model_adapter
 from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown
 from fastner.serve.config import ServeConfig
 from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
+from fastner.serve.problems import problem_body, problems_body
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 
@@ -114,7 +115,7 @@ class FieldError(Exception):
 
 
 def field_response(error: FieldError) -> JSONResponse:
-    return JSONResponse(status_code=error.status, content={"error": f"{error.field}: {error.message}", "field": error.field})
+    return JSONResponse(status_code=error.status, content=problem_body(error.field, error.message, "limit"))
 
 
 _UNION_TAGS = ("str", "int", "DocumentIn")  # pydantic names the union member tried in `loc`
@@ -261,9 +262,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         return register
 
     def problems_response(problems: List[dict]) -> JSONResponse:
-        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
-        return JSONResponse(status_code=422, content={"error": f"{first['field']}: {first['message']}",
-                                                      "field": first["field"], "problems": problems})
+        return JSONResponse(status_code=422, content=problems_body(problems))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -290,7 +289,8 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         reason = unparsable_reason(error.__cause__) if error.status_code == 400 else None
         if reason is not None:  # FastAPI's "There was an error parsing the body": malformed JSON all the same
             return problems_response([malformed_json(reason)])
-        content = error.detail if isinstance(error.detail, dict) else {"error": str(error.detail)}
+        # a dict: BodyTooLarge's problem body; else starlette's own (404 Not Found, 405 ...)
+        content = error.detail if isinstance(error.detail, dict) else problem_body("request", str(error.detail), "http")
         return JSONResponse(status_code=error.status_code, content=content, headers=getattr(error, "headers", None))
 
     @get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -8,6 +8,8 @@ import json
 
 from starlette.exceptions import HTTPException
 
+from fastner.serve.problems import problem_body
+
 
 class BodyTooLarge(HTTPException):
     """Raised from inside receive(): an HTTPException, so the framework's body parsing passes
@@ -30,8 +32,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _refusal(self) -> dict:
-        return {"error": f"request body over the limit of {self.max_bytes} bytes (--max-body-bytes)",
-                "field": "body"}
+        return problem_body("body", f"request body over the limit of {self.max_bytes} bytes (--max-body-bytes)", "limit")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -42,7 +43,7 @@ class BodyLimit:
             try:
                 too_large = int(declared) > self.max_bytes
             except ValueError:
-                await _send_json(send, 400, {"error": "Content-Length is not a number", "field": "content-length"})
+                await _send_json(send, 400, problem_body("content-length", "not a number", "header"))
                 return
             if too_large:
                 await _send_json(send, 413, self._refusal())

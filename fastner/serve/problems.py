@@ -1,0 +1,17 @@
+"""The body of every 4xx answer: {"error": "FIELD: MESSAGE", "field": FIELD, "problems": [{"field",
+"message", "type"}]}, the first problem in "error" and "field", so that a client reads one format
+whichever check refused its request (the body limit, the model's limits, validation)."""
+from __future__ import annotations
+
+from typing import List
+
+
+def problems_body(problems: List[dict]) -> dict:
+    """The answer's body for `problems` ({"field", "message", "type"} each, the first the main one)."""
+    first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+    return {"error": f"{first['field']}: {first['message']}", "field": first["field"], "problems": problems}
+
+
+def problem_body(field: str, message: str, kind: str) -> dict:
+    """The answer's body for one problem."""
+    return problems_body([{"field": field, "message": message, "type": kind}])
