@@ -541,3 +541,15 @@ def test_markdown_tables_from_the_quick_run(quick_run):
     text = render(json.loads(quick_run[1].read_text()))
     assert "| RNN (bidirectional) |" in text and "| lstm inference | 32×40×130→200 |" in text
     assert "GEMM rate" in text
+
+
+def test_plot_without_matplotlib_is_a_usage_error_before_any_timing(monkeypatch, capsys):
+    # It was 'fastner bench: --plot needs ...', not the `fastner: error:` line of every other mistake.
+    from fastner.bench import cli, plots
+
+    monkeypatch.setattr(cli, "require_matplotlib", lambda: plots.MISSING)
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--plot", "somewhere", "--only", "crf"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("fastner: error: --plot needs matplotlib")

@@ -92,8 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
         message = require_matplotlib()
         if message is not None:  # say so now, not after a ten-minute run
-            print(f"fastner bench: {message}", file=sys.stderr)
-            return 2
+            parser.error(message)
     started = time.perf_counter()
     torch.manual_seed(0)
     plan = make_plan(args.quick)
