@@ -113,6 +113,8 @@ def _tag_lists_of_valid(tags: Tensor, lengths: Tensor) -> List[List[int]]:
     construction (CRF.decode: crf_viterbi's tags, crf_lengths' or the CRF's own lengths). The
     checks read the lengths' values (min and max: two ops and two host reads), a quarter of a
     small batch's whole decode."""
+    if tags.shape[1] == 0:  # T = 0: every row is empty, and an empty tensor has no address
+        return [[] for _ in range(tags.shape[0])]
     if tags.device.type == "cpu" and extension_loaded():
         from fastner import _C
 
