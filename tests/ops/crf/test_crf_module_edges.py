@@ -25,3 +25,40 @@ def test_no_time_steps_decode_to_empty_lists(batch_first, backend):
         assert crf.decode(emissions) == [[], [], []]
         assert crf.decode(emissions, mask=torch.zeros(emissions.shape[:2], dtype=torch.bool)) == [[], [], []]
         assert ops.tag_lists(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, dtype=torch.long)) == [[], [], []]
+
+
+def _meta_crf(**kwargs):
+    with torch.device("meta"):
+        return fastner.nn.CRF(len(LABELS), batch_first=True, **kwargs)
+
+
+def test_to_empty_after_meta_init_rebuilds_the_constraints():
+    # Deferred initialisation: build on meta, to_empty(), load the weights. load_state_dict does
+    # not restore the (non-persistent) constraint buffers, and to_empty left them uninitialised:
+    # decoding then crossed forbidden transitions.
+    constraints = fastner.nn.allowed_transitions("BIO", LABELS)
+    trained = fastner.nn.CRF(len(LABELS), batch_first=True, constraints=constraints)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_(0.0, 3.0)
+    lazy = _meta_crf(constraints=constraints)
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(trained.state_dict())
+    for name in ("transition_constraints", "start_constraints", "end_constraints"):
+        assert torch.equal(getattr(lazy, name), getattr(trained, name)), name
+    emissions = torch.randn(8, 7, len(LABELS)) * 3
+    assert lazy.decode(emissions) == trained.decode(emissions)
+    torch.testing.assert_close(lazy.log_partition(emissions), trained.log_partition(emissions))
+
+
+def test_constraints_follow_dtype_and_device_moves():
+    constraints = fastner.nn.allowed_transitions("BIO", LABELS)
+    crf = fastner.nn.CRF(len(LABELS), constraints=constraints)
+    expected = crf.transition_constraints.clone()
+    crf.double()
+    assert crf.transition_constraints.dtype == torch.float64
+    assert torch.equal(crf.transition_constraints, expected.double())
+    crf.to("meta")
+    assert crf.transition_constraints.device.type == "meta"
+    crf.to_empty(device="cpu").float()
+    assert torch.equal(crf.transition_constraints, expected)
