@@ -123,6 +123,9 @@ def _tag_lists_of_valid(tags: Tensor, lengths: Tensor) -> List[List[int]]:
         tags, lengths = tags.contiguous(), lengths.contiguous()
         return _C._tag_lists_unchecked(tags.data_ptr(), lengths.data_ptr(), tags.shape[0],
                                        tags.stride(0))
+    if tags.device.type == "meta":
+        raise ValueError("decode returns Python lists, which need values: tensors on the meta "
+                         "device hold none (CRF.viterbi gives the tags as a tensor)")
     return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
 
 

@@ -62,3 +62,26 @@ def test_constraints_follow_dtype_and_device_moves():
     assert crf.transition_constraints.device.type == "meta"
     crf.to_empty(device="cpu").float()
     assert torch.equal(crf.transition_constraints, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_emissions_give_shapes(backend):
+    # A meta model (shape inference, deferred init) with a mask or k-best: the reference path
+    # read the mask's and the lengths' values, which meta tensors do not have.
+    crf = _meta_crf()
+    B, T, K = 3, 6, len(LABELS)
+    emissions = torch.empty(B, T, K, device="meta")
+    tags = torch.zeros(B, T, dtype=torch.long, device="meta")
+    mask = torch.ones(B, T, dtype=torch.bool, device="meta")
+    with testing.backend(backend):
+        assert crf(emissions, tags, mask=mask).shape == ()
+        assert crf(emissions, tags, mask=mask, reduction="none").shape == (B,)
+        assert crf.log_partition(emissions, mask=mask).shape == (B,)
+        tags_v, scores_v = crf.viterbi(emissions, mask=mask)
+        assert tags_v.shape == (B, T) and scores_v.shape == (B,)
+        tags_k, scores_k = crf.viterbi(emissions, mask=mask, k=2)
+        assert tags_k.shape == (B, 2, T) and scores_k.shape == (B, 2)
+        assert crf.marginals(emissions, mask=mask).shape == (B, T, K)
+        # decode returns Python lists, which need values: a clear refusal, not a copy error
+        with pytest.raises(ValueError, match="meta"):
+            crf.decode(emissions, mask=mask)
