@@ -6,7 +6,8 @@ device, else by fastner.reference.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple, Union
+import operator
+from typing import Iterable, List, Mapping, Optional, Sized, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +45,9 @@ class CRF(nn.Module):
 
     def __init__(self, num_tags: int, batch_first: bool = False,
                  constraints: Optional[Union[Iterable[Tuple[int, int]], Tensor]] = None) -> None:
+        num_tags = _int_arg("num_tags", num_tags)
         if num_tags <= 0:
-            raise ValueError(f"invalid number of tags: {num_tags}")
+            raise ValueError(f"invalid number of tags: num_tags must be positive, got {num_tags}")
         super().__init__()
         self.num_tags = num_tags
         self.batch_first = batch_first
@@ -239,15 +241,33 @@ def _allowed_matrix(num_tags: int, constraints) -> Tensor:
             raise ValueError(f"constraints as a tensor must be bool [{size}, {size}] "
                              f"(num_tags + 2 for start and end), got {constraints.dtype} "
                              f"{tuple(constraints.shape)}")
+        if constraints.device.type == "meta":
+            raise ValueError("constraints as a tensor must hold values, got one on the meta device")
         return constraints.to("cpu", copy=True)
+    if isinstance(constraints, (str, bytes, Mapping)) or not isinstance(constraints, Iterable):
+        raise TypeError(f"constraints must be (from, to) tag index pairs or a bool tensor "
+                        f"[{size}, {size}], got {type(constraints).__name__}")
     allowed = torch.zeros(size, size, dtype=torch.bool, device="cpu")
     for pair in constraints:
-        i, j = pair
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sized) or len(pair) != 2:
+            raise TypeError(f"each constraint must be a (from, to) pair of tag indices, got {pair!r}")
+        i, j = (_int_arg(f"each index of constraint {pair!r}", index) for index in pair)
         if not (0 <= i < size and 0 <= j < size):
             raise ValueError(f"constraint {pair!r} out of range: indices must lie in "
                              f"[0, {size}) (num_tags is start, num_tags + 1 is end)")
         allowed[i, j] = True
     return allowed
+
+
+def _int_arg(name: str, value) -> int:
+    """`value` as a Python int: an int or an integer-like object (numpy, 0-d tensor); bool is
+    refused (True is no tag count or index anyone means)."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
 def _additive_masks(allowed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -85,3 +85,38 @@ def test_meta_emissions_give_shapes(backend):
         # decode returns Python lists, which need values: a clear refusal, not a copy error
         with pytest.raises(ValueError, match="meta"):
             crf.decode(emissions, mask=mask)
+
+
+@pytest.mark.parametrize("num_tags", [2.5, "5", None, True])
+def test_num_tags_must_be_an_int(num_tags):
+    with pytest.raises(TypeError, match="num_tags"):
+        fastner.nn.CRF(num_tags)
+
+
+def test_num_tags_accepts_integer_like_values_as_int():
+    for value in (np.int64(3), torch.tensor(3)):
+        crf = fastner.nn.CRF(value)
+        assert type(crf.num_tags) is int and crf.num_tags == 3
+        assert crf.transitions.shape == (3, 3)
+
+
+@pytest.mark.parametrize("constraints", [
+    [(0, 1, 2)], [(0.5, 1)], [(True, 1)], "BIO", [None], {0: 1}, [(0,)],
+    np.ones((5, 5), dtype=bool),
+], ids=["triple", "float", "bool", "string", "none_pair", "dict", "single", "numpy_matrix"])
+def test_malformed_constraints_are_refused_by_name(constraints):
+    with pytest.raises((TypeError, ValueError), match="constraint"):
+        fastner.nn.CRF(3, constraints=constraints)
+
+
+def test_constraints_as_a_meta_tensor_are_refused_by_name():
+    with pytest.raises(ValueError, match="constraints"):
+        fastner.nn.CRF(3, constraints=torch.ones(5, 5, dtype=torch.bool, device="meta"))
+
+
+def test_constraint_pairs_accept_integer_like_indices():
+    pairs = [(np.int64(3), np.int64(0)), (torch.tensor(0), 4)]
+    crf = fastner.nn.CRF(3, constraints=pairs)
+    same = fastner.nn.CRF(3, constraints=[(3, 0), (0, 4)])
+    for name in ("transition_constraints", "start_constraints", "end_constraints"):
+        assert torch.equal(getattr(crf, name), getattr(same, name)), name
