@@ -189,8 +189,7 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
     Rows beyond the number of paths with a finite score hold tags -1 and score -inf. A sequence
     of length 0 has one path (the empty one, score 0).
     """
-    if k < 1:
-        raise ValueError(f"crf_kbest: k must be >= 1, got {k}")
+    validation.crf_k("crf_kbest", k)
     validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
                         end_transitions)
     emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,

@@ -12,7 +12,7 @@ from typing import Iterable, List, Mapping, Optional, Sized, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from fastner import ops
+from fastner import ops, validation
 from fastner.ops import crf as ops_crf
 from fastner.nn.constraints import allowed_transitions
 
@@ -132,8 +132,8 @@ class CRF(nn.Module):
         k given: the k best paths, best first: tags [B, k, T] and scores [B, k]; where fewer
         than k paths have a finite score the extra rows hold tags -1 and score -inf.
         """
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"k must be a positive int or None, got {k!r}")
+        if k is not None:
+            validation.crf_k("viterbi", k)
         emissions_bf, lengths = self._prepare(emissions, mask)
         with torch.no_grad():
             scores_in = self._scores(emissions_bf)

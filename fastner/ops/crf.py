@@ -70,8 +70,7 @@ def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_transitions: Tensor,
               end_transitions: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """The k best paths, best first: tags int64 [B, k, T] and scores [B, k]."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    validation.crf_k("crf_kbest", k)
     if use_fused("crf_kbest", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_kbest.default(emissions, lengths, transitions,
@@ -252,8 +251,7 @@ def _register() -> None:
     def _(emissions, lengths, transitions, start_transitions, end_transitions, k):
         validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
                             end_transitions, values=False)
-        if k < 1:
-            raise ValueError(f"crf_kbest: k must be >= 1, got {k}")
+        validation.crf_k("crf_kbest", k)
         B, T, _ = emissions.shape
         return (emissions.new_empty(B, k, T, dtype=torch.long),
                 emissions.new_empty(B, k, dtype=_accumulate(emissions)))

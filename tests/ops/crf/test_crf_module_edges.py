@@ -120,3 +120,17 @@ def test_constraint_pairs_accept_integer_like_indices():
     same = fastner.nn.CRF(3, constraints=[(3, 0), (0, 4)])
     for name in ("transition_constraints", "start_constraints", "end_constraints"):
         assert torch.equal(getattr(crf, name), getattr(same, name)), name
+
+
+@pytest.mark.parametrize("k", [0, -1, True, 2.0, "2", None])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kbest_op_refuses_a_k_that_is_no_positive_int(k, backend):
+    # Was: None / "2" a TypeError from '<', 2.0 a RuntimeError from the dispatcher, True taken as 1.
+    crf = fastner.nn.CRF(3, batch_first=True)
+    emissions, lengths = torch.randn(2, 4, 3), torch.tensor([4, 2])
+    with testing.backend(backend), pytest.raises(ValueError, match="k must be a positive int"):
+        ops.crf_kbest(emissions, lengths, crf.transitions, crf.start_transitions,
+                      crf.end_transitions, k)
+    if k is not None:
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            crf.viterbi(emissions, k=k)
