@@ -41,6 +41,11 @@ class CRF(nn.Module):
 
     Masks are right-padded, bool or uint8, in the emissions' layout ([B, T] when batch_first,
     else [T, B]); sequences of length 0 are allowed (log-likelihood 0, decoded as []).
+
+    A sequence with no allowed path (every path scores -inf: constraints or -inf scores that
+    rule out its length) has log Z = -inf and log-likelihood NaN (-inf minus -inf); decode and
+    viterbi give it some in-range path with score -inf, k-best rows of tags -1 and score -inf,
+    marginals zeros. Fused and reference paths agree on this.
     """
 
     def __init__(self, num_tags: int, batch_first: bool = False,

@@ -134,3 +134,35 @@ def test_kbest_op_refuses_a_k_that_is_no_positive_int(k, backend):
     if k is not None:
         with pytest.raises(ValueError, match="k must be a positive int"):
             crf.viterbi(emissions, k=k)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_first"])
+def test_sequences_without_an_allowed_path_as_documented(batch_first):
+    # CRF's docstring: log Z -inf, log-likelihood NaN, an in-range path scored -inf, k-best rows
+    # -1 / -inf, zero marginals; the others in the batch untouched; fused == reference.
+    K = 3
+    # Start only in 0, end only in 1, no transition at all: no path of any length >= 1.
+    crf = fastner.nn.CRF(K, batch_first=batch_first, constraints=[(K, 0), (1, K + 1)])
+    lengths = torch.tensor([4, 1, 0])
+    emissions = testing.to_layout(torch.randn(3, 4, K), batch_first)
+    tags = testing.to_layout(torch.zeros(3, 4, dtype=torch.long), batch_first)
+    mask = testing.mask_from_lengths(lengths, 4, batch_first)
+    results = {}
+    for backend in BACKENDS:
+        with testing.backend(backend):
+            llh = crf(emissions, tags, mask=mask, reduction="none")
+            log_z = crf.log_partition(emissions, mask=mask)
+            paths = crf.decode(emissions, mask=mask)
+            best, score = crf.viterbi(emissions, mask=mask)
+            k_tags, k_scores = crf.viterbi(emissions, mask=mask, k=2)
+            marginals = testing.to_batch_first(crf.marginals(emissions, mask=mask), batch_first)
+        assert torch.isnan(llh[:2]).all() and llh[2] == 0
+        assert torch.isneginf(log_z[:2]).all() and log_z[2] == 0
+        assert [len(p) for p in paths] == [4, 1, 0] and all(0 <= t < K for p in paths for t in p)
+        assert torch.isneginf(score[:2]).all() and score[2] == 0
+        assert (k_tags == -1).all() and torch.isneginf(k_scores[:2]).all()
+        assert torch.equal(marginals, torch.zeros_like(marginals))
+        results[backend] = (paths, best, k_scores)
+    assert results["fused"][0] == results["reference"][0]
+    assert torch.equal(results["fused"][1], results["reference"][1])
+    assert torch.equal(results["fused"][2], results["reference"][2])
