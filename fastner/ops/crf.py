@@ -136,8 +136,8 @@ def _reduce(llh: Tensor, lengths: Tensor, reduction: str) -> Tensor:
         return llh
     if reduction == "sum":
         return llh.sum()
-    if reduction == "mean":
-        return llh.mean()
+    if reduction == "mean":  # over max(B, 1), as the fused op: an empty batch gives 0, not NaN
+        return llh.sum() / max(llh.shape[0], 1)
     if reduction == "token_mean":  # a tensor divisor, so that CUDA needs no host sync
         return llh.sum() / lengths.sum().clamp(min=1).to(llh.dtype)
     raise ValueError(f"invalid reduction: {reduction!r} (expected one of {REDUCTIONS})")

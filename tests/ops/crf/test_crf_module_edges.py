@@ -166,3 +166,18 @@ def test_sequences_without_an_allowed_path_as_documented(batch_first):
     assert results["fused"][0] == results["reference"][0]
     assert torch.equal(results["fused"][1], results["reference"][1])
     assert torch.equal(results["fused"][2], results["reference"][2])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "token_mean"])
+def test_empty_batch_reduces_to_zero_on_both_paths(reduction):
+    # The fused op divides 'mean' by max(B, 1); the reference took llh.mean(), NaN for B = 0.
+    crf = fastner.nn.CRF(3, batch_first=True)
+    emissions = torch.randn(0, 4, 3, requires_grad=True)
+    tags = torch.zeros(0, 4, dtype=torch.long)
+    for backend in BACKENDS:
+        with testing.backend(backend):
+            crf.zero_grad(set_to_none=True)
+            llh = crf(emissions, tags, reduction=reduction)
+            assert llh.item() == 0, backend
+            llh.backward()
+            assert torch.equal(crf.transitions.grad, torch.zeros(3, 3)), backend
