@@ -55,12 +55,12 @@ def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
     """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else [T, B]).
 
     Raises ValueError when a valid step follows an invalid one (skipped under torch.compile,
-    where the check would be a data-dependent branch).
+    where the check would be a data-dependent branch, and on meta tensors, which hold no values).
     """
     validation.crf_mask("crf_lengths", mask)
     valid = (mask if batch_first else mask.t()) != 0
     lengths = valid.sum(dim=1)
-    if not torch.compiler.is_compiling():
+    if validation._reads_values(valid):  # not on meta, nor under torch.compile
         if not torch.equal(valid, _valid_steps(lengths, valid.shape[1])):
             raise ValueError("mask must be right-padded (no gap): each sequence's valid steps "
                              "come first, e.g. [1, 1, 1, 0, 0]")
@@ -189,8 +189,7 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
     Rows beyond the number of paths with a finite score hold tags -1 and score -inf. A sequence
     of length 0 has one path (the empty one, score 0).
     """
-    if k < 1:
-        raise ValueError(f"crf_kbest: k must be >= 1, got {k}")
+    validation.crf_k("crf_kbest", k)
     validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
                         end_transitions)
     emissions, transitions, start, end = _crf_inputs(emissions, transitions, start_transitions,
@@ -230,12 +229,12 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
             rank = torch.where(follow, earlier_rank, rank)
         tags[:, :, t] = torch.where(t <= last, tag, tags[:, :, t])
     tags = torch.where(torch.isfinite(scores).unsqueeze(2), tags, torch.full_like(tags, -1))
+    # Unconditionally: a branch on any(lengths == 0) would read values (none on meta tensors).
     empty = lengths == 0
-    if bool(empty.any()):
-        first_row = torch.arange(k, device=device) == 0
-        empty_scores = torch.where(first_row, 0.0, neg_inf).to(scores.dtype)
-        scores = torch.where(empty.unsqueeze(1), empty_scores, scores)
-        tags = torch.where(empty.view(B, 1, 1), torch.full_like(tags, -1), tags)
+    first_row = torch.arange(k, device=device) == 0
+    empty_scores = torch.where(first_row, 0.0, neg_inf).to(scores.dtype)
+    scores = torch.where(empty.unsqueeze(1), empty_scores, scores)
+    tags = torch.where(empty.view(B, 1, 1), torch.full_like(tags, -1), tags)
     return tags, scores
 
 

@@ -91,6 +91,12 @@ def crf_args(op: str, emissions: Tensor, lengths: Tensor, transitions: Tensor, s
                 _fail(op, f"tags[{b}, {t}] = {int(tags[b, t])} is outside [0, K = {K})")
 
 
+def crf_k(op: str, k) -> None:
+    """crf_kbest's k: a positive Python int (bool refused)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        _fail(op, f"k must be a positive int, got {k!r}")
+
+
 def crf_mask(op: str, mask: Tensor) -> None:
     """A CRF mask: bool or uint8, 2-D."""
     tensor_arg(op, "mask", mask, dim=2, dtypes=(torch.bool, torch.uint8))

@@ -1,7 +1,7 @@
 """Which tag transitions a tagging scheme allows, for CRF(..., constraints=...)."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from typing import AbstractSet, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
 __all__ = ["allowed_transitions"]
 
@@ -60,14 +60,22 @@ def allowed_transitions(scheme: str, labels: Union[Sequence[str], Mapping[int, s
     canonical = _SCHEMES.get(str(scheme).upper())
     if canonical is None:
         raise ValueError(f"scheme must be one of {sorted(_SCHEMES)}, got {scheme!r}")
+    if isinstance(labels, (str, bytes, AbstractSet)) or not isinstance(labels, Iterable):
+        # A set has no order, and the index of each label is what the pairs are made of.
+        raise TypeError(f"labels must be a sequence of labels (index order) or an {{index: "
+                        f"label}} mapping, got {type(labels).__name__}")
     if isinstance(labels, Mapping):
         num_tags = len(labels)
-        if sorted(labels) != list(range(num_tags)):
+        if (any(isinstance(i, bool) or not isinstance(i, int) for i in labels)
+                or sorted(labels) != list(range(num_tags))):
             raise ValueError("labels as a mapping must have the keys 0 .. len(labels) - 1")
         names: Dict[int, str] = dict(labels)
     else:
         names = dict(enumerate(labels))
         num_tags = len(names)
+    for i, name in names.items():
+        if not isinstance(name, str):
+            raise TypeError(f"each label must be a str, got {name!r} at index {i}")
     parts = {i: _split(name, canonical) for i, name in names.items()}
     parts[num_tags] = (_START, "")
     parts[num_tags + 1] = (_END, "")

@@ -56,7 +56,7 @@ def _swap_crf(module: torch.nn.Module, fastner_crf: type) -> torch.nn.Module:
     # again the ones frozen with requires_grad_(False), dropped hooks, and split a CRF shared by
     # two parents in two. fastner's CRF has torchcrf's attributes plus its constraint buffers.
     module.__class__ = fastner_crf
-    module._set_constraints(None, device=module.transitions.device)
+    module._set_constraints(None)  # on the parameters' device
     return module
 
 

@@ -6,12 +6,13 @@ device, else by fastner.reference.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple, Union
+import operator
+from typing import Iterable, List, Mapping, Optional, Sized, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from fastner import ops
+from fastner import ops, validation
 from fastner.ops import crf as ops_crf
 from fastner.nn.constraints import allowed_transitions
 
@@ -21,6 +22,7 @@ _REDUCTIONS = ("none", "sum", "mean", "token_mean")
 _EMISSION_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MASK_DTYPES = (torch.bool, torch.uint8)
 _TAG_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_CONSTRAINT_BUFFERS = ("transition_constraints", "start_constraints", "end_constraints")
 
 
 class CRF(nn.Module):
@@ -39,12 +41,18 @@ class CRF(nn.Module):
 
     Masks are right-padded, bool or uint8, in the emissions' layout ([B, T] when batch_first,
     else [T, B]); sequences of length 0 are allowed (log-likelihood 0, decoded as []).
+
+    A sequence with no allowed path (every path scores -inf: constraints or -inf scores that
+    rule out its length) has log Z = -inf and log-likelihood NaN (-inf minus -inf); decode and
+    viterbi give it some in-range path with score -inf, k-best rows of tags -1 and score -inf,
+    marginals zeros. Fused and reference paths agree on this.
     """
 
     def __init__(self, num_tags: int, batch_first: bool = False,
                  constraints: Optional[Union[Iterable[Tuple[int, int]], Tensor]] = None) -> None:
+        num_tags = _int_arg("num_tags", num_tags)
         if num_tags <= 0:
-            raise ValueError(f"invalid number of tags: {num_tags}")
+            raise ValueError(f"invalid number of tags: num_tags must be positive, got {num_tags}")
         super().__init__()
         self.num_tags = num_tags
         self.batch_first = batch_first
@@ -54,14 +62,28 @@ class CRF(nn.Module):
         self._set_constraints(constraints)
         self.reset_parameters()
 
-    def _set_constraints(self, constraints, device: Optional[torch.device] = None) -> None:
+    def _set_constraints(self, constraints) -> None:
         """The constraint buffers (what a torchcrf.CRF lacks; fastner.nn.convert adds them)."""
         self.has_constraints = constraints is not None
+        # The buffers are derived from this host-side matrix (a plain attribute, which moves and
+        # casts leave alone) and rebuilt from it after each of them: see _apply.
+        self._allowed_transitions = _allowed_matrix(self.num_tags, constraints)
+        device = self._parameters["transitions"].device
         # Not persistent: a torchcrf state_dict (which has no such entries) must load as is.
-        transition_mask, start_mask, end_mask = _constraint_masks(self.num_tags, constraints)
-        self.register_buffer("transition_constraints", transition_mask.to(device), persistent=False)
-        self.register_buffer("start_constraints", start_mask.to(device), persistent=False)
-        self.register_buffer("end_constraints", end_mask.to(device), persistent=False)
+        for name, mask in zip(_CONSTRAINT_BUFFERS, _additive_masks(self._allowed_transitions)):
+            self.register_buffer(name, mask.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # to_empty() (deferred initialisation from the meta device) leaves every buffer
+        # uninitialised, and load_state_dict does not restore non-persistent ones: the
+        # constraint buffers are recomputed after every move or cast, in its device and dtype.
+        allowed = self.__dict__.get("_allowed_transitions")  # absent from CRFs pickled before it
+        if allowed is not None:
+            for name, mask in zip(_CONSTRAINT_BUFFERS, _additive_masks(allowed)):
+                moved = self._buffers[name]
+                self._buffers[name] = mask.to(device=moved.device, dtype=moved.dtype)
+        return self
 
     def reset_parameters(self) -> None:
         """Initialise the transition parameters from uniform(-0.1, 0.1), like torchcrf."""
@@ -115,8 +137,8 @@ class CRF(nn.Module):
         k given: the k best paths, best first: tags [B, k, T] and scores [B, k]; where fewer
         than k paths have a finite score the extra rows hold tags -1 and score -inf.
         """
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"k must be a positive int or None, got {k!r}")
+        if k is not None:
+            validation.crf_k("viterbi", k)
         emissions_bf, lengths = self._prepare(emissions, mask)
         with torch.no_grad():
             scores_in = self._scores(emissions_bf)
@@ -212,25 +234,51 @@ def _check_beside_emissions(name: str, value, emissions: Tensor, dtypes, expecte
                          f"got {value.device}")
 
 
-def _constraint_masks(num_tags: int, constraints) -> Tuple[Tensor, Tensor, Tensor]:
-    """Additive masks (0 allowed, -inf forbidden): transitions [K, K], start [K], end [K]."""
+def _allowed_matrix(num_tags: int, constraints) -> Tensor:
+    """bool [K + 2, K + 2] on the CPU: the transitions `constraints` allows (all when None)."""
     size = num_tags + 2
+    # device="cpu" throughout: under a `with torch.device("meta")` block this matrix must still
+    # hold values (it is what the buffers are rebuilt from).
     if constraints is None:
-        allowed = torch.ones(size, size, dtype=torch.bool)
-    elif isinstance(constraints, Tensor):
+        return torch.ones(size, size, dtype=torch.bool, device="cpu")
+    if isinstance(constraints, Tensor):
         if constraints.shape != (size, size) or constraints.dtype != torch.bool:
             raise ValueError(f"constraints as a tensor must be bool [{size}, {size}] "
                              f"(num_tags + 2 for start and end), got {constraints.dtype} "
                              f"{tuple(constraints.shape)}")
-        allowed = constraints.cpu()
-    else:
-        allowed = torch.zeros(size, size, dtype=torch.bool)
-        for pair in constraints:
-            i, j = pair
-            if not (0 <= i < size and 0 <= j < size):
-                raise ValueError(f"constraint {pair!r} out of range: indices must lie in "
-                                 f"[0, {size}) (num_tags is start, num_tags + 1 is end)")
-            allowed[i, j] = True
-    additive = torch.zeros(size, size).masked_fill(~allowed, float("-inf"))
+        if constraints.device.type == "meta":
+            raise ValueError("constraints as a tensor must hold values, got one on the meta device")
+        return constraints.to("cpu", copy=True)
+    if isinstance(constraints, (str, bytes, Mapping)) or not isinstance(constraints, Iterable):
+        raise TypeError(f"constraints must be (from, to) tag index pairs or a bool tensor "
+                        f"[{size}, {size}], got {type(constraints).__name__}")
+    allowed = torch.zeros(size, size, dtype=torch.bool, device="cpu")
+    for pair in constraints:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sized) or len(pair) != 2:
+            raise TypeError(f"each constraint must be a (from, to) pair of tag indices, got {pair!r}")
+        i, j = (_int_arg(f"each index of constraint {pair!r}", index) for index in pair)
+        if not (0 <= i < size and 0 <= j < size):
+            raise ValueError(f"constraint {pair!r} out of range: indices must lie in "
+                             f"[0, {size}) (num_tags is start, num_tags + 1 is end)")
+        allowed[i, j] = True
+    return allowed
+
+
+def _int_arg(name: str, value) -> int:
+    """`value` as a Python int: an int or an integer-like object (numpy, 0-d tensor); bool is
+    refused (True is no tag count or index anyone means)."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def _additive_masks(allowed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Additive masks (0 allowed, -inf forbidden) of an allowed matrix [K + 2, K + 2]:
+    transitions [K, K], start [K], end [K]; float32 on the CPU."""
+    num_tags = allowed.shape[0] - 2
+    additive = torch.zeros(allowed.shape, device="cpu").masked_fill(~allowed, float("-inf"))
     return (additive[:num_tags, :num_tags].clone(), additive[num_tags, :num_tags].clone(),
             additive[:num_tags, num_tags + 1].clone())

@@ -70,8 +70,7 @@ def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_transitions: Tensor,
               end_transitions: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """The k best paths, best first: tags int64 [B, k, T] and scores [B, k]."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    validation.crf_k("crf_kbest", k)
     if use_fused("crf_kbest", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_kbest.default(emissions, lengths, transitions,
@@ -113,6 +112,8 @@ def _tag_lists_of_valid(tags: Tensor, lengths: Tensor) -> List[List[int]]:
     construction (CRF.decode: crf_viterbi's tags, crf_lengths' or the CRF's own lengths). The
     checks read the lengths' values (min and max: two ops and two host reads), a quarter of a
     small batch's whole decode."""
+    if tags.shape[1] == 0:  # T = 0: every row is empty, and an empty tensor has no address
+        return [[] for _ in range(tags.shape[0])]
     if tags.device.type == "cpu" and extension_loaded():
         from fastner import _C
 
@@ -121,6 +122,9 @@ def _tag_lists_of_valid(tags: Tensor, lengths: Tensor) -> List[List[int]]:
         tags, lengths = tags.contiguous(), lengths.contiguous()
         return _C._tag_lists_unchecked(tags.data_ptr(), lengths.data_ptr(), tags.shape[0],
                                        tags.stride(0))
+    if tags.device.type == "meta":
+        raise ValueError("decode returns Python lists, which need values: tensors on the meta "
+                         "device hold none (CRF.viterbi gives the tags as a tensor)")
     return [row[:n] for row, n in zip(tags.tolist(), lengths.tolist())]
 
 
@@ -132,8 +136,8 @@ def _reduce(llh: Tensor, lengths: Tensor, reduction: str) -> Tensor:
         return llh
     if reduction == "sum":
         return llh.sum()
-    if reduction == "mean":
-        return llh.mean()
+    if reduction == "mean":  # over max(B, 1), as the fused op: an empty batch gives 0, not NaN
+        return llh.sum() / max(llh.shape[0], 1)
     if reduction == "token_mean":  # a tensor divisor, so that CUDA needs no host sync
         return llh.sum() / lengths.sum().clamp(min=1).to(llh.dtype)
     raise ValueError(f"invalid reduction: {reduction!r} (expected one of {REDUCTIONS})")
@@ -247,8 +251,7 @@ def _register() -> None:
     def _(emissions, lengths, transitions, start_transitions, end_transitions, k):
         validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
                             end_transitions, values=False)
-        if k < 1:
-            raise ValueError(f"crf_kbest: k must be >= 1, got {k}")
+        validation.crf_k("crf_kbest", k)
         B, T, _ = emissions.shape
         return (emissions.new_empty(B, k, T, dtype=torch.long),
                 emissions.new_empty(B, k, dtype=_accumulate(emissions)))

@@ -291,6 +291,20 @@ def test_allowed_transitions_rejects_unknown_scheme_and_labels():
         fastner.nn.allowed_transitions("XYZ", ["O", "B-PER"])
     with pytest.raises(ValueError):
         fastner.nn.allowed_transitions("BIO", ["O", "Q-PER"])
+    for keys in ({0: "O", "a": "B-PER"}, {0: "O", 1.0: "B-PER"}):  # was a TypeError from sorted()
+        with pytest.raises(ValueError, match="keys"):
+            fastner.nn.allowed_transitions("BIO", keys)
+
+
+@pytest.mark.parametrize("labels", [
+    {"O", "B-PER", "I-PER"}, frozenset({"O", "B-PER"}), "OBI", None, ["O", 1], {0: "O", 1: None},
+], ids=["set", "frozenset", "string", "none", "int_label", "none_label"])
+def test_allowed_transitions_refuses_labels_without_an_index_order_or_not_strings(labels):
+    # A set has no order: its labels got whatever indices iteration gave them (constraints
+    # silently against the wrong tags). A string was read as one-letter labels; an int label
+    # failed with AttributeError.
+    with pytest.raises(TypeError, match="label"):
+        fastner.nn.allowed_transitions("BIO", labels)
 
 
 def test_allowed_transitions_pairs_by_hand():
