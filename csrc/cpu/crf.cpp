@@ -309,19 +309,22 @@ Tensor crf_marginals_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
     scalar_t* out = marginals.data_ptr<scalar_t>();
     std::vector<int64_t> exact;  // sequences for the exact kernel (all when the lanes decline)
     lane_marginals(emissions, len, transitions, start, end, out, exact);
-    if (exact.empty()) return;
-    const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
-    const scalar_t* em = emissions.const_data_ptr<scalar_t>();
-    const int64_t count = static_cast<int64_t>(exact.size());
-    at::parallel_for(0, count, grain(T, K), [&](int64_t begin, int64_t stop) {
-      std::vector<scalar_t> work(8 * tr.KP);
-      std::vector<scalar_t> alphas(T * K);
-      for (int64_t n = begin; n < stop; ++n) {
-        const int64_t b = exact[n];
-        marginals_sequence(tr, em + b * T * K, len[b], T, scalar_t(1), alphas.data(),
-                           out + b * T * K, work.data());
-      }
-    });
+    if (!exact.empty()) {
+      const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
+      const scalar_t* em = emissions.const_data_ptr<scalar_t>();
+      const int64_t count = static_cast<int64_t>(exact.size());
+      at::parallel_for(0, count, grain(T, K), [&](int64_t begin, int64_t stop) {
+        std::vector<scalar_t> work(8 * tr.KP);
+        std::vector<scalar_t> alphas(T * K);
+        for (int64_t n = begin; n < stop; ++n) {
+          const int64_t b = exact[n];
+          marginals_sequence(tr, em + b * T * K, len[b], T, scalar_t(1), alphas.data(),
+                             out + b * T * K, work.data());
+        }
+      });
+    }
+    propagate_nan_decoded(nan_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+                          len, nullptr, nullptr, &marginals);
   });
   return marginals;
 }
@@ -342,17 +345,20 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
                  end = end_in.contiguous();
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
-    if (lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out)) return;
-    const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
-    const Tensor dense = emissions.contiguous();
-    const scalar_t* em = dense.data_ptr<scalar_t>();
-    at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
-      if (K <= 256) {
-        viterbi_range<scalar_t, uint8_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
-      } else {
-        viterbi_range<scalar_t, int32_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
-      }
-    });
+    if (!lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out)) {
+      const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
+      const Tensor dense = emissions.contiguous();
+      const scalar_t* em = dense.data_ptr<scalar_t>();
+      at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
+        if (K <= 256) {
+          viterbi_range<scalar_t, uint8_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
+        } else {
+          viterbi_range<scalar_t, int32_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
+        }
+      });
+    }
+    propagate_nan_decoded(nan_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+                          len, &scores, nullptr, nullptr);
   });
   return {tags, scores};
 }
@@ -374,19 +380,22 @@ std::tuple<Tensor, Tensor> crf_kbest_cpu(const Tensor& emissions_in, const Tenso
     const int64_t* len = lengths.data_ptr<int64_t>();
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
-    if (lane_kbest(emissions, len, transitions, start, end, k, tags_out, scores_out)) return;
-    const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
-    const Tensor dense = emissions.contiguous();
-    const scalar_t* em = dense.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B, std::max<int64_t>(1, grain(T, K) / k), [&](int64_t begin, int64_t stop) {
-      std::vector<scalar_t> cur(K * k), next(K * k), final_score(k);
-      std::vector<int32_t> prev_tag(T * K * k), prev_rank(T * K * k), final_tag(k), final_rank(k);
-      for (int64_t b = begin; b < stop; ++b) {
-        kbest_sequence(tr, em + b * T * K, len[b], T, k, tags_out + b * k * T, scores_out + b * k,
-                       cur.data(), next.data(), prev_tag.data(), prev_rank.data(),
-                       final_score.data(), final_tag.data(), final_rank.data());
-      }
-    });
+    if (!lane_kbest(emissions, len, transitions, start, end, k, tags_out, scores_out)) {
+      const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
+      const Tensor dense = emissions.contiguous();
+      const scalar_t* em = dense.const_data_ptr<scalar_t>();
+      at::parallel_for(0, B, std::max<int64_t>(1, grain(T, K) / k), [&](int64_t begin, int64_t stop) {
+        std::vector<scalar_t> cur(K * k), next(K * k), final_score(k);
+        std::vector<int32_t> prev_tag(T * K * k), prev_rank(T * K * k), final_tag(k), final_rank(k);
+        for (int64_t b = begin; b < stop; ++b) {
+          kbest_sequence(tr, em + b * T * K, len[b], T, k, tags_out + b * k * T, scores_out + b * k,
+                         cur.data(), next.data(), prev_tag.data(), prev_rank.data(),
+                         final_score.data(), final_tag.data(), final_rank.data());
+        }
+      });
+    }
+    propagate_nan_decoded(nan_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+                          len, &scores, &tags, nullptr);
   });
   return {tags, scores};
 }

@@ -181,3 +181,43 @@ def test_empty_batch_reduces_to_zero_on_both_paths(reduction):
             assert llh.item() == 0, backend
             llh.backward()
             assert torch.equal(crf.transitions.grad, torch.zeros(3, 3)), backend
+
+
+@pytest.mark.parametrize("where", ["emission", "transition"])
+@pytest.mark.parametrize("shape", [(2, 4, 3), (33, 20, 17), (5, 7, 300), (9, 6, 5)],
+                         ids=["small", "lanes", "wide", "strided"])
+def test_nan_scores_decode_and_marginalise_as_nan_on_both_paths(where, shape):
+    # It was: the CPU kernels' max comparisons skip NaN silently, so a sequence with a NaN
+    # emission (or every sequence, with a NaN transition score) got a finite best-path score,
+    # finite k-best paths and all-zero marginals, where the reference gives NaN.
+    B, T, K = shape
+    generator = torch.Generator().manual_seed(B * T + K)
+    crf = fastner.nn.CRF(K, batch_first=True)
+    emissions = torch.randn(B, T, K, generator=generator)
+    if shape == (9, 6, 5):  # a time-first view: strided rows
+        emissions = torch.randn(T, B, K, generator=generator).transpose(0, 1)
+    # from 2: a sequence of one token reads no transition score (the reference's is then
+    # finite; the kernels, like crf_forward's, call every non-empty sequence NaN)
+    lengths = torch.randint(2, T + 1, (B,), generator=generator)
+    lengths[0] = T
+    mask = torch.arange(T)[None] < lengths[:, None]
+    with torch.no_grad():
+        if where == "emission":
+            emissions[0, T - 1, K - 1] = float("nan")
+        else:
+            crf.transitions[0, K - 1] = float("nan")
+    results = {}
+    for backend in BACKENDS:
+        with testing.backend(backend), torch.no_grad():
+            tags, scores = crf.viterbi(emissions, mask)
+            k_tags, k_scores = crf.viterbi(emissions, mask, k=2)
+            marginals = crf.marginals(emissions, mask)
+        results[backend] = (torch.isnan(scores), torch.isnan(k_scores), k_tags[:, 0, 0] == -1,
+                            torch.isnan(marginals).flatten(1).any(1))
+    expected_nan = torch.zeros(B, dtype=torch.bool)
+    expected_nan[0 if where == "emission" else slice(None)] = True
+    fused, reference = results["fused"], results["reference"]
+    assert torch.equal(fused[0], expected_nan) and torch.equal(reference[0], expected_nan)
+    for got, want in zip(fused[1:], reference[1:]):
+        assert torch.equal(got.reshape(B, -1).any(1), want.reshape(B, -1).any(1))
+    assert torch.equal(fused[1].all(1), expected_nan) and torch.equal(fused[3], expected_nan)
