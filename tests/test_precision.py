@@ -86,7 +86,7 @@ def test_cli_precision(demo_tagger_dir, tmp_path, capsys):
 def test_serve_config_precisions():
     from fastner.serve.config import PRECISIONS, ServeConfig
 
-    assert {"float32", "int8", "bf16"} <= set(PRECISIONS)
+    assert {"fp32", "int8", "bf16"} <= set(PRECISIONS)  # the names tag, evaluate and export take
     assert ServeConfig(precision="int8").precision == "int8"
     with pytest.raises(ValueError, match="precision"):
         ServeConfig(precision="int4")
