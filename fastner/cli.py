@@ -62,6 +62,8 @@ COUNT = _int_from(1)  # batch sizes, epochs, hidden units, layers, ...
 # torch threads: OpenMP cannot start an unbounded number (measured: --threads 65536 hung after
 # "libgomp: Thread creation failed", 1000000 crashed with a segfault); 1024 is above any core count
 MAX_THREADS = 1024
+# the demo's generated corpus: ~80x the default, minutes of training; 10**9 generated for hours
+MAX_DEMO_SENTENCES = 100_000
 THREADS = _int_from(1, MAX_THREADS)
 SEED = _int_from(0, 2**63 - 1)
 
@@ -100,11 +102,15 @@ def _set_threads(threads: Optional[int]) -> None:
     """
     import torch
 
-    if threads is None:
-        if os.environ.get("OMP_NUM_THREADS"):
-            return
-        threads = 1
-    torch.set_num_threads(threads)
+    threads = threads if threads is not None else default_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def default_threads() -> Optional[int]:
+    """The torch threads of a command without --threads: None where OMP_NUM_THREADS is set (torch
+    has read it), else 1 (see _set_threads)."""
+    return None if os.environ.get("OMP_NUM_THREADS") else 1
 
 
 # (flag, attribute, the format it reads, its default): the format options of train, evaluate, convert
@@ -403,7 +409,10 @@ def cmd_info(args) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
-        "threads": torch.get_num_threads(),
+        # what tag, train, evaluate ... run on without --threads (torch's own default, which the
+        # Python API keeps, is torch_threads: reporting only that misled)
+        "threads": default_threads() or torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
@@ -539,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and try a small tagger on a generated financial-news corpus")
     p.add_argument("--seed", type=SEED, default=0, help="corpus and training seed (default 0)")
-    p.add_argument("--sentences", type=COUNT, default=1200, help="about this many training sentences to generate (default 1200)")
+    p.add_argument("--sentences", type=_int_from(1, MAX_DEMO_SENTENCES), default=1200,
+                   help=f"about this many training sentences to generate (at most {MAX_DEMO_SENTENCES}; default 1200)")
     p.add_argument("--epochs", type=COUNT, default=4, help="default 4")
     p.add_argument("--encoder", choices=["lstm", "gru", "rnn"], default="lstm", help="default lstm")
     p.add_argument("--out", help="keep the trained tagger in this directory")

@@ -98,10 +98,16 @@ def test_python_dash_m_runs_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "fastner: error:" in result.stderr
 
 
-def test_info_reports_backend_versions_threads(capsys):
+def test_info_reports_backend_versions_threads(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {"backend", "torch", "threads", "fastner"} <= set(data) and "cpu" in data["backend"]
+    # the threads the commands run on without --threads (it reported torch's default, 2 here,
+    # beside commands that run on 1), and torch's own
+    assert data["threads"] == 1 and data["torch_threads"] == torch.get_num_threads()
 
 
 def test_demo_small_run(capsys):
@@ -226,3 +232,14 @@ def test_help_names_each_options_real_default():
         stated = re.search(r"\(default:? ([^);]+)\)", action.help) or re.fullmatch(r"default (\S+)", action.help)
         if stated and action.default is not None:
             assert stated.group(1).split(" ")[0] == str(action.default), f"{where}: help {action.help!r}, default {action.default!r}"
+
+
+def test_demo_corpus_size_is_bounded(capsys):
+    # `fastner demo --sentences 1000000000` generated a corpus for hours
+    import pytest
+
+    with pytest.raises(SystemExit) as exit:
+        main(["demo", "--sentences", "1000000000"])
+    assert exit.value.code == 2
+    assert "argument --sentences: must be in [1, 100000]" in capsys.readouterr().err
+

@@ -174,3 +174,15 @@ def test_encoding_with_digit_normalisation_and_unknown_words():
     assert encoded.words == [words["0000"], words["paris"], words.unk_id]
     assert encoded.chars[0] == [chars["1"], chars["9"], chars["9"], chars["6"]]  # chars keep the digits
     assert encoded.tags is None
+
+
+def test_concatenated_files_keep_their_docstart(tmp_path):
+    # `cat a.conll b.conll` where b was saved with a byte-order mark: b's '-DOCSTART-' line was
+    # read as a token '\ufeff-DOCSTART-' of a sentence
+    from fastner.data.conll import read_conll
+
+    first = "-DOCSTART- -X- O O\n\nAnna NNP B-NP B-PER\n\n"
+    second = "\ufeff-DOCSTART- -X- O O\n\nOslo NNP B-NP B-LOC\n"
+    path = tmp_path / "both.conll"
+    path.write_bytes((first + second).encode("utf-8"))
+    assert [s.tokens for s in read_conll(str(path))] == [["Anna"], ["Oslo"]]

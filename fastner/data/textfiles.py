@@ -31,7 +31,7 @@ def check_data_file(path: str, what: str = "data file") -> None:
 
 def utf8_lines(source: IO, name: str, records: bool = True) -> Iterator[Tuple[int, str]]:
     """(line number, text) of each line of a binary or text stream; a leading byte-order mark is
-    dropped; bytes that are not UTF-8 raise DataFormatError('NAME:LINE: not UTF-8 ...').
+    dropped (at every record's start: files are concatenated); bytes that are not UTF-8 raise DataFormatError('NAME:LINE: not UTF-8 ...').
 
     records: each line is a record (CoNLL, JSONL, tokens, vectors), so a carriage return inside
     one is a DataFormatError: a file with CR-only line ends is one line, whose CRs split() takes
@@ -46,7 +46,9 @@ def utf8_lines(source: IO, name: str, records: bool = True) -> Iterator[Tuple[in
                     "save the text as UTF-8") from None
         else:
             line = raw
-        if line_no == 1 and line.startswith(BOM):
+        # a record's line starting with a byte-order mark is the start of a file concatenated
+        # onto another (cat a.conll b.conll): its '-DOCSTART-' read as a token otherwise
+        if (line_no == 1 or records) and line.startswith(BOM):
             line = line[len(BOM):]
         if records and "\r" in line.rstrip("\r\n"):
             raise DataFormatError(f"{name}:{line_no}: a carriage return (\\r) inside the line: the file's lines "
