@@ -5,6 +5,9 @@ list, or a stream.
     predict(["raw text", ...])         -> a list of document results
     predict([["tok", ...], ...])       -> a list of sentence results (pre-tokenized, as before)
     predict(iterable of either kind)   -> a generator, reading ahead a bounded number of sentences
+                                          (groups of ~STREAM_BATCHES x batch_size: a result comes
+                                          when its group is read; `fastner tag` on a live pipe
+                                          tags what has arrived instead: tag_io.arrived_groups)
 
 A document result: {"entities": [{"start", "end", "label", "text", "score"}], "sentences":
 [{"start", "end", "tokens", "offsets", "tags"}]} with character offsets into the document
