@@ -239,8 +239,12 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
 
 
 def _log_normalize(x: Tensor) -> Tensor:
-    """x - logsumexp(x) over the last dim; rows that are all -inf stay -inf."""
-    return x - _logsumexp(x, dim=-1).unsqueeze(-1).nan_to_num(neginf=0.0)
+    """x - logsumexp(x) over the last dim; rows that are all -inf stay -inf.
+
+    A row holding +inf becomes NaN (inf - inf): nan_to_num's default turned that +inf into the
+    largest float, which gave a sequence with a +inf emission the all-zero marginals of a
+    sequence without an allowed path (its log Z is +inf, its gradient NaN)."""
+    return x - _logsumexp(x, dim=-1).unsqueeze(-1).nan_to_num(neginf=0.0, posinf=float("inf"))
 
 
 def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,

@@ -4,7 +4,7 @@
 //     sequences side by side in vector lanes, in length order;
 //   * per sequence (csrc/cpu/crf_sequence.h, crf_sequence_decode.h): float64, small batches,
 //     and the sequences the lanes flag (their normaliser underflowed), in exact log space.
-// Shared batch terms (gold path, NaN propagation): csrc/cpu/crf_gold_nan.h.
+// Shared batch terms (gold path, NaN and +inf propagation): csrc/cpu/crf_gold_nan.h.
 // Parallel over the batch (at::parallel_for); results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -124,8 +124,8 @@ std::tuple<Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
     });
   });
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward", [&] {
-    propagate_nan(nan_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in, exact),
-                  len, &log_z, nullptr, {});
+    propagate_poison(poisoned_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in, exact),
+                     len, &log_z, nullptr, {});
   });
   return {log_z, gold};
 }
@@ -258,8 +258,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
     }
   });
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_gradients", [&] {
-    propagate_nan(nan_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in, exact),
-                  len, log_z, &grad_emissions, {&grad_transitions, &grad_start, &grad_end});
+    propagate_poison(poisoned_sequences<scalar_t>(emissions, len, transitions_in, start_in, end_in, exact),
+                     len, log_z, &grad_emissions, {&grad_transitions, &grad_start, &grad_end});
   });
   if (emissions_in.scalar_type() != acc_type) grad_emissions = grad_emissions.to(emissions_in.scalar_type());
   return {grad_emissions, grad_transitions, grad_start, grad_end};
@@ -323,8 +323,8 @@ Tensor crf_marginals_cpu(const Tensor& emissions_in, const Tensor& lengths_in,
         }
       });
     }
-    propagate_nan_decoded(nan_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
-                          len, nullptr, nullptr, &marginals);
+    propagate_decoded(poisoned_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+                      len, nullptr, nullptr, &marginals);
   });
   return marginals;
 }
@@ -357,8 +357,8 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
         }
       });
     }
-    propagate_nan_decoded(nan_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
-                          len, &scores, nullptr, nullptr);
+    propagate_decoded(poisoned_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+                      len, &scores, nullptr, nullptr);
   });
   return {tags, scores};
 }
@@ -394,8 +394,8 @@ std::tuple<Tensor, Tensor> crf_kbest_cpu(const Tensor& emissions_in, const Tenso
         }
       });
     }
-    propagate_nan_decoded(nan_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
-                          len, &scores, &tags, nullptr);
+    propagate_decoded(poisoned_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+                      len, &scores, &tags, nullptr);
   });
   return {tags, scores};
 }

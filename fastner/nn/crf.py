@@ -46,6 +46,12 @@ class CRF(nn.Module):
     rule out its length) has log Z = -inf and log-likelihood NaN (-inf minus -inf); decode and
     viterbi give it some in-range path with score -inf, k-best rows of tags -1 and score -inf,
     marginals zeros. Fused and reference paths agree on this.
+
+    A sequence with a NaN or +inf score in its length (a float16 overflow gives +inf) has log Z
+    NaN, or +inf where it reads no NaN and its +inf meets no -inf score; its log-likelihood
+    follows; its emission gradients and the (shared) transition gradients are NaN, so that
+    checks for non-finite gradients (torch.amp.GradScaler) see it; viterbi scores it as log Z,
+    k-best rows hold tags -1 and that score, marginals are NaN. Fused and reference paths agree.
     """
 
     def __init__(self, num_tags: int, batch_first: bool = False,
