@@ -372,6 +372,61 @@ def test_body_over_the_limit_gets_413(tagger):
     assert small.status_code == 200
 
 
+async def _stalling(first: bytes):
+    """A request body that sends `first`, then nothing more while the connection stays open."""
+    yield first
+    await asyncio.Event().wait()
+
+
+def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(tagger):
+    # It was: a body shorter than its Content-Length, or a chunked body that stalled, held its
+    # connection and handler for as long as the client waited (uvicorn has no body timeout)
+    app = create_app(tagger, ServeConfig(body_timeout_s=0.05))
+    start = b'{"documents": ["Peter vis'
+
+    async def interact(client):
+        headers = {"content-type": "application/json"}
+        short = await client.post("/v1/entities", content=_stalling(start), headers={**headers, "content-length": "100"})
+        chunked = await client.post("/v1/entities", content=_stalling(start), headers=headers)
+        after = await post(client, {"documents": ["Peter visited Germany."]})
+        return short, chunked, after, (await client.get("/metrics")).text
+
+    short, chunked, after, metrics = run_app(app, interact)
+    assert "content-length" not in chunked.request.headers
+    for response in (short, chunked):
+        assert response.status_code == 408, response.text
+        assert response.headers["connection"] == "close"
+        assert response.json()["field"] == "body" and "--body-timeout-s" in response.json()["error"]
+        assert f"{len(start)} bytes received" in response.json()["error"]
+    assert after.status_code == 200
+    assert 'fastner_requests_total{route="/v1/entities",status="408"} 2.0' in metrics
+
+
+def test_a_slow_body_that_keeps_coming_is_not_cut(tagger):
+    # the timeout bounds the gap between chunks, not the whole upload: a full-size body arriving
+    # slowly (here over 16 times the timeout's length) is answered
+    timeout = 0.5
+    app = create_app(tagger, ServeConfig(body_timeout_s=timeout))
+    body = json.dumps({"documents": ["Peter visited Germany."]}).encode()
+    body += b" " * (ServeConfig().max_body_bytes - len(body))  # JSON whitespace up to the limit: 1 MiB
+    chunk = len(body) // 16
+
+    async def slowly():
+        for offset in range(0, len(body), chunk):
+            await asyncio.sleep(timeout / 10)
+            yield body[offset:offset + chunk]
+
+    async def interact(client):
+        started = asyncio.get_running_loop().time()
+        response = await client.post("/v1/entities", content=slowly(), headers={"content-type": "application/json"})
+        return response, asyncio.get_running_loop().time() - started
+
+    response, seconds = run_app(app, interact)
+    assert seconds > timeout  # the upload outlasted the timeout
+    assert response.status_code == 200, response.text
+    assert response.json()["documents"][0]["entities"] is not None
+
+
 def test_too_many_or_too_long_documents_get_413_naming_them(tagger):
     app = create_app(tagger, ServeConfig(max_documents=3, max_document_tokens=10, max_batch_tokens=64))
 
@@ -670,11 +725,41 @@ def test_batcher_skips_jobs_whose_request_is_gone():
     assert calls == [["a", "c"], ["f"]]
 
 
+def test_deadlines_run_what_is_due_and_forget_a_finished_loop():
+    from fastner.serve.deadlines import Deadlines
+
+    deadlines = Deadlines(0.001)
+    fired = []
+
+    async def main(keys):
+        done = asyncio.Event()
+        deadlines.add("gone", 0.0, fired.append)
+        deadlines.discard("gone")  # discarded before it was due: never runs
+        for key in keys:
+            deadlines.add(key, 0.0, fired.append)
+        deadlines.add("last", 0.002, lambda key: (fired.append(key), done.set()))
+        await done.wait()
+
+    asyncio.run(main(["a", "b"]))
+    assert fired == ["a", "b", "last"]
+    # an entry left pending on a loop that has ended is dropped, not run on the next loop
+    asyncio.run(_add_and_leave(deadlines, fired))
+    fired.clear()
+    asyncio.run(main(["c"]))
+    assert fired == ["c", "last"]
+
+
+async def _add_and_leave(deadlines, fired):
+    deadlines.add("stale", 0.0, fired.append)  # due, but the loop ends before its sweep
+
+
 @pytest.mark.parametrize("options, message", [
     ({"max_batch_tokens": 0}, "max-batch-tokens"),
     ({"max_wait_ms": -1}, "max-wait-ms"),
     ({"max_wait_ms": float("nan")}, "max-wait-ms"),
     ({"max_wait_ms": 1e9}, "max-wait-ms"),
+    ({"body_timeout_s": 0}, "body-timeout-s"),
+    ({"body_timeout_s": float("inf")}, "body-timeout-s"),
     ({"max_queue": 0}, "max-queue"),
     ({"max_document_tokens": 5000}, "must not exceed"),
     ({"max_request_tokens": 0}, "max-request-tokens"),

@@ -209,8 +209,9 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "max_nbest": model_adapter.MAX_NBEST,
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
                      "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
-        "limits": {"max_body_bytes": config.max_body_bytes, "max_documents": config.max_documents,
-                   "max_document_tokens": config.max_document_tokens, "max_request_tokens": config.max_request_tokens},
+        "limits": {"max_body_bytes": config.max_body_bytes, "body_timeout_s": config.body_timeout_s,
+                   "max_documents": config.max_documents, "max_document_tokens": config.max_document_tokens,
+                   "max_request_tokens": config.max_request_tokens},
     }
 
 
@@ -362,6 +363,6 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         # UTF-8 cannot encode
         return Response(json.dumps({"documents": documents}).encode("ascii"), media_type="application/json")
 
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s too
     return app
