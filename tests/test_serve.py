@@ -555,6 +555,74 @@ def test_full_queue_gets_503_with_retry_after(tagger, monkeypatch):
     assert running.status_code == 200 and queued.status_code == 200
 
 
+def _leaving_client(app, body: dict):
+    """Call the ASGI app as a server would for a client that sends `body`, then stays until
+    `left` is set and disconnects: (the app's task, `left`, the messages the app sent)."""
+    payload = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/entities", "raw_path": b"/v1/entities", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    left, sent, body_sent = asyncio.Event(), [], []
+
+    async def receive():
+        if not body_sent:
+            body_sent.append(True)
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await left.wait()  # what a server's receive() does after the body
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    return asyncio.ensure_future(app(scope, receive, send)), left, sent
+
+
+def test_a_client_that_leaves_costs_no_model_work(tagger, monkeypatch):
+    # It was: a client that disconnected while its request was queued was not noticed, and its
+    # documents still ran on the model (under overload, clients time out and retry: work nobody reads)
+    gate = Gate(monkeypatch)
+    seen = []
+    gated = model_adapter.predict_documents
+
+    def recording(tagger, texts, nbest=1):
+        seen.append(list(texts))
+        return gated(tagger, texts, nbest)
+
+    monkeypatch.setattr(model_adapter, "predict_documents", recording)
+    # a short body timeout: it must not cut the wait for the disconnect that follows the body
+    app = create_app(tagger, ServeConfig(max_wait_ms=0, body_timeout_s=0.01))
+
+    async def interact(client):
+        running, running_left, running_sent = _leaving_client(app, {"documents": ["GATE Peter visited Germany."]})
+        await asyncio.to_thread(gate.entered.wait, 60)  # its batch runs on the worker, held
+        queued, queued_left, queued_sent = _leaving_client(app, {"documents": ["QUEUED Omar Haddad said."]})
+        while app.state.batcher.queue_depth < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # longer than the body timeout: still waiting, not refused
+        assert not queued.done() and not running.done()
+        queued_left.set()
+        running_left.set()
+        # both handlers end now, the worker still held: not after their batches
+        done, _ = await asyncio.wait({queued, running}, timeout=30)
+        finished_while_held = len(done) == 2 and not gate.release.is_set()
+        gate.release.set()
+        await asyncio.gather(queued, running)
+        after = await post(client, {"documents": ["AFTER Ingrid Lindqvist said."]})
+        return finished_while_held, queued_sent, running_sent, after, (await client.get("/metrics")).text
+
+    finished_while_held, queued_sent, running_sent, after, metrics = run_app(app, interact)
+    assert finished_while_held
+    assert after.status_code == 200 and after.json()["documents"][0]["entities"] is not None
+    # the queued job was dropped; the running one finished with its batch (its result dropped)
+    marks = [text.split()[0] for texts in seen for text in texts]
+    assert [mark for mark in marks if mark in ("GATE", "QUEUED", "AFTER")] == ["GATE", "AFTER"]  # not the warm-up
+    for sent in (queued_sent, running_sent):
+        assert sent[0]["status"] == app_module.CLIENT_CLOSED == 499
+    assert 'fastner_requests_total{route="/v1/entities",status="499"} 2.0' in metrics
+    assert "fastner_queue_depth 0.0" in metrics
+
+
 def test_a_failing_model_call_answers_500_and_the_server_goes_on(tagger, monkeypatch):
     real = model_adapter.predict_documents
 
