@@ -555,9 +555,10 @@ def test_full_queue_gets_503_with_retry_after(tagger, monkeypatch):
     assert running.status_code == 200 and queued.status_code == 200
 
 
-def _leaving_client(app, body: dict):
-    """Call the ASGI app as a server would for a client that sends `body`, then stays until
-    `left` is set and disconnects: (the app's task, `left`, the messages the app sent)."""
+def _leaving_client(app, body: dict, sent_fraction: float = 1.0):
+    """Call the ASGI app as a server would for a client that sends `body` (the first
+    `sent_fraction` of it), then stays until `left` is set and disconnects: (the app's task,
+    `left`, the messages the app sent)."""
     payload = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/entities", "raw_path": b"/v1/entities", "query_string": b"", "root_path": "",
@@ -568,7 +569,8 @@ def _leaving_client(app, body: dict):
     async def receive():
         if not body_sent:
             body_sent.append(True)
-            return {"type": "http.request", "body": payload, "more_body": False}
+            return {"type": "http.request", "body": payload[:int(len(payload) * sent_fraction)],
+                    "more_body": sent_fraction < 1}
         await left.wait()  # what a server's receive() does after the body
         return {"type": "http.disconnect"}
 
@@ -621,6 +623,22 @@ def test_a_client_that_leaves_costs_no_model_work(tagger, monkeypatch):
         assert sent[0]["status"] == app_module.CLIENT_CLOSED == 499
     assert 'fastner_requests_total{route="/v1/entities",status="499"} 2.0' in metrics
     assert "fastner_queue_depth 0.0" in metrics
+
+
+def test_a_client_that_leaves_mid_body_counts_as_client_closed(tagger):
+    # It was: FastAPI answered the truncated body as "There was an error parsing the body", so
+    # /metrics counted a client's leaving as a malformed request (400)
+    app = create_app(tagger)
+
+    async def interact(client):
+        task, left, sent = _leaving_client(app, {"documents": [SENTENCE]}, sent_fraction=0.5)
+        left.set()
+        await task
+        return sent, (await client.get("/metrics")).text
+
+    sent, metrics = run_app(app, interact)
+    assert sent[0]["status"] == 499
+    assert 'fastner_requests_total{route="/v1/entities",status="499"} 1.0' in metrics and 'status="400"' not in metrics
 
 
 def test_a_failing_model_call_answers_500_and_the_server_goes_on(tagger, monkeypatch):

@@ -29,7 +29,7 @@ from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown
 from fastner.serve.config import ServeConfig
 from fastner.serve.deadlines import Deadlines
 from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
-from fastner.serve.problems import problem_body, problems_body
+from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body, problems_body
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 
@@ -188,9 +188,6 @@ def validation_problems(errors) -> List[dict]:
     return list(problems.values())
 
 
-# nginx's "client closed request": what /metrics counts for a request whose client left before
-# its answer (no answer is sent: there is nobody to read it)
-CLIENT_CLOSED = 499
 # Most answers come within a few milliseconds (--max-wait-ms and one model call): a request's
 # watch for its client's disconnect (a task, ~20 us) starts only once it has waited this long,
 # so those requests pay a dict entry (fastner.serve.deadlines). One that waits longer (a queue
@@ -424,8 +421,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         try:
             results = await watch.result(future, http.receive)
         except ClientClosed:
-            return JSONResponse(status_code=CLIENT_CLOSED, content=problem_body(
-                "request", "the client closed the connection before its answer", "client_closed"))
+            return JSONResponse(status_code=CLIENT_CLOSED, content=client_closed_body())
         except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
             return JSONResponse(status_code=500, content={"error": f"the model call failed: {type(err).__name__}: {err}"})
         documents = [result if doc_id is None else {"id": doc_id, **result} for doc_id, result in zip(ids, results)]

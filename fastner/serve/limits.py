@@ -21,7 +21,7 @@ import json
 from starlette.exceptions import HTTPException
 
 from fastner.serve.deadlines import Deadlines
-from fastner.serve.problems import problem_body
+from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body
 
 class BodyRefused(HTTPException):
     """Raised from inside receive(): an HTTPException, so the framework's body parsing passes
@@ -35,6 +35,14 @@ class BodyRefused(HTTPException):
 class BodyTooLarge(BodyRefused):
     def __init__(self, detail: dict):
         super().__init__(413, detail)
+
+
+class BodyAbandoned(BodyRefused):
+    """The client disconnected before its body was complete: counted as CLIENT_CLOSED, like a
+    client that leaves while its request is queued (FastAPI answered it as a malformed body, 400)."""
+
+    def __init__(self):
+        super().__init__(CLIENT_CLOSED, client_closed_body())
 
 
 class BodyTimeout(BodyRefused):
@@ -113,6 +121,8 @@ class BodyLimit:
                 if received > self.max_bytes:
                     raise self._too_large()
                 body_complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                raise BodyAbandoned()
             return message
 
         async def tracking_send(message):
