@@ -777,6 +777,23 @@ def test_batcher_refuses_over_max_queue_and_after_stop():
     asyncio.run(main())
 
 
+def test_a_full_queue_makes_room_for_jobs_whose_request_is_gone():
+    # It was: cancelled jobs (their clients left) kept their places until the worker looked, after
+    # the batch it was running, and a live request was refused 503 for them
+    async def main():
+        batcher = Batcher(lambda texts, nbest: [{} for _ in texts], max_queue=2)
+        batcher._thread = threading.current_thread()  # accept jobs without a worker taking them
+        gone, kept = batcher.submit(["a"], 3), batcher.submit(["b"], 4)
+        gone.cancel()
+        batcher.submit(["c"], 5)
+        assert [job.texts for job in batcher._queue] == [["b"], ["c"]] and batcher._queued_tokens == 9
+        with pytest.raises(QueueFull):  # full of live jobs: refused as before
+            batcher.submit(["d"], 1)
+        batcher._thread = None
+
+    asyncio.run(main())
+
+
 def test_batcher_stop_finishes_queued_jobs():
     results, calls = _job_batches([(["a"], 1, 1), (["b"], 1, 1)], max_batch_tokens=1, max_wait_ms=0)
     assert [r[0]["text"] for r in results] == ["a", "b"] and len(calls) == 2
