@@ -783,7 +783,8 @@ def test_a_full_queue_makes_room_for_jobs_whose_request_is_gone():
     async def main():
         batcher = Batcher(lambda texts, nbest: [{} for _ in texts], max_queue=2)
         batcher._thread = threading.current_thread()  # accept jobs without a worker taking them
-        gone, kept = batcher.submit(["a"], 3), batcher.submit(["b"], 4)
+        gone = batcher.submit(["a"], 3)
+        batcher.submit(["b"], 4)
         gone.cancel()
         batcher.submit(["c"], 5)
         assert [job.texts for job in batcher._queue] == [["b"], ["c"]] and batcher._queued_tokens == 9

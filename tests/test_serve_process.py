@@ -108,6 +108,7 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
     (["serve", "{model}", "--max-request-tokens", "0"], "argument --max-request-tokens"),
     (["serve", "{model}", "--port", "70000"], "argument --port: must be in [0, 65535]"),
     (["serve", "{model}", "--max-wait-ms", "nan"], "argument --max-wait-ms"),
+    (["serve", "{model}", "--body-timeout-s", "0"], "argument --body-timeout-s: must be a finite number in (0, 600]"),
     (["serve", "{model}", "--threads", "0"], "argument --threads: must be in [1, 1024], got 0"),
     # the other commands' bound: OpenMP hangs or crashes asked for tens of thousands of threads
     (["serve", "{model}", "--threads", "65536"], "argument --threads: must be in [1, 1024], got 65536"),

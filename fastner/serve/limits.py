@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from fastner.serve.deadlines import Deadlines
 from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body
 
+
 class BodyRefused(HTTPException):
     """Raised from inside receive(): an HTTPException, so the framework's body parsing passes
     it on (it turns other errors into 400) and the app's handler answers with its status and
@@ -54,8 +55,8 @@ class BodyTimeout(BodyRefused):
 async def _send_json(send, status: int, body: dict, headers: dict = None) -> None:
     payload = json.dumps(body).encode()
     extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
     await send({"type": "http.response.body", "body": payload})
 
 

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per request, all documents together (default {defaults.max_request_tokens})")
     parser.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes,
                         help=f"request body limit (default {defaults.max_body_bytes})")
-    parser.add_argument("--body-timeout-s", type=_float_in(0, MAX_BODY_TIMEOUT_S, low_open=True), default=defaults.body_timeout_s,
+    parser.add_argument("--body-timeout-s", type=_float_in(0, MAX_BODY_TIMEOUT_S, low_open=True),
+                        default=defaults.body_timeout_s,
                         help="408 once no part of a request body has come for this long: a stalled upload, not a "
                              f"slow one (default {defaults.body_timeout_s:g})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
