@@ -372,6 +372,61 @@ def test_body_over_the_limit_gets_413(tagger):
     assert small.status_code == 200
 
 
+async def _stalling(first: bytes):
+    """A request body that sends `first`, then nothing more while the connection stays open."""
+    yield first
+    await asyncio.Event().wait()
+
+
+def test_a_body_that_stops_arriving_gets_408_and_the_connection_closed(tagger):
+    # It was: a body shorter than its Content-Length, or a chunked body that stalled, held its
+    # connection and handler for as long as the client waited (uvicorn has no body timeout)
+    app = create_app(tagger, ServeConfig(body_timeout_s=0.05))
+    start = b'{"documents": ["Peter vis'
+
+    async def interact(client):
+        headers = {"content-type": "application/json"}
+        short = await client.post("/v1/entities", content=_stalling(start), headers={**headers, "content-length": "100"})
+        chunked = await client.post("/v1/entities", content=_stalling(start), headers=headers)
+        after = await post(client, {"documents": ["Peter visited Germany."]})
+        return short, chunked, after, (await client.get("/metrics")).text
+
+    short, chunked, after, metrics = run_app(app, interact)
+    assert "content-length" not in chunked.request.headers
+    for response in (short, chunked):
+        assert response.status_code == 408, response.text
+        assert response.headers["connection"] == "close"
+        assert response.json()["field"] == "body" and "--body-timeout-s" in response.json()["error"]
+        assert f"{len(start)} bytes received" in response.json()["error"]
+    assert after.status_code == 200
+    assert 'fastner_requests_total{route="/v1/entities",status="408"} 2.0' in metrics
+
+
+def test_a_slow_body_that_keeps_coming_is_not_cut(tagger):
+    # the timeout bounds the gap between chunks, not the whole upload: a full-size body arriving
+    # slowly (here over 16 times the timeout's length) is answered
+    timeout = 0.5
+    app = create_app(tagger, ServeConfig(body_timeout_s=timeout))
+    body = json.dumps({"documents": ["Peter visited Germany."]}).encode()
+    body += b" " * (ServeConfig().max_body_bytes - len(body))  # JSON whitespace up to the limit: 1 MiB
+    chunk = len(body) // 16
+
+    async def slowly():
+        for offset in range(0, len(body), chunk):
+            await asyncio.sleep(timeout / 10)
+            yield body[offset:offset + chunk]
+
+    async def interact(client):
+        started = asyncio.get_running_loop().time()
+        response = await client.post("/v1/entities", content=slowly(), headers={"content-type": "application/json"})
+        return response, asyncio.get_running_loop().time() - started
+
+    response, seconds = run_app(app, interact)
+    assert seconds > timeout  # the upload outlasted the timeout
+    assert response.status_code == 200, response.text
+    assert response.json()["documents"][0]["entities"] is not None
+
+
 def test_too_many_or_too_long_documents_get_413_naming_them(tagger):
     app = create_app(tagger, ServeConfig(max_documents=3, max_document_tokens=10, max_batch_tokens=64))
 
@@ -498,6 +553,92 @@ def test_full_queue_gets_503_with_retry_after(tagger, monkeypatch):
     assert "--max-queue 1" in refused.json()["error"]
     assert "fastner_queue_depth 1.0" in depth
     assert running.status_code == 200 and queued.status_code == 200
+
+
+def _leaving_client(app, body: dict, sent_fraction: float = 1.0):
+    """Call the ASGI app as a server would for a client that sends `body` (the first
+    `sent_fraction` of it), then stays until `left` is set and disconnects: (the app's task,
+    `left`, the messages the app sent)."""
+    payload = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/entities", "raw_path": b"/v1/entities", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    left, sent, body_sent = asyncio.Event(), [], []
+
+    async def receive():
+        if not body_sent:
+            body_sent.append(True)
+            return {"type": "http.request", "body": payload[:int(len(payload) * sent_fraction)],
+                    "more_body": sent_fraction < 1}
+        await left.wait()  # what a server's receive() does after the body
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    return asyncio.ensure_future(app(scope, receive, send)), left, sent
+
+
+def test_a_client_that_leaves_costs_no_model_work(tagger, monkeypatch):
+    # It was: a client that disconnected while its request was queued was not noticed, and its
+    # documents still ran on the model (under overload, clients time out and retry: work nobody reads)
+    gate = Gate(monkeypatch)
+    seen = []
+    gated = model_adapter.predict_documents
+
+    def recording(tagger, texts, nbest=1):
+        seen.append(list(texts))
+        return gated(tagger, texts, nbest)
+
+    monkeypatch.setattr(model_adapter, "predict_documents", recording)
+    # a short body timeout: it must not cut the wait for the disconnect that follows the body
+    app = create_app(tagger, ServeConfig(max_wait_ms=0, body_timeout_s=0.01))
+
+    async def interact(client):
+        running, running_left, running_sent = _leaving_client(app, {"documents": ["GATE Peter visited Germany."]})
+        await asyncio.to_thread(gate.entered.wait, 60)  # its batch runs on the worker, held
+        queued, queued_left, queued_sent = _leaving_client(app, {"documents": ["QUEUED Omar Haddad said."]})
+        while app.state.batcher.queue_depth < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # longer than the body timeout: still waiting, not refused
+        assert not queued.done() and not running.done()
+        queued_left.set()
+        running_left.set()
+        # both handlers end now, the worker still held: not after their batches
+        done, _ = await asyncio.wait({queued, running}, timeout=30)
+        finished_while_held = len(done) == 2 and not gate.release.is_set()
+        gate.release.set()
+        await asyncio.gather(queued, running)
+        after = await post(client, {"documents": ["AFTER Ingrid Lindqvist said."]})
+        return finished_while_held, queued_sent, running_sent, after, (await client.get("/metrics")).text
+
+    finished_while_held, queued_sent, running_sent, after, metrics = run_app(app, interact)
+    assert finished_while_held
+    assert after.status_code == 200 and after.json()["documents"][0]["entities"] is not None
+    # the queued job was dropped; the running one finished with its batch (its result dropped)
+    marks = [text.split()[0] for texts in seen for text in texts]
+    assert [mark for mark in marks if mark in ("GATE", "QUEUED", "AFTER")] == ["GATE", "AFTER"]  # not the warm-up
+    for sent in (queued_sent, running_sent):
+        assert sent[0]["status"] == app_module.CLIENT_CLOSED == 499
+    assert 'fastner_requests_total{route="/v1/entities",status="499"} 2.0' in metrics
+    assert "fastner_queue_depth 0.0" in metrics
+
+
+def test_a_client_that_leaves_mid_body_counts_as_client_closed(tagger):
+    # It was: FastAPI answered the truncated body as "There was an error parsing the body", so
+    # /metrics counted a client's leaving as a malformed request (400)
+    app = create_app(tagger)
+
+    async def interact(client):
+        task, left, sent = _leaving_client(app, {"documents": [SENTENCE]}, sent_fraction=0.5)
+        left.set()
+        await task
+        return sent, (await client.get("/metrics")).text
+
+    sent, metrics = run_app(app, interact)
+    assert sent[0]["status"] == 499
+    assert 'fastner_requests_total{route="/v1/entities",status="499"} 1.0' in metrics and 'status="400"' not in metrics
 
 
 def test_a_failing_model_call_answers_500_and_the_server_goes_on(tagger, monkeypatch):
@@ -636,6 +777,24 @@ def test_batcher_refuses_over_max_queue_and_after_stop():
     asyncio.run(main())
 
 
+def test_a_full_queue_makes_room_for_jobs_whose_request_is_gone():
+    # It was: cancelled jobs (their clients left) kept their places until the worker looked, after
+    # the batch it was running, and a live request was refused 503 for them
+    async def main():
+        batcher = Batcher(lambda texts, nbest: [{} for _ in texts], max_queue=2)
+        batcher._thread = threading.current_thread()  # accept jobs without a worker taking them
+        gone = batcher.submit(["a"], 3)
+        batcher.submit(["b"], 4)
+        gone.cancel()
+        batcher.submit(["c"], 5)
+        assert [job.texts for job in batcher._queue] == [["b"], ["c"]] and batcher._queued_tokens == 9
+        with pytest.raises(QueueFull):  # full of live jobs: refused as before
+            batcher.submit(["d"], 1)
+        batcher._thread = None
+
+    asyncio.run(main())
+
+
 def test_batcher_stop_finishes_queued_jobs():
     results, calls = _job_batches([(["a"], 1, 1), (["b"], 1, 1)], max_batch_tokens=1, max_wait_ms=0)
     assert [r[0]["text"] for r in results] == ["a", "b"] and len(calls) == 2
@@ -670,11 +829,41 @@ def test_batcher_skips_jobs_whose_request_is_gone():
     assert calls == [["a", "c"], ["f"]]
 
 
+def test_deadlines_run_what_is_due_and_forget_a_finished_loop():
+    from fastner.serve.deadlines import Deadlines
+
+    deadlines = Deadlines(0.001)
+    fired = []
+
+    async def main(keys):
+        done = asyncio.Event()
+        deadlines.add("gone", 0.0, fired.append)
+        deadlines.discard("gone")  # discarded before it was due: never runs
+        for key in keys:
+            deadlines.add(key, 0.0, fired.append)
+        deadlines.add("last", 0.002, lambda key: (fired.append(key), done.set()))
+        await done.wait()
+
+    asyncio.run(main(["a", "b"]))
+    assert fired == ["a", "b", "last"]
+    # an entry left pending on a loop that has ended is dropped, not run on the next loop
+    asyncio.run(_add_and_leave(deadlines, fired))
+    fired.clear()
+    asyncio.run(main(["c"]))
+    assert fired == ["c", "last"]
+
+
+async def _add_and_leave(deadlines, fired):
+    deadlines.add("stale", 0.0, fired.append)  # due, but the loop ends before its sweep
+
+
 @pytest.mark.parametrize("options, message", [
     ({"max_batch_tokens": 0}, "max-batch-tokens"),
     ({"max_wait_ms": -1}, "max-wait-ms"),
     ({"max_wait_ms": float("nan")}, "max-wait-ms"),
     ({"max_wait_ms": 1e9}, "max-wait-ms"),
+    ({"body_timeout_s": 0}, "body-timeout-s"),
+    ({"body_timeout_s": float("inf")}, "body-timeout-s"),
     ({"max_queue": 0}, "max-queue"),
     ({"max_document_tokens": 5000}, "must not exceed"),
     ({"max_request_tokens": 0}, "max-request-tokens"),

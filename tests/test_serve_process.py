@@ -1,8 +1,10 @@
 """The real `fastner serve` process on a free loopback port: it answers, finishes an in-flight
-request on SIGTERM and exits 0, and refuses bad startup options with `fastner: error:`."""
+request on SIGTERM and exits 0, refuses bad startup options with `fastner: error:`, and does no
+work for a client that left nor waits on one that stopped sending."""
 import json
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -14,7 +16,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from fastner.cli import main  # noqa: E402
-from fastner.serve.process import ServerProcess, get_json  # noqa: E402
+from fastner.serve.process import HOST, ServerProcess, get_json  # noqa: E402
+from fastner.serve.server import GRACEFUL_SHUTDOWN_SECONDS  # noqa: E402
 from tests.serve_testing import SENTENCE, tiny_model_dir  # noqa: E402
 
 
@@ -29,10 +32,41 @@ def post_json(url: str, body: dict, timeout: float = 60.0):
         return response.status, json.loads(response.read())
 
 
-def queue_depth(url: str) -> float:
+def metric(url: str, name: str) -> float:
+    """A sample of /metrics (`name` with its labels as written there); 0 if absent."""
     with urllib.request.urlopen(url + "metrics", timeout=10) as response:
         text = response.read().decode()
-    return float(re.search(r"^fastner_queue_depth (\S+)$", text, re.M).group(1))
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def queue_depth(url: str) -> float:
+    return metric(url, "fastner_queue_depth")
+
+
+def wait_until(condition, what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def send_raw(port: int, body: bytes, declared: int) -> socket.socket:
+    """A POST /v1/entities declaring `declared` bytes of body and sending `body`."""
+    connection = socket.create_connection((HOST, port), timeout=60)
+    connection.sendall(b"POST /v1/entities HTTP/1.1\r\nHost: fastner\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (declared, body))
+    return connection
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a socket.timeout if it never does)."""
+    answer = b""
+    while True:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
 
 
 def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
@@ -74,6 +108,7 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
     (["serve", "{model}", "--max-request-tokens", "0"], "argument --max-request-tokens"),
     (["serve", "{model}", "--port", "70000"], "argument --port: must be in [0, 65535]"),
     (["serve", "{model}", "--max-wait-ms", "nan"], "argument --max-wait-ms"),
+    (["serve", "{model}", "--body-timeout-s", "0"], "argument --body-timeout-s: must be a finite number in (0, 600]"),
     (["serve", "{model}", "--threads", "0"], "argument --threads: must be in [1, 1024], got 0"),
     # the other commands' bound: OpenMP hangs or crashes asked for tens of thousands of threads
     (["serve", "{model}", "--threads", "65536"], "argument --threads: must be in [1, 1024], got 65536"),
@@ -91,3 +126,43 @@ def test_serve_refuses_bad_startup_options(model_dir, tmp_path, capsys, argv, me
         torch.set_num_threads(previous)
     error = capsys.readouterr().err
     assert "fastner: error:" in error and message in error and "Traceback" not in error
+
+
+@pytest.mark.slow
+def test_serve_drops_the_work_of_clients_that_left_and_answers_stalled_bodies_408(model_dir):
+    # It was: a client that closed its socket while its request was queued still had its documents
+    # run on the model; a body shorter than its Content-Length held its connection with no answer
+    # (as long as the client waited), and a SIGTERM then took the whole graceful shutdown and ended
+    # with a CancelledError traceback and a plain-text 500
+    server = ServerProcess(model_dir, ["--body-timeout-s", "1", "--max-wait-ms", "1000", "--threads", "1"]).start()
+    try:
+        batches = metric(server.url, "fastner_batch_documents_count")  # the warm-up's
+        request = json.dumps({"documents": [SENTENCE]}).encode()
+        leaving = send_raw(server.port, request, len(request))
+        wait_until(lambda: queue_depth(server.url) >= 1, "the request never reached the queue")
+        leaving.close()  # while it waits its --max-wait-ms for others to join
+        wait_until(lambda: metric(server.url, 'fastner_requests_total{route="/v1/entities",status="499"}') == 1,
+                   "the client's leaving was not noticed")
+        wait_until(lambda: queue_depth(server.url) == 0, "the job stayed queued")
+        # the worker has looked at the job (the queue is empty) and dropped it
+        assert metric(server.url, "fastner_batch_documents_count") == batches
+
+        stalled = send_raw(server.port, request[:10], len(request))
+        answer = read_until_closed(stalled)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"connection: close" in answer.lower() and b"--body-timeout-s" in answer
+
+        stalled = send_raw(server.port, request[:10], len(request))
+        wait_until(lambda: metric(server.url, 'fastner_requests_total{route="/v1/entities",status="408"}') == 1,
+                   "the first stalled body was not counted")
+        started = time.monotonic()
+        server.terminate()  # while the second body is stalled
+        answer = read_until_closed(stalled)
+        code = server.stop()
+        seconds = time.monotonic() - started
+    finally:
+        server.stop()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert code == -signal.SIGTERM, server.final_log
+    assert seconds < GRACEFUL_SHUTDOWN_SECONDS, seconds  # it was the whole graceful shutdown, then a cancellation
+    assert "Traceback" not in server.final_log and "CancelledError" not in server.final_log, server.final_log

@@ -27,8 +27,9 @@ import fastner
 from fastner.serve import model as model_adapter
 from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown
 from fastner.serve.config import ServeConfig
+from fastner.serve.deadlines import Deadlines
 from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
-from fastner.serve.problems import problem_body, problems_body
+from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body, problems_body
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 
@@ -187,6 +188,67 @@ def validation_problems(errors) -> List[dict]:
     return list(problems.values())
 
 
+# Most answers come within a few milliseconds (--max-wait-ms and one model call): a request's
+# watch for its client's disconnect (a task, ~20 us) starts only once it has waited this long,
+# so those requests pay a dict entry (fastner.serve.deadlines). One that waits longer (a queue
+# under overload: when clients give up and retry) is watched from then on, and a client already
+# gone by then is seen at once (the server keeps the disconnect for the next receive()).
+WATCH_AFTER_S = 0.05
+
+
+class ClientClosed(Exception):
+    """The client disconnected before its answer; its job was cancelled."""
+
+
+async def cancel_when_client_leaves(receive, future: asyncio.Future) -> bool:
+    """Wait for the client to disconnect, then cancel `future` (its batcher job): the worker
+    drops a queued job whose future is cancelled, so a client that gave up costs no model work;
+    a job already in a running batch finishes with it, its result dropped. True once it
+    cancelled the future.
+
+    A receive() after the body returns {"type": "http.disconnect"} when the client goes, and
+    blocks until then (ASGI); any other message (a server that does not block) ends the watch
+    rather than spin."""
+    try:
+        if (await receive())["type"] != "http.disconnect":
+            return False
+    except Exception:  # noqa: BLE001 - nothing to watch: the request is answered as usual
+        return False
+    return future.cancel()
+
+
+class DisconnectWatch:
+    """`await watch.result(future, receive)`: the job's results, or ClientClosed if the client
+    disconnected first (watched once the request has waited WATCH_AFTER_S). A cancellation of
+    the request itself (uvicorn's, at the end of the graceful shutdown) propagates, and cancels
+    the job too."""
+
+    def __init__(self):
+        self._deadlines = Deadlines(WATCH_AFTER_S / 2)
+        self._receives: dict = {}  # future -> its request's receive, while the request waits
+        self._watches: dict = {}  # future -> its watch task, once started
+
+    def _start(self, future: asyncio.Future) -> None:
+        self._watches[future] = asyncio.ensure_future(cancel_when_client_leaves(self._receives[future], future))
+
+    async def result(self, future: asyncio.Future, receive):
+        self._receives[future] = receive
+        self._deadlines.add(future, WATCH_AFTER_S, self._start)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            watch = self._watches.get(future)
+            if watch is not None and watch.done() and not watch.cancelled() and watch.result():
+                raise ClientClosed() from None
+            raise
+        finally:
+            self._deadlines.discard(future)
+            del self._receives[future]
+            watch = self._watches.pop(future, None)
+            if watch is not None:
+                watch.cancel()
+
+
 # ---- the app -----------------------------------------------------------------------------------
 
 def model_info(tagger, config: ServeConfig) -> dict:
@@ -209,8 +271,9 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "max_nbest": model_adapter.MAX_NBEST,
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
                      "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
-        "limits": {"max_body_bytes": config.max_body_bytes, "max_documents": config.max_documents,
-                   "max_document_tokens": config.max_document_tokens, "max_request_tokens": config.max_request_tokens},
+        "limits": {"max_body_bytes": config.max_body_bytes, "body_timeout_s": config.body_timeout_s,
+                   "max_documents": config.max_documents, "max_document_tokens": config.max_document_tokens,
+                   "max_request_tokens": config.max_request_tokens},
     }
 
 
@@ -224,6 +287,7 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
                       max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms,
                       max_queue=config.max_queue, threads=config.threads, batching=config.batching)
     metrics = ServerMetrics(lambda: batcher.queue_depth)
+    watch = DisconnectWatch()
     batcher.on_batch = metrics.observe_batch
     info = model_info(tagger, config)
 
@@ -324,11 +388,12 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
     # of a small request's server time. EntitiesResponse still documents it in /docs.
     @app.post("/v1/entities", response_class=Response,
               responses={200: {"model": EntitiesResponse, "description": "per document, in order: its entities"},
+                         408: {"description": "the body stopped arriving (--body-timeout-s)"},
                          413: {"description": "body, documents, a document or the request's tokens over the limit"},
                          422: {"description": "malformed JSON or a wrong field (named in `field`)"},
                          503: {"description": "queue full or shutting down (Retry-After)"}})
     @annotate(request=request_model(config.max_documents))
-    async def entities(request: EntitiesRequest):
+    async def entities(request: EntitiesRequest, http: Request):
         """Entities with character offsets for each document, in the order given."""
         if request.nbest > model_adapter.MAX_NBEST:
             raise FieldError("nbest", f"this server gives at most {model_adapter.MAX_NBEST} analyses, got {request.nbest}")
@@ -354,7 +419,9 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
             return JSONResponse(status_code=503, content={"error": str(err)},
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         try:
-            results = await future
+            results = await watch.result(future, http.receive)
+        except ClientClosed:
+            return JSONResponse(status_code=CLIENT_CLOSED, content=client_closed_body())
         except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
             return JSONResponse(status_code=500, content={"error": f"the model call failed: {type(err).__name__}: {err}"})
         documents = [result if doc_id is None else {"id": doc_id, **result} for doc_id, result in zip(ids, results)]
@@ -362,6 +429,6 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         # UTF-8 cannot encode
         return Response(json.dumps({"documents": documents}).encode("ascii"), media_type="application/json")
 
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s too
     return app

@@ -120,11 +120,23 @@ class Batcher:
             if self._stopping or self._thread is None:
                 raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are queued (--max-queue {self.max_queue})")
+                self._drop_gone()
+                if len(self._queue) >= self.max_queue:
+                    raise QueueFull(f"{len(self._queue)} requests are queued (--max-queue {self.max_queue})")
             self._queue.append(job)
             self._queued_tokens += tokens
             self._condition.notify()
         return job.future
+
+    def _drop_gone(self) -> None:
+        """Drop the queued jobs whose request is gone (the lock is held): the worker would skip
+        them, but until it looks (after the batch it runs) they held places in a full queue, and
+        live requests were refused 503 for them, under overload, when clients give up the most."""
+        live = [job for job in self._queue if not job.future.cancelled()]
+        if len(live) < len(self._queue):
+            self._queue.clear()
+            self._queue.extend(live)
+            self._queued_tokens = sum(job.tokens for job in live)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Take no new jobs, finish the queued ones, and join the worker."""

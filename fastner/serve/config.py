@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 MAX_WAIT_MS = 60_000  # a minute: anything longer is a typo, not a batching policy
+MAX_BODY_TIMEOUT_S = 600.0  # ten minutes without a byte: no live client is that silent
 
 
 @dataclass
@@ -15,6 +16,10 @@ class ServeConfig:
     threads: int = 1  # torch intra-op threads of the model worker
     batching: bool = True  # False: one request per model call (the baseline)
     max_body_bytes: int = 1 << 20  # 413 above
+    # 408 once no part of a request's body has come for this long (fastner.serve.limits). Well
+    # under the 30 s graceful shutdown (server.GRACEFUL_SHUTDOWN_SECONDS), so that a stalled upload
+    # in flight at SIGTERM is answered before uvicorn gives up and cancels what is left.
+    body_timeout_s: float = 10.0
     max_documents: int = 256  # documents per request
     max_document_tokens: int = 2048  # tokens per document; must fit one model call
     # tokens per request, all documents together: bounds one request's model work (256 documents
@@ -30,6 +35,8 @@ class ServeConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS):
             raise ValueError(f"max-wait-ms must be in [0, {MAX_WAIT_MS}], got {self.max_wait_ms}")
+        if not (math.isfinite(self.body_timeout_s) and 0 < self.body_timeout_s <= MAX_BODY_TIMEOUT_S):
+            raise ValueError(f"body-timeout-s must be in (0, {MAX_BODY_TIMEOUT_S:g}], got {self.body_timeout_s}")
         if self.max_document_tokens > self.max_batch_tokens:
             raise ValueError(f"max-document-tokens ({self.max_document_tokens}) must not exceed "
                              f"max-batch-tokens ({self.max_batch_tokens}): a document must fit one model call")

@@ -1,38 +1,85 @@
-"""ASGI middleware: refuse a request body over `max_bytes` with 413, before it is parsed.
+"""ASGI middleware: the request body's limits, enforced before the body is parsed.
 
-A declared Content-Length over the limit is refused before any of the body is read; a chunked
-or understated body is counted as it arrives and cut off at the limit."""
+Size: a declared Content-Length over `max_bytes` is refused (413) before any of the body is read;
+a chunked or understated body is counted as it arrives and cut off at the limit.
+
+Time: a body that stops arriving (shorter than its Content-Length, or a chunked body that stalls)
+is answered 408 once no part of it has come for `timeout_s`, and the connection is closed; without
+it such a request held its connection and a handler for as long as the client kept the socket
+open, and a SIGTERM then waited out the whole graceful shutdown (uvicorn has no body timeout).
+The bound is on the gap between chunks, not on the whole body (as nginx's client_body_timeout and
+other proxies' body timeouts are): a stalled client is caught as soon, while a slow but
+progressing upload of a full `max_bytes` body is never cut, whatever its link's speed (a client
+dripping a byte now and then is not caught either: bounding connections is the proxy's part).
+Only the body is timed: a receive() after it (a handler watching for the client's disconnect)
+waits on."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.exceptions import HTTPException
 
-from fastner.serve.problems import problem_body
+from fastner.serve.deadlines import Deadlines
+from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body
 
 
-class BodyTooLarge(HTTPException):
+class BodyRefused(HTTPException):
     """Raised from inside receive(): an HTTPException, so the framework's body parsing passes
-    it on (it turns other errors into 400) and the app's handler answers 413."""
+    it on (it turns other errors into 400) and the app's handler answers with its status and
+    problem body."""
 
+    def __init__(self, status: int, detail: dict, headers: dict = None):
+        super().__init__(status, detail, headers)
+
+
+class BodyTooLarge(BodyRefused):
     def __init__(self, detail: dict):
         super().__init__(413, detail)
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+class BodyAbandoned(BodyRefused):
+    """The client disconnected before its body was complete: counted as CLIENT_CLOSED, like a
+    client that leaves while its request is queued (FastAPI answered it as a malformed body, 400)."""
+
+    def __init__(self):
+        super().__init__(CLIENT_CLOSED, client_closed_body())
+
+
+class BodyTimeout(BodyRefused):
+    def __init__(self, detail: dict):
+        # the rest of the body may still come: the connection cannot carry another request
+        super().__init__(408, detail, {"Connection": "close"})
+
+
+async def _send_json(send, status: int, body: dict, headers: dict = None) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
     await send({"type": "http.response.body", "body": payload})
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        # a stalled body is refused between timeout_s and 1.25 timeout_s after its last chunk
+        self._deadlines = Deadlines(timeout_s / 4)
+        self._expired = set()  # tasks cancelled by a body deadline: the only ones whose cancellation is a 408
 
-    def _refusal(self) -> dict:
-        return problem_body("body", f"request body over the limit of {self.max_bytes} bytes (--max-body-bytes)", "limit")
+    def _expire(self, task: asyncio.Task) -> None:
+        self._expired.add(task)
+        task.cancel()  # the task waits in receive(): its deadline is discarded once that returns
+
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(problem_body("body", f"request body over the limit of {self.max_bytes} bytes (--max-body-bytes)",
+                                         "limit"))
+
+    def _timeout(self, received: int) -> BodyTimeout:
+        return BodyTimeout(problem_body("body", f"no part of the request body came for {self.timeout_s:g} s "
+                                                f"(--body-timeout-s; {received} bytes received)", "timeout"))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -46,18 +93,37 @@ class BodyLimit:
                 await _send_json(send, 400, problem_body("content-length", "not a number", "header"))
                 return
             if too_large:
-                await _send_json(send, 413, self._refusal())
+                refusal = self._too_large()
+                await _send_json(send, refusal.status_code, refusal.detail)
                 return
         received = 0
+        body_complete = False
         started = False
+        task = asyncio.current_task()
 
         async def counting_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:  # what comes now is the disconnect, whenever it comes
+                return await receive()
+            self._deadlines.add(task, self.timeout_s, self._expire)
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if task not in self._expired:
+                    raise
+                self._expired.discard(task)
+                if hasattr(task, "uncancel"):  # Python >= 3.11: this cancellation is consumed here
+                    task.uncancel()
+                raise self._timeout(received) from None
+            finally:
+                self._deadlines.discard(task)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge(self._refusal())
+                    raise self._too_large()
+                body_complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                raise BodyAbandoned()
             return message
 
         async def tracking_send(message):
@@ -68,6 +134,6 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:  # raised outside the app's exception handling
+        except BodyRefused as refusal:  # raised outside the app's exception handling
             if not started:
-                await _send_json(send, 413, self._refusal())
+                await _send_json(send, refusal.status_code, refusal.detail, refusal.headers)

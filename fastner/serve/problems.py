@@ -15,3 +15,12 @@ def problems_body(problems: List[dict]) -> dict:
 def problem_body(field: str, message: str, kind: str) -> dict:
     """The answer's body for one problem."""
     return problems_body([{"field": field, "message": message, "type": kind}])
+
+
+# nginx's "client closed request": the status /metrics counts for a request whose client left
+# before its answer (the answer itself reaches nobody)
+CLIENT_CLOSED = 499
+
+
+def client_closed_body() -> dict:
+    return problem_body("request", "the client closed the connection before its answer", "client_closed")

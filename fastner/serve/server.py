@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from fastner.serve.config import MAX_WAIT_MS, PRECISIONS, ServeConfig, precision_name
+from fastner.serve.config import MAX_BODY_TIMEOUT_S, MAX_WAIT_MS, PRECISIONS, ServeConfig, precision_name
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 ONEDNN_PRIMITIVE_CACHE = 32
@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per request, all documents together (default {defaults.max_request_tokens})")
     parser.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes,
                         help=f"request body limit (default {defaults.max_body_bytes})")
+    parser.add_argument("--body-timeout-s", type=_float_in(0, MAX_BODY_TIMEOUT_S, low_open=True),
+                        default=defaults.body_timeout_s,
+                        help="408 once no part of a request body has come for this long: a stalled upload, not a "
+                             f"slow one (default {defaults.body_timeout_s:g})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     parser.add_argument("--threads", type=THREADS, default=1, help="torch threads of the model worker (default 1)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -73,6 +77,7 @@ def run(args) -> int:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
     config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          threads=args.threads, batching=not args.no_batching, max_body_bytes=args.max_body_bytes,
+                         body_timeout_s=args.body_timeout_s,
                          max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
                          max_request_tokens=args.max_request_tokens,
                          precision=args.precision)
