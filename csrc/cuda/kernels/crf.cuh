@@ -35,6 +35,13 @@
 // marginals of a sequence whose log Z is -inf are 0 (as in the reference, whose _logsumexp has a
 // zero gradient there). Viterbi and k-best use only additions and comparisons; ties resolve to
 // the lowest index (first maximum), as torch.max does.
+// NaN and +inf scores (the CPU contract: csrc/cpu/crf_gold_nan.h): the log-sum-exps give log Z
+// the reference's NaN or +inf (see nonfinite_max), and crf_backward and crf_marginals read that
+// log Z as the per-sequence flag (no extra pass): emission gradients and marginals NaN over the
+// length, the shared gradients NaN. Not yet followed: Viterbi and k-best (their comparisons skip
+// NaN), and a sequence of length 1 under a NaN or +inf transition score (it reads none: its log Z
+// stays finite here, NaN on CPU). Invalid lengths keep tags -1 (below); a NaN or +inf score will
+// keep a path, as on CPU, when Viterbi follows the contract.
 //
 // Invalid values that the CPU kernels reject with an exception cannot be checked on the host
 // without a device->host sync; the kernels check them per sequence and poison that sequence's
@@ -42,7 +49,7 @@
 // a tag outside [0, K) inside the length (gold score NaN; in crf_backward the sequence's
 // gradients and so the parameter gradients NaN).
 //
-// One file (~1180 lines): the CUDA side's unit is one torch-free header per op family, which
+// One file (~1200 lines): the CUDA side's unit is one torch-free header per op family, which
 // .ci/check_cuda_kernels.sh compiles alone and tests/ops/crf/test_crf_cuda_emulated.py runs
 // under the CPU emulation; the five ops share its groups, launch shapes and numeric helpers.
 // Sections, in order: limits and helpers, groups, launch shapes, crf_forward, crf_backward,
@@ -220,6 +227,18 @@ __device__ __forceinline__ Trans<A> stage_transitions(const A* transitions /* [K
   return Trans<A>{smem, stride};
 }
 
+// The three log-sum-exps below give the reference's (torch.logsumexp's) non-finite results: NaN
+// if a term is NaN, else +inf if one is +inf, else -inf if every term is -inf. Their max skips
+// NaN terms (a comparison with NaN is false), so when it is +-inf (no finite term: rare, or
+// constrained tags) they re-read the terms through nonfinite_max; a finite max needs nothing
+// (a NaN term makes the sum NaN). A +inf score meeting a -inf one gives a NaN term (inf - inf),
+// so log Z takes exactly the class the CPU's nonfinite_log_z computes (csrc/cpu/crf_gold_nan.h).
+// max(m, x) over m, x in {-inf, +inf, NaN}, NaN propagating.
+template <typename A>
+__device__ __forceinline__ A nonfinite_max(A m, A x) {
+  return (x != x || x > m) ? x : m;
+}
+
 // log sum_i exp(prev[i] + tr(i, j)) over i < K; -inf when every term is -inf.
 template <typename A>
 __device__ __forceinline__ A logsumexp_into(const A* prev /* [K] */, const Trans<A>& tr, int j,
@@ -229,7 +248,10 @@ __device__ __forceinline__ A logsumexp_into(const A* prev /* [K] */, const Trans
     const A v = prev[i] + tr(i, j);
     m = v > m ? v : m;
   }
-  if (m == -Num<A>::inf()) return m;
+  if (!(m > -Num<A>::inf() && m < Num<A>::inf())) {  // see nonfinite_max
+    for (int i = 0; i < K; ++i) m = nonfinite_max(m, prev[i] + tr(i, j));
+    return m;
+  }
   A s = 0;
   for (int i = 0; i < K; ++i) s += Num<A>::exp(prev[i] + tr(i, j) - m);
   return m + Num<A>::log(s);
@@ -244,7 +266,10 @@ __device__ __forceinline__ A logsumexp_from(const A* next /* [K] */, const Trans
     const A v = tr(j, k) + next[k];
     m = v > m ? v : m;
   }
-  if (m == -Num<A>::inf()) return m;
+  if (!(m > -Num<A>::inf() && m < Num<A>::inf())) {  // see nonfinite_max
+    for (int k = 0; k < K; ++k) m = nonfinite_max(m, tr(j, k) + next[k]);
+    return m;
+  }
   A s = 0;
   for (int k = 0; k < K; ++k) s += Num<A>::exp(tr(j, k) + next[k] - m);
   return m + Num<A>::log(s);
@@ -258,7 +283,10 @@ __device__ __forceinline__ A logsumexp_end(const A* v /* [K] */, const A* end /*
     const A x = v[j] + end[j];
     m = x > m ? x : m;
   }
-  if (m == -Num<A>::inf()) return m;
+  if (!(m > -Num<A>::inf() && m < Num<A>::inf())) {  // see nonfinite_max
+    for (int j = 0; j < K; ++j) m = nonfinite_max(m, v[j] + end[j]);
+    return m;
+  }
   A s = 0;
   for (int j = 0; j < K; ++j) s += Num<A>::exp(v[j] + end[j] - m);
   return m + Num<A>::log(s);
@@ -540,8 +568,14 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) backward_kernel(
       for (int64_t e = j; e < T * K; e += g.size) ge[e] = from_acc<E>(Num<A>::nan());
     } else {
       for (int64_t e = len * K + j; e < T * K; e += g.size) ge[e] = from_acc<E>(A(0));
-      if (len > 0) {
-        const A lz = log_z[b];
+      const A lz = len > 0 ? log_z[b] : A(0);
+      if (len > 0 && !(lz < Num<A>::inf())) {
+        // log Z NaN or +inf: the sequence met a NaN or +inf score (the log-sum-exps above):
+        // its emission gradients NaN over its length, the shared ones NaN (the CPU contract,
+        // csrc/cpu/crf_gold_nan.h). lz is group-uniform, so is the branch.
+        poisoned = true;
+        for (int64_t e = j; e < len * K; e += g.size) ge[e] = from_acc<E>(Num<A>::nan());
+      } else if (len > 0) {
         const bool live = !(lz == -Num<A>::inf());
         const A gl = live ? grad_log_z[b] : A(0);  // weight of the marginals
         const A gg = y != nullptr ? grad_gold[b] : A(0);
@@ -892,9 +926,15 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(
         g.sync();  // log Z visible; thread 0 is done reading buf
         const A lz = *lz_shared;
         const bool live = !(lz == -Num<A>::inf());
+        // log Z NaN or +inf (a NaN or +inf score met): marginals NaN over the length, as on CPU;
+        // the loop below then runs no step (lz is group-uniform).
+        const bool nonfinite = !(lz < Num<A>::inf());
+        if (nonfinite) {
+          for (int64_t e = j; e < len * K; e += g.size) m[e] = Num<A>::nan();
+        }
         // Backward: beta recursion, turning alphas into marginals in place.
         A beta = owns_tag ? end[j] : A(0);
-        for (int64_t t = len - 1; t >= 0; --t) {
+        for (int64_t t = nonfinite ? -1 : len - 1; t >= 0; --t) {
           A* eb = buf + (t & 1) * K;
           if (owns_tag) {
             const A a = m[t * K + j];
