@@ -52,9 +52,7 @@ class CRF(nn.Module):
     follows; its emission gradients and the (shared) transition gradients are NaN, so that
     checks for non-finite gradients (torch.amp.GradScaler) see it; viterbi scores it as log Z,
     k-best rows hold tags -1 and that score, marginals are NaN. Fused and reference paths agree
-    on CPU; on CUDA log Z, the gradients and marginals follow this too, but viterbi and k-best do
-    not yet (a NaN score can give a finite best score), nor does a sequence of length 1 under a
-    NaN or +inf transition score (CPU: NaN; CUDA: its finite value).
+    on CPU and on CUDA (viterbi keeps a path there: which one is no contract).
     """
 
     def __init__(self, num_tags: int, batch_first: bool = False,
