@@ -51,7 +51,8 @@ class CRF(nn.Module):
     NaN, or +inf where it reads no NaN and its +inf meets no -inf score; its log-likelihood
     follows; its emission gradients and the (shared) transition gradients are NaN, so that
     checks for non-finite gradients (torch.amp.GradScaler) see it; viterbi scores it as log Z,
-    k-best rows hold tags -1 and that score, marginals are NaN. Fused and reference paths agree.
+    k-best rows hold tags -1 and that score, marginals are NaN. Fused and reference paths agree
+    on CPU and on CUDA (viterbi keeps a path there: which one is no contract).
     """
 
     def __init__(self, num_tags: int, batch_first: bool = False,

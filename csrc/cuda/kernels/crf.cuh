@@ -35,6 +35,14 @@
 // marginals of a sequence whose log Z is -inf are 0 (as in the reference, whose _logsumexp has a
 // zero gradient there). Viterbi and k-best use only additions and comparisons; ties resolve to
 // the lowest index (first maximum), as torch.max does.
+// NaN and +inf scores follow the CPU contract (csrc/cpu/crf_gold_nan.h): the log-sum-exps give
+// log Z the reference's NaN or +inf (see nonfinite_max), and crf_backward and crf_marginals read
+// that log Z as the per-sequence flag (no extra pass): emission gradients and marginals NaN over
+// the length, the shared gradients NaN. Viterbi and k-best flag a sequence while they read its
+// emissions (plus one read of the transition, start and end scores per kernel), then give it the
+// CPU's score (nonfinite_score); Viterbi keeps its tags, as on CPU (any path is a best one), and
+// k-best rows tags -1. A length-1 sequence under a NaN or +inf transition score is NaN, as on CPU.
+// Invalid lengths (below) still give tags -1: there is no path to keep.
 //
 // Invalid values that the CPU kernels reject with an exception cannot be checked on the host
 // without a device->host sync; the kernels check them per sequence and poison that sequence's
@@ -42,7 +50,7 @@
 // a tag outside [0, K) inside the length (gold score NaN; in crf_backward the sequence's
 // gradients and so the parameter gradients NaN).
 //
-// One file (~1180 lines): the CUDA side's unit is one torch-free header per op family, which
+// One file (~1320 lines): the CUDA side's unit is one torch-free header per op family, which
 // .ci/check_cuda_kernels.sh compiles alone and tests/ops/crf/test_crf_cuda_emulated.py runs
 // under the CPU emulation; the five ops share its groups, launch shapes and numeric helpers.
 // Sections, in order: limits and helpers, groups, launch shapes, crf_forward, crf_backward,
@@ -188,6 +196,19 @@ __device__ __forceinline__ A group_sum(const Group<kWarp>& g, A* red, A value) {
   return total;
 }
 
+// Whether any thread of the group has `flag`, to every thread. scratch: [K] A in shared memory,
+// free on entry from the caller's side (the first barrier orders it after the last reads).
+template <bool kWarp, typename A>
+__device__ __forceinline__ bool group_any(const Group<kWarp>& g, A* scratch, int K, bool flag) {
+  g.sync();
+  if (g.rank < K) scratch[g.rank] = flag ? A(1) : A(0);
+  g.sync();
+  bool any = false;
+  for (int i = 0; i < K; ++i) any = any || scratch[i] != A(0);
+  g.sync();  // every read done: scratch free again
+  return any;
+}
+
 // Transitions as read by the kernels: tr(i, j) = score of i -> j. Either the global [K, K]
 // tensor (stride K) or a copy in shared memory with an odd row stride, so that both a warp
 // walking a row (j varies) and a warp walking a column (i varies) hit 32 distinct banks.
@@ -220,6 +241,18 @@ __device__ __forceinline__ Trans<A> stage_transitions(const A* transitions /* [K
   return Trans<A>{smem, stride};
 }
 
+// The three log-sum-exps below give the reference's (torch.logsumexp's) non-finite results: NaN
+// if a term is NaN, else +inf if one is +inf, else -inf if every term is -inf. Their max skips
+// NaN terms (a comparison with NaN is false), so when it is +-inf (no finite term: rare, or
+// constrained tags) they re-read the terms through nonfinite_max; a finite max needs nothing
+// (a NaN term makes the sum NaN). A +inf score meeting a -inf one gives a NaN term (inf - inf),
+// so log Z takes exactly the class the CPU's nonfinite_log_z computes (csrc/cpu/crf_gold_nan.h).
+// max(m, x) over m, x in {-inf, +inf, NaN}, NaN propagating.
+template <typename A>
+__device__ __forceinline__ A nonfinite_max(A m, A x) {
+  return (x != x || x > m) ? x : m;
+}
+
 // log sum_i exp(prev[i] + tr(i, j)) over i < K; -inf when every term is -inf.
 template <typename A>
 __device__ __forceinline__ A logsumexp_into(const A* prev /* [K] */, const Trans<A>& tr, int j,
@@ -229,7 +262,10 @@ __device__ __forceinline__ A logsumexp_into(const A* prev /* [K] */, const Trans
     const A v = prev[i] + tr(i, j);
     m = v > m ? v : m;
   }
-  if (m == -Num<A>::inf()) return m;
+  if (!(m > -Num<A>::inf() && m < Num<A>::inf())) {  // see nonfinite_max
+    for (int i = 0; i < K; ++i) m = nonfinite_max(m, prev[i] + tr(i, j));
+    return m;
+  }
   A s = 0;
   for (int i = 0; i < K; ++i) s += Num<A>::exp(prev[i] + tr(i, j) - m);
   return m + Num<A>::log(s);
@@ -244,7 +280,10 @@ __device__ __forceinline__ A logsumexp_from(const A* next /* [K] */, const Trans
     const A v = tr(j, k) + next[k];
     m = v > m ? v : m;
   }
-  if (m == -Num<A>::inf()) return m;
+  if (!(m > -Num<A>::inf() && m < Num<A>::inf())) {  // see nonfinite_max
+    for (int k = 0; k < K; ++k) m = nonfinite_max(m, tr(j, k) + next[k]);
+    return m;
+  }
   A s = 0;
   for (int k = 0; k < K; ++k) s += Num<A>::exp(tr(j, k) + next[k] - m);
   return m + Num<A>::log(s);
@@ -258,13 +297,64 @@ __device__ __forceinline__ A logsumexp_end(const A* v /* [K] */, const A* end /*
     const A x = v[j] + end[j];
     m = x > m ? x : m;
   }
-  if (m == -Num<A>::inf()) return m;
+  if (!(m > -Num<A>::inf() && m < Num<A>::inf())) {  // see nonfinite_max
+    for (int j = 0; j < K; ++j) m = nonfinite_max(m, v[j] + end[j]);
+    return m;
+  }
   A s = 0;
   for (int j = 0; j < K; ++j) s += Num<A>::exp(v[j] + end[j] - m);
   return m + Num<A>::log(s);
 }
 
+// The score a sequence that meets a NaN or +inf score decodes to, as on CPU (nonfinite_log_z,
+// csrc/cpu/crf_gold_nan.h): the max-plus recursion, NaN propagating, over the scores with every
+// finite one 0; +inf if that gives +inf, else NaN. Run by the whole group (group-uniform call),
+// only for such sequences; buf: [2][K] A scratch, free on entry; returned to every thread.
+template <typename A>
+__device__ __forceinline__ A score_kind(A x) {
+  return x > -Num<A>::inf() && x < Num<A>::inf() ? A(0) : x;
+}
+
+template <bool kWarp, typename E, typename A>
+__device__ A nonfinite_score(const Group<kWarp>& g, const E* em /* [len, K] */, int64_t len, int K,
+                             const Trans<A>& tr, const A* start, const A* end, A* buf) {
+  const int j = g.rank;
+  if (j < K) buf[j] = score_kind(start[j]) + score_kind(to_acc(em[j]));
+  for (int64_t t = 1; t < len; ++t) {
+    g.sync();
+    if (j < K) {
+      const A* prev = buf + ((t - 1) & 1) * K;
+      A m = -Num<A>::inf();
+      for (int i = 0; i < K; ++i) m = nonfinite_max(m, prev[i] + score_kind(tr(i, j)));
+      buf[(t & 1) * K + j] = m + score_kind(to_acc(em[t * K + j]));
+    }
+  }
+  g.sync();
+  const A* last = buf + ((len - 1) & 1) * K;
+  A z = -Num<A>::inf();
+  for (int i = 0; i < K; ++i) z = nonfinite_max(z, last[i] + score_kind(end[i]));
+  g.sync();  // every read of buf done
+  return z == Num<A>::inf() ? z : Num<A>::nan();
+}
+
 __device__ __forceinline__ bool length_ok(int64_t len, int64_t T) { return len >= 0 && len <= T; }
+
+// NaN or +inf (one comparison; -inf and finite scores pass).
+template <typename A>
+__device__ __forceinline__ bool poison(A x) {
+  return !(x < Num<A>::inf());
+}
+
+// Does tag j's start or end score, or its column of the transition scores, hold a NaN or +inf?
+// Read once per kernel by thread j (the group's threads together read every score): decoding
+// then flags a sequence with no extra pass over its scores (see decoded_poison).
+template <typename A>
+__device__ __forceinline__ bool scores_poison(const Trans<A>& tr, const A* start, const A* end, int j, int K) {
+  if (j >= K) return false;
+  bool bad = poison(start[j]) || poison(end[j]);
+  for (int i = 0; i < K; ++i) bad = bad || poison(tr(i, j));
+  return bad;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Launch shapes (host and device agree through these functions)
@@ -338,6 +428,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
   A* const red = buf + 2 * K;
   const int j = g.rank;
   const bool owns_tag = j < K;
+  const bool scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -373,6 +464,9 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
         }
         g.sync();  // the last alpha vector complete
         if (j == 0) log_z[b] = logsumexp_end(buf + ((len - 1) & 1) * K, end, K);
+        // One step reads no transition score; a NaN or +inf one poisons it all the same, as
+        // on CPU (len is group-uniform: so is the call).
+        if (len == 1 && group_any(g, red, K, scores_bad) && j == 0) log_z[b] = Num<A>::nan();
       } else if (j == 0) {
         log_z[b] = 0;
       }
@@ -540,8 +634,14 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) backward_kernel(
       for (int64_t e = j; e < T * K; e += g.size) ge[e] = from_acc<E>(Num<A>::nan());
     } else {
       for (int64_t e = len * K + j; e < T * K; e += g.size) ge[e] = from_acc<E>(A(0));
-      if (len > 0) {
-        const A lz = log_z[b];
+      const A lz = len > 0 ? log_z[b] : A(0);
+      if (len > 0 && !(lz < Num<A>::inf())) {
+        // log Z NaN or +inf: the sequence met a NaN or +inf score (the log-sum-exps above):
+        // its emission gradients NaN over its length, the shared ones NaN (the CPU contract,
+        // csrc/cpu/crf_gold_nan.h). lz is group-uniform, so is the branch.
+        poisoned = true;
+        for (int64_t e = j; e < len * K; e += g.size) ge[e] = from_acc<E>(Num<A>::nan());
+      } else if (len > 0) {
         const bool live = !(lz == -Num<A>::inf());
         const A gl = live ? grad_log_z[b] : A(0);  // weight of the marginals
         const A gg = y != nullptr ? grad_gold[b] : A(0);
@@ -741,6 +841,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(
   BP* const bp_smem = reinterpret_cast<BP*>(mine + viterbi_buf_bytes<A>(K));
   const int j = g.rank;
   const bool owns_tag = j < K;
+  const bool scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -753,7 +854,13 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(
     } else {
       for (int64_t t = len + j; t < T; t += g.size) out[t] = -1;
       if (len > 0) {
-        if (owns_tag) buf[j] = start[j] + to_acc(em[j]);
+        // this thread's scores of the sequence: a NaN or +inf among them (see decoded below)
+        bool bad = scores_bad;
+        if (owns_tag) {
+          const A e0 = to_acc(em[j]);
+          bad = bad || poison(e0);
+          buf[j] = start[j] + e0;
+        }
         for (int64_t t = 1; t < len; ++t) {
           g.sync();  // buf[(t-1)&1] complete; reads of buf[t&1] (step t-2) done
           if (owns_tag) {
@@ -767,7 +874,9 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(
                 arg = i;
               }
             }
-            buf[(t & 1) * K + j] = best + to_acc(em[t * K + j]);
+            const A e_tj = to_acc(em[t * K + j]);
+            bad = bad || poison(e_tj);
+            buf[(t & 1) * K + j] = best + e_tj;
             bp[t * K + j] = static_cast<BP>(arg);
           }
         }
@@ -789,6 +898,12 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(
             cur = bp[t * K + cur];
             out[t - 1] = cur;
           }
+        }
+        // A NaN or +inf score met (the comparisons above skip NaN, and +inf meeting -inf gives a
+        // skipped NaN): the score the CPU gives, its tags kept (any path is one of the best).
+        if (group_any(g, buf, K, bad)) {
+          const A value = nonfinite_score(g, em, len, K, tr, start, end, buf);
+          if (j == 0) scores[b] = value;
         }
       } else if (j == 0) {
         scores[b] = 0;
@@ -863,6 +978,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(
   A* const lz_shared = buf + 2 * K;
   const int j = g.rank;
   const bool owns_tag = j < K;
+  const bool scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -890,11 +1006,18 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(
         g.sync();  // last alpha vector complete
         if (j == 0) *lz_shared = logsumexp_end(buf + ((len - 1) & 1) * K, end, K);
         g.sync();  // log Z visible; thread 0 is done reading buf
-        const A lz = *lz_shared;
+        // (a length-1 sequence under a NaN or +inf transition score: NaN, as in forward_kernel)
+        const A lz = len == 1 && group_any(g, buf, K, scores_bad) ? Num<A>::nan() : *lz_shared;
         const bool live = !(lz == -Num<A>::inf());
+        // log Z NaN or +inf (a NaN or +inf score met): marginals NaN over the length, as on CPU;
+        // the loop below then runs no step (lz is group-uniform).
+        const bool nonfinite = !(lz < Num<A>::inf());
+        if (nonfinite) {
+          for (int64_t e = j; e < len * K; e += g.size) m[e] = Num<A>::nan();
+        }
         // Backward: beta recursion, turning alphas into marginals in place.
         A beta = owns_tag ? end[j] : A(0);
-        for (int64_t t = len - 1; t >= 0; --t) {
+        for (int64_t t = nonfinite ? -1 : len - 1; t >= 0; --t) {
           A* eb = buf + (t & 1) * K;
           if (owns_tag) {
             const A a = m[t * K + j];
@@ -1004,6 +1127,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(
   const int j = g.rank;
   const bool owns_tag = j < K;
   const int kk = K * k;  // candidates per selection (< 2^31: checked by the binding)
+  const bool scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -1020,9 +1144,12 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(
     } else {
       // Tags past the length: -1 (the backtrace below writes only t < len).
       for (int64_t e = j; e < k * (T - len); e += g.size) out[(e / (T - len)) * T + len + e % (T - len)] = -1;
+      bool bad = scores_bad;  // as in viterbi_kernel
       if (owns_tag) {
         A* first = sc + static_cast<int64_t>(j) * k;
-        first[0] = start[j] + to_acc(em[j]);
+        const A e0 = to_acc(em[j]);
+        bad = bad || poison(e0);
+        first[0] = start[j] + e0;
         for (int r = 1; r < k; ++r) first[r] = -Num<A>::inf();
       }
       for (int64_t t = 1; t < len; ++t) {
@@ -1032,6 +1159,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(
           A* next = sc + (t & 1) * static_cast<int64_t>(kk) + static_cast<int64_t>(j) * k;  // [k]
           int32_t* bpj = bp + (t * K + j) * static_cast<int64_t>(k);  // [k]
           const A e_tj = to_acc(em[t * K + j]);
+          bad = bad || poison(e_tj);
           A last_v = 0;
           int last_c = -1;
           for (int q = 0; q < k; ++q) {
@@ -1103,6 +1231,14 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(
             row[t - 1] = tag;
           }
         }
+      }
+      // A NaN or +inf score met: every row tags -1 and the score the CPU gives (as in viterbi).
+      if (group_any(g, sc, K, bad)) {
+        const A value = nonfinite_score(g, em, len, K, tr, start, end, sc);
+        for (int64_t e = j; e < k * T; e += g.size) {
+          if (e % T < len) out[e] = -1;
+        }
+        for (int q = j; q < k; q += g.size) sco[q] = value;
       }
     }
     g.sync();  // end of sequence

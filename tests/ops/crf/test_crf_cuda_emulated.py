@@ -339,3 +339,91 @@ def test_kbest_ties_follow_the_cpu_order(emu, K):
                                                             start.tolist(), end.tolist(), k)
         assert scores[b].tolist() == expected_scores, b
         assert tags[b].tolist() == expected_tags, b
+
+
+# Where a NaN or +inf score sits (csrc/cpu/crf_gold_nan.h, "NaN and +inf propagation"):
+# sequence 0 meets it, sequence 1 has one past its length (which changes nothing), or every
+# sequence does (a start or transition score).
+NONFINITE = ["nan_emission", "posinf_emission", "posinf_meets_minus_inf", "nan_transition", "posinf_start"]
+
+
+@pytest.mark.parametrize("K", [5, 33], ids=["warp", "block"])
+@pytest.mark.parametrize("case", NONFINITE + ["posinf_transition_length_1"])
+def test_nan_and_posinf_scores_follow_the_cpu_contract(emu, case, K):
+    # It was (seen under this emulation): log Z -inf for a NaN or +inf score (the max-shifted
+    # log-sum-exp skipped NaN terms and shifted +inf by inf - inf), finite emission and shared
+    # gradients, finite marginals.
+    B, T = 3, 5
+    emissions, tags, lengths, tr, start, end = nonfinite_inputs(case, K, B, T)
+    if case == "posinf_transition_length_1":  # reads no transition score: NaN, as on CPU
+        tr[2, 3] = float("inf")
+        lengths[1] = 1
+    inputs = (emissions, tags, lengths, tr, start, end)
+    plain = (emissions, lengths, tr, start, end)
+    ops = torch.ops.fastner
+
+    def same(actual, expected, msg):
+        torch.testing.assert_close(actual, expected.to(actual.dtype), equal_nan=True, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{case} {msg}\n{m}")
+
+    log_z, gold, _ = forward(emu, *inputs)
+    cpu_log_z, cpu_gold = ops.crf_forward(*inputs)
+    same(log_z, cpu_log_z, "log_z")
+    same(gold, cpu_gold, "gold")
+    poisoned = ~cpu_log_z.isfinite()
+    every = case in ("nan_transition", "posinf_start", "posinf_transition_length_1")
+    assert poisoned[0] and (poisoned.all() if every else not poisoned[1:].any())
+    gl, gg = torch.ones(B), torch.ones(B)
+    for name, a, e in zip(("emissions", "transitions", "start", "end"), backward(emu, gl, gg, *inputs),
+                          ops.crf_backward(gl, gg, *inputs)):
+        same(a, e, f"grad {name}")
+    same(marginals(emu, *plain), ops.crf_marginals(*plain), "marginals")
+
+
+def nonfinite_inputs(case, K, B, T):
+    torch.manual_seed(K)
+    emissions, tags, lengths, tr, start, end = crf_inputs(B, T, K, torch.float32, min_len=2)
+    lengths[:] = torch.tensor([T, 2, 3])
+    inf = float("inf")
+    if case == "nan_emission":
+        emissions[0, 2, 1] = float("nan")
+        emissions[1, 3, 1] = float("nan")
+    elif case.startswith("posinf_emission") or case == "posinf_meets_minus_inf":
+        emissions[0, 2, 1] = inf
+        emissions[1, 3, 1] = inf
+        if case == "posinf_meets_minus_inf":
+            tr[1, :] = INF  # nothing follows tag 1: its +inf path meets -inf
+    elif case == "nan_transition":
+        tr[0, K - 1] = float("nan")
+    elif case == "posinf_transition_length_1":
+        pass  # the caller sets it
+    else:
+        start[2] = inf
+    return emissions, tags, lengths, tr, start, end
+
+
+@pytest.mark.parametrize("K", [5, 33], ids=["warp", "block"])
+@pytest.mark.parametrize("case", NONFINITE + ["posinf_transition_length_1"])
+def test_nan_and_posinf_scores_decode_as_on_cpu(emu, case, K):
+    # It was: the comparisons skip NaN, so a NaN score (or a +inf one meeting -inf) gave a finite
+    # best score and finite k-best rows with tags (seen: 7.30 where the CPU gives NaN).
+    B, T = 3, 5
+    emissions, _, lengths, tr, start, end = nonfinite_inputs(case, K, B, T)
+    if case == "posinf_transition_length_1":  # reads no transition score: NaN, as on CPU
+        tr[2, 3] = float("inf")
+        lengths[1] = 1
+    plain = (emissions, lengths, tr, start, end)
+    ops = torch.ops.fastner
+    poisoned = ~ops.crf_forward(emissions, None, lengths, tr, start, end)[0].isfinite()
+    tags_v, scores_v = viterbi(emu, *plain)
+    cpu_tags_v, cpu_scores_v = ops.crf_viterbi(*plain)
+    torch.testing.assert_close(scores_v, cpu_scores_v, equal_nan=True)
+    # a poisoned sequence keeps a path (the CPU's and the reference's may differ there: the
+    # argmax of NaN scores is no contract); the others are exact
+    assert torch.equal(tags_v[~poisoned], cpu_tags_v[~poisoned])
+    valid = torch.arange(T)[None] < lengths[:, None]
+    assert ((tags_v >= 0) & (tags_v < K))[valid].all() and (tags_v[~valid] == -1).all()
+    tags_k, scores_k = kbest(emu, *plain, 2)
+    cpu_tags_k, cpu_scores_k = ops.crf_kbest(*plain, 2)
+    torch.testing.assert_close(scores_k, cpu_scores_k, equal_nan=True)
+    assert torch.equal(tags_k, cpu_tags_k)
