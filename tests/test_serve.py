@@ -40,6 +40,11 @@ def post(client, body, **kwargs):
     return client.post("/v1/entities", json=body, **kwargs)
 
 
+def post_bytes(client, body: bytes):
+    """POST a raw JSON body as sent (for bodies json= cannot produce)."""
+    return client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+
+
 def batch_count(metrics_text: str, name: str = "fastner_batch_documents_count") -> float:
     for line in metrics_text.splitlines():
         if line.startswith(name + " "):
@@ -269,7 +274,7 @@ def test_json_that_python_cannot_parse_gets_422_not_400(tagger, body, reason):
     app = create_app(tagger)
 
     async def interact(client):
-        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+        return await post_bytes(client, body)
 
     response = run_app(app, interact)
     assert response.status_code == 422, response.text
@@ -292,7 +297,7 @@ def test_a_key_sent_twice_gets_422_naming_it(tagger, body, fields):
     app = create_app(tagger)
 
     async def interact(client):
-        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+        return await post_bytes(client, body)
 
     response = run_app(app, interact)
     assert response.status_code == 422, response.text
@@ -313,7 +318,7 @@ def test_a_body_malformed_after_a_duplicate_key_is_malformed_json(tagger, body, 
     app = create_app(tagger)
 
     async def interact(client):
-        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+        return await post_bytes(client, body)
 
     response = run_app(app, interact)
     assert response.status_code == 422, response.text
@@ -910,7 +915,7 @@ def test_odd_text_is_answered(tagger):
 
     async def interact(client):
         body = json.dumps({"documents": texts}).encode()  # escapes: the lone surrogate travels as \ud800
-        return await client.post("/v1/entities", content=body, headers={"content-type": "application/json"})
+        return await post_bytes(client, body)
 
     response = run_app(app, interact)
     assert response.status_code == 200, response.text

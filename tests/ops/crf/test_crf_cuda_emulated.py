@@ -355,9 +355,6 @@ def test_nan_and_posinf_scores_follow_the_cpu_contract(emu, case, K):
     # gradients, finite marginals.
     B, T = 3, 5
     emissions, tags, lengths, tr, start, end = nonfinite_inputs(case, K, B, T)
-    if case == "posinf_transition_length_1":  # reads no transition score: NaN, as on CPU
-        tr[2, 3] = float("inf")
-        lengths[1] = 1
     inputs = (emissions, tags, lengths, tr, start, end)
     plain = (emissions, lengths, tr, start, end)
     ops = torch.ops.fastner
@@ -395,8 +392,9 @@ def nonfinite_inputs(case, K, B, T):
             tr[1, :] = INF  # nothing follows tag 1: its +inf path meets -inf
     elif case == "nan_transition":
         tr[0, K - 1] = float("nan")
-    elif case == "posinf_transition_length_1":
-        pass  # the caller sets it
+    elif case == "posinf_transition_length_1":  # sequence 1 reads no transition score: NaN, as on CPU
+        tr[2, 3] = inf
+        lengths[1] = 1
     else:
         start[2] = inf
     return emissions, tags, lengths, tr, start, end
@@ -409,9 +407,6 @@ def test_nan_and_posinf_scores_decode_as_on_cpu(emu, case, K):
     # best score and finite k-best rows with tags (seen: 7.30 where the CPU gives NaN).
     B, T = 3, 5
     emissions, _, lengths, tr, start, end = nonfinite_inputs(case, K, B, T)
-    if case == "posinf_transition_length_1":  # reads no transition score: NaN, as on CPU
-        tr[2, 3] = float("inf")
-        lengths[1] = 1
     plain = (emissions, lengths, tr, start, end)
     ops = torch.ops.fastner
     poisoned = ~ops.crf_forward(emissions, None, lengths, tr, start, end)[0].isfinite()
