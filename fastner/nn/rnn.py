@@ -7,7 +7,10 @@ what torch returns for a Tensor (either layout) or a PackedSequence (sorted or n
 fastner.ops.rnn_layer (fused kernel, or the reference where the device has none); stacking and
 the dropout between layers happen here. Configurations the kernels do not cover (proj_size > 0,
 unbatched input, float16/bfloat16, autocast, tensors on different devices) go to torch's own
-implementation, silently, which also raises torch's own errors for bad input.
+implementation, silently, which also raises torch's own errors for bad input. One exception:
+under CPU autocast on a CPU where oneDNN has no bfloat16/float16 kernels (AVX2-only, such as
+AMD Zen 2), torch's LSTM fails inside oneDNN ("could not create a primitive descriptor"), so
+the fused float32 kernels run instead: what torch itself runs there with oneDNN off.
 """
 from __future__ import annotations
 
@@ -42,6 +45,20 @@ def _packed_rows(batch_sizes: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
     return time_of_row * batch + slot_of_row, lengths
 
 
+def _cpu_autocast_torch_cannot_run(data: Tensor) -> bool:
+    """Whether CPU autocast is on for `data` in a precision oneDNN cannot run on this CPU: torch
+    sends a float32 LSTM on the CPU to oneDNN whenever oneDNN is enabled (aten's use_mkldnn), and
+    autocast casts that call to the lower precision without checking the CPU's support."""
+    if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled:
+        return False
+    lower = torch.get_autocast_dtype("cpu")
+    if lower == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if lower == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
 class _FusedRNNMixin:
     """forward() for the three classes; the subclass says its cell mode and state form."""
 
@@ -56,7 +73,9 @@ class _FusedRNNMixin:
             return False
         if not isinstance(input, PackedSequence) and data.dim() != 3:
             return False  # unbatched input (or a bad rank: torch raises its own error)
-        if data.dtype not in _FUSED_DTYPES or torch._C._is_any_autocast_enabled():
+        if data.dtype not in _FUSED_DTYPES:
+            return False
+        if torch._C._is_any_autocast_enabled() and not _cpu_autocast_torch_cannot_run(data):
             return False
         weights = self._flat_weights
         if any(w is None or w.dtype != data.dtype or w.device != data.device for w in weights):
