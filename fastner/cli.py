@@ -514,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs (default: stdin); a directory means its .txt files, one document each")
     p.add_argument("--input", choices=["text", "tokens", "conll", "jsonl"], default="text",
                    help="text: raw documents (default); tokens: one whitespace-tokenised sentence a line; "
-                        "conll: CoNLL columns; jsonl: {\"id\", \"text\"} objects, one a line")
+                        "conll: CoNLL columns; jsonl: {\"id\", \"text\"} objects, one a line (with \"tokens\", as `convert` "
+                        "writes: exactly those tokens, one sentence)")
     p.add_argument("--output", "--format", dest="output", choices=["conll", "jsonl", "json", "spans"], default="conll",
                    help="conll: `token tag` lines; jsonl: one result object a line (ids kept); json: one array; "
                         "spans: `id start end label score text`, tab-separated, character offsets for documents")

@@ -2,13 +2,22 @@
 list, or a stream.
 
     predict("raw text")                -> one document result
-    predict(["raw text", ...])         -> a list of document results
+    predict({"text": ..., "tokens": [{"text", "start", "end"}, ...]})
+                                       -> one document result over exactly those tokens
+    predict(["raw text", ...])         -> a list of document results (str and records may mix)
     predict([["tok", ...], ...])       -> a list of sentence results (pre-tokenized, as before)
     predict(iterable of either kind)   -> a generator, reading ahead a bounded number of sentences
                                           (groups of ~STREAM_BATCHES x batch_size: a result comes
                                           when its group is read; `fastner tag` on a live pipe
                                           tags what has arrived instead: tag_io.arrived_groups)
 
+A document is a str, tokenized by fastner.text, or a record as fastner.data.jsonl reads it (what
+`fastner convert` and Prodigy write): {"text": str, "tokens": [{"text", "start", "end"}, ...]}
+(other keys ignored; without "tokens" the text is tokenized). Given tokens are checked as
+training checks them (fastner.data.jsonl.given_tokens: each text[start:end], in order, not
+overlapping; whitespace-only ones skipped) and tagged as one sentence (a record of `convert` is
+one sentence; longer than MAX_SENTENCE_TOKENS it is tagged in pieces, as raw text is), each
+token read in its model_form as raw text's tokens are; offsets are the tokens' own.
 A document result: {"entities": [{"start", "end", "label", "text", "score"}], "sentences":
 [{"start", "end", "tokens", "offsets", "tags"}]} with character offsets into the document
 (`text == document[start:end]`) and `score` the posterior probability of exactly that span;
@@ -21,11 +30,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import MappingView, Set
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from fastner.data.jsonl import given_tokens
 from fastner.data.schemes import convert_tags, tags_to_spans
 from fastner.inference import Analyser, SentenceAnalysis, check_options
-from fastner.text import model_form, tokenize
+from fastner.text import Token, model_form, tokenize
 
 # A stream is read in groups of about this many sentences per batch_size: bounded memory, and
 # enough sentences to fill length-sorted batches.
@@ -47,24 +57,24 @@ def check_ordered(x, argument: str) -> None:
 def predict(analyser: Analyser, x, output_scheme: str, batch_size: int = 64, nbest: Optional[int] = None):
     check_options(batch_size, nbest)
     check_ordered(x, "predict(x)")
-    if isinstance(x, str):
-        return _documents(analyser, [x], output_scheme, batch_size, nbest)[0]
+    if isinstance(x, (str, dict)):
+        return _documents(analyser, [x], output_scheme, batch_size, nbest, ["predict(x)"])[0]
     if isinstance(x, (bytes, bytearray)):
         raise TypeError("predict() takes text as str; decode bytes first (e.g. data.decode('utf-8'))")
     if isinstance(x, (list, tuple)):
         items = list(x)
-        return _run(analyser, items, _kind(items, 0), output_scheme, batch_size, nbest)
-    if isinstance(x, Iterable) and not isinstance(x, dict):
+        return _run(analyser, items, _kind(items, 0), output_scheme, batch_size, nbest, 0)
+    if isinstance(x, Iterable):
         return _stream(analyser, iter(x), output_scheme, batch_size, nbest)
-    raise TypeError(f"predict() takes a document (str), a list of documents or of token lists, or an iterable of "
-                    f"them, got {type(x).__name__}")
+    raise TypeError(f"predict() takes a document (str, or a {{\"text\", \"tokens\"}} record), a list of documents or "
+                    f"of token lists, or an iterable of them, got {type(x).__name__}")
 
 
 def _kind(items: Sequence, offset: int) -> str:
     """'documents' or 'sentences' for a homogeneous list; a TypeError naming the first odd item."""
     kind = None
     for number, item in enumerate(items, start=offset):
-        if isinstance(item, str):
+        if isinstance(item, (str, dict)):  # a dict: a {"text", "tokens"} record, checked by document_sentences
             this = "documents"
         elif isinstance(item, (list, tuple)):
             odd = next((i for i, t in enumerate(item) if not isinstance(t, str)), None)
@@ -72,8 +82,8 @@ def _kind(items: Sequence, offset: int) -> str:
                 raise TypeError(f"item {number}: token {odd} is {type(item[odd]).__name__}, expected str")
             this = "sentences"
         else:
-            raise TypeError(f"item {number}: expected a document (str) or a list of token strings, "
-                            f"got {type(item).__name__}")
+            raise TypeError(f"item {number}: expected a document (str or {{\"text\", \"tokens\"}} record) or a list "
+                            f"of token strings, got {type(item).__name__}")
         if kind is not None and this != kind:
             raise TypeError(f"item {number}: a {'document' if this == 'documents' else 'token list'} among "
                             f"{kind}; pass raw documents and token lists in separate calls")
@@ -91,12 +101,13 @@ def token_lists(sentences) -> List[List[str]]:
     check_ordered(sentences, "tag(sentences)")
     items = list(sentences)
     if _kind(items, 0) == "documents" and items:
-        raise TypeError("item 0: a document (str); tag() takes token lists (each a list of str), "
-                        "tag raw text with predict()")
+        raise TypeError("item 0: a document (str or record); tag() takes token lists (each a list of str), "
+                        "tag documents with predict()")
     return [list(s) for s in items]
 
 
-def _run(analyser, items, kind, output_scheme, batch_size, nbest) -> List[dict]:
+def _run(analyser, items, kind, output_scheme, batch_size, nbest, offset: int) -> List[dict]:
+    """Results of a homogeneous list; `offset`: the number of its first item, for messages."""
     if kind == "sentences":
         sentences = [list(s) for s in items]
         # long ones in pieces, as documents' (span scoring costs a pass over the sentence per span:
@@ -105,7 +116,8 @@ def _run(analyser, items, kind, output_scheme, batch_size, nbest) -> List[dict]:
         analyses = iter(analyser.analyse([piece for parts in pieces for piece in parts], batch_size, nbest))
         return [sentence_result(tokens, _joined([next(analyses) for _ in parts], nbest), output_scheme)
                 for tokens, parts in zip(sentences, pieces)]
-    return _documents(analyser, items, output_scheme, batch_size, nbest)
+    return _documents(analyser, items, output_scheme, batch_size, nbest,
+                      [f"item {number}" for number in range(offset, offset + len(items))])
 
 
 def _joined(pieces: List[SentenceAnalysis], nbest: Optional[int]) -> SentenceAnalysis:
@@ -132,7 +144,12 @@ def stream_budget(batch_size: int) -> int:
 
 def sentence_estimate(item) -> int:
     """Sentences in a stream's item, estimated before tokenizing: ~80 characters a sentence of a
-    document, 1 for a pre-tokenized sentence."""
+    document, 1 for a pre-tokenized sentence, a record's pieces for a record with tokens."""
+    if isinstance(item, dict):
+        tokens, text = item.get("tokens"), item.get("text")
+        if isinstance(tokens, list):
+            return len(tokens) // MAX_SENTENCE_TOKENS + 1
+        item = text if isinstance(text, str) else ""
     return len(item) // 80 + 1 if isinstance(item, str) else 1
 
 
@@ -149,8 +166,8 @@ def _stream(analyser, items: Iterator, output_scheme, batch_size, nbest) -> Iter
         if not group:
             return
         kind = _kind(group, seen)
-        seen += len(group)
-        yield from _run(analyser, group, kind, output_scheme, batch_size, nbest)
+        offset, seen = seen, seen + len(group)
+        yield from _run(analyser, group, kind, output_scheme, batch_size, nbest, offset)
 
 
 def _bounded(sentences: List[list]) -> List[list]:
@@ -163,13 +180,37 @@ def _bounded(sentences: List[list]) -> List[list]:
     return out
 
 
-def _documents(analyser, documents: List[str], output_scheme, batch_size, nbest) -> List[dict]:
-    tokenized = [_bounded(tokenize(document)) for document in documents]
+def document_sentences(document: Union[str, dict], where: str) -> Tuple[str, List[List[Token]]]:
+    """(text, sentences of (token, start, end)) of a document: a str tokenized by fastner.text, a
+    record one sentence of its given tokens (or its text tokenized, without "tokens"). A
+    TypeError or ValueError (DataFormatError) naming `where` for a malformed record."""
+    if isinstance(document, str):
+        return document, tokenize(document)
+    text = document.get("text")
+    if not isinstance(text, str):
+        found = "none" if text is None else type(text).__name__
+        raise TypeError(f"{where}: a document record needs a \"text\" string, got {found}")
+    tokens = given_tokens(document, where)
+    if tokens is None:
+        return text, tokenize(text)
+    # one sentence, as `fastner convert` writes and training reads a record with tokens: the
+    # user's sentence boundaries, not the splitter's (which cut "ST. LOUIS" in two)
+    return text, [tokens] if tokens else []
+
+
+def _documents(analyser, documents: List[Union[str, dict]], output_scheme, batch_size, nbest,
+               names: List[str]) -> List[dict]:
+    """Document results; names[i]: how a message calls documents[i]."""
+    texts, tokenized = [], []
+    for document, name in zip(documents, names):
+        text, sentences = document_sentences(document, name)
+        texts.append(text)
+        tokenized.append(_bounded(sentences))
     flat = [[model_form(token) for token, _, _ in sentence] for sentences in tokenized for sentence in sentences]
     analyses = iter(analyser.analyse(flat, batch_size, nbest))
     results = []
-    for document, sentences in zip(documents, tokenized):
-        results.append(document_result(document, sentences, list(itertools.islice(analyses, len(sentences))),
+    for text, sentences in zip(texts, tokenized):
+        results.append(document_result(text, sentences, list(itertools.islice(analyses, len(sentences))),
                                        output_scheme, nbest))
     return results
 

@@ -6,7 +6,10 @@ Inputs (--input):
           each, its id the path relative to DIR; `-` (or no FILE) reads stdin as one document
   tokens  one tokenised sentence a line, tokens separated by spaces or tabs (as CoNLL columns)
   conll   CoNLL columns (tokens in --word-column), a blank line between sentences
-  jsonl   one JSON object a line: {"id": ..., "text": ...} (id optional, kept in the output)
+  jsonl   one JSON object a line: {"id": ..., "text": ...} (id optional, kept in the output);
+          with "tokens": [{"text", "start", "end"}, ...] (what `fastner convert` and Prodigy
+          write) exactly those tokens are tagged, as one sentence (fastner.documents), checked
+          here so that a malformed token is an error naming FILE:LINE
 Every input is decoded as UTF-8; a bad byte, a malformed JSON line or a line that is not an
 object is a DataFormatError naming FILE:LINE.
 """
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from typing import IO, Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 from fastner.data.conll import DOCSTART, DataFormatError, split_columns
-from fastner.data.jsonl import parse_text_record
+from fastner.data.jsonl import given_tokens, parse_text_record
 from fastner.data.textfiles import BOM, check_data_file, utf8_lines
 
 INPUTS = ("text", "tokens", "conll", "jsonl")
@@ -35,9 +38,10 @@ STDIN = "-"
 
 @dataclass
 class Item:
-    """One document (text) or one pre-tokenized sentence (tokens), with where it came from."""
+    """One document (text, or a {"text", "tokens"} record) or one pre-tokenized sentence (tokens),
+    with where it came from."""
     id: Optional[Union[str, int]]
-    payload: Union[str, List[str]]
+    payload: Union[str, dict, List[str]]
 
 
 def _decode(data: bytes, name: str) -> str:
@@ -118,8 +122,12 @@ def read_items(paths: Sequence[str], kind: str, word_column: int = 0) -> Iterato
         elif kind == "jsonl":
             for number, line in _lines(path):
                 if line.strip():
-                    record = parse_text_record(line, f"{name}:{number}")
-                    yield Item(record.get("id", number), record["text"])
+                    where = f"{name}:{number}"
+                    record = parse_text_record(line, where)
+                    # checked as read, to name the line; predict checks them again, the same way
+                    tokens = given_tokens(record, where)
+                    payload = record["text"] if tokens is None else {"text": record["text"], "tokens": record["tokens"]}
+                    yield Item(record.get("id", number), payload)
         else:
             raise ValueError(f"--input must be one of {', '.join(INPUTS)}, got {kind!r}")
 
@@ -150,6 +158,11 @@ def _conll_sentences(path: str, name: str, word_column: int) -> Iterator[Item]:
 _FIELD_BREAKS = re.compile("[\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
+# Whitespace inside a token: raw text's tokens have none, but a JSONL record's own tokens may
+# ("New York", "a\tb"); in a `token tag` line it would make more columns or lines.
+_CONLL_BLANKS = re.compile(r"\s")
+
+
 def _one_field(text: str) -> str:
     """`text` as one tab-separated field on one line: its tabs and line breaks as spaces (the
     offsets beside it still point into the original)."""
@@ -173,7 +186,7 @@ class Writer:
                     out.write(f"{DOCSTART} O\n\n")
                 for sentence in result["sentences"]:
                     for token, tag in zip(sentence["tokens"], sentence["tags"]):
-                        out.write(f"{token.replace(' ', '_')} {tag}\n")
+                        out.write(f"{_CONLL_BLANKS.sub('_', token)} {tag}\n")
                     out.write("\n")
             else:
                 for token, tag in zip(result["tokens"], result["tags"]):

@@ -381,8 +381,10 @@ class Tagger:
         predict("Apple rose 3% on Monday.") -> {"entities": [{"start", "end", "label", "text",
         "score"}], "sentences": [...]}, character offsets into the document and `score` the
         posterior probability of exactly that span under the model; a list of documents gives a
-        list, an iterable (generator, file) a generator with bounded read-ahead; a list of token
-        lists gives per sentence {"tokens", "tags", "spans"} as before. nbest=k adds the k best
+        list, an iterable (generator, file) a generator with bounded read-ahead; a document may
+        also be a record {"text", "tokens": [{"text", "start", "end"}, ...]} (what `fastner
+        convert` writes), tagged on exactly its tokens as one sentence; a list of token lists
+        gives per sentence {"tokens", "tags", "spans"} as before. nbest=k adds the k best
         analyses of each sentence with their probabilities.
         """
         from fastner.documents import predict

@@ -70,6 +70,97 @@ def test_jsonl_ids_kept_and_streamed_in_order(demo_tagger_dir, capsys, tmp_path)
     assert results[-1]["entities"] == [] and results[-1]["sentences"] == []
 
 
+# CoNLL sentences the tokenizer would cut differently: "ST." ends a sentence for the splitter,
+# "U.S" + "." inside a sentence is merged into "U.S.", "3.5%" is cut into "3.5" + "%".
+RESPLIT = [["ST.", "LOUIS", "1996-08-29"],
+           ["Omar", "Haddad", "met", "officials", "of", "the", "U.S", ".", "on", "Monday", "."],
+           ["Kestrel", "Pharma", "shares", "rose", "3.5%", "in", "Frankfurt", "."]]
+
+
+def _tag_both_ways(capsys, model, conll, tmp_path):
+    """(results of `fastner convert` of `conll` tagged with --input jsonl, of `conll` tagged with
+    --input conll), each a list of JSON results."""
+    jsonl = tmp_path / "converted.jsonl"
+    assert main(["convert", str(conll), str(jsonl)]) == 0
+    capsys.readouterr()
+    results = []
+    for path, kind in ((jsonl, "jsonl"), (conll, "conll")):
+        code, out, _ = run(capsys, model, path, "--input", kind, "--output", "jsonl")
+        assert code == 0
+        results.append([json.loads(line) for line in out.splitlines()])
+    return results
+
+
+def _same_tagging(documents, sentences):
+    """Each converted record tagged as its CoNLL sentence: one sentence, the same tokens, tags and
+    spans (entities at the tokens' offsets; scores within float32 noise of another batching)."""
+    assert len(documents) == len(sentences)
+    for document, sentence in zip(documents, sentences):
+        [tagged] = document["sentences"]
+        assert (tagged["tokens"], tagged["tags"]) == (sentence["tokens"], sentence["tags"])
+        offsets = tagged["offsets"]
+        assert [(e["start"], e["end"], e["label"]) for e in document["entities"]] == \
+               [(offsets[s["start"]][0], offsets[s["end"] - 1][1], s["type"]) for s in sentence["spans"]]
+        assert [e["score"] for e in document["entities"]] == \
+               pytest.approx([s["confidence"] for s in sentence["spans"]], abs=1e-5)
+
+
+def test_jsonl_records_with_tokens_are_tagged_as_given(demo_tagger_dir, capsys, tmp_path):
+    """`fastner convert` writes each CoNLL sentence as a record with its tokens; tagging it with
+    --input jsonl re-tokenized the text instead, so other tokens (and sentences, and entities)
+    came back than the ones given: now exactly those tokens, as the CoNLL file tags them."""
+    from fastner.text import detokenize, tokenize
+
+    for tokens in RESPLIT:  # the point of the test
+        assert [[t for t, _, _ in s] for s in tokenize(detokenize(tokens)[0])] != [tokens]
+    conll = tmp_path / "resplit.conll"
+    conll.write_text("".join("".join(f"{t} O\n" for t in tokens) + "\n" for tokens in RESPLIT), encoding="utf-8")
+    _same_tagging(*_tag_both_ways(capsys, demo_tagger_dir, conll, tmp_path))
+    # as `token tag` lines too (--output conll), the record's tokens whitespace and all
+    record = {"text": "Omar Haddad flew to New York\nCity", "tokens": [
+        {"text": t, "start": s, "end": e} for t, s, e in
+        (("Omar", 0, 4), ("Haddad", 5, 11), ("flew", 12, 16), ("to", 17, 19), ("New York\nCity", 20, 33))]}
+    path = tmp_path / "spaced.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    code, out, _ = run(capsys, demo_tagger_dir, path, "--input", "jsonl", "--output", "conll")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines() if line] == ["Omar", "Haddad", "flew", "to", "New_York_City"]
+
+
+def test_converted_dev_sentences_are_tagged_as_the_conll_file(demo_tagger_dir, capsys, tmp_path, conll_dir):
+    """The first 200 sentences of eng.testa (the dev set), converted and tagged, against the
+    CoNLL file tagged."""
+    from fastner.data.conll import read_conll, write_conll
+
+    conll = tmp_path / "dev200.conll"
+    write_conll(str(conll), read_conll(str(conll_dir / "eng.testa"), max_sentences=200))
+    documents, sentences = _tag_both_ways(capsys, demo_tagger_dir, conll, tmp_path)
+    assert len(sentences) == 200
+    _same_tagging(documents, sentences)
+
+
+GOOD_TOKEN = {"text": "Oslo", "start": 0, "end": 4}
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ("Oslo fell", '"tokens" must be a list of {"text", "start", "end"}, got str'),
+    ([GOOD_TOKEN, ["fell", 5, 9]], "token 1: expected {\"text\", \"start\", \"end\"}, got ['fell', 5, 9]"),
+    ([GOOD_TOKEN, {"text": "fell", "start": 5}], 'token 1: "text" must be a string and "start", "end" ints'),
+    ([GOOD_TOKEN, {"text": "fell", "start": 5, "end": 8}], "token 1: 'fell' is not the text at [5, 8): 'fel'"),
+    ([GOOD_TOKEN, {"text": "fell", "start": 5, "end": 19}], "token 1 [5, 19) must lie in the text (9 characters)"),
+    ([GOOD_TOKEN, {"text": "lo", "start": 2, "end": 4}], "after the previous token (which ends at 4)"),
+])
+def test_malformed_record_tokens_name_file_and_line(demo_tagger_dir, capsys, tmp_path, tokens, message):
+    path = tmp_path / "bad.jsonl"
+    lines = [{"text": "Oslo fell"}, {"text": "Oslo fell", "tokens": tokens}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    code, out, err = run(capsys, demo_tagger_dir, path, "--input", "jsonl", "--output", "jsonl")
+    assert code == 2
+    assert len(out.splitlines()) <= 1  # the record before it may have been written
+    assert err.strip().splitlines()[-1].startswith(f"fastner: error: {path}:2: ")
+    assert message in err
+
+
 def test_tokens_and_conll_inputs(demo_tagger_dir, capsys, tmp_path):
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("Omar Haddad said .\n\nOslo fell\n", encoding="utf-8")

@@ -273,3 +273,85 @@ def test_scores_exact_with_news_sized_emissions(tagger):
     best = analysis.nbest[0][0]
     assert sum(p for p, _ in analysis.nbest) <= 1.0 + 1e-5
     assert all(p >= best - 1e-5 for _, _, _, p in analysis.spans)  # the best path is one of each span's paths
+
+
+# ---- documents given with their own tokens ({"text", "tokens"} records) ----------------------
+
+# CoNLL-2003 tokens the tokenizer splits differently: "ST." ends a sentence for the splitter,
+# "U.S" + "." (a sentence-final abbreviation, as CoNLL writes it) is merged into "U.S."
+GIVEN = ["ST.", "LOUIS", "Omar", "Haddad", "met", "Kestrel", "Pharma", "in", "Frankfurt", "and", "the", "U.S", ".",
+         "later", "."]
+
+
+def record_of(tokens):
+    from fastner.text import detokenize
+
+    text, offsets = detokenize(tokens)
+    return {"id": "x", "text": text,
+            "tokens": [{"text": t, "start": s, "end": e} for t, (s, e) in zip(tokens, offsets)]}
+
+
+def test_record_tokens_are_tagged_as_given(tagger):
+    """A record's own tokens are what is tagged, as one sentence: the same tags and span scores
+    as the token list, entity offsets the tokens' own. The text was re-tokenized (and cut into
+    sentences) instead, so the user's tokens and entities were not the ones tagged."""
+    from fastner.text import tokenize
+
+    record = record_of(GIVEN)
+    assert [[t for t, _, _ in s] for s in tokenize(record["text"])] != [GIVEN]  # the point of the test
+    result = tagger.predict(record)
+    check_document(record["text"], result)
+    [sentence] = result["sentences"]
+    assert sentence["tokens"] == GIVEN
+    assert sentence["offsets"] == [[t["start"], t["end"]] for t in record["tokens"]]
+    expected = tagger.predict([GIVEN])[0]
+    assert sentence["tags"] == expected["tags"]
+    offsets = sentence["offsets"]
+    assert [(e["start"], e["end"], e["label"], e["score"]) for e in result["entities"]] == \
+           [(offsets[s["start"]][0], offsets[s["end"] - 1][1], s["type"], s["confidence"]) for s in expected["spans"]]
+    split = {"text": "Omar Haddad flew to New-York.", "tokens": [
+        {"text": t, "start": s, "end": e} for t, s, e in
+        (("Omar", 0, 4), ("Haddad", 5, 11), ("flew", 12, 16), ("to", 17, 19), ("New", 20, 23), ("-", 23, 24),
+         ("York", 24, 28), (".", 28, 29))]}
+    assert tagger.predict(split)["sentences"][0]["tokens"] == ["Omar", "Haddad", "flew", "to", "New", "-", "York", "."]
+    # with raw documents in one list, batched together; without "tokens", a record is its text
+    mixed = tagger.predict([ARTICLES[0], record, {"text": ARTICLES[0]}], batch_size=4)
+    assert mixed[1]["sentences"][0]["tags"] == sentence["tags"]
+    alone = tagger.predict(ARTICLES[0])
+    for result in (mixed[0], mixed[2]):  # scores within float32 noise of another batch's (see above)
+        assert [s["tags"] for s in result["sentences"]] == [s["tags"] for s in alone["sentences"]]
+        scores = [e["score"] for e in alone["entities"]]
+        assert [e["score"] for e in result["entities"]] == pytest.approx(scores, abs=1e-5)
+
+
+def test_record_tokens_read_in_model_form_and_long_ones_in_pieces(tagger):
+    from fastner.documents import MAX_SENTENCE_TOKENS
+
+    soft = tagger.predict(record_of(["Shares", "rose", "in", "Frank\u00adfurt", "."]))
+    plain = tagger.predict(record_of(["Shares", "rose", "in", "Frankfurt", "."]))
+    assert soft["sentences"][0]["tokens"][3] == "Frank\u00adfurt"  # the document's own characters
+    assert soft["sentences"][0]["tags"] == plain["sentences"][0]["tags"]
+    long = record_of(["Oslo"] * (MAX_SENTENCE_TOKENS + 3))
+    assert [len(s["tokens"]) for s in tagger.predict(long)["sentences"]] == [MAX_SENTENCE_TOKENS, 3]
+    spaced = {"text": "Oslo  fell", "tokens": [{"text": "Oslo", "start": 0, "end": 4},
+                                               {"text": " ", "start": 4, "end": 5},
+                                               {"text": "fell", "start": 6, "end": 10}]}
+    assert tagger.predict(spaced)["sentences"][0]["tokens"] == ["Oslo", "fell"]  # spaCy's whitespace tokens: no words
+    assert tagger.predict({"text": "Oslo", "tokens": []}) == {"entities": [], "sentences": []}
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ({"text": 3}, TypeError, r'predict\(x\): a document record needs a "text" string, got int'),
+    ({"tokens": []}, TypeError, r'predict\(x\): a document record needs a "text" string, got none'),
+    ({"text": "Oslo", "tokens": "Oslo"}, ValueError, r'predict\(x\): "tokens" must be a list'),
+    ({"text": "Oslo", "tokens": [{"text": "Oslo", "start": 0}]}, ValueError, r"predict\(x\): token 0: .* ints"),
+    ({"text": "Oslo", "tokens": [{"text": "Oslo", "start": 0, "end": 9}]}, ValueError, r"token 0 \[0, 9\) must lie in"),
+    ({"text": "Oslo", "tokens": [{"text": "Osl", "start": 1, "end": 4}]}, ValueError, "token 0: 'Osl' is not the text"),
+    ({"text": "Oslo fell", "tokens": [{"text": "fell", "start": 5, "end": 9}, {"text": "Oslo", "start": 0, "end": 4}]},
+     ValueError, r"token 1 \[0, 4\) must lie .* after the previous token"),
+    (["Oslo fell.", {"text": "Oslo", "tokens": [{"text": "O", "start": 0, "end": 2}]}], ValueError, "^item 1: token 0"),
+    (iter(["Oslo fell.", {"text": "Oslo", "tokens": [3]}]), ValueError, "^item 1: token 0: expected"),
+])
+def test_bad_record_tokens(tagger, bad, error, match):
+    with pytest.raises(error, match=match):
+        list(tagger.predict(bad))

@@ -54,9 +54,11 @@ def _spans_of(record: dict, where: str) -> List[Tuple[int, int, str]]:
     return spans
 
 
-def _given_tokens(record: dict, where: str) -> Optional[List[Tuple[str, int, int]]]:
+def given_tokens(record: dict, where: str) -> Optional[List[Tuple[str, int, int]]]:
     """The record's own tokens as (text, start, end), whitespace-only ones left out; None when it
-    has none. DataFormatError naming `where` and the token for a malformed one."""
+    has none. DataFormatError naming `where` and the token for a malformed one. record["text"]
+    must be a str. The one check of given tokens: training reads them here (read_jsonl), tagging
+    too (fastner.documents, `fastner tag --input jsonl`)."""
     raw = record.get("tokens")
     if raw is None:
         return None
@@ -177,7 +179,7 @@ def read_jsonl(path: "str | os.PathLike", misaligned: str = "reject",
     for number, record in iter_jsonl_records(path):
         where = f"{path}:{number}"
         sentences.extend(sentences_from_text(record["text"], _spans_of(record, where), where, misaligned,
-                                             _given_tokens(record, where)))
+                                             given_tokens(record, where)))
         if max_sentences is not None and len(sentences) >= max_sentences:
             return sentences[:max_sentences]
     return sentences
