@@ -16,8 +16,10 @@ A document is a str, tokenized by fastner.text, or a record as fastner.data.json
 (other keys ignored; without "tokens" the text is tokenized). Given tokens are checked as
 training checks them (fastner.data.jsonl.given_tokens: each text[start:end], in order, not
 overlapping; whitespace-only ones skipped) and tagged as one sentence (a record of `convert` is
-one sentence; longer than MAX_SENTENCE_TOKENS it is tagged in pieces, as raw text is), each
-token read in its model_form as raw text's tokens are; offsets are the tokens' own.
+one sentence; longer than MAX_SENTENCE_TOKENS it is tagged in pieces, as raw text is); offsets
+are the tokens' own. Tokens cut from text are read in their model_form; given tokens as given,
+as training reads the same record (and CoNLL columns and token lists), so that a model trained
+on a corpus tags it as it learnt it.
 A document result: {"entities": [{"start", "end", "label", "text", "score"}], "sentences":
 [{"start", "end", "tokens", "offsets", "tags"}]} with character offsets into the document
 (`text == document[start:end]`) and `score` the posterior probability of exactly that span;
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import MappingView, Set
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from fastner.data.jsonl import given_tokens
 from fastner.data.schemes import convert_tags, tags_to_spans
@@ -180,33 +182,38 @@ def _bounded(sentences: List[list]) -> List[list]:
     return out
 
 
-def document_sentences(document: Union[str, dict], where: str) -> Tuple[str, List[List[Token]]]:
-    """(text, sentences of (token, start, end)) of a document: a str tokenized by fastner.text, a
-    record one sentence of its given tokens (or its text tokenized, without "tokens"). A
-    TypeError or ValueError (DataFormatError) naming `where` for a malformed record."""
+def _as_given(token: str) -> str:
+    return token
+
+
+def document_sentences(document: Union[str, dict], where: str) -> Tuple[str, List[List[Token]], Callable[[str], str]]:
+    """(text, sentences of (token, start, end), the form the model reads each token in) of a
+    document: a str tokenized by fastner.text, a record one sentence of its given tokens, read as
+    given (or its text tokenized, without "tokens"). A TypeError or ValueError (DataFormatError)
+    naming `where` for a malformed record."""
     if isinstance(document, str):
-        return document, tokenize(document)
+        return document, tokenize(document), model_form
     text = document.get("text")
     if not isinstance(text, str):
         found = "none" if text is None else type(text).__name__
         raise TypeError(f"{where}: a document record needs a \"text\" string, got {found}")
     tokens = given_tokens(document, where)
     if tokens is None:
-        return text, tokenize(text)
+        return text, tokenize(text), model_form
     # one sentence, as `fastner convert` writes and training reads a record with tokens: the
     # user's sentence boundaries, not the splitter's (which cut "ST. LOUIS" in two)
-    return text, [tokens] if tokens else []
+    return text, [tokens] if tokens else [], _as_given
 
 
 def _documents(analyser, documents: List[Union[str, dict]], output_scheme, batch_size, nbest,
                names: List[str]) -> List[dict]:
     """Document results; names[i]: how a message calls documents[i]."""
-    texts, tokenized = [], []
+    texts, tokenized, flat = [], [], []
     for document, name in zip(documents, names):
-        text, sentences = document_sentences(document, name)
+        text, sentences, form = document_sentences(document, name)
         texts.append(text)
         tokenized.append(_bounded(sentences))
-    flat = [[model_form(token) for token, _, _ in sentence] for sentences in tokenized for sentence in sentences]
+        flat.extend([form(token) for token, _, _ in sentence] for sentence in tokenized[-1])
     analyses = iter(analyser.analyse(flat, batch_size, nbest))
     results = []
     for text, sentences in zip(texts, tokenized):

@@ -324,13 +324,19 @@ def test_record_tokens_are_tagged_as_given(tagger):
         assert [e["score"] for e in result["entities"]] == pytest.approx(scores, abs=1e-5)
 
 
-def test_record_tokens_read_in_model_form_and_long_ones_in_pieces(tagger):
+def test_record_tokens_read_as_given_and_long_ones_in_pieces(tagger):
     from fastner.documents import MAX_SENTENCE_TOKENS
 
-    soft = tagger.predict(record_of(["Shares", "rose", "in", "Frank\u00adfurt", "."]))
-    plain = tagger.predict(record_of(["Shares", "rose", "in", "Frankfurt", "."]))
-    assert soft["sentences"][0]["tokens"][3] == "Frank\u00adfurt"  # the document's own characters
-    assert soft["sentences"][0]["tags"] == plain["sentences"][0]["tags"]
+    # Given tokens are read as training reads the same record (and as token lists are): as given,
+    # not in model_form (a curly quote or soft hyphen the corpus has is what the model learnt).
+    tokens = ["Shares", "rose", "in", "Frank\u00adfurt", "\u201cBNP\u00bb", "."]
+    given = tagger.predict(record_of(tokens))
+    as_list = tagger.predict([tokens])[0]
+    assert given["sentences"][0]["tokens"] == tokens  # the document's own characters
+    assert given["sentences"][0]["tags"] == as_list["tags"]
+    assert [e["score"] for e in given["entities"]] == pytest.approx([s["confidence"] for s in as_list["spans"]], abs=1e-6)
+    best = [(n["tags"], n["probability"]) for n in tagger.predict(record_of(tokens), nbest=3)["sentences"][0]["nbest"]]
+    assert best == [(n["tags"], n["probability"]) for n in tagger.predict([tokens], nbest=3)[0]["nbest"]]
     long = record_of(["Oslo"] * (MAX_SENTENCE_TOKENS + 3))
     assert [len(s["tokens"]) for s in tagger.predict(long)["sentences"]] == [MAX_SENTENCE_TOKENS, 3]
     spaced = {"text": "Oslo  fell", "tokens": [{"text": "Oslo", "start": 0, "end": 4},
