@@ -800,6 +800,22 @@ def test_a_full_queue_makes_room_for_jobs_whose_request_is_gone():
     asyncio.run(main())
 
 
+def test_queue_depth_counts_live_jobs_only():
+    # It was: a job whose request was cancelled (its client left) counted in the depth, and so in
+    # /metrics' fastner_queue_depth, until the worker reached it
+    async def main():
+        batcher = Batcher(lambda texts, nbest: [{} for _ in texts], max_queue=4)
+        batcher._thread = threading.current_thread()  # accept jobs without a worker taking them
+        gone = batcher.submit(["a"], 1)
+        batcher.submit(["b"], 1)
+        gone.cancel()
+        depth = batcher.queue_depth
+        batcher._thread = None
+        return depth, len(batcher._queue)
+
+    assert asyncio.run(main()) == (1, 2)  # the gone job is still queued, not counted
+
+
 def test_batcher_stop_finishes_queued_jobs():
     results, calls = _job_batches([(["a"], 1, 1), (["b"], 1, 1)], max_batch_tokens=1, max_wait_ms=0)
     assert [r[0]["text"] for r in results] == ["a", "b"] and len(calls) == 2
