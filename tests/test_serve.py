@@ -885,6 +885,8 @@ async def _add_and_leave(deadlines, fired):
     ({"max_wait_ms": 1e9}, "max-wait-ms"),
     ({"body_timeout_s": 0}, "body-timeout-s"),
     ({"body_timeout_s": float("inf")}, "body-timeout-s"),
+    ({"header_timeout_s": 0}, "header-timeout-s"),
+    ({"header_timeout_s": 601}, r"header-timeout-s must be in \(0, 600\]"),
     ({"max_queue": 0}, "max-queue"),
     ({"max_document_tokens": 5000}, "must not exceed"),
     ({"max_request_tokens": 0}, "max-request-tokens"),

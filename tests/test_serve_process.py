@@ -71,10 +71,16 @@ def read_until_closed(connection: socket.socket) -> bytes:
 
 def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
     # a long batching wait keeps the request in flight, queued, while SIGTERM arrives
-    server = ServerProcess(model_dir, ["--max-wait-ms", "3000", "--threads", "1", "--precision", "float64"]).start()
+    server = ServerProcess(model_dir, ["--max-wait-ms", "3000", "--threads", "1", "--precision", "float64",
+                                       "--header-timeout-s", "0.5"]).start()
     try:
         status, info = get_json(server.url + "v1/model")
         assert status == 200 and info["batching"]["max_wait_ms"] == 3000 and info["precision"] == "float64"
+        assert info["limits"]["header_timeout_s"] == 0.5
+        # the option reaches uvicorn's protocol (test_serve_connections.py tests what it does)
+        half = socket.create_connection((HOST, server.port), timeout=60)
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: fastner\r\n")
+        assert read_until_closed(half).startswith(b"HTTP/1.1 408 ")
         answer = {}
 
         def client():
@@ -109,6 +115,7 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
     (["serve", "{model}", "--port", "70000"], "argument --port: must be in [0, 65535]"),
     (["serve", "{model}", "--max-wait-ms", "nan"], "argument --max-wait-ms"),
     (["serve", "{model}", "--body-timeout-s", "0"], "argument --body-timeout-s: must be a finite number in (0, 600]"),
+    (["serve", "{model}", "--header-timeout-s", "inf"], "argument --header-timeout-s: must be a finite number in (0, 600]"),
     (["serve", "{model}", "--threads", "0"], "argument --threads: must be in [1, 1024], got 0"),
     # the other commands' bound: OpenMP hangs or crashes asked for tens of thousands of threads
     (["serve", "{model}", "--threads", "65536"], "argument --threads: must be in [1, 1024], got 65536"),

@@ -272,6 +272,7 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
                      "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
         "limits": {"max_body_bytes": config.max_body_bytes, "body_timeout_s": config.body_timeout_s,
+                   "header_timeout_s": config.header_timeout_s,
                    "max_documents": config.max_documents, "max_document_tokens": config.max_document_tokens,
                    "max_request_tokens": config.max_request_tokens},
     }

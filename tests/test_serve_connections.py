@@ -1,0 +1,115 @@
+"""What uvicorn does with fastner serve's connections, as `fastner serve` runs it (its protocol
+and options, fastner.serve.server.uvicorn_options), in a thread on a free loopback port, over
+raw sockets: a request head that stops coming is cut."""
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+import fastner  # noqa: E402
+from fastner.serve.app import create_app  # noqa: E402
+from fastner.serve.config import ServeConfig  # noqa: E402
+from fastner.serve.process import HOST, free_port  # noqa: E402
+from fastner.serve.server import GRACEFUL_SHUTDOWN_SECONDS, uvicorn_options  # noqa: E402
+from tests.serve_testing import SENTENCE, tiny_model_dir  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HANG = 30  # seconds: a socket read that waits this long is a hang, not a slow server
+
+
+@pytest.fixture(scope="module")
+def tagger(tmp_path_factory):
+    return fastner.Tagger.load(tiny_model_dir(tmp_path_factory), device="cpu")
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def served(app, config: ServeConfig, graceful_shutdown_s: float = GRACEFUL_SHUTDOWN_SECONDS):
+    """uvicorn serving `app` in a thread: (port, server); stopped (as by SIGTERM) on leaving."""
+    port = free_port()
+    # log_config=None: uvicorn's records reach the root logger (caplog)
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_config=None, access_log=False,
+                                           **uvicorn_options(config, graceful_shutdown_s)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), "uvicorn did not start")
+        assert server.started
+        yield port, server
+    finally:
+        server.should_exit = True
+        thread.join(HANG)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection((HOST, port), timeout=HANG)
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    answer = b""
+    while True:
+        try:
+            chunk = connection.recv(65536)
+        except ConnectionResetError:
+            return answer
+        if not chunk:
+            return answer
+        answer += chunk
+
+
+def read_answer(connection: socket.socket):
+    """One answer with a Content-Length: (status, lower-cased head, parsed body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    head = head.decode("latin-1").lower()
+    length = int(head.split("content-length: ", 1)[1].split("\r\n", 1)[0])
+    while len(body) < length:
+        body += connection.recv(65536)
+    return int(head.split()[1]), head, json.loads(body)
+
+
+def post_head(length: int) -> bytes:
+    return (b"POST /v1/entities HTTP/1.1\r\nHost: fastner\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
+
+
+def test_a_request_head_that_stops_coming_is_cut(tagger):
+    # It was: uvicorn has no header timeout (its keep-alive timeout is armed only after an answer,
+    # and cancelled by any byte): a connection that sent nothing, or half a request head, was held
+    # as long as its client kept it open (slowloris)
+    config = ServeConfig(header_timeout_s=0.2)
+    with served(create_app(tagger, config), config) as (port, _):
+        idle = connect(port)
+        half = connect(port)
+        half.sendall(b"POST /v1/entities HTTP/1.1\r\nHost: fastner\r\nContent-")
+        after_answer = connect(port)  # an answer, then half of the next request's head
+        after_answer.sendall(b"GET /healthz HTTP/1.1\r\nHost: fastner\r\n\r\n")
+        assert read_answer(after_answer)[0] == 200
+        after_answer.sendall(b"GET /heal")
+        slow_body = connect(port)  # the head complete in time, the body later: the head timeout is over
+        body = json.dumps({"documents": [SENTENCE]}).encode()
+        slow_body.sendall(post_head(len(body)))
+        for connection in (half, after_answer):
+            answer = read_until_closed(connection)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            problem = json.loads(answer.partition(b"\r\n\r\n")[2])
+            assert problem["field"] == "headers" and "--header-timeout-s" in problem["error"], problem
+            assert b"connection: close" in answer.lower()
+        assert read_until_closed(idle) == b""  # nothing had come: closed without an answer
+        slow_body.sendall(body)
+        assert read_answer(slow_body)[0] == 200
