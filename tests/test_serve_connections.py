@@ -1,7 +1,8 @@
 """What uvicorn does with fastner serve's connections, as `fastner serve` runs it (its protocol
 and options, fastner.serve.server.uvicorn_options), in a thread on a free loopback port, over
-raw sockets: a request head that stops coming is cut."""
+raw sockets: a refused body is not read on, a request head that stops coming is cut."""
 import contextlib
+import http.client
 import json
 import socket
 import threading
@@ -86,6 +87,36 @@ def read_answer(connection: socket.socket):
 def post_head(length: int) -> bytes:
     return (b"POST /v1/entities HTTP/1.1\r\nHost: fastner\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % length)
+
+
+def test_a_refused_body_is_not_read_and_keep_alive_stays_for_the_others(tagger):
+    # It was: the 413 kept the connection open, and uvicorn read the body's unread rest to reach
+    # the next request: a client sending a 1 GB body was read to its end
+    config = ServeConfig(max_body_bytes=1000)
+    with served(create_app(tagger, config), config) as (port, _):
+        connection = connect(port)
+        connection.sendall(post_head(1 << 30))
+        status, head, body = read_answer(connection)
+        assert status == 413 and "connection: close" in head and body["field"] == "body"
+        sent = 0
+        # the server has closed the connection: reset (a timeout would be a server that only paused reading)
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while sent < 256 << 20:  # far more than the sockets' buffers hold
+                connection.sendall(b" " * (1 << 20))
+                sent += 1 << 20
+        connection.close()
+
+        client = http.client.HTTPConnection(HOST, port, timeout=HANG)  # keep-alive: two requests, one connection
+        sockets = []
+        for _ in range(2):
+            client.request("POST", "/v1/entities", json.dumps({"documents": [SENTENCE]}),
+                           {"Content-Type": "application/json"})
+            response = client.getresponse()
+            assert response.status == 200 and response.getheader("connection") is None, response.read()
+            response.read()
+            sockets.append(client.sock)  # http.client reconnects if the server closed
+        assert sockets[0] is sockets[1]
+        client.close()
 
 
 def test_a_request_head_that_stops_coming_is_cut(tagger):

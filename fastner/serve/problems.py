@@ -3,6 +3,7 @@
 whichever check refused its request (the body limit, the model's limits, validation)."""
 from __future__ import annotations
 
+import json
 from typing import List
 
 
@@ -24,3 +25,12 @@ CLIENT_CLOSED = 499
 
 def client_closed_body() -> dict:
     return problem_body("request", "the client closed the connection before its answer", "client_closed")
+
+
+async def send_json(send, status: int, body: dict, headers: dict = None) -> None:
+    """Answer `body` from an ASGI middleware (outside the app's own responses)."""
+    payload = json.dumps(body).encode()
+    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
+    await send({"type": "http.response.body", "body": payload})
