@@ -1,9 +1,11 @@
 """What uvicorn does with fastner serve's connections, as `fastner serve` runs it (its protocol
 and options, fastner.serve.server.uvicorn_options), in a thread on a free loopback port, over
-raw sockets: a refused body is not read on, a request head that stops coming is cut."""
+raw sockets: a refused body is not read on, a request head that stops coming is cut, a request
+cancelled at the end of the graceful shutdown is answered in the error format."""
 import contextlib
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -144,3 +146,26 @@ def test_a_request_head_that_stops_coming_is_cut(tagger):
         assert read_until_closed(idle) == b""  # nothing had come: closed without an answer
         slow_body.sendall(body)
         assert read_answer(slow_body)[0] == 200
+
+
+def test_a_request_cancelled_at_shutdown_gets_503_in_the_error_format(tagger, caplog):
+    # It was: past the graceful shutdown's period, uvicorn's cancellation of the requests still in
+    # flight reached it as an exception: a traceback in the log and a plain-text 500
+    config = ServeConfig(max_wait_ms=60_000)  # the request waits in the queue for others to join
+    app = create_app(tagger, config)
+    with caplog.at_level(logging.INFO):
+        with served(app, config, graceful_shutdown_s=0.1) as (port, server):
+            connection = connect(port)
+            body = json.dumps({"documents": [SENTENCE]}).encode()
+            connection.sendall(post_head(len(body)) + body)
+            wait_until(lambda: app.state.batcher.queue_depth == 1, "the request never reached the queue")
+            server.should_exit = True  # SIGTERM's doing
+            answer = read_until_closed(connection)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+    problem = json.loads(payload)
+    assert set(problem) == {"error", "field", "problems"} and problem["problems"][0]["type"] == "shutting_down"
+    assert "timeout graceful shutdown exceeded" in caplog.text  # it was cancelled, not answered by the model
+    assert not [record for record in caplog.records if record.exc_info], caplog.text
+    assert "Exception in ASGI application" not in caplog.text

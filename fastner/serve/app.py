@@ -32,6 +32,7 @@ from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
 from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body, problems_body
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+from fastner.serve.shutdown import AnswerCancelled
 
 log = logging.getLogger("fastner.serve")
 PAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
@@ -431,5 +432,6 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         return Response(json.dumps({"documents": documents}).encode("ascii"), media_type="application/json")
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s too
+    app.add_middleware(AnswerCancelled, retry_after=RETRY_AFTER_SECONDS)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s and the 503s at shutdown too
     return app

@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol with a bound on the time a request's head takes to come.
+"""uvicorn's HTTP protocol with a bound on the time a request's head takes to come (and a mark on
+the requests in flight when the server stops: fastner.serve.shutdown).
 
 uvicorn (0.55, httptools or h11) has no header timeout: its keep-alive timeout is armed only
 after an answer, and any byte that arrives cancels it. A connection that sends nothing, or half a
@@ -20,6 +21,7 @@ import json
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from fastner.serve.problems import problem_body
+from fastner.serve.shutdown import STOPPING
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -48,6 +50,13 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         # no request left whose head has come (a pipelined one is started by now): wait for the next
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._await_head()
+
+    def shutdown(self) -> None:  # the server's, as it begins to stop
+        # the request in flight, if it outlasts the graceful shutdown, is cancelled by the server:
+        # answered 503 then (fastner.serve.shutdown)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.scope[STOPPING] = True
+        super().shutdown()
 
     def connection_lost(self, exc) -> None:
         self._stop_timer()

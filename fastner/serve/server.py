@@ -1,7 +1,8 @@
 """`fastner serve MODEL ...`: load the tagger once, build the app, run uvicorn.
 
 uvicorn owns SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests finish
-(their jobs are still queued or running on the model worker), then runs the app's shutdown,
+(their jobs are still queued or running on the model worker) for up to GRACEFUL_SHUTDOWN_SECONDS
+and cancels those left (each answered 503: fastner.serve.shutdown), then runs the app's shutdown,
 which drains the worker and joins it, and finally re-raises the signal: the process ends with
 the status of one terminated by SIGTERM (-15 to a Python parent, 143 to a shell), as process
 supervisors expect.
