@@ -559,6 +559,8 @@ def test_full_queue_gets_503_with_retry_after(tagger, monkeypatch):
     running, queued, refused, depth = run_app(app, interact)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert "--max-queue 1" in refused.json()["error"]
+    assert_problem_format(refused.json())  # it was {"error"} alone
+    assert refused.json()["problems"][0]["type"] == "queue_full"
     assert "fastner_queue_depth 1.0" in depth
     assert running.status_code == 200 and queued.status_code == 200
 
@@ -664,7 +666,8 @@ def test_a_failing_model_call_answers_500_and_the_server_goes_on(tagger, monkeyp
         return await post(client, {"documents": ["FAIL"]}), await post(client, {"documents": [SENTENCE]})
 
     failed, fine = run_app(app, interact)
-    assert failed.status_code == 500 and failed.json()["error"] == "the model call failed: RuntimeError: boom"
+    assert failed.status_code == 500 and failed.json()["error"] == "request: the model call failed: RuntimeError: boom"
+    assert_problem_format(failed.json())  # it was {"error"} alone
     assert fine.status_code == 200 and fine.json()["documents"][0]["entities"]
 
 
@@ -979,9 +982,13 @@ def test_every_4xx_answers_in_one_format(tagger):
 
     for response in run_app(app, interact):
         assert 400 <= response.status_code < 500, response.text
-        body = response.json()
-        assert set(body) == {"error", "field", "problems"}, body
-        first = body["problems"][0]
-        assert set(first) == {"field", "message", "type"} and body["field"] == first["field"]
-        assert body["error"] == f"{first['field']}: {first['message']}"
+        assert_problem_format(response.json())
+
+
+def assert_problem_format(body: dict) -> None:
+    """`body` is the server's one error format (fastner.serve.problems)."""
+    assert set(body) == {"error", "field", "problems"}, body
+    first = body["problems"][0]
+    assert set(first) == {"field", "message", "type"} and body["field"] == first["field"]
+    assert body["error"] == f"{first['field']}: {first['message']}"
 

@@ -418,14 +418,16 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         try:
             future = batcher.submit(texts, tokens, request.nbest)
         except (QueueFull, ShuttingDown) as err:
-            return JSONResponse(status_code=503, content={"error": str(err)},
+            kind = "queue_full" if isinstance(err, QueueFull) else "shutting_down"
+            return JSONResponse(status_code=503, content=problem_body("request", str(err), kind),
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         try:
             results = await watch.result(future, http.receive)
         except ClientClosed:
             return JSONResponse(status_code=CLIENT_CLOSED, content=client_closed_body())
         except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
-            return JSONResponse(status_code=500, content={"error": f"the model call failed: {type(err).__name__}: {err}"})
+            return JSONResponse(status_code=500, content=problem_body(
+                "request", f"the model call failed: {type(err).__name__}: {err}", "model_failed"))
         documents = [result if doc_id is None else {"id": doc_id, **result} for doc_id, result in zip(ids, results)]
         # ASCII with escapes: a lone surrogate sent as "\ud800" comes back escaped, not as bytes
         # UTF-8 cannot encode

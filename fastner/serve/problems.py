@@ -1,6 +1,8 @@
-"""The body of every 4xx answer: {"error": "FIELD: MESSAGE", "field": FIELD, "problems": [{"field",
-"message", "type"}]}, the first problem in "error" and "field", so that a client reads one format
-whichever check refused its request (the body limit, the model's limits, validation)."""
+"""The body of every error answer (4xx, and the server's 503s and 500): {"error": "FIELD: MESSAGE",
+"field": FIELD, "problems": [{"field", "message", "type"}]}, the first problem in "error" and
+"field", so that a client reads one format whichever check refused its request (the body limit,
+the model's limits, validation) or whatever kept the server from answering it (a full queue, a
+shutdown, a failed model call)."""
 from __future__ import annotations
 
 import json
