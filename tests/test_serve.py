@@ -374,7 +374,10 @@ def test_body_over_the_limit_gets_413(tagger):
     for response in (declared, chunked):
         assert response.status_code == 413, response.text
         assert response.json()["field"] == "body" and "200 bytes" in response.json()["error"]
-    assert small.status_code == 200
+        # It was: the connection stayed open, and the server read the body's rest (a client's 1 GB)
+        # to reach the next request; closing it stops the reading (test_serve_connections.py)
+        assert response.headers["connection"] == "close"
+    assert small.status_code == 200 and "connection" not in small.headers  # keep-alive as usual
 
 
 async def _stalling(first: bytes):
@@ -556,6 +559,8 @@ def test_full_queue_gets_503_with_retry_after(tagger, monkeypatch):
     running, queued, refused, depth = run_app(app, interact)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert "--max-queue 1" in refused.json()["error"]
+    assert_problem_format(refused.json())  # it was {"error"} alone
+    assert refused.json()["problems"][0]["type"] == "queue_full"
     assert "fastner_queue_depth 1.0" in depth
     assert running.status_code == 200 and queued.status_code == 200
 
@@ -661,7 +666,8 @@ def test_a_failing_model_call_answers_500_and_the_server_goes_on(tagger, monkeyp
         return await post(client, {"documents": ["FAIL"]}), await post(client, {"documents": [SENTENCE]})
 
     failed, fine = run_app(app, interact)
-    assert failed.status_code == 500 and failed.json()["error"] == "the model call failed: RuntimeError: boom"
+    assert failed.status_code == 500 and failed.json()["error"] == "request: the model call failed: RuntimeError: boom"
+    assert_problem_format(failed.json())  # it was {"error"} alone
     assert fine.status_code == 200 and fine.json()["documents"][0]["entities"]
 
 
@@ -800,6 +806,22 @@ def test_a_full_queue_makes_room_for_jobs_whose_request_is_gone():
     asyncio.run(main())
 
 
+def test_queue_depth_counts_live_jobs_only():
+    # It was: a job whose request was cancelled (its client left) counted in the depth, and so in
+    # /metrics' fastner_queue_depth, until the worker reached it
+    async def main():
+        batcher = Batcher(lambda texts, nbest: [{} for _ in texts], max_queue=4)
+        batcher._thread = threading.current_thread()  # accept jobs without a worker taking them
+        gone = batcher.submit(["a"], 1)
+        batcher.submit(["b"], 1)
+        gone.cancel()
+        depth = batcher.queue_depth
+        batcher._thread = None
+        return depth, len(batcher._queue)
+
+    assert asyncio.run(main()) == (1, 2)  # the gone job is still queued, not counted
+
+
 def test_batcher_stop_finishes_queued_jobs():
     results, calls = _job_batches([(["a"], 1, 1), (["b"], 1, 1)], max_batch_tokens=1, max_wait_ms=0)
     assert [r[0]["text"] for r in results] == ["a", "b"] and len(calls) == 2
@@ -869,6 +891,8 @@ async def _add_and_leave(deadlines, fired):
     ({"max_wait_ms": 1e9}, "max-wait-ms"),
     ({"body_timeout_s": 0}, "body-timeout-s"),
     ({"body_timeout_s": float("inf")}, "body-timeout-s"),
+    ({"header_timeout_s": 0}, "header-timeout-s"),
+    ({"header_timeout_s": 601}, r"header-timeout-s must be in \(0, 600\]"),
     ({"max_queue": 0}, "max-queue"),
     ({"max_document_tokens": 5000}, "must not exceed"),
     ({"max_request_tokens": 0}, "max-request-tokens"),
@@ -958,9 +982,13 @@ def test_every_4xx_answers_in_one_format(tagger):
 
     for response in run_app(app, interact):
         assert 400 <= response.status_code < 500, response.text
-        body = response.json()
-        assert set(body) == {"error", "field", "problems"}, body
-        first = body["problems"][0]
-        assert set(first) == {"field", "message", "type"} and body["field"] == first["field"]
-        assert body["error"] == f"{first['field']}: {first['message']}"
+        assert_problem_format(response.json())
+
+
+def assert_problem_format(body: dict) -> None:
+    """`body` is the server's one error format (fastner.serve.problems)."""
+    assert set(body) == {"error", "field", "problems"}, body
+    first = body["problems"][0]
+    assert set(first) == {"field", "message", "type"} and body["field"] == first["field"]
+    assert body["error"] == f"{first['field']}: {first['message']}"
 

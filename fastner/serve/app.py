@@ -32,6 +32,7 @@ from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
 from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body, problems_body
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
+from fastner.serve.shutdown import AnswerCancelled
 
 log = logging.getLogger("fastner.serve")
 PAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
@@ -272,6 +273,7 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
                      "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
         "limits": {"max_body_bytes": config.max_body_bytes, "body_timeout_s": config.body_timeout_s,
+                   "header_timeout_s": config.header_timeout_s,
                    "max_documents": config.max_documents, "max_document_tokens": config.max_document_tokens,
                    "max_request_tokens": config.max_request_tokens},
     }
@@ -416,19 +418,22 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
         try:
             future = batcher.submit(texts, tokens, request.nbest)
         except (QueueFull, ShuttingDown) as err:
-            return JSONResponse(status_code=503, content={"error": str(err)},
+            kind = "queue_full" if isinstance(err, QueueFull) else "shutting_down"
+            return JSONResponse(status_code=503, content=problem_body("request", str(err), kind),
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         try:
             results = await watch.result(future, http.receive)
         except ClientClosed:
             return JSONResponse(status_code=CLIENT_CLOSED, content=client_closed_body())
         except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
-            return JSONResponse(status_code=500, content={"error": f"the model call failed: {type(err).__name__}: {err}"})
+            return JSONResponse(status_code=500, content=problem_body(
+                "request", f"the model call failed: {type(err).__name__}: {err}", "model_failed"))
         documents = [result if doc_id is None else {"id": doc_id, **result} for doc_id, result in zip(ids, results)]
         # ASCII with escapes: a lone surrogate sent as "\ud800" comes back escaped, not as bytes
         # UTF-8 cannot encode
         return Response(json.dumps({"documents": documents}).encode("ascii"), media_type="application/json")
 
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s too
+    app.add_middleware(AnswerCancelled, retry_after=RETRY_AFTER_SECONDS)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s and the 503s at shutdown too
     return app

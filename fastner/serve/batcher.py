@@ -102,7 +102,12 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Queued jobs whose request still waits: a cancelled job (its client left) stays in the
+        queue until the worker reaches it, and counted there /metrics showed a backlog of work
+        that would never run. A count under the lock (the worker pops concurrently), at most
+        max_queue entries: once per scrape."""
+        with self._condition:
+            return sum(1 for job in self._queue if not job.future.cancelled())
 
     def start(self) -> None:
         if self._thread is not None:

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 
 MAX_WAIT_MS = 60_000  # a minute: anything longer is a typo, not a batching policy
-MAX_BODY_TIMEOUT_S = 600.0  # ten minutes without a byte: no live client is that silent
+MAX_TIMEOUT_S = 600.0  # ten minutes without a byte: no live client is that silent
 
 
 @dataclass
@@ -20,6 +20,10 @@ class ServeConfig:
     # under the 30 s graceful shutdown (server.GRACEFUL_SHUTDOWN_SECONDS), so that a stalled upload
     # in flight at SIGTERM is answered before uvicorn gives up and cancels what is left.
     body_timeout_s: float = 10.0
+    # a request's line and headers must have come within this long of its connection's opening or
+    # of the previous answer on it, else 408 and the connection closed (fastner.serve.connection:
+    # applied by `fastner serve`'s uvicorn protocol, not by the app). 10 s: as the body's.
+    header_timeout_s: float = 10.0
     max_documents: int = 256  # documents per request
     max_document_tokens: int = 2048  # tokens per document; must fit one model call
     # tokens per request, all documents together: bounds one request's model work (256 documents
@@ -35,8 +39,10 @@ class ServeConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS):
             raise ValueError(f"max-wait-ms must be in [0, {MAX_WAIT_MS}], got {self.max_wait_ms}")
-        if not (math.isfinite(self.body_timeout_s) and 0 < self.body_timeout_s <= MAX_BODY_TIMEOUT_S):
-            raise ValueError(f"body-timeout-s must be in (0, {MAX_BODY_TIMEOUT_S:g}], got {self.body_timeout_s}")
+        for name in ("body_timeout_s", "header_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+                raise ValueError(f"{name.replace('_', '-')} must be in (0, {MAX_TIMEOUT_S:g}], got {value}")
         if self.max_document_tokens > self.max_batch_tokens:
             raise ValueError(f"max-document-tokens ({self.max_document_tokens}) must not exceed "
                              f"max-batch-tokens ({self.max_batch_tokens}): a document must fit one model call")

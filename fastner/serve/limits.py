@@ -1,7 +1,9 @@
 """ASGI middleware: the request body's limits, enforced before the body is parsed.
 
 Size: a declared Content-Length over `max_bytes` is refused (413) before any of the body is read;
-a chunked or understated body is counted as it arrives and cut off at the limit.
+a chunked or understated body is counted as it arrives and cut off at the limit. Either way the
+answer closes the connection: kept open, the server read the rest of the body to find the next
+request (a client sending 1 GB was read to its end, at the server's expense).
 
 Time: a body that stops arriving (shorter than its Content-Length, or a chunked body that stalls)
 is answered 408 once no part of it has come for `timeout_s`, and the connection is closed; without
@@ -16,12 +18,11 @@ waits on."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 from starlette.exceptions import HTTPException
 
 from fastner.serve.deadlines import Deadlines
-from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body
+from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body, send_json
 
 
 class BodyRefused(HTTPException):
@@ -33,9 +34,14 @@ class BodyRefused(HTTPException):
         super().__init__(status, detail, headers)
 
 
+# A refused body's unread rest would be read (and discarded) to reach the next request on the
+# connection: the answer closes it instead (uvicorn stops reading once it sends this header).
+CLOSE = {"Connection": "close"}
+
+
 class BodyTooLarge(BodyRefused):
     def __init__(self, detail: dict):
-        super().__init__(413, detail)
+        super().__init__(413, detail, CLOSE)
 
 
 class BodyAbandoned(BodyRefused):
@@ -49,15 +55,7 @@ class BodyAbandoned(BodyRefused):
 class BodyTimeout(BodyRefused):
     def __init__(self, detail: dict):
         # the rest of the body may still come: the connection cannot carry another request
-        super().__init__(408, detail, {"Connection": "close"})
-
-
-async def _send_json(send, status: int, body: dict, headers: dict = None) -> None:
-    payload = json.dumps(body).encode()
-    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
-    await send({"type": "http.response.body", "body": payload})
+        super().__init__(408, detail, CLOSE)
 
 
 class BodyLimit:
@@ -90,11 +88,12 @@ class BodyLimit:
             try:
                 too_large = int(declared) > self.max_bytes
             except ValueError:
-                await _send_json(send, 400, problem_body("content-length", "not a number", "header"))
+                # where the body ends is unknown: no request can follow it
+                await send_json(send, 400, problem_body("content-length", "not a number", "header"), CLOSE)
                 return
             if too_large:
                 refusal = self._too_large()
-                await _send_json(send, refusal.status_code, refusal.detail)
+                await send_json(send, refusal.status_code, refusal.detail, refusal.headers)
                 return
         received = 0
         body_complete = False
@@ -136,4 +135,4 @@ class BodyLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyRefused as refusal:  # raised outside the app's exception handling
             if not started:
-                await _send_json(send, refusal.status_code, refusal.detail, refusal.headers)
+                await send_json(send, refusal.status_code, refusal.detail, refusal.headers)

@@ -1,8 +1,11 @@
-"""The body of every 4xx answer: {"error": "FIELD: MESSAGE", "field": FIELD, "problems": [{"field",
-"message", "type"}]}, the first problem in "error" and "field", so that a client reads one format
-whichever check refused its request (the body limit, the model's limits, validation)."""
+"""The body of every error answer (4xx, and the server's 503s and 500): {"error": "FIELD: MESSAGE",
+"field": FIELD, "problems": [{"field", "message", "type"}]}, the first problem in "error" and
+"field", so that a client reads one format whichever check refused its request (the body limit,
+the model's limits, validation) or whatever kept the server from answering it (a full queue, a
+shutdown, a failed model call)."""
 from __future__ import annotations
 
+import json
 from typing import List
 
 
@@ -24,3 +27,12 @@ CLIENT_CLOSED = 499
 
 def client_closed_body() -> dict:
     return problem_body("request", "the client closed the connection before its answer", "client_closed")
+
+
+async def send_json(send, status: int, body: dict, headers: dict = None) -> None:
+    """Answer `body` from an ASGI middleware (outside the app's own responses)."""
+    payload = json.dumps(body).encode()
+    extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
+    await send({"type": "http.response.body", "body": payload})

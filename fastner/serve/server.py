@@ -1,7 +1,8 @@
 """`fastner serve MODEL ...`: load the tagger once, build the app, run uvicorn.
 
 uvicorn owns SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests finish
-(their jobs are still queued or running on the model worker), then runs the app's shutdown,
+(their jobs are still queued or running on the model worker) for up to GRACEFUL_SHUTDOWN_SECONDS
+and cancels those left (each answered 503: fastner.serve.shutdown), then runs the app's shutdown,
 which drains the worker and joins it, and finally re-raises the signal: the process ends with
 the status of one terminated by SIGTERM (-15 to a Python parent, 143 to a shell), as process
 supervisors expect.
@@ -14,7 +15,7 @@ import logging
 import os
 import sys
 
-from fastner.serve.config import MAX_BODY_TIMEOUT_S, MAX_WAIT_MS, PRECISIONS, ServeConfig, precision_name
+from fastner.serve.config import MAX_TIMEOUT_S, MAX_WAIT_MS, PRECISIONS, ServeConfig, precision_name
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 ONEDNN_PRIMITIVE_CACHE = 32
@@ -48,10 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per request, all documents together (default {defaults.max_request_tokens})")
     parser.add_argument("--max-body-bytes", type=COUNT, default=defaults.max_body_bytes,
                         help=f"request body limit (default {defaults.max_body_bytes})")
-    parser.add_argument("--body-timeout-s", type=_float_in(0, MAX_BODY_TIMEOUT_S, low_open=True),
+    parser.add_argument("--body-timeout-s", type=_float_in(0, MAX_TIMEOUT_S, low_open=True),
                         default=defaults.body_timeout_s,
                         help="408 once no part of a request body has come for this long: a stalled upload, not a "
                              f"slow one (default {defaults.body_timeout_s:g})")
+    parser.add_argument("--header-timeout-s", type=_float_in(0, MAX_TIMEOUT_S, low_open=True),
+                        default=defaults.header_timeout_s,
+                        help="408 and the connection closed unless a request's line and headers have come this long "
+                             "after the connection opened or the previous answer (default "
+                             f"{defaults.header_timeout_s:g})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     parser.add_argument("--threads", type=THREADS, default=1, help="torch threads of the model worker (default 1)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -63,8 +69,9 @@ def run(args) -> int:
         import uvicorn
 
         from fastner.serve.app import create_app
+        from fastner.serve.connection import HeaderTimeoutProtocol  # noqa: F401 - needs httptools: said here
     except ImportError as err:
-        raise ImportError(f"fastner serve needs FastAPI and uvicorn ({err}): pip install 'fastner[serve]'") from None
+        raise ImportError(f"fastner serve needs FastAPI, uvicorn and httptools ({err}): pip install 'fastner[serve]'") from None
     import torch
 
     from fastner.tagger import Tagger
@@ -77,7 +84,7 @@ def run(args) -> int:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
     config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          threads=args.threads, batching=not args.no_batching, max_body_bytes=args.max_body_bytes,
-                         body_timeout_s=args.body_timeout_s,
+                         body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
                          max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
                          max_request_tokens=args.max_request_tokens,
                          precision=args.precision)
@@ -93,5 +100,14 @@ def run(args) -> int:
                       "batching": config.batching, "threads": config.threads}), file=sys.stderr, flush=True)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+                **uvicorn_options(config))
     return 0
+
+
+def uvicorn_options(config: ServeConfig, graceful_shutdown_s: float = GRACEFUL_SHUTDOWN_SECONDS) -> dict:
+    """uvicorn's settings for `config` (besides the address and the logging): its HTTP protocol
+    with the header timeout (fastner.serve.connection), and the graceful shutdown's period. The
+    tests run uvicorn with these (and a shorter period)."""
+    from fastner.serve.connection import protocol_class
+
+    return {"http": protocol_class(config.header_timeout_s), "timeout_graceful_shutdown": graceful_shutdown_s}
