@@ -147,6 +147,14 @@ def test_token_accuracy_respects_the_mask():
 
 # ---- the script's own quirks, each read off conlleval.pl (2004-01-26) ---------------------------
 
+def test_the_type_0_is_no_type_as_in_the_script():
+    # the script keeps a type with `$type ? $type : ""`, and "0" is false in Perl: B-0 I-0 is a
+    # chunk of type "" (O->B starts it), and S-0 after O is none (O->S keeps the type "", no rule)
+    r = conlleval([["B-0", "I-0", "O", "S-0"]], [["B-0", "I-0", "O", "S-0"]])
+    assert counts(r) == (1, 1, 1) and list(r["per_type"]) == [""]
+    assert r["accuracy"] == 100.0
+
+
 def test_f1_is_computed_from_percentages_like_the_script():
     # 1 chunk guessed, right, of 63: the script's 2*100*(100/63)/(100+100/63) is 3.1250000000000004
     # in doubles and prints 3.13; the same F1 from fractions is 3.125 exactly and prints 3.12
