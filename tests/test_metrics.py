@@ -155,6 +155,19 @@ def test_the_type_0_is_no_type_as_in_the_script():
     assert r["accuracy"] == 100.0
 
 
+def test_report_prints_the_untyped_row_twice_like_the_script():
+    # the script's loop that drops duplicate type names tests `not($lastType)`, true for "": the
+    # untyped row comes once from the gold chunks and once more from the guessed ones
+    text = format_conlleval(conlleval([["B", "I"]], [["B", "O"]]))
+    assert text.splitlines() == [
+        "processed 2 tokens with 1 phrases; found: 1 phrases; correct: 0.",
+        "accuracy:  50.00%; precision:   0.00%; recall:   0.00%; FB1:   0.00",
+        "                 : precision:   0.00%; recall:   0.00%; FB1:   0.00  1",
+        "                 : precision:   0.00%; recall:   0.00%; FB1:   0.00  1",
+    ]
+    assert len(format_conlleval(conlleval([["B"]], [["O"]])).splitlines()) == 3  # gold only: once
+
+
 def test_f1_is_computed_from_percentages_like_the_script():
     # 1 chunk guessed, right, of 63: the script's 2*100*(100/63)/(100+100/63) is 3.1250000000000004
     # in doubles and prints 3.13; the same F1 from fractions is 3.125 exactly and prints 3.12
