@@ -194,7 +194,10 @@ def format_conlleval(result: dict) -> str:
             f"recall: {result['recall']:6.2f}%; FB1: {result['f1']:6.2f}"
         )
     for kind, row in result["per_type"].items():
-        line = (f"{kind:>17s}: precision: {row['precision']:6.2f}%; recall: {row['recall']:6.2f}%; "
+        # the script's printf "%17s" pads the UTF-8 bytes it read, not characters (surrogatepass:
+        # a lone surrogate, which only the Python API lets in, counts as UTF-8 would write it)
+        pad = " " * (17 - len(kind.encode("utf-8", "surrogatepass")))
+        line = (f"{pad}{kind}: precision: {row['precision']:6.2f}%; recall: {row['recall']:6.2f}%; "
                 f"FB1: {row['f1']:6.2f}  {row['found']}")
         # the script's loop that drops repeated type names tests `not($lastType)`, true for "": it
         # prints the untyped row once for the gold chunks and once more for the guessed ones

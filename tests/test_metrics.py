@@ -168,6 +168,15 @@ def test_report_prints_the_untyped_row_twice_like_the_script():
     assert len(format_conlleval(conlleval([["B"]], [["O"]])).splitlines()) == 3  # gold only: once
 
 
+def test_report_pads_type_names_to_17_bytes_like_the_script():
+    # Perl's printf "%17s" counts the bytes of the UTF-8 it read, not characters
+    text = format_conlleval(conlleval([["B-PERSÖN", "B-人名"]], [["B-PERSÖN", "O"]]))
+    assert text.splitlines()[2:] == [
+        " " * 10 + "PERSÖN: precision: 100.00%; recall: 100.00%; FB1: 100.00  1",
+        " " * 11 + "人名: precision:   0.00%; recall:   0.00%; FB1:   0.00  0",
+    ]
+
+
 def test_f1_is_computed_from_percentages_like_the_script():
     # 1 chunk guessed, right, of 63: the script's 2*100*(100/63)/(100+100/63) is 3.1250000000000004
     # in doubles and prints 3.13; the same F1 from fractions is 3.125 exactly and prints 3.12
