@@ -246,7 +246,8 @@ def _port_summary_of_lines(port, lines) -> dict:
     slots = summary["slots"]["chunks"]
     # difference 3: the untyped chunks are what its totals hold beyond its rows
     totals = summary["overall"]["chunks"]["stats"]
-    summary["untyped"] = tuple(totals[k] - sum(s["stats"][k] for s in slots.values()) for k in ("gold", "pred", "correct"))
+    summary["untyped"] = tuple(totals[k] - sum(s["stats"][k] for s in slots.values())
+                               for k in ("gold", "pred", "correct"))
     for kind in [k for k, v in slots.items() if v["stats"]["gold"] == v["stats"]["pred"] == 0]:
         del slots[kind]  # difference 4
     for block in [summary["overall"]["chunks"], *slots.values()]:
@@ -273,8 +274,8 @@ def _assert_agrees_with_port(port, gold, pred) -> None:
         return (block["stats"]["gold"], block["stats"]["pred"], block["stats"]["correct"])
 
     def same_percent(row, block):  # difference 6: the last bit may differ (pytest.approx: 3x slower)
-        ours = (row["precision"], row["recall"], row["f1"])
-        return all(math.isclose(a, 100 * block["evals"][k], rel_tol=1e-12, abs_tol=1e-12) for a, k in zip(ours, ("prec", "rec", "f1")))
+        return all(math.isclose(row[a], 100 * block["evals"][b], rel_tol=1e-12, abs_tol=1e-12)
+                   for a, b in (("precision", "prec"), ("recall", "rec"), ("f1", "f1")))
 
     assert _stats(ours) == theirs(chunks)
     assert same_percent(ours, chunks)
@@ -356,8 +357,9 @@ def test_conlleval_agrees_with_the_port_on_random_sequences(port, scheme):
         _assert_agrees_with_port(port, gold, pred)
         compared += 1
         prefixes.update(tag.partition("-")[0] for tags in gold + pred for tag in tags)
-    # the exclusion leaves most cases, BIOES ones too (E and S chunks apart or of other types)
-    assert compared > cases / 2 and {"B", "I", "O"} | ({"E", "S"} if scheme in ("BIOES", "mixed") else set()) <= prefixes
+    # the exclusion leaves more than half of the cases, BIOES ones too (E and S chunks apart or of other types)
+    assert compared > cases / 2
+    assert {"B", "I", "O"} | ({"E", "S"} if scheme in ("BIOES", "mixed") else set()) <= prefixes
 
 
 def test_a_chunk_in_progress_is_wrong_once_the_types_part(port):
@@ -376,9 +378,10 @@ def test_the_port_differs_from_the_scripts_rules_only_where_left_out(port):
     for prev_prefix in PREFIXES:
         for prefix in PREFIXES:
             for prev_type, kind in (("X", "X"), ("X", "Y"), ("", ""), ("", "X")):
-                ours = (_end_of_chunk(prev_prefix, prefix, prev_type, kind), _start_of_chunk(prev_prefix, prefix, prev_type, kind))
-                theirs = (port.end_of_chunk(prev_prefix, prefix, prev_type, kind), port.start_of_chunk(prev_prefix, prefix, prev_type, kind, "O"))
-                assert (ours != theirs) == _port_only_rule((prev_prefix, prev_type), (prefix, kind)), (prev_prefix, prefix, prev_type, kind)
+                pair = (prev_prefix, prefix, prev_type, kind)
+                ours = (_end_of_chunk(*pair), _start_of_chunk(*pair))
+                theirs = (port.end_of_chunk(*pair), port.start_of_chunk(*pair, "O"))
+                assert (ours != theirs) == _port_only_rule((prev_prefix, prev_type), (prefix, kind)), pair
 
 
 def test_the_port_and_the_script_part_where_left_out(port):
@@ -386,7 +389,8 @@ def test_the_port_and_the_script_part_where_left_out(port):
     one = [["B-X", "E-X", "B-X", "E-X"]]
     assert _port_counts(port, one, one) == (2, 2, 2) and counts(conlleval(one, one)) == (1, 1, 1)
     summary = port.evaluate(["w B-X O"])
-    assert summary["overall"]["chunks"]["evals"]["prec"] == 1 and conlleval([["B-X"]], [["O"]])["precision"] == 0.0
+    assert summary["overall"]["chunks"]["evals"]["prec"] == 1
+    assert conlleval([["B-X"]], [["O"]])["precision"] == 0.0
 
 
 def test_cli_evaluate_prints_the_ports_report_of_its_output_file(port, tmp_path, monkeypatch, capsys):
@@ -402,7 +406,8 @@ def test_cli_evaluate_prints_the_ports_report_of_its_output_file(port, tmp_path,
         pred.append(_encode(_chunks(rng, n), n, "IOB2") if rng.random() < 0.5 else list(gold[-1]))
     assert not _meets_a_port_only_rule(port, gold) and not _meets_a_port_only_rule(port, pred)
     data = tmp_path / "gold.txt"
-    data.write_text("".join("".join(f"w{i} {t}\n" for i, t in enumerate(tags)) + "\n" for tags in gold), encoding="utf-8")
+    data.write_text("".join("".join(f"w{i} {t}\n" for i, t in enumerate(tags)) + "\n" for tags in gold),
+                    encoding="utf-8")
 
     class Tagger:
         def tag_like_gold(self, sentences, batch_size):
@@ -414,4 +419,5 @@ def test_cli_evaluate_prints_the_ports_report_of_its_output_file(port, tmp_path,
     assert cli.main(["evaluate", str(tmp_path / "model"), str(data), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert printed == port.report(_port_summary_of_lines(port, lines)) and printed == format_conlleval(conlleval(gold, pred)) + "\n"
+    assert printed == port.report(_port_summary_of_lines(port, lines))
+    assert printed == format_conlleval(conlleval(gold, pred)) + "\n"
