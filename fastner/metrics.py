@@ -4,7 +4,8 @@
 fixed rules, whatever the scheme. This module applies the same rules to lists of tag sequences,
 with a sentence boundary (tag O) after every sequence, so its counts equal the script's on the
 same data. Its quirks are kept on purpose, because papers report them: `E-X B-X` and `S-X S-X`
-do not split a chunk (the script knows no rule for them), while `B-X B-X` and `E-X E-X` do.
+do not split a chunk (the script knows no rule for them), while `B-X B-X` and `E-X E-X` do; and
+the type "0" is no type (Perl's false string), so `S-0` after `O` opens no chunk.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ __all__ = ["conlleval", "strict_f1", "token_accuracy", "format_conlleval", "chun
 
 
 def _split_like_conlleval(tag: str) -> Tuple[str, str]:
-    # the script splits at the first hyphen: "B-X-Y" -> ("B", "X-Y"); no hyphen -> (tag, "")
+    # the script splits at the first hyphen: "B-X-Y" -> ("B", "X-Y"); no hyphen -> (tag, "").
+    # It then keeps a type with `$type ? $type : ""`, and "0" is false in Perl: the type "0" is none.
     prefix, sep, kind = tag.partition("-")
-    return (prefix, kind) if sep else (tag, "")
+    return (prefix, "" if kind == "0" else kind) if sep else (tag, "")
 
 
 def _end_of_chunk(prev_tag: str, tag: str, prev_type: str, type_: str) -> bool:
@@ -192,8 +194,12 @@ def format_conlleval(result: dict) -> str:
             f"recall: {result['recall']:6.2f}%; FB1: {result['f1']:6.2f}"
         )
     for kind, row in result["per_type"].items():
-        lines.append(
-            f"{kind:>17s}: precision: {row['precision']:6.2f}%; recall: {row['recall']:6.2f}%; "
-            f"FB1: {row['f1']:6.2f}  {row['found']}"
-        )
+        # the script's printf "%17s" pads the UTF-8 bytes it read, not characters (surrogatepass:
+        # a lone surrogate, which only the Python API lets in, counts as UTF-8 would write it)
+        pad = " " * (17 - len(kind.encode("utf-8", "surrogatepass")))
+        line = (f"{pad}{kind}: precision: {row['precision']:6.2f}%; recall: {row['recall']:6.2f}%; "
+                f"FB1: {row['f1']:6.2f}  {row['found']}")
+        # the script's loop that drops repeated type names tests `not($lastType)`, true for "": it
+        # prints the untyped row once for the gold chunks and once more for the guessed ones
+        lines += [line] * (2 if kind == "" and row["gold"] and row["found"] else 1)
     return "\n".join(lines)
