@@ -241,7 +241,7 @@ def _load_tagger(args):
 
 def cmd_evaluate(args) -> int:
     from fastner.metrics import conlleval, format_conlleval
-    from fastner.tag_io import check_output, output_file
+    from fastner.tag_io import check_output, conll_token, output_file
     from fastner.tagger import Tagger
 
     _check_format_options(args, [args.file])
@@ -254,7 +254,9 @@ def cmd_evaluate(args) -> int:
     if args.output:
         with output_file(args.output, "--output") as out:
             for sentence, tags in zip(sentences, pred):
-                out.writelines(f"{token} {gold} {guess}\n" for token, gold, guess in zip(sentence.tokens, sentence.tags, tags))
+                # one column a token, as conlleval reads the file (a JSONL token may hold a space)
+                out.writelines(f"{conll_token(token)} {gold} {guess}\n"
+                               for token, gold, guess in zip(sentence.tokens, sentence.tags, tags))
                 out.write("\n")
     print(format_conlleval(conlleval([s.tags for s in sentences], pred)))
     return 0

@@ -163,6 +163,11 @@ _FIELD_BREAKS = re.compile("[\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 _CONLL_BLANKS = re.compile(r"\s")
 
 
+def conll_token(token: str) -> str:
+    """`token` as one column of a CoNLL line (`token tag`, `token gold guess`): whitespace as _."""
+    return _CONLL_BLANKS.sub("_", token)
+
+
 def _one_field(text: str) -> str:
     """`text` as one tab-separated field on one line: its tabs and line breaks as spaces (the
     offsets beside it still point into the original)."""
@@ -186,7 +191,7 @@ class Writer:
                     out.write(f"{DOCSTART} O\n\n")
                 for sentence in result["sentences"]:
                     for token, tag in zip(sentence["tokens"], sentence["tags"]):
-                        out.write(f"{_CONLL_BLANKS.sub('_', token)} {tag}\n")
+                        out.write(f"{conll_token(token)} {tag}\n")
                     out.write("\n")
             else:
                 for token, tag in zip(result["tokens"], result["tags"]):
