@@ -34,12 +34,21 @@ def _is_fake(t: Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+def tensors(op: str, names: Sequence[str], values: Sequence) -> None:
+    """Each of `values` (the arguments called `names`) is a Tensor: the type check every other
+    check here starts with, and all that the ops' wrappers check before their fused kernels (which
+    check the rest in C++, where a list or None gave an error naming no argument, or none at all:
+    a None lengths read as an empty tensor)."""
+    for name, t in zip(names, values):
+        if not isinstance(t, Tensor):
+            _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+
+
 def tensor_arg(op: str, name: str, t, *, dim: Optional[int] = None, shape: Optional[Sequence[int]] = None,
            dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
            owner: str = "the emissions'") -> None:
     """`t` is a Tensor of rank `dim` / shape `shape`, one of `dtypes`, on `device`."""
-    if not isinstance(t, Tensor):
-        _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+    tensors(op, (name,), (t,))
     if dim is not None and t.dim() != dim:
         _fail(op, f"{name} must be {dim}-D, got shape {list(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):

@@ -203,8 +203,7 @@ class CRF(nn.Module):
 
     def _lengths(self, emissions: Tensor, mask: Optional[Tensor]) -> Tensor:
         """Validate emissions and mask; return lengths int64 [B]."""
-        if not isinstance(emissions, Tensor):
-            raise ValueError(f"emissions must be a Tensor, got {type(emissions).__name__}")
+        validation.tensors("CRF", ("emissions",), (emissions,))
         if emissions.dim() != 3:
             raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
         if emissions.shape[2] != self.num_tags:
@@ -229,8 +228,7 @@ class CRF(nn.Module):
 def _check_beside_emissions(name: str, value, emissions: Tensor, dtypes, expected: str) -> None:
     """`value` (mask or tags) must be a Tensor shaped like emissions' first two dimensions, of
     one of `dtypes` (`expected` says which in words), on the emissions' device."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a Tensor, got {type(value).__name__}")
+    validation.tensors("CRF", (name,), (value,))
     if value.shape != emissions.shape[:2]:
         raise ValueError(f"the first two dimensions of emissions and {name} must match, "
                          f"got {tuple(emissions.shape[:2])} and {tuple(value.shape)}")
