@@ -242,9 +242,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
           scaled += acc.scaled[i * KP + j];
           exact_sum += acc.exact[i * KP + j];
         }
-        // Forbidden transitions (E = 0) get exactly 0 from the scaled part.
+        // Forbidden transitions (E = 0) get exactly 0 from the scaled part, and so do those no
+        // sequence stepped through (scaled = 0): E is NaN or +inf for a NaN or +inf transition
+        // score that only length-1 sequences met, which read none.
         const scalar_t e = exact_tables ? exact_tables->exp_row[i * KP + j] : scalar_t(0);
-        gt[i * K + j] += (e == scalar_t(0) ? scalar_t(0) : scaled * e) + exact_sum;
+        const bool none = e == scalar_t(0) || scaled == scalar_t(0);
+        gt[i * K + j] += (none ? scalar_t(0) : scaled * e) + exact_sum;
       }
     }
     for (int64_t j = 0; j < K; ++j) {
