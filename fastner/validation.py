@@ -36,11 +36,12 @@ def _is_fake(t: Tensor) -> bool:
 
 def tensors(op: str, names: Sequence[str], values: Sequence) -> None:
     """Each of `values` (the arguments called `names`) is a Tensor: the type check every other
-    check here starts with, and all that the ops' wrappers check before their fused kernels (which
-    check the rest in C++, where a list or None gave an error naming no argument, or none at all:
-    a None lengths read as an empty tensor)."""
-    for name, t in zip(names, values):
+    check here starts with, and all that the ops' wrappers check before their fused kernels, which
+    check the rest in C++ (a list there gave an AttributeError or the dispatcher's RuntimeError,
+    and lengths=None "lengths must be [B] = [3], got [0]")."""
+    for t in values:  # no zip here: 0.3 us a call instead of 0.7 (this runs on every call)
         if not isinstance(t, Tensor):
+            name = next(n for n, v in zip(names, values) if v is t)
             _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
 
 

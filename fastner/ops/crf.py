@@ -31,8 +31,11 @@ def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, tran
                 start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
     """Forward algorithm: (log_z [B], gold_score [B]); differentiable in emissions and the three
     transition tensors."""
-    validation.tensors("crf_forward", _SCORES if tags is None else _WITH_TAGS,
-                       (emissions, lengths, transitions, start_transitions, end_transitions, tags))
+    scores = (emissions, lengths, transitions, start_transitions, end_transitions)
+    if tags is None:
+        validation.tensors("crf_forward", _SCORES, scores)
+    else:
+        validation.tensors("crf_forward", _WITH_TAGS, scores + (tags,))
     if use_fused("crf_forward", emissions.device):
         emissions, tags = _dense_off_cpu(emissions, tags)
         return call(torch.ops.fastner.crf_forward.default, _crf_forward_autograd, emissions, tags,
