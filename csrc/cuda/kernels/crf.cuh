@@ -415,6 +415,28 @@ __host__ __device__ __forceinline__ size_t forward_group_bytes(int K, int gsize)
   return round_up16((2 * static_cast<size_t>(K) + gsize) * sizeof(A));
 }
 
+// The score of the tag path y [len] (nullptr: every tag 0, the only path when K = 1), its steps
+// split over the group's threads, then summed; NaN for a tag outside [0, K) (it cannot be
+// reported without a host sync). Group-uniform call; red: [group size] scratch.
+template <bool kWarp, typename E, typename A>
+__device__ __forceinline__ A path_score(const Group<kWarp>& g, A* red, const E* em /* [len, K] */,
+                                        const int64_t* y, int64_t len, int K, const Trans<A>& tr,
+                                        const A* start, const A* end) {
+  A part = 0;
+  for (int64_t t = g.rank; t < len; t += g.size) {
+    const int64_t cur = y != nullptr ? y[t] : 0;
+    const int64_t prev = y != nullptr && t > 0 ? y[t - 1] : 0;
+    if (cur < 0 || cur >= K || prev < 0 || prev >= K) {
+      part += Num<A>::nan();
+    } else {
+      part += to_acc(em[t * K + cur]);
+      part += t == 0 ? start[cur] : tr(static_cast<int>(prev), static_cast<int>(cur));
+      if (t == len - 1) part += end[cur];
+    }
+  }
+  return group_sum(g, red, part);
+}
+
 template <typename E, bool kWarp>
 __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
     const E* __restrict__ emissions,  // [B, T, K]
@@ -475,26 +497,19 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
       } else if (j == 0) {
         log_z[b] = 0;
       }
-      // Gold path score: the steps are split over the group's threads, then summed. A tag
-      // outside [0, K) makes the score NaN (it cannot be reported without a host sync).
       if (tags != nullptr) {
-        const int64_t* y = tags + b * T;  // [T]
-        A part = 0;
-        for (int64_t t = j; t < len; t += g.size) {
-          const int64_t cur = y[t];
-          const int64_t prev = t > 0 ? y[t - 1] : 0;
-          if (cur < 0 || cur >= K || prev < 0 || prev >= K) {
-            part += Num<A>::nan();
-          } else {
-            part += to_acc(em[t * K + cur]);
-            part += t == 0 ? start[cur] : tr(static_cast<int>(prev), static_cast<int>(cur));
-            if (t == len - 1) part += end[cur];
-          }
-        }
-        const A total = group_sum(g, red, part);
+        const A total = path_score(g, red, em, tags + b * T, len, K, tr, start, end);
         if (j == 0) gold_score[b] = total;
       } else if (j == 0) {
         gold_score[b] = 0;
+      }
+      // K = 1: log Z is the only path's score, summed as the gold score is, so that the
+      // log-likelihood is exactly 0 (the recursion rounds in another order: up to 8.6e-6 off at
+      // T = 40 in float32, seen under the emulation). Not in crf_backward's recomputation
+      // (alphas given), whose marginals exp(alpha + beta - log Z) are exactly 1 with its own.
+      if (K == 1 && al == nullptr) {
+        const A only = path_score(g, red, em, static_cast<const int64_t*>(nullptr), len, K, tr, start, end);
+        if (j == 0) log_z[b] = only;
       }
     }
     g.sync();  // end of sequence: shared buffers free for the next one
