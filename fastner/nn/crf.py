@@ -47,7 +47,8 @@ class CRF(nn.Module):
     viterbi give it some in-range path with score -inf, k-best rows of tags -1 and score -inf,
     marginals zeros. Fused and reference paths agree on this.
 
-    A sequence with a NaN or +inf score in its length (a float16 overflow gives +inf) has log Z
+    A sequence with a NaN or +inf score in its length (a float16 overflow gives +inf; a
+    transition score counts from length 2, since a length-1 sequence reads none) has log Z
     NaN, or +inf where it reads no NaN and its +inf meets no -inf score; its log-likelihood
     follows; its emission gradients and the (shared) transition gradients are NaN, so that
     checks for non-finite gradients (torch.amp.GradScaler) see it; viterbi scores it as log Z,
