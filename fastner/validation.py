@@ -34,12 +34,22 @@ def _is_fake(t: Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+def tensors(op: str, names: Sequence[str], values: Sequence) -> None:
+    """Each of `values` (the arguments called `names`) is a Tensor: the type check every other
+    check here starts with, and all that the ops' wrappers check before their fused kernels, which
+    check the rest in C++ (a list there gave an AttributeError or the dispatcher's RuntimeError,
+    and lengths=None "lengths must be [B] = [3], got [0]")."""
+    for t in values:  # no zip here: 0.3 us a call instead of 0.7 (this runs on every call)
+        if not isinstance(t, Tensor):
+            name = next(n for n, v in zip(names, values) if v is t)
+            _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+
+
 def tensor_arg(op: str, name: str, t, *, dim: Optional[int] = None, shape: Optional[Sequence[int]] = None,
            dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None,
            owner: str = "the emissions'") -> None:
     """`t` is a Tensor of rank `dim` / shape `shape`, one of `dtypes`, on `device`."""
-    if not isinstance(t, Tensor):
-        _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+    tensors(op, (name,), (t,))
     if dim is not None and t.dim() != dim:
         _fail(op, f"{name} must be {dim}-D, got shape {list(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):

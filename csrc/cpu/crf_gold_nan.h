@@ -57,8 +57,9 @@ void gold_scores(const Tensor& emissions, const Tensor& tags, const int64_t* len
 //     by the batch) are NaN: the reference's autograd gives NaN there (0 * inf in log-sum-exp's
 //     backward), and NaN everywhere keeps any-non-finite checks simple;
 //   * decoding and marginals: propagate_decoded.
-// A NaN or +inf transition, start or end score poisons every non-empty sequence (a sequence of
-// length 1 reads no transition score: its reference value is then finite; it is NaN here).
+// A NaN or +inf start or end score poisons every non-empty sequence, a transition score every
+// sequence of length >= 2: a sequence of length 1 reads no transition score, and its results are
+// the reference's finite ones (it was NaN here; the reference's were finite).
 // -inf scores are legitimate (forbidden tags and transitions) and change nothing here.
 
 // The sequences that meet a NaN or +inf score, and the value their log Z and best path score take.
@@ -109,7 +110,8 @@ double nonfinite_log_z(const scalar_t* e, int64_t et, int64_t ek, int64_t L, int
 // The sequences among `candidates` (the sequences the exact per-sequence kernels ran) that meet
 // a NaN or +inf score inside their length, found in one read of their emissions, with the value
 // of their log Z. (The lane kernels flag every sequence with a NaN or +inf score in its length,
-// and decline a call whose transition scores hold one: the sequences they vouch for hold none.)
+// and decline a call whose transition, start or end scores hold one: the sequences they vouch
+// for hold none.) A sequence of length 1 meets no transition score.
 template <typename scalar_t>
 std::vector<Poisoned> poisoned_sequences(const Tensor& emissions, const int64_t* len,
                                          const Tensor& transitions_in, const Tensor& start_in,
@@ -135,12 +137,13 @@ std::vector<Poisoned> poisoned_sequences(const Tensor& emissions, const int64_t*
   const scalar_t* tr = transitions.const_data_ptr<scalar_t>();
   const scalar_t* st = start.const_data_ptr<scalar_t>();
   const scalar_t* en = end.const_data_ptr<scalar_t>();
-  const bool scores_poisoned = any_poison(tr, K * K) || any_poison(st, K) || any_poison(en, K);
+  const bool ends_poisoned = any_poison(st, K) || any_poison(en, K);
+  const bool transitions_poisoned = any_poison(tr, K * K);
   const scalar_t* e = emissions.const_data_ptr<scalar_t>();
   const int64_t eb = emissions.stride(0), et = emissions.stride(1), ek = emissions.stride(2);
   const bool one_run = ek == 1 && et == K;
   for (const int64_t b : candidates) {
-    bool poisoned = scores_poisoned && len[b] > 0;
+    bool poisoned = len[b] > 0 && (ends_poisoned || (len[b] > 1 && transitions_poisoned));
     // the sequence's rows are one run: a branch-free pass the compiler vectorises (decode reads
     // every sequence here, beside a kernel of a few microseconds)
     if (!poisoned && one_run) poisoned = any_poison(e + b * eb, len[b] * K);
@@ -151,13 +154,15 @@ std::vector<Poisoned> poisoned_sequences(const Tensor& emissions, const int64_t*
     if (poisoned) found.push_back({b, nan});
   }
   // Their values: NaN where they read a NaN score (it reaches every later step and the end);
-  // else nonfinite_log_z's, whose tables are built only here.
-  if (found.empty() || any_nan(tr, K * K) || any_nan(st, K) || any_nan(en, K)) return found;
+  // else nonfinite_log_z's, whose tables are built only here (a length-1 sequence reads none of
+  // the transition kinds, which may then hold NaN).
+  if (found.empty() || any_nan(st, K) || any_nan(en, K)) return found;
+  const bool transitions_nan = any_nan(tr, K * K);
   const std::vector<double> tr_kinds = score_kinds(tr, K * K), st_kinds = score_kinds(st, K),
                             en_kinds = score_kinds(en, K);
   for (Poisoned& p : found) {
     const int64_t b = p.sequence;
-    bool nan_read = false;
+    bool nan_read = transitions_nan && len[b] > 1;
     for (int64_t t = 0; t < len[b] && !nan_read; ++t) nan_read = any_nan(e + b * eb + t * et, K, ek);
     if (!nan_read) p.value = nonfinite_log_z(e + b * eb, et, ek, len[b], K, tr_kinds, st_kinds, en_kinds);
   }

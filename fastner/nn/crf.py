@@ -47,7 +47,8 @@ class CRF(nn.Module):
     viterbi give it some in-range path with score -inf, k-best rows of tags -1 and score -inf,
     marginals zeros. Fused and reference paths agree on this.
 
-    A sequence with a NaN or +inf score in its length (a float16 overflow gives +inf) has log Z
+    A sequence with a NaN or +inf score in its length (a float16 overflow gives +inf; a
+    transition score counts from length 2, since a length-1 sequence reads none) has log Z
     NaN, or +inf where it reads no NaN and its +inf meets no -inf score; its log-likelihood
     follows; its emission gradients and the (shared) transition gradients are NaN, so that
     checks for non-finite gradients (torch.amp.GradScaler) see it; viterbi scores it as log Z,
@@ -203,8 +204,7 @@ class CRF(nn.Module):
 
     def _lengths(self, emissions: Tensor, mask: Optional[Tensor]) -> Tensor:
         """Validate emissions and mask; return lengths int64 [B]."""
-        if not isinstance(emissions, Tensor):
-            raise ValueError(f"emissions must be a Tensor, got {type(emissions).__name__}")
+        validation.tensors("CRF", ("emissions",), (emissions,))
         if emissions.dim() != 3:
             raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
         if emissions.shape[2] != self.num_tags:
@@ -229,8 +229,7 @@ class CRF(nn.Module):
 def _check_beside_emissions(name: str, value, emissions: Tensor, dtypes, expected: str) -> None:
     """`value` (mask or tags) must be a Tensor shaped like emissions' first two dimensions, of
     one of `dtypes` (`expected` says which in words), on the emissions' device."""
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a Tensor, got {type(value).__name__}")
+    validation.tensors("CRF", (name,), (value,))
     if value.shape != emissions.shape[:2]:
         raise ValueError(f"the first two dimensions of emissions and {name} must match, "
                          f"got {tuple(emissions.shape[:2])} and {tuple(value.shape)}")

@@ -20,6 +20,9 @@ from fastner.ops._autograd import (below_autograd, call, needs_grad, reference_b
                                      register_autograd_kernel)
 
 REDUCTIONS = ("none", "sum", "mean", "token_mean")
+# The tensor arguments' names, in the order the entry points pass them to validation.tensors.
+_SCORES = ("emissions", "lengths", "transitions", "start_transitions", "end_transitions")
+_WITH_TAGS = _SCORES + ("tags",)
 
 
 # ---- entry points ----------------------------------------------------------------------------
@@ -28,6 +31,11 @@ def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, tran
                 start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
     """Forward algorithm: (log_z [B], gold_score [B]); differentiable in emissions and the three
     transition tensors."""
+    scores = (emissions, lengths, transitions, start_transitions, end_transitions)
+    if tags is None:
+        validation.tensors("crf_forward", _SCORES, scores)
+    else:
+        validation.tensors("crf_forward", _WITH_TAGS, scores + (tags,))
     if use_fused("crf_forward", emissions.device):
         emissions, tags = _dense_off_cpu(emissions, tags)
         return call(torch.ops.fastner.crf_forward.default, _crf_forward_autograd, emissions, tags,
@@ -43,6 +51,8 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transit
     over sequences, 'token_mean' over tokens); differentiable like crf_forward.
 
     emissions: [B, T, K] ([T, B, K] when not batch_first); tags: the same layout without K."""
+    validation.tensors("crf_log_likelihood", _WITH_TAGS,
+                       (emissions, lengths, transitions, start_transitions, end_transitions, tags))
     # The op's value kernel is crf_forward's (any device): fused wherever crf_forward is. Its
     # autograd formula is C++ (csrc/cpu/crf_log_likelihood.cpp), reached through the dispatcher.
     if use_fused("crf_forward", emissions.device):
@@ -59,6 +69,8 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transit
 def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                 start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
     """Best path: tags int64 [B, T] (-1 past each length) and its score [B]."""
+    validation.tensors("crf_viterbi", _SCORES,
+                       (emissions, lengths, transitions, start_transitions, end_transitions))
     if use_fused("crf_viterbi", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_viterbi.default(emissions, lengths, transitions,
@@ -70,6 +82,8 @@ def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_transitions: Tensor,
               end_transitions: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """The k best paths, best first: tags int64 [B, k, T] and scores [B, k]."""
+    validation.tensors("crf_kbest", _SCORES,
+                       (emissions, lengths, transitions, start_transitions, end_transitions))
     validation.crf_k("crf_kbest", k)
     if use_fused("crf_kbest", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
@@ -82,6 +96,8 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
 def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                   start_transitions: Tensor, end_transitions: Tensor) -> Tensor:
     """Posterior marginals p(y_t = j | x): [B, T, K], zeros past each length."""
+    validation.tensors("crf_marginals", _SCORES,
+                       (emissions, lengths, transitions, start_transitions, end_transitions))
     if use_fused("crf_marginals", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_marginals.default(emissions, lengths, transitions,
@@ -93,6 +109,7 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
     """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else
     [T, B]); ValueError when the mask has a gap."""
+    validation.tensors("crf_lengths", ("mask",), (mask,))
     if use_fused("crf_lengths", mask.device):
         return torch.ops.fastner.crf_lengths.default(mask, batch_first)
     return reference.crf_lengths(mask, batch_first)

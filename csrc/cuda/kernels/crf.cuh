@@ -41,7 +41,8 @@
 // the length, the shared gradients NaN. Viterbi and k-best flag a sequence while they read its
 // emissions (plus one read of the transition, start and end scores per kernel), then give it the
 // CPU's score (nonfinite_score); Viterbi keeps its tags, as on CPU (any path is a best one), and
-// k-best rows tags -1. A length-1 sequence under a NaN or +inf transition score is NaN, as on CPU.
+// k-best rows tags -1. A length-1 sequence reads no transition score: a NaN or +inf one leaves it
+// finite, as on CPU and in the reference.
 // Invalid lengths (below) still give tags -1: there is no path to keep.
 //
 // Invalid values that the CPU kernels reject with an exception cannot be checked on the host
@@ -345,15 +346,23 @@ __device__ __forceinline__ bool poison(A x) {
   return !(x < Num<A>::inf());
 }
 
-// Does tag j's start or end score, or its column of the transition scores, hold a NaN or +inf?
-// Read once per kernel by thread j (the group's threads together read every score): decoding
-// then flags a sequence with no extra pass over its scores (see decoded_poison).
+// Does tag j's start or end score (ends), or its column of the transition scores (transitions),
+// hold a NaN or +inf? Read once per kernel by thread j (the group's threads together read every
+// score): decoding then flags a sequence with no extra pass over its scores (bad_for).
+struct ScoresPoison {
+  bool ends = false, transitions = false;
+  // Whether a sequence of length len >= 1 meets one (length 1 reads no transition score).
+  __device__ __forceinline__ bool bad_for(int64_t len) const { return ends || (len > 1 && transitions); }
+};
+
 template <typename A>
-__device__ __forceinline__ bool scores_poison(const Trans<A>& tr, const A* start, const A* end, int j, int K) {
-  if (j >= K) return false;
-  bool bad = poison(start[j]) || poison(end[j]);
-  for (int i = 0; i < K; ++i) bad = bad || poison(tr(i, j));
-  return bad;
+__device__ __forceinline__ ScoresPoison scores_poison(const Trans<A>& tr, const A* start, const A* end, int j,
+                                                      int K) {
+  ScoresPoison p;
+  if (j >= K) return p;
+  p.ends = poison(start[j]) || poison(end[j]);
+  for (int i = 0; i < K; ++i) p.transitions = p.transitions || poison(tr(i, j));
+  return p;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,6 +415,28 @@ __host__ __device__ __forceinline__ size_t forward_group_bytes(int K, int gsize)
   return round_up16((2 * static_cast<size_t>(K) + gsize) * sizeof(A));
 }
 
+// The score of the tag path y [len] (nullptr: every tag 0, the only path when K = 1), its steps
+// split over the group's threads, then summed; NaN for a tag outside [0, K) (it cannot be
+// reported without a host sync). Group-uniform call; red: [group size] scratch.
+template <bool kWarp, typename E, typename A>
+__device__ __forceinline__ A path_score(const Group<kWarp>& g, A* red, const E* em /* [len, K] */,
+                                        const int64_t* y, int64_t len, int K, const Trans<A>& tr,
+                                        const A* start, const A* end) {
+  A part = 0;
+  for (int64_t t = g.rank; t < len; t += g.size) {
+    const int64_t cur = y != nullptr ? y[t] : 0;
+    const int64_t prev = y != nullptr && t > 0 ? y[t - 1] : 0;
+    if (cur < 0 || cur >= K || prev < 0 || prev >= K) {
+      part += Num<A>::nan();
+    } else {
+      part += to_acc(em[t * K + cur]);
+      part += t == 0 ? start[cur] : tr(static_cast<int>(prev), static_cast<int>(cur));
+      if (t == len - 1) part += end[cur];
+    }
+  }
+  return group_sum(g, red, part);
+}
+
 template <typename E, bool kWarp>
 __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
     const E* __restrict__ emissions,  // [B, T, K]
@@ -428,7 +459,6 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
   A* const red = buf + 2 * K;
   const int j = g.rank;
   const bool owns_tag = j < K;
-  const bool scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -464,32 +494,22 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) forward_kernel(
         }
         g.sync();  // the last alpha vector complete
         if (j == 0) log_z[b] = logsumexp_end(buf + ((len - 1) & 1) * K, end, K);
-        // One step reads no transition score; a NaN or +inf one poisons it all the same, as
-        // on CPU (len is group-uniform: so is the call).
-        if (len == 1 && group_any(g, red, K, scores_bad) && j == 0) log_z[b] = Num<A>::nan();
       } else if (j == 0) {
         log_z[b] = 0;
       }
-      // Gold path score: the steps are split over the group's threads, then summed. A tag
-      // outside [0, K) makes the score NaN (it cannot be reported without a host sync).
       if (tags != nullptr) {
-        const int64_t* y = tags + b * T;  // [T]
-        A part = 0;
-        for (int64_t t = j; t < len; t += g.size) {
-          const int64_t cur = y[t];
-          const int64_t prev = t > 0 ? y[t - 1] : 0;
-          if (cur < 0 || cur >= K || prev < 0 || prev >= K) {
-            part += Num<A>::nan();
-          } else {
-            part += to_acc(em[t * K + cur]);
-            part += t == 0 ? start[cur] : tr(static_cast<int>(prev), static_cast<int>(cur));
-            if (t == len - 1) part += end[cur];
-          }
-        }
-        const A total = group_sum(g, red, part);
+        const A total = path_score(g, red, em, tags + b * T, len, K, tr, start, end);
         if (j == 0) gold_score[b] = total;
       } else if (j == 0) {
         gold_score[b] = 0;
+      }
+      // K = 1: log Z is the only path's score, summed as the gold score is, so that the
+      // log-likelihood is exactly 0 (the recursion rounds in another order: up to 8.6e-6 off at
+      // T = 40 in float32, seen under the emulation). Not in crf_backward's recomputation
+      // (alphas given), whose marginals exp(alpha + beta - log Z) are exactly 1 with its own.
+      if (K == 1 && al == nullptr) {
+        const A only = path_score(g, red, em, static_cast<const int64_t*>(nullptr), len, K, tr, start, end);
+        if (j == 0) log_z[b] = only;
       }
     }
     g.sync();  // end of sequence: shared buffers free for the next one
@@ -841,7 +861,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(
   BP* const bp_smem = reinterpret_cast<BP*>(mine + viterbi_buf_bytes<A>(K));
   const int j = g.rank;
   const bool owns_tag = j < K;
-  const bool scores_bad = scores_poison(tr, start, end, j, K);
+  const ScoresPoison scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -855,7 +875,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) viterbi_kernel(
       for (int64_t t = len + j; t < T; t += g.size) out[t] = -1;
       if (len > 0) {
         // this thread's scores of the sequence: a NaN or +inf among them (see decoded below)
-        bool bad = scores_bad;
+        bool bad = scores_bad.bad_for(len);
         if (owns_tag) {
           const A e0 = to_acc(em[j]);
           bad = bad || poison(e0);
@@ -978,7 +998,6 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(
   A* const lz_shared = buf + 2 * K;
   const int j = g.rank;
   const bool owns_tag = j < K;
-  const bool scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -1006,8 +1025,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) marginals_kernel(
         g.sync();  // last alpha vector complete
         if (j == 0) *lz_shared = logsumexp_end(buf + ((len - 1) & 1) * K, end, K);
         g.sync();  // log Z visible; thread 0 is done reading buf
-        // (a length-1 sequence under a NaN or +inf transition score: NaN, as in forward_kernel)
-        const A lz = len == 1 && group_any(g, buf, K, scores_bad) ? Num<A>::nan() : *lz_shared;
+        const A lz = *lz_shared;
         const bool live = !(lz == -Num<A>::inf());
         // log Z NaN or +inf (a NaN or +inf score met): marginals NaN over the length, as on CPU;
         // the loop below then runs no step (lz is group-uniform).
@@ -1127,7 +1145,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(
   const int j = g.rank;
   const bool owns_tag = j < K;
   const int kk = K * k;  // candidates per selection (< 2^31: checked by the binding)
-  const bool scores_bad = scores_poison(tr, start, end, j, K);
+  const ScoresPoison scores_bad = scores_poison(tr, start, end, j, K);
 
   for (int64_t b = g.index; b < B; b += g.count) {
     const int64_t len = lengths[b];
@@ -1144,7 +1162,7 @@ __global__ void __launch_bounds__(max_threads<kWarp>(), 1) kbest_kernel(
     } else {
       // Tags past the length: -1 (the backtrace below writes only t < len).
       for (int64_t e = j; e < k * (T - len); e += g.size) out[(e / (T - len)) * T + len + e % (T - len)] = -1;
-      bool bad = scores_bad;  // as in viterbi_kernel
+      bool bad = scores_bad.bad_for(len);  // as in viterbi_kernel
       if (owns_tag) {
         A* first = sc + static_cast<int64_t>(j) * k;
         const A e0 = to_acc(em[j]);

@@ -89,10 +89,12 @@ def call(emu, name, dtype, *args):
     assert status == 0, f"{name}: launcher returned cudaError {status}"
 
 
-def forward(emu, emissions, tags, lengths, tr, start, end):
+def forward(emu, emissions, tags, lengths, tr, start, end, with_alphas=True):
+    """log Z, gold, alphas (None unless with_alphas: crf_forward passes none, crf_backward a buffer)."""
     B, T, K = emissions.shape
     a = crf_accumulate_dtype(emissions.dtype)
-    log_z, gold, alphas = torch.empty(B, dtype=a), torch.empty(B, dtype=a), torch.empty(B, T, K, dtype=a)
+    log_z, gold = torch.empty(B, dtype=a), torch.empty(B, dtype=a)
+    alphas = torch.empty(B, T, K, dtype=a) if with_alphas else None
     call(emu, "forward", emissions.dtype, p(emissions), p(tags), p(lengths), p(tr), p(start), p(end),
          p(log_z), p(gold), p(alphas), i64(B), i64(T), ctypes.c_int(K))
     return log_z, gold, alphas
@@ -199,6 +201,23 @@ def test_every_op_matches_reference(emu, case, dtype, constrained):
         assert torch.equal(tags_k, tags_kr), f"k={k}"
 
     close(marginals(emu, *plain), reference.crf_marginals(*plain), dtype, msg="marginals")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_one_tag_has_log_likelihood_exactly_zero(emu, dtype):
+    # K = 1: log Z is the only path's score. It was the recursion's, which rounds in another
+    # order than the gold score: up to 8.6e-6 apart at T = 40 (scores ~3) in float32.
+    torch.manual_seed(1)
+    B, T = 9, 40
+    emissions = torch.randn(B, T, 1, dtype=dtype) * 3
+    tr, start, end = torch.randn(1, 1, dtype=dtype), torch.randn(1, dtype=dtype), torch.randn(1, dtype=dtype)
+    lengths = torch.randint(0, T + 1, (B,))
+    lengths[0] = T
+    tags = torch.zeros(B, T, dtype=torch.long)
+    log_z, gold, _ = forward(emu, emissions, tags, lengths, tr, start, end, with_alphas=False)
+    assert torch.equal(log_z, gold)
+    assert torch.equal(forward(emu, emissions, None, lengths, tr, start, end, with_alphas=False)[0], gold)
+    torch.testing.assert_close(log_z, reference.crf_forward(emissions, tags, lengths, tr, start, end)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -343,12 +362,14 @@ def test_kbest_ties_follow_the_cpu_order(emu, K):
 
 # Where a NaN or +inf score sits (csrc/cpu/crf_gold_nan.h, "NaN and +inf propagation"):
 # sequence 0 meets it, sequence 1 has one past its length (which changes nothing), or every
-# sequence does (a start or transition score).
+# sequence does (a start or transition score), or every sequence but a length-1 one (a
+# transition score: length 1 reads none).
 NONFINITE = ["nan_emission", "posinf_emission", "posinf_meets_minus_inf", "nan_transition", "posinf_start"]
+LENGTH_1 = ["posinf_transition_length_1", "nan_transition_length_1"]
 
 
 @pytest.mark.parametrize("K", [5, 33], ids=["warp", "block"])
-@pytest.mark.parametrize("case", NONFINITE + ["posinf_transition_length_1"])
+@pytest.mark.parametrize("case", NONFINITE + LENGTH_1)
 def test_nan_and_posinf_scores_follow_the_cpu_contract(emu, case, K):
     # It was (seen under this emulation): log Z -inf for a NaN or +inf score (the max-shifted
     # log-sum-exp skipped NaN terms and shifted +inf by inf - inf), finite emission and shared
@@ -368,8 +389,13 @@ def test_nan_and_posinf_scores_follow_the_cpu_contract(emu, case, K):
     same(log_z, cpu_log_z, "log_z")
     same(gold, cpu_gold, "gold")
     poisoned = ~cpu_log_z.isfinite()
-    every = case in ("nan_transition", "posinf_start", "posinf_transition_length_1")
-    assert poisoned[0] and (poisoned.all() if every else not poisoned[1:].any())
+    every = case in ("nan_transition", "posinf_start")
+    expected = poisoned.all() if every else not poisoned[1:].any()
+    if case in LENGTH_1:  # it was NaN for sequence 1 too (on CPU and here), not the reference's
+        expected = poisoned.tolist() == [True, False, True]
+        alone = reference.crf_forward(emissions[1:2, :1], tags[1:2, :1], lengths[1:2], tr, start, end)
+        same(log_z[1:2], alone[0], "log_z of the length-1 sequence")
+    assert poisoned[0] and expected
     gl, gg = torch.ones(B), torch.ones(B)
     for name, a, e in zip(("emissions", "transitions", "start", "end"), backward(emu, gl, gg, *inputs),
                           ops.crf_backward(gl, gg, *inputs)):
@@ -392,8 +418,8 @@ def nonfinite_inputs(case, K, B, T):
             tr[1, :] = INF  # nothing follows tag 1: its +inf path meets -inf
     elif case == "nan_transition":
         tr[0, K - 1] = float("nan")
-    elif case == "posinf_transition_length_1":  # sequence 1 reads no transition score: NaN, as on CPU
-        tr[2, 3] = inf
+    elif case in LENGTH_1:  # sequence 1 reads no transition score: finite, as on CPU
+        tr[2, 3] = inf if case.startswith("posinf") else float("nan")
         lengths[1] = 1
     else:
         start[2] = inf
@@ -401,7 +427,7 @@ def nonfinite_inputs(case, K, B, T):
 
 
 @pytest.mark.parametrize("K", [5, 33], ids=["warp", "block"])
-@pytest.mark.parametrize("case", NONFINITE + ["posinf_transition_length_1"])
+@pytest.mark.parametrize("case", NONFINITE + LENGTH_1)
 def test_nan_and_posinf_scores_decode_as_on_cpu(emu, case, K):
     # It was: the comparisons skip NaN, so a NaN score (or a +inf one meeting -inf) gave a finite
     # best score and finite k-best rows with tags (seen: 7.30 where the CPU gives NaN).
@@ -422,3 +448,11 @@ def test_nan_and_posinf_scores_decode_as_on_cpu(emu, case, K):
     cpu_tags_k, cpu_scores_k = ops.crf_kbest(*plain, 2)
     torch.testing.assert_close(scores_k, cpu_scores_k, equal_nan=True)
     assert torch.equal(tags_k, cpu_tags_k)
+    if case in LENGTH_1:  # the length-1 sequence decodes as the reference does (it was NaN)
+        alone = (emissions[1:2, :1], lengths[1:2], tr, start, end)
+        ref_tags_v, ref_scores_v = reference.crf_viterbi(*alone)
+        ref_tags_k, ref_scores_k = reference.crf_kbest(*alone, 2)
+        torch.testing.assert_close(scores_v[1:2], ref_scores_v)
+        assert torch.equal(tags_v[1:2, :1], ref_tags_v)
+        torch.testing.assert_close(scores_k[1:2], ref_scores_k)
+        assert torch.equal(tags_k[1:2, :, :1], ref_tags_k)

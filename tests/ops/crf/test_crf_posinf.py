@@ -16,6 +16,7 @@ import torch
 import torchcrf
 
 import fastner.nn
+from fastner import ops, reference
 from tests import testing
 
 K = 17
@@ -161,3 +162,82 @@ def test_a_sequence_with_nan_and_posinf_emissions_has_log_z_nan(B):
             score = crf.viterbi(emissions, mask=mask)[1]
         assert torch.isnan(log_z[0]) and torch.isnan(score[0]), backend
         assert torch.isfinite(log_z[1:]).all() and torch.isfinite(score[1:]).all(), backend
+
+
+# ---- a NaN or +inf transition score and sequences of length 1 -----------------------------------
+# A length-1 sequence reads no transition score: its results are the reference's, finite. It was
+# NaN on every op (the contract poisoned every non-empty sequence). The reference is run on each
+# sequence alone (trimmed to its length): in a padded batch its autograd multiplies the zero
+# gradient of the steps a short sequence skips by NaN softmax weights, which a sequence's own
+# gradient must not depend on.
+
+def _alone(b, e, L):
+    return e[b:b + 1, :int(L[b])], L[b:b + 1]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "posinf"])
+@DTYPES
+@SHAPES
+def test_a_nonfinite_transition_leaves_length_1_sequences_the_reference_results(B, dtype, bad):
+    g = torch.Generator().manual_seed(B)
+    T, k = 4, 3
+    e = torch.randn(B, T, K, dtype=dtype, generator=g)
+    L = torch.tensor([1, 3, 1, 4, 1, 2, 1, 1, 4][:B])
+    tr, s, n = (torch.randn(*shape, dtype=dtype, generator=g) for shape in ((K, K), (K,), (K,)))
+    tr[2, 5] = bad
+    tags = torch.randint(0, K, (B, T), generator=g)
+    inputs = [x.clone().requires_grad_() for x in (e, tr, s, n)]
+    llh = ops.crf_log_likelihood(inputs[0], tags, L, *inputs[1:], "none")
+    grads = torch.autograd.grad(llh.sum(), inputs)
+    log_z, gold = ops.crf_forward(e, tags, L, tr, s, n)
+    v_tags, v_score = ops.crf_viterbi(e, L, tr, s, n)
+    k_tags, k_score = ops.crf_kbest(e, L, tr, s, n, k)
+    marginals = ops.crf_marginals(e, L, tr, s, n)
+    for b in range(B):
+        e_b, L_b = _alone(b, e, L)
+        ref_log_z, ref_gold = reference.crf_forward(e_b, tags[b:b + 1, :int(L[b])], L_b, tr, s, n)
+        torch.testing.assert_close(log_z[b:b + 1], ref_log_z, equal_nan=True, msg=f"log Z {b}")
+        if L[b] > 1:  # the contract: non-finite log Z, NaN gradients and marginals
+            assert not torch.isfinite(llh[b]) and grads[0][b, :L[b]].isnan().all()
+            assert marginals[b, :L[b]].isnan().all() and (k_tags[b] == -1).all()
+            continue
+        assert torch.isfinite(log_z[b]) and torch.isfinite(llh[b])
+        torch.testing.assert_close(llh[b:b + 1], ref_gold - ref_log_z)
+        x = e_b.clone().requires_grad_()
+        ref_llh = torch.sub(*reversed(reference.crf_forward(x, tags[b:b + 1, :1], L_b, tr, s, n)))
+        torch.testing.assert_close(grads[0][b, :1], torch.autograd.grad(ref_llh.sum(), x)[0][0])
+        ref_v = reference.crf_viterbi(e_b, L_b, tr, s, n)
+        torch.testing.assert_close(v_score[b:b + 1], ref_v[1])
+        assert torch.equal(v_tags[b:b + 1, :1], ref_v[0])
+        ref_k = reference.crf_kbest(e_b, L_b, tr, s, n, k)
+        torch.testing.assert_close(k_score[b:b + 1], ref_k[1])
+        assert torch.equal(k_tags[b:b + 1, :, :1], ref_k[0])
+        torch.testing.assert_close(marginals[b:b + 1, :1], reference.crf_marginals(e_b, L_b, tr, s, n))
+    assert all(grad.isnan().all() for grad in grads[1:])  # sequences >= 2 met the score
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "posinf"])
+@DTYPES
+@SHAPES
+def test_a_nonfinite_transition_met_by_no_sequence_leaves_every_gradient_finite(B, dtype, bad):
+    # Every sequence of length 1 (T = 3: padding): nothing reads the score. Its gradient is 0,
+    # as the reference's on the unpadded batch; it was NaN (0 * exp(NaN) in the sums).
+    g = torch.Generator().manual_seed(B + 1)
+    e = torch.randn(B, 3, K, dtype=dtype, generator=g)
+    L = torch.ones(B, dtype=torch.long)
+    tr, s, n = (torch.randn(*shape, dtype=dtype, generator=g) for shape in ((K, K), (K,), (K,)))
+    tr[2, 5] = bad
+    tags = torch.randint(0, K, (B, 3), generator=g)
+    inputs = [x.clone().requires_grad_() for x in (e, tr, s, n)]
+    got = torch.autograd.grad(ops.crf_log_likelihood(inputs[0], tags, L, *inputs[1:], "sum"), inputs)
+    inputs = [x.clone().requires_grad_() for x in (e[:, :1], tr, s, n)]  # the batch unpadded
+    log_z, gold = reference.crf_forward(inputs[0], tags[:, :1], L, *inputs[1:])
+    want = torch.autograd.grad((gold - log_z).sum(), inputs, allow_unused=True)
+    torch.testing.assert_close(got[0][:, :1], want[0])
+    assert (got[0][:, 1:] == 0).all() and (got[1] == 0).all() and want[1] is None
+    torch.testing.assert_close(got[2], want[2])
+    torch.testing.assert_close(got[3], want[3])
+    if dtype == torch.float64:  # the fused backward against finite differences
+        assert torch.autograd.gradcheck(
+            lambda x, s_, n_: ops.crf_log_likelihood(x, tags, L, tr, s_, n_, "none"),
+            [x.clone().requires_grad_() for x in (e, s, n)])

@@ -171,3 +171,38 @@ def test_a_nan_emission_gives_nan_gradients_like_the_reference(backend, dtype):
         assert torch.equal(g.isnan(), r.isnan())
         assert g.isnan().any()
 
+
+
+# ---- non-tensor arguments: one ValueError naming them, on both paths ------------------------------
+
+CALLS = {"crf_forward": lambda e, L, tr, s, n, tags: ops.crf_forward(e, tags, L, tr, s, n),
+         "crf_log_likelihood": lambda e, L, tr, s, n, tags: ops.crf_log_likelihood(e, tags, L, tr, s, n, "sum"),
+         "crf_viterbi": lambda e, L, tr, s, n, tags: ops.crf_viterbi(e, L, tr, s, n),
+         "crf_kbest": lambda e, L, tr, s, n, tags: ops.crf_kbest(e, L, tr, s, n, 2),
+         "crf_marginals": lambda e, L, tr, s, n, tags: ops.crf_marginals(e, L, tr, s, n)}
+NAMES = {"e": "emissions", "L": "lengths", "tr": "transitions", "s": "start_transitions",
+         "n": "end_transitions", "tags": "tags"}
+
+
+@BACKENDS
+@pytest.mark.parametrize("op", list(CALLS))
+@pytest.mark.parametrize("bad", ["list", "None"])
+def test_non_tensor_arguments_are_refused_by_name(backend, op, bad):
+    # It was, on the fused path: AttributeError ('list' object has no attribute 'device'), the
+    # dispatcher's RuntimeError, or for lengths=None "lengths must be [B] = [3], got [0]".
+    e, L, tr, s, n = crf_args()
+    args = dict(e=e, L=L, tr=tr, s=s, n=n, tags=torch.zeros(3, 5, dtype=torch.long))
+    takes_tags = op in ("crf_forward", "crf_log_likelihood")
+    for key in args:
+        if key == "tags" and (not takes_tags or (op == "crf_forward" and bad == "None")):
+            continue  # no tags, or optional ones
+        wrong = dict(args, **{key: None if bad == "None" else args[key].tolist()})
+        got = "NoneType" if bad == "None" else "list"
+        with testing.backend(backend), pytest.raises(ValueError, match=f"^{op}: {NAMES[key]} must be a Tensor, got {got}$"):
+            CALLS[op](**wrong)
+
+
+@BACKENDS
+def test_a_non_tensor_mask_is_refused_by_name(backend):
+    with testing.backend(backend), pytest.raises(ValueError, match="^crf_lengths: mask must be a Tensor, got list$"):
+        ops.crf_lengths([[1, 0]], True)
