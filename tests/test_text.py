@@ -86,6 +86,19 @@ def test_blank_line_ends_a_sentence(text, expected):
     assert_offsets(text, tokenize(text))
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("It closed at $12.50. Volume was light.", [["It", "closed", "at", "$", "12.50", "."], ["Volume", "was", "light", "."]]),
+    ("Sales hit $1.5bn. Shares rose.", [["Sales", "hit", "$", "1.5bn", "."], ["Shares", "rose", "."]]),
+    ("EUR/USD hit 1.0845. Sterling fell.", [["EUR/USD", "hit", "1.0845", "."], ["Sterling", "fell", "."]]),
+    ("It paid 1.25 p.c. on 1.5 bln.", [["It", "paid", "1.25", "p.c.", "on", "1.5", "bln", "."]]),  # no split inside
+])
+def test_sentence_ends_after_a_decimal_number(text, expected):
+    """syntok never ends a sentence after a word with a period inside ("U.S."), and read "12.50"
+    as one: news sentences ending in a price, a rate or an amount ran into the next one."""
+    assert words(text) == expected
+    assert_offsets(text, tokenize(text))
+
+
 def test_paragraphs_are_segmented_in_linear_time(monkeypatch):
     """syntok's analyze() pads each paragraph with as many spaces as the text before it and scans
     them: over a document of many paragraphs that was quadratic (400 kB: 3.8 s against 1.3 s)."""

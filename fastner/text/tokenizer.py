@@ -167,16 +167,24 @@ def _paragraphs(work: str) -> Iterator[Tuple[int, int]]:
     yield begin, len(work)
 
 
+# A decimal point. syntok never ends a sentence after a word with a period inside (its rule for
+# "U.S."), so "It closed at 12.50. Volume was light." and "Sales hit $1.5bn. Shares rose." stayed
+# one sentence, where "at 12. Volume" is two: syntok reads decimals with a comma, as it reads
+# "1,234", a number it does split after.
+_DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
 def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
     """(start, end) of each sentence in the working copy, whitespace trimmed."""
     from syntok import segmenter
 
+    segmented = _DECIMAL_POINT.sub(",", work)  # same length: syntok's offsets index `work`
     starts = []
     for begin, finish in _paragraphs(work):
         first = True
         # one paragraph at a time: syntok's analyze() pads each paragraph with as many spaces as
         # the text before it and scans them again, quadratic in the paragraphs of a document
-        for paragraph in segmenter.analyze(work[begin:finish]):
+        for paragraph in segmenter.analyze(segmented[begin:finish]):
             for sentence in paragraph:
                 if not sentence:
                     continue
