@@ -53,6 +53,11 @@ def assert_offsets(text, sentences):
     ("Mail john.doe@example.co.uk today.", ["Mail", "john.doe@example.co.uk", "today", "."]),
     ("Shares of NYSE:IBM and AT&T rose.", ["Shares", "of", "NYSE:IBM", "and", "AT&T", "rose", "."]),
     ("It fell C$ 0.45 to \u20ac4.50.", ["It", "fell", "C$", "0.45", "to", "\u20ac", "4.50", "."]),
+    # every currency symbol comes off an amount, as "$" does, whatever follows the digits
+    ("Profit of \u00a31.2m vs \u00a5100bn and \u20a91,000.", ["Profit", "of", "\u00a3", "1.2m", "vs", "\u00a5", "100bn", "and",
+                                                     "\u20a9", "1,000", "."]),
+    ("It cost \u20ac4.50. then sales hit $5bn. shares fell", ["It", "cost", "\u20ac", "4.50", ".", "then", "sales", "hit",
+                                                        "$", "5bn", ".", "shares", "fell"]),
     ("Oil\u00a0rose\u2009today.", ["Oil", "rose", "today", "."]),  # NBSP and thin space separate
     ("Bad\x00byte\x1fhere\u200bnow.", ["Bad", "byte", "here", "now", "."]),  # control and zero-width
     ("Wait\u2026 what?", ["Wait", "\u2026", "what", "?"]),

@@ -56,11 +56,10 @@ _ATOMS = re.compile(
 # bracket ("(U.S.)" -> U.S + . + )): CoNLL keeps "U.S." whole there; at the very end of a
 # sentence CoNLL writes "U.S" + "." too, so that split stays.
 _DOTTED = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
-# CoNLL splits a leading currency symbol off a number but nltk only knows "$".
 # A word with a period that is not an abbreviation, inside what the sentence splitter kept as one
 # sentence ("a share. analyst said" when the next sentence starts in lower case): the period is
 # its own token. Abbreviations (a closed list, single letters, dotted forms like U.S.) keep it.
-_WORD_PERIOD = re.compile(r"[A-Za-z][a-z]+\.|\d[\d,]*(?:\.\d+)?\.")
+_WORD_PERIOD = re.compile(r"[A-Za-z][a-z]+\.|\d[\d,]*(?:\.\d+)?[A-Za-z]*\.")  # an amount: "5bn."
 _ABBREVIATIONS = frozenset("""
     mr mrs ms dr prof rev gen lt col capt cmdr sgt maj adm sen rep gov pres amb fr sr jr st mt no vs
     inc corp co ltd plc bros dept univ assn ave blvd rd est approx etc al cf fig vol op
@@ -71,7 +70,10 @@ _ABBREVIATIONS = frozenset("""
 _ENUMERATION = re.compile(r"\d{1,3}\.")
 _ENDS_WITH_TITLE = re.compile(
     r"\b(?:Mr|Mrs|Ms|Dr|Prof|Rev|Gen|Lt|Col|Capt|Cmdr|Sgt|Maj|Adm|Sen|Rep|Gov|Pres|Amb|Fr|Sr|St|Mt|No|vs)\.$")
-_CURRENCY_PREFIX = re.compile(r"[€£¥₹]\d[\d,.]*")
+# CoNLL splits a leading currency symbol off an amount ("$ 250.10") but nltk only knows "$":
+# any currency symbol (Unicode category Sc) before a digit comes off, whatever follows the digits
+# ("£1.2m" and "€3bn" stayed whole, where "$1.5bn" is $ + 1.5bn and "£2.4 billion" £ + 2.4).
+_CURRENCY_PREFIX = re.compile(r"[^\w\s]\d")
 
 _word_tokenizer = None
 
@@ -230,9 +232,10 @@ def _treebank(work: str, start: int, end: int) -> List[Tuple[int, int]]:
 def _conll_fixes(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     fixed: List[Tuple[int, int]] = []
     for number, (a, b) in enumerate(spans):
-        if b - a > 1 and _CURRENCY_PREFIX.fullmatch(work, a, b):
-            fixed.extend([(a, a + 1), (a + 1, b)])
-        elif (0 < number < len(spans) - 1 and _WORD_PERIOD.fullmatch(work, a, b)
+        if _CURRENCY_PREFIX.match(work, a, b) and unicodedata.category(work[a]) == "Sc":
+            fixed.append((a, a + 1))
+            a += 1
+        if (0 < number < len(spans) - 1 and _WORD_PERIOD.fullmatch(work, a, b)
               and work[a:b - 1].lower() not in _ABBREVIATIONS):
             fixed.extend([(a, b - 1), (b - 1, b)])
         else:
