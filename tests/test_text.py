@@ -63,11 +63,23 @@ def assert_offsets(text, sentences):
     ("Wait\u2026 what?", ["Wait", "\u2026", "what", "?"]),
     ("Bun\u00addes\u00adbank in Frank\u00adfurt", ["Bun\u00addes\u00adbank", "in", "Frank\u00adfurt"]),  # soft hyphens
     ("end\u00ad \u00ad \u00adstart.", ["end", "start", "."]),  # not inside a word: a separator
+    # other invisible format characters inside a word keep it whole too (UAX #29): a byte-order
+    # mark, a word joiner, zero-width (non-)joiners, a bidi mark; around a word they separate
+    ("Ac\ufeffme Nest\u2060l\u00e9 Sie\u200cmens Ba\u200dyer BN\u200eP.", ["Ac\ufeffme", "Nest\u2060l\u00e9", "Sie\u200cmens",
+                                                                   "Ba\u200dyer", "BN\u200eP", "."]),
+    ("(\u200eTesla\u200f)\ufeffrose\u2060 now", ["(", "Tesla", ")", "rose", "now"]),
     ("Lt. Italo Pineda said.", ["Lt.", "Italo", "Pineda", "said", "."]),
 ])
 def test_conll_conventions(text, expected):
     assert flat(text) == expected
     assert_offsets(text, tokenize(text))
+
+
+def test_model_form_drops_format_characters():
+    from fastner.text import model_form
+
+    assert [model_form(t) for t in ["Ac\ufeffme", "Sie\u200cmens", "Frank\u00adfurt", "BN\u200eP"]] == \
+           ["Acme", "Siemens", "Frankfurt", "BNP"]
 
 
 def test_sentences_are_split():
@@ -198,7 +210,7 @@ def test_period_split_inside_an_unsplit_sentence():
 def _reference_working_copy(text):
     import unicodedata
 
-    from fastner.text.tokenizer import _LINE_BREAKS, _QUOTES, _SPACE_LIKE
+    from fastner.text.tokenizer import _LINE_BREAKS, _QUOTES
 
     out = []
     for number, ch in enumerate(text):
@@ -208,11 +220,11 @@ def _reference_working_copy(text):
             out.append(" ")
         elif ch in _LINE_BREAKS:
             out.append("\n")
-        elif ch == "\u00ad":  # kept between two word characters
+        elif ch != "\u200b" and unicodedata.category(ch) == "Cf":  # a soft hyphen between two word characters
             inside = 0 < number < len(text) - 1 and all(
                 c.isalnum() or c == "_" for c in (text[number - 1], text[number + 1]))
-            out.append(ch if inside else " ")
-        elif ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            out.append("\u00ad" if inside else " ")
+        elif ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
             out.append(" ")
         else:
             out.append(ch)

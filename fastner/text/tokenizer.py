@@ -11,8 +11,8 @@ fastner.text.agreement and the README for the comparison):
     `U.S.` into `U.S` + `.`.
 
 Offsets come from running both on a same-length working copy of the text (line breaks turned
-into "\n", other control characters, zero-width characters and unicode spaces into plain spaces,
-curly quotes into straight ones), so every offset indexes the original string and every token is
+into "\n", other control characters, the zero-width space and unicode spaces into plain spaces,
+curly quotes into straight ones, invisible format characters inside a word into soft hyphens), so every offset indexes the original string and every token is
 `text[start:end]`. A blank line ends a paragraph, and so a sentence: headlines and datelines have
 no full stop.
 URLs, e-mail addresses, exchange tickers (NYSE:IBM) and ampersand names (AT&T, S&P) are kept
@@ -29,10 +29,14 @@ Token = Tuple[str, int, int]  # (text[start:end], start, end)
 # Same-length replacements for the working copy (one character for one character).
 _QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u00ab": '"', "\u00bb": '"',
            "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "`": "'"}
-_SPACE_LIKE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"}
-# A soft hyphen (HTML &shy;) marks where a word may break: inside a word it keeps the word whole
-# ("Frank\u00adfurt" was Frank + furt, tagged PER), anywhere else it separates like a space.
+# Invisible format characters (Unicode Cf: the soft hyphen, HTML &shy;, the word joiner, the
+# zero-width (non-)joiner, a byte-order mark, bidi marks) are no word boundary (UAX #29 ignores them
+# inside a word): inside a word the working copy writes each as a soft hyphen, which keeps the word
+# whole ("Frank\u00adfurt" was Frank + furt, tagged PER; "Ac\ufeffme" Ac + me) and which
+# model_form drops; anywhere else they separate like a space. The zero-width space is a word
+# boundary (UAX #29; syntok splits there too): a space.
 _SOFT_HYPHEN = "\u00ad"
+_ZERO_WIDTH_SPACE = "\u200b"
 _LOOSE_SOFT_HYPHEN = re.compile(r"(?<!\w)\u00ad|\u00ad(?!\w)")
 # Kept as "\n" (the rest of whitespace becomes " "): syntok starts a paragraph at a blank line.
 _LINE_BREAKS = {"\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"}
@@ -127,9 +131,9 @@ def _working_char(ch: str) -> str:
         return _QUOTES[ch]
     if ch in _LINE_BREAKS:
         return "\n"
-    if ch == _SOFT_HYPHEN:
-        return ch  # working_copy decides by its neighbours
-    if ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+    if ch != _ZERO_WIDTH_SPACE and unicodedata.category(ch) == "Cf":
+        return _SOFT_HYPHEN  # working_copy decides by its neighbours
+    if ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
         return " "
     return ch
 
@@ -150,7 +154,7 @@ def working_copy(text: str) -> str:
 def model_form(token: str) -> str:
     """A token of raw text as the model reads it: quotes straight, as CoNLL-2003 prints them (a
     curly closing quote was read as the end of the name before it: "BNP\u00bb" tagged ORG), soft
-    hyphens dropped ("Frank\u00adfurt" is Frankfurt), accents composed (NFC: "Nestle\u0301",
+    hyphens and other invisible format characters dropped ("Frank\u00adfurt" is Frankfurt), accents composed (NFC: "Nestle\u0301",
     as macOS and some feeds write it, was no entity where "Nestl\u00e9" is an ORG). Training on
     raw text reads the same form."""
     return unicodedata.normalize("NFC", working_copy(token).replace(_SOFT_HYPHEN, ""))
