@@ -68,6 +68,10 @@ def assert_offsets(text, sentences):
     ("Ac\ufeffme Nest\u2060l\u00e9 Sie\u200cmens Ba\u200dyer BN\u200eP.", ["Ac\ufeffme", "Nest\u2060l\u00e9", "Sie\u200cmens",
                                                                    "Ba\u200dyer", "BN\u200eP", "."]),
     ("(\u200eTesla\u200f)\ufeffrose\u2060 now", ["(", "Tesla", ")", "rose", "now"]),
+    # fullwidth punctuation (CJK typography) splits as its ASCII does
+    ("Alibaba Holding Limited\uff08\u201cAlibaba\u201d\uff09said profit rose\uff0cJack Ma said\u3002",
+     ["Alibaba", "Holding", "Limited", "\uff08", "\u201c", "Alibaba", "\u201d", "\uff09", "said", "profit", "rose",
+      "\uff0c", "Jack", "Ma", "said", "\u3002"]),
     ("Lt. Italo Pineda said.", ["Lt.", "Italo", "Pineda", "said", "."]),
 ])
 def test_conll_conventions(text, expected):
@@ -80,6 +84,12 @@ def test_model_form_drops_format_characters():
 
     assert [model_form(t) for t in ["Ac\ufeffme", "Sie\u200cmens", "Frank\u00adfurt", "BN\u200eP"]] == \
            ["Acme", "Siemens", "Frankfurt", "BNP"]
+
+
+def test_model_form_reads_fullwidth_as_ascii():
+    from fastner.text import model_form
+
+    assert [model_form(t) for t in ["\uff21\uff23\uff2d\uff25", "\uff15\uff10", "\uff08", "\u3002"]] == ["ACME", "50", "(", "."]
 
 
 def test_sentences_are_split():
@@ -114,6 +124,11 @@ def test_sentence_ends_after_a_decimal_number(text, expected):
     as one: news sentences ending in a price, a rate or an amount ran into the next one."""
     assert words(text) == expected
     assert_offsets(text, tokenize(text))
+
+
+def test_fullwidth_sentence_ends():
+    text = "Shares rose\uff01Then Tencent said\u3002Volume fell."
+    assert words(text) == [["Shares", "rose", "\uff01"], ["Then", "Tencent", "said", "\u3002"], ["Volume", "fell", "."]]
 
 
 def test_paragraphs_are_segmented_in_linear_time(monkeypatch):
@@ -210,10 +225,13 @@ def test_period_split_inside_an_unsplit_sentence():
 def _reference_working_copy(text):
     import unicodedata
 
-    from fastner.text.tokenizer import _LINE_BREAKS, _QUOTES
+    from fastner.text.tokenizer import _IDEOGRAPHIC, _LINE_BREAKS, _QUOTES
 
     out = []
     for number, ch in enumerate(text):
+        if 0xFF01 <= ord(ch) <= 0xFF5E:  # fullwidth ASCII
+            ch = chr(ord(ch) - 0xFEE0)
+        ch = _IDEOGRAPHIC.get(ch, ch)
         if ch in _QUOTES:
             out.append(_QUOTES[ch])
         elif ch == "\r" and text[number + 1 : number + 2] == "\n":

@@ -12,7 +12,8 @@ fastner.text.agreement and the README for the comparison):
 
 Offsets come from running both on a same-length working copy of the text (line breaks turned
 into "\n", other control characters, the zero-width space and unicode spaces into plain spaces,
-curly quotes into straight ones, invisible format characters inside a word into soft hyphens), so every offset indexes the original string and every token is
+curly quotes into straight ones, fullwidth forms into ASCII, invisible format characters inside a
+word into soft hyphens), so every offset indexes the original string and every token is
 `text[start:end]`. A blank line ends a paragraph, and so a sentence: headlines and datelines have
 no full stop.
 URLs, e-mail addresses, exchange tickers (NYSE:IBM) and ampersand names (AT&T, S&P) are kept
@@ -38,6 +39,12 @@ _QUOTES = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u00ab":
 _SOFT_HYPHEN = "\u00ad"
 _ZERO_WIDTH_SPACE = "\u200b"
 _LOOSE_SOFT_HYPHEN = re.compile(r"(?<!\w)\u00ad|\u00ad(?!\w)")
+# Fullwidth forms (CJK typography: "\uff08", "\uff0c", "\uff21") are ASCII characters printed wide, and
+# the ideographic full stop and comma are "." and ",": read as ASCII, "Limited\uff08\u201cAlibaba\u201d\uff09said"
+# splits as 'Limited("Alibaba")said' does (it was one ORG running through the bracket) and the
+# model reads the ASCII word.
+_FULLWIDTH = range(0xFF01, 0xFF5F)  # "\uff01" .. "\uff5e": ASCII "!" .. "~" at an offset
+_IDEOGRAPHIC = {"\u3001": ",", "\u3002": ".", "\uff61": ".", "\uff64": ",", "\u3010": "[", "\u3011": "]"}
 # Kept as "\n" (the rest of whitespace becomes " "): syntok starts a paragraph at a blank line.
 _LINE_BREAKS = {"\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"}
 
@@ -127,6 +134,9 @@ class _WorkingCopyTable(dict):
 
 
 def _working_char(ch: str) -> str:
+    if ord(ch) in _FULLWIDTH:
+        ch = chr(ord(ch) - 0xFEE0)
+    ch = _IDEOGRAPHIC.get(ch, ch)
     if ch in _QUOTES:
         return _QUOTES[ch]
     if ch in _LINE_BREAKS:
@@ -154,7 +164,8 @@ def working_copy(text: str) -> str:
 def model_form(token: str) -> str:
     """A token of raw text as the model reads it: quotes straight, as CoNLL-2003 prints them (a
     curly closing quote was read as the end of the name before it: "BNP\u00bb" tagged ORG), soft
-    hyphens and other invisible format characters dropped ("Frank\u00adfurt" is Frankfurt), accents composed (NFC: "Nestle\u0301",
+    hyphens and other invisible format characters dropped ("Frank\u00adfurt" is Frankfurt),
+    fullwidth forms as ASCII ("\uff21\uff23\uff2d\uff25" is ACME), accents composed (NFC: "Nestle\u0301",
     as macOS and some feeds write it, was no entity where "Nestl\u00e9" is an ORG). Training on
     raw text reads the same form."""
     return unicodedata.normalize("NFC", working_copy(token).replace(_SOFT_HYPHEN, ""))
