@@ -131,6 +131,23 @@ def test_fullwidth_sentence_ends():
     assert words(text) == [["Shares", "rose", "\uff01"], ["Then", "Tencent", "said", "\u3002"], ["Volume", "fell", "."]]
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("Acme Corp:\n* Q3 EPS $1.20\n* Beta Holdings cut jobs",
+     [["Acme", "Corp", ":"], ["*", "Q3", "EPS", "$", "1.20"], ["*", "Beta", "Holdings", "cut", "jobs"]]),
+    ("Key points\r\n  \u2022 Acme rose\r\n  \u2022 Beta fell\n- Gamma flat", [["Key", "points"], ["\u2022", "Acme", "rose"],
+                                                                      ["\u2022", "Beta", "fell"], ["-", "Gamma", "flat"]]),
+    ("Highlights:\n1. Apple rose 3%\n2. Google fell", [["Highlights", ":"], ["1.", "Apple", "rose", "3", "%"],
+                                                      ["2.", "Google", "fell"]]),
+    ("Shares of New\nYork rose\n*Acme* and 2026\n-27", [["Shares", "of", "New", "York", "rose", "*", "Acme", "*", "and",
+                                                        "2026", "-27"]]),  # no list item: no space after
+])
+def test_list_item_starts_a_sentence(text, expected):
+    """Summaries and briefs list points on lines of their own without full stops: the items ran
+    into one sentence (an entity could run from one into the next), a number into the item before."""
+    assert words(text) == expected
+    assert_offsets(text, tokenize(text))
+
+
 def test_paragraphs_are_segmented_in_linear_time(monkeypatch):
     """syntok's analyze() pads each paragraph with as many spaces as the text before it and scans
     them: over a document of many paragraphs that was quadratic (400 kB: 3.8 s against 1.3 s)."""

@@ -15,7 +15,7 @@ into "\n", other control characters, the zero-width space and unicode spaces int
 curly quotes into straight ones, fullwidth forms into ASCII, invisible format characters inside a
 word into soft hyphens), so every offset indexes the original string and every token is
 `text[start:end]`. A blank line ends a paragraph, and so a sentence: headlines and datelines have
-no full stop.
+no full stop; so does a line break before a list item ("* ", "2. ").
 URLs, e-mail addresses, exchange tickers (NYSE:IBM) and ampersand names (AT&T, S&P) are kept
 whole; unicode dashes and ellipses stand alone.
 """
@@ -172,8 +172,12 @@ def model_form(token: str) -> str:
 
 
 # A blank line, as syntok's segmenter finds paragraphs (the working copy's only whitespace is
-# " " and "\n").
-_PARAGRAPH_BREAK = re.compile(r"\n(?: *\n)+")
+# " " and "\n"), or a line break before a list item: a bullet or a number ("* Q3 EPS $1.20",
+# "\u2022 Acme Corp raised guidance", "2. Beta fell", "3) Acme flat") then a space. News summaries
+# and briefs list points without full stops: the items ran together into one sentence, and a
+# numbered item's number was the last token of the item before it.
+_BULLETS = "*+\u2022\u2023\u2043\u25aa\u25a0\u25cf\u25e6\u25ba\u25b6\u00b7\u2013\u2014-"
+_PARAGRAPH_BREAK = re.compile(r"\n(?: *\n)+|\n(?= *(?:[" + _BULLETS + r"]|\d{1,2}[.)]) )")
 
 
 def _paragraphs(work: str) -> Iterator[Tuple[int, int]]:
