@@ -126,6 +126,14 @@ def test_sentence_ends_after_a_decimal_number(text, expected):
     assert_offsets(text, tokenize(text))
 
 
+def test_semicolon_does_not_end_a_sentence():
+    """syntok ends a sentence at ";", CoNLL-2003 never does (15 sentences of eng.testa go on
+    after one): clauses of one sentence were tagged apart."""
+    assert words("Revenue at Acme rose 3%; Beta Corp fell 2%. Then; no.") == [
+        ["Revenue", "at", "Acme", "rose", "3", "%", ";", "Beta", "Corp", "fell", "2", "%", "."], ["Then", ";", "no", "."]]
+    assert words("Acme rose;\n\nBeta fell") == [["Acme", "rose", ";"], ["Beta", "fell"]]  # a paragraph still ends one
+
+
 def test_fullwidth_sentence_ends():
     text = "Shares rose\uff01Then Tencent said\u3002Volume fell."
     assert words(text) == [["Shares", "rose", "\uff01"], ["Then", "Tencent", "said", "\u3002"], ["Volume", "fell", "."]]

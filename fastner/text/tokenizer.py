@@ -218,8 +218,9 @@ def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
                     # as a whole, growing with each piece joined to it, was searched again for
                     # each (quadratic: "Lt. " * 20000, 80 kB, took 88 s)
                     previous = work[max(starts[-1], end - 16):end]
-                    if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous):
-                        # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after them
+                    if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous) or previous.endswith(";"):
+                        # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after
+                        # them; a semicolon joins clauses of one sentence (syntok ends one there, CoNLL never)
                         continue
                 starts.append(offset)
                 first = False
