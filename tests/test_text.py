@@ -126,6 +126,15 @@ def test_sentence_ends_after_a_decimal_number(text, expected):
     assert_offsets(text, tokenize(text))
 
 
+def test_company_forms_stay_in_the_sentence():
+    """syntok ended the sentence inside "S.p.A." (S.p | A.) and after "Pty." before "Ltd.":
+    a company name was cut in two sentences (a JSONL span over it 'crosses a sentence
+    boundary'); "Bhd." and "Cos." lost their period as "Corp." does not."""
+    text = "Eni S.p.A. rose while Beta Pty. Ltd., Acme Sdn. Bhd. and Delta Cos. fell. It rose.Then fell."
+    assert words(text) == [["Eni", "S.p.A.", "rose", "while", "Beta", "Pty.", "Ltd.", ",", "Acme", "Sdn.", "Bhd.", "and",
+                            "Delta", "Cos.", "fell", "."], ["It", "rose", "."], ["Then", "fell", "."]]
+
+
 def test_semicolon_does_not_end_a_sentence():
     """syntok ends a sentence at ";", CoNLL-2003 never does (15 sentences of eng.testa go on
     after one): clauses of one sentence were tagged apart."""

@@ -74,13 +74,18 @@ _WORD_PERIOD = re.compile(r"[A-Za-z][a-z]+\.|\d[\d,]*(?:\.\d+)?[A-Za-z]*\.")  # 
 _ABBREVIATIONS = frozenset("""
     mr mrs ms dr prof rev gen lt col capt cmdr sgt maj adm sen rep gov pres amb fr sr jr st mt no vs
     inc corp co ltd plc bros dept univ assn ave blvd rd est approx etc al cf fig vol op
+    cos bhd pty pte sdn hldgs
     jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thur thurs fri sat sun
     ala ariz ark calif colo conn del fla ga ill ind kan ky la md mass mich minn miss mo mont neb
     nev okla ore pa tenn tex va vt wash wis wyo
 """.split())
 _ENUMERATION = re.compile(r"\d{1,3}\.")
 _ENDS_WITH_TITLE = re.compile(
-    r"\b(?:Mr|Mrs|Ms|Dr|Prof|Rev|Gen|Lt|Col|Capt|Cmdr|Sgt|Maj|Adm|Sen|Rep|Gov|Pres|Amb|Fr|Sr|St|Mt|No|vs)\.$")
+    r"\b(?:Mr|Mrs|Ms|Dr|Prof|Rev|Gen|Lt|Col|Capt|Cmdr|Sgt|Maj|Adm|Sen|Rep|Gov|Pres|Amb|Fr|Sr|St|Mt|No|vs"
+    r"|Pty|Pte|Sdn)\.$")  # company forms never at the end: "Pty. Ltd.", "Pte. Ltd.", "Sdn. Bhd."
+# syntok ends a sentence inside a dotted abbreviation of mixed case ("Eni S.p.A. rose": S.p | A.);
+# the two letters around a boundary with no space at it
+_INSIDE_DOTTED = re.compile(r"(?<![A-Za-z])[A-Za-z]\.[A-Za-z]\.")
 # CoNLL splits a leading currency symbol off an amount ("$ 250.10") but nltk only knows "$":
 # any currency symbol (Unicode category Sc) before a digit comes off, whatever follows the digits
 # ("£1.2m" and "€3bn" stayed whole, where "$1.5bn" is $ + 1.5bn and "£2.4 billion" £ + 2.4).
@@ -218,7 +223,8 @@ def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
                     # as a whole, growing with each piece joined to it, was searched again for
                     # each (quadratic: "Lt. " * 20000, 80 kB, took 88 s)
                     previous = work[max(starts[-1], end - 16):end]
-                    if _ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous) or previous.endswith(";"):
+                    if (_ENUMERATION.fullmatch(previous) or _ENDS_WITH_TITLE.search(previous) or previous.endswith(";")
+                            or (end == offset and _INSIDE_DOTTED.match(work, offset - 2))):
                         # "10." of a numbered list belongs to its line; "Lt." and "Rev." to the name after
                         # them; a semicolon joins clauses of one sentence (syntok ends one there, CoNLL never)
                         continue
