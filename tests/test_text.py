@@ -73,6 +73,10 @@ def assert_offsets(text, sentences):
      ["Alibaba", "Holding", "Limited", "\uff08", "\u201c", "Alibaba", "\u201d", "\uff09", "said", "profit", "rose",
       "\uff0c", "Jack", "Ma", "said", "\u3002"]),
     ("Lt. Italo Pineda said.", ["Lt.", "Italo", "Pineda", "said", "."]),
+    # a full stop with its space missing ("3%.Beta", "2026.The"); tickers and domains keep theirs
+    ("Acme rose 3%.Beta fell in 2026.The firm (ACME).Gamma said", ["Acme", "rose", "3", "%", ".", "Beta", "fell", "in", "2026", ".",
+                                                               "The", "firm", "(", "ACME", ")", ".", "Gamma", "said"]),
+    ("BRK.B, 7203.T and acme.com.Then", ["BRK.B", ",", "7203.T", "and", "acme.com.Then"]),
 ])
 def test_conll_conventions(text, expected):
     assert flat(text) == expected

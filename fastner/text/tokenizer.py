@@ -80,6 +80,10 @@ _ABBREVIATIONS = frozenset("""
     nev okla ore pa tenn tex va vt wash wis wyo
 """.split())
 _ENUMERATION = re.compile(r"\d{1,3}\.")
+# A full stop with the space after it missing, after a number, "%", a bracket or a quote ("rose
+# 3%.Beta fell", "in 2026.The firm"): nltk kept ".Beta" and "2026.The" as tokens (syntok only
+# splits after a lower-case letter); the period and the word come apart.
+_GLUED_PERIOD = re.compile(r"(?<=[\d%)\]\"'])\.(?=[A-Z][a-z])")
 _ENDS_WITH_TITLE = re.compile(
     r"\b(?:Mr|Mrs|Ms|Dr|Prof|Rev|Gen|Lt|Col|Capt|Cmdr|Sgt|Maj|Adm|Sen|Rep|Gov|Pres|Amb|Fr|Sr|St|Mt|No|vs"
     r"|Pty|Pte|Sdn)\.$")  # company forms never at the end: "Pty. Ltd.", "Pte. Ltd.", "Sdn. Bhd."
@@ -262,6 +266,14 @@ def _treebank(work: str, start: int, end: int) -> List[Tuple[int, int]]:
 
 
 def _conll_fixes(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    pieces: List[Tuple[int, int]] = []
+    for a, b in spans:
+        glued = _GLUED_PERIOD.search(work, a, b)
+        if glued:
+            pieces.extend(piece for piece in ((a, glued.start()), glued.span()) if piece[1] > piece[0])
+            a = glued.end()
+        pieces.append((a, b))
+    spans = pieces
     fixed: List[Tuple[int, int]] = []
     for number, (a, b) in enumerate(spans):
         if _CURRENCY_PREFIX.match(work, a, b) and unicodedata.category(work[a]) == "Sc":
