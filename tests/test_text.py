@@ -53,16 +53,47 @@ def assert_offsets(text, sentences):
     ("Mail john.doe@example.co.uk today.", ["Mail", "john.doe@example.co.uk", "today", "."]),
     ("Shares of NYSE:IBM and AT&T rose.", ["Shares", "of", "NYSE:IBM", "and", "AT&T", "rose", "."]),
     ("It fell C$ 0.45 to \u20ac4.50.", ["It", "fell", "C$", "0.45", "to", "\u20ac", "4.50", "."]),
+    # every currency symbol comes off an amount, as "$" does, whatever follows the digits
+    ("Profit of \u00a31.2m vs \u00a5100bn and \u20a91,000.", ["Profit", "of", "\u00a3", "1.2m", "vs", "\u00a5", "100bn", "and",
+                                                     "\u20a9", "1,000", "."]),
+    ("It cost \u20ac4.50. then sales hit $5bn. shares fell", ["It", "cost", "\u20ac", "4.50", ".", "then", "sales", "hit",
+                                                        "$", "5bn", ".", "shares", "fell"]),
     ("Oil\u00a0rose\u2009today.", ["Oil", "rose", "today", "."]),  # NBSP and thin space separate
     ("Bad\x00byte\x1fhere\u200bnow.", ["Bad", "byte", "here", "now", "."]),  # control and zero-width
     ("Wait\u2026 what?", ["Wait", "\u2026", "what", "?"]),
     ("Bun\u00addes\u00adbank in Frank\u00adfurt", ["Bun\u00addes\u00adbank", "in", "Frank\u00adfurt"]),  # soft hyphens
     ("end\u00ad \u00ad \u00adstart.", ["end", "start", "."]),  # not inside a word: a separator
+    # other invisible format characters inside a word keep it whole too (UAX #29): a byte-order
+    # mark, a word joiner, zero-width (non-)joiners, a bidi mark; around a word they separate
+    ("Ac\ufeffme Nest\u2060l\u00e9 Sie\u200cmens Ba\u200dyer BN\u200eP.", ["Ac\ufeffme", "Nest\u2060l\u00e9", "Sie\u200cmens",
+                                                                   "Ba\u200dyer", "BN\u200eP", "."]),
+    ("(\u200eTesla\u200f)\ufeffrose\u2060 now", ["(", "Tesla", ")", "rose", "now"]),
+    # fullwidth punctuation (CJK typography) splits as its ASCII does
+    ("Alibaba Holding Limited\uff08\u201cAlibaba\u201d\uff09said profit rose\uff0cJack Ma said\u3002",
+     ["Alibaba", "Holding", "Limited", "\uff08", "\u201c", "Alibaba", "\u201d", "\uff09", "said", "profit", "rose",
+      "\uff0c", "Jack", "Ma", "said", "\u3002"]),
     ("Lt. Italo Pineda said.", ["Lt.", "Italo", "Pineda", "said", "."]),
+    # a full stop with its space missing ("3%.Beta", "2026.The"); tickers and domains keep theirs
+    ("Acme rose 3%.Beta fell in 2026.The firm (ACME).Gamma said", ["Acme", "rose", "3", "%", ".", "Beta", "fell", "in", "2026", ".",
+                                                               "The", "firm", "(", "ACME", ")", ".", "Gamma", "said"]),
+    ("BRK.B, 7203.T and acme.com.Then", ["BRK.B", ",", "7203.T", "and", "acme.com.Then"]),
 ])
 def test_conll_conventions(text, expected):
     assert flat(text) == expected
     assert_offsets(text, tokenize(text))
+
+
+def test_model_form_drops_format_characters():
+    from fastner.text import model_form
+
+    assert [model_form(t) for t in ["Ac\ufeffme", "Sie\u200cmens", "Frank\u00adfurt", "BN\u200eP"]] == \
+           ["Acme", "Siemens", "Frankfurt", "BNP"]
+
+
+def test_model_form_reads_fullwidth_as_ascii():
+    from fastner.text import model_form
+
+    assert [model_form(t) for t in ["\uff21\uff23\uff2d\uff25", "\uff15\uff10", "\uff08", "\u3002"]] == ["ACME", "50", "(", "."]
 
 
 def test_sentences_are_split():
@@ -86,6 +117,58 @@ def test_blank_line_ends_a_sentence(text, expected):
     assert_offsets(text, tokenize(text))
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("It closed at $12.50. Volume was light.", [["It", "closed", "at", "$", "12.50", "."], ["Volume", "was", "light", "."]]),
+    ("Sales hit $1.5bn. Shares rose.", [["Sales", "hit", "$", "1.5bn", "."], ["Shares", "rose", "."]]),
+    ("EUR/USD hit 1.0845. Sterling fell.", [["EUR/USD", "hit", "1.0845", "."], ["Sterling", "fell", "."]]),
+    ("It paid 1.25 p.c. on 1.5 bln.", [["It", "paid", "1.25", "p.c.", "on", "1.5", "bln", "."]]),  # no split inside
+])
+def test_sentence_ends_after_a_decimal_number(text, expected):
+    """syntok never ends a sentence after a word with a period inside ("U.S."), and read "12.50"
+    as one: news sentences ending in a price, a rate or an amount ran into the next one."""
+    assert words(text) == expected
+    assert_offsets(text, tokenize(text))
+
+
+def test_company_forms_stay_in_the_sentence():
+    """syntok ended the sentence inside "S.p.A." (S.p | A.) and after "Pty." before "Ltd.":
+    a company name was cut in two sentences (a JSONL span over it 'crosses a sentence
+    boundary'); "Bhd." and "Cos." lost their period as "Corp." does not."""
+    text = "Eni S.p.A. rose while Beta Pty. Ltd., Acme Sdn. Bhd. and Delta Cos. fell. It rose.Then fell."
+    assert words(text) == [["Eni", "S.p.A.", "rose", "while", "Beta", "Pty.", "Ltd.", ",", "Acme", "Sdn.", "Bhd.", "and",
+                            "Delta", "Cos.", "fell", "."], ["It", "rose", "."], ["Then", "fell", "."]]
+
+
+def test_semicolon_does_not_end_a_sentence():
+    """syntok ends a sentence at ";", CoNLL-2003 never does (15 sentences of eng.testa go on
+    after one): clauses of one sentence were tagged apart."""
+    assert words("Revenue at Acme rose 3%; Beta Corp fell 2%. Then; no.") == [
+        ["Revenue", "at", "Acme", "rose", "3", "%", ";", "Beta", "Corp", "fell", "2", "%", "."], ["Then", ";", "no", "."]]
+    assert words("Acme rose;\n\nBeta fell") == [["Acme", "rose", ";"], ["Beta", "fell"]]  # a paragraph still ends one
+
+
+def test_fullwidth_sentence_ends():
+    text = "Shares rose\uff01Then Tencent said\u3002Volume fell."
+    assert words(text) == [["Shares", "rose", "\uff01"], ["Then", "Tencent", "said", "\u3002"], ["Volume", "fell", "."]]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Acme Corp:\n* Q3 EPS $1.20\n* Beta Holdings cut jobs",
+     [["Acme", "Corp", ":"], ["*", "Q3", "EPS", "$", "1.20"], ["*", "Beta", "Holdings", "cut", "jobs"]]),
+    ("Key points\r\n  \u2022 Acme rose\r\n  \u2022 Beta fell\n- Gamma flat", [["Key", "points"], ["\u2022", "Acme", "rose"],
+                                                                      ["\u2022", "Beta", "fell"], ["-", "Gamma", "flat"]]),
+    ("Highlights:\n1. Apple rose 3%\n2. Google fell", [["Highlights", ":"], ["1.", "Apple", "rose", "3", "%"],
+                                                      ["2.", "Google", "fell"]]),
+    ("Shares of New\nYork rose\n*Acme* and 2026\n-27", [["Shares", "of", "New", "York", "rose", "*", "Acme", "*", "and",
+                                                        "2026", "-27"]]),  # no list item: no space after
+])
+def test_list_item_starts_a_sentence(text, expected):
+    """Summaries and briefs list points on lines of their own without full stops: the items ran
+    into one sentence (an entity could run from one into the next), a number into the item before."""
+    assert words(text) == expected
+    assert_offsets(text, tokenize(text))
+
+
 def test_paragraphs_are_segmented_in_linear_time(monkeypatch):
     """syntok's analyze() pads each paragraph with as many spaces as the text before it and scans
     them: over a document of many paragraphs that was quadratic (400 kB: 3.8 s against 1.3 s)."""
@@ -104,6 +187,25 @@ def test_paragraphs_are_segmented_in_linear_time(monkeypatch):
     assert len(sentences) == 600
     assert_offsets(text, sentences)
     assert sum(scanned) <= len(text)
+
+
+def test_sentences_are_joined_in_linear_time(monkeypatch):
+    """Each sentence syntok ends after a title ("Lt.") is joined to the next one; the check read
+    the whole sentence joined so far each time: quadratic ("Lt. " * 20000, 80 kB: 88 s)."""
+    from fastner.text import tokenizer
+
+    scanned = []
+
+    class Counting:
+        def search(self, string, *args):
+            scanned.append(len(string))
+            return title.search(string, *args)
+
+    title = tokenizer._ENDS_WITH_TITLE
+    monkeypatch.setattr(tokenizer, "_ENDS_WITH_TITLE", Counting())
+    text = "Lt. " * 2000
+    assert len(tokenize(text)) == 1
+    assert len(scanned) == 1999 and max(scanned) <= 16  # a bounded tail of the sentence, not all of it
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\n\t", "\x00\x01", "\u200b\ufeff"])
@@ -180,21 +282,24 @@ def test_period_split_inside_an_unsplit_sentence():
 def _reference_working_copy(text):
     import unicodedata
 
-    from fastner.text.tokenizer import _LINE_BREAKS, _QUOTES, _SPACE_LIKE
+    from fastner.text.tokenizer import _IDEOGRAPHIC, _LINE_BREAKS, _QUOTES
 
     out = []
     for number, ch in enumerate(text):
+        if 0xFF01 <= ord(ch) <= 0xFF5E:  # fullwidth ASCII
+            ch = chr(ord(ch) - 0xFEE0)
+        ch = _IDEOGRAPHIC.get(ch, ch)
         if ch in _QUOTES:
             out.append(_QUOTES[ch])
         elif ch == "\r" and text[number + 1 : number + 2] == "\n":
             out.append(" ")
         elif ch in _LINE_BREAKS:
             out.append("\n")
-        elif ch == "\u00ad":  # kept between two word characters
+        elif ch != "\u200b" and unicodedata.category(ch) == "Cf":  # a soft hyphen between two word characters
             inside = 0 < number < len(text) - 1 and all(
                 c.isalnum() or c == "_" for c in (text[number - 1], text[number + 1]))
-            out.append(ch if inside else " ")
-        elif ch.isspace() or ch in _SPACE_LIKE or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            out.append("\u00ad" if inside else " ")
+        elif ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
             out.append(" ")
         else:
             out.append(ch)
