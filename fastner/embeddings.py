@@ -37,8 +37,8 @@ class WordIndex:
     an open-addressing hash table in flat arrays that a saved tagger stores as they are
     (`to_bytes`, pretrained_words.bin), so a load reads it with no work per word. Building
     GloVe's 400k-entry dict (and parsing their JSON list) took ~150 ms of a ~0.25 s load, on
-    every `fastner tag` and server start; a lookup here costs ~1-2 us instead of ~0.2 us, and
-    only words outside the training vocabulary are looked up (~8% of eng.testa's tokens).
+    every `fastner tag` and server start; a lookup here costs ~1 us instead of the dict's ~0.5 us,
+    and only words outside the training vocabulary are looked up (~8% of eng.testa's tokens).
 
     The table: word i is the UTF-8 bytes blob[offsets[i]:offsets[i + 1]] (surrogatepass: any str
     round-trips); its search starts at slot crc32(bytes) & mask and goes up (never wraps) to

@@ -1,7 +1,6 @@
 """Open vocabulary and honest evaluation: vocabularies from the training data alone, every word
 with a pretrained vector keeps it (frozen table), and dev/test files change nothing a model learns."""
 import io
-import json
 import os
 
 import numpy as np
@@ -12,8 +11,7 @@ from fastner.data.conll import Sentence
 from fastner.data.vocab import Vocab, word_lookup
 from fastner.demo import generate_corpus
 from fastner.embeddings import WordIndex, word_rows
-from fastner.tagger import (PRETRAINED_INDEX_FILE, PRETRAINED_VECTORS_FILE, PRETRAINED_WORDS_FILE, Tagger,
-                            TaggerLoadError)
+from fastner.tagger import PRETRAINED_INDEX_FILE, PRETRAINED_VECTORS_FILE, Tagger, TaggerLoadError
 from fastner.train import TrainConfig, build_vocabularies, train
 
 DIM = 8
