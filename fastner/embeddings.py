@@ -95,7 +95,8 @@ class WordIndex:
         blob = data[blob_at:]
         if offsets[0] != 0 or offsets[-1] != blob_size or (np.diff(offsets) < 0).any():
             raise ValueError("its word offsets are not increasing from 0 to the end of its words")
-        if slots.min() < -1 or slots.max() >= n or (n and not (np.bincount(slots[slots >= 0], minlength=n) == 1).all()):
+        # counted over slots + 1 (empty: bin 0): selecting the used slots first took twice as long
+        if slots.min() < -1 or slots.max() >= n or not (np.bincount(slots + 1, minlength=n + 1)[1:] == 1).all():
             raise ValueError("its table does not hold each word once")
         if slots[-1] != -1:
             raise ValueError("its table does not end with an empty slot")
