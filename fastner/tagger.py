@@ -5,8 +5,10 @@ vocabularies), weights.pt (the model's state_dict, read with torch.load(weights_
 nothing else) and manifest.json (their hashes: fastner.storage writes the files as one set, so a
 kill mid-save leaves the old tagger or the new one, never a mix). A model trained with pretrained
 vectors also holds its frozen pretrained table: pretrained.npy (float16 [N, dim], a plain .npy
-opened with numpy's memory map, no pickle) and pretrained_words.json (the word of each row), so
-the directory tags on a machine without the vectors package.
+opened with numpy's memory map, no pickle) and pretrained_words.bin (the word of each row, with
+the hash table that finds a word's row: fastner.embeddings.WordIndex), so the directory tags on a
+machine without the vectors package. Format 1 held the words as a JSON list, pretrained_words.json
+(still read); a tagger without a pretrained table is saved in format 1, as before.
 """
 from __future__ import annotations
 
@@ -21,18 +23,22 @@ import torch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import canonical_scheme, convert_tags, detect_scheme
 from fastner.data.vocab import PAD, UNK, Vocab
-from fastner.embeddings import word_rows
+from fastner.embeddings import WordIndex, word_rows
 from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.devices import resolve_device
 from fastner.storage import (FileSet, MissingFiles, StorageError, UnsafeTorchFile, json_bytes, open_file_set,
                              torch_bytes, weights_only_load, write_file_set)
 
 FORMAT_VERSION = 1
+# with a pretrained table: its words in PRETRAINED_INDEX_FILE (format 1: PRETRAINED_WORDS_FILE,
+# a JSON list, whose parsing and dict took ~60% of a GloVe model's load)
+TABLE_FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "weights.pt"
 PRETRAINED_VECTORS_FILE = "pretrained.npy"
 PRETRAINED_WORDS_FILE = "pretrained_words.json"
+PRETRAINED_INDEX_FILE = "pretrained_words.bin"
 
 
 # Tagger.load(precision=...): the name and the dtype fastner.nn.quantize gets (None: as trained).
@@ -157,10 +163,11 @@ class _TableScan:
         return shape, fortran, dtype, stream.tell(), count * dtype.itemsize
 
 
-def _load_pretrained_table(files: FileSet, scan: _TableScan, path: str, config: ModelConfig):
-    """(frozen table [rows, dim] memory-mapped from pretrained.npy, its words), or (None, None)
-    for a model without one; both from `files` (one set, checked against its manifest).
-    ValueError says what is missing or does not fit."""
+def _load_pretrained_table(files: FileSet, scan: _TableScan, path: str, config: ModelConfig, version: int):
+    """(frozen table [rows, dim] memory-mapped from pretrained.npy, its words: _pretrained_words
+    from the file of the tagger format `version`), or (None, None) for a model without one; both
+    from `files` (one set, checked against its manifest). ValueError says what is missing or
+    does not fit."""
     if not config.pretrained_rows:
         return None, None
     import numpy as np
@@ -168,12 +175,13 @@ def _load_pretrained_table(files: FileSet, scan: _TableScan, path: str, config: 
     damaged = [err for name, err in files.errors.items() if not isinstance(err, MissingFiles)]
     if damaged:
         raise damaged[0]
+    words_file = PRETRAINED_INDEX_FILE if version == TABLE_FORMAT_VERSION else PRETRAINED_WORDS_FILE
     missing = [name for name, there in ((PRETRAINED_VECTORS_FILE, PRETRAINED_VECTORS_FILE in files.handles),
-                                        (PRETRAINED_WORDS_FILE, PRETRAINED_WORDS_FILE in files.data)) if not there]
+                                        (words_file, words_file in files.data)) if not there]
     if missing:
         raise ValueError(f"the model has {config.pretrained_rows} pretrained rows but {', '.join(missing)} "
                          "is missing")
-    words = _json_file(files.data[PRETRAINED_WORDS_FILE], os.path.join(path, PRETRAINED_WORDS_FILE))
+    words = _pretrained_words(files.data[words_file], os.path.join(path, words_file), config.pretrained_rows)
     header = getattr(scan, "header", None)
     if header is None:
         reason = getattr(scan, "error", None) or "the file is empty"
@@ -192,9 +200,25 @@ def _load_pretrained_table(files: FileSet, scan: _TableScan, path: str, config: 
                             shape=shape, order="F" if fortran else "C")
     except (OSError, ValueError) as err:  # ValueError: shorter than its header says
         raise ValueError(f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table: {err}") from None
-    if not isinstance(words, list) or len(words) != config.pretrained_rows or not all(isinstance(w, str) for w in words):
-        raise ValueError(f"{PRETRAINED_WORDS_FILE} must be a list of {config.pretrained_rows} strings")
     return torch.from_numpy(vectors), words
+
+
+def _pretrained_words(data: bytes, path: str, rows: int) -> Union[WordIndex, List[str]]:
+    """The `rows` words in `data`, the bytes of `path`: the WordIndex in pretrained_words.bin, or
+    the list in format 1's pretrained_words.json."""
+    name = os.path.basename(path)
+    if name == PRETRAINED_INDEX_FILE:
+        try:
+            words = WordIndex.from_bytes(data)
+        except ValueError as err:
+            raise ValueError(f"{name}: cannot read the pretrained words: {err}") from None
+    else:
+        words = _json_file(data, path)
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"{name} must be a list of {rows} strings")
+    if len(words) != rows:
+        raise ValueError(f"{name} must hold {rows} words, one per pretrained row, got {len(words)}")
+    return words
 
 
 class Tagger:
@@ -207,22 +231,35 @@ class Tagger:
 
     def __init__(self, model: SequenceTagger, words: Vocab, chars: Vocab, tags: Vocab,
                  output_scheme: str = "IOB2", digits_to_zero: bool = False,
-                 device: Union[str, torch.device, None] = None, pretrained_words: Optional[Sequence[str]] = None):
+                 device: Union[str, torch.device, None] = None,
+                 pretrained_words: Union[Sequence[str], WordIndex, None] = None):
         """pretrained_words: the word of each row of model.pretrained (the frozen table), which
-        a model trained with pretrained vectors must be given."""
+        a model trained with pretrained vectors must be given (a list, or their WordIndex)."""
         rows = model.config.pretrained_rows
         if (pretrained_words is None) != (rows == 0) or (pretrained_words is not None and len(pretrained_words) != rows):
             raise ValueError(f"pretrained_words must name each of the model's {rows} pretrained rows, got "
                              f"{'none' if pretrained_words is None else len(pretrained_words)}")
         self.model = model
         self.words, self.chars, self.tags = words, chars, tags
-        self.pretrained_words: Optional[List[str]] = None if pretrained_words is None else list(pretrained_words)
-        self.pretrained_index: Optional[Dict[str, int]] = (
-            None if pretrained_words is None else word_rows(self.pretrained_words))
+        # word -> row of the frozen table (fastner.data.vocab.word_lookup): a list's dict (a
+        # trained model, format 1), else the WordIndex a load read (no dict to build)
+        self._pretrained_words: Optional[List[str]] = None
+        self.pretrained_index: Union[Dict[str, int], WordIndex, None] = pretrained_words
+        if pretrained_words is not None and not isinstance(pretrained_words, WordIndex):
+            self._pretrained_words = list(pretrained_words)
+            self.pretrained_index = word_rows(self._pretrained_words)
         self.output_scheme = canonical_scheme(output_scheme)
         self.digits_to_zero = digits_to_zero
         self.device = resolve_device(device)
         self.model.to(self.device).eval()
+
+    @property
+    def pretrained_words(self) -> Optional[List[str]]:
+        """The word of each row of the frozen table (None without one); from a loaded WordIndex
+        when first asked for (a load makes no list: GloVe's 400k strings took ~10% of one)."""
+        if self._pretrained_words is None and self.pretrained_index is not None:
+            self._pretrained_words = self.pretrained_index.words()
+        return self._pretrained_words
 
     # ---- persistence -----------------------------------------------------------------------
 
@@ -230,7 +267,8 @@ class Tagger:
         import fastner
 
         return {
-            "format_version": FORMAT_VERSION,
+            # format 1 where it suffices: an older fastner reads the directory
+            "format_version": FORMAT_VERSION if self.pretrained_index is None else TABLE_FORMAT_VERSION,
             "fastner_version": fastner.__version__,
             "model": self.model.config.to_json(),
             "output_scheme": self.output_scheme,
@@ -264,9 +302,12 @@ class Tagger:
             # keeps the file's order (torch.export then finds no tensor covering its storage)
             np.save(buffer, np.ascontiguousarray(self.model.pretrained.detach().cpu().numpy()), allow_pickle=False)
             files[PRETRAINED_VECTORS_FILE] = buffer.getvalue()
-            files[PRETRAINED_WORDS_FILE] = json.dumps(self.pretrained_words, ensure_ascii=False).encode("utf-8")
+            index = self.pretrained_index
+            index = index if isinstance(index, WordIndex) else WordIndex.build(self.pretrained_words)
+            files[PRETRAINED_INDEX_FILE] = index.to_bytes()
         else:  # not an older tagger's table left in the set (read, hashed and copied along with it)
-            files[PRETRAINED_VECTORS_FILE] = files[PRETRAINED_WORDS_FILE] = None
+            files[PRETRAINED_VECTORS_FILE] = files[PRETRAINED_INDEX_FILE] = None
+        files[PRETRAINED_WORDS_FILE] = None  # format 1's word list, where this overwrites such a tagger
         return files
 
     def save(self, path: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
@@ -288,7 +329,8 @@ class Tagger:
         scan = _TableScan()
         try:
             # one set: the pretrained table too comes from the set the weights come from
-            opened = open_file_set(path, names, optional=(PRETRAINED_VECTORS_FILE, PRETRAINED_WORDS_FILE),
+            opened = open_file_set(path, names,
+                                   optional=(PRETRAINED_VECTORS_FILE, PRETRAINED_INDEX_FILE, PRETRAINED_WORDS_FILE),
                                    scan={PRETRAINED_VECTORS_FILE: scan})
         except MissingFiles as err:
             raise TaggerLoadError(
@@ -308,10 +350,9 @@ class Tagger:
         config = _json_file(contents[CONFIG_FILE], files[CONFIG_FILE])
         vocab = _json_file(contents[VOCAB_FILE], files[VOCAB_FILE])
         version = config.get("format_version") if isinstance(config, dict) else None
-        if isinstance(version, bool) or version != FORMAT_VERSION:
-            raise TaggerLoadError(
-                f"{path!r} holds tagger format {version!r}; this fastner reads format {FORMAT_VERSION}"
-            )
+        if isinstance(version, bool) or version not in (FORMAT_VERSION, TABLE_FORMAT_VERSION):
+            raise TaggerLoadError(f"{path!r} holds tagger format {version!r}; this fastner reads formats "
+                                  f"{FORMAT_VERSION} and {TABLE_FORMAT_VERSION}")
         state = _state_dict_file(contents[WEIGHTS_FILE], files[WEIGHTS_FILE])
         try:
             model_config = ModelConfig.from_json(config["model"])
@@ -332,7 +373,7 @@ class Tagger:
             digits_to_zero = config.get("digits_to_zero", False)
             if not isinstance(digits_to_zero, bool):
                 raise ValueError(f"digits_to_zero must be true or false, got {digits_to_zero!r}")
-            pretrained, pretrained_words = _load_pretrained_table(opened, scan, path, model_config)
+            pretrained, pretrained_words = _load_pretrained_table(opened, scan, path, model_config, version)
         except (KeyError, TypeError, ValueError) as err:
             raise TaggerLoadError(f"{path!r}: incompatible config or vocabulary: {err}") from None
         # checked on the meta device (no memory) before the model is built: sizes in a config

@@ -1,7 +1,6 @@
 """Open vocabulary and honest evaluation: vocabularies from the training data alone, every word
 with a pretrained vector keeps it (frozen table), and dev/test files change nothing a model learns."""
 import io
-import json
 import os
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 from fastner.data.conll import Sentence
 from fastner.data.vocab import Vocab, word_lookup
 from fastner.demo import generate_corpus
-from fastner.tagger import PRETRAINED_VECTORS_FILE, PRETRAINED_WORDS_FILE, Tagger, TaggerLoadError
+from fastner.embeddings import WordIndex, word_rows
+from fastner.tagger import PRETRAINED_INDEX_FILE, PRETRAINED_VECTORS_FILE, Tagger, TaggerLoadError
 from fastner.train import TrainConfig, build_vocabularies, train
 
 DIM = 8
@@ -108,7 +108,8 @@ def test_words_outside_training_keep_their_pretrained_vector(trained, corpus):
     assert "pretrained" not in model.state_dict()
     assert all(p is not model.pretrained for p in model.parameters())
     vectors = np.load(os.path.join(trained, PRETRAINED_VECTORS_FILE))
-    words = json.load(open(os.path.join(trained, PRETRAINED_WORDS_FILE), encoding="utf-8"))
+    words = tagger.pretrained_words
+    assert words == sorted(words) and "zanzibar" in words  # the vectors file's words, in its order
     lookup = word_lookup(tagger.words, tagger.pretrained_index)
     ids = torch.tensor([[lookup("Zanzibar"), lookup(tagger.words.itos[5]), lookup("qqqq-not-a-word")]])
     assert ids[0, 0] == len(tagger.words) + words.index("zanzibar")
@@ -165,8 +166,11 @@ def test_load_refuses_a_missing_or_bad_pretrained_table(trained, tmp_path):
     with pytest.raises(TaggerLoadError, match=f"{PRETRAINED_VECTORS_FILE}: cannot read the pretrained table"):
         Tagger.load(str(broken))
     shutil.copy(os.path.join(trained, PRETRAINED_VECTORS_FILE), broken / PRETRAINED_VECTORS_FILE)
-    (broken / PRETRAINED_WORDS_FILE).write_text('["a", "b"]')
-    with pytest.raises(TaggerLoadError, match=PRETRAINED_WORDS_FILE):
+    (broken / PRETRAINED_INDEX_FILE).write_bytes(WordIndex.build(["a", "b"]).to_bytes())
+    with pytest.raises(TaggerLoadError, match=f"{PRETRAINED_INDEX_FILE} must hold .* words, one per pretrained row, got 2"):
+        Tagger.load(str(broken))
+    os.remove(broken / PRETRAINED_INDEX_FILE)
+    with pytest.raises(TaggerLoadError, match=f"{PRETRAINED_INDEX_FILE} is missing"):
         Tagger.load(str(broken))
 
 
@@ -199,3 +203,73 @@ def test_the_table_check_finds_exactly_what_isfinite_finds(tmp_path, dtype):
             pass
         assert scan.header[:3] == (table.shape, table.flags.f_contiguous and not table.flags.c_contiguous, table.dtype)
         assert scan.nonfinite == (not np.isfinite(table).all()), f"case {n}"
+
+
+# ---- the pretrained words' index (pretrained_words.bin) ---------------------------------------
+
+ODD_WORDS = ["the", "", "The", "the", "naïve", "日本", "a b", "x\ny", "\ud800", "\x00", "the", "ß", "é" * 70]
+
+
+def test_word_index_finds_what_the_dict_finds():
+    """Every word at its first row (a repeated word too), the empty word, any str (a lone
+    surrogate, NUL, newline) and nothing else; the same after a save, as the word list."""
+    rng = np.random.default_rng(0)
+    many = [f"w{i}" for i in rng.integers(0, 5000, 3000)]  # repeats and a crowded table
+    for words in ([], ["solo"], ODD_WORDS, many + ODD_WORDS):
+        built = WordIndex.build(words)
+        for index in (built, WordIndex.from_bytes(built.to_bytes())):
+            expected = word_rows(words)
+            assert len(index) == len(words) and index.words() == words
+            assert all(index.get(word) == row for word, row in expected.items())
+            for missing in ("THE", "w", "w5000", "the ", "\ud801", "é" * 69):
+                assert missing not in index and index.get(missing, -7) == -7
+        assert built.to_bytes() == WordIndex.build(list(words)).to_bytes()  # one layout per list
+
+
+def index_parts(words):
+    """(header, offsets, slots, blob) of the saved index of `words`, to damage one of them."""
+    data = WordIndex.build(words).to_bytes()
+    head = len(WordIndex.MAGIC) + 32
+    n, blob_size, mask, size = np.frombuffer(data, "<i8", 4, len(WordIndex.MAGIC))
+    offsets = np.frombuffer(data, "<i8", n + 1, head).copy()
+    slots = np.frombuffer(data, "<i4", size, head + 8 * (n + 1)).copy()
+    return np.array([n, blob_size, mask, size], "<i8"), offsets, slots, data[len(data) - blob_size:]
+
+
+def joined(header, offsets, slots, blob):
+    return WordIndex.MAGIC + header.tobytes() + offsets.tobytes() + slots.tobytes() + blob
+
+
+def damaged_indexes():
+    header, offsets, slots, blob = index_parts(["naïve", "a", "b"])
+    good = joined(header, offsets, slots, blob)
+    yield good[:-1], "its header says"
+    yield good + b"x", "its header says"
+    yield b"[\"a\"]", "FNWORDS1"
+    yield header.tobytes(), "FNWORDS1"
+    yield joined(header * [1, 1, 2 ** 40, 1], offsets, slots, blob), "inconsistent"
+    yield joined(header * [1, 1, 1, 2 ** 40], offsets, slots, blob), "inconsistent"
+    yield joined(header * [-1, 1, 1, 1], offsets, slots, blob), "inconsistent"
+    yield joined(header, offsets[[0, 2, 1, 3]], slots, blob), "not increasing"
+    yield joined(header, offsets + 1, slots, blob), "not increasing"
+    split = offsets.copy()
+    split[1] = 3  # inside the two bytes of 'ï'
+    yield joined(header, split, slots, blob), "not UTF-8"
+    yield joined(header, offsets, slots, b"\xff" + blob[1:]), "not UTF-8"
+    used = np.flatnonzero(slots >= 0)
+    twice, lost, too_big, too_small, no_end = (slots.copy() for _ in range(5))
+    twice[used[0]] = slots[used[1]]
+    lost[used[0]] = -1
+    too_big[used[0]] = 3
+    too_small[used[0]] = -2
+    no_end[used[-1]], no_end[-1] = -1, slots[used[-1]]  # a search could run past the table
+    for table in (twice, lost, too_big, too_small):
+        yield joined(header, offsets, table, blob), "does not hold each word once"
+    yield joined(header, offsets, no_end, blob), "does not end with an empty slot"
+
+
+@pytest.mark.parametrize("data, reason", list(damaged_indexes()))
+def test_a_damaged_word_index_is_refused_saying_why(data, reason):
+    """A damaged index never loads into lookups that fail, loop or mislead: each refusal says why."""
+    with pytest.raises(ValueError, match=reason):
+        WordIndex.from_bytes(data)

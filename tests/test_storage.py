@@ -513,3 +513,50 @@ def test_a_load_that_two_saves_overtake_rereads_even_when_the_second_restores_th
     with open_file_set(str(tmp_path), ["config.json", "vocab.json"]) as files:
         monkeypatch.undo()
         assert files.data == {name: a[name] for name in ("config.json", "vocab.json")}
+
+
+FORMAT_1 = os.path.join(os.path.dirname(__file__), "fixtures", "tagger_format1")
+
+
+def test_a_tagger_saved_in_format_1_loads_and_tags_as_it_did(tmp_path):
+    """tests/fixtures/tagger_format1 was saved by fastner at 59fd7df (format 1: the pretrained
+    words as a JSON list, pretrained_words.json; odd words, a repeated one), beside the word ids
+    and tags it gave then (tagger_format1.json). It loads and tags alike; saved again it is
+    format 2 (pretrained_words.bin, the JSON list gone), and that loads and tags alike too."""
+    import json
+
+    from fastner.data.vocab import word_lookup
+    from fastner.tagger import PRETRAINED_INDEX_FILE, PRETRAINED_WORDS_FILE
+
+    with open(FORMAT_1 + ".json", encoding="utf-8") as handle:
+        expected = json.load(handle)
+    directory = tmp_path / "model"
+    shutil.copytree(FORMAT_1, directory)
+    with open(directory / PRETRAINED_WORDS_FILE, encoding="utf-8") as handle:
+        words = json.load(handle)
+    loaded = []
+    for version in (1, 2):
+        tagger = Tagger.load(str(directory))
+        assert json.loads((directory / "config.json").read_text())["format_version"] == version
+        lookup = word_lookup(tagger.words, tagger.pretrained_index)
+        assert [[lookup(t) for t in s] for s in expected["sentences"]] == expected["ids"]
+        assert tagger.tag(expected["sentences"]) == expected["tags"]
+        assert tagger.pretrained_words == words
+        loaded.append(tagger)
+        tagger.save(str(directory))
+        assert PRETRAINED_WORDS_FILE not in os.listdir(directory) and PRETRAINED_INDEX_FILE in os.listdir(directory)
+    assert same_model(*loaded)
+
+
+def test_a_damaged_word_index_is_refused_naming_it(tmp_path):
+    from fastner.tagger import PRETRAINED_INDEX_FILE
+
+    pretrained_tagger(rows=50, seed=1).save(str(tmp_path))
+    path = tmp_path / PRETRAINED_INDEX_FILE
+    path.write_bytes(b"X" + path.read_bytes()[1:])
+    with pytest.raises(TaggerLoadError, match=f"{PRETRAINED_INDEX_FILE} differs from what manifest.json records"):
+        Tagger.load(str(tmp_path))
+    os.remove(tmp_path / storage.MANIFEST_FILE)  # read as it is: the index's own checks
+    with pytest.raises(TaggerLoadError, match=f"{PRETRAINED_INDEX_FILE}: cannot read the pretrained words: not a "
+                                              "fastner word index"):
+        Tagger.load(str(tmp_path))
