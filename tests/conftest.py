@@ -66,3 +66,13 @@ def demo_tagger_dir(tmp_path_factory):
     with torch_threads(1):
         train(train_data, held_out, str(out), config, log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def tagger(tmp_path_factory):
+    """The serve tests' tiny tagger (tests/serve_testing.py trains it once a session), loaded
+    once per module; a module that wants another tagger under this name defines its own."""
+    import fastner
+    from tests.serve_testing import tiny_model_dir
+
+    return fastner.Tagger.load(tiny_model_dir(tmp_path_factory), device="cpu")

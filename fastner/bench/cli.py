@@ -18,7 +18,7 @@ from fastner.bench.report import build_json, row_lines, write_json_atomic
 from fastner.bench.rows import Context, GroupSkipped, Row, describe_error
 from fastner.bench.timing import Settings
 from fastner.bench.workloads import make_plan
-from fastner.cli import MAX_THREADS
+from fastner.cli_parser import MAX_THREADS
 
 # Run order matters: the GEMM rate measured first gives the RNN rows their floor.
 GROUPS = {"gemm": gemm_rows, "crf": crf_rows, "rnn": rnn_rows, "precision": precision_rows, "tagger": tagger_rows}
@@ -28,7 +28,7 @@ QUICK_SETTINGS = Settings(warmup=1, min_samples=3, max_samples=10, budget_s=0.04
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fastner.cli import _Parser  # the `fastner: error: ...` line (exit 2) every subcommand gives
+    from fastner.cli_parser import _Parser  # the `fastner: error: ...` line (exit 2) every subcommand gives
 
     parser = _Parser(
         prog="fastner bench",

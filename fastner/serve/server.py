@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` subcommand's options (imports nothing heavy: the CLI parser builds fast).
     Numbers are checked by the CLI's own argparse types (`fastner: error: argument --port: ...`);
     ServeConfig checks them again for callers of create_app."""
-    from fastner.cli import COUNT, THREADS, _float_in, _int_from
+    from fastner.cli_parser import COUNT, THREADS, _float_in, _int_from
 
     defaults = ServeConfig()
     parser.add_argument("model", help="tagger directory (read once at startup)")
