@@ -193,7 +193,6 @@ def _load_tagger(args):
 def cmd_evaluate(args) -> int:
     from fastner.metrics import conlleval, format_conlleval
     from fastner.tag_io import check_output, conll_token, output_file
-    from fastner.tagger import Tagger
 
     _check_format_options(args, [args.file])
     _set_threads(args.threads)
@@ -217,7 +216,6 @@ def cmd_evaluate(args) -> int:
 
 def cmd_tag(args) -> int:
     from fastner.tag_io import STDIN, Writer, check_output, output_file, read_items, tag_stream
-    from fastner.tagger import Tagger
 
     if args.inputs.count(STDIN) > 1:  # the second read found stdin spent: an extra, empty document
         raise UsageError("tag: stdin (-) given more than once")
@@ -323,7 +321,6 @@ def cmd_demo(args) -> int:
 
 def cmd_export(args) -> int:
     from fastner.export import export_tagger
-    from fastner.tagger import Tagger
 
     _set_threads(args.threads)
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -16,7 +16,7 @@ import io
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -28,6 +28,9 @@ from fastner.models.tagger import ModelConfig, SequenceTagger
 from fastner.devices import resolve_device
 from fastner.storage import (FileSet, MissingFiles, StorageError, UnsafeTorchFile, json_bytes, open_file_set,
                              torch_bytes, weights_only_load, write_file_set)
+
+if TYPE_CHECKING:  # imported where used: inference imports the model code
+    from fastner.inference import Analyser
 
 FORMAT_VERSION = 1
 # with a pretrained table: its words in PRETRAINED_INDEX_FILE (format 1: PRETRAINED_WORDS_FILE,

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import fastner
 from fastner.demo import generate_corpus
 from fastner.tagger import Tagger
 from fastner.train import TrainConfig, train

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import time
 from contextlib import asynccontextmanager
 from typing import List, Optional, Union
 
