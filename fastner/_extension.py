@@ -127,7 +127,15 @@ def _dispatcher_has_kernel(op: str, device_type: str) -> bool:
         return False
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result(fn), which sets exactly this attribute, but after
+    importing torch._dynamo: 1.3 s of every `import fastner` (each `fastner tag` call, each server
+    start), compiled or not. tests/test_backend.py checks the two stay the same."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def use_fused(op: str, device: Union[torch.device, str]) -> bool:
     """Whether a call of `op` on `device` goes to the fused kernel (else to the reference).
 

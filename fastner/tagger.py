@@ -94,6 +94,19 @@ def _nonfinite(state: Dict[str, torch.Tensor]) -> Optional[str]:
                  if value.is_floating_point() and not torch.isfinite(value).all()), None)
 
 
+class _InitsSkipped(torch.overrides.TorchFunctionMode):
+    """nn.init.normal_ (nn.Embedding's init) left out while the meta skeleton is built: on a meta
+    tensor it runs torch's Python reference, whose first call imports torch._dynamo (1.3-1.6 s of
+    the first load in every process: each `fastner tag`, each server start); initial values mean
+    nothing on meta."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _load_weights(model: SequenceTagger, state: Dict[str, torch.Tensor], path: str) -> None:
     """model.load_state_dict(state), a mismatch as a TaggerLoadError naming `path`. On a model
     on the meta device this checks the names and shapes alone (copying there is a no-op)."""
@@ -387,7 +400,7 @@ class Tagger:
             raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "
                                   f"{model_config.layers} layers, but the file holds {len(state)} tensors")
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _InitsSkipped():
                 skeleton = SequenceTagger(model_config)
         except (RuntimeError, TypeError, ValueError, OverflowError) as err:  # sizes past what torch can address
             raise TaggerLoadError(f"{files[WEIGHTS_FILE]}: the weights do not fit the model in {CONFIG_FILE}: "

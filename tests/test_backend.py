@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -112,3 +113,36 @@ def test_reference_backend_still_imports_with_a_mismatched_build():
         [sys.executable, "-c", _FAKE_BUILD_FOR_OTHER_TORCH], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "reference"
+
+
+def test_use_fused_is_marked_constant_as_torch_compiler_marks_it():
+    # fastner._extension marks use_fused the way torch.compiler.assume_constant_result does,
+    # without importing torch._dynamo: the two must stay the same (a torch that marks functions
+    # otherwise fails here, not silently in compiled graphs).
+    from fastner._extension import _constant_under_compile, use_fused
+
+    def ours():
+        return True
+
+    def torchs():
+        return True
+
+    assert _constant_under_compile(ours) is ours and torch.compiler.assume_constant_result(torchs) is torchs
+    assert vars(ours) == vars(torchs) == {"_dynamo_marked_constant": True}
+    assert vars(use_fused) == vars(ours)
+
+
+def test_import_and_load_do_not_import_torch_compile(tmp_path):
+    # torch._dynamo costs 1.3-1.6 s to import on the project's machine: it was imported by
+    # `import fastner` (torch.compiler.assume_constant_result) and by Tagger.load (nn.init.normal_
+    # on the meta skeleton), every `fastner tag` call and server start paying it.
+    from pathlib import Path
+
+    model = Path(__file__).parent / "fixtures" / "tagger_format1"
+    code = ("import sys\nimport fastner, fastner.cli, fastner.nn\nfrom fastner.tagger import Tagger\n"
+            f"Tagger.load({str(model)!r})\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
