@@ -241,10 +241,11 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
 def _log_normalize(x: Tensor) -> Tensor:
     """x - logsumexp(x) over the last dim; rows that are all -inf stay -inf.
 
-    A row holding +inf becomes NaN (inf - inf): nan_to_num's default turned that +inf into the
-    largest float, which gave a sequence with a +inf emission the all-zero marginals of a
-    sequence without an allowed path (its log Z is +inf, its gradient NaN)."""
-    return x - _logsumexp(x, dim=-1).unsqueeze(-1).nan_to_num(neginf=0.0, posinf=float("inf"))
+    A row holding NaN or +inf gets NaN (x - NaN; inf - inf where the +inf is). It was: a NaN
+    log-sum-exp replaced by 0 (nan_to_num's default), which left the row unnormalised and gave
+    a length-2 sequence with a NaN transition score "marginals" of 1.6 to 3.2."""
+    log_z = _logsumexp(x, dim=-1).unsqueeze(-1)
+    return x - torch.where(log_z == -math.inf, 0, log_z)
 
 
 def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
@@ -279,12 +280,15 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
         step = _log_normalize(_logsumexp(transitions + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2))
         beta = torch.where((t < last).unsqueeze(1), step, end.expand(B, K))
         betas[t] = beta
-    log_marginals = _log_normalize(torch.stack(alphas, dim=1) + torch.stack(betas, dim=1))
-    marginals = torch.where(torch.isfinite(log_marginals), log_marginals.exp(),
-                            torch.zeros_like(log_marginals))
-    # NaN scores give NaN marginals (as they give a NaN log Z), not zeros.
-    marginals = torch.where(log_marginals.isnan(), log_marginals, marginals)
-    return torch.where(valid.unsqueeze(2), marginals, torch.zeros_like(marginals))
+    # exp: -inf (a forbidden tag) gives 0, NaN stays NaN
+    marginals = _log_normalize(torch.stack(alphas, dim=1) + torch.stack(betas, dim=1)).exp()
+    marginals = torch.where(valid.unsqueeze(2), marginals, torch.zeros_like(marginals))
+    # The NaN / +inf contract (csrc/cpu/crf_gold_nan.h): the marginals, log Z's gradient, are NaN
+    # over the whole length of a sequence that reads a NaN or +inf score: the sequences with a
+    # NaN marginal (finite and -inf scores give none: every step is normalised). The NaN shows
+    # at some of its steps and tags only, e.g. a +inf end score's at its last step's tag alone.
+    poisoned = marginals.isnan().flatten(1).any(1)
+    return torch.where(poisoned.view(B, 1, 1) & valid.unsqueeze(2), math.nan, marginals)
 
 
 # =============================================================================================
