@@ -43,12 +43,12 @@ def _valid_steps(lengths: Tensor, T: int) -> Tensor:
 def _logsumexp(x: Tensor, dim: int) -> Tensor:
     # torch.logsumexp, with a gradient of 0 (not NaN) where every entry is -inf: constrained
     # CRFs forbid whole paths, and those must not poison the gradients of the allowed ones.
-    m = x.amax(dim=dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    s = (x - m).exp().sum(dim=dim)
-    dead = s == 0
-    out = torch.where(dead, torch.ones_like(s), s).log() + m.squeeze(dim)
-    return torch.where(dead, torch.full_like(out, float("-inf")), out)
+    # Shifted by the max m where it is finite: then s >= 1 (exp(0) at the max). A row whose max
+    # is -inf, +inf or NaN is shifted by 0 and takes that value (log s + m); where every entry
+    # is -inf, s = 0 and clamp_min(1) gives log 1 with a zero gradient (1/0 * 0 would be NaN).
+    m = x.amax(dim=dim, keepdim=True).detach()
+    s = (x - m.nan_to_num(0.0, 0.0, 0.0)).exp().sum(dim=dim)
+    return s.clamp_min(1).log() + m.squeeze(dim)
 
 
 def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
@@ -73,7 +73,8 @@ def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 
     alphas[b, t, j] is the log-sum of the scores of all tag prefixes y_0..y_t with y_t = j (start
     transition and emissions included); entries past a sequence's length are 0, and so is log_z
-    of a sequence of length 0.
+    of a sequence of length 0. A sequence that reads a NaN or +inf score has log_z NaN or +inf and
+    the gradients of the contract in _NonFiniteLogZ.
     """
     validation.crf_args("crf_forward", emissions, lengths, transitions, start_transitions,
                         end_transitions)
@@ -83,17 +84,49 @@ def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
     valid = _valid_steps(lengths, T)
     if T == 0:  # log Z = 0, kept on the graph (a zero gradient, not an unconnected constant)
         return emissions.sum(dim=(1, 2)) * 0, emissions.new_zeros(B, 0, K)
-    alpha = start + emissions[:, 0]  # [B, K]
+    # A sequence reads no score outside its length: zeros stand in for the start and end scores
+    # of an empty sequence and for the transition scores of the steps past its length. The steps
+    # it skips are still computed, then dropped by torch.where, and log-sum-exp's backward of a
+    # dropped step passed 0 * NaN = NaN back: a length-1 sequence got NaN gradients from a NaN
+    # or +inf transition score it never reads, in a padded batch only.
+    nonempty = valid[:, :1]  # [B, 1]
+    alpha = torch.where(nonempty, start + emissions[:, 0], 0)  # [B, K]
     history = [alpha]
     for t in range(1, T):
-        step = _logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t]
-        alpha = torch.where(valid[:, t].unsqueeze(1), step, alpha)
+        active = valid[:, t].unsqueeze(1)  # [B, 1]
+        scores = torch.where(active.unsqueeze(2), alpha.unsqueeze(2) + transitions, 0)  # [B, K, K]
+        alpha = torch.where(active, _logsumexp(scores, dim=1) + emissions[:, t], alpha)
         history.append(alpha)
-    log_z = _logsumexp(alpha + end, dim=1)
+    log_z = _logsumexp(torch.where(nonempty, alpha + end, 0), dim=1)
     log_z = torch.where(lengths > 0, log_z, torch.zeros_like(log_z))
+    log_z = _NonFiniteLogZ.apply(log_z, valid, emissions, transitions, start, end)
     alphas = torch.stack(history, dim=1)
     alphas = torch.where(valid.unsqueeze(2), alphas, torch.zeros_like(alphas))
     return log_z, alphas
+
+
+class _NonFiniteLogZ(torch.autograd.Function):
+    """log Z unchanged, with the gradients of the NaN / +inf contract (csrc/cpu/crf_gold_nan.h):
+    a sequence whose log Z is NaN or +inf (it reads a NaN or +inf score; finite scores would have
+    to overflow the dtype's range) gets NaN emission gradients over its whole length, and the
+    transition, start and end scores, which the batch shares, NaN gradients. Log-sum-exp's own
+    backward makes only part of them NaN (0 * inf), e.g. not at a last step's finite tags.
+    These gradients are added to the others: 0 where the contract changes nothing."""
+
+    @staticmethod
+    def forward(ctx, log_z, valid, emissions, transitions, start, end):
+        poisoned = valid & ~(log_z < math.inf).unsqueeze(1)  # [B, T]: NaN or +inf
+        ctx.save_for_backward(poisoned)
+        ctx.shapes = emissions.shape, transitions.shape, start.shape, end.shape
+        return log_z.clone()
+
+    @staticmethod
+    def backward(ctx, grad_log_z):
+        (poisoned,) = ctx.saved_tensors
+        nan, zero = grad_log_z.new_full((), math.nan), grad_log_z.new_zeros(())
+        emissions = torch.where(poisoned.unsqueeze(2), nan, zero).expand(ctx.shapes[0])
+        shared = torch.where(poisoned.any(), nan, zero)
+        return (grad_log_z, None, emissions, *(shared.expand(shape) for shape in ctx.shapes[1:]))
 
 
 def crf_log_partition(emissions: Tensor, lengths: Tensor, transitions: Tensor,

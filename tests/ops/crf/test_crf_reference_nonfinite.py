@@ -53,6 +53,32 @@ def same(a, b, msg):
 
 
 @CASES
+@DTYPES
+def test_a_sequence_gets_the_same_results_in_a_batch_as_alone(seed, dtype):
+    e, tags, lengths, tr, start, end = batch = nonfinite_batch(seed, dtype)
+    log_z, gold, grads = forward_and_grads(*batch)
+    scores = (tr, start, end)
+    marginals = reference.crf_marginals(e, lengths, *scores)
+    v_tags, v_score = reference.crf_viterbi(e, lengths, *scores)
+    k_tags, k_score = reference.crf_kbest(e, lengths, *scores, 3)
+    for b, L in enumerate(lengths.tolist()):
+        alone = (e[b:b + 1, :L], tags[b:b + 1, :L], lengths[b:b + 1])
+        a_log_z, a_gold, a_grads = forward_and_grads(*alone, *scores)
+        msg = f"sequence {b} (length {L})"
+        same(log_z[b:b + 1], a_log_z, f"log Z of {msg}")
+        same(gold[b:b + 1], a_gold, f"gold score of {msg}")
+        same(grads[0][b:b + 1, :L], a_grads[0], f"emission gradients of {msg}")
+        assert (grads[0][b, L:] == 0).all(), msg
+        same(marginals[b:b + 1, :L], reference.crf_marginals(e[b:b + 1, :L], *alone[2:], *scores), msg)
+        a_v_tags, a_v_score = reference.crf_viterbi(e[b:b + 1, :L], *alone[2:], *scores)
+        same(v_score[b:b + 1], a_v_score, f"best score of {msg}")
+        assert torch.equal(v_tags[b:b + 1, :L], a_v_tags), msg
+        a_k_tags, a_k_score = reference.crf_kbest(e[b:b + 1, :L], *alone[2:], *scores, 3)
+        same(k_score[b:b + 1], a_k_score, f"k-best scores of {msg}")
+        assert torch.equal(k_tags[b:b + 1, :, :L], a_k_tags), msg
+
+
+@CASES
 def test_marginals_are_probabilities_or_nan(seed):
     e, _, lengths, tr, start, end = nonfinite_batch(seed, torch.float32, B=9)
     marginals = reference.crf_marginals(e, lengths, tr, start, end)
@@ -71,3 +97,27 @@ def test_a_length_2_sequence_with_a_nan_transition_score_has_nan_marginals():
     marginals = reference.crf_marginals(e, torch.tensor([2, 4, 1]), tr, start, end)
     assert marginals[:2, :2].isnan().all() and (marginals[0, 2:] == 0).all()
     torch.testing.assert_close(marginals[2, 0].sum(), torch.tensor(1.0))  # length 1: no transition
+
+
+@pytest.mark.parametrize("lengths", [[5, 3, 1, 0], [2, 2, 1, 1]], ids=["mixed", "short"])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_gradcheck_of_the_finite_reference(lengths, constrained):
+    g = torch.Generator().manual_seed(len(lengths) + constrained)
+    e = torch.randn(4, T, K, dtype=torch.float64, generator=g)
+    tags = torch.randint(0, K, (4, T), generator=g)
+    L = torch.tensor(lengths)
+    tr = torch.randn(K, K, dtype=torch.float64, generator=g)
+    if constrained:  # forbidden transitions (fixed: finite differences need finite inputs)
+        tr[0, 1:] = -math.inf
+        tags[:, :] = 1
+    inputs = [x.requires_grad_() for x in (e, torch.randn(K, dtype=torch.float64, generator=g),
+                                           torch.randn(K, dtype=torch.float64, generator=g))]
+    if not constrained:
+        inputs.append(tr.requires_grad_())
+
+    def llh(x, start, end, transitions=tr):
+        log_z, gold = reference.crf_forward(x, tags, L, transitions, start, end)
+        return gold - log_z
+
+    assert torch.autograd.gradcheck(llh, inputs)
+    assert torch.autograd.gradgradcheck(llh, inputs)
