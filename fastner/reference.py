@@ -220,7 +220,8 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
     """The k best paths, best first: tags int64 [B, k, T] and scores [B, k].
 
     Rows beyond the number of paths with a finite score hold tags -1 and score -inf. A sequence
-    of length 0 has one path (the empty one, score 0).
+    of length 0 has one path (the empty one, score 0). A sequence whose best path scores NaN or
+    +inf (it reads a NaN or +inf score) has that score in every row, and tags -1.
     """
     validation.crf_k("crf_kbest", k)
     validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
@@ -262,6 +263,13 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
             rank = torch.where(follow, earlier_rank, rank)
         tags[:, :, t] = torch.where(t <= last, tag, tags[:, :, t])
     tags = torch.where(torch.isfinite(scores).unsqueeze(2), tags, torch.full_like(tags, -1))
+    # The NaN / +inf contract (csrc/cpu/crf_gold_nan.h), with the best score Viterbi's. Its rows
+    # above may be NaN where that is +inf: a +inf score added to the -inf of a rank that holds
+    # no path yet (at step 1, each tag has one prefix), which gave NaN scores.
+    best = crf_viterbi(emissions, lengths, transitions, start, end)[1]
+    poisoned = ~(best < math.inf)  # NaN or +inf
+    scores = torch.where(poisoned.unsqueeze(1), best.unsqueeze(1), scores)
+    tags = torch.where(poisoned.view(B, 1, 1), torch.full_like(tags, -1), tags)
     # Unconditionally: a branch on any(lengths == 0) would read values (none on meta tensors).
     empty = lengths == 0
     first_row = torch.arange(k, device=device) == 0

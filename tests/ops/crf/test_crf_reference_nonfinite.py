@@ -79,6 +79,35 @@ def test_a_sequence_gets_the_same_results_in_a_batch_as_alone(seed, dtype):
 
 
 @CASES
+@DTYPES
+@pytest.mark.parametrize("B", [7, 12], ids=["exact", "lanes"])
+def test_the_reference_follows_the_fused_contract_on_whole_batches(seed, dtype, B):
+    e, tags, lengths, tr, start, end = batch = nonfinite_batch(seed, dtype, B)
+    scores = (tr, start, end)
+    ops = torch.ops.fastner
+    ones = torch.ones(B, dtype=dtype)
+    fused_forward = ops.crf_forward(e, tags, lengths, *scores)
+    fused_grads = ops.crf_backward(-ones, ones, e, tags, lengths, *scores)
+    log_z, gold, grads = forward_and_grads(*batch)
+    same(fused_forward[0], log_z, "log Z")
+    same(fused_forward[1], gold, "gold score")
+    for name, got, want in zip(("emissions", "transitions", "start", "end"), fused_grads, grads):
+        same(got, want, f"gradient of the {name}")
+    same(ops.crf_marginals(e, lengths, *scores), reference.crf_marginals(e, lengths, *scores),
+         "marginals")
+    (f_tags, f_score), (r_tags, r_score) = (ops.crf_viterbi(e, lengths, *scores),
+                                            reference.crf_viterbi(e, lengths, *scores))
+    same(f_score, r_score, "best score")
+    finite = r_score.isfinite() | r_score.isneginf()  # a NaN or +inf best path keeps any tags
+    assert torch.equal(f_tags[finite], r_tags[finite])
+    for k in (1, 3, 7):
+        (f_tags, f_score), (r_tags, r_score) = (ops.crf_kbest(e, lengths, *scores, k),
+                                                reference.crf_kbest(e, lengths, *scores, k))
+        same(f_score, r_score, f"k-best scores, k = {k}")
+        assert torch.equal(f_tags, r_tags), k
+
+
+@CASES
 def test_marginals_are_probabilities_or_nan(seed):
     e, _, lengths, tr, start, end = nonfinite_batch(seed, torch.float32, B=9)
     marginals = reference.crf_marginals(e, lengths, tr, start, end)
