@@ -43,12 +43,12 @@ def _valid_steps(lengths: Tensor, T: int) -> Tensor:
 def _logsumexp(x: Tensor, dim: int) -> Tensor:
     # torch.logsumexp, with a gradient of 0 (not NaN) where every entry is -inf: constrained
     # CRFs forbid whole paths, and those must not poison the gradients of the allowed ones.
-    m = x.amax(dim=dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    s = (x - m).exp().sum(dim=dim)
-    dead = s == 0
-    out = torch.where(dead, torch.ones_like(s), s).log() + m.squeeze(dim)
-    return torch.where(dead, torch.full_like(out, float("-inf")), out)
+    # Shifted by the max m where it is finite: then s >= 1 (exp(0) at the max). A row whose max
+    # is -inf, +inf or NaN is shifted by 0 and takes that value (log s + m); where every entry
+    # is -inf, s = 0 and clamp_min(1) gives log 1 with a zero gradient (1/0 * 0 would be NaN).
+    m = x.amax(dim=dim, keepdim=True).detach()
+    s = (x - m.nan_to_num(0.0, 0.0, 0.0)).exp().sum(dim=dim)
+    return s.clamp_min(1).log() + m.squeeze(dim)
 
 
 def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
@@ -73,7 +73,8 @@ def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
 
     alphas[b, t, j] is the log-sum of the scores of all tag prefixes y_0..y_t with y_t = j (start
     transition and emissions included); entries past a sequence's length are 0, and so is log_z
-    of a sequence of length 0.
+    of a sequence of length 0. A sequence that reads a NaN or +inf score has log_z NaN or +inf and
+    the gradients of the contract in _NonFiniteLogZ.
     """
     validation.crf_args("crf_forward", emissions, lengths, transitions, start_transitions,
                         end_transitions)
@@ -83,17 +84,49 @@ def crf_alphas(emissions: Tensor, lengths: Tensor, transitions: Tensor,
     valid = _valid_steps(lengths, T)
     if T == 0:  # log Z = 0, kept on the graph (a zero gradient, not an unconnected constant)
         return emissions.sum(dim=(1, 2)) * 0, emissions.new_zeros(B, 0, K)
-    alpha = start + emissions[:, 0]  # [B, K]
+    # A sequence reads no score outside its length: zeros stand in for the start and end scores
+    # of an empty sequence and for the transition scores of the steps past its length. The steps
+    # it skips are still computed, then dropped by torch.where, and log-sum-exp's backward of a
+    # dropped step passed 0 * NaN = NaN back: a length-1 sequence got NaN gradients from a NaN
+    # or +inf transition score it never reads, in a padded batch only.
+    nonempty = valid[:, :1]  # [B, 1]
+    alpha = torch.where(nonempty, start + emissions[:, 0], 0)  # [B, K]
     history = [alpha]
     for t in range(1, T):
-        step = _logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t]
-        alpha = torch.where(valid[:, t].unsqueeze(1), step, alpha)
+        active = valid[:, t].unsqueeze(1)  # [B, 1]
+        scores = torch.where(active.unsqueeze(2), alpha.unsqueeze(2) + transitions, 0)  # [B, K, K]
+        alpha = torch.where(active, _logsumexp(scores, dim=1) + emissions[:, t], alpha)
         history.append(alpha)
-    log_z = _logsumexp(alpha + end, dim=1)
+    log_z = _logsumexp(torch.where(nonempty, alpha + end, 0), dim=1)
     log_z = torch.where(lengths > 0, log_z, torch.zeros_like(log_z))
+    log_z = _NonFiniteLogZ.apply(log_z, valid, emissions, transitions, start, end)
     alphas = torch.stack(history, dim=1)
     alphas = torch.where(valid.unsqueeze(2), alphas, torch.zeros_like(alphas))
     return log_z, alphas
+
+
+class _NonFiniteLogZ(torch.autograd.Function):
+    """log Z unchanged, with the gradients of the NaN / +inf contract (csrc/cpu/crf_gold_nan.h):
+    a sequence whose log Z is NaN or +inf (it reads a NaN or +inf score; finite scores would have
+    to overflow the dtype's range) gets NaN emission gradients over its whole length, and the
+    transition, start and end scores, which the batch shares, NaN gradients. Log-sum-exp's own
+    backward makes only part of them NaN (0 * inf), e.g. not at a last step's finite tags.
+    These gradients are added to the others: 0 where the contract changes nothing."""
+
+    @staticmethod
+    def forward(ctx, log_z, valid, emissions, transitions, start, end):
+        poisoned = valid & ~(log_z < math.inf).unsqueeze(1)  # [B, T]: NaN or +inf
+        ctx.save_for_backward(poisoned)
+        ctx.shapes = emissions.shape, transitions.shape, start.shape, end.shape
+        return log_z.clone()
+
+    @staticmethod
+    def backward(ctx, grad_log_z):
+        (poisoned,) = ctx.saved_tensors
+        nan, zero = grad_log_z.new_full((), math.nan), grad_log_z.new_zeros(())
+        emissions = torch.where(poisoned.unsqueeze(2), nan, zero).expand(ctx.shapes[0])
+        shared = torch.where(poisoned.any(), nan, zero)
+        return (grad_log_z, None, emissions, *(shared.expand(shape) for shape in ctx.shapes[1:]))
 
 
 def crf_log_partition(emissions: Tensor, lengths: Tensor, transitions: Tensor,
@@ -187,7 +220,8 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
     """The k best paths, best first: tags int64 [B, k, T] and scores [B, k].
 
     Rows beyond the number of paths with a finite score hold tags -1 and score -inf. A sequence
-    of length 0 has one path (the empty one, score 0).
+    of length 0 has one path (the empty one, score 0). A sequence whose best path scores NaN or
+    +inf (it reads a NaN or +inf score) has that score in every row, and tags -1.
     """
     validation.crf_k("crf_kbest", k)
     validation.crf_args("crf_kbest", emissions, lengths, transitions, start_transitions,
@@ -229,6 +263,13 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
             rank = torch.where(follow, earlier_rank, rank)
         tags[:, :, t] = torch.where(t <= last, tag, tags[:, :, t])
     tags = torch.where(torch.isfinite(scores).unsqueeze(2), tags, torch.full_like(tags, -1))
+    # The NaN / +inf contract (csrc/cpu/crf_gold_nan.h), with the best score Viterbi's. Its rows
+    # above may be NaN where that is +inf: a +inf score added to the -inf of a rank that holds
+    # no path yet (at step 1, each tag has one prefix), which gave NaN scores.
+    best = crf_viterbi(emissions, lengths, transitions, start, end)[1]
+    poisoned = ~(best < math.inf)  # NaN or +inf
+    scores = torch.where(poisoned.unsqueeze(1), best.unsqueeze(1), scores)
+    tags = torch.where(poisoned.view(B, 1, 1), torch.full_like(tags, -1), tags)
     # Unconditionally: a branch on any(lengths == 0) would read values (none on meta tensors).
     empty = lengths == 0
     first_row = torch.arange(k, device=device) == 0
@@ -241,10 +282,11 @@ def crf_kbest(emissions: Tensor, lengths: Tensor, transitions: Tensor, start_tra
 def _log_normalize(x: Tensor) -> Tensor:
     """x - logsumexp(x) over the last dim; rows that are all -inf stay -inf.
 
-    A row holding +inf becomes NaN (inf - inf): nan_to_num's default turned that +inf into the
-    largest float, which gave a sequence with a +inf emission the all-zero marginals of a
-    sequence without an allowed path (its log Z is +inf, its gradient NaN)."""
-    return x - _logsumexp(x, dim=-1).unsqueeze(-1).nan_to_num(neginf=0.0, posinf=float("inf"))
+    A row holding NaN or +inf gets NaN (x - NaN; inf - inf where the +inf is). It was: a NaN
+    log-sum-exp replaced by 0 (nan_to_num's default), which left the row unnormalised and gave
+    a length-2 sequence with a NaN transition score "marginals" of 1.6 to 3.2."""
+    log_z = _logsumexp(x, dim=-1).unsqueeze(-1)
+    return x - torch.where(log_z == -math.inf, 0, log_z)
 
 
 def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
@@ -279,12 +321,15 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
         step = _log_normalize(_logsumexp(transitions + (emissions[:, t + 1] + beta).unsqueeze(1), dim=2))
         beta = torch.where((t < last).unsqueeze(1), step, end.expand(B, K))
         betas[t] = beta
-    log_marginals = _log_normalize(torch.stack(alphas, dim=1) + torch.stack(betas, dim=1))
-    marginals = torch.where(torch.isfinite(log_marginals), log_marginals.exp(),
-                            torch.zeros_like(log_marginals))
-    # NaN scores give NaN marginals (as they give a NaN log Z), not zeros.
-    marginals = torch.where(log_marginals.isnan(), log_marginals, marginals)
-    return torch.where(valid.unsqueeze(2), marginals, torch.zeros_like(marginals))
+    # exp: -inf (a forbidden tag) gives 0, NaN stays NaN
+    marginals = _log_normalize(torch.stack(alphas, dim=1) + torch.stack(betas, dim=1)).exp()
+    marginals = torch.where(valid.unsqueeze(2), marginals, torch.zeros_like(marginals))
+    # The NaN / +inf contract (csrc/cpu/crf_gold_nan.h): the marginals, log Z's gradient, are NaN
+    # over the whole length of a sequence that reads a NaN or +inf score: the sequences with a
+    # NaN marginal (finite and -inf scores give none: every step is normalised). The NaN shows
+    # at some of its steps and tags only, e.g. a +inf end score's at its last step's tag alone.
+    poisoned = marginals.isnan().flatten(1).any(1)
+    return torch.where(poisoned.view(B, 1, 1) & valid.unsqueeze(2), math.nan, marginals)
 
 
 # =============================================================================================
