@@ -6,6 +6,11 @@
   export.json   vocabularies, tag scheme, transition scores, padding ids, the graph's shape contract
                 and the precision its encoder was exported at (fp32, bf16 or int8: checked at load
                 against the weights program.pt2 holds)
+  export-pretrained-words.bin  (a model with a frozen pretrained table: format 3) the word of each
+                row with the hash table that finds a word's row, fastner.embeddings.WordIndex as
+                a saved tagger's pretrained_words.bin holds it: read with no work per word (format
+                2 listed GloVe's 400k words in export.json, and each load parsed them and built
+                their dict, ~0.2 s of a ~0.75 s load of the CoNLL GloVe export)
 `fastner.export.load(OUT)` returns an ExportedTagger whose predict() returns what
 Tagger.predict returns; it imports neither the model code (fastner.models) nor the training
 code (fastner.train): the weights and the computation live in program.pt2.
@@ -33,13 +38,19 @@ import torch
 from torch import Tensor, nn
 
 from fastner import _extension
+from fastner.embeddings import WordIndex, word_rows
 from fastner.program_check import check_program_archive
-from fastner.storage import MissingFiles, json_bytes, read_file_set, write_file_set
+from fastner.storage import MissingFiles, json_bytes, open_file_set, write_file_set
 
 PROGRAM_FILE = "program.pt2"
 META_FILE = "export.json"
 MANIFEST_FILE = "export-manifest.json"  # its own name: an export may sit in a tagger's directory
 EXPORT_FORMAT = 2  # 2: the graph is SequenceTagger.infer (tags, log_z, emissions)
+# 3: format 2 with the pretrained words in PRETRAINED_INDEX_FILE, not export.json; written only
+# with a pretrained table, so an older fastner reads every export it can tag with
+INDEX_FORMAT = 3
+# not the tagger's pretrained_words.bin: an export may sit in a tagger's directory
+PRETRAINED_INDEX_FILE = "export-pretrained-words.bin"
 DEFAULT_MAX_LENGTH = 64  # the fixed sequence length of a reference-path export
 MAX_BATCH = 4096  # the bounds of the dynamic batch and sequence length (the runtime keeps within them)
 MAX_TIME = 100_000
@@ -163,8 +174,11 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
     program, fixed_length = export_program(model, max_length)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
+    index = tagger.pretrained_index
+    if index is not None and not isinstance(index, WordIndex):  # a trained tagger's dict
+        index = WordIndex.build(tagger.pretrained_words)
     meta = {
-        "format": EXPORT_FORMAT,
+        "format": EXPORT_FORMAT if index is None else INDEX_FORMAT,
         "fastner_version": fastner.__version__,
         "torch_version": torch.__version__,
         "device": str(tagger.device),
@@ -181,11 +195,13 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
         "words": tagger.words.to_json(),
         "chars": tagger.chars.to_json(),
         "tags": tagger.tags.to_json(),
-        # the frozen table's rows are in the program; its words are needed to find them
-        "pretrained_words": tagger.pretrained_words,
     }
+    # the frozen table's rows are in the program; its words are needed to find them (None: an
+    # earlier export's index leaves the set)
+    files = {PROGRAM_FILE: buffer.getvalue(), META_FILE: json_bytes(meta),
+             PRETRAINED_INDEX_FILE: None if index is None else index.to_bytes()}
     # one set: a kill mid-write leaves the previous export or this one, never a mix
-    write_file_set(out_dir, {PROGRAM_FILE: buffer.getvalue(), META_FILE: json_bytes(meta)}, manifest=MANIFEST_FILE)
+    write_file_set(out_dir, files, manifest=MANIFEST_FILE)
     return meta
 
 
@@ -210,9 +226,11 @@ class ExportedTagger:
     >>> tagger.predict(["Apple hired Tim Cook ."])[0]["tags"]
     """
 
-    def __init__(self, program: "torch.export.ExportedProgram", meta: dict):
+    def __init__(self, program: "torch.export.ExportedProgram", meta: dict,
+                 pretrained_index: Optional[WordIndex] = None):
+        """pretrained_index: the words of the program's frozen table (format 3); format 2
+        lists them as meta["pretrained_words"]."""
         from fastner.data.vocab import Vocab
-        from fastner.embeddings import word_rows
 
         self.program = program
         self.module = program.module()
@@ -221,7 +239,8 @@ class ExportedTagger:
         self.chars = Vocab.from_json(meta["chars"])
         self.tags = Vocab.from_json(meta["tags"])
         words = meta.get("pretrained_words")
-        self.pretrained_index = None if words is None else word_rows(words)
+        self.pretrained_index: Union[WordIndex, Dict[str, int], None] = \
+            pretrained_index if pretrained_index is not None or words is None else word_rows(words)
         self.fixed_length: Optional[int] = meta["fixed_length"]
         # as export_tagger recorded it (fp32, bf16, int8), or as the program's weights show it
         self.precision: str = meta.get("precision") or _program_precision(program)
@@ -286,6 +305,8 @@ def _check_meta(meta: dict, meta_path: str) -> None:
     if not isinstance(meta.get("digits_to_zero"), bool):
         raise fail("digits_to_zero", "true or false")
     words = meta.get("pretrained_words")
+    if meta["format"] == INDEX_FORMAT and "pretrained_words" in meta:  # two lists of the words
+        raise fail("pretrained_words", f"absent in format {INDEX_FORMAT} (the words are in {PRETRAINED_INDEX_FILE})")
     if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) for w in words)):
         raise fail("pretrained_words", "null or a list of strings")
     if meta.get("precision", "fp32") not in PRECISION_WEIGHTS:
@@ -302,19 +323,33 @@ def load(path: str) -> ExportedTagger:
     """Load a directory written by export_tagger() / `fastner export`."""
     program_path, meta_path = os.path.join(path, PROGRAM_FILE), os.path.join(path, META_FILE)
     try:
-        contents = read_file_set(path, (PROGRAM_FILE, META_FILE), manifest=MANIFEST_FILE)
+        # one set: the index too comes from the set the program comes from
+        with open_file_set(path, (PROGRAM_FILE, META_FILE), optional=(PRETRAINED_INDEX_FILE,),
+                           manifest=MANIFEST_FILE) as files:
+            contents, damaged = files.data, files.errors.get(PRETRAINED_INDEX_FILE)
     except MissingFiles as err:
-        raise FileNotFoundError(f"{path!r} is not a fastner export directory: missing {', '.join(err.missing)} "
-                                "(written by `fastner export DIR OUT`)") from None
+        raise _not_an_export(path, err.missing) from None
     try:
         meta = json.loads(contents[META_FILE].decode("utf-8"))
     # ValueError: JSONDecodeError, an integer of too many digits; RecursionError: nested too deep
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ValueError(f"{meta_path}: not valid UTF-8 JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{path!r} holds export format {found!r}; this fastner reads format {EXPORT_FORMAT}")
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(found, bool) or found not in (EXPORT_FORMAT, INDEX_FORMAT):
+        raise ValueError(f"{path!r} holds export format {found!r}; this fastner reads formats "
+                         f"{EXPORT_FORMAT} and {INDEX_FORMAT}")
     _check_meta(meta, meta_path)
+    index = None
+    if found == INDEX_FORMAT:
+        if PRETRAINED_INDEX_FILE not in contents:
+            if damaged is not None and not isinstance(damaged, MissingFiles):
+                raise damaged  # altered after it was saved: it failed its manifest check
+            raise _not_an_export(path, [PRETRAINED_INDEX_FILE])
+        try:
+            index = WordIndex.from_bytes(contents[PRETRAINED_INDEX_FILE])
+        except ValueError as err:
+            raise ValueError(f"{os.path.join(path, PRETRAINED_INDEX_FILE)}: cannot read the pretrained words: "
+                             f"{err}") from None
     if meta.get("fastner_ops"):
         # the graph calls torch.ops.fastner.*: their kernels come with the compiled extension
         if not _extension.extension_loaded():
@@ -332,15 +367,21 @@ def load(path: str) -> ExportedTagger:
             # only says "check the warnings above": the logged one is the cause
             cause = logged[0] if logged else f"{type(err).__name__}: {err}"
             raise ValueError(f"{program_path}: not a loadable torch.export program ({cause})") from None
-    _check_fits_program(meta, program, meta_path)
-    return ExportedTagger(program, meta)
+    _check_fits_program(meta, program, meta_path, index)
+    return ExportedTagger(program, meta, index)
+
+
+def _not_an_export(path: str, missing: Sequence[str]) -> FileNotFoundError:
+    return FileNotFoundError(f"{path!r} is not a fastner export directory: missing {', '.join(missing)} "
+                             "(written by `fastner export DIR OUT`)")
 
 
 # where SequenceTagger keeps the tables the runtime indexes through export.json's vocabularies
 _TABLES = {"words": "model.word_embedding.weight", "chars": "model.char_cnn.embedding.weight"}
 
 
-def _check_fits_program(meta: dict, program: "torch.export.ExportedProgram", meta_path: str) -> None:
+def _check_fits_program(meta: dict, program: "torch.export.ExportedProgram", meta_path: str,
+                        index: Optional[WordIndex] = None) -> None:
     """ValueError where export.json does not describe program.pt2 (the two files of two exports,
     put together by hand): its precision, and the sizes of the vocabularies the program indexes
     and of the tag set it scores (an IndexError or a RuntimeError deep in the graph when
@@ -365,9 +406,10 @@ def _check_fits_program(meta: dict, program: "torch.export.ExportedProgram", met
             raise mismatch(field, f"lists {len(Vocab.from_json(meta[field]))} entries", f"was exported with {size}")
     if _TABLES["words"] in tensors:  # a model of SequenceTagger's: a frozen table, or none
         rows = tensors["model.pretrained"].shape[0] if "model.pretrained" in tensors else 0
-        if len(meta.get("pretrained_words") or ()) != rows:
-            raise mismatch("pretrained_words", f"lists {len(meta.get('pretrained_words') or ())} words",
-                           f"holds {rows} pretrained rows")
+        field, words = ("pretrained_words", meta.get("pretrained_words")) if index is None else \
+            (PRETRAINED_INDEX_FILE, index)
+        if len(words or ()) != rows:
+            raise mismatch(field, f"lists {len(words or ())} words", f"holds {rows} pretrained rows")
 
 
 @contextlib.contextmanager

@@ -83,7 +83,8 @@ def assert_same_predictions(expected, got):
 
 def test_round_trip_tags_like_the_tagger_without_model_or_training_code(exported):
     tagger, out = exported
-    assert sorted(os.listdir(out)) == sorted([export.MANIFEST_FILE, export.META_FILE, export.PROGRAM_FILE])
+    assert sorted(os.listdir(out)) == sorted([export.MANIFEST_FILE, export.META_FILE, export.PROGRAM_FILE,
+                                              export.PRETRAINED_INDEX_FILE])
     batch = sentences()
     # a fresh process: only the runtime is imported; batches of 4 of varied lengths
     script = (
@@ -201,7 +202,8 @@ def test_load_errors(tmp_path):
     ("fixed_length", "12", "'fixed_length' must be null or an integer >= 2, got '12'"),
     ("digits_to_zero", "false", "'digits_to_zero' must be true or false"),  # read as true
     ("output_scheme", None, "'output_scheme' must be a tag scheme, got nothing"),
-    ("pretrained_words", "abc", "'pretrained_words' must be null or a list of strings"),
+    ("pretrained_words", ["zyxw"], "'pretrained_words' must be absent in format 3 .the words are in "
+                                   "export-pretrained-words.bin."),
     ("device", "bogus", "'device' must be a torch device"),
     ("precision", "fp16", "'precision' must be one of fp32, bf16, int8, got 'fp16'"),
 ])
@@ -401,10 +403,113 @@ def test_load_refuses_an_export_json_of_another_program(exported, tmp_path, chan
     import shutil
 
     out = tmp_path / "out"
-    shutil.copytree(exported[1], out)
+    if "pretrained_words" in expected:  # format 2's list in export.json
+        format_2_export(exported, out)
+    else:
+        shutil.copytree(exported[1], out)
     os.remove(out / export.MANIFEST_FILE)
     meta = json.loads((out / export.META_FILE).read_text())
     change(meta)
     (out / export.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"export.json: {expected} .*the two files do not belong together"):
         export.load(str(out))
+
+
+# ---- the pretrained words: export-pretrained-words.bin (format 3), export.json's list (format 2) --
+
+def format_2_export(exported, out):
+    """The export directory `fastner export` wrote before format 3, from `exported`'s program:
+    the pretrained words listed in export.json."""
+    from fastner.storage import json_bytes, write_file_set
+
+    tagger, source = exported
+    meta = json.loads((source / export.META_FILE).read_text())
+    meta.update(format=2, pretrained_words=tagger.pretrained_words)
+    write_file_set(str(out), {export.PROGRAM_FILE: (source / export.PROGRAM_FILE).read_bytes(),
+                              export.META_FILE: json_bytes(meta)}, manifest=export.MANIFEST_FILE)
+    return out
+
+
+def test_the_pretrained_words_are_exported_as_their_word_index(exported, runtime):
+    """It was: export.json listed every pretrained word (GloVe: 400k, 5.7 MB) and each load
+    parsed them and built their dict (~0.2 s of a ~0.75 s load of the CoNLL GloVe export); now
+    they are a WordIndex in the file set, read with no work per word."""
+    from fastner.embeddings import WordIndex
+
+    tagger, out = exported
+    meta = json.loads((out / export.META_FILE).read_text())
+    assert meta["format"] == export.INDEX_FORMAT and "pretrained_words" not in meta
+    assert export.PRETRAINED_INDEX_FILE in json.loads((out / export.MANIFEST_FILE).read_text())["files"]
+    index = WordIndex.from_bytes((out / export.PRETRAINED_INDEX_FILE).read_bytes())
+    assert index.words() == tagger.pretrained_words
+    assert isinstance(runtime.pretrained_index, WordIndex) and runtime.pretrained_index.words() == tagger.pretrained_words
+
+
+def test_a_format_2_export_still_loads_and_tags_alike(exported, runtime, tmp_path):
+    old = export.load(str(format_2_export(exported, tmp_path / "old")))
+    assert old.pretrained_index == {"zyxw": 0, "unseen": 1, "tokens": 2}
+    batch = sentences()  # "Zyxw unseen tokens": found through the pretrained words
+    assert_same_predictions(runtime.predict(batch), old.predict(batch))
+    assert old.tag(batch) == exported[0].tag(batch)
+    meta = json.loads((tmp_path / "old" / export.META_FILE).read_text())
+    (tmp_path / "old" / export.MANIFEST_FILE).unlink()  # edited by hand below
+    (tmp_path / "old" / export.META_FILE).write_text(json.dumps(dict(meta, pretrained_words="abc")))
+    with pytest.raises(ValueError, match="export.json: 'pretrained_words' must be null or a list of strings"):
+        export.load(str(tmp_path / "old"))
+
+
+def _replace_index(data):
+    return _index_of(["zyxw", "unseen", "tokens", "extra"])
+
+
+def _index_of(words):
+    from fastner.embeddings import WordIndex
+
+    return WordIndex.build(words).to_bytes()
+
+
+@pytest.mark.parametrize("keep_manifest, change, error, expected", [
+    (True, lambda data: data[:-1] + b"!", ValueError,
+     "export-pretrained-words.bin differs from what export-manifest.json records"),
+    (False, lambda data: b"X" + data[1:], ValueError,
+     "export-pretrained-words.bin: cannot read the pretrained words: not a fastner word index"),
+    (False, lambda data: data[:-1], ValueError, "export-pretrained-words.bin: cannot read the pretrained words: "
+                                                "it holds .* bytes, its header says"),
+    (False, _replace_index, ValueError,
+     "export.json: 'export-pretrained-words.bin' lists 4 words, but program.pt2 holds 3 pretrained rows"),
+    (True, None, FileNotFoundError, "not a fastner export directory: missing export-pretrained-words.bin"),
+    (False, None, FileNotFoundError, "not a fastner export directory: missing export-pretrained-words.bin"),
+])
+def test_a_damaged_or_missing_word_index_is_refused(exported, tmp_path, keep_manifest, change, error, expected):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    if not keep_manifest:
+        (out / export.MANIFEST_FILE).unlink()
+    index = out / export.PRETRAINED_INDEX_FILE
+    if change is None:
+        index.unlink()
+    else:
+        index.write_bytes(change(index.read_bytes()))
+    with pytest.raises(error, match=expected):
+        export.load(str(out))
+
+
+def test_a_tagger_without_pretrained_words_exports_format_2_over_a_format_3_export(exported, tmp_path):
+    """Format 3 only where there are pretrained words (an older fastner reads the rest); the
+    earlier export's word index leaves the set."""
+    import shutil
+
+    from fastner.models.tagger import ModelConfig, SequenceTagger
+
+    tagger = exported[0]
+    config = ModelConfig(num_words=len(tagger.words), num_chars=len(tagger.chars), tags=list(tagger.tags.itos),
+                         word_dim=8, char_dim=6, char_filters=6, hidden=6, layers=1, dropout=0.0)
+    plain = Tagger(SequenceTagger(config), tagger.words, tagger.chars, tagger.tags, "IOB2", False, "cpu")
+    out = tmp_path / "out"
+    shutil.copytree(exported[1], out)
+    assert export.export_tagger(plain, str(out), max_length=MAX_LENGTH)["format"] == export.EXPORT_FORMAT
+    assert export.PRETRAINED_INDEX_FILE not in os.listdir(out)
+    runtime = export.load(str(out))
+    assert runtime.pretrained_index is None and runtime.tag(sentences()) == plain.tag(sentences())

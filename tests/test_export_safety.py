@@ -32,7 +32,8 @@ def _member(archive_path, suffix):
 def tampered(export_dir, target, suffix, change):
     """A copy of export_dir whose program.pt2 member ending in `suffix` is change(bytes)."""
     os.makedirs(target, exist_ok=True)
-    shutil.copy(export_dir / export.META_FILE, target / export.META_FILE)
+    for name in (export.META_FILE, export.PRETRAINED_INDEX_FILE):
+        shutil.copy(export_dir / name, target / name)
     source = export_dir / export.PROGRAM_FILE
     member = _member(source, suffix)
     with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target / export.PROGRAM_FILE, "w") as zout:

@@ -342,3 +342,59 @@ def test_resume_across_dense_and_sparse_word_table_updates(corpus, tmp_path, mon
         b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_with_pretrained_vectors_builds_their_index_once_and_a_resume_keeps_it(corpus, tmp_path, monkeypatch):
+    """It was: the trainer's tagger held the pretrained words as a list and their dict, and
+    each save of an improved epoch built their WordIndex again (~0.4 s for GloVe); a resume
+    turned the loaded index back into a list (~0.3 s) and built the dict (~0.25 s). Now the
+    run builds the index once and a resume keeps the one it loaded (a format 1 tagger's list
+    is built into one, once)."""
+    from fastner.embeddings import WordIndex
+    from fastner.storage import json_bytes, write_file_set
+    from fastner.tagger import CONFIG_FILE, PRETRAINED_INDEX_FILE, PRETRAINED_WORDS_FILE
+    from fastner.train import Hook, Trainer
+
+    train_data, held_out = corpus[0][:8], corpus[1][:2]  # small: four epochs in all
+    words = sorted({t.lower() for part in corpus for s in part for t in s.tokens} | {"zanzibar"})
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("".join(f"{w} {' '.join(str((i * 7 + j) % 5 / 10) for j in range(4))}\n"
+                               for i, w in enumerate(words)), encoding="utf-8")
+    calls = {"build": 0, "words": 0}
+    build, listed = WordIndex.build.__func__, WordIndex.words
+
+    def counted_build(cls, words):
+        calls["build"] += 1
+        return build(cls, words)
+
+    def counted_words(self):
+        calls["words"] += 1
+        return listed(self)
+
+    monkeypatch.setattr(WordIndex, "build", classmethod(counted_build))
+    monkeypatch.setattr(WordIndex, "words", counted_words)
+
+    class Indexes(Hook):
+        kinds = []
+
+        def after_checkpoint(self, trainer, epoch):
+            self.kinds.append(type(trainer.tagger.pretrained_index))
+
+    out = str(tmp_path / "run")
+
+    def fit(epochs, resume=False):
+        calls.update(build=0, words=0)
+        config = tiny_config(epochs=epochs, embeddings=str(vectors), patience=100)
+        Trainer(train_data, held_out, out, config, resume=resume, log=quiet, hooks=[Indexes()]).fit()
+        return dict(calls)
+
+    assert fit(2) == {"build": 1, "words": 0} and Indexes.kinds == [WordIndex] * 2  # one, whatever the saves
+    assert fit(3, resume=True) == {"build": 0, "words": 0} and Indexes.kinds[-1] is WordIndex
+    saved = Tagger.load(out)
+    assert saved.pretrained_words == words
+    assert (tmp_path / "run" / PRETRAINED_INDEX_FILE).read_bytes() == build(WordIndex, words).to_bytes()
+    # a run saved by a fastner of tagger format 1: its word list is built into an index once
+    config = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
+    write_file_set(out, {CONFIG_FILE: json_bytes(dict(config, format_version=1)), PRETRAINED_INDEX_FILE: None,
+                         PRETRAINED_WORDS_FILE: json_bytes(words)})
+    assert fit(4, resume=True)["build"] == 1 and Indexes.kinds[-1] is WordIndex
