@@ -174,9 +174,7 @@ def export_tagger(tagger, out_dir: str, max_length: Optional[int] = None) -> dic
     program, fixed_length = export_program(model, max_length)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    index = tagger.pretrained_index
-    if index is not None and not isinstance(index, WordIndex):  # a trained tagger's dict
-        index = WordIndex.build(tagger.pretrained_words)
+    index = tagger.word_index()
     meta = {
         "format": EXPORT_FORMAT if index is None else INDEX_FORMAT,
         "fastner_version": fastner.__version__,

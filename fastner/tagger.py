@@ -277,6 +277,13 @@ class Tagger:
             self._pretrained_words = self.pretrained_index.words()
         return self._pretrained_words
 
+    def word_index(self) -> Optional[WordIndex]:
+        """The frozen table's words as the WordIndex a save and an export write (None without a
+        table): a trained tagger's dict is built into one once, and the index takes its place."""
+        if self.pretrained_index is not None and not isinstance(self.pretrained_index, WordIndex):
+            self.pretrained_index = WordIndex.build(self.pretrained_words)
+        return self.pretrained_index
+
     # ---- persistence -----------------------------------------------------------------------
 
     def config_json(self) -> dict:
@@ -318,9 +325,7 @@ class Tagger:
             # keeps the file's order (torch.export then finds no tensor covering its storage)
             np.save(buffer, np.ascontiguousarray(self.model.pretrained.detach().cpu().numpy()), allow_pickle=False)
             files[PRETRAINED_VECTORS_FILE] = buffer.getvalue()
-            index = self.pretrained_index
-            index = index if isinstance(index, WordIndex) else WordIndex.build(self.pretrained_words)
-            files[PRETRAINED_INDEX_FILE] = index.to_bytes()
+            files[PRETRAINED_INDEX_FILE] = self.word_index().to_bytes()
         else:  # not an older tagger's table left in the set (read, hashed and copied along with it)
             files[PRETRAINED_VECTORS_FILE] = files[PRETRAINED_INDEX_FILE] = None
         files[PRETRAINED_WORDS_FILE] = None  # format 1's word list, where this overwrites such a tagger

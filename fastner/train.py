@@ -336,11 +336,8 @@ class Trainer:
             raise _unusable_checkpoint(self.checkpoint_path, err) from None
         # the index the load read, as it is: its words as a list (saved.pretrained_words) and
         # their dict took ~0.5 s for GloVe, and each save built the index again from the list
-        index = saved.pretrained_index
-        if index is not None and not isinstance(index, WordIndex):  # a format 1 tagger's dict
-            index = WordIndex.build(saved.pretrained_words)
         self.tagger = Tagger(saved.model, saved.words, saved.chars, saved.tags, self.output_scheme,
-                             self.config.digits_to_zero, self.dist.device, index)
+                             self.config.digits_to_zero, self.dist.device, saved.word_index())
         return state
 
     def _new_tagger(self, train_data: Sequence[Sentence]) -> Tagger:
