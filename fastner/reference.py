@@ -45,10 +45,12 @@ def _logsumexp(x: Tensor, dim: int) -> Tensor:
     # CRFs forbid whole paths, and those must not poison the gradients of the allowed ones.
     # Shifted by the max m where it is finite: then s >= 1 (exp(0) at the max). A row whose max
     # is -inf, +inf or NaN is shifted by 0 and takes that value (log s + m); where every entry
-    # is -inf, s = 0 and clamp_min(1) gives log 1 with a zero gradient (1/0 * 0 would be NaN).
+    # is -inf, s = 0 and log 1 is taken instead, with a zero gradient (1/0 * 0 would be NaN).
+    # Not s.clamp_min(1): s is exactly 1 wherever one entry dominates, and since torch 2.14
+    # clamp passes no gradient at its bound (2.13 passed it all).
     m = x.amax(dim=dim, keepdim=True).detach()
     s = (x - m.nan_to_num(0.0, 0.0, 0.0)).exp().sum(dim=dim)
-    return s.clamp_min(1).log() + m.squeeze(dim)
+    return torch.where(s > 0, s, 1).log() + m.squeeze(dim)
 
 
 def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
