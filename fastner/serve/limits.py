@@ -22,7 +22,7 @@ import asyncio
 from starlette.exceptions import HTTPException
 
 from fastner.serve.deadlines import Deadlines
-from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body, send_json
+from fastner.serve.problems import CLIENT_CLOSED, StartTracking, client_closed_body, problem_body, send_json
 
 
 class BodyRefused(HTTPException):
@@ -97,7 +97,6 @@ class BodyLimit:
                 return
         received = 0
         body_complete = False
-        started = False
         task = asyncio.current_task()
 
         async def counting_receive():
@@ -125,14 +124,9 @@ class BodyLimit:
                 raise BodyAbandoned()
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = StartTracking(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked)
         except BodyRefused as refusal:  # raised outside the app's exception handling
-            if not started:
+            if not tracked.started:
                 await send_json(send, refusal.status_code, refusal.detail, refusal.headers)

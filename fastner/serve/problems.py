@@ -36,3 +36,17 @@ async def send_json(send, status: int, body: dict, headers: dict = None) -> None
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
     await send({"type": "http.response.body", "body": payload})
+
+
+class StartTracking:
+    """An ASGI `send` that records whether the answer has started: a middleware that must answer
+    after the app raised can do so only before (else the server closes the connection unfinished)."""
+
+    def __init__(self, send):
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastner.serve.problems import problem_body, send_json
+from fastner.serve.problems import StartTracking, problem_body, send_json
 
 STOPPING = "fastner.stopping"  # a scope key: True once the server stops with this request in flight
 
@@ -30,16 +30,9 @@ class AnswerCancelled:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = StartTracking(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
             if not scope.get(STOPPING):
                 raise
@@ -48,7 +41,7 @@ class AnswerCancelled:
             task = asyncio.current_task()
             if task is not None and hasattr(task, "uncancel"):  # Python >= 3.11
                 task.uncancel()
-            if started:  # an answer already under way: the server closes its connection unfinished
+            if tracked.started:  # an answer already under way: the server closes its connection unfinished
                 return
             await send_json(send, 503, problem_body(
                 "request", "the server is stopping and cancelled this request before its answer", "shutting_down"),
