@@ -12,6 +12,7 @@
 #ifndef FASTNER_NO_PYTHON
 #include <Python.h>
 #include "cpu/cpu_isa.h"
+#include "cpu/rnn_int8_vnni.h"
 #include "cpu/rnn_gemm.h"
 #include "rnn_layout.h"
 
@@ -21,6 +22,15 @@
 // (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
 static PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastner::cpu::isa_name());
+}
+
+static PyObject* rnn_int8_kernel(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(fastner::cpu::rnn::int8::vnni_selected() ? "avx512_vnni" : "avx2");
+  } catch (const c10::Error& e) {  // a bad FASTNER_RNN_INT8: a Python ValueError, not a C++ abort
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 // rnn_gemm_choices() -> List[str]: the float32 kernel the recurrent layers measured and chose
@@ -110,6 +120,8 @@ PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_isa", cpu_isa, METH_NOARGS,
        "Instruction set of every CPU kernel family: 'avx512' or 'avx2' (csrc/cpu/cpu_isa.h)."},
+      {"rnn_int8_kernel", rnn_int8_kernel, METH_NOARGS,
+       "The int8 recurrent layers' product kernel: 'avx512_vnni' or 'avx2' (csrc/cpu/rnn_int8_vnni.h)."},
       {"rnn_gemm_choices", rnn_gemm_choices, METH_NOARGS,
        "The float32 GEMM kernel the CPU recurrent layers measured and chose per product shape."},
       {"rnn_workspace_width", rnn_workspace_width, METH_VARARGS,

@@ -1,6 +1,8 @@
 // The AVX2 u7 x s8 product of the int8 recurrent layers (see rnn_int8.h).
 #include "cpu/rnn_int8.h"
 
+#include "cpu/rnn_int8_vnni.h"
+
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 
@@ -115,7 +117,9 @@ inline void micro_kernel(const uint8_t* a, int64_t lda, const int8_t* panel, int
   }
 }
 
-// Dequantizes acc for MR rows into C's columns [n0, n0 + cols).
+// Dequantizes acc for MR rows into C's columns [n0, n0 + cols): out = float(acc - z * colsum) *
+// (s * scale), added to C with one FMA when beta is 1 (the VNNI kernel's store does exactly
+// these operations: rnn_int8_vnni.cpp, so both give the same bits).
 template <int MR>
 inline void store(__m256i (&acc)[kRows][2], const float* row_scale, const int32_t* row_zero, const int32_t* colsum,
                   const float* wscale, float beta, float* c, int64_t ldc, int64_t cols) {
@@ -124,20 +128,19 @@ inline void store(__m256i (&acc)[kRows][2], const float* row_scale, const int32_
     const __m256 s = _mm256_set1_ps(row_scale[r]);
     float* dst = c + r * ldc;
     for (int h = 0; h < 2; ++h) {
+      const int64_t n = std::min<int64_t>(8, cols - 8 * h);
+      if (n <= 0) break;
       const __m256i adj = _mm256_sub_epi32(acc[r][h], _mm256_mullo_epi32(z, _mm256_loadu_si256(
                                                                                 reinterpret_cast<const __m256i*>(colsum + 8 * h))));
       // s * scale first: a huge row's s times the integer sum could overflow where the result does not.
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(adj), _mm256_mul_ps(s, _mm256_loadu_ps(wscale + 8 * h)));
-      const int64_t n = std::min<int64_t>(8, cols - 8 * h);
-      if (n <= 0) break;
-      if (n == 8) {
-        if (beta != 0.0f) v = _mm256_add_ps(_mm256_loadu_ps(dst + 8 * h), v);
-        _mm256_storeu_ps(dst + 8 * h, v);
-      } else {
-        float lanes[8];
-        _mm256_storeu_ps(lanes, v);
-        for (int64_t j = 0; j < n; ++j) dst[8 * h + j] = beta != 0.0f ? dst[8 * h + j] + lanes[j] : lanes[j];
-      }
+      const __m256 factor = _mm256_mul_ps(s, _mm256_loadu_ps(wscale + 8 * h));
+      const __m256 sum = _mm256_cvtepi32_ps(adj);
+      alignas(32) float lanes[8] = {};  // a partial panel's columns, in and out
+      float* out = n == 8 ? dst + 8 * h : lanes;
+      if (n < 8 && beta != 0.0f) std::copy_n(dst + 8 * h, n, lanes);
+      const __m256 v = beta != 0.0f ? _mm256_fmadd_ps(sum, factor, _mm256_loadu_ps(out)) : _mm256_mul_ps(sum, factor);
+      _mm256_storeu_ps(out, v);
+      if (n < 8) std::copy_n(lanes, n, dst + 8 * h);
     }
   }
 }
@@ -192,6 +195,12 @@ void PackedWeights::multiply(int64_t m, const float* a, int64_t lda, float beta,
   for (int64_t r = 0; r < m; ++r) {
     if (!quantize_row(a + r * lda, k_, rows.q.data() + r * width, width, rows.scale.data() + r, rows.zero.data() + r))
       nonfinite.push_back(r);
+  }
+  if (vnni_selected()) {
+    multiply_vnni(m, rows.q.data(), width, rows.scale.data(), rows.zero.data(), packed_.data(), colsum_.data(),
+                  scale_.data(), groups_, panels_, n_, beta, c, ldc);
+    for (int64_t r : nonfinite) add_nonfinite_row(a + r * lda, c + r * ldc);
+    return;
   }
   int64_t r0 = 0;
   for (; r0 + kRows <= m; r0 += kRows)

@@ -82,6 +82,107 @@ def test_int8_op_matches_reference(mode):
     assert worst <= OP_ATOL
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+# The int8 cases both product kernels run in test_int8_kernels_give_the_same_bits: the drawn
+# layers of every mode, the tagger's shape (32 rows: every tile height), and rows holding
+# NaN / inf (the nonfinite rows take the float product after the kernel).
+_KERNEL_CASES = """
+import sys, torch
+import fastner
+from tests.ops.rnn.rnn_cases import case_generator
+from tests.ops.rnn.test_rnn_int8 import _draw_op_case
+from fastner import reference
+torch.manual_seed(int(sys.argv[2]))  # the test's seed: the same cases in both processes
+cases = []
+for mode in ("gru", "lstm", "rnn_relu", "rnn_tanh"):
+    for index in range(12):
+        cases.append(_draw_op_case(case_generator(index, salt=7001 + len(mode)), mode))
+gen = torch.Generator().manual_seed(5)
+floats = [torch.randn(800, 130, generator=gen) / 10, torch.randn(800, 200, generator=gen) / 10,
+          torch.randn(800, generator=gen), torch.randn(800, generator=gen)] * 2
+weights, scales = [], []
+for k, w in enumerate(floats):
+    if k % 4 < 2:
+        w_q, scale = reference.quantize_weight_int8(w)
+        weights.append(w_q)
+        scales.append(scale)
+    else:
+        weights.append(w)
+x = torch.randn(32, 40, 130, generator=gen) * 2
+lengths = torch.randint(1, 41, (32,), generator=gen)
+cases.append((x, lengths, weights, scales, None, None, "lstm", True, True))
+x = x.clone()
+x[3, 2, 7] = float("nan")
+x[5, 0, 1] = float("inf")
+cases.append((x, lengths, weights, scales, None, None, "lstm", True, True))
+outputs = [torch.ops.fastner.rnn_layer_int8_forward(*case) for case in cases]
+torch.save({"kernel": fastner.backend()["cpu_int8"], "outputs": outputs}, sys.argv[1])
+"""
+
+
+@needs_kernel
+def test_int8_kernels_give_the_same_bits(tmp_path):
+    # The VNNI kernel (csrc/cpu/rnn_int8_vnni.h) and the AVX2 one compute the same exact
+    # integer sums and the same float store, so a model gives the same outputs on any x86-64
+    # CPU. FASTNER_RNN_INT8=avx2 makes a process use the AVX2 kernel for the int8 products
+    # alone (the cell passes stay as they are): the outputs must be equal bit for bit.
+    import os
+    import subprocess
+    import sys
+
+    from tests import testing
+
+    flags = _cpu_flags()
+    if "avx512_vnni" not in flags or not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
+        pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 kernel can run here")
+    root = str(testing.REPO_ROOT)
+    results = {}
+    for forced in ("", "avx2"):
+        env = dict(os.environ, FASTNER_RNN_INT8=forced, PYTHONPATH=os.pathsep.join(
+            filter(None, [root, os.environ.get("PYTHONPATH")])))
+        env.pop("FASTNER_CPU_ISA", None)
+        path = tmp_path / f"int8-{forced or 'default'}.pt"
+        done = subprocess.run([sys.executable, "-c", _KERNEL_CASES, str(path), str(torch.initial_seed())], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[forced] = torch.load(path)
+    # The VNNI kernel ran where the CPU has it (not silently the AVX2 one), and the switch works.
+    assert results[""]["kernel"] == "avx512_vnni" and results["avx2"]["kernel"] == "avx2"
+    for index, (fast, plain) in enumerate(zip(results[""]["outputs"], results["avx2"]["outputs"])):
+        for name, a, b in zip(("output", "h_n", "c_n"), fast, plain):
+            assert torch.equal(a.isnan(), b.isnan()), f"case {index}: {name} NaN positions differ"
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), \
+                f"case {index}: {name} differs by {(a - b).abs().nan_to_num().max().item()}"
+
+
+def test_int8_kernel_switch_rejects_unknown_values():
+    import os
+    import subprocess
+    import sys
+
+    from tests import testing
+
+    root = str(testing.REPO_ROOT)
+    env = dict(os.environ, FASTNER_RNN_INT8="vnni512", PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+    code = ("import fastner\n"
+            "try:\n"
+            "    fastner.backend()\n"
+            "except ValueError as e:\n"
+            "    print('ValueError:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ValueError: FASTNER_RNN_INT8 must be 'avx2'" in done.stdout, done.stdout
+
+
 def test_int8_quantization_arithmetic():
     # Weights: symmetric per row; rows: asymmetric 7-bit with 0 exactly representable.
     w = torch.tensor([[0.25, -1.0, 0.5 + 1 / 63], [0.0, 0.0, 0.0]])

@@ -1,0 +1,153 @@
+// The AVX512-VNNI int8 product (see rnn_int8_vnni.h). Standard headers come before the target
+// pragma so that nothing they define inline is compiled for AVX-512 (see crf_lanes_impl.h on
+// linkage); vnni_selected() is compiled for the baseline, since it runs on every CPU.
+#include "cpu/rnn_int8_vnni.h"
+
+#include <c10/util/Exception.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/cpu_isa.h"
+
+namespace fastner::cpu::rnn::int8 {
+
+bool vnni_selected() {
+  static const bool selected = [] {
+    // FASTNER_RNN_INT8=avx2 forces the AVX2 kernel for the int8 products alone (comparisons
+    // and tests; FASTNER_CPU_ISA=avx2 also changes the cell passes).
+    const char* forced = std::getenv("FASTNER_RNN_INT8");
+    if (forced != nullptr && forced[0] != '\0') {
+      TORCH_CHECK_VALUE(std::strcmp(forced, "avx2") == 0, "FASTNER_RNN_INT8 must be 'avx2' (or unset: VNNI where ",
+                        "the CPU has it), got '", forced, "'");
+      return false;
+    }
+#if defined(__GNUC__) && defined(__x86_64__)
+    return isa() == Isa::AVX512 && __builtin_cpu_supports("avx512vnni");
+#else
+    return false;
+#endif
+  }();
+  return selected;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")
+
+namespace {
+
+constexpr int64_t kPanel = 16;      // output channels per panel: one zmm of int32 sums
+constexpr int64_t kGroupBytes = 64;  // a panel's 16 channels x 4 k of one group
+constexpr int kMaxRows = 6;          // rows of Q per tile
+constexpr int kMaxPanels = 4;        // panels per tile: 6 x 4 = 24 of the 32 zmm registers
+
+// acc[r][p] = sum over groups of Q row r (4 u8 a group, broadcast) . panel p's group (16
+// channels x 4 s8): one vpdpbusd per row and panel and group. Loops over r and p unrolled so
+// that the accumulators stay in registers.
+template <int MR, int NP>
+inline void tile_sums(const uint8_t* q, int64_t width, const int8_t* panel, int64_t panel_stride, int64_t groups,
+                      __m512i (&acc)[kMaxRows][kMaxPanels]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i w[NP];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) w[p] = _mm512_loadu_si512(panel + p * panel_stride + g * kGroupBytes);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t four;
+      std::memcpy(&four, q + r * width + 4 * g, 4);
+      const __m512i a = _mm512_set1_epi32(four);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], a, w[p]);
+    }
+  }
+}
+
+// Dequantizes the tile into C's columns [0, cols) (cols <= NP * 16): out = float(acc - z *
+// colsum) * (s * scale), added to C with one FMA when beta is 1: the AVX2 kernel's store,
+// operation for operation (rnn_int8.cpp `store`), so both kernels give the same bits.
+template <int MR, int NP>
+inline void tile_store(__m512i (&acc)[kMaxRows][kMaxPanels], const float* row_scale, const int32_t* row_zero,
+                       const int32_t* colsum, const float* wscale, float beta, float* c, int64_t ldc, int64_t cols) {
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512i z = _mm512_set1_epi32(row_zero[r]);
+    const __m512 s = _mm512_set1_ps(row_scale[r]);
+    float* dst = c + r * ldc;
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      const int64_t n = std::min<int64_t>(kPanel, cols - p * kPanel);
+      if (n <= 0) break;
+      const __mmask16 lanes = n == kPanel ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+      const __m512i adj = _mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(z, _mm512_loadu_si512(colsum + p * kPanel)));
+      // s * scale first: a huge row's s times the integer sum could overflow where the result does not.
+      const __m512 factor = _mm512_mul_ps(s, _mm512_loadu_ps(wscale + p * kPanel));
+      const __m512 sum = _mm512_cvtepi32_ps(adj);
+      const __m512 v = beta != 0.0f ? _mm512_fmadd_ps(sum, factor, _mm512_maskz_loadu_ps(lanes, dst + p * kPanel))
+                                    : _mm512_mul_ps(sum, factor);
+      _mm512_mask_storeu_ps(dst + p * kPanel, lanes, v);
+    }
+  }
+}
+
+template <int MR, int NP>
+void tile(int64_t r0, int64_t p0, const uint8_t* q, int64_t width, const float* row_scale, const int32_t* row_zero,
+          const int8_t* packed, const int32_t* colsum, const float* wscale, int64_t groups, int64_t n, float beta,
+          float* c, int64_t ldc) {
+  __m512i acc[kMaxRows][kMaxPanels];
+  const int64_t panel_stride = groups * kGroupBytes;
+  tile_sums<MR, NP>(q + r0 * width, width, packed + p0 * panel_stride, panel_stride, groups, acc);
+  tile_store<MR, NP>(acc, row_scale + r0, row_zero + r0, colsum + p0 * kPanel, wscale + p0 * kPanel, beta,
+                     c + r0 * ldc + p0 * kPanel, ldc, n - p0 * kPanel);
+}
+
+using TileFn = void (*)(int64_t, int64_t, const uint8_t*, int64_t, const float*, const int32_t*, const int8_t*,
+                        const int32_t*, const float*, int64_t, int64_t, float, float*, int64_t);
+
+template <int MR>
+constexpr TileFn tile_for(int np) {
+  return np == 4 ? &tile<MR, 4> : np == 3 ? &tile<MR, 3> : np == 2 ? &tile<MR, 2> : &tile<MR, 1>;
+}
+
+TileFn tile_fn(int rows, int np) {
+  switch (rows) {
+    case 6: return tile_for<6>(np);
+    case 5: return tile_for<5>(np);
+    case 4: return tile_for<4>(np);
+    case 3: return tile_for<3>(np);
+    case 2: return tile_for<2>(np);
+    default: return tile_for<1>(np);
+  }
+}
+
+}  // namespace
+
+void multiply_vnni(int64_t m, const uint8_t* q, int64_t width, const float* row_scale, const int32_t* row_zero,
+                   const int8_t* packed, const int32_t* colsum, const float* wscale, int64_t groups, int64_t panels,
+                   int64_t n, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || panels <= 0) return;
+  // Row tiles of near-equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a short tile loads
+  // the panels' weights for few products (rnn_gemm_avx2.h measured the same for float32).
+  const int64_t tiles = (m + kMaxRows - 1) / kMaxRows, base = m / tiles, taller = m % tiles;
+  // Panel blocks outer: a block's weights (4 panels x groups x 64 bytes, 12.8 KB at K = 200)
+  // stay in L1 while every row tile passes over them.
+  for (int64_t p0 = 0; p0 < panels; p0 += kMaxPanels) {
+    const int np = static_cast<int>(std::min<int64_t>(kMaxPanels, panels - p0));
+    int64_t r0 = 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int rows = static_cast<int>(base + (t < taller ? 1 : 0));
+      tile_fn(rows, np)(r0, p0, q, width, row_scale, row_zero, packed, colsum, wscale, groups, n, beta, c, ldc);
+      r0 += rows;
+    }
+  }
+}
+
+}  // namespace fastner::cpu::rnn::int8
+
+#pragma GCC pop_options
