@@ -51,11 +51,70 @@ inline uint16_t to_bf16_bits(float x) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+#ifdef FASTNER_RNN_GEMM_AVX2
+// r[i] = row i of an 8 x 8 block of 32-bit values -> r[j] = column j (rows 0..7 of it). Used
+// on floats here and on groups of 4 int8 weights by the int8 packing (rnn_int8.cpp).
+inline void transpose8x8(__m256 (&r)[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // r[j] (j < 4) now holds column j of rows 0-3 in its low half and column 4 + j in its high
+  // half; r[4 + j] the same of rows 4-7.
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x20);
+    t[4 + j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x31);
+  }
+  for (int j = 0; j < 8; ++j) r[j] = t[j];
+}
+
+// pack() for float32 B^T (every weight of the recurrent layers: W [n, k] row-major, op(B) =
+// W^T): 8 rows of W by 8 k at a time, transposed in registers, so that the panel's rows are
+// written whole. The plain loop wrote one float at a time with a 64-byte stride and was a
+// third of a one-sentence LSTM call (perf, 1 thread, B = 1, 15 tokens; see the commit).
+inline void pack_transposed_f32(const float* b, int64_t ldb, int64_t k, int64_t n, float* out) {
+  for (int64_t p = 0; p * kPanel < n; ++p) {
+    float* dst = out + p * k * kPanel;
+    const int64_t cols = std::min(kPanel, n - p * kPanel);
+    if (cols < kPanel) std::fill_n(dst, k * kPanel, 0.0f);
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      const float* src = b + (p * kPanel + c0) * ldb;
+      int64_t kk = 0;
+      for (; kk + 8 <= k; kk += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ldb + kk);
+        transpose8x8(r);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (kk + j) * kPanel + c0, r[j]);
+      }
+      for (; kk < k; ++kk)
+        for (int64_t c = 0; c < 8; ++c) dst[kk * kPanel + c0 + c] = src[c * ldb + kk];
+    }
+    for (int64_t c = c0; c < cols; ++c) {
+      const float* src = b + (p * kPanel + c) * ldb;
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + c] = src[kk];
+    }
+  }
+}
+#endif
+
 // Packs op(B)[k, n] (B row-major with leading dimension ldb; op(B) = B^T when trans_b) whose
 // elements are float (W = float) or bf16 bits (W = uint16_t, copied as they are) into `out`
 // (packed_size(k, n) elements of W).
 template <typename W>
 void pack(const W* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, W* out) {
+#ifdef FASTNER_RNN_GEMM_AVX2
+  if constexpr (sizeof(W) == 4) {
+    if (trans_b) return pack_transposed_f32(b, ldb, k, n, out);
+  }
+#endif
   auto at = [&](int64_t kk, int64_t col) -> W { return trans_b ? b[col * ldb + kk] : b[kk * ldb + col]; };
   // Position of column c (0..15) within a packed row of the panel.
   auto slot = [](int64_t c) -> int64_t {
@@ -106,7 +165,43 @@ inline void tile(int64_t k, const float* a, int64_t lda, const W* panel, float* 
     acc[r][0] = accumulate && whole ? _mm256_loadu_ps(c + r * ldc) : _mm256_setzero_ps();
     acc[r][1] = accumulate && whole ? _mm256_loadu_ps(c + r * ldc + 8) : _mm256_setzero_ps();
   }
-  for (int64_t kk = 0; kk < k; ++kk) {
+  int64_t kk = 0;
+  if constexpr (R <= 2) {
+    // One or two rows give 2R accumulators, each a chain of dependent FMAs: at a latency of 4
+    // cycles and two FMA pipes that keeps a quarter (R = 1) or half of the pipes busy. Rows of
+    // k split over `chains` more accumulators, added at the end. Measured on an AMD EPYC Zen 4
+    // (1 thread): fastner.nn.LSTM, B=1, 15 tokens, 611 -> see the commit. (Changes the order of
+    // the float additions for m <= 2 only; the reference comparisons have float tolerance.)
+    constexpr int chains = R == 1 ? 4 : 2;
+    __m256 part[chains][R][2];  // chain j sums the rows kk = j (mod chains); chain 0 starts at acc
+#pragma GCC unroll 4
+    for (int j = 0; j < chains; ++j)
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < 2; ++h) part[j][r][h] = j == 0 ? acc[r][h] : _mm256_setzero_ps();
+    for (; kk + chains <= k; kk += chains) {
+#pragma GCC unroll 4
+      for (int j = 0; j < chains; ++j) {
+        __m256 lo, hi;
+        load_row(panel + (kk + j) * kPanel, lo, hi);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+          const __m256 x = _mm256_broadcast_ss(a + r * lda + kk + j);
+          part[j][r][0] = _mm256_fmadd_ps(x, lo, part[j][r][0]);
+          part[j][r][1] = _mm256_fmadd_ps(x, hi, part[j][r][1]);
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h) {
+        __m256 sum = part[0][r][h];
+#pragma GCC unroll 4
+        for (int j = 1; j < chains; ++j) sum = _mm256_add_ps(sum, part[j][r][h]);
+        acc[r][h] = sum;
+      }
+  }
+  for (; kk < k; ++kk) {
     __m256 lo, hi;
     load_row(panel + kk * kPanel, lo, hi);
 #pragma GCC unroll 8

@@ -378,5 +378,12 @@ def test_int8_op_bad_input():
         op(x, lengths, wide, scales, hx, cx, mode, bi, bf)
     with pytest.raises(ValueError, match=r"\[-63, 63\]"):
         reference.rnn_layer_int8(x, lengths, wide, scales, hx, cx, mode, bi, bf)
+    # One weight out of range: the message names it and its row (the kernel checks the packed
+    # panels at once and looks for the row only when the check fails).
+    for value in (64, -64):
+        one = [w.clone() for w in weights]
+        one[0][min(5, one[0].shape[0] - 1), -1] = value
+        with pytest.raises(ValueError, match=rf"got {value} in row {min(5, one[0].shape[0] - 1)}\b"):
+            op(x, lengths, one, scales, hx, cx, mode, bi, bf)
     with pytest.raises(ValueError, match="scales must hold"):
         reference.rnn_layer_int8(x, lengths, weights, scales[:1], hx, cx, mode, bi, bf)
