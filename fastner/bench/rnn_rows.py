@@ -292,7 +292,8 @@ def implementations(pair, shape: RnnShape, lengths: torch.Tensor, device: torch.
 
 def cpu_gemm_choices() -> List[str]:
     """The float32 GEMM kernel the CPU layers measured and chose per product shape so far
-    (csrc/cpu/rnn_gemm.h), with both kernels' GFLOP/s."""
+    (csrc/cpu/rnn_gemm.h), with both kernels' GFLOP/s, and the kernel of each bf16 weight shape
+    run ("bf16 k=.. n=..: avx512_bf16" or "...: avx2")."""
     try:
         from fastner import _C
 
