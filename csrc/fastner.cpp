@@ -34,8 +34,8 @@ static PyObject* rnn_int8_kernel(PyObject*, PyObject*) {
 }
 
 // rnn_gemm_choices() -> List[str]: the float32 kernel the recurrent layers measured and chose
-// for each product shape so far in this process (csrc/cpu/rnn_gemm.h; empty before the first
-// float32 layer call).
+// for each product shape so far in this process, and the kernel each bf16 weight shape ran on
+// (csrc/cpu/rnn_gemm.h; empty before the first layer call).
 static PyObject* rnn_gemm_choices(PyObject*, PyObject*) {
   const std::vector<std::string> lines = fastner::cpu::rnn::float_kernel_choices();
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(lines.size()));
@@ -123,7 +123,8 @@ PyObject* PyInit__C(void) {
       {"rnn_int8_kernel", rnn_int8_kernel, METH_NOARGS,
        "The int8 recurrent layers' product kernel: 'avx512_vnni' or 'avx2' (csrc/cpu/rnn_int8_vnni.h)."},
       {"rnn_gemm_choices", rnn_gemm_choices, METH_NOARGS,
-       "The float32 GEMM kernel the CPU recurrent layers measured and chose per product shape."},
+       "The float32 GEMM kernel the CPU recurrent layers measured and chose per product shape, "
+       "and the kernel of each bf16 weight shape run ('bf16 k=.. n=..: avx512_bf16' or ': avx2')."},
       {"rnn_workspace_width", rnn_workspace_width, METH_VARARGS,
        "rnn_workspace_width(device_type, mode, input_size, hidden): the width of a training "
        "workspace row of rnn_layer_forward on that device type."},

@@ -356,6 +356,19 @@ def _rnn_cell(mode: str, x_proj: Tensor, h: Tensor, c: Optional[Tensor], h_proj:
     return (torch.relu(pre) if mode == "rnn_relu" else torch.tanh(pre)), None
 
 
+def _flush_denormals(x: Tensor) -> Tensor:
+    """x with its denormals made zeros of their sign (float32's: |x| < 2^-126)."""
+    return torch.where(x.abs() < torch.finfo(torch.float32).tiny, x * 0, x)
+
+
+def round_to_bf16(x: Tensor) -> Tensor:
+    """float32 x rounded to bfloat16 and widened back: the bf16 layers' left operand of every
+    product (csrc/cpu/rnn_gemm_avx512_bf16.h; vcvtne2ps2bf16 rounds so): a denormal becomes a zero
+    of its sign, NaN stays NaN, +-inf stays, the rest round to nearest even as .to(torch.bfloat16)
+    does."""
+    return _flush_denormals(x).to(torch.bfloat16).to(x.dtype)
+
+
 def rnn_layer(
     input: Tensor,
     lengths: Tensor,
@@ -371,17 +384,22 @@ def rnn_layer(
     input: [B, T, I] if batch_first else [T, B, I]; lengths: int64 [B]; weights: torch's flat
     weights of the layer (w_ih [G*H, I], w_hh [G*H, H], (b_ih, b_hh) [G*H] per direction);
     hx / cx: [D, B, H] or None. Returns output (input's layout, D*H features, zeros past each
-    length), h_n [D, B, H] and c_n ([D, B, H] for lstm, else an empty tensor).
+    length), h_n [D, B, H] and c_n ([D, B, H] for lstm, else an empty tensor). bfloat16 w_ih /
+    w_hh with float32 input (fastner.nn.rnn_bf16): the bf16 layers' arithmetic, below.
     """
     validation.rnn_args("rnn_layer", input, lengths, weights, hx, cx, mode, bidirectional,
                         batch_first)
-    # bf16 w_ih / w_hh (the bf16 layers): widened exactly to the input's float32, as the kernel does.
-    weights = [w.to(input.dtype) for w in weights]
+    # bf16 w_ih / w_hh (the bf16 layers, float32 input): every product multiplies bf16 by bf16
+    # in float32 (round_to_bf16 on its left operand, x or h; the weights widened exactly,
+    # denormals as zeros), as the kernels do; sums, gates and states stay float32.
+    bf16 = bool(weights) and weights[0].dtype == torch.bfloat16
+    weights = [_flush_denormals(w.to(input.dtype)) if bf16 and w.dtype == torch.bfloat16 else w.to(input.dtype)
+               for w in weights]
     D = 2 if bidirectional else 1
     per_dir = len(weights) // D
 
     def product(d: int, which: int, x: Tensor) -> Tensor:  # x @ W^T (+ b): which 0 = ih, 1 = hh
-        out = x @ weights[d * per_dir + which].t()
+        out = (round_to_bf16(x) if bf16 else x) @ weights[d * per_dir + which].t()
         return out + weights[d * per_dir + 2 + which] if per_dir == 4 else out
 
     return _rnn_layer_loop(input, lengths, product, weights[1].shape[1], hx, cx, mode, D,

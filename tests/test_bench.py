@@ -119,8 +119,8 @@ def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
         assert {r["impl"] for r in row["results"]} == {
             "torch.padded", "torch.packed", "fastner.padded", "fastner.lengths", "fastner.packed"} | bf16
         assert row["check"] == "ok", row["check"]
-        # Which float32 GEMM kernel ran, with both kernels' measured rates.
-        assert all("GFLOP/s" in line for line in row["cpu_gemm_choices"])
+        # Which float32 GEMM kernel ran, with both kernels' measured rates; which bf16 one ran.
+        assert all("GFLOP/s" in line or line.startswith("bf16 ") for line in row["cpu_gemm_choices"])
     gemm = [r for r in data["rows"] if r["group"] == "gemm" and r["op"] == "mm_fp32"]
     assert len(gemm) == 1 and gemm[0]["gflops_per_s"] > 0
     # int8 / bf16 rows at the tagger shape: every cell, fastner int8 timed, the peers torch has.

@@ -42,7 +42,7 @@ def test_load_bf16_tags_like_fp32(demo_tagger_dir):
     bf16 = fastner.Tagger.load(str(demo_tagger_dir), precision="bf16")
     assert bf16.model.encoder.weight_ih_l0.dtype == torch.bfloat16
     assert fp32.model.encoder.weight_ih_l0.dtype == torch.float32
-    # bf16 weights move a layer's output by ~0.2%: the tags stay (nearly) all the same.
+    # bf16 weights and operands move a layer's output by ~0.25%: the tags stay (nearly) all the same.
     got, want = bf16.tag(SENTENCES), fp32.tag(SENTENCES)
     same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
     assert same >= sum(len(s) for s in SENTENCES) - 1, (got, want)

@@ -1,7 +1,7 @@
 // CPU kernels of fastner::rnn_layer_forward / rnn_layer_backward: one LSTM / GRU / RNN layer,
 // both directions, variable lengths without work on padding. Schemas: csrc/fastner.cpp.
 //
-// Files: the products are in rnn_gemm.h (+ rnn_gemm.cpp, rnn_gemm_avx2.h), the cell
+// Files: the products are in rnn_gemm.h (+ rnn_gemm.cpp, rnn_gemm_avx2.h, rnn_gemm_avx512_bf16.h), the cell
 // nonlinearities in rnn_math.h and the fused cell passes in rnn_cells.inc. This file is the
 // layer loop: the plan of steps and slots, the forward and the backward. They stay in one
 // translation unit because both walk the same Plan, weights, state reorders and cell-pass
@@ -203,8 +203,8 @@ LayerWeights unpack_weights(at::TensorList weights, bool bidirectional, Cell cel
 }
 
 // The dtype of w_ih / w_hh: the input's, or bfloat16 (the bf16 layers of fastner.nn.rnn_bf16:
-// weights rounded to bf16 once, products and states in float32), which only the float32
-// inference forward takes.
+// weights rounded to bf16 once, each product's x or h operand rounded to bf16 on the fly, float32
+// sums, gates and states: rnn_gemm_avx512_bf16.h), which only the float32 inference forward takes.
 at::ScalarType weight_dtype_of(at::TensorList weights, const Tensor& input, bool training) {
   if (weights.empty() || weights[0].scalar_type() != at::kBFloat16) return input.scalar_type();
   TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat, "rnn_layer: bfloat16 weights need float32 input, got ",

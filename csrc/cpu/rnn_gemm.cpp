@@ -1,5 +1,5 @@
 // The per-machine choice of the float32 kernel behind PackedRight (see rnn_gemm.h): timed at
-// first use of each shape, remembered for the process.
+// first use of each shape, remembered for the process; and the bf16 weights' kernel.
 #include "cpu/rnn_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -30,6 +30,12 @@ std::mutex& choices_mutex() {
 std::map<Key, Choice>& choices() {
   static std::map<Key, Choice> c;
   return c;
+}
+
+// "bf16 k=.. n=..: <kernel>" lines, one per bf16 weight shape run.
+std::map<std::pair<int64_t, int64_t>, std::string>& bf16_lines() {
+  static std::map<std::pair<int64_t, int64_t>, std::string> lines;
+  return lines;
 }
 
 bool mkl_packed_available() {
@@ -112,10 +118,26 @@ RightKernel choose_float_kernel(int64_t k, int64_t n, int64_t max_m) {
   return found->second.kernel;
 }
 
+RightKernel bf16_kernel() {
+  if (avx512_bf16_gemm::available()) return RightKernel::Avx512Bf16;
+  return avx2_gemm::available() ? RightKernel::Avx2 : RightKernel::Gemm;
+}
+
+void note_bf16_kernel(int64_t k, int64_t n, RightKernel kernel) {
+  std::lock_guard<std::mutex> lock(choices_mutex());
+  auto& line = bf16_lines()[{k, n}];
+  if (!line.empty()) return;
+  char text[120];
+  std::snprintf(text, sizeof text, "bf16 k=%lld n=%lld: %s", static_cast<long long>(k), static_cast<long long>(n),
+                kernel == RightKernel::Avx512Bf16 ? "avx512_bf16" : "avx2");
+  line = text;
+}
+
 std::vector<std::string> float_kernel_choices() {
   std::lock_guard<std::mutex> lock(choices_mutex());
   std::vector<std::string> lines;
   for (const auto& entry : choices()) lines.push_back(entry.second.line);
+  for (const auto& entry : bf16_lines()) lines.push_back(entry.second);
   return lines;
 }
 

@@ -6,8 +6,9 @@
 // fall back to at::mm on tensor views where a torch build exports none.
 //
 // The products by a weight that many steps reuse go through PackedRight (below), which picks
-// MKL's packed sgemm or fastner's AVX2 kernel per machine; the rest (the backward's weight and
-// input gradients) call gemm().
+// MKL's packed sgemm or fastner's AVX2 kernel per machine (bf16 weights: fastner's
+// AVX512_BF16 kernel, rnn_gemm_avx512_bf16.h, or the AVX2 one); the rest (the backward's weight
+// and input gradients) call gemm().
 //
 // Why MKL and not oneDNN: measured here (single thread, process time, loaded machine), per
 // product: [32, 200] x [200, 800] torch.mm (MKL) 79 us vs oneDNN mkldnn_linear 153 us;
@@ -29,6 +30,7 @@
 #include <vector>
 
 #include "cpu/rnn_gemm_avx2.h"
+#include "cpu/rnn_gemm_avx512_bf16.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -107,8 +109,8 @@ class SingleThreadedBlas {
 
 // Which kernel multiplies a float32 A by a packed right operand: MKL's packed sgemm or
 // fastner's AVX2 kernel (rnn_gemm_avx2.h); plain gemm where neither exists (float64, or a
-// build without them).
-enum class RightKernel { Gemm, MklPacked, Avx2 };
+// build without them). bf16 weights: Avx512Bf16 (rnn_gemm_avx512_bf16.h) or Avx2.
+enum class RightKernel { Gemm, MklPacked, Avx2, Avx512Bf16 };
 
 // The kernel for products [m <= max_m, k] x [k, n] at this thread's BLAS thread count: timed
 // at first use of the shape (both kernels, interleaved, best of 5; ~1-10 ms once per process
@@ -118,15 +120,25 @@ enum class RightKernel { Gemm, MklPacked, Avx2 };
 // and the AVX2 kernel at ~78; on Intel MKL has its fast paths.
 RightKernel choose_float_kernel(int64_t k, int64_t n, int64_t max_m);
 
-// One line per measured shape, "k=.. n=.. m<=.. blas_threads=..: mkl_packed X, avx2 Y GFLOP/s
-// -> avx2" (fastner.backend() reports them).
+// The kernel behind the bf16 weights' products on this machine: Avx512Bf16 where
+// avx512_bf16_gemm::available(), else Avx2 (which rounds A to bf16 the same way, so that both
+// give one arithmetic); Gemm where neither is compiled. Not measured: vdpbf16ps does 32
+// multiply-adds per instruction against 16 for the AVX2 kernel's two FMAs.
+RightKernel bf16_kernel();
+
+// Records that products by bf16 weights of shape [k, n] ran on `kernel` (reported below).
+void note_bf16_kernel(int64_t k, int64_t n, RightKernel kernel);
+
+// One line per measured float32 shape, "k=.. n=.. m<=.. blas_threads=..: mkl_packed X, avx2 Y
+// GFLOP/s -> avx2", and one per bf16 weight shape run so far, "bf16 k=.. n=..: avx512_bf16" (or
+// ": avx2"): fastner._C.rnn_gemm_choices() (the tests check which bf16 kernel ran).
 std::vector<std::string> float_kernel_choices();
 
 // The right operand of many products C[m, n] = A[m, k] @ op(B)[k, n] with varying m (the
 // running prefix of the batch), packed once per layer call: into MKL's internal layout or
 // into the AVX2 kernel's panels (saves re-packing B, 0.6 MB for H = 200, on every step).
 // B: a contiguous 2-D weight tensor of type T, or bfloat16 when T is float (the bf16 layers:
-// always the AVX2 kernel, which widens bf16 to float32 in registers).
+// bf16_kernel(), both kernels rounding A's rows to bf16 on every product).
 template <typename T>
 class PackedRight {
  public:
@@ -135,14 +147,21 @@ class PackedRight {
     if (weight.scalar_type() != at::kBFloat16) b_ = weight.const_data_ptr<T>();
     if (max_m <= 0 || n <= 0 || k <= 0) return;
     if (weight.scalar_type() == at::kBFloat16) {
-      TORCH_CHECK((std::is_same_v<T, float>)&& avx2_gemm::available(),
+      kernel_ = std::is_same_v<T, float> ? bf16_kernel() : RightKernel::Gemm;
+      TORCH_CHECK(kernel_ != RightKernel::Gemm,
                   "rnn_layer: bfloat16 weights need float32 input and an x86-64 AVX2 build of fastner");
-      kernel_ = RightKernel::Avx2;
+      note_bf16_kernel(k, n, kernel_);
       bf16_ = true;
-      auto* dest = static_cast<uint16_t*>(buffer(avx2_gemm::packed_size(k, n) * sizeof(uint16_t)));
-      avx2_gemm::pack<uint16_t>(reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>()), ldb_, trans_b,
-                                k, n, dest);
-      packed_ = dest;
+      const auto* bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>());
+      if (kernel_ == RightKernel::Avx512Bf16) {
+        auto* dest = static_cast<uint32_t*>(buffer(avx512_bf16_gemm::packed_size(k, n) * sizeof(uint32_t)));
+        avx512_bf16_gemm::pack(bits, ldb_, trans_b, k, n, dest);
+        packed_ = dest;
+      } else {
+        auto* dest = static_cast<uint16_t*>(buffer(avx2_gemm::packed_size(k, n) * sizeof(uint16_t)));
+        avx2_gemm::pack<uint16_t>(bits, ldb_, trans_b, k, n, dest);
+        packed_ = dest;
+      }
       return;
     }
     if constexpr (std::is_same_v<T, float>) {
@@ -171,10 +190,20 @@ class PackedRight {
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if (m == 0) return;
     if constexpr (std::is_same_v<T, float>) {
+      if (kernel_ == RightKernel::Avx512Bf16 && packed_ != nullptr) {
+        avx512_bf16_gemm::multiply(m, n_, k_, a, lda, static_cast<const uint32_t*>(packed_), beta != 0.0f, c, ldc);
+        return;
+      }
 #ifdef FASTNER_RNN_GEMM_AVX2
       if (kernel_ == RightKernel::Avx2 && packed_ != nullptr) {
         if (bf16_) {
-          avx2_gemm::multiply<uint16_t>(m, n_, k_, a, lda, static_cast<const uint16_t*>(packed_), beta != 0.0f, c, ldc);
+          // A's rows rounded to bf16 (as the AVX512_BF16 kernel rounds them) into a per-thread
+          // scratch, then the widening kernel: the same arithmetic on every CPU.
+          thread_local std::vector<float> rounded;
+          if (rounded.size() < static_cast<size_t>(m * k_)) rounded.resize(m * k_);
+          avx2_gemm::round_rows_to_bf16(m, k_, a, lda, rounded.data());
+          avx2_gemm::multiply<uint16_t>(m, n_, k_, rounded.data(), k_, static_cast<const uint16_t*>(packed_),
+                                        beta != 0.0f, c, ldc);
         } else {
           avx2_gemm::multiply<float>(m, n_, k_, a, lda, static_cast<const float*>(packed_), beta != 0.0f, c, ldc);
         }
@@ -228,8 +257,8 @@ class PackedRight {
   bool trans_b_;
   int64_t k_, n_;
   RightKernel kernel_ = RightKernel::Gemm;
-  bool bf16_ = false;             // packed_ holds bf16 panels
-  const void* packed_ = nullptr;  // MKL's packed B or the AVX2 panels; nullptr: plain gemm
+  bool bf16_ = false;             // packed_ holds bf16 panels (the AVX2 or the AVX512_BF16 layout)
+  const void* packed_ = nullptr;  // MKL's packed B or fastner's panels; nullptr: plain gemm
   Buffer own_;                    // used when the thread's cached buffers are taken
   bool* release_ = nullptr;       // the thread's cache flag to clear when done with its buffer
 };

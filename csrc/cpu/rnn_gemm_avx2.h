@@ -1,7 +1,10 @@
 // fastner's own AVX2 GEMM for the recurrent kernels: C[m, n] = A[m, k] @ B[k, n] (+ C), A and C
 // float32 row-major, B pre-packed once per layer call into panels of 16 columns, stored as
 // float32 or as bfloat16 (the bf16 layers' weights; widened to float32 in registers by a
-// shift or a mask, so the products and the accumulation are float32).
+// shift or a mask, so the products and the accumulation are float32). For bf16 weights the
+// caller first rounds A's rows to bf16 (round_rows_to_bf16), so that this kernel computes what
+// the AVX512_BF16 kernel does (rnn_gemm_avx512_bf16.h: it serves the bf16 layers where the CPU
+// has vdpbf16ps; this one elsewhere).
 //
 // Why our own: MKL's packed sgemm, which the kernels used alone before, takes its slower paths
 // on AMD CPUs; measured on an AMD EPYC (Zen 2, AVX2, 1 thread, in-process at first use, loaded
@@ -9,7 +12,8 @@
 // at [512, 130] x [130, 800] 68-86 against 60-73 (rnn_gemm.h chooses between them per machine
 // by measurement). bf16 panels halve the bytes of W_hh (640 KB float32 at H = 200, more than a
 // Zen 2 core's 512 KB L2; 320 KB in bf16), but the widening costs two integer ops per row of
-// 16: on Zen 2 the bf16 layers ran within ~5% of the float32 ones.
+// 16: on Zen 2 the bf16 layers ran within ~5% of the float32 ones (measured before the rounding
+// of A's rows was added; it costs m * k operations against the product's m * k * n).
 //
 // Panel layout, panel p = columns [16p, 16p + 16), k rows of 16 values (zeros past n):
 //   float32: row kk is B[kk][16p + c] for c = 0..15 (two 8-float loads).
@@ -41,14 +45,29 @@ inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
 // Elements of the packed B (of type float or uint16_t = bf16 bits).
 inline int64_t packed_size(int64_t k, int64_t n) { return panels(n) * k * kPanel; }
 
-// bf16 bits of a float32, round to nearest even (NaN stays NaN): the one rounding both the
-// packing here and fastner/reference.py (tensor.to(torch.bfloat16)) use.
-inline uint16_t to_bf16_bits(float x) {
+// x rounded to bf16 and widened back (the bf16 layers' rounding of the products' left
+// operand, the one vcvtne2ps2bf16 does and rnn_gemm_avx512_bf16.h describes): a denormal
+// becomes a zero of its sign, NaN stays NaN (quiet), the rest round to nearest even (as
+// torch's .to(torch.bfloat16)).
+inline float round_to_bf16(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    u = (u | 0x00400000u) & 0xffff0000u;  // quiet NaN, payload truncated
+  } else if ((u & 0x7f800000u) == 0) {
+    u &= 0x80000000u;  // zero or denormal: signed zero
+  } else {
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  }
+  float out;
+  std::memcpy(&out, &u, 4);
+  return out;
+}
+
+// bf16 bits with a denormal made a zero of its sign (vdpbf16ps reads its inputs so; the bf16
+// panels below are packed flushed so that both kernels multiply the same weights).
+inline uint16_t flush_bf16_denormal(uint16_t bits) {
+  return (bits & 0x7f80u) == 0 ? static_cast<uint16_t>(bits & 0x8000u) : bits;
 }
 
 #ifdef FASTNER_RNN_GEMM_AVX2
@@ -106,8 +125,8 @@ inline void pack_transposed_f32(const float* b, int64_t ldb, int64_t k, int64_t 
 #endif
 
 // Packs op(B)[k, n] (B row-major with leading dimension ldb; op(B) = B^T when trans_b) whose
-// elements are float (W = float) or bf16 bits (W = uint16_t, copied as they are) into `out`
-// (packed_size(k, n) elements of W).
+// elements are float (W = float) or bf16 bits (W = uint16_t, denormals flushed to signed zeros)
+// into `out` (packed_size(k, n) elements of W).
 template <typename W>
 void pack(const W* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, W* out) {
 #ifdef FASTNER_RNN_GEMM_AVX2
@@ -115,7 +134,11 @@ void pack(const W* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, W* out) {
     if (trans_b) return pack_transposed_f32(b, ldb, k, n, out);
   }
 #endif
-  auto at = [&](int64_t kk, int64_t col) -> W { return trans_b ? b[col * ldb + kk] : b[kk * ldb + col]; };
+  auto value = [](W w) -> W {
+    if constexpr (sizeof(W) == 2) return flush_bf16_denormal(w);
+    return w;
+  };
+  auto at = [&](int64_t kk, int64_t col) -> W { return value(trans_b ? b[col * ldb + kk] : b[kk * ldb + col]); };
   // Position of column c (0..15) within a packed row of the panel.
   auto slot = [](int64_t c) -> int64_t {
     if constexpr (sizeof(W) == 4) return c;
@@ -130,7 +153,7 @@ void pack(const W* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, W* out) {
       for (int64_t c = 0; c < cols; ++c) {
         const W* src = b + (p * kPanel + c) * ldb;
         const int64_t s = slot(c);
-        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + s] = src[kk];
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + s] = value(src[kk]);
       }
     } else {
       for (int64_t kk = 0; kk < k; ++kk)
@@ -150,6 +173,32 @@ inline void load_row(const uint16_t* row, __m256& lo, __m256& hi) {
   const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
   lo = _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
   hi = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+}
+
+// out[r, :k] = round_to_bf16(A[r, :k]) for the m rows of A (leading dimension lda; out's is k):
+// the bf16 panels' left operand, so that this kernel multiplies what vdpbf16ps does.
+inline void round_rows_to_bf16(int64_t m, int64_t k, const float* a, int64_t lda, float* out) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), infinity = _mm256_set1_epi32(0x7f800000);
+  const __m256i smallest_normal = _mm256_set1_epi32(0x00800000), quiet = _mm256_set1_epi32(0x00400000);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t r = 0; r < m; ++r) {
+    const float* src = a + r * lda;
+    float* dst = out + r * k;
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+      const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      const __m256i abs = _mm256_and_si256(u, magnitude);
+      const __m256i nan = _mm256_cmpgt_epi32(abs, infinity);
+      const __m256i tiny = _mm256_cmpgt_epi32(smallest_normal, abs);  // zero or denormal
+      __m256i v = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+      v = _mm256_blendv_epi8(v, _mm256_or_si256(u, quiet), nan);
+      v = _mm256_blendv_epi8(v, _mm256_and_si256(u, sign), tiny);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_and_si256(v, high));
+    }
+    for (; i < k; ++i) dst[i] = round_to_bf16(src[i]);
+  }
 }
 
 // C[R rows, cols] (=|+=) A[R rows, k] @ panel, R <= kRows, cols <= 16. Every loop over r is

@@ -29,8 +29,8 @@ BASELINES = ("torch.padded", "torch.packed")
 ALL_IMPLS = ("torch.padded", "torch.packed", "fastner.padded", "fastner.lengths", "fastner.packed")
 SWEEP_IMPLS = ("torch.padded", "torch.packed", "fastner.padded", "fastner.lengths")
 BF16_IMPLS = ("fastner.bf16.padded", "fastner.bf16.lengths")  # inference on the CPU only
-# bf16 weights cost ~0.2% relative error per layer (tests/ops/rnn/test_rnn_bf16.py): checked against
-# torch.packed at this relative Frobenius bound.
+# bf16 weights and operands cost ~0.25% relative error per layer (tests/ops/rnn/test_rnn_bf16.py):
+# checked against torch.packed at this relative Frobenius bound.
 BF16_RELATIVE_ERROR = 5e-3
 HEADLINE_BUDGET = 2  # the tagger-shape rows get this many times the usual time budget
 
@@ -292,7 +292,8 @@ def implementations(pair, shape: RnnShape, lengths: torch.Tensor, device: torch.
 
 def cpu_gemm_choices() -> List[str]:
     """The float32 GEMM kernel the CPU layers measured and chose per product shape so far
-    (csrc/cpu/rnn_gemm.h), with both kernels' GFLOP/s."""
+    (csrc/cpu/rnn_gemm.h), with both kernels' GFLOP/s, and the kernel of each bf16 weight shape
+    run ("bf16 k=.. n=..: avx512_bf16" or "...: avx2")."""
     try:
         from fastner import _C
 

@@ -3,12 +3,17 @@
 to_bf16(module) returns a copy of a fastner.nn (or torch.nn) LSTM, GRU or RNN whose w_ih and
 w_hh are rounded to bfloat16 once (round to nearest even; the biases stay float32). Its forward
 has fastner.nn's signature (Tensor in either layout or PackedSequence, `lengths=`, hx) and takes
-and returns float32: the CPU kernel widens the bf16 weights to float32 in registers
-(csrc/cpu/rnn_gemm_avx2.h), so products, accumulation, gate math and states are float32, and
-the result equals the float32 layer with bf16-rounded weights up to float reassociation
-(fastner.reference.rnn_layer with these weights is the reference arithmetic). What bf16 buys
-on a CPU without bf16 dot products: half the weight bytes per step (W_hh stays in L2), not
-cheaper multiplies. NaN and +-inf in the input or hx / cx propagate as in that float32 layer.
+and returns float32. Arithmetic: every product x @ W_ih^T and h @ W_hh^T multiplies bf16 by
+bf16: x and h are rounded to bf16 just for the product (nearest even, as .to(torch.bfloat16);
+float32 denormals count as zeros), the products are exact in float32 and summed in float32;
+gate math and the states h / c stay float32. fastner.reference.rnn_layer with these weights
+defines it. On a CPU with AVX512_BF16 the products are vdpbf16ps dot products
+(csrc/cpu/rnn_gemm_avx512_bf16.h, ~2x the float32 kernel's rate); elsewhere the AVX2 kernel
+rounds the rows the same way and widens the weights in registers (csrc/cpu/rnn_gemm_avx2.h),
+so a model gives the same answers on every CPU up to float32 summation order (which, once it
+moves an h across a bf16 rounding boundary, shows as ~1e-4 differences later on). Against the
+float32 layer the output's relative error is ~0.25% per layer (tests/ops/rnn/test_rnn_bf16.py).
+NaN and +-inf in the input or hx / cx propagate as in the float32 layer.
 
 Inference only: forward raises in training mode and when a gradient could flow into the input
 or the initial state; the weights are not trainable (requires_grad=False).

@@ -2,8 +2,10 @@
 in hx / cx, or arising in the recurrence (a huge input whose product overflows). The int8
 (fastner.nn.quantize(m, torch.qint8)), bf16 (to_bf16) and float32 layers, fused and reference
 (FASTNER_BACKEND=reference), put NaN / +inf / -inf exactly where torch's float32 layer with the
-weights they really use (dequantized int8, bf16-rounded) has them, leave the other sequences
-bit for bit as on clean input, and ignore padding past a sequence's length.
+weights they really use (dequantized int8, bf16-rounded) has them (the finite values within the
+int8 layer's quantization error, and the bf16 layer's rounding of the products' x and h
+operands), leave the other sequences bit for bit as on clean input, and ignore padding past a
+sequence's length.
 """
 from __future__ import annotations
 
@@ -75,18 +77,21 @@ def _run_torch(twin, x, hx):
 
 
 def _assert_same_nonfinite(got, want, precision, what):
-    """NaN, +inf and -inf at the same positions; the finite values close (int8: within its
-    quantization error, relative to the whole tensor)."""
+    """NaN, +inf and -inf at the same positions; the finite values close (int8 and bf16: within
+    their rounding error, relative to the whole tensor)."""
     for kind, mask in (("NaN", torch.isnan), ("+inf", lambda t: t == float("inf")),
                        ("-inf", lambda t: t == float("-inf"))):
         bad = mask(got) != mask(want)
         assert not bad.any(), f"{what}: {kind} at {bad.nonzero()[:4].tolist()} in one and not the other"
     finite = torch.isfinite(want)
     g, w = got[finite], want[finite]
-    if precision == "int8":
+    if precision in ("int8", "bf16"):
         g, w = g.double(), w.double()  # huge values: no overflow in the norms
         err = ((g - w).norm() / w.norm().clamp(min=1e-6)).item()
-        assert err <= 0.06, f"{what}: relative error {err:.4f}"
+        # int8: its quantization error; bf16: the products' x and h operands rounded to bf16 as
+        # well (the twin has the bf16 weights only): measured <= 0.27% here
+        bound = 0.06 if precision == "int8" else 0.01
+        assert err <= bound, f"{what}: relative error {err:.4f}"
     else:
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=what)
 
