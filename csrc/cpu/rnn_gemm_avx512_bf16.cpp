@@ -44,9 +44,8 @@ uint32_t* scratch(int64_t words) {
   return buffer.data;
 }
 
-}  // namespace
-
-void pack(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, uint32_t* out) {
+// pack() one word at a time: any CPU, and B not transposed.
+void pack_scalar(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, uint32_t* out) {
   const int64_t kp = pairs(k);
   for (int64_t p = 0; p < panels(n); ++p) {
     uint32_t* dst = out + p * kp * 16;
@@ -69,6 +68,8 @@ void pack(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, ui
   }
 }
 
+}  // namespace
+
 #ifdef FASTNER_RNN_GEMM_AVX512_BF16
 
 #pragma GCC push_options
@@ -83,8 +84,77 @@ namespace {
 // thread, loaded machine) at [8..32, 200] x [200, 800]: 8 x 3 and 6 x 4 tiles both at
 // ~210-225 GFLOP/s (the core's vdpbf16ps peak is ~64 flop/cycle); 8 x 3 gives 32 rows four full
 // tiles.
+// One row (a batch of one, or a batch's last steps) keeps only kCols chains, but at the
+// layers' n it waits on L2 rather than on latency: at [1, 200] x [200, 800] ~107 GFLOP/s (64
+// bytes of weights per vdpbf16ps, ~31 bytes a cycle) whether or not its k pairs are split over
+// two chains; splitting helped only where the panels fit L1 (n = 48: 106 -> 150), so it is not
+// done.
 constexpr int kRows = 8;
 constexpr int kCols = 3;
+
+// r[c] = row c of a 16 x 16 block of 32-bit words -> r[j] = column j.
+inline __attribute__((always_inline)) void transpose16x16(__m512i (&r)[16]) {
+  __m512i t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4i + m], 128-bit lane L: rows 4i..4i+3 of column 4L + m.
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Column 4L + m: lane L of r[m], r[4 + m], r[8 + m], r[12 + m] (a 4 x 4 transpose of lanes).
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    const __m512i v0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), v1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xee);
+    t[m] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[4 + m] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    t[8 + m] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + m] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) r[j] = t[j];
+}
+
+// pack() for B^T (the layers' weights W [n, k], rows of k bf16): a pair of k is already one
+// 32-bit word of W's row, so a panel is a transpose of 16 rows' words, 16 x 16 words at a time
+// in registers (the word-at-a-time loop stores with a 64-byte stride: ~27 us for W_hh at H =
+// 200 on Zen 4, a sixth of a one-sentence bf16 LSTM call; this way ~9 us).
+void pack_transposed(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint32_t* out) {
+  const int64_t kp = pairs(k), whole = k / 2;  // pairs; pairs with both halves in the row
+  const __m512i exponent = _mm512_set1_epi16(0x7f80), sign = _mm512_set1_epi16(static_cast<short>(0x8000));
+  for (int64_t p = 0; p < panels(n); ++p) {
+    uint32_t* dst = out + p * kp * 16;
+    const int64_t cols = n - p * 16 < 16 ? n - p * 16 : 16;
+    for (int64_t q0 = 0; q0 < kp; q0 += 16) {
+      const int64_t left = whole - q0;
+      const __mmask16 mask = left >= 16 ? 0xffff : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c)
+        r[c] = c < cols ? _mm512_maskz_loadu_epi32(mask, b + (p * 16 + c) * ldb + 2 * q0) : _mm512_setzero_si512();
+      transpose16x16(r);
+      const int64_t rows = kp - q0 < 16 ? kp - q0 : 16;
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        if (j < rows) {
+          // bf16 denormals to zeros of their sign, in both halves of every word
+          const __mmask32 normal = _mm512_test_epi16_mask(r[j], exponent);
+          _mm512_store_si512(dst + (q0 + j) * 16, _mm512_mask_blend_epi16(normal, _mm512_and_si512(r[j], sign), r[j]));
+        }
+      }
+    }
+    if (k % 2 != 0)  // the last pair's high half is the zero padding, not the next row's first
+      for (int64_t c = 0; c < cols; ++c) dst[(kp - 1) * 16 + c] = flushed(b[(p * 16 + c) * ldb + k - 1]);
+  }
+}
 
 // The rows of A[m, k] (leading dimension lda) rounded to bf16 (vcvtne2ps2bf16: RNE, denormals
 // to signed zeros, NaN quiet) into out: row r at out + r * kp words, pairs of k per word, the
@@ -198,6 +268,13 @@ void multiply_rounded(int64_t m, int64_t n, int64_t kp, const uint32_t* a, const
 #pragma GCC pop_options
 
 #endif  // FASTNER_RNN_GEMM_AVX512_BF16
+
+void pack(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, uint32_t* out) {
+#ifdef FASTNER_RNN_GEMM_AVX512_BF16
+  if (trans_b && available()) return pack_transposed(b, ldb, k, n, out);
+#endif
+  pack_scalar(b, ldb, trans_b, k, n, out);
+}
 
 bool available() {
 #ifdef FASTNER_RNN_GEMM_AVX512_BF16
