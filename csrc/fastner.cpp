@@ -24,6 +24,12 @@ static PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastner::cpu::isa_name());
 }
 
+static PyObject* rnn_bf16_kernel(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastner::cpu::rnn::bf16_kernel() == fastner::cpu::rnn::RightKernel::Avx512Bf16
+                                  ? "avx512_bf16"
+                                  : "avx2");
+}
+
 static PyObject* rnn_int8_kernel(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(fastner::cpu::rnn::int8::vnni_selected() ? "avx512_vnni" : "avx2");
@@ -120,6 +126,8 @@ PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"cpu_isa", cpu_isa, METH_NOARGS,
        "Instruction set of every CPU kernel family: 'avx512' or 'avx2' (csrc/cpu/cpu_isa.h)."},
+      {"rnn_bf16_kernel", rnn_bf16_kernel, METH_NOARGS,
+       "The bf16 recurrent layers' product kernel: 'avx512_bf16' or 'avx2' (csrc/cpu/rnn_gemm_avx512_bf16.h)."},
       {"rnn_int8_kernel", rnn_int8_kernel, METH_NOARGS,
        "The int8 recurrent layers' product kernel: 'avx512_vnni' or 'avx2' (csrc/cpu/rnn_int8_vnni.h)."},
       {"rnn_gemm_choices", rnn_gemm_choices, METH_NOARGS,

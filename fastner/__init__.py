@@ -51,6 +51,7 @@ def backend() -> Dict[str, str]:
 
         info["cpu_simd"] = _C.cpu_isa()  # 'avx512' or 'avx2', for every CPU kernel family
         info["cpu_int8"] = _C.rnn_int8_kernel()  # the int8 layers' product: 'avx512_vnni' or 'avx2'
+        info["cpu_bf16"] = _C.rnn_bf16_kernel()  # the bf16 layers' product: 'avx512_bf16' or 'avx2'
     return info
 
 

@@ -49,6 +49,33 @@ def test_extension_is_built_and_serves_cpu():
     assert info["cpu"] == "fused", info
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+def test_backend_names_the_cpu_kernels_this_cpu_can_run():
+    # cpu_simd for every family; cpu_int8 / cpu_bf16 for the int8 and bf16 layers' products:
+    # the AVX-512 kernels exactly where the CPU has what they need (x86-64 Linux: the flags of
+    # /proc/cpuinfo), and all AVX2 under FASTNER_CPU_ISA=avx2.
+    info = fastner.backend()
+    flags = _cpu_flags()
+    if not flags:
+        return  # not Linux x86-64: the values are checked by the kernels' own tests
+    avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags
+    assert info["cpu_simd"] == ("avx512" if avx512 else "avx2"), info
+    assert info["cpu_int8"] == ("avx512_vnni" if avx512 and "avx512_vnni" in flags else "avx2"), info
+    assert info["cpu_bf16"] == ("avx512_bf16" if avx512 and "avx512_bf16" in flags else "avx2"), info
+    code = "import fastner, json; print(json.dumps(fastner.backend()))"
+    env = dict(os.environ, FASTNER_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    forced = __import__("json").loads(out.stdout)
+    assert (forced["cpu_simd"], forced["cpu_int8"], forced["cpu_bf16"]) == ("avx2", "avx2", "avx2"), forced
+
+
 def _backend_in_subprocess(env_value):
     code = "import fastner, json; print(json.dumps(fastner.backend()))"
     env = dict(__import__("os").environ, FASTNER_BACKEND=env_value)
