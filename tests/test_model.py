@@ -87,6 +87,22 @@ def test_padding_does_not_change_a_sentence(encoder):
     torch.testing.assert_close(model.predict(batch)[0][0, :3], model.predict(alone)[0][0])
 
 
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_inference_projects_only_the_tokens_with_the_same_values(encoder):
+    # Without grad the output Linear runs on the tokens' rows alone (SequenceTagger._project);
+    # the emissions must equal the all-rows product's: the tokens' to float rounding, the
+    # padding's exactly (the bias, what a zero row gives).
+    model = make_model(encoder, "crf").eval()
+    batch = random_batch([3, 9, 6, 1])
+    with torch.no_grad():
+        fast = model.emissions(batch.words, batch.chars, batch.lengths, batch.mask)
+    with torch.enable_grad():
+        full = model.emissions(batch.words, batch.chars, batch.lengths, batch.mask).detach()
+    torch.testing.assert_close(fast[batch.mask], full[batch.mask], rtol=1e-6, atol=1e-6)
+    assert torch.equal(fast[~batch.mask], full[~batch.mask])
+    assert torch.equal(fast[~batch.mask], model.output.bias.detach().expand_as(fast[~batch.mask]))
+
+
 def test_char_cnn_ignores_padding_chars():
     cnn = CharCNN(10, char_dim=4, filters=3, dropout=0.0)
     chars = torch.tensor([[[3, 4, 0, 0], [5, 0, 0, 0]]])

@@ -189,7 +189,21 @@ class SequenceTagger(nn.Module):
             x = torch.cat([x, self.char_cnn(chars, mask)], dim=-1)
         x = self.dropout(x)
         x, _ = self.encoder(x, lengths=lengths)  # [B, T, 2H], zeros past each length
-        return self.output(self.dropout(x))
+        return self._project(self.dropout(x), mask)
+
+    def _project(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """self.output over x [B, T, 2H] (zeros past each length) -> [B, T, K]. In eager
+        inference (no grad, not traced) the Linear runs on the tokens' rows alone and padding
+        gets the bias, which is what it gives a zero row: the same values, at a third of the
+        work on CoNLL-length batches (465 of 1280 rows at batch 32), where this product with
+        only K columns ran at ~24 GFLOP/s and took 15% of an int8 tagger call (1 thread, AMD
+        EPYC Zen 4). With grad, or under torch.compile / torch.export, all rows (static shapes)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() != 3:
+            return self.output(x)
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # the tokens' rows of x viewed as [B*T, 2H]
+        out = self.output.bias.to(x.dtype).expand(*x.shape[:-1], self.output.out_features).contiguous()
+        tokens = self.output(x.reshape(-1, x.shape[-1]).index_select(0, rows))
+        return out.view(-1, out.shape[-1]).index_copy_(0, rows, tokens).view(out.shape)
 
     def forward(self, words: torch.Tensor, chars: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor,
                 tags: torch.Tensor) -> torch.Tensor:
