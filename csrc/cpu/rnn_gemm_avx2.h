@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/rnn_row_tiles.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define FASTNER_RNN_GEMM_AVX2 1
@@ -287,13 +289,10 @@ void multiply(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
     const W* panel = packed + p * k * kPanel;
     const int64_t cols = std::min(kPanel, n - p * kPanel);
     float* cp = c + p * kPanel;
-    // Row tiles of near-equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a short tile
-    // reloads the panel for few FMAs. Measured on an AMD EPYC (Zen 2, 1 thread, best of 200):
-    // float32 at [20..32, 200] x [200, 800] 4-10% faster than 6-row tiles plus a short one.
-    const int64_t tiles = (m + kRows - 1) / kRows, base = m / tiles, taller = m % tiles;
+    const RowTiles tiles(m, kRows);
     int64_t i = 0;
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t rows = base + (t < taller ? 1 : 0);
+    for (int64_t t = 0; t < tiles.count; ++t) {
+      const int64_t rows = tiles.height(t);
       const float* at = a + i * lda;
       float* ct = cp + i * ldc;
       switch (rows) {

@@ -13,6 +13,7 @@
 #include <new>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/rnn_row_tiles.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 10
 #define FASTNER_RNN_GEMM_AVX512_BF16 1
@@ -224,10 +225,10 @@ inline __attribute__((always_inline)) void tile(int64_t kp, const uint32_t* a, c
 template <int C>
 void column_block(int64_t m, int64_t kp, const uint32_t* a, const uint32_t* panel, int64_t panel_words, float* c,
                   int64_t ldc, bool accumulate, __mmask16 last_mask) {
-  const int64_t tiles = (m + kRows - 1) / kRows, base = m / tiles, taller = m % tiles;
+  const RowTiles tiles(m, kRows);
   int64_t i = 0;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t rows = base + (t < taller ? 1 : 0);
+  for (int64_t t = 0; t < tiles.count; ++t) {
+    const int64_t rows = tiles.height(t);
     const uint32_t* at = a + i * kp;
     float* ct = c + i * ldc;
     switch (rows) {

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "cpu/cpu_isa.h"
+#include "cpu/rnn_row_tiles.h"
 
 namespace fastner::cpu::rnn::int8 {
 
@@ -43,6 +44,10 @@ constexpr int64_t kPanel = 16;      // output channels per panel: one zmm of int
 constexpr int64_t kGroupBytes = 64;  // a panel's 16 channels x 4 k of one group
 constexpr int kMaxRows = 6;          // rows of Q per tile
 constexpr int kMaxPanels = 4;        // panels per tile: 6 x 4 = 24 of the 32 zmm registers
+
+// No standard-library templates under the target pragma: an inline function compiled here for
+// AVX-512 and elsewhere for the baseline could be merged by the linker into the AVX-512 copy.
+inline int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // acc[r][p] = sum over groups of Q row r (4 u8 a group, broadcast) . panel p's group (16
 // channels x 4 s8): one vpdpbusd per row and panel and group. Loops over r and p unrolled so
@@ -82,7 +87,7 @@ inline void tile_store(__m512i (&acc)[kMaxRows][kMaxPanels], const float* row_sc
     float* dst = c + r * ldc;
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
-      const int64_t n = std::min<int64_t>(kPanel, cols - p * kPanel);
+      const int64_t n = smaller(kPanel, cols - p * kPanel);
       if (n <= 0) break;
       const __mmask16 lanes = n == kPanel ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
       const __m512i adj = _mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(z, _mm512_loadu_si512(colsum + p * kPanel)));
@@ -132,16 +137,14 @@ void multiply_vnni(int64_t m, const uint8_t* q, int64_t width, const float* row_
                    const int8_t* packed, const int32_t* colsum, const float* wscale, int64_t groups, int64_t panels,
                    int64_t n, float beta, float* c, int64_t ldc) {
   if (m <= 0 || panels <= 0) return;
-  // Row tiles of near-equal height (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2): a short tile loads
-  // the panels' weights for few products (rnn_gemm_avx2.h measured the same for float32).
-  const int64_t tiles = (m + kMaxRows - 1) / kMaxRows, base = m / tiles, taller = m % tiles;
+  const RowTiles tiles(m, kMaxRows);
   // Panel blocks outer: a block's weights (4 panels x groups x 64 bytes, 12.8 KB at K = 200)
   // stay in L1 while every row tile passes over them.
   for (int64_t p0 = 0; p0 < panels; p0 += kMaxPanels) {
-    const int np = static_cast<int>(std::min<int64_t>(kMaxPanels, panels - p0));
+    const int np = static_cast<int>(smaller(kMaxPanels, panels - p0));
     int64_t r0 = 0;
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int rows = static_cast<int>(base + (t < taller ? 1 : 0));
+    for (int64_t t = 0; t < tiles.count; ++t) {
+      const int rows = static_cast<int>(tiles.height(t));
       tile_fn(rows, np)(r0, p0, q, width, row_scale, row_zero, packed, colsum, wscale, groups, n, beta, c, ldc);
       r0 += rows;
     }
