@@ -2,11 +2,16 @@
 
     python -m benchmarks.serve_profile MODEL --documents ../shared/data/conll2003/eng.testa [--batch 16,64]
 
-Runs the stages of fastner.serve.model.predict_documents one by one on the same documents the
-load test sends (detokenized CoNLL sentences), each stage timed with the calling thread's CPU
-clock (time.thread_time_ns: steadier than wall time on a shared machine), in rounds that
-interleave batch 1 and the batch sizes asked for, so all see the same contention. Checks that the staged
-pipeline returns exactly what predict_documents returns. Prints per-document ms by stage.
+Runs the server's model call (fastner.serve.model.predict_documents, then the JSON encoding of
+its answer) on the same documents the load test sends (detokenized CoNLL sentences), with the
+functions that make up its stages wrapped where the served path looks them up (MODULE_STAGES,
+MODEL_STAGES below): each stage is charged the calling thread's CPU time (time.thread_time_ns:
+steadier than wall time on a shared machine) spent in it, exclusive of the stages nested in it;
+what no stage claims is "other". The real code runs, not a copy of it, so the profile cannot
+drift from what the server does (an earlier copy did, and its answers stopped matching); a stage
+that no call reaches fails the run. Batch 1 and the batch sizes asked for are interleaved in
+rounds, so all see the same contention. Prints per-document ms by stage; `--precision` as
+`fastner serve`'s.
 
 --lstm: the model's fused BiLSTM against torch.nn.LSTM of the same sizes on the same packed
 batches (random inputs, CoNLL-like lengths), microseconds of thread CPU per token: whether the
@@ -21,7 +26,10 @@ runs in torch ops with the GIL released.
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
+import functools
+import importlib
+import inspect
 import json
 import os
 import random
@@ -33,90 +41,118 @@ from typing import Dict, List
 import torch
 
 
-def staged(tagger, texts: List[str], clock: Dict[str, float]) -> List[dict]:
-    """predict_documents(tagger, texts), stage by stage, adding each stage's thread CPU ns to `clock`."""
-    from fastner.data.batching import encode_sentences, make_batch
-    from fastner.data.conll import Sentence
-    from fastner.data.schemes import tags_to_spans
-    from fastner.documents import _bounded, document_result
-    from fastner.serve.model import SENTENCES_PER_CALL, _analyser
-    from fastner.span_scores import span_log_probabilities
-    from fastner.inference import SentenceAnalysis
-    from fastner.text import tokenizer as tk
-    from fastner import ops
-    import math
+# Where the stages are: (module, attribute, stage). Each function is wrapped where the served
+# path looks it up, and the stage is charged its exclusive time (a wrapped call inside another
+# is charged to its own stage, not its caller's). Every stage must be reached by a profiled
+# call (stages_reached): a renamed or no longer used function fails the run instead of
+# silently leaving its time in "other".
+MODULE_STAGES = [
+    ("fastner.text.tokenizer", "_sentence_ranges", "tokenize: sentence split (syntok)"),
+    ("fastner.text.tokenizer", "_word_spans", "tokenize: words (nltk + CoNLL fixes)"),
+    ("fastner.text.tokenizer", "_conll_fixes", "tokenize: words (nltk + CoNLL fixes)"),
+    ("fastner.inference", "encode_sentences", "encode: word/char lookup"),
+    ("fastner.inference", "make_batch", "encode: pad to tensors"),
+    ("fastner.ops", "crf_viterbi", "CRF: Viterbi + log Z"),
+    ("fastner.ops", "crf_forward", "CRF: Viterbi + log Z"),
+    ("fastner.inference", "tags_to_spans", "spans: tags -> spans"),
+    ("fastner.inference", "relative_to_path", "spans: posterior probabilities"),
+    ("fastner.inference", "span_log_probabilities", "spans: posterior probabilities"),
+    ("fastner.documents", "document_result", "records: document results"),
+]
+# The model's parts, wrapped on the served tagger's model instance: (attribute path, stage).
+MODEL_STAGES = [
+    ("embed_words", "model: word embedding (+ frozen GloVe rows)"),
+    ("char_cnn.forward", "model: char CNN"),
+    ("encoder.forward", "model: BiLSTM (fused op)"),
+    ("_project", "model: output layer"),
+]
+OTHER = "other: Python between the stages"
 
-    def tick(name, since):
-        now = time.thread_time_ns()
-        clock[name] = clock.get(name, 0) + now - since
-        return now
 
-    t = time.thread_time_ns()
-    analyser = _analyser(tagger)
-    t = tick("analyser (built once per tagger)", t)
-    tokenized = []
-    for text in texts:
-        work = tk.working_copy(text)
-        ranges = list(tk._sentence_ranges(work))
-        t = tick("tokenize: sentence split (syntok)", t)
-        sentences = []
-        for start, end in ranges:
-            spans = tk._conll_fixes(work, tk._word_spans(work, start, end))
-            if spans:
-                sentences.append([(text[a:b], a, b) for a, b in spans])
-        tokenized.append(_bounded(sentences))
-        t = tick("tokenize: words (nltk + fixes)", t)
-    flat = [[token for token, _, _ in s] for ss in tokenized for s in ss]
-    order = sorted((i for i, s in enumerate(flat) if s), key=lambda i: len(flat[i]))
-    encoded = encode_sentences([Sentence(list(s)) for s in flat], analyser.words, analyser.chars,
-                               digits_to_zero=analyser.digits_to_zero, pretrained=analyser.pretrained)
-    t = tick("encode: word/char lookup", t)
-    results = [None] * len(flat)
-    model = tagger.model
-    itos = analyser.tags.itos
-    for begin in range(0, len(order), SENTENCES_PER_CALL):
-        index = order[begin:begin + SENTENCES_PER_CALL]
-        batch = make_batch(encoded, index, analyser.words.pad_id, analyser.chars.pad_id)
-        words, chars, lengths = batch.words, batch.chars, batch.lengths
-        t = tick("encode: pad to tensors", t)
-        with torch.no_grad():
-            mask = torch.arange(words.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-            x = model.embed_words(words)
-            t = tick("model: word embedding", t)
-            x = torch.cat([x, model.char_cnn(chars, mask)], dim=-1)
-            t = tick("model: char CNN", t)
-            x, _ = model.encoder(x, lengths=lengths)
-            t = tick("model: BiLSTM", t)
-            emissions = model.output(x).float() * mask.unsqueeze(-1)
-            t = tick("model: output layer", t)
-            scores = model.transition_scores(emissions.dtype)
-            tags, _ = ops.crf_viterbi(emissions, lengths, *scores)
-            log_z, _ = ops.crf_forward(emissions, None, lengths, *scores)
-            t = tick("CRF: Viterbi + log Z", t)
-        tag_rows = tags.tolist()
-        decoded, requests = [], []
-        for row, si in enumerate(index):
-            names = [itos[v] for v in tag_rows[row][:len(flat[si])]]
-            spans = tags_to_spans(names)
-            decoded.append((names, spans))
-            requests.extend((row, s, e, label) for s, e, label in spans)
-        t = tick("spans: tags -> spans", t)
-        log_probs = iter(span_log_probabilities(emissions, lengths, log_z, analyser.scores, requests, analyser.tag_ids))
-        for row, si in enumerate(index):
-            names, spans = decoded[row]
-            results[si] = SentenceAnalysis(names, [(s, e, label, round(math.exp(next(log_probs)), 6))
-                                                   for s, e, label in spans], [])
-        t = tick("spans: posterior probabilities", t)
-    analyses = iter(results)
-    out = []
-    for text, sentences in zip(texts, tokenized):
-        result = document_result(text, sentences, list(itertools.islice(analyses, len(sentences))),
-                                 tagger.output_scheme, None)
-        out.append({"entities": result["entities"]})
-    t = tick("records: document results", t)
-    json.dumps({"documents": out}).encode("ascii")
-    tick("JSON answer", t)
-    return out
+class StageClock:
+    """Thread CPU time by stage, exclusive of nested stages: clock[stage] += ns."""
+
+    def __init__(self) -> None:
+        self.clock: Dict[str, int] = {}
+        self.calls: Dict[str, int] = {}
+        self._children: List[int] = []  # per open stage: ns spent in stages nested in it
+
+    def _run(self, stage: str, call):
+        self._children.append(0)
+        started = time.thread_time_ns()
+        try:
+            return call()
+        finally:
+            spent = time.thread_time_ns() - started
+            nested = self._children.pop()
+            self.clock[stage] = self.clock.get(stage, 0) + spent - nested
+            self.calls[stage] = self.calls.get(stage, 0) + 1
+            if self._children:
+                self._children[-1] += spent
+
+    def wrap(self, fn, stage: str):
+        if inspect.isgeneratorfunction(fn):
+            def generator(*args, **kwargs):  # the generator's body runs in next(): time each
+                inner = fn(*args, **kwargs)
+                while True:
+                    try:
+                        yield self._run(stage, lambda: next(inner))
+                    except StopIteration:
+                        return
+            return functools.wraps(fn)(generator)
+        return functools.wraps(fn)(lambda *args, **kwargs: self._run(stage, lambda: fn(*args, **kwargs)))
+
+    def measure(self, call):
+        """call() with everything no stage claims charged to OTHER."""
+        return self._run(OTHER, call)
+
+    def measure_stage(self, stage: str, call):
+        return self._run(stage, call)
+
+
+@contextlib.contextmanager
+def stages_of(tagger, stage_clock: StageClock):
+    """Wraps the served path's stage functions (MODULE_STAGES, MODEL_STAGES) for the duration."""
+    restore = []
+    try:
+        for module_name, name, stage in MODULE_STAGES:
+            module = importlib.import_module(module_name)
+            original = getattr(module, name)
+            setattr(module, name, stage_clock.wrap(original, stage))
+            restore.append((module, name, original, False))
+        for path, stage in MODEL_STAGES:
+            *parents, name = path.split(".")
+            owner = functools.reduce(getattr, parents, tagger.model)
+            original = getattr(owner, name)  # a bound method: the wrapper shadows it on the instance
+            object.__setattr__(owner, name, stage_clock.wrap(original, stage))
+            restore.append((owner, name, original, True))
+        yield stage_clock
+    finally:
+        for owner, name, original, on_instance in reversed(restore):
+            if on_instance:
+                object.__delattr__(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def staged(tagger, texts: List[str], stage_clock: StageClock) -> List[dict]:
+    """predict_documents(tagger, texts) and the server's encoding of its answer, inside
+    stages_of(tagger, stage_clock): their thread CPU ns added to stage_clock by stage."""
+    from fastner.serve.model import predict_documents
+
+    with stages_of(tagger, stage_clock):
+        documents = stage_clock.measure(lambda: predict_documents(tagger, texts))
+        # what fastner/serve/app.py does with the documents
+        stage_clock.measure_stage("JSON answer", lambda: json.dumps({"documents": documents}).encode("ascii"))
+    return documents
+
+
+def stages_reached(stage_clock: StageClock) -> None:
+    expected = {stage for _, _, stage in MODULE_STAGES} | {stage for _, stage in MODEL_STAGES}
+    missing = sorted(expected - set(stage_clock.calls))
+    if missing:
+        raise SystemExit(f"serve_profile: no profiled call reached {missing}: the served path changed; "
+                         "update MODULE_STAGES / MODEL_STAGES")
 
 
 def overlap(tagger, documents: List[str], batch: int, batches: int = 60) -> dict:
@@ -205,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--overlap", action="store_true", help="only the two-thread overlap measurement (see above)")
     parser.add_argument("--lstm", action="store_true", help="only the BiLSTM against torch.nn.LSTM (see above)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                        help="as `fastner serve --precision`")
     args = parser.parse_args(argv)
 
     from fastner.serve.loadtest import _cpu_name, load_documents
@@ -212,7 +250,7 @@ def main(argv=None) -> int:
     from fastner.tagger import Tagger
 
     torch.set_num_threads(1)
-    tagger = Tagger.load(args.model, device="cpu")
+    tagger = Tagger.load(args.model, device="cpu", precision=args.precision)
     if args.lstm:
         load = os.getloadavg()[0]
         for row in lstm_against_torch(tagger, [1] + [int(n) for n in args.batch.split(",")]):
@@ -228,13 +266,10 @@ def main(argv=None) -> int:
         return 0
     rng = random.Random(0)
     sizes = [1] + [int(n) for n in args.batch.split(",")]
-    clocks = {n: {} for n in sizes}
+    clocks = {n: StageClock() for n in sizes}
     counted = {n: 0 for n in sizes}
-    for text in documents[:64]:  # warm-up and the equality check
-        assert staged(tagger, [text], {}) == predict_documents(tagger, [text]), text
-    for n in sizes:
-        sample = [documents[rng.randrange(len(documents))] for _ in range(n)]
-        assert staged(tagger, sample, {}) == predict_documents(tagger, sample)
+    for text in documents[:64]:  # warm-up, and the wrappers change nothing
+        assert staged(tagger, [text], StageClock()) == predict_documents(tagger, [text]), text
     load = os.getloadavg()[0]
     for _ in range(args.rounds):
         for n in sizes:  # interleaved: every batch size in every round, the same documents count
@@ -242,13 +277,18 @@ def main(argv=None) -> int:
                 texts = [documents[rng.randrange(len(documents))] for _ in range(n)]
                 staged(tagger, texts, clocks[n])
                 counted[n] += n
-    names = list(clocks[1])
-    print(f"{_cpu_name()}, torch {torch.__version__}, 1 thread, load average {load:.2f} -> {os.getloadavg()[0]:.2f}; "
-          f"thread CPU time, ms per document, {counted[1]} documents per batch size", file=sys.stderr)
+    for n in sizes:
+        stages_reached(clocks[n])
+    names = [stage for _, _, stage in MODULE_STAGES[:5]] + [stage for _, stage in MODEL_STAGES]
+    names += [stage for _, _, stage in MODULE_STAGES[5:]] + ["JSON answer", OTHER]
+    names = list(dict.fromkeys(names))  # in pipeline order, each once
+    print(f"{_cpu_name()}, torch {torch.__version__}, 1 thread, precision {args.precision}, load average "
+          f"{load:.2f} -> {os.getloadavg()[0]:.2f}; thread CPU time, ms per document, {counted[1]} documents "
+          "per batch size", file=sys.stderr)
     print("| stage | " + " | ".join(f"batch {n}" for n in sizes) + " |\n|---|" + "---|" * len(sizes))
     for name in names:
-        print(f"| {name} | " + " | ".join(f"{clocks[n].get(name, 0) / counted[n] / 1e6:.3f}" for n in sizes) + " |")
-    totals = [sum(clocks[n].values()) / counted[n] / 1e6 for n in sizes]
+        print(f"| {name} | " + " | ".join(f"{clocks[n].clock.get(name, 0) / counted[n] / 1e6:.3f}" for n in sizes) + " |")
+    totals = [sum(clocks[n].clock.values()) / counted[n] / 1e6 for n in sizes]
     print("| **total** | " + " | ".join(f"**{t:.3f}**" for t in totals) + " |")
     print("| batch 1 / batch n | " + " | ".join(f"{totals[0] / t:.2f}x" for t in totals) + " |")
     return 0
