@@ -101,6 +101,21 @@ def test_inference_projects_only_the_tokens_with_the_same_values(encoder):
     torch.testing.assert_close(fast[batch.mask], full[batch.mask], rtol=1e-6, atol=1e-6)
     assert torch.equal(fast[~batch.mask], full[~batch.mask])
     assert torch.equal(fast[~batch.mask], model.output.bias.detach().expand_as(fast[~batch.mask]))
+    # one sentence alone (no padding) and one with padding after it: the same values too
+    for lengths, steps in (([5], 5), ([3], 7)):
+        alone = random_batch(lengths)
+        words, chars = alone.words, alone.chars
+        if steps > words.shape[1]:
+            pad = steps - words.shape[1]
+            words = torch.nn.functional.pad(words, (0, pad))
+            chars = torch.nn.functional.pad(chars, (0, 0, 0, pad))
+        mask = torch.arange(steps).unsqueeze(0) < alone.lengths.unsqueeze(1)
+        with torch.no_grad():
+            fast = model.emissions(words, chars, alone.lengths, mask)
+        with torch.enable_grad():
+            full = model.emissions(words, chars, alone.lengths, mask).detach()
+        torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+        assert torch.equal(fast[~mask], full[~mask])
 
 
 def test_char_cnn_ignores_padding_chars():
