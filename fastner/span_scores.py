@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from typing import Dict, List, Sequence, Tuple
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -163,7 +164,9 @@ def span_log_probabilities(emissions: Tensor, lengths: Tensor, log_z: Tensor,
         T = int(chunk_lengths.max())
         # every constrained (alternative, position) cleared, then its allowed tags set: two
         # indexed writes per chunk (a pair of writes per position measured most of a small
-        # request's scoring time)
+        # request's scoring time), in numpy: torch's indexing with Python lists took 99 us for
+        # one sentence's three spans (12 alternatives, 170 allowed tags), numpy's 21 (1 thread,
+        # AMD EPYC Zen 4)
         cleared_n: List[int] = []
         cleared_at: List[int] = []
         set_n: List[int] = []
@@ -177,10 +180,11 @@ def span_log_probabilities(emissions: Tensor, lengths: Tensor, log_z: Tensor,
                 set_n.extend([n] * len(tags))
                 set_at.extend([position] * len(tags))
                 set_tag.extend(tags)
-        allowed = torch.ones(len(chunk_rows), T, K, dtype=torch.bool)
+        allowed = numpy.ones((len(chunk_rows), T, K), dtype=bool)
         allowed[cleared_n, cleared_at] = False
         allowed[set_n, set_at, set_tag] = True
-        masked = emissions.index_select(0, index)[:, :T].masked_fill(~allowed.to(emissions.device), float("-inf"))
+        forbidden = torch.from_numpy(~allowed).to(emissions.device)
+        masked = emissions.index_select(0, index)[:, :T].masked_fill(forbidden, float("-inf"))
         constrained, _ = ops.crf_forward(masked.contiguous(), None, chunk_lengths, *scores)
         per_alternative.append(constrained.double().cpu())
     constrained = torch.cat(per_alternative)
@@ -196,9 +200,9 @@ def _logsumexp_by_owner(values: Tensor, owner: List[int], count: int) -> Tensor:
     for n in owner:
         slot.append(members[n])
         members[n] += 1
-    grouped = torch.full((count, max(members, default=0) or 1), float("-inf"), dtype=torch.float64)
-    grouped[owner, slot] = values
-    return torch.logsumexp(grouped, dim=1)
+    grouped = numpy.full((count, max(members, default=0) or 1), float("-inf"), dtype=numpy.float64)
+    grouped[owner, slot] = values.numpy()  # numpy: list indexing, as above
+    return torch.logsumexp(torch.from_numpy(grouped), dim=1)
 
 
 @torch.no_grad()
