@@ -5,9 +5,13 @@ machine is shared and a descheduled process's wall time says little):
   before: the closed vocabulary of the old recipe (eng.train words + eng.testa words with a GloVe
           vector, 1 dense table, fine-tuned);
   after:  the open vocabulary (eng.train words fine-tuned + the 400k-row frozen float16 table);
+  after, sparse word-table update (RowSparseSGD): the open vocabulary with the word table's rows
+          updated sparsely (fastner.optim), as fastner.train's Trainer does with SGD;
   after, frozen word table: the same without the word table's gradient (a floor for what a
           sparse word-table update could save).
-usage: python benchmarks/word_table_step.py [TREE] [ROUNDS]  (needs eng.train, eng.testa and the GloVe package)"""
+usage: python benchmarks/word_table_step.py [TREE] [ROUNDS]  (TREE: the fastner checkout to import,
+default "."; ROUNDS: default 5, after one warm-up round; needs eng.train and eng.testa, in
+$CONLL_DIR or else ../shared/data/conll2003 beside the checkout, and the GloVe package)"""
 import os, random, statistics, sys, time
 import torch
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else ".")
