@@ -15,6 +15,9 @@ $CONLL_DIR or else ../shared/data/conll2003 beside the checkout, and the GloVe p
 import os, random, statistics, sys, time
 import torch
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else ".")
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+if ROUNDS < 1:  # checked before the data loads, not when the medians find no rounds
+    sys.exit(f"word_table_step: ROUNDS must be >= 1, got {ROUNDS}")
 from fastner.data.conll import read_conll, Sentence
 from fastner.data.schemes import convert_tags
 from fastner.data.batching import encode_sentences, make_batch, bucket_batches
@@ -83,7 +86,7 @@ def run(model, opt):
 res = {k: [] for k in variants}
 for k, v in variants.items():
     run(*v)
-for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 5):
+for _ in range(ROUNDS):
     for k, v in variants.items():
         res[k].append(run(*v))
 print(f"{len(batches)} steps a round, {sum(int(b.lengths.sum()) for b in batches)/len(batches):.0f} tokens/step")
