@@ -4,8 +4,10 @@
     python -m pytest benchmarks/bench_rnn.py --benchmark-only -k "lstm and inference"
 
 The rows, inputs and implementations are `fastner bench`'s (fastner.bench.rnn_rows and
-fastner.bench.workloads: bidirectional, CoNLL-like lengths); groups are cell x task, so
-pytest-benchmark's table puts torch and fastner side by side. For ratios measured interleaved in
+fastner.bench.workloads: bidirectional, CoNLL-like lengths, fp32); groups are cell x task, so
+pytest-benchmark's table puts torch and fastner side by side. test_lstm_inference_sweep adds LSTM
+inference on the grid B {1, 8, 32, 128} x H {100, 200, 512} at T 40 (`fastner bench` varies one
+of B, H, T at a time). For ratios measured interleaved in
 one process, with the GEMM floor, run `fastner bench --only gemm,rnn` instead.
 """
 from __future__ import annotations

@@ -3,9 +3,11 @@ against its previous forward (nn.Conv1d + masked amax + their autograd), in one 
 interleaved: the same recipe, data and seeds, one epoch of each in turn.
 
     python -m benchmarks.char_cnn_step --train ../shared/data/conll2003/eng.train \\
-        --dev ../shared/data/conll2003/eng.testa [--sentences 3000] [--epochs 5] [--threads 2]
+        --dev ../shared/data/conll2003/eng.testa [--sentences 3000] [--epochs 5] [--threads 2] \\
+        [--embeddings glove]
 
-Prints each variant's epoch wall times (the first, warm-up epoch dropped) and the median ratio.
+--epochs is at least 2; --embeddings is TrainConfig's (glove, none or a vectors file). Prints
+each variant's epoch wall times (the first, warm-up epoch dropped) and the median ratio.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from fastner.bench.baselines import TorchCharCNN
 from fastner.data.conll import read_conll
 from fastner.models import char_cnn
 
-from benchmarks.interleaved_epochs import interleaved_epochs, report
+from benchmarks.interleaved_epochs import epochs_arg, interleaved_epochs, report
 
 
 def main(argv=None) -> None:
@@ -26,7 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train", required=True)
     parser.add_argument("--dev", required=True)
     parser.add_argument("--sentences", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=epochs_arg, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embeddings", default="glove")
     args = parser.parse_args(argv)

@@ -4,6 +4,8 @@ epoch of each variant in turn, the module's forward swapped in for it. Used by
 benchmarks/char_cnn_step.py and benchmarks/dropout_mask.py."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
 import statistics
 import tempfile
@@ -17,11 +19,18 @@ from fastner.data.conll import Sentence
 def interleaved_epochs(train: Sequence[Sentence], dev: Sequence[Sentence], module_class: type,
                        variants: Dict[str, Callable], epochs: int, embeddings: str = "glove") -> Dict[str, List[float]]:
     """Seconds of each epoch of each variant (variant name -> module_class.forward to use);
-    module_class.forward is restored afterwards."""
-    trainers = {name: train_module.Trainer(train, dev, tempfile.mkdtemp(),
-                                           train_module.TrainConfig(embeddings=embeddings, epochs=epochs),
-                                           progress=train_module.Progress(io.StringIO()), log=lambda line: None)
-                for name in variants}
+    module_class.forward is restored afterwards. epochs >= 2: report() drops the first epoch."""
+    if epochs < 2:  # checked before the minutes of training, not when report() finds no epochs
+        raise ValueError(f"interleaved_epochs: epochs must be >= 2 (the first is warm-up), got {epochs}")
+    with contextlib.ExitStack() as stack:  # the trainers' output folders, removed afterwards
+        trainers = {name: train_module.Trainer(train, dev, stack.enter_context(tempfile.TemporaryDirectory()),
+                                               train_module.TrainConfig(embeddings=embeddings, epochs=epochs),
+                                               progress=train_module.Progress(io.StringIO()), log=lambda line: None)
+                    for name in variants}
+        return _time_epochs(trainers, module_class, variants, epochs)
+
+
+def _time_epochs(trainers, module_class: type, variants: Dict[str, Callable], epochs: int) -> Dict[str, List[float]]:
     seconds: Dict[str, List[float]] = {name: [] for name in variants}
     original = module_class.forward
     try:
@@ -34,6 +43,14 @@ def interleaved_epochs(train: Sequence[Sentence], dev: Sequence[Sentence], modul
     finally:
         module_class.forward = original
     return seconds
+
+
+def epochs_arg(text: str) -> int:
+    """argparse type of --epochs: an integer >= 2 (the first epoch is warm-up, not reported)."""
+    epochs = int(text)
+    if epochs < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (the first epoch is warm-up), got {epochs}")
+    return epochs
 
 
 def report(seconds: Dict[str, List[float]], indent: str = "  ") -> None:

@@ -5,12 +5,19 @@ machine is shared and a descheduled process's wall time says little):
   before: the closed vocabulary of the old recipe (eng.train words + eng.testa words with a GloVe
           vector, 1 dense table, fine-tuned);
   after:  the open vocabulary (eng.train words fine-tuned + the 400k-row frozen float16 table);
+  after, sparse word-table update (RowSparseSGD): the open vocabulary with the word table's rows
+          updated sparsely (fastner.optim), as fastner.train's Trainer does with SGD;
   after, frozen word table: the same without the word table's gradient (a floor for what a
           sparse word-table update could save).
-usage: python benchmarks/word_table_step.py [TREE] [ROUNDS]  (needs eng.train, eng.testa and the GloVe package)"""
+usage: python benchmarks/word_table_step.py [TREE] [ROUNDS]  (TREE: the fastner checkout to import,
+default "."; ROUNDS: default 5, after one warm-up round; needs eng.train and eng.testa, in
+$CONLL_DIR or else ../shared/data/conll2003 beside the checkout, and the GloVe package)"""
 import os, random, statistics, sys, time
 import torch
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else ".")
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+if ROUNDS < 1:  # checked before the data loads, not when the medians find no rounds
+    sys.exit(f"word_table_step: ROUNDS must be >= 1, got {ROUNDS}")
 from fastner.data.conll import read_conll, Sentence
 from fastner.data.schemes import convert_tags
 from fastner.data.batching import encode_sentences, make_batch, bucket_batches
@@ -79,7 +86,7 @@ def run(model, opt):
 res = {k: [] for k in variants}
 for k, v in variants.items():
     run(*v)
-for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 5):
+for _ in range(ROUNDS):
     for k, v in variants.items():
         res[k].append(run(*v))
 print(f"{len(batches)} steps a round, {sum(int(b.lengths.sum()) for b in batches)/len(batches):.0f} tokens/step")

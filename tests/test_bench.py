@@ -366,6 +366,83 @@ def test_crf_step_breakdown_calls_run():
         call()
 
 
+# ---- the scripts in benchmarks/: outside the CI test command, so run here at toy sizes --------
+
+def _bench_env():
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop(BACKEND_ENV, None)
+    return env
+
+
+def test_pytest_benchmark_suites_run_a_few_rows():
+    # benchmarks/bench_*.py are collected only when named: a change to the fastner.bench code
+    # they call would otherwise break them unseen; -k: one row of each test function
+    pytest.importorskip("pytest_benchmark")
+    pytest.importorskip("torchcrf")
+    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_crf.py", "benchmarks/bench_rnn.py",
+                           "-q", "--benchmark-disable", "-k",
+                           "B1-T40-K9-reference or lstm-training-fastner.lengths or 8-100-fastner.lengths"],
+                          cwd=REPO, env=_bench_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # 5 = nothing collected
+    assert " passed" in done.stdout
+
+
+@pytest.fixture
+def tiny_conll_files(tmp_path):
+    """(train, dev) CoNLL files of the generated demo corpus: the epoch scripts' input without
+    the CoNLL-2003 data."""
+    from fastner.data.conll import write_conll
+    from fastner.demo import generate_corpus
+
+    train, dev = generate_corpus(24, 6, seed=1)
+    paths = tmp_path / "train.conll", tmp_path / "dev.conll"
+    for path, sentences in zip(paths, (train, dev)):
+        write_conll(str(path), sentences)
+    return paths
+
+
+def test_char_cnn_step_runs_its_interleaved_epochs(tiny_conll_files, one_thread, capsys):
+    from benchmarks import char_cnn_step
+    from fastner.models.char_cnn import CharCNN
+
+    forward = CharCNN.forward
+    train, dev = tiny_conll_files
+    char_cnn_step.main(["--train", str(train), "--dev", str(dev), "--sentences", "20", "--epochs", "2",
+                        "--threads", "1", "--embeddings", "none"])
+    out = capsys.readouterr().out
+    assert "20 sentences an epoch" in out and "median epoch:" in out
+    assert CharCNN.forward is forward  # the swapped-in forward is put back
+
+
+def test_epoch_scripts_need_two_epochs_before_any_training(capsys):
+    # the first epoch is warm-up and not reported: with one, the run trained, then failed on
+    # the median of no epochs
+    from benchmarks import char_cnn_step, dropout_mask
+    from benchmarks.interleaved_epochs import interleaved_epochs
+
+    with pytest.raises(ValueError, match="epochs must be >= 2"):
+        interleaved_epochs([], [], torch.nn.Module, {}, epochs=1)
+    for main in (char_cnn_step.main, dropout_mask.main):
+        with pytest.raises(SystemExit) as exit:
+            main(["--train", "unread", "--dev", "unread", "--epochs", "1"])
+        assert exit.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+def test_dropout_mask_script_times_three_masks_of_one_distribution(one_thread, capsys):
+    from benchmarks import dropout_mask
+
+    x = torch.randn(64, 50)
+    for name, mask in dropout_mask.MASKS.items():
+        values = mask(x, 0.5)
+        assert values.shape == x.shape and set(values.unique().tolist()) == {0.0, 2.0}, name
+    dropout_mask.main([])  # 200 calls of each mask at three shapes: a fraction of a second
+    out = capsys.readouterr().out
+    assert out.count("dropout_mask op") == 3 and "training epochs" not in out
+    with pytest.raises(SystemExit) as exit:  # --train alone skipped the epochs without a word
+        dropout_mask.main(["--train", "unread"])
+    assert exit.value.code == 2 and "--train and --dev go together" in capsys.readouterr().err
+
+
 def test_thread_cpu_clock_counts_this_threads_work():
     from fastner.bench.timing import ThreadCpuClock
 
