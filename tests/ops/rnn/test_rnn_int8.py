@@ -17,6 +17,7 @@ from fastner.nn.quantize import Int8GRU, Int8LSTM, Int8RNN
 from tests.ops.rnn.rnn_cases import (MODES, case_generator, draw_case, flat_result, make_inputs, make_pair,
                                      run_fastner)
 from tests.ops.rnn.samples import LayerCase
+from tests.testing import torch_threads
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 CASE_MODE = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
@@ -387,3 +388,22 @@ def test_int8_op_bad_input():
             op(x, lengths, one, scales, hx, cx, mode, bi, bf)
     with pytest.raises(ValueError, match="scales must hold"):
         reference.rnn_layer_int8(x, lengths, weights, scales[:1], hx, cx, mode, bi, bf)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_weights_out_of_range_in_the_second_direction(threads):
+    # Each direction packs (and range-checks) its weights inside its own task, on a worker
+    # thread at 2 threads: the error must still reach the caller as the same ValueError.
+    generator = torch.Generator().manual_seed(4502)
+    H, I = 24, 7
+    weights, scales = [], []
+    for direction in range(2):
+        w_ih = torch.randint(-63, 64, (4 * H, I), dtype=torch.int8, generator=generator)
+        w_hh = torch.randint(-63, 64, (4 * H, H), dtype=torch.int8, generator=generator)
+        if direction == 1:
+            w_hh[9, 3] = -64
+        weights += [w_ih, w_hh, torch.zeros(4 * H), torch.zeros(4 * H)]
+        scales += [torch.full((4 * H,), 0.01), torch.full((4 * H,), 0.01)]
+    x, lengths = torch.randn(3, 5, I, generator=generator), torch.tensor([5, 2, 4])
+    with torch_threads(threads), pytest.raises(ValueError, match=r"got -64 in row 9\b"):
+        torch.ops.fastner.rnn_layer_int8_forward(x, lengths, weights, scales, None, None, "lstm", True, True)
