@@ -46,14 +46,15 @@ import torch
 # is charged to its own stage, not its caller's). Every stage must be reached by a profiled
 # call (stages_reached): a renamed or no longer used function fails the run instead of
 # silently leaving its time in "other".
+CRF = "CRF: Viterbi + log Z"
 MODULE_STAGES = [
     ("fastner.text.tokenizer", "_sentence_ranges", "tokenize: sentence split (syntok)"),
     ("fastner.text.tokenizer", "_word_spans", "tokenize: words (nltk + CoNLL fixes)"),
     ("fastner.text.tokenizer", "_conll_fixes", "tokenize: words (nltk + CoNLL fixes)"),
     ("fastner.inference", "encode_sentences", "encode: word/char lookup"),
     ("fastner.inference", "make_batch", "encode: pad to tensors"),
-    ("fastner.ops", "crf_viterbi", "CRF: Viterbi + log Z"),
-    ("fastner.ops", "crf_forward", "CRF: Viterbi + log Z"),
+    ("fastner.ops", "crf_viterbi", CRF),
+    ("fastner.ops", "crf_forward", CRF),
     ("fastner.inference", "tags_to_spans", "spans: tags -> spans"),
     ("fastner.inference", "relative_to_path", "spans: posterior probabilities"),
     ("fastner.inference", "span_log_probabilities", "spans: posterior probabilities"),
@@ -67,6 +68,10 @@ MODEL_STAGES = [
     ("_project", "model: output layer"),
 ]
 OTHER = "other: Python between the stages"
+# Stages whose functions other stages call too: charged to this stage only when no other stage
+# is open (the model's own Viterbi and log Z), else to the stage calling them (the span
+# posteriors run crf_forward on their constrained copies).
+OWN_CALLS_ONLY = {CRF}
 
 
 class StageClock:
@@ -76,8 +81,12 @@ class StageClock:
         self.clock: Dict[str, int] = {}
         self.calls: Dict[str, int] = {}
         self._children: List[int] = []  # per open stage: ns spent in stages nested in it
+        self._open: List[str] = []  # the open stages, innermost last
 
     def _run(self, stage: str, call):
+        if stage in OWN_CALLS_ONLY and any(name != OTHER for name in self._open):
+            return call()  # inside another stage: its time stays there
+        self._open.append(stage)
         self._children.append(0)
         started = time.thread_time_ns()
         try:
@@ -85,6 +94,7 @@ class StageClock:
         finally:
             spent = time.thread_time_ns() - started
             nested = self._children.pop()
+            self._open.pop()
             self.clock[stage] = self.clock.get(stage, 0) + spent - nested
             self.calls[stage] = self.calls.get(stage, 0) + 1
             if self._children:

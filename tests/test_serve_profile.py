@@ -77,3 +77,12 @@ def test_generator_stages_time_each_step():
 
     assert list(clock.wrap(numbers, "numbers")(4)) == [0, 1, 2, 3]
     assert clock.calls["numbers"] == 5  # four values and the StopIteration
+
+
+def test_crf_ops_inside_another_stage_are_charged_to_that_stage():
+    # the span posteriors run crf_forward on their constrained copies: their stage, not the CRF's
+    clock = serve_profile.StageClock()
+    crf_op = clock.wrap(lambda: sum(range(1000)), serve_profile.CRF)
+    posteriors = clock.wrap(lambda: crf_op(), "posteriors")
+    clock.measure(lambda: (crf_op(), posteriors()))
+    assert clock.calls == {serve_profile.CRF: 1, "posteriors": 1, serve_profile.OTHER: 1}
