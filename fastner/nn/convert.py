@@ -30,7 +30,11 @@ def swap_children(model: torch.nn.Module, swapped: Callable[[torch.nn.Module], t
     """Replace every submodule m of `model` by swapped(m) (in place, parents first) and return
     swapped(model)."""
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(): that yields a child held under two names once, and
+        # a replacement (bf16's copy) would leave the other name holding the old module.
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             new = swapped(child)
             if new is not child:
                 setattr(parent, name, new)

@@ -3,20 +3,31 @@ inference-only int8 or bfloat16 ones with the same forward signature.
 
 int8 (torch.qint8): the weights are quantized once per output channel (symmetric s8, kept as
 buffers beside the float parameters, which stay as they were: state_dict() is unchanged and
-loads into the float model, and a change to them, in place or by assignment, is quantized again
-before the next forward); every product quantizes its rows on the fly (7-bit asymmetric)
+loads into the float model, and a change to them that torch counts, in place (under no_grad,
+copy_, load_state_dict) or by assignment (`.data =`, a new Parameter, .to()), is quantized again
+before the next forward. A change through `.data` in place (`p.data.add_(...)`) bumps no
+version and is not seen: call quantize(model, torch.qint8) again after one); every product
+quantizes its rows on the fly (7-bit asymmetric)
 and runs fastner::rnn_layer_int8_forward (csrc/cpu/rnn_int8.h: the kernel and why 7 bits;
 fastner.reference.rnn_layer_int8: the exact arithmetic). bfloat16: fastner.nn.rnn_bf16.to_bf16.
 NaN and +-inf in the input or hx / cx propagate as in the float32 layer with the dequantized
 weights (same positions; other sequences and padding unaffected): a row holding one is not
-quantized but gets its float product (fastner.reference.int8_product_nonfinite).
+quantized but gets its float product (fastner.reference.int8_product_nonfinite). Unbatched
+input [T, I] runs as a batch of one. What the int8 op does not take runs torch's float layer on
+the float weights, as fastner's float layers hand it to torch: input of another dtype (float64,
+float16, bfloat16: torch's dtype error, unless the model was converted with .double() / .half(),
+which then runs in that dtype, not int8) and a forward under autocast (torch's layer in the
+autocast dtype; int8 where oneDNN has no kernel for that dtype: fastner.nn.rnn says why).
 
 Quantized layers do not train: a forward where a gradient could flow (grad mode on and the
 module in training mode, or an input that requires grad) raises RuntimeError, so there are no
-silent zero or missing gradients. Train the float model, then quantize it.
+silent zero or missing gradients. Train the float model, then quantize it. (In training mode
+under no_grad it runs, without the dropout between layers. The bf16 layers refuse training
+mode whatever the grad mode: fastner.nn.rnn_bf16.)
 """
 from __future__ import annotations
 
+import threading
 from typing import Dict, Tuple
 
 import torch
@@ -24,9 +35,13 @@ from torch import Tensor
 
 from fastner import ops, reference
 from fastner.nn.convert import swap_children, swap_rnn_class
-from fastner.nn.rnn import GRU, LSTM, RNN, _FusedRNNMixin
+from fastner.nn.rnn import GRU, LSTM, RNN, _forward_unbatched
 
 __all__ = ["quantize", "Int8LSTM", "Int8GRU", "Int8RNN"]
+
+# Held while an int8 layer checks that its int8 weights are current (quantizing them again where
+# not) and reads them: one lock for every layer, so that deepcopy and pickle need no special case.
+_REQUANTIZE_LOCK = threading.Lock()
 
 _INFERENCE_ONLY = (
     "{name} is an inference-only quantized ({dtype}) layer: {why}. Run it under torch.no_grad() "
@@ -41,21 +56,34 @@ class _Int8Mixin:
     def _quantize_weights(self, quantized=None) -> None:
         """Install the int8 copies of the float weights: `quantized` (_int8_weights of this
         layer, computed before its class was rebound) or computed now."""
+        source = self._float_weight_sources()  # what the copies are made from, read first
         quantized = _int8_weights(self) if quantized is None else quantized
-        for name in list(self._int8_names()):
-            if hasattr(self, name):
-                delattr(self, name)
+        names = {f"int8{kind}_{wname}" for wname in quantized for kind in ("", "_scale")}
+        for name in set(self._int8_names()) - names:
+            delattr(self, name)
+        # register_buffer replaces a buffer of the same name: there is no moment without one.
         for wname, (w_q, scale) in quantized.items():
             self.register_buffer(f"int8_{wname}", w_q, persistent=False)
             self.register_buffer(f"int8_scale_{wname}", scale, persistent=False)
         self._int8_weight_names = list(quantized)
-        self._int8_source = self._float_weight_keys()
+        self._int8_source = source
 
-    def _float_weight_keys(self):
-        """What identifies the float W_ih / W_hh the int8 copies were made from: an in-place
-        change bumps a tensor's version; `.data =`, a new Parameter or .to() give new storage."""
-        weights = [getattr(self, name) for name in self._int8_weight_names]
-        return [(w.data_ptr(), w._version) for w in weights]
+    def _float_weight_sources(self):
+        """What identifies the float W_ih / W_hh the int8 copies are made from: an in-place
+        change bumps a tensor's version; `.data =`, a new Parameter or .to() give new storage.
+        Each entry holds a detached alias of the weight (same storage and version counter) so
+        that its storage stays alive: freed, its address can be handed to the next weight
+        assigned (seen with `p.data = torch.randn(...)` twice between two forwards), which would
+        then look like the one quantized."""
+        return [(w.detach(), w._version) for w in (getattr(self, name) for name in self._flat_weights_names
+                                                  if name.startswith(("weight_ih", "weight_hh")))]
+
+    def _int8_is_current(self) -> bool:
+        source = getattr(self, "_int8_source", None)
+        current = self._float_weight_sources()
+        return source is not None and len(source) == len(current) and all(
+            w.data_ptr() == src.data_ptr() and version == src_version
+            for (w, version), (src, src_version) in zip(current, source))
 
     def _int8_names(self):
         for wname in getattr(self, "_int8_weight_names", ()):
@@ -84,21 +112,17 @@ class _Int8Mixin:
                 raise RuntimeError(_INFERENCE_ONLY.format(
                     name=name, dtype="int8", why="an input or state requires grad"))
         with torch.no_grad():  # the float fallback too: no graph through frozen parameters
+            if isinstance(input, Tensor) and input.dim() == 2:
+                # Unbatched [T, I]: fastner's float layers hand it to torch, which would run
+                # the float weights; run it as a batch of one on the int8 weights instead.
+                return _forward_unbatched(self, input, hx, lengths)
             return super().forward(input, hx, lengths)
 
-    def _run_layers(self, x: Tensor, hx, lengths: Tensor, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        if not torch.compiler.is_compiling() and self._float_weight_keys() != getattr(self, "_int8_source", None):
-            # The float weights changed since they were quantized (in place, by assignment):
-            # the next forward must see them, as the float layer's would, not a stale copy.
-            # (Not while tracing: fake tensors have no data pointer; the trace takes the
-            # int8 buffers as they are.)
-            self._quantize_weights()
-        D = 2 if self.bidirectional else 1
+    def _int8_layer_args(self):
+        """[(weights, scales)] per layer, as ops.rnn_layer_int8 takes them."""
         names = self._flat_weights_names
         per_layer = len(names) // self.num_layers
-        h0, c0 = (hx if self._is_lstm else (hx, None)) if hx is not None else (None, None)
-        mode = self._cell_mode()
-        h_last, c_last = [], []
+        layer_args = []
         for layer in range(self.num_layers):
             weights, scales = [], []
             for wname in names[layer * per_layer:(layer + 1) * per_layer]:
@@ -107,6 +131,28 @@ class _Int8Mixin:
                     scales.append(getattr(self, f"int8_scale_{wname}"))
                 else:
                     weights.append(getattr(self, wname).detach())
+            layer_args.append((weights, scales))
+        return layer_args
+
+    def _run_layers(self, x: Tensor, hx, lengths: Tensor, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # Fake tensors have no data pointer: the trace takes the int8 buffers as they are.
+            layer_args = self._int8_layer_args()
+        else:
+            with _REQUANTIZE_LOCK:
+                # Two threads' forwards after a change to the weights: one quantizes them again,
+                # and neither reads a weight of one generation with the scale of another.
+                if not self._int8_is_current():
+                    # The float weights changed since they were quantized (in place, by
+                    # assignment): the next forward must see them, as the float layer's would,
+                    # not a stale copy.
+                    self._quantize_weights()
+                layer_args = self._int8_layer_args()
+        D = 2 if self.bidirectional else 1
+        h0, c0 = (hx if self._is_lstm else (hx, None)) if hx is not None else (None, None)
+        mode = self._cell_mode()
+        h_last, c_last = [], []
+        for layer, (weights, scales) in enumerate(layer_args):
             layer_h0 = h0[layer * D:(layer + 1) * D] if h0 is not None else None
             layer_c0 = c0[layer * D:(layer + 1) * D] if c0 is not None else None
             x, h_n, c_n = ops.rnn_layer_int8(x, lengths, weights, scales, layer_h0, layer_c0, mode,
@@ -165,29 +211,58 @@ def _to_bf16(module: torch.nn.Module) -> torch.nn.Module:
     return to_bf16(module)
 
 
+def _bf16_classes() -> tuple:
+    from fastner.nn.rnn_bf16 import _BF16_CLASS
+
+    return tuple(_BF16_CLASS.values())
+
+
 def quantize(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Swap every LSTM / GRU / RNN in `module` (torch's or fastner's; `module` itself when it is
     one) for an inference-only layer in `dtype` (torch.qint8 or torch.bfloat16), in place; the
     same forward signature (Tensor or PackedSequence, lengths=, hx). Returns `module` (or its
     replacement when `module` itself is a recurrent layer). Torch's classes are first made
-    fastner's the way fastner.nn.convert does; other modules are left as they are. int8: a
-    layer whose weights hold NaN or +-inf raises ValueError naming the weight and is left as it
-    was (layers swapped before it stay swapped)."""
+    fastner's the way fastner.nn.convert does; other modules are left as they are.
+
+    int8: each layer's class is rebound (the same object, its float parameters kept and
+    frozen). A layer already int8 has its int8 weights computed again from its float weights:
+    the way to requantize after a change torch does not count (`p.data.add_(...)`: see the
+    module's docstring). A layer whose weights hold NaN or +-inf raises ValueError naming the
+    weight and is left as it was (layers swapped before it stay swapped).
+    bfloat16: each layer is replaced by a converted copy (fastner.nn.rnn_bf16.to_bf16, one copy
+    for a layer that two parents share); the float layer objects are left as they were. A layer
+    already bf16 is left as it is.
+    A model holding layers already quantized to the other dtype raises ValueError (naming
+    one), before anything is swapped: quantize the float model instead."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"quantize: module must be a torch.nn.Module, got {type(module).__name__}")
     if dtype is torch.qint8:
-        to_quantized = _to_int8
+        to_quantized, done, other = _to_int8, _QUANTIZED, _bf16_classes()
     elif dtype is torch.bfloat16:
-        to_quantized = _to_bf16
+        to_quantized, done, other = _to_bf16, _bf16_classes(), _QUANTIZED
     else:
         raise ValueError(f"quantize: dtype must be torch.qint8 or torch.bfloat16, got {dtype!r}")
+    for name, child in module.named_modules():
+        if isinstance(child, other):
+            raise ValueError(
+                f"quantize: {name or 'module'} is already a quantized {type(child).__name__}, not "
+                f"float: quantize the float model to {dtype} (quantizing a quantized layer again "
+                "would compound the rounding)")
+
+    replacements: Dict[int, torch.nn.Module] = {}  # a layer shared by two parents: one replacement
 
     def swapped(child: torch.nn.Module) -> torch.nn.Module:
-        if isinstance(child, _QUANTIZED):
-            return child  # already quantized
-        child = swap_rnn_class(child)  # torch's class -> fastner's (or unchanged)
-        if type(child) in _INT8_CLASSES:
-            return to_quantized(child)
-        return child
+        if id(child) in replacements:
+            return replacements[id(child)]
+        if isinstance(child, done):
+            if isinstance(child, _QUANTIZED):
+                child._quantize_weights()  # already int8: from the float weights as they are now
+            new = child
+        else:
+            new = swap_rnn_class(child)  # torch's class -> fastner's (or unchanged)
+            if type(new) in _INT8_CLASSES:
+                new = to_quantized(new)
+        replacements[id(child)] = new
+        return new
 
     return swap_children(module, swapped)

@@ -45,6 +45,25 @@ def _packed_rows(batch_sizes: Tensor, batch: int) -> Tuple[Tensor, Tensor]:
     return time_of_row * batch + slot_of_row, lengths
 
 
+def _forward_unbatched(layer, input: Tensor, hx, lengths):
+    """layer.forward of unbatched input [T, I] (hx: [D * num_layers, H], for the LSTM a pair)
+    as a batch of one sequence, for the layers that do not hand it to torch (int8, bf16): the
+    same results as the batched call, torch's rank check on hx first."""
+    if lengths is not None:
+        raise ValueError("lengths= needs batched input ([B, T, I] or [T, B, I]), got a 2-D tensor")
+    states = _tensors_in(hx)
+    if any(isinstance(h, Tensor) and h.dim() != 2 for h in states):
+        ranks = ", ".join(f"{h.dim()}-D" for h in states)
+        named = "hx and cx" if layer._is_lstm else "hx"
+        raise RuntimeError(f"For unbatched 2-D input, {named} should also be 2-D but got ({ranks}) tensors")
+    batch_dim = 0 if layer.batch_first else 1
+    batched_hx = None if hx is None else (
+        tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, (tuple, list)) else hx.unsqueeze(1))
+    output, state = layer.forward(input.unsqueeze(batch_dim), batched_hx)
+    state = tuple(s.squeeze(1) for s in state) if isinstance(state, tuple) else state.squeeze(1)
+    return output.squeeze(batch_dim), state
+
+
 def _cpu_autocast_torch_cannot_run(data: Tensor) -> bool:
     """Whether CPU autocast is on for `data` in a precision oneDNN cannot run on this CPU: torch
     sends a float32 LSTM on the CPU to oneDNN whenever oneDNN is enabled (aten's use_mkldnn), and

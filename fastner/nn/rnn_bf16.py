@@ -26,7 +26,7 @@ from typing import Dict
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from fastner.nn.rnn import GRU, LSTM, RNN, _tensors_in
+from fastner.nn.rnn import GRU, LSTM, RNN, _forward_unbatched, _tensors_in
 
 __all__ = ["to_bf16"]
 
@@ -66,14 +66,7 @@ class _BF16Mixin:
             raise RuntimeError(f"{type(self).__name__} has bfloat16 weights and is inference-only: "
                                "call .eval() (train the float32 module, then convert it)")
         if isinstance(input, torch.Tensor) and input.dim() == 2:  # unbatched [T, I]
-            if lengths is not None:
-                raise ValueError("lengths= needs batched input ([B, T, I] or [T, B, I]), got a 2-D tensor")
-            batch_dim = 0 if self.batch_first else 1
-            hx_b = None if hx is None else (
-                tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, (tuple, list)) else hx.unsqueeze(1))
-            output, state = self.forward(input.unsqueeze(batch_dim), hx_b)
-            state = tuple(s.squeeze(1) for s in state) if isinstance(state, tuple) else state.squeeze(1)
-            return output.squeeze(batch_dim), state
+            return _forward_unbatched(self, input, hx, lengths)
         return super().forward(input, hx, lengths)
 
     def extra_repr(self) -> str:

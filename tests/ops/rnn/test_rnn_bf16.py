@@ -343,6 +343,9 @@ def test_bf16_unbatched_input_matches_batched():
         out_b, h_b = bf16(x.unsqueeze(1))
     torch.testing.assert_close(out, out_b.squeeze(1))
     torch.testing.assert_close(h, h_b.squeeze(1))
+    # hx of the batched rank with unbatched input: torch's error, not a shape mismatch of a 4-D hx.
+    with pytest.raises(RuntimeError, match="unbatched 2-D input, hx should also be 2-D"):
+        bf16(x, torch.zeros(1, 1, 4))
 
 
 @needs_kernels

@@ -306,6 +306,106 @@ def test_float_weights_changed_after_quantize_are_requantized(change):
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("hidden", [6, 64, 256])
+def test_float_weights_assigned_twice_between_forwards_are_requantized(hidden):
+    # The second `.data =` used to get the freed storage of the one quantized last (glibc hands
+    # it back; seen at hidden=256): same address, version 0, taken for current -> stale int8.
+    quantized = fastner.nn.quantize(torch.nn.LSTM(4, hidden), torch.qint8)
+    x = torch.randn(3, 2, 4)
+    for _ in range(3):
+        quantized.weight_ih_l0.data = torch.randn(4 * hidden, 4)
+        quantized(x)
+        quantized.weight_ih_l0.data = torch.randn(4 * hidden, 4)
+        quantized.weight_ih_l0.data = torch.randn(4 * hidden, 4)
+        quantized(x)
+        w_q, _ = reference.quantize_weight_int8(quantized.weight_ih_l0)
+        assert torch.equal(quantized.int8_weight_ih_l0, w_q)
+
+
+def test_quantize_again_requantizes_a_change_through_data():
+    # `p.data.add_()` bumps no version (torch's .data has its own counter): the forward cannot
+    # see it; quantize() again is the documented way to requantize.
+    quantized = fastner.nn.quantize(torch.nn.GRU(4, 6), torch.qint8)
+    quantized(torch.randn(3, 2, 4))
+    quantized.weight_hh_l0.data.add_(torch.randn(18, 6))
+    assert fastner.nn.quantize(quantized, torch.qint8) is quantized
+    w_q, scale = reference.quantize_weight_int8(quantized.weight_hh_l0)
+    assert torch.equal(quantized.int8_weight_hh_l0, w_q) and torch.equal(quantized.int8_scale_weight_hh_l0, scale)
+
+
+def test_forwards_while_another_thread_requantizes():
+    # A forward after a change to the float weights requantizes; another thread's forward at
+    # that moment read the int8 buffers while they were deleted and not yet registered again:
+    # AttributeError (seen: two threads' first forwards after `.data =`, 1 try in 300 with
+    # sys.setswitchinterval(1e-6)). register_buffer made slow widens that window; the other
+    # thread requantizes as such a forward does.
+    import threading
+    import time
+
+    quantized = fastner.nn.quantize(torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True), torch.qint8)
+    x = torch.randn(5, 3, 8)
+    want = quantized(x)[0]
+    slow_register = quantized.register_buffer
+
+    def register_buffer(*args, **kwargs):
+        time.sleep(0.001)
+        return slow_register(*args, **kwargs)
+
+    quantized.register_buffer = register_buffer
+    done = threading.Event()
+
+    def requantize():
+        while not done.is_set():
+            quantized._quantize_weights()
+
+    requantizer = threading.Thread(target=requantize)
+    requantizer.start()
+    try:
+        for _ in range(40):
+            assert torch.equal(quantized(x)[0], want)  # the same weights: the same int8 copies
+    finally:
+        done.set()
+        requantizer.join()
+
+
+@pytest.mark.parametrize("bf", [False, True])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_int8_unbatched_input_runs_the_int8_weights(mode, bf):
+    # Unbatched [T, I] went to torch's float layer (fastner's float layers hand it to torch):
+    # float32 weights, not int8. It must give what the batch of one gives.
+    quantized = fastner.nn.quantize(getattr(torch.nn, mode)(5, 4, num_layers=2, bidirectional=True,
+                                                            batch_first=bf), torch.qint8)
+    x = torch.randn(6, 5)
+    hx = torch.randn(4, 4)
+    hx = (hx, torch.randn(4, 4)) if mode == "LSTM" else hx
+    batch_dim = 0 if bf else 1
+    for state in (None, hx):
+        out, h = quantized(x, state)
+        batched_state = None if state is None else (
+            tuple(s.unsqueeze(1) for s in state) if mode == "LSTM" else state.unsqueeze(1))
+        out_b, h_b = quantized(x.unsqueeze(batch_dim), batched_state)
+        assert torch.equal(out, out_b.squeeze(batch_dim))
+        for a, b in zip(h if mode == "LSTM" else [h], h_b if mode == "LSTM" else [h_b]):
+            assert a.shape == b.squeeze(1).shape and torch.equal(a, b.squeeze(1))
+    with pytest.raises(RuntimeError, match="unbatched 2-D input"):
+        quantized(x, tuple(s.unsqueeze(1) for s in hx) if mode == "LSTM" else hx.unsqueeze(1))
+    with pytest.raises(ValueError, match="lengths= needs batched input"):
+        quantized(x, lengths=torch.tensor([6]))
+
+
+def test_quantize_refuses_a_model_quantized_to_the_other_dtype():
+    # It used to leave such layers as they were, silently: quantize(m, bfloat16) of an int8
+    # model answered in int8.
+    int8 = fastner.nn.quantize(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LSTM(2, 3)), torch.qint8)
+    with pytest.raises(ValueError, match=r"1 is already a quantized Int8LSTM"):
+        fastner.nn.quantize(int8, torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.GRU(2, 3), fastner.nn.quantize(torch.nn.LSTM(3, 3), torch.bfloat16))
+    with pytest.raises(ValueError, match=r"1 is already a quantized BF16LSTM"):
+        fastner.nn.quantize(model, torch.qint8)
+    assert type(model[0]) is torch.nn.GRU  # refused before anything was swapped
+    assert fastner.nn.quantize(model[1], torch.bfloat16) is model[1]  # the same dtype: as it is
+
+
 def test_int8_module_refuses_training():
     lstm = fastner.nn.quantize(torch.nn.LSTM(4, 3), torch.qint8)
     x = torch.randn(2, 5, 4)
@@ -355,6 +455,15 @@ def test_quantize_bf16_swaps_in_place():
     assert model[0].weight_ih_l0.dtype == torch.bfloat16
     got = model(x)[0]
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 weights: ~0.2% per layer
+
+
+def test_quantize_bf16_replaces_a_layer_held_under_two_names():
+    # bf16 replaces layers by copies; named_children() yields a child held under two names once,
+    # so the second name kept the float layer.
+    shared = torch.nn.LSTM(2, 3)
+    model = torch.nn.ModuleList([shared, torch.nn.Linear(3, 3), shared])
+    fastner.nn.quantize(model, torch.bfloat16)
+    assert model[0] is model[2] and model[0].weight_ih_l0.dtype == torch.bfloat16
 
 
 @needs_kernel
