@@ -68,22 +68,25 @@ class _Int8Mixin:
         self._int8_weight_names = list(quantized)
         self._int8_source = source
 
+    def _float_weights(self):
+        return [getattr(self, name) for name in self._flat_weights_names
+                if name.startswith(("weight_ih", "weight_hh"))]
+
     def _float_weight_sources(self):
         """What identifies the float W_ih / W_hh the int8 copies are made from: an in-place
         change bumps a tensor's version; `.data =`, a new Parameter or .to() give new storage.
-        Each entry holds a detached alias of the weight (same storage and version counter) so
-        that its storage stays alive: freed, its address can be handed to the next weight
-        assigned (seen with `p.data = torch.randn(...)` twice between two forwards), which would
-        then look like the one quantized."""
-        return [(w.detach(), w._version) for w in (getattr(self, name) for name in self._flat_weights_names
-                                                  if name.startswith(("weight_ih", "weight_hh")))]
+        Each entry also holds a detached alias of the weight (same storage) so that its storage
+        stays alive: freed, its address can be handed to the next weight assigned (seen with
+        `p.data = torch.randn(...)` twice between two forwards), which would then look like the
+        one quantized."""
+        return [(w.detach(), w.data_ptr(), w._version) for w in self._float_weights()]
 
     def _int8_is_current(self) -> bool:
         source = getattr(self, "_int8_source", None)
-        current = self._float_weight_sources()
-        return source is not None and len(source) == len(current) and all(
-            w.data_ptr() == src.data_ptr() and version == src_version
-            for (w, version), (src, src_version) in zip(current, source))
+        weights = self._float_weights()
+        return source is not None and len(source) == len(weights) and all(
+            w.data_ptr() == data_ptr and w._version == version
+            for w, (_, data_ptr, version) in zip(weights, source))
 
     def _int8_names(self):
         for wname in getattr(self, "_int8_weight_names", ()):
