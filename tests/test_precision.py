@@ -90,3 +90,22 @@ def test_serve_config_precisions():
     assert ServeConfig(precision="int8").precision == "int8"
     with pytest.raises(ValueError, match="precision"):
         ServeConfig(precision="int4")
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_export_on_the_reference_path_at_each_precision(demo_tagger_dir, tmp_path, precision):
+    # It was: `FASTNER_BACKEND=reference fastner export DIR OUT --precision int8` crashed inside
+    # torch.export with a traceback (the int8 reference's weight-range check and its non-finite
+    # rows' branch read the traced tensors' values: "Could not extract specialized integer from
+    # data-dependent expression").
+    from fastner.export import load
+    from tests.testing import backend
+
+    with backend("reference"):
+        tagger = fastner.Tagger.load(str(demo_tagger_dir), precision=precision)
+        assert main(["export", str(demo_tagger_dir), str(tmp_path / "out"), "--precision", precision,
+                     "--max-length", "12"]) == 0
+        exported = load(str(tmp_path / "out"))
+        assert exported.precision == precision and exported.fixed_length == 12
+        assert exported.tag(SENTENCES) == tagger.tag(SENTENCES)
+        assert exported.predict(SENTENCES, nbest=2) == tagger.predict(SENTENCES, nbest=2)
