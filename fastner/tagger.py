@@ -340,7 +340,7 @@ class Tagger:
         """The tagger saved in `path`, on `device`, its recurrent encoder running in `precision`:
         'fp32' (as trained), 'int8' or 'bf16' (inference only, CPU: fastner.nn.quantize; the
         embeddings, char CNN and CRF stay float32)."""
-        if precision not in PRECISIONS:
+        if not isinstance(precision, str) or precision not in PRECISIONS:  # a list: "unhashable type"
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if precision != "fp32" and resolve_device(device).type != "cpu":
             raise ValueError(f"precision {precision!r} runs on the CPU only, got device {resolve_device(device)}")

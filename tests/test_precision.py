@@ -33,6 +33,9 @@ def test_load_int8_quantizes_the_encoder_only(demo_tagger_dir):
 def test_load_precision_errors(demo_tagger_dir):
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
         fastner.Tagger.load(str(demo_tagger_dir), precision="int4")
+    for wrong in (["int8"], torch.qint8):  # a list raised TypeError: unhashable type: 'list'
+        with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
+            fastner.Tagger.load(str(demo_tagger_dir), precision=wrong)
     with pytest.raises(ValueError, match="runs on the CPU only"):
         fastner.Tagger.load(str(demo_tagger_dir), device="meta", precision="bf16")
 
