@@ -112,3 +112,17 @@ def test_export_on_the_reference_path_at_each_precision(demo_tagger_dir, tmp_pat
         assert exported.precision == precision and exported.fixed_length == 12
         assert exported.tag(SENTENCES) == tagger.tag(SENTENCES)
         assert exported.predict(SENTENCES, nbest=2) == tagger.predict(SENTENCES, nbest=2)
+
+
+def test_int8_and_bf16_default_to_the_cpu_where_cuda_is_available(demo_tagger_dir, tmp_path, monkeypatch, capsys):
+    # It was: on a CUDA machine `fastner tag DIR --precision int8` (no --device: "cuda when
+    # available") was refused with "--precision 'int8' runs on the CPU only, got device cuda".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for precision in ("int8", "bf16"):
+        assert fastner.Tagger.load(str(demo_tagger_dir), precision=precision).device == torch.device("cpu")
+    text = tmp_path / "doc.txt"
+    text.write_text("Omar Haddad said so in Frankfurt.\n")
+    assert main(["tag", str(demo_tagger_dir), str(text), "--precision", "int8", "--output", "jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out)["entities"] is not None
+    with pytest.raises(ValueError, match="runs on the CPU only, got device cuda"):  # asked for: refused
+        fastner.Tagger.load(str(demo_tagger_dir), device="cuda", precision="int8")
