@@ -36,8 +36,22 @@ def test_load_precision_errors(demo_tagger_dir):
     for wrong in (["int8"], torch.qint8):  # a list raised TypeError: unhashable type: 'list'
         with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
             fastner.Tagger.load(str(demo_tagger_dir), precision=wrong)
-    with pytest.raises(ValueError, match="runs on the CPU only"):
+    # a device other than cpu or cuda is refused whatever the precision (CUDA at int8/bf16:
+    # test_int8_and_bf16_default_to_the_cpu_where_cuda_is_available)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'meta'"):
         fastner.Tagger.load(str(demo_tagger_dir), device="meta", precision="bf16")
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_cli_refuses_devices_other_than_cpu_and_cuda(demo_tagger_dir, tmp_path, capsys, device):
+    # It was a traceback: `fastner tag DIR --device meta` a NotImplementedError from torch.nonzero's
+    # meta kernel, mps a RuntimeError, xpu an AssertionError (torch not built with them)
+    text = tmp_path / "doc.txt"
+    text.write_text("Omar Haddad said so.\n")
+    for precision in ("fp32", "int8"):
+        assert main(["tag", str(demo_tagger_dir), str(text), "--device", device, "--precision", precision]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"fastner: error: device must be 'cpu', 'cuda' or 'cuda:N', got '{device}'")
 
 
 def test_load_bf16_tags_like_fp32(demo_tagger_dir):
