@@ -70,7 +70,7 @@ def _add_columns(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime(parser: argparse.ArgumentParser, device_default: Optional[str] = None,
-                 default_text: str = "cuda when available") -> None:
+                 default_text: str = "cuda when available, cpu for --precision int8 and bf16") -> None:
     parser.add_argument("--device", default=device_default, help=f"cpu, cuda, cuda:1 ... (default: {default_text})")
     parser.add_argument("--threads", type=THREADS, default=None,
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else 1)")

@@ -351,8 +351,10 @@ def load(path: str) -> ExportedTagger:
     if meta.get("fastner_ops"):
         # the graph calls torch.ops.fastner.*: their kernels come with the compiled extension
         if not _extension.extension_loaded():
+            # no load error: FASTNER_BACKEND=reference, which never loads it (the message said "None")
+            why = _extension.load_error() or f"{_extension.ENV_VAR}=reference keeps it unloaded"
             raise RuntimeError(f"{path!r} calls fastner ops {meta['fastner_ops']} but the compiled extension "
-                               f"could not be loaded: {_extension.load_error()}")
+                               f"could not be loaded: {why}")
     # checked in memory, then those same bytes loaded: torch.export.load alone may run code
     # from the archive (see fastner.program_check)
     program_bytes = contents[PROGRAM_FILE]

@@ -522,7 +522,9 @@ def int8_product(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
     acc = (q.to(torch.int64) - zero.to(torch.int64)) @ w_q.to(torch.int64).t()
     out = acc.to(torch.float32) * (x_scale * scale)
     bad = nonfinite_rows(x)
-    if bool(bad.any()):
+    # traced (torch.export of the reference path) there are no values to branch on: the graph
+    # always takes the non-finite rows' product
+    if not validation._reads_values(x) or bool(bad.any()):
         out = torch.where(bad, out + int8_product_nonfinite(x, w_q), out)
     return out
 

@@ -339,9 +339,14 @@ class Tagger:
     def load(cls, path: str, device: Union[str, torch.device, None] = None, precision: str = "fp32") -> "Tagger":
         """The tagger saved in `path`, on `device`, its recurrent encoder running in `precision`:
         'fp32' (as trained), 'int8' or 'bf16' (inference only, CPU: fastner.nn.quantize; the
-        embeddings, char CNN and CRF stay float32)."""
-        if precision not in PRECISIONS:
+        embeddings, char CNN and CRF stay float32). device None: CUDA when available at fp32,
+        the CPU at int8 and bf16."""
+        if not isinstance(precision, str) or precision not in PRECISIONS:  # a list: "unhashable type"
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and device is None:
+            # not CUDA by default: on a CUDA machine `fastner tag --precision int8` (no --device)
+            # was refused with "runs on the CPU only, got device cuda", a device never asked for
+            device = "cpu"
         if precision != "fp32" and resolve_device(device).type != "cpu":
             raise ValueError(f"precision {precision!r} runs on the CPU only, got device {resolve_device(device)}")
         if not os.path.isdir(path):

@@ -513,3 +513,20 @@ def test_a_tagger_without_pretrained_words_exports_format_2_over_a_format_3_expo
     assert export.PRETRAINED_INDEX_FILE not in os.listdir(out)
     runtime = export.load(str(out))
     assert runtime.pretrained_index is None and runtime.tag(sentences()) == plain.tag(sentences())
+
+
+@pytest.mark.skipif(not _served("rnn_layer_forward"), reason="the export calls no fastner ops without the extension")
+def test_loading_an_export_of_fastner_ops_under_the_reference_backend_says_why(exported):
+    # It was: "... calls fastner ops [...] but the compiled extension could not be loaded: None"
+    # (FASTNER_BACKEND=reference never loads it, so there is no load error to show).
+    script = ("from fastner import export\n"
+              "try:\n"
+              f"    export.load({str(exported[1])!r})\n"
+              "except RuntimeError as err:\n"
+              "    print(err)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               FASTNER_BACKEND="reference")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("could not be loaded: FASTNER_BACKEND=reference keeps it unloaded"), \
+        result.stdout

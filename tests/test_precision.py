@@ -33,8 +33,25 @@ def test_load_int8_quantizes_the_encoder_only(demo_tagger_dir):
 def test_load_precision_errors(demo_tagger_dir):
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
         fastner.Tagger.load(str(demo_tagger_dir), precision="int4")
-    with pytest.raises(ValueError, match="runs on the CPU only"):
+    for wrong in (["int8"], torch.qint8):  # a list raised TypeError: unhashable type: 'list'
+        with pytest.raises(ValueError, match="precision must be one of fp32, bf16, int8"):
+            fastner.Tagger.load(str(demo_tagger_dir), precision=wrong)
+    # a device other than cpu or cuda is refused whatever the precision (CUDA at int8/bf16:
+    # test_int8_and_bf16_default_to_the_cpu_where_cuda_is_available)
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N', got 'meta'"):
         fastner.Tagger.load(str(demo_tagger_dir), device="meta", precision="bf16")
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_cli_refuses_devices_other_than_cpu_and_cuda(demo_tagger_dir, tmp_path, capsys, device):
+    # It was a traceback: `fastner tag DIR --device meta` a NotImplementedError from torch.nonzero's
+    # meta kernel, mps a RuntimeError, xpu an AssertionError (torch not built with them)
+    text = tmp_path / "doc.txt"
+    text.write_text("Omar Haddad said so.\n")
+    for precision in ("fp32", "int8"):
+        assert main(["tag", str(demo_tagger_dir), str(text), "--device", device, "--precision", precision]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"fastner: error: device must be 'cpu', 'cuda' or 'cuda:N', got '{device}'")
 
 
 def test_load_bf16_tags_like_fp32(demo_tagger_dir):
@@ -90,3 +107,36 @@ def test_serve_config_precisions():
     assert ServeConfig(precision="int8").precision == "int8"
     with pytest.raises(ValueError, match="precision"):
         ServeConfig(precision="int4")
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_export_on_the_reference_path_at_each_precision(demo_tagger_dir, tmp_path, precision):
+    # It was: `FASTNER_BACKEND=reference fastner export DIR OUT --precision int8` crashed inside
+    # torch.export with a traceback (the int8 reference's weight-range check and its non-finite
+    # rows' branch read the traced tensors' values: "Could not extract specialized integer from
+    # data-dependent expression").
+    from fastner.export import load
+    from tests.testing import backend
+
+    with backend("reference"):
+        tagger = fastner.Tagger.load(str(demo_tagger_dir), precision=precision)
+        assert main(["export", str(demo_tagger_dir), str(tmp_path / "out"), "--precision", precision,
+                     "--max-length", "12"]) == 0
+        exported = load(str(tmp_path / "out"))
+        assert exported.precision == precision and exported.fixed_length == 12
+        assert exported.tag(SENTENCES) == tagger.tag(SENTENCES)
+        assert exported.predict(SENTENCES, nbest=2) == tagger.predict(SENTENCES, nbest=2)
+
+
+def test_int8_and_bf16_default_to_the_cpu_where_cuda_is_available(demo_tagger_dir, tmp_path, monkeypatch, capsys):
+    # It was: on a CUDA machine `fastner tag DIR --precision int8` (no --device: "cuda when
+    # available") was refused with "--precision 'int8' runs on the CPU only, got device cuda".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for precision in ("int8", "bf16"):
+        assert fastner.Tagger.load(str(demo_tagger_dir), precision=precision).device == torch.device("cpu")
+    text = tmp_path / "doc.txt"
+    text.write_text("Omar Haddad said so in Frankfurt.\n")
+    assert main(["tag", str(demo_tagger_dir), str(text), "--precision", "int8", "--output", "jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out)["entities"] is not None
+    with pytest.raises(ValueError, match="runs on the CPU only, got device cuda"):  # asked for: refused
+        fastner.Tagger.load(str(demo_tagger_dir), device="cuda", precision="int8")
