@@ -277,6 +277,21 @@ class Tagger:
             self._pretrained_words = self.pretrained_index.words()
         return self._pretrained_words
 
+    @property
+    def precision(self) -> str:
+        """What the model runs in: "int8" or "bf16" where its recurrent layers were quantized
+        (Tagger.load(precision=...), fastner.nn.quantize), else its weights' dtype ("fp32", or
+        e.g. "float64" after model.double())."""
+        from fastner.nn.quantize import _QUANTIZED, _bf16_classes
+
+        modules = list(self.model.modules())
+        if any(isinstance(m, _QUANTIZED) for m in modules):
+            return "int8"
+        if any(isinstance(m, _bf16_classes()) for m in modules):
+            return "bf16"
+        dtype = next(self.model.parameters()).dtype
+        return "fp32" if dtype == torch.float32 else str(dtype).replace("torch.", "")
+
     def word_index(self) -> Optional[WordIndex]:
         """The frozen table's words as the WordIndex a save and an export write (None without a
         table): a trained tagger's dict is built into one once, and the index takes its place."""

@@ -262,7 +262,7 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "head": model_config.head,
         "hidden": model_config.hidden,
         "layers": model_config.layers,
-        "precision": config.precision,
+        "precision": tagger.precision,  # what the tagger holds, whatever the config asked to load
         "device": str(tagger.device),
         "backend": fastner.backend(),
         "fastner": fastner.__version__,
