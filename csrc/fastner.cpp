@@ -20,23 +20,30 @@
 // module itself has two helpers: which vector kernels the CPU ops use (fastner.backend()
 // reports it), and the (private, unchecked) list building behind fastner.ops.tag_lists.
 // (The CMake build for C++ users defines FASTNER_NO_PYTHON.)
-static PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(fastner::cpu::isa_name());
-}
-
-static PyObject* rnn_bf16_kernel(PyObject*, PyObject*) {
-  return PyUnicode_FromString(fastner::cpu::rnn::bf16_kernel() == fastner::cpu::rnn::RightKernel::Avx512Bf16
-                                  ? "avx512_bf16"
-                                  : "avx2");
-}
-
-static PyObject* rnn_int8_kernel(PyObject*, PyObject*) {
+// A kernel choice's name for fastner.backend(); a bad FASTNER_CPU_ISA or FASTNER_RNN_INT8 (the
+// choice raises c10::ValueError) is a Python ValueError, not a C++ abort.
+template <typename Name>
+static PyObject* kernel_name(Name&& name) {
   try {
-    return PyUnicode_FromString(fastner::cpu::rnn::int8::vnni_selected() ? "avx512_vnni" : "avx2");
-  } catch (const c10::Error& e) {  // a bad FASTNER_RNN_INT8: a Python ValueError, not a C++ abort
+    return PyUnicode_FromString(name());
+  } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
   }
+}
+
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return kernel_name([] { return fastner::cpu::isa_name(); });
+}
+
+static PyObject* rnn_bf16_kernel(PyObject*, PyObject*) {
+  return kernel_name([] {
+    return fastner::cpu::rnn::bf16_kernel() == fastner::cpu::rnn::RightKernel::Avx512Bf16 ? "avx512_bf16" : "avx2";
+  });
+}
+
+static PyObject* rnn_int8_kernel(PyObject*, PyObject*) {
+  return kernel_name([] { return fastner::cpu::rnn::int8::vnni_selected() ? "avx512_vnni" : "avx2"; });
 }
 
 // rnn_gemm_choices() -> List[str]: the float32 kernel the recurrent layers measured and chose

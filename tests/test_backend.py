@@ -78,6 +78,23 @@ def test_backend_names_the_cpu_kernels_this_cpu_can_run():
     assert (forced["cpu_simd"], forced["cpu_int8"], forced["cpu_bf16"]) == ("avx2", "avx2", "avx2"), forced
 
 
+def test_cpu_isa_switch_rejects_unknown_values():
+    # It was: any value but "avx2" (e.g. "AVX2") silently left the AVX-512 kernels on.
+    code = ("import fastner, torch\n"
+            "from fastner.nn import LSTM\n"
+            "for call in (fastner.backend, lambda: LSTM(4, 4, batch_first=True)(torch.randn(1, 2, 4), "
+            "lengths=torch.tensor([2]))):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except ValueError as e:\n"
+            "        print('ValueError:', e)\n")
+    env = dict(os.environ, FASTNER_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    message = "ValueError: FASTNER_CPU_ISA must be 'avx2' (or unset: AVX-512 where the CPU has it), got 'AVX2'"
+    assert out.stdout.count(message) == 2, out.stdout
+
+
 def _backend_in_subprocess(env_value):
     code = "import fastner, json; print(json.dumps(fastner.backend()))"
     env = dict(__import__("os").environ, FASTNER_BACKEND=env_value)

@@ -1,6 +1,8 @@
 // The CPU-feature probe shared by every CPU kernel family (see cpu_isa.h).
 #include "cpu/cpu_isa.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -9,7 +11,12 @@ namespace fastner::cpu {
 Isa isa() {
   static const Isa chosen = [] {
     const char* forced = std::getenv("FASTNER_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "avx2") == 0) return Isa::AVX2;
+    if (forced != nullptr && forced[0] != '\0') {
+      // A misspelt value ("AVX2", "avx-2") once left AVX-512 on without a word.
+      TORCH_CHECK_VALUE(std::strcmp(forced, "avx2") == 0, "FASTNER_CPU_ISA must be 'avx2' (or unset: AVX-512 where ",
+                        "the CPU has it), got '", forced, "'");
+      return Isa::AVX2;
+    }
 #if defined(__GNUC__) && defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&

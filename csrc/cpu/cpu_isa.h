@@ -1,8 +1,8 @@
 // The one CPU-feature probe of every CPU kernel family (the CRF lane kernels, the RNN cell
 // passes): which vector instruction set they run. AVX-512 where the CPU has AVX-512 F, DQ, BW
 // and VL, else AVX2 (the build's baseline); FASTNER_CPU_ISA=avx2 forces AVX2 everywhere (tests
-// and comparisons on an AVX-512 machine). Decided once per process; fastner.backend() reports
-// it as "cpu_simd".
+// and comparisons on an AVX-512 machine; another non-empty value raises ValueError). Decided once
+// per process; fastner.backend() reports it as "cpu_simd".
 #pragma once
 
 namespace fastner::cpu {
