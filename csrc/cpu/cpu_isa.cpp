@@ -10,13 +10,7 @@ namespace fastner::cpu {
 
 Isa isa() {
   static const Isa chosen = [] {
-    const char* forced = std::getenv("FASTNER_CPU_ISA");
-    if (forced != nullptr && forced[0] != '\0') {
-      // A misspelt value ("AVX2", "avx-2") once left AVX-512 on without a word.
-      TORCH_CHECK_VALUE(std::strcmp(forced, "avx2") == 0, "FASTNER_CPU_ISA must be 'avx2' (or unset: AVX-512 where ",
-                        "the CPU has it), got '", forced, "'");
-      return Isa::AVX2;
-    }
+    if (env_forces_avx2("FASTNER_CPU_ISA", "AVX-512 where the CPU has it")) return Isa::AVX2;
 #if defined(__GNUC__) && defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
@@ -27,6 +21,14 @@ Isa isa() {
     return Isa::AVX2;
   }();
   return chosen;
+}
+
+bool env_forces_avx2(const char* name, const char* otherwise) {
+  const char* forced = std::getenv(name);
+  if (forced == nullptr || forced[0] == '\0') return false;
+  TORCH_CHECK_VALUE(std::strcmp(forced, "avx2") == 0, name, " must be 'avx2' (or unset: ", otherwise, "), got '", forced,
+                    "'");
+  return true;
 }
 
 const char* isa_name() { return isa() == Isa::AVX512 ? "avx512" : "avx2"; }

@@ -12,4 +12,10 @@ enum class Isa { AVX2, AVX512 };
 Isa isa();
 const char* isa_name();  // "avx2" or "avx512"
 
+// Whether the environment variable `name` (FASTNER_CPU_ISA, FASTNER_RNN_INT8) forces the AVX2
+// kernels: true for "avx2", false when unset or empty; c10::ValueError naming it for any other
+// value (a misspelt one must not leave the AVX-512 kernels on without a word); `otherwise` says
+// what runs when it is unset, for the message.
+bool env_forces_avx2(const char* name, const char* otherwise);
+
 }  // namespace fastner::cpu

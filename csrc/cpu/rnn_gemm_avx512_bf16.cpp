@@ -74,6 +74,10 @@ void pack_scalar(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_
 #ifdef FASTNER_RNN_GEMM_AVX512_BF16
 
 #pragma GCC push_options
+#pragma GCC diagnostic push
+// GCC 12 reports its own _mm512_undefined_* idiom inside the unpack / shuffle intrinsics of
+// transpose16x16 as maybe-uninitialized (as rnn.cpp's AVX-512 cells): ~120 lines of every build.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
 
 namespace {
@@ -266,6 +270,7 @@ void multiply_rounded(int64_t m, int64_t n, int64_t kp, const uint32_t* a, const
 
 }  // namespace
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #endif  // FASTNER_RNN_GEMM_AVX512_BF16

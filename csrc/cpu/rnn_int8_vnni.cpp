@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #include "cpu/cpu_isa.h"
@@ -20,12 +19,7 @@ bool vnni_selected() {
   static const bool selected = [] {
     // FASTNER_RNN_INT8=avx2 forces the AVX2 kernel for the int8 products alone (comparisons
     // and tests; FASTNER_CPU_ISA=avx2 also changes the cell passes).
-    const char* forced = std::getenv("FASTNER_RNN_INT8");
-    if (forced != nullptr && forced[0] != '\0') {
-      TORCH_CHECK_VALUE(std::strcmp(forced, "avx2") == 0, "FASTNER_RNN_INT8 must be 'avx2' (or unset: VNNI where ",
-                        "the CPU has it), got '", forced, "'");
-      return false;
-    }
+    if (env_forces_avx2("FASTNER_RNN_INT8", "VNNI where the CPU has it")) return false;
 #if defined(__GNUC__) && defined(__x86_64__)
     return isa() == Isa::AVX512 && __builtin_cpu_supports("avx512vnni");
 #else
