@@ -118,6 +118,16 @@ def test_inference_projects_only_the_tokens_with_the_same_values(encoder):
         assert torch.equal(fast[~mask], full[~mask])
 
 
+def test_inference_emissions_of_a_batch_with_no_steps():
+    # One sentence alone skips the token-row selection; with no steps at all (T = 0) that check
+    # once indexed a position that is not there (IndexError).
+    model = make_model("lstm", "crf").eval()
+    with torch.no_grad():
+        out = model.emissions(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 6, dtype=torch.long),
+                              torch.tensor([0]), torch.zeros(1, 0, dtype=torch.bool))
+    assert out.shape == (1, 0, model.output.out_features)
+
+
 def test_char_cnn_ignores_padding_chars():
     cnn = CharCNN(10, char_dim=4, filters=3, dropout=0.0)
     chars = torch.tensor([[[3, 4, 0, 0], [5, 0, 0, 0]]])
