@@ -274,10 +274,11 @@ def test_period_split_inside_an_unsplit_sentence():
 
 
 # --- equivalence with the slow reference: main's tokenizer before the speed-up (issue 16) ----
-# fastner.text.tokenizer runs nltk's Treebank rules through stdlib `re` and builds the working
-# copy with str.translate; these tests check both against what they replaced (stock nltk with
-# its `regex` engine, a per-character loop), piece by piece and end to end, on thousands of
-# generated and real sentences, so the speed-up is checked to change no output.
+# fastner.text.tokenizer runs nltk's Treebank rules through stdlib `re`, builds the working
+# copy with str.translate and serves nltk's spans word by word from caches; these tests check
+# them against what they replaced (stock nltk with its `regex` engine, a per-character loop,
+# every piece through nltk whole), piece by piece and end to end, on thousands of generated and
+# real sentences, so the speed-ups are checked to change no output.
 
 def _reference_working_copy(text):
     import unicodedata
@@ -311,12 +312,14 @@ def _reference_tokenize(text):
 
     from fastner.text import tokenizer
 
-    fast_words, fast_copy = tokenizer._words(), tokenizer.working_copy
+    fast_words, fast_copy, fast_spans = tokenizer._words(), tokenizer.working_copy, tokenizer._word_spans
     tokenizer._word_tokenizer, tokenizer.working_copy = NLTKWordTokenizer(), _reference_working_copy
+    tokenizer._word_spans = tokenizer._reference_word_spans  # each piece through nltk whole, no cache
     try:
         return tokenizer.tokenize(text)
     finally:
         tokenizer._word_tokenizer, tokenizer.working_copy = fast_words, fast_copy
+        tokenizer._word_spans = fast_spans
 
 
 def _generated_texts(count, seed):
@@ -360,3 +363,170 @@ def test_tokenize_equals_reference_end_to_end():
     assert tokenize(article) == _reference_tokenize(article)
     for text in _generated_texts(1500, seed=4):
         assert tokenize(text) == _reference_tokenize(text), repr(text)
+
+
+# --- the word step's per-word cache against nltk on whole pieces (fastner.text.tokenizer, 1.-4.) ---
+# _word_spans serves nltk's spans word by word from caches (keyed by the word, its separator
+# characters or its shape) and probes unseen words with nltk; _reference_word_spans is the step
+# before that change (every piece between atoms through span_tokenize whole). The two must agree
+# on every input, with the caches empty, warm, or full and starting again.
+
+# Pieces that reach each rule's context: quotes at the start, after a space, a line break or a
+# bracket; clitics and contractions in all cases; periods at the end, before closing quotes and
+# brackets, before spaces; colons and commas before digits and not; backticks; the probe's
+# delimiter; whitespace other than " " around all of them.
+_ADVERSARIAL = [
+    "Apple", "said", "U.S.", "U.S", "Inc.", "Corp.", "e.g.", "Mr.", "10.", "1.5.", "a.", "51.2.", "...", "..", ".",
+    "'s", "'S", "n't", "N'T", "can't", "won't", "I'm", "we'll", "they'd", "y'all", "'em", "O'Neill", "O'Neill's",
+    "rock'n'roll", "'re", "'ll", "'ve", "'m", "'d", "'n", "'", "''", "'" * 3, "``", "`", "`" * 3, '"', '""', '"Hi',
+    'Hi"', '."', ".'", '.")', ".)", "?", "!", '?"', "cannot", "CanNot", "gonna", "Gonna-be", "wanna", "WANNA",
+    "gimme", "lemme", "gotta", "d'ye", "D'ye", "more'n", "'tis", "'Twas", "'T", "is", "was", "g\u0131mme", "1,200",
+    "1,a", "a,", ",", ":", "10:30", "a:b", ";", "@", "#", "$", "%", "&", "*", "3%", "$250.10", "(", ")", "[", "]", "{",
+    "}", "<", ">", "(AAPL)", "(U.S.)", "--", "-", "---", "x-y", "a/b", "\u2012", "\u2013", "\u2014", "\u2015",
+    "\u2212", "\u2026", "\u00ab", "\u00bb", "\u201c", "\u201d", "\u2018", "\u2019", "\u201e", "\u00e9t\u00e9",
+    "\u4e2d\u6587", "\U0001f600", "https://a.io/x?y=1", "www.x.com.", "a@b.com", "NYSE:IBM", "AT&T", "C$", "\u20ac5",
+    "\x00", "a\x00b", "_", "=", "+", "\\", "a's'", "s'",
+]
+_ADVERSARIAL_SEPARATORS = ["", " ", " ", " ", "  ", "\n", "\n\n", "\t", " \n", "\u3000", "\x0b", "\x1c", "\u2028"]
+
+
+def _adversarial_texts(count, seed):
+    rng = random.Random(seed)
+    for _ in range(count):
+        text = "".join(rng.choice(_ADVERSARIAL) + rng.choice(_ADVERSARIAL_SEPARATORS)
+                       for _ in range(rng.randint(1, 14)))
+        yield text
+        yield working_copy(text)  # what tokenize() gives the word step: curly quotes straight
+
+
+def _word_step_mismatches(texts):
+    """The pieces where _word_spans differs from the reference: each sentence range of a text's
+    working copy (what tokenize() asks for), and the raw text as one piece."""
+    from fastner.text import tokenizer
+
+    different = []
+    for text in texts:
+        work = working_copy(text)
+        pieces = [(work, start, end) for start, end in tokenizer._sentence_ranges(work)] + [(text, 0, len(text))]
+        for piece, start, end in pieces:
+            if tokenizer._word_spans(piece, start, end) != tokenizer._reference_word_spans(piece, start, end):
+                different.append(piece[start:end])
+    return different
+
+
+@pytest.fixture
+def empty_word_caches(monkeypatch):
+    from fastner.text import tokenizer
+
+    monkeypatch.setattr(tokenizer, "_HEAD_SPANS", {})
+    monkeypatch.setattr(tokenizer, "_TAIL_SPANS", {})
+    return tokenizer
+
+
+def test_word_spans_equal_nltk_on_whole_pieces(empty_word_caches):
+    from fastner.demo import generate_articles, generate_corpus
+
+    real = [detokenize(tokens)[0] for tokens in _conll("eng.testa")[:1500]]
+    demo = [detokenize(s.tokens)[0] for s in generate_corpus(300, 0, seed=5)[0]]
+    demo += [text for text, _ in generate_articles(20, seed=5)]
+    generated = list(_adversarial_texts(1500, seed=6))
+    for _ in range(2):  # empty caches, then warm ones
+        assert _word_step_mismatches(real + demo + generated) == []
+    assert len(empty_word_caches._HEAD_SPANS) > 1000 and len(empty_word_caches._TAIL_SPANS) > 100
+
+
+@pytest.mark.parametrize("text", [
+    "The U.S. said so", "He said U.S.", "Shares rose in the U.S. ) \" '", "It rose . ) a", "x. )\n)", "a ,", "a,\n",
+    '"No," he said.', 'He said "no" .', 'a\n"b"', 'a\t"b"', '("x")', "a ''b'' c", "``x'' \"y\" ''z''",
+    "a' b", "a'\nb", "a' 'b c", "Eagles' coach said", "'tis here", "here 'Twas x", "We CanNot wanna\ngo wanna go",
+    "gonna-be x", "d'ye x more'n y", "I can't, won't: I'm O'Neill's.", "1,000 a,b 10:30 a: b", "x `` y", "`` x",
+    "a\x00b c", "\x00", '"', ' "', '\n"', ") .", "'", "x '", "\u201cHi,\u201d she said\u2019s.",
+    "Acme, Beta, Gamma, 1996.", "in the U.S. ) )", "U.S. ' ]", "U.S. \u201d \u00bb", "x. '' )",
+    # the character after a word counts: "a's' " is a + 's + ', "a's'\n" is a's + '
+    "a's' b a's'\nb",
+])
+def test_word_spans_contexts(empty_word_caches, text):
+    for _ in range(2):  # the second time from the caches
+        assert _word_step_mismatches([text, "Acme and " + text + " rose", text + "\n" + text, text + " " + text]) == []
+
+
+def test_word_spans_guards():
+    # what sends a word to nltk whole: tokens that do not spell it, more quote tokens than
+    # quotes to put back, quote tokens from backticks alone
+    from fastner.text.tokenizer import _aligned
+
+    assert _aligned('a"b', ["a", "''", "b"]) == (0, 1, 1, 2, 2, 3)
+    assert _aligned(' x. ) ', ["x", ".", ")"]) == (1, 2, 2, 3, 4, 5)
+    assert _aligned("ab", ["a"]) is None
+    assert _aligned("ab", ["b", "a"]) is None
+    assert _aligned('a"', ["a", "''", "''"]) is None
+    assert _aligned("x``", ["x", "``"]) is None
+
+
+def test_word_spans_with_full_caches(empty_word_caches, monkeypatch):
+    # caches that fill after a few entries and start again, and words too long to keep
+    monkeypatch.setattr(empty_word_caches, "_CACHE_LIMIT", 7)
+    monkeypatch.setattr(empty_word_caches, "_KEY_LIMIT", 6)
+    assert _word_step_mismatches(_adversarial_texts(300, seed=7)) == []
+    assert len(empty_word_caches._HEAD_SPANS) <= 7
+
+
+def test_word_spans_come_from_the_caches(empty_word_caches, monkeypatch):
+    # news text takes the cached path (no piece of it goes to nltk whole), and a word is cached
+    # with its shape too: an unseen word of a seen shape needs no nltk call
+    tokenizer = empty_word_caches
+    for text in [detokenize(tokens)[0] for tokens in _conll("eng.testa")[:300]]:
+        work = working_copy(text)
+        for start, end in tokenizer._sentence_ranges(work):
+            assert tokenizer._cached_spans(work, start, end) is not None, work[start:end]
+    tokenizer._word_spans("Acme, rose 5% in 1996.", 0, 22)
+    probes = []
+    monkeypatch.setattr(tokenizer, "_probe", lambda *args: probes.append(args))
+    assert tokenizer._word_spans("Zeta, fell 7% in 2025.", 0, 22) == [
+        (0, 4), (4, 5), (6, 10), (11, 12), (12, 13), (14, 16), (17, 21), (21, 22)]
+    assert probes == []
+
+
+def _fixture_texts():
+    import json
+
+    strings = []
+
+    def leaves(value):
+        if isinstance(value, str):
+            strings.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                leaves(item)
+        elif isinstance(value, list):
+            for item in value:
+                leaves(item)
+
+    for folder, _, names in os.walk(os.path.join(os.path.dirname(__file__), "fixtures")):
+        for name in names:
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    leaves(json.load(handle))
+    return [" ".join(strings[i:i + 12]) for i in range(0, len(strings), 12)]
+
+
+@pytest.mark.slow
+def test_word_spans_equal_nltk_on_every_corpus_sentence(empty_word_caches):
+    # every sentence of CoNLL's training and development text (never eng.testb), and runs of
+    # 20 of them as articles; the demo corpus and articles; the fixtures' text; 10,000 generated
+    # adversarial strings and their working copies. With empty caches, then again warm.
+    from fastner.demo import generate_articles, generate_corpus
+
+    texts = []
+    for name in ("eng.train", "eng.testa"):
+        sentences = [detokenize(tokens)[0] for tokens in _conll(name)]
+        texts += sentences
+        texts += [" ".join(sentences[i:i + 20]) for i in range(0, len(sentences), 20)]
+    train, held_out = generate_corpus(5000, 1000, seed=0)
+    texts += [detokenize(s.tokens)[0] for s in train + held_out]
+    texts += [text for text, _ in generate_articles(500, seed=0)]
+    texts += _fixture_texts()
+    assert len(texts) > 20000
+    texts += list(_adversarial_texts(10000, seed=8))
+    assert _word_step_mismatches(texts) == []
+    assert _word_step_mismatches(texts[-5000:] + texts[:5000]) == []

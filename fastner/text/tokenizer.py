@@ -242,8 +242,17 @@ def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
             yield start, end
 
 
+# Every atom holds one of these (a URL "://" or "www.", an e-mail "@", a ticker ":", "&", a
+# currency's "$", a rule's "---" "===" "___" "***", a unicode dash or minus, the ellipsis), so a
+# piece holding none has no atom and skips _ATOMS' scan (its alternatives tried at every
+# character: 15 us of a 91-character sentence's 90; this search takes 1).
+_ATOM_TRIGGER = re.compile(r"[@:&$=_*\u2012-\u2015\u2212\u2026]|www\.|---")
+
+
 def _word_spans(work: str, start: int, end: int) -> List[Tuple[int, int]]:
     """Token spans of work[start:end] by the word tokenizer, atoms kept apart."""
+    if not _ATOM_TRIGGER.search(work, start, end):
+        return _treebank(work, start, end)
     spans: List[Tuple[int, int]] = []
     position = start
     for match in _ATOMS.finditer(work, start, end):
@@ -255,14 +264,301 @@ def _word_spans(work: str, start: int, end: int) -> List[Tuple[int, int]]:
 
 
 def _treebank(work: str, start: int, end: int) -> List[Tuple[int, int]]:
-    piece = work[start:end]
-    if not piece.strip():
+    """nltk's spans of work[start:end] (offsets into `work`)."""
+    if not work[start:end].strip():
         return []
+    spans = _cached_spans(work, start, end)
+    if spans is None:
+        spans = [(start + a, start + b) for a, b in _nltk_spans(work[start:end]) if b > a]
+    return spans
+
+
+def _reference_word_spans(work: str, start: int, end: int) -> List[Tuple[int, int]]:
+    """_word_spans as it was before the atom pre-check and the per-word cache: every piece
+    between atoms through nltk's span_tokenize whole. The tests and
+    benchmarks/word_spans.py compare the two."""
+    spans: List[Tuple[int, int]] = []
+    position = start
+    for match in list(_ATOMS.finditer(work, start, end)) + [None]:
+        piece_end = match.start() if match else end
+        if work[position:piece_end].strip():
+            spans.extend((position + a, position + b) for a, b in _nltk_spans(work[position:piece_end]) if b > a)
+        if match:
+            spans.append(match.span())
+            position = match.end()
+    return spans
+
+
+def _nltk_spans(piece: str) -> List[Tuple[int, int]]:
+    """nltk's span_tokenize on the whole piece: what _cached_spans reproduces, and what runs
+    wherever it cannot show it does."""
     try:
-        spans = list(_words().span_tokenize(piece))
+        return list(_words().span_tokenize(piece))
     except ValueError:  # nltk could not align a rewritten token: fall back to whitespace
-        spans = [m.span() for m in re.finditer(r"\S+", piece)]
-    return [(start + a, start + b) for a, b in spans if b > a]
+        return [m.span() for m in re.finditer(r"\S+", piece)]
+
+
+# ---- nltk's rules word by word, cached ----------------------------------------------------------
+# span_tokenize(piece) runs ~27 regex rewrites over the whole piece (27 us a call, plus 0.4 us a
+# character, here) that leave most words as they are. Why a word's tokens can be computed once
+# and reused, from nltk/tokenize/destructive.py (NLTKWordTokenizer.tokenize, span_tokenize):
+# 1. The rewrites insert spaces, turn `"` and `''` into `` or '', and shorten whitespace runs
+#    (ENDING_QUOTES' `\s+` -> " ", the final period's `\s*$` -> " "); none removes a character
+#    or a whole run of whitespace, so every token lies inside one WORD of the piece (a maximal
+#    run of non-whitespace; str.split(), `\s` and `\S` agree on what whitespace is).
+# 2. What the rules do inside a word depends only on the word and the separator character on
+#    each side of it, except at the two ends of the piece:
+#    - the character before it is read by STARTING_QUOTES `([ \(\[{<])(\"|\'{2})` (a literal
+#      space or not), `(?<!\w)'` and `\b` (all whitespace is non-word), PUNCTUATION `([^'])' `
+#      (any character); after `\s+` -> " " each separator is one space, read by ENDING_QUOTES
+#      `([^' ])(...) ` and CONTRACTIONS3 ` ('t)(is)\b`;
+#    - the character after it by `([:,])([^\d])` (whitespace is no digit), `([^'])' ` (a literal
+#      space or not), (?=\w), (?=\s), `\b` and the clitic rules' trailing space;
+#    - `^\"` reads the start of the piece: a first word with no whitespace before it has ""
+#      as the character before it (and nothing can look before it);
+#    - `([:,])$` and the final period, `([^\.])(\.)([\]\)}>"\'»”’ ]*+)\s*$` and its twin without
+#      the space, reach back from the end across words made only of closing brackets and
+#      quotes: the TAIL, from the last word holding a character outside that class to the end
+#      (the whole piece if no word does), is one unit. No rule turns a character outside the
+#      class into one inside it (they insert spaces and turn quotes into backticks), so no
+#      word before the tail ever holds the final period's match.
+#    A match that consumes a separator character (the second group of `([:,])([^\d])`, the
+#    space of `' ` and of the clitic rules, the group before a starting quote, CONTRACTIONS3's
+#    space) writes the same character back. The one rule whose next match could have begun on
+#    a character consumed so is `([^'])' `, and that match (whitespace, `'`, space) would only
+#    put a space beside whitespace: the same tokens either way.
+#    So a word's tokens are a function of (character before, word, character after) and the
+#    tail's of (character before, tail): _HEAD_SPANS and _TAIL_SPANS cache them under that
+#    text, a slice of the piece, or its shape (4.). _probe computes them with nltk itself: the
+#    piece's unseen words in one call, each with its own separator characters.
+# 3. align_tokens finds each token with str.index from the end of the token before. Where each
+#    word's tokens (quotes restored) spell the word from its first character to its last
+#    (checked for every cache entry: an entry that fails is False and sends its piece to nltk
+#    whole), each token is found right after the whitespace before it, so the piece's spans
+#    are its words' spans end to end. span_tokenize puts back a quote for each `"`/``/'' token
+#    from one list of the piece's ``|''|" matches, in order; no match spans whitespace, so
+#    that is done word by word when each word has as many such tokens as matches (checked).
+#    Only a word holding `"` or `''` has such a token, or one holding backticks (False: nltk
+#    restores those or not by the rest of the piece; the working copy has no backtick).
+# 4. Shapes: the rules read ASCII letters and digits only through classes in which all letters
+#    (all digits) are alike (`\w`, `\b`, `\d`, `[^\d]`, `[^\.]`, `[^']`, `[^' ]`), except the
+#    clitic and contraction rules, which hold an apostrophe (`'s`, `n't`, `(?i)'(?!re|ve|...)`,
+#    `'t is`, `d'ye`, `more'n`) or one of six (?i) letter sequences (can+not, gim+me, gon+na,
+#    got+ta, lem+me, wan+na). So an ASCII word with no apostrophe and none of those sequences
+#    (as substrings: wider than the rules' \b...\b) is split at the same offsets as its SHAPE,
+#    letters written "x" and digits "0" ("Acme," and "Beta," are "xxxx,", "1996." is "0000."):
+#    an unseen word whose shape was seen needs no probe. A key equal to a shape is its own
+#    shape, so keys and shapes share the caches.
+# tests/test_text.py compares with nltk on whole pieces: every sentence of the CoNLL training
+# and development text, the demo corpus and thousands of generated adversarial strings.
+_WORD_AFTER_SEPARATOR = re.compile(r"\s?(\S+)")  # a word and the character before it, if any
+_FINAL_PERIOD_CLASS = "])}>\"'\u00bb\u201d\u2019"  # what may stand between the final period and the end
+_SHAPES = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", "x" * 52 + "0" * 10)
+_NOT_BY_SHAPE = re.compile(r"'|(?i:cannot|gimme|gonna|gotta|lemme|wanna)")
+_QUOTE_TOKENS = frozenset(('"', "``", "''"))
+_NLTK_QUOTES = re.compile(r"``|'{2}|\"")  # span_tokenize's list of the quotes it puts back
+# Stands between the probed words in one nltk call: a word of its own (whitespace around it)
+# that no rule touches and, outside the class above, keeps every probed head word out of the
+# probe's tail. A piece holding it goes to nltk whole.
+_DELIMITER = "\x00"
+_WHOLE = True  # the value for a word that is one token
+# " word " ("word " first in a piece), or its shape -> _WHOLE, spans in the word (flat:
+# start, end, start, end, ...: a tuple of small ints costs 8 bytes an offset), or False
+_HEAD_SPANS: dict = {}
+# " tail" ("tail" when it is the whole piece), or its shape -> spans from its first word (flat), or False
+_TAIL_SPANS: dict = {}
+# Bounds: 32,768 entries each (all of eng.train makes 29,099 words and 6,148 tails, 3.4 MB:
+# ~100 bytes an entry) and keys of at most 40 characters (4 of CoNLL's 254,983 tokens are
+# longer; such words are probed each time), so at most ~25 MB each whatever the text (measured
+# with 38-character words of one-character tokens). A full cache starts again empty: a feed's
+# vocabulary drifts, and the shapes it held come back within a few hundred sentences.
+_CACHE_LIMIT = 1 << 15
+_KEY_LIMIT = 40
+
+
+def _shape(key: str):
+    """The key's shape (4. above), or None for a key that must be looked up as it is."""
+    if key.isascii() and not _NOT_BY_SHAPE.search(key):
+        return key.translate(_SHAPES)
+    return None
+
+
+def _cached_spans(work: str, start: int, end: int):
+    """work[start:end]'s spans as nltk's span_tokenize gives them (offsets into `work`), from
+    the per-word caches; None where the piece must go to nltk whole."""
+    words = list(_WORD_AFTER_SEPARATOR.finditer(work, start, end))
+    tail = len(words) - 1
+    while tail > 0 and not words[tail].group(1).strip(_FINAL_PERIOD_CLASS):
+        tail -= 1  # (a piece of closing quotes and brackets only is all tail)
+    tail_key = work[words[tail].start():end]
+    tail_value = _TAIL_SPANS.get(tail_key)
+    if tail_value is None:
+        tail_shape = _shape(tail_key)
+        tail_value = _TAIL_SPANS.get(tail_shape) if tail_shape else None
+        if tail_value is None:
+            return _probed_spans(work, end, words, tail)
+        _remember(_TAIL_SPANS, tail_key, tail_value)
+    if tail_value is False:
+        return None
+    spans = []
+    head_spans = _HEAD_SPANS
+    for number in range(tail):
+        word = words[number]
+        first, last = word.span()
+        key = work[first:last + 1]  # a head word has a separator after it
+        value = head_spans.get(key)
+        if value is None:
+            shape = _shape(key)
+            value = head_spans.get(shape) if shape else None
+            if value is None:
+                return _probed_spans(work, end, words, tail)
+            _remember(head_spans, key, value)
+        if value is _WHOLE:
+            spans.append(word.span(1))
+        elif value:
+            first = word.start(1)
+            offsets = iter(value)
+            spans += [(first + a, first + b) for a, b in zip(offsets, offsets)]
+        else:
+            return None
+    return _with_tail(spans, words[tail], tail_value)
+
+
+def _with_tail(spans, word, tail_value):
+    if not tail_value:
+        return None
+    first = word.start(1)
+    offsets = iter(tail_value)
+    spans += [(first + a, first + b) for a, b in zip(offsets, offsets)]
+    return spans
+
+
+def _probed_spans(work: str, end: int, words, tail: int):
+    """_cached_spans for a piece with words not in the caches: looks their shapes up, probes the
+    rest and caches them all."""
+    keys = [work[word.start():word.end() + 1] for word in words[:tail]]
+    values = [_HEAD_SPANS.get(key) for key in keys]
+    missing = {}  # key -> (word, shape), in order
+    for number, key in enumerate(keys):
+        if values[number] is None and key not in missing:
+            shape = _shape(key)
+            value = _HEAD_SPANS.get(shape) if shape else None
+            if value is None:
+                missing[key] = (words[number].group(1), shape)
+            else:
+                values[number] = value
+                _remember(_HEAD_SPANS, key, value)
+    tail_key = work[words[tail].start():end]
+    tail_shape = _shape(tail_key)
+    tail_value = _TAIL_SPANS.get(tail_key)
+    if tail_value is None and tail_shape:
+        tail_value = _TAIL_SPANS.get(tail_shape)
+        if tail_value is not None:
+            _remember(_TAIL_SPANS, tail_key, tail_value)
+    if missing or tail_value is None:
+        probed = _probe([(key, word) for key, (word, _) in missing.items()],
+                        tail_key if tail_value is None else None, work[words[tail].start(1):end])
+        if probed is None:
+            return None
+        computed = dict(zip(missing, probed))
+        for key, value in computed.items():
+            _remember(_HEAD_SPANS, key, value)
+            if missing[key][1]:
+                _remember(_HEAD_SPANS, missing[key][1], value)
+        if tail_value is None:
+            tail_value = probed[-1]
+            _remember(_TAIL_SPANS, tail_key, tail_value)
+            if tail_shape:
+                _remember(_TAIL_SPANS, tail_shape, tail_value)
+        values = [computed[key] if value is None else value for key, value in zip(keys, values)]
+    spans = []
+    for word, value in zip(words, values):
+        if value is _WHOLE:
+            spans.append(word.span(1))
+        elif value:
+            first = word.start(1)
+            offsets = iter(value)
+            spans += [(first + a, first + b) for a, b in zip(offsets, offsets)]
+        else:
+            return None
+    return _with_tail(spans, words[tail], tail_value)
+
+
+def _remember(cache: dict, key: str, value) -> None:
+    if len(key) > _KEY_LIMIT:
+        return
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
+def _probe(missing, tail_key, tail_text):
+    """Cache entries for the `missing` [(key, word)] and, if `tail_key`, the tail (last): one
+    nltk call on the keys (each a word with its separator characters, 2. above) one after the
+    other, a _DELIMITER word between them (before each key that starts with its separator, and
+    after the last head word, so that it is not the probe's tail). None if the tokens are not
+    laid out as the keys are (a piece holding the delimiter)."""
+    keys = [key for key, _ in missing] + ([tail_key] if tail_key is not None else [])
+    if any(_DELIMITER in key for key in keys):
+        return None
+    parts = []
+    for key in keys:
+        if key[0].isspace():  # only the piece's first word has no separator before it
+            parts.append(_DELIMITER)
+        parts.append(key)
+    if tail_key is None:
+        parts.append(_DELIMITER)
+    groups: List[List[str]] = [[]]
+    for token in _words().tokenize("".join(parts)):
+        if token == _DELIMITER:
+            groups.append([])
+        else:
+            groups[-1].append(token)
+    if keys[0][0].isspace():
+        if groups[0]:
+            return None
+        del groups[0]
+    if tail_key is None:
+        if groups[-1]:
+            return None
+        del groups[-1]
+    if len(groups) != len(keys):
+        return None
+    values = []
+    for (_, word), tokens in zip(missing, groups):
+        spans = _aligned(word, tokens)
+        values.append(_WHOLE if spans == (0, len(word)) else spans or False)
+    if tail_key is not None:
+        values.append(_aligned(tail_text, groups[-1]) or False)
+    return values
+
+
+def _aligned(text: str, tokens: List[str]):
+    """`tokens` (nltk's, of `text`) as spans in `text` (flat: start, end, start, ...), quotes
+    put back as span_tokenize puts them back; None unless they spell `text` from its first
+    character to its last non-whitespace one with only whitespace between them (3. above)."""
+    if '"' in text or "''" in text:
+        matched = _NLTK_QUOTES.findall(text)
+        quotes = [number for number, token in enumerate(tokens) if token in _QUOTE_TOKENS]
+        if len(quotes) != len(matched):
+            return None
+        tokens = list(tokens)
+        for number, quote in zip(quotes, matched):
+            tokens[number] = quote
+    elif any(token in _QUOTE_TOKENS for token in tokens):
+        return None  # backticks: whether nltk restores them depends on the rest of the piece
+    spans = []
+    position = 0
+    for token in tokens:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if not text.startswith(token, position):
+            return None
+        spans += (position, position + len(token))
+        position += len(token)
+    if not spans or text[position:].strip():
+        return None
+    return tuple(spans)
 
 
 def _conll_fixes(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
