@@ -487,6 +487,29 @@ def test_word_spans_come_from_the_caches(empty_word_caches, monkeypatch):
     assert probes == []
 
 
+def test_word_caches_are_argued_for_the_installed_nltk():
+    # the caches' exactness argument (fastner/text/tokenizer.py, 1.-4.) is for one nltk's rules:
+    # another nltk turns them off. Failing here means nltk's word tokenizer changed: re-check the
+    # argument against its rules and rerun the equality tests, then update _ARGUED_RULES.
+    from fastner.text import tokenizer
+
+    assert tokenizer._rules_fingerprint() == tokenizer._ARGUED_RULES
+    assert tokenizer._cache_applies()
+
+
+def test_other_nltk_rules_turn_the_word_caches_off(empty_word_caches, monkeypatch):
+    # under rules the argument was not made for, every piece goes to nltk whole: same spans,
+    # nothing read from or written to the caches
+    tokenizer = empty_word_caches
+    monkeypatch.setattr(tokenizer, "_cache_state", [])
+    monkeypatch.setattr(tokenizer, "_ARGUED_RULES", "another nltk")
+    looked_up = []
+    monkeypatch.setattr(tokenizer, "_cached_spans", lambda *args: looked_up.append(args))
+    texts = [detokenize(tokens)[0] for tokens in _conll("eng.testa")[:50]]
+    assert _word_step_mismatches(texts) == []
+    assert looked_up == [] and tokenizer._cache_state == [False]
+
+
 def _fixture_texts():
     import json
 

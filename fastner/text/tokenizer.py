@@ -21,6 +21,8 @@ whole; unicode dashes and ellipses stand alone.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import re
 import unicodedata
 from typing import Iterator, List, Tuple
@@ -267,7 +269,7 @@ def _treebank(work: str, start: int, end: int) -> List[Tuple[int, int]]:
     """nltk's spans of work[start:end] (offsets into `work`)."""
     if not work[start:end].strip():
         return []
-    spans = _cached_spans(work, start, end)
+    spans = _cached_spans(work, start, end) if _cache_applies() else None
     if spans is None:
         spans = [(start + a, start + b) for a, b in _nltk_spans(work[start:end]) if b > a]
     return spans
@@ -374,6 +376,42 @@ _TAIL_SPANS: dict = {}
 # vocabulary drifts, and the shapes it held come back within a few hundred sentences.
 _CACHE_LIMIT = 1 << 15
 _KEY_LIMIT = 40
+
+
+# The argument above was made, rule by rule, for the word tokenizer of nltk 3.10.4 (its rule
+# lists and its tokenize / span_tokenize code): another nltk may read more context than it does,
+# and then the cached spans could differ from nltk's. So the caches serve only the rules they
+# were argued for, recognised by this fingerprint of them (_rules_fingerprint); under any other
+# nltk every piece goes through nltk whole, as before the caches: the same spans, slower.
+# tests/test_text.py fails while the fingerprints differ, so that an upgrade gets the argument
+# and the equality tests re-checked (then this value updated), not silently the slow path.
+_ARGUED_RULES = "c83b3b6c47cc639f"
+_cache_state: list = []  # [whether the installed nltk's rules are the argued ones], once known
+
+
+def _rules_fingerprint() -> str:
+    """A digest of what nltk's word tokenizer does: its rule lists (patterns, flags, templates)
+    and the source of NLTKWordTokenizer.tokenize and span_tokenize."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    def described(rule):
+        if isinstance(rule, (list, tuple)):
+            return [described(part) for part in rule]
+        if hasattr(rule, "pattern") and hasattr(rule, "flags"):
+            return ["pattern", rule.pattern, int(rule.flags)]
+        return rule
+
+    rules = [(name, described(getattr(NLTKWordTokenizer, name)))
+             for name in ("STARTING_QUOTES", "PUNCTUATION", "PARENS_BRACKETS", "DOUBLE_DASHES",
+                          "ENDING_QUOTES", "CONTRACTIONS2", "CONTRACTIONS3")]
+    code = [inspect.getsource(NLTKWordTokenizer.tokenize), inspect.getsource(NLTKWordTokenizer.span_tokenize)]
+    return hashlib.sha256(repr((rules, code)).encode()).hexdigest()[:16]
+
+
+def _cache_applies() -> bool:
+    if not _cache_state:
+        _cache_state.append(_rules_fingerprint() == _ARGUED_RULES)
+    return _cache_state[0]
 
 
 def _shape(key: str):
