@@ -268,11 +268,21 @@ TORCH_LIBRARY(fastner, m) {
         "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
   // Inference-only int8 layer (fastner.nn.quantize(module, torch.qint8)): rnn_layer_forward's
   // arguments and results (no workspace) with input, hx, cx and the biases float32 and w_ih,
-  // w_hh int8, quantized per output channel: w ~= w_q * scale[:, None]. scales: per direction
-  // [w_ih's scale [G*H], w_hh's scale [G*H]] (float32), so 2*D tensors. Every product quantizes
-  // its left rows on the fly (7-bit asymmetric per row); the exact arithmetic is
-  // fastner.reference.rnn_layer_int8's (csrc/cpu/rnn_int8.h says why 7 bits). No autograd.
-  m.def("rnn_layer_int8_forward(Tensor input, Tensor lengths, Tensor[] weights, Tensor[] scales, "
+  // w_hh quantized per output channel (w ~= w_q * scale[:, None], w_q int8 in [-63, 63]) and
+  // packed by rnn_int8_pack: per direction packed w_ih, packed w_hh, then (with bias) b_ih,
+  // b_hh. hidden_size: H (the packed tensors' shape does not show it; each packed tensor must
+  // have been packed for [G*H, I] or [G*H, H], which its size and header are checked against).
+  // Every product quantizes its left rows on the fly (7-bit asymmetric per row); the exact
+  // arithmetic is fastner.reference.rnn_layer_int8's (csrc/cpu/rnn_int8.h says why 7 bits).
+  // No autograd.
+  m.def("rnn_layer_int8_forward(Tensor input, Tensor lengths, Tensor[] weights, int hidden_size, "
         "Tensor? hx, Tensor? cx, str mode, bool bidirectional, bool batch_first) -> "
         "(Tensor output, Tensor h_n, Tensor c_n)");
+  // The packed form of one int8 weight, what rnn_layer_int8_forward takes: weight int8 [N, K]
+  // with every entry in [-63, 63] (fastner.reference.quantize_weight_int8; ValueError naming
+  // the first row outside), scale float32 [N] (w ~= weight * scale[:, None]) -> int8
+  // [packed_bytes(N, K)]: a header, the weights in the kernels' panels, their column sums and
+  // the scales (the layout: csrc/cpu/rnn_int8.h; fastner.reference.rnn_int8_pack writes the
+  // same bytes, rnn_int8_unpack reads them back). Done once per weight, not per forward call.
+  m.def("rnn_int8_pack(Tensor weight, Tensor scale) -> Tensor");
 }

@@ -529,11 +529,74 @@ def int8_product(x: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
     return out
 
 
+# The packed form of an int8 weight (fastner::rnn_int8_pack; the layout is documented in
+# csrc/cpu/rnn_int8.h): an int8 tensor of bytes, a 64-byte header (8 int64: the magic, N, K,
+# groups, panels, total bytes, 0, 0), the weights in panels of 16 output channels x groups of 4
+# k, the column sums (int32) and the scales (float32), each padded to whole panels with zeros.
+# rnn_int8_pack here writes the kernel's bytes exactly (a test compares them) and
+# rnn_int8_unpack reads them back exactly.
+INT8_PACK_MAGIC = 0x31304B5038494E46  # b"FNI8PK01" as a little-endian int64 (format version 01)
+INT8_PACK_HEADER_BYTES = 64
+INT8_PANEL = 16
+
+
+def int8_pack_layout(n: int, k: int) -> Tuple[int, int, int, int, int]:
+    """(groups, panels, column sums' offset, scales' offset, total bytes) of a packed [n, k]
+    weight: groups = 2 * ceil(k / 8), panels = ceil(n / 16)."""
+    groups, panels = (k + 7) // 8 * 2, (n + INT8_PANEL - 1) // INT8_PANEL
+    colsum_at = INT8_PACK_HEADER_BYTES + panels * groups * 64
+    scale_at = colsum_at + panels * INT8_PANEL * 4
+    return groups, panels, colsum_at, scale_at, scale_at + panels * INT8_PANEL * 4
+
+
+def int8_packed_bytes(n: int, k: int) -> int:
+    """The size in bytes (int8 elements) of a packed [n, k] weight."""
+    return int8_pack_layout(n, k)[4]
+
+
+def _int8_pack_header(n: int, k: int) -> list:
+    groups, panels, _, _, total = int8_pack_layout(n, k)
+    return [INT8_PACK_MAGIC, n, k, groups, panels, total, 0, 0]
+
+
+def rnn_int8_pack(weight: Tensor, scale: Tensor) -> Tensor:
+    """weight int8 [N, K] in [-63, 63], scale float32 [N] -> the packed weight, int8
+    [int8_packed_bytes(N, K)] (torch.ops.fastner.rnn_int8_pack's contract and bytes)."""
+    validation.rnn_int8_pack_args("rnn_int8_pack", weight, scale)
+    n, k = weight.shape
+    groups, panels, _, _, _ = int8_pack_layout(n, k)
+    padded = weight.new_zeros(panels * INT8_PANEL, groups * 4)
+    padded[:n, :k] = weight
+    # channel 16p + 8h + c, k 4g + b -> [p, g, h, c, b]
+    panel_bytes = padded.reshape(panels, 2, 8, groups, 4).permute(0, 3, 1, 2, 4).reshape(-1)
+    colsum = torch.zeros(panels * INT8_PANEL, dtype=torch.int32, device=weight.device)
+    colsum[:n] = weight.sum(dim=1, dtype=torch.int32)
+    scales = torch.zeros(panels * INT8_PANEL, dtype=torch.float32, device=weight.device)
+    scales[:n] = scale
+    header = torch.tensor(_int8_pack_header(n, k), dtype=torch.int64, device=weight.device)
+    return torch.cat([header.view(torch.int8), panel_bytes, colsum.view(torch.int8), scales.view(torch.int8)])
+
+
+def rnn_int8_unpack(packed: Tensor, n: int, k: int, name: str = "packed") -> Tuple[Tensor, Tensor]:
+    """The packed weight of a [n, k] int8 weight -> (weight int8 [n, k], scale float32 [n]),
+    exactly what rnn_int8_pack was given. ValueError naming `name` for a tensor that is not the
+    packed form of a [n, k] weight (dtype, size; header where values can be read). The column
+    sums are not read: they are sum_k weight by construction."""
+    validation.int8_packed_arg("rnn_int8_unpack", name, packed, n, k)
+    groups, panels, colsum_at, scale_at, total = int8_pack_layout(n, k)
+    if packed.storage_offset() % 4 or not packed.is_contiguous():
+        packed = packed.clone(memory_format=torch.contiguous_format)  # .view(float32) needs 4-byte alignment
+    weight = (packed[INT8_PACK_HEADER_BYTES:colsum_at].reshape(panels, groups, 2, 8, 4)
+              .permute(0, 2, 3, 1, 4).reshape(panels * INT8_PANEL, groups * 4)[:n, :k])
+    scale = packed[scale_at:total].view(torch.float32)[:n]
+    return weight, scale
+
+
 def rnn_layer_int8(
     input: Tensor,
     lengths: Tensor,
     weights: list,
-    scales: list,
+    hidden_size: int,
     hx: Optional[Tensor],
     cx: Optional[Tensor],
     mode: str,
@@ -541,18 +604,21 @@ def rnn_layer_int8(
     batch_first: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """rnn_layer with both products in int8 (see fastner::rnn_layer_int8_forward): weights has
-    w_ih, w_hh int8 (and float32 biases), scales per direction [w_ih's [G*H], w_hh's [G*H]]."""
-    validation.rnn_int8_args("rnn_layer_int8", input, lengths, weights, scales, hx, cx, mode,
+    per direction the packed w_ih, w_hh (rnn_int8_pack) and float32 biases; hidden_size H."""
+    validation.rnn_int8_args("rnn_layer_int8", input, lengths, weights, hidden_size, hx, cx, mode,
                              bidirectional, batch_first)
     D = 2 if bidirectional else 1
     per_dir = len(weights) // D
+    GH, I = validation.RNN_GATES[mode] * hidden_size, input.shape[2]
+    unpacked = [[rnn_int8_unpack(weights[d * per_dir + which], GH, (I, hidden_size)[which],
+                                 f"{('w_ih', 'w_hh')[which]} of direction {d}") for which in (0, 1)]
+                for d in range(D)]
 
     def product(d: int, which: int, x: Tensor) -> Tensor:
-        out = int8_product(x, weights[d * per_dir + which], scales[2 * d + which])
+        out = int8_product(x, *unpacked[d][which])
         return out + weights[d * per_dir + 2 + which] if per_dir == 4 else out
 
-    return _rnn_layer_loop(input, lengths, product, weights[1].shape[1], hx, cx, mode, D,
-                           batch_first)
+    return _rnn_layer_loop(input, lengths, product, hidden_size, hx, cx, mode, D, batch_first)
 
 
 # =============================================================================================

@@ -174,31 +174,91 @@ def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
             tensor_arg(op, name, state, shape=(D, B, H), dtypes=(dtype,), device=device, owner=owner)
 
 
-def rnn_int8_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor],
-                  scales: Sequence[Tensor], hx: Optional[Tensor], cx: Optional[Tensor], mode: str,
-                  bidirectional: bool, batch_first: bool, *, values: bool = True) -> None:
-    """rnn_layer_int8_forward's arguments: rnn_args' with input, biases, hx, cx float32, w_ih and
-    w_hh int8, and scales 2*D float32 [G*H] tensors (w_ih's, w_hh's per direction)."""
-    rnn_args(op, input, lengths, weights, hx, cx, mode, bidirectional, batch_first, values=values,
-             input_dtypes=(torch.float32,), matrix_dtype=torch.int8)
+def rnn_int8_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor], hidden_size,
+                  hx: Optional[Tensor], cx: Optional[Tensor], mode: str, bidirectional: bool,
+                  batch_first: bool, *, values: bool = True) -> None:
+    """rnn_layer_int8_forward's arguments (csrc/fastner.cpp): input [B, T, I] float32, lengths
+    int64 [B] in [0, T]; weights per direction packed w_ih [G*H, I], packed w_hh [G*H, H]
+    (int8_packed_arg) and, with bias, b_ih, b_hh float32 [G*H]; hidden_size H > 0; hx / cx
+    float32 [D, B, H]; all on the input's device."""
+    if mode not in RNN_GATES:
+        _fail(op, f"mode must be one of {sorted(RNN_GATES)}, got {mode!r}")
+    owner = "the input's"
+    tensor_arg(op, "input", input, dim=3, dtypes=(torch.float32,))
+    B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
+    I = input.shape[2]
+    device = input.device
+    lengthsarg(op, lengths, B, T, device, values=values, allow_cpu=device.type == "cuda", owner=owner)
     D = 2 if bidirectional else 1
-    scales = list(scales)
-    if len(scales) != 2 * D:
-        _fail(op, f"scales must hold 2*D = {2 * D} tensors (w_ih's and w_hh's per direction), "
-                  f"got {len(scales)}")
+    weights = list(weights)
+    if len(weights) not in (2 * D, 4 * D):
+        _fail(op, f"weights must hold 2*D (no bias) or 4*D tensors for D = {D} directions, "
+                  f"got {len(weights)}")
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or not 0 < hidden_size < 2**31:
+        _fail(op, f"hidden_size must be a positive int below 2**31, got {hidden_size!r}")
+    G, H = RNN_GATES[mode], hidden_size
     per_dir = len(weights) // D
-    if values:  # the kernel's int16 sums need 7-bit weights (csrc/cpu/rnn_int8.h)
-        for d in range(D):
-            for j, name in enumerate(("w_ih", "w_hh")):
-                w = weights[d * per_dir + j]
-                # not on a traced weight (torch.export of the reference path): no data to read
-                if w.numel() and _reads_values(w) and int(w.abs().max()) > 63:
-                    _fail(op, f"{name} of direction {d}: weights must be in [-63, 63] "
-                              f"(fastner.reference.quantize_weight_int8), got {int(w.abs().max())}")
-    GH = weights[0].shape[0]
-    for k, scale in enumerate(scales):
-        tensor_arg(op, f"scales[{k}]", scale, shape=(GH,), dtypes=(torch.float32,),
-                   device=input.device, owner="the input's")
+    for d in range(D):
+        for j, (name, k) in enumerate((("w_ih", I), ("w_hh", H))):
+            int8_packed_arg(op, f"{name} of direction {d}", weights[d * per_dir + j], G * H, k,
+                            device=device, values=values)
+        for j in range(2, per_dir):
+            tensor_arg(op, f"{('b_ih', 'b_hh')[j - 2]} of direction {d}", weights[d * per_dir + j],
+                       shape=(G * H,), dtypes=(torch.float32,), device=device, owner=owner)
+    for name, state in (("hx", hx), ("cx", cx)):
+        if state is not None:
+            tensor_arg(op, name, state, shape=(D, B, H), dtypes=(torch.float32,), device=device, owner=owner)
+
+
+def int8_packed_arg(op: str, name: str, packed: Tensor, n: int, k: int, *,
+                    device: Optional[torch.device] = None, values: bool = True) -> None:
+    """`packed` is the packed form (rnn_int8_pack) of an int8 weight [n, k]: 1-D int8 of
+    int8_packed_bytes(n, k) elements on `device` and, where values can be read, with the header
+    rnn_int8_pack writes for [n, k] (the checks of the kernel's PackedWeights, csrc/cpu/rnn_int8.h).
+    The payload is not checked: see rnn_int8.h."""
+    from fastner import reference
+
+    tensor_arg(op, name, packed, device=device, owner="the input's")
+    if packed.dim() != 1 or packed.dtype != torch.int8:
+        _fail(op, f"{name} must be a packed weight (1-D int8, from fastner.ops.rnn_int8_pack), got "
+                  f"{str(packed.dtype).replace('torch.', '')} {list(packed.shape)}")
+    size = reference.int8_packed_bytes(n, k)
+    if packed.shape[0] != size:
+        _fail(op, f"{name} must be a weight [{n}, {k}] packed by fastner::rnn_int8_pack ({size} bytes), "
+                  f"got {packed.shape[0]} bytes")
+    if values and _reads_values(packed):
+        header = packed[:reference.INT8_PACK_HEADER_BYTES].clone().view(torch.int64).tolist()
+        want = reference._int8_pack_header(n, k)
+        if header[0] != want[0]:
+            _fail(op, f"{name} is not a packed weight (no rnn_int8_pack header: pack it with "
+                      "fastner.ops.rnn_int8_pack)")
+        if header[1:3] != want[1:3]:
+            _fail(op, f"{name} was packed for a weight [{header[1]}, {header[2]}], this layer needs "
+                      f"[{n}, {k}]")
+        if header != want:
+            _fail(op, f"{name}'s header does not match the layout rnn_int8_pack writes for [{n}, {k}]")
+
+
+def rnn_int8_pack_args(op: str, weight: Tensor, scale: Tensor, *, values: bool = True) -> None:
+    """rnn_int8_pack's arguments: weight int8 [N, K] with every entry in [-63, 63] (the kernel's
+    int16 sums need 7-bit weights: csrc/cpu/rnn_int8.h), scale float32 [N] on its device."""
+    tensors(op, ("weight", "scale"), (weight, scale))
+    if weight.dim() != 2 or weight.dtype != torch.int8:
+        _fail(op, f"weight must be 2-D int8 [N, K] (fastner.reference.quantize_weight_int8), got "
+                  f"{str(weight.dtype).replace('torch.', '')} {list(weight.shape)}")
+    if scale.dim() != 1 or scale.shape[0] != weight.shape[0] or scale.dtype != torch.float32:
+        _fail(op, f"scale must be float32 [N] = [{weight.shape[0]}], got "
+                  f"{str(scale.dtype).replace('torch.', '')} {list(scale.shape)}")
+    tensor_arg(op, "scale", scale, device=weight.device, owner="the weight's")
+    # not on a traced weight: no data to read
+    if values and weight.numel() and _reads_values(weight):
+        outside = (weight.abs() > 63) | (weight == -128)  # abs(-128) wraps to -128 in int8
+        if bool(outside.any()):
+            row = int(outside.any(dim=1).nonzero()[0, 0])
+            low, high = int(weight[row].min()), int(weight[row].max())
+            bad = low if low < -63 else high  # the kernel's message: the row's minimum, else its maximum
+            _fail(op, f"weight must be in [-63, 63] (fastner.reference.quantize_weight_int8), got "
+                      f"{int(bad)} in row {row}")
 
 
 def tag_lists_args(tags: Tensor, lengths: Tensor) -> None:

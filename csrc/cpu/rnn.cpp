@@ -478,24 +478,76 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_forward(const Tensor& input
   });
 }
 
-// The int8 op's products (csrc/cpu/rnn_int8.h), packed once per call from the s8 weights,
-// each direction's inside its own task (forward_impl asks for them there): at 2 threads the
-// directions pack in parallel, each on the core that then reads it. Packed up front on the
-// calling thread, the packing (~60 us a call for both directions at H=200, memset included)
-// ran serially and made 2 threads slower than 1 for short batches (B=1, T=40: 333 us at 1
-// thread, 397 at 2; AMD EPYC Zen 4).
+// The int8 op's products (csrc/cpu/rnn_int8.h): views of the packed weights the op was given
+// (fastner::rnn_int8_pack's tensors, packed once when a module quantizes its weights, not per
+// call: packing here cost ~60 us a call at H=200, both directions, memset included, a large
+// share of a short sentence's call). The tensors are held by the op's LayerWeights for the
+// whole call; a view is only the checked header and three pointers.
 struct Int8Products {
-  const LayerWeights& w;
-  const std::vector<Tensor>& scales;  // contiguous float32 [G*H]: w_ih's, w_hh's, per direction
-  int8::PackedWeights input(int64_t d, int64_t) const { return pack(w.w_ih[d], scales[2 * d]); }
-  int8::PackedWeights recurrent(int64_t d, int64_t) const { return pack(w.w_hh[d], scales[2 * d + 1]); }
-  static int8::PackedWeights pack(const Tensor& q, const Tensor& scale) {
-    return int8::PackedWeights(q.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(), q.size(0), q.size(1));
-  }
+  std::vector<int8::PackedWeights> w_ih, w_hh;  // per direction
+  const int8::PackedWeights& input(int64_t d, int64_t) const { return w_ih[d]; }
+  const int8::PackedWeights& recurrent(int64_t d, int64_t) const { return w_hh[d]; }
 };
 
+// A packed weight argument as the kernels read it: 1-D int8 on the CPU, contiguous and 4-byte
+// aligned (the column sums and scales are read as int32 / float32). A view into other storage
+// that is not (a slice at an odd offset) is copied: correct, only slower. The returned tensor
+// holds the memory the kernels then read.
+Tensor packed_arg(const Tensor& t, const std::string& what, const Tensor& input) {
+  checks::on_device("rnn_layer_int8", what.c_str(), t, input.device(), "the input's");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == at::kChar, "rnn_layer_int8: ", what,
+                    " must be a packed weight (1-D int8, from fastner.ops.rnn_int8_pack), got ", t.scalar_type(), " ",
+                    t.sizes());
+  Tensor held = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(held.const_data_ptr()) % alignof(int32_t) != 0) held = held.clone();
+  return held;
+}
+
+// weights: per direction packed w_ih, packed w_hh, then (with bias) b_ih, b_hh; H is hidden_size.
+// Checks every one (a packed tensor's size and header: PackedWeights) in that order, as
+// fastner.validation.rnn_int8_args does, and makes `products` the views of the packed tensors
+// the returned LayerWeights holds.
+LayerWeights unpack_int8_weights(at::TensorList weights, int64_t hidden_size, bool bidirectional, Cell cell,
+                                 const Tensor& input, Int8Products& products) {
+  LayerWeights w;
+  w.D = bidirectional ? 2 : 1;
+  w.G = gates_of(cell);
+  TORCH_CHECK_VALUE(weights.size() == static_cast<size_t>(2 * w.D) || weights.size() == static_cast<size_t>(4 * w.D),
+                    "rnn_layer_int8: weights must hold 2*D (no bias) or 4*D tensors for D = ", w.D,
+                    " directions, got ", weights.size());
+  // (At most 2^31 - 1: G * H must not wrap; Python's check says the same.)
+  TORCH_CHECK_VALUE(hidden_size > 0 && hidden_size <= INT32_MAX,
+                    "rnn_layer_int8: hidden_size must be a positive int below 2**31, got ", hidden_size);
+  w.has_bias = weights.size() == static_cast<size_t>(4 * w.D);
+  const int64_t per_dir = w.has_bias ? 4 : 2;
+  w.H = hidden_size;
+  w.I = input.size(2);
+  const int64_t GH = w.G * w.H;
+  for (int64_t d = 0; d < w.D; ++d) {
+    const std::string dir = " of direction " + std::to_string(d);
+    w.w_ih.push_back(packed_arg(weights[d * per_dir + 0], "w_ih" + dir, input));
+    products.w_ih.emplace_back(w.w_ih[d].const_data_ptr<int8_t>(), w.w_ih[d].numel(), GH, w.I, ("w_ih" + dir).c_str());
+    w.w_hh.push_back(packed_arg(weights[d * per_dir + 1], "w_hh" + dir, input));
+    products.w_hh.emplace_back(w.w_hh[d].const_data_ptr<int8_t>(), w.w_hh[d].numel(), GH, w.H, ("w_hh" + dir).c_str());
+    if (w.has_bias) {
+      for (int64_t j = 2; j < 4; ++j) {
+        const Tensor& b = weights[d * per_dir + j];
+        const char* name = j == 2 ? "b_ih" : "b_hh";
+        TORCH_CHECK_VALUE(b.sizes() == at::IntArrayRef({GH}), "rnn_layer_int8: ", name, dir, " must have shape [",
+                          GH, "], got ", b.sizes());
+        TORCH_CHECK_VALUE(b.scalar_type() == at::kFloat, "rnn_layer_int8: ", name, dir, " must be float32, got ",
+                          b.scalar_type());
+        TORCH_CHECK_VALUE(b.device() == input.device(), "rnn_layer_int8: ", name, dir,
+                          " must be on the input's device ", input.device(), ", got ", b.device());
+        (j == 2 ? w.b_ih : w.b_hh).push_back(b.contiguous());
+      }
+    }
+  }
+  return w;
+}
+
 std::tuple<Tensor, Tensor, Tensor> rnn_layer_int8_forward(const Tensor& input, const Tensor& lengths,
-                                                          at::TensorList weights, at::TensorList scales,
+                                                          at::TensorList weights, int64_t hidden_size,
                                                           const c10::optional<Tensor>& hx,
                                                           const c10::optional<Tensor>& cx, c10::string_view mode,
                                                           bool bidirectional, bool batch_first) {
@@ -504,21 +556,30 @@ std::tuple<Tensor, Tensor, Tensor> rnn_layer_int8_forward(const Tensor& input, c
                     input.scalar_type());
   const Cell cell = parse_mode(std::string(mode));
   const Tensor contiguous = input.contiguous();
-  const LayerWeights w = unpack_weights(weights, bidirectional, cell, contiguous, at::kChar);
-  TORCH_CHECK_VALUE(scales.size() == static_cast<size_t>(2 * w.D), "rnn_layer_int8: scales must hold 2*D = ", 2 * w.D,
-                    " tensors (w_ih's and w_hh's per direction), got ", scales.size());
-  std::vector<Tensor> held;  // the contiguous scales, alive until forward_impl returns
-  for (int64_t i = 0; i < 2 * w.D; ++i) {
-    const Tensor& s = scales[i];
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == w.G * w.H && s.scalar_type() == at::kFloat && s.device().is_cpu(),
-                      "rnn_layer_int8: scales[", i, "] must be float32 [G*H] = [", w.G * w.H, "] on the CPU, got ",
-                      s.scalar_type(), " ", s.sizes(), " on ", s.device());
-    held.push_back(s.contiguous());
-  }
-  const Int8Products products{w, held};
+  Int8Products products;  // views into w's packed tensors: w outlives every use of them
+  const LayerWeights w = unpack_int8_weights(weights, hidden_size, bidirectional, cell, contiguous, products);
   auto [output, h_n, c_n, workspace] =
       forward_impl<float>(contiguous, lengths, w, products, hx, cx, cell, batch_first, /*training=*/false);
   return {output, h_n, c_n};
+}
+
+// fastner::rnn_int8_pack: weight int8 [N, K] in [-63, 63], scale float32 [N], both on the CPU
+// -> the packed tensor (int8 [packed_bytes(N, K)], layout in rnn_int8.h).
+Tensor rnn_int8_pack(const Tensor& weight, const Tensor& scale) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kChar,
+                    "rnn_int8_pack: weight must be 2-D int8 [N, K] (fastner.reference.quantize_weight_int8), got ",
+                    weight.scalar_type(), " ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == N && scale.scalar_type() == at::kFloat,
+                    "rnn_int8_pack: scale must be float32 [N] = [", N, "], got ", scale.scalar_type(), " ",
+                    scale.sizes());
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && scale.device().is_cpu(),
+                    "rnn_int8_pack: weight and scale must be on the CPU, got ", weight.device(), " and ",
+                    scale.device());
+  const Tensor w = weight.contiguous(), s = scale.contiguous();  // held while packing reads them
+  Tensor out = at::empty({int8::packed_bytes(N, K)}, weight.options());
+  int8::pack(w.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), N, K, out.data_ptr<int8_t>(), "weight");
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -688,4 +749,5 @@ TORCH_LIBRARY_IMPL(fastner, CPU, m) {
   m.impl("rnn_layer_forward", &fastner::cpu::rnn::rnn_layer_forward);
   m.impl("rnn_layer_backward", &fastner::cpu::rnn::rnn_layer_backward);
   m.impl("rnn_layer_int8_forward", &fastner::cpu::rnn::rnn_layer_int8_forward);
+  m.impl("rnn_int8_pack", &fastner::cpu::rnn::rnn_int8_pack);
 }

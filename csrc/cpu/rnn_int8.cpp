@@ -15,7 +15,7 @@
 namespace fastner::cpu::rnn::int8 {
 namespace {
 
-constexpr int64_t kPanel = 16;  // output channels per panel: two 8-lane int32 accumulators
+// kPanel (rnn_int8.h): 16 output channels per panel, two 8-lane int32 accumulators here.
 constexpr int64_t kRows = 4;    // rows of A per micro-kernel call
 
 // Per-thread scratch for the quantized rows of A, kept across calls (see rnn.cpp thread_buffer).
@@ -159,18 +159,20 @@ void row_block(const RowScratch& rows, int64_t r0, int64_t width, const int8_t* 
 
 }  // namespace
 
-PackedWeights::PackedWeights(const int8_t* w, const float* scale, int64_t n, int64_t k)
-    : n_(n), k_(k), groups_((k + 7) / 8 * 2), panels_((n + kPanel - 1) / kPanel) {
-  packed_.assign(panels_ * groups_ * 64, 0);
-  colsum_.assign(panels_ * kPanel, 0);
-  scale_.assign(panels_ * kPanel, 0.0f);
+void pack(const int8_t* w, const float* scale, int64_t n, int64_t k, int8_t* out, const char* name) {
+  const PackLayout layout(n, k);
+  const int64_t groups = layout.groups, panels = layout.panels;
+  const int64_t header[8] = {kPackMagic, n, k, groups, panels, layout.bytes(), 0, 0};
+  std::memcpy(out, header, sizeof(header));
+  int8_t* packed = out + kHeaderBytes;
+  std::memset(packed, 0, layout.bytes() - kHeaderBytes);  // padding: zeros past N and past K
   // Channels 8 at a time (half a panel): each channel's K weights go 4 at a time (one 32-bit
   // word, a group) to the groups' slots. 8 channels x 8 groups are one 8 x 8 transpose of words
-  // (avx2_gemm::transpose8x8); the rest word by word. This runs on every op call (~0.5 MB at
-  // the tagger shape's two directions): word by word it was ~90 us of a one-token LSTM call.
+  // (avx2_gemm::transpose8x8); the rest word by word. (This ran on every op call until the
+  // packed weights became an op argument: word by word it was ~90 us of a one-token LSTM call.)
   int64_t full = 0;  // channels [0, full) packed by the 8-channel blocks' words
   for (int64_t j0 = 0; j0 + 8 <= n; j0 += 8, full = j0) {
-    int8_t* dst = packed_.data() + (j0 / kPanel) * groups_ * 64 + (j0 % kPanel) / 8 * 32;
+    int8_t* dst = packed + (j0 / kPanel) * groups * 64 + (j0 % kPanel) / 8 * 32;
     const int8_t* src = w + j0 * k;
     int64_t g = 0;
     for (; 4 * (g + 8) <= k; g += 8) {
@@ -184,25 +186,26 @@ PackedWeights::PackedWeights(const int8_t* w, const float* scale, int64_t n, int
   }
   for (int64_t j = full; j < n; ++j) {
     const int8_t* src = w + j * k;
-    int8_t* dst = packed_.data() + (j / kPanel) * groups_ * 64 + (j % kPanel) / 8 * 32 + (j % 8) * 4;
+    int8_t* dst = packed + (j / kPanel) * groups * 64 + (j % kPanel) / 8 * 32 + (j % 8) * 4;
     for (int64_t i = 0; i < k; ++i) dst[(i / 4) * 64 + i % 4] = src[i];
   }
   // Column sums and the range check from the packed panels, 8 channels a register (the bytes
   // past K and past N are zeros: they add nothing and are in range).
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-  for (int64_t p = 0; p < panels_; ++p) {
+  int8_t* colsum = out + layout.colsum_offset();
+  for (int64_t p = 0; p < panels; ++p) {
     for (int64_t h = 0; h < 2; ++h) {
       __m256i sum = _mm256_setzero_si256();
-      const int8_t* panel = packed_.data() + p * groups_ * 64 + h * 32;
-      for (int64_t g = 0; g < groups_; ++g) {
+      const int8_t* panel = packed + p * groups * 64 + h * 32;
+      for (int64_t g = 0; g < groups; ++g) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64));
         // 1 x byte pairs into int16, then pairs of those into int32: each channel's 4 bytes.
         sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16));
         lo = _mm256_min_epi8(lo, v);
         hi = _mm256_max_epi8(hi, v);
       }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(colsum_.data() + p * kPanel + h * 8), sum);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(colsum + (p * kPanel + h * 8) * 4), sum);
     }
   }
   alignas(32) int8_t lo_bytes[32], hi_bytes[32];
@@ -213,54 +216,77 @@ PackedWeights::PackedWeights(const int8_t* w, const float* scale, int64_t n, int
     for (int64_t j = 0; j < n; ++j) {  // the first bad row, for the message
       const int8_t* src = w + j * k;
       const auto [row_lo, row_hi] = std::minmax_element(src, src + k);
-      TORCH_CHECK_VALUE(*row_lo >= -kWeightMax && *row_hi <= kWeightMax, "rnn_layer_int8: weights must be in [-",
+      TORCH_CHECK_VALUE(*row_lo >= -kWeightMax && *row_hi <= kWeightMax, "rnn_int8_pack: ", name, " must be in [-",
                         kWeightMax, ", ", kWeightMax, "] (fastner.reference.quantize_weight_int8), got ",
                         static_cast<int>(*row_lo < -kWeightMax ? *row_lo : *row_hi), " in row ", j);
     }
   }
-  std::copy_n(scale, n, scale_.data());
+  if (n > 0) std::memcpy(out + layout.scale_offset(), scale, n * sizeof(float));  // (scale may be null at n = 0)
+}
+
+PackedWeights::PackedWeights(const int8_t* packed, int64_t bytes, int64_t n, int64_t k, const char* name)
+    : layout_(packable(n, k) ? n : 0, packable(n, k) ? k : 0) {
+  TORCH_CHECK_VALUE(packable(n, k), "rnn_layer_int8: ", name, " cannot be the packed weight of a [", n, ", ", k,
+                    "] weight: its size would not fit in int64");
+  TORCH_CHECK_VALUE(bytes == layout_.bytes(), "rnn_layer_int8: ", name, " must be a weight [", n, ", ", k,
+                    "] packed by fastner::rnn_int8_pack (", layout_.bytes(), " bytes), got ", bytes, " bytes");
+  int64_t header[8];
+  std::memcpy(header, packed, sizeof(header));
+  TORCH_CHECK_VALUE(header[0] == kPackMagic, "rnn_layer_int8: ", name,
+                    " is not a packed weight (no rnn_int8_pack header: pack it with fastner.ops.rnn_int8_pack)");
+  TORCH_CHECK_VALUE(header[1] == n && header[2] == k, "rnn_layer_int8: ", name, " was packed for a weight [", header[1],
+                    ", ", header[2], "], this layer needs [", n, ", ", k, "]");
+  TORCH_CHECK_VALUE(header[3] == layout_.groups && header[4] == layout_.panels && header[5] == layout_.bytes() &&
+                        header[6] == 0 && header[7] == 0,
+                    "rnn_layer_int8: ", name, "'s header does not match the layout rnn_int8_pack writes for [", n,
+                    ", ", k, "]");
+  packed_ = packed + kHeaderBytes;
+  colsum_ = reinterpret_cast<const int32_t*>(packed + layout_.colsum_offset());
+  scale_ = reinterpret_cast<const float*>(packed + layout_.scale_offset());
 }
 
 void PackedWeights::multiply(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc) const {
-  if (m <= 0 || n_ == 0) return;
-  const int64_t width = groups_ * 4;
+  const int64_t n = layout_.n, k = layout_.k, groups = layout_.groups, panels = layout_.panels;
+  if (m <= 0 || n == 0) return;
+  const int64_t width = groups * 4;
   RowScratch& rows = row_scratch(m, width);
   std::vector<int64_t>& nonfinite = rows.nonfinite;
   nonfinite.clear();
   for (int64_t r = 0; r < m; ++r) {
-    if (!quantize_row(a + r * lda, k_, rows.q.data() + r * width, width, rows.scale.data() + r, rows.zero.data() + r))
+    if (!quantize_row(a + r * lda, k, rows.q.data() + r * width, width, rows.scale.data() + r, rows.zero.data() + r))
       nonfinite.push_back(r);
   }
   if (vnni_selected()) {
-    multiply_vnni(m, rows.q.data(), width, rows.scale.data(), rows.zero.data(), packed_.data(), colsum_.data(),
-                  scale_.data(), groups_, panels_, n_, beta, c, ldc);
+    multiply_vnni(m, rows.q.data(), width, rows.scale.data(), rows.zero.data(), packed_, colsum_, scale_, groups, panels,
+                  n, beta, c, ldc);
     for (int64_t r : nonfinite) add_nonfinite_row(a + r * lda, c + r * ldc);
     return;
   }
   int64_t r0 = 0;
   for (; r0 + kRows <= m; r0 += kRows)
-    row_block<kRows>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc);
+    row_block<kRows>(rows, r0, width, packed_, colsum_, scale_, groups, panels, n, beta, c, ldc);
   switch (m - r0) {
-    case 3: row_block<3>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
-    case 2: row_block<2>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
-    case 1: row_block<1>(rows, r0, width, packed_.data(), colsum_.data(), scale_.data(), groups_, panels_, n_, beta, c, ldc); break;
+    case 3: row_block<3>(rows, r0, width, packed_, colsum_, scale_, groups, panels, n, beta, c, ldc); break;
+    case 2: row_block<2>(rows, r0, width, packed_, colsum_, scale_, groups, panels, n, beta, c, ldc); break;
+    case 1: row_block<1>(rows, r0, width, packed_, colsum_, scale_, groups, panels, n, beta, c, ldc); break;
     default: break;
   }
   for (int64_t r : nonfinite) add_nonfinite_row(a + r * lda, c + r * ldc);
 }
 
 int8_t PackedWeights::weight(int64_t j, int64_t i) const {
-  return packed_[(j / kPanel) * groups_ * 64 + (i / 4) * 64 + (j % kPanel) / 8 * 32 + (j % 8) * 4 + i % 4];
+  return packed_[(j / kPanel) * layout_.groups * 64 + (i / 4) * 64 + (j % kPanel) / 8 * 32 + (j % 8) * 4 + i % 4];
 }
 
 void PackedWeights::add_nonfinite_row(const float* a, float* c) const {
   constexpr float kNaN = std::numeric_limits<float>::quiet_NaN(), kInf = std::numeric_limits<float>::infinity();
-  const bool nan = std::any_of(a, a + k_, [](float x) { return std::isnan(x); });
-  for (int64_t j = 0; j < n_; ++j) {
+  const int64_t n = layout_.n, k = layout_.k;
+  const bool nan = std::any_of(a, a + k, [](float x) { return std::isnan(x); });
+  for (int64_t j = 0; j < n; ++j) {
     float v = kNaN;
     if (!nan) {
       bool pos = false, neg = false, zero_weight = false;  // terms +inf, -inf, inf * 0 = NaN
-      for (int64_t i = 0; i < k_; ++i) {
+      for (int64_t i = 0; i < k; ++i) {
         if (!std::isinf(a[i])) continue;
         const int8_t w = weight(j, i);
         if (w == 0) {

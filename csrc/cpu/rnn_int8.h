@@ -30,20 +30,78 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 namespace fastner::cpu::rnn::int8 {
 
 constexpr int32_t kActivationMax = 127;  // activations are u7: [0, 127]
 constexpr int32_t kWeightMax = 63;        // weights are s7: [-63, 63]
 
-// s8 weights W [N, K] (row-major) with per-row scales [N], packed for the kernel: panels of 16
-// output channels, K in groups of 4 (what one vpmaddubsw sums in pairs), padded to an even
-// number of groups. Raises ValueError for a weight outside [-63, 63] (it could overflow the
-// int16 sums). Copies what it needs: w and scale may go once constructed.
+// A packed weight: what fastner::rnn_int8_pack returns (one int8 CPU tensor; its bytes as they
+// lie in memory, x86-64 little-endian) and the int8 forward takes in place of W_ih / W_hh. The
+// s7 weights W [N, K] (row-major) with their per-channel scales [N], laid out for the kernels:
+//
+//   offset 0                     header, 8 x int64: kPackMagic ("FNI8PK" + the format's
+//                                version), N, K, groups, panels, total bytes, 0, 0
+//   offset kHeaderBytes (64)     panels: int8 [panels, groups, 2, 8, 4]: panel p holds output
+//                                channels [16p, 16p + 16); group g holds k in [4g, 4g + 4); the
+//                                16 channels in two halves of 8, each channel's 4 bytes together
+//                                (one 32-bit word, what vpdpbusd / vpmaddubsw take), zeros past
+//                                N and past K
+//   + panels * groups * 64       column sums: int32 [panels * 16], sum_k W[n, k] (0 past N)
+//   + panels * 16 * 4            scales: float32 [panels * 16] (0 past N)
+//   total packed_bytes(N, K)
+//
+// groups = 2 * ceil(K / 8) (the AVX2 kernel takes groups two at a time), panels = ceil(N / 16).
+// Every offset is a multiple of 4 (64 for the panels) from the tensor's start.
+// fastner.reference.rnn_int8_pack / rnn_int8_unpack write and read the same bytes (a test
+// compares them bit for bit).
+//
+// Why a packed tensor: packing is a pass over all the weights (a transpose into panels, column
+// sums, the range check) that the op used to run on every call, ~60 us a call at the tagger's
+// shape (H = 200, both directions) and a large share of a short sentence's call; the int8
+// modules (fastner/nn/quantize.py) now pack once, when they quantize their weights, and keep
+// the packed tensors as buffers.
+// The forward checks a packed tensor's size (which N and K fix), its header and its dtype /
+// device; the payload itself is trusted as rnn_int8_pack wrote it: validating it on every call
+// would be a pass over all the weights again. Whatever its contents, the kernels read only
+// inside the size the checked N and K give.
+constexpr int64_t kPanel = 16;  // output channels per panel
+constexpr int64_t kHeaderBytes = 64;
+constexpr int64_t kPackMagic = 0x3130'4B50'3849'4E46;  // "FNI8PK01" in memory: format version 01
+
+struct PackLayout {
+  PackLayout(int64_t n, int64_t k) : n(n), k(k), groups((k + 7) / 8 * 2), panels((n + kPanel - 1) / kPanel) {}
+  int64_t panel_bytes() const { return panels * groups * 64; }
+  int64_t colsum_offset() const { return kHeaderBytes + panel_bytes(); }
+  int64_t scale_offset() const { return colsum_offset() + panels * kPanel * 4; }
+  int64_t bytes() const { return scale_offset() + panels * kPanel * 4; }
+
+  int64_t n, k, groups, panels;
+};
+
+inline int64_t packed_bytes(int64_t n, int64_t k) { return PackLayout(n, k).bytes(); }
+
+// Whether a [n, k] weight has a packed size that int64 holds (n, k >= 0): an op argument (a
+// hidden size, an empty input's width) must not wrap the size a packed tensor is checked against.
+inline bool packable(int64_t n, int64_t k) {
+  if (n < 0 || k < 0) return false;
+  const __int128 groups = (static_cast<__int128>(k) + 7) / 8 * 2, panels = (static_cast<__int128>(n) + kPanel - 1) / kPanel;
+  return kHeaderBytes + panels * groups * 64 + panels * kPanel * 8 <= INT64_MAX;
+}
+
+// Writes the packed form of w [N, K] (s8, row-major) and scale [N] to out (packed_bytes(n, k)
+// bytes, any alignment). Raises ValueError naming `name` and the first row holding a weight
+// outside [-63, 63] (it could overflow the AVX2 kernel's int16 sums); out is then unspecified.
+void pack(const int8_t* w, const float* scale, int64_t n, int64_t k, int8_t* out, const char* name);
+
+// A view of a packed weight in memory that outlives it (no copy): rnn.cpp's forward makes one
+// per direction and matrix over the packed tensors it holds for the call.
 class PackedWeights {
  public:
-  PackedWeights(const int8_t* w, const float* scale, int64_t n, int64_t k);
+  // packed: bytes packed bytes of a weight [n, k] (pack's output), 4-byte aligned. Raises
+  // ValueError naming `name` unless bytes == packed_bytes(n, k) and the header is the one pack
+  // writes for [n, k] (a tensor packed for another shape, or something else).
+  PackedWeights(const int8_t* packed, int64_t bytes, int64_t n, int64_t k, const char* name);
 
   // C[m, n] = beta * C + dequant(quantize_rows(A) @ W^T); A float [m, K] with leading
   // dimension lda, C [m, N] with leading dimension ldc; beta is 0 (C's old contents ignored)
@@ -59,10 +117,10 @@ class PackedWeights {
   // else the infinite terms' sign (fastner.reference.int8_product_nonfinite).
   void add_nonfinite_row(const float* a, float* c) const;
 
-  int64_t n_, k_, groups_, panels_;
-  std::vector<int8_t> packed_;   // [panels, groups, 2, 8, 4]
-  std::vector<int32_t> colsum_;  // [panels * 16] sum_k W[n, k] (0 past N)
-  std::vector<float> scale_;     // [panels * 16] (0 past N)
+  PackLayout layout_;
+  const int8_t* packed_ = nullptr;   // [panels, groups, 2, 8, 4]
+  const int32_t* colsum_ = nullptr;  // [panels * 16]
+  const float* scale_ = nullptr;     // [panels * 16]
 };
 
 }  // namespace fastner::cpu::rnn::int8

@@ -1,15 +1,17 @@
 """fastner.nn.quantize: LSTM / GRU / RNN layers (fastner's or torch's) swapped, in place, for
 inference-only int8 or bfloat16 ones with the same forward signature.
 
-int8 (torch.qint8): the weights are quantized once per output channel (symmetric s8, kept as
-buffers beside the float parameters, which stay as they were: state_dict() is unchanged and
-loads into the float model, and a change to them that torch counts, in place (under no_grad,
-copy_, load_state_dict) or by assignment (`.data =`, a new Parameter, .to()), is quantized again
-before the next forward. A change through `.data` in place (`p.data.add_(...)`) bumps no
-version and is not seen: call quantize(model, torch.qint8) again after one); every product
-quantizes its rows on the fly (7-bit asymmetric)
-and runs fastner::rnn_layer_int8_forward (csrc/cpu/rnn_int8.h: the kernel and why 7 bits;
-fastner.reference.rnn_layer_int8: the exact arithmetic). bfloat16: fastner.nn.rnn_bf16.to_bf16.
+int8 (torch.qint8): the weights are quantized once per output channel (symmetric s7) and
+packed once for the kernels (fastner.ops.rnn_int8_pack: panels, column sums, scales; the op
+used to pack on every call), kept as buffers beside the float parameters, which stay as they
+were: state_dict() is unchanged and loads into the float model, and a change to them that torch
+counts, in place (under no_grad, copy_, load_state_dict) or by assignment (`.data =`, a new
+Parameter, .to()), is quantized and packed again before the next forward. A change through
+`.data` in place (`p.data.add_(...)`) bumps no version and is not seen: call quantize(model,
+torch.qint8) again after one); every product quantizes its rows on the fly (7-bit asymmetric)
+and runs fastner::rnn_layer_int8_forward on the packed weights (csrc/cpu/rnn_int8.h: the kernel,
+the packed layout and why 7 bits; fastner.reference.rnn_layer_int8: the exact arithmetic).
+bfloat16: fastner.nn.rnn_bf16.to_bf16.
 NaN and +-inf in the input or hx / cx propagate as in the float32 layer with the dequantized
 weights (same positions; other sequences and padding unaffected): a row holding one is not
 quantized but gets its float product (fastner.reference.int8_product_nonfinite). Unbatched
@@ -43,6 +45,9 @@ __all__ = ["quantize", "Int8LSTM", "Int8GRU", "Int8RNN"]
 # not) and reads them: one lock for every layer, so that deepcopy and pickle need no special case.
 _REQUANTIZE_LOCK = threading.Lock()
 
+# The buffers of one quantized weight <name>: int8_<name>, int8_scale_<name>, int8_packed_<name>.
+_INT8_KINDS = ("", "_scale", "_packed")
+
 _INFERENCE_ONLY = (
     "{name} is an inference-only quantized ({dtype}) layer: {why}. Run it under torch.no_grad() "
     "or torch.inference_mode() (or call .eval() and pass inputs that do not require grad); to "
@@ -51,20 +56,24 @@ _INFERENCE_ONLY = (
 
 class _Int8Mixin:
     """What the int8 classes add to fastner's LSTM / GRU / RNN: the quantized weights (buffers
-    int8_w_*, int8_scale_*, not saved in state_dict) and _run_layers on the int8 op."""
+    int8_<name> int8 [N, K], int8_scale_<name> [N] and int8_packed_<name>, their packed form that
+    the op reads; none saved in state_dict) and _run_layers on the int8 op."""
 
     def _quantize_weights(self, quantized=None) -> None:
         """Install the int8 copies of the float weights: `quantized` (_int8_weights of this
         layer, computed before its class was rebound) or computed now."""
         source = self._float_weight_sources()  # what the copies are made from, read first
         quantized = _int8_weights(self) if quantized is None else quantized
-        names = {f"int8{kind}_{wname}" for wname in quantized for kind in ("", "_scale")}
+        names = {f"int8{kind}_{wname}" for wname in quantized for kind in _INT8_KINDS}
         for name in set(self._int8_names()) - names:
             delattr(self, name)
         # register_buffer replaces a buffer of the same name: there is no moment without one.
-        for wname, (w_q, scale) in quantized.items():
+        # The op reads int8_packed_<name> alone, which holds a weight with its own scales: a
+        # forward cannot pair a weight of one generation with the scales of another.
+        for wname, (w_q, scale, packed) in quantized.items():
             self.register_buffer(f"int8_{wname}", w_q, persistent=False)
             self.register_buffer(f"int8_scale_{wname}", scale, persistent=False)
+            self.register_buffer(f"int8_packed_{wname}", packed, persistent=False)
         self._int8_weight_names = list(quantized)
         self._int8_source = source
 
@@ -90,8 +99,8 @@ class _Int8Mixin:
 
     def _int8_names(self):
         for wname in getattr(self, "_int8_weight_names", ()):
-            yield f"int8_{wname}"
-            yield f"int8_scale_{wname}"
+            for kind in _INT8_KINDS:
+                yield f"int8{kind}_{wname}"
 
     def _load_from_state_dict(self, *args, **kwargs):
         # New float weights: quantize them again, or the int8 copy would silently be stale.
@@ -122,19 +131,18 @@ class _Int8Mixin:
             return super().forward(input, hx, lengths)
 
     def _int8_layer_args(self):
-        """[(weights, scales)] per layer, as ops.rnn_layer_int8 takes them."""
+        """[weights] per layer, as ops.rnn_layer_int8 takes them (packed W_ih, W_hh; biases)."""
         names = self._flat_weights_names
         per_layer = len(names) // self.num_layers
         layer_args = []
         for layer in range(self.num_layers):
-            weights, scales = [], []
+            weights = []
             for wname in names[layer * per_layer:(layer + 1) * per_layer]:
                 if wname.startswith(("weight_ih", "weight_hh")):
-                    weights.append(getattr(self, f"int8_{wname}"))
-                    scales.append(getattr(self, f"int8_scale_{wname}"))
+                    weights.append(getattr(self, f"int8_packed_{wname}"))
                 else:
                     weights.append(getattr(self, wname).detach())
-            layer_args.append((weights, scales))
+            layer_args.append(weights)
         return layer_args
 
     def _run_layers(self, x: Tensor, hx, lengths: Tensor, batch_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -155,11 +163,11 @@ class _Int8Mixin:
         h0, c0 = (hx if self._is_lstm else (hx, None)) if hx is not None else (None, None)
         mode = self._cell_mode()
         h_last, c_last = [], []
-        for layer, (weights, scales) in enumerate(layer_args):
+        for layer, weights in enumerate(layer_args):
             layer_h0 = h0[layer * D:(layer + 1) * D] if h0 is not None else None
             layer_c0 = c0[layer * D:(layer + 1) * D] if c0 is not None else None
-            x, h_n, c_n = ops.rnn_layer_int8(x, lengths, weights, scales, layer_h0, layer_c0, mode,
-                                             self.bidirectional, batch_first)
+            x, h_n, c_n = ops.rnn_layer_int8(x, lengths, weights, self.hidden_size, layer_h0, layer_c0,
+                                             mode, self.bidirectional, batch_first)
             h_last.append(h_n)
             c_last.append(c_n)
         h_n = torch.cat(h_last, 0) if len(h_last) > 1 else h_last[0]
@@ -189,11 +197,16 @@ _INT8_CLASSES = {LSTM: Int8LSTM, GRU: Int8GRU, RNN: Int8RNN}
 _QUANTIZED = tuple(_INT8_CLASSES.values())
 
 
-def _int8_weights(module: torch.nn.Module) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """{name: (w_q int8 [N, K], scale [N])} of a recurrent layer's W_ih / W_hh; ValueError
-    naming a weight that holds NaN or +-inf. Reads the layer, changes nothing."""
-    return {wname: reference.quantize_weight_int8(getattr(module, wname), name=wname)
-            for wname in module._flat_weights_names if wname.startswith(("weight_ih", "weight_hh"))}
+def _int8_weights(module: torch.nn.Module) -> Dict[str, Tuple[Tensor, Tensor, Tensor]]:
+    """{name: (w_q int8 [N, K], scale [N], packed: ops.rnn_int8_pack(w_q, scale))} of a
+    recurrent layer's W_ih / W_hh; ValueError naming a weight that holds NaN or +-inf. Reads the
+    layer, changes nothing."""
+    quantized = {}
+    for wname in module._flat_weights_names:
+        if wname.startswith(("weight_ih", "weight_hh")):
+            w_q, scale = reference.quantize_weight_int8(getattr(module, wname), name=wname)
+            quantized[wname] = (w_q, scale, ops.rnn_int8_pack(w_q, scale))
+    return quantized
 
 
 def _to_int8(module: torch.nn.Module) -> torch.nn.Module:

@@ -23,7 +23,8 @@ kernels by strategy: exact per-sequence, lanes per ISA).
 | crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
 | char_conv_max / _backward | csrc/cpu/char_cnn.cpp | - (reference) | reference.char_conv_max | ops.char_cnn.char_conv_max (module: fastner/models/char_cnn.py) | ops/char_cnn/test_char_cnn_ops | benchmarks/char_cnn_step.py |
 | dropout_mask | csrc/cpu/dropout.cpp | - (reference) | reference.dropout_mask | ops.dropout.dropout_mask (module: fastner/models/dropout.py) | ops/dropout/test_dropout_ops | benchmarks/dropout_mask.py |
-| rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products) | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8 | fastner/bench/precision_rows.py, benchmarks/int8_ratios.py |
+| rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products, views of packed weights) + rnn_int8_vnni.cpp/h | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8, _int8_pack | fastner/bench/precision_rows.py |
+| rnn_int8_pack | csrc/cpu/rnn.cpp (binding) + rnn_int8.cpp/h (layout, pack) | - (reference) | reference.rnn_int8_pack (+ rnn_int8_unpack) | ops.rnn.rnn_int8_pack (modules: fastner/nn/quantize.py, once per quantization) | ops/rnn/test_rnn_int8_pack | - |
 | rnn_layer_forward / _backward | csrc/cpu/rnn.cpp (+ rnn_cells.inc, rnn_gemm.{h,cpp}, rnn_gemm_avx2.h, rnn_gemm_avx512_bf16.{h,cpp}, rnn_math.h), layout: csrc/rnn_layout.h | cuda/rnn.cu + kernels/rnn.cuh | reference.rnn_layer | ops.rnn.rnn_layer (modules: fastner/nn/rnn.py) | ops/rnn/test_rnn_ops, _autograd, _parity, _modules, _fuzz, _safety, _bf16 (bf16 weights, the fp32 GEMM kernels), _cuda, _cuda_emulated | fastner/bench/rnn_rows.py, benchmarks/bench_rnn.py, rnn_cuda_bench.py |
 
 CPU CRF files by role: crf.cpp the binding (checks, the strategy per call, registration);
@@ -44,7 +45,7 @@ from fastner.ops.char_cnn import char_conv_max
 from fastner.ops.dropout import dropout_mask
 from fastner.ops.crf import (crf_forward, crf_kbest, crf_lengths, crf_log_likelihood,
                              crf_marginals, crf_viterbi, tag_lists)
-from fastner.ops.rnn import rnn_layer, rnn_layer_int8
+from fastner.ops.rnn import rnn_int8_pack, rnn_layer, rnn_layer_int8
 
 __all__ = ["char_conv_max", "crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood", "crf_marginals",
-           "crf_viterbi", "dropout_mask", "rnn_layer", "rnn_layer_int8", "tag_lists"]
+           "crf_viterbi", "dropout_mask", "rnn_int8_pack", "rnn_layer", "rnn_layer_int8", "tag_lists"]

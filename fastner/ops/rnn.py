@@ -44,32 +44,42 @@ def rnn_layer(
     return reference.rnn_layer(input, lengths, weights, hx, cx, mode, bidirectional, batch_first)
 
 
+def rnn_int8_pack(weight: Tensor, scale: Tensor) -> Tensor:
+    """The packed form of one int8 weight, what rnn_layer_int8 takes: weight int8 [N, K] in
+    [-63, 63] (fastner.reference.quantize_weight_int8; ValueError naming the first row outside),
+    scale float32 [N] -> int8 [reference.int8_packed_bytes(N, K)] (layout: csrc/cpu/rnn_int8.h;
+    reference.rnn_int8_unpack reads it back). Pack once, call the layer many times."""
+    if use_fused("rnn_int8_pack", weight.device):
+        return torch.ops.fastner.rnn_int8_pack.default(weight, scale)
+    return reference.rnn_int8_pack(weight, scale)
+
+
 def rnn_layer_int8(
     input: Tensor,
     lengths: Tensor,
     weights: list,
-    scales: list,
+    hidden_size: int,
     hx: Optional[Tensor] = None,
     cx: Optional[Tensor] = None,
     mode: str = "lstm",
     bidirectional: bool = False,
     batch_first: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """rnn_layer in int8, inference only: weights as rnn_layer's with w_ih, w_hh int8
-    (fastner.reference.quantize_weight_int8) and float32 biases; scales per direction
-    [w_ih's [G*H], w_hh's [G*H]]; input, hx, cx float32 (NaN / +-inf propagate as in float32:
+    """rnn_layer in int8, inference only: weights as rnn_layer's with w_ih, w_hh int8 and packed
+    (rnn_int8_pack of fastner.reference.quantize_weight_int8's weight and scale) and float32
+    biases; hidden_size H; input, hx, cx float32 (NaN / +-inf propagate as in float32:
     reference.int8_product). Raises RuntimeError where a gradient could flow (the int8 products
     have none: no silent zero gradients)."""
-    weights, scales = list(weights), list(scales)
-    if needs_grad(input, hx, cx, *weights, *scales):
+    weights = list(weights)
+    if needs_grad(input, hx, cx, *weights):
         raise RuntimeError(
             "rnn_layer_int8 is inference-only (int8 weights have no gradient): run it under "
             "torch.no_grad() / torch.inference_mode() on inputs that do not require grad, or "
             "train the float module and quantize it afterwards")
     if use_fused("rnn_layer_int8_forward", input.device):
         return torch.ops.fastner.rnn_layer_int8_forward.default(
-            input, lengths, weights, scales, hx, cx, mode, bidirectional, batch_first)
-    return reference.rnn_layer_int8(input, lengths, weights, scales, hx, cx, mode, bidirectional,
+            input, lengths, weights, hidden_size, hx, cx, mode, bidirectional, batch_first)
+    return reference.rnn_layer_int8(input, lengths, weights, hidden_size, hx, cx, mode, bidirectional,
                                     batch_first)
 
 
@@ -171,15 +181,20 @@ def _register() -> None:
                 [torch.empty_like(w) for w in weights])
 
     @torch.library.register_fake("fastner::rnn_layer_int8_forward")
-    def _(input, lengths, weights, scales, hx, cx, mode, bidirectional, batch_first):
-        validation.rnn_int8_args("rnn_layer_int8", input, lengths, weights, scales, hx, cx, mode,
+    def _(input, lengths, weights, hidden_size, hx, cx, mode, bidirectional, batch_first):
+        validation.rnn_int8_args("rnn_layer_int8", input, lengths, weights, hidden_size, hx, cx, mode,
                                  bidirectional, batch_first, values=False)
         D = 2 if bidirectional else 1
-        H = weights[1].shape[1]
+        H = hidden_size
         B, T = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
         output = input.new_empty((B, T, D * H) if batch_first else (T, B, D * H))
         c_n = input.new_empty(D, B, H) if mode == "lstm" else input.new_empty(0)
         return output, input.new_empty(D, B, H), c_n
+
+    @torch.library.register_fake("fastner::rnn_int8_pack")
+    def _(weight, scale):
+        validation.rnn_int8_pack_args("rnn_int8_pack", weight, scale, values=False)
+        return weight.new_empty(reference.int8_packed_bytes(weight.shape[0], weight.shape[1]))
 
     register_autograd_kernel("rnn_layer_forward", _rnn_layer_forward_autograd)
 

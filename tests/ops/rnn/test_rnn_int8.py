@@ -1,6 +1,7 @@
 """int8 recurrent layers: the op (torch.ops.fastner.rnn_layer_int8_forward) against its reference
 (fastner.reference.rnn_layer_int8), the quantized modules (fastner.nn.quantize(m, torch.qint8))
-against the float32 modules, refusal to train, opcheck and bad input.
+against the float32 modules, refusal to train, opcheck and bad input. The packed weights the op
+takes (rnn_int8_pack): test_rnn_int8_pack.py.
 """
 from __future__ import annotations
 
@@ -31,24 +32,24 @@ def test_int8_op_has_a_cpu_kernel():
     assert has_kernel("rnn_layer_int8_forward", "cpu"), fastner.backend()
 
 
+def pack_layer_weights(floats, D):
+    """A layer's float weights in torch's order -> the int8 op's: W_ih / W_hh quantized
+    (reference.quantize_weight_int8) and packed (fastner.ops.rnn_int8_pack), biases as they are."""
+    per_dir = len(floats) // D
+    return [fastner.ops.rnn_int8_pack(*reference.quantize_weight_int8(w)) if k % per_dir < 2 else w
+            for k, w in enumerate(floats)]
+
+
 def _draw_op_case(gen, mode):
     """One layer's int8 arguments: the project's layer drawer (tests/ops/rnn/samples.py; torch's
     init, either layout, bias or not, lengths in [0, T]) at the tagger's sizes and beyond, hx /
-    cx given or not, its weights quantized (reference.quantize_weight_int8)."""
+    cx given or not, its weights quantized (reference.quantize_weight_int8) and packed."""
     with_state = bool(torch.rand((), generator=gen) < 0.5)
     case = LayerCase.draw(gen, CASE_MODE[mode], torch.float32, max_batch=9, max_time=14, max_input=150,
                           max_hidden=210, with_state=with_state)
     x, lengths, floats, hx, cx = case.inputs()
-    per_dir = len(floats) // (2 if case.bidirectional else 1)
-    weights, scales = [], []
-    for k, w in enumerate(floats):
-        if k % per_dir < 2:  # w_ih, w_hh
-            w_q, scale = reference.quantize_weight_int8(w)
-            weights.append(w_q)
-            scales.append(scale)
-        else:
-            weights.append(w)
-    return x, lengths, weights, scales, hx, cx, mode, case.bidirectional, case.batch_first
+    weights = pack_layer_weights(floats, 2 if case.bidirectional else 1)
+    return x, lengths, weights, floats[1].shape[1], hx, cx, mode, case.bidirectional, case.batch_first
 
 
 # The kernel does the reference's float32 operations in the same order and its integer sums
@@ -98,8 +99,7 @@ _KERNEL_CASES = """
 import sys, torch
 import fastner
 from tests.ops.rnn.rnn_cases import case_generator
-from tests.ops.rnn.test_rnn_int8 import _draw_op_case
-from fastner import reference
+from tests.ops.rnn.test_rnn_int8 import _draw_op_case, pack_layer_weights
 torch.manual_seed(int(sys.argv[2]))  # the test's seed: the same cases in both processes
 cases = []
 for mode in ("gru", "lstm", "rnn_relu", "rnn_tanh"):
@@ -108,21 +108,14 @@ for mode in ("gru", "lstm", "rnn_relu", "rnn_tanh"):
 gen = torch.Generator().manual_seed(5)
 floats = [torch.randn(800, 130, generator=gen) / 10, torch.randn(800, 200, generator=gen) / 10,
           torch.randn(800, generator=gen), torch.randn(800, generator=gen)] * 2
-weights, scales = [], []
-for k, w in enumerate(floats):
-    if k % 4 < 2:
-        w_q, scale = reference.quantize_weight_int8(w)
-        weights.append(w_q)
-        scales.append(scale)
-    else:
-        weights.append(w)
+weights = pack_layer_weights(floats, 2)
 x = torch.randn(32, 40, 130, generator=gen) * 2
 lengths = torch.randint(1, 41, (32,), generator=gen)
-cases.append((x, lengths, weights, scales, None, None, "lstm", True, True))
+cases.append((x, lengths, weights, 200, None, None, "lstm", True, True))
 x = x.clone()
 x[3, 2, 7] = float("nan")
 x[5, 0, 1] = float("inf")
-cases.append((x, lengths, weights, scales, None, None, "lstm", True, True))
+cases.append((x, lengths, weights, 200, None, None, "lstm", True, True))
 outputs = [torch.ops.fastner.rnn_layer_int8_forward(*case) for case in cases]
 torch.save({"kernel": fastner.backend()["cpu_int8"], "outputs": outputs}, sys.argv[1])
 """
@@ -276,8 +269,9 @@ def test_load_state_dict_requantizes():
     float_model = torch.nn.LSTM(5, 7)
     quantized = fastner.nn.quantize(torch.nn.LSTM(5, 7), torch.qint8)
     quantized.load_state_dict(float_model.state_dict())
-    w_q, _ = reference.quantize_weight_int8(float_model.weight_hh_l0)
+    w_q, scale = reference.quantize_weight_int8(float_model.weight_hh_l0)
     assert torch.equal(quantized.int8_weight_hh_l0, w_q)
+    assert torch.equal(quantized.int8_packed_weight_hh_l0, reference.rnn_int8_pack(w_q, scale))
 
 
 @pytest.mark.parametrize("change", ["in_place", "data", "parameter"])
@@ -299,10 +293,12 @@ def test_float_weights_changed_after_quantize_are_requantized(change):
             quantized.weight_hh_l1_reverse.data = new.clone()
         else:
             quantized.weight_hh_l1_reverse = torch.nn.Parameter(new.clone(), requires_grad=False)
-    w_q, _ = reference.quantize_weight_int8(new)
+    w_q, scale = reference.quantize_weight_int8(new)
     expected, _ = float_model(x)
     got, _ = quantized(x)
     assert torch.equal(quantized.int8_weight_hh_l1_reverse, w_q)
+    # the packed form the op reads, packed again with them
+    assert torch.equal(quantized.int8_packed_weight_hh_l1_reverse, reference.rnn_int8_pack(w_q, scale))
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
 
 
@@ -318,8 +314,49 @@ def test_float_weights_assigned_twice_between_forwards_are_requantized(hidden):
         quantized.weight_ih_l0.data = torch.randn(4 * hidden, 4)
         quantized.weight_ih_l0.data = torch.randn(4 * hidden, 4)
         quantized(x)
-        w_q, _ = reference.quantize_weight_int8(quantized.weight_ih_l0)
+        w_q, scale = reference.quantize_weight_int8(quantized.weight_ih_l0)
         assert torch.equal(quantized.int8_weight_ih_l0, w_q)
+        assert torch.equal(quantized.int8_packed_weight_ih_l0, reference.rnn_int8_pack(w_q, scale))
+
+
+def test_packed_weights_are_buffers_not_saved_and_survive_copies():
+    # The op reads int8_packed_<name> (packed once, when quantized): a buffer beside int8_<name>
+    # and int8_scale_<name>, the packed form of exactly those, outside state_dict, and carried
+    # by deepcopy, pickle and .to() like the others.
+    import copy
+    import io
+    import pickle
+
+    float_model = torch.nn.GRU(6, 5, num_layers=2, bidirectional=True)
+    keys = list(float_model.state_dict())
+    quantized = fastner.nn.quantize(copy.deepcopy(float_model), torch.qint8)
+    assert list(quantized.state_dict()) == keys
+    names = [n for n, _ in quantized.named_buffers()]
+    for wname in ("weight_ih_l0", "weight_hh_l1_reverse"):
+        assert f"int8_packed_{wname}" in names
+        w_q, scale = getattr(quantized, f"int8_{wname}"), getattr(quantized, f"int8_scale_{wname}")
+        assert torch.equal(getattr(quantized, f"int8_packed_{wname}"), reference.rnn_int8_pack(w_q, scale))
+    x = torch.randn(4, 3, 6)
+    want = quantized(x)[0]
+    buffer = io.BytesIO()
+    torch.save(quantized, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(quantized), pickle.loads(pickle.dumps(quantized)),
+              torch.load(buffer, weights_only=False), copy.deepcopy(quantized).to("cpu").to(torch.float32)]
+    for other in copies:
+        assert type(other) is Int8GRU
+        assert torch.equal(other(x)[0], want)
+        for (name, a), (_, b) in zip(quantized.named_buffers(), other.named_buffers()):
+            assert torch.equal(a, b), name
+            assert a.data_ptr() != b.data_ptr(), name  # copies, not shared
+    # A change to a copy's float weights requantizes and repacks that copy alone.
+    copy_ = copies[0]
+    with torch.no_grad():
+        copy_.weight_hh_l0.mul_(-1)
+    changed = copy_(x)[0]
+    assert not torch.equal(changed, want) and torch.equal(quantized(x)[0], want)
+    w_q, scale = reference.quantize_weight_int8(copy_.weight_hh_l0)
+    assert torch.equal(copy_.int8_packed_weight_hh_l0, reference.rnn_int8_pack(w_q, scale))
 
 
 def test_quantize_again_requantizes_a_change_through_data():
@@ -331,6 +368,7 @@ def test_quantize_again_requantizes_a_change_through_data():
     assert fastner.nn.quantize(quantized, torch.qint8) is quantized
     w_q, scale = reference.quantize_weight_int8(quantized.weight_hh_l0)
     assert torch.equal(quantized.int8_weight_hh_l0, w_q) and torch.equal(quantized.int8_scale_weight_hh_l0, scale)
+    assert torch.equal(quantized.int8_packed_weight_hh_l0, reference.rnn_int8_pack(w_q, scale))
 
 
 def test_forwards_while_another_thread_requantizes():
@@ -468,51 +506,58 @@ def test_quantize_bf16_replaces_a_layer_held_under_two_names():
 
 @needs_kernel
 def test_int8_op_bad_input():
-    x, lengths, weights, scales, hx, cx, mode, bi, bf = _draw_op_case(case_generator(1, salt=4501), "lstm")
+    x, lengths, weights, H, hx, cx, mode, bi, bf = _draw_op_case(case_generator(1, salt=4501), "lstm")
     op = torch.ops.fastner.rnn_layer_int8_forward
-    with pytest.raises(ValueError, match="w_ih .*dtype Char|w_ih.*must have dtype"):
-        op(x, lengths, [w.float() if w.dtype == torch.int8 else w for w in weights], scales, hx, cx, mode, bi, bf)
-    with pytest.raises(ValueError, match="scales must hold"):
-        op(x, lengths, weights, scales[:1], hx, cx, mode, bi, bf)
-    with pytest.raises(ValueError, match=r"scales\[0\]"):
-        op(x, lengths, weights, [scales[0][:-1]] + scales[1:], hx, cx, mode, bi, bf)
-    with pytest.raises(ValueError, match="float32"):
-        op(x.double(), lengths, weights, scales, hx, cx, mode, bi, bf)
-    with pytest.raises(ValueError, match="lengths"):
-        op(x, lengths + 100, weights, scales, hx, cx, mode, bi, bf)
-    with pytest.raises(ValueError, match="mode"):
-        op(x, lengths, weights, scales, hx, cx, "lstmx", bi, bf)
-    # 8-bit weights could overflow the kernel's int16 sums: refused, by the op and the reference.
-    wide = [w * 2 if w.dtype == torch.int8 else w for w in weights]
-    with pytest.raises(ValueError, match=r"\[-63, 63\]"):
-        op(x, lengths, wide, scales, hx, cx, mode, bi, bf)
-    with pytest.raises(ValueError, match=r"\[-63, 63\]"):
-        reference.rnn_layer_int8(x, lengths, wide, scales, hx, cx, mode, bi, bf)
-    # One weight out of range: the message names it and its row (the kernel checks the packed
-    # panels at once and looks for the row only when the check fails).
-    for value in (64, -64):
-        one = [w.clone() for w in weights]
-        one[0][min(5, one[0].shape[0] - 1), -1] = value
-        with pytest.raises(ValueError, match=rf"got {value} in row {min(5, one[0].shape[0] - 1)}\b"):
-            op(x, lengths, one, scales, hx, cx, mode, bi, bf)
-    with pytest.raises(ValueError, match="scales must hold"):
-        reference.rnn_layer_int8(x, lengths, weights, scales[:1], hx, cx, mode, bi, bf)
+    per_dir = len(weights) // (2 if bi else 1)
+    # The unpacked int8 weight (what the op took before it took packed ones): a clear refusal.
+    w_q, scale = reference.quantize_weight_int8(torch.randn(4 * H, x.shape[2]))
+    for fn in (op, reference.rnn_layer_int8):
+        with pytest.raises(ValueError, match=r"w_ih of direction 0 must be a packed weight \(1-D int8, from "
+                                             r"fastner.ops.rnn_int8_pack\)"):
+            fn(x, lengths, [w_q] + weights[1:], H, hx, cx, mode, bi, bf)
+        with pytest.raises(ValueError, match="hidden_size must be"):
+            fn(x, lengths, weights, 0, hx, cx, mode, bi, bf)
+        # Another hidden size than the packed weights were made for: their size says so.
+        with pytest.raises(ValueError, match=r"w_ih of direction 0 must be a weight \[\d+, \d+\] packed by "
+                                             r"fastner::rnn_int8_pack \(\d+ bytes\), got \d+ bytes"):
+            fn(x, lengths, weights, H + 16, None, None, mode, bi, bf)
+        with pytest.raises(ValueError, match="weights must hold"):
+            fn(x, lengths, weights[:1], H, hx, cx, mode, bi, bf)
+        with pytest.raises(ValueError, match="float32"):
+            fn(x.double(), lengths, weights, H, hx, cx, mode, bi, bf)
+        with pytest.raises(ValueError, match="lengths"):
+            fn(x, lengths + 100, weights, H, hx, cx, mode, bi, bf)
+        with pytest.raises(ValueError, match="mode"):
+            fn(x, lengths, weights, H, hx, cx, "lstmx", bi, bf)
+        if per_dir == 4:
+            with pytest.raises(ValueError, match=r"b_ih of direction 0"):
+                fn(x, lengths, weights[:2] + [weights[2][:-1]] + weights[3:], H, hx, cx, mode, bi, bf)
+            with pytest.raises(ValueError, match=r"b_hh of direction 0 must be float32"):
+                fn(x, lengths, weights[:3] + [weights[3].double()] + weights[4:], H, hx, cx, mode, bi, bf)
+        # W_ih and W_hh swapped (different K): refused, not read as the other.
+        if x.shape[2] != H:
+            with pytest.raises(ValueError, match="w_ih of direction 0"):
+                fn(x, lengths, [weights[1], weights[0]] + weights[2:], H, hx, cx, mode, bi, bf)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_int8_weights_out_of_range_in_the_second_direction(threads):
-    # Each direction packs (and range-checks) its weights inside its own task, on a worker
-    # thread at 2 threads: the error must still reach the caller as the same ValueError.
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_weights_out_of_range_are_refused_when_packed(fused):
+    # 8-bit weights could overflow the AVX2 kernel's int16 sums: refused where they are packed
+    # (once, not per call), by the op and the reference, naming the argument and the first bad row
+    # (the kernel checks the packed panels at once and looks for the row only when that fails).
+    if fused and not has_kernel("rnn_int8_pack", "cpu"):
+        pytest.skip("no CPU kernel for rnn_int8_pack in this build")
+    pack = torch.ops.fastner.rnn_int8_pack if fused else reference.rnn_int8_pack
     generator = torch.Generator().manual_seed(4502)
-    H, I = 24, 7
-    weights, scales = [], []
-    for direction in range(2):
-        w_ih = torch.randint(-63, 64, (4 * H, I), dtype=torch.int8, generator=generator)
-        w_hh = torch.randint(-63, 64, (4 * H, H), dtype=torch.int8, generator=generator)
-        if direction == 1:
-            w_hh[9, 3] = -64
-        weights += [w_ih, w_hh, torch.zeros(4 * H), torch.zeros(4 * H)]
-        scales += [torch.full((4 * H,), 0.01), torch.full((4 * H,), 0.01)]
-    x, lengths = torch.randn(3, 5, I, generator=generator), torch.tensor([5, 2, 4])
-    with torch_threads(threads), pytest.raises(ValueError, match=r"got -64 in row 9\b"):
-        torch.ops.fastner.rnn_layer_int8_forward(x, lengths, weights, scales, None, None, "lstm", True, True)
+    w = torch.randint(-63, 64, (96, 24), dtype=torch.int8, generator=generator)
+    scale = torch.full((96,), 0.01)
+    for value, row, col in ((64, 9, 3), (-64, 5, 23), (-128, 0, 0), (127, 95, 11)):
+        bad = w.clone()
+        bad[row, col] = value
+        with pytest.raises(ValueError, match=rf"rnn_int8_pack: weight must be in \[-63, 63\] .*got {value} in row {row}\b"):
+            pack(bad, scale)
+    both = w.clone()
+    both[7, 1], both[7, 2], both[30, 0] = 100, -100, 90  # the row's minimum first, as the kernel says
+    with pytest.raises(ValueError, match=r"got -100 in row 7\b"):
+        pack(both, scale)
+    pack(w, scale)  # in range: fine
