@@ -365,7 +365,12 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
                  end = end_in.contiguous();
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
-    if (!lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out)) {
+    // The sequences that may meet a NaN or +inf score: those the lane kernel saw read a NaN or
+    // +inf emission (one pass over the emissions fewer: ~5% of a B = 32 call), else all.
+    std::vector<int64_t> candidates;
+    if (lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out, candidates)) {
+      if (scores_poisoned<scalar_t>(transitions, start, end)) candidates = all_sequences(B);
+    } else {
       const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
       const Tensor dense = emissions.contiguous();
       const scalar_t* em = dense.data_ptr<scalar_t>();
@@ -376,8 +381,9 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
           viterbi_range<scalar_t, int32_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
         }
       });
+      candidates = all_sequences(B);
     }
-    propagate_decoded(poisoned_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+    propagate_decoded(poisoned_sequences<scalar_t>(emissions, len, transitions, start, end, candidates),
                       len, &scores, nullptr, nullptr);
   });
   return {tags, scores};
@@ -439,9 +445,21 @@ Tensor crf_lengths_cpu(const Tensor& mask, bool batch_first) {
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* row = m + b * stride_b;
     int64_t length = 0;
-    while (length < T && row[length * stride_t] != 0) ++length;
-    for (int64_t t = length + 1; t < T; ++t) {
-      TORCH_CHECK_VALUE(row[t * stride_t] == 0, "mask must be right-padded (no gap): sequence ", b,
+    bool gap = false;
+    if (stride_t == 1) {  // contiguous rows: memchr and an OR the compiler vectorises
+      const void* first_zero = std::memchr(row, 0, static_cast<size_t>(T));
+      length = first_zero ? static_cast<const uint8_t*>(first_zero) - row : T;
+      uint8_t after = 0;
+      for (int64_t t = length + 1; t < T; ++t) after |= row[t];
+      gap = after != 0;
+    } else {
+      while (length < T && row[length * stride_t] != 0) ++length;
+      for (int64_t t = length + 1; t < T && !gap; ++t) gap = row[t * stride_t] != 0;
+    }
+    if (gap) {
+      int64_t t = length + 1;
+      while (row[t * stride_t] == 0) ++t;
+      TORCH_CHECK_VALUE(false, "mask must be right-padded (no gap): sequence ", b,
                         " has a valid step at ", t, " after an invalid one at ", length);
     }
     out[b] = length;
