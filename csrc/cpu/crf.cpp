@@ -97,6 +97,14 @@ void only_path_log_z(const Tensor& emissions, const int64_t* len, const Tensor& 
                         start.const_data_ptr<scalar_t>(), end.const_data_ptr<scalar_t>(), out);
 }
 
+// A fresh zero-filled CPU tensor: at::zeros without its zero_() dispatch and TensorIterator
+// (~0.6 us each, four per training step at NER sizes). All-zero bytes are +0.0.
+Tensor zeroed(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  std::memset(t.data_ptr(), 0, t.nbytes());
+  return t;
+}
+
 Tensor as_accumulate(const Tensor& emissions) {
   return emissions.to(accumulate_type(emissions.scalar_type())).contiguous();
 }
@@ -115,7 +123,7 @@ std::tuple<Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
   const int64_t* len = lengths.data_ptr<int64_t>();
   if (tags_in.has_value()) check_tags("crf_forward", *tags_in, len, B, T, K);
   Tensor log_z = at::empty({B}, emissions.options());
-  Tensor gold = at::zeros({B}, emissions.options());
+  Tensor gold = zeroed({B}, emissions.options());
   std::vector<int64_t> exact;  // sequences for the exact kernel (all when the lanes decline)
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward", [&] {
     const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
@@ -185,15 +193,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
   }
   if (tags_in.has_value()) check_tags(op, *tags_in, len, B, T, K);
   if (log_z) *log_z = at::empty({B}, emissions.options());
-  if (gold) *gold = at::zeros({B}, emissions.options());
+  if (gold) *gold = at::empty({B}, emissions.options());  // gold_scores writes every entry
   const Tensor grad_log_z = log_z_weights.tensor ? log_z_weights.tensor->to(acc_type) : Tensor();
   const Tensor grad_gold = gold_weights.tensor ? gold_weights.tensor->to(acc_type) : Tensor();
   const int64_t gz_stride = grad_log_z.defined() ? grad_log_z.stride(0) : 0;
   const int64_t gg_stride = grad_gold.defined() ? grad_gold.stride(0) : 0;
   Tensor grad_emissions = gradient_like(emissions);
-  Tensor grad_transitions = at::zeros({K, K}, emissions.options());
-  Tensor grad_start = at::zeros({K}, emissions.options());
-  Tensor grad_end = at::zeros({K}, emissions.options());
+  Tensor grad_transitions = zeroed({K, K}, emissions.options());
+  Tensor grad_start = zeroed({K}, emissions.options());
+  Tensor grad_end = zeroed({K}, emissions.options());
   std::vector<int64_t> exact;  // sequences for the exact kernel (all when the lanes decline)
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_backward", [&] {
     const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),

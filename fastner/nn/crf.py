@@ -118,8 +118,8 @@ class CRF(nn.Module):
         tags = self._check_tags(tags, emissions)
         emissions = self._promoted(emissions)
         # In the caller's layout: the op reads either, and no transpose node enters the graph.
-        return ops.crf_log_likelihood(emissions, tags, lengths, *self._scores(emissions),
-                                      reduction, self.batch_first)
+        return ops_crf._log_likelihood_of_tensors(emissions, tags, lengths, *self._scores(emissions),
+                                                  reduction, self.batch_first)
 
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
         """The best tag sequence of each sequence, as lists (torchcrf's decode)."""
@@ -151,7 +151,7 @@ class CRF(nn.Module):
         with torch.no_grad():
             scores_in = self._scores(emissions_bf)
             if k is None:
-                tags, scores = ops.crf_viterbi(emissions_bf, lengths, *scores_in)
+                tags, scores = ops_crf._viterbi_of_tensors(emissions_bf, lengths, *scores_in)
                 return (tags if self.batch_first else tags.t().contiguous()), scores
             return ops.crf_kbest(emissions_bf, lengths, *scores_in, k)
 

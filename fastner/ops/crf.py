@@ -53,6 +53,15 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transit
     emissions: [B, T, K] ([T, B, K] when not batch_first); tags: the same layout without K."""
     validation.tensors("crf_log_likelihood", _WITH_TAGS,
                        (emissions, lengths, transitions, start_transitions, end_transitions, tags))
+    return _log_likelihood_of_tensors(emissions, tags, lengths, transitions, start_transitions,
+                                      end_transitions, reduction, batch_first)
+
+
+def _log_likelihood_of_tensors(emissions: Tensor, tags: Tensor, lengths: Tensor,
+                               transitions: Tensor, start_transitions: Tensor,
+                               end_transitions: Tensor, reduction: str,
+                               batch_first: bool = True) -> Tensor:
+    """crf_log_likelihood for arguments known to be Tensors (CRF.forward, which checked them)."""
     # The op's value kernel is crf_forward's (any device): fused wherever crf_forward is. Its
     # autograd formula is C++ (csrc/cpu/crf_log_likelihood.cpp), reached through the dispatcher.
     if use_fused("crf_forward", emissions.device):
