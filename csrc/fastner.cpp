@@ -106,25 +106,42 @@ static PyObject* tag_lists_unchecked(PyObject*, PyObject* args) {
   }
   const int64_t* tags = reinterpret_cast<const int64_t*>(tags_address);
   const int64_t* lengths = reinterpret_cast<const int64_t*>(lengths_address);
+  // The int objects of the tags met so far, by value (decoded tags are small: [0, K)): one
+  // reference taken per entry instead of a call per tag (~a third of this function's time).
+  constexpr int64_t kTable = 256;
+  PyObject* table[kTable] = {};
+  auto release = [&table] {
+    for (PyObject* obj : table) Py_XDECREF(obj);
+  };
   PyObject* out = PyList_New(batch);
   if (out == nullptr) return nullptr;
   for (long long b = 0; b < batch; ++b) {
     PyObject* row = PyList_New(lengths[b]);
     if (row == nullptr) {
+      release();
       Py_DECREF(out);
       return nullptr;
     }
+    PyList_SetItem(out, b, row);  // steals the reference; row is filled in place below
     for (int64_t t = 0; t < lengths[b]; ++t) {
-      PyObject* tag = PyLong_FromLongLong(tags[b * row_stride + t]);
+      const int64_t value = tags[b * row_stride + t];
+      PyObject* tag = nullptr;
+      if (value >= 0 && value < kTable) {
+        if (table[value] == nullptr) table[value] = PyLong_FromLongLong(value);
+        tag = table[value];
+        Py_XINCREF(tag);
+      } else {
+        tag = PyLong_FromLongLong(value);
+      }
       if (tag == nullptr) {
-        Py_DECREF(row);
+        release();
         Py_DECREF(out);
         return nullptr;
       }
       PyList_SetItem(row, t, tag);  // steals the reference
     }
-    PyList_SetItem(out, b, row);
   }
+  release();
   return out;
 }
 

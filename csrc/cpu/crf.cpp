@@ -97,6 +97,14 @@ void only_path_log_z(const Tensor& emissions, const int64_t* len, const Tensor& 
                         start.const_data_ptr<scalar_t>(), end.const_data_ptr<scalar_t>(), out);
 }
 
+// A fresh zero-filled CPU tensor: at::zeros without its zero_() dispatch and TensorIterator
+// (~0.6 us each, four per training step at NER sizes). All-zero bytes are +0.0.
+Tensor zeroed(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  std::memset(t.data_ptr(), 0, t.nbytes());
+  return t;
+}
+
 Tensor as_accumulate(const Tensor& emissions) {
   return emissions.to(accumulate_type(emissions.scalar_type())).contiguous();
 }
@@ -115,7 +123,7 @@ std::tuple<Tensor, Tensor> crf_forward_cpu(const Tensor& emissions_in,
   const int64_t* len = lengths.data_ptr<int64_t>();
   if (tags_in.has_value()) check_tags("crf_forward", *tags_in, len, B, T, K);
   Tensor log_z = at::empty({B}, emissions.options());
-  Tensor gold = at::zeros({B}, emissions.options());
+  Tensor gold = zeroed({B}, emissions.options());
   std::vector<int64_t> exact;  // sequences for the exact kernel (all when the lanes decline)
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_forward", [&] {
     const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
@@ -185,15 +193,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gradients(
   }
   if (tags_in.has_value()) check_tags(op, *tags_in, len, B, T, K);
   if (log_z) *log_z = at::empty({B}, emissions.options());
-  if (gold) *gold = at::zeros({B}, emissions.options());
+  if (gold) *gold = at::empty({B}, emissions.options());  // gold_scores writes every entry
   const Tensor grad_log_z = log_z_weights.tensor ? log_z_weights.tensor->to(acc_type) : Tensor();
   const Tensor grad_gold = gold_weights.tensor ? gold_weights.tensor->to(acc_type) : Tensor();
   const int64_t gz_stride = grad_log_z.defined() ? grad_log_z.stride(0) : 0;
   const int64_t gg_stride = grad_gold.defined() ? grad_gold.stride(0) : 0;
   Tensor grad_emissions = gradient_like(emissions);
-  Tensor grad_transitions = at::zeros({K, K}, emissions.options());
-  Tensor grad_start = at::zeros({K}, emissions.options());
-  Tensor grad_end = at::zeros({K}, emissions.options());
+  Tensor grad_transitions = zeroed({K, K}, emissions.options());
+  Tensor grad_start = zeroed({K}, emissions.options());
+  Tensor grad_end = zeroed({K}, emissions.options());
   std::vector<int64_t> exact;  // sequences for the exact kernel (all when the lanes decline)
   AT_DISPATCH_FLOATING_TYPES(acc_type, "crf_backward", [&] {
     const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
@@ -365,7 +373,12 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
                  end = end_in.contiguous();
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
-    if (!lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out)) {
+    // The sequences that may meet a NaN or +inf score: those the lane kernel saw read a NaN or
+    // +inf emission (one pass over the emissions fewer: ~5% of a B = 32 call), else all.
+    std::vector<int64_t> candidates;
+    if (lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out, candidates)) {
+      if (scores_poisoned<scalar_t>(transitions, start, end)) candidates = all_sequences(B);
+    } else {
       const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
       const Tensor dense = emissions.contiguous();
       const scalar_t* em = dense.data_ptr<scalar_t>();
@@ -376,8 +389,9 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
           viterbi_range<scalar_t, int32_t>(tr, em, len, T, begin, stop, tags_out, scores_out);
         }
       });
+      candidates = all_sequences(B);
     }
-    propagate_decoded(poisoned_sequences<scalar_t>(emissions, len, transitions, start, end, all_sequences(B)),
+    propagate_decoded(poisoned_sequences<scalar_t>(emissions, len, transitions, start, end, candidates),
                       len, &scores, nullptr, nullptr);
   });
   return {tags, scores};
@@ -439,9 +453,21 @@ Tensor crf_lengths_cpu(const Tensor& mask, bool batch_first) {
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* row = m + b * stride_b;
     int64_t length = 0;
-    while (length < T && row[length * stride_t] != 0) ++length;
-    for (int64_t t = length + 1; t < T; ++t) {
-      TORCH_CHECK_VALUE(row[t * stride_t] == 0, "mask must be right-padded (no gap): sequence ", b,
+    bool gap = false;
+    if (stride_t == 1) {  // contiguous rows: memchr and an OR the compiler vectorises
+      const void* first_zero = std::memchr(row, 0, static_cast<size_t>(T));
+      length = first_zero ? static_cast<const uint8_t*>(first_zero) - row : T;
+      uint8_t after = 0;
+      for (int64_t t = length + 1; t < T; ++t) after |= row[t];
+      gap = after != 0;
+    } else {
+      while (length < T && row[length * stride_t] != 0) ++length;
+      for (int64_t t = length + 1; t < T && !gap; ++t) gap = row[t * stride_t] != 0;
+    }
+    if (gap) {
+      int64_t t = length + 1;
+      while (row[t * stride_t] == 0) ++t;
+      TORCH_CHECK_VALUE(false, "mask must be right-padded (no gap): sequence ", b,
                         " has a valid step at ", t, " after an invalid one at ", length);
     }
     out[b] = length;

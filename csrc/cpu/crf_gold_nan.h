@@ -107,11 +107,33 @@ double nonfinite_log_z(const scalar_t* e, int64_t et, int64_t ek, int64_t L, int
   return log_z == std::numeric_limits<double>::infinity() ? log_z : std::numeric_limits<double>::quiet_NaN();
 }
 
-// The sequences among `candidates` (the sequences the exact per-sequence kernels ran) that meet
-// a NaN or +inf score inside their length, found in one read of their emissions, with the value
-// of their log Z. (The lane kernels flag every sequence with a NaN or +inf score in its length,
-// and decline a call whose transition, start or end scores hold one: the sequences they vouch
-// for hold none.) A sequence of length 1 meets no transition score.
+// Whether some x[i] is NaN or +inf: !(x < inf), in one comparison (-inf and finite scores pass).
+template <typename scalar_t>
+bool any_poison(const scalar_t* x, int64_t n) {
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  int any = 0;  // an int: gcc vectorises an int |= reduction, not a bool one
+  for (int64_t i = 0; i < n; ++i) any |= !(x[i] < inf);
+  return any != 0;
+}
+
+// Whether a transition, start or end score is NaN or +inf: then every sequence that reads one
+// meets it, whatever its emissions.
+template <typename scalar_t>
+bool scores_poisoned(const Tensor& transitions_in, const Tensor& start_in, const Tensor& end_in) {
+  const Tensor transitions = transitions_in.contiguous(), start = start_in.contiguous(),
+               end = end_in.contiguous();  // held while read
+  return any_poison(transitions.const_data_ptr<scalar_t>(), transitions.numel()) ||
+         any_poison(start.const_data_ptr<scalar_t>(), start.numel()) ||
+         any_poison(end.const_data_ptr<scalar_t>(), end.numel());
+}
+
+// The sequences among `candidates` that meet a NaN or +inf score inside their length, found in
+// one read of their emissions, with the value of their log Z. Candidates: the sequences the exact
+// per-sequence kernels ran, or a decoding op's every sequence, or those whose emissions its lane
+// kernel flagged when no transition, start or end score is NaN or +inf (scores_poisoned). (The
+// lane kernels flag every sequence with a NaN or +inf score in its length, and decline a call
+// whose transition, start or end scores hold one: the sequences they vouch for hold none.) A
+// sequence of length 1 meets no transition score.
 template <typename scalar_t>
 std::vector<Poisoned> poisoned_sequences(const Tensor& emissions, const int64_t* len,
                                          const Tensor& transitions_in, const Tensor& start_in,
@@ -120,12 +142,6 @@ std::vector<Poisoned> poisoned_sequences(const Tensor& emissions, const int64_t*
   if (candidates.empty()) return found;
   const int64_t K = emissions.size(2);
   constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
-  // !(x < inf): NaN or +inf, in one comparison (-inf and finite scores pass).
-  auto any_poison = [](const scalar_t* x, int64_t n) {
-    int any = 0;  // an int: gcc vectorises an int |= reduction, not a bool one
-    for (int64_t i = 0; i < n; ++i) any |= !(x[i] < inf);
-    return any != 0;
-  };
   auto any_nan = [](const scalar_t* x, int64_t n, int64_t stride = 1) {
     bool nan = false;
     for (int64_t i = 0; i < n; ++i) nan = nan || std::isnan(x[i * stride]);
@@ -137,8 +153,8 @@ std::vector<Poisoned> poisoned_sequences(const Tensor& emissions, const int64_t*
   const scalar_t* tr = transitions.const_data_ptr<scalar_t>();
   const scalar_t* st = start.const_data_ptr<scalar_t>();
   const scalar_t* en = end.const_data_ptr<scalar_t>();
-  const bool ends_poisoned = any_poison(st, K) || any_poison(en, K);
-  const bool transitions_poisoned = any_poison(tr, K * K);
+  const bool ends_poisoned = any_poison<scalar_t>(st, K) || any_poison<scalar_t>(en, K);
+  const bool transitions_poisoned = any_poison<scalar_t>(tr, K * K);
   const scalar_t* e = emissions.const_data_ptr<scalar_t>();
   const int64_t eb = emissions.stride(0), et = emissions.stride(1), ek = emissions.stride(2);
   const bool one_run = ek == 1 && et == K;
@@ -146,7 +162,7 @@ std::vector<Poisoned> poisoned_sequences(const Tensor& emissions, const int64_t*
     bool poisoned = len[b] > 0 && (ends_poisoned || (len[b] > 1 && transitions_poisoned));
     // the sequence's rows are one run: a branch-free pass the compiler vectorises (decode reads
     // every sequence here, beside a kernel of a few microseconds)
-    if (!poisoned && one_run) poisoned = any_poison(e + b * eb, len[b] * K);
+    if (!poisoned && one_run) poisoned = any_poison<scalar_t>(e + b * eb, len[b] * K);
     for (int64_t t = 0; t < len[b] && !poisoned && !one_run; ++t) {
       const scalar_t* row = e + b * eb + t * et;
       for (int64_t k = 0; k < K; ++k) poisoned = poisoned || !(row[k * ek] < inf);

@@ -84,9 +84,11 @@ struct Kernels {
 
   // Best path of each sequence of the group: tags [B, T] (-1 past each length) and its score
   // [B] (0 for length 0). Max-plus needs no scaling, so there is no trouble case; ties go to
-  // the lowest tag, as in the per-sequence kernel.
+  // the lowest tag, as in the per-sequence kernel. Sets nonfinite[b] = 1 for a sequence with a
+  // NaN or +inf emission inside its length (and leaves nonfinite[b] untouched otherwise): the
+  // caller's NaN / +inf propagation (crf_gold_nan.h) need not read the emissions again.
   void (*viterbi)(const Model& model, const Emissions& em, int64_t group, int64_t* tags,
-                  float* scores, float* scratch);
+                  float* scores, uint8_t* nonfinite, float* scratch);
 
   // Floats of scratch one group of kbest needs.
   size_t (*kbest_scratch_floats)(int64_t K, int64_t T, int64_t k);

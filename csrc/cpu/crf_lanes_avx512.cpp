@@ -10,10 +10,16 @@
 #include "cpu/crf_lanes.h"
 
 #pragma GCC push_options
+#pragma GCC diagnostic push
+// GCC 12 reports its own _mm512_undefined_* idiom inside the unpack / shuffle intrinsics of
+// transpose (crf_lanes_vec.h) as maybe-uninitialized once the Viterbi kernel inlines it (as in
+// rnn_gemm_avx512_bf16.cpp).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 #define FASTNER_LANES 16
 #include "cpu/crf_lanes_impl.h"
 #include "cpu/crf_lanes_kbest.h"
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 namespace fastner::cpu::crf {

@@ -335,22 +335,26 @@ inline lanes::Model max_plus_model(const Tensor& transitions, const Tensor& star
 }
 
 // Viterbi by the lane kernels where the layout allows (float32 only): max-plus is exact in any
-// range, and NaN/inf scores meet the same comparisons as in the per-sequence kernel.
+// range, and NaN/inf scores meet the same comparisons as in the per-sequence kernel. Lists in
+// `nonfinite` the sequences with a NaN or +inf emission inside their length.
 inline bool lane_viterbi(const Tensor& emissions, const int64_t* len, const Tensor& transitions,
-                  const Tensor& start, const Tensor& end, int64_t* tags, float* scores) {
+                  const Tensor& start, const Tensor& end, int64_t* tags, float* scores,
+                  std::vector<int64_t>& nonfinite) {
   if (!lane_layout(emissions)) return false;
-  const int64_t K = emissions.size(2);
+  const int64_t B = emissions.size(0), K = emissions.size(2);
   const lanes::Kernels& k = lanes::kernels();
   const lanes::Model model = max_plus_model(transitions, start, end);
   const LaneBatch batch(emissions, len);
+  std::vector<uint8_t> flags(B, 0);
   for_each_group(batch.em, K, [&](int64_t group, float* scratch) {
-    k.viterbi(model, batch.em, group, tags, scores, scratch);
+    k.viterbi(model, batch.em, group, tags, scores, flags.data(), scratch);
   });
+  nonfinite = flagged(flags);
   return true;
 }
 
 inline bool lane_viterbi(const Tensor&, const int64_t*, const Tensor&, const Tensor&, const Tensor&,
-                  int64_t*, double*) {
+                  int64_t*, double*, std::vector<int64_t>&) {
   return false;
 }
 

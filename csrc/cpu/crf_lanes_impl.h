@@ -180,7 +180,7 @@ inline I forward_pass(const Model& m, const Group& g, V* p, V* x, V* q, V* P, V*
 }
 
 size_t scratch_floats(int64_t K, int64_t T) {
-  // Viterbi: [T, K] states + 2 rows + the transposed transitions [K, K]; backward: P and X
+  // Viterbi: [T, K] states + a row + [T] tag vectors + the transposed transitions [K, K]; backward: P and X
   // [T, K] + 6 rows; plus alignment.
   return static_cast<size_t>((2 * T + 8) * K * W + K * K + W);
 }
@@ -369,18 +369,80 @@ void backward(const Model& m, const Emissions& em, int64_t group, const float* w
 
 // ---- Viterbi ---------------------------------------------------------------------------------
 
-// One max-plus step: out[j] = max_i (v[i] + tr[i, j]) for a block of columns, scanning i upwards
-// with a strict comparison (the same candidates and order as the backtrace below).
-template <int JB>
-inline void max_plus_block(const V* v, const float* tr, int64_t K, int64_t j0, V* out) {
-  V best[JB];
-  for (int jj = 0; jj < JB; ++jj) best[jj] = splat(-kInf);
+// One max-plus step for a block of columns: out[j] = max_i (v[i] + tr[i, j]) + e[j], scanning i
+// upwards (the candidates the backtrace below recomputes, with the same sums). Adding e[j] after
+// the maximum gives the same float as adding it to every candidate (rounding is monotonic).
+// U: V, or VH for the low lanes only (the others of out are left as they are).
+template <typename U, int JB>
+inline void max_plus_block(const V* v, const float* tr, const V* e, int64_t K, int64_t j0, V* out) {
+  // Unrolled by hand: past 16 columns gcc otherwise keeps best[] in memory (stored every i).
+  U best[JB];
+#pragma GCC unroll 32
+  for (int jj = 0; jj < JB; ++jj) best[jj] = U{} - kInf;
+  const U one = ones<U>();
   for (int64_t i = 0; i < K; ++i) {
-    const V vi = v[i];
+    const U vi = low_lanes<U>(v[i]);
     const float* row = tr + i * K + j0;
-    for (int jj = 0; jj < JB; ++jj) best[jj] = vmax(vi + row[jj], best[jj]);
+#pragma GCC unroll 32
+    for (int jj = 0; jj < JB; ++jj) best[jj] = vmax(add_on_fma(vi, one, broadcast<U>(row[jj])), best[jj]);
   }
-  for (int jj = 0; jj < JB; ++jj) out[j0 + jj] = best[jj];
+#pragma GCC unroll 32
+  for (int jj = 0; jj < JB; ++jj) store_low_lanes(out[j0 + jj], best[jj] + low_lanes<U>(e[j0 + jj]));
+}
+
+// The last block of a step, of n <= N columns, in one pass over v: with K = 17 a block of 16 and
+// one of 1 made two passes, the second a serial chain of K maxima.
+template <typename U, int N>
+inline void max_plus_last(int64_t n, const V* v, const float* tr, const V* e, int64_t K, int64_t j0,
+                          V* out) {
+  if constexpr (N > 1) {
+    if (n < N) return max_plus_last<U, N - 1>(n, v, tr, e, K, j0, out);
+  }
+  max_plus_block<U, N>(v, tr, e, K, j0, out);
+}
+
+// out[j] = max_i (v[i] + tr[i, j]) + e[j] for every j < K: blocks of kBlock columns, the columns
+// past the last whole block in one pass with it where the registers hold them (up to kBlock + 8
+// accumulators: 24 of AVX-512's 32 registers, 16 of AVX2's 16 would spill, so AVX2 takes + 4).
+constexpr int kMaxPlusLast = W == 16 ? kBlock + 8 : kBlock + 4;
+
+template <typename U>
+inline void max_plus_step(const V* v, const float* tr, const V* e, int64_t K, V* out) {
+  int64_t j = 0;
+  for (; K - j > kMaxPlusLast; j += kBlock) max_plus_block<U, kBlock>(v, tr, e, K, j, out);
+  max_plus_last<U, kMaxPlusLast>(K - j, v, tr, e, K, j, out);
+}
+
+// The lowest index i < n whose c[i] is the lanes' maximum, 0 where every c[i] is -inf or NaN:
+// what a scan from -inf that keeps strictly greater candidates finds (the forward's candidate
+// order), in two independent passes instead of one chain of compares and selects through the
+// running maximum (the backtrace's critical path). *top receives the maximum (-inf where none).
+// U: V, or VH for the low lanes only.
+template <typename U>
+inline auto first_max(const V* c, int64_t n, U* top) {
+  using IU = decltype(U{} < U{});
+  const U ninf = U{} - kInf;
+  U m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // four chains; vmax skips NaN
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    m0 = vmax(low_lanes<U>(c[i]), m0);
+    m1 = vmax(low_lanes<U>(c[i + 1]), m1);
+    m2 = vmax(low_lanes<U>(c[i + 2]), m2);
+    m3 = vmax(low_lanes<U>(c[i + 3]), m3);
+  }
+  for (; i < n; ++i) m0 = vmax(low_lanes<U>(c[i]), m0);
+  const U best = vmax(vmax(m0, m1), vmax(m2, m3));
+  // Downwards, so that the lowest match stays; the index vector counts down beside i (a
+  // broadcast of i from a general register per step made this loop a chain of ~5-cycle
+  // transfers, the backtrace's slowest part).
+  IU index{}, at = IU{} + static_cast<int32_t>(n - 1);
+  const IU step = IU{} + 1;
+  for (i = n - 1; i >= 0; --i) {
+    index = low_lanes<U>(c[i]) == best ? at : index;
+    at -= step;
+  }
+  *top = best;
+  return best > ninf ? index : IU{};
 }
 
 // transitions[i, to[l]] in lane l for the backtrace. With AVX-512 and K <= 32 each row of
@@ -417,77 +479,92 @@ inline V transition_to(const TransitionRows& rows, int64_t i, I to) {
 }
 
 void viterbi(const Model& m, const Emissions& em, int64_t group, int64_t* tags, float* scores,
-             float* scratch) {
+             uint8_t* nonfinite, float* scratch) {
   const Group g(em, group);
   const int64_t K = m.K, T = em.T, n_steps = g.longest;
   V* S = aligned(scratch);  // [longest, K]: S[t] = best score of a path ending in (t, j)
   V* e = S + n_steps * K;   // [K] emissions of a step; in the backtrace, transitions into arg
-  float* columns = reinterpret_cast<float*>(e + K);  // [K, K]: columns[j * K + i] = tr[i, j]
+  I* path = reinterpret_cast<I*>(e + K);  // [longest]: the tag of each lane at each step
+  float* columns = reinterpret_cast<float*>(path + n_steps);  // [K, K]: columns[j * K + i] = tr[i, j]
+  // Lanes come in decreasing length: from step half_from on (lane H's length, 0 where the group
+  // has at most H sequences) only the low H lanes are active, and the steps run on half vectors
+  // (VH). Their S rows then hold values in the low lanes only, all that the backtrace reads there.
+  // (The lane Viterbi alone, AVX-512, Zen 4, T = 40, K = 17, uniform lengths: 10.6 -> 9.9 us at
+  // B = 32, 6.7 -> 5.4 us at B = 5; the same at B = 256.)
+  const int64_t half_from = g.n > H ? g.len[H] : 0;
+  I poisoned{};  // lanes that read a NaN or +inf emission: !(x < inf)
+  const V inf = splat(kInf);
   for (int64_t t = 0; t < n_steps; ++t) {
     V* cur = S + t * K;
     g.emissions(t, K, e);
+    I finite = e[0] < inf;
+    for (int64_t j = 1; j < K; ++j) finite &= e[j] < inf;
+    poisoned |= g.active(t) & ~finite;
     if (t == 0) {
       for (int64_t j = 0; j < K; ++j) cur[j] = m.start[j] + e[j];
       continue;
     }
-    const V* prev = S + (t - 1) * K;
-    int64_t j = 0;
-    for (; j + kBlock <= K; j += kBlock) max_plus_block<kBlock>(prev, m.transitions, K, j, cur);
-    for (; j + 8 <= K; j += 8) max_plus_block<8>(prev, m.transitions, K, j, cur);
-    for (; j + 4 <= K; j += 4) max_plus_block<4>(prev, m.transitions, K, j, cur);
-    for (; j < K; ++j) max_plus_block<1>(prev, m.transitions, K, j, cur);
-    for (int64_t jj = 0; jj < K; ++jj) cur[jj] += e[jj];
+    if (t < half_from) {
+      max_plus_step<V>(S + (t - 1) * K, m.transitions, e, K, cur);
+    } else {
+      max_plus_step<VH>(S + (t - 1) * K, m.transitions, e, K, cur);
+    }
   }
   // Backtrace, every lane at once from the group's last step down: a lane joins at its own last
   // step with its best final tag, then follows the best predecessor, recomputed from S with the
-  // same sums and strict comparisons as the forward scan (cheaper than storing a backpointer for
-  // every (step, tag)). Ties go to the lowest tag, as in the per-sequence kernel.
+  // same sums as the forward scan (cheaper than storing a backpointer for every (step, tag)).
+  // Ties go to the lowest tag, as in the per-sequence kernel (first_max).
   int32_t lengths[W];
   __builtin_memcpy(lengths, &g.len, sizeof lengths);
   const TransitionRows rows(m);
   // Column j of transitions as a row: the backtrace reads, per lane, the column of its current
   // tag, K contiguous floats: loads and a transpose instead of K gathers (AVX2, Zen 2: the
   // lane Viterbi ~5% faster at B = 256, T = 40, K = 17).
-  for (int64_t i = 0; i < K; ++i) {
-    for (int64_t j = 0; j < K; ++j) columns[j * K + i] = m.transitions[i * K + j];
+  if (!rows.in_registers) {
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t j = 0; j < K; ++j) columns[j * K + i] = m.transitions[i * K + j];
+    }
   }
+  V* candidates = e;  // [K]: the final scores, then the predecessors' scores, of a step
   I arg{};  // current tag per lane (0 until the lane joins: always a valid gather index)
   V score = splat(-kInf);
   for (int64_t t = n_steps - 1; t >= 0; --t) {
     const V* cur = S + t * K;
-    const I joins = g.last(t);
-    V top = splat(-kInf);
-    I top_arg{};
-    for (int64_t j = 0; j < K; ++j) {
-      const V value = cur[j] + m.end[j];
-      const I better = value > top;
-      top = select(better, value, top);
-      top_arg = better ? I{} + static_cast<int32_t>(j) : top_arg;
+    bool any_joins = false;  // lanes come in decreasing length: most steps end none
+    for (int l = 0; l < g.n; ++l) any_joins = any_joins || lengths[l] == t + 1;
+    if (any_joins) {
+      const I joins = g.last(t);
+      for (int64_t j = 0; j < K; ++j) candidates[j] = cur[j] + m.end[j];
+      V top;
+      const I top_arg = first_max<V>(candidates, K, &top);
+      arg = joins ? top_arg : arg;
+      score = select(joins, top, score);
     }
-    arg = joins ? top_arg : arg;
-    score = select(joins, top, score);
-    int32_t args[W];
-    __builtin_memcpy(args, &arg, sizeof args);
-    for (int l = 0; l < g.n; ++l) {
-      if (t < lengths[l]) tags[g.seq[l] * T + t] = args[l];
-    }
+    path[t] = arg;
     if (t == 0) break;
+    // The best predecessor of each lane's tag at t. (Half vectors past half_from gained nothing
+    // here: this part is bound by its chain of dependent operations, not by throughput.)
     const V* prev = S + (t - 1) * K;
-    V best = splat(-kInf);
-    I from{};
-    if (!rows.in_registers) lanes_of_rows(columns, arg * static_cast<int32_t>(K), K, e);
-    for (int64_t i = 0; i < K; ++i) {
-      const V candidate = prev[i] + (rows.in_registers ? transition_to(rows, i, arg) : e[i]);
-      const I better = candidate > best;
-      best = select(better, candidate, best);
-      from = better ? I{} + static_cast<int32_t>(i) : from;
+    if (rows.in_registers) {
+      for (int64_t i = 0; i < K; ++i) candidates[i] = prev[i] + transition_to(rows, i, arg);
+    } else {
+      lanes_of_rows(columns, arg * static_cast<int32_t>(K), K, candidates);
+      for (int64_t i = 0; i < K; ++i) candidates[i] = prev[i] + candidates[i];
     }
+    V best;
+    const I from = first_max<V>(candidates, K, &best);
     arg = g.active(t) ? from : arg;
   }
+  // Each lane's path, one row of tags at a time: stored per step above, a write per (lane, step)
+  // there became two int64 scatters per step (~6% of the kernel, AVX-512, Zen 4).
+  const int32_t* steps = reinterpret_cast<const int32_t*>(path);
   for (int l = 0; l < g.n; ++l) {
     const int64_t b = g.seq[l], L = g.len[l];
-    for (int64_t t = L; t < T; ++t) tags[b * T + t] = -1;
+    int64_t* row = tags + b * T;
+    for (int64_t t = 0; t < L; ++t) row[t] = steps[t * W + l];
+    for (int64_t t = L; t < T; ++t) row[t] = -1;
     scores[b] = L > 0 ? score[l] : 0.0f;
+    if (poisoned[l]) nonfinite[b] = 1;
   }
 }
 

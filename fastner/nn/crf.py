@@ -118,8 +118,8 @@ class CRF(nn.Module):
         tags = self._check_tags(tags, emissions)
         emissions = self._promoted(emissions)
         # In the caller's layout: the op reads either, and no transpose node enters the graph.
-        return ops.crf_log_likelihood(emissions, tags, lengths, *self._scores(emissions),
-                                      reduction, self.batch_first)
+        return ops_crf._log_likelihood_of_tensors(emissions, tags, lengths, *self._scores(emissions),
+                                                  reduction, self.batch_first)
 
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
         """The best tag sequence of each sequence, as lists (torchcrf's decode)."""
@@ -130,7 +130,7 @@ class CRF(nn.Module):
         grad_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            tags, _ = ops.crf_viterbi(emissions_bf, lengths, *self._scores(emissions_bf))
+            tags, _ = ops_crf._viterbi_of_tensors(emissions_bf, lengths, *self._scores(emissions_bf))
         finally:
             torch._C._set_grad_enabled(grad_enabled)
         # crf_viterbi's tags [B, T] and lengths checked by _prepare: valid by construction.
@@ -151,7 +151,7 @@ class CRF(nn.Module):
         with torch.no_grad():
             scores_in = self._scores(emissions_bf)
             if k is None:
-                tags, scores = ops.crf_viterbi(emissions_bf, lengths, *scores_in)
+                tags, scores = ops_crf._viterbi_of_tensors(emissions_bf, lengths, *scores_in)
                 return (tags if self.batch_first else tags.t().contiguous()), scores
             return ops.crf_kbest(emissions_bf, lengths, *scores_in, k)
 
@@ -217,7 +217,7 @@ class CRF(nn.Module):
             B, T = emissions.shape[:2] if self.batch_first else emissions.shape[1::-1]
             return torch.full((B,), T, dtype=torch.long, device=emissions.device)
         _check_beside_emissions("mask", mask, emissions, _MASK_DTYPES, "bool or uint8")
-        return ops.crf_lengths(mask, self.batch_first)
+        return ops_crf._lengths_of_tensor(mask, self.batch_first)
 
     def _check_tags(self, tags: Tensor, emissions: Tensor) -> Tensor:
         """Validate tags' metadata (the ops check their range); return them int64, in the

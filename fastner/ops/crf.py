@@ -53,6 +53,15 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, lengths: Tensor, transit
     emissions: [B, T, K] ([T, B, K] when not batch_first); tags: the same layout without K."""
     validation.tensors("crf_log_likelihood", _WITH_TAGS,
                        (emissions, lengths, transitions, start_transitions, end_transitions, tags))
+    return _log_likelihood_of_tensors(emissions, tags, lengths, transitions, start_transitions,
+                                      end_transitions, reduction, batch_first)
+
+
+def _log_likelihood_of_tensors(emissions: Tensor, tags: Tensor, lengths: Tensor,
+                               transitions: Tensor, start_transitions: Tensor,
+                               end_transitions: Tensor, reduction: str,
+                               batch_first: bool = True) -> Tensor:
+    """crf_log_likelihood for arguments known to be Tensors (CRF.forward, which checked them)."""
     # The op's value kernel is crf_forward's (any device): fused wherever crf_forward is. Its
     # autograd formula is C++ (csrc/cpu/crf_log_likelihood.cpp), reached through the dispatcher.
     if use_fused("crf_forward", emissions.device):
@@ -71,6 +80,13 @@ def crf_viterbi(emissions: Tensor, lengths: Tensor, transitions: Tensor,
     """Best path: tags int64 [B, T] (-1 past each length) and its score [B]."""
     validation.tensors("crf_viterbi", _SCORES,
                        (emissions, lengths, transitions, start_transitions, end_transitions))
+    return _viterbi_of_tensors(emissions, lengths, transitions, start_transitions, end_transitions)
+
+
+def _viterbi_of_tensors(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                        start_transitions: Tensor, end_transitions: Tensor) -> Tuple[Tensor, Tensor]:
+    """crf_viterbi for arguments known to be Tensors (CRF.decode, which checked them): the
+    rest of the checks are the kernel's or the reference's, as for crf_viterbi."""
     if use_fused("crf_viterbi", emissions.device):
         emissions, _ = _dense_off_cpu(emissions)
         return torch.ops.fastner.crf_viterbi.default(emissions, lengths, transitions,
@@ -110,6 +126,11 @@ def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
     """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else
     [T, B]); ValueError when the mask has a gap."""
     validation.tensors("crf_lengths", ("mask",), (mask,))
+    return _lengths_of_tensor(mask, batch_first)
+
+
+def _lengths_of_tensor(mask: Tensor, batch_first: bool) -> Tensor:
+    """crf_lengths for a mask known to be a Tensor (the CRF module checked it)."""
     if use_fused("crf_lengths", mask.device):
         return torch.ops.fastner.crf_lengths.default(mask, batch_first)
     return reference.crf_lengths(mask, batch_first)
@@ -129,16 +150,15 @@ def _tag_lists_of_valid(tags: Tensor, lengths: Tensor) -> List[List[int]]:
     construction (CRF.decode: crf_viterbi's tags, crf_lengths' or the CRF's own lengths). The
     checks read the lengths' values (min and max: two ops and two host reads), a quarter of a
     small batch's whole decode."""
-    if tags.shape[1] == 0:  # T = 0: every row is empty, and an empty tensor has no address
-        return [[] for _ in range(tags.shape[0])]
-    if tags.device.type == "cpu" and extension_loaded():
-        from fastner import _C
-
+    B, T = tags.shape
+    if T == 0:  # every row is empty, and an empty tensor has no address
+        return [[] for _ in range(B)]
+    if tags.is_cpu and extension_loaded():
         # The raw helper reads B rows of up to T entries through the addresses: only with the
         # arguments checked above, from contiguous tensors held alive across the call.
         tags, lengths = tags.contiguous(), lengths.contiguous()
-        return _C._tag_lists_unchecked(tags.data_ptr(), lengths.data_ptr(), tags.shape[0],
-                                       tags.stride(0))
+        return _extension_module()._tag_lists_unchecked(tags.data_ptr(), lengths.data_ptr(), B,
+                                                        tags.stride(0))
     if tags.device.type == "meta":
         raise ValueError("decode returns Python lists, which need values: tensors on the meta "
                          "device hold none (CRF.viterbi gives the tags as a tensor)")
@@ -160,10 +180,23 @@ def _reduce(llh: Tensor, lengths: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"invalid reduction: {reduction!r} (expected one of {REDUCTIONS})")
 
 
+def _extension_module():
+    """fastner._C (loaded: extension_loaded() said so), without an import statement per call."""
+    global _C
+    if _C is None:
+        from fastner import _C as module
+
+        _C = module
+    return _C
+
+
+_C = None
+
+
 def _dense_off_cpu(emissions: Tensor, tags: Optional[Tensor] = None):
     # The CPU kernels read strided (transposed) inputs; other devices' kernels get the
     # contiguous tensors csrc/fastner.cpp's conventions promise.
-    if emissions.device.type == "cpu":
+    if emissions.is_cpu:
         return emissions, tags
     return emissions.contiguous(), None if tags is None else tags.contiguous()
 

@@ -124,6 +124,50 @@ def test_viterbi_matches_reference_on_every_group_shape():
         torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-4)
 
 
+def tied_viterbi_inputs(batch: int, steps: int, num_tags: int, seed: int):
+    """Viterbi inputs of small integer scores (exact float sums, so many exact ties) with about a
+    third of the transitions, one start and one end tag forbidden (-inf); the first sequence also
+    meets a step whose every tag is forbidden (no allowed path: every candidate -inf). Lengths
+    spread over [0, T], so that groups run some steps on half their lanes (crf_lanes_impl.h)."""
+    generator = torch.Generator().manual_seed(seed)
+    def ints(*shape):
+        return torch.randint(-2, 3, shape, generator=generator).float()
+    emissions, transitions, start, end = (ints(batch, steps, num_tags), ints(num_tags, num_tags),
+                                          ints(num_tags), ints(num_tags))
+    forbidden = torch.rand(num_tags, num_tags, generator=generator) < 0.33
+    transitions = transitions.masked_fill(forbidden, float("-inf"))
+    start[0] = end[num_tags - 1] = float("-inf")
+    emissions[0, steps // 2] = float("-inf")
+    lengths = torch.randint(0, steps + 1, (batch,), generator=generator)
+    lengths[0], lengths[-1] = steps, 1
+    return emissions, lengths, transitions, start, end
+
+
+def viterbi_tie_cases():
+    # B = 3..48 (groups of 8 and 16 lanes, partial ones), K = one block, a block and a tail,
+    # past the one-pass tail (30) and past 32 (the backtrace's transposed columns)
+    return [(batch, num_tags) for batch in (3, 8, 9, 16, 17, 33, 48) for num_tags in (5, 17, 30, 40)]
+
+
+def assert_viterbi_ties_agree():
+    """The lane Viterbi against the per-sequence kernel (float64: the same integer sums) and the
+    reference: paths equal, ties to the lowest tag, all-forbidden candidates included."""
+    for case, (batch, num_tags) in enumerate(viterbi_tie_cases()):
+        emissions, lengths, transitions, start, end = tied_viterbi_inputs(batch, 12, num_tags, 700 + case)
+        tags, scores = torch.ops.fastner.crf_viterbi(emissions, lengths, transitions, start, end)
+        exact_tags, exact_scores = torch.ops.fastner.crf_viterbi(
+            emissions.double(), lengths, transitions.double(), start.double(), end.double())
+        want_tags, want_scores = reference.crf_viterbi(emissions, lengths, transitions, start, end)
+        assert torch.equal(tags, exact_tags), (batch, num_tags)
+        assert torch.equal(tags, want_tags), (batch, num_tags)
+        assert torch.equal(scores.double(), exact_scores), (batch, num_tags)
+        assert torch.equal(scores, want_scores), (batch, num_tags)
+
+
+def test_viterbi_ties_follow_the_per_sequence_kernel():
+    assert_viterbi_ties_agree()
+
+
 @pytest.mark.parametrize("threads", [2, 3, 8])
 def test_results_do_not_depend_on_the_thread_count(threads):
     # 53 sequences = 7 groups of 8 lanes (4 of 16): each thread count gives another split of the
@@ -144,7 +188,8 @@ _AVX2_SCRIPT = r"""
 import json, torch, fastner
 from fastner import reference
 from tests.ops.crf.samples import crf_inputs
-from tests.ops.crf.test_crf_lanes import SHAPES, expected_forward_backward, troubled_batch
+from tests.ops.crf.test_crf_lanes import (SHAPES, assert_viterbi_ties_agree, expected_forward_backward,
+                                          troubled_batch)
 torch.manual_seed(3)
 worst = 0.0
 for shape in SHAPES:
@@ -154,6 +199,7 @@ for shape in SHAPES:
     worst = max(worst, max(float((a - e).abs().max()) if a.numel() else 0.0 for a, e in zip(got, want)))
     tags, _ = torch.ops.fastner.crf_viterbi(inputs[0], *inputs[2:])
     assert torch.equal(tags, reference.crf_viterbi(inputs[0], *inputs[2:])[0]), shape
+assert_viterbi_ties_agree()
 inputs = troubled_batch()
 log_z = torch.ops.fastner.crf_forward(*inputs)[0]
 want = reference.crf_forward(*inputs)[0]
