@@ -254,6 +254,14 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
                         help="as `fastner serve --precision`")
     args = parser.parse_args(argv)
+    try:
+        asked = [int(n) for n in args.batch.split(",")]
+    except ValueError:
+        parser.error(f"--batch: comma-separated batch sizes expected, got {args.batch!r}")
+    if any(n < 1 for n in asked):
+        parser.error(f"--batch: batch sizes must be >= 1, got {args.batch!r}")
+    # batch 1 is always measured (the baseline): "--batch 1,16" asks for it once, not twice
+    sizes = [1] + sorted(set(asked) - {1})
 
     from fastner.serve.loadtest import _cpu_name, load_documents
     from fastner.serve.model import predict_documents
@@ -263,19 +271,18 @@ def main(argv=None) -> int:
     tagger = Tagger.load(args.model, device="cpu", precision=args.precision)
     if args.lstm:
         load = os.getloadavg()[0]
-        for row in lstm_against_torch(tagger, [1] + [int(n) for n in args.batch.split(",")]):
+        for row in lstm_against_torch(tagger, sizes):
             print(json.dumps({**row, "load_average": [load, os.getloadavg()[0]], "machine": _cpu_name(),
                               "clock": "thread CPU"}))
         return 0
     documents = load_documents(args.documents)
     if args.overlap:
         load = os.getloadavg()[0]
-        for n in [1] + [int(n) for n in args.batch.split(",")]:
+        for n in sizes:
             print(json.dumps({**overlap(tagger, documents, n, max(4, 480 // n)), "load_average": [load, os.getloadavg()[0]],
                               "machine": _cpu_name(), "clock": "wall seconds"}))
         return 0
     rng = random.Random(0)
-    sizes = [1] + [int(n) for n in args.batch.split(",")]
     clocks = {n: StageClock() for n in sizes}
     counted = {n: 0 for n in sizes}
     for text in documents[:64]:  # warm-up, and the wrappers change nothing

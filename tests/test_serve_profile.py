@@ -33,6 +33,20 @@ def test_profile_runs_every_stage_of_the_served_path(tagger_dir, documents_file,
     assert "| **total** |" in table and "| batch 1 / batch n |" in table
 
 
+def test_batch_one_is_measured_once(tagger_dir, documents_file, capsys, one_thread):
+    # batch 1 is the baseline column: asking for it too ("--batch 1,4") gave two batch-1 columns
+    assert serve_profile.main([tagger_dir, "--documents", documents_file, "--batch", "1,4,4", "--rounds", "1"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| stage |"))
+    assert header == "| stage | batch 1 | batch 4 |"
+
+
+@pytest.mark.parametrize("batch", ["0", "4,x", ""])
+def test_bad_batch_sizes_are_refused(tagger_dir, documents_file, capsys, batch):
+    with pytest.raises(SystemExit) as exit_info:
+        serve_profile.main([tagger_dir, "--documents", documents_file, "--batch", batch])
+    assert exit_info.value.code == 2 and "--batch" in capsys.readouterr().err
+
+
 def test_staged_returns_what_the_server_returns_and_restores_the_path(tagger):
     texts = ["Peter Blackburn met the European Commission in Brussels .", "John Smith works for Acme Corp ."]
     clock = serve_profile.StageClock()
