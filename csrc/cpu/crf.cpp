@@ -101,7 +101,9 @@ void only_path_log_z(const Tensor& emissions, const int64_t* len, const Tensor& 
 // (~0.6 us each, four per training step at NER sizes). All-zero bytes are +0.0.
 Tensor zeroed(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Tensor t = at::empty(sizes, options);
-  std::memset(t.data_ptr(), 0, t.nbytes());
+  // (An empty tensor's data pointer may be null, and memset of a null pointer is undefined
+  // even for 0 bytes: UBSan's fuzz run stops there at B = 0.)
+  if (t.nbytes() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
   return t;
 }
 
@@ -454,7 +456,7 @@ Tensor crf_lengths_cpu(const Tensor& mask, bool batch_first) {
     const uint8_t* row = m + b * stride_b;
     int64_t length = 0;
     bool gap = false;
-    if (stride_t == 1) {  // contiguous rows: memchr and an OR the compiler vectorises
+    if (stride_t == 1 && T > 0) {  // contiguous rows: memchr (never of a null row: T > 0) and an OR the compiler vectorises
       const void* first_zero = std::memchr(row, 0, static_cast<size_t>(T));
       length = first_zero ? static_cast<const uint8_t*>(first_zero) - row : T;
       uint8_t after = 0;
