@@ -451,24 +451,24 @@ def _cached_spans(work: str, start: int, end: int):
             if value is None:
                 return _probed_spans(work, end, words, tail)
             _remember(head_spans, key, value)
-        if value is _WHOLE:
-            spans.append(word.span(1))
-        elif value:
-            first = word.start(1)
-            offsets = iter(value)
-            spans += [(first + a, first + b) for a, b in zip(offsets, offsets)]
-        else:
+        if not _extend(spans, word, value):
             return None
-    return _with_tail(spans, words[tail], tail_value)
+    return spans if _extend(spans, words[tail], tail_value) else None
 
 
-def _with_tail(spans, word, tail_value):
-    if not tail_value:
-        return None
-    first = word.start(1)
-    offsets = iter(tail_value)
-    spans += [(first + a, first + b) for a, b in zip(offsets, offsets)]
-    return spans
+def _extend(spans: List[Tuple[int, int]], word, value) -> bool:
+    """Appends to `spans` a word's (or the tail's) spans from its cache entry `value` (_WHOLE,
+    or flat offsets from the word's first character); False for an entry that sends the piece to
+    nltk whole."""
+    if value is _WHOLE:
+        spans.append(word.span(1))
+    elif value:
+        first = word.start(1)
+        offsets = iter(value)
+        spans += [(first + a, first + b) for a, b in zip(offsets, offsets)]
+    else:
+        return False
+    return True
 
 
 def _probed_spans(work: str, end: int, words, tail: int):
@@ -509,17 +509,11 @@ def _probed_spans(work: str, end: int, words, tail: int):
             if tail_shape:
                 _remember(_TAIL_SPANS, tail_shape, tail_value)
         values = [computed[key] if value is None else value for key, value in zip(keys, values)]
-    spans = []
-    for word, value in zip(words, values):
-        if value is _WHOLE:
-            spans.append(word.span(1))
-        elif value:
-            first = word.start(1)
-            offsets = iter(value)
-            spans += [(first + a, first + b) for a, b in zip(offsets, offsets)]
-        else:
+    spans: List[Tuple[int, int]] = []
+    for word, value in zip(words, values):  # the head words (values holds theirs only)
+        if not _extend(spans, word, value):
             return None
-    return _with_tail(spans, words[tail], tail_value)
+    return spans if _extend(spans, words[tail], tail_value) else None
 
 
 def _remember(cache: dict, key: str, value) -> None:
