@@ -22,20 +22,21 @@ phase() { printf -- '--- %s (%s, +%ds)\n' "$1" "$(date +%T)" "$(( $(date +%s) - 
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
+# Disk: each CUDA torch venv is ~5.5 GB. Building and testing in two venvs at once (the first
+# version of this script) needed 11+ GB free at the peak; stop 30's CI failed mid-compile with
+# no error in its log tail. Now one venv at a time: the build venv is removed before the fresh one
+# is filled (~1 min more, serial), and a failed build prints its compiler errors, disk and memory.
+# (nvcc's temporaries go to $TMPDIR, /tmp by default: its file system is shown too.)
+resources() {
+  df -h "$WORK" "${TMPDIR:-/tmp}" | awk 'NR > 1 {print "disk: " $4 " free of " $2 " on " $6}' | uniq
+  free -g | awk '/^Mem:/ {print "memory: " $7 " GiB available of " $2}'
+}
+resources
 
 phase "build venv: CUDA torch $TORCH_PIN"
 python3 -m venv "$WORK/build-venv"
 "$WORK/build-venv/bin/python" -m pip install -q "torch==$TORCH_PIN" ninja numpy setuptools wheel build
 "$WORK/build-venv/bin/python" -c 'import torch; assert torch.version.cuda, torch.__version__; print("torch", torch.__version__, "CUDA", torch.version.cuda)'
-
-# The fresh venv the wheel goes into, filled while the wheel compiles (unpacking gigabytes is
-# disk work, compiling is CPU work): its torch and the test tools now, the wheel once built.
-phase "fresh venv for the wheel: CUDA torch $TORCH_PIN (in the background)"
-python3 -m venv "$WORK/venv"
-PY="$WORK/venv/bin/python"
-"$PY" -m pip install -q "torch==$TORCH_PIN" numpy pytest pytorch-crf==0.7.2 >"$WORK/venv-install.log" 2>&1 &
-VENV_PID=$!
-trap 'kill "$VENV_PID" 2>/dev/null || true' EXIT
 
 # Build from a copy of the tree: setup.py writes fastner/_build_info.py, and the CUDA one must
 # not replace the CPU build's in the tree the other CI steps test.
@@ -47,7 +48,11 @@ rm -f "$WORK/src/fastner/_build_info.py" "$WORK/src"/fastner/_C*.so
 (cd "$WORK" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="$JOBS" \
   /usr/bin/time -v -o "$WORK/build-time.txt" \
   "$WORK/build-venv/bin/python" -m build --wheel --no-isolation --outdir "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1) \
-  || { tail -n 60 "$WORK/build.log"; echo "CI: the GPU wheel did not build (log: $WORK/build.log)" >&2; exit 1; }
+  || { echo "--- the build's errors (first 40 lines naming one):"
+         grep -E -i -m 40 'error|FAILED:|Killed|No space|fatal|terminated' "$WORK/build.log" | grep -v '^WARNING: Location' || true
+         echo "--- its last 25 lines:"; tail -n 25 "$WORK/build.log"
+         resources; cat "$WORK/build-time.txt" 2>/dev/null | grep -E 'Maximum resident|Exit status|Elapsed' || true
+         echo "CI: the GPU wheel did not build (log: $WORK/build.log)" >&2; exit 1; }
 grep '^fastner: CUDA build' "$WORK/build.log" | head -n 1
 grep -E 'Maximum resident|Elapsed' "$WORK/build-time.txt"
 
@@ -76,8 +81,12 @@ assert "RPATH" not in dynamic and "RUNPATH" not in dynamic, dynamic
 print(f"{wheel.name}: {wheel.stat().st_size / 1e6:.1f} MB; NEEDED {' '.join(needed)}; no RPATH/RUNPATH")
 EOF
 
-phase "fresh venv: wait for its torch, then install the wheel"
-wait "$VENV_PID" || { grep -v '^WARNING: Location' "$WORK/venv-install.log" | tail -n 30; echo "CI: the fresh venv's install failed" >&2; exit 1; }
+phase "fresh venv: CUDA torch $TORCH_PIN and the wheel (the build venv removed first: disk)"
+rm -rf "$WORK/build-venv"
+python3 -m venv "$WORK/venv"
+PY="$WORK/venv/bin/python"
+"$PY" -m pip install -q "torch==$TORCH_PIN" numpy pytest pytorch-crf==0.7.2 >"$WORK/venv-install.log" 2>&1 \
+  || { grep -v '^WARNING: Location' "$WORK/venv-install.log" | tail -n 30; resources; echo "CI: the fresh venv's install failed" >&2; exit 1; }
 # pip checks the wheel's own requirements (torch, numpy) against its metadata.
 "$PY" -m pip install -q "$WORK"/dist/fastner-*.whl "torch==$TORCH_PIN"
 "$PY" -m pip check
