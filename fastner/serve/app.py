@@ -27,8 +27,10 @@ from fastner.serve import model as model_adapter
 from fastner.serve.batcher import Batcher, QueueFull, ShuttingDown
 from fastner.serve.config import ServeConfig
 from fastner.serve.deadlines import Deadlines
+from fastner.serve.fastpath import ENTITIES_PATH, EntitiesFastPath
 from fastner.serve.jsonbody import DuplicateKeys, JSONRoute, duplicate_problems
-from fastner.serve.problems import CLIENT_CLOSED, client_closed_body, problem_body, problems_body
+from fastner.serve.problems import (CLIENT_CLOSED, FieldError, client_closed_body, field_response, problem_body,
+                                    problems_body)
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 from fastner.serve.shutdown import AnswerCancelled
@@ -97,6 +99,15 @@ def request_model(max_documents: int):
         List[Union[str, DocumentIn]], Field(..., min_length=1, max_length=max_documents, description=DOCUMENTS_DESCRIPTION)))
 
 
+def request_documents(request: EntitiesRequest):
+    """A validated request's (ids, texts, objects): objects[n] is True where document n was an
+    {"id", "text"} object (None its id when it was a string)."""
+    objects = [not isinstance(document, str) for document in request.documents]
+    ids = [document.id if is_object else None for document, is_object in zip(request.documents, objects)]
+    texts = [document.text if is_object else document for document, is_object in zip(request.documents, objects)]
+    return ids, texts, objects
+
+
 def annotate(**annotations):
     """Set a function's parameter annotations (what FastAPI reads to parse a request) to objects
     made at run time: under `from __future__ import annotations` FastAPI would look a written
@@ -105,18 +116,6 @@ def annotate(**annotations):
         function.__annotations__.update(annotations)
         return function
     return apply
-
-
-class FieldError(Exception):
-    """A request that parses but asks for something the server does not serve: 422 naming it."""
-
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(message)
-        self.field, self.message, self.status = field, message, status
-
-
-def field_response(error: FieldError) -> JSONResponse:
-    return JSONResponse(status_code=error.status, content=problem_body(error.field, error.message, "limit"))
 
 
 _UNION_TAGS = ("str", "int", "DocumentIn")  # pydantic names the union member tried in `loc`
@@ -384,29 +383,19 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    # The answer is serialized directly (the records are built by fastner.serve.model, not from
-    # user input): re-validating every entity through the response model measured a large share
-    # of a small request's server time. EntitiesResponse still documents it in /docs.
-    @app.post("/v1/entities", response_class=Response,
-              responses={200: {"model": EntitiesResponse, "description": "per document, in order: its entities"},
-                         408: {"description": "the body stopped arriving (--body-timeout-s)"},
-                         413: {"description": "body, documents, a document or the request's tokens over the limit"},
-                         422: {"description": "malformed JSON or a wrong field (named in `field`)"},
-                         503: {"description": "queue full or shutting down (Retry-After)"}})
-    @annotate(request=request_model(config.max_documents))
-    async def entities(request: EntitiesRequest, http: Request):
-        """Entities with character offsets for each document, in the order given."""
-        if request.nbest > model_adapter.MAX_NBEST:
-            raise FieldError("nbest", f"this server gives at most {model_adapter.MAX_NBEST} analyses, got {request.nbest}")
-        ids, texts = [], []
-        for document in request.documents:
-            ids.append(None if isinstance(document, str) else document.id)
-            texts.append(document if isinstance(document, str) else document.text)
+    async def answer_entities(ids: list, texts: List[str], objects: List[bool], nbest: int, receive) -> Response:
+        """POST /v1/entities once its body is validated, whichever way it came (the FastAPI
+        route below, or fastner.serve.fastpath for the common well-formed body): the limits a
+        schema cannot say (FieldError: 422 or 413 naming the field), the queue, the wait for the
+        model worker (watching for the client's disconnect with `receive`), the answer.
+        `objects[n]`: document n was an {"id", "text"} object (its field is documents.n.text)."""
+        if nbest > model_adapter.MAX_NBEST:
+            raise FieldError("nbest", f"this server gives at most {model_adapter.MAX_NBEST} analyses, got {nbest}")
         tokens = 0
         for number, text in enumerate(texts):
             count = model_adapter.count_tokens(text)
             if count > config.max_document_tokens:
-                field = f"documents.{number}" + ("" if isinstance(request.documents[number], str) else ".text")
+                field = f"documents.{number}" + (".text" if objects[number] else "")
                 raise FieldError(field, f"{count} tokens; at most {config.max_document_tokens} a document "
                                         "(split it, or start the server with a larger --max-document-tokens)", status=413)
             tokens += count
@@ -415,23 +404,41 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
                                           "a request (split it, or start the server with a larger --max-request-tokens)",
                              status=413)
         try:
-            future = batcher.submit(texts, tokens, request.nbest)
+            future = batcher.submit(texts, tokens, nbest)
         except (QueueFull, ShuttingDown) as err:
             kind = "queue_full" if isinstance(err, QueueFull) else "shutting_down"
             return JSONResponse(status_code=503, content=problem_body("request", str(err), kind),
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         try:
-            results = await watch.result(future, http.receive)
+            results = await watch.result(future, receive)
         except ClientClosed:
             return JSONResponse(status_code=CLIENT_CLOSED, content=client_closed_body())
         except Exception as err:  # noqa: BLE001 - logged by the worker; the client gets JSON
             return JSONResponse(status_code=500, content=problem_body(
                 "request", f"the model call failed: {type(err).__name__}: {err}", "model_failed"))
+        # The answer is serialized directly (the records are built by fastner.serve.model, not
+        # from user input): re-validating every entity through the response model measured a
+        # large share of a small request's server time. EntitiesResponse still documents it in
+        # /docs. ASCII with escapes: a lone surrogate sent as "\ud800" comes back escaped, not as
+        # bytes UTF-8 cannot encode.
         documents = [result if doc_id is None else {"id": doc_id, **result} for doc_id, result in zip(ids, results)]
-        # ASCII with escapes: a lone surrogate sent as "\ud800" comes back escaped, not as bytes
-        # UTF-8 cannot encode
         return Response(json.dumps({"documents": documents}).encode("ascii"), media_type="application/json")
 
+    @app.post(ENTITIES_PATH, response_class=Response,
+              responses={200: {"model": EntitiesResponse, "description": "per document, in order: its entities"},
+                         408: {"description": "the body stopped arriving (--body-timeout-s)"},
+                         413: {"description": "body, documents, a document or the request's tokens over the limit"},
+                         422: {"description": "malformed JSON or a wrong field (named in `field`)"},
+                         503: {"description": "queue full or shutting down (Retry-After)"}})
+    @annotate(request=request_model(config.max_documents))
+    async def entities(request: EntitiesRequest, http: Request):
+        """Entities with character offsets for each document, in the order given."""
+        return await answer_entities(*request_documents(request), request.nbest, http.receive)
+
+    # innermost of the app's own middlewares: inside the body limit, so it reads the body as the
+    # route would, through BodyLimit's counting receive
+    route = next(r for r in app.routes if getattr(r, "path", None) == ENTITIES_PATH and "POST" in r.methods)
+    app.add_middleware(EntitiesFastPath, route=route, max_documents=config.max_documents, answer=answer_entities)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(AnswerCancelled, retry_after=RETRY_AFTER_SECONDS)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees the 413s and the 503s at shutdown too

@@ -5,8 +5,9 @@ the model's limits, validation) or whatever kept the server from answering it (a
 shutdown, a failed model call)."""
 from __future__ import annotations
 
-import json
 from typing import List
+
+from starlette.responses import JSONResponse
 
 
 def problems_body(problems: List[dict]) -> dict:
@@ -20,6 +21,18 @@ def problem_body(field: str, message: str, kind: str) -> dict:
     return problems_body([{"field": field, "message": message, "type": kind}])
 
 
+class FieldError(Exception):
+    """A request that parses but asks for something the server does not serve: 422 naming it."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.field, self.message, self.status = field, message, status
+
+
+def field_response(error: FieldError) -> JSONResponse:
+    return JSONResponse(status_code=error.status, content=problem_body(error.field, error.message, "limit"))
+
+
 # nginx's "client closed request": the status /metrics counts for a request whose client left
 # before its answer (the answer itself reaches nobody)
 CLIENT_CLOSED = 499
@@ -30,8 +43,9 @@ def client_closed_body() -> dict:
 
 
 async def send_json(send, status: int, body: dict, headers: dict = None) -> None:
-    """Answer `body` from an ASGI middleware (outside the app's own responses)."""
-    payload = json.dumps(body).encode()
+    """Answer `body` from an ASGI middleware (outside the app's own responses), in the bytes the
+    app's JSONResponse would send (a refused body reads the same whichever layer refused it)."""
+    payload = JSONResponse(body).body
     extra = [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + extra})
