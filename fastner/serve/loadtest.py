@@ -315,13 +315,13 @@ def _cpu_per_document(cpu_seconds: float, documents: int) -> dict:
     return {"cpu_ms_per_doc": round(1000 * cpu_seconds / documents, 3) if documents else None}
 
 
-def latency_run(model: str, workload: Workload, capacity_tokens: float, seconds: float) -> dict:
+def latency_run(model: str, workload: Workload, capacity_tokens: float, seconds: float, extra: Sequence[str] = ()) -> dict:
     """One ~30-token sentence a request at half of the measured capacity (batching on, 1 thread).
     Capacity is counted in tokens/s: a 30-token sentence is about twice the mean document."""
     indices = [i for i, n in enumerate(workload.tokens) if 28 <= n <= 32] or \
               sorted(range(len(workload.tokens)), key=lambda i: abs(workload.tokens[i] - 30))[:20]
     rate = max(1.0, capacity_tokens / 2 / statistics.mean(workload.tokens[i] for i in indices))
-    with ServerProcess(model, ["--threads", "1"]) as server:
+    with ServerProcess(model, ["--threads", "1", *extra]) as server:
         asyncio.run(open_loop(workload, server.port, indices, rate, min(2.0, seconds / 4)))
         outcome = asyncio.run(open_loop(workload, server.port, indices, rate, seconds))
     result = outcome.summary()
@@ -331,9 +331,10 @@ def latency_run(model: str, workload: Workload, capacity_tokens: float, seconds:
     return result
 
 
-def overload_run(model: str, workload: Workload, clients: int, seconds: float, max_queue: int) -> dict:
+def overload_run(model: str, workload: Workload, clients: int, seconds: float, max_queue: int,
+                 extra: Sequence[str] = ()) -> dict:
     """More clients than the queue holds: the excess must be answered 503, nothing else."""
-    with ServerProcess(model, ["--threads", "1", "--max-queue", str(max_queue)]) as server:
+    with ServerProcess(model, ["--threads", "1", "--max-queue", str(max_queue), *extra]) as server:
         outcome = asyncio.run(closed_loop(workload, server.port, clients, seconds))
         exit_code = server.stop()
     result = outcome.summary()
@@ -342,10 +343,11 @@ def overload_run(model: str, workload: Workload, clients: int, seconds: float, m
     return result
 
 
-def soak_run(model: str, workload: Workload, clients: int, seconds: float, sample_every: float = 10.0) -> dict:
+def soak_run(model: str, workload: Workload, clients: int, seconds: float, sample_every: float = 10.0,
+             extra: Sequence[str] = ()) -> dict:
     """A long closed-loop run sampling the server's resident memory."""
     samples: List[Tuple[float, int]] = []
-    with ServerProcess(model, ["--threads", "1"]) as server:
+    with ServerProcess(model, ["--threads", "1", *extra]) as server:
         async def sampler(started: float) -> None:
             while time.perf_counter() - started < seconds:
                 samples.append((round(time.perf_counter() - started, 1), server.rss_bytes()))
@@ -405,11 +407,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="skip the throughput runs: the latency run takes half of this many tokens/s")
     parser.add_argument("--soak", type=float, default=0.0, help="only a soak run of this many seconds (memory)")
     parser.add_argument("--soak-clients", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="every server's --max-wait-ms (default: fastner serve's own)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 3600 or args.soak > 4 * 3600 \
             or not 1 <= args.rounds <= 20:
         parser.error("--clients must be in 1..1024, --seconds in (0, 3600], --soak at most 4 hours, --rounds in 1..20")
+    if args.max_wait_ms is not None and args.max_wait_ms < 0:
+        parser.error("--max-wait-ms must be >= 0")
+    extra = [] if args.max_wait_ms is None else ["--max-wait-ms", f"{args.max_wait_ms:g}"]
 
     import torch
 
@@ -432,21 +439,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(result), file=sys.stderr, flush=True)
 
     if args.soak:
-        report(soak_run(args.model, workload, args.soak_clients, args.soak))
+        report(soak_run(args.model, workload, args.soak_clients, args.soak, extra=extra))
     else:
         capacity = args.capacity_tokens
         if capacity is None:
             for _ in range(args.rounds):
                 for threads in [int(t) for t in args.threads.split(",")]:
-                    batched = serve_run(args.model, workload, args.clients, args.seconds, threads, batching=True)
+                    batched = serve_run(args.model, workload, args.clients, args.seconds, threads, batching=True,
+                                        extra=extra)
                     report(batched)
-                    report(serve_run(args.model, workload, args.clients, args.seconds, threads, batching=False))
+                    report(serve_run(args.model, workload, args.clients, args.seconds, threads, batching=False,
+                                     extra=extra))
                     report(direct_run(tagger, workload, max(1, round(batched["mean_batch_documents"])), args.seconds,
                                       threads))
                     report(direct_run(tagger, workload, 1, args.seconds, threads))
             capacity = results[0]["tokens_per_s"]
-        report(latency_run(args.model, workload, capacity, args.seconds))
-        report(overload_run(args.model, workload, args.overload_clients, args.seconds, args.overload_queue))
+        report(latency_run(args.model, workload, capacity, args.seconds, extra=extra))
+        report(overload_run(args.model, workload, args.overload_clients, args.seconds, args.overload_queue,
+                            extra=extra))
     print(table(results))
     failures = [r["scenario"] for r in results
                 if r.get("mismatched") or r.get("timeouts") or r.get("connection_errors") or r.get("missing_retry_after")
