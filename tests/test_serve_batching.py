@@ -2,7 +2,6 @@
 and the Batcher's queue (order, token budget, nbest groups, max queue, jobs whose request is gone)."""
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -47,24 +46,8 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_results(tagger)
     budget = sum(model_adapter.count_tokens(t) for t in texts)
     # the batch closes when the budget is reached, not on a clock: one call for all 24
     _, calls = _concurrent_requests(tagger, ServeConfig(max_batch_tokens=budget, max_document_tokens=64,
-                                                        preferred_batch_tokens=budget, max_wait_ms=60_000), count)
+                                                        max_wait_ms=60_000), count)
     assert calls == 1
-
-
-def test_a_batch_stops_waiting_once_it_holds_the_preferred_tokens():
-    # a minute's max_wait, but the queue reaches the preferred size: the batch starts at once
-    # with what is queued, up to the budget (not only the preferred size)
-    jobs = [(["a"], 3, 1), (["b"], 3, 1), (["c"], 3, 1)]
-    started = time.monotonic()
-    _, calls = _job_batches(jobs, max_batch_tokens=100, max_wait_ms=60_000, preferred_batch_tokens=6)
-    assert [texts for texts, _ in calls] == [["a", "b", "c"]]
-    assert time.monotonic() - started < 30  # not the minute's wait
-    # below it, the wait goes on until its end (here 50 ms) and then runs what came
-    started = time.monotonic()
-    _, calls = _job_batches(jobs[:2], max_batch_tokens=100, max_wait_ms=50, preferred_batch_tokens=9)
-    assert [texts for texts, _ in calls] == [["a", "b"]] and time.monotonic() - started >= 0.05
-    with pytest.raises(ValueError, match="preferred_batch_tokens"):
-        Batcher(lambda t, n: t, preferred_batch_tokens=0)
 
 
 def test_without_batching_every_request_is_its_own_model_call(tagger):
@@ -75,8 +58,7 @@ def test_without_batching_every_request_is_its_own_model_call(tagger):
 def test_mixed_nbest_requests_and_gone_clients_each_get_their_own_result(tagger):
     # requests asking for different nbest share the queue (they need separate model calls), and
     # clients that give up mid-request (their handler cancelled) must not disturb the others' batches
-    # the batch waits its 20 ms whatever it holds (not only until the preferred size)
-    app = create_app(tagger, ServeConfig(max_wait_ms=20, preferred_batch_tokens=4096))
+    app = create_app(tagger, ServeConfig(max_wait_ms=20))
     requests = [([f"{DOCUMENTS[i % 3]} Item {i}."] * (1 + i % 2), (1, 2, 1, 3)[i % 4]) for i in range(16)]
 
     async def interact(client):

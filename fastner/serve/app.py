@@ -269,8 +269,7 @@ def model_info(tagger, config: ServeConfig) -> dict:
         "python": platform.python_version(),
         "max_nbest": model_adapter.MAX_NBEST,
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
-                     "max_wait_ms": config.max_wait_ms, "preferred_batch_tokens": config.preferred_batch_tokens,
-                     "max_queue": config.max_queue, "threads": config.threads},
+                     "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
         "limits": {"max_body_bytes": config.max_body_bytes, "body_timeout_s": config.body_timeout_s,
                    "header_timeout_s": config.header_timeout_s,
                    "max_documents": config.max_documents, "max_document_tokens": config.max_document_tokens,
@@ -286,7 +285,6 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
     state = {"ready": False}
     batcher = Batcher(lambda texts, nbest: model_adapter.predict_documents(tagger, texts, nbest),
                       max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms,
-                      preferred_batch_tokens=config.preferred_batch_tokens,
                       max_queue=config.max_queue, threads=config.threads, batching=config.batching)
     metrics = ServerMetrics(lambda: batcher.queue_depth)
     watch = DisconnectWatch()

@@ -7,16 +7,6 @@ job, then keeps adding queued jobs in arrival order while the batch stays within
 `max_batch_tokens`, waiting up to `max_wait_ms` from the oldest job's arrival for more to come.
 A job bigger than the budget runs alone. With `batching=False` every model call takes one job:
 the one-request-at-a-time baseline the load test compares against.
-
-The wait also ends once the queue holds `preferred_batch_tokens` (Triton's "preferred batch
-size"): under a closed loop of C clients the wait otherwise outlasts the event loop's turnaround
-of the last batch's answers, all C requests gather into one batch, and the model thread idles
-through every turnaround (AMD EPYC Zen 4, 32 clients, 5 ms: 0.68 of the time busy). Starting at
-about half of them splits the clients into two halves that alternate, one batch computing while
-the other half's answers and next requests go through the loop. At moderate open-loop rates a
-batch never reaches it within max_wait, so the wait still gathers requests there (a lower
-max_wait instead made those batches smaller, and the tail latency rose: README, "what
---max-wait-ms trades").
 """
 from __future__ import annotations
 
@@ -85,12 +75,10 @@ OnBatch = Callable[[int, int, float], None]
 
 class Batcher:
     def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int = 4096, max_wait_ms: float = 5.0,
-                 preferred_batch_tokens: Optional[int] = None, max_queue: int = 256, threads: int = 1,
-                 batching: bool = True, on_batch: Optional[OnBatch] = None):
+                 max_queue: int = 256, threads: int = 1, batching: bool = True,
+                 on_batch: Optional[OnBatch] = None):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        if preferred_batch_tokens is not None and preferred_batch_tokens < 1:
-            raise ValueError(f"preferred_batch_tokens must be >= 1, got {preferred_batch_tokens}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if max_queue < 1:
@@ -99,8 +87,6 @@ class Batcher:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.run_batch = run_batch
         self.max_batch_tokens = max_batch_tokens
-        # the queued tokens that end a batch's wait (None: only a full batch does)
-        self.start_tokens = min(preferred_batch_tokens or max_batch_tokens, max_batch_tokens)
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.threads = threads
@@ -177,7 +163,7 @@ class Batcher:
                 self._condition.wait()
             if self.batching and self._queue[0].wait:
                 deadline = self._queue[0].enqueued + self.max_wait
-                while not self._stopping and self._queued_tokens < self.start_tokens:
+                while not self._stopping and self._queued_tokens < self.max_batch_tokens:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

@@ -12,9 +12,6 @@ MAX_TIMEOUT_S = 600.0  # ten minutes without a byte: no live client is that sile
 class ServeConfig:
     max_batch_tokens: int = 4096  # tokens per model call
     max_wait_ms: float = 5.0  # longest a queued request waits for others to join its batch
-    # a batch stops waiting for others to join once it holds this many tokens (it still takes up
-    # to max_batch_tokens of what is queued): see fastner.serve.batcher for why
-    preferred_batch_tokens: int = 256
     max_queue: int = 256  # queued requests; one more is answered 503
     threads: int = 1  # torch intra-op threads of the model worker
     batching: bool = True  # False: one request per model call (the baseline)
@@ -36,8 +33,8 @@ class ServeConfig:
     precision: str = "fp32"  # one of PRECISIONS (or an alias of one)
 
     def __post_init__(self):
-        for name in ("max_batch_tokens", "preferred_batch_tokens", "max_queue", "threads", "max_body_bytes",
-                     "max_documents", "max_document_tokens", "max_request_tokens"):
+        for name in ("max_batch_tokens", "max_queue", "threads", "max_body_bytes", "max_documents",
+                     "max_document_tokens", "max_request_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.max_wait_ms) and 0 <= self.max_wait_ms <= MAX_WAIT_MS):

@@ -409,8 +409,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--soak-clients", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=None,
                         help="every server's --max-wait-ms (default: fastner serve's own)")
-    parser.add_argument("--preferred-batch-tokens", type=int, default=None,
-                        help="every server's --preferred-batch-tokens (default: fastner serve's own)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 3600 or args.soak > 4 * 3600 \
@@ -418,10 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--clients must be in 1..1024, --seconds in (0, 3600], --soak at most 4 hours, --rounds in 1..20")
     if args.max_wait_ms is not None and args.max_wait_ms < 0:
         parser.error("--max-wait-ms must be >= 0")
-    if args.preferred_batch_tokens is not None and args.preferred_batch_tokens < 1:
-        parser.error("--preferred-batch-tokens must be >= 1")
-    extra = ([] if args.max_wait_ms is None else ["--max-wait-ms", f"{args.max_wait_ms:g}"]) + \
-            ([] if args.preferred_batch_tokens is None else ["--preferred-batch-tokens", str(args.preferred_batch_tokens)])
+    extra = [] if args.max_wait_ms is None else ["--max-wait-ms", f"{args.max_wait_ms:g}"]
 
     import torch
 

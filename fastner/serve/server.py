@@ -38,9 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per model call (default {defaults.max_batch_tokens})")
     parser.add_argument("--max-wait-ms", type=_float_in(0, MAX_WAIT_MS), default=defaults.max_wait_ms,
                         help=f"longest a request waits for others to share its model call (default {defaults.max_wait_ms:g})")
-    parser.add_argument("--preferred-batch-tokens", type=COUNT, default=defaults.preferred_batch_tokens,
-                        help="a batch stops waiting for more requests once it holds this many tokens, and still "
-                             f"takes up to --max-batch-tokens of what is queued (default {defaults.preferred_batch_tokens})")
     parser.add_argument("--max-queue", type=COUNT, default=defaults.max_queue,
                         help=f"queued requests before answering 503 (default {defaults.max_queue})")
     parser.add_argument("--no-batching", action="store_true", help="one request per model call (a baseline)")
@@ -85,8 +82,7 @@ def run(args) -> int:
     # costs nothing measurable (CPU per document unchanged) and keeps memory flat. Read by oneDNN
     # at its first primitive, i.e. after this line: the model has not run yet.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
-    config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                         preferred_batch_tokens=args.preferred_batch_tokens, max_queue=args.max_queue,
+    config = ServeConfig(max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                          threads=args.threads, batching=not args.no_batching, max_body_bytes=args.max_body_bytes,
                          body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
                          max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
