@@ -142,15 +142,17 @@ def use_fused(op: str, device: Union[torch.device, str]) -> bool:
     The dispatcher query is opaque to Dynamo, so under torch.compile the answer is taken once,
     at trace time, and becomes a constant of the compiled graph.
     """
-    if isinstance(device, str):
-        device_type = device
-    else:
-        device_type = _device_types.get(device)
-        if device_type is None:
-            device_type = _device_types[device] = device.type
-    return not forced_reference() and has_kernel(op, device_type)
+    # Every op call asks, so the common case is a handful of operations: FASTNER_BACKEND unset
+    # (forced_reference's first test, here without its two calls) and one dict lookup.
+    data = getattr(os.environ, "_data", None)
+    if (not isinstance(data, dict) or _ENV_KEY in data) and forced_reference():
+        return False
+    known = _fused.get((op, device))
+    if known is None:
+        # device.type builds a new string each time: asked once per (op, device).
+        known = _fused[(op, device)] = has_kernel(op, device if isinstance(device, str) else device.type)
+    return known
 
 
-# torch.device -> its type: reading device.type builds a new string each time (~0.2 us, a third
-# of this function's cost), and every op call asks. A process meets a handful of devices.
-_device_types: Dict[torch.device, str] = {}
+# (op, device or device type) -> has_kernel's answer; a process meets a handful of devices.
+_fused: Dict[Tuple[str, Union[torch.device, str]], bool] = {}

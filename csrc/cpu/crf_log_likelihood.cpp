@@ -128,12 +128,13 @@ bool ordinary_cpu(const Tensor& t) {
   return rest == c10::DispatchKeySet(c10::DispatchKey::CPU);
 }
 
-// x * factor (a one-element tensor: d out / d total) for a saved fused gradient: a multiply loop
-// into a tensor of x's layout for the dense float / double CPU tensors the kernel made, the
-// operator otherwise. The same floats either way (factor cast to x's dtype, one multiply each).
-// It replaced four `x * factor` (a dispatch and a TensorIterator each: ~5 us of a B=32 training
-// step). x itself stays as saved: a retained graph's next backward must give the same values.
-Tensor scaled_copy(const Tensor& x, const Tensor& factor) {
+// x * factor (a one-element tensor: d out / d total) for a fused gradient that backward owns (no
+// one else holds x): a multiply loop in place for the dense float / double CPU tensors the kernel
+// made, the operator otherwise. The same floats either way (factor cast to x's dtype, one
+// multiply each). It replaced four `x * factor` (a dispatch and a TensorIterator each: ~5 us of a
+// B=32 training step), then a copy per gradient into a fresh tensor (the multiply in place
+// saves the four allocations and a second pass over [B, T, K] floats).
+Tensor scaled_in_place(Tensor x, const Tensor& factor) {
   const auto dtype = x.scalar_type();
   if (!ordinary_cpu(x) || !ordinary_cpu(factor) || factor.numel() != 1 ||
       !x.is_non_overlapping_and_dense() || (dtype != at::kFloat && dtype != at::kDouble)) {
@@ -143,16 +144,24 @@ Tensor scaled_copy(const Tensor& x, const Tensor& factor) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, factor.scalar_type(), "crf_scale_factor", [&] {
     f = static_cast<double>(*factor.const_data_ptr<scalar_t>());
   });
-  Tensor out = at::empty_like(x);  // dense like x: the same strides, so the same memory order
   AT_DISPATCH_FLOATING_TYPES(dtype, "crf_scale_gradient", [&] {
     const scalar_t by = static_cast<scalar_t>(f);
     // dense: numel elements in one run from the lowest address
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    scalar_t* to = out.data_ptr<scalar_t>();
+    scalar_t* values = x.data_ptr<scalar_t>();
     const int64_t n = x.numel();
-    for (int64_t i = 0; i < n; ++i) to[i] = in[i] * by;
+    for (int64_t i = 0; i < n; ++i) values[i] *= by;
   });
-  return out;
+  return x;
+}
+
+// The saved fused gradient `key`, taken out of ctx (an undefined tensor when an earlier backward
+// through a retained graph took it).
+Tensor take_saved(AutogradContext* ctx, const char* key) {
+  const auto found = ctx->saved_data.find(key);
+  if (found == ctx->saved_data.end() || !found->second.isTensor()) return Tensor();
+  Tensor x = std::move(found->second).toTensor();
+  found->second = c10::IValue();
+  return x;
 }
 
 // The argument order of apply() is the schema's, so backward returns one entry per argument.
@@ -184,7 +193,8 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
           forward_backward_op().call(em, tg, lengths, transitions, start, end);
       if (!batch_first) grad_emissions = grad_emissions.transpose(0, 1);
       // Results of this call, neither inputs nor outputs: kept as they are (save_for_backward's
-      // version checks guard tensors a caller could modify; nobody else holds these).
+      // version checks guard tensors a caller could modify; nobody else holds these, so the
+      // backward that takes them may scale them in place).
       ctx->saved_data["grad_emissions"] = grad_emissions;
       ctx->saved_data["grad_transitions"] = grad_transitions;
       ctx->saved_data["grad_start"] = grad_start;
@@ -237,10 +247,27 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     // d out / d total for a reduced likelihood (total = sum_b llh_b).
     const Tensor factor = how == Reduction::None ? Tensor() : scaled(how, grad, B, tokens);
     if (ctx->saved_data["fused"].toBool()) {
-      out[0] = scaled_copy(ctx->saved_data["grad_emissions"].toTensor(), factor);
-      out[3] = scaled_copy(ctx->saved_data["grad_transitions"].toTensor(), factor);
-      out[4] = scaled_copy(ctx->saved_data["grad_start"].toTensor(), factor);
-      out[5] = scaled_copy(ctx->saved_data["grad_end"].toTensor(), factor);
+      // The first backward owns the forward pass's gradients and scales them in place; a later
+      // one (through a retained graph) finds them taken and recomputes them with the same kernel
+      // on the same inputs: the same floats (the lane and exact kernels are deterministic and do
+      // not depend on the thread count).
+      Tensor grad_emissions = take_saved(ctx, "grad_emissions");
+      Tensor grad_transitions = take_saved(ctx, "grad_transitions");
+      Tensor grad_start = take_saved(ctx, "grad_start");
+      Tensor grad_end = take_saved(ctx, "grad_end");
+      if (!grad_emissions.defined()) {
+        const variable_list saved = ctx->get_saved_variables();
+        const Tensor em = batch_first ? saved[0] : saved[0].transpose(0, 1);
+        const Tensor tg = batch_first ? saved[1] : saved[1].transpose(0, 1);
+        Tensor total;
+        std::tie(total, grad_emissions, grad_transitions, grad_start, grad_end) =
+            forward_backward_op().call(em, tg, saved[2], saved[3], saved[4], saved[5]);
+        if (!batch_first) grad_emissions = grad_emissions.transpose(0, 1);
+      }
+      out[0] = scaled_in_place(std::move(grad_emissions), factor);
+      out[3] = scaled_in_place(std::move(grad_transitions), factor);
+      out[4] = scaled_in_place(std::move(grad_start), factor);
+      out[5] = scaled_in_place(std::move(grad_end), factor);
       return out;
     }
     const variable_list saved = ctx->get_saved_variables();

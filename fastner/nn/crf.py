@@ -127,12 +127,15 @@ class CRF(nn.Module):
         # Gradient mode off for the call, as torch.no_grad() does, without its Python context
         # manager (~4 us, a twentieth of a small batch's decode). decode returns lists: it is
         # never traced, so the private switch meets no compiler.
+        # (Already off under torch.no_grad / inference_mode: then no switch at all.)
         grad_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
+        if grad_enabled:
+            torch._C._set_grad_enabled(False)
         try:
             tags, _ = ops_crf._viterbi_of_tensors(emissions_bf, lengths, *self._scores(emissions_bf))
         finally:
-            torch._C._set_grad_enabled(grad_enabled)
+            if grad_enabled:
+                torch._C._set_grad_enabled(True)
         # crf_viterbi's tags [B, T] and lengths checked by _prepare: valid by construction.
         return ops_crf._tag_lists_of_valid(tags, lengths)
 

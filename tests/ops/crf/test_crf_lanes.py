@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastner
+import fastner.nn
 import fastner.ops  # noqa: F401  (fake kernels)
 from fastner import reference
 from tests import testing
@@ -184,11 +185,99 @@ def test_results_do_not_depend_on_the_thread_count(threads):
         assert torch.equal(a, b)
 
 
+def half_width_batch(lengths, steps: int, num_tags: int, seed: int):
+    """Inputs of len(lengths) sequences with these lengths (crf_inputs' scores)."""
+    testing.reseed(seed)
+    emissions, tags, _, transitions, start, end = crf_inputs(len(lengths), steps, num_tags)
+    return emissions, tags, torch.tensor(lengths, dtype=torch.long), transitions, start, end
+
+
+def per_sequence_results(emissions, tags, lengths, transitions, start, end):
+    """What each sequence gets on its own from the lane kernels: log Z (crf_forward), its rows of
+    the training step's emission gradient (crf_forward_backward) and of the marginals."""
+    log_z, _ = torch.ops.fastner.crf_forward(emissions, None, lengths, transitions, start, end)
+    grad = fb(emissions, tags, lengths, transitions, start, end)[1]
+    marginals = torch.ops.fastner.crf_marginals(emissions, lengths, transitions, start, end)
+    return log_z, grad, marginals
+
+
+def assert_half_width_steps_change_no_bits():
+    """Once the upper half of a 16-lane group is past its lengths, the scaled passes run their
+    vector products on half vectors (crf_lanes_impl.h, half_products_from): each lane computes
+    what it did at full width, to the bit. A sequence's log Z, gradient rows and marginals are
+    the same in a batch whose short sequences end early (its group runs half steps; with at most
+    8 sequences, every step) as among 15 sequences of full length (its group never does)."""
+    steps = 24
+    cases = [
+        # the upper 8 lanes end long before the lower 8 (steps 9.. run half), lengths 0 and 1
+        [24, 23, 22, 21, 20, 19, 18, 17, 9, 7, 6, 5, 3, 2, 1, 0],
+        [13, 24, 2, 20, 11, 9, 24, 5, 16, 1, 18, 7, 22],  # 13: not a multiple of 16, unsorted
+        [24, 3, 17, 9, 12],  # at most 8 sequences: every step on half vectors
+        [15] * 16,  # all equal: no half step (half_from = the group's length)
+    ]
+    for case, lengths in enumerate(cases):
+        for num_tags in (5, 17, 30):
+            inputs = half_width_batch(lengths, steps, num_tags, 900 + 10 * case + num_tags)
+            emissions, tags, _, transitions, start, end = inputs
+            together = per_sequence_results(*inputs)
+            fillers = crf_inputs(15, steps, num_tags)
+            for b, length in enumerate(lengths):
+                # x first among 15 full-length sequences: sorted after them (or among them, at
+                # full length), lane 8 has the full length, so no step of x runs half width
+                alone = per_sequence_results(
+                    torch.cat([fillers[0], emissions[b:b + 1]]), torch.cat([fillers[1], tags[b:b + 1]]),
+                    torch.tensor([steps] * 15 + [length]), transitions, start, end)
+                for name, a, e in zip(("log Z", "gradient", "marginals"), together, alone):
+                    assert torch.equal(a[b], e[15]), (lengths, num_tags, b, name)
+
+
+def test_half_width_steps_change_no_bits():
+    assert_half_width_steps_change_no_bits()
+
+
+@pytest.mark.parametrize("lengths", ["zero_batch", "no_steps", "all_empty", "all_equal", "ragged_17",
+                                     "ragged_31", "ragged_33"])
+def test_lane_ops_on_edge_batches(lengths):
+    # Empty batches and time axes, every length 0, every length T (no half step), and batches
+    # that leave a partial group of lanes; every float32 op against the reference.
+    steps = 0 if lengths == "no_steps" else 9
+    batch = {"zero_batch": 0, "no_steps": 20, "all_empty": 18, "all_equal": 32}.get(lengths)
+    batch = batch if batch is not None else int(lengths.split("_")[1])
+    testing.reseed(batch * 31 + steps)
+    emissions, tags, lengths_t, transitions, start, end = crf_inputs(batch, steps, 17)
+    if lengths == "all_empty":
+        lengths_t.zero_()
+    elif lengths == "all_equal":
+        lengths_t.fill_(steps)
+    inputs = (emissions, tags, lengths_t, transitions, start, end)
+    assert_matches(fb(*inputs), expected_forward_backward(*inputs), torch.float32,
+                   scale=float(lengths_t.sum()) + 1)
+    log_z, gold = torch.ops.fastner.crf_forward(*inputs)
+    want_log_z, want_gold = reference.crf_forward(*inputs)
+    torch.testing.assert_close(log_z, want_log_z, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gold, want_gold, rtol=1e-5, atol=1e-4)
+    scores_in = (emissions, lengths_t, transitions, start, end)
+    tags_out, scores = torch.ops.fastner.crf_viterbi(*scores_in)
+    want_tags, want_scores = reference.crf_viterbi(*scores_in)
+    assert torch.equal(tags_out, want_tags)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.ops.fastner.crf_marginals(*scores_in),
+                               reference.crf_marginals(*scores_in), rtol=1e-4, atol=1e-5)
+    crf = fastner.nn.CRF(17, batch_first=True)
+    mask = torch.arange(steps).expand(batch, steps) < lengths_t[:, None]
+    with torch.no_grad():
+        got = crf.decode(emissions, mask)
+        with testing.backend("reference"):
+            want = crf.decode(emissions, mask)
+    assert got == want and len(got) == batch
+
+
 _AVX2_SCRIPT = r"""
 import json, torch, fastner
 from fastner import reference
 from tests.ops.crf.samples import crf_inputs
-from tests.ops.crf.test_crf_lanes import (SHAPES, assert_viterbi_ties_agree, expected_forward_backward,
+from tests.ops.crf.test_crf_lanes import (SHAPES, assert_half_width_steps_change_no_bits,
+                                          assert_viterbi_ties_agree, expected_forward_backward,
                                           troubled_batch)
 torch.manual_seed(3)
 worst = 0.0
@@ -200,6 +289,7 @@ for shape in SHAPES:
     tags, _ = torch.ops.fastner.crf_viterbi(inputs[0], *inputs[2:])
     assert torch.equal(tags, reference.crf_viterbi(inputs[0], *inputs[2:])[0]), shape
 assert_viterbi_ties_agree()
+assert_half_width_steps_change_no_bits()
 inputs = troubled_batch()
 log_z = torch.ops.fastner.crf_forward(*inputs)[0]
 want = reference.crf_forward(*inputs)[0]
