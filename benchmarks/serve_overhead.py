@@ -138,6 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{statistics.median(r['cpu_us'] for r in runs):.1f} us a request (median; "
           f"{', '.join(format(r['cpu_us'], '.1f') for r in runs)}), wall {statistics.median(r['wall_us'] for r in runs):.1f} us; "
           f"statuses {runs[-1]['statuses']}")
+    # a broken path answers fast: only a run of 200s measured the server's work
+    wrong = [run["statuses"] for run in runs if set(run["statuses"]) != {200}]
+    if wrong:
+        print(f"serve_overhead: answers other than 200: {wrong}", file=sys.stderr)
+        return 1
     return 0
 
 
