@@ -82,7 +82,8 @@ def _content_type(headers) -> Optional[bytes]:
     return None
 
 
-async def _read_body(receive) -> bytes:
+async def _read_body(receive) -> Optional[bytes]:
+    """The whole body, or None if the receive gave something else first (a disconnect)."""
     chunks = []
     while True:
         message = await receive()
