@@ -143,9 +143,8 @@ def use_fused(op: str, device: Union[torch.device, str]) -> bool:
     at trace time, and becomes a constant of the compiled graph.
     """
     # Every op call asks, so the common case is a handful of operations: FASTNER_BACKEND unset
-    # (forced_reference's first test, here without its two calls) and one dict lookup.
-    data = getattr(os.environ, "_data", None)
-    if (not isinstance(data, dict) or _ENV_KEY in data) and forced_reference():
+    # (one _environ_get; forced_reference parses it only when set) and one dict lookup.
+    if _environ_get() is not None and forced_reference():
         return False
     known = _fused.get((op, device))
     if known is None:
