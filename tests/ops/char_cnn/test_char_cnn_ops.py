@@ -13,7 +13,9 @@ from tests import testing
 pytestmark = testing.requires_op("char_conv_max")
 
 # (N words, C characters, I dims, F filters, W window): the tagger's (30, 30, 3), a one-character
-# window, more filters than one vector block, a single character, no words, no characters.
+# window, more filters than one vector block, a single character, no words, no characters; the
+# kernel evaluates up to 3 valid positions of a word together (csrc/cpu/char_cnn.cpp), and the
+# random masks give runs of every length.
 SHAPES = [(40, 12, 30, 30, 3), (9, 7, 5, 3, 1), (16, 13, 17, 37, 5), (6, 1, 4, 8, 3), (0, 5, 3, 2, 3),
           (4, 0, 3, 2, 3)]
 
@@ -82,6 +84,27 @@ def test_ties_go_to_the_first_position_and_nan_wins():
     assert argmax[0].tolist() == [1, 1, 1]  # positions 1-4 tie at 12; 0 and 5 see padding
     assert torch.isnan(out[1]).all() and torch.isnan(want[1]).all()
     assert argmax[1].tolist() == [3, 3, 3]  # the first window holding the NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_an_infinite_weight_never_meets_the_padding(dtype):
+    # The kernel may read zeros for taps outside a word only while every weight is finite
+    # (0 * inf is NaN): here the left tap of filter 0 is +inf, which position 0's window puts on
+    # the padding. Skipped there, position 0 stays finite and the maximum is +inf at position 1;
+    # had the padding been multiplied, NaN at position 0 would win.
+    x = torch.rand(3, 7, 4, dtype=dtype) + 0.5  # positive: inf * x is +inf inside the word
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[2, 5:] = False
+    weight = torch.rand(2, 4, 3, dtype=dtype)
+    weight[0, 0, 0] = float("inf")
+    bias = torch.zeros(2, dtype=dtype)
+    out, argmax = torch.ops.fastner.char_conv_max(x, valid, weight, bias)
+    assert argmax[:, 0].tolist() == [1, 1, 1]
+    assert torch.isposinf(out[:, 0]).all()
+    # filter 1 is finite: it matches the reference, every position computed
+    want, want_argmax = reference.char_conv_max(x, valid, weight[1:], bias[1:])
+    torch.testing.assert_close(out[:, 1:], want)
+    assert torch.equal(argmax[:, 1:], want_argmax)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
