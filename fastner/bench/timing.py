@@ -133,8 +133,14 @@ class Settings:
     min_samples: int = 5
     max_samples: int = 50
     budget_s: float = 0.5
-    # Calls this short are repeated inside one sample so that timer and loop overhead vanish.
-    min_sample_s: float = 1e-3
+    # Calls shorter than this are repeated inside one sample (CPU), so that each sample
+    # measures a call's steady cost. In interleaved rounds the first call after another
+    # implementation runs cold (its code and data evicted): the CRF NLL step at B=32 took
+    # 300-470 us there against ~140 us warm (Zen 4, 1 thread). With 1 ms samples that first call
+    # was one of ~5 in a sample of the fast implementation but the whole sample of one that
+    # takes over 1 ms, a bias against short calls: the step's median read 172-182 us (IQR
+    # 166-209) against 137-145 us (IQR 133-148) with 10 ms, pytorch-crf's 8.1-8.4 ms either way.
+    min_sample_s: float = 1e-2
     # CPU rows timed by the calling thread's CPU time instead of wall time (clock_for).
     thread_cpu_clock: bool = False
 
