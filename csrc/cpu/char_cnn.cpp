@@ -188,6 +188,7 @@ std::tuple<Tensor, Tensor> char_conv_max_cpu(const Tensor& input_in, const Tenso
       std::vector<V> acc_vectors(kGroup * chunks), best(chunks);
       std::vector<M> where(chunks);  // per filter: the position of its maximum so far, -1: none
       std::vector<int64_t> positions(C);
+      const auto groupable = [&](int64_t c) { return zeros != nullptr || (c >= half && c + half < C); };
       for (int64_t n = begin; n < end; ++n) {
         const scalar_t* word = x + n * C * I;
         int64_t* word_arg = arg + n * F;
@@ -198,7 +199,6 @@ std::tuple<Tensor, Tensor> char_conv_max_cpu(const Tensor& input_in, const Tenso
         for (int64_t q = 0; q < count;) {
           // Up to kGroup positions (4 left: 2 + 2, not 3 + 1, a lone position being the
           // slowest); without zeros, a position whose window leaves the word goes alone.
-          const auto groupable = [&](int64_t c) { return zeros != nullptr || (c >= half && c + half < C); };
           int64_t m = 1;
           const int64_t most = count - q == 4 ? 2 : kGroup;
           if (groupable(positions[q]))
