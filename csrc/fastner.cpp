@@ -239,6 +239,17 @@ TORCH_LIBRARY(fastner, m) {
   // the forward's argmax (every entry in [-1, C)): only the argmax positions receive gradient.
   m.def("char_conv_max_backward(Tensor grad_output, Tensor input, Tensor argmax, Tensor weight) -> "
         "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Inference only (no gradient): char_conv_max's output for the embedded characters,
+  // char_conv_max(embedding[chars], chars != pad_id, weight, bias)[0], computed through the
+  // table weight[:, :, k] @ embedding[v] (csrc/cpu/char_cnn.cpp: why; the floats differ from
+  // char_conv_max's in rounding only). chars int64 [N, C]; words bool [N]: the words computed
+  // (the others get 0 and their chars are not read); embedding [V, I] float32/float64 (I > 0);
+  // weight [F, I, W] (W odd), bias [F] in the embedding's dtype; every chars of a marked word
+  // in [0, V); pad_id any int (the padding character: not a valid position, but a neighbour
+  // reads its row). output [N, F]. CPU kernel only: other devices and dtypes run
+  // fastner.reference.char_embed_conv_max.
+  m.def("char_embed_conv_max(Tensor chars, Tensor words, Tensor embedding, Tensor weight, Tensor bias, "
+        "int pad_id) -> Tensor");
 
   // ---- dropout masks -----------------------------------------------------------
   // A dropout mask shaped and typed like input (any floating dtype; only its shape, dtype and

@@ -645,6 +645,23 @@ def char_conv_max(input: Tensor, valid: Tensor, weight: Tensor, bias: Tensor) ->
             torch.where(any_valid, argmax, torch.full_like(argmax, -1)))
 
 
+def char_embed_conv_max(chars: Tensor, words: Tensor, embedding: Tensor, weight: Tensor, bias: Tensor,
+                        pad_id: int) -> Tensor:
+    """char_conv_max's output for embedded characters, by its definition (the contract of
+    torch.ops.fastner.char_embed_conv_max, csrc/fastner.cpp): for each word n marked in words,
+    char_conv_max(embedding[chars[n]], chars[n] != pad_id, weight, bias)[0]; 0 for the others.
+
+    chars: int64 [N, C]; words: bool [N]; embedding: [V, I]; weight: [F, I, W]; bias: [F].
+    Returns [N, F].
+    """
+    validation.char_embed_args("char_embed_conv_max", chars, words, embedding, weight, bias, pad_id)
+    output = embedding.new_zeros(chars.shape[0], weight.shape[0])
+    marked = words.nonzero().squeeze(1)
+    read = chars[marked]  # [M, C], each in [0, V)
+    output[marked] = char_conv_max(embedding[read], read != pad_id, weight, bias)[0]
+    return output
+
+
 # =============================================================================================
 # Dropout masks
 # =============================================================================================

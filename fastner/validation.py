@@ -130,6 +130,39 @@ def char_conv_args(op: str, input: Tensor, valid: Tensor, weight: Tensor, bias: 
     tensor_arg(op, "bias", bias, shape=(F,), dtypes=(input.dtype,), device=input.device, owner=owner)
 
 
+def char_embed_args(op: str, chars: Tensor, words: Tensor, embedding: Tensor, weight: Tensor, bias: Tensor,
+                    pad_id, *, values: bool = True) -> None:
+    """char_embed_conv_max's arguments (csrc/fastner.cpp): chars int64 [N, C], words bool [N],
+    embedding [V, I > 0] float, weight [F, I, W] with F > 0 and W odd, bias [F] in the
+    embedding's dtype, all on the chars' device, pad_id an int; with `values`, every character
+    of a marked word in [0, V)."""
+    owner = "the chars'"
+    tensor_arg(op, "chars", chars, dim=2, dtypes=(torch.long,), owner=owner)
+    N, C = chars.shape
+    tensor_arg(op, "words", words, shape=(N,), dtypes=(torch.bool,), device=chars.device, owner=owner)
+    tensor_arg(op, "embedding", embedding, dim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+               device=chars.device, owner=owner)
+    V, I = embedding.shape
+    if I == 0:
+        _fail(op, f"embedding must have I > 0 dims, got shape {list(embedding.shape)}")
+    owner = "the embedding's"
+    tensor_arg(op, "weight", weight, dim=3, dtypes=(embedding.dtype,), device=chars.device, owner=owner)
+    F, weight_inputs, W = weight.shape
+    if weight_inputs != I or F == 0 or W % 2 == 0:
+        _fail(op, f"weight must be [F, I, W] with I = {I}, F > 0 filters and an odd window W, "
+                  f"got {list(weight.shape)}")
+    tensor_arg(op, "bias", bias, shape=(F,), dtypes=(embedding.dtype,), device=chars.device, owner=owner)
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        _fail(op, f"pad_id must be an int, got {type(pad_id).__name__}")
+    if values and chars.numel() and _reads_values(chars):
+        read = chars[words]  # [marked words, C]
+        outside = (read < 0) | (read >= V)
+        if bool(outside.any()):
+            word, c = (int(i) for i in outside.nonzero()[0])
+            n = int(words.nonzero()[word, 0])
+            _fail(op, f"chars[{n}, {c}] = {int(read[word, c])} is outside [0, V = {V}) (the embedding's rows)")
+
+
 def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor], hx: Optional[Tensor],
         cx: Optional[Tensor], mode: str, bidirectional: bool, batch_first: bool, *,
         values: bool = True, input_dtypes: Sequence[torch.dtype] = _RNN_DTYPES,

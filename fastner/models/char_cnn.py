@@ -31,6 +31,12 @@ class CharCNN(nn.Module):
         the padding chars of each word, and padding tokens get zeros.
         """
         batch, time_len, char_len = chars.shape
+        if self._by_table(chars):
+            # One op over every token: the embedding lookup, convolution and max-pool through a
+            # [W, V, F] table (ops.char_embed_conv_max: why), padding tokens skipped.
+            out = ops.char_embed_conv_max(chars.reshape(-1, char_len), mask.reshape(-1).bool(), self.embedding.weight,
+                                          self.conv.weight, self.conv.bias, self.pad_id)
+            return out.view(batch, time_len, self.filters)
         words = chars[mask]  # [N, C]
         x = self.dropout(self.embedding(words))  # [N, C, char_dim]
         # conv over each word's characters, max over its real ones (0 for a word without any):
@@ -39,3 +45,12 @@ class CharCNN(nn.Module):
         out = x.new_zeros(batch, time_len, self.filters)
         out[mask] = x
         return out
+
+    def _by_table(self, chars: torch.Tensor) -> bool:
+        """Whether forward runs ops.char_embed_conv_max: in eager inference (eval mode: no
+        dropout on the embeddings; no gradient: the op has none), when the table's V rows cost
+        at most what the convolution would (V <= the batch's character positions: a one-word
+        call to a model of thousands of characters keeps the convolution). Under torch.compile /
+        torch.export the graph keeps char_conv_max (no branch on the batch's size)."""
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()) and \
+            self.embedding.num_embeddings <= chars.numel()

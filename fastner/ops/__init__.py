@@ -22,6 +22,7 @@ kernels by strategy: exact per-sequence, lanes per ISA).
 | crf_marginals | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_marginals | ops.crf.crf_marginals | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
 | crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
 | char_conv_max / _backward | csrc/cpu/char_cnn.cpp | - (reference) | reference.char_conv_max | ops.char_cnn.char_conv_max (module: fastner/models/char_cnn.py) | ops/char_cnn/test_char_cnn_ops | benchmarks/char_cnn_step.py |
+| char_embed_conv_max (inference) | csrc/cpu/char_cnn.cpp | - (reference) | reference.char_embed_conv_max | ops.char_cnn.char_embed_conv_max (module: fastner/models/char_cnn.py, eval without gradients) | ops/char_cnn/test_char_embed_conv_max | fastner/bench/tagger_rows.py (inference) |
 | dropout_mask | csrc/cpu/dropout.cpp | - (reference) | reference.dropout_mask | ops.dropout.dropout_mask (module: fastner/models/dropout.py) | ops/dropout/test_dropout_ops | benchmarks/dropout_mask.py |
 | rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products, views of packed weights) + rnn_int8_vnni.cpp/h | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8, _int8_pack | fastner/bench/precision_rows.py |
 | rnn_int8_pack | csrc/cpu/rnn.cpp (binding) + rnn_int8.cpp/h (layout, pack) | - (reference) | reference.rnn_int8_pack (+ rnn_int8_unpack) | ops.rnn.rnn_int8_pack (modules: fastner/nn/quantize.py, once per quantization) | ops/rnn/test_rnn_int8_pack | - |
@@ -41,11 +42,11 @@ tests/ops/cuda_emulation/. Benchmarks: `python -m fastner bench` (fastner/bench/
 timing in workloads.py / timing.py); benchmarks/ holds the pytest-benchmark suites and the GPU
 scripts.
 """
-from fastner.ops.char_cnn import char_conv_max
+from fastner.ops.char_cnn import char_conv_max, char_embed_conv_max
 from fastner.ops.dropout import dropout_mask
 from fastner.ops.crf import (crf_forward, crf_kbest, crf_lengths, crf_log_likelihood,
                              crf_marginals, crf_viterbi, tag_lists)
 from fastner.ops.rnn import rnn_int8_pack, rnn_layer, rnn_layer_int8
 
-__all__ = ["char_conv_max", "crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood", "crf_marginals",
+__all__ = ["char_conv_max", "char_embed_conv_max", "crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood", "crf_marginals",
            "crf_viterbi", "dropout_mask", "rnn_int8_pack", "rnn_layer", "rnn_layer_int8", "tag_lists"]

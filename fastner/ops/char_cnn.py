@@ -30,6 +30,27 @@ def char_conv_max(input: Tensor, valid: Tensor, weight: Tensor, bias: Tensor) ->
     return reference.char_conv_max(input, valid, weight, bias)
 
 
+def char_embed_conv_max(chars: Tensor, words: Tensor, embedding: Tensor, weight: Tensor, bias: Tensor,
+                        pad_id: int) -> Tensor:
+    """char_conv_max's output for embedded characters, for inference: output [N, F] = for each
+    word n marked in words, char_conv_max(embedding[chars[n]], chars[n] != pad_id, weight,
+    bias)[0] (0 for the others, whose chars are not read), computed through the table
+    weight[:, :, k] @ embedding[v] (V*W*F*I multiply-adds a call, then W row additions a
+    character instead of W*F*I multiply-adds): the floats differ from char_conv_max's in rounding.
+
+    chars: int64 [N, C], every character of a marked word in [0, V); words: bool [N];
+    embedding: [V, I]; weight: [F, I, W] (a Conv1d's, W odd); bias: [F]; pad_id: the padding
+    character (not a valid position; a neighbour still reads its row, as the convolution does).
+    No gradient: ValueError when one could flow (train with char_conv_max).
+    """
+    if needs_grad(embedding, weight, bias):
+        raise ValueError("char_embed_conv_max has no gradient (an inference op): call it under "
+                         "torch.no_grad(), or embed and use char_conv_max to train")
+    if embedding.dtype in _KERNEL_DTYPES and use_fused("char_embed_conv_max", chars.device):
+        return torch.ops.fastner.char_embed_conv_max.default(chars, words, embedding, weight, bias, pad_id)
+    return reference.char_embed_conv_max(chars, words, embedding, weight, bias, pad_id)
+
+
 class _CharConvMax(torch.autograd.Function):
     """char_conv_max's autograd: backward is char_conv_max_backward, from the forward's argmax."""
 
@@ -76,6 +97,12 @@ def _register() -> None:
                                   owner="the input's")
         return (input.new_empty(input.shape), torch.empty_like(weight, memory_format=torch.contiguous_format),
                 weight.new_empty(F))
+
+    @torch.library.register_fake("fastner::char_embed_conv_max")
+    def _(chars, words, embedding, weight, bias, pad_id):
+        validation.char_embed_args("char_embed_conv_max", chars, words, embedding, weight, bias, pad_id,
+                                   values=False)
+        return embedding.new_empty(chars.shape[0], weight.shape[0])
 
     register_autograd_kernel("char_conv_max", _char_conv_max_autograd)
 
