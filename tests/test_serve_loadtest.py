@@ -31,6 +31,37 @@ def test_answers_are_compared_by_offsets_labels_and_scores():
     assert not loadtest.same_entities([entity], [])
 
 
+def test_measured_runs_keep_the_collector_off_what_the_process_holds():
+    # the client's own full collections (tens of ms with torch loaded) must not be timed as the
+    # server's latency; the freeze is given back after the run, even when it fails
+    import gc
+
+    before = gc.get_freeze_count()
+    with loadtest._frozen_collector():
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == before
+    with pytest.raises(RuntimeError), loadtest._frozen_collector():
+        raise RuntimeError("a failed run")
+    assert gc.get_freeze_count() == before
+
+    calls = []
+
+    class Recording:
+        def __enter__(self):
+            calls.append("enter")
+
+        def __exit__(self, *exc):
+            calls.append("exit")
+
+    original = loadtest._frozen_collector
+    loadtest._frozen_collector = Recording
+    try:  # a run of no requests: no server needed
+        asyncio.run(loadtest.open_loop(None, 9, [0], rate=1000.0, seconds=0.0))
+    finally:
+        loadtest._frozen_collector = original
+    assert calls == ["enter", "exit"]
+
+
 @pytest.mark.slow
 def test_clients_check_every_answer_and_overload_gets_503(tmp_path_factory):
     import fastner

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import random
@@ -194,13 +196,27 @@ class Workload:
         return status
 
 
+@contextlib.contextmanager
+def _frozen_collector():
+    """For a measured run: what this process holds (torch, the model of the direct runs, the
+    workload) out of the cyclic collector's reach, as the server does after its warm-up
+    (fastner/serve/app.py), and given back after. A full collection over it took 48-106 ms here,
+    and one falling inside an open-loop run stalled the client's clock for that long (p99 of one
+    sentence at half capacity 95-152 ms against a p95 of 14-24 ms, 19-21 ms with this; AMD EPYC
+    Zen 4, 2026-12-06): the load generator's pause, not the server's."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 async def closed_loop(workload: Workload, port: int, clients: int, seconds: float,
                       max_requests: int = MAX_REQUESTS) -> Outcome:
     """`clients` connections, each sending its next request as soon as the last is answered."""
     outcome = Outcome()
     sent = 0
-    started = time.perf_counter()
-    deadline = started + seconds
 
     async def client(number: int) -> None:
         nonlocal sent
@@ -216,8 +232,11 @@ async def closed_loop(workload: Workload, port: int, clients: int, seconds: floa
         finally:
             connection.close()
 
-    await asyncio.gather(*(client(n) for n in range(clients)))
-    outcome.seconds = time.perf_counter() - started
+    with _frozen_collector():
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(client(n) for n in range(clients)))
+        outcome.seconds = time.perf_counter() - started
     return outcome
 
 
@@ -227,7 +246,6 @@ async def open_loop(workload: Workload, port: int, indices: Sequence[int], rate:
     outcome = Outcome()
     idle: List[Connection] = []
     total = min(int(rate * seconds), MAX_REQUESTS)
-    started = time.perf_counter()
 
     async def one(scheduled: float, index: int) -> None:
         connection = idle.pop() if idle else Connection(port)
@@ -236,14 +254,16 @@ async def open_loop(workload: Workload, port: int, indices: Sequence[int], rate:
         idle.append(connection)
 
     tasks = []
-    for number in range(total):
-        scheduled = started + number / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(scheduled, indices[number % len(indices)])))
-    await asyncio.gather(*tasks)
-    outcome.seconds = time.perf_counter() - started
+    with _frozen_collector():
+        started = time.perf_counter()
+        for number in range(total):
+            scheduled = started + number / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(scheduled, indices[number % len(indices)])))
+        await asyncio.gather(*tasks)
+        outcome.seconds = time.perf_counter() - started
     for connection in idle:
         connection.close()
     return outcome
@@ -297,13 +317,14 @@ def direct_run(tagger, workload: Workload, batch_documents: int, seconds: float,
     documents = tokens = 0
     try:
         predict_documents(tagger, workload.documents[:batch_documents])  # warm-up
-        started, cpu = time.perf_counter(), time.process_time()
-        while time.perf_counter() - started < seconds:
-            index = [rng.randrange(len(workload.documents)) for _ in range(batch_documents)]
-            predict_documents(tagger, [workload.documents[i] for i in index])
-            documents += len(index)
-            tokens += sum(workload.tokens[i] for i in index)
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        with _frozen_collector():  # as in the server, whose model call this stands for
+            started, cpu = time.perf_counter(), time.process_time()
+            while time.perf_counter() - started < seconds:
+                index = [rng.randrange(len(workload.documents)) for _ in range(batch_documents)]
+                predict_documents(tagger, [workload.documents[i] for i in index])
+                documents += len(index)
+                tokens += sum(workload.tokens[i] for i in index)
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         torch.set_num_threads(previous)
     return {"scenario": f"direct predict, batches of {batch_documents}", "threads": threads, "clients": 0,
