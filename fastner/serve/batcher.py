@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Deque, List, Optional, Sequence
 
+from fastner.serve.config import ServeConfig
+
 log = logging.getLogger("fastner.serve")
 
 
@@ -74,8 +76,9 @@ OnBatch = Callable[[int, int, float], None]
 
 
 class Batcher:
-    def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int = 4096, max_wait_ms: float = 5.0,
-                 max_queue: int = 256, threads: int = 1, batching: bool = True,
+    def __init__(self, run_batch: RunBatch, *, max_batch_tokens: int = ServeConfig.max_batch_tokens,
+                 max_wait_ms: float = ServeConfig.max_wait_ms, max_queue: int = ServeConfig.max_queue,
+                 threads: int = ServeConfig.threads, batching: bool = ServeConfig.batching,
                  on_batch: Optional[OnBatch] = None):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")

@@ -11,7 +11,12 @@ MAX_TIMEOUT_S = 600.0  # ten minutes without a byte: no live client is that sile
 @dataclass
 class ServeConfig:
     max_batch_tokens: int = 4096  # tokens per model call
-    max_wait_ms: float = 5.0  # longest a queued request waits for others to join its batch
+    # Longest a queued request waits for others to join its batch. 2 ms, not 5: at 32 closed-loop
+    # clients 5 ms gathered all 32 into one batch and left the model idle while their answers went
+    # out (1,002-1,283 docs/s in three runs), 2 ms forms alternating batches of ~17-20 (1,228-1,420);
+    # one sentence at half capacity p50 6.1-6.6 vs 8.7-12.5 ms, p99 12-21 ms either way (fastner
+    # serve.loadtest, eng.testa, 1 thread, AMD EPYC Zen 4, 2026-12-06).
+    max_wait_ms: float = 2.0
     max_queue: int = 256  # queued requests; one more is answered 503
     threads: int = 1  # torch intra-op threads of the model worker
     batching: bool = True  # False: one request per model call (the baseline)
