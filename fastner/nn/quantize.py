@@ -78,7 +78,10 @@ class _Int8Mixin:
         self._int8_source = source
 
     def _float_weights(self):
-        return [getattr(self, name) for name in self._flat_weights_names
+        # From the parameter dict, as functional_call swaps them there: Module.__getattr__ costs
+        # ~1.4 us a lookup, and every forward asks (_int8_is_current).
+        parameters = self._parameters
+        return [parameters[name] for name in self._flat_weights_names
                 if name.startswith(("weight_ih", "weight_hh"))]
 
     def _float_weight_sources(self):
@@ -134,14 +137,15 @@ class _Int8Mixin:
         """[weights] per layer, as ops.rnn_layer_int8 takes them (packed W_ih, W_hh; biases)."""
         names = self._flat_weights_names
         per_layer = len(names) // self.num_layers
+        buffers, parameters = self._buffers, self._parameters  # (as in _float_weights)
         layer_args = []
         for layer in range(self.num_layers):
             weights = []
             for wname in names[layer * per_layer:(layer + 1) * per_layer]:
                 if wname.startswith(("weight_ih", "weight_hh")):
-                    weights.append(getattr(self, f"int8_packed_{wname}"))
+                    weights.append(buffers[f"int8_packed_{wname}"])
                 else:
-                    weights.append(getattr(self, wname).detach())
+                    weights.append(parameters[wname].detach())
             layer_args.append(weights)
         return layer_args
 

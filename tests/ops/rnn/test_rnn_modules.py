@@ -206,6 +206,23 @@ def test_is_a_torch_module_with_the_same_parameters(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_weight_swapped_in_the_parameter_dict_is_the_one_that_runs(mode):
+    # what torch's _weights_have_changed exists for (a tensor put straight into _parameters, as
+    # torch.nn.utils.stateless may): the fused layer's own _update_flat_weights sees it too
+    reference, fused = _pair(mode, 4, 3, bidirectional=True)
+    x, lengths = torch.randn(5, 2, 4), torch.tensor([5, 3])  # [T, B, I]
+    with torch.no_grad():
+        fused(x, lengths=lengths)  # the flat weights list as it was
+        new = torch.nn.Parameter(torch.randn_like(fused.weight_hh_l0_reverse))
+        fused._parameters["weight_hh_l0_reverse"] = new
+        reference._parameters["weight_hh_l0_reverse"] = new
+        got, _ = fused(x, lengths=lengths)
+        packed = pack_padded_sequence(x, lengths, batch_first=False, enforce_sorted=False)
+        want, _ = torch.nn.utils.rnn.pad_packed_sequence(reference(packed)[0], total_length=x.shape[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_state_dict_round_trips_both_ways(mode):
     gen = case_generator(MODES.index(mode), salt=41)
     case = draw_case(gen, mode=mode, form="packed_unsorted", dtype=torch.float64, max_hidden=40, max_time=8)
