@@ -122,12 +122,19 @@ def char_conv_args(op: str, input: Tensor, valid: Tensor, weight: Tensor, bias: 
     if I == 0:
         _fail(op, f"input must have I > 0 embedding dims, got shape {list(input.shape)}")
     tensor_arg(op, "valid", valid, shape=(N, C), dtypes=(torch.bool,), device=input.device, owner=owner)
-    tensor_arg(op, "weight", weight, dim=3, dtypes=(input.dtype,), device=input.device, owner=owner)
+    _conv_filters(op, weight, bias, I, input.dtype, input.device, owner)
+
+
+def _conv_filters(op: str, weight: Tensor, bias: Tensor, I: int, dtype: torch.dtype, device: torch.device,
+                  owner: str) -> None:
+    """The char CNN ops' weight [F, I, W] (F > 0, W odd) and bias [F], in `dtype` on `device`
+    (those of the float tensor `owner` names)."""
+    tensor_arg(op, "weight", weight, dim=3, dtypes=(dtype,), device=device, owner=owner)
     F, weight_inputs, W = weight.shape
     if weight_inputs != I or F == 0 or W % 2 == 0:
         _fail(op, f"weight must be [F, I, W] with I = {I}, F > 0 filters and an odd window W, "
                   f"got {list(weight.shape)}")
-    tensor_arg(op, "bias", bias, shape=(F,), dtypes=(input.dtype,), device=input.device, owner=owner)
+    tensor_arg(op, "bias", bias, shape=(F,), dtypes=(dtype,), device=device, owner=owner)
 
 
 def char_embed_args(op: str, chars: Tensor, words: Tensor, embedding: Tensor, weight: Tensor, bias: Tensor,
@@ -145,13 +152,7 @@ def char_embed_args(op: str, chars: Tensor, words: Tensor, embedding: Tensor, we
     V, I = embedding.shape
     if I == 0:
         _fail(op, f"embedding must have I > 0 dims, got shape {list(embedding.shape)}")
-    owner = "the embedding's"
-    tensor_arg(op, "weight", weight, dim=3, dtypes=(embedding.dtype,), device=chars.device, owner=owner)
-    F, weight_inputs, W = weight.shape
-    if weight_inputs != I or F == 0 or W % 2 == 0:
-        _fail(op, f"weight must be [F, I, W] with I = {I}, F > 0 filters and an odd window W, "
-                  f"got {list(weight.shape)}")
-    tensor_arg(op, "bias", bias, shape=(F,), dtypes=(embedding.dtype,), device=chars.device, owner=owner)
+    _conv_filters(op, weight, bias, I, embedding.dtype, chars.device, "the embedding's")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
         _fail(op, f"pad_id must be an int, got {type(pad_id).__name__}")
     if values and chars.numel() and _reads_values(chars):
