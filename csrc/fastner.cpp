@@ -243,11 +243,11 @@ TORCH_LIBRARY(fastner, m) {
   // char_conv_max(embedding[chars], chars != pad_id, weight, bias)[0], computed through the
   // table weight[:, :, k] @ embedding[v] (csrc/cpu/char_cnn.cpp: why; the floats differ from
   // char_conv_max's in rounding only; the table holds V*W*F values, built with V*W*F*I
-  // multiply-adds a call). chars int64 [N, C]; words bool [N]: the words computed
+  // multiply-adds a call). chars int64 [..., C] (words of C characters); words bool [...]: the words computed
   // (the others get 0 and their chars are not read); embedding [V, I] float32/float64 (I > 0);
   // weight [F, I, W] (W odd), bias [F] in the embedding's dtype; every character of a marked word
   // in [0, V); pad_id any int (the padding character: not a valid position, but a neighbour
-  // reads its row). output [N, F]. CPU kernel only: other devices and dtypes run
+  // reads its row). output [..., F]. CPU kernel only: other devices and dtypes run
   // fastner.reference.char_embed_conv_max.
   m.def("char_embed_conv_max(Tensor chars, Tensor words, Tensor embedding, Tensor weight, Tensor bias, "
         "int pad_id) -> Tensor");

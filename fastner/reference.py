@@ -651,15 +651,16 @@ def char_embed_conv_max(chars: Tensor, words: Tensor, embedding: Tensor, weight:
     torch.ops.fastner.char_embed_conv_max, csrc/fastner.cpp): for each word n marked in words,
     char_conv_max(embedding[chars[n]], chars[n] != pad_id, weight, bias)[0]; 0 for the others.
 
-    chars: int64 [N, C]; words: bool [N]; embedding: [V, I]; weight: [F, I, W]; bias: [F].
-    Returns [N, F].
+    chars: int64 [..., C]; words: bool [...]; embedding: [V, I]; weight: [F, I, W]; bias: [F].
+    Returns [..., F].
     """
     validation.char_embed_args("char_embed_conv_max", chars, words, embedding, weight, bias, pad_id)
-    output = embedding.new_zeros(chars.shape[0], weight.shape[0])
-    marked = words.nonzero().squeeze(1)
-    read = chars[marked]  # [M, C], each in [0, V)
+    flat_chars, flat_words = chars.flatten(0, -2), words.flatten()  # [N, C], [N]
+    output = embedding.new_zeros(flat_words.shape[0], weight.shape[0])
+    marked = flat_words.nonzero().squeeze(1)
+    read = flat_chars[marked]  # [M, C], each in [0, V)
     output[marked] = char_conv_max(embedding[read], read != pad_id, weight, bias)[0]
-    return output
+    return output.view(*chars.shape[:-1], weight.shape[0])
 
 
 # =============================================================================================

@@ -139,14 +139,15 @@ def _conv_filters(op: str, weight: Tensor, bias: Tensor, I: int, dtype: torch.dt
 
 def char_embed_args(op: str, chars: Tensor, words: Tensor, embedding: Tensor, weight: Tensor, bias: Tensor,
                     pad_id, *, values: bool = True) -> None:
-    """char_embed_conv_max's arguments (csrc/fastner.cpp): chars int64 [N, C], words bool [N],
+    """char_embed_conv_max's arguments (csrc/fastner.cpp): chars int64 [..., C], words bool [...],
     embedding [V, I > 0] float, weight [F, I, W] with F > 0 and W odd, bias [F] in the
     embedding's dtype, all on the chars' device, pad_id an int; with `values`, every character
     of a marked word in [0, V)."""
     owner = "the chars'"
-    tensor_arg(op, "chars", chars, dim=2, dtypes=(torch.long,), owner=owner)
-    N, C = chars.shape
-    tensor_arg(op, "words", words, shape=(N,), dtypes=(torch.bool,), device=chars.device, owner=owner)
+    tensor_arg(op, "chars", chars, dtypes=(torch.long,), owner=owner)
+    if chars.dim() < 2:
+        _fail(op, f"chars must be [..., C] (words x characters), got shape {list(chars.shape)}")
+    tensor_arg(op, "words", words, shape=chars.shape[:-1], dtypes=(torch.bool,), device=chars.device, owner=owner)
     tensor_arg(op, "embedding", embedding, dim=2, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
                device=chars.device, owner=owner)
     V, I = embedding.shape
@@ -156,12 +157,11 @@ def char_embed_args(op: str, chars: Tensor, words: Tensor, embedding: Tensor, we
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
         _fail(op, f"pad_id must be an int, got {type(pad_id).__name__}")
     if values and chars.numel() and _reads_values(chars):
-        read = chars[words]  # [marked words, C]
-        outside = (read < 0) | (read >= V)
+        outside = ((chars < 0) | (chars >= V)) & words.unsqueeze(-1)  # in the marked words
         if bool(outside.any()):
-            word, c = (int(i) for i in outside.nonzero()[0])
-            n = int(words.nonzero()[word, 0])
-            _fail(op, f"chars[{n}, {c}] = {int(read[word, c])} is outside [0, V = {V}) (the embedding's rows)")
+            where = [int(i) for i in outside.nonzero()[0]]
+            _fail(op, f"chars[{', '.join(map(str, where))}] = {int(chars[tuple(where)])} is outside [0, V = {V}) "
+                      f"(the embedding's rows)")
 
 
 def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor], hx: Optional[Tensor],

@@ -130,6 +130,9 @@ def test_fused_ops_appear_in_the_graph_where_the_extension_serves_them(exported,
     assert sorted(ops) == meta["fastner_ops"]
     for op in ("rnn_layer_forward", "crf_viterbi", "crf_forward"):
         assert (op in ops) == _served(op), (op, sorted(ops))
+    # the char CNN through its table (an inference graph; the tiny alphabet is under the bound)
+    assert ("char_embed_conv_max" in ops) == _served("char_embed_conv_max"), sorted(ops)
+    assert "char_conv_max" not in ops
     dynamic_time = _served("rnn_layer_forward") and _served("crf_viterbi") and _served("crf_forward")
     assert (meta["fixed_length"] is None) == dynamic_time
     if not ops:

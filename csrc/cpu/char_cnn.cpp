@@ -19,6 +19,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/StringUtil.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -344,8 +346,9 @@ std::tuple<Tensor, Tensor, Tensor> char_conv_max_backward_cpu(const Tensor& grad
 // gradients when V is at most its batch's character positions (the table then costs at most
 // what the convolution would).
 //
-// Layouts: chars int64 [N, C] (N words of C characters), words bool [N] (only the words marked
-// are read; the others get zeros), embedding [V, I], weight [F, I, W], bias [F]. output [N, F]:
+// Layouts: chars int64 [..., C] (words of C characters, N in all: [B, T, C] for a batch, so that
+// a traced graph holds no reshape), words bool [...] (only the words marked are read; the others
+// get zeros), embedding [V, I], weight [F, I, W], bias [F]. output [..., F]:
 // for a marked word, the maximum over its valid characters (chars != pad_id) of bias + the taps
 // k whose position c + k - W/2 lies inside [0, C) (the convolution's zero padding: a tap outside
 // is skipped, as char_conv_max does when a weight is not finite), NaN counting as the maximum;
@@ -427,12 +430,15 @@ bool embedded_word_max(const int64_t* word, int64_t C, int64_t pad_id, int64_t V
 Tensor char_embed_conv_max_cpu(const Tensor& chars_in, const Tensor& words_in, const Tensor& embedding_in,
                                const Tensor& weight, const Tensor& bias, int64_t pad_id) {
   const char* op = "char_embed_conv_max";
-  TORCH_CHECK_VALUE(chars_in.dim() == 2 && chars_in.scalar_type() == at::kLong, op,
-                    ": chars must be int64 [N, C], got ", chars_in.scalar_type(), " ", chars_in.sizes());
+  TORCH_CHECK_VALUE(chars_in.dim() >= 2 && chars_in.scalar_type() == at::kLong, op,
+                    ": chars must be int64 [..., C] (words x characters), got ", chars_in.scalar_type(), " ",
+                    chars_in.sizes());
   TORCH_CHECK_VALUE(chars_in.device().is_cpu(), op, ": chars must be on the CPU, got ", chars_in.device());
-  const int64_t N = chars_in.size(0), C = chars_in.size(1);
-  TORCH_CHECK_VALUE(words_in.dim() == 1 && words_in.size(0) == N && words_in.scalar_type() == at::kBool, op,
-                    ": words must be bool [N] = [", N, "], got ", words_in.scalar_type(), " ", words_in.sizes());
+  const at::IntArrayRef words_shape = chars_in.sizes().slice(0, chars_in.dim() - 1);
+  const int64_t N = c10::multiply_integers(words_shape), C = chars_in.size(-1);
+  TORCH_CHECK_VALUE(words_in.sizes() == words_shape && words_in.scalar_type() == at::kBool, op,
+                    ": words must be bool ", words_shape, " (the chars' words), got ", words_in.scalar_type(), " ",
+                    words_in.sizes());
   checks::on_device(op, "words", words_in, chars_in.device(), "the chars'");
   TORCH_CHECK_VALUE(embedding_in.dim() == 2 && embedding_in.size(1) > 0, op,
                     ": embedding must be [V, I] with I > 0, got ", embedding_in.sizes());
@@ -452,11 +458,17 @@ Tensor char_embed_conv_max_cpu(const Tensor& chars_in, const Tensor& words_in, c
     if (!read[n]) continue;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t id = ids[n * C + c];
-      TORCH_CHECK_VALUE(id >= 0 && id < V, op, ": chars[", n, ", ", c, "] = ", id,
-                        " is outside [0, V = ", V, ") (the embedding's rows)");
+      if (id >= 0 && id < V) continue;
+      std::vector<int64_t> where(words_shape.size() + 1, c);  // n's index in words_shape, then c
+      for (int64_t d = static_cast<int64_t>(words_shape.size()) - 1, rest = n; d >= 0; rest /= words_shape[d], --d)
+        where[d] = rest % words_shape[d];
+      TORCH_CHECK_VALUE(false, op, ": chars[", c10::Join(", ", where), "] = ", id, " is outside [0, V = ", V,
+                        ") (the embedding's rows)");
     }
   }
-  Tensor output = at::empty({N, F}, embedding.options());
+  std::vector<int64_t> output_shape(words_shape.begin(), words_shape.end());
+  output_shape.push_back(F);
+  Tensor output = at::empty(output_shape, embedding.options());  // [..., F]
   AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "char_embed_conv_max", [&] {
     using Vt = typename Vec<scalar_t>::type;
     constexpr int64_t L = Vec<scalar_t>::lanes;

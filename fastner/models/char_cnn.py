@@ -5,7 +5,13 @@ import torch
 from torch import nn
 
 from fastner import ops
+from fastner._extension import use_fused
 from fastner.models.dropout import Dropout
+
+# A traced graph's table bound (its batch size is symbolic there): 1,024 characters make a table
+# of 1024*W*F*I multiply-adds (2.8M at the default 3 x 30 x 30, ~30 us a call); a larger alphabet
+# keeps the convolution in exported programs.
+TRACED_TABLE_ROWS = 1024
 
 
 class CharCNN(nn.Module):
@@ -34,9 +40,8 @@ class CharCNN(nn.Module):
         if self._by_table(chars):
             # One op over every token: the embedding lookup, convolution and max-pool through a
             # [W, V, F] table (ops.char_embed_conv_max: why), padding tokens skipped.
-            out = ops.char_embed_conv_max(chars.reshape(-1, char_len), mask.reshape(-1).bool(), self.embedding.weight,
-                                          self.conv.weight, self.conv.bias, self.pad_id)
-            return out.view(batch, time_len, self.filters)
+            return ops.char_embed_conv_max(chars, mask.bool(), self.embedding.weight, self.conv.weight,
+                                           self.conv.bias, self.pad_id)
         words = chars[mask]  # [N, C]
         x = self.dropout(self.embedding(words))  # [N, C, char_dim]
         # conv over each word's characters, max over its real ones (0 for a word without any):
@@ -47,10 +52,16 @@ class CharCNN(nn.Module):
         return out
 
     def _by_table(self, chars: torch.Tensor) -> bool:
-        """Whether forward runs ops.char_embed_conv_max: in eager inference (eval mode: no
-        dropout on the embeddings; no gradient: the op has none), when the table's V rows cost
-        at most what the convolution would (V <= the batch's character positions: a one-word
-        call to a model of thousands of characters keeps the convolution). Under torch.compile /
-        torch.export the graph keeps char_conv_max (no branch on the batch's size)."""
-        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()) and \
-            self.embedding.num_embeddings <= chars.numel()
+        """Whether forward runs ops.char_embed_conv_max: in inference (eval mode: no dropout on
+        the embeddings; no gradient: the op has none), when the table's V rows cost at most what
+        the convolution would: V <= the batch's character positions in eager mode (a one-word
+        call to a model of thousands of characters keeps the convolution); under torch.compile /
+        torch.export, where that size is symbolic, V <= TRACED_TABLE_ROWS and the fused op
+        present (one graph node; the reference's data-dependent indexing stays out of traced
+        graphs)."""
+        if self.training or torch.is_grad_enabled():
+            return False
+        rows = self.embedding.num_embeddings
+        if torch.compiler.is_compiling():
+            return rows <= TRACED_TABLE_ROWS and use_fused("char_embed_conv_max", chars.device)
+        return rows <= chars.numel()

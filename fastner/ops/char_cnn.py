@@ -32,13 +32,14 @@ def char_conv_max(input: Tensor, valid: Tensor, weight: Tensor, bias: Tensor) ->
 
 def char_embed_conv_max(chars: Tensor, words: Tensor, embedding: Tensor, weight: Tensor, bias: Tensor,
                         pad_id: int) -> Tensor:
-    """char_conv_max's output for embedded characters, for inference: output [N, F] = for each
+    """char_conv_max's output for embedded characters, for inference: output [..., F] = for each
     word n marked in words, char_conv_max(embedding[chars[n]], chars[n] != pad_id, weight,
     bias)[0] (0 for the others, whose chars are not read), computed through the table
     weight[:, :, k] @ embedding[v] (V*W*F*I multiply-adds a call, then W row additions a
     character instead of W*F*I multiply-adds): the floats differ from char_conv_max's in rounding.
 
-    chars: int64 [N, C], every character of a marked word in [0, V); words: bool [N];
+    chars: int64 [..., C] (words of C characters), every character of a marked word in [0, V);
+    words: bool [...];
     embedding: [V, I]; weight: [F, I, W] (a Conv1d's, W odd); bias: [F]; pad_id: the padding
     character (not a valid position; a neighbour still reads its row, as the convolution does).
     No gradient: ValueError when one could flow (train with char_conv_max).
@@ -102,7 +103,7 @@ def _register() -> None:
     def _(chars, words, embedding, weight, bias, pad_id):
         validation.char_embed_args("char_embed_conv_max", chars, words, embedding, weight, bias, pad_id,
                                    values=False)
-        return embedding.new_empty(chars.shape[0], weight.shape[0])
+        return embedding.new_empty(*chars.shape[:-1], weight.shape[0])
 
     register_autograd_kernel("char_conv_max", _char_conv_max_autograd)
 

@@ -72,6 +72,25 @@ def test_matches_reference_and_the_convolution_kernel(shape, layout, dtype):
         assert not got[2].any()  # a marked word without valid characters: zeros
 
 
+def test_a_batch_of_sentences_in_its_own_shape():
+    # chars [B, T, C] and words [B, T] give [B, T, F] (no reshape in a traced graph): the same
+    # values as the flattened call; an index in an error names the word's place in that shape
+    testing.reseed(21)
+    chars, words, embedding, weight, bias = inputs(24, 6, 9, 5, 7, 3)
+    flat = op(chars, words, embedding, weight, bias, PAD)
+    batched = op(chars.view(4, 6, 6), words.view(4, 6), embedding, weight, bias, PAD)
+    assert batched.shape == (4, 6, 7)
+    assert torch.equal(batched.view(24, 7), flat)
+    torch.testing.assert_close(
+        batched, reference.char_embed_conv_max(chars.view(4, 6, 6), words.view(4, 6), embedding, weight, bias, PAD))
+    bad = chars.view(4, 6, 6).clone()
+    bad[2, 5, 1] = 9
+    words = torch.ones(4, 6, dtype=torch.bool)
+    for fn in (op, reference.char_embed_conv_max):
+        with pytest.raises(ValueError, match=r"chars\[2, 5, 1\] = 9 is outside \[0, V = 9\)"):
+            fn(bad, words, embedding, weight, bias, PAD)
+
+
 def test_unmarked_words_are_not_read():
     # padding tokens may hold anything: their chars are neither checked nor looked up
     chars = torch.tensor([[1, 2, 0], [99, -7, 3]])
@@ -173,7 +192,8 @@ def _bad_calls():
     negative = chars.clone()
     negative[0, 4] = -1
     return {
-        "chars 3-D": (lambda: op(chars[None], words, embedding, weight, bias, PAD), "chars"),
+        "chars 1-D": (lambda: op(chars[0], words[0], embedding, weight, bias, PAD), "chars"),
+        "words not the chars' leading shape": (lambda: op(chars[None], words, embedding, weight, bias, PAD), "words"),
         "chars int32": (lambda: op(chars.int(), words, embedding, weight, bias, PAD), "chars"),
         "chars outside V": (lambda: op(outside, words, embedding, weight, bias, PAD), r"chars\[1, 2\] = 6"),
         "chars negative": (lambda: op(negative, words, embedding, weight, bias, PAD), r"chars\[0, 4\] = -1"),
