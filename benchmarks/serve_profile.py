@@ -56,7 +56,6 @@ MODULE_STAGES = [
     ("fastner.ops", "crf_viterbi", CRF),
     ("fastner.ops", "crf_forward", CRF),
     ("fastner.inference", "tags_to_spans", "spans: tags -> spans"),
-    ("fastner.inference", "relative_to_path", "spans: posterior probabilities"),
     ("fastner.inference", "span_log_probabilities", "spans: posterior probabilities"),
     ("fastner.documents", "document_result", "records: document results"),
 ]
@@ -69,8 +68,7 @@ MODEL_STAGES = [
 ]
 OTHER = "other: Python between the stages"
 # Stages whose functions other stages call too: charged to this stage only when no other stage
-# is open (the model's own Viterbi and log Z), else to the stage calling them (the span
-# posteriors run crf_forward on their constrained copies).
+# is open (the model's own Viterbi and log Z), else to the stage calling them.
 OWN_CALLS_ONLY = {CRF}
 
 

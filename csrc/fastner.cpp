@@ -224,6 +224,16 @@ TORCH_LIBRARY(fastner, m) {
   // ValueError. fastner.nn.CRF's mask check in one call; devices without a kernel use the
   // reference (fastner.reference.crf_lengths).
   m.def("crf_lengths(Tensor mask, bool batch_first) -> Tensor");
+  // Inference only (no gradient): for each n, the probability (float64 [N]) that sequence
+  // rows[n]'s tag path keeps to the allowed tags allowed[n, w] (bool [N, W, K], W >= 1) at the
+  // positions starts[n] + w inside its length (positions past it are ignored): the paths' total
+  // exp(score) over Z, computed in float64 (csrc/cpu/crf_window.cpp). rows int64 [N] in [0, B);
+  // starts int64 [N], 0 <= starts[n] < lengths[rows[n]]. NaN for a sequence whose scores hold a
+  // NaN or +inf it reads, or that has no path (log Z = -inf). The parts of an entity span's
+  // posterior (fastner/span_scores.py). CPU kernel only: other devices run
+  // fastner.reference.crf_window_probabilities.
+  m.def("crf_window_probabilities(Tensor emissions, Tensor lengths, Tensor transitions, "
+        "Tensor start_transitions, Tensor end_transitions, Tensor rows, Tensor starts, Tensor allowed) -> Tensor");
 
   // ---- character CNN -----------------------------------------------------------
   // A word's character features (Ma & Hovy): conv1d over its characters, then the maximum over

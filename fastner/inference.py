@@ -107,7 +107,8 @@ class Analyser:
                 chars = torch.nn.functional.pad(chars, (0, 0, 0, pad), value=self.chars.pad_id)
             lengths = batch.lengths.to(self.device)
             with torch.no_grad():
-                tags, log_z, emissions = self.infer(words.to(self.device), chars.to(self.device), lengths)
+                # (the program's log Z goes unused: the span and k-best scores need their own)
+                tags, _, emissions = self.infer(words.to(self.device), chars.to(self.device), lengths)
             tag_rows = tags.cpu().tolist()
             decoded = []
             requests = []
@@ -116,12 +117,11 @@ class Analyser:
                 spans = tags_to_spans(names)
                 decoded.append((names, spans))
                 requests.extend((row, s, e, label) for s, e, label in spans)
-            if (scores and requests) or nbest:
-                emissions, log_z = relative_to_path(emissions, tags, lengths, self.scores)
-            log_probs = iter(span_log_probabilities(emissions, lengths, log_z, self.scores, requests, self.tag_ids)
+            log_probs = iter(span_log_probabilities(emissions, lengths, self.scores, requests, self.tag_ids)
                              if scores else [float("-inf")] * len(requests))
             if nbest:
-                paths, probabilities = kbest(emissions, lengths, log_z, self.scores, nbest)
+                shifted, shifted_log_z = relative_to_path(emissions, tags, lengths, self.scores)
+                paths, probabilities = kbest(shifted, lengths, shifted_log_z, self.scores, nbest)
             for row, sentence_index in enumerate(index):
                 names, spans = decoded[row]
                 scored = [(s, e, label, round(math.exp(next(log_probs)), 6)) for s, e, label in spans]

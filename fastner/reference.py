@@ -172,6 +172,44 @@ def crf_forward(emissions: Tensor, tags: Optional[Tensor], lengths: Tensor, tran
     return log_z, gold
 
 
+def _nan_or_posinf(x: Tensor) -> Tensor:
+    return ~(x < math.inf)
+
+
+def crf_window_probabilities(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                             start_transitions: Tensor, end_transitions: Tensor, rows: Tensor,
+                             starts: Tensor, allowed: Tensor) -> Tensor:
+    """Reference of torch.ops.fastner.crf_window_probabilities (the definition): float64 [N], for
+    each n the total exp(score) of sequence rows[n]'s paths that keep to allowed[n, w] at position
+    starts[n] + w (inside its length) over its Z: the log partition of its emissions with the
+    disallowed tags at -inf, minus its own, in float64. NaN where the sequence's scores hold a NaN
+    or +inf it reads (a transition from length 2 on), or where it has no path."""
+    validation.crf_window_args("crf_window_probabilities", emissions, lengths, transitions,
+                               start_transitions, end_transitions, rows, starts, allowed)
+    N, W, K = allowed.shape
+    if N == 0:
+        return emissions.new_empty(0, dtype=torch.float64)
+    scores = tuple(s.to(torch.float64) for s in (transitions, start_transitions, end_transitions))
+    picked = emissions.to(torch.float64).index_select(0, rows)  # [N, T, K]
+    picked_lengths = lengths.index_select(0, rows)
+    T = picked.shape[1]
+    # allowed[n, w] at position starts[n] + w: scattered onto [N, T, K], cut where it runs past T
+    positions = starts.unsqueeze(1) + torch.arange(W, device=starts.device)  # [N, W]
+    inside = positions < T
+    mask = torch.ones(N, T, K, dtype=torch.bool, device=emissions.device)
+    n_index = torch.arange(N, device=starts.device).unsqueeze(1).expand(N, W)
+    mask[n_index[inside], positions[inside]] = allowed[inside]
+    constrained = picked.masked_fill(~mask, -math.inf)
+    log_z_set = crf_log_partition(constrained, picked_lengths, *scores)
+    log_z = crf_log_partition(picked, picked_lengths, *scores)
+    probability = (log_z_set - log_z).exp()
+    valid = _valid_steps(picked_lengths, T).unsqueeze(2)
+    poisoned = (_nan_or_posinf(picked) & valid).flatten(1).any(1)
+    poisoned |= bool(_nan_or_posinf(scores[1]).any() or _nan_or_posinf(scores[2]).any())
+    poisoned |= (picked_lengths >= 2) & bool(_nan_or_posinf(scores[0]).any())
+    return torch.where(poisoned | (log_z == -math.inf), math.nan, probability)
+
+
 def crf_backward(grad_log_z: Tensor, grad_gold_score: Tensor, emissions: Tensor,
                  tags: Optional[Tensor], lengths: Tensor, transitions: Tensor,
                  start_transitions: Tensor, end_transitions: Tensor

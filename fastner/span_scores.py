@@ -12,12 +12,13 @@ fixing the tags on the span and, where the decoding depends on them, excluding t
     inside      I-L
 
 Tags missing from the tag set (S/E in IOB2) drop out; under a constrained CRF the forbidden
-paths have probability 0 anyway. Each set's partition is one forward pass over the sentence's
-emissions with the excluded tags at -inf.
+paths have probability 0 anyway. Each set is a window of allowed tags (its positions, the tag
+before and the tag after), and its probability is the op crf_window_probabilities' (float64).
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import numpy
@@ -29,32 +30,21 @@ from fastner import ops
 Alternative = Dict[int, List[int]]  # position -> allowed tag ids (unlisted positions: all)
 SpanRequest = Tuple[int, int, int, str]  # (row, start, end exclusive, label)
 
-# Spans scored per forward call: bounds the [N, T, K] masked-emission copy.
-_CHUNK = 256
-_ELEMENTS = 1 << 24  # 64 MB of float32
+# Alternatives per crf_window_probabilities call: bounds the reference's masked float64 copy
+# [N, T, K] of the emissions (other devices than the CPU).
+_ELEMENTS = 1 << 23  # 64 MB of float64
 
 
 def span_alternatives(tag_ids: Dict[str, int], start: int, end: int, label: str, length: int) -> List[Alternative]:
     """The disjoint tag-constraint sets whose union is "the decoding contains (start, end, label)"."""
     _check_span(start, end, length)
-    relative = _alternatives_of_shape(tuple(tag_ids.items()), label, end - start, start > 0, end < length)
+    relative = _relative_alternatives(tuple(tag_ids.items()), label, end - start, start > 0, end < length)
     return [{start + offset: list(tags) for offset, tags in alternative} for alternative in relative]
 
 
 def _check_span(start: int, end: int, length: int) -> None:
     if not 0 <= start < end <= length:
         raise ValueError(f"span ({start}, {end}) out of range for a sentence of length {length}")
-
-
-def _alternatives_of_shape(tag_items: Tuple[Tuple[str, int], ...], label: str, size: int, before: bool,
-                           after: bool) -> Tuple[Tuple[Tuple[int, Tuple[int, ...]], ...], ...]:
-    """The sets depend on a span only through its label, its size and whether a tag comes before
-    and after it: built once per such shape (building them per span measured a third of a
-    batch's scoring time), with positions relative to the span's start. Spans longer than
-    _CACHED_SIZE are rare and big: built each time, so the cache stays small."""
-    if size <= _CACHED_SIZE:
-        return _cached_alternatives(tag_items, label, size, before, after)
-    return _relative_alternatives(tag_items, label, size, before, after)
 
 
 def _relative_alternatives(tag_items: Tuple[Tuple[str, int], ...], label: str, size: int, before: bool,
@@ -95,19 +85,18 @@ def _relative_alternatives(tag_items: Tuple[Tuple[str, int], ...], label: str, s
                  for alternative in alternatives)
 
 
-_CACHED_SIZE = 16
-_cached_alternatives = functools.lru_cache(maxsize=1024)(_relative_alternatives)
 
 
 @torch.no_grad()
 def relative_to_path(emissions: Tensor, tags: Tensor, lengths: Tensor,
                      scores: Tuple[Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
     """(emissions shifted at each position so that the decoded path `tags` [B, T] scores 0, their
-    log partitions [B]): what span_log_probabilities and kbest should be given.
+    log partitions [B]): what kbest should be given (span_log_probabilities works in float64 on
+    the emissions as they are).
 
     The shift moves every path's score by the same amount, so no probability changes; but a news
     sentence's raw log partition is in the hundreds to thousands, where float32 is exact to ~1e-4,
-    and a span's probability (a difference of two of them) came out up to 1e-4 off, different
+    and a path's probability (a difference of two of them) came out up to 1e-4 off, different
     alone and in a batch, below the best path's. Relative to the decoded path the partitions are
     near 0 and the error ~1e-6 (4e-6 over 300 tokens), at float32 speed (float64 forward passes
     instead measured a third more CPU per document). The shift itself is computed in float64."""
@@ -129,80 +118,87 @@ def relative_to_path(emissions: Tensor, tags: Tensor, lengths: Tensor,
     return shifted, log_z
 
 
-@torch.no_grad()
-def span_log_probabilities(emissions: Tensor, lengths: Tensor, log_z: Tensor,
-                           scores: Tuple[Tensor, Tensor, Tensor], requests: Sequence[SpanRequest],
-                           tag_ids: Dict[str, int]) -> List[float]:
-    """log p(span) for each request (row, start, end, label).
+def _window_masks(tag_items: Tuple[Tuple[str, int], ...], label: str, size: int, before: bool,
+                  after: bool) -> Tuple[int, numpy.ndarray]:
+    """A span shape's alternatives as allowed-tag windows: (lead, allowed bool [A, lead + size +
+    after, K], read-only), the window starting `lead` positions before the span (1 where the tag
+    before it is constrained by some alternative, else 0); positions an alternative leaves free
+    allow every tag."""
+    K = len(tag_items)
+    lead = 1 if before else 0
+    alternatives = _relative_alternatives(tag_items, label, size, before, after)
+    allowed = numpy.ones((len(alternatives), lead + size + (1 if after else 0), K), dtype=bool)
+    for n, alternative in enumerate(alternatives):
+        for offset, tags in alternative:
+            allowed[n, lead + offset] = False
+            allowed[n, lead + offset, list(tags)] = True
+    allowed.flags.writeable = False
+    return lead, allowed
 
-    emissions: [B, T, K] float32/float64; lengths: [B] int64; log_z: [B] (the rows' log
-    partitions under `scores`); scores: (transitions [K, K], start [K], end [K]) as the CRF uses
-    them (constraints as -inf), zeros for a softmax head.
+
+# The windows depend on a span only through its label, its size and whether a tag comes before
+# and after it: built once per such shape (building the sets per span measured a third of a
+# batch's scoring time). Spans longer than _CACHED_SIZE are rare and big: built each time, so
+# the cache stays small.
+_CACHED_SIZE = 16
+_cached_window_masks = functools.lru_cache(maxsize=1024)(_window_masks)
+
+
+@torch.no_grad()
+def span_log_probabilities(emissions: Tensor, lengths: Tensor, scores: Tuple[Tensor, Tensor, Tensor],
+                           requests: Sequence[SpanRequest], tag_ids: Dict[str, int]) -> List[float]:
+    """log p(span) for each request (row, start, end, label), in float64.
+
+    emissions: [B, T, K]; lengths: [B] int64; scores: (transitions [K, K], start [K], end [K]) as
+    the CRF uses them (constraints as -inf), zeros for a softmax head. Each span's alternatives
+    (disjoint sets of paths) are windows of allowed tags, scored by crf_window_probabilities
+    (each sequence's forward and backward variables once, then a walk over each window) and
+    summed.
     """
     if not requests:
         return []
     lengths_list = lengths.tolist()
     rows: List[int] = []
-    masks: List[Tuple[int, tuple]] = []  # (span start, its relative alternative)
+    starts: List[int] = []
+    blocks: List[numpy.ndarray] = []  # per request: its alternatives' windows [A, W, K]
     owner: List[int] = []
     tag_items = tuple(tag_ids.items())
     for number, (row, start, end, label) in enumerate(requests):
-        _check_span(start, end, lengths_list[row])
-        for alternative in _alternatives_of_shape(tag_items, label, end - start, start > 0, end < lengths_list[row]):
-            rows.append(row)
-            masks.append((start, alternative))
-            owner.append(number)
-    K = emissions.shape[2]
-    per_alternative: List[Tensor] = [torch.empty(0, dtype=torch.float64)]
-    # alternatives per forward call: at most _CHUNK, and at most _ELEMENTS masked emissions
-    per_call = max(1, min(_CHUNK, _ELEMENTS // max(1, int(lengths.max()) * K)))
-    for begin in range(0, len(rows), per_call):
-        chunk_rows = rows[begin : begin + per_call]
-        index = torch.tensor(chunk_rows, dtype=torch.long, device=emissions.device)
-        chunk_lengths = lengths.index_select(0, index)
-        # cut the time axis to the longest sentence of this chunk
-        T = int(chunk_lengths.max())
-        # every constrained (alternative, position) cleared, then its allowed tags set: two
-        # indexed writes per chunk (a pair of writes per position measured most of a small
-        # request's scoring time), in numpy: torch's indexing with Python lists took 99 us for
-        # one sentence's three spans (12 alternatives, 170 allowed tags), numpy's 21 (1 thread,
-        # AMD EPYC Zen 4)
-        cleared_n: List[int] = []
-        cleared_at: List[int] = []
-        set_n: List[int] = []
-        set_at: List[int] = []
-        set_tag: List[int] = []
-        for n, (start, alternative) in enumerate(masks[begin : begin + per_call]):
-            for offset, tags in alternative:
-                position = start + offset
-                cleared_n.append(n)
-                cleared_at.append(position)
-                set_n.extend([n] * len(tags))
-                set_at.extend([position] * len(tags))
-                set_tag.extend(tags)
-        allowed = numpy.ones((len(chunk_rows), T, K), dtype=bool)
-        allowed[cleared_n, cleared_at] = False
-        allowed[set_n, set_at, set_tag] = True
-        forbidden = torch.from_numpy(~allowed).to(emissions.device)
-        masked = emissions.index_select(0, index)[:, :T].masked_fill(forbidden, float("-inf"))
-        constrained, _ = ops.crf_forward(masked.contiguous(), None, chunk_lengths, *scores)
-        per_alternative.append(constrained.double().cpu())
-    constrained = torch.cat(per_alternative)
-    total = _logsumexp_by_owner(constrained, owner, len(requests))
-    z = log_z.double().cpu()[torch.tensor([r for r, _, _, _ in requests])]
-    return (total - z).clamp(max=0.0).tolist()
-
-
-def _logsumexp_by_owner(values: Tensor, owner: List[int], count: int) -> Tensor:
-    """[count]: logsumexp of values[i] over the i with owner[i] == n (-inf where none)."""
-    slot: List[int] = []
-    members = [0] * count
-    for n in owner:
-        slot.append(members[n])
-        members[n] += 1
-    grouped = numpy.full((count, max(members, default=0) or 1), float("-inf"), dtype=numpy.float64)
-    grouped[owner, slot] = values.numpy()  # numpy: list indexing, as above
-    return torch.logsumexp(torch.from_numpy(grouped), dim=1)
+        length = lengths_list[row]
+        _check_span(start, end, length)
+        size = end - start
+        masks = _cached_window_masks if size <= _CACHED_SIZE else _window_masks
+        lead, allowed = masks(tag_items, label, size, start > 0, end < length)
+        count = allowed.shape[0]
+        rows.extend([row] * count)
+        starts.extend([start - lead] * count)
+        owner.extend([number] * count)
+        blocks.append(allowed)
+    probabilities: List[numpy.ndarray] = []
+    if rows:
+        K = emissions.shape[2]
+        width = max(block.shape[1] for block in blocks)
+        allowed = numpy.ones((len(rows), width, K), dtype=bool)
+        n = 0
+        for block in blocks:
+            allowed[n : n + block.shape[0], : block.shape[1]] = block
+            n += block.shape[0]
+        device = emissions.device
+        lengths = lengths.to(device)
+        windows = torch.from_numpy(numpy.array([rows, starts], dtype=numpy.int64)).to(device)  # [2, N]
+        # alternatives per call: the fused kernel takes any number; the reference (other devices)
+        # builds a masked float64 copy [N, T, K] of the emissions, bounded to _ELEMENTS
+        per_call = max(1, _ELEMENTS // max(1, max(lengths_list) * K))
+        for begin in range(0, len(rows), per_call):
+            stop = begin + per_call
+            probabilities.append(ops.crf_window_probabilities(
+                emissions, lengths, *scores, windows[0, begin:stop], windows[1, begin:stop],
+                torch.from_numpy(allowed[begin:stop]).to(device)).cpu().numpy())
+    # the alternatives are disjoint: a span's probability is their sum (NaN stays NaN)
+    totals = (numpy.bincount(owner, weights=numpy.concatenate(probabilities), minlength=len(requests)).tolist()
+              if probabilities else [0.0] * len(requests))
+    # log 0 = -inf: a span no path decodes to; the sum may pass 1 by a rounding
+    return [min(math.log(p), 0.0) if p > 0 else (-math.inf if p == 0 else math.nan) for p in totals]
 
 
 @torch.no_grad()

@@ -101,6 +101,32 @@ def crf_args(op: str, emissions: Tensor, lengths: Tensor, transitions: Tensor, s
                 _fail(op, f"tags[{b}, {t}] = {int(tags[b, t])} is outside [0, K = {K})")
 
 
+def crf_window_args(op: str, emissions: Tensor, lengths: Tensor, transitions: Tensor, start: Tensor,
+                    end: Tensor, rows: Tensor, starts: Tensor, allowed: Tensor, *, values: bool = True) -> None:
+    """crf_window_probabilities' arguments (csrc/fastner.cpp): the CRF's (crf_args), rows int64 [N]
+    in [0, B), starts int64 [N] with 0 <= starts[n] < lengths[rows[n]], allowed bool [N, W >= 1, K],
+    all on the emissions' device. values=False: metadata only (fake kernels)."""
+    crf_args(op, emissions, lengths, transitions, start, end, values=values)
+    B, _, K = emissions.shape
+    device = emissions.device
+    tensor_arg(op, "rows", rows, dim=1, dtypes=(torch.long,), device=device)
+    N = rows.shape[0]
+    tensor_arg(op, "starts", starts, shape=(N,), dtypes=(torch.long,), device=device)
+    tensor_arg(op, "allowed", allowed, dim=3, dtypes=(torch.bool,), device=device)
+    if allowed.shape[0] != N or allowed.shape[1] < 1 or allowed.shape[2] != K:
+        _fail(op, f"allowed must be [N, W, K] = [{N}, W >= 1, {K}], got {list(allowed.shape)}")
+    if values and N and _reads_values(rows) and _reads_values(starts) and _reads_values(lengths):
+        bad_row = (rows < 0) | (rows >= B)
+        if bool(bad_row.any()):
+            n = int(bad_row.nonzero()[0, 0])
+            _fail(op, f"rows[{n}] = {int(rows[n])} is outside [0, B = {B})")
+        limit = lengths[rows]
+        bad_start = (starts < 0) | (starts >= limit)
+        if bool(bad_start.any()):
+            n = int(bad_start.nonzero()[0, 0])
+            _fail(op, f"starts[{n}] = {int(starts[n])} is outside [0, lengths[{int(rows[n])}] = {int(limit[n])})")
+
+
 def crf_k(op: str, k) -> None:
     """crf_kbest's k: a positive Python int (bool refused)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -94,7 +94,7 @@ def test_generator_stages_time_each_step():
 
 
 def test_crf_ops_inside_another_stage_are_charged_to_that_stage():
-    # the span posteriors run crf_forward on their constrained copies: their stage, not the CRF's
+    # a CRF op that another stage calls (a posterior stage running one) is charged to that stage
     clock = serve_profile.StageClock()
     crf_op = clock.wrap(lambda: sum(range(1000)), serve_profile.CRF)
     posteriors = clock.wrap(lambda: crf_op(), "posteriors")

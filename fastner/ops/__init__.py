@@ -20,6 +20,7 @@ kernels by strategy: exact per-sequence, lanes per ISA).
 | crf_viterbi | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_viterbi | ops.crf.crf_viterbi | ops/crf/test_crf_ops, _module, _lanes, _constraints, _fuzz, _cuda, _cuda_emulated | fastner/bench/crf_rows.py (decode), benchmarks/bench_crf.py, crf_cuda_bench.py |
 | crf_kbest | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_kbest | ops.crf.crf_kbest | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
 | crf_marginals | csrc/cpu/crf*.cpp/h | cuda/crf.cu + kernels/crf.cuh | reference.crf_marginals | ops.crf.crf_marginals | ops/crf/test_crf_ops, _module, _bruteforce, _lanes_marginals_kbest, _fuzz, _cuda, _cuda_emulated | benchmarks/bench_crf.py |
+| crf_window_probabilities (inference) | csrc/cpu/crf_window.cpp (+ crf_sequence.h's forward) | - (reference) | reference.crf_window_probabilities | ops.crf.crf_window_probabilities (span posteriors: fastner/span_scores.py) | ops/crf/test_crf_window_probabilities | benchmarks/serve_profile.py (spans: posterior probabilities) |
 | crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
 | char_conv_max / _backward | csrc/cpu/char_cnn.cpp | - (reference) | reference.char_conv_max | ops.char_cnn.char_conv_max (module: fastner/models/char_cnn.py) | ops/char_cnn/test_char_cnn_ops | benchmarks/char_cnn_step.py |
 | char_embed_conv_max (inference) | csrc/cpu/char_cnn.cpp | - (reference) | reference.char_embed_conv_max | ops.char_cnn.char_embed_conv_max (module: fastner/models/char_cnn.py, eval without gradients) | ops/char_cnn/test_char_embed_conv_max | fastner/bench/tagger_rows.py (inference) |
@@ -45,8 +46,8 @@ scripts.
 from fastner.ops.char_cnn import char_conv_max, char_embed_conv_max
 from fastner.ops.dropout import dropout_mask
 from fastner.ops.crf import (crf_forward, crf_kbest, crf_lengths, crf_log_likelihood,
-                             crf_marginals, crf_viterbi, tag_lists)
+                             crf_marginals, crf_viterbi, crf_window_probabilities, tag_lists)
 from fastner.ops.rnn import rnn_int8_pack, rnn_layer, rnn_layer_int8
 
 __all__ = ["char_conv_max", "char_embed_conv_max", "crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood", "crf_marginals",
-           "crf_viterbi", "dropout_mask", "rnn_int8_pack", "rnn_layer", "rnn_layer_int8", "tag_lists"]
+           "crf_viterbi", "crf_window_probabilities", "dropout_mask", "rnn_int8_pack", "rnn_layer", "rnn_layer_int8", "tag_lists"]

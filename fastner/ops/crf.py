@@ -122,6 +122,27 @@ def crf_marginals(emissions: Tensor, lengths: Tensor, transitions: Tensor,
                                    end_transitions)
 
 
+def crf_window_probabilities(emissions: Tensor, lengths: Tensor, transitions: Tensor,
+                             start_transitions: Tensor, end_transitions: Tensor, rows: Tensor,
+                             starts: Tensor, allowed: Tensor) -> Tensor:
+    """For inference: float64 [N], for each n the probability that sequence rows[n]'s tag path
+    keeps to the allowed tags allowed[n, w] at the positions starts[n] + w inside its length
+    (positions past it are ignored); NaN for a sequence whose scores hold a NaN or +inf it reads,
+    or that has no path. The parts of an entity span's posterior (fastner.span_scores).
+
+    rows: int64 [N] in [0, B); starts: int64 [N], 0 <= starts[n] < lengths[rows[n]];
+    allowed: bool [N, W, K], W >= 1. No gradient: ValueError when one could flow.
+    """
+    arguments = (emissions, lengths, transitions, start_transitions, end_transitions, rows, starts, allowed)
+    validation.tensors("crf_window_probabilities", _SCORES + ("rows", "starts", "allowed"), arguments)
+    if needs_grad(emissions, transitions, start_transitions, end_transitions):
+        raise ValueError("crf_window_probabilities has no gradient (an inference op): call it under "
+                         "torch.no_grad()")
+    if use_fused("crf_window_probabilities", emissions.device):
+        return torch.ops.fastner.crf_window_probabilities.default(*arguments)
+    return reference.crf_window_probabilities(*arguments)
+
+
 def crf_lengths(mask: Tensor, batch_first: bool) -> Tensor:
     """Lengths int64 [B] of a right-padded bool/uint8 mask ([B, T] when batch_first, else
     [T, B]); ValueError when the mask has a gap."""
@@ -332,6 +353,12 @@ def _register() -> None:
         validation.crf_args("crf_marginals", emissions, lengths, transitions, start_transitions,
                             end_transitions, values=False)
         return emissions.new_empty(emissions.shape, dtype=_accumulate(emissions))
+
+    @torch.library.register_fake("fastner::crf_window_probabilities")
+    def _(emissions, lengths, transitions, start_transitions, end_transitions, rows, starts, allowed):
+        validation.crf_window_args("crf_window_probabilities", emissions, lengths, transitions,
+                                   start_transitions, end_transitions, rows, starts, allowed, values=False)
+        return emissions.new_empty(rows.shape[0], dtype=torch.float64)
 
     @torch.library.register_fake("fastner::crf_lengths")
     def _(mask, batch_first):
