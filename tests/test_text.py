@@ -553,3 +553,40 @@ def test_word_spans_equal_nltk_on_every_corpus_sentence(empty_word_caches):
     texts += list(_adversarial_texts(10000, seed=8))
     assert _word_step_mismatches(texts) == []
     assert _word_step_mismatches(texts[-5000:] + texts[:5000]) == []
+
+
+def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
+    """_one_sentence_start answers for paragraphs with no terminal or opening bracket before their
+    closing terminals, without running syntok: the sentence ranges must be syntok's own. CoNLL's
+    training and development sentences (never eng.testb) alone, as blank-line paragraphs and as
+    articles; generated text from pieces holding every terminal, bracket and quote kind, and
+    without stops; the adversarial strings."""
+    from fastner.text import tokenizer
+
+    texts = []
+    for name in ("eng.train", "eng.testa"):
+        sentences = [detokenize(tokens)[0] for tokens in _conll(name)]
+        texts += sentences
+        texts += ["\n\n".join(sentences[i:i + 5]) for i in range(0, len(sentences), 5)]
+    rng = random.Random(3)
+    ends = ["", ".", "!", "?", "...", "?!", ". ", ".\n", "\u3002", "\uff01", '."', ".)", ";"]
+    for _ in range(6000):
+        words = [rng.choice(_PIECES) if rng.random() < 0.3 else rng.choice(["Acme", "rose", "Oslo", "a", "I", "X"])
+                 for _ in range(rng.randint(0, 12))]
+        texts.append(rng.choice(["", " ", "\n"]) + " ".join(words) + rng.choice(ends))
+    texts += list(_adversarial_texts(4000, seed=5))
+    taken = []
+    fast = tokenizer._one_sentence_start
+
+    def counted(*args):
+        start = fast(*args)
+        taken.append(start is not None)
+        return start
+
+    monkeypatch.setattr(tokenizer, "_one_sentence_start", counted)
+    got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
+    monkeypatch.setattr(tokenizer, "_one_sentence_start", lambda *args: None)
+    want = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
+    mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
+    assert mismatches == []
+    assert sum(taken) > 10000 and len(taken) - sum(taken) > 10000  # both ways, many times
