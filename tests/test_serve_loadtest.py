@@ -103,6 +103,36 @@ def test_loadtest_main_runs_every_scenario(tmp_path_factory, tmp_path):
     assert results[-1]["status"].get("503", 0) > 0
 
 
+def test_loadtest_serves_and_checks_at_the_precision_asked(tmp_path_factory, tmp_path, monkeypatch):
+    started = []
+    process = loadtest.ServerProcess
+
+    def recording(model, args):
+        started.append(list(args))
+        return process(model, args)
+
+    monkeypatch.setattr(loadtest, "ServerProcess", recording)
+    out = tmp_path / "load.json"
+    code = loadtest.main([tiny_model_dir(tmp_path_factory), "--seconds", "1", "--capacity-tokens", "400",
+                          "--overload-clients", "8", "--overload-queue", "2", "--precision", "int8",
+                          "--json", str(out)])
+    assert code == 0  # every answer matched the int8 model's own
+    assert json.loads(out.read_text())["precision"] == "int8"
+    assert started and all(args[args.index("--precision") + 1] == "int8" for args in started)
+
+
+def test_load_tagger_at_each_precision(tmp_path_factory):
+    import torch
+
+    from fastner.nn.quantize import Int8GRU, Int8LSTM, Int8RNN
+    from fastner.serve.model import load_tagger
+
+    model = tiny_model_dir(tmp_path_factory)
+    assert next(load_tagger(model, "cpu", "float64").model.parameters()).dtype == torch.float64
+    assert any(isinstance(m, (Int8LSTM, Int8GRU, Int8RNN)) for m in load_tagger(model, "cpu", "int8").model.modules())
+    assert next(load_tagger(model, "cpu", "fp32").model.parameters()).dtype == torch.float32
+
+
 def test_loadtest_refuses_a_negative_wait(capsys):
     with pytest.raises(SystemExit) as exit_info:
         loadtest.main(["model-dir", "--max-wait-ms", "-1"])

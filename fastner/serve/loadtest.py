@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fastner.serve.config import PRECISIONS, ServeConfig, precision_name
 from fastner.serve.process import HOST, ServerProcess
 
 REQUEST_TIMEOUT = 30.0
@@ -430,6 +431,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--soak-clients", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=None,
                         help="every server's --max-wait-ms (default: fastner serve's own)")
+    parser.add_argument("--precision", type=precision_name, choices=PRECISIONS, default=ServeConfig.precision,
+                        help="every server's --precision, and the model of the direct runs and of the answers' "
+                             f"checks (default {ServeConfig.precision})")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 3600 or args.soak > 4 * 3600 \
@@ -438,20 +442,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_wait_ms is not None and args.max_wait_ms < 0:
         parser.error("--max-wait-ms must be >= 0")
     extra = [] if args.max_wait_ms is None else ["--max-wait-ms", f"{args.max_wait_ms:g}"]
+    extra += ["--precision", args.precision]
 
     import torch
 
     import fastner
-    from fastner.tagger import Tagger
+    from fastner.serve.model import load_tagger
 
     torch.set_num_threads(1)
-    tagger = Tagger.load(args.model, device="cpu")
+    tagger = load_tagger(args.model, "cpu", args.precision)
     workload = Workload(tagger, load_documents(args.documents))
     cpu = _cpu_name()
     load_start = list(os.getloadavg())
     print(f"loadtest: {len(workload.documents)} documents, mean {statistics.mean(workload.tokens):.1f} tokens; "
           f"{cpu}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; fastner {fastner.__version__}, "
-          f"torch {torch.__version__}", file=sys.stderr)
+          f"torch {torch.__version__}; precision {args.precision}", file=sys.stderr)
     results: List[dict] = []
 
     def report(result: dict) -> None:
@@ -485,7 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             command = " ".join(["python -m fastner.serve.loadtest", *(sys.argv[1:] if argv is None else argv)])
-            json.dump({"machine": cpu, "cpus": os.cpu_count(), "command": command,
+            json.dump({"machine": cpu, "cpus": os.cpu_count(), "command": command, "precision": args.precision,
                        "load_average": {"start": load_start, "end": list(os.getloadavg())}, "results": results},
                       handle, indent=1)
     if failures:

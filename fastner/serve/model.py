@@ -37,6 +37,21 @@ SENTENCES_PER_CALL = 512  # Tagger.predict's batch size: one model call holds a 
 _ANALYSERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def load_tagger(model: str, device: str, precision: str):
+    """The tagger in MODEL at `precision` (a name in fastner.serve.config.PRECISIONS): Tagger.load's
+    precisions, or float64 (the whole model cast to double). What `fastner serve` serves, and what
+    the load test checks its answers against."""
+    import torch
+
+    from fastner.tagger import Tagger
+
+    if precision == "float64":
+        tagger = Tagger.load(model, device=device)
+        tagger.model.to(torch.float64)
+        return tagger
+    return Tagger.load(model, device=device, precision=precision)
+
+
 def count_tokens(text: str) -> int:
     """About the tokens the model will see for `text`: what batching and the length limit count."""
     return _TOKEN.subn("", text)[1]  # counted in C: 25% faster than iterating match objects

@@ -74,7 +74,7 @@ def run(args) -> int:
         raise ImportError(f"fastner serve needs FastAPI, uvicorn and httptools ({err}): pip install 'fastner[serve]'") from None
     import torch
 
-    from fastner.tagger import Tagger
+    from fastner.serve.model import load_tagger
 
     # oneDNN caches a compiled primitive per input shape (the char CNN's convolution sees a new
     # shape in nearly every batch), up to 1024 of them: measured as the server's memory growing
@@ -90,11 +90,7 @@ def run(args) -> int:
                          precision=args.precision)
     # the event loop's thread runs no model code; one thread keeps it off the worker's cores
     torch.set_num_threads(1)
-    if config.precision == "float64":
-        tagger = Tagger.load(args.model, device=args.device)
-        tagger.model.to(torch.float64)
-    else:
-        tagger = Tagger.load(args.model, device=args.device, precision=config.precision)
+    tagger = load_tagger(args.model, args.device, config.precision)
     app = create_app(tagger, config)
     print(json.dumps({"serving": args.model, "url": f"http://{args.host}:{args.port}/", "precision": config.precision,
                       "batching": config.batching, "threads": config.threads}), file=sys.stderr, flush=True)
