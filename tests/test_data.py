@@ -133,6 +133,11 @@ def test_batches_pad_and_mask():
     assert batch.tags.tolist() == [[0, 1], [0, 0]]
     with pytest.raises(ValueError, match="tag 'B-Y'"):
         encode_sentences([Sentence(["a"], ["B-Y"])], words, chars, tags)
+    empty = encode_sentences([Sentence([])], words, chars)
+    with pytest.raises(ValueError, match="empty sentences cannot be batched"):
+        make_batch(encoded + empty, [0, 2])
+    with pytest.raises(ValueError, match="at least one sentence"):
+        make_batch(encoded, [])
 
 
 def test_batch_chars_are_padded_per_word_and_per_sentence():

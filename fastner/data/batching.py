@@ -67,10 +67,15 @@ def encode_sentences(
 
 def make_batch(encoded: Sequence[Encoded], index: Sequence[int], word_pad: int = 0, char_pad: int = 0) -> Batch:
     items = [encoded[i] for i in index]
-    lengths = torch.tensor([len(item.words) for item in items], dtype=torch.long)
-    if (lengths == 0).any():
+    # the checks and the longest length on the Python ints: three torch ops and a host read less
+    # (~15 us of a one-sentence served call)
+    sizes = [len(item.words) for item in items]
+    if not sizes:
+        raise ValueError("a batch needs at least one sentence")
+    if 0 in sizes:
         raise ValueError("empty sentences cannot be batched")
-    batch_size, time_len = len(items), int(lengths.max())
+    lengths = torch.tensor(sizes, dtype=torch.long)
+    batch_size, time_len = len(items), max(sizes)
     char_len = max(1, max(len(cs) for item in items for cs in item.chars))
     # padded Python lists first, one tensor each: far cheaper than a small tensor per token; the
     # chars ([B, T, C], most of the ids) as one flat int64 array: torch.tensor of a nested list
