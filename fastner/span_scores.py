@@ -85,8 +85,6 @@ def _relative_alternatives(tag_items: Tuple[Tuple[str, int], ...], label: str, s
                  for alternative in alternatives)
 
 
-
-
 @torch.no_grad()
 def relative_to_path(emissions: Tensor, tags: Tensor, lengths: Tensor,
                      scores: Tuple[Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
