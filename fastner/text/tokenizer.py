@@ -21,6 +21,7 @@ whole; unicode dashes and ellipses stand alone.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import re
@@ -206,6 +207,7 @@ def _paragraphs(work: str) -> Iterator[Tuple[int, int]]:
 _DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
 
 
+@functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
 def _syntok_breaks() -> Tuple[str, "re.Pattern"]:
     """(syntok's one-character sentence terminals, a pattern of those and its opening brackets):
     the only tokens at which its segmenter may end a sentence (syntok/_segmentation_states.py:
@@ -216,19 +218,13 @@ def _syntok_breaks() -> Tuple[str, "re.Pattern"]:
     return terminals, re.compile("[" + re.escape(terminals + "".join(sorted(State.opening_brackets))) + "]")
 
 
-_SYNTOK_BREAKS: Optional[Tuple[str, "re.Pattern"]] = None
-
-
 def _one_sentence_start(segmented: str, begin: int, finish: int) -> Optional[int]:
     """The start of the paragraph segmented[begin:finish] if syntok reads it as one sentence
     without asking it: no terminal and no opening bracket before its closing run of terminals
     ("Shares of Acme Corp rose on Monday." and every headline without a stop); None where syntok
     must decide. Two thirds of eng.testa's documents, each ~80 us of syntok's Python saved
     (tests/test_text.py checks the answer against syntok's own on generated and real text)."""
-    global _SYNTOK_BREAKS
-    if _SYNTOK_BREAKS is None:
-        _SYNTOK_BREAKS = _syntok_breaks()
-    terminals, breaks = _SYNTOK_BREAKS
+    terminals, breaks = _syntok_breaks()
     text = segmented[begin:finish]
     body = text.rstrip(" \n").rstrip(terminals)  # the working copy's only whitespace is " " and "\n"
     if not body.strip(" \n") or breaks.search(body):
