@@ -15,9 +15,9 @@
 // relative (each step's scale dropped) and no log partition is subtracted from another.
 //
 // alpha: the exact per-sequence forward kernel (csrc/cpu/crf_sequence.h, absolute log values);
-// beta: the same scaled log-sum-exp in the backward direction, scalar (K exps and logs and a
-// K x K multiply-add a step), with the exact log-sum-exp where the scaled sum underflows; the
-// window steps: exact log-sum-exp (windows are a few positions long).
+// beta and the window steps: the same scaled log-sum-exp (backward, and forward restricted to
+// the allowed tags), scalar (K exps and logs and a K x K multiply-add a step), with the exact
+// log-sum-exp where the scaled sum underflows.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -64,15 +64,28 @@ std::pair<Tensor, Tensor> check_windows(const Tensor& emissions, const int64_t* 
   return {rows, starts};
 }
 
+// Which of the call's shared scores hold a NaN or +inf (read once a call).
+struct BadScores {
+  bool transitions = false;  // read by sequences of length >= 2
+  bool start_or_end = false;  // read by every sequence with a path
+};
+
+BadScores bad_scores(const Transitions<double>& tr) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  BadScores bad;
+  for (int64_t i = 0; i < tr.K; ++i) {
+    bad.start_or_end = bad.start_or_end || !(tr.start[i] < inf) || !(tr.end[i] < inf);
+    for (int64_t j = 0; j < tr.K; ++j) bad.transitions = bad.transitions || !(tr.log_row[i * tr.KP + j] < inf);
+  }
+  return bad;
+}
+
 // A sequence's scores hold a NaN or +inf it reads: its probabilities are NaN (as its log Z is,
 // fastner.nn.CRF's contract). A transition counts from length 2, start and end from length 1.
-bool poisoned(const double* em, int64_t L, const Transitions<double>& tr, bool transitions_bad) {
+bool poisoned(const double* em, int64_t L, int64_t K, const BadScores& bad) {
   constexpr double inf = std::numeric_limits<double>::infinity();
-  if (L >= 2 && transitions_bad) return true;
-  for (int64_t j = 0; j < tr.K; ++j) {
-    if (!(tr.start[j] < inf) || !(tr.end[j] < inf)) return true;
-  }
-  for (int64_t n = 0; n < L * tr.K; ++n) {
+  if (bad.start_or_end || (L >= 2 && bad.transitions)) return true;
+  for (int64_t n = 0; n < L * K; ++n) {
     if (!(em[n] < inf)) return true;
   }
   return false;
@@ -172,10 +185,7 @@ Tensor crf_window_probabilities_cpu(const Tensor& emissions_in, const Tensor& le
   const Transitions<double> tr(transitions.const_data_ptr<double>(), start_scores.const_data_ptr<double>(),
                                end_scores.const_data_ptr<double>(), K);
   const int64_t KP = tr.KP;
-  bool transitions_bad = false;
-  for (int64_t n = 0; n < K * K; ++n) {
-    transitions_bad = transitions_bad || !(tr.log_row[n / K * KP + n % K] < std::numeric_limits<double>::infinity());
-  }
+  const BadScores bad = bad_scores(tr);
   const double* em = emissions.const_data_ptr<double>();
   const int64_t* row = rows.const_data_ptr<int64_t>();
   const int64_t* first = starts.const_data_ptr<int64_t>();
@@ -200,7 +210,7 @@ Tensor crf_window_probabilities_cpu(const Tensor& emissions_in, const Tensor& le
       betas.resize(betas.size() + T * K);
       double* al = alphas.data() + slot[b] * T * K;
       double* be = betas.data() + slot[b] * T * K;
-      bool is_dead = poisoned(e, L, tr, transitions_bad);
+      bool is_dead = poisoned(e, L, K, bad);
       if (!is_dead) {
         const double log_z = forward_sequence(tr, e, L, T, al, work.data());
         is_dead = log_z == ninf;
