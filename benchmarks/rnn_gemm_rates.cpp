@@ -1,16 +1,15 @@
-// GFLOP/s of the recurrent layers' packed-product kernels, one thread: the float32 AVX2 kernel
-// (csrc/cpu/rnn_gemm_avx2.h), the bf16 layers' AVX2 path (rows rounded to bf16, weights widened)
-// and the AVX512_BF16 kernel (csrc/cpu/rnn_gemm_avx512_bf16.h), and the cost of packing each
-// one's weights (done once per layer call). C[m, n] += A[m, k] @ W^T, W [n, k] as the layers
-// hold it; rounds interleaved, medians of 21. Build and run from the repository root:
+// Rates of the recurrent layers' packed-product kernels, one thread: the float32 AVX2 kernel
+// (csrc/cpu/rnn_gemm_avx2.h), the bf16 layers' AVX2 path (rows rounded to bf16, weights widened),
+// the AVX512_BF16 kernel (csrc/cpu/rnn_gemm_avx512_bf16.h) and the int8 layers' product
+// (csrc/cpu/rnn_int8.h: rows quantized on each call, then the AVX2 or, where the CPU has it, the
+// AVX512-VNNI kernel), and the cost of packing each float kernel's weights (done once per layer
+// call). C[m, n] += A[m, k] @ W^T, W [n, k] as the layers hold it; rounds interleaved, medians
+// of 21. The CMake build (CMakeLists.txt, as .ci/run runs it) builds it:
 //
-//   g++ -O3 -march=x86-64-v3 -std=c++20 -w -I csrc $(python -c "from torch.utils.cpp_extension \
-//     import include_paths; print(' '.join('-I' + p for p in include_paths()))") \
-//     benchmarks/rnn_gemm_rates.cpp csrc/cpu/rnn_gemm_avx512_bf16.cpp csrc/cpu/cpu_isa.cpp \
-//     -o /tmp/rnn_gemm_rates && /tmp/rnn_gemm_rates [m k n ...]
+//   build/cmake/fastner_gemm_rates [m k n ...]
 //
-// (no libtorch needed at link time: the kernels use no ATen function). FASTNER_CPU_ISA=avx2 or
-// a CPU without AVX512_BF16 leaves that column out.
+// FASTNER_CPU_ISA=avx2 or a CPU without AVX512_BF16 leaves that column out (0);
+// FASTNER_RNN_INT8=avx2 times the AVX2 int8 kernel where VNNI is present.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -21,6 +20,8 @@
 
 #include "cpu/rnn_gemm_avx2.h"
 #include "cpu/rnn_gemm_avx512_bf16.h"
+#include "cpu/rnn_int8.h"
+#include "cpu/rnn_int8_vnni.h"
 
 using namespace fastner::cpu::rnn;
 
@@ -67,26 +68,35 @@ void run(int64_t m, int64_t k, int64_t n, bool dot) {
     avx2_gemm::multiply<uint16_t>(m, n, k, rounded.data(), k, panels_bf16, true, c.data(), n);
   };
   auto bf16_dot = [&] { avx512_bf16_gemm::multiply(m, n, k, a.data(), k, panels_dot, true, c.data(), n); };
+  // int8: weights in [-63, 63] (the s7 range the packing requires), one scale per channel.
+  std::vector<int8_t> w_int8(w.size());
+  for (size_t i = 0; i < w.size(); ++i) w_int8[i] = static_cast<int8_t>(static_cast<int>((i * 104729) % 127) - 63);
+  const std::vector<float> w_scale(n, 1.0f / 63.0f);
+  std::vector<int8_t> packed_int8(int8::packed_bytes(n, k));
+  int8::pack(w_int8.data(), w_scale.data(), n, k, packed_int8.data(), "w");
+  const int8::PackedWeights weights_int8(packed_int8.data(), static_cast<int64_t>(packed_int8.size()), n, k, "w");
+  auto int8_product = [&] { weights_int8.multiply(m, a.data(), k, 1.0f, c.data(), n); };
   pack_f32();
   pack_bf16();
   pack_dot();
   const double flops = 2.0 * static_cast<double>(m) * n * k;
   const int calls = std::max(1, static_cast<int>(2e7 / flops));
-  std::vector<double> t[3], p[3];
+  std::vector<double> t[4], p[3];
   for (int round = 0; round < 21; ++round) {
     t[0].push_back(seconds_per_call(f32, calls));
     t[1].push_back(seconds_per_call(bf16_avx2, calls));
     if (dot) t[2].push_back(seconds_per_call(bf16_dot, calls));
+    t[3].push_back(seconds_per_call(int8_product, calls));
     p[0].push_back(seconds_per_call(pack_f32, 3));
     p[1].push_back(seconds_per_call(pack_bf16, 3));
     if (dot) p[2].push_back(seconds_per_call(pack_dot, 3));
   }
   std::printf("[%lld, %lld] x [%lld, %lld]  GFLOP/s: fp32 avx2 %6.1f  bf16 avx2 %6.1f  avx512_bf16 %6.1f"
-              "   pack us: %5.1f %5.1f %5.1f\n",
+              "  int8 (GOP/s) %6.1f   pack us: %5.1f %5.1f %5.1f\n",
               static_cast<long long>(m), static_cast<long long>(k), static_cast<long long>(k),
               static_cast<long long>(n), flops / median(t[0]) / 1e9, flops / median(t[1]) / 1e9,
-              dot ? flops / median(t[2]) / 1e9 : 0.0, median(p[0]) * 1e6, median(p[1]) * 1e6,
-              dot ? median(p[2]) * 1e6 : 0.0);
+              dot ? flops / median(t[2]) / 1e9 : 0.0, flops / median(t[3]) / 1e9, median(p[0]) * 1e6,
+              median(p[1]) * 1e6, dot ? median(p[2]) * 1e6 : 0.0);
 }
 
 }  // namespace
@@ -99,6 +109,7 @@ int main(int argc, char** argv) {
       for (int j = 0; j < 3; ++j) shapes.push_back(std::atoll(argv[i + j]));
   }
   const bool dot = avx512_bf16_gemm::available();
-  std::printf("avx512_bf16 kernel: %s\n", dot ? "available" : "not available (column 0)");
+  std::printf("avx512_bf16 kernel: %s; int8 kernel: %s\n", dot ? "available" : "not available (column 0)",
+              int8::vnni_selected() ? "avx512_vnni" : "avx2");
   for (size_t i = 0; i + 2 < shapes.size(); i += 3) run(shapes[i], shapes[i + 1], shapes[i + 2], dot);
 }
