@@ -1,5 +1,6 @@
 """CoNLL reader, tag schemes, vocabularies and batching."""
 import random
+from array import array
 
 import pytest
 import torch
@@ -159,6 +160,64 @@ def test_batch_chars_are_padded_per_word_and_per_sentence():
     assert batch.chars[1, 2].tolist() == [a, b, c, a, b]
 
 
+def _random_text(rng: random.Random, length: int) -> str:
+    # ASCII, both cases, accents, a dotted capital I (its lowercase form is two characters),
+    # CJK and a character past the BMP
+    alphabet = "abcABC019-.,'" + "éÉüÜß" + "İ" + "中文" + "\U0001F600"
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+def test_id_codes_are_the_lookup_of_each_character():
+    rng = random.Random(5)
+    chars = Vocab(list("abcé019-") + ["i̇"])  # "i̇" = "İ".lower(): two characters, one entry
+    for _ in range(300):
+        text = _random_text(rng, rng.randint(0, 30))
+        assert [ord(code) for code in chars.id_codes(text)] == [chars.lookup(c) for c in text]
+    assert [ord(code) for code in chars.id_codes("İAÉ")] == [chars["i̇"], chars["a"], chars["é"]]
+    assert [ord(code) for code in chars.id_codes("z")] == [chars.unk_id]  # remembered as unknown
+    chars.add("z")  # the remembered table is dropped: a new entry's character gets its own id
+    assert [ord(code) for code in chars.id_codes("z")] == [chars["z"]]
+    # the table stops growing at its cap; characters past it still get their ids
+    from fastner.data.vocab import _CodeTable
+    many = "".join(chr(0x4E00 + i) for i in range(_CodeTable.MAX_ENTRIES + 50)) + "ab"
+    assert [ord(code) for code in chars.id_codes(many)] == [chars.lookup(c) for c in many]
+    assert len(chars._code_table) == _CodeTable.MAX_ENTRIES
+    # without an unknown entry an unseen character is an error, not its own code point
+    closed = Vocab(list("ab"), specials=("<pad>",))
+    assert [ord(code) for code in closed.id_codes("ab")] == [closed["a"], closed["b"]]
+    with pytest.raises(ValueError, match="'x' is not in a vocabulary without an unknown entry"):
+        closed.id_codes("abx")
+
+
+def test_batch_chars_equal_the_lookup_of_each_character():
+    # random sentences (words past MAX_WORD_CHARS, empty words, characters outside the
+    # vocabulary and outside the BMP) against the per-character lookup, padded by hand; and a
+    # vocabulary of 60,000 entries, whose ids run through the surrogate range 0xD800-0xDFFF
+    from fastner.data.batching import MAX_WORD_CHARS
+    rng = random.Random(6)
+    small = Vocab(list("abcABCé019"))
+    large = Vocab([chr(0x4E00 + i) for i in range(60_000)] + list("abcABCé019"))
+    assert large["a"] > 0xDFFF and large[chr(0x4E00 + 0xD800)] == 0xD802
+    for chars in (small, large):
+        sentences = []
+        for _ in range(12):
+            tokens = [_random_text(rng, rng.choice([0, 1, 3, 8, MAX_WORD_CHARS + 5])) for _ in range(rng.randint(1, 9))]
+            if chars is large:
+                tokens.append("".join(chr(0x4E00 + i) for i in range(0xD7FE, 0xD806)))
+            sentences.append(Sentence(tokens))
+        words = Vocab()
+        encoded = encode_sentences(sentences, words, chars)
+        index = list(range(len(sentences)))
+        rng.shuffle(index)
+        batch = make_batch(encoded, index, words.pad_id, char_pad=-3)
+        T = max(len(sentences[i].tokens) for i in index)
+        C = max(1, max(min(len(t), MAX_WORD_CHARS) for s in sentences for t in s.tokens))
+        expected = [[[chars.lookup(c) for c in t[:MAX_WORD_CHARS]] for t in sentences[i].tokens] for i in index]
+        expected = [[ids + [-3] * (C - len(ids)) for ids in row] + [[-3] * C] * (T - len(row)) for row in expected]
+        assert batch.chars.dtype == torch.int64
+        assert batch.chars.tolist() == expected
+
+
 def test_bucket_batches_cover_everything_and_are_seeded():
     lengths = [((i * 37) % 50) + 1 for i in range(103)]
     batches = bucket_batches(lengths, 10, shuffle=True, rng=random.Random(1))
@@ -177,7 +236,8 @@ def test_encoding_with_digit_normalisation_and_unknown_words():
     chars = Vocab(list("0123456789"))
     encoded = encode_sentences([Sentence(["1996", "Paris", "Lyon"])], words, chars, digits_to_zero=True)[0]
     assert encoded.words == [words["0000"], words["paris"], words.unk_id]
-    assert encoded.chars[0] == [chars["1"], chars["9"], chars["9"], chars["6"]]  # chars keep the digits
+    # chars keep the digits (int32 ids, native byte order)
+    assert array("i", encoded.chars[0]).tolist() == [chars["1"], chars["9"], chars["9"], chars["6"]]
     assert encoded.tags is None
 
 

@@ -22,6 +22,7 @@ class Vocab:
         self.specials: List[str] = list(specials)
         self.itos: List[str] = []
         self.stoi: Dict[str, int] = {}
+        self._code_table: Optional[_CodeTable] = None  # id_codes' translate table, filled as characters come
         for item in list(self.specials) + list(items):
             self.add(item)
 
@@ -37,6 +38,7 @@ class Vocab:
             index = len(self.itos)
             self.itos.append(item)
             self.stoi[item] = index
+            self._code_table = None  # a character's lookup may have changed
         return index
 
     def __len__(self) -> int:
@@ -70,6 +72,17 @@ class Vocab:
                 raise KeyError(f"{item!r} is not in a vocabulary without an unknown entry")
         return index
 
+    def id_codes(self, text: str) -> str:
+        """`text` with each character replaced by the character whose code point is that
+        character's lookup() id: a word's char ids by one str.translate over a table that
+        remembers each character's id, ready to be encoded as int32 bytes (fastner.data.batching).
+        ValueError for a character without an id (a vocabulary without an unknown entry) and for
+        an id past the Unicode range (a vocabulary of over 1,114,112 entries)."""
+        table = self._code_table
+        if table is None:
+            table = self._code_table = _CodeTable(self)
+        return text.translate(table)
+
     def to_json(self) -> dict:
         return {"specials": self.specials, "itos": self.itos}
 
@@ -88,6 +101,33 @@ class Vocab:
         if len(vocab) != len(itos):
             raise ValueError("vocabulary JSON: 'itos' holds duplicate entries")
         return vocab
+
+
+class _CodeTable(dict):
+    """ord(character) -> its id in `vocab`, for str.translate; a character not seen yet is
+    looked up, and remembered while the table holds fewer than MAX_ENTRIES (text holding every
+    Unicode character must not grow a server's memory by ~100 MB; past the cap a new character
+    is looked up each time it comes). Errors are ValueErrors: str.translate leaves a character
+    whose lookup raises a LookupError (KeyError included) as it is, which would pass its code
+    point off as an id."""
+
+    MAX_ENTRIES = 1 << 16
+
+    def __init__(self, vocab: Vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def __missing__(self, code: int) -> int:
+        try:
+            index = self.vocab.lookup(chr(code))
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+        if index >= 0x110000:
+            raise ValueError(f"a vocabulary of {len(self.vocab)} entries has ids past the Unicode range; "
+                             f"id_codes takes at most 1,114,112")
+        if len(self) < self.MAX_ENTRIES:
+            self[code] = index
+        return index
 
 
 def word_lookup(words: Vocab, pretrained: Optional[Mapping[str, int]] = None,
