@@ -145,13 +145,12 @@ def test_int8_and_bf16_default_to_the_cpu_where_cuda_is_available(demo_tagger_di
 def test_tagger_precision_and_the_served_model_info_say_what_the_tagger_holds(demo_tagger_dir):
     # create_app(tagger) with the default ServeConfig reported "fp32" for an int8 tagger: /v1/model
     # gave the config's label, not what the tagger it was handed runs in.
-    from fastner.serve.app import model_info
-    from fastner.serve.config import ServeConfig
+    from fastner.serve.model import describe
 
     for precision in ("fp32", "int8", "bf16"):
         tagger = fastner.Tagger.load(str(demo_tagger_dir), precision=precision)
         assert tagger.precision == precision
-        assert model_info(tagger, ServeConfig())["precision"] == precision
+        assert describe(tagger)["precision"] == precision
     tagger = fastner.Tagger.load(str(demo_tagger_dir))
     tagger.model.double()
     assert tagger.precision == "float64"

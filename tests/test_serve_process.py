@@ -69,13 +69,32 @@ def read_until_closed(connection: socket.socket) -> bytes:
         answer += chunk
 
 
-def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
+def own_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["model-process", "in-process"])
+def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir, in_process):
     # a long batching wait keeps the request in flight, queued, while SIGTERM arrives
     server = ServerProcess(model_dir, ["--max-wait-ms", "3000", "--threads", "1", "--precision", "float64",
-                                       "--header-timeout-s", "0.5"]).start()
+                                       "--header-timeout-s", "0.5", *(["--in-process"] if in_process else [])]).start()
     try:
         status, info = get_json(server.url + "v1/model")
         assert status == 200 and info["batching"]["max_wait_ms"] == 3000 and info["precision"] == "float64"
+        assert info["batching"]["model_process"] is not in_process
+        children = server.pids()[1:]  # the model process (and multiprocessing's resource tracker)
+        assert bool(children) is not in_process, children
+        # the load test's memory and CPU figures count the model process too
+        assert in_process or server.rss_bytes() > own_rss_bytes(server.process.pid) + 10 * 2**20
         assert info["limits"]["header_timeout_s"] == 0.5
         # the option reaches uvicorn's protocol (test_serve_connections.py tests what it does)
         half = socket.create_connection((HOST, server.port), timeout=60)
@@ -104,6 +123,7 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir):
     # uvicorn re-raises SIGTERM after its graceful shutdown: the status of a terminated process
     assert code == -signal.SIGTERM, server.final_log
     assert "stopped (in-flight requests answered, model worker joined)" in server.final_log
+    wait_until(lambda: all(process_gone(pid) for pid in children), "a child of the server outlived it")
 
 
 @pytest.mark.parametrize("argv, message", [

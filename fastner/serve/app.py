@@ -11,11 +11,9 @@ import gc
 import json
 import logging
 import os
-import platform
 from contextlib import asynccontextmanager
 from typing import List, Optional, Union
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -34,6 +32,7 @@ from fastner.serve.problems import (CLIENT_CLOSED, FieldError, client_closed_bod
 from fastner.serve.limits import BodyLimit
 from fastner.serve.metrics import CONTENT_TYPE, RequestMetrics, ServerMetrics
 from fastner.serve.shutdown import AnswerCancelled
+from fastner.serve.worker import ModelProcess
 
 log = logging.getLogger("fastner.serve")
 PAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "index.html")
@@ -250,26 +249,13 @@ class DisconnectWatch:
 
 # ---- the app -----------------------------------------------------------------------------------
 
-def model_info(tagger, config: ServeConfig) -> dict:
-    model_config = tagger.model.config
+def model_info(described: dict, config: ServeConfig, model_process: bool) -> dict:
+    """GET /v1/model: fastner.serve.model.describe(tagger), and this server's settings."""
     return {
-        "labels": sorted({tag.split("-", 1)[1] for tag in tagger.tags.itos if "-" in tag}),
-        "tags": list(tagger.tags.itos),
-        "scheme": model_config.scheme,
-        "output_scheme": tagger.output_scheme,
-        "encoder": model_config.encoder,
-        "head": model_config.head,
-        "hidden": model_config.hidden,
-        "layers": model_config.layers,
-        "precision": tagger.precision,  # what the tagger holds, whatever the config asked to load
-        "device": str(tagger.device),
-        "backend": fastner.backend(),
-        "fastner": fastner.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "max_nbest": model_adapter.MAX_NBEST,
+        **described,
         "batching": {"enabled": config.batching, "max_batch_tokens": config.max_batch_tokens,
-                     "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads},
+                     "max_wait_ms": config.max_wait_ms, "max_queue": config.max_queue, "threads": config.threads,
+                     "model_process": model_process},
         "limits": {"max_body_bytes": config.max_body_bytes, "body_timeout_s": config.body_timeout_s,
                    "header_timeout_s": config.header_timeout_s,
                    "max_documents": config.max_documents, "max_document_tokens": config.max_document_tokens,
@@ -277,19 +263,28 @@ def model_info(tagger, config: ServeConfig) -> dict:
     }
 
 
-def create_app(tagger, config: Optional[ServeConfig] = None):
-    """The ASGI app serving `tagger` (already loaded, on its device, in its precision)."""
+def create_app(model, config: Optional[ServeConfig] = None):
+    """The ASGI app serving `model`: a Tagger (already loaded, on its device, in its precision),
+    run on the batcher's worker thread in this process, or a started
+    fastner.serve.worker.ModelProcess (what `fastner serve` runs), which the app stops at its
+    shutdown."""
     config = config or ServeConfig()
     with open(PAGE_FILE, encoding="utf-8") as handle:
         page = handle.read()
     state = {"ready": False}
-    batcher = Batcher(lambda texts, nbest: model_adapter.predict_documents(tagger, texts, nbest),
+    if isinstance(model, ModelProcess):
+        run_batch, described = model, model.info
+    else:
+        tagger = model
+        run_batch, described = (lambda texts, nbest: model_adapter.predict_documents(tagger, texts, nbest),
+                                model_adapter.describe(tagger))
+    batcher = Batcher(run_batch,
                       max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms,
                       max_queue=config.max_queue, threads=config.threads, batching=config.batching)
     metrics = ServerMetrics(lambda: batcher.queue_depth)
     watch = DisconnectWatch()
     batcher.on_batch = metrics.observe_batch
-    info = model_info(tagger, config)
+    info = model_info(described, config, isinstance(model, ModelProcess))
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -310,6 +305,8 @@ def create_app(tagger, config: Optional[ServeConfig] = None):
             gc.unfreeze()
             # uvicorn has finished the in-flight requests by now; the queue is empty or being drained
             await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+            if isinstance(model, ModelProcess):
+                await asyncio.get_running_loop().run_in_executor(None, model.stop)
             log.warning("fastner serve: stopped (in-flight requests answered, model worker joined)")
 
     app = FastAPI(title="fastner", version=fastner.__version__, lifespan=lifespan,

@@ -1,8 +1,9 @@
 """Dynamic batching: requests queue up, one worker thread merges them into model calls.
 
-The event loop only enqueues a job and awaits its future; the model runs on the worker thread
-alone (so one set of torch threads, sized with `threads`, does all the work, and the loop keeps
-answering health checks and rejecting overload while a batch runs). The worker takes the oldest
+The event loop only enqueues a job and awaits its future; the worker thread alone calls the
+model (`run_batch`: on this thread, sized with `threads` torch threads, or handing the batch to
+the model process, fastner.serve.worker), so the loop keeps answering health checks and
+rejecting overload while a batch runs. The worker takes the oldest
 job, then keeps adding queued jobs in arrival order while the batch stays within
 `max_batch_tokens`, waiting up to `max_wait_ms` from the oldest job's arrival for more to come.
 A job bigger than the budget runs alone. With `batching=False` every model call takes one job:

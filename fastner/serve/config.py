@@ -18,7 +18,7 @@ class ServeConfig:
     # serve.loadtest, eng.testa, 1 thread, AMD EPYC Zen 4, 2026-12-06).
     max_wait_ms: float = 2.0
     max_queue: int = 256  # queued requests; one more is answered 503
-    threads: int = 1  # torch intra-op threads of the model worker
+    threads: int = 1  # torch intra-op threads of the model (its process's, or the worker thread's)
     batching: bool = True  # False: one request per model call (the baseline)
     max_body_bytes: int = 1 << 20  # 413 above
     # 408 once no part of a request's body has come for this long (fastner.serve.limits). Well

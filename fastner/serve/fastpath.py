@@ -1,8 +1,10 @@
 """ASGI middleware: POST /v1/entities with a plainly well-formed body, answered without FastAPI's
 request machinery.
 
-Why: at 32 concurrent clients the server is bound by its own per-request Python, not the model
-(the model worker and the event loop share one GIL: the process gets one core of Python). Of a
+Why: at 32 concurrent clients the server was bound by its own per-request Python, not the model
+(the model worker and the event loop then shared one GIL: the process got one core of Python;
+the model now runs in a process of its own, fastner.serve.worker, and the HTTP side's Python
+still decides how fast answers go out). Of a
 request's server CPU without the model (`python -m benchmarks.serve_overhead`), FastAPI's routing,
 exception and exit-stack middlewares, dependency solving, pydantic validation and Request objects
 took about two thirds; the endpoint's own work (limits, the queue, the JSON answer) the rest.

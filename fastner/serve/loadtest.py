@@ -434,6 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--precision", type=precision_name, choices=PRECISIONS, default=ServeConfig.precision,
                         help="every server's --precision, and the model of the direct runs and of the answers' "
                              f"checks (default {ServeConfig.precision})")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every server with --in-process: the model on a thread of the server's process")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 1024 or not 0 < args.seconds <= 3600 or args.soak > 4 * 3600 \
@@ -442,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_wait_ms is not None and args.max_wait_ms < 0:
         parser.error("--max-wait-ms must be >= 0")
     extra = [] if args.max_wait_ms is None else ["--max-wait-ms", f"{args.max_wait_ms:g}"]
-    extra += ["--precision", args.precision]
+    extra += ["--precision", args.precision] + (["--in-process"] if args.in_process else [])
 
     import torch
 
@@ -491,6 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.json, "w") as handle:
             command = " ".join(["python -m fastner.serve.loadtest", *(sys.argv[1:] if argv is None else argv)])
             json.dump({"machine": cpu, "cpus": os.cpu_count(), "command": command, "precision": args.precision,
+                       "model_process": not args.in_process,
                        "load_average": {"start": load_start, "end": list(os.getloadavg())}, "results": results},
                       handle, indent=1)
     if failures:

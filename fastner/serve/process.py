@@ -82,20 +82,44 @@ class ServerProcess:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as handle:
             return handle.read()
 
+    def pids(self) -> List[int]:
+        """The server's process and its descendants (the model process: fastner.serve.worker),
+        read from Linux /proc; ones that exit meanwhile are left out."""
+        found, pending = [], [self.process.pid]
+        while pending:
+            pid = pending.pop()
+            found.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as handle:
+                        pending.extend(int(child) for child in handle.read().split())
+            except OSError:  # exited while we looked
+                continue
+        return found
+
     def rss_bytes(self) -> int:
-        """The server's resident memory (Linux /proc)."""
-        with open(f"/proc/{self.process.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("VmRSS not found")
+        """The resident memory of the server and its model process, together (Linux /proc)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as handle:
+                    total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):  # exited, or a zombie without memory
+                continue
+        return total
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server has used so far (Linux /proc): unlike wall time,
-        barely moved by other processes competing for the cores."""
-        with open(f"/proc/{self.process.pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time the server and its model process have used so far (Linux
+        /proc): unlike wall time, barely moved by other processes competing for the cores."""
+        total = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:

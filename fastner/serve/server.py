@@ -1,9 +1,10 @@
-"""`fastner serve MODEL ...`: load the tagger once, build the app, run uvicorn.
+"""`fastner serve MODEL ...`: start the model process (fastner.serve.worker: it loads the tagger
+once), build the app, run uvicorn. `--in-process` loads the tagger in this process instead.
 
 uvicorn owns SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests finish
 (their jobs are still queued or running on the model worker) for up to GRACEFUL_SHUTDOWN_SECONDS
 and cancels those left (each answered 503: fastner.serve.shutdown), then runs the app's shutdown,
-which drains the worker and joins it, and finally re-raises the signal: the process ends with
+which drains the worker, joins it and stops the model process, and finally re-raises the signal: the process ends with
 the status of one terminated by SIGTERM (-15 to a Python parent, 143 to a shell), as process
 supervisors expect.
 """
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{defaults.header_timeout_s:g})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     parser.add_argument("--threads", type=THREADS, default=1, help="torch threads of the model worker (default 1)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the model on a thread of the server's own process instead of a child process of "
+                             "its own (sharing the GIL with the HTTP side: slower under load; a baseline)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level (default warning)")
 
@@ -75,6 +79,7 @@ def run(args) -> int:
     import torch
 
     from fastner.serve.model import load_tagger
+    from fastner.serve.worker import ModelProcess
 
     # oneDNN caches a compiled primitive per input shape (the char CNN's convolution sees a new
     # shape in nearly every batch), up to 1024 of them: measured as the server's memory growing
@@ -90,10 +95,16 @@ def run(args) -> int:
                          precision=args.precision)
     # the event loop's thread runs no model code; one thread keeps it off the worker's cores
     torch.set_num_threads(1)
-    tagger = load_tagger(args.model, args.device, config.precision)
-    app = create_app(tagger, config)
+    if args.in_process:
+        model = load_tagger(args.model, args.device, config.precision)
+    else:
+        # the child inherits the environment (the oneDNN cache's size above); a model that does
+        # not load raises here as Tagger.load does (fastner: error: ... from the CLI)
+        model = ModelProcess(args.model, args.device, config.precision, config.threads).start()
+    app = create_app(model, config)
     print(json.dumps({"serving": args.model, "url": f"http://{args.host}:{args.port}/", "precision": config.precision,
-                      "batching": config.batching, "threads": config.threads}), file=sys.stderr, flush=True)
+                      "batching": config.batching, "threads": config.threads,
+                      "model_process": not args.in_process}), file=sys.stderr, flush=True)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 **uvicorn_options(config))
