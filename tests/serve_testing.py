@@ -33,6 +33,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+def process_gone(pid: int) -> bool:
+    """No process `pid` runs: none by that number, or a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def run_app(app, interact, lifespan: bool = True):
     """Run `await interact(client)` against the app in-process and return its result."""
     import httpx

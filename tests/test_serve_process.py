@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 from fastner.cli import main  # noqa: E402
 from fastner.serve.process import HOST, ServerProcess, get_json  # noqa: E402
 from fastner.serve.server import GRACEFUL_SHUTDOWN_SECONDS  # noqa: E402
-from tests.serve_testing import SENTENCE, tiny_model_dir  # noqa: E402
+from tests.serve_testing import SENTENCE, process_gone, tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +72,6 @@ def read_until_closed(connection: socket.socket) -> bytes:
 def own_rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as handle:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.parametrize("in_process", [False, True], ids=["model-process", "in-process"])

@@ -19,7 +19,7 @@ from fastner.serve.app import create_app  # noqa: E402
 from fastner.serve.config import ServeConfig  # noqa: E402
 from fastner.serve.model import describe, predict_documents  # noqa: E402
 from fastner.serve.worker import ModelProcess, ModelProcessError  # noqa: E402
-from tests.serve_testing import DOCUMENTS, SENTENCE, post, run_app, tiny_model_dir  # noqa: E402
+from tests.serve_testing import DOCUMENTS, SENTENCE, post, process_gone, run_app, tiny_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +35,13 @@ def process(model_dir):
 
 
 def gone(pid: int, timeout: float = 20.0) -> bool:
-    """True once no process `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    """True once no process `pid` runs, within `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
+    while not process_gone(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    return False
+    return True
 
 
 def test_answers_equal_the_in_process_model_call(process, tagger):

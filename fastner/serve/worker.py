@@ -104,7 +104,9 @@ class ModelProcess:
         return self._process is not None and self._process.is_alive()
 
     def start(self) -> "ModelProcess":
-        """Start the child and wait until its model is loaded; ModelProcessError if it is not."""
+        """Start the child and wait until its model is loaded. A model that does not load raises
+        what Tagger.load raised in the child; a child that exits or hangs while loading,
+        ModelProcessError."""
         with self._lock:
             self._start()
         return self
