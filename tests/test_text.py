@@ -555,11 +555,20 @@ def test_word_spans_equal_nltk_on_every_corpus_sentence(empty_word_caches):
     assert _word_step_mismatches(texts[-5000:] + texts[:5000]) == []
 
 
+# bracketed groups around the limits of what _one_sentence_start reads itself: short and long
+# (48 and 49 characters inside, past syntok's 70-character skip), empty, other bracket kinds,
+# back to back, unclosed, holding a stop or a bracket, and words syntok starts sentences with
+_GROUPS = ["(KST)", "(South Africa)", "(3-7)", "()", "[a b]", "{x}", "\uff08full\uff09", "(a)(b)", "(a) (b)",
+           "(" + "w " * 24 + ")", "(" + "w " * 24 + "w)", "(" + "word " * 14 + ")", "(" + "w " * 60 + ")", "(open", "close)",
+           "(Corp.)", "(a (b) c)", "(1;2)", "The", "In", "20", "lower", "\u2329x\u232a", "(a]", "[a)"]
+
+
 def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
-    """_one_sentence_start answers for paragraphs with no terminal or opening bracket before their
-    closing terminals, without running syntok: the sentence ranges must be syntok's own. CoNLL's
-    training and development sentences (never eng.testb) alone, as blank-line paragraphs and as
-    articles; generated text from pieces holding every terminal, bracket and quote kind, and
+    """_one_sentence_start answers for paragraphs with no terminal before their closing
+    terminals and no bracket but short groups in the middle, without running syntok: the
+    sentence ranges must be syntok's own. CoNLL's training and development sentences (never
+    eng.testb) alone, as blank-line paragraphs and as articles; generated text from pieces
+    holding every terminal, bracket and quote kind, bracketed groups in every position, and
     without stops; the adversarial strings."""
     from fastner.text import tokenizer
 
@@ -574,13 +583,20 @@ def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
         words = [rng.choice(_PIECES) if rng.random() < 0.3 else rng.choice(["Acme", "rose", "Oslo", "a", "I", "X"])
                  for _ in range(rng.randint(0, 12))]
         texts.append(rng.choice(["", " ", "\n"]) + " ".join(words) + rng.choice(ends))
+    for _ in range(6000):
+        words = [rng.choice(_GROUPS) if rng.random() < 0.3 else rng.choice(["Acme", "rose", "Oslo", "a", "I", "X"])
+                 for _ in range(rng.randint(1, 8))]
+        texts.append(rng.choice(["", " "]) + rng.choice([" ", "", "  "]).join(words) + rng.choice(ends))
     texts += list(_adversarial_texts(4000, seed=5))
     taken = []
+    bracketed = []  # taken paragraphs holding a bracket
     fast = tokenizer._one_sentence_start
 
-    def counted(*args):
-        start = fast(*args)
+    def counted(segmented, begin, finish):
+        start = fast(segmented, begin, finish)
         taken.append(start is not None)
+        if start is not None and re.search(r"[(\[{\uff08\u2329]", segmented[begin:finish]):
+            bracketed.append(segmented[begin:finish])
         return start
 
     monkeypatch.setattr(tokenizer, "_one_sentence_start", counted)
@@ -590,3 +606,4 @@ def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
     mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
     assert mismatches == []
     assert sum(taken) > 10000 and len(taken) - sum(taken) > 10000  # both ways, many times
+    assert len(bracketed) > 2000, len(bracketed)
