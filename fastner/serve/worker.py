@@ -138,39 +138,36 @@ class ModelProcess:
     def __call__(self, texts: Sequence[str], nbest: int = 1) -> List[dict]:
         with self._lock:
             if not self.alive():
-                self._discard()
+                self._discard(grace=0.0)
                 log.warning("fastner serve: starting the model process again")
                 self._start()
             try:
                 self._connection.send((list(texts), nbest))
                 kind, payload = self._connection.recv()  # blocks in C, the GIL released
-            except (EOFError, OSError, BrokenPipeError):
+            except (EOFError, OSError):  # the child is gone (BrokenPipeError is an OSError)
                 self._process.join(5)
                 code = self._process.exitcode
-                self._discard()
+                self._discard(grace=0.0)
                 raise ModelProcessError(f"the model process exited during this batch (exit status {code}); "
                                         "it is started again for the next") from None
         if kind != "ok":
             raise ModelProcessError(payload)
         return payload
 
-    def _discard(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-        if self._process is not None and self._process.is_alive():
+    def _discard(self, grace: float) -> None:
+        """Close the pipe (a live child exits when it sees that), give the child `grace` seconds,
+        then kill it if it is still there (the lock is held)."""
+        if self._process is None:
+            return
+        self._connection.close()
+        self._process.join(grace)
+        if self._process.is_alive():
             self._process.kill()
-        if self._process is not None:
             self._process.join()
         self._process = self._connection = None
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Close the pipe (the child exits when it sees that) and wait; kill it if it does not."""
+        """Close the pipe and wait up to `timeout` seconds for the child to exit; kill it if it
+        does not. A second stop does nothing."""
         with self._lock:
-            if self._process is None:
-                return
-            self._connection.close()
-            self._process.join(timeout)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-            self._process = self._connection = None
+            self._discard(grace=timeout)
