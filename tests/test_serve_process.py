@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from fastner.cli import main  # noqa: E402
-from fastner.serve.process import HOST, ServerProcess, get_json  # noqa: E402
+from fastner.serve.process import HOST, ServerProcess, get_json, resident_bytes  # noqa: E402
 from fastner.serve.server import GRACEFUL_SHUTDOWN_SECONDS  # noqa: E402
 from tests.serve_testing import SENTENCE, process_gone, tiny_model_dir  # noqa: E402
 
@@ -69,11 +69,6 @@ def read_until_closed(connection: socket.socket) -> bytes:
         answer += chunk
 
 
-def own_rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-
-
 @pytest.mark.parametrize("in_process", [False, True], ids=["model-process", "in-process"])
 def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir, in_process):
     # a long batching wait keeps the request in flight, queued, while SIGTERM arrives
@@ -86,7 +81,7 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir, in_
         children = server.pids()[1:]  # the model process (and multiprocessing's resource tracker)
         assert bool(children) is not in_process, children
         # the load test's memory and CPU figures count the model process too
-        assert in_process or server.rss_bytes() > own_rss_bytes(server.process.pid) + 10 * 2**20
+        assert in_process or server.rss_bytes() > resident_bytes(server.process.pid) + 10 * 2**20
         assert info["limits"]["header_timeout_s"] == 0.5
         # the option reaches uvicorn's protocol (test_serve_connections.py tests what it does)
         half = socket.create_connection((HOST, server.port), timeout=60)

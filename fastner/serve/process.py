@@ -31,6 +31,25 @@ def get_json(url: str, timeout: float = 5.0):
         return err.code, json.loads(err.read() or b"null")
 
 
+def resident_bytes(pid: int) -> int:
+    """Process `pid`'s resident memory (Linux /proc); 0 once it has exited (a zombie has none)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next((int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """Process `pid`'s user + system CPU time so far (Linux /proc); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ServerProcess:
     """`python -m fastner serve MODEL --port P ARGS...` as a child process.
 
@@ -99,27 +118,12 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """The resident memory of the server and its model process, together (Linux /proc)."""
-        total = 0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/status") as handle:
-                    total += next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-            except (OSError, StopIteration):  # exited, or a zombie without memory
-                continue
-        return total
+        return sum(resident_bytes(pid) for pid in self.pids())
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server and its model process have used so far (Linux
         /proc): unlike wall time, barely moved by other processes competing for the cores."""
-        total = 0.0
-        for pid in self.pids():
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        return sum(cpu_seconds(pid) for pid in self.pids())
 
     def terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -4,9 +4,9 @@ once), build the app, run uvicorn. `--in-process` loads the tagger in this proce
 uvicorn owns SIGTERM/SIGINT: it stops accepting connections, lets in-flight requests finish
 (their jobs are still queued or running on the model worker) for up to GRACEFUL_SHUTDOWN_SECONDS
 and cancels those left (each answered 503: fastner.serve.shutdown), then runs the app's shutdown,
-which drains the worker, joins it and stops the model process, and finally re-raises the signal: the process ends with
-the status of one terminated by SIGTERM (-15 to a Python parent, 143 to a shell), as process
-supervisors expect.
+which drains the worker, joins it and stops the model process, and finally re-raises the signal:
+the process ends with the status of one terminated by SIGTERM (-15 to a Python parent, 143 to a
+shell), as process supervisors expect.
 """
 from __future__ import annotations
 
