@@ -56,18 +56,22 @@ def check_ordered(x, argument: str) -> None:
                         "to the inputs; pass a list (e.g. sorted(...))")
 
 
-def predict(analyser: Analyser, x, output_scheme: str, batch_size: int = 64, nbest: Optional[int] = None):
+def predict(analyser: Analyser, x, output_scheme: str, batch_size: int = 64, nbest: Optional[int] = None,
+            sentence_records: bool = True):
+    """sentence_records=False: a document's result holds its "entities" only, without the
+    per-sentence records (tokens, offsets, tags): what the server answers with nbest 1, spared
+    building them (token lists' results are sentence results either way)."""
     check_options(batch_size, nbest)
     check_ordered(x, "predict(x)")
     if isinstance(x, (str, dict)):
-        return _documents(analyser, [x], output_scheme, batch_size, nbest, ["predict(x)"])[0]
+        return _documents(analyser, [x], output_scheme, batch_size, nbest, ["predict(x)"], sentence_records)[0]
     if isinstance(x, (bytes, bytearray)):
         raise TypeError("predict() takes text as str; decode bytes first (e.g. data.decode('utf-8'))")
     if isinstance(x, (list, tuple)):
         items = list(x)
-        return _run(analyser, items, _kind(items, 0), output_scheme, batch_size, nbest, 0)
+        return _run(analyser, items, _kind(items, 0), output_scheme, batch_size, nbest, 0, sentence_records)
     if isinstance(x, Iterable):
-        return _stream(analyser, iter(x), output_scheme, batch_size, nbest)
+        return _stream(analyser, iter(x), output_scheme, batch_size, nbest, sentence_records)
     raise TypeError(f"predict() takes a document (str, or a {{\"text\", \"tokens\"}} record), a list of documents or "
                     f"of token lists, or an iterable of them, got {type(x).__name__}")
 
@@ -108,7 +112,7 @@ def token_lists(sentences) -> List[List[str]]:
     return [list(s) for s in items]
 
 
-def _run(analyser, items, kind, output_scheme, batch_size, nbest, offset: int) -> List[dict]:
+def _run(analyser, items, kind, output_scheme, batch_size, nbest, offset: int, sentence_records: bool = True) -> List[dict]:
     """Results of a homogeneous list; `offset`: the number of its first item, for messages."""
     if kind == "sentences":
         sentences = [list(s) for s in items]
@@ -119,7 +123,7 @@ def _run(analyser, items, kind, output_scheme, batch_size, nbest, offset: int) -
         return [sentence_result(tokens, _joined([next(analyses) for _ in parts], nbest), output_scheme)
                 for tokens, parts in zip(sentences, pieces)]
     return _documents(analyser, items, output_scheme, batch_size, nbest,
-                      [f"item {number}" for number in range(offset, offset + len(items))])
+                      [f"item {number}" for number in range(offset, offset + len(items))], sentence_records)
 
 
 def _joined(pieces: List[SentenceAnalysis], nbest: Optional[int]) -> SentenceAnalysis:
@@ -155,7 +159,7 @@ def sentence_estimate(item) -> int:
     return len(item) // 80 + 1 if isinstance(item, str) else 1
 
 
-def _stream(analyser, items: Iterator, output_scheme, batch_size, nbest) -> Iterator[dict]:
+def _stream(analyser, items: Iterator, output_scheme, batch_size, nbest, sentence_records: bool = True) -> Iterator[dict]:
     budget = stream_budget(batch_size)
     seen = 0
     while True:
@@ -169,7 +173,7 @@ def _stream(analyser, items: Iterator, output_scheme, batch_size, nbest) -> Iter
             return
         kind = _kind(group, seen)
         offset, seen = seen, seen + len(group)
-        yield from _run(analyser, group, kind, output_scheme, batch_size, nbest, offset)
+        yield from _run(analyser, group, kind, output_scheme, batch_size, nbest, offset, sentence_records)
 
 
 def _bounded(sentences: List[list]) -> List[list]:
@@ -206,7 +210,7 @@ def document_sentences(document: Union[str, dict], where: str) -> Tuple[str, Lis
 
 
 def _documents(analyser, documents: List[Union[str, dict]], output_scheme, batch_size, nbest,
-               names: List[str]) -> List[dict]:
+               names: List[str], sentence_records: bool = True) -> List[dict]:
     """Document results; names[i]: how a message calls documents[i]."""
     texts, tokenized, flat = [], [], []
     for document, name in zip(documents, names):
@@ -218,7 +222,7 @@ def _documents(analyser, documents: List[Union[str, dict]], output_scheme, batch
     results = []
     for text, sentences in zip(texts, tokenized):
         results.append(document_result(text, sentences, list(itertools.islice(analyses, len(sentences))),
-                                       output_scheme, nbest))
+                                       output_scheme, nbest, sentence_records))
     return results
 
 
@@ -235,11 +239,13 @@ def _entities(document: str, offsets, spans) -> List[dict]:
 
 
 def document_result(document: str, sentences, analyses: List[SentenceAnalysis], output_scheme: str,
-                    nbest: Optional[int]) -> dict:
+                    nbest: Optional[int], sentence_records: bool = True) -> dict:
     entities, records = [], []
     for sentence, analysis in zip(sentences, analyses):
         offsets = [(start, end) for _, start, end in sentence]
         entities.extend(_entities(document, offsets, analysis.spans))
+        if not sentence_records:
+            continue
         record = {"start": offsets[0][0], "end": offsets[-1][1], "tokens": [t for t, _, _ in sentence],
                   "offsets": [list(o) for o in offsets], "tags": convert_tags(analysis.tags, output_scheme)}
         if nbest:
@@ -247,7 +253,7 @@ def document_result(document: str, sentences, analyses: List[SentenceAnalysis], 
                                 "entities": _entities(document, offsets, tags_to_spans(tags))}
                                for p, tags in analysis.nbest]
         records.append(record)
-    return {"entities": entities, "sentences": records}
+    return {"entities": entities, "sentences": records} if sentence_records else {"entities": entities}
 
 
 def sentence_result(tokens: List[str], analysis: SentenceAnalysis, output_scheme: str) -> dict:

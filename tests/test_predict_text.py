@@ -76,6 +76,20 @@ def test_list_of_documents_batched_like_one_at_a_time(tagger):
             assert a["score"] == pytest.approx(b["score"], abs=1e-5)
 
 
+def test_entities_only_results_are_the_full_results_entities(tagger):
+    """fastner.documents.predict(..., sentence_records=False) (what the server answers with nbest 1)
+    leaves out the per-sentence records and nothing else: one document, a list, a stream."""
+    from fastner.documents import predict
+
+    analyser = tagger.analyser()
+    full = predict(analyser, ARTICLES, tagger.output_scheme, 3)
+    lean = predict(analyser, ARTICLES, tagger.output_scheme, 3, sentence_records=False)
+    assert lean == [{"entities": result["entities"]} for result in full]
+    assert any(result["entities"] for result in lean)
+    assert predict(analyser, ARTICLES[0], tagger.output_scheme, sentence_records=False) == lean[0]
+    assert list(predict(analyser, iter(ARTICLES), tagger.output_scheme, 2, sentence_records=False)) == lean
+
+
 def test_stream_is_lazy_and_in_order(tagger):
     consumed = []
 

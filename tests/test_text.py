@@ -315,11 +315,12 @@ def _reference_tokenize(text):
     fast_words, fast_copy, fast_spans = tokenizer._words(), tokenizer.working_copy, tokenizer._word_spans
     tokenizer._word_tokenizer, tokenizer.working_copy = NLTKWordTokenizer(), _reference_working_copy
     tokenizer._word_spans = tokenizer._reference_word_spans  # each piece through nltk whole, no cache
+    fast_fixes, tokenizer._conll_fixes = tokenizer._conll_fixes, tokenizer._fix_each_token  # every token looked at
     try:
         return tokenizer.tokenize(text)
     finally:
         tokenizer._word_tokenizer, tokenizer.working_copy = fast_words, fast_copy
-        tokenizer._word_spans = fast_spans
+        tokenizer._word_spans, tokenizer._conll_fixes = fast_spans, fast_fixes
 
 
 def _generated_texts(count, seed):
@@ -607,3 +608,60 @@ def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
     assert mismatches == []
     assert sum(taken) > 10000 and len(taken) - sum(taken) > 10000  # both ways, many times
     assert len(bracketed) > 2000, len(bracketed)
+
+
+# --- the CoNLL fixes' sentence pre-check and model_form's ASCII shortcut ------------------------
+
+# pieces that reach each CoNLL fix, or nearly: glued periods after digits, "%", brackets and
+# quotes (and after letters, which it is not); currency symbols before digits and not; "cannot"
+# in all cases and split; word periods inside a sentence and at its ends; dotted abbreviations
+# before closing brackets; punctuation before digits that is no currency ("1,000", "-5", "(3")
+_FIX_PIECES = ["3%.Beta", "2026.The", ").The", '".The', "'.The", "a.The", "3.the", "$5", "\u00a35m", "\u20ac3bn",
+               "\u00a5", "US$1", "HK$", "-5", "(3", "1,000", "cannot", "CANNOT", "can not", "Cannot", "can", "not",
+               "share.", "Corp.", "Inc.", "U.S.", "(U.S.)", "U.S", "5bn.", "1.5.", ".", "..", "Mr.", "Smith", "rose",
+               "a", "3.5", ".596", "e.g.", '"', "(", ")", ",", "\u00e9t\u00e9.", "Stra\u00dfe."]
+
+
+def test_conll_fixes_precheck_changes_no_sentence():
+    """_conll_fixes returns a sentence's spans untouched when nothing in it can trigger a fix,
+    and runs _fix_each_token otherwise: both must agree on every sentence of CoNLL's training
+    and development text (never eng.testb), on sentences made of pieces that reach each fix,
+    and on the adversarial strings; and the shortcut must be taken by most real sentences."""
+    from fastner.text import tokenizer
+
+    texts = []
+    for name in ("eng.train", "eng.testa"):
+        texts += [detokenize(tokens)[0] for tokens in _conll(name)]
+    real = len(texts)
+    rng = random.Random(11)
+    for _ in range(20000):
+        texts.append(rng.choice(["", " "]).join(rng.choice(_FIX_PIECES) for _ in range(rng.randint(1, 9))))
+    texts += list(_adversarial_texts(3000, seed=12))
+    untouched = different = 0
+    for number, text in enumerate(texts):
+        work = working_copy(text)
+        for start, end in tokenizer._sentence_ranges(work):
+            spans = tokenizer._word_spans(work, start, end)
+            fixed = tokenizer._conll_fixes(work, spans)
+            different += fixed != tokenizer._fix_each_token(work, spans)
+            untouched += number < real and fixed is spans
+    assert different == 0
+    assert untouched > 0.8 * real  # the shortcut is taken (87% of eng.train's sentences)
+
+
+def test_model_form_ascii_shortcut_is_the_full_form():
+    import unicodedata
+
+    from fastner.text import model_form
+    from fastner.text.tokenizer import _SOFT_HYPHEN
+
+    def full(token):
+        return unicodedata.normalize("NFC", working_copy(token).replace(_SOFT_HYPHEN, ""))
+
+    rng = random.Random(13)
+    characters = [chr(code) for code in range(128)] + ["\u00e9", "e\u0301", "\u201c", "\u00ad", "\uff21", "\u200b"]
+    tokens = [chr(code) for code in range(128)] + ["".join(rng.choice(characters) for _ in range(rng.randint(1, 6)))
+                                                   for _ in range(20000)]
+    for token in tokens:
+        assert model_form(token) == full(token), repr(token)
+    assert model_form("`a`") == "'a'"  # the one printable ASCII character that is not its own form

@@ -106,7 +106,7 @@ def predict_documents(tagger, texts: Sequence[str], nbest: int = 1) -> List[dict
     from fastner.documents import predict
 
     results = predict(_analyser(tagger), list(texts), tagger.output_scheme, SENTENCES_PER_CALL,
-                      nbest if nbest > 1 else None)
+                      nbest if nbest > 1 else None, sentence_records=nbest > 1)
     out = []
     for result in results:
         record = {"entities": result["entities"]}

@@ -180,6 +180,8 @@ def model_form(token: str) -> str:
     fullwidth forms as ASCII ("\uff21\uff23\uff2d\uff25" is ACME), accents composed (NFC: "Nestle\u0301",
     as macOS and some feeds write it, was no entity where "Nestl\u00e9" is an ORG). Training on
     raw text reads the same form."""
+    if token.isascii() and token.isprintable() and "`" not in token:
+        return token  # printable ASCII is its own form but for the backtick (a quote): most tokens
     return unicodedata.normalize("NFC", working_copy(token).replace(_SOFT_HYPHEN, ""))
 
 
@@ -659,7 +661,23 @@ def _aligned(text: str, tokens: List[str]):
     return tuple(spans)
 
 
+# Each fix in _fix_each_token needs one of these in the sentence: a period glued to the next word,
+# a currency symbol before a digit (one is "$" or outside ASCII: the class is a superset of
+# category Sc), "cannot" (nltk's can + not), or a token other than the last ending in a period
+# (a word's period, a dotted abbreviation's). A sentence with none, most of them (no interior
+# period), keeps its spans as they are, without three regex calls a token.
+_FIX_TRIGGER = re.compile(r"(?<=[\d%)\]\"'])\.(?=[A-Z][a-z])|[^\w\s\x00-\x23\x25-\x7f]\d|(?i:cannot)")
+
+
 def _conll_fixes(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """The word tokenizer's spans of one sentence, cut and joined as CoNLL-2003 tokenizes."""
+    if not spans or (not _FIX_TRIGGER.search(work, spans[0][0], spans[-1][1])
+                     and not any(work[end - 1] == "." for _, end in spans[:-1])):
+        return spans
+    return _fix_each_token(work, spans)
+
+
+def _fix_each_token(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     pieces: List[Tuple[int, int]] = []
     for a, b in spans:
         glued = _GLUED_PERIOD.search(work, a, b)
