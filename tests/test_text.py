@@ -602,12 +602,78 @@ def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
 
     monkeypatch.setattr(tokenizer, "_one_sentence_start", counted)
     got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
-    monkeypatch.setattr(tokenizer, "_one_sentence_start", lambda *args: None)
-    want = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
+    want = _syntok_sentence_ranges(monkeypatch, texts)
     mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
     assert mismatches == []
     assert sum(taken) > 10000 and len(taken) - sum(taken) > 10000  # both ways, many times
     assert len(bracketed) > 2000, len(bracketed)
+
+
+def _syntok_sentence_ranges(monkeypatch, texts):
+    """_sentence_ranges of each text with every paragraph given to syntok whole: neither
+    _certain_pieces' cuts nor _one_sentence_start's answers."""
+    from fastner.text import tokenizer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer, "_certain_pieces", lambda segmented, begin, finish: iter([(begin, finish)]))
+        patch.setattr(tokenizer, "_one_sentence_start", lambda *args: None)
+        return [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
+
+
+# words before a terminal: syntok's abbreviations, roman numerals, titles fastner joins back,
+# "no", single letters, a change of case inside a word (syntok splits it), all capitals, a
+# month, words with a digit, a hyphen or an apostrophe; and what may come after the terminal
+_BEFORE_END = ["Acme", "rose", "week", "Fed", "USA", "US", "II", "IV", "XX", "Mr", "Lt", "Rev", "Sgt", "Pty", "Corp",
+               "Inc", "Co", "Ltd", "no", "No", "NO", "Jan", "Sept", "Dez", "a", "I", "X", "pp", "vs", "Gen", "St",
+               "dividenD", "McDonald", "iPhone", "bn", "5bn", "A4", "ex-CEO", "O'Neill", "e.g", "U.S", "\u00e9t\u00e9"]
+_AFTER_END = ["The", "Acme", "A", "I", "In", "However", "Jan", "II", "US", "5", "500", "(Reuters)", "(a)", "lower",
+              '"Yes', "'s", ",", "(", ")", "Oslo", "No", "X-ray", "N5", "\u00c9cole", "[1]"]
+_TERMINALS = [".", "?", "!", "...", '."', ".)", "?!", ". .", ";", ".'", "\u3002"]
+
+
+def test_certain_sentence_ends_cut_paragraphs_as_syntok_does(monkeypatch):
+    """_certain_pieces cuts a paragraph after the sentence ends syntok always splits at, so that
+    its sentences are read one by one (_one_sentence_start, or syntok on the piece); the sentence
+    ranges must be syntok's own on whole paragraphs. CoNLL's training and development sentences
+    (never eng.testb) run together into paragraphs of 2 to 12; the demo articles; generated
+    paragraphs whose sentences end after every kind of word syntok reads at a terminal, with
+    every kind of token after it; the bracket and adversarial texts of the test above."""
+    from fastner.demo import generate_articles
+    from fastner.text import tokenizer
+
+    texts = []
+    rng = random.Random(21)
+    for name in ("eng.train", "eng.testa"):
+        sentences = [detokenize(tokens)[0] for tokens in _conll(name)]
+        begin = 0
+        while begin < len(sentences):
+            count = rng.randint(2, 12)
+            texts.append(rng.choice([" ", "  ", "\n"]).join(sentences[begin:begin + count]))
+            begin += count
+    runs = len(texts)
+    texts += [text for text, _ in generate_articles(1000, seed=22)]
+    for _ in range(30000):
+        sentences = [" ".join(rng.choice(_BEFORE_END) for _ in range(rng.randint(1, 4))) + rng.choice(_TERMINALS)
+                     + rng.choice([" ", "  ", "\n", " \n ", ""]) + rng.choice(_AFTER_END) for _ in range(rng.randint(1, 6))]
+        texts.append(rng.choice([" ", "", " ("]).join(sentences))
+    for _ in range(3000):
+        words = [rng.choice(_GROUPS + _PIECES + _BEFORE_END) for _ in range(rng.randint(1, 12))]
+        texts.append(" ".join(words) + rng.choice(_TERMINALS) + " " + rng.choice(_AFTER_END) + " rose.")
+    texts += list(_adversarial_texts(3000, seed=23))
+    pieces = []
+    cut = tokenizer._certain_pieces
+
+    def counted(segmented, begin, finish):
+        found = list(cut(segmented, begin, finish))
+        pieces.append(len(found))
+        return iter(found)
+
+    monkeypatch.setattr(tokenizer, "_certain_pieces", counted)
+    got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
+    want = _syntok_sentence_ranges(monkeypatch, texts)
+    mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
+    assert mismatches == []
+    assert sum(count > 1 for count in pieces) > runs  # cut many times, in CoNLL's text and the generated
 
 
 # --- the CoNLL fixes' sentence pre-check and model_form's ASCII shortcut ------------------------

@@ -270,26 +270,73 @@ def _one_sentence_start(segmented: str, begin: int, finish: int) -> Optional[int
     return begin + len(text) - len(text.lstrip(" \n"))
 
 
-def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
-    """(start, end) of each sentence in the working copy, whitespace trimmed."""
+# A sentence end at which syntok's segmenter always splits, whatever comes before it in the
+# paragraph: a word of two or more ASCII letters, lower case, capitalized or all capitals (one
+# token to syntok's tokenizer, which splits "dividenD" at the change of case), with whitespace
+# (or the text's start) before it, then one of ". ! ?", whitespace, and an upper-case ASCII
+# letter. Its decision there (syntok/_segmentation_states.py, _move_and_maybe_extract_terminal)
+# reads the word before the terminal and the token after it: before an upper-case letter it
+# keeps the sentence going only after a word in _certain_end_rules (its abbreviations, roman
+# numerals, "no"), a single letter, or a word holding a period or a digit, none of which match
+# here. syntok starts the next sentence in the state it starts a paragraph in, so the text on
+# either side is segmented as if it stood alone; only a bracketed group it may skip reaches
+# across, so nothing after an opening bracket is cut (_certain_pieces). Titles that
+# _sentence_ranges joins back to the next sentence ("Lt." "Rev.") are joined back after a cut
+# too: its check runs on every sentence start after a paragraph's first, wherever it came from.
+_CERTAIN_END = re.compile(r"(?<![^ \n])([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,})[.!?][ \n]+(?=[A-Z])")
+
+
+@functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
+def _certain_end_rules() -> Tuple[frozenset, "re.Pattern"]:
+    """(the words before a terminal after which _CERTAIN_END is no certain end, a pattern of
+    syntok's opening brackets)."""
+    from syntok._segmentation_states import State
+
+    exceptions = frozenset(State.abbreviations | State.roman_numerals | {"no", "No", "NO"})
+    return exceptions, re.compile("[" + re.escape("".join(sorted(State.opening_brackets))) + "]")
+
+
+def _certain_pieces(segmented: str, begin: int, finish: int) -> Iterator[Tuple[int, int]]:
+    """The paragraph segmented[begin:finish] cut after each of its _CERTAIN_END ends, up to its
+    first opening bracket: (begin, end) of each piece, the next one starting at the next
+    sentence's first letter. A news paragraph of several plain sentences becomes pieces that
+    _one_sentence_start reads itself, instead of one syntok run over the whole paragraph."""
+    exceptions, opening_bracket = _certain_end_rules()
+    position = begin
+    for match in _CERTAIN_END.finditer(segmented, begin, finish):
+        if match.group(1) in exceptions:
+            continue
+        if opening_bracket.search(segmented, position, match.start()):
+            break  # syntok may skip a bracketed group across this end
+        yield position, match.end(1) + 1
+        position = match.end()
+    yield position, finish
+
+
+def _syntok_starts(segmented: str, begin: int, finish: int) -> Iterator[int]:
+    """Where syntok starts each sentence of segmented[begin:finish] (a paragraph, or a piece of
+    one that starts a sentence)."""
     from syntok import segmenter
 
+    # one paragraph at a time: syntok's analyze() pads each paragraph with as many spaces as
+    # the text before it and scans them again, quadratic in the paragraphs of a document
+    for paragraph in segmenter.analyze(segmented[begin:finish]):
+        for sentence in paragraph:
+            if sentence:
+                yield begin + sentence[0].offset
+
+
+def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
+    """(start, end) of each sentence in the working copy, whitespace trimmed."""
     segmented = _DECIMAL_POINT.sub(",", work)  # same length: syntok's offsets index `work`
-    starts = []
+    starts: List[int] = []
     for begin, finish in _paragraphs(work):
-        single = _one_sentence_start(segmented, begin, finish)
-        if single is not None:  # a paragraph always starts a sentence
-            starts.append(single)
-            continue
-        first = True
-        # one paragraph at a time: syntok's analyze() pads each paragraph with as many spaces as
-        # the text before it and scans them again, quadratic in the paragraphs of a document
-        for paragraph in segmenter.analyze(segmented[begin:finish]):
-            for sentence in paragraph:
-                if not sentence:
-                    continue
-                offset = begin + sentence[0].offset
-                if starts and not first:  # a paragraph always starts a sentence
+        first = True  # a paragraph always starts a sentence
+        for piece_begin, piece_end in _certain_pieces(segmented, begin, finish):
+            single = _one_sentence_start(segmented, piece_begin, piece_end)
+            offsets = _syntok_starts(segmented, piece_begin, piece_end) if single is None else (single,)
+            for offset in offsets:
+                if starts and not first:
                     end = offset
                     while end > starts[-1] and work[end - 1] in " \n":
                         end -= 1
