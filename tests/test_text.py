@@ -627,7 +627,8 @@ _BEFORE_END = ["Acme", "rose", "week", "Fed", "USA", "US", "II", "IV", "XX", "Mr
                "Inc", "Co", "Ltd", "no", "No", "NO", "Jan", "Sept", "Dez", "a", "I", "X", "pp", "vs", "Gen", "St",
                "dividenD", "McDonald", "iPhone", "bn", "5bn", "A4", "ex-CEO", "O'Neill", "e.g", "U.S", "\u00e9t\u00e9"]
 _AFTER_END = ["The", "Acme", "A", "I", "In", "However", "Jan", "II", "US", "5", "500", "(Reuters)", "(a)", "lower",
-              '"Yes', "'s", ",", "(", ")", "Oslo", "No", "X-ray", "N5", "\u00c9cole", "[1]"]
+              '"Yes', '" yes', '"', "'s", "'", "''", "' Tis", ",", "(", ")", "Oslo", "No", "X-ray", "N5", "\u00c9cole",
+              "[1]", "(x. Y)", "((a) b)", "{x}", "]", "(a b", "\uff08a\uff09"]
 _TERMINALS = [".", "?", "!", "...", '."', ".)", "?!", ". .", ";", ".'", "\u3002"]
 
 
@@ -655,7 +656,7 @@ def test_certain_sentence_ends_cut_paragraphs_as_syntok_does(monkeypatch):
     for _ in range(30000):
         sentences = [" ".join(rng.choice(_BEFORE_END) for _ in range(rng.randint(1, 4))) + rng.choice(_TERMINALS)
                      + rng.choice([" ", "  ", "\n", " \n ", ""]) + rng.choice(_AFTER_END) for _ in range(rng.randint(1, 6))]
-        texts.append(rng.choice([" ", "", " ("]).join(sentences))
+        texts.append(rng.choice([" ", "", " (", ") ", " [", "] "]).join(sentences))
     for _ in range(3000):
         words = [rng.choice(_GROUPS + _PIECES + _BEFORE_END) for _ in range(rng.randint(1, 12))]
         texts.append(" ".join(words) + rng.choice(_TERMINALS) + " " + rng.choice(_AFTER_END) + " rose.")

@@ -274,40 +274,52 @@ def _one_sentence_start(segmented: str, begin: int, finish: int) -> Optional[int
 # paragraph: a word of two or more ASCII letters, lower case, capitalized or all capitals (one
 # token to syntok's tokenizer, which splits "dividenD" at the change of case), with whitespace
 # (or the text's start) before it, then one of ". ! ?", whitespace, and an upper-case ASCII
-# letter. Its decision there (syntok/_segmentation_states.py, _move_and_maybe_extract_terminal)
-# reads the word before the terminal and the token after it: before an upper-case letter it
+# letter or a straight quote (the working copy's only quotes). Its decision there
+# (syntok/_segmentation_states.py, _move_and_maybe_extract_terminal) reads the word before the
+# terminal and the token after it: before an upper-case letter or a quote after whitespace it
 # keeps the sentence going only after a word in _certain_end_rules (its abbreviations, roman
 # numerals, "no"), a single letter, or a word holding a period or a digit, none of which match
 # here. syntok starts the next sentence in the state it starts a paragraph in, so the text on
 # either side is segmented as if it stood alone; only a bracketed group it may skip reaches
-# across, so nothing after an opening bracket is cut (_certain_pieces). Titles that
+# across, so no end inside an open bracket is cut (_certain_pieces). Titles that
 # _sentence_ranges joins back to the next sentence ("Lt." "Rev.") are joined back after a cut
 # too: its check runs on every sentence start after a paragraph's first, wherever it came from.
-_CERTAIN_END = re.compile(r"(?<![^ \n])([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,})[.!?][ \n]+(?=[A-Z])")
+_CERTAIN_END = re.compile(r"(?<![^ \n])([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,})[.!?][ \n]+(?=[A-Z\"'])")
 
 
 @functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
-def _certain_end_rules() -> Tuple[frozenset, "re.Pattern"]:
-    """(the words before a terminal after which _CERTAIN_END is no certain end, a pattern of
-    syntok's opening brackets)."""
+def _certain_end_rules() -> Tuple[frozenset, frozenset, "re.Pattern"]:
+    """(the words before a terminal after which _CERTAIN_END is no certain end, syntok's opening
+    brackets, a pattern of its opening and closing brackets)."""
     from syntok._segmentation_states import State
 
     exceptions = frozenset(State.abbreviations | State.roman_numerals | {"no", "No", "NO"})
-    return exceptions, re.compile("[" + re.escape("".join(sorted(State.opening_brackets))) + "]")
+    brackets = "".join(sorted(State.opening_brackets | State.closing_brackets))
+    return exceptions, State.opening_brackets, re.compile("[" + re.escape(brackets) + "]")
 
 
 def _certain_pieces(segmented: str, begin: int, finish: int) -> Iterator[Tuple[int, int]]:
-    """The paragraph segmented[begin:finish] cut after each of its _CERTAIN_END ends, up to its
-    first opening bracket: (begin, end) of each piece, the next one starting at the next
-    sentence's first letter. A news paragraph of several plain sentences becomes pieces that
-    _one_sentence_start reads itself, instead of one syntok run over the whole paragraph."""
-    exceptions, opening_bracket = _certain_end_rules()
-    position = begin
+    """The paragraph segmented[begin:finish] cut after each of its _CERTAIN_END ends outside
+    brackets: (begin, end) of each piece, the next one starting at the next sentence's first
+    character. A news paragraph of several plain sentences becomes pieces that
+    _one_sentence_start reads itself, instead of one syntok run over the whole paragraph.
+
+    syntok skips a bracketed group from its opening bracket to the closing one that empties its
+    stack of brackets (any kind closes any kind; each bracket is a token of its own), and the end
+    of a group that is still open is past this end: so an end is cut only where every bracket
+    opened before it in the paragraph has been closed (a closing bracket with none open is a
+    plain token)."""
+    exceptions, opening, bracket = _certain_end_rules()
+    position = scanned = begin
+    depth = 0  # brackets open at `scanned`
     for match in _CERTAIN_END.finditer(segmented, begin, finish):
         if match.group(1) in exceptions:
             continue
-        if opening_bracket.search(segmented, position, match.start()):
-            break  # syntok may skip a bracketed group across this end
+        for found in bracket.finditer(segmented, scanned, match.start()):
+            depth = depth + 1 if found.group() in opening else max(0, depth - 1)
+        scanned = match.start()
+        if depth:
+            continue
         yield position, match.end(1) + 1
         position = match.end()
     yield position, finish
