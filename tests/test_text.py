@@ -677,6 +677,47 @@ def test_certain_sentence_ends_cut_paragraphs_as_syntok_does(monkeypatch):
     assert sum(count > 1 for count in pieces) > runs  # cut many times, in CoNLL's text and the generated
 
 
+# words before a full stop: dotted capitals, initials, abbreviations of syntok's list and not, a
+# change of case inside a word, its first-token state; and every kind of token after the stop
+_STOP_WORDS = ["U.S", "U.K", "U.S.A", "W", "J", "a", "x", "Jan", "Sept", "GmbH", "Inc", "Corp", "Co", "Ltd", "Mr", "Dr",
+               "No", "no", "vs", "St", "III", "etc", "Fig", "e.g", "A.b", "Abb", "ca", "zB", "Mio", "Sr", "Prof"]
+_AFTER_STOP = ["Treasury", "officials", "Acme", "The", "However", "In", "Also", "It", "A", "I", "Was", "Yet", "Es",
+               "5", "500", "1996", '"Yes', '" yes', "'s", "(a)", "[1]", "( Acme Inc.)", "(U.S.) A", "( vs.)\nB", ")",
+               ",", ".", "TheX", "The5", "Also-ran",
+               "ALSO", "Mc", "McDonald", "\u00c9cole", "-", "--", "lower"]
+
+
+def test_abbreviation_stops_keep_sentences_as_syntok_does(monkeypatch):
+    """_one_sentence_start reads a full stop after an abbreviation, a dotted capital abbreviation
+    or an initial as no sentence end where syntok never ends one there (_abbreviation_stop); the
+    sentence ranges must be syntok's own on whole paragraphs, for every kind of word before the
+    stop and token after it, in every position."""
+    from fastner.text import tokenizer
+
+    rng = random.Random(31)
+    words = ["Acme", "rose", "the", "(X)", "US"]
+    texts = []
+    for _ in range(30000):
+        parts = [rng.choice(words + _STOP_WORDS) + rng.choice(["", ".", ". "]) for _ in range(rng.randint(0, 3))]
+        parts.append(rng.choice(_STOP_WORDS) + "." + rng.choice([" ", "  ", "\n", ""]) + rng.choice(_AFTER_STOP))
+        parts += [rng.choice(words + _AFTER_STOP) for _ in range(rng.randint(0, 3))]
+        texts.append(" ".join(parts) + rng.choice([".", "", "?", ". "]))
+    stops = []
+    stop = tokenizer._abbreviation_stop
+
+    def counted(body, at):
+        found = stop(body, at)
+        stops.append(found is not None)
+        return found
+
+    monkeypatch.setattr(tokenizer, "_abbreviation_stop", counted)
+    got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
+    want = _syntok_sentence_ranges(monkeypatch, texts)
+    mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
+    assert mismatches == []
+    assert sum(stops) > 2000 and len(stops) - sum(stops) > 2000  # both answers, many times
+
+
 # --- the CoNLL fixes' sentence pre-check and model_form's ASCII shortcut ------------------------
 
 # pieces that reach each CoNLL fix, or nearly: glued periods after digits, "%", brackets and

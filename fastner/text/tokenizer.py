@@ -263,11 +263,52 @@ def _one_sentence_start(segmented: str, begin: int, finish: int) -> Optional[int
     if found is not None and len(body[:found.start()].split()) < 2:  # at least two tokens before it
         return None
     while found is not None:
+        stop = _abbreviation_stop(body, found.start())
+        if stop is not None:
+            found = breaks.search(body, stop)
+            continue
         skipped = group.match(body, found.start())  # None at a terminal, a long or an open group
         if skipped is None or not _closes_alone(text, skipped.end() - 1):
             return None
         found = breaks.search(body, skipped.end())
     return begin + len(text) - len(text.lstrip(" \n"))
+
+
+# A full stop inside a sentence that syntok's segmenter never ends it at: after one of its
+# abbreviations ("Inc." "Corp." "Mr."), a dotted capital abbreviation ("U.S.", one token "U.S" to
+# its tokenizer) or a capital initial ("W."), then whitespace and a token that is none of its
+# sentence starters. Its decision there (_move_and_maybe_extract_terminal) keeps the sentence
+# going before a lower-case token; before any other token that is no starter it keeps it too,
+# for each of these three words (its abbreviation rule, its rule for a word holding a period,
+# its rule for single capitals), where the next token is no closing bracket or ".", which it is
+# not here (a letter, a digit or a quote; after an opening bracket it would read the group token
+# by token, so none). The word must not be the sentence's first token (its first-token state
+# decides otherwise): _one_sentence_start asks for two tokens before the first stop.
+_ABBREVIATION_STOP = re.compile(r"((?:[A-Z]\.)+[A-Z]|[A-Z][a-z]+|[a-z]+|[A-Z]+)\.[ \n]+(?=[A-Za-z0-9\"'])([A-Z]*[a-z]*)")
+
+
+def _abbreviation_stop(body: str, at: int) -> Optional[int]:
+    """Where the text after the _ABBREVIATION_STOP whose word holds body[at] continues (just past
+    its full stop), or None if body[at] is no such stop."""
+    if body[at] != ".":
+        return None
+    start = max(body.rfind(" ", 0, at), body.rfind("\n", 0, at)) + 1  # the whitespace-separated word
+    match = _ABBREVIATION_STOP.match(body, start)
+    if match is None or at > match.end(1):
+        return None
+    word = match.group(1)
+    exceptions, starters = _abbreviation_rules()
+    if not ("." in word or (len(word) == 1 and word.isupper()) or word in exceptions) or match.group(2) in starters:
+        return None
+    return match.end(1) + 1
+
+
+@functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
+def _abbreviation_rules() -> Tuple[frozenset, frozenset]:
+    """(syntok's abbreviations, its sentence starters)."""
+    from syntok._segmentation_states import State
+
+    return State.abbreviations, State.starters
 
 
 # A sentence end at which syntok's segmenter always splits, whatever comes before it in the
