@@ -602,22 +602,19 @@ def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
 
     monkeypatch.setattr(tokenizer, "_one_sentence_start", counted)
     got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
-    want = _syntok_sentence_ranges(monkeypatch, texts)
+    want = _syntok_sentence_ranges(texts)
     mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
     assert mismatches == []
     assert sum(taken) > 10000 and len(taken) - sum(taken) > 10000  # both ways, many times
     assert len(bracketed) > 2000, len(bracketed)
 
 
-def _syntok_sentence_ranges(monkeypatch, texts):
+def _syntok_sentence_ranges(texts):
     """_sentence_ranges of each text with every paragraph given to syntok whole: neither
     _certain_pieces' cuts nor _one_sentence_start's answers."""
     from fastner.text import tokenizer
 
-    with monkeypatch.context() as patch:
-        patch.setattr(tokenizer, "_certain_pieces", lambda segmented, begin, finish: iter([(begin, finish)]))
-        patch.setattr(tokenizer, "_one_sentence_start", lambda *args: None)
-        return [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
+    return [list(tokenizer._sentence_ranges(working_copy(text), fast=False)) for text in texts]
 
 
 # words before a terminal: syntok's abbreviations, roman numerals, titles fastner joins back,
@@ -671,7 +668,7 @@ def test_certain_sentence_ends_cut_paragraphs_as_syntok_does(monkeypatch):
 
     monkeypatch.setattr(tokenizer, "_certain_pieces", counted)
     got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
-    want = _syntok_sentence_ranges(monkeypatch, texts)
+    want = _syntok_sentence_ranges(texts)
     mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
     assert mismatches == []
     assert sum(count > 1 for count in pieces) > runs  # cut many times, in CoNLL's text and the generated
@@ -712,7 +709,7 @@ def test_abbreviation_stops_keep_sentences_as_syntok_does(monkeypatch):
 
     monkeypatch.setattr(tokenizer, "_abbreviation_stop", counted)
     got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
-    want = _syntok_sentence_ranges(monkeypatch, texts)
+    want = _syntok_sentence_ranges(texts)
     mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
     assert mismatches == []
     assert sum(stops) > 2000 and len(stops) - sum(stops) > 2000  # both answers, many times
@@ -773,3 +770,15 @@ def test_model_form_ascii_shortcut_is_the_full_form():
     for token in tokens:
         assert model_form(token) == full(token), repr(token)
     assert model_form("`a`") == "'a'"  # the one printable ASCII character that is not its own form
+
+
+def test_sentence_split_benchmark_runs_and_agrees(capsys):
+    """benchmarks/sentence_split.py, one round: its table, and --check's comparison on its
+    workloads and CoNLL's sentences (eng.train and eng.testa, alone and in runs)."""
+    from benchmarks import sentence_split
+
+    _conll("eng.testa")  # skips where the data is absent
+    assert sentence_split.main(["--conll", DATA, "--rounds", "1", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "| runs |" in out and "| articles |" in out and "to syntok" in out
+    assert "eng.train runs: 2780 documents, 0 different" in out

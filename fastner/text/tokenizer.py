@@ -379,14 +379,16 @@ def _syntok_starts(segmented: str, begin: int, finish: int) -> Iterator[int]:
                 yield begin + sentence[0].offset
 
 
-def _sentence_ranges(work: str) -> Iterator[Tuple[int, int]]:
-    """(start, end) of each sentence in the working copy, whitespace trimmed."""
+def _sentence_ranges(work: str, fast: bool = True) -> Iterator[Tuple[int, int]]:
+    """(start, end) of each sentence in the working copy, whitespace trimmed. fast=False: every
+    paragraph through syntok whole, without _certain_pieces and _one_sentence_start (the
+    reference tests/test_text.py and benchmarks/sentence_split.py compare them with)."""
     segmented = _DECIMAL_POINT.sub(",", work)  # same length: syntok's offsets index `work`
     starts: List[int] = []
     for begin, finish in _paragraphs(work):
         first = True  # a paragraph always starts a sentence
-        for piece_begin, piece_end in _certain_pieces(segmented, begin, finish):
-            single = _one_sentence_start(segmented, piece_begin, piece_end)
+        for piece_begin, piece_end in _certain_pieces(segmented, begin, finish) if fast else [(begin, finish)]:
+            single = _one_sentence_start(segmented, piece_begin, piece_end) if fast else None
             offsets = _syntok_starts(segmented, piece_begin, piece_end) if single is None else (single,)
             for offset in offsets:
                 if starts and not first:
