@@ -3,7 +3,8 @@
     python -m benchmarks.serve_profile MODEL --documents ../shared/data/conll2003/eng.testa [--batch 16,64]
 
 Runs the server's model call (fastner.serve.model.predict_documents, then the JSON encoding of
-its answer) on the same documents the load test sends (detokenized CoNLL sentences), with the
+its answer) on the same documents the load test sends (detokenized CoNLL sentences; --articles:
+the file's articles, its sentences joined between -DOCSTART- lines), with the
 functions that make up its stages wrapped where the served path looks them up (MODULE_STAGES,
 MODEL_STAGES below): each stage is charged the calling thread's CPU time (time.thread_time_ns:
 steadier than wall time on a shared machine) spent in it, exclusive of the stages nested in it;
@@ -251,6 +252,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lstm", action="store_true", help="only the BiLSTM against torch.nn.LSTM (see above)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
                         help="as `fastner serve --precision`")
+    parser.add_argument("--articles", action="store_true",
+                        help="documents are the file's articles (its sentences between -DOCSTART- lines, joined with "
+                             "spaces: news text of several sentences), not one sentence each")
     args = parser.parse_args(argv)
     try:
         asked = [int(n) for n in args.batch.split(",")]
@@ -273,7 +277,12 @@ def main(argv=None) -> int:
             print(json.dumps({**row, "load_average": [load, os.getloadavg()[0]], "machine": _cpu_name(),
                               "clock": "thread CPU"}))
         return 0
-    documents = load_documents(args.documents)
+    if args.articles:
+        from benchmarks.word_spans import conll_articles
+
+        documents = conll_articles(args.documents)
+    else:
+        documents = load_documents(args.documents)
     if args.overlap:
         load = os.getloadavg()[0]
         for n in sizes:
@@ -299,7 +308,7 @@ def main(argv=None) -> int:
     names = list(dict.fromkeys(names))  # in pipeline order, each once
     print(f"{_cpu_name()}, torch {torch.__version__}, 1 thread, precision {args.precision}, load average "
           f"{load:.2f} -> {os.getloadavg()[0]:.2f}; thread CPU time, ms per document, {counted[1]} documents "
-          "per batch size", file=sys.stderr)
+          f"{'(articles) ' if args.articles else ''}per batch size", file=sys.stderr)
     print("| stage | " + " | ".join(f"batch {n}" for n in sizes) + " |\n|---|" + "---|" * len(sizes))
     for name in names:
         print(f"| {name} | " + " | ".join(f"{clocks[n].clock.get(name, 0) / counted[n] / 1e6:.3f}" for n in sizes) + " |")
