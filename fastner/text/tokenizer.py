@@ -246,14 +246,17 @@ def _closes_alone(text: str, at: int) -> bool:
 def _one_sentence_start(segmented: str, begin: int, finish: int) -> Optional[int]:
     """The start of the paragraph segmented[begin:finish] if syntok reads it as one sentence
     without asking it, else None (syntok must decide). Before its closing run of terminals the
-    paragraph holds no terminal, and no opening bracket but those of short groups that syntok
-    skips without a decision: "Shares of Acme Corp (ACME) rose on Monday." and every headline
-    without a stop. Such a group is read as a decision point when its bracket is the first or
-    second token of the paragraph (FirstToken looks at the token after the first) or directly
-    follows another group (the token after a skipped group is looked at), so those go to syntok
-    (where "Extras (lb-11 w-1 nb-8) 20" is two sentences). 77% of the load test's eng.testa
-    documents, each ~80-200 us of syntok's Python saved (tests/test_text.py checks the answer
-    against syntok's own on generated and real text)."""
+    paragraph holds no terminal but abbreviation stops that syntok never ends a sentence at
+    (_abbreviation_stop: "Acme Inc. said", "the U.S. Treasury"), and no opening bracket but those
+    of short groups that syntok skips without a decision: "Shares of Acme Corp (ACME) rose on
+    Monday." and every headline without a stop. Such a group is read as a decision point when
+    its bracket is the first or second token of the paragraph (FirstToken looks at the token
+    after the first) or directly follows another group (the token after a skipped group is
+    looked at), so those go to syntok (where "Extras (lb-11 w-1 nb-8) 20" is two sentences).
+    (A paragraph here may be a piece of one, _certain_pieces: syntok starts it in the same
+    state.) 82% of the pieces of the load test's eng.testa documents, each ~80-200 us of
+    syntok's Python saved (tests/test_text.py checks the answer against syntok's own on
+    generated and real text)."""
     terminals, breaks, group = _syntok_breaks()
     text = segmented[begin:finish]
     body = text.rstrip(" \n").rstrip(terminals)  # the working copy's only whitespace is " " and "\n"
