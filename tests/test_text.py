@@ -601,20 +601,24 @@ def test_one_sentence_paragraphs_skip_syntok_with_its_answer(monkeypatch):
         return start
 
     monkeypatch.setattr(tokenizer, "_one_sentence_start", counted)
-    got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
-    want = _syntok_sentence_ranges(texts)
-    mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
-    assert mismatches == []
+    assert _split_mismatches(texts) == []
     assert sum(taken) > 10000 and len(taken) - sum(taken) > 10000  # both ways, many times
     assert len(bracketed) > 2000, len(bracketed)
 
 
-def _syntok_sentence_ranges(texts):
-    """_sentence_ranges of each text with every paragraph given to syntok whole: neither
-    _certain_pieces' cuts nor _one_sentence_start's answers."""
+def _split_mismatches(texts):
+    """(text, fast ranges, syntok's) for each text whose sentence ranges differ from those of
+    syntok on every paragraph whole (_sentence_ranges(fast=False): neither _certain_pieces' cuts
+    nor _one_sentence_start's answers)."""
     from fastner.text import tokenizer
 
-    return [list(tokenizer._sentence_ranges(working_copy(text), fast=False)) for text in texts]
+    mismatches = []
+    for text in texts:
+        work = working_copy(text)
+        got, want = list(tokenizer._sentence_ranges(work)), list(tokenizer._sentence_ranges(work, fast=False))
+        if got != want:
+            mismatches.append((text, got, want))
+    return mismatches
 
 
 # words before a terminal: syntok's abbreviations, roman numerals, titles fastner joins back,
@@ -667,10 +671,7 @@ def test_certain_sentence_ends_cut_paragraphs_as_syntok_does(monkeypatch):
         return iter(found)
 
     monkeypatch.setattr(tokenizer, "_certain_pieces", counted)
-    got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
-    want = _syntok_sentence_ranges(texts)
-    mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
-    assert mismatches == []
+    assert _split_mismatches(texts) == []
     assert sum(count > 1 for count in pieces) > runs  # cut many times, in CoNLL's text and the generated
 
 
@@ -708,10 +709,7 @@ def test_abbreviation_stops_keep_sentences_as_syntok_does(monkeypatch):
         return found
 
     monkeypatch.setattr(tokenizer, "_abbreviation_stop", counted)
-    got = [list(tokenizer._sentence_ranges(working_copy(text))) for text in texts]
-    want = _syntok_sentence_ranges(texts)
-    mismatches = [(text, g, w) for text, g, w in zip(texts, got, want) if g != w]
-    assert mismatches == []
+    assert _split_mismatches(texts) == []
     assert sum(stops) > 2000 and len(stops) - sum(stops) > 2000  # both answers, many times
 
 
