@@ -626,10 +626,13 @@ def _split_mismatches(texts):
 # month, words with a digit, a hyphen or an apostrophe; and what may come after the terminal
 _BEFORE_END = ["Acme", "rose", "week", "Fed", "USA", "US", "II", "IV", "XX", "Mr", "Lt", "Rev", "Sgt", "Pty", "Corp",
                "Inc", "Co", "Ltd", "no", "No", "NO", "Jan", "Sept", "Dez", "a", "I", "X", "pp", "vs", "Gen", "St",
-               "dividenD", "McDonald", "iPhone", "bn", "5bn", "A4", "ex-CEO", "O'Neill", "e.g", "U.S", "\u00e9t\u00e9"]
+               "dividenD", "McDonald", "iPhone", "bn", "5bn", "A4", "ex-CEO", "O'Neill", "e.g", "U.S", "\u00e9t\u00e9",
+               "1996", "22", "3", "6-2", "6-22", "x-22", "2-a", "65th", "1990s", "razzle-dazzle", "Port-au-Prince",
+               "x-dividenD", "1,000", "12.50", "-5"]
 _AFTER_END = ["The", "Acme", "A", "I", "In", "However", "Jan", "II", "US", "5", "500", "(Reuters)", "(a)", "lower",
               '"Yes', '" yes', '"', "'s", "'", "''", "' Tis", ",", "(", ")", "Oslo", "No", "X-ray", "N5", "\u00c9cole",
-              "[1]", "(x. Y)", "((a) b)", "{x}", "]", "(a b", "\uff08a\uff09"]
+              "[1]", "(x. Y)", "((a) b)", "{x}", "]", "(a b", "\uff08a\uff09", "--", "-- Reuters", "- based", "-based",
+              "-5", "Oct", "Sept", "en", "Mar"]
 _TERMINALS = [".", "?", "!", "...", '."', ".)", "?!", ". .", ";", ".'", "\u3002"]
 
 

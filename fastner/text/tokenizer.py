@@ -316,30 +316,34 @@ def _abbreviation_rules() -> Tuple[frozenset, frozenset]:
 
 # A sentence end at which syntok's segmenter always splits, whatever comes before it in the
 # paragraph: a word of two or more ASCII letters, lower case, capitalized or all capitals (one
-# token to syntok's tokenizer, which splits "dividenD" at the change of case), with whitespace
-# (or the text's start) before it, then one of ". ! ?", whitespace, and an upper-case ASCII
-# letter or a straight quote (the working copy's only quotes). Its decision there
-# (syntok/_segmentation_states.py, _move_and_maybe_extract_terminal) reads the word before the
-# terminal and the token after it: before an upper-case letter or a quote after whitespace it
+# token to syntok's tokenizer, which splits "dividenD" at the change of case), or a number of
+# two or more digits, or digits then lower-case letters ("65th", "1990s"), with whitespace (or
+# the text's start) before it, or a letter or digit and a hyphen (its tokenizer splits
+# "razzle-dazzle" there, not "6-22": then the number here is a part of the word, and the word
+# is no number, which it splits after all the same); then one of ". ! ?", whitespace, and an
+# upper-case ASCII letter, a straight quote (the working copy's only quotes) or a dash. Its
+# decision there (syntok/_segmentation_states.py, _move_and_maybe_extract_terminal) reads the
+# word before the terminal and the token after it: before such a token after whitespace it
 # keeps the sentence going only after a word in _certain_end_rules (its abbreviations, roman
-# numerals, "no"), a single letter, or a word holding a period or a digit, none of which match
-# here. syntok starts the next sentence in the state it starts a paragraph in, so the text on
+# numerals, "no"), a single character, a word holding a period, or a number before a month's
+# abbreviation ("1996. Jan": _certain_pieces checks the token after a number). syntok starts the next sentence in the state it starts a paragraph in, so the text on
 # either side is segmented as if it stood alone; only a bracketed group it may skip reaches
 # across, so no end inside an open bracket is cut (_certain_pieces). Titles that
 # _sentence_ranges joins back to the next sentence ("Lt." "Rev.") are joined back after a cut
 # too: its check runs on every sentence start after a paragraph's first, wherever it came from.
-_CERTAIN_END = re.compile(r"(?<![^ \n])([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,})[.!?][ \n]+(?=[A-Z\"'])")
+_CERTAIN_END = re.compile(r"(?:(?<![^ \n])|(?<=[A-Za-z0-9]-))([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,}|\d{2,}|\d+[a-z]+)"
+                          r"[.!?][ \n]+(?=[A-Z\"'-])([A-Z]*[a-z]*)")
 
 
 @functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
-def _certain_end_rules() -> Tuple[frozenset, frozenset, "re.Pattern"]:
-    """(the words before a terminal after which _CERTAIN_END is no certain end, syntok's opening
-    brackets, a pattern of its opening and closing brackets)."""
+def _certain_end_rules() -> Tuple[frozenset, frozenset, frozenset, "re.Pattern"]:
+    """(the words before a terminal after which _CERTAIN_END is no certain end, syntok's month
+    abbreviations, its opening brackets, a pattern of its opening and closing brackets)."""
     from syntok._segmentation_states import State
 
     exceptions = frozenset(State.abbreviations | State.roman_numerals | {"no", "No", "NO"})
     brackets = "".join(sorted(State.opening_brackets | State.closing_brackets))
-    return exceptions, State.opening_brackets, re.compile("[" + re.escape(brackets) + "]")
+    return exceptions, State.months, State.opening_brackets, re.compile("[" + re.escape(brackets) + "]")
 
 
 def _certain_pieces(segmented: str, begin: int, finish: int) -> Iterator[Tuple[int, int]]:
@@ -353,11 +357,12 @@ def _certain_pieces(segmented: str, begin: int, finish: int) -> Iterator[Tuple[i
     of a group that is still open is past this end: so an end is cut only where every bracket
     opened before it in the paragraph has been closed (a closing bracket with none open is a
     plain token)."""
-    exceptions, opening, bracket = _certain_end_rules()
+    exceptions, months, opening, bracket = _certain_end_rules()
     position = scanned = begin
     depth = 0  # brackets open at `scanned`
     for match in _CERTAIN_END.finditer(segmented, begin, finish):
-        if match.group(1) in exceptions:
+        word = match.group(1)
+        if word in exceptions or (word.isdigit() and match.group(2) in months):
             continue
         for found in bracket.finditer(segmented, scanned, match.start()):
             depth = depth + 1 if found.group() in opening else max(0, depth - 1)
@@ -365,7 +370,7 @@ def _certain_pieces(segmented: str, begin: int, finish: int) -> Iterator[Tuple[i
         if depth:
             continue
         yield position, match.end(1) + 1
-        position = match.end()
+        position = match.start(2)  # the next sentence's first character
     yield position, finish
 
 
