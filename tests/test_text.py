@@ -681,11 +681,13 @@ def test_certain_sentence_ends_cut_paragraphs_as_syntok_does(monkeypatch):
 # words before a full stop: dotted capitals, initials, abbreviations of syntok's list and not, a
 # change of case inside a word, its first-token state; and every kind of token after the stop
 _STOP_WORDS = ["U.S", "U.K", "U.S.A", "W", "J", "a", "x", "Jan", "Sept", "GmbH", "Inc", "Corp", "Co", "Ltd", "Mr", "Dr",
-               "No", "no", "vs", "St", "III", "etc", "Fig", "e.g", "A.b", "Abb", "ca", "zB", "Mio", "Sr", "Prof"]
+               "No", "no", "NO", "vs", "St", "III", "etc", "Fig", "e.g", "A.b", "Abb", "ca", "zB", "Mio", "Sr", "Prof",
+               "Mich", "Oct", "en", "1996", "24", "7", "x-y", "a.b"]
 _AFTER_STOP = ["Treasury", "officials", "Acme", "The", "However", "In", "Also", "It", "A", "I", "Was", "Yet", "Es",
                "5", "500", "1996", '"Yes', '" yes', "'s", "(a)", "[1]", "( Acme Inc.)", "(U.S.) A", "( vs.)\nB", ")",
                ",", ".", "TheX", "The5", "Also-ran",
-               "ALSO", "Mc", "McDonald", "\u00c9cole", "-", "--", "lower"]
+               "ALSO", "Mc", "McDonald", "\u00c9cole", "-", "--", "lower", "24", "24,", "24, and", "1996", "1996.",
+               "1996-08-30", "24,5", "9.", "12", "123", "5bn", "24a", "\u0662\u0663\u0664", "24)"]
 
 
 def test_abbreviation_stops_keep_sentences_as_syntok_does(monkeypatch):

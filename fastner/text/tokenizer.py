@@ -290,28 +290,42 @@ def _one_sentence_start(segmented: str, begin: int, finish: int) -> Optional[int
 _ABBREVIATION_STOP = re.compile(r"((?:[A-Z]\.)+[A-Z]|[A-Z][a-z]+|[a-z]+|[A-Z]+)\.[ \n]+(?=[A-Za-z0-9\"'])([A-Z]*[a-z]*)")
 
 
+# And one before a number: syntok keeps the sentence going before a number of three or more
+# digits whatever the word before the stop ("Mich. 1996"), and before any number after a month's
+# abbreviation ("Sept. 24"), one of its abbreviations or "no" (its rules for those words come
+# first, and a number is no lower-case token or starter). The word is letters and digits alone
+# (no terminal inside), the number digits alone, then whitespace, the end, or one punctuation
+# mark and whitespace or the end ("24," is 24 and a comma to its tokenizer; "24,5", a decimal
+# in the segmented copy, is one token and no number to it).
+_NUMBER_STOP = re.compile(r"([A-Za-z0-9]+)\.[ \n]+([0-9]+)(?=[ \n]|[,;:.!?]?(?:[ \n]|$))")
+
+
 def _abbreviation_stop(body: str, at: int) -> Optional[int]:
-    """Where the text after the _ABBREVIATION_STOP whose word holds body[at] continues (just past
-    its full stop), or None if body[at] is no such stop."""
+    """Where the text after the _ABBREVIATION_STOP or _NUMBER_STOP whose word holds body[at]
+    continues (just past its full stop), or None if body[at] is no such stop."""
     if body[at] != ".":
         return None
     start = max(body.rfind(" ", 0, at), body.rfind("\n", 0, at)) + 1  # the whitespace-separated word
+    exceptions, starters, months = _abbreviation_rules()
     match = _ABBREVIATION_STOP.match(body, start)
-    if match is None or at > match.end(1):
-        return None
-    word = match.group(1)
-    exceptions, starters = _abbreviation_rules()
-    if not ("." in word or (len(word) == 1 and word.isupper()) or word in exceptions) or match.group(2) in starters:
-        return None
-    return match.end(1) + 1
+    if match is not None and at <= match.end(1):
+        word = match.group(1)
+        if ("." in word or (len(word) == 1 and word.isupper()) or word in exceptions) and match.group(2) not in starters:
+            return match.end(1) + 1
+    match = _NUMBER_STOP.match(body, start)
+    if match is not None and at == match.end(1):
+        word = match.group(1)
+        if len(match.group(2)) > 2 or word in months or word in exceptions or word in ("no", "No", "NO"):
+            return at + 1
+    return None
 
 
 @functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
-def _abbreviation_rules() -> Tuple[frozenset, frozenset]:
-    """(syntok's abbreviations, its sentence starters)."""
+def _abbreviation_rules() -> Tuple[frozenset, frozenset, frozenset]:
+    """(syntok's abbreviations, its sentence starters, its month abbreviations)."""
     from syntok._segmentation_states import State
 
-    return State.abbreviations, State.starters
+    return State.abbreviations, State.starters, State.months
 
 
 # A sentence end at which syntok's segmenter always splits, whatever comes before it in the
@@ -331,7 +345,7 @@ def _abbreviation_rules() -> Tuple[frozenset, frozenset]:
 # across, so no end inside an open bracket is cut (_certain_pieces). Titles that
 # _sentence_ranges joins back to the next sentence ("Lt." "Rev.") are joined back after a cut
 # too: its check runs on every sentence start after a paragraph's first, wherever it came from.
-_CERTAIN_END = re.compile(r"(?:(?<![^ \n])|(?<=[A-Za-z0-9]-))([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,}|\d{2,}|\d+[a-z]+)"
+_CERTAIN_END = re.compile(r"(?:(?<![^ \n])|(?<=[A-Za-z0-9]-))([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,}|[0-9]{2,}|[0-9]+[a-z]+)"
                           r"[.!?][ \n]+(?=[A-Z\"'-])([A-Z]*[a-z]*)")
 
 
