@@ -475,6 +475,35 @@ def test_torch_baseline_swaps_fastner_layers_keeping_weights():
     torch.testing.assert_close(got, want)
 
 
+def test_quantized_torch_baseline_quantizes_the_packed_layers():
+    # quantize_dynamic alone passes over PackedLSTM / PackedGRU (it swaps by exact type): the
+    # tagger rows' "torch int8" model once ran in fp32 that way.
+    pytest.importorskip("torchcrf")
+    from torch.ao.nn.quantized import dynamic as quantized_dynamic
+
+    from fastner import nn as fnn
+    from fastner.bench.baselines import quantized_torch_baseline, torch_baseline
+
+    model = torch.nn.Sequential(fnn.LSTM(6, 5, batch_first=True, bidirectional=True),
+                                fnn.GRU(10, 4, batch_first=True))
+    base, _ = torch_baseline(model)
+    quantized, count = quantized_torch_baseline(base)
+    assert count == 2
+    assert isinstance(quantized[0], quantized_dynamic.LSTM) and isinstance(quantized[1], quantized_dynamic.GRU)
+    assert type(base[0]).__name__ == "PackedLSTM"  # the fp32 baseline is left alone
+    x = torch.randn(3, 7, 6)
+    lengths = torch.tensor([7, 2, 4])
+    with torch.no_grad():
+        got, _ = quantized[0](x, lengths=lengths)
+        want, _ = base[0](x, lengths=lengths)
+    assert got.shape == want.shape
+    assert bool((got[1, 2:] == 0).all())  # padding past a length, as the packed fp32 layer
+    error = float((got - want).norm() / want.norm())
+    assert 0 < error < 0.05  # int8 arithmetic: close to fp32, but not it
+    _, none = quantized_torch_baseline(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert none == 0
+
+
 def test_torch_baseline_runs_the_char_cnn_on_torch_ops_with_the_same_values():
     pytest.importorskip("torchcrf")
     from fastner.bench.baselines import TorchCharCNN, torch_baseline

@@ -5,7 +5,8 @@ fastner LSTM/GRU/RNN becomes the torch.nn layer (lengths= served by packing, as 
 today), every fastner CRF becomes pytorch-crf's, the tagger's char CNN runs torch's conv1d
 and a masked amax instead of fastner's char_conv_max op, and its dropouts are nn.Dropout
 (masks from Tensor.bernoulli_) instead of fastner's dropout_mask op, weights kept. The model's
-own code then runs unchanged on either.
+own code then runs unchanged on either. `quantized_torch_baseline(baseline)` is that copy as a
+torch user quantizes it (quantize_dynamic, qint8), for the int8 rows.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import dynamic as quantized_dynamic
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torchcrf import CRF as TorchCRF
 
@@ -45,6 +47,14 @@ class PackedGRU(_PackingForward, nn.GRU):
 
 class PackedRNN(_PackingForward, nn.RNN):
     _torch_class = nn.RNN
+
+
+class PackedQuantizedLSTM(_PackingForward, quantized_dynamic.LSTM):
+    _torch_class = quantized_dynamic.LSTM
+
+
+class PackedQuantizedGRU(_PackingForward, quantized_dynamic.GRU):
+    _torch_class = quantized_dynamic.GRU
 
 
 class PytorchCRF(TorchCRF):
@@ -160,3 +170,35 @@ def torch_baseline(model: nn.Module) -> Tuple[nn.Module, int]:
     baseline = copy.deepcopy(model)
     swapped = _swap_in_place(baseline)
     return baseline, swapped
+
+
+def quantized_torch_baseline(baseline: nn.Module) -> Tuple[nn.Module, int]:
+    """A copy of torch_baseline's model with its nn.LSTM / nn.GRU layers quantized as a user
+    of torch does it: quantize_dynamic(..., dtype=torch.qint8), weights int8 per tensor,
+    activations quantized at run time (fbgemm). Returns the copy and how many layers were
+    quantized.
+
+    quantize_dynamic swaps modules by exact type, so it passes over PackedLSTM / PackedGRU (its
+    subclasses) without a word and the "quantized" model would run in fp32: each is quantized
+    here as the plain torch layer it is, then given its packing forward back.
+    """
+    import warnings
+
+    quantized = copy.deepcopy(baseline)
+    kinds = {PackedLSTM: (nn.LSTM, PackedQuantizedLSTM), PackedGRU: (nn.GRU, PackedQuantizedGRU)}
+    count = 0
+    for parent in list(quantized.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) not in kinds:
+                continue
+            plain_class, packed_class = kinds[type(child)]
+            plain = copy.deepcopy(child)
+            plain.__class__ = plain_class
+            with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+                warnings.simplefilter("ignore")
+                layer = torch.ao.quantization.quantize_dynamic(nn.Sequential(plain), {plain_class},
+                                                               dtype=torch.qint8)[0]
+            layer.__class__ = packed_class
+            setattr(parent, name, layer)
+            count += 1
+    return quantized, count

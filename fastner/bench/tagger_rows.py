@@ -97,8 +97,7 @@ def _quantized_inference(fast, base, batches):
     calls, skipped = {}, {}
     if next(fast.parameters()).device.type != "cpu":
         return calls, {"quantized": "skipped: the int8 / bf16 layers run on the CPU"}
-    import warnings
-
+    from fastner.bench.baselines import quantized_torch_baseline
     from fastner.nn import quantize
 
     calls["fastner.int8"] = _inference(quantize(copy.deepcopy(fast), torch.qint8), batches)
@@ -106,10 +105,10 @@ def _quantized_inference(fast, base, batches):
         calls["fastner.bf16"] = _inference(quantize(copy.deepcopy(fast), torch.bfloat16), batches)
     except NotImplementedError as err:
         skipped["fastner.bf16"] = f"skipped: {err}"
-    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
-        warnings.simplefilter("ignore")
-        torch_int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {torch.nn.LSTM, torch.nn.GRU},
-                                                             dtype=torch.qint8)
+    torch_int8, quantized_layers = quantized_torch_baseline(base)
+    if quantized_layers == 0:
+        raise ValueError("the torch baseline has no nn.LSTM / nn.GRU for quantize_dynamic: its int8 "
+                         "model would be the fp32 one")
     calls["torch+pytorch-crf.int8"] = _inference(torch_int8, batches)
     return calls, skipped
 
