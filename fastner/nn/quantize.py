@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fastner import ops, reference
-from fastner.nn.convert import swap_children, swap_rnn_class
+from fastner.nn.convert import swap_children, swap_rnn_class, warn_left_alone
 from fastner.nn.rnn import GRU, LSTM, RNN, _forward_unbatched
 
 __all__ = ["quantize", "Int8LSTM", "Int8GRU", "Int8RNN"]
@@ -253,7 +253,9 @@ def quantize(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     for a layer that two parents share); the float layer objects are left as they were. A layer
     already bf16 is left as it is.
     A model holding layers already quantized to the other dtype raises ValueError (naming
-    one), before anything is swapped: quantize the float model instead."""
+    one), before anything is swapped: quantize the float model instead. A subclass of torch's or
+    fastner's LSTM / GRU / RNN classes is left in float (it may override forward), named in a
+    UserWarning."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"quantize: module must be a torch.nn.Module, got {type(module).__name__}")
     if dtype is torch.qint8:
@@ -285,4 +287,6 @@ def quantize(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         replacements[id(child)] = new
         return new
 
-    return swap_children(module, swapped)
+    quantized = swap_children(module, swapped)
+    warn_left_alone(quantized, done, f"quantized to {dtype}", "fastner.nn.quantize")
+    return quantized

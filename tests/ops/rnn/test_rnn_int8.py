@@ -5,6 +5,7 @@ takes (rnn_int8_pack): test_rnn_int8_pack.py.
 """
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -263,6 +264,34 @@ def test_quantize_swaps_torch_and_fastner_layers_in_place():
     assert fastner.nn.quantize(model, torch.qint8) is model  # idempotent
     single = fastner.nn.quantize(torch.nn.GRU(3, 4), torch.qint8)
     assert type(single) is Int8GRU and not single.training
+
+
+def test_quantize_names_the_subclasses_it_leaves_in_float():
+    # A subclass may override forward (this one scales its input), which rebinding its class
+    # would drop: it stays float, and the caller is told which layer (torch's quantize_dynamic
+    # says nothing, and a model meant to be int8 then runs fp32).
+    class Custom(torch.nn.LSTM):
+        def forward(self, input, hx=None):
+            return super().forward(input * 2, hx)
+
+    class FastCustom(fastner.nn.GRU):
+        pass
+
+    for dtype in (torch.qint8, torch.bfloat16):
+        model = torch.nn.Sequential(Custom(4, 5), torch.nn.LSTM(5, 3),
+                                    torch.nn.ModuleDict({"inner": FastCustom(3, 2)}))
+        with pytest.warns(UserWarning, match="left as it is") as record:
+            fastner.nn.quantize(model, dtype)
+        messages = [str(w.message) for w in record if "left as it is" in str(w.message)]
+        assert len(messages) == 2
+        assert messages[0].startswith("fastner.nn.quantize: '0' (Custom, a subclass of torch.nn.LSTM)")
+        assert messages[1].startswith("fastner.nn.quantize: '2.inner' (FastCustom, a subclass of fastner.nn.GRU)")
+        assert all(f"quantized to {dtype}" in m for m in messages)
+        assert type(model[0]) is Custom and type(model[2]["inner"]) is FastCustom
+        assert type(model[1]) is not torch.nn.LSTM  # the plain layer beside them is swapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left in float: no warning
+        fastner.nn.quantize(torch.nn.Sequential(torch.nn.LSTM(2, 3), fastner.nn.GRU(3, 2)), torch.qint8)
 
 
 def test_load_state_dict_requantizes():

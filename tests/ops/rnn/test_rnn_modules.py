@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import time
+import warnings
 
 import pytest
 import torch
@@ -308,6 +309,20 @@ def test_convert_swaps_nested_modules_in_place_and_keeps_outputs():
     # converting twice changes nothing
     assert fastner.nn.convert(model) is model
     assert type(model.lstm) is fastner.nn.LSTM
+
+
+def test_convert_names_the_subclasses_it_leaves_alone():
+    class Custom(torch.nn.GRU):  # may override forward: left as it is, and named
+        pass
+
+    model = torch.nn.Sequential(torch.nn.LSTM(3, 4), Custom(4, 2))
+    with pytest.warns(UserWarning, match=r"fastner.nn.convert: '1' \(Custom, a subclass of torch.nn.GRU\) is "
+                                         r"left as it is, not converted"):
+        fastner.nn.convert(model)
+    assert type(model[0]) is fastner.nn.LSTM and type(model[1]) is Custom
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastner.nn.convert(torch.nn.Sequential(torch.nn.LSTM(3, 4)))
 
 
 def test_convert_swaps_torchcrf():
