@@ -2,6 +2,7 @@
 clock, the baselines it builds, and the whole-tagger row code on a tiny stand-in model."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -616,7 +617,26 @@ def test_tagger_rows_on_a_stand_in_model():
         else:  # inference: int8 too, against fp32 and against torch's int8 model
             assert fast.speedup.keys() == {"torch+pytorch-crf", "torch+pytorch-crf.int8"}
             assert row.result("fastner.int8").speedup.keys() == fast.speedup.keys()
+            # every reduced-precision model runs in it: near its fp32 model, never equal to it
+            errors = row.info["relative_error_vs_fp32"]
+            assert {"fastner.int8", "torch+pytorch-crf.int8"} <= errors.keys()
+            assert all(0 < e < 0.05 for e in errors.values()), errors
         assert fast.extra["sentences_per_s"] > 0 and base.extra["sentences_per_s"] > 0
+
+
+def test_tagger_precision_check_flags_a_model_left_in_fp32():
+    pytest.importorskip("torchcrf")
+    from fastner.bench.baselines import torch_baseline
+
+    fast = StandInTagger()
+    base, _ = torch_baseline(fast)
+    batches = tagger_rows.make_batches(StandInBatch, 2, 8, "random", seed=3, device=torch.device("cpu"))
+    models, _ = tagger_rows._quantized_models(fast, base)
+    assert tagger_rows._precision_check(fast, base, models, batches)[0] == "ok"
+    models["torch+pytorch-crf.int8"] = copy.deepcopy(base)  # what quantize_dynamic once gave
+    check, errors = tagger_rows._precision_check(fast, base, models, batches)
+    assert check == "mismatch: torch+pytorch-crf.int8 equals its fp32 model (not quantized)"
+    assert errors["torch+pytorch-crf.int8"] == 0.0
 
 
 def test_tagger_batches_are_valid_bioes():

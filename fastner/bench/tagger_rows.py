@@ -77,9 +77,12 @@ def _row(ctx: Context, fast, base, mode: str, batching: str, batch_size: int, ba
             baselines = ["torch+pytorch-crf"]
         else:
             calls = {"fastner": _inference(fast, batches), "torch+pytorch-crf": _inference(base, batches)}
-            quantized, skipped = _quantized_inference(fast, base, batches)
-            calls.update(quantized)
+            models, skipped = _quantized_models(fast, base)
             row.info.update(skipped)
+            if models:
+                check, row.info["relative_error_vs_fp32"] = _precision_check(fast, base, models, batches)
+                row.check = check if row.check == "ok" else f"{row.check}; {check}"
+            calls.update({name: _inference(model, batches) for name, model in models.items()})
             baselines = ["torch+pytorch-crf", "torch+pytorch-crf.int8"]
         ctx.compare(row, calls, baselines=[b for b in baselines if b in calls])
         for result in row.results:
@@ -90,27 +93,53 @@ def _row(ctx: Context, fast, base, mode: str, batching: str, batch_size: int, ba
     ctx.emit(row)
 
 
-def _quantized_inference(fast, base, batches):
-    """Inference calls of the reduced-precision models (CPU): fastner's at int8 (and bf16 where
-    its kernels exist: fastner.nn.quantize) and the torch model with its nn.LSTM / nn.GRU
-    quantized by torch (quantize_dynamic), and {name: why skipped}."""
-    calls, skipped = {}, {}
+def _quantized_models(fast, base):
+    """The reduced-precision models (CPU): fastner's at int8 (and bf16 where its kernels exist:
+    fastner.nn.quantize) and the torch model with its nn.LSTM / nn.GRU quantized by torch
+    (quantize_dynamic), as {name: model}, and {name: why skipped}."""
+    models, skipped = {}, {}
     if next(fast.parameters()).device.type != "cpu":
-        return calls, {"quantized": "skipped: the int8 / bf16 layers run on the CPU"}
+        return models, {"quantized": "skipped: the int8 / bf16 layers run on the CPU"}
     from fastner.bench.baselines import quantized_torch_baseline
     from fastner.nn import quantize
 
-    calls["fastner.int8"] = _inference(quantize(copy.deepcopy(fast), torch.qint8), batches)
+    models["fastner.int8"] = quantize(copy.deepcopy(fast), torch.qint8)
     try:
-        calls["fastner.bf16"] = _inference(quantize(copy.deepcopy(fast), torch.bfloat16), batches)
+        models["fastner.bf16"] = quantize(copy.deepcopy(fast), torch.bfloat16)
     except NotImplementedError as err:
         skipped["fastner.bf16"] = f"skipped: {err}"
     torch_int8, quantized_layers = quantized_torch_baseline(base)
     if quantized_layers == 0:
         raise ValueError("the torch baseline has no nn.LSTM / nn.GRU for quantize_dynamic: its int8 "
                          "model would be the fp32 one")
-    calls["torch+pytorch-crf.int8"] = _inference(torch_int8, batches)
-    return calls, skipped
+    models["torch+pytorch-crf.int8"] = torch_int8
+    return models, skipped
+
+
+def _precision_check(fast, base, models, batches):
+    """Each reduced-precision model's emission scores against its own fp32 model's (fastner's
+    against fastner fp32, torch's int8 against torch fp32) on the row's batches: ("ok" or what is
+    wrong, {name: relative Frobenius error}). Wrong: a fastner int8 error over INT8_RTOL, or an
+    error of exactly 0, a model that is not running in reduced precision at all (torch's
+    quantize_dynamic passing over a layer did that once)."""
+    from fastner.bench.rnn_rows import INT8_RTOL
+
+    def emissions(model):
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([model.emissions(b.words, b.chars, b.lengths, b.mask)[b.mask] for b in batches])
+
+    if getattr(fast, "emissions", None) is None:
+        return "n/a", {}
+    reference = {"fastner": emissions(fast), "torch+pytorch-crf": emissions(base)}
+    errors = {}
+    for name, model in models.items():
+        want = reference[name.rsplit(".", 1)[0]]
+        errors[name] = float((emissions(model) - want).norm() / want.norm())
+    bad = [f"{name} {err:.2%} (over {INT8_RTOL:.0%})" for name, err in errors.items()
+           if name == "fastner.int8" and err > INT8_RTOL]
+    bad += [f"{name} equals its fp32 model (not quantized)" for name, err in errors.items() if err == 0.0]
+    return ("mismatch: " + ", ".join(bad)) if bad else "ok", errors
 
 
 def _training(model, batches) -> Callable[[], None]:
