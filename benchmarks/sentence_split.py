@@ -63,14 +63,10 @@ def syntok_pieces(works: List[str]) -> str:
 
 
 def check(name: str, works: List[str]) -> int:
-    differ = 0
-    for work in works:
-        if list(tokenizer._sentence_ranges(work)) != list(tokenizer._sentence_ranges(work, fast=False)):
-            differ += 1
-            if differ <= 5:
-                print(f"  DIFFERENT in {name}: {work[:200]!r}")
-    print(f"check {name}: {len(works)} documents, {differ} different")
-    return differ
+    from benchmarks.word_spans import count_differences
+
+    return count_differences(name, works, lambda work: list(tokenizer._sentence_ranges(work)),
+                             lambda work: list(tokenizer._sentence_ranges(work, fast=False)), "documents")
 
 
 def main(argv=None) -> int:

@@ -613,6 +613,16 @@ def _shape(key: str):
     return None
 
 
+def _by_shape(cache: dict, key: str):
+    """cache's entry for key's shape (remembered under `key` too, so that the next lookup of
+    `key` hits), or None where the shape has none or the key has no shape."""
+    shape = _shape(key)
+    value = cache.get(shape) if shape else None
+    if value is not None:
+        _remember(cache, key, value)
+    return value
+
+
 def _cached_spans(work: str, start: int, end: int):
     """work[start:end]'s spans as nltk's span_tokenize gives them (offsets into `work`), from
     the per-word caches; None where the piece must go to nltk whole."""
@@ -623,11 +633,9 @@ def _cached_spans(work: str, start: int, end: int):
     tail_key = work[words[tail].start():end]
     tail_value = _TAIL_SPANS.get(tail_key)
     if tail_value is None:
-        tail_shape = _shape(tail_key)
-        tail_value = _TAIL_SPANS.get(tail_shape) if tail_shape else None
+        tail_value = _by_shape(_TAIL_SPANS, tail_key)
         if tail_value is None:
             return _probed_spans(work, end, words, tail)
-        _remember(_TAIL_SPANS, tail_key, tail_value)
     if tail_value is False:
         return None
     spans = []
@@ -637,12 +645,10 @@ def _cached_spans(work: str, start: int, end: int):
         first, last = word.span()
         key = work[first:last + 1]  # a head word has a separator after it
         value = head_spans.get(key)
-        if value is None:
-            shape = _shape(key)
-            value = head_spans.get(shape) if shape else None
+        if value is None:  # (the hit stays inline: this loop runs for every word)
+            value = _by_shape(head_spans, key)
             if value is None:
                 return _probed_spans(work, end, words, tail)
-            _remember(head_spans, key, value)
         if not _extend(spans, word, value):
             return None
     return spans if _extend(spans, words[tail], tail_value) else None
