@@ -26,7 +26,7 @@ import hashlib
 import inspect
 import re
 import unicodedata
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 Token = Tuple[str, int, int]  # (text[start:end], start, end)
 
@@ -306,26 +306,44 @@ def _abbreviation_stop(body: str, at: int) -> Optional[int]:
     if body[at] != ".":
         return None
     start = max(body.rfind(" ", 0, at), body.rfind("\n", 0, at)) + 1  # the whitespace-separated word
-    exceptions, starters, months = _abbreviation_rules()
+    rules = _syntok_rules()
     match = _ABBREVIATION_STOP.match(body, start)
     if match is not None and at <= match.end(1):
         word = match.group(1)
-        if ("." in word or (len(word) == 1 and word.isupper()) or word in exceptions) and match.group(2) not in starters:
+        if ("." in word or (len(word) == 1 and word.isupper()) or word in rules.abbreviations) \
+                and match.group(2) not in rules.starters:
             return match.end(1) + 1
     match = _NUMBER_STOP.match(body, start)
     if match is not None and at == match.end(1):
         word = match.group(1)
-        if len(match.group(2)) > 2 or word in months or word in exceptions or word in ("no", "No", "NO"):
+        if len(match.group(2)) > 2 or word in rules.months or word in rules.abbreviations or word in _NO:
             return at + 1
     return None
 
 
+# "no" in syntok's segmenter: a rule of its own (as in "No. 3"), not one of its abbreviations.
+_NO = frozenset(("no", "No", "NO"))
+
+
+class _SyntokRules(NamedTuple):
+    """The word lists and brackets of syntok's segmenter that the fast paths read."""
+
+    abbreviations: frozenset
+    starters: frozenset  # its sentence starters
+    months: frozenset  # its month abbreviations
+    no_certain_end: frozenset  # words after whose terminal _CERTAIN_END is no certain end
+    opening_brackets: frozenset
+    bracket: "re.Pattern"  # one of its opening or closing brackets
+
+
 @functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
-def _abbreviation_rules() -> Tuple[frozenset, frozenset, frozenset]:
-    """(syntok's abbreviations, its sentence starters, its month abbreviations)."""
+def _syntok_rules() -> _SyntokRules:
     from syntok._segmentation_states import State
 
-    return State.abbreviations, State.starters, State.months
+    brackets = "".join(sorted(State.opening_brackets | State.closing_brackets))
+    return _SyntokRules(State.abbreviations, State.starters, State.months,  # frozensets all
+                        State.abbreviations | State.roman_numerals | _NO, State.opening_brackets,
+                        re.compile("[" + re.escape(brackets) + "]"))
 
 
 # A sentence end at which syntok's segmenter always splits, whatever comes before it in the
@@ -338,7 +356,7 @@ def _abbreviation_rules() -> Tuple[frozenset, frozenset, frozenset]:
 # upper-case ASCII letter, a straight quote (the working copy's only quotes) or a dash. Its
 # decision there (syntok/_segmentation_states.py, _move_and_maybe_extract_terminal) reads the
 # word before the terminal and the token after it: before such a token after whitespace it
-# keeps the sentence going only after a word in _certain_end_rules (its abbreviations, roman
+# keeps the sentence going only after a word in _SyntokRules.no_certain_end (its abbreviations, roman
 # numerals, "no"), a single character, a word holding a period, or a number before a month's
 # abbreviation ("1996. Jan": _certain_pieces checks the token after a number). syntok starts the next sentence in the state it starts a paragraph in, so the text on
 # either side is segmented as if it stood alone; only a bracketed group it may skip reaches
@@ -347,17 +365,6 @@ def _abbreviation_rules() -> Tuple[frozenset, frozenset, frozenset]:
 # too: its check runs on every sentence start after a paragraph's first, wherever it came from.
 _CERTAIN_END = re.compile(r"(?:(?<![^ \n])|(?<=[A-Za-z0-9]-))([A-Z][a-z]+|[a-z]{2,}|[A-Z]{2,}|[0-9]{2,}|[0-9]+[a-z]+)"
                           r"[.!?][ \n]+(?=[A-Z\"'-])([A-Z]*[a-z]*)")
-
-
-@functools.lru_cache(maxsize=None)  # built once, on first use: syntok is imported only then
-def _certain_end_rules() -> Tuple[frozenset, frozenset, frozenset, "re.Pattern"]:
-    """(the words before a terminal after which _CERTAIN_END is no certain end, syntok's month
-    abbreviations, its opening brackets, a pattern of its opening and closing brackets)."""
-    from syntok._segmentation_states import State
-
-    exceptions = frozenset(State.abbreviations | State.roman_numerals | {"no", "No", "NO"})
-    brackets = "".join(sorted(State.opening_brackets | State.closing_brackets))
-    return exceptions, State.months, State.opening_brackets, re.compile("[" + re.escape(brackets) + "]")
 
 
 def _certain_pieces(segmented: str, begin: int, finish: int) -> Iterator[Tuple[int, int]]:
@@ -371,7 +378,8 @@ def _certain_pieces(segmented: str, begin: int, finish: int) -> Iterator[Tuple[i
     of a group that is still open is past this end: so an end is cut only where every bracket
     opened before it in the paragraph has been closed (a closing bracket with none open is a
     plain token)."""
-    exceptions, months, opening, bracket = _certain_end_rules()
+    rules = _syntok_rules()
+    exceptions, months, opening, bracket = rules.no_certain_end, rules.months, rules.opening_brackets, rules.bracket
     position = scanned = begin
     depth = 0  # brackets open at `scanned`
     for match in _CERTAIN_END.finditer(segmented, begin, finish):
