@@ -116,6 +116,78 @@ def test_batcher_keeps_arrival_order_budget_and_nbest_groups():
     assert [texts for texts, _ in unbatched] == [["a", "b"], ["c"], ["d"]]
 
 
+class _StartingModel:
+    """A model with start_batch (as fastner.serve.worker.ModelProcess): records when each batch
+    starts, when its results are waited for, and (on_batch) when its answers are posted."""
+
+    def __init__(self, fail_start=(), fail_wait=()):
+        self.events, self.fail_start, self.fail_wait = [], set(fail_start), set(fail_wait)
+
+    def __call__(self, texts, nbest):  # run_batch: never called when start_batch exists
+        raise AssertionError("the batcher must use start_batch")
+
+    def start_batch(self, texts, nbest):
+        self.events.append(("start", *texts))
+        if self.fail_start & set(texts):
+            raise RuntimeError("the model is gone")
+
+        def wait():
+            self.events.append(("wait", *texts))
+            if self.fail_wait & set(texts):
+                raise RuntimeError("the model failed")
+            return [{"text": t} for t in texts]
+        return wait
+
+    def posted(self, documents, tokens, seconds):
+        self.events.append(("posted", documents))
+
+
+def _run_started(model, texts):
+    async def main():
+        batcher = Batcher(model, max_batch_tokens=1, max_wait_ms=0, on_batch=model.posted)
+        batcher.start()
+        with batcher._condition:  # every job queued before the first batch forms
+            futures = [batcher.submit([text], 1) for text in texts]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        batcher.stop()
+        return results
+
+    return asyncio.run(main())
+
+
+def test_batcher_starts_the_next_batch_before_posting_answers_one_batch_at_a_time():
+    # With the model in its own process, posting a batch's answers (waking the event loop, which
+    # must first let go of the GIL) left the model idle; now the next ready batch is sent first
+    model = _StartingModel()
+    results = _run_started(model, "abc")
+    assert [r[0]["text"] for r in results] == ["a", "b", "c"]
+    assert model.events == [("start", "a"), ("wait", "a"), ("start", "b"), ("posted", 1),
+                            ("wait", "b"), ("start", "c"), ("posted", 1), ("wait", "c"), ("posted", 1)]
+
+
+def test_batcher_reports_a_batch_that_failed_to_start_or_to_finish_and_goes_on():
+    model = _StartingModel(fail_start={"b"}, fail_wait={"c"})
+    results = _run_started(model, "abcd")
+    assert results[0][0]["text"] == "a" and results[3][0]["text"] == "d"
+    assert isinstance(results[1], RuntimeError) and "gone" in str(results[1])
+    assert isinstance(results[2], RuntimeError) and "failed" in str(results[2])
+
+
+def test_take_without_blocking_leaves_a_batch_that_waits_for_company():
+    async def main():
+        waiting = _workerless(4)
+        waiting.max_wait = 60.0  # the oldest job may wait a minute for more to join it
+        waiting.submit(["a"], 1)
+        with waiting._condition:
+            assert waiting._take(block=False) == [] and len(waiting._queue) == 1
+            waiting.max_wait = 0.0
+            assert [job.texts for job in waiting._take(block=False)] == [["a"]]
+            assert waiting._take(block=False) == []  # empty: no wait either
+        waiting._thread = None
+
+    asyncio.run(main())
+
+
 async def _submit_to(batcher, texts=("a",)):
     return await batcher.submit(list(texts), 1)
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -106,6 +107,27 @@ def test_a_child_that_dies_under_a_batch_fails_that_batch_and_the_next_is_served
         assert gone(first)
         assert worker(["a"], 1) == [{"entities": []}]
         assert worker.starts == 2 and worker.pid != first
+    finally:
+        worker.stop()
+
+
+def test_start_batch_holds_the_pipe_until_its_results_are_read():
+    # the batcher sends a batch, then posts the previous answers, then waits: meanwhile no other
+    # batch may use the pipe, or answers would go to the wrong batch
+    worker = DyingModelProcess("unused").start()
+    try:
+        wait = worker.start_batch(["a"], 1)
+        second = []
+        other = threading.Thread(target=lambda: second.append(worker(["b", "c"], 1)))
+        other.start()
+        other.join(0.3)
+        assert other.is_alive() and not second  # held back while the first batch is out
+        assert wait() == [{"entities": []}]
+        other.join(20)
+        assert second == [[{"entities": []}] * 2]
+        with pytest.raises(ModelProcessError, match="exit status 3"):
+            worker.start_batch(["die"], 1)()
+        assert worker(["a"], 1) == [{"entities": []}]  # the lock was let go, a new child serves
     finally:
         worker.stop()
 

@@ -8,6 +8,11 @@ job, then keeps adding queued jobs in arrival order while the batch stays within
 `max_batch_tokens`, waiting up to `max_wait_ms` from the oldest job's arrival for more to come.
 A job bigger than the budget runs alone. With `batching=False` every model call takes one job:
 the one-request-at-a-time baseline the load test compares against.
+
+A model that offers `start_batch` (fastner.serve.worker.ModelProcess: the model in a process of
+its own) gets the next ready batch before the worker posts the answers of the one that just came
+back: still one batch at a time in the model, which no longer sits idle while this thread waits
+for the event loop to let go of the GIL so that it can wake it.
 """
 from __future__ import annotations
 
@@ -72,6 +77,9 @@ def _post(jobs: List[_Job], results: Optional[List] = None, error: Optional[Base
 
 # run_batch(texts, nbest) -> one result per text, in order
 RunBatch = Callable[[List[str], int], List[dict]]
+# start_batch(texts, nbest) -> a call that waits for run_batch's result: what a run_batch with a
+# start_batch attribute offers (fastner.serve.worker.ModelProcess: the model in another process)
+StartBatch = Callable[[List[str], int], Callable[[], List[dict]]]
 # on_batch(documents, tokens, seconds) after each model call (metrics)
 OnBatch = Callable[[int, int, float], None]
 
@@ -157,12 +165,13 @@ class Batcher:
 
     # ---- the worker thread ----------------------------------------------------------------
 
-    def _take(self) -> List[_Job]:
+    def _take(self, block: bool = True) -> List[_Job]:
         """Wait for work, then pop the next batch (the lock is held by the caller); [] once
-        stopping with nothing queued."""
+        stopping with nothing queued. block=False: [] at once where it would wait (an empty
+        queue, or a batch still waiting for more to join it)."""
         while True:
             while not self._queue:
-                if self._stopping:
+                if self._stopping or not block:
                     return []
                 self._condition.wait()
             if self.batching and self._queue[0].wait:
@@ -171,6 +180,8 @@ class Batcher:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
+                    if not block:
+                        return []
                     self._condition.wait(remaining)
             jobs: List[_Job] = []
             tokens = 0
@@ -200,21 +211,33 @@ class Batcher:
 
         # the worker's own setting: intra-op threads are per calling thread under OpenMP
         torch.set_num_threads(self.threads)
+        start = getattr(self.run_batch, "start_batch", None) or _started_later(self.run_batch)
+        pending = None
         while True:
-            with self._condition:
-                jobs = self._take()
-            if not jobs:
-                return
-            texts = [text for job in jobs for text in job.texts]
-            started = time.perf_counter()
+            if pending is None:
+                with self._condition:
+                    jobs = self._take()
+                if not jobs:
+                    return
+                pending = _begin(start, jobs)
+            jobs, texts, wait, started = pending
+            pending = None
             try:
-                results = self.run_batch(texts, jobs[0].nbest)
+                results = wait()
                 if len(results) != len(texts):
                     raise RuntimeError(f"the model returned {len(results)} results for {len(texts)} documents")
             except Exception as err:  # noqa: BLE001 - every waiting request must hear about it
                 log.exception("model call failed for %d documents", len(texts))
                 _post(jobs, error=err)
                 continue
+            # The next batch, where one is ready, goes to the model before this one's answers are
+            # posted: with the model in its own process (start_batch) it then works while this
+            # thread wakes the event loop, which first has to let go of the GIL, instead of
+            # waiting for that. Still one batch at a time in the model.
+            with self._condition:
+                ready = self._take(block=False)
+            if ready:
+                pending = _begin(start, ready)
             if self.on_batch is not None:  # before the answers: a client that got one sees its batch counted
                 self.on_batch(len(texts), sum(job.tokens for job in jobs), time.perf_counter() - started)
             parts, offset = [], 0
@@ -222,3 +245,22 @@ class Batcher:
                 parts.append(results[offset : offset + len(job.texts)])
                 offset += len(job.texts)
             _post(jobs, parts)
+
+
+def _started_later(run_batch: RunBatch) -> StartBatch:
+    """start_batch for a model called on this thread: the call runs when its results are asked for."""
+    return lambda texts, nbest: lambda: run_batch(texts, nbest)
+
+
+def _begin(start: StartBatch, jobs: List[_Job]):
+    """(jobs, their texts, the call that waits for their results, when it started): the batch
+    handed to `start`; an error in starting it is raised by that call, so that the batch's
+    requests hear about it like any model error."""
+    texts = [text for job in jobs for text in job.texts]
+    started = time.perf_counter()
+    try:
+        wait = start(texts, jobs[0].nbest)
+    except Exception as err:  # noqa: BLE001 - raised again by wait(), in the batch's error path
+        def wait(err=err):
+            raise err
+    return jobs, texts, wait, started

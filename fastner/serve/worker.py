@@ -23,7 +23,7 @@ import multiprocessing
 import pickle
 import signal
 import threading
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 log = logging.getLogger("fastner.serve")
 START_TIMEOUT_S = 300.0  # loading a model with a 400k-word vocabulary takes seconds; a hung child is a failure
@@ -136,23 +136,52 @@ class ModelProcess:
         self.starts += 1
 
     def __call__(self, texts: Sequence[str], nbest: int = 1) -> List[dict]:
-        with self._lock:
+        return self.start_batch(texts, nbest)()
+
+    def start_batch(self, texts: Sequence[str], nbest: int = 1) -> Callable[[], List[dict]]:
+        """Send a batch to the child and return the call that waits for its results (one per
+        text, in order), so that the caller can do other work while the child runs it: the
+        batcher posts the previous batch's answers meanwhile (fastner.serve.batcher). One batch
+        at a time: the pipe is held from here until that call returns (call it exactly once)."""
+        self._lock.acquire()
+        try:
             if not self.alive():
                 self._discard(grace=0.0)
                 log.warning("fastner serve: starting the model process again")
                 self._start()
-            try:
-                self._connection.send((list(texts), nbest))
-                kind, payload = self._connection.recv()  # blocks in C, the GIL released
-            except (EOFError, OSError):  # the child is gone (BrokenPipeError is an OSError)
-                self._process.join(5)
-                code = self._process.exitcode
-                self._discard(grace=0.0)
-                raise ModelProcessError(f"the model process exited during this batch (exit status {code}); "
-                                        "it is started again for the next") from None
+        except BaseException:
+            self._lock.release()
+            raise
+        try:
+            self._connection.send((list(texts), nbest))
+        except (EOFError, OSError):  # the child is gone (BrokenPipeError is an OSError)
+            self._lost()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._results
+
+    def _results(self) -> List[dict]:
+        try:
+            kind, payload = self._connection.recv()  # blocks in C, the GIL released
+        except (EOFError, OSError):
+            self._lost()
+        else:
+            self._lock.release()
         if kind != "ok":
             raise ModelProcessError(payload)
         return payload
+
+    def _lost(self) -> None:
+        """The child died with a batch (the lock is held; released here): raise for that batch."""
+        try:
+            self._process.join(5)
+            code = self._process.exitcode
+            self._discard(grace=0.0)
+        finally:
+            self._lock.release()
+        raise ModelProcessError(f"the model process exited during this batch (exit status {code}); "
+                                "it is started again for the next") from None
 
     def _discard(self, grace: float) -> None:
         """Close the pipe (a live child exits when it sees that), give the child `grace` seconds,
