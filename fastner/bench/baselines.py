@@ -182,7 +182,7 @@ def quantized_torch_baseline(baseline: nn.Module) -> Tuple[nn.Module, int]:
     subclasses) without a word and the "quantized" model would run in fp32: each is quantized
     here as the plain torch layer it is, then given its packing forward back.
     """
-    import warnings
+    from fastner.bench.rnn_rows import torch_int8_layer
 
     quantized = copy.deepcopy(baseline)
     kinds = {PackedLSTM: (nn.LSTM, PackedQuantizedLSTM), PackedGRU: (nn.GRU, PackedQuantizedGRU)}
@@ -192,12 +192,8 @@ def quantized_torch_baseline(baseline: nn.Module) -> Tuple[nn.Module, int]:
             if type(child) not in kinds:
                 continue
             plain_class, packed_class = kinds[type(child)]
-            plain = copy.deepcopy(child)
-            plain.__class__ = plain_class
-            with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
-                warnings.simplefilter("ignore")
-                layer = torch.ao.quantization.quantize_dynamic(nn.Sequential(plain), {plain_class},
-                                                               dtype=torch.qint8)[0]
+            child.__class__ = plain_class  # the copy's own layer, replaced below
+            layer = torch_int8_layer(child)
             layer.__class__ = packed_class
             setattr(parent, name, layer)
             count += 1

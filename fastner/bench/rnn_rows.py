@@ -151,15 +151,9 @@ def precision_implementations(pair, cell: str, shape: RnnShape, lengths: torch.T
                 "fastner.lengths": lambda: fast(x, lengths=lengths)[0]}
     skipped = {}
     if torch_cls in (torch.nn.LSTM, torch.nn.GRU):
-        import copy
-        import warnings
-
-        with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
-            warnings.simplefilter("ignore")
-            holder = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(copy.deepcopy(base)),
-                                                            {torch_cls}, dtype=torch.qint8)
-        forwards["torch.int8.padded"] = padded(holder[0])
-        forwards["torch.int8.packed"] = packed(holder[0])
+        torch_int8 = torch_int8_layer(base)
+        forwards["torch.int8.padded"] = padded(torch_int8)
+        forwards["torch.int8.packed"] = packed(torch_int8)
     else:
         skipped["torch.int8"] = "skipped: quantize_dynamic has no int8 nn.RNN"
     forwards["torch.bf16.padded"] = padded(base, autocast=True)
@@ -184,6 +178,18 @@ def precision_implementations(pair, cell: str, shape: RnnShape, lengths: torch.T
             del forwards[name]
             skipped[name] = f"skipped: {describe_error(err)}"
     return forwards, skipped
+
+
+def torch_int8_layer(layer: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `layer` (exactly an nn.LSTM or nn.GRU: quantize_dynamic passes over anything
+    else, subclasses included) quantized as a torch user does: quantize_dynamic, qint8."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(copy.deepcopy(layer)),
+                                                      {type(layer)}, dtype=torch.qint8)[0]
 
 
 def precision_check(forwards):
