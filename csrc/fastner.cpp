@@ -262,6 +262,15 @@ TORCH_LIBRARY(fastner, m) {
   m.def("char_embed_conv_max(Tensor chars, Tensor words, Tensor embedding, Tensor weight, Tensor bias, "
         "int pad_id) -> Tensor");
 
+  // ---- linear over a mask's rows ---------------------------------------------
+  // Inference only (no gradient): output [B, T, K] = input[b, t] @ weight^T + bias where
+  // mask[b, t], bias (zeros without one) elsewhere, whose input rows are not read (padding:
+  // what a zero row gives). The tagger's emission layer on the encoder's output, which is zero
+  // past each length (csrc/cpu/masked_linear.cpp: why a kernel). input [B, T, I] float32/float64
+  // (any strides), mask bool [B, T], weight [K, I], bias [K] or None, in the input's dtype and
+  // device. output contiguous. CPU kernel only: other devices run fastner.reference.masked_linear.
+  m.def("masked_linear(Tensor input, Tensor mask, Tensor weight, Tensor? bias) -> Tensor");
+
   // ---- dropout masks -----------------------------------------------------------
   // A dropout mask shaped and typed like input (any floating dtype; only its shape, dtype and
   // device are read), contiguous: each element 1 / (1 - p) (kept) or 0, decided by 32 bits of

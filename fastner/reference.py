@@ -702,6 +702,27 @@ def char_embed_conv_max(chars: Tensor, words: Tensor, embedding: Tensor, weight:
 
 
 # =============================================================================================
+# Linear over a mask's rows
+# =============================================================================================
+
+def masked_linear(input: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """input[b, t] @ weight^T + bias where mask[b, t], bias (zeros without one) elsewhere, whose
+    input rows are not read (the contract of torch.ops.fastner.masked_linear, csrc/fastner.cpp).
+
+    input: [B, T, I]; mask: bool [B, T]; weight: [K, I]; bias: [K] or None. Returns [B, T, K],
+    contiguous.
+    """
+    validation.masked_linear_args("masked_linear", input, mask, weight, bias)
+    B, T, I = input.shape
+    K = weight.shape[0]
+    rows = mask.reshape(-1).nonzero().squeeze(1)  # the marked rows of input viewed as [B*T, I]
+    fill = bias if bias is not None else input.new_zeros(K)
+    output = fill.expand(B, T, K).contiguous()
+    marked = torch.nn.functional.linear(input.reshape(B * T, I).index_select(0, rows), weight, bias)
+    return output.view(B * T, K).index_copy_(0, rows, marked).view(B, T, K)
+
+
+# =============================================================================================
 # Dropout masks
 # =============================================================================================
 _SPLITMIX_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # splitmix64's constants as int64 (two's complement)

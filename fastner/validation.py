@@ -190,6 +190,21 @@ def char_embed_args(op: str, chars: Tensor, words: Tensor, embedding: Tensor, we
                       f"(the embedding's rows)")
 
 
+def masked_linear_args(op: str, input: Tensor, mask: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """masked_linear's arguments (csrc/fastner.cpp): input [B, T, I] float, mask bool [B, T],
+    weight [K, I] and bias [K] (or None) in the input's dtype, all on the input's device."""
+    owner = "the input's"
+    tensor_arg(op, "input", input, dim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    B, T, I = input.shape
+    tensor_arg(op, "mask", mask, shape=(B, T), dtypes=(torch.bool,), device=input.device, owner=owner)
+    tensor_arg(op, "weight", weight, dim=2, dtypes=(input.dtype,), device=input.device, owner=owner)
+    if weight.shape[1] != I:
+        _fail(op, f"weight must be [K, I] with I = {I}, got shape {list(weight.shape)}")
+    if bias is not None:
+        tensor_arg(op, "bias", bias, shape=(weight.shape[0],), dtypes=(input.dtype,), device=input.device,
+                   owner=owner)
+
+
 def rnn_args(op: str, input: Tensor, lengths: Tensor, weights: Sequence[Tensor], hx: Optional[Tensor],
         cx: Optional[Tensor], mode: str, bidirectional: bool, batch_first: bool, *,
         values: bool = True, input_dtypes: Sequence[torch.dtype] = _RNN_DTYPES,

@@ -24,6 +24,7 @@ kernels by strategy: exact per-sequence, lanes per ISA).
 | crf_lengths | csrc/cpu/crf*.cpp/h | - (reference) | reference.crf_lengths | ops.crf.crf_lengths | ops/crf/test_crf_ops, _fuzz | - |
 | char_conv_max / _backward | csrc/cpu/char_cnn.cpp | - (reference) | reference.char_conv_max | ops.char_cnn.char_conv_max (module: fastner/models/char_cnn.py) | ops/char_cnn/test_char_cnn_ops | benchmarks/char_cnn_step.py |
 | char_embed_conv_max (inference) | csrc/cpu/char_cnn.cpp | - (reference) | reference.char_embed_conv_max | ops.char_cnn.char_embed_conv_max (module: fastner/models/char_cnn.py, eval without gradients) | ops/char_cnn/test_char_embed_conv_max | fastner/bench/tagger_rows.py (inference) |
+| masked_linear (inference) | csrc/cpu/masked_linear.cpp | - (reference) | reference.masked_linear | ops.linear.masked_linear (the tagger's emission layer: fastner/models/tagger.py `_project`, eval without gradients) | ops/linear/test_masked_linear | benchmarks/masked_linear.py, fastner/bench/tagger_rows.py (inference) |
 | dropout_mask | csrc/cpu/dropout.cpp | - (reference) | reference.dropout_mask | ops.dropout.dropout_mask (module: fastner/models/dropout.py) | ops/dropout/test_dropout_ops | benchmarks/dropout_mask.py |
 | rnn_layer_int8_forward | csrc/cpu/rnn.cpp (loop) + rnn_int8.cpp/h (7-bit products, views of packed weights) + rnn_int8_vnni.cpp/h | - (reference) | reference.rnn_layer_int8 | ops.rnn.rnn_layer_int8 (modules: fastner/nn/quantize.py) | ops/rnn/test_rnn_int8, _int8_pack | fastner/bench/precision_rows.py |
 | rnn_int8_pack | csrc/cpu/rnn.cpp (binding) + rnn_int8.cpp/h (layout, pack) | - (reference) | reference.rnn_int8_pack (+ rnn_int8_unpack) | ops.rnn.rnn_int8_pack (modules: fastner/nn/quantize.py, once per quantization) | ops/rnn/test_rnn_int8_pack | - |
@@ -45,9 +46,11 @@ scripts.
 """
 from fastner.ops.char_cnn import char_conv_max, char_embed_conv_max
 from fastner.ops.dropout import dropout_mask
+from fastner.ops.linear import masked_linear
 from fastner.ops.crf import (crf_forward, crf_kbest, crf_lengths, crf_log_likelihood,
                              crf_marginals, crf_viterbi, crf_window_probabilities, tag_lists)
 from fastner.ops.rnn import rnn_int8_pack, rnn_layer, rnn_layer_int8
 
-__all__ = ["char_conv_max", "char_embed_conv_max", "crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood", "crf_marginals",
-           "crf_viterbi", "crf_window_probabilities", "dropout_mask", "rnn_int8_pack", "rnn_layer", "rnn_layer_int8", "tag_lists"]
+__all__ = ["char_conv_max", "char_embed_conv_max", "crf_forward", "crf_kbest", "crf_lengths", "crf_log_likelihood",
+           "crf_marginals", "crf_viterbi", "crf_window_probabilities", "dropout_mask", "masked_linear",
+           "rnn_int8_pack", "rnn_layer", "rnn_layer_int8", "tag_lists"]
