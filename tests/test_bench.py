@@ -535,6 +535,25 @@ def test_torch_baseline_of_the_tagger_uses_nn_dropout():
     assert any(type(m) is Dropout for m in model.modules())  # the original is left alone
 
 
+def test_torch_baseline_of_the_tagger_projects_with_torch_ops_to_the_same_values():
+    # the emission layer in inference: fastner's masked_linear op in the tagger, torch's ops
+    # (the reference) in its baseline, the same values
+    pytest.importorskip("torchcrf")
+    from fastner import ops, reference
+    from fastner.bench.baselines import torch_baseline
+    from fastner.models.tagger import ModelConfig, SequenceTagger
+
+    model = SequenceTagger(ModelConfig(num_words=30, num_chars=20, tags=["O", "B-PER", "I-PER"], scheme="IOB2",
+                                       word_dim=6, hidden=4)).eval()
+    base, _ = torch_baseline(model)
+    assert model._masked_linear is ops.masked_linear and base._masked_linear is reference.masked_linear
+    x = torch.randn(3, 5, 8)
+    mask = torch.arange(5) < torch.tensor([5, 2, 0])[:, None]
+    x[~mask] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(base._project(x, mask), model._project(x, mask))
+
+
 def test_torch_baseline_of_a_bare_crf_is_pytorch_crf_with_its_weights():
     torchcrf = pytest.importorskip("torchcrf")
     from fastner import nn as fnn
