@@ -200,8 +200,8 @@ class SequenceTagger(nn.Module):
         those rows (nonzero, index_select, addmm, index_copy_ into a bias-filled output: the
         reference) took 280-410 us a batch of 32 and ~9% of an int8 tagger call (AMD Zen 3, 1
         thread), MKL's product with 17 columns alone 150-210 us; the op made the int8 tagger's
-        predict 7-8% faster (benchmarks/masked_linear.py). One sentence alone (no padding, 30
-        tokens): 22 us against F.linear's 26. With grad, under torch.compile / torch.export
+        predict 6-8% faster (benchmarks/masked_linear.py). One sentence alone (no padding, 30
+        tokens): 22-28 us, F.linear on its rows 24-26. With grad, under torch.compile / torch.export
         (static shapes), or with an output layer that is not a plain nn.Linear (torch's
         quantized one has no weight tensor): the layer on all rows."""
         if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dim() != 3
