@@ -10,10 +10,13 @@ unbatched input, float16/bfloat16, autocast, tensors on different devices) go to
 implementation, silently, which also raises torch's own errors for bad input. One exception:
 under CPU autocast on a CPU where oneDNN has no bfloat16/float16 kernels (AVX2-only, such as
 AMD Zen 2), torch's LSTM fails inside oneDNN ("could not create a primitive descriptor"), so
-the fused float32 kernels run instead: what torch itself runs there with oneDNN off.
+the fused float32 kernels run instead: what torch itself runs there with oneDNN off; the same
+where oneDNN claims the precision but cannot run it (float16 with grad mode on, on an Intel
+Emerald Rapids), found by one probe call.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -71,11 +74,29 @@ def _cpu_autocast_torch_cannot_run(data: Tensor) -> bool:
     if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled:
         return False
     lower = torch.get_autocast_dtype("cpu")
-    if lower == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if lower == torch.float16:
-        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
+    if lower not in (torch.bfloat16, torch.float16):
+        return False
+    return not _onednn_lstm_runs(lower, torch.is_grad_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_lstm_runs(lower: torch.dtype, grad_enabled: bool) -> bool:
+    """Whether torch's LSTM runs under CPU autocast to `lower` here, with grad mode on or off.
+    oneDNN's own flags are not enough: an Intel Xeon (Emerald Rapids, AVX512-FP16) reports float16
+    support, and its LSTM runs in float16 under no_grad but fails with grad mode on ("could not
+    create a primitive descriptor"), torch's nn.LSTM with it. So: their flag, then one call of a
+    1-unit torch LSTM in that mode, once per process."""
+    supported = torch.ops.mkldnn._is_mkldnn_bf16_supported if lower == torch.bfloat16 else \
+        torch.ops.mkldnn._is_mkldnn_fp16_supported
+    if not supported():
+        return False
+    probe = torch.nn.LSTM(1, 1)
+    try:
+        with torch.autocast("cpu", dtype=lower), torch.set_grad_enabled(grad_enabled):
+            probe(torch.zeros(1, 1, 1))
+    except RuntimeError:
+        return False
+    return True
 
 
 class _FusedRNNMixin:
