@@ -12,6 +12,7 @@
 #ifndef FASTNER_NO_PYTHON
 #include <Python.h>
 #include "cpu/cpu_isa.h"
+#include "cpu/rnn_int8_amx.h"
 #include "cpu/rnn_int8_vnni.h"
 #include "cpu/rnn_gemm.h"
 #include "rnn_layout.h"
@@ -37,13 +38,14 @@ static PyObject* cpu_isa(PyObject*, PyObject*) {
 }
 
 static PyObject* rnn_bf16_kernel(PyObject*, PyObject*) {
-  return kernel_name([] {
-    return fastner::cpu::rnn::bf16_kernel() == fastner::cpu::rnn::RightKernel::Avx512Bf16 ? "avx512_bf16" : "avx2";
-  });
+  return kernel_name([] { return fastner::cpu::rnn::bf16_kernel_name(fastner::cpu::rnn::bf16_kernel()); });
 }
 
 static PyObject* rnn_int8_kernel(PyObject*, PyObject*) {
-  return kernel_name([] { return fastner::cpu::rnn::int8::vnni_selected() ? "avx512_vnni" : "avx2"; });
+  return kernel_name([] {
+    namespace int8 = fastner::cpu::rnn::int8;
+    return int8::amx_selected() ? "amx_int8" : int8::vnni_selected() ? "avx512_vnni" : "avx2";
+  });
 }
 
 // rnn_gemm_choices() -> List[str]: the float32 kernel the recurrent layers measured and chose
@@ -151,12 +153,12 @@ PyObject* PyInit__C(void) {
       {"cpu_isa", cpu_isa, METH_NOARGS,
        "Instruction set of every CPU kernel family: 'avx512' or 'avx2' (csrc/cpu/cpu_isa.h)."},
       {"rnn_bf16_kernel", rnn_bf16_kernel, METH_NOARGS,
-       "The bf16 recurrent layers' product kernel: 'avx512_bf16' or 'avx2' (csrc/cpu/rnn_gemm_avx512_bf16.h)."},
+       "The bf16 recurrent layers' product kernel: 'amx_bf16', 'avx512_bf16' or 'avx2' (csrc/cpu/rnn_gemm.h)."},
       {"rnn_int8_kernel", rnn_int8_kernel, METH_NOARGS,
-       "The int8 recurrent layers' product kernel: 'avx512_vnni' or 'avx2' (csrc/cpu/rnn_int8_vnni.h)."},
+       "The int8 recurrent layers' product kernel: 'amx_int8', 'avx512_vnni' or 'avx2' (csrc/cpu/rnn_int8.h)."},
       {"rnn_gemm_choices", rnn_gemm_choices, METH_NOARGS,
        "The float32 GEMM kernel the CPU recurrent layers measured and chose per product shape, "
-       "and the kernel of each bf16 weight shape run ('bf16 k=.. n=..: avx512_bf16' or ': avx2')."},
+       "and the kernel of each bf16 weight shape run ('bf16 k=.. n=..: amx_bf16', ': avx512_bf16' or ': avx2')."},
       {"rnn_workspace_width", rnn_workspace_width, METH_VARARGS,
        "rnn_workspace_width(device_type, mode, input_size, hidden): the width of a training "
        "workspace row of rnn_layer_forward on that device type."},

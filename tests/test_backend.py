@@ -5,6 +5,7 @@ import sys
 import torch
 
 import fastner
+from tests import testing
 
 
 def test_backend_reports_every_device():
@@ -49,33 +50,32 @@ def test_extension_is_built_and_serves_cpu():
     assert info["cpu"] == "fused", info
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return set()
-
-
 def test_backend_names_the_cpu_kernels_this_cpu_can_run():
     # cpu_simd for every family; cpu_int8 / cpu_bf16 for the int8 and bf16 layers' products:
     # the AVX-512 kernels exactly where the CPU has what they need (x86-64 Linux: the flags of
-    # /proc/cpuinfo), and all AVX2 under FASTNER_CPU_ISA=avx2.
+    # /proc/cpuinfo), AMX for the bf16 products where it has AMX-BF16, and all AVX2 under
+    # FASTNER_CPU_ISA=avx2.
     info = fastner.backend()
-    flags = _cpu_flags()
+    flags = testing.cpu_flags()
     if not flags:
         return  # not Linux x86-64: the values are checked by the kernels' own tests
     # FASTNER_CPU_ISA=avx2 (or FASTNER_RNN_INT8=avx2) in the test run's environment forces AVX2.
-    avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags and os.environ.get("FASTNER_CPU_ISA") != "avx2"
+    avx512 = testing.AVX512 <= flags and os.environ.get("FASTNER_CPU_ISA") != "avx2"
     assert info["cpu_simd"] == ("avx512" if avx512 else "avx2"), info
-    vnni = avx512 and "avx512_vnni" in flags and os.environ.get("FASTNER_RNN_INT8") != "avx2"
-    assert info["cpu_int8"] == ("avx512_vnni" if vnni else "avx2"), info
-    assert info["cpu_bf16"] == ("avx512_bf16" if avx512 and "avx512_bf16" in flags else "avx2"), info
+    assert info["cpu_int8"] == testing.expected_int8_kernel(), info
+    assert info["cpu_bf16"] == testing.expected_bf16_kernel(), info
     code = "import fastner, json; print(json.dumps(fastner.backend()))"
     env = dict(os.environ, FASTNER_CPU_ISA="avx2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     forced = __import__("json").loads(out.stdout)
     assert (forced["cpu_simd"], forced["cpu_int8"], forced["cpu_bf16"]) == ("avx2", "avx2", "avx2"), forced
+    # FASTNER_CPU_ISA=avx512 keeps the AVX-512 kernels and leaves AMX out.
+    env = dict(os.environ, FASTNER_CPU_ISA="avx512")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    capped = __import__("json").loads(out.stdout)
+    assert capped["cpu_simd"] == info["cpu_simd"], (capped, info)
+    assert capped["cpu_int8"] == testing.expected_int8_kernel("avx512"), capped
+    assert capped["cpu_bf16"] == testing.expected_bf16_kernel("avx512"), capped
 
 
 def test_cpu_isa_switch_rejects_unknown_values():
@@ -91,7 +91,8 @@ def test_cpu_isa_switch_rejects_unknown_values():
     env = dict(os.environ, FASTNER_CPU_ISA="AVX2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    message = "ValueError: FASTNER_CPU_ISA must be 'avx2' (or unset: AVX-512 where the CPU has it), got 'AVX2'"
+    message = ("ValueError: FASTNER_CPU_ISA must be 'avx2' or 'avx512' (or unset: the best the CPU has, AMX tiles "
+               "included), got 'AVX2'")
     assert out.stdout.count(message) == 2, out.stdout
 
 

@@ -19,6 +19,54 @@ from torch import Tensor
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
+# The CPU's features, and the kernels fastner must pick on it (csrc/cpu/cpu_isa.h)
+# ---------------------------------------------------------------------------------------------
+
+AVX512 = frozenset({"avx512f", "avx512dq", "avx512bw", "avx512vl"})
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def expected_bf16_kernel(isa: Optional[str] = None) -> Optional[str]:
+    """The bf16 layers' product kernel a process with FASTNER_CPU_ISA=`isa` (None: this
+    process's environment) must run on this CPU: 'amx_bf16' where it has AVX-512, AMX-TILE and
+    AMX-BF16 and no cap, 'avx512_bf16' where it has AVX-512 and AVX512_BF16 and no cap to AVX2,
+    else 'avx2'; None where the flags cannot be read."""
+    flags = cpu_flags()
+    if not flags:
+        return None
+    isa = os.environ.get("FASTNER_CPU_ISA", "") if isa is None else isa
+    avx512 = AVX512 <= flags and isa != "avx2"
+    if avx512 and {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags and isa != "avx512":
+        return "amx_bf16"
+    return "avx512_bf16" if avx512 and "avx512_bf16" in flags else "avx2"
+
+
+def expected_int8_kernel(isa: Optional[str] = None, int8: Optional[str] = None) -> Optional[str]:
+    """The int8 layers' product kernel a process with FASTNER_CPU_ISA=`isa` and
+    FASTNER_RNN_INT8=`int8` (None: this process's environment) must run on this CPU: 'amx_int8'
+    where it has AVX-512, AVX512-VNNI, AMX-TILE and AMX-INT8 and nothing caps it,
+    'avx512_vnni' where it has AVX-512 and AVX512-VNNI and neither variable forces AVX2, else
+    'avx2'; None where the flags cannot be read."""
+    flags = cpu_flags()
+    if not flags:
+        return None
+    isa = os.environ.get("FASTNER_CPU_ISA", "") if isa is None else isa
+    int8 = os.environ.get("FASTNER_RNN_INT8", "") if int8 is None else int8
+    vnni = AVX512 <= flags and "avx512_vnni" in flags and isa != "avx2" and int8 != "avx2"
+    if vnni and {"amx_tile", "amx_int8"} <= flags and isa != "avx512":
+        return "amx_int8"
+    return "avx512_vnni" if vnni else "avx2"
+
+
+# ---------------------------------------------------------------------------------------------
 # Devices and dtypes
 # ---------------------------------------------------------------------------------------------
 

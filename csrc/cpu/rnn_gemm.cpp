@@ -119,8 +119,13 @@ RightKernel choose_float_kernel(int64_t k, int64_t n, int64_t max_m) {
 }
 
 RightKernel bf16_kernel() {
+  if (amx_bf16_gemm::available()) return RightKernel::AmxBf16;
   if (avx512_bf16_gemm::available()) return RightKernel::Avx512Bf16;
   return avx2_gemm::available() ? RightKernel::Avx2 : RightKernel::Gemm;
+}
+
+const char* bf16_kernel_name(RightKernel kernel) {
+  return kernel == RightKernel::AmxBf16 ? "amx_bf16" : kernel == RightKernel::Avx512Bf16 ? "avx512_bf16" : "avx2";
 }
 
 void note_bf16_kernel(int64_t k, int64_t n, RightKernel kernel) {
@@ -129,7 +134,7 @@ void note_bf16_kernel(int64_t k, int64_t n, RightKernel kernel) {
   if (!line.empty()) return;
   char text[120];
   std::snprintf(text, sizeof text, "bf16 k=%lld n=%lld: %s", static_cast<long long>(k), static_cast<long long>(n),
-                kernel == RightKernel::Avx512Bf16 ? "avx512_bf16" : "avx2");
+                bf16_kernel_name(kernel));
   line = text;
 }
 

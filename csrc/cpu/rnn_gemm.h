@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu/rnn_gemm_avx2.h"
+#include "cpu/rnn_gemm_amx_bf16.h"
 #include "cpu/rnn_gemm_avx512_bf16.h"
 
 extern "C" {
@@ -109,8 +110,9 @@ class SingleThreadedBlas {
 
 // Which kernel multiplies a float32 A by a packed right operand: MKL's packed sgemm or
 // fastner's AVX2 kernel (rnn_gemm_avx2.h); plain gemm where neither exists (float64, or a
-// build without them). bf16 weights: Avx512Bf16 (rnn_gemm_avx512_bf16.h) or Avx2.
-enum class RightKernel { Gemm, MklPacked, Avx2, Avx512Bf16 };
+// build without them). bf16 weights: AmxBf16 (rnn_gemm_amx_bf16.h), Avx512Bf16
+// (rnn_gemm_avx512_bf16.h) or Avx2.
+enum class RightKernel { Gemm, MklPacked, Avx2, Avx512Bf16, AmxBf16 };
 
 // The kernel for products [m <= max_m, k] x [k, n] at this thread's BLAS thread count: timed
 // at first use of the shape (both kernels, interleaved, best of 5; ~1-10 ms once per process
@@ -120,11 +122,15 @@ enum class RightKernel { Gemm, MklPacked, Avx2, Avx512Bf16 };
 // and the AVX2 kernel at ~78; on Intel MKL has its fast paths.
 RightKernel choose_float_kernel(int64_t k, int64_t n, int64_t max_m);
 
-// The kernel behind the bf16 weights' products on this machine: Avx512Bf16 where
-// avx512_bf16_gemm::available(), else Avx2 (which rounds A to bf16 the same way, so that both
-// give one arithmetic); Gemm where neither is compiled. Not measured: vdpbf16ps does 32
-// multiply-adds per instruction against 16 for the AVX2 kernel's two FMAs.
+// The kernel behind the bf16 weights' products on this machine: AmxBf16 where
+// amx_bf16_gemm::available(), else Avx512Bf16 where avx512_bf16_gemm::available(), else Avx2
+// (which rounds A to bf16 the same way, so that all give one arithmetic); Gemm where none is
+// compiled. A rule, not a measurement: a tdpbf16ps does 8,192 multiply-adds in ~16 cycles, a
+// vdpbf16ps 32, the AVX2 kernel's two FMAs 16.
 RightKernel bf16_kernel();
+
+// "amx_bf16", "avx512_bf16" or "avx2": the bf16 kernel's name in fastner.backend() and below.
+const char* bf16_kernel_name(RightKernel kernel);
 
 // Records that products by bf16 weights of shape [k, n] ran on `kernel` (reported below).
 void note_bf16_kernel(int64_t k, int64_t n, RightKernel kernel);
@@ -153,7 +159,11 @@ class PackedRight {
       note_bf16_kernel(k, n, kernel_);
       bf16_ = true;
       const auto* bits = reinterpret_cast<const uint16_t*>(weight.const_data_ptr<at::BFloat16>());
-      if (kernel_ == RightKernel::Avx512Bf16) {
+      if (kernel_ == RightKernel::AmxBf16) {
+        auto* dest = static_cast<uint32_t*>(buffer(amx_bf16_gemm::packed_size(k, n) * sizeof(uint32_t)));
+        amx_bf16_gemm::pack(bits, ldb_, trans_b, k, n, dest);
+        packed_ = dest;
+      } else if (kernel_ == RightKernel::Avx512Bf16) {
         auto* dest = static_cast<uint32_t*>(buffer(avx512_bf16_gemm::packed_size(k, n) * sizeof(uint32_t)));
         avx512_bf16_gemm::pack(bits, ldb_, trans_b, k, n, dest);
         packed_ = dest;
@@ -190,6 +200,10 @@ class PackedRight {
   void multiply(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if (m == 0) return;
     if constexpr (std::is_same_v<T, float>) {
+      if (kernel_ == RightKernel::AmxBf16 && packed_ != nullptr) {
+        amx_bf16_gemm::multiply(m, n_, k_, a, lda, static_cast<const uint32_t*>(packed_), beta != 0.0f, c, ldc);
+        return;
+      }
       if (kernel_ == RightKernel::Avx512Bf16 && packed_ != nullptr) {
         avx512_bf16_gemm::multiply(m, n_, k_, a, lda, static_cast<const uint32_t*>(packed_), beta != 0.0f, c, ldc);
         return;
@@ -257,7 +271,7 @@ class PackedRight {
   bool trans_b_;
   int64_t k_, n_;
   RightKernel kernel_ = RightKernel::Gemm;
-  bool bf16_ = false;             // packed_ holds bf16 panels (the AVX2 or the AVX512_BF16 layout)
+  bool bf16_ = false;             // packed_ holds bf16 panels (the AVX2, AVX512_BF16 or AMX layout)
   const void* packed_ = nullptr;  // MKL's packed B or fastner's panels; nullptr: plain gemm
   Buffer own_;                    // used when the thread's cached buffers are taken
   bool* release_ = nullptr;       // the thread's cache flag to clear when done with its buffer

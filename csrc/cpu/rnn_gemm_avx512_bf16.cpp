@@ -25,34 +25,14 @@ namespace {
 // bf16 bits with a denormal (exponent 0) made a zero of its sign: vdpbf16ps reads it so.
 inline uint32_t flushed(uint16_t bits) { return (bits & 0x7f80u) == 0 ? (bits & 0x8000u) : bits; }
 
-// A per-thread 64-byte aligned scratch of at least `words` 32-bit words, kept across calls
-// (one per step: allocating it per call would cost more than the rounding).
-uint32_t* scratch(int64_t words) {
-  struct Buffer {
-    uint32_t* data = nullptr;
-    int64_t size = 0;
-    ~Buffer() { std::free(data); }
-  };
-  thread_local Buffer buffer;
-  if (buffer.size < words) {
-    const int64_t rounded = (words + 15) / 16 * 16;
-    void* fresh = std::aligned_alloc(64, static_cast<size_t>(rounded) * 4);
-    if (fresh == nullptr) throw std::bad_alloc();
-    std::free(buffer.data);
-    buffer.data = static_cast<uint32_t*>(fresh);
-    buffer.size = rounded;
-  }
-  return buffer.data;
-}
-
 // pack() one word at a time: any CPU, and B not transposed.
-void pack_scalar(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, uint32_t* out) {
+void pack_scalar(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, int64_t panel_rows,
+                 uint32_t* out) {
   const int64_t kp = pairs(k);
   for (int64_t p = 0; p < panels(n); ++p) {
-    uint32_t* dst = out + p * kp * 16;
+    uint32_t* dst = out + p * panel_rows * 16;
     const int64_t cols = n - p * 16 < 16 ? n - p * 16 : 16;
-    if (cols < 16)
-      for (int64_t i = 0; i < kp * 16; ++i) dst[i] = 0;
+    for (int64_t i = cols < 16 ? 0 : kp * 16; i < panel_rows * 16; ++i) dst[i] = 0;
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t col = p * 16 + c;
       if (trans_b) {  // column col of op(B) is row col of B: read it once, in order
@@ -132,12 +112,13 @@ inline __attribute__((always_inline)) void transpose16x16(__m512i (&r)[16]) {
 // 32-bit word of W's row, so a panel is a transpose of 16 rows' words, 16 x 16 words at a time
 // in registers (the word-at-a-time loop stores with a 64-byte stride: ~27 us for W_hh at H =
 // 200 on Zen 4, a sixth of a one-sentence bf16 LSTM call; this way ~9 us).
-void pack_transposed(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint32_t* out) {
+void pack_transposed(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, int64_t panel_rows, uint32_t* out) {
   const int64_t kp = pairs(k), whole = k / 2;  // pairs; pairs with both halves in the row
   const __m512i exponent = _mm512_set1_epi16(0x7f80), sign = _mm512_set1_epi16(static_cast<short>(0x8000));
   for (int64_t p = 0; p < panels(n); ++p) {
-    uint32_t* dst = out + p * kp * 16;
+    uint32_t* dst = out + p * panel_rows * 16;
     const int64_t cols = n - p * 16 < 16 ? n - p * 16 : 16;
+    for (int64_t i = kp * 16; i < panel_rows * 16; ++i) dst[i] = 0;
     for (int64_t q0 = 0; q0 < kp; q0 += 16) {
       const int64_t left = whole - q0;
       const __mmask16 mask = left >= 16 ? 0xffff : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
@@ -164,7 +145,7 @@ void pack_transposed(const uint16_t* b, int64_t ldb, int64_t k, int64_t n, uint3
 // The rows of A[m, k] (leading dimension lda) rounded to bf16 (vcvtne2ps2bf16: RNE, denormals
 // to signed zeros, NaN quiet) into out: row r at out + r * kp words, pairs of k per word, the
 // high half of the last word zero when k is odd (the masked load reads zeros past k).
-void round_rows(int64_t m, int64_t k, const float* a, int64_t lda, uint32_t* out, int64_t kp) {
+void round_rows_avx512(int64_t m, int64_t k, const float* a, int64_t lda, uint32_t* out, int64_t kp) {
   for (int64_t r = 0; r < m; ++r) {
     const float* src = a + r * lda;
     uint16_t* dst = reinterpret_cast<uint16_t*>(out + r * kp);
@@ -275,11 +256,42 @@ void multiply_rounded(int64_t m, int64_t n, int64_t kp, const uint32_t* a, const
 
 #endif  // FASTNER_RNN_GEMM_AVX512_BF16
 
+uint32_t* row_scratch(int64_t words) {
+  struct Buffer {
+    uint32_t* data = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffer;
+  if (buffer.size < words) {
+    const int64_t rounded = (words + 15) / 16 * 16;
+    void* fresh = std::aligned_alloc(64, static_cast<size_t>(rounded) * 4);
+    if (fresh == nullptr) throw std::bad_alloc();
+    std::free(buffer.data);
+    buffer.data = static_cast<uint32_t*>(fresh);
+    buffer.size = rounded;
+  }
+  return buffer.data;
+}
+
 void pack(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, uint32_t* out) {
+  pack_rows(b, ldb, trans_b, k, n, pairs(k), out);
+}
+
+void pack_rows(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, int64_t panel_rows, uint32_t* out) {
 #ifdef FASTNER_RNN_GEMM_AVX512_BF16
-  if (trans_b && available()) return pack_transposed(b, ldb, k, n, out);
+  if (trans_b && available()) return pack_transposed(b, ldb, k, n, panel_rows, out);
 #endif
-  pack_scalar(b, ldb, trans_b, k, n, out);
+  pack_scalar(b, ldb, trans_b, k, n, panel_rows, out);
+}
+
+void round_rows(int64_t m, int64_t k, const float* a, int64_t lda, uint32_t* out, int64_t row_words) {
+#ifdef FASTNER_RNN_GEMM_AVX512_BF16
+  round_rows_avx512(m, k, a, lda, out, row_words);
+#else
+  (void)m, (void)k, (void)a, (void)lda, (void)out, (void)row_words;
+  std::abort();  // callers check available()
+#endif
 }
 
 bool available() {
@@ -301,8 +313,8 @@ void multiply(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
 #ifdef FASTNER_RNN_GEMM_AVX512_BF16
   if (m <= 0 || n <= 0) return;
   const int64_t kp = pairs(k);
-  uint32_t* rounded = scratch(m * kp);
-  round_rows(m, k, a, lda, rounded, kp);
+  uint32_t* rounded = row_scratch(m * kp);
+  round_rows_avx512(m, k, a, lda, rounded, kp);
   multiply_rounded(m, n, kp, rounded, packed, accumulate, c, ldc);
 #else
   (void)m, (void)n, (void)k, (void)a, (void)lda, (void)packed, (void)accumulate, (void)c, (void)ldc;

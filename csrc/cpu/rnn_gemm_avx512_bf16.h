@@ -43,6 +43,21 @@ inline int64_t packed_size(int64_t k, int64_t n) { return panels(n) * pairs(k) *
 // trans_b) into `out` (packed_size(k, n) words). Plain C++: runs on any CPU.
 void pack(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, uint32_t* out);
 
+// pack() with `panel_rows` >= pairs(k) rows of 16 words a panel, the rows past pairs(k) zero:
+// the AMX kernel's layout (rnn_gemm_amx_bf16.h), whose tiles take k in blocks of 16 pairs.
+// panels(n) * panel_rows * 16 words.
+void pack_rows(const uint16_t* b, int64_t ldb, bool trans_b, int64_t k, int64_t n, int64_t panel_rows, uint32_t* out);
+
+// A per-thread 64-byte aligned scratch of at least `words` 32-bit words, kept across calls (one
+// per step: allocating it per call would cost more than the rounding); the next call on the
+// thread may move it.
+uint32_t* row_scratch(int64_t words);
+
+// A[m, k] (float32, leading dimension lda) rounded to bf16 as the header says, pairs of k per
+// 32-bit word: row r at out + r * row_words, words past pairs(k) (row_words >= pairs(k)) zero.
+// Only where available().
+void round_rows(int64_t m, int64_t k, const float* a, int64_t lda, uint32_t* out, int64_t row_words);
+
 // C[m, n] = bf16(A)[m, k] @ packed B (+ C when accumulate); single-threaded; only where
 // available(). Rounds A into a per-thread scratch first.
 void multiply(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const uint32_t* packed, bool accumulate,

@@ -2,6 +2,7 @@
 #include "cpu/rnn_int8.h"
 
 #include "cpu/rnn_gemm_avx2.h"
+#include "cpu/rnn_int8_amx.h"
 #include "cpu/rnn_int8_vnni.h"
 
 #include <c10/util/Exception.h>
@@ -248,13 +249,22 @@ PackedWeights::PackedWeights(const int8_t* packed, int64_t bytes, int64_t n, int
 void PackedWeights::multiply(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc) const {
   const int64_t n = layout_.n, k = layout_.k, groups = layout_.groups, panels = layout_.panels;
   if (m <= 0 || n == 0) return;
-  const int64_t width = groups * 4;
-  RowScratch& rows = row_scratch(m, width);
+  // The AMX kernel reads whole tiles: rows of 64 k (zeros past K), 16 rows (zero rows past m).
+  const bool amx = amx_selected();
+  const int64_t width = amx ? amx_width(groups) : groups * 4, padded_m = amx ? (m + 15) / 16 * 16 : m;
+  RowScratch& rows = row_scratch(padded_m, width);
   std::vector<int64_t>& nonfinite = rows.nonfinite;
   nonfinite.clear();
   for (int64_t r = 0; r < m; ++r) {
     if (!quantize_row(a + r * lda, k, rows.q.data() + r * width, width, rows.scale.data() + r, rows.zero.data() + r))
       nonfinite.push_back(r);
+  }
+  if (amx) {
+    std::fill(rows.q.data() + m * width, rows.q.data() + padded_m * width, uint8_t(0));
+    multiply_amx(m, rows.q.data(), width, rows.scale.data(), rows.zero.data(), packed_, colsum_, scale_, groups, panels,
+                 n, beta, c, ldc);
+    for (int64_t r : nonfinite) add_nonfinite_row(a + r * lda, c + r * ldc);
+    return;
   }
   if (vnni_selected()) {
     multiply_vnni(m, rows.q.data(), width, rows.scale.data(), rows.zero.data(), packed_, colsum_, scale_, groups, panels,

@@ -29,8 +29,14 @@ bool vnni_selected() {
   return selected;
 }
 
+}  // namespace fastner::cpu::rnn::int8
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")
+
+#include "cpu/rnn_int8_store.h"  // under the pragma: its functions are AVX-512 code
+
+namespace fastner::cpu::rnn::int8 {
 
 namespace {
 
@@ -68,9 +74,8 @@ inline void tile_sums(const uint8_t* q, int64_t width, const int8_t* panel, int6
   }
 }
 
-// Dequantizes the tile into C's columns [0, cols) (cols <= NP * 16): out = float(acc - z *
-// colsum) * (s * scale), added to C with one FMA when beta is 1: the AVX2 kernel's store,
-// operation for operation (rnn_int8.cpp `store`), so both kernels give the same bits.
+// Dequantizes the tile into C's columns [0, cols) (cols <= NP * 16): store_dequantized, the
+// AVX2 kernel's store operation for operation, so both kernels give the same bits.
 template <int MR, int NP>
 inline void tile_store(__m512i (&acc)[kMaxRows][kMaxPanels], const float* row_scale, const int32_t* row_zero,
                        const int32_t* colsum, const float* wscale, float beta, float* c, int64_t ldc, int64_t cols) {
@@ -84,13 +89,7 @@ inline void tile_store(__m512i (&acc)[kMaxRows][kMaxPanels], const float* row_sc
       const int64_t n = smaller(kPanel, cols - p * kPanel);
       if (n <= 0) break;
       const __mmask16 lanes = n == kPanel ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
-      const __m512i adj = _mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(z, _mm512_loadu_si512(colsum + p * kPanel)));
-      // s * scale first: a huge row's s times the integer sum could overflow where the result does not.
-      const __m512 factor = _mm512_mul_ps(s, _mm512_loadu_ps(wscale + p * kPanel));
-      const __m512 sum = _mm512_cvtepi32_ps(adj);
-      const __m512 v = beta != 0.0f ? _mm512_fmadd_ps(sum, factor, _mm512_maskz_loadu_ps(lanes, dst + p * kPanel))
-                                    : _mm512_mul_ps(sum, factor);
-      _mm512_mask_storeu_ps(dst + p * kPanel, lanes, v);
+      store_dequantized(acc[r][p], z, s, colsum + p * kPanel, wscale + p * kPanel, beta, dst + p * kPanel, lanes);
     }
   }
 }

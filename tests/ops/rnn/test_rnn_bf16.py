@@ -3,8 +3,10 @@
 The bf16 layers' arithmetic (fastner.reference.rnn_layer with bf16 weights defines it): every
 product multiplies bf16 by bf16 in float32: the weights as stored, the left operand (x or h)
 rounded to bf16 just for the product (reference.round_to_bf16); sums, gates and states are
-float32. Two kernels compute it: vdpbf16ps (csrc/cpu/rnn_gemm_avx512_bf16.h) where the CPU has
-AVX512_BF16, else the AVX2 kernel on rounded rows (FASTNER_CPU_ISA=avx2 forces it here).
+float32. Three kernels compute it: AMX tiles (tdpbf16ps, csrc/cpu/rnn_gemm_amx_bf16.h) where the
+CPU has AMX-BF16, else vdpbf16ps (csrc/cpu/rnn_gemm_avx512_bf16.h) where it has AVX512_BF16, else
+the AVX2 kernel on rounded rows; FASTNER_CPU_ISA=avx512 / =avx2 caps the choice for the
+comparisons here.
 
 How close a kernel comes to the reference: a single step (T = 1, given hx) differs by float32
 reassociation only, and is checked at float32 tolerances. Over many steps a reassociation
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -41,7 +42,10 @@ needs_kernels = pytest.mark.skipif(not has_kernel("rnn_layer_forward", "cpu"),
 # W_hh one, odd and even (an odd k pads its last pair with a zero); G*H = n, mostly not a
 # multiple of 16 (a partial last panel) and from one panel to several column blocks; B (with
 # some lengths 0) = m, from 1 to more than a micro-tile (8 rows) and one projection chunk (256).
-STEP_SHAPES = [(1, 1, 1), (2, 2, 5), (7, 13, 37), (9, 130, 200), (17, 7, 21), (33, 131, 33), (300, 12, 40)]
+# For the AMX kernel's 16 x 16 tiles in 2 x 2 blocks: k of exactly one and of just over one tile
+# of 32 (16 pairs), n of one and three panels, and m around 16 and 32 rows.
+STEP_SHAPES = [(1, 1, 1), (2, 2, 5), (7, 13, 37), (9, 130, 200), (17, 7, 21), (33, 131, 33), (300, 12, 40),
+               (20, 32, 8), (40, 33, 12), (64, 64, 48)]
 
 
 def _module(mode, input_size, hidden, num_layers=1, bidirectional=True, batch_first=True, bias=True):
@@ -112,29 +116,6 @@ def _assert_matches_reference(got, want, what):
     assert close >= 0.75, f"{what}: only {float(close):.0%} of the values within float32 noise of the reference"
 
 
-def _cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _expected_bf16_kernel():
-    """The bf16 products' kernel this process must run: 'avx512_bf16' where the CPU has AVX-512
-    F/DQ/BW/VL and AVX512_BF16 and FASTNER_CPU_ISA does not force AVX2, else 'avx2'; None where
-    the flags cannot be read (not Linux)."""
-    flags = _cpu_flags()
-    if not flags:
-        return None
-    dot = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
-    return "avx512_bf16" if dot and os.environ.get("FASTNER_CPU_ISA") != "avx2" else "avx2"
-
-
 def _bf16_kernels_run():
     """{"k=.. n=..": kernel} for every bf16 product shape run so far in this process."""
     from fastner import _C
@@ -159,9 +140,9 @@ def test_bf16_step_matches_reference(mode):
 
 @needs_kernels
 def test_bf16_dot_product_kernel_runs_where_the_cpu_has_it():
-    # Fails if the AVX512_BF16 kernel is silently not taken on a CPU that has it (or taken
-    # where FASTNER_CPU_ISA=avx2 forbids it: the subprocess test below).
-    expected = _expected_bf16_kernel()
+    # Fails if the AMX or the AVX512_BF16 kernel is silently not taken on a CPU that has it (or
+    # taken where FASTNER_CPU_ISA forbids it: the subprocess test below).
+    expected = testing.expected_bf16_kernel()
     if expected is None:
         pytest.skip("no /proc/cpuinfo: cannot tell which kernel this CPU should run")
     gen = case_generator(0, salt=403)
@@ -197,7 +178,7 @@ def test_bf16_layer_matches_reference(mode, layout, monkeypatch):
             _assert_matches_reference(g, w, f"{mode} {form}")
 
 
-_AVX2_SCRIPT = r"""
+_CAPPED_SCRIPT = r"""
 import json, sys, torch, fastner.ops
 from fastner import reference
 from tests.ops.rnn.test_rnn_bf16 import STEP_SHAPES, _bf16_kernels_run, _step_case, _bf16_weights
@@ -222,26 +203,31 @@ print(json.dumps({"kernels": sorted(set(_bf16_kernels_run().values())), "worst_s
 
 
 @needs_kernels
-def test_bf16_avx2_path_gives_the_same_arithmetic(tmp_path):
-    # FASTNER_CPU_ISA=avx2 makes the AVX2 kernel serve (rows rounded to bf16, weights widened):
-    # against the reference, and against this process's kernel (AVX512_BF16 where the CPU has
-    # it) on the same inputs: one arithmetic whatever the CPU.
-    env = dict(os.environ, FASTNER_CPU_ISA="avx2")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_bf16_capped_kernels_give_the_same_arithmetic(isa, tmp_path):
+    # FASTNER_CPU_ISA=avx2 makes the AVX2 kernel serve (rows rounded to bf16, weights widened),
+    # =avx512 the AVX512_BF16 one where the CPU has it (no AMX): against the reference, and
+    # against this process's kernel (AMX where the CPU has it) on the same inputs: one
+    # arithmetic whatever the CPU.
+    expected = testing.expected_bf16_kernel(isa)
+    if expected is None:
+        pytest.skip("no /proc/cpuinfo: cannot tell which kernel the capped process should run")
+    env = dict(os.environ, FASTNER_CPU_ISA=isa)
     root = str(testing.REPO_ROOT)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    saved = tmp_path / "avx2.pt"
-    out = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT, str(saved)], env=env, cwd=root, capture_output=True,
+    saved = tmp_path / f"{isa}.pt"
+    out = subprocess.run([sys.executable, "-c", _CAPPED_SCRIPT, str(saved)], env=env, cwd=root, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["kernels"] == ["avx2"], report
+    assert report["kernels"] == [expected], report
     assert report["worst_step"] <= 1e-5, report  # float32 reassociation only (checked at 2e-6 + 1e-5 rel above)
-    for case, (args, avx2) in torch.load(saved).items():
+    for case, (args, capped) in torch.load(saved).items():
         mode = case.split()[0]
         here = fastner.ops.rnn_layer(*args, OP_MODE[mode], True, True)
-        for g, w in zip(here, avx2):
+        for g, w in zip(here, capped):
             if case.endswith("steps"):
-                _assert_matches_reference(g, w, f"{case}: this CPU's kernel vs avx2")
+                _assert_matches_reference(g, w, f"{case}: this CPU's kernel vs {expected}")
             else:
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6, msg=lambda m: f"{case}: {m}")
 
@@ -406,10 +392,10 @@ def test_gemm_choices_are_reported():
     lines = _C.rnn_gemm_choices()
     assert all(isinstance(line, str) for line in lines)
     # Measured (not forced) float32 shapes name both kernels' rates and the choice; bf16 weight
-    # shapes name their kernel ("bf16 k=.. n=..: avx512_bf16" or "...: avx2").
+    # shapes name their kernel ("bf16 k=.. n=..: amx_bf16", "...: avx512_bf16" or "...: avx2").
     for line in lines:
         if line.startswith("bf16 "):
-            assert line.split(": ")[1] in ("avx512_bf16", "avx2"), line
+            assert line.split(": ")[1] in ("amx_bf16", "avx512_bf16", "avx2"), line
         else:
             assert "mkl_packed" in line and "avx2" in line and "->" in line, line
 

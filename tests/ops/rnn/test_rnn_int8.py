@@ -85,14 +85,6 @@ def test_int8_op_matches_reference(mode):
     assert worst <= OP_ATOL
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-
-
 # The int8 cases both product kernels run in test_int8_kernels_give_the_same_bits: the drawn
 # layers of every mode, the tagger's shape (32 rows: every tile height), and rows holding
 # NaN / inf (the nonfinite rows take the float product after the kernel).
@@ -124,37 +116,39 @@ torch.save({"kernel": fastner.backend()["cpu_int8"], "outputs": outputs}, sys.ar
 
 @needs_kernel
 def test_int8_kernels_give_the_same_bits(tmp_path):
-    # The VNNI kernel (csrc/cpu/rnn_int8_vnni.h) and the AVX2 one compute the same exact
-    # integer sums and the same float store, so a model gives the same outputs on any x86-64
-    # CPU. FASTNER_RNN_INT8=avx2 makes a process use the AVX2 kernel for the int8 products
-    # alone (the cell passes stay as they are): the outputs must be equal bit for bit.
+    # The AMX kernel (csrc/cpu/rnn_int8_amx.h), the VNNI one (rnn_int8_vnni.h) and the AVX2 one
+    # compute the same exact integer sums and the same float store, so a model gives the same
+    # outputs on any x86-64 CPU. FASTNER_CPU_ISA=avx512 leaves AMX out (the VNNI kernel serves),
+    # FASTNER_RNN_INT8=avx2 makes a process use the AVX2 kernel for the int8 products alone (the
+    # cell passes stay as they are): the outputs must be equal bit for bit.
     import os
     import subprocess
     import sys
 
     from tests import testing
 
-    flags = _cpu_flags()
-    if "avx512_vnni" not in flags or not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
+    if testing.expected_int8_kernel("", "") in (None, "avx2"):
         pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 kernel can run here")
     root = str(testing.REPO_ROOT)
     results = {}
-    for forced in ("", "avx2"):
-        env = dict(os.environ, FASTNER_RNN_INT8=forced, PYTHONPATH=os.pathsep.join(
+    for isa, int8 in (("", ""), ("avx512", ""), ("", "avx2")):
+        env = dict(os.environ, FASTNER_CPU_ISA=isa, FASTNER_RNN_INT8=int8, PYTHONPATH=os.pathsep.join(
             filter(None, [root, os.environ.get("PYTHONPATH")])))
-        env.pop("FASTNER_CPU_ISA", None)
-        path = tmp_path / f"int8-{forced or 'default'}.pt"
+        path = tmp_path / f"int8-{isa}-{int8}.pt"
         done = subprocess.run([sys.executable, "-c", _KERNEL_CASES, str(path), str(torch.initial_seed())], env=env, cwd=root,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        results[forced] = torch.load(path)
-    # The VNNI kernel ran where the CPU has it (not silently the AVX2 one), and the switch works.
-    assert results[""]["kernel"] == "avx512_vnni" and results["avx2"]["kernel"] == "avx2"
-    for index, (fast, plain) in enumerate(zip(results[""]["outputs"], results["avx2"]["outputs"])):
-        for name, a, b in zip(("output", "h_n", "c_n"), fast, plain):
-            assert torch.equal(a.isnan(), b.isnan()), f"case {index}: {name} NaN positions differ"
-            assert torch.equal(a.nan_to_num(), b.nan_to_num()), \
-                f"case {index}: {name} differs by {(a - b).abs().nan_to_num().max().item()}"
+        result = torch.load(path)
+        # Each process ran the kernel its CPU and switches call for (not silently another).
+        assert result["kernel"] == testing.expected_int8_kernel(isa, int8), (isa, int8, result["kernel"])
+        results[result["kernel"]] = result["outputs"]
+    plain = results.pop("avx2")
+    for kernel, outputs in results.items():
+        for index, (fast, want) in enumerate(zip(outputs, plain)):
+            for name, a, b in zip(("output", "h_n", "c_n"), fast, want):
+                assert torch.equal(a.isnan(), b.isnan()), f"{kernel} case {index}: {name} NaN positions differ"
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()), \
+                    f"{kernel} case {index}: {name} differs by {(a - b).abs().nan_to_num().max().item()}"
 
 
 def test_int8_kernel_switch_rejects_unknown_values():
