@@ -7,6 +7,8 @@
 // "cpu_simd" (and each family's kernel, "cpu_int8", "cpu_bf16").
 #pragma once
 
+#include <cstdint>
+
 namespace fastner::cpu {
 
 enum class Isa { AVX2, AVX512 };
@@ -19,6 +21,17 @@ const char* isa_name();  // "avx2" or "avx512"
 // ARCH_REQ_XCOMP_PERM, which Linux 5.16+ requires before the first tile instruction; asked once,
 // for every thread). Each family checks its own AMX feature (amx-bf16, amx-int8) beside this.
 bool amx_tiles();
+
+// ldtilecfg's 64-byte operand as fastner's AMX kernels (rnn_gemm_amx_bf16.cpp,
+// rnn_int8_amx.cpp) set it: palette 1, tiles 0-7 all 16 rows of 64 bytes (16 x 16 float32 or
+// int32 sums, 16 rows x 32 bf16 or 64 int8 of A, 16 pairs / quads of k x 16 columns of B).
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
 
 // Whether the environment variable `name` (FASTNER_RNN_INT8) forces the AVX2 kernels: true for
 // "avx2", false when unset or empty; c10::ValueError naming it for any other value (a misspelt

@@ -24,17 +24,6 @@ namespace fastner::cpu::rnn::amx_bf16_gemm {
 
 namespace {
 
-// ldtilecfg's 64-byte operand (palette 1): tiles 0-7 all 16 rows of 64 bytes. Tiles 0-3 hold
-// C's 2 x 2 block of 16 x 16 float32, 4-5 two row tiles of A (16 rows x 16 pairs of k), 6-7
-// two panels of B (16 pairs of k x 16 columns).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
 // Adds (or writes) `rows` rows of a 16 x 16 float32 tile stored at `tile` into C's columns
 // under `cols`: the C tiles that overhang C's last row or column go through a buffer.
 inline void write_partial(const float* tile, int64_t rows, __mmask16 cols, bool accumulate, float* c, int64_t ldc) {
@@ -111,7 +100,9 @@ void block(int64_t k_tiles, const uint32_t* a, int64_t a_row_words, const uint32
 // while A's rows pass (14 KB at m = 32, the recurrent product).
 void multiply_rounded(int64_t m, int64_t n, int64_t k_tiles, const uint32_t* a, int64_t a_row_words,
                       const uint32_t* packed, bool accumulate, float* c, int64_t ldc) {
-  static const TileConfig config;
+  // Tiles 0-3: C's 2 x 2 block of 16 x 16 float32; 4-5: two row tiles of A (16 rows x 16 pairs of
+  // k); 6-7: two panels of B (16 pairs of k x 16 columns).
+  static const AmxTileConfig config;
   _tile_loadconfig(&config);  // per call: other code on this thread (oneDNN) may configure its own
   // GCC's tileloadd asm names no memory operand: this barrier keeps the stores of A's scratch
   // (and of C by the caller) before the tile loads that read them.

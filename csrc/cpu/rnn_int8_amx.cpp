@@ -46,17 +46,6 @@ namespace {
 constexpr int64_t kPanel = 16;       // output channels per panel: a C tile's 16 int32 columns
 constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes: every tile here
 
-// ldtilecfg's operand (palette 1): tiles 0-7 all 16 rows of 64 bytes. 0-3 hold C's 2 x 2 block
-// of int32 sums, 4-5 two row tiles of Q (16 rows x 64 k), 6-7 two panels' B (16 groups x 16
-// channels x 4 k).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
-};
-
 // The panels' bytes and where a B tile may be read whole. A panel's last tile of k holds
 // groups % 16 groups when that is not 0; the tile reads 16 rows anyway, and the rows past the
 // panel's groups (the next panel's, or the column sums and scales after the last panel) meet
@@ -140,7 +129,9 @@ void multiply_amx(int64_t m, const uint8_t* q, int64_t width, const float* row_s
                   const int8_t* packed, const int32_t* colsum, const float* wscale, int64_t groups, int64_t panels,
                   int64_t n, float beta, float* c, int64_t ldc) {
   if (m <= 0 || panels <= 0) return;
-  static const TileConfig config;
+  // Tiles 0-3: C's 2 x 2 block of int32 sums; 4-5: two row tiles of Q (16 rows x 64 k); 6-7: two
+  // panels' B (16 groups x 16 channels x 4 k).
+  static const AmxTileConfig config;
   _tile_loadconfig(&config);  // per call: other code on this thread (oneDNN) may configure its own
   // GCC's tileloadd asm names no memory operand: this barrier keeps the caller's stores of Q
   // before the tile loads that read them.
