@@ -102,6 +102,13 @@ gen = torch.Generator().manual_seed(5)
 floats = [torch.randn(800, 130, generator=gen) / 10, torch.randn(800, 200, generator=gen) / 10,
           torch.randn(800, generator=gen), torch.randn(800, generator=gen)] * 2
 weights = pack_layer_weights(floats, 2)
+# Few, narrow panels (hidden 5 and 3, input 3 and 70): the AMX kernel's B tiles run past the
+# packed tensor's end and go through its zero-padded copy.
+for hidden, width in ((5, 3), (3, 70)):
+    small = [torch.randn(4 * hidden, width, generator=gen) / 3, torch.randn(4 * hidden, hidden, generator=gen) / 3,
+             torch.randn(4 * hidden, generator=gen), torch.randn(4 * hidden, generator=gen)] * 2
+    cases.append((torch.randn(37, 6, width, generator=gen), torch.randint(1, 7, (37,), generator=gen),
+                  pack_layer_weights(small, 2), hidden, None, None, "lstm", True, True))
 x = torch.randn(32, 40, 130, generator=gen) * 2
 lengths = torch.randint(1, 41, (32,), generator=gen)
 cases.append((x, lengths, weights, 200, None, None, "lstm", True, True))
