@@ -124,10 +124,12 @@ torch.save({"kernel": fastner.backend()["cpu_int8"], "outputs": outputs}, sys.ar
 @needs_kernel
 def test_int8_kernels_give_the_same_bits(tmp_path):
     # The AMX kernel (csrc/cpu/rnn_int8_amx.h), the VNNI one (rnn_int8_vnni.h) and the AVX2 one
-    # compute the same exact integer sums and the same float store, so a model gives the same
-    # outputs on any x86-64 CPU. FASTNER_CPU_ISA=avx512 leaves AMX out (the VNNI kernel serves),
-    # FASTNER_RNN_INT8=avx2 makes a process use the AVX2 kernel for the int8 products alone (the
-    # cell passes stay as they are): the outputs must be equal bit for bit.
+    # compute the same exact integer sums and the same float store, and the AVX-512 and AVX2
+    # cell passes the same gate math (csrc/cpu/rnn_math.h), so a model gives the same outputs on
+    # any x86-64 CPU. FASTNER_CPU_ISA=avx512 leaves AMX out (the VNNI kernel serves),
+    # FASTNER_RNN_INT8=avx2 makes a process use the AVX2 kernel for the int8 products alone, and
+    # FASTNER_CPU_ISA=avx2 runs everything on AVX2, as an AVX2-only CPU does: the outputs must be
+    # equal bit for bit.
     import os
     import subprocess
     import sys
@@ -138,7 +140,7 @@ def test_int8_kernels_give_the_same_bits(tmp_path):
         pytest.skip("this CPU has no AVX512-VNNI: only the AVX2 kernel can run here")
     root = str(testing.REPO_ROOT)
     results = {}
-    for isa, int8 in (("", ""), ("avx512", ""), ("", "avx2")):
+    for isa, int8 in (("", ""), ("avx512", ""), ("", "avx2"), ("avx2", "")):
         env = dict(os.environ, FASTNER_CPU_ISA=isa, FASTNER_RNN_INT8=int8, PYTHONPATH=os.pathsep.join(
             filter(None, [root, os.environ.get("PYTHONPATH")])))
         path = tmp_path / f"int8-{isa}-{int8}.pt"
@@ -148,14 +150,14 @@ def test_int8_kernels_give_the_same_bits(tmp_path):
         result = torch.load(path)
         # Each process ran the kernel its CPU and switches call for (not silently another).
         assert result["kernel"] == testing.expected_int8_kernel(isa, int8), (isa, int8, result["kernel"])
-        results[result["kernel"]] = result["outputs"]
-    plain = results.pop("avx2")
-    for kernel, outputs in results.items():
-        for index, (fast, want) in enumerate(zip(outputs, plain)):
+        results[f"FASTNER_CPU_ISA={isa} FASTNER_RNN_INT8={int8} ({result['kernel']})"] = result["outputs"]
+    everything_avx2 = results.pop("FASTNER_CPU_ISA=avx2 FASTNER_RNN_INT8= (avx2)")
+    for run, outputs in results.items():
+        for index, (fast, want) in enumerate(zip(outputs, everything_avx2)):
             for name, a, b in zip(("output", "h_n", "c_n"), fast, want):
-                assert torch.equal(a.isnan(), b.isnan()), f"{kernel} case {index}: {name} NaN positions differ"
+                assert torch.equal(a.isnan(), b.isnan()), f"{run} case {index}: {name} NaN positions differ"
                 assert torch.equal(a.nan_to_num(), b.nan_to_num()), \
-                    f"{kernel} case {index}: {name} differs by {(a - b).abs().nan_to_num().max().item()}"
+                    f"{run} case {index}: {name} differs by {(a - b).abs().nan_to_num().max().item()}"
 
 
 def test_int8_kernel_switch_rejects_unknown_values():
