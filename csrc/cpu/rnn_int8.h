@@ -22,11 +22,13 @@
 // the float32 layer with the dequantized weights has them, in the input, hx / cx, or arising
 // in the recurrence. A finite row with a range past float's max is scaled without overflow.
 //
-// Two kernels, one arithmetic: this AVX2 one (the build's baseline, -march=x86-64-v3) and,
-// where the CPU has AVX512-VNNI, rnn_int8_vnni.h's vpdpbusd kernel on the same packed weights
-// and quantized rows, bit-identical (7-bit operands keep both exact). On an AMD EPYC Zen 4
-// (1 thread) the VNNI kernel took the int8 LSTM layer at the tagger shape from 3.44-3.54 to
-// 2.37-2.41 ms (fastner bench --only precision, FASTNER_RNN_INT8=avx2 vs unset).
+// Three kernels, one arithmetic: this AVX2 one (the build's baseline, -march=x86-64-v3) and,
+// where the CPU has AVX512-VNNI, rnn_int8_vnni.h's vpdpbusd kernel, and where it has AMX-INT8
+// rnn_int8_amx.h's tile kernel, on the same packed weights and quantized rows, bit-identical
+// (7-bit operands keep the sums exact). On an AMD EPYC Zen 4 (1 thread) the VNNI kernel took the
+// int8 LSTM layer at the tagger shape from 3.44-3.54 to 2.37-2.41 ms (fastner bench --only
+// precision, FASTNER_RNN_INT8=avx2 vs unset). The rows are quantized 16 lanes at a time for the
+// two AVX-512 kernels (quantize_row_avx512), 8 for this one, to the same bits.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +37,30 @@ namespace fastner::cpu::rnn::int8 {
 
 constexpr int32_t kActivationMax = 127;  // activations are u7: [0, 127]
 constexpr int32_t kWeightMax = 63;        // weights are s7: [-63, 63]
+
+// One row's quantization from its range [lo, hi] (lo <= 0 <= hi, both finite): the scale s,
+// 1 / s and the zero point z, as fastner.reference.quantize_rows_int8 computes them. Every
+// kernel's row quantizer (rnn_int8.cpp's quantize_row, rnn_int8_vnni.cpp's
+// quantize_row_avx512) takes them from this one function, so that all quantize alike. Static
+// and free of standard-library templates: it is inlined into code compiled for AVX-512 too,
+// and no copy of it may be merged across instruction sets by the linker (a call per row was
+// ~2% of an int8 layer).
+struct RowQuantization {
+  float scale, inverse;
+  int32_t zero;
+};
+static inline RowQuantization row_quantization(float lo, float hi) {
+  constexpr float kMax = static_cast<float>(kActivationMax);
+  float s = (hi - lo) / kMax;
+  // A finite row whose range overflows float: the same range, divided first.
+  if (__builtin_isinf(s)) s = hi / kMax - lo / kMax;
+  // An all-zero row: any scale; a tiny range: at least FLT_MIN, so that 1 / s stays finite.
+  constexpr float kSmallest = 1.17549435e-38f;  // FLT_MIN
+  s = s > 0.0f ? (s < kSmallest ? kSmallest : s) : 1.0f;
+  const float inv = 1.0f / s;
+  const int32_t z = static_cast<int32_t>(__builtin_nearbyintf(-lo * inv));  // -lo * inv in [0, ~127]
+  return {s, inv, z < 0 ? 0 : z > kActivationMax ? kActivationMax : z};
+}
 
 // A packed weight: what fastner::rnn_int8_pack returns (one int8 CPU tensor; its bytes as they
 // lie in memory, x86-64 little-endian) and the int8 forward takes in place of W_ih / W_hh. The
@@ -110,8 +136,14 @@ class PackedWeights {
   // finite entries (add_nonfinite_row), so that non-finite values propagate as in the float
   // layer; a finite row never yields NaN, and +-inf only where its float product overflows.
   void multiply(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc) const;
+  // The same with A's rows anywhere: row r at rows[r]. Each row is quantized into a buffer of
+  // its own anyway, so the layer's input projection reads the input's rows where they lie,
+  // in step order, without the gathered copy the float GEMMs need.
+  void multiply_rows(int64_t m, const float* const* rows, float beta, float* c, int64_t ldc) const;
 
  private:
+  template <typename RowOf>  // RowOf(r): A's row r
+  void multiply_impl(int64_t m, RowOf row_of, float beta, float* c, int64_t ldc) const;
   int8_t weight(int64_t j, int64_t i) const;  // W[j, i] from the packed panels
   // c[j] += NaN where a holds a NaN, or an inf meets W[j, i] = 0, or +inf and -inf terms meet;
   // else the infinite terms' sign (fastner.reference.int8_product_nonfinite).

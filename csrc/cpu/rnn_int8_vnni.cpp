@@ -3,6 +3,8 @@
 // linkage); vnni_selected() is compiled for the baseline, since it runs on every CPU.
 #include "cpu/rnn_int8_vnni.h"
 
+#include "cpu/rnn_int8.h"
+
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 
@@ -124,7 +126,42 @@ TileFn tile_fn(int rows, int np) {
   }
 }
 
+// The lanes of 16 that lie below n (none for n <= 0).
+inline __mmask16 lanes_below(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
 }  // namespace
+
+bool quantize_row_avx512(const float* a, int64_t k, uint8_t* q, int64_t width, float* scale, int32_t* zero) {
+  __m512 lo_lanes = _mm512_setzero_ps(), hi_lanes = _mm512_setzero_ps();  // min(.., 0), max(.., 0)
+  __mmask16 nan = 0;  // lanes that saw a NaN (min / max drop NaNs)
+  for (int64_t i = 0; i < k; i += 16) {
+    const __m512 x = _mm512_maskz_loadu_ps(lanes_below(k - i), a + i);  // lanes past k: 0, no change
+    lo_lanes = _mm512_min_ps(lo_lanes, x);
+    hi_lanes = _mm512_max_ps(hi_lanes, x);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  }
+  const float lo = _mm512_reduce_min_ps(lo_lanes), hi = _mm512_reduce_max_ps(hi_lanes);
+  if (nan != 0 || !__builtin_isfinite(lo) || !__builtin_isfinite(hi)) {
+    *scale = 1.0f;
+    *zero = 0;
+    std::memset(q, 0, static_cast<size_t>(width));
+    return false;
+  }
+  const RowQuantization row = row_quantization(lo, hi);
+  *scale = row.scale;
+  *zero = row.zero;
+  const __m512 inv = _mm512_set1_ps(row.inverse);
+  const __m512i z = _mm512_set1_epi32(row.zero), none = _mm512_setzero_si512(), top = _mm512_set1_epi32(kActivationMax);
+  for (int64_t i = 0; i < width; i += 16) {  // lanes past k, up to width: zeros
+    const __mmask16 lanes = lanes_below(k - i);
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, a + i), inv));  // round to nearest even
+    v = _mm512_maskz_mov_epi32(lanes, _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(v, z), none), top));
+    _mm_mask_storeu_epi8(q + i, lanes_below(width - i), _mm512_cvtepi32_epi8(v));
+  }
+  return true;
+}
 
 void multiply_vnni(int64_t m, const uint8_t* q, int64_t width, const float* row_scale, const int32_t* row_zero,
                    const int8_t* packed, const int32_t* colsum, const float* wscale, int64_t groups, int64_t panels,

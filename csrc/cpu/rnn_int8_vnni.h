@@ -26,4 +26,10 @@ void multiply_vnni(int64_t m, const uint8_t* q, int64_t width, const float* row_
                    const int8_t* packed, const int32_t* colsum, const float* wscale, int64_t groups, int64_t panels,
                    int64_t n, float beta, float* c, int64_t ldc);
 
+// rnn_int8.cpp's quantize_row on 16 lanes, bit for bit (the same row_quantization, the same
+// float operations per element, min / max exact in any order): one row of A [k] -> q [width]
+// (u7, zeros past k), its scale and zero point; false (q zeros, scale 1, zero point 0) for a
+// row holding NaN or +-inf. Only where vnni_selected() (the AVX-512 kernels' rows).
+bool quantize_row_avx512(const float* a, int64_t k, uint8_t* q, int64_t width, float* scale, int32_t* zero);
+
 }  // namespace fastner::cpu::rnn::int8
