@@ -52,7 +52,7 @@ MODULE_STAGES = [
     ("fastner.text.tokenizer", "_sentence_ranges", "tokenize: sentence split (syntok)"),
     ("fastner.text.tokenizer", "_word_spans", "tokenize: words (nltk + CoNLL fixes)"),
     ("fastner.text.tokenizer", "_conll_fixes", "tokenize: words (nltk + CoNLL fixes)"),
-    ("fastner.inference", "encode_sentences", "encode: word/char lookup"),
+    ("fastner.inference", "encode_with", "encode: word/char lookup"),
     ("fastner.inference", "make_batch", "encode: pad to tensors"),
     ("fastner.ops", "crf_viterbi", CRF),
     ("fastner.ops", "crf_forward", CRF),

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastner.data.batching import encode_sentences, make_batch
+from fastner.data.batching import TokenEncoder, encode_with, make_batch
 from fastner.data.conll import Sentence
 from fastner.data.schemes import tags_to_spans
 from fastner.predictions import check_batch_size
@@ -61,6 +61,7 @@ class Analyser:
         self.words, self.chars, self.tags = words, chars, tags
         self.tag_ids: Dict[str, int] = {t: i for i, t in enumerate(tags.itos)}
         self.digits_to_zero = digits_to_zero
+        self.encoder = TokenEncoder(words, chars, digits_to_zero, pretrained)  # remembers tokens across calls
         self.scores = tuple(t.to(device) for t in transition_scores)
         self.device = device
         self.fixed_length = fixed_length  # an export on the reference path takes one padded length
@@ -94,8 +95,7 @@ class Analyser:
         results: List[SentenceAnalysis] = [SentenceAnalysis([], [], [(1.0, [])] if nbest else [])
                                            for _ in sentences]
         order = sorted((i for i, s in enumerate(sentences) if s), key=lambda i: len(sentences[i]))
-        encoded = encode_sentences([Sentence(list(s)) for s in sentences], self.words, self.chars,
-                                   digits_to_zero=self.digits_to_zero, pretrained=self.pretrained)
+        encoded = encode_with(self.encoder, [Sentence(list(s)) for s in sentences])
         itos = self.tags.itos
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]

@@ -251,3 +251,38 @@ def test_concatenated_files_keep_their_docstart(tmp_path):
     path = tmp_path / "both.conll"
     path.write_bytes((first + second).encode("utf-8"))
     assert [s.tokens for s in read_conll(str(path))] == [["Anna"], ["Oslo"]]
+
+
+def test_token_encoder_remembers_tokens_and_answers_as_a_fresh_lookup(monkeypatch):
+    # A tagger's TokenEncoder (fastner.inference.Analyser keeps one across calls) must give every
+    # token the ids a fresh lookup gives: on first sight, from its memory, past its cap (tokens
+    # then computed each time), and after the vocabularies grow (Vocab.add empties the memory).
+    from array import array as int_array
+
+    from fastner.data.batching import TokenEncoder, encode_with
+    rng = random.Random(11)
+    words = Vocab(["paris", "0000", "Acme"])
+    chars = Vocab(list("abcdefghijklmnopqrstuvwxyzPA0"))
+    pretrained = {"lyon": 0, "berlin": 1}
+    pool = ["Paris", "paris", "Lyon", "LYON", "Acme", "acme", "1996", "Berlin", "zz", "é", ""] + \
+           [_random_text(rng, rng.randint(1, 45)) for _ in range(30)]
+    monkeypatch.setattr(TokenEncoder, "MAX_ENTRIES", 12)
+    encoder = TokenEncoder(words, chars, True, pretrained)
+
+    def fresh(sentences):
+        return encode_sentences(sentences, words, chars, digits_to_zero=True, pretrained=pretrained)
+
+    for round_ in range(4):
+        sentences = [Sentence([rng.choice(pool) for _ in range(rng.randint(1, 12))]) for _ in range(20)]
+        got, want = encode_with(encoder, sentences), fresh(sentences)
+        assert [(e.words, e.chars) for e in got] == [(e.words, e.chars) for e in want], round_
+        assert len(encoder._known) <= TokenEncoder.MAX_ENTRIES
+    # "zz" is unknown, then the vocabularies grow: the remembered answer must not outlive them
+    before = encode_with(encoder, [Sentence(["zz", "Ωmega"])])[0]
+    assert before.words[0] == words.unk_id
+    words.add("zz")
+    chars.add("Ω")
+    after = encode_with(encoder, [Sentence(["zz", "Ωmega"])])[0]
+    assert after.words[0] == words["zz"]
+    assert int_array("i", after.chars[1]).tolist()[0] == chars["Ω"]
+    assert (after.words, after.chars) == (lambda e: (e.words, e.chars))(fresh([Sentence(["zz", "Ωmega"])])[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,6 +45,43 @@ class Batch:
         return Batch(move(self.words), move(self.chars), move(self.lengths), move(self.mask), move(self.tags), self.index)
 
 
+class TokenEncoder:
+    """A token's ids as a model reads them: (word id by fastner.data.vocab.word_lookup, its
+    first MAX_WORD_CHARS characters' ids as int32 bytes, Encoded.chars), each distinct token
+    computed once and remembered while fewer than MAX_ENTRIES are (past the cap a new token is
+    computed each time it comes, so that text of endless distinct tokens cannot grow a server's
+    memory: ~13 MB at the cap). A tagger keeps one (fastner.inference.Analyser): news text repeats
+    most of its tokens, and the lookups (the exact form, the lowercase form, the pretrained
+    rows; a translate and an encode of the characters) were about a tenth of a served document's
+    model call at batch 16. A vocabulary grown after a lookup (Vocab.add) empties the memory."""
+
+    MAX_ENTRIES = 1 << 16
+
+    def __init__(self, words: Vocab, chars: Vocab, digits_to_zero: bool = False,
+                 pretrained: Optional[Mapping[str, int]] = None):
+        self.words, self.chars = words, chars
+        self._word_id = word_lookup(words, pretrained, digits_to_zero)
+        self._known: Dict[str, Tuple[int, bytes]] = {}
+        self._sizes = (len(words), len(chars))
+
+    def ids(self, tokens: Sequence[str]) -> Tuple[List[int], List[bytes]]:
+        """(word ids, char id bytes) of `tokens`."""
+        if self._sizes != (len(self.words), len(self.chars)):
+            self._known.clear()
+            self._sizes = (len(self.words), len(self.chars))
+        known = self._known
+        pairs = [known.get(token) or self._compute(token) for token in tokens]
+        return [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+
+    def _compute(self, token: str) -> Tuple[int, bytes]:
+        # "surrogatepass": ids 0xD800-0xDFFF are code points utf-32 refuses without it
+        pair = (self._word_id(token),
+                self.chars.id_codes(token[:MAX_WORD_CHARS]).encode(_ID_CODEC, "surrogatepass"))
+        if len(self._known) < self.MAX_ENTRIES:
+            self._known[token] = pair
+        return pair
+
+
 def encode_sentences(
     sentences: Sequence[Sentence],
     words: Vocab,
@@ -56,13 +93,14 @@ def encode_sentences(
     """Id lists per sentence. Words as word_lookup() gives them (`pretrained`: word -> row of
     the model's frozen pretrained table); tags are looked up exactly, an unseen tag is an error
     naming it."""
-    lookup = word_lookup(words, pretrained, digits_to_zero)
+    return encode_with(TokenEncoder(words, chars, digits_to_zero, pretrained), sentences, tags)
+
+
+def encode_with(encoder: TokenEncoder, sentences: Sequence[Sentence], tags: Optional[Vocab] = None) -> List[Encoded]:
+    """encode_sentences with the token ids from `encoder` (which may remember them across calls)."""
     encoded = []
     for number, sentence in enumerate(sentences):
-        word_ids = [lookup(t) for t in sentence.tokens]
-        # "surrogatepass": ids 0xD800-0xDFFF are code points utf-32 refuses without it
-        char_ids = [chars.id_codes(token[:MAX_WORD_CHARS]).encode(_ID_CODEC, "surrogatepass")
-                    for token in sentence.tokens]
+        word_ids, char_ids = encoder.ids(sentence.tokens)
         tag_ids = None
         if tags is not None and sentence.tags:
             try:

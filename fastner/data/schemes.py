@@ -40,6 +40,9 @@ def tags_to_spans(tags: Sequence[str]) -> List[Span]:
     start, kind = None, ""
     prev_prefix, prev_kind = "O", ""
     for position, tag in enumerate(tags):
+        if tag == "O" and start is None:  # most tokens: nothing to close or open
+            prev_prefix, prev_kind = "O", ""
+            continue
         prefix, tag_kind = split_tag(tag)
         continues = prefix in ("I", "E") and prev_prefix in ("B", "I") and prev_kind == tag_kind
         if start is not None and not continues:
