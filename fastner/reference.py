@@ -3,6 +3,10 @@
 Each function here computes what the matching torch.ops.fastner.* kernel computes, with plain,
 vectorised torch operations (autograd gives the backward). They run wherever the extension does
 not: FASTNER_BACKEND=reference, an unsupported device, or a failed build.
+
+Why one ~750-line module: it is the one oracle that tests, benchmarks and docs name as
+`fastner.reference.<op>`, one section per op family (CRF; recurrent layers with their int8 and
+bf16 forms; char CNN; linear over a mask's rows; dropout masks), each function short.
 """
 from __future__ import annotations
 

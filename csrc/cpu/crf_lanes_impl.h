@@ -1,7 +1,8 @@
 // The lane kernels of crf_lanes.h, written once for a vector of FASTNER_LANES floats and
 // compiled once per instruction set: crf_lanes_avx2.cpp (8 lanes) and crf_lanes_avx512.cpp
 // (16 lanes, under `#pragma GCC target`). Include it from exactly one .cpp per instruction set,
-// after every standard header that .cpp needs.
+// after every standard header that .cpp needs. (~600 lines: every lane kernel of the CRF's
+// seven ops in one place, because each .cpp must include all of them under its target pragma.)
 //
 // Everything here has internal linkage (anonymous namespace) and uses no standard-library
 // templates: an inline function compiled for AVX-512 in one object and for AVX2 in another

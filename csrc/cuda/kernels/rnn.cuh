@@ -4,6 +4,10 @@
 // launches these kernels is csrc/cuda/rnn.cu. Semantics: csrc/fastner.cpp (RNN block) and
 // fastner/reference.py (rnn_layer); the CPU kernel csrc/cpu/rnn.cpp uses the same layout.
 //
+// Why one ~870-line file: the forward and backward kernels share the step-row layout and the
+// gate math helpers, and this device code has been compiled (nvcc in CI) but never run on a
+// GPU; see crf.cuh on splitting it with its first GPU test run.
+//
 // Types. E is the storage type of every tensor (float, double, __half, __nv_bfloat16);
 // A = acc_t<E> is the arithmetic type (double for double, else float). Recurrent state that
 // never leaves the kernels (the LSTM cell c, the gradients dh and dc) is kept in A; h is kept in
