@@ -821,13 +821,16 @@ def _aligned(text: str, tokens: List[str]):
 # category Sc), "cannot" (nltk's can + not), or a token other than the last ending in a period
 # (a word's period, a dotted abbreviation's). A sentence with none, most of them (no interior
 # period), keeps its spans as they are, without three regex calls a token.
-_FIX_TRIGGER = re.compile(r"(?<=[\d%)\]\"'])\.(?=[A-Z][a-z])|[^\w\s\x00-\x23\x25-\x7f]\d|(?i:cannot)")
+# (The period first, its lookbehind reading it again: a literal to scan for is 1.7x faster than
+# a lookbehind tried at every character, the same matches.)
+_FIX_TRIGGER = re.compile(r"\.(?<=[\d%)\]\"']\.)(?=[A-Z][a-z])|[^\w\s\x00-\x23\x25-\x7f]\d|(?i:cannot)")
 
 
 def _conll_fixes(work: str, spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """The word tokenizer's spans of one sentence, cut and joined as CoNLL-2003 tokenizes."""
     if not spans or (not _FIX_TRIGGER.search(work, spans[0][0], spans[-1][1])
-                     and not any(work[end - 1] == "." for _, end in spans[:-1])):
+                     and (work.find(".", spans[0][0], spans[-1][0]) < 0  # no period before the last token
+                          or not any(work[end - 1] == "." for _, end in spans[:-1]))):
         return spans
     return _fix_each_token(work, spans)
 
