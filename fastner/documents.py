@@ -38,6 +38,7 @@ from fastner.data.jsonl import given_tokens
 from fastner.data.schemes import convert_tags, tags_to_spans
 from fastner.inference import Analyser, SentenceAnalysis, check_options
 from fastner.text import Token, model_form, tokenize
+from fastner.text.tokenizer import own_form
 
 # A stream is read in groups of about this many sentences per batch_size: bounded memory, and
 # enough sentences to fill length-sorted batches.
@@ -217,7 +218,10 @@ def _documents(analyser, documents: List[Union[str, dict]], output_scheme, batch
         text, sentences, form = document_sentences(document, name)
         texts.append(text)
         tokenized.append(_bounded(sentences))
-        flat.extend([form(token) for token, _, _ in sentence] for sentence in tokenized[-1])
+        if form is model_form and own_form(text):  # every token its own form: no call per token
+            flat.extend([token for token, _, _ in sentence] for sentence in tokenized[-1])
+        else:
+            flat.extend([form(token) for token, _, _ in sentence] for sentence in tokenized[-1])
     analyses = iter(analyser.analyse(flat, batch_size, nbest))
     results = []
     for text, sentences in zip(texts, tokenized):

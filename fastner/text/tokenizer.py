@@ -178,6 +178,12 @@ def working_copy(text: str) -> str:
     return work
 
 
+def own_form(text: str) -> bool:
+    """Whether model_form leaves `text` as it is, and so each piece of it: printable ASCII
+    without a backtick (a quote), most tokens and most news text."""
+    return text.isascii() and text.isprintable() and "`" not in text
+
+
 def model_form(token: str) -> str:
     """A token of raw text as the model reads it: quotes straight, as CoNLL-2003 prints them (a
     curly closing quote was read as the end of the name before it: "BNP\u00bb" tagged ORG), soft
@@ -185,8 +191,8 @@ def model_form(token: str) -> str:
     fullwidth forms as ASCII ("\uff21\uff23\uff2d\uff25" is ACME), accents composed (NFC: "Nestle\u0301",
     as macOS and some feeds write it, was no entity where "Nestl\u00e9" is an ORG). Training on
     raw text reads the same form."""
-    if token.isascii() and token.isprintable() and "`" not in token:
-        return token  # printable ASCII is its own form but for the backtick (a quote): most tokens
+    if own_form(token):
+        return token
     return unicodedata.normalize("NFC", working_copy(token).replace(_SOFT_HYPHEN, ""))
 
 
