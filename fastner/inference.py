@@ -57,11 +57,10 @@ class Analyser:
         fail with a bare AssertionError past them): longer sentences are refused, larger
         batches split."""
         self.infer = infer
-        self.pretrained = pretrained
         self.words, self.chars, self.tags = words, chars, tags
         self.tag_ids: Dict[str, int] = {t: i for i, t in enumerate(tags.itos)}
-        self.digits_to_zero = digits_to_zero
-        self.encoder = TokenEncoder(words, chars, digits_to_zero, pretrained)  # remembers tokens across calls
+        # the word / char lookups (digits_to_zero, pretrained), remembering tokens across calls
+        self.encoder = TokenEncoder(words, chars, digits_to_zero, pretrained)
         self.scores = tuple(t.to(device) for t in transition_scores)
         self.device = device
         self.fixed_length = fixed_length  # an export on the reference path takes one padded length
