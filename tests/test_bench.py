@@ -138,6 +138,10 @@ def test_quick_run_rnn_rows_cover_cells_modes_and_floor(quick_run):
             assert {"torch.int8.padded", "torch.int8.packed"} <= impls
         assert ("fastner.bf16.lengths" in impls) != ("fastner.bf16" in row)  # timed, or why not
         assert all(r["x_int8_floor"] > 0 for r in row["results"] if ".int8." in r["impl"] + ".")
+        # the floor's GEMM timed in the row's own rounds: the rate it gives, and the floor from it
+        assert row["int8_gemm_gops_per_s"] > 0
+        assert math.isclose(row["int8_floor_ms"], row["flops"] / (row["int8_gemm_gops_per_s"] * 1e9) * 1e3,
+                            rel_tol=1e-9)
         assert 0 < row["relative_error_vs_fp32"]["fastner.int8.lengths"] < 0.05
     for row in rnn:
         assert row["flops"] > 0 and row["floor_ms"] > 0
@@ -289,6 +293,22 @@ def test_compare_gives_speedups_over_each_baseline():
     assert fast.role == "fastner" and row.result("base").role == "baseline"
     assert fast.speedup == {"base": pytest.approx(10.0), "ref": pytest.approx(4.0)}
     assert row.result("base").speedup == {}
+
+
+def test_compare_times_alongside_calls_in_the_same_rounds_apart_from_the_results():
+    # The int8 rows' floor: its GEMM runs in each round of the row, so a host whose speed
+    # drifts between groups cannot move the ratio; it is no implementation of the row.
+    settings = Settings(warmup=1, min_samples=4, max_samples=4, min_sample_s=0.0)
+    ctx = Context(torch.device("cpu"), make_plan(True), settings, emit=lambda row: None)
+    ctx.clock = FakeClock({"fast": 0.001, "base": 0.010, "gemm": 0.005})
+    row = ctx.compare(Row("cpu", "x", "op", {}), _calls("fast", "base"), baselines=["base"],
+                      alongside=_calls("gemm"))
+    assert [r.impl for r in row.results] == ["fast", "base"]
+    assert row.result("fast").speedup == {"base": pytest.approx(10.0)}
+    assert row.alongside["gemm"].median == pytest.approx(0.005) and row.alongside["gemm"].samples == 4
+    rounds = ctx.clock.calls[3:]  # after one warm-up call each
+    assert [rounds[i:i + 3].count("gemm") for i in range(0, 12, 3)] == [1, 1, 1, 1]
+    assert "alongside" not in row.as_dict()
 
 
 def test_forced_reference_sets_and_restores_the_variable(monkeypatch):

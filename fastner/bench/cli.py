@@ -20,7 +20,8 @@ from fastner.bench.timing import Settings
 from fastner.bench.workloads import make_plan
 from fastner.cli_parser import MAX_THREADS
 
-# Run order matters: the GEMM rate measured first gives the RNN rows their floor.
+# Run order matters: the fp32 GEMM rate measured first gives the RNN rows their floor (the
+# precision rows time their int8 GEMM in their own rounds: rnn_rows._precision_row).
 GROUPS = {"gemm": gemm_rows, "crf": crf_rows, "rnn": rnn_rows, "precision": precision_rows, "tagger": tagger_rows}
 
 DEFAULT_SETTINGS = Settings(warmup=2, min_samples=5, max_samples=40, budget_s=0.4)
@@ -149,7 +150,6 @@ def _run_group(name: str, device: torch.device, plan, settings: Settings,
 
     ctx = Context(device, plan, settings, emit=emit)
     ctx.gemm_flops_per_s = _gemm_rate(rows, str(device))  # measured by an earlier group
-    ctx.gemm_int8_ops_per_s = _gemm_rate(rows, str(device), "gops_per_s")
     started = time.perf_counter()
     try:
         module.run(ctx)
@@ -181,12 +181,11 @@ def _print(row: Row) -> None:
         _say(line)
 
 
-def _gemm_rate(rows: List[Row], device: str, key: str = "gflops_per_s") -> Optional[float]:
-    """The rate (per second) an earlier gemm row measured: fp32 (gflops_per_s) or int8
-    (gops_per_s)."""
+def _gemm_rate(rows: List[Row], device: str) -> Optional[float]:
+    """The fp32 rate (FLOP/s) an earlier gemm row measured."""
     for row in rows:
-        if row.group == "gemm" and row.device == device and key in row.info:
-            return row.info[key] * 1e9
+        if row.group == "gemm" and row.device == device and "gflops_per_s" in row.info:
+            return row.info["gflops_per_s"] * 1e9
     return None
 
 

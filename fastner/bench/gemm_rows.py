@@ -2,6 +2,8 @@
 the RNN rows can state their floor (the time their useful GEMM FLOPs take at this rate)."""
 from __future__ import annotations
 
+from typing import Callable, Tuple
+
 import torch
 
 from fastner.bench.rows import Context, Row, describe_error
@@ -27,24 +29,32 @@ def run(ctx: Context) -> None:
         _int8_rate(ctx, n)
 
 
+def int8_gemm(n: int) -> Tuple[Callable[[], object], float]:
+    """(call, its operations): torch's dynamically quantized int8 Linear (fbgemm: the AVX2 /
+    AVX-512 / VNNI kernel this CPU has; activations quantized per call, like fastner's int8
+    layers) at [n, n] x [n, n]. Its rate is the int8 RNN rows' floor (rnn_rows.py times it in
+    each row's own rounds). Raises where torch has no int8 engine."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    generator = torch.Generator().manual_seed(7)
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+        warnings.simplefilter("ignore")
+        linear = DynamicLinear(n, n, bias_=False, dtype=torch.qint8)
+    x = torch.randn(n, n, generator=generator)
+    return (lambda: linear(x)), 2.0 * n ** 3
+
+
 def _int8_rate(ctx: Context, n: int) -> None:
-    """torch's dynamically quantized int8 Linear (fbgemm: the AVX2 / AVX-512 / VNNI kernel this
-    CPU has; activations quantized per call, like fastner's int8 layers) at [n, n] x [n, n]:
-    the rate behind the int8 RNN rows' floors."""
+    """int8_gemm's rate on its own: the figure to set beside the fp32 one above."""
     row = Row(str(ctx.device), "gemm", "linear_dynamic_int8", {"M": n, "N": n, "K": n})
     try:
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-        generator = torch.Generator().manual_seed(7)
-        linear = DynamicLinear(n, n, bias_=False, dtype=torch.qint8)
-        x = torch.randn(n, n, generator=generator)
-        ctx.compare(row, {"torch.int8.linear_dynamic": lambda: linear(x)},
-                    baselines=["torch.int8.linear_dynamic"])
-        ops = 2.0 * n ** 3
+        call, ops = int8_gemm(n)
+        ctx.compare(row, {"torch.int8.linear_dynamic": call}, baselines=["torch.int8.linear_dynamic"])
         rate = ops / row.results[0].stats.median
         row.info = {"ops": ops, "gops_per_s": rate / 1e9,
                     "quantized_engine": torch.backends.quantized.engine}
-        ctx.gemm_int8_ops_per_s = rate
     except Exception as err:  # an int8-less torch build: the rows say so, the run goes on
         row.error = describe_error(err)
     ctx.emit(row)

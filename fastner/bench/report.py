@@ -30,6 +30,9 @@ def row_lines(row: Row) -> List[str]:
         heading += f"  floor {format_time(row.info['floor_ms'] / 1e3).strip()}"
     if "gflops_per_s" in row.info:
         heading += f"  -> {row.info['gflops_per_s']:.1f} GFLOP/s"
+    if "int8_floor_ms" in row.info:
+        heading += (f"  int8 floor {format_time(row.info['int8_floor_ms'] / 1e3).strip()}"
+                    f" (fbgemm {row.info['int8_gemm_gops_per_s']:.0f} GOP/s)")
     if row.check not in ("ok", "n/a"):
         heading += f"  CHECK {row.check}"
     lines = [heading]
@@ -45,6 +48,8 @@ def row_lines(row: Row) -> List[str]:
             text += f"  {result.extra['sentences_per_s']:9.1f} sent/s"
         if "x_floor" in result.extra:
             text += f"  {result.extra['x_floor']:5.1f}x floor"
+        if "x_int8_floor" in result.extra:
+            text += f"  {result.extra['x_int8_floor']:5.2f}x int8 floor"
         for base, ratio in result.speedup.items():
             text += f"  {ratio:7.2f}x vs {base}"
         lines.append(text)

@@ -48,6 +48,9 @@ class Row:
     check: str = "n/a"  # whether the implementations agreed on this input
     info: Dict[str, object] = field(default_factory=dict)  # flops, floor_ms, units...
     error: Optional[str] = None
+    # Stats of calls timed in the same rounds as the results but not implementations of the row
+    # (a rate its ratios are taken against: Context.compare's `alongside`); not in the JSON.
+    alongside: Dict[str, Stats] = field(default_factory=dict)
 
     def result(self, impl: str) -> Optional[ImplResult]:
         return next((r for r in self.results if r.impl == impl), None)
@@ -72,7 +75,6 @@ class Context:
     emit: Callable[[Row], None]  # called with each row as soon as it is measured
     notes: List[str] = field(default_factory=list)
     gemm_flops_per_s: Optional[float] = None  # set by the gemm group, read by the rnn group
-    gemm_int8_ops_per_s: Optional[float] = None  # the same for torch's int8 GEMM (fbgemm)
 
     def __post_init__(self) -> None:
         self.clock = clock_for(self.device, self.settings.thread_cpu_clock)
@@ -86,9 +88,16 @@ class Context:
             torch.cuda.synchronize(self.device)
 
     def compare(self, row: Row, calls: Mapping[str, Callable[[], object]],
-                baselines: Sequence[str], settings: Optional[Settings] = None) -> Row:
-        """Time `calls` interleaved; every non-baseline gets its speedup over each baseline."""
-        stats = measure_interleaved(calls, self.clock, settings or self.settings)
+                baselines: Sequence[str], settings: Optional[Settings] = None,
+                alongside: Optional[Mapping[str, Callable[[], object]]] = None) -> Row:
+        """Time `calls` interleaved; every non-baseline gets its speedup over each baseline.
+        `alongside`: more calls timed in the same rounds that are not implementations of the
+        row, such as the GEMM whose rate gives the row's floor: their Stats go to
+        row.alongside, not to its results, so that the floor and the times it divides come
+        from the same minutes of a host whose speed drifts."""
+        stats = measure_interleaved({**calls, **(alongside or {})}, self.clock, settings or self.settings)
+        for name in alongside or {}:
+            row.alongside[name] = stats.pop(name)
         for name, stat in stats.items():
             role = "baseline" if name in baselines else "fastner"
             result = ImplResult(name, role, stat)
