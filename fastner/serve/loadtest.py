@@ -36,17 +36,6 @@ from fastner.serve.config import PRECISIONS, ServeConfig, precision_name
 from fastner.serve.process import HOST, ServerProcess
 
 REQUEST_TIMEOUT = 30.0
-
-
-def run_clients(coroutine):
-    """asyncio.run on uvloop where it is installed (the serve extra has it; so does the server):
-    the load generator shares the machine's cores with the server it measures, and on the stock
-    loop its clients took ~0.10 ms of CPU a request (AMD EPYC Zen 4, 2026-12-07)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
 SCORE_TOLERANCE = 1e-3  # batch composition changes float sums in the last digits, not the tags
 MAX_REQUESTS = 500_000  # per scenario, whatever --seconds says
 
@@ -85,6 +74,17 @@ def load_documents(path: Optional[str], limit: int = 2000) -> List[str]:
 # is lost in flight, so the client does what HTTP clients do: it stops reusing a connection well
 # before the server's limit (one load-test run lost an answer that way at load 8).
 REUSE_IDLE_SECONDS = 2.0
+
+
+def run_clients(coroutine):
+    """asyncio.run on uvloop where it is installed (the serve extra has it; so does the server):
+    the load generator shares the machine's cores with the server it measures, and on the stock
+    loop its clients took ~0.10 ms of CPU a request (AMD EPYC Zen 4, 2026-12-07)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 class Connection:
