@@ -37,8 +37,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 from fastner.data.jsonl import given_tokens
 from fastner.data.schemes import convert_tags, tags_to_spans
 from fastner.inference import Analyser, SentenceAnalysis, check_options
-from fastner.text import Token, model_form, tokenize
-from fastner.text.tokenizer import own_form
+from fastner.text import Token, model_form, own_form, tokenize
 
 # A stream is read in groups of about this many sentences per batch_size: bounded memory, and
 # enough sentences to fill length-sorted batches.
