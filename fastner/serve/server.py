@@ -20,6 +20,14 @@ from fastner.serve.config import MAX_TIMEOUT_S, MAX_WAIT_MS, PRECISIONS, ServeCo
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 ONEDNN_PRIMITIVE_CACHE = 32
+# The server process's GIL switch interval with the model in a process of its own (CPython's
+# default: 5 ms). The batcher thread's turn between two batches (take the answers off the pipe,
+# send the next batch) needs the GIL, which the event loop thread holds under load; a waiting
+# thread asks for it only after one interval. Measured at 32 clients (int8, 1 thread, Intel Xeon
+# family 6 model 167, 2 cores): the model process idle between batches 13.5% -> 10.3% of the run,
+# batching on 5,979 -> 6,103 documents/s (median of 6 alternating rounds; 20 us measured the same
+# as 100 us). Not set with --in-process: there the model's own thread would be asked to yield.
+SWITCH_INTERVAL_S = 1e-4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +109,7 @@ def run(args) -> int:
         # the child inherits the environment (the oneDNN cache's size above); a model that does
         # not load raises here as Tagger.load does (fastner: error: ... from the CLI)
         model = ModelProcess(args.model, args.device, config.precision, config.threads).start()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(model, config)
     print(json.dumps({"serving": args.model, "url": f"http://{args.host}:{args.port}/", "precision": config.precision,
                       "batching": config.batching, "threads": config.threads,
