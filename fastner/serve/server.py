@@ -24,7 +24,7 @@ ONEDNN_PRIMITIVE_CACHE = 32
 # default: 5 ms). The batcher thread's turn between two batches (take the answers off the pipe,
 # send the next batch) needs the GIL, which the event loop thread holds under load; a waiting
 # thread asks for it only after one interval. Measured at 32 clients (int8, 1 thread, Intel Xeon
-# family 6 model 167, 2 cores): the model process idle between batches 13.5% -> 10.3% of the run,
+# family 6 model 167, 2 cores): the model process idle between batches 13-14% -> 10.3% of the run,
 # batching on 5,979 -> 6,103 documents/s (median of 6 alternating rounds; 20 us measured the same
 # as 100 us). Not set with --in-process: there the model's own thread would be asked to yield.
 SWITCH_INTERVAL_S = 1e-4
