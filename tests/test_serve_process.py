@@ -2,6 +2,7 @@
 request on SIGTERM and exits 0, refuses bad startup options with `fastner: error:`, and does no
 work for a client that left nor waits on one that stopped sending."""
 import json
+import os
 import re
 import signal
 import socket
@@ -17,7 +18,7 @@ pytest.importorskip("uvicorn")
 
 from fastner.cli import main  # noqa: E402
 from fastner.serve.process import HOST, ServerProcess, get_json, resident_bytes  # noqa: E402
-from fastner.serve.server import GRACEFUL_SHUTDOWN_SECONDS  # noqa: E402
+from fastner.serve.server import GRACEFUL_SHUTDOWN_SECONDS, OMP_WAIT_POLICY  # noqa: E402
 from tests.serve_testing import SENTENCE, process_gone, tiny_model_dir  # noqa: E402
 
 
@@ -111,6 +112,28 @@ def test_serve_answers_and_finishes_in_flight_requests_on_sigterm(model_dir, in_
     assert code == -signal.SIGTERM, server.final_log
     assert "stopped (in-flight requests answered, model worker joined)" in server.final_log
     wait_until(lambda: all(process_gone(pid) for pid in children), "a child of the server outlived it")
+
+
+def environment_of(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        entries = handle.read().split(b"\0")
+    return dict(entry.decode(errors="replace").partition("=")[::2] for entry in entries if entry)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the model process's environment from Linux /proc")
+@pytest.mark.parametrize("given", [None, "ACTIVE"], ids=["unset", "set-by-the-user"])
+def test_serve_model_process_openmp_threads_wait_passively_unless_told_otherwise(model_dir, given):
+    # spinning OpenMP workers in the model process (--threads 2) took the HTTP side's cores
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    with ServerProcess(model_dir, ["--threads", "2", "--precision", "float64"], env=env) as server:
+        status, body = post_json(server.url + "v1/entities", {"documents": [SENTENCE]})
+        assert status == 200 and body["documents"][0]["entities"]
+        children = server.pids()[1:]  # the model process (and multiprocessing's resource tracker)
+        assert children
+        policies = {environment_of(pid).get("OMP_WAIT_POLICY") for pid in children}
+    assert policies == {given or OMP_WAIT_POLICY}, policies
 
 
 @pytest.mark.parametrize("argv, message", [
