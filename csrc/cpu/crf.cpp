@@ -76,10 +76,11 @@ int64_t grain(int64_t T, int64_t K) {
 }
 // The per-sequence kernels' tables of one call; transitions [K, K], start, end [K] contiguous.
 template <typename scalar_t>
-Transitions<scalar_t> tables(const Tensor& transitions, const Tensor& start, const Tensor& end) {
+Transitions<scalar_t> tables(const Tensor& transitions, const Tensor& start, const Tensor& end,
+                             typename Transitions<scalar_t>::Terms terms = Transitions<scalar_t>::Terms::LogAndExp) {
   return Transitions<scalar_t>(transitions.const_data_ptr<scalar_t>(),
                                start.const_data_ptr<scalar_t>(), end.const_data_ptr<scalar_t>(),
-                               transitions.size(0));
+                               transitions.size(0), terms);
 }
 
 // log Z of a one-tag CRF (K = 1): the score of its only path, by gold_scores, so that a
@@ -381,7 +382,7 @@ std::tuple<Tensor, Tensor> crf_viterbi_cpu(const Tensor& emissions_in, const Ten
     if (lane_viterbi(emissions, len, transitions, start, end, tags_out, scores_out, candidates)) {
       if (scores_poisoned<scalar_t>(transitions, start, end)) candidates = all_sequences(B);
     } else {
-      const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
+      const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end, Transitions<scalar_t>::Terms::Log);
       const Tensor dense = emissions.contiguous();
       const scalar_t* em = dense.data_ptr<scalar_t>();
       at::parallel_for(0, B, grain(T, K), [&](int64_t begin, int64_t stop) {
@@ -417,7 +418,7 @@ std::tuple<Tensor, Tensor> crf_kbest_cpu(const Tensor& emissions_in, const Tenso
     int64_t* tags_out = tags.data_ptr<int64_t>();
     scalar_t* scores_out = scores.data_ptr<scalar_t>();
     if (!lane_kbest(emissions, len, transitions, start, end, k, tags_out, scores_out)) {
-      const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end);
+      const Transitions<scalar_t> tr = tables<scalar_t>(transitions, start, end, Transitions<scalar_t>::Terms::Log);
       const Tensor dense = emissions.contiguous();
       const scalar_t* em = dense.const_data_ptr<scalar_t>();
       at::parallel_for(0, B, std::max<int64_t>(1, grain(T, K) / k), [&](int64_t begin, int64_t stop) {

@@ -36,14 +36,20 @@ struct Transitions {
   scalar_t tmax = 0;              // largest finite transition (0 when none is finite)
   std::vector<scalar_t> log_row;  // [K, KP]: log_row[i * KP + j] = T_ij, -inf padded
   std::vector<scalar_t> log_col;  // [K, KP]: log_col[j * KP + i] = T_ij, -inf padded
-  std::vector<scalar_t> exp_row;  // [K, KP]: exp(T_ij - tmax), 0 padded
-  std::vector<scalar_t> exp_col;  // [K, KP]: transposed exp_row
+  std::vector<scalar_t> exp_row;  // [K, KP]: exp(T_ij - tmax), 0 padded (empty: Terms::Log)
+  std::vector<scalar_t> exp_col;  // [K, KP]: transposed exp_row (empty: Terms::Log)
   // Copies, not pointers into the caller's tensors: a Transitions never outlives what it reads.
   std::vector<scalar_t> start;  // [K]
   std::vector<scalar_t> end;    // [K]
 
+  // Which tables to build: the sum-product recursions (forward, backward, marginals, windows)
+  // read the exp tables; Viterbi and k-best (crf_sequence_decode.h) only the log ones, and
+  // their K^2 exps were 10-16% of a one-sentence crf_viterbi call (K = 17, 40 tokens).
+  enum class Terms { LogAndExp, Log };
+
   // transitions [K, K] (contiguous), start / end [K]: copied into the tables held here.
-  Transitions(const scalar_t* tr, const scalar_t* start_in, const scalar_t* end_in, int64_t num_tags) {
+  Transitions(const scalar_t* tr, const scalar_t* start_in, const scalar_t* end_in, int64_t num_tags,
+              Terms terms = Terms::LogAndExp) {
     K = num_tags;
     KP = padded(K);
     start.assign(start_in, start_in + K);
@@ -59,14 +65,19 @@ struct Transitions {
     tmax = any_finite ? best : scalar_t(0);
     log_row.assign(K * KP, neg_inf<scalar_t>());
     log_col.assign(K * KP, neg_inf<scalar_t>());
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t j = 0; j < K; ++j) {
+        log_row[i * KP + j] = tr[i * K + j];
+        log_col[j * KP + i] = tr[i * K + j];
+      }
+    }
+    if (terms == Terms::Log) return;
     exp_row.assign(K * KP, scalar_t(0));
     exp_col.assign(K * KP, scalar_t(0));
     for (int64_t i = 0; i < K; ++i) {
       for (int64_t j = 0; j < K; ++j) {
         const scalar_t value = tr[i * K + j];
         const scalar_t scaled = value == neg_inf<scalar_t>() ? scalar_t(0) : std::exp(value - tmax);
-        log_row[i * KP + j] = value;
-        log_col[j * KP + i] = value;
         exp_row[i * KP + j] = scaled;
         exp_col[j * KP + i] = scaled;
       }
